@@ -1,0 +1,187 @@
+"""Recipes: one commented YAML file per run, validated on load.
+
+Every knob a researcher turns is a key here with a sane default. Unknown keys, wrong types and
+missing files are errors naming the key and the file. ``--set section.key=value`` overrides a key
+from the command line (the value is parsed as YAML, so ``--set sft.lora.r=16`` is an int).
+
+Each step owns its section's model (``DistillConfig`` lives with distillation, and so on); this
+module only composes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+BUNDLED = "bundled"  # data.source value: the CMExam sample shipped inside the package
+TINY = "tiny"  # model.base value: build the offline tiny model
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, the key and the fix."""
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "medcritical"
+    # Where each step writes `<output_dir>/<step>/`; a local folder or s3://bucket/prefix.
+    output_dir: str | None = None
+    seed: int = 0
+    # "auto" takes a CUDA GPU when there is one.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads for torch; None leaves torch's default. On small shared CPUs 1-2 is much faster.
+    threads: int | None = None
+
+    @property
+    def root(self) -> str:
+        return self.output_dir or f"runs/{self.name}"
+
+
+class DataConfig(Section):
+    # "bundled" (400 CMExam val questions in the package) or a .csv/.xlsx/.jsonl path.
+    source: str = BUNDLED
+    # A separate evaluation file; when None, `eval_size` questions are split off `source`.
+    eval_source: str | None = None
+    eval_size: int = 100
+    # Cap on training questions (None: all that remain after the split); chosen by seeded hash.
+    train_size: int | None = None
+    # Bad rows (empty question, no options, answer not among options): skip and count, or stop.
+    on_bad_row: Literal["skip", "error"] = "skip"
+    # Training questions whose text also appears in the eval split: drop them, or stop.
+    on_leakage: Literal["drop", "error"] = "drop"
+
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _file_exists(cls, value: str | None) -> str | None:
+        if value in (None, BUNDLED) or value.startswith("s3://") or Path(value).is_file():
+            return value
+        raise ValueError(f"no such file {value!r}")
+
+
+class TinyModelConfig(Section):
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    # "tiny" (built offline into the run folder) or a local Hugging Face model folder.
+    base: str = TINY
+    tiny: TinyModelConfig = TinyModelConfig()
+    # "auto": bfloat16 on a GPU that supports it, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("base")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        if value == TINY or value.startswith("s3://") or Path(value).is_dir():
+            return value
+        raise ValueError(f"no such model folder {value!r} (use 'tiny' or a local Hugging Face folder)")
+
+
+class GenerationConfig(Section):
+    """How the student generates, in evaluation and rollout."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    # vLLM only: GPUs per model replica, and the share of GPU memory it may take.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+
+
+class JudgeConfig(Section):
+    """The paper's open-ended protocol: a judge model behind an OpenAI-compatible endpoint."""
+
+    base_url: str | None = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
+    model: str | None = None  # env MEDCRITICAL_JUDGE_MODEL
+    api_key_env: str = "MEDCRITICAL_JUDGE_API_KEY"  # the key is read from this variable, never the recipe
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 5
+
+
+class EvaluateConfig(Section):
+    # mcq: options shown, letters graded. judge: no options, a judge grades the free answer.
+    protocol: Literal["mcq", "judge"] = "mcq"
+    # mcq only: "generate" (free text + the grader) or "loglik" (likelihood of each option letter;
+    # single-answer questions only, multi-answer ones are still generated).
+    scoring: Literal["generate", "loglik"] = "generate"
+    language: Literal["zh", "en"] = "zh"
+    limit: int | None = None  # evaluate only the first N questions (quick checks)
+    judge: JudgeConfig = JudgeConfig()
+
+
+class Recipe(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict, parsing value as YAML."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {assignment!r}: expected key.sub=value, e.g. --set sft.lora.r=16")
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (misspelt? see recipes/demo.yaml for every key)")
+        else:
+            got = item.get("input")
+            got = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  {key}: {item['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML (or the defaults when path is None) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file (try recipes/demo.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections (run:, data:, ...)")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_error(source, e)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML: what a step records next to its outputs."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
