@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ValidationError, field_validator
+
+from medcritical.distill.config import DistillConfig
+from medcritical.section import Section
+from medcritical.selfplay.config import SelfPlayConfig
+from medcritical.training.config import SFTSection
 
 BUNDLED = "bundled"  # data.source value: the CMExam sample shipped inside the package
 TINY = "tiny"  # model.base value: build the offline tiny model
@@ -22,12 +27,6 @@ TINY = "tiny"  # model.base value: build the offline tiny model
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RunConfig(Section):
@@ -129,6 +128,9 @@ class Recipe(Section):
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    distill: DistillConfig = DistillConfig()
+    sft: SFTSection = SFTSection()
+    selfplay: SelfPlayConfig = SelfPlayConfig()
 
 
 def apply_override(raw: dict, assignment: str) -> None:
@@ -176,6 +178,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise RecipeError(f"{path}: a recipe is a mapping of sections (run:, data:, ...)")
     for assignment in overrides:
         apply_override(raw, assignment)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:

@@ -1,0 +1,5 @@
+import sys
+
+from medcritical.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""Arguments every step shares: the recipe and its overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+from medcritical.recipe import Recipe, load_recipe
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe", metavar="YAML", help="recipe file (e.g. recipes/demo.yaml); defaults when omitted"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a recipe key, e.g. --set sft.lora.r=16 (repeatable; value parsed as YAML)",
+    )
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.run.threads:
+        import torch
+
+        torch.set_num_threads(recipe.run.threads)
+    return recipe

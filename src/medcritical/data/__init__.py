@@ -1,0 +1,1 @@
+"""CMExam data: loading (data.cmexam), splits and leakage (data.splits), the bundled sample."""

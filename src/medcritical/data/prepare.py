@@ -1,0 +1,64 @@
+"""The first pipeline step: load CMExam, split train/eval deterministically, check for leakage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from medcritical.data.bundled import bundled_path
+from medcritical.data.cmexam import DataError, load_questions, write_questions
+from medcritical.data.splits import overlapping, split_questions, take
+from medcritical.recipe import BUNDLED, DataConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_FILE, EVAL_FILE, STATS_FILE = "train.jsonl", "eval.jsonl", "data_stats.json"
+
+
+def _source_path(source: str) -> Path:
+    return bundled_path() if source == BUNDLED else Path(source)
+
+
+def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
+    """Write `train.jsonl`, `eval.jsonl` and `data_stats.json` (counts, bad rows, leakage) to output_dir."""
+    output_dir = Path(output_dir)
+    loaded = load_questions(_source_path(config.source), on_bad_row=config.on_bad_row)
+    bad_rows = list(loaded.bad_rows)
+    if config.eval_source:
+        eval_loaded = load_questions(_source_path(config.eval_source), on_bad_row=config.on_bad_row)
+        bad_rows += eval_loaded.bad_rows
+        train, evaluation = loaded.questions, eval_loaded.questions
+        if config.eval_size:
+            evaluation = take(evaluation, config.eval_size, seed)
+    else:
+        train, evaluation = split_questions(loaded.questions, config.eval_size, seed)
+    leaked = overlapping(train, evaluation)
+    if leaked and config.on_leakage == "error":
+        raise DataError(
+            f"{len(leaked)} training questions also appear in the evaluation split (first id "
+            f"{leaked[0].id!r}); set data.on_leakage: drop to remove them from training"
+        )
+    leaked_ids = {q.id for q in leaked}
+    train = take([q for q in train if q.id not in leaked_ids], config.train_size, seed)
+    for bad in bad_rows:
+        log.warning("skipped bad row: %s", bad)
+    stats = {
+        "source": config.source,
+        "eval_source": config.eval_source,
+        "train": len(train),
+        "eval": len(evaluation),
+        "train_multi_answer": sum(q.is_multi_answer for q in train),
+        "eval_multi_answer": sum(q.is_multi_answer for q in evaluation),
+        "bad_rows": [{"file": b.file, "row": b.row, "reason": b.reason} for b in bad_rows],
+        "leaked_dropped": sorted(leaked_ids),
+        "seed": seed,
+    }
+    write_questions(train, output_dir / TRAIN_FILE)
+    write_questions(evaluation, output_dir / EVAL_FILE)
+    (output_dir / STATS_FILE).write_text(json.dumps(stats, ensure_ascii=False, indent=2))
+    log.info(
+        "data: %d train, %d eval questions; %d bad rows skipped, %d leaked questions dropped",
+        len(train), len(evaluation), len(bad_rows), len(leaked),
+    )
+    return stats

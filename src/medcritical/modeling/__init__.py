@@ -1,0 +1,31 @@
+"""Models: the offline tiny model (tiny), generation backends (generation), model resolution."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from medcritical.recipe import TINY, TinyModelConfig
+
+
+def cache_dir() -> Path:
+    """Where built artifacts shared between runs live (the tiny model): $MEDCRITICAL_CACHE."""
+    return Path(os.environ.get("MEDCRITICAL_CACHE", Path.home() / ".cache" / "medcritical"))
+
+
+def resolve_model(model: str, tiny: TinyModelConfig = TinyModelConfig()) -> Path:
+    """A local model folder for `model`: "tiny" (built once, cached by its settings) or a folder."""
+    if model == TINY:
+        from medcritical.modeling.tiny import ensure_tiny_model
+
+        key = hashlib.sha256(json.dumps(tiny.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+        return ensure_tiny_model(cache_dir() / f"tiny-{key}", tiny)
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model}: not a Hugging Face model folder (no config.json); give a local model folder "
+            "or 'tiny' for the offline test model"
+        )
+    return path

@@ -1,0 +1,181 @@
+"""Text generation behind one interface: transformers (CPU/GPU, batched) and vLLM (GPU).
+
+Evaluation, rollout, self-correction and the local teacher all call `Generator.generate` with chat
+messages; the backend applies the model's own chat template, so prompts are formatted exactly as
+the model was trained (no double BOS, no extra system prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from tqdm.auto import tqdm
+
+from medcritical.recipe import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int  # generated tokens, EOS included when the model stopped
+
+
+class Generator(Protocol):
+    def generate(
+        self,
+        prompts: Sequence[Messages],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        desc: str = "generating",
+    ) -> list[list[Completion]]:
+        """`n` completions for each prompt (temperature 0 means greedy)."""
+        ...
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but no CUDA GPU is visible; set run.device: cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+class TransformersGenerator:
+    """Batched `model.generate` with left padding; prompts sorted by length to waste less padding."""
+
+    def __init__(self, model_path: str | Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = resolve_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=resolve_dtype(dtype, self.device)
+        ).to(self.device)
+        self.model.eval()
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_model(cls, model, tokenizer, batch_size: int = 16) -> "TransformersGenerator":
+        """Wrap a model already in memory (e.g. the SFT model right after training)."""
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.device = str(next(model.parameters()).device)
+        tokenizer.padding_side = "left"
+        return self
+
+    def encode_prompts(self, prompts: Sequence[Messages]) -> list[list[int]]:
+        return [
+            self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+            for p in prompts
+        ]
+
+    def generate(self, prompts, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, seed=0, desc="generating"):
+        import torch
+
+        encoded = self.encode_prompts(prompts)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[list[Completion]] = [[] for _ in prompts]
+        sampling = temperature > 0
+        eos_id = self.tokenizer.eos_token_id
+        with tqdm(total=len(prompts) * n, desc=desc, unit="sample", leave=False) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                inputs = self.tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt", padding_side="left"
+                ).to(self.device)
+                torch.manual_seed(seed + start)
+                with torch.no_grad():
+                    output = self.model.generate(
+                        **inputs,
+                        do_sample=sampling,
+                        temperature=temperature if sampling else None,
+                        top_p=top_p if sampling else None,
+                        top_k=None,
+                        num_return_sequences=n,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                for row, tokens in enumerate(new_tokens.tolist()):
+                    # Count up to and including the first EOS; everything after is padding.
+                    length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
+                    text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+                    results[batch[row // n]].append(Completion(text=text, num_tokens=length))
+                bar.update(len(batch) * n)
+        return results
+
+    def letter_logprobs(self, prompts: Sequence[Messages], letters: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+        """Log-probability of each option letter as the first answer token after the prompt."""
+        import torch
+
+        encoded = self.encode_prompts(prompts)
+        scores: list[dict[str, float]] = []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            inputs = self.tokenizer.pad({"input_ids": chunk}, return_tensors="pt", padding_side="left").to(self.device)
+            with torch.no_grad():
+                logits = self.model(**inputs).logits[:, -1, :].float().log_softmax(-1)
+            for row, option_letters in enumerate(letters[start : start + len(chunk)]):
+                ids = {l: self.tokenizer.encode(l, add_special_tokens=False)[0] for l in option_letters}
+                scores.append({l: logits[row, i].item() for l, i in ids.items()})
+        return scores
+
+
+class VLLMGenerator:
+    """In-process vLLM on GPUs; tensor parallelism from the recipe. Needs `pip install vllm`."""
+
+    def __init__(self, model_path: str | Path, config: GenerationConfig, dtype: str = "auto"):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise RuntimeError(
+                "generation.backend is 'vllm' but vLLM is not installed; use the inference image, "
+                "`pip install vllm`, or set generation.backend: transformers"
+            ) from e
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+        )
+
+    def generate(self, prompts, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, seed=0, desc="generating"):
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens, seed=seed
+        )
+        outputs = self.llm.chat(list(prompts), params, use_tqdm=True)
+        return [[Completion(o.text, len(o.token_ids)) for o in out.outputs] for out in outputs]
+
+
+def load_generator(model_path: str | Path, config: GenerationConfig, *, device: str = "auto", dtype: str = "auto") -> Generator:
+    log.info("loading %s with the %s backend", model_path, config.backend)
+    if config.backend == "vllm":
+        return VLLMGenerator(model_path, config, dtype=dtype)
+    return TransformersGenerator(model_path, device=device, dtype=dtype, batch_size=config.batch_size)

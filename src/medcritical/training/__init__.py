@@ -1,0 +1,1 @@
+"""Training: supervised fine-tuning (sft) and preference optimisation (dpo) on TRL."""
