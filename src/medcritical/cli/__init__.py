@@ -14,6 +14,7 @@ from medcritical import __version__
 
 COMMANDS = (
     "medcritical.cli.data",
+    "medcritical.cli.evaluate",
 )
 
 # Errors that are the user's to fix: printed as one clear message, no traceback.

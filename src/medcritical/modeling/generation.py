@@ -129,11 +129,15 @@ class TransformersGenerator:
                 bar.update(len(batch) * n)
         return results
 
-    def letter_logprobs(self, prompts: Sequence[Messages], letters: Sequence[Sequence[str]]) -> list[dict[str, float]]:
-        """Log-probability of each option letter as the first answer token after the prompt."""
+    def letter_logprobs(
+        self, prompts: Sequence[Messages], letters: Sequence[Sequence[str]], answer_prefix: str = ""
+    ) -> list[dict[str, float]]:
+        """Log-probability of each option letter as the next token after the prompt + `answer_prefix`
+        (e.g. "答案：" written as the start of the assistant's reply)."""
         import torch
 
-        encoded = self.encode_prompts(prompts)
+        prefix = self.tokenizer.encode(answer_prefix, add_special_tokens=False) if answer_prefix else []
+        encoded = [ids + prefix for ids in self.encode_prompts(prompts)]
         scores: list[dict[str, float]] = []
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]

@@ -38,3 +38,15 @@ def load_prompt(name: str, language: str = "zh") -> Prompt:
 
 def format_options(options: dict[str, str]) -> str:
     return "\n".join(f"{letter}. {text}" for letter, text in options.items())
+
+
+def mcq_messages(question, language: str = "zh") -> list[dict[str, str]]:
+    """The student's prompt for a question with its options: one wording for SFT data, rollout and
+    evaluation, so the model is always asked the way it was trained."""
+    text = load_prompt("mcq", language).format(question=question.question, options=format_options(question.options))
+    return [{"role": "user", "content": text}]
+
+
+def open_messages(question, language: str = "zh") -> list[dict[str, str]]:
+    """The question without options (the judge protocol)."""
+    return [{"role": "user", "content": load_prompt("open", language).format(question=question.question)}]

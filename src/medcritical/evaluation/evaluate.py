@@ -1,0 +1,210 @@
+"""The evaluation step: CMExam accuracy under one named protocol, never mixed.
+
+- ``mcq``: the question with its options; the answer letters are read by the one grader
+  (`medcritical.grader`) from generated text, or, with ``scoring: loglik``, taken as the most likely
+  option letter after "答案：" (single-answer questions; multi-answer ones are still generated).
+- ``judge``: the question without options; a judge model behind an OpenAI-compatible endpoint
+  decides whether the free answer agrees with the reference answer and explanation.
+
+Generated outputs are appended to ``outputs.jsonl`` chunk by chunk, so an interrupted evaluation
+resumes where it stopped; grading is recomputed from them (cheap) on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from medcritical.data.cmexam import Question, load_questions
+from medcritical.evaluation.metrics import summarize
+from medcritical.evaluation.report import write_report
+from medcritical.grader import grade_answer
+from medcritical.prompts import mcq_messages, open_messages
+from medcritical.recipe import EvaluateConfig, GenerationConfig
+
+log = logging.getLogger(__name__)
+
+OUTPUTS_JSONL = "outputs.jsonl"
+CHUNK = 256  # questions generated between two appends to outputs.jsonl
+ANSWER_PREFIX = {"zh": "答案：", "en": "答案："}  # the mcq prompts ask for "答案：" in both languages
+
+
+def grade_mcq(questions: Sequence[Question], outputs: dict[str, str]) -> list[dict]:
+    """One graded row per question; a question without output gets predicted "" and counts wrong."""
+    rows = []
+    for q in questions:
+        output = outputs.get(q.id)
+        grade = grade_answer(output or "", q.answer, q.options)
+        rows.append(
+            {
+                "id": q.id,
+                "predicted": grade.predicted,
+                "correct": grade.correct,
+                "gold": q.answer,
+                "multi_answer": q.is_multi_answer,
+                "has_output": output is not None,
+            }
+        )
+    return rows
+
+
+def _report(protocol: str, questions, graded: list[dict], **fields) -> dict:
+    report = summarize(protocol, questions, {row["id"]: row["correct"] for row in graded})
+    report.update(fields)
+    report["missing_predictions"] = [row["id"] for row in graded if not row["has_output"]]
+    return report
+
+
+def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: str | Path) -> dict:
+    """Score saved outputs (`{"id", "output"}` JSONL rows) with the mcq protocol; no model needed."""
+    questions = load_questions(dataset).questions
+    known = {q.id for q in questions}
+    outputs: dict[str, str] = {}
+    with Path(predictions).open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                outputs[str(row["id"])] = str(row["output"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{predictions}: line {line_number}: expected a JSON object with 'id' and 'output' ({e})"
+                ) from e
+    unknown = sorted(set(outputs) - known)
+    if unknown:
+        log.warning("%d predictions have ids not in %s (ignored), e.g. %s", len(unknown), dataset, unknown[:5])
+    graded = grade_mcq(questions, outputs)
+    report = _report("mcq", questions, graded, scoring="saved predictions", dataset=str(dataset),
+                     model=f"predictions: {predictions}", unknown_ids=unknown)
+    missing = report["missing_predictions"]
+    if missing:
+        log.warning("%d dataset questions have no prediction (counted wrong), e.g. %s", len(missing), missing[:5])
+    write_report(report, graded, output_dir)
+    return report
+
+
+def _load_outputs(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.is_file():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    done[row["id"]] = row
+    return done
+
+
+def _generate_missing(
+    questions: Sequence[Question],
+    output_file: Path,
+    make_rows: Callable[[list[Question]], list[dict]],
+) -> dict[str, dict]:
+    """Run `make_rows` on the questions not yet in `output_file`, appending each chunk as it finishes."""
+    done = _load_outputs(output_file)
+    todo = [q for q in questions if q.id not in done]
+    if done:
+        log.info("resuming: %d outputs already in %s, %d to go", len(done), output_file, len(todo))
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(todo), CHUNK):
+        rows = make_rows(todo[start : start + CHUNK])
+        with output_file.open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[row["id"]] = row
+        log.info("evaluated %d/%d questions", len(done), len(questions))
+    return done
+
+
+def _check_same_settings(output_dir: Path, settings: dict) -> None:
+    """Resume only outputs made with the same settings; never mix two models' answers in one report."""
+    path = output_dir / "outputs_settings.json"
+    if (output_dir / OUTPUTS_JSONL).is_file() and path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise ValueError(
+                f"{output_dir / OUTPUTS_JSONL} holds outputs made with other settings ({', '.join(changed)}); "
+                "use another --output folder or delete that file to start over"
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+
+
+def evaluate_model(
+    config: EvaluateConfig,
+    generation: GenerationConfig,
+    questions: Sequence[Question],
+    model_path: str | Path,
+    output_dir: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    label: str | None = None,
+    generator=None,
+    judge: Callable[[list[dict]], list[bool | None]] | None = None,
+) -> dict:
+    """Evaluate a model on `questions` under `config.protocol`; writes the report files, returns report.json.
+
+    `generator` may be passed to reuse a model already in memory; `judge` to reuse a judge client.
+    """
+    from medcritical.modeling.generation import load_generator
+
+    output_dir = Path(output_dir)
+    questions = list(questions)[: config.limit] if config.limit else list(questions)
+    started = time.perf_counter()
+    if generator is None:
+        generator = load_generator(model_path, generation, device=device, dtype=dtype)
+    language = config.language
+
+    def generate_rows(chunk: list[Question], build_messages) -> list[dict]:
+        completions = generator.generate(
+            [build_messages(q, language) for q in chunk],
+            temperature=0.0,
+            max_new_tokens=generation.max_new_tokens,
+            desc=f"evaluating ({config.protocol})",
+        )
+        return [{"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)]
+
+    def mcq_rows(chunk: list[Question]) -> list[dict]:
+        if config.scoring == "generate":
+            return generate_rows(chunk, mcq_messages)
+        single = [q for q in chunk if not q.is_multi_answer]
+        scores = generator.letter_logprobs(
+            [mcq_messages(q, language) for q in single], [list(q.options) for q in single], ANSWER_PREFIX[language]
+        )
+        rows = [
+            {"id": q.id, "output": "答案：" + max(s, key=s.get), "letter_logprobs": s, "num_tokens": 0}
+            for q, s in zip(single, scores)
+        ]
+        return rows + generate_rows([q for q in chunk if q.is_multi_answer], mcq_messages)
+
+    fields = dict(
+        model=str(model_path), dataset=f"{len(questions)} questions", label=label, language=language,
+        max_new_tokens=generation.max_new_tokens, backend=generation.backend,
+    )
+    outputs_file = output_dir / OUTPUTS_JSONL
+    _check_same_settings(output_dir, {k: fields[k] for k in ("model", "language", "max_new_tokens")}
+                         | {"protocol": config.protocol, "scoring": config.scoring})
+    if config.protocol == "mcq":
+        outputs = _generate_missing(questions, outputs_file, mcq_rows)
+        graded = grade_mcq(questions, {i: r["output"] for i, r in outputs.items()})
+        for row in graded:
+            row["output"] = outputs[row["id"]]["output"]
+        report = _report("mcq", questions, graded, scoring=config.scoring, **fields)
+    else:
+        from medcritical.evaluation.judge import grade_with_judge, judge_from_config
+
+        outputs = _generate_missing(questions, outputs_file, lambda chunk: generate_rows(chunk, open_messages))
+        graded = grade_with_judge(questions, outputs, judge or judge_from_config(config.judge, language))
+        report = _report("judge", questions, graded, scoring=f"judge: {config.judge.model}", **fields)
+    report["wall_s"] = round(time.perf_counter() - started, 2)
+    write_report(report, graded, output_dir)
+    log.info(
+        "CMExam accuracy (%s) of %s: %.1f%% (%d/%d) -> %s",
+        report["protocol"], label or model_path, 100 * report["accuracy"], report["correct"], report["n"], output_dir,
+    )
+    return report

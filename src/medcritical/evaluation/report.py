@@ -1,0 +1,90 @@
+"""Evaluation outputs: report.json, report.md, accuracy.png and graded.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+REPORT_JSON, REPORT_MD, PLOT_PNG, GRADED_JSONL = "report.json", "report.md", "accuracy.png", "graded.jsonl"
+MAX_BARS_PER_COLUMN = 12  # annotation columns can have dozens of values; show the largest groups
+
+PROTOCOL_TITLES = {
+    "mcq": "standard MCQ: options shown, answer letters extracted, exact letter-set match",
+    "judge": "open-ended judge: no options, a judge model grades the free answer against the reference",
+}
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_jsonl(rows: Iterable[dict], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def markdown_report(report: dict) -> str:
+    protocol = report["protocol"]
+    lines = [
+        f"# CMExam evaluation — protocol `{protocol}`",
+        "",
+        f"Protocol: {PROTOCOL_TITLES[protocol]}.",
+        f"Model: `{report.get('model', '-')}`; dataset: `{report.get('dataset', '-')}`; "
+        f"scoring: {report.get('scoring', '-')}.",
+        "",
+        f"**Accuracy ({protocol}): {percent(report['accuracy'])}%** "
+        f"({report['correct']}/{report['n']}; 95% CI {percent(report['ci95'][0])}–{percent(report['ci95'][1])}%)",
+        "",
+    ]
+    if report.get("missing_predictions"):
+        lines.append(f"- {len(report['missing_predictions'])} questions had no prediction (counted wrong).")
+    if report.get("unknown_ids"):
+        lines.append(f"- {len(report['unknown_ids'])} predictions named ids not in the dataset (ignored).")
+    for column, values in report["by"].items():
+        lines += ["", f"## By {column} ({protocol})", "", "| group | n | accuracy % | 95% CI % |", "|---|---:|---:|---:|"]
+        for value, cell in values.items():
+            lines.append(
+                f"| {value} | {cell['n']} | {percent(cell['accuracy'])} | "
+                f"{percent(cell['ci95'][0])}–{percent(cell['ci95'][1])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    """Bar chart of accuracy by category with 95% CI whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, lows, highs = ["overall"], [report["accuracy"]], [report["ci95"][0]], [report["ci95"][1]]
+    for column, groups in report["by"].items():
+        largest = sorted(groups.items(), key=lambda kv: -kv[1]["n"])[:MAX_BARS_PER_COLUMN]
+        for value, cell in largest:
+            labels.append(f"{column}={value} (n={cell['n']})")
+            values.append(cell["accuracy"])
+            lows.append(cell["ci95"][0])
+            highs.append(cell["ci95"][1])
+    errors = [[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), values, xerr=errors, color="#4C72B0", capsize=3)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"accuracy (protocol: {report['protocol']}), 95% CI")
+    ax.set_title(f"CMExam accuracy — {report.get('label') or report.get('model', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, graded: list[dict], output_dir: str | Path) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / REPORT_JSON).write_text(json.dumps(report, ensure_ascii=False, indent=2))
+    (output_dir / REPORT_MD).write_text(markdown_report(report), encoding="utf-8")
+    write_jsonl(graded, output_dir / GRADED_JSONL)
+    plot_accuracy(report, output_dir / PLOT_PNG)
+    return output_dir / REPORT_JSON

@@ -1,0 +1,154 @@
+"""CMExam loading in each format, bad rows, splits and leakage."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import openpyxl
+import pytest
+
+from medcritical.data.cmexam import DataError, load_questions, parse_options
+from medcritical.data.prepare import prepare_data
+from medcritical.data.splits import normalize_text, overlapping, split_questions
+from medcritical.recipe import DataConfig
+
+SHARED_VAL = Path(__file__).resolve().parents[2] / "shared/data/cmexam/val.xlsx"
+HEADER = ["Question", "Options", "Answer", "Explanation"]
+ANNOTATIONS = ["Disease Group", "Clinical Department", "Medical Discipline", "Competency", "Difficulty level"]
+
+
+def write_csv(path, rows, header=HEADER):
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_xlsx(path, rows, header=HEADER):
+    workbook = openpyxl.Workbook()
+    sheet = workbook.active
+    sheet.append(header)
+    for row in rows:
+        sheet.append(row)
+    workbook.save(path)
+    return path
+
+
+def test_official_csv_with_real_newlines_and_annotation_columns(tmp_path):
+    path = write_csv(
+        tmp_path / "test_with_annotations.csv",
+        [
+            ["嘶哑样咳嗽，可见于", "A 急性喉炎\nB 声带疾患\nC 百日咳\nD 胸膜炎\nE 支气管扩张", "A", "解析", "呼吸系统疾病", "内科", "临床医学", "医学知识", "1"],
+            ["黄疸伴胆囊增大不会见于", "A 胆总管结石\nB 急性肝炎\nC 胰头癌\nD 壶腹癌", "BD", "", "消化系统疾病", "外科", "临床医学", "临床判断", "3"],
+        ],
+        header=HEADER + ANNOTATIONS,
+    )
+    result = load_questions(path)
+    first, second = result.questions
+    assert first.id == "0" and second.id == "1"  # 0-based data row numbers when there is no id column
+    assert first.options == {"A": "急性喉炎", "B": "声带疾患", "C": "百日咳", "D": "胸膜炎", "E": "支气管扩张"}
+    assert second.answer == "BD" and second.is_multi_answer
+    assert first.annotations == dict(zip(ANNOTATIONS, ["呼吸系统疾病", "内科", "临床医学", "医学知识", "1"]))
+    assert result.bad_rows == []
+
+
+def test_xlsx_export_with_literal_backslash_n(tmp_path):
+    path = write_xlsx(tmp_path / "val.xlsx", [["题目", "A 原发病\\nB 出血部位\\nC 出血量", "C", "出血量决定"]])
+    (question,) = load_questions(path).questions
+    assert question.options == {"A": "原发病", "B": "出血部位", "C": "出血量"}
+    assert question.answer == "C" and question.explanation == "出血量决定"
+
+
+def test_jsonl_canonical_round_trip_keeps_ids(tmp_path, bundled):
+    from medcritical.data.cmexam import write_questions
+
+    path = tmp_path / "q.jsonl"
+    write_questions(bundled[:5], path)
+    assert load_questions(path).questions == bundled[:5]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0]["id"] == bundled[0].id and isinstance(rows[0]["options"], dict)
+
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        (["", "A x\\nB y", "A", ""], "empty question"),
+        (["题目", "", "A", ""], "no options"),
+        (["题目", "A x\\nB y", "N", ""], "answer letter(s) N not among options AB"),
+        (["题目", "A x\\nB y", "", ""], "no answer letter"),
+    ],
+)
+def test_each_bad_row_kind_is_reported_with_file_row_and_reason(tmp_path, row, reason):
+    good = ["好题", "A x\\nB y", "B", ""]
+    path = write_xlsx(tmp_path / "bad.xlsx", [good, row, good])
+    result = load_questions(path, on_bad_row="skip")
+    assert [q.id for q in result.questions] == ["0", "2"]  # ids stay the file's row numbers
+    (bad,) = result.bad_rows
+    assert (bad.file, bad.row, bad.reason) == (str(path), 1, reason)
+    with pytest.raises(DataError, match=rf"bad.xlsx: row 1: {re.escape(reason)}.*on_bad_row"):
+        load_questions(path, on_bad_row="error")
+
+
+def test_duplicate_id_is_a_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    row = {"id": "7", "question": "q", "options": {"A": "a", "B": "b"}, "answer": "A"}
+    path.write_text("\n".join(json.dumps(r) for r in [row, row]) + "\n")
+    result = load_questions(path)
+    assert len(result.questions) == 1 and "duplicate id '7'" in result.bad_rows[0].reason
+
+
+def test_unknown_format_and_missing_file_name_the_fix(tmp_path):
+    (tmp_path / "q.parquet").write_text("x")
+    with pytest.raises(DataError, match="unknown data format '.parquet'"):
+        load_questions(tmp_path / "q.parquet")
+    with pytest.raises(DataError, match="no such data file"):
+        load_questions(tmp_path / "absent.csv")
+
+
+def test_option_parsing_variants():
+    assert parse_options("A. 甲\nB、乙\nC：丙") == {"A": "甲", "B": "乙", "C": "丙"}
+
+
+@pytest.mark.skipif(not SHARED_VAL.is_file(), reason="../shared/data/cmexam/val.xlsx not beside the checkout")
+def test_real_cmexam_validation_split():
+    result = load_questions(SHARED_VAL)
+    # 6,811 rows; one has the answer 'N' (not an option) and is reported, not silently dropped.
+    assert len(result.questions) + len(result.bad_rows) == 6811
+    assert [(b.row, b.reason) for b in result.bad_rows] == [(5356, "answer letter(s) N not among options ABCDE")]
+    assert sum(q.is_multi_answer for q in result.questions) == 210
+    assert {len(q.options) for q in result.questions} == {4, 5}
+
+
+def test_split_is_deterministic_and_independent_of_file_order(bundled):
+    train, evaluation = split_questions(bundled, 50, seed=3)
+    train2, evaluation2 = split_questions(list(reversed(bundled)), 50, seed=3)
+    assert {q.id for q in evaluation} == {q.id for q in evaluation2}
+    assert len(train) == 350 and not {q.id for q in train} & {q.id for q in evaluation}
+    _, other_seed = split_questions(bundled, 50, seed=4)
+    assert {q.id for q in other_seed} != {q.id for q in evaluation}
+
+
+def test_leakage_check_uses_normalized_text(bundled):
+    from dataclasses import replace
+
+    eval_q = bundled[0]
+    copy = replace(eval_q, id="copy", question=" " + eval_q.question.replace("，", ",") + "  ")
+    assert normalize_text(copy.question) == normalize_text(eval_q.question)
+    assert overlapping([copy, bundled[1]], [eval_q]) == [copy]
+
+
+def test_prepare_data_drops_leaked_training_questions(tmp_path, bundled):
+    from medcritical.data.cmexam import write_questions
+
+    source = tmp_path / "train.jsonl"
+    evaluation = tmp_path / "eval.jsonl"
+    write_questions(bundled[:20], evaluation)
+    write_questions(bundled[10:60], source)  # 10 questions overlap with eval (same ids too)
+    stats = prepare_data(DataConfig(source=str(source), eval_source=str(evaluation), eval_size=0), 0, tmp_path / "out")
+    assert stats["train"] == 40 and stats["eval"] == 20 and len(stats["leaked_dropped"]) == 10
+    with pytest.raises(DataError, match="10 training questions also appear"):
+        prepare_data(
+            DataConfig(source=str(source), eval_source=str(evaluation), eval_size=0, on_leakage="error"), 0, tmp_path / "o2"
+        )
