@@ -1,0 +1,105 @@
+"""The evaluation step: saved predictions, the tiny model end to end, resume, reports."""
+
+import json
+
+import pytest
+
+from medcritical.cli import main
+from medcritical.data.cmexam import write_questions
+from medcritical.evaluation.evaluate import evaluate_model
+from medcritical.evaluation.metrics import summarize, wilson_interval
+from medcritical.recipe import EvaluateConfig, GenerationConfig
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(81, 100)
+    assert (round(low, 3), round(high, 3)) == (0.722, 0.875)  # p=0.81: 0.7223-0.8749
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 0) == (0.0, 0.0)
+
+
+def test_summary_breaks_down_by_answer_type_and_annotations(bundled):
+    from dataclasses import replace
+
+    questions = [replace(q, annotations={"Difficulty level": str(i % 2)}) for i, q in enumerate(bundled[:10])]
+    summary = summarize("mcq", questions, {q.id: i < 4 for i, q in enumerate(questions)})
+    assert summary["protocol"] == "mcq" and summary["accuracy"] == 0.4 and summary["n"] == 10
+    assert summary["by"]["Difficulty level"]["0"]["correct"] == 2
+    assert sum(cell["n"] for cell in summary["by"]["answer_type"].values()) == 10
+
+
+def test_cli_scores_saved_predictions(tmp_path, bundled, capsys):
+    questions = bundled[:6]
+    dataset = tmp_path / "eval.jsonl"
+    write_questions(questions, dataset)
+    predictions = tmp_path / "preds.jsonl"
+    rows = [
+        {"id": questions[0].id, "output": f"<think>A? B?</think>答案：{questions[0].answer}"},  # right
+        {"id": questions[1].id, "output": "答案：" + ("A" if questions[1].answer != "A" else "B")},  # wrong
+        {"id": questions[2].id, "output": "I cannot tell."},  # no answer: wrong
+        {"id": "not-a-question", "output": "答案：A"},  # unknown id: reported, ignored
+        *({"id": q.id, "output": f"正确答案为{q.answer}"} for q in questions[3:5]),  # right
+        # questions[5] has no prediction: reported, counted wrong
+    ]
+    predictions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--dataset", str(dataset), "--predictions", str(predictions), "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["protocol"], report["n"], report["correct"]) == ("mcq", 6, 3)
+    assert report["accuracy"] == 0.5
+    assert report["unknown_ids"] == ["not-a-question"] and report["missing_predictions"] == [questions[5].id]
+    graded = {row["id"]: row for row in read_jsonl(out / "graded.jsonl")}
+    assert graded[questions[0].id]["predicted"] == questions[0].answer and graded[questions[0].id]["correct"]
+    assert graded[questions[2].id]["predicted"] == "" and not graded[questions[2].id]["correct"]
+    assert "Accuracy (mcq): 50.0%" in (out / "report.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert "CMExam accuracy (mcq): 50.0%" in capsys.readouterr().out
+
+
+def test_bad_predictions_file_names_the_line(tmp_path, bundled):
+    dataset = tmp_path / "eval.jsonl"
+    write_questions(bundled[:2], dataset)
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"id": "1", "output": "答案：A"}\n{"id": "2"}\n')
+    with pytest.raises(ValueError, match="p.jsonl: line 2: expected a JSON object with 'id' and 'output'"):
+        from medcritical.evaluation.evaluate import score_predictions
+
+        score_predictions(dataset, predictions, tmp_path / "out")
+
+
+def test_tiny_model_end_to_end_and_resume(tmp_path, tiny_model, bundled):
+    questions = bundled[:12]
+    generation = GenerationConfig(batch_size=8, max_new_tokens=16)
+    out = tmp_path / "eval"
+    report = evaluate_model(EvaluateConfig(), generation, questions, tiny_model, out, device="cpu", label="base")
+    assert report["protocol"] == "mcq" and report["n"] == 12 and report["label"] == "base"
+    graded = read_jsonl(out / "graded.jsonl")
+    assert [row["id"] for row in graded] == [q.id for q in questions]
+    assert all(set(row) >= {"id", "predicted", "correct", "output"} for row in graded)
+    for name in ("report.json", "report.md", "accuracy.png", "outputs.jsonl"):
+        assert (out / name).is_file()
+
+    # Resume: a rerun over more questions generates only the new ones and keeps the old outputs.
+    before = read_jsonl(out / "outputs.jsonl")
+    evaluate_model(EvaluateConfig(), generation, bundled[:16], tiny_model, out, device="cpu")
+    after = read_jsonl(out / "outputs.jsonl")
+    assert after[:12] == before and len(after) == 16
+
+    # Outputs of another setting are never mixed into the same report.
+    with pytest.raises(ValueError, match="other settings \\(max_new_tokens\\)"):
+        evaluate_model(EvaluateConfig(), GenerationConfig(max_new_tokens=8), questions, tiny_model, out, device="cpu")
+
+
+def test_loglik_scoring_predicts_an_option_letter_for_single_answer_questions(tmp_path, tiny_model, bundled):
+    questions = [q for q in bundled if not q.is_multi_answer][:6]
+    report = evaluate_model(
+        EvaluateConfig(scoring="loglik"), GenerationConfig(max_new_tokens=8), questions, tiny_model, tmp_path, device="cpu"
+    )
+    graded = read_jsonl(tmp_path / "graded.jsonl")
+    assert report["scoring"] == "loglik"
+    assert all(len(row["predicted"]) == 1 and row["predicted"] in "ABCDE" for row in graded)
+    outputs = read_jsonl(tmp_path / "outputs.jsonl")
+    assert all(max(o["letter_logprobs"], key=o["letter_logprobs"].get) in o["output"] for o in outputs)
