@@ -109,6 +109,7 @@ class JudgeConfig(Section):
     concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 5
+    max_tokens: int = 512  # room for a reasoning judge; the verdict is its last 正确/错误 (correct/incorrect)
 
 
 class EvaluateConfig(Section):

@@ -145,7 +145,7 @@ def evaluate_model(
     dtype: str = "auto",
     label: str | None = None,
     generator=None,
-    judge: Callable[[list[dict]], list[bool | None]] | None = None,
+    judge=None,
 ) -> dict:
     """Evaluate a model on `questions` under `config.protocol`; writes the report files, returns report.json.
 
@@ -199,8 +199,10 @@ def evaluate_model(
         from medcritical.evaluation.judge import grade_with_judge, judge_from_config
 
         outputs = _generate_missing(questions, outputs_file, lambda chunk: generate_rows(chunk, open_messages))
-        graded = grade_with_judge(questions, outputs, judge or judge_from_config(config.judge, language))
+        judge = judge or judge_from_config(config.judge, language, output_dir)
+        graded = grade_with_judge(questions, outputs, judge)
         report = _report("judge", questions, graded, scoring=f"judge: {config.judge.model}", **fields)
+        report["no_verdict"] = [row["id"] for row in graded if row["verdict"] is None]
     report["wall_s"] = round(time.perf_counter() - started, 2)
     write_report(report, graded, output_dir)
     log.info(
