@@ -14,7 +14,10 @@ from medcritical import __version__
 
 COMMANDS = (
     "medcritical.cli.data",
+    "medcritical.cli.sft",
+    "medcritical.cli.distill",
     "medcritical.cli.evaluate",
+    "medcritical.cli.pipeline",
 )
 
 # Errors that are the user's to fix: printed as one clear message, no traceback.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from medcritical.section import Section
 
 
@@ -11,9 +13,24 @@ class OpenAITeacher(Section):
     base_url: str | None = None  # e.g. http://qwq:8000/v1; env MEDCRITICAL_TEACHER_BASE_URL
     model: str | None = None  # env MEDCRITICAL_TEACHER_MODEL
     api_key_env: str = "MEDCRITICAL_TEACHER_API_KEY"  # the key is read from this variable, never the recipe
-    concurrency: int = 8
+    concurrency: int = Field(8, ge=1)  # requests in flight at once
     timeout_s: float = 600.0
     max_retries: int = 6
+    backoff_s: float = 1.0  # first retry waits about this long, doubling each time (with jitter)
+    max_backoff_s: float = 60.0
+    # Sent with every request, e.g. {chat_template_kwargs: {enable_thinking: true}} for vLLM/SGLang.
+    extra_body: dict = {}
+
+
+class LocalTeacher(Section):
+    """The transformers / vllm backends: a local teacher model (distill.teacher_model)."""
+
+    # transformers: prompts per forward pass. vllm: prompts per call (use hundreds). Results are
+    # appended to the progress log after each batch.
+    batch_size: int = 16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tensor_parallel_size: int = 1  # vllm only
+    gpu_memory_utilization: float = 0.85  # vllm only
 
 
 class DistillConfig(Section):
@@ -21,12 +38,16 @@ class DistillConfig(Section):
     # explanations: traces built offline from CMExam's own expert explanations (free; the demo uses it).
     backend: Literal["openai", "transformers", "vllm", "explanations"] = "explanations"
     openai: OpenAITeacher = OpenAITeacher()
-    teacher_model: str | None = None  # local folder for the transformers / vllm backends
+    teacher_model: str | None = None  # local folder (or "tiny") for the transformers / vllm backends
+    local: LocalTeacher = LocalTeacher()
     language: Literal["zh", "en"] = "zh"
-    attempts: int = 2  # tries per question until a trace matches gold
+    attempts: int = Field(2, ge=1)  # tries per question until a trace matches gold
     verify: bool = True  # keep only traces whose final answer matches gold
     show_gold_answer: bool = False  # the paper's code showed it; off keeps the teacher honest
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 4096
-    price_per_million_tokens: float | None = None  # for the cost estimate in the statistics
+    # Reasoning teachers think before writing the template too; raise this if templates come back truncated.
+    template_max_new_tokens: int = 2048
+    limit: int | None = None  # distill only the first N questions (quick checks, cost control)
+    price_per_million_tokens: float | None = None  # prompt + completion tokens; for the cost estimate

@@ -1,0 +1,126 @@
+"""The append-only progress log, ``distill_raw.jsonl``: every teacher reply, written as it arrives.
+
+Everything else (the SFT set, the rejected traces, the statistics) is derived from it. A rerun after a
+crash or Ctrl-C replays it, skips finished questions and continues the others where they stopped, so
+no reply is paid for twice. Replies are stored raw; verification is recomputed with the current
+grader whenever outputs are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from medcritical.data.cmexam import Question
+from medcritical.distill.traces import TEMPLATE, TRACE, parse_template
+from medcritical.llm_client import ChatReply
+
+log = logging.getLogger(__name__)
+
+RUN, SESSION, REPLY = "run", "session", "reply"  # event kinds
+
+
+def question_fingerprint(question: Question) -> str:
+    """Changes when the question's text, options or answer change (a reused id is not the same question)."""
+    payload = json.dumps([question.question, question.options, question.answer], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass
+class QuestionProgress:
+    """The replies one question has received so far, by attempt number."""
+
+    options: dict[str, str]  # the question's options (a template must not state an answer among them)
+    templates: dict[int, ChatReply] = field(default_factory=dict)
+    traces: dict[int, ChatReply] = field(default_factory=dict)
+
+    def add(self, kind: str, attempt: int, reply: ChatReply) -> None:
+        replies = self.templates if kind == TEMPLATE else self.traces
+        replies.setdefault(attempt, reply)
+
+    @property
+    def template(self) -> tuple[int, str] | None:
+        """(attempt, text) of the first usable template."""
+        for attempt, reply in sorted(self.templates.items()):
+            text, _ = parse_template(reply, self.options)
+            if text is not None:
+                return attempt, text
+        return None
+
+
+class ProgressLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def read(self) -> list[dict]:
+        """All events; a line torn by a crash mid-write is skipped (its reply is simply asked again)."""
+        if not self.path.is_file():
+            return []
+        events = []
+        with self.path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    log.warning("%s: line %d is not valid JSON (interrupted write?); ignoring it", self.path, number)
+        return events
+
+    def append(self, event: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+        with self.path.open("ab+") as f:
+            # After a torn write the file may not end in a newline; start a fresh line.
+            if f.seek(0, 2) > 0:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
+
+
+def reply_event(question: Question, kind: str, attempt: int, reply: ChatReply) -> dict:
+    return {
+        "event": REPLY,
+        "id": question.id,
+        "question_sha": question_fingerprint(question),
+        "kind": kind,
+        "attempt": attempt,
+        "reply": dataclasses.asdict(reply),
+    }
+
+
+def replay(events: Iterable[dict], questions: Iterable[Question]) -> dict[str, QuestionProgress]:
+    """Progress per question id; replies for other questions, or for a question that changed, are ignored."""
+    questions = list(questions)
+    fingerprints = {q.id: question_fingerprint(q) for q in questions}
+    progress = {q.id: QuestionProgress(q.options) for q in questions}
+    ignored = 0
+    for event in events:
+        if event.get("event") != REPLY or event.get("kind") not in (TEMPLATE, TRACE):
+            continue
+        if fingerprints.get(event.get("id")) != event.get("question_sha"):
+            ignored += 1
+            continue
+        progress[event["id"]].add(event["kind"], int(event["attempt"]), ChatReply(**event["reply"]))
+    if ignored:
+        log.info("progress log: %d replies belong to questions not in this input (or changed); ignored", ignored)
+    return progress
+
+
+def check_same_setup(events: list[dict], fingerprint: dict, path: Path) -> None:
+    """Refuse to mix replies from another teacher, prompt or language into one output folder."""
+    previous = next((e["fingerprint"] for e in reversed(events) if e.get("event") == RUN), None)
+    if previous is None or previous == fingerprint:
+        return
+    changed = sorted(k for k in fingerprint.keys() | previous.keys() if fingerprint.get(k) != previous.get(k))
+    details = "; ".join(f"{k}: was {previous.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
+    raise ValueError(
+        f"{path} holds replies from a different distillation setup ({details}). Use a fresh output "
+        f"folder, or delete {path} to start over."
+    )

@@ -1,0 +1,196 @@
+"""The distillation step: per question, a thought template and up to N verified reasoning traces.
+
+    stats = distill(recipe.distill, questions, "runs/demo/distill", seed=recipe.run.seed)
+
+Writes to the output folder:
+- ``distill_raw.jsonl``: the append-only progress log (every reply as it arrives; used to resume),
+- ``sft.jsonl``: one chat-messages row per accepted question (user: the student's MCQ prompt,
+  assistant: "<think>template + reasoning</think>\\n答案：X"), in input order,
+- ``rejected.jsonl``: every unusable template and rejected trace, with its reason,
+- ``distill_stats.json``: teacher, prompt versions, settings, counts, acceptance rates, tokens, cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from medcritical.data.cmexam import Question
+from medcritical.distill.config import DistillConfig
+from medcritical.distill.outputs import accepted_attempt, distill_statistics, question_outcome
+from medcritical.distill.progress import (
+    RUN,
+    SESSION,
+    ProgressLog,
+    QuestionProgress,
+    check_same_setup,
+    replay,
+    reply_event,
+)
+from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher
+from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template_messages, trace_messages
+from medcritical.llm_client import ChatReply
+
+log = logging.getLogger(__name__)
+
+RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE = "distill_raw.jsonl", "sft.jsonl", "rejected.jsonl", "distill_stats.json"
+
+
+def distill(
+    config: DistillConfig,
+    questions: Sequence[Question],
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    teacher: Teacher | None = None,
+) -> dict:
+    """Distill `questions` into `output_dir` (resuming what is there) and return the statistics.
+
+    `teacher` replaces the one the config names (a custom backend); by default it is built from config.
+    """
+    output_dir = Path(output_dir)
+    questions = list(questions)[: config.limit] if config.limit is not None else list(questions)
+    if not questions:
+        raise ValueError("no questions to distill (empty input, or distill.limit is 0)")
+    prompts = DistillPrompts.load(config.language)
+    progress_log = ProgressLog(output_dir / RAW_FILE)
+    events = progress_log.read()
+    teacher = teacher or build_teacher(config, prompts, device=device)
+    setup = {
+        "teacher": teacher.description.get("backend"),
+        "model": teacher.description.get("model"),
+        "language": config.language,
+        "prompts": prompts.versions,
+        "show_gold_answer": config.show_gold_answer,
+    }
+    check_same_setup(events, setup, progress_log.path)
+    progress = replay(events, questions)
+    # A deterministic teacher would repeat its rejected reply word for word.
+    attempts = 1 if teacher.deterministic else config.attempts
+    run = _Run(config, prompts, teacher, progress_log, progress, attempts, seed)
+    finished_before = sum(run.finished(q) for q in questions)
+    if finished_before:
+        log.info("resuming: %d of %d questions already finished in %s", finished_before, len(questions), output_dir)
+    progress_log.append({"event": RUN, "fingerprint": setup, "started": datetime.now(timezone.utc).isoformat()})
+
+    started, status = time.monotonic(), "interrupted"
+    try:
+        run.ask_until_done(questions, finished_before)
+        status = "finished"
+    finally:
+        progress_log.append({"event": SESSION, "status": status, "wall_time_s": round(time.monotonic() - started, 3)})
+
+    stats = _write_outputs(config, questions, run, output_dir, prompts, teacher, attempts)
+    stats["resumed_questions"] = finished_before
+    stats["session_wall_time_s"] = round(time.monotonic() - started, 3)
+    _write_json(output_dir / STATS_FILE, stats)
+    log.info(
+        "distill: %d of %d questions accepted (%.1f%%) after %d trace attempts; %d tokens; %.1f s. SFT set: %s",
+        stats["accepted"], stats["questions"], 100 * stats["acceptance_rate"], stats["trace_attempts"],
+        stats["tokens"]["total"], stats["wall_time_s"], output_dir / SFT_FILE,
+    )
+    if not stats["accepted"]:
+        log.warning("no trace was accepted: the SFT set is empty; see %s for the reasons", output_dir / REJECTED_FILE)
+    return stats
+
+
+class _Run:
+    """The ask-grade-retry loop over the questions' progress."""
+
+    def __init__(self, config, prompts, teacher, progress_log, progress, attempts, seed):
+        self.config, self.prompts, self.teacher = config, prompts, teacher
+        self.progress_log: ProgressLog = progress_log
+        self.progress: dict[str, QuestionProgress] = progress
+        self.attempts, self.seed = attempts, seed
+
+    def finished(self, question: Question) -> bool:
+        done = self.progress[question.id]
+        if accepted_attempt(question, done, self.config.verify) is not None:
+            return True
+        if done.template is None:
+            return len(done.templates) >= self.attempts
+        return len(done.traces) >= self.attempts
+
+    def next_request(self, question: Question) -> TeacherRequest | None:
+        if self.finished(question):
+            return None
+        done = self.progress[question.id]
+        if done.template is None:
+            return TeacherRequest(question, TEMPLATE, max(done.templates, default=0) + 1, template_messages(self.prompts, question))
+        messages = trace_messages(self.prompts, question, done.template[1], self.config.show_gold_answer)
+        return TeacherRequest(question, TRACE, max(done.traces, default=0) + 1, messages)
+
+    def ask_until_done(self, questions: list[Question], finished_before: int) -> None:
+        """Rounds of requests (templates first, then traces, then retries) until every question is finished."""
+        with tqdm(total=len(questions), initial=finished_before, desc="distill", unit="question") as bar:
+
+            def record(request: TeacherRequest, reply: ChatReply) -> None:
+                self.progress_log.append(reply_event(request.question, request.kind, request.attempt, reply))
+                self.progress[request.question.id].add(request.kind, request.attempt, reply)
+                if self.finished(request.question):
+                    bar.update(1)
+
+            while requests := [r for q in questions if (r := self.next_request(q)) is not None]:
+                groups: dict[tuple[str, int], list[TeacherRequest]] = {}
+                for request in requests:
+                    groups.setdefault((request.kind, request.attempt), []).append(request)
+                for (kind, attempt), group in sorted(groups.items(), key=lambda item: (item[0][0] != TEMPLATE, item[0][1])):
+                    log.info("asking the teacher for %d %ss (attempt %d)", len(group), kind, attempt)
+                    self.teacher.complete(
+                        group,
+                        max_new_tokens=self.config.template_max_new_tokens if kind == TEMPLATE else self.config.max_new_tokens,
+                        # Fixed per attempt, so a resumed run samples as an uninterrupted one would.
+                        seed=self.seed + 1000 * attempt + (500 if kind == TEMPLATE else 0),
+                        on_reply=record,
+                    )
+
+
+def _write_outputs(config, questions, run: _Run, output_dir: Path, prompts, teacher, attempts) -> dict:
+    outcomes = [
+        question_outcome(q, run.progress[q.id], prompts=prompts, verify=config.verify, source=teacher.description)
+        for q in questions
+    ]
+    _write_jsonl(output_dir / SFT_FILE, [o.sft_row for o in outcomes if o.sft_row is not None])
+    _write_jsonl(output_dir / REJECTED_FILE, [row for o in outcomes for row in o.rejected])
+    sessions = [e for e in run.progress_log.read() if e.get("event") == SESSION]
+    return {
+        "teacher": teacher.description,
+        "prompts": prompts.versions,
+        "settings": {
+            "language": config.language,
+            "show_gold_answer": config.show_gold_answer,
+            "verify": config.verify,
+            "attempts_per_question": attempts,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "template_max_new_tokens": config.template_max_new_tokens,
+            "seed": run.seed,
+        },
+        **distill_statistics(questions, outcomes, run.progress, config.price_per_million_tokens),
+        "wall_time_s": round(sum(e.get("wall_time_s", 0.0) for e in sessions), 3),
+        "sessions": len(sessions),
+        "files": {"sft": SFT_FILE, "rejected": REJECTED_FILE, "progress_log": RAW_FILE},
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,168 @@
+"""Teacher backends behind one interface: requests in, each reply handed on as it arrives.
+
+- openai: any OpenAI-compatible endpoint (vLLM / SGLang serving QwQ-32B, DeepSeek-R1, ..., or a
+  hosted API), through `medcritical.llm_client.ChatClient`.
+- transformers / vllm: a local model through `medcritical.modeling.generation`, batch by batch.
+- explanations: no model; the trace is CMExam's own expert explanation followed by the gold answer,
+  and the template a fixed generic approach. Offline, free and deterministic (the demo uses it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import httpx
+
+from medcritical.data.cmexam import Question
+from medcritical.distill.config import DistillConfig
+from medcritical.distill.traces import TEMPLATE, DistillPrompts
+from medcritical.grader import THINK_END
+from medcritical.llm_client import ChatClient, ChatReply
+
+log = logging.getLogger(__name__)
+
+TEACHER_ENV_PREFIX = "MEDCRITICAL_TEACHER"  # MEDCRITICAL_TEACHER_BASE_URL, MEDCRITICAL_TEACHER_MODEL
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    question: Question
+    kind: str  # TEMPLATE or TRACE
+    attempt: int  # 1-based, counted per question and kind
+    messages: list[dict[str, str]]
+
+
+OnReply = Callable[[TeacherRequest, ChatReply], None]
+
+
+class Teacher(Protocol):
+    # What wrote the traces, recorded in the metadata (never a key). "backend" is always there.
+    description: dict
+    # The same request always gets the same reply, so one attempt per question is enough.
+    deterministic: bool
+
+    def complete(
+        self, requests: Sequence[TeacherRequest], *, max_new_tokens: int, seed: int, on_reply: OnReply
+    ) -> None:
+        """Answer every request, calling `on_reply` for each as soon as its reply exists."""
+        ...
+
+
+class EndpointTeacher:
+    """An OpenAI-compatible endpoint; requests go out concurrently."""
+
+    def __init__(self, client: ChatClient, *, temperature: float, top_p: float):
+        self.client, self.temperature, self.top_p = client, temperature, top_p
+        url = httpx.URL(client.base_url)
+        # A URL may carry user:password; the metadata must not.
+        safe_url = str(url.copy_with(username=None, password=None)) if url.userinfo else client.base_url
+        self.description = {"backend": "openai", "model": client.model, "base_url": safe_url}
+        self.deterministic = False
+
+    def complete(self, requests, *, max_new_tokens, seed, on_reply):
+        self.client.chat_many(
+            [r.messages for r in requests],
+            on_reply=lambda index, reply: on_reply(requests[index], reply),
+            desc=f"teacher {requests[0].kind}s" if requests else "",
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=max_new_tokens,
+            seed=seed,
+        )
+
+
+class LocalModelTeacher:
+    """A local model (transformers or vLLM generator); replies are handed on after each batch."""
+
+    def __init__(self, generator, *, name: str, backend: str, temperature: float, top_p: float, batch_size: int):
+        self.generator, self.temperature, self.top_p, self.batch_size = generator, temperature, top_p, batch_size
+        self.description = {"backend": backend, "model": name}
+        self.deterministic = temperature == 0
+
+    def complete(self, requests, *, max_new_tokens, seed, on_reply):
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start : start + self.batch_size]
+            began = time.monotonic()
+            outputs = self.generator.generate(
+                [r.messages for r in batch],
+                n=1,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_new_tokens=max_new_tokens,
+                seed=seed + start,
+                desc=f"teacher {batch[0].kind}s",
+            )
+            seconds = (time.monotonic() - began) / len(batch)
+            for request, (completion, *_) in zip(batch, outputs):
+                finish = "length" if completion.num_tokens >= max_new_tokens else "stop"
+                on_reply(
+                    request,
+                    ChatReply(
+                        content=completion.text,
+                        finish_reason=finish,
+                        completion_tokens=completion.num_tokens,
+                        requests=1,
+                        latency_s=seconds,
+                    ),
+                )
+
+
+class ExplanationTeacher:
+    """Traces from the data itself: the expert explanation as reasoning, then the gold answer."""
+
+    description = {"backend": "explanations", "source": "the dataset's expert explanations and gold answers"}
+    deterministic = True
+
+    def __init__(self, prompts: DistillPrompts):
+        self.template = prompts.explanation_template.text
+
+    def complete(self, requests, *, max_new_tokens, seed, on_reply):
+        for request in requests:
+            question = request.question
+            if request.kind == TEMPLATE:
+                reply = ChatReply(content=self.template, finish_reason="stop")
+            elif question.explanation.strip():
+                content = f"<think>\n{question.explanation.strip()}\n{THINK_END}\n答案：{question.answer}"
+                reply = ChatReply(content=content, finish_reason="stop")
+            else:
+                reply = ChatReply(error="the question has no expert explanation in the data")
+            on_reply(request, reply)
+
+
+def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str = "auto") -> Teacher:
+    """The teacher the recipe names; local models are loaded here (slow), endpoints are not contacted."""
+    if config.backend == "explanations":
+        return ExplanationTeacher(prompts)
+    if config.backend == "openai":
+        client = ChatClient.from_section(config.openai, TEACHER_ENV_PREFIX)
+        log.info("teacher: %s at %s (%d requests at a time)", client.model, client.base_url, client.concurrency)
+        return EndpointTeacher(client, temperature=config.temperature, top_p=config.top_p)
+    if not config.teacher_model:
+        raise ValueError(
+            f"distill.backend is {config.backend!r} but distill.teacher_model is not set; give a local "
+            "Hugging Face model folder (or 'tiny'), or use distill.backend: openai for a served model"
+        )
+    from medcritical.modeling import resolve_model
+    from medcritical.modeling.generation import load_generator
+    from medcritical.recipe import GenerationConfig
+
+    path = resolve_model(config.teacher_model)
+    generation = GenerationConfig(
+        backend=config.backend,
+        batch_size=config.local.batch_size,
+        tensor_parallel_size=config.local.tensor_parallel_size,
+        gpu_memory_utilization=config.local.gpu_memory_utilization,
+    )
+    generator = load_generator(path, generation, device=device, dtype=config.local.dtype)
+    return LocalModelTeacher(
+        generator,
+        name=config.teacher_model if config.teacher_model == "tiny" else Path(config.teacher_model).name,
+        backend=config.backend,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.local.batch_size,
+    )
