@@ -162,21 +162,9 @@ def _format_error(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML (or the defaults when path is None) and apply ``--set`` overrides."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such recipe file (try recipes/demo.yaml)")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: a recipe is a mapping of sections (run:, data:, ...)")
+def _validate(raw: Any, source: str, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections (run:, data:, ...)")
     for assignment in overrides:
         apply_override(raw, assignment)
     if overrides:
@@ -185,6 +173,28 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(_format_error(source, e)) from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from e
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML (or the defaults when path is None) and apply ``--set`` overrides."""
+    if path is None:
+        return _validate({}, "defaults", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file (try recipes/demo.yaml)")
+    return _validate(_parse_yaml(path.read_text(encoding="utf-8"), str(path)), str(path), overrides)
+
+
+def load_recipe_text(text: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe from YAML text (the pipeline passes the resolved recipe to every step as text)."""
+    return _validate(_parse_yaml(text, "recipe text"), "recipe text", overrides)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,0 +1,3 @@
+from medcritical.components.prepare_data.component import IMAGE, prepare_data
+
+__all__ = ["IMAGE", "prepare_data"]

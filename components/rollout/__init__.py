@@ -1,0 +1,3 @@
+from medcritical.components.rollout.component import IMAGE, rollout
+
+__all__ = ["IMAGE", "rollout"]

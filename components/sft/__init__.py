@@ -1,0 +1,3 @@
+from medcritical.components.sft.component import IMAGE, sft
+
+__all__ = ["IMAGE", "sft"]

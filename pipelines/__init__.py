@@ -1,0 +1,1 @@
+"""The MedCritical pipeline (installed as `medcritical.pipelines`) and its compiled YAML."""

@@ -1,0 +1,138 @@
+"""The MedCritical pipeline: data → distill → sft → R × (rollout → dpo) → evaluate → report.
+
+The same pipeline function runs on a cluster (compiled YAML, `kfp run submit`) and on one machine
+(KFP's local subprocess runner, `medcritical run`). Only the cluster build adds Kubernetes settings
+(GPUs, tolerations, node selector, /dev/shm, the S3 Secret); those are pipeline parameters where KFP
+allows it, so one compiled file serves many clusters.
+
+The number of self-play rounds is fixed when the pipeline is built (KFP graphs are static); the
+`configure` step refuses a recipe whose `selfplay.rounds` differs from the compiled graph.
+"""
+
+
+from dataclasses import dataclass, field
+
+from kfp import dsl, kubernetes
+
+from medcritical import __version__
+from medcritical.components import distill, dpo, evaluate, prepare_data, report, rollout, sft
+
+PIPELINE_NAME = "medcritical"
+S3_SECRET_KEYS = ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def image_names(registry: str = "", version: str = __version__) -> dict[str, str]:
+    """The image of each kind, as images/build.sh tags them."""
+    return {
+        "cpu": f"{registry}medcritical-cpu:{version}",
+        "train": f"{registry}medcritical-train-cuda:{version}",
+        "infer": f"{registry}medcritical-infer-cuda:{version}",
+    }
+
+
+@dataclass
+class ClusterSettings:
+    """Kubernetes settings baked in at compile time (KFP cannot take these from parameters)."""
+
+    shm_size: str = "16Gi"  # /dev/shm for NCCL and vLLM; the container default of 64 MB breaks both
+    images: dict[str, str] = field(default_factory=image_names)
+
+
+def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str) -> str:
+    """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads."""
+    from medcritical.steps import resolve_recipe_text
+
+    return resolve_recipe_text(recipe, rounds, overrides, base_model, teacher_base_url, teacher_model)
+
+
+# No `from __future__ import annotations` here: KFP reads the components' annotations as types.
+
+
+def build_pipeline(
+    recipe_text: str,
+    run_root: str,
+    rounds: int = 1,
+    cluster: "ClusterSettings | None" = None,
+    cache_teacher: bool = False,
+):
+    """The pipeline function with `rounds` self-play rounds; `cluster` adds the Kubernetes settings.
+
+    `recipe_text` and `run_root` become the defaults of the pipeline's parameters of those names.
+    """
+    images = (cluster or ClusterSettings()).images
+
+    steps = {
+        func.__name__: dsl.component(func, base_image=images[_image_kind(func)], install_kfp_package=False)
+        for func in (prepare_data, distill, sft, rollout, dpo, evaluate, report)
+    }
+    configure_op = dsl.component(configure, base_image=images["cpu"], install_kfp_package=False)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="MedCritical: teacher distillation + SFT, then self-play self-correction + DPO, evaluated on CMExam.",
+    )
+    def medcritical(
+        recipe: str = recipe_text,
+        run_root: str = run_root,
+        overrides: list = [],
+        base_model: str = "",
+        teacher_base_url: str = "",
+        teacher_model: str = "",
+        train_gpus: int = 1,
+        infer_gpus: int = 1,
+        accelerator_type: str = "nvidia.com/gpu",
+        tolerations: list = [],
+        node_selector: dict = {},
+        s3_secret: str = "medcritical-s3",
+    ):
+        def on_cluster(task, gpus=None):
+            """Kubernetes settings for one task (cluster builds only)."""
+            if cluster is None:
+                return task
+            if gpus is not None:
+                task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
+                kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                           size_limit=cluster.shm_size)
+                kubernetes.add_toleration_json(task, tolerations)
+                kubernetes.add_node_selector_json(task, node_selector)
+            kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+            return task
+
+        def step(component: str, gpus=None, **inputs):
+            task = steps[component](recipe=resolved.output, run_root=root, **inputs)
+            task.set_display_name(inputs["name"])
+            return on_cluster(task, gpus)
+
+        root = run_root
+        resolved = on_cluster(configure_op(
+            recipe=recipe, rounds=rounds, overrides=overrides, base_model=base_model,
+            teacher_base_url=teacher_base_url, teacher_model=teacher_model,
+        ))
+        resolved.set_display_name("configure")
+        data = step("prepare_data", name="data")
+        base_eval = step("evaluate", infer_gpus, name="eval-base", data_uri=data.outputs["Output"], model_uri="", label="base")
+        distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"])
+        # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
+        distilled.set_caching_options(cache_teacher)
+        student = step("sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="")
+        sft_eval = step("evaluate", infer_gpus, name="eval-sft", data_uri=data.outputs["Output"],
+                        model_uri=student.outputs["Output"], label="sft")
+        model = student.outputs["Output"]
+        for round_number in range(1, rounds + 1):
+            played = step("rollout", infer_gpus, name=f"round{round_number}-rollout",
+                          data_uri=data.outputs["Output"], model_uri=model)
+            trained = step("dpo", train_gpus, name=f"round{round_number}-dpo",
+                           rollout_uri=played.outputs["Output"], model_uri=model)
+            model = trained.outputs["Output"]
+        final_eval = step("evaluate", infer_gpus, name=f"eval-dpo-round{rounds}", data_uri=data.outputs["Output"],
+                          model_uri=model, label=f"dpo (round {rounds})")
+        step("report", name="report", base_eval_uri=base_eval.outputs["Output"],
+             sft_eval_uri=sft_eval.outputs["Output"], dpo_eval_uri=final_eval.outputs["Output"])
+
+    return medcritical
+
+
+def _image_kind(func) -> str:
+    import importlib
+
+    return importlib.import_module(func.__module__).IMAGE

@@ -1,0 +1,91 @@
+"""`medcritical run`, `compile` and `submit`: the whole pipeline, on one machine or on a cluster."""
+
+from __future__ import annotations
+
+import argparse
+
+from medcritical.cli.common import add_recipe_arguments
+
+COMPILED = "pipelines/medcritical.yaml"
+
+
+def add_parser(subparsers) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline on this machine (KFP local runner)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Run the whole MedCritical pipeline on this machine through KFP's local subprocess runner (no
+containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft -> R x (rollout -> dpo)
+-> evaluate dpo -> report. Outputs go to run.output_dir; the report compares the three models.
+
+  medcritical run --recipe recipes/demo.yaml        # tiny model, bundled CMExam sample, CPU""",
+    )
+    add_recipe_arguments(run)
+    run.set_defaults(func=_run)
+
+    compile_ = subparsers.add_parser(
+        "compile",
+        help="compile the pipeline to KFP YAML for a cluster",
+        description="Compile the pipeline for a Kubernetes cluster with Kubeflow Pipelines. The recipe becomes "
+        "the default of the `recipe` parameter and fixes the number of self-play rounds.",
+    )
+    add_recipe_arguments(compile_)
+    compile_.add_argument("--output", default=COMPILED, help=f"where to write the YAML (default {COMPILED})")
+    _add_cluster_arguments(compile_)
+    compile_.set_defaults(func=_compile)
+
+    submit = subparsers.add_parser(
+        "submit",
+        help="compile and submit a pipeline run to a KFP server",
+        description="Compile the pipeline for the recipe and create a run on a Kubeflow Pipelines server "
+        "(kfp.Client). Equivalent to `medcritical compile` + `kfp run create`.",
+    )
+    add_recipe_arguments(submit)
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    submit.add_argument("--experiment", default="medcritical", help="KFP experiment name")
+    submit.add_argument("--run-name", help="run name (default: recipe run.name)")
+    submit.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="a pipeline parameter, e.g. --param train_gpus=8 --param s3_secret=medcritical-s3 (repeatable; YAML values)",
+    )
+    _add_cluster_arguments(submit)
+    submit.set_defaults(func=_submit)
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", default="", help="image registry prefix, e.g. registry.example.com/ml/")
+    parser.add_argument("--shm-size", default="16Gi", help="/dev/shm size of GPU steps (default 16Gi)")
+    parser.add_argument(
+        "--cache-teacher", action="store_true",
+        help="allow KFP to reuse a cached distillation (off: a teacher endpoint is never silently skipped)",
+    )
+
+
+def _run(args) -> int:
+    from medcritical.pipeline_runner import run_locally
+    from medcritical.cli.common import recipe_from_args
+
+    recipe = recipe_from_args(args)
+    report_dir = run_locally(recipe)
+    print((report_dir / "report.md").read_text(encoding="utf-8"))
+    print(f"report: {report_dir / 'report.md'}  plot: {report_dir / 'models.png'}")
+    return 0
+
+
+def _compile(args) -> None:
+    from medcritical.pipeline_runner import compile_pipeline
+    from medcritical.cli.common import recipe_from_args
+
+    path = compile_pipeline(recipe_from_args(args), args.output, registry=args.registry,
+                            shm_size=args.shm_size, cache_teacher=args.cache_teacher)
+    print(f"compiled {path}")
+
+
+def _submit(args) -> None:
+    from medcritical.pipeline_runner import submit_run
+    from medcritical.cli.common import recipe_from_args
+
+    run = submit_run(recipe_from_args(args), args.host, experiment=args.experiment, run_name=args.run_name,
+                     params=args.param, registry=args.registry, shm_size=args.shm_size, cache_teacher=args.cache_teacher)
+    print(f"submitted run {run.run_id} to {args.host}")

@@ -1,0 +1,104 @@
+"""The run's report: the base, SFT and DPO models side by side, and what every step did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medcritical.evaluation.report import percent
+from medcritical.recipe import Recipe, dump_recipe
+
+PLOT = "models.png"
+
+
+def _accuracy_cell(report: dict | None) -> str:
+    if not report:
+        return "not run"
+    low, high = report["ci95"]
+    return f"{percent(report['accuracy'])}% ({report['correct']}/{report['n']}; 95% CI {percent(low)}–{percent(high)})"
+
+
+def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
+    if not stats:
+        return "not run"
+    shown = []
+    for key in keys:
+        value = stats.get(key)
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        if value is not None:
+            shown.append(f"{key}={value}")
+    return ", ".join(shown) or "-"
+
+
+def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, report in evaluations.items() if report]
+    reports = [evaluations[name] for name in names]
+    values = [r["accuracy"] for r in reports]
+    errors = [[v - r["ci95"][0] for v, r in zip(values, reports)], [r["ci95"][1] - v for v, r in zip(values, reports)]]
+    protocol = reports[0]["protocol"] if reports else "mcq"
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(names, values, yerr=errors, capsize=5, color=["#8C8C8C", "#4C72B0", "#55A868"][: len(names)])
+    for x, v in enumerate(values):
+        ax.text(x, v + 0.01, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"CMExam accuracy ({protocol}), 95% CI")
+    ax.set_title("MedCritical: base → SFT → DPO", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats: dict, output_dir: Path) -> dict:
+    """Write report.md, report.json and models.png; return the headline numbers and the Markdown."""
+    protocols = {r["protocol"] for r in evaluations.values() if r}
+    if len(protocols) > 1:  # never mix protocols in one comparison
+        raise ValueError(f"the evaluations used different protocols {sorted(protocols)}; evaluate all models alike")
+    protocol = protocols.pop() if protocols else recipe.evaluate.protocol
+    n_eval = next((r["n"] for r in evaluations.values() if r), 0)
+    lines = [
+        f"# MedCritical run `{recipe.run.name}`",
+        "",
+        f"CMExam accuracy, protocol **`{protocol}`**, {n_eval} evaluation questions, model `{recipe.model.base}`:",
+        "",
+        f"| model | accuracy ({protocol}) |",
+        "|---|---|",
+        *(f"| {name} | {_accuracy_cell(report)} |" for name, report in evaluations.items()),
+        "",
+        "## Steps",
+        "",
+        f"- data: {_numbers(stats.get('data'), ('train', 'eval', 'train_multi_answer'))}"
+        f"{'; bad rows: ' + str(len(stats['data']['bad_rows'])) if stats.get('data') else ''}",
+        f"- distill: {_numbers(stats.get('distill'), ('questions', 'accepted', 'acceptance_rate', 'trace_attempts'))}",
+        f"- sft: {_numbers(stats.get('sft'), ('steps', 'initial_loss', 'final_loss', 'train_tokens_per_s', 'wall_time_s'))}",
+    ]
+    for number, round_stats in enumerate(stats.get("rounds", []), start=1):
+        lines.append(
+            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('questions', 'pass@1', 'pass@k', 'pairs', 'heldout_pairs'))}"
+        )
+        lines.append(
+            f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('steps', 'final_loss', 'heldout_reward_accuracy', 'heldout_reward_margin', 'stopped_early'))}"
+        )
+    lines += ["", f"![accuracy by model]({PLOT})", ""]
+    markdown = "\n".join(lines)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.md").write_text(markdown, encoding="utf-8")
+    (output_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    summary = {
+        "protocol": protocol,
+        **{f"accuracy_{name}": report["accuracy"] for name, report in evaluations.items() if report},
+        "evaluations": evaluations,
+        "steps": stats,
+    }
+    (output_dir / "report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    plot_models(evaluations, output_dir / PLOT)
+    return {
+        "protocol": protocol,
+        **{f"accuracy_{name}": report["accuracy"] for name, report in evaluations.items() if report},
+        "markdown": markdown,
+    }

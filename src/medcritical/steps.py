@@ -1,0 +1,229 @@
+"""Pipeline steps over URIs: what the KFP components, the Kubernetes Jobs and `medcritical run` call.
+
+Each step reads its inputs from URIs (local folders or ``s3://bucket/prefix``), runs the library
+function on local files, and publishes its output folder to ``output_uri``. Data flows one way:
+data → distill → sft → rollout → dpo (× rounds) → evaluate → report; no step reaches back.
+
+A step's output folder is also its input for the next step: a model is the folder holding
+``model/`` (or a Hugging Face folder itself), a dataset the folder holding the step's JSONL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from medcritical import storage
+from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
+
+log = logging.getLogger(__name__)
+
+# Output names under the run root; the pipeline and the report agree on them through these.
+DATA, DISTILL, SFT, REPORT = "data", "distill", "sft", "report"
+EVAL_BASE, EVAL_SFT = "eval-base", "eval-sft"
+
+
+def round_name(round_number: int, step: str) -> str:
+    return f"round{round_number}-{step}"
+
+
+def eval_final_name(rounds: int) -> str:
+    return f"eval-dpo-round{rounds}"
+
+
+def join_uri(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def work_dir() -> Path:
+    """Local scratch for S3 steps; kept between retries so a rerun resumes ($MEDCRITICAL_WORKDIR)."""
+    return Path(os.environ.get("MEDCRITICAL_WORKDIR", Path.home() / ".cache" / "medcritical" / "work"))
+
+
+@contextlib.contextmanager
+def local_output(output_uri: str) -> Iterator[Path]:
+    """A local folder to write into; published to `output_uri` when the step succeeds."""
+    if not storage.is_s3(output_uri):
+        path = Path(output_uri)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = work_dir() / "out" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    yield path
+    storage.publish(path, output_uri)
+
+
+def local_input(uri: str) -> Path:
+    """A local path for an input URI (S3 folders are downloaded once into the work dir)."""
+    if not storage.is_s3(uri):
+        if not Path(uri).exists():
+            raise FileNotFoundError(f"{uri}: no such input; run the step that writes it first")
+        return Path(uri)
+    return storage.materialize(uri, work_dir() / "in" / hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+
+def input_file(uri: str, filename: str) -> Path:
+    """`uri` may name the file itself or the step folder that holds `filename`."""
+    path = local_input(uri)
+    if path.is_dir():
+        path = path / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{uri}: no {filename} there; is this the output of the right step?")
+    return path
+
+
+def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:
+    """"" → the recipe's base model; a step folder → its model/; "tiny" → the offline tiny model."""
+    from medcritical.modeling import resolve_model
+    from medcritical.recipe import TINY
+
+    uri = model_uri or recipe.model.base
+    if uri == TINY:
+        return resolve_model(TINY, recipe.model.tiny)
+    path = local_input(uri)
+    return resolve_model(str(path / "model" if (path / "model" / "config.json").is_file() else path))
+
+
+def _questions(data_uri: str, filename: str, recipe: Recipe):
+    from medcritical.data.cmexam import load_questions
+
+    return load_questions(input_file(data_uri, filename), recipe.data.on_bad_row).questions
+
+
+# -- the steps -------------------------------------------------------------------------------------
+
+
+def prepare_data(recipe: Recipe, output_uri: str) -> dict:
+    from medcritical.data.prepare import prepare_data as prepare
+
+    with local_output(output_uri) as out:
+        return prepare(recipe.data, recipe.run.seed, out)
+
+
+def distill(recipe: Recipe, data_uri: str, output_uri: str) -> dict:
+    from medcritical.data.prepare import TRAIN_FILE
+    from medcritical.distill.run import distill as run_distill
+
+    questions = _questions(data_uri, TRAIN_FILE, recipe)
+    with local_output(output_uri) as out:
+        return run_distill(recipe.distill, questions, out, seed=recipe.run.seed, device=recipe.run.device)
+
+
+def sft(recipe: Recipe, distill_uri: str, model_uri: str, output_uri: str) -> dict:
+    from medcritical.distill.run import SFT_FILE
+    from medcritical.training.sft import train_sft
+
+    dataset = input_file(distill_uri, SFT_FILE)
+    model = resolve_model_uri(recipe, model_uri)
+    with local_output(output_uri) as out:
+        return train_sft(recipe.sft, dataset, model, out, device=recipe.run.device, seed=recipe.run.seed)
+
+
+def rollout(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str) -> dict:
+    from medcritical.data.prepare import TRAIN_FILE
+    from medcritical.selfplay.step import run_rollout
+
+    questions = _questions(data_uri, TRAIN_FILE, recipe)
+    model = resolve_model_uri(recipe, model_uri)
+    with local_output(output_uri) as out:
+        return run_rollout(
+            recipe.selfplay, recipe.generation, questions, model, out,
+            device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+        )
+
+
+def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str) -> dict:
+    from medcritical.selfplay.step import HELDOUT_PAIRS, PAIRS
+    from medcritical.training.dpo import train_dpo
+
+    pairs = input_file(rollout_uri, PAIRS)
+    heldout = input_file(rollout_uri, HELDOUT_PAIRS)
+    model = resolve_model_uri(recipe, model_uri)
+    with local_output(output_uri) as out:
+        return train_dpo(recipe.selfplay.dpo, pairs, heldout, model, out, device=recipe.run.device, seed=recipe.run.seed)
+
+
+def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "") -> dict:
+    from medcritical.data.prepare import EVAL_FILE
+    from medcritical.evaluation.evaluate import evaluate_model
+
+    questions = _questions(data_uri, EVAL_FILE, recipe)
+    model = resolve_model_uri(recipe, model_uri)
+    with local_output(output_uri) as out:
+        return evaluate_model(
+            recipe.evaluate, recipe.generation, questions, model, out,
+            device=recipe.run.device, dtype=recipe.model.dtype, label=label or None,
+        )
+
+
+def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: str, dpo_eval_uri: str) -> dict:
+    from medcritical.evaluation.run_report import write_run_report
+
+    def read_json(uri: str, filename: str) -> dict | None:
+        try:
+            return json.loads(input_file(uri, filename).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    root = recipe.run.root
+    evaluations = {
+        "base": read_json(base_eval_uri, "report.json"),
+        "sft": read_json(sft_eval_uri, "report.json"),
+        "dpo": read_json(dpo_eval_uri, "report.json"),
+    }
+    stats = {
+        "data": read_json(join_uri(root, DATA), "data_stats.json"),
+        "distill": read_json(join_uri(root, DISTILL), "distill_stats.json"),
+        "sft": read_json(join_uri(root, SFT), "sft_metrics.json"),
+        "rounds": [
+            {
+                "rollout": read_json(join_uri(root, round_name(r, "rollout")), "rollout_stats.json"),
+                "dpo": read_json(join_uri(root, round_name(r, "dpo")), "dpo_metrics.json"),
+            }
+            for r in range(1, recipe.selfplay.rounds + 1)
+        ],
+    }
+    with local_output(output_uri) as out:
+        return write_run_report(recipe, evaluations, stats, out)
+
+
+STEPS = {f.__name__: f for f in (prepare_data, distill, sft, rollout, dpo, evaluate, report)}
+
+
+# -- KFP glue ---------------------------------------------------------------------------------------
+
+
+def resolve_recipe_text(
+    recipe_yaml: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str
+) -> str:
+    """The pipeline's `configure` step: named knobs and overrides applied, validated, as YAML."""
+    named = {"model.base": base_model, "distill.openai.base_url": teacher_base_url, "distill.openai.model": teacher_model}
+    assignments = [f"{key}={value}" for key, value in named.items() if value] + list(overrides)
+    recipe = load_recipe_text(recipe_yaml, assignments)
+    if recipe.selfplay.rounds != rounds:
+        raise RecipeError(
+            f"selfplay.rounds is {recipe.selfplay.rounds} but this pipeline was compiled for {rounds} rounds; "
+            f"recompile with `medcritical compile --rounds {recipe.selfplay.rounds}` or change the recipe"
+        )
+    return dump_recipe(recipe)
+
+
+def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
+    """Run one step inside a KFP component; log its numeric statistics; return its output URI."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe_text(recipe_yaml)
+    output_uri = join_uri(run_root, name)
+    log.info("step %s -> %s", name, output_uri)
+    result = STEPS[step](recipe, output_uri=output_uri, **inputs)
+    for key, value in (result or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+    if markdown is not None and result and "markdown" in result:
+        Path(markdown.path).write_text(result["markdown"], encoding="utf-8")
+    return output_uri

@@ -1,0 +1,117 @@
+"""The compiled pipeline: drift from the source, strict parse, cluster settings, submission."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from medcritical.pipeline_runner import compile_pipeline, submit_run
+from medcritical.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILED = REPO / "pipelines" / "medcritical.yaml"
+PAPER_RECIPE = REPO / "recipes" / "paper-7b-lora.yaml"
+
+
+def compile_to(tmp_path, recipe_path=PAPER_RECIPE, **kwargs):
+    return compile_pipeline(load_recipe(recipe_path), tmp_path / "p.yaml", **kwargs)
+
+
+def test_checked_in_yaml_matches_the_source(tmp_path):
+    fresh = compile_to(tmp_path).read_text()
+    assert fresh == COMPILED.read_text(), (
+        "pipelines/medcritical.yaml is stale; regenerate it with\n"
+        "  medcritical compile --recipe recipes/paper-7b-lora.yaml --output pipelines/medcritical.yaml"
+    )
+
+
+def test_compiled_yaml_parses_strictly_as_pipeline_and_platform_spec():
+    pipeline_doc, platform_doc = yaml.safe_load_all(COMPILED.read_text())
+    spec = json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise
+    platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
+    tasks = spec.root.dag.tasks
+    rounds = load_recipe(PAPER_RECIPE).selfplay.rounds
+    expected = {"configure", "prepare-data", "distill", "sft", "report"}
+    assert expected <= set(tasks)
+    assert sum(name.startswith("rollout") for name in tasks) == rounds
+    assert sum(name.startswith("dpo") for name in tasks) == rounds
+    assert "kubernetes" in platform.platforms
+
+
+def test_gpu_steps_get_shm_secret_and_gpu_parameters(tmp_path):
+    docs = list(yaml.safe_load_all(compile_to(tmp_path, shm_size="32Gi", registry="reg.example/ml/").read_text()))
+    pipeline_doc, platform_doc = docs
+    executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    sft = next(v for k, v in executors.items() if k == "exec-sft")
+    assert sft["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"}]
+    assert {e["envVar"] for s in sft["secretAsEnv"] for e in s["keyToEnv"]} == {
+        "MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    images = {name: e["container"]["image"] for name, e in pipeline_doc["deploymentSpec"]["executors"].items()}
+    assert images["exec-sft"] == "reg.example/ml/medcritical-train-cuda:0.1.0"
+    assert images["exec-rollout"] == "reg.example/ml/medcritical-infer-cuda:0.1.0"
+    assert images["exec-prepare-data"] == "reg.example/ml/medcritical-cpu:0.1.0"
+    # GPU count and type are pipeline parameters, not constants.
+    sft_task = pipeline_doc["root"]["dag"]["tasks"]["sft"]
+    assert "train_gpus" in json.dumps(pipeline_doc["root"]["inputDefinitions"])
+    assert "distill" in pipeline_doc["root"]["dag"]["tasks"]
+    assert sft_task["componentRef"]["name"] == "comp-sft"
+
+
+def test_teacher_step_is_never_cached_unless_asked(tmp_path):
+    def distill_caching(**kwargs):
+        doc = next(yaml.safe_load_all(compile_to(tmp_path, **kwargs).read_text()))
+        return doc["root"]["dag"]["tasks"]["distill"]["cachingOptions"]
+
+    assert distill_caching() == {}  # enableCache absent: false
+    assert distill_caching(cache_teacher=True) == {"enableCache": True}
+
+
+def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, monkeypatch):
+    """kfp.Client for real, its HTTP layer replaced by a recorder that answers like a KFP API server."""
+    import kfp
+    import kfp_server_api.rest as rest
+
+    calls = []
+
+    class Response:
+        def __init__(self, data):
+            self.status, self.reason, self.data = 200, "OK", json.dumps(data).encode()
+
+        def getheaders(self):
+            return {"content-type": "application/json"}
+
+        def getheader(self, name, default=None):
+            return self.getheaders().get(name, default)
+
+    def request(self, method, url, query_params=None, headers=None, body=None, **kwargs):
+        calls.append((method, url, body))
+        if url.endswith("/experiments") and method == "GET":
+            return Response({"experiments": [{"experiment_id": "exp-1", "display_name": "medcritical"}]})
+        if url.endswith("/runs") and method == "POST":
+            return Response({"run_id": "run-42", "display_name": body["display_name"]})
+        return Response({})
+
+    monkeypatch.setattr(rest.RESTClientObject, "request", request)
+    recipe = load_recipe(PAPER_RECIPE)
+    client = kfp.Client(host="http://kfp.invalid")
+    result = submit_run(recipe, "http://kfp.invalid", experiment="medcritical", run_name="paper-1",
+                        params=["train_gpus=8", "run_root=s3://b/runs/paper"], client=client)
+    assert result.run_id == "run-42"
+    method, url, body = next(c for c in calls if c[1].endswith("/runs"))
+    assert method == "POST" and body["experiment_id"] == "exp-1" and body["display_name"] == "paper-1"
+    params = body["runtime_config"]["parameters"]
+    assert params["train_gpus"] == 8 and params["run_root"] == "s3://b/runs/paper"
+    from medcritical.recipe import load_recipe_text  # the recipe travels as text and loads back the same
+
+    assert load_recipe_text(params["recipe"]) == recipe
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "medcritical"
+
+
+def test_bad_param_is_named():
+    from medcritical.pipeline_runner import parse_params
+
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        parse_params(["train_gpus"])
