@@ -1,0 +1,60 @@
+# Images and Kubernetes shortcuts; docs/kubernetes.md explains each.
+#   make images | image-cpu | image-train | image-infer     build, tagged with pyproject's version
+#   make base-image                                         Debian base built locally (offline hosts)
+#   make docker-test                                        build + run the CPU image (opt-in test)
+#   make k8s-validate                                       offline manifest checks
+#   make k8s-dev-up                                         MinIO dev setup on the current kube context
+#   make test-cluster                                       the cluster tests (a kube context needed)
+
+PYTHON ?= .venv/bin/python
+KUBECTL ?= $(dir $(PYTHON))kubectl
+NAMESPACE ?= medcritical
+
+.PHONY: images image-cpu image-train image-infer base-image docker-engine docker-test \
+        k8s-validate k8s-dev-secret k8s-dev-up test-cluster
+
+images:
+	images/build.sh all
+
+image-cpu:
+	images/build.sh cpu
+
+image-train:
+	images/build.sh train-cuda
+
+image-infer:
+	images/build.sh infer-cuda
+
+docker-engine:
+	images/local/docker-engine.sh start
+
+base-image: docker-engine
+	images/local/build-base.sh
+
+docker-test:
+	MEDCRITICAL_DOCKER_TESTS=1 $(PYTHON) -m pytest -m docker tests/test_images.py -v
+
+k8s-validate:
+	$(PYTHON) -m pytest tests/test_k8s_manifests.py -q
+
+# The medcritical-s3 Secret for the dev overlay: random keys in k8s/secrets/s3.env (git-ignored),
+# written once; the Secret is created or updated from it.
+k8s-dev-secret:
+	@if [ ! -f k8s/secrets/s3.env ]; then \
+	    sed -e "s/^AWS_ACCESS_KEY_ID=.*/AWS_ACCESS_KEY_ID=medcritical-$$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')/" \
+	        -e "s/^AWS_SECRET_ACCESS_KEY=.*/AWS_SECRET_ACCESS_KEY=$$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')/" \
+	        k8s/secrets/s3.env.example | grep -v '^#' > k8s/secrets/s3.env; \
+	    echo "wrote k8s/secrets/s3.env"; \
+	fi
+	$(KUBECTL) -n $(NAMESPACE) create secret generic medcritical-s3 --from-env-file=k8s/secrets/s3.env \
+	    --dry-run=client -o yaml | $(KUBECTL) apply -f -
+
+k8s-dev-up:
+	$(KUBECTL) apply -k k8s/base
+	$(MAKE) k8s-dev-secret
+	$(KUBECTL) apply -k k8s/overlays/dev
+	$(KUBECTL) -n $(NAMESPACE) rollout status deployment/minio --timeout=300s
+	$(KUBECTL) -n $(NAMESPACE) wait --for=condition=complete job/minio-create-buckets --timeout=300s
+
+test-cluster:
+	$(PYTHON) -m pytest -m cluster tests/test_k8s_cluster.py -v

