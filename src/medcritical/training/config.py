@@ -1,8 +1,10 @@
-"""Recipe sections shared by SFT and DPO: LoRA and the optimisation schedule."""
+"""Recipe sections of the training steps. LoraSection and OptimSection are shared by SFT and DPO."""
 
 from __future__ import annotations
 
 from typing import Literal
+
+from pydantic import Field
 
 from medcritical.section import Section
 
@@ -21,15 +23,21 @@ class LoraSection(Section):
 class OptimSection(Section):
     learning_rate: float = 1e-4
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of the total steps
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_length: int = 2048
     gradient_checkpointing: bool = False
-    # A DeepSpeed config file (recipes/deepspeed/zero2.json, zero3.json, *_offload.json) or None.
+    # A DeepSpeed config: a bare name (zero2, zero3, zero2_offload, zero3_offload: recipes/deepspeed/<name>.json)
+    # or a path to a .json file. None trains without DeepSpeed (one process, or plain DDP under torchrun).
     deepspeed: str | None = None
+    # A torch optimizer name as transformers spells it. A torch optimizer also under DeepSpeed (no compiled op to
+    # build); the *_offload DeepSpeed configs name their own (DeepSpeed's CPU Adam) and override this.
+    optimizer: str = "adamw_torch"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     save_steps: int = 100
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -40,3 +48,10 @@ class SFTSection(Section):
     optim: OptimSection = OptimSection()
     # Pack several short examples into one max_length sequence (faster; needs a flash-attention-capable setup on GPU).
     packing: bool = False
+    # Loss on the assistant's tokens only (the teacher's reasoning and answer), not on the prompt.
+    assistant_only_loss: bool = True
+    # Examples longer than optim.max_length: "drop" them (counted in the metrics), or "truncate" them, which cuts
+    # off the answer and its end-of-turn token and so teaches the model to ramble on without ending.
+    on_too_long: Literal["drop", "truncate"] = "drop"
+    # A rerun with the same output folder continues from the newest complete checkpoint.
+    resume: bool = True

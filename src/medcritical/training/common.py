@@ -1,0 +1,226 @@
+"""What every training step shares (SFT here, DPO next): device and precision, the trainer arguments common to
+TRL's SFTConfig and DPOConfig, LoRA, DeepSpeed configs, distributed start-up, resuming and run records.
+
+One command runs as a single process or under `torchrun` / `accelerate launch` on many GPUs and nodes: rank,
+world size and rendezvous come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, as
+torchrun and the Kubernetes training operators set them), never from our own flags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from medcritical.modeling.generation import resolve_device, resolve_dtype
+from medcritical.training.config import LoraSection, OptimSection
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_NAMES = ("zero2", "zero3", "zero2_offload", "zero3_offload")
+# recipes/deepspeed/ of a source checkout (editable install); the working directory is searched first.
+_REPO_DEEPSPEED_DIR = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
+
+
+def training_device(device: str) -> str:
+    """"cpu" or "cuda" ("auto" takes a GPU when one is visible)."""
+    return resolve_device(device)
+
+
+def training_dtype(dtype: str, device: str):
+    """The dtype weights are loaded in: bfloat16 on a GPU that has it, float32 on CPU (unless the recipe says)."""
+    return resolve_dtype(dtype, device)
+
+
+def deepspeed_config_path(value: str | None) -> Path | None:
+    """The DeepSpeed JSON for `optim.deepspeed`: a path to a .json file, or a bare name from recipes/deepspeed/."""
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path.resolve()
+    if value in DEEPSPEED_NAMES:
+        for folder in (Path("recipes") / "deepspeed", _REPO_DEEPSPEED_DIR):
+            if (folder / f"{value}.json").is_file():
+                return (folder / f"{value}.json").resolve()
+    raise FileNotFoundError(
+        f"optim.deepspeed: no DeepSpeed config {value!r}; give a path to a .json file or one of "
+        f"{', '.join(DEEPSPEED_NAMES)} (the files in recipes/deepspeed/)"
+    )
+
+
+def deepspeed_zero_stage(path: Path | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config, checked for what saving the final model needs."""
+    if path is None:
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    zero = settings.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        # Without it the weights stay sharded across ranks and the saved model would be empty.
+        raise ValueError(
+            f"{path}: ZeRO stage 3 needs \"stage3_gather_16bit_weights_on_model_save\": true in zero_optimization, "
+            "or the final model cannot be gathered and saved (see recipes/deepspeed/zero3.json)"
+        )
+    return stage
+
+
+def start_distributed(device: str, deepspeed: Path | None) -> None:
+    """Prepare the process group before a trainer is built.
+
+    DeepSpeed needs one even for a single process: when no launcher set the rendezvous variables, they are set
+    for a world of one. On CPU DeepSpeed must use gloo, and with ZeRO-3 the group must exist before the model is
+    loaded (the weights are partitioned as they load).
+    """
+    if deepspeed is None:
+        return
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free_port = s.getsockname()[1]
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port))
+    import deepspeed as ds
+
+    ds.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the whole job (before a trainer exists; afterwards use trainer.is_world_process_zero())."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def trainer_arguments(
+    optim: OptimSection, checkpoints_dir: str | Path, *, device: str, seed: int, deepspeed: Path | None
+) -> dict[str, Any]:
+    """Keyword arguments shared by trl.SFTConfig and trl.DPOConfig (each step adds its own).
+
+    bf16 mixed precision on GPU, float32 on CPU (`use_cpu`); checkpoints every `save_steps` with optimizer state
+    so a rerun resumes exactly; no hub, no experiment tracker.
+    """
+    import torch
+
+    on_gpu = device == "cuda"
+    return {
+        "output_dir": str(checkpoints_dir),
+        "learning_rate": optim.learning_rate,
+        "lr_scheduler_type": optim.lr_scheduler,
+        "warmup_steps": optim.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        "num_train_epochs": optim.epochs,
+        "max_steps": optim.max_steps,
+        "per_device_train_batch_size": optim.per_device_batch_size,
+        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+        "max_length": optim.max_length,
+        "activation_checkpointing": optim.gradient_checkpointing,
+        "optim": optim.optimizer,
+        "weight_decay": optim.weight_decay,
+        "max_grad_norm": optim.max_grad_norm,
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "use_cpu": not on_gpu,
+        "deepspeed": str(deepspeed) if deepspeed else None,
+        "save_strategy": "steps",
+        "save_steps": optim.save_steps,
+        "save_total_limit": optim.save_total_limit,
+        "logging_steps": optim.logging_steps,
+        "logging_first_step": True,
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": "none",
+        "push_to_hub": False,
+        "disable_tqdm": False,
+    }
+
+
+def lora_config(lora: LoraSection):
+    """A peft.LoraConfig for a causal LM, or None when LoRA is off (full fine-tuning)."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model_for_training(model_path: str | Path, device: str, dtype: str = "auto"):
+    """Load the model to train. Call after building the trainer config: with ZeRO-3 the weights are then
+    partitioned across ranks while loading instead of materialised whole on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype(dtype, device))
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return model
+
+
+def stop_on_token(model, token_id: int) -> None:
+    """Make generation stop on `token_id` (the assistant's end-of-turn token) in the saved generation config.
+
+    Base models often stop only on their document end (e.g. <|endoftext|>) while the chat template ends a turn
+    with another token (<|im_end|>); the trained model would then write past its answer.
+    """
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if token_id not in eos:
+        log.info("generation will also stop on the end-of-turn token id %d (was %s)", token_id, eos or "none")
+        config.eos_token_id = [*eos, token_id] if eos else token_id
+
+
+def find_resumable_checkpoint(checkpoints_dir: str | Path) -> str | None:
+    """The newest complete `checkpoint-N` folder (trainer_state.json is written last), or None.
+
+    A run killed while saving leaves a checkpoint without it; that one is skipped, not resumed from.
+    """
+    folder = Path(checkpoints_dir)
+    if not folder.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in candidates:
+        if (checkpoint / "trainer_state.json").is_file():
+            return str(checkpoint)
+        log.warning("%s is incomplete (no trainer_state.json, the run was probably killed while saving); skipped", checkpoint)
+    return None
+
+
+def check_same_run(output_dir: str | Path, step: str, record: dict[str, Any]) -> None:
+    """Refuse to resume or overwrite a run made with other settings, data or base model.
+
+    `record` (settings, dataset checksum, model path) is written to `<step>_run.json` on the first run; a rerun
+    into the same folder must match it, or checkpoints of one recipe would be continued under another.
+    """
+    path = Path(output_dir) / f"{step}_run.json"
+    normalised = json.loads(json.dumps(record, default=str))
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != normalised:
+            changed = sorted(k for k in normalised.keys() | previous.keys() if previous.get(k) != normalised.get(k))
+            raise ValueError(
+                f"{output_dir}: holds a {step} run with different {', '.join(changed)}; choose a new --output "
+                f"folder, or delete {path.name} and checkpoints/ there to start over"
+            )
+        return
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")  # other ranks may read it at once: never let them see half a file
+        partial.write_text(json.dumps(normalised, indent=2, ensure_ascii=False))
+        partial.replace(path)

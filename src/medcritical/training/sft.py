@@ -1,0 +1,146 @@
+"""Stage 1 training: supervised fine-tuning on the teacher's reasoning traces (TRL SFTTrainer).
+
+The same command on a laptop CPU with the tiny model, and on GPUs with a 7B student; only the recipe and the
+launcher change:
+
+    # one process (CPU or one GPU)
+    medcritical sft --recipe recipes/demo.yaml --dataset runs/demo/distill/sft.jsonl --model tiny --output runs/demo/sft
+
+    # 8 GPUs on one node, DeepSpeed ZeRO-3 from the recipe (sft.optim.deepspeed: zero3)
+    torchrun --nproc_per_node 8 -m medcritical.cli sft --recipe recipes/full-zero3-8gpu.yaml --dataset ... --model ... --output ...
+
+    # several nodes: the same, with the rendezvous from the environment (a PyTorchJob sets PET_* for torchrun)
+    torchrun --nnodes $NNODES --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint $MASTER_ADDR:$MASTER_PORT -m medcritical.cli sft ...
+
+    # or: accelerate launch --num_processes 8 -m medcritical.cli sft ...
+
+Output folder: checkpoints/ (periodic; a rerun resumes from the newest), model/ (Hugging Face folder with the
+tokenizer and chat template; LoRA merged when sft.lora.merge), adapter/ (LoRA only), sft_metrics.json,
+sft_loss.png, sft_run.json (what was trained), MANIFEST.sha256 (checksums; written last, marks the run done).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from medcritical.training.checks import check_tokenizer, conversation_lengths, read_conversations, select_by_length
+from medcritical.training.common import (
+    check_same_run,
+    deepspeed_config_path,
+    deepspeed_zero_stage,
+    find_resumable_checkpoint,
+    load_model_for_training,
+    lora_config,
+    start_distributed,
+    stop_on_token,
+    trainer_arguments,
+    training_device,
+)
+from medcritical.training.config import SFTSection
+from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
+from medcritical.training.saving import MANIFEST, file_sha256, save_final_model, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+def train_sft(
+    config: SFTSection,
+    dataset_path: str | Path,
+    model_path: str | Path,
+    output_dir: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Fine-tune the model in `model_path` (a local HF folder) on the chat rows of `dataset_path`.
+
+    Resumes from the newest checkpoint in output_dir/checkpoints; returns the stored metrics at once when
+    output_dir already holds the finished run. `callbacks` are extra transformers TrainerCallbacks.
+    """
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    output_dir, model_path = Path(output_dir), Path(model_path)
+    device = training_device(device)
+    deepspeed = deepspeed_config_path(config.optim.deepspeed)
+    zero_stage = deepspeed_zero_stage(deepspeed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    facts = check_tokenizer(tokenizer, str(model_path), assistant_only_loss=config.assistant_only_loss)
+    conversations = read_conversations(dataset_path)
+    lengths = conversation_lengths(tokenizer, conversations, facts.training_template)
+    conversations, data_stats = select_by_length(
+        conversations, lengths, config.optim.max_length, config.on_too_long, str(dataset_path)
+    )
+    check_same_run(output_dir, "sft", _run_record(config, dataset_path, model_path, seed))
+    if (output_dir / MANIFEST).is_file() and (output_dir / "sft_metrics.json").is_file():
+        log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST)
+        return json.loads((output_dir / "sft_metrics.json").read_text())
+
+    start_distributed(device, deepspeed)
+    # The config comes before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned.
+    args = SFTConfig(
+        **trainer_arguments(config.optim, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed),
+        assistant_only_loss=config.assistant_only_loss,
+        packing=config.packing,
+    )
+    model = load_model_for_training(model_path, device, dtype)
+    stop_on_token(model, facts.end_of_turn_id)
+    throughput = ThroughputCallback()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+        callbacks=[throughput, *callbacks],
+    )
+    resume_from = find_resumable_checkpoint(args.output_dir) if config.resume else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    wall_seconds = time.perf_counter() - started
+
+    saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
+    metrics = {
+        "step": "sft",
+        **data_stats,
+        "device": device,
+        "deepspeed": deepspeed.name if deepspeed else None,
+        "zero_stage": zero_stage,
+        "lora": config.lora.enabled,
+        "merged": saved.merged,
+        "packing": config.packing,
+        "end_of_turn_token": facts.end_of_turn,
+        "resumed_from": Path(resume_from).name if resume_from else None,
+        "model_dir": saved.model_dir.name,
+        "adapter_dir": saved.adapter_dir.name if saved.adapter_dir else None,
+        **summarize_training(trainer, throughput, wall_seconds=wall_seconds),
+    }
+    if trainer.is_world_process_zero():
+        files = [saved.model_dir, *write_metrics(output_dir, "sft", metrics)]
+        write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
+        log.info(
+            "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
+            metrics["steps"], metrics["loss_first"], metrics["loss_last"], metrics["tokens_per_second"], saved.model_dir,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _run_record(config: SFTSection, dataset_path: str | Path, model_path: Path, seed: int) -> dict[str, Any]:
+    """What identifies a run: resuming under other settings, data or base model is refused."""
+    return {
+        "settings": config.model_dump(mode="json", exclude={"resume"}),
+        "seed": seed,
+        "dataset_sha256": file_sha256(Path(dataset_path)),
+        "base_model_config_sha256": file_sha256(model_path / "config.json"),
+    }

@@ -1,0 +1,125 @@
+"""The same `medcritical sft` command under torchrun: two CPU processes (gloo) with DeepSpeed ZeRO-2 and ZeRO-3.
+
+ZeRO-3 shards every weight across the ranks, so saving must gather them: the saved adapter and merged model
+are checked for real, non-empty weights. (DeepSpeed builds a small shared-memory op for CPU the first time it
+starts on a machine, ~1 min, cached in ~/.cache/torch_extensions.)
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from medcritical.modeling.generation import TransformersGenerator
+from medcritical.training.saving import verify_manifest
+from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, bundled):
+    return write_sft_dataset(tmp_path_factory.mktemp("sft-data") / "traces.jsonl", short_questions(bundled, 32))
+
+
+def torchrun_sft(dataset, model, output, *overrides):
+    settings = [
+        "run.threads=1",
+        f"sft.optim.max_length={MAX_LENGTH}",
+        "sft.optim.max_steps=6",
+        "sft.optim.per_device_batch_size=2",
+        "sft.optim.logging_steps=1",
+        "sft.optim.warmup_ratio=0",
+        *overrides,
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "medcritical.cli", "sft", "--dataset", str(dataset), "--model", str(model), "--output", str(output),
+    ]
+    for setting in settings:
+        command += ["--set", setting]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Own session, so a hung run's rank processes are killed with the launcher, not left behind.
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"torchrun sft did not finish in {TIMEOUT_S} s:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
+    return json.loads((output / "sft_metrics.json").read_text())
+
+
+def _assert_trained_and_generates(output, metrics, stage):
+    assert metrics["world_size"] == 2 and metrics["zero_stage"] == stage and metrics["steps"] == 6
+    assert metrics["loss_last"] < metrics["loss_first"]
+    assert verify_manifest(output) == []
+    generator = TransformersGenerator(output / "model", device="cpu", batch_size=2)
+    [[completion]] = generator.generate([[{"role": "user", "content": "题目：发热的原因"}]], max_new_tokens=8)
+    assert completion.num_tokens > 0
+
+
+def test_zero2_full_fine_tuning_two_processes(tmp_path, dataset, tiny_model):
+    output = tmp_path / "zero2"
+    metrics = torchrun_sft(
+        dataset, tiny_model, output, "sft.optim.deepspeed=zero2", "sft.lora.enabled=false", "sft.optim.learning_rate=3e-3"
+    )
+    _assert_trained_and_generates(output, metrics, stage=2)
+    trained = AutoModelForCausalLM.from_pretrained(output / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert trained.keys() == base.keys()
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+ZERO3_LORA = ("sft.optim.deepspeed=zero3", "sft.lora.enabled=true", "sft.optim.learning_rate=1e-2", "sft.optim.save_steps=3")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, dataset, tiny_model):
+    output = tmp_path_factory.mktemp("sft-zero3")
+    return output, torchrun_sft(dataset, tiny_model, output, *ZERO3_LORA)
+
+
+def test_zero3_lora_merged_two_processes(zero3_run, tiny_model):
+    output, metrics = zero3_run
+    _assert_trained_and_generates(output, metrics, stage=3)
+    assert metrics["merged"]
+    # No empty adapter: every LoRA matrix has its full shape, and B (initialised to zero) holds trained values.
+    adapter = load_file(output / "adapter" / "adapter_model.safetensors")
+    lora_b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert lora_b and all(t.numel() > 0 for t in adapter.values())
+    assert all(t.abs().max() > 0 for t in lora_b)
+    # No missing weights: the merged model has every weight of the base, with the adapter folded in.
+    merged = AutoModelForCausalLM.from_pretrained(output / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert merged.keys() == base.keys()
+    assert all(merged[k].shape == base[k].shape for k in base)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_zero3_run_resumes_from_its_deepspeed_checkpoint(tmp_path, zero3_run, dataset, tiny_model):
+    finished, uninterrupted = zero3_run
+    output = tmp_path / "zero3"
+    shutil.copytree(finished, output)
+    # Leave the folder as a run killed during step 4 would: checkpoint-3 only, no final outputs.
+    for leftover in ("checkpoints/checkpoint-6", "model", "adapter"):
+        shutil.rmtree(output / leftover)
+    for leftover in ("sft_metrics.json", "MANIFEST.sha256"):
+        (output / leftover).unlink()
+    resumed = torchrun_sft(dataset, tiny_model, output, *ZERO3_LORA)
+    assert resumed["resumed_from"] == "checkpoint-3" and resumed["steps_this_session"] == 3
+    after = [p["loss"] for p in resumed["loss_curve"] if p["step"] > 3]
+    expected = [p["loss"] for p in uninterrupted["loss_curve"] if p["step"] > 3]
+    assert len(after) == 3 and after == pytest.approx(expected, abs=RESUME_TOLERANCE)
