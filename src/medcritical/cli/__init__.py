@@ -17,6 +17,7 @@ COMMANDS = (
     "medcritical.cli.sft",
     "medcritical.cli.distill",
     "medcritical.cli.evaluate",
+    "medcritical.cli.selfplay",
     "medcritical.cli.pipeline",
 )
 

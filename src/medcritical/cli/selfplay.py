@@ -1,0 +1,171 @@
+"""`medcritical rollout`, `pairs`, `dpo` and `selfplay`: stage 2 of the method, one step or R rounds."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+
+from medcritical.cli.common import add_recipe_arguments, recipe_from_args
+
+ROLLOUT_HELP = """\
+The model answers each training question k times (selfplay.rollout.*), every answer graded against
+gold; each wrong answer gets up to M self-correction attempts (selfplay.correction.*); verified
+corrections (or correct samples) become DPO preference pairs (selfplay.pairs.*).
+
+Writes to --output: rollouts.jsonl, corrections.jsonl (both resume: rerun the same command after a
+crash), pairs.jsonl, pairs_heldout.jsonl, rollout_stats.json (pass@1, pass@k, all-wrong/all-right).
+
+GPU: --set generation.backend=vllm --set generation.tensor_parallel_size=N (vLLM needs a large
+/dev/shm in containers; see docs/selfplay.md)."""
+
+
+def add_parser(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    rollout = subparsers.add_parser(
+        "rollout", help="self-play rollout + self-correction + preference pairs", description=ROLLOUT_HELP, formatter_class=fmt
+    )
+    add_recipe_arguments(rollout)
+    _questions_argument(rollout)
+    rollout.add_argument("--model", metavar="PATH", help="model folder or 'tiny'; default: the recipe's model.base")
+    rollout.add_argument(
+        "--output", required=True, metavar="DIR", help="folder (or s3:// URI) for rollouts, corrections and pairs"
+    )
+    rollout.set_defaults(func=_rollout)
+
+    pairs = subparsers.add_parser(
+        "pairs",
+        help="rebuild preference pairs from an earlier rollout (no model needed)",
+        description="Rebuild pairs.jsonl / pairs_heldout.jsonl from a rollout folder's rollouts.jsonl and "
+        "corrections.jsonl with the recipe's selfplay.pairs settings (e.g. another length-ratio filter).",
+    )
+    add_recipe_arguments(pairs)
+    _questions_argument(pairs)
+    pairs.add_argument("--rollout", required=True, metavar="DIR", help="output folder of `medcritical rollout`")
+    pairs.add_argument("--output", required=True, metavar="DIR", help="folder for the pairs")
+    pairs.set_defaults(func=_pairs)
+
+    dpo = subparsers.add_parser(
+        "dpo",
+        help="DPO on preference pairs (TRL), LoRA or full, held-out margin and early stopping",
+        formatter_class=fmt,
+        description="""\
+DPO from the given model on pairs.jsonl (selfplay.dpo.*: beta, loss_type, lora, optim, ...).
+Held-out pairs (default: pairs_heldout.jsonl beside --pairs) give reward accuracy and margin, and
+early stopping when the margin stops improving. Resumes from its last checkpoint in --output.
+Writes model/ (a full Hugging Face folder, LoRA merged), dpo_metrics.json and dpo_metrics.png.
+
+Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical dpo ... \\
+    --set selfplay.dpo.optim.deepspeed=recipes/deepspeed/zero3.json""",
+    )
+    add_recipe_arguments(dpo)
+    dpo.add_argument(
+        "--pairs", required=True, metavar="FILE", help="pairs.jsonl of a rollout, or its folder; a path or s3:// URI"
+    )
+    dpo.add_argument("--heldout", metavar="FILE", help="held-out pairs; default: pairs_heldout.jsonl beside --pairs")
+    dpo.add_argument("--model", metavar="PATH", help="the model to improve (the SFT model); default: model.base")
+    dpo.add_argument("--output", required=True, metavar="DIR", help="folder for checkpoints, model/ and metrics")
+    dpo.set_defaults(func=_dpo)
+
+    rounds = subparsers.add_parser(
+        "selfplay",
+        help="R rounds of rollout → correction → pairs → DPO, each from the previous round's model",
+        description="Run selfplay.rounds rounds; round r writes <output>/round_r/{rollout,dpo,eval}. With "
+        "--eval-questions every round's model is scored on CMExam (evaluate.* settings). Rerun to resume.",
+    )
+    add_recipe_arguments(rounds)
+    _questions_argument(rounds)
+    rounds.add_argument("--eval-questions", metavar="FILE", help="CMExam questions to score each round's model on")
+    rounds.add_argument("--model", metavar="PATH", help="the starting (SFT) model; default: model.base")
+    rounds.add_argument("--output", required=True, metavar="DIR", help="folder for all rounds")
+    rounds.set_defaults(func=_selfplay)
+
+
+def _questions_argument(parser) -> None:
+    parser.add_argument(
+        "--questions", metavar="FILE", help="training questions (.jsonl/.csv/.xlsx); default: the recipe's train split"
+    )
+
+
+def _questions(args, recipe):
+    from medcritical.data.cmexam import load_questions
+
+    if args.questions:
+        return load_questions(args.questions, recipe.data.on_bad_row).questions
+    from medcritical.data.prepare import TRAIN_FILE, prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_data(recipe.data, recipe.run.seed, tmp)
+        return load_questions(f"{tmp}/{TRAIN_FILE}").questions
+
+
+@contextlib.contextmanager
+def _questions_uri(args, recipe):
+    """--questions as given (path or s3:// URI), or the recipe's train split written to a temporary folder."""
+    if args.questions:
+        yield args.questions
+        return
+    from medcritical.data.prepare import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_data(recipe.data, recipe.run.seed, tmp)
+        yield tmp
+
+
+def _model(args, recipe):
+    from medcritical.modeling import resolve_model
+
+    return resolve_model(args.model or recipe.model.base, recipe.model.tiny)
+
+
+def _rollout(args) -> None:
+    from medcritical import steps
+
+    recipe = recipe_from_args(args)
+    with _questions_uri(args, recipe) as questions:
+        stats = steps.rollout(recipe, data_uri=questions, model_uri=args.model or "", output_uri=args.output)
+    r, p = stats["rollout"], stats["pairs"]
+    print(f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}")
+    print(f"corrected {stats['correction']['corrected']}/{stats['correction']['wrong_trajectories']} wrong trajectories")
+    _print_pairs(p, args.output)
+
+
+def _pairs(args) -> None:
+    from medcritical.selfplay.step import make_pairs
+
+    recipe = recipe_from_args(args)
+    _print_pairs(make_pairs(recipe.selfplay, _questions(args, recipe), args.rollout, args.output, seed=recipe.run.seed), args.output)
+
+
+def _print_pairs(stats: dict, output: str) -> None:
+    print(f"pairs: {stats['train_pairs']} train + {stats['heldout_pairs']} held-out -> {output}/pairs.jsonl")
+    if "no_pairs" in stats:
+        print(f"no pairs: {stats['no_pairs']}")
+
+
+def _dpo(args) -> None:
+    from medcritical import steps
+
+    metrics = steps.dpo(
+        recipe_from_args(args), rollout_uri=args.pairs, model_uri=args.model or "", output_uri=args.output,
+        heldout_uri=args.heldout or "",
+    )
+    if metrics.get("status") == "skipped":
+        print(f"DPO skipped: {metrics['reason']}; the model is unchanged: {metrics['model']}")
+    else:
+        print(json.dumps({k: metrics[k] for k in ("model", "heldout", "stopped_early") if k in metrics}, indent=2))
+
+
+def _selfplay(args) -> None:
+    from medcritical.data.cmexam import load_questions
+    from medcritical.selfplay.rounds import run_selfplay
+
+    recipe = recipe_from_args(args)
+    eval_questions = load_questions(args.eval_questions, recipe.data.on_bad_row).questions if args.eval_questions else None
+    summary = run_selfplay(
+        recipe, _questions(args, recipe), _model(args, recipe), args.output, eval_questions=eval_questions
+    )
+    for row in summary["rounds"]:
+        print(json.dumps(row, ensure_ascii=False))
+    print(f"final model: {summary['final_model']}")

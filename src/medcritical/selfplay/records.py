@@ -1,0 +1,85 @@
+"""JSONL files that grow as work finishes, so a rerun resumes where a crash left off."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Hashable, Iterable
+
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All records of a JSONL file; a torn last line (a crash mid-write) is dropped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                log.warning("%s: ignoring the torn last line %d (an interrupted write)", path, number)
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg}); delete the file to start over") from e
+    return records
+
+
+def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
+    """Write all records at once, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(records: Iterable[dict], path: str | Path) -> None:
+    with Path(path).open("a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def resume_groups(path: str | Path, key: Callable[[dict], Hashable], complete: Callable[[list[dict]], bool]) -> dict:
+    """Records of `path` grouped by `key`, keeping only complete groups; the file is rewritten to hold
+    exactly those, so work that a crash cut short is redone cleanly rather than duplicated."""
+    groups: dict = {}
+    for record in read_jsonl(path):
+        groups.setdefault(key(record), []).append(record)
+    finished = {k: v for k, v in groups.items() if complete(v)}
+    if len(finished) != len(groups) and Path(path).is_file():
+        log.info("%s: redoing %d unfinished group(s)", path, len(groups) - len(finished))
+    if Path(path).is_file():
+        write_jsonl((r for group in finished.values() for r in group), path)
+    return finished
+
+
+def check_resume_meta(path: str | Path, meta: dict) -> None:
+    """Refuse to resume into a folder whose earlier results came from other inputs or settings.
+
+    `meta` names what the results depend on (model, prompt versions, sampling); it is written on the
+    first run and compared on every rerun, so stale results are never mixed with new ones.
+    """
+    path = Path(path)
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in meta.keys() | before.keys() if before.get(k) != meta.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {before.get(k)!r} -> {meta.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{path.parent}: holds results made with other settings ({details}). Use a new output "
+                f"folder, or delete {path.parent} to start over."
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")

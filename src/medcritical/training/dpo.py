@@ -1,0 +1,414 @@
+"""Stage 2 training: DPO on self-play preference pairs (TRL DPOTrainer), LoRA or full fine-tuning.
+
+    # one process (CPU or one GPU)
+    medcritical dpo --recipe recipes/demo.yaml --pairs runs/demo/rollout/pairs.jsonl --model runs/demo/sft/model \
+        --output runs/demo/dpo
+
+    # 8 GPUs, DeepSpeed from the recipe (selfplay.dpo.optim.deepspeed: zero2 or zero3)
+    torchrun --nproc_per_node 8 -m medcritical.cli dpo --recipe recipes/paper-7b.yaml --pairs ... --model ... --output ...
+
+The reference model is the model DPO starts from, in every mode (the pains this design avoids: a
+reference reloaded from a stale folder, one that OOMs, one broken by ZeRO-3 partitioning):
+- LoRA: no second model; the reference is the policy with its adapter disabled.
+- precompute_ref_log_probs: reference log-probs of every pair are computed once by the starting
+  model before the first step, then no reference is kept (the least memory).
+- full fine-tuning: an in-memory copy of the policy as passed in (TRL 1.16 would otherwise reload
+  `config._name_or_path` from disk, which is not the model in memory after SFT in the same process);
+  under ZeRO-3 a copy of partitioned weights is not possible, so the reference is loaded from
+  `model_path` partitioned (the same weights the policy was loaded from).
+The first held-out evaluation runs before any step and must show a reward margin of ~0 (policy ==
+reference): a reference that differs from the policy shows up there, recorded and warned about.
+
+Output folder: checkpoints/ (a rerun resumes from the newest), model/ (full HF folder, LoRA merged, what the
+next round and evaluation load), adapter/ (LoRA), dpo_metrics.json, dpo_loss.png, dpo_heldout.png,
+dpo_run.json, MANIFEST.sha256 (written last: marks the run done).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers import TrainerCallback
+
+from medcritical.selfplay.config import DPOSection
+from medcritical.selfplay.records import read_jsonl
+from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
+from medcritical.training.common import (
+    check_same_run,
+    deepspeed_config_path,
+    deepspeed_zero_stage,
+    find_resumable_checkpoint,
+    load_model_for_training,
+    lora_config,
+    start_distributed,
+    stop_on_token,
+    trainer_arguments,
+    training_device,
+)
+from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
+from medcritical.training.saving import MANIFEST, file_sha256, save_final_model, write_manifest
+
+log = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+MARGIN, ACCURACY = "eval_rewards/margins", "eval_rewards/accuracies"
+# The held-out margin before any step; above this, the reference is not the policy's starting point.
+REFERENCE_TOLERANCE = 0.05
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Preference rows (TRL conversational format); metadata columns are dropped. Clear errors on bad rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pairs file (`medcritical rollout` writes pairs.jsonl)")
+    pairs = []
+    for number, row in enumerate(read_jsonl(path), start=1):
+        bad = [c for c in PAIR_COLUMNS if not (isinstance(row.get(c), list) and row[c] and all("role" in m and "content" in m for m in row[c]))]
+        if bad:
+            raise ValueError(
+                f"{path}: row {number}: {', '.join(bad)} must be a non-empty list of chat messages "
+                "({role, content}); pairs come from `medcritical rollout` / `medcritical pairs`"
+            )
+        if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
+            raise ValueError(f"{path}: row {number}: chosen and rejected must end with an assistant message")
+        pairs.append({c: row[c] for c in PAIR_COLUMNS})
+    return pairs
+
+
+def loss_arguments(config: DPOSection) -> dict[str, Any]:
+    if config.loss_type == "sigmoid_sft":
+        # DPO plus an NLL term on chosen (RPO-style): keeps the chosen answers likely, not only preferred.
+        return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]}
+    return {"loss_type": [config.loss_type]}
+
+
+def drop_too_long(pairs: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Drop pairs whose prompt + chosen or prompt + rejected exceed max_length: TRL would cut their ends,
+    and the end holds the answer that makes chosen better than rejected."""
+    kept = []
+    for pair in pairs:
+        longest = max(
+            len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True, return_dict=True)["input_ids"])
+            for side in ("chosen", "rejected")
+        )
+        if longest <= max_length:
+            kept.append(pair)
+    return kept, len(pairs) - len(kept)
+
+
+def reference_model(config: DPOSection, policy, model_path: str | Path, device: str, dtype: str):
+    """The reference for DPO (see the module docstring): None where TRL derives it correctly itself."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if config.lora.enabled:
+        return None  # the policy with its adapter disabled
+    if config.precompute_ref_log_probs:
+        return None  # TRL runs the untouched policy over every pair before the first step
+    if is_deepspeed_zero3_enabled():
+        return load_model_for_training(model_path, device, dtype)
+    reference = copy.deepcopy(policy)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def reference_kind(config: DPOSection) -> str:
+    if config.precompute_ref_log_probs:
+        return "precomputed log-probs of the starting model"
+    if config.lora.enabled:
+        return "the policy with its LoRA adapter disabled"
+    return "a frozen copy of the starting model"
+
+
+class HeldoutMarginEarlyStopping(TrainerCallback):
+    """Stop when the held-out reward margin has not improved for `patience` evaluations.
+
+    DPO's training loss can fall to ~0 early (the paper saw it) while held-out pairs stop improving:
+    further steps then only overfit. The best-so-far is rebuilt from the log history on resume.
+    """
+
+    def __init__(self, patience: int, min_delta: float = 1e-4):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.best_step, self.waited, self.stopped_at = -math.inf, None, 0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.best, self.best_step, self.waited = -math.inf, None, 0
+        for entry in state.log_history:  # the evaluation before training, and earlier ones when resumed
+            if MARGIN in entry:
+                self._update(entry[MARGIN], entry.get("step"))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or MARGIN not in metrics:
+            return
+        self._update(metrics[MARGIN], state.global_step)
+        if self.patience and self.waited >= self.patience and state.global_step < state.max_steps:
+            log.info(
+                "early stop at step %d: held-out margin %.4f has not beaten %.4f (step %s) for %d evaluations",
+                state.global_step, metrics[MARGIN], self.best, self.best_step, self.waited,
+            )
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+
+    def _update(self, margin: float, step) -> None:
+        if margin > self.best + self.min_delta:
+            self.best, self.best_step, self.waited = margin, step, 0
+        else:
+            self.waited += 1
+
+
+def build_dpo_trainer(
+    config: DPOSection,
+    policy,
+    tokenizer,
+    train_pairs: list[dict],
+    heldout_pairs: list[dict],
+    args,
+    *,
+    model_path: str | Path,
+    device: str = "cpu",
+    dtype: str = "auto",
+    callbacks: Sequence[Any] = (),
+):
+    """A TRL DPOTrainer for `policy` (the model in memory) with the right reference for the mode.
+
+    `args` comes from `dpo_arguments`; under ZeRO-3 it must exist (and stay referenced) before the
+    policy is loaded, so the weights load partitioned, as `train_dpo` does.
+    """
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    return DPOTrainer(
+        model=policy,
+        ref_model=reference_model(config, policy, model_path, device, dtype),
+        args=args,
+        train_dataset=Dataset.from_list(train_pairs),
+        eval_dataset=Dataset.from_list(heldout_pairs) if heldout_pairs else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+        callbacks=list(callbacks),
+    )
+
+
+def dpo_arguments(
+    config: DPOSection, checkpoints_dir, *, device: str, seed: int, deepspeed: Path | None, heldout: bool, eval_on_start: bool = False
+):
+    """TRL DPOConfig. `eval_on_start`: one held-out evaluation before the first step, inside the training
+    loop (a separate `trainer.evaluate()` before `train()` breaks DeepSpeed's engine set-up)."""
+    from trl import DPOConfig
+
+    evaluate_during = heldout and config.evaluations > 1
+    common = trainer_arguments(config.optim, checkpoints_dir, device=device, seed=seed, deepspeed=deepspeed)
+    if evaluate_during and config.restore_best:
+        # A checkpoint at every evaluation, and the best held-out margin's one loaded at the end.
+        common.update(
+            save_steps=1 / config.evaluations, load_best_model_at_end=True, metric_for_best_model=MARGIN, greater_is_better=True
+        )
+    return DPOConfig(
+        **common,
+        beta=config.beta,
+        **loss_arguments(config),
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        per_device_eval_batch_size=config.optim.per_device_batch_size,
+        eval_strategy="steps" if evaluate_during else "no",
+        eval_steps=1 / config.evaluations if evaluate_during else None,  # a ratio of the total steps
+        eval_on_start=heldout and eval_on_start,
+    )
+
+
+def train_dpo(
+    config: DPOSection,
+    pairs_path: str | Path,
+    heldout_path: str | Path | None,
+    model_path: str | Path,
+    output_dir: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    resume: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """DPO from the model in `model_path` on `pairs_path`; writes model/ and dpo_metrics.json to output_dir.
+
+    No training pairs is not an error but an explicit result: {"status": "skipped", "reason": ...,
+    "model": model_path} (the model is unchanged). Resumes from the newest checkpoint; returns the
+    stored metrics at once when output_dir already holds the finished run.
+    """
+    from transformers import AutoTokenizer
+
+    output_dir, model_path = Path(output_dir), Path(model_path)
+    train_pairs = read_pairs(pairs_path)
+    heldout_pairs = read_pairs(heldout_path) if heldout_path else []
+    if not train_pairs:
+        return _skipped(output_dir, model_path, f"no training pairs in {pairs_path} (see rollout_stats.json: no_pairs)")
+    device = training_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    facts = check_tokenizer(tokenizer, str(model_path), assistant_only_loss=False)
+    train_pairs, too_long = drop_too_long(train_pairs, tokenizer, config.optim.max_length)
+    heldout_pairs, heldout_too_long = drop_too_long(heldout_pairs, tokenizer, config.optim.max_length)
+    if not train_pairs:
+        raise PreTrainingCheckError(
+            f"{pairs_path}: every pair is longer than selfplay.dpo.optim.max_length={config.optim.max_length} "
+            "tokens; raise it, or lower selfplay.rollout.max_new_tokens"
+        )
+    deepspeed = deepspeed_config_path(config.optim.deepspeed)
+    zero_stage = deepspeed_zero_stage(deepspeed)
+    check_same_run(output_dir, "dpo", {
+        "settings": config.model_dump(mode="json"),
+        "seed": seed,
+        "pairs_sha256": file_sha256(Path(pairs_path)),
+        "heldout_sha256": file_sha256(Path(heldout_path)) if heldout_path else None,
+        "model": str(model_path),
+    })
+    if (output_dir / MANIFEST).is_file() and (output_dir / "dpo_metrics.json").is_file():
+        log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST)
+        return json.loads((output_dir / "dpo_metrics.json").read_text())
+
+    start_distributed(device, deepspeed)
+    checkpoints = output_dir / "checkpoints"
+    resume_from = find_resumable_checkpoint(checkpoints) if resume else None
+    # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
+    args = dpo_arguments(
+        config, checkpoints, device=device, seed=seed, deepspeed=deepspeed, heldout=bool(heldout_pairs), eval_on_start=not resume_from
+    )
+    policy = load_model_for_training(model_path, device, dtype)
+    stop_on_token(policy, facts.end_of_turn_id)
+    throughput, early_stopping = ThroughputCallback(), HeldoutMarginEarlyStopping(config.early_stopping_patience)
+    trainer = build_dpo_trainer(
+        config, policy, tokenizer, train_pairs, heldout_pairs, args, model_path=model_path, device=device,
+        dtype=dtype, callbacks=[throughput, early_stopping, *callbacks],
+    )
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    wall_seconds = time.perf_counter() - started
+    history = list(trainer.state.log_history)  # before the final evaluation adds its own entry
+    initial = next((e for e in history if MARGIN in e and e.get("step") == 0), None)
+    if initial and abs(initial[MARGIN]) > REFERENCE_TOLERANCE:
+        log.warning(
+            "the held-out reward margin before training was %.4f, not ~0: the reference is not the model DPO "
+            "started from (check the model folder and selfplay.dpo.precompute_ref_log_probs)", initial[MARGIN],
+        )
+    final = trainer.evaluate() if heldout_pairs else None
+
+    saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
+    training = summarize_training(trainer, throughput, wall_seconds=wall_seconds)
+    metrics = {
+        "step": "dpo",
+        "status": "trained",
+        "model": str(saved.model_dir),
+        "train_pairs": len(train_pairs),
+        "heldout_pairs": len(heldout_pairs),
+        "dropped_too_long": too_long + heldout_too_long,
+        "loss_type": config.loss_type,
+        "beta": config.beta,
+        "reference": reference_kind(config),
+        "device": device,
+        "deepspeed": deepspeed.name if deepspeed else None,
+        "zero_stage": zero_stage,
+        "lora": config.lora.enabled,
+        "merged": saved.merged,
+        "resumed_from": Path(resume_from).name if resume_from else None,
+        "stopped_early": early_stopping.stopped_at,
+        "restored_best": Path(trainer.state.best_model_checkpoint).name if args.load_best_model_at_end and trainer.state.best_model_checkpoint else None,
+        "heldout": _heldout_summary(history, initial, final, early_stopping),
+        "warnings": _warnings(training["loss_curve"], config),
+        **training,
+    }
+    if trainer.is_world_process_zero():
+        files = [saved.model_dir, *write_metrics(output_dir, "dpo", metrics)]
+        if metrics["heldout"]:
+            files.append(plot_heldout(metrics, output_dir / "dpo_heldout.png"))
+        write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
+        held = metrics["heldout"] or {}
+        log.info(
+            "DPO done: %d steps, loss %s -> %s; held-out reward accuracy %s, margin %s; model in %s",
+            metrics["steps"], metrics["loss_first"], metrics["loss_last"], held.get("reward_accuracy"),
+            held.get("margin"), saved.model_dir,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _skipped(output_dir: Path, model_path: Path, reason: str) -> dict:
+    log.warning("DPO skipped: %s; the model is unchanged", reason)
+    metrics = {"step": "dpo", "status": "skipped", "reason": reason, "model": str(model_path)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "dpo_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    return metrics
+
+
+def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict | None, stopping) -> dict | None:
+    if final is None:
+        return None
+    by_step = {
+        e["step"]: {"step": e["step"], "margin": e[MARGIN], "reward_accuracy": e[ACCURACY], "loss": e.get("eval_loss")}
+        for e in log_history
+        if MARGIN in e
+    }
+    history = list(by_step.values())
+    return {
+        "reward_accuracy": final[ACCURACY],
+        "margin": final[MARGIN],
+        "loss": final.get("eval_loss"),
+        "initial_margin": initial[MARGIN] if initial else None,
+        "best_margin": stopping.best if stopping.best > -math.inf else None,
+        "best_step": stopping.best_step,
+        "history": history,
+    }
+
+
+def _warnings(curve: list[dict], config: DPOSection) -> list[str]:
+    warnings = []
+    losses = [p["loss"] for p in curve]
+    if config.loss_type == "sigmoid" and len(losses) > 1 and all(abs(x - math.log(2)) < 1e-3 for x in losses):
+        warnings.append(
+            "the loss stayed at ln 2 = 0.6931 throughout: the policy never moved away from the reference "
+            "(learning rate too low for this many steps, or the reference is the policy itself)"
+        )
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+def plot_heldout(metrics: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = metrics["heldout"]["history"]
+    fig, (loss_ax, heldout_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    curve = metrics.get("loss_curve", [])
+    loss_ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], ".-", label="train loss")
+    if history:
+        loss_ax.plot([h["step"] for h in history], [h["loss"] for h in history], "s-", label="held-out loss")
+        heldout_ax.plot([h["step"] for h in history], [h["margin"] for h in history], "o-", color="tab:red", label="reward margin")
+        accuracy_ax = heldout_ax.twinx()
+        accuracy_ax.plot([h["step"] for h in history], [h["reward_accuracy"] for h in history], "s--", color="tab:green", label="reward accuracy")
+        accuracy_ax.set_ylim(0, 1)
+        accuracy_ax.set_ylabel("reward accuracy")
+        accuracy_ax.legend(loc="lower right")
+    if metrics.get("stopped_early"):
+        heldout_ax.axvline(metrics["stopped_early"], color="gray", linestyle=":", label="early stop")
+    if metrics.get("restored_best"):
+        heldout_ax.axvline(metrics["heldout"]["best_step"], color="tab:red", linestyle="--", linewidth=1, label="best (kept)")
+    loss_ax.axhline(math.log(2), color="gray", linestyle=":", linewidth=1)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("DPO loss")
+    loss_ax.legend()
+    loss_ax.set_title(f"DPO loss ({metrics['loss_type']}, beta {metrics['beta']})")
+    heldout_ax.set_xlabel("step")
+    heldout_ax.set_ylabel("held-out reward margin")
+    heldout_ax.legend(loc="upper left")
+    heldout_ax.set_title("held-out pairs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

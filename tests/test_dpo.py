@@ -1,0 +1,153 @@
+"""DPO with TRL on real self-play pairs of the tiny format model: margin, reference, resume, no pairs."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from medcritical.recipe import GenerationConfig
+from medcritical.selfplay.config import CorrectionSection, DPOSection, PairsSection, RolloutSection, SelfPlayConfig
+from medcritical.selfplay.step import run_rollout
+from medcritical.training.config import LoraSection, OptimSection
+from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
+from medcritical.training.saving import verify_manifest
+
+OPTIM = dict(per_device_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(format_model, selfplay_questions, tmp_path_factory):
+    """pairs.jsonl / pairs_heldout.jsonl from a real rollout + self-correction of the format model."""
+    output = tmp_path_factory.mktemp("rollout")
+    config = SelfPlayConfig(
+        rollout=RolloutSection(samples_per_question=4, temperature=1.0, top_p=1.0, max_new_tokens=48),
+        correction=CorrectionSection(attempts=2, temperature=1.0),
+        pairs=PairsSection(heldout_fraction=0.2, max_pairs_per_question=4),
+    )
+    stats = run_rollout(config, GenerationConfig(), selfplay_questions, format_model, output, device="cpu")
+    assert stats["pairs"]["train_pairs"] >= 40 and stats["pairs"]["heldout_pairs"] >= 8
+    return output
+
+
+def completion_logps(model, tokenizer, pairs, side):
+    """Sum of log-probs of each pair's completion tokens after its prompt: computed here, not by TRL."""
+    values = []
+    for pair in pairs:
+        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([full])).logits[0, :-1].float().log_softmax(-1)
+        targets = torch.tensor(full[1:])
+        values.append(logits.gather(1, targets[:, None])[len(prompt) - 1 :].sum().item())
+    return torch.tensor(values)
+
+
+def reward_margin(policy, reference, tokenizer, pairs, beta):
+    chosen = completion_logps(policy, tokenizer, pairs, "chosen") - completion_logps(reference, tokenizer, pairs, "chosen")
+    rejected = completion_logps(policy, tokenizer, pairs, "rejected") - completion_logps(reference, tokenizer, pairs, "rejected")
+    return (beta * (chosen - rejected)).mean().item()
+
+
+def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
+    config = DPOSection(
+        lora=LoraSection(r=8, alpha=16, dropout=0.0),
+        optim=OptimSection(learning_rate=5e-3, epochs=3, **OPTIM),
+        evaluations=6,
+    )
+    output = tmp_path / "dpo"
+    metrics = train_dpo(config, pairs_dir / "pairs.jsonl", pairs_dir / "pairs_heldout.jsonl", format_model, output, device="cpu")
+
+    held = metrics["heldout"]
+    assert metrics["status"] == "trained" and metrics["reference"] == "the policy with its LoRA adapter disabled"
+    assert held["initial_margin"] == pytest.approx(0.0, abs=1e-4)  # the reference is the starting model
+    assert held["margin"] > 0.1 and held["margin"] == pytest.approx(held["best_margin"])  # best checkpoint restored
+    assert metrics["loss_first"] == pytest.approx(math.log(2), abs=1e-3) and metrics["loss_last"] < math.log(2)
+
+    # The saved model is a full HF folder, and its margin over the starting model, measured here
+    # independently of TRL, is the held-out margin the run reported.
+    tokenizer = AutoTokenizer.from_pretrained(output / "model")
+    trained = AutoModelForCausalLM.from_pretrained(output / "model")
+    start = AutoModelForCausalLM.from_pretrained(format_model)
+    heldout = read_pairs(pairs_dir / "pairs_heldout.jsonl")
+    assert reward_margin(trained, start, tokenizer, heldout, config.beta) == pytest.approx(held["margin"], abs=2e-3)
+    assert all(not verify_manifest(output) for _ in [0])
+    for name in ("dpo_metrics.json", "dpo_loss.png", "dpo_heldout.png"):
+        assert (output / name).is_file()
+    # A rerun finds the finished run and returns its metrics without training again.
+    assert train_dpo(config, pairs_dir / "pairs.jsonl", pairs_dir / "pairs_heldout.jsonl", format_model, output, device="cpu") == json.loads(
+        (output / "dpo_metrics.json").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    "precompute, loss_type", [(False, "sigmoid"), (True, "ipo"), (False, "sigmoid_sft")], ids=["copy", "precompute-ipo", "copy-sigmoid_sft"]
+)
+def test_full_finetune_reference_is_the_model_in_memory(pairs_dir, format_model, tmp_path, precompute, loss_type):
+    """The SFT model in memory differs from the folder it was loaded from (as after training in the same
+    process); the reference must be the in-memory one, and stay fixed while the policy trains."""
+    tokenizer = AutoTokenizer.from_pretrained(format_model)
+    policy = AutoModelForCausalLM.from_pretrained(format_model)
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(1.5)  # in memory only; TRL 1.16 would reload the folder's weights
+    snapshot, on_disk = copy.deepcopy(policy), AutoModelForCausalLM.from_pretrained(format_model)
+    pairs = read_pairs(pairs_dir / "pairs.jsonl")[:8]
+    config = DPOSection(
+        loss_type=loss_type, lora=LoraSection(enabled=False), precompute_ref_log_probs=precompute,
+        optim=OptimSection(learning_rate=1e-3, max_steps=3, warmup_ratio=0.0, **OPTIM),
+    )
+    args = dpo_arguments(config, tmp_path, device="cpu", seed=0, deepspeed=None, heldout=False)
+    trainer = build_dpo_trainer(config, policy, tokenizer, pairs, [], args, model_path=format_model)
+
+    expected = completion_logps(snapshot, tokenizer, pairs, "chosen")
+    assert not torch.allclose(expected, completion_logps(on_disk, tokenizer, pairs, "chosen"), atol=1e-2)
+
+    def reference_chosen_logps():
+        if precompute:
+            return torch.tensor(trainer.train_dataset["ref_chosen_logps"])
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+        return trainer.compute_ref_log_probs(trainer.ref_model, batch)[0]
+
+    assert torch.allclose(reference_chosen_logps(), expected, atol=1e-3)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] != pytest.approx(losses[0], abs=1e-4)  # the policy moves: not stuck at the start value
+    assert not torch.allclose(completion_logps(policy, tokenizer, pairs, "chosen"), expected, atol=1e-3)
+    assert torch.allclose(reference_chosen_logps(), expected, atol=1e-3)  # while the reference stays put
+
+
+class InterruptAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path):
+    config = DPOSection(lora=LoraSection(r=4, alpha=8, dropout=0.0), optim=OptimSection(learning_rate=1e-3, max_steps=4, **OPTIM))
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", callbacks=[InterruptAt(3)])
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "model").exists()
+    metrics = train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
+    assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4 and metrics["steps_this_session"] == 2
+    assert metrics["heldout"] is None and (tmp_path / "model" / "config.json").is_file()
+    with pytest.raises(ValueError, match="different settings"):
+        train_dpo(config.model_copy(update={"beta": 0.1}), pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
+
+
+def test_no_pairs_is_an_explicit_result_not_a_crash(format_model, tmp_path):
+    (tmp_path / "pairs.jsonl").write_text("")
+    metrics = train_dpo(DPOSection(), tmp_path / "pairs.jsonl", None, format_model, tmp_path / "dpo", device="cpu")
+    assert metrics["status"] == "skipped" and "no training pairs" in metrics["reason"]
+    assert metrics["model"] == str(format_model)  # unchanged: the next step uses the input model
+    assert json.loads((tmp_path / "dpo" / "dpo_metrics.json").read_text()) == metrics
+
+
+def test_bad_pairs_file_names_row_and_fix(tmp_path):
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "text", "chosen": [], "rejected": []}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1: prompt, chosen, rejected must be a non-empty list of chat messages"):
+        read_pairs(tmp_path / "pairs.jsonl")

@@ -1,0 +1,111 @@
+"""Preference pairs: format, filters, held-out split, the "no pairs" result, and the `pairs` step."""
+
+import json
+
+import pytest
+from trl.data_utils import is_conversational
+
+from medcritical.grader import grade_answer
+from medcritical.prompts import mcq_messages
+from medcritical.selfplay.config import PairsSection, SelfPlayConfig
+from medcritical.selfplay.pairs import build_preference_pairs
+from medcritical.selfplay.step import make_pairs
+
+
+def sample(question, n, text, tokens=10):
+    """A rollout record for `text`, graded by the real grader."""
+    grade = grade_answer(text, question.answer, question.options)
+    return {"question_id": question.id, "sample": n, "trajectory": text, "predicted": grade.predicted,
+            "gold": question.answer, "correct": grade.correct, "num_tokens": tokens}
+
+
+def wrong_letter(question):
+    return next(letter for letter in question.options if letter not in question.answer)
+
+
+def correction(question, n, text, tokens=10):
+    ok = grade_answer(text, question.answer, question.options).correct
+    return {"question_id": question.id, "sample": n, "attempts": [], "corrected": ok,
+            "correction": text if ok else None, "correction_tokens": tokens if ok else None}
+
+
+@pytest.fixture
+def questions(bundled):
+    return [q for q in bundled if not q.is_multi_answer][:6]
+
+
+def test_pairs_are_trl_preference_rows_with_the_original_prompt(questions):
+    q = questions[0]
+    right, wrong = f"<think>想一想</think>\n答案：{q.answer}", f"<think>猜</think>\n答案：{wrong_letter(q)}"
+    rollouts = [sample(q, 0, wrong), sample(q, 1, right)]
+    train, heldout, stats = build_preference_pairs(
+        [q], rollouts, [correction(q, 0, "<think>我错了</think>\n答案：" + q.answer)], PairsSection()
+    )
+    assert heldout == [] and stats["train_pairs"] == 1  # one question: nothing can be held out
+    pair = train[0]
+    assert is_conversational(pair)
+    assert pair["prompt"] == mcq_messages(q)  # what the student sees, not the correction prompt
+    assert pair["chosen"] == [{"role": "assistant", "content": "<think>我错了</think>\n答案：" + q.answer}]
+    assert pair["rejected"] == [{"role": "assistant", "content": wrong}]
+    assert pair["chosen_source"] == "correction"  # a verified correction beats a correct sample
+
+
+def test_filters_dedup_length_ratio_cap_and_source_switch(questions):
+    q = questions[0]
+    bad = wrong_letter(q)
+    rollouts = [
+        sample(q, 0, f"<think>a</think>\n答案：{bad}", tokens=10),
+        sample(q, 1, f"<think>a</think>\n答案：{bad}", tokens=10),  # duplicate rejected
+        sample(q, 2, f"<think>b</think>\n答案：{bad}", tokens=4),  # chosen would be > 2x longer
+        sample(q, 3, f"<think>c</think>\n答案：{bad}", tokens=10),
+        sample(q, 4, f"<think>d</think>\n答案：{bad}", tokens=10),
+        sample(q, 5, f"<think>ok</think>\n答案：{q.answer}", tokens=10),
+    ]
+    corrections = [correction(q, 3, f"<think>fix</think>\n答案：{q.answer}", tokens=12),
+                   correction(q, 4, f"<think>still</think>\n答案：{bad}")]  # failed: not a chosen
+    config = PairsSection(max_length_ratio=2.0, max_pairs_per_question=2)
+    train, _, stats = build_preference_pairs([q], rollouts, corrections, config)
+    assert stats["dropped"] == {"duplicate_rejected": 1, "no_chosen": 0, "too_long": 1, "duplicate_pair": 0, "over_cap": 1}
+    assert [p["chosen_source"] for p in train] == ["correction", "sample"]
+    for p in train:
+        assert p["chosen_tokens"] <= 2.0 * p["rejected_tokens"]
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        assert grade_answer(chosen, q.answer, q.options).correct and not grade_answer(rejected, q.answer, q.options).correct
+
+    only_corrections = PairsSection(use_correct_samples=False, max_pairs_per_question=4)
+    train, _, stats = build_preference_pairs([q], rollouts, corrections, only_corrections)
+    assert [p["rejected_sample"] for p in train] == [3] and stats["dropped"]["no_chosen"] == 3
+
+
+def test_heldout_split_is_by_whole_question(questions):
+    rollouts, corrections = [], []
+    for q in questions:
+        rollouts += [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"<think>x</think>答案：{wrong_letter(q)}"),
+                     sample(q, 2, f"答案：{q.answer}")]
+    train, heldout, stats = build_preference_pairs(questions, rollouts, corrections, PairsSection(heldout_fraction=0.34), seed=3)
+    assert stats["heldout_questions"] == 2 and len(heldout) == 4 and len(train) == 8
+    assert not {p["question_id"] for p in train} & {p["question_id"] for p in heldout}
+    # Seeded and independent of input order.
+    again = build_preference_pairs(questions[::-1], rollouts[::-1], corrections, PairsSection(heldout_fraction=0.34), seed=3)
+    assert {p["question_id"] for p in again[1]} == {p["question_id"] for p in heldout}
+
+
+def test_no_wrong_trajectory_is_an_explicit_no_pairs_result(questions):
+    rollouts = [sample(q, 0, f"答案：{q.answer}") for q in questions]
+    train, heldout, stats = build_preference_pairs(questions, rollouts, [], PairsSection())
+    assert train == heldout == [] and "every sample was correct" in stats["no_pairs"]
+
+
+def test_pairs_step_rebuilds_from_a_rollout_folder(questions, tmp_path):
+    rollout_dir = tmp_path / "rollout"
+    rollout_dir.mkdir()
+    q = questions[0]
+    rows = [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"答案：{q.answer}")]
+    (rollout_dir / "rollouts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    stats = make_pairs(SelfPlayConfig(), questions, rollout_dir, tmp_path / "pairs")
+    assert stats["train_pairs"] == 1 and "no_pairs" not in stats
+    lines = (tmp_path / "pairs" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[0])["chosen_source"] == "sample"
+    assert (tmp_path / "pairs" / "pairs_heldout.jsonl").read_text() == ""
+    with pytest.raises(FileNotFoundError, match="medcritical rollout"):
+        make_pairs(SelfPlayConfig(), questions, tmp_path / "nowhere", tmp_path / "pairs")

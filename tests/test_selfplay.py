@@ -1,0 +1,91 @@
+"""Stage 2 end to end through the CLI: rollout → pairs → dpo, and R rounds of self-play."""
+
+import json
+
+import pytest
+
+from medcritical.cli import main
+from medcritical.data.cmexam import write_questions
+
+# Small but real: every step runs, on the tiny format model, on CPU.
+TINY_STAGE2 = [
+    "run.device=cpu",
+    "selfplay.rollout.samples_per_question=3",
+    "selfplay.rollout.temperature=1.0",
+    "selfplay.rollout.max_new_tokens=40",
+    "selfplay.correction.attempts=1",
+    "selfplay.correction.temperature=1.0",
+    "selfplay.pairs.heldout_fraction=0.25",
+    "selfplay.dpo.lora={r: 8, alpha: 16, dropout: 0.0}",
+    "selfplay.dpo.optim={learning_rate: 5.0e-3, epochs: 1, per_device_batch_size: 4, gradient_accumulation_steps: 1, max_length: 384, logging_steps: 2}",
+    "selfplay.dpo.evaluations=2",
+    "generation.max_new_tokens=40",
+]
+
+
+def cli(*args, overrides=TINY_STAGE2):
+    argv = list(args)
+    for assignment in overrides:
+        argv += ["--set", assignment]
+    return main(argv)
+
+
+@pytest.fixture
+def question_files(selfplay_questions, bundled, tmp_path):
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_questions(selfplay_questions[:24], train)
+    write_questions(bundled[300:310], evaluation)
+    return train, evaluation
+
+
+def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, capsys):
+    train, _ = question_files
+    assert cli("rollout", "--questions", str(train), "--model", str(format_model), "--output", str(tmp_path / "rollout")) == 0
+    assert "pass@1" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "rollout" / "rollout_stats.json").read_text())
+    assert stats["rollout"]["samples"] == 24 * 3 and stats["pairs"]["train_pairs"] > 0
+
+    # Rebuild the pairs with corrections only, without any model.
+    assert cli("pairs", "--questions", str(train), "--rollout", str(tmp_path / "rollout"), "--output", str(tmp_path / "pairs"),
+               overrides=["selfplay.pairs.use_correct_samples=false"]) == 0
+    rebuilt = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert rebuilt and {p["chosen_source"] for p in rebuilt} == {"correction"}
+
+    assert cli("dpo", "--pairs", str(tmp_path / "rollout" / "pairs.jsonl"), "--model", str(format_model),
+               "--output", str(tmp_path / "dpo")) == 0
+    metrics = json.loads((tmp_path / "dpo" / "dpo_metrics.json").read_text())
+    assert metrics["status"] == "trained" and metrics["heldout_pairs"] == stats["pairs"]["heldout_pairs"]  # found beside --pairs
+    assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+
+
+def test_two_rounds_each_from_the_previous_model(question_files, format_model, tmp_path, capsys):
+    train, evaluation = question_files
+    args = ("selfplay", "--questions", str(train), "--eval-questions", str(evaluation), "--model", str(format_model),
+            "--output", str(tmp_path / "sp"))
+    assert cli(*args, overrides=TINY_STAGE2 + ["selfplay.rounds=2"]) == 0
+    summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
+    first, second = summary["rounds"]
+    assert first["model_in"] == str(format_model)
+    assert second["model_in"] == str(tmp_path / "sp" / "round_1" / "dpo" / "model")
+    assert summary["final_model"] == str(tmp_path / "sp" / "round_2" / "dpo" / "model") and summary["stopped"] is None
+    for row in (first, second):
+        assert row["dpo"] == "trained" and row["train_pairs"] > 0 and 0 <= row["heldout_reward_accuracy"] <= 1
+        assert 0 <= row["eval_accuracy_in"] <= 1  # CMExam accuracy of the model the round started from
+    report = json.loads((tmp_path / "sp" / "round_1" / "eval" / "report.json").read_text())
+    assert report["n"] == 10 and report["accuracy"] == first["eval_accuracy_in"]
+    assert summary["final_eval"]["n"] == 10
+    assert (tmp_path / "sp" / "selfplay.png").is_file()
+
+    # A rerun resumes: every step finds its work done and the summary is the same.
+    assert cli(*args, overrides=TINY_STAGE2 + ["selfplay.rounds=2"]) == 0
+    assert json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text()) == summary
+
+
+def test_a_round_without_pairs_ends_the_loop(question_files, format_model, tmp_path, capsys):
+    train, _ = question_files
+    no_pairs = TINY_STAGE2 + ["selfplay.rounds=3", "selfplay.correction.attempts=0", "selfplay.pairs.use_correct_samples=false"]
+    assert cli("selfplay", "--questions", str(train), "--model", str(format_model), "--output", str(tmp_path / "sp"),
+               overrides=no_pairs) == 0
+    summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
+    assert len(summary["rounds"]) == 1 and summary["rounds"][0]["dpo"] == "skipped"
+    assert "round 1: no training pairs" in summary["stopped"] and summary["final_model"] == str(format_model)
