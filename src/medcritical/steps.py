@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # Output names under the run root; the pipeline and the report agree on them through these.
 DATA, DISTILL, SFT, REPORT = "data", "distill", "sft", "report"
 EVAL_BASE, EVAL_SFT = "eval-base", "eval-sft"
+# A DPO round without pairs leaves the model unchanged: its folder names the model it kept
+# (a URI, valid in every pod) instead of copying gigabytes of weights.
+MODEL_POINTER = "model.uri"
 
 
 def round_name(round_number: int, step: str) -> str:
@@ -45,6 +48,22 @@ def work_dir() -> Path:
     return Path(os.environ.get("MEDCRITICAL_WORKDIR", Path.home() / ".cache" / "medcritical" / "work"))
 
 
+def _is_main_process() -> bool:
+    # Under torchrun every rank runs the step; only rank 0 publishes.
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def _work_lock() -> Iterator[None]:
+    """Serialize downloads into the shared work dir: under torchrun all ranks ask at once."""
+    import fcntl
+
+    work_dir().mkdir(parents=True, exist_ok=True)
+    with open(work_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @contextlib.contextmanager
 def local_output(output_uri: str) -> Iterator[Path]:
     """A local folder to write into; published to `output_uri` when the step succeeds."""
@@ -56,16 +75,18 @@ def local_output(output_uri: str) -> Iterator[Path]:
     path = work_dir() / "out" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     yield path
-    storage.publish(path, output_uri)
+    if _is_main_process():
+        storage.publish(path, output_uri)
 
 
 def local_input(uri: str) -> Path:
-    """A local path for an input URI (S3 folders are downloaded once into the work dir)."""
+    """A local path for an input URI (S3 files and folders are downloaded once into the work dir)."""
     if not storage.is_s3(uri):
         if not Path(uri).exists():
             raise FileNotFoundError(f"{uri}: no such input; run the step that writes it first")
         return Path(uri)
-    return storage.materialize(uri, work_dir() / "in" / hashlib.sha256(uri.encode()).hexdigest()[:16])
+    with _work_lock():
+        return storage.materialize(uri, work_dir() / "in" / hashlib.sha256(uri.encode()).hexdigest()[:16])
 
 
 def input_file(uri: str, filename: str) -> Path:
@@ -79,15 +100,21 @@ def input_file(uri: str, filename: str) -> Path:
 
 
 def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:
-    """"" → the recipe's base model; a step folder → its model/; "tiny" → the offline tiny model."""
+    """"" → the recipe's base model; "tiny" → the offline tiny model; a step folder → its model/,
+    or, for a DPO round that had no pairs, the model it left unchanged (see MODEL_POINTER)."""
     from medcritical.modeling import resolve_model
     from medcritical.recipe import TINY
 
     uri = model_uri or recipe.model.base
     if uri == TINY:
-        return resolve_model(TINY, recipe.model.tiny)
+        with _work_lock():  # all torchrun ranks would build it at once
+            return resolve_model(TINY, recipe.model.tiny)
     path = local_input(uri)
-    return resolve_model(str(path / "model" if (path / "model" / "config.json").is_file() else path))
+    if (path / "model" / "config.json").is_file():
+        return resolve_model(str(path / "model"))
+    if (path / MODEL_POINTER).is_file():
+        return resolve_model_uri(recipe, (path / MODEL_POINTER).read_text(encoding="utf-8").strip())
+    return resolve_model(str(path))
 
 
 def _questions(data_uri: str, filename: str, recipe: Recipe):
@@ -122,7 +149,9 @@ def sft(recipe: Recipe, distill_uri: str, model_uri: str, output_uri: str) -> di
     dataset = input_file(distill_uri, SFT_FILE)
     model = resolve_model_uri(recipe, model_uri)
     with local_output(output_uri) as out:
-        return train_sft(recipe.sft, dataset, model, out, device=recipe.run.device, seed=recipe.run.seed)
+        return train_sft(
+            recipe.sft, dataset, model, out, device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed
+        )
 
 
 def rollout(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str) -> dict:
@@ -138,15 +167,22 @@ def rollout(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str) -> d
         )
 
 
-def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str) -> dict:
+def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldout_uri: str = "") -> dict:
+    """DPO on the rollout's pairs; held-out pairs from `heldout_uri`, else pairs_heldout.jsonl beside them."""
     from medcritical.selfplay.step import HELDOUT_PAIRS, PAIRS
     from medcritical.training.dpo import train_dpo
 
     pairs = input_file(rollout_uri, PAIRS)
-    heldout = input_file(rollout_uri, HELDOUT_PAIRS)
+    heldout = input_file(heldout_uri, HELDOUT_PAIRS) if heldout_uri else pairs.with_name(HELDOUT_PAIRS)
     model = resolve_model_uri(recipe, model_uri)
     with local_output(output_uri) as out:
-        return train_dpo(recipe.selfplay.dpo, pairs, heldout, model, out, device=recipe.run.device, seed=recipe.run.seed)
+        result = train_dpo(
+            recipe.selfplay.dpo, pairs, heldout if heldout.is_file() else None, model, out,
+            device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+        )
+        if result.get("status") == "skipped":
+            (out / MODEL_POINTER).write_text(model_uri or recipe.model.base, encoding="utf-8")
+        return result
 
 
 def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "") -> dict:
@@ -214,6 +250,17 @@ def resolve_recipe_text(
     return dump_recipe(recipe)
 
 
+def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a step's result, nested keys joined with dots (rollout.pass@1), for the KFP UI."""
+    numbers = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            numbers.update(numeric_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[f"{prefix}{key}"] = value
+    return numbers
+
+
 def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
     """Run one step inside a KFP component; log its numeric statistics; return its output URI."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -221,9 +268,8 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
     output_uri = join_uri(run_root, name)
     log.info("step %s -> %s", name, output_uri)
     result = STEPS[step](recipe, output_uri=output_uri, **inputs)
-    for key, value in (result or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
+    for key, value in numeric_metrics(result or {}).items():
+        metrics.log_metric(key, value)
     if markdown is not None and result and "markdown" in result:
         Path(markdown.path).write_text(result["markdown"], encoding="utf-8")
     return output_uri

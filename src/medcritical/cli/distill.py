@@ -22,19 +22,18 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_recipe_arguments(parser)
-    parser.add_argument("--questions", required=True, metavar="FILE", help="training questions (.jsonl/.csv/.xlsx)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for sft.jsonl and the statistics")
+    parser.add_argument(
+        "--questions", required=True, metavar="FILE", help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder; a path or s3:// URI",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder (or s3:// URI) for sft.jsonl and the statistics")
     parser.set_defaults(func=_distill)
 
 
 def _distill(args) -> None:
     import json
 
-    from medcritical.data.cmexam import load_questions
-    from medcritical.distill.run import distill
+    from medcritical import steps
 
-    recipe = recipe_from_args(args)
-    questions = load_questions(args.questions, on_bad_row=recipe.data.on_bad_row).questions
-    stats = distill(recipe.distill, questions, args.output, seed=recipe.run.seed, device=recipe.run.device)
+    stats = steps.distill(recipe_from_args(args), data_uri=args.questions, output_uri=args.output)
     summary = {k: stats[k] for k in ("questions", "accepted", "acceptance_rate", "trace_attempts", "rejections")}
     print(json.dumps(summary, ensure_ascii=False))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 
 from medcritical.cli.common import add_recipe_arguments, recipe_from_args
 
@@ -27,7 +29,7 @@ Score saved outputs without any model (mcq protocol):
     add_recipe_arguments(parser)
     parser.add_argument(
         "--dataset", metavar="FILE",
-        help="questions (.jsonl/.csv/.xlsx); default: the eval split of the recipe's data section",
+        help="questions (.jsonl/.csv/.xlsx) or the prepare-data folder, a path or s3:// URI; default: the eval split of the recipe's data section",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="PATH", help="model folder or 'tiny'; default: the recipe's model.base")
@@ -38,26 +40,20 @@ Score saved outputs without any model (mcq protocol):
 
 
 def _evaluate(args) -> None:
-    from medcritical.evaluation.evaluate import evaluate_model, score_predictions
+    from medcritical.evaluation.evaluate import score_predictions
 
     if args.predictions:
         if not args.dataset:
             raise ValueError("--predictions needs --dataset (the questions the predictions answer)")
         report = score_predictions(args.dataset, args.predictions, args.output)
     else:
-        from medcritical.data.cmexam import load_questions
-        from medcritical.modeling import resolve_model
+        from medcritical import steps
 
         recipe = recipe_from_args(args)
-        if args.dataset:
-            questions = load_questions(args.dataset, recipe.data.on_bad_row).questions
-        else:
-            questions = _recipe_eval_split(recipe)
-        model = resolve_model(args.model or recipe.model.base, recipe.model.tiny)
-        report = evaluate_model(
-            recipe.evaluate, recipe.generation, questions, model, args.output,
-            device=recipe.run.device, dtype=recipe.model.dtype, label=args.label,
-        )
+        with _dataset_uri(args, recipe) as dataset:
+            report = steps.evaluate(
+                recipe, data_uri=dataset, model_uri=args.model or "", output_uri=args.output, label=args.label or ""
+            )
     print(
         f"CMExam accuracy ({report['protocol']}): {100 * report['accuracy']:.1f}% "
         f"({report['correct']}/{report['n']}, 95% CI {100 * report['ci95'][0]:.1f}–{100 * report['ci95'][1]:.1f}%)"
@@ -65,12 +61,14 @@ def _evaluate(args) -> None:
     )
 
 
-def _recipe_eval_split(recipe):
-    import tempfile
-
-    from medcritical.data.cmexam import load_questions
-    from medcritical.data.prepare import EVAL_FILE, prepare_data
+@contextlib.contextmanager
+def _dataset_uri(args, recipe):
+    """--dataset as given (path or s3:// URI), or the recipe's eval split written to a temporary folder."""
+    if args.dataset:
+        yield args.dataset
+        return
+    from medcritical.data.prepare import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data(recipe.data, recipe.run.seed, tmp)
-        return load_questions(f"{tmp}/{EVAL_FILE}").questions
+        yield tmp

@@ -18,12 +18,22 @@ def _accuracy_cell(report: dict | None) -> str:
     return f"{percent(report['accuracy'])}% ({report['correct']}/{report['n']}; 95% CI {percent(low)}–{percent(high)})"
 
 
+def _lookup(stats: dict, dotted: str):
+    value = stats
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
+    """`key=value` for the keys present; a dotted key reaches into nested statistics (pairs.train_pairs)."""
     if not stats:
         return "not run"
+    if stats.get("status") == "skipped":
+        return f"skipped ({stats.get('reason', 'no reason given')})"
     shown = []
     for key in keys:
-        value = stats.get(key)
+        value = _lookup(stats, key)
         if isinstance(value, float):
             value = f"{value:.4g}"
         if value is not None:
@@ -75,14 +85,14 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
         f"- data: {_numbers(stats.get('data'), ('train', 'eval', 'train_multi_answer'))}"
         f"{'; bad rows: ' + str(len(stats['data']['bad_rows'])) if stats.get('data') else ''}",
         f"- distill: {_numbers(stats.get('distill'), ('questions', 'accepted', 'acceptance_rate', 'trace_attempts'))}",
-        f"- sft: {_numbers(stats.get('sft'), ('steps', 'initial_loss', 'final_loss', 'train_tokens_per_s', 'wall_time_s'))}",
+        f"- sft: {_numbers(stats.get('sft'), ('examples', 'steps', 'loss_first', 'loss_last', 'tokens_per_second', 'train_seconds'))}",
     ]
     for number, round_stats in enumerate(stats.get("rounds", []), start=1):
         lines.append(
-            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('questions', 'pass@1', 'pass@k', 'pairs', 'heldout_pairs'))}"
+            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
         )
         lines.append(
-            f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('steps', 'final_loss', 'heldout_reward_accuracy', 'heldout_reward_margin', 'stopped_early'))}"
+            f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'stopped_early'))}"
         )
     lines += ["", f"![accuracy by model]({PLOT})", ""]
     markdown = "\n".join(lines)
