@@ -49,5 +49,8 @@ class DistillConfig(Section):
     max_new_tokens: int = 4096
     # Reasoning teachers think before writing the template too; raise this if templates come back truncated.
     template_max_new_tokens: int = 2048
+    # explanations backend: keep only the first N characters of each expert explanation (short traces a
+    # tiny CPU model can learn in minutes, as in the demo); null keeps the whole explanation.
+    explanation_max_chars: int | None = Field(None, ge=1)
     limit: int | None = None  # distill only the first N questions (quick checks, cost control)
     price_per_million_tokens: float | None = None  # prompt + completion tokens; for the cost estimate

@@ -114,11 +114,17 @@ class LocalModelTeacher:
 class ExplanationTeacher:
     """Traces from the data itself: the expert explanation as reasoning, then the gold answer."""
 
-    description = {"backend": "explanations", "source": "the dataset's expert explanations and gold answers"}
     deterministic = True
 
-    def __init__(self, prompts: DistillPrompts):
+    def __init__(self, prompts: DistillPrompts, max_chars: int | None = None):
         self.template = prompts.explanation_template.text
+        self.max_chars = max_chars
+        # "model" is part of the resume fingerprint: a rerun with another cut does not mix traces.
+        self.description = {
+            "backend": "explanations",
+            "model": f"explanations cut to {max_chars} characters" if max_chars else "explanations",
+            "source": "the dataset's expert explanations and gold answers",
+        }
 
     def complete(self, requests, *, max_new_tokens, seed, on_reply):
         for request in requests:
@@ -126,7 +132,8 @@ class ExplanationTeacher:
             if request.kind == TEMPLATE:
                 reply = ChatReply(content=self.template, finish_reason="stop")
             elif question.explanation.strip():
-                content = f"<think>\n{question.explanation.strip()}\n{THINK_END}\n答案：{question.answer}"
+                explanation = question.explanation.strip()[: self.max_chars]
+                content = f"<think>\n{explanation}\n{THINK_END}\n答案：{question.answer}"
                 reply = ChatReply(content=content, finish_reason="stop")
             else:
                 reply = ChatReply(error="the question has no expert explanation in the data")
@@ -136,7 +143,7 @@ class ExplanationTeacher:
 def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str = "auto") -> Teacher:
     """The teacher the recipe names; local models are loaded here (slow), endpoints are not contacted."""
     if config.backend == "explanations":
-        return ExplanationTeacher(prompts)
+        return ExplanationTeacher(prompts, config.explanation_max_chars)
     if config.backend == "openai":
         client = ChatClient.from_section(config.openai, TEACHER_ENV_PREFIX)
         log.info("teacher: %s at %s (%d requests at a time)", client.model, client.base_url, client.concurrency)
