@@ -129,8 +129,10 @@ def _questions(data_uri: str, filename: str, recipe: Recipe):
 def prepare_data(recipe: Recipe, output_uri: str) -> dict:
     from medcritical.data.prepare import prepare_data as prepare
 
+    # An s3:// question file is downloaded first; the loader reads local files.
+    local = {key: str(local_input(uri)) for key in ("source", "eval_source") if storage.is_s3(uri := getattr(recipe.data, key) or "")}
     with local_output(output_uri) as out:
-        return prepare(recipe.data, recipe.run.seed, out)
+        return prepare(recipe.data.model_copy(update=local), recipe.run.seed, out)
 
 
 def distill(recipe: Recipe, data_uri: str, output_uri: str) -> dict:
