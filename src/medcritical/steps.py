@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -67,16 +68,18 @@ def _work_lock() -> Iterator[None]:
 @contextlib.contextmanager
 def local_output(output_uri: str) -> Iterator[Path]:
     """A local folder to write into; published to `output_uri` when the step succeeds."""
-    if not storage.is_s3(output_uri):
-        path = Path(output_uri)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    path = work_dir() / "out" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
+    path = local_output_path(output_uri)
     path.mkdir(parents=True, exist_ok=True)
     yield path
-    if _is_main_process():
+    if storage.is_s3(output_uri) and _is_main_process():
         storage.publish(path, output_uri)
+
+
+def local_output_path(output_uri: str) -> Path:
+    """Where a step writes before publishing: the folder itself, or a scratch folder for an S3 URI."""
+    if not storage.is_s3(output_uri):
+        return Path(output_uri)
+    return work_dir() / "out" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
 
 
 def local_input(uri: str) -> Path:
@@ -252,6 +255,42 @@ def resolve_recipe_text(
     return dump_recipe(recipe)
 
 
+# Training steps that use every GPU of their pod: the component relaunches itself under torchrun.
+# step -> (CLI flag, step input) for the training data; the model goes to --model.
+DATA_PARALLEL_STEPS = {"sft": ("--dataset", "distill_uri"), "dpo": ("--pairs", "rollout_uri")}
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def data_parallel_command(step: str, recipe_path: str, output_uri: str, inputs: dict, gpus: int) -> list[str]:
+    """torchrun over the step's CLI: one process per GPU; DeepSpeed ZeRO when the recipe names it."""
+    flag, data_input = DATA_PARALLEL_STEPS[step]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+        "-m", "medcritical.cli", step, "--recipe", recipe_path, flag, inputs[data_input], "--output", output_uri,
+    ]
+    if inputs.get("model_uri"):
+        command += ["--model", inputs["model_uri"]]
+    return command
+
+
+def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, gpus: int) -> dict:
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as recipe_file:
+        recipe_file.write(dump_recipe(recipe))
+    command = data_parallel_command(step, recipe_file.name, output_uri, inputs, gpus)
+    log.info("%d GPUs: running the %s step data-parallel: %s", gpus, step, " ".join(command))
+    subprocess.run(command, check=True)
+    # The ranks ran in this pod: their output (already published) is still in the local folder.
+    return json.loads((local_output_path(output_uri) / f"{step}_metrics.json").read_text(encoding="utf-8"))
+
+
 def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a step's result, nested keys joined with dots (rollout.pass@1), for the KFP UI."""
     numbers = {}
@@ -267,9 +306,15 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
     """Run one step inside a KFP component; log its numeric statistics; return its output URI."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe_text(recipe_yaml)
+    # The pipeline's run_root parameter wins over the recipe's run.output_dir (the report reads it).
+    recipe = recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})})
     output_uri = join_uri(run_root, name)
     log.info("step %s -> %s", name, output_uri)
-    result = STEPS[step](recipe, output_uri=output_uri, **inputs)
+    gpus = visible_gpus() if step in DATA_PARALLEL_STEPS and "RANK" not in os.environ else 0
+    if gpus > 1:
+        result = run_data_parallel(step, recipe, output_uri, inputs, gpus)
+    else:
+        result = STEPS[step](recipe, output_uri=output_uri, **inputs)
     for key, value in numeric_metrics(result or {}).items():
         metrics.log_metric(key, value)
     if markdown is not None and result and "markdown" in result:

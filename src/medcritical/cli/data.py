@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_recipe_arguments(parser)
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for train.jsonl, eval.jsonl")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder (or s3:// URI) for train.jsonl, eval.jsonl, data_stats.json")
     parser.set_defaults(func=_prepare)
 
     tiny = subparsers.add_parser(
@@ -32,10 +32,10 @@ def add_parser(subparsers) -> None:
 
 
 def _prepare(args) -> None:
-    from medcritical.data.prepare import prepare_data
+    from medcritical import steps
 
-    recipe = recipe_from_args(args)
-    prepare_data(recipe.data, recipe.run.seed, args.output)
+    stats = steps.prepare_data(recipe_from_args(args), output_uri=args.output)
+    print(f"train {stats['train']}, eval {stats['eval']}, bad rows {len(stats['bad_rows'])} -> {args.output}")
 
 
 def _build_tiny(args) -> None:

@@ -54,9 +54,10 @@ def add_parser(subparsers) -> None:
 DPO from the given model on pairs.jsonl (selfplay.dpo.*: beta, loss_type, lora, optim, ...).
 Held-out pairs (default: pairs_heldout.jsonl beside --pairs) give reward accuracy and margin, and
 early stopping when the margin stops improving. Resumes from its last checkpoint in --output.
-Writes model/ (a full Hugging Face folder, LoRA merged), dpo_metrics.json and dpo_metrics.png.
+Writes model/ (a full Hugging Face folder; a LoRA adapter is merged when selfplay.dpo.lora.merge),
+dpo_metrics.json, dpo_loss.png and dpo_heldout.png.
 
-Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical dpo ... \\
+Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ... \\
     --set selfplay.dpo.optim.deepspeed=recipes/deepspeed/zero3.json""",
     )
     add_recipe_arguments(dpo)

@@ -5,7 +5,7 @@
         --output runs/demo/dpo
 
     # 8 GPUs, DeepSpeed from the recipe (selfplay.dpo.optim.deepspeed: zero2 or zero3)
-    torchrun --nproc_per_node 8 -m medcritical.cli dpo --recipe recipes/paper-7b.yaml --pairs ... --model ... --output ...
+    torchrun --nproc_per_node 8 -m medcritical.cli dpo --recipe recipes/paper-7b-lora.yaml --pairs ... --model ... --output ...
 
 The reference model is the model DPO starts from, in every mode (the pains this design avoids: a
 reference reloaded from a stale folder, one that OOMs, one broken by ZeRO-3 partitioning):
