@@ -28,12 +28,18 @@ selfplay:
 """
 
 
-def test_whole_pipeline_runs_locally_with_s3_artifacts(s3_env, s3_server, tmp_path, monkeypatch):
+def test_whole_pipeline_runs_locally_with_s3_artifacts(s3_env, s3_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
     bucket = s3_env
     recipe = load_recipe_text(RECIPE.format(bucket=bucket))
 
     report_dir = run_locally(recipe)
+
+    # The console follows the steps; KFP's executor JSON goes only to the log file.
+    console = capsys.readouterr().out
+    assert "sft ..." in console and "sft: success" in console and "pipeline: success" in console
+    assert f"step sft -> s3://{bucket}/runs/e2e/sft" in console
+    assert "executor_input" not in console and "outputFile" not in console
 
     report = json.loads((report_dir / "report.json").read_text())
     assert report["protocol"] == "mcq"
