@@ -35,9 +35,10 @@ def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
     for key in keys:
         value = _lookup(stats, key)
         if isinstance(value, float):
-            value = f"{value:.4g}"
+            value = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
         if value is not None:
-            shown.append(f"{key}={value}")
+            # rollout.pass@1 -> pass@1, heldout.margin -> heldout_margin
+            shown.append(f"{key.replace('heldout.', 'heldout_').rsplit('.', 1)[-1]}={value}")
     return ", ".join(shown) or "-"
 
 
@@ -54,8 +55,8 @@ def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
     protocol = reports[0]["protocol"] if reports else "mcq"
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.bar(names, values, yerr=errors, capsize=5, color=["#8C8C8C", "#4C72B0", "#55A868"][: len(names)])
-    for x, v in enumerate(values):
-        ax.text(x, v + 0.01, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=9)
+    for x, (v, r) in enumerate(zip(values, reports)):
+        ax.text(x, r["ci95"][1] + 0.02, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=9)  # above the CI bar
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"CMExam accuracy ({protocol}), 95% CI")
     ax.set_title("MedCritical: base → SFT → DPO", fontsize=10)
@@ -89,7 +90,7 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
     ]
     for number, round_stats in enumerate(stats.get("rounds", []), start=1):
         lines.append(
-            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
+            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'correction.wrong_trajectories', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
         )
         lines.append(
             f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'stopped_early'))}"
