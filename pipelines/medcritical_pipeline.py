@@ -19,6 +19,9 @@ from medcritical.components import distill, dpo, evaluate, prepare_data, report,
 
 PIPELINE_NAME = "medcritical"
 S3_SECRET_KEYS = ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Endpoint settings for a teacher / judge behind an API, from optional Secrets (as the Jobs read them).
+TEACHER_SECRET_KEYS = ("MEDCRITICAL_TEACHER_API_KEY", "MEDCRITICAL_TEACHER_BASE_URL", "MEDCRITICAL_TEACHER_MODEL")
+JUDGE_SECRET_KEYS = ("MEDCRITICAL_JUDGE_API_KEY", "MEDCRITICAL_JUDGE_BASE_URL", "MEDCRITICAL_JUDGE_MODEL")
 
 
 def image_names(registry: str = "", version: str = __version__) -> dict[str, str]:
@@ -84,6 +87,8 @@ def build_pipeline(
         tolerations: list = [],
         node_selector: dict = {},
         s3_secret: str = "medcritical-s3",
+        teacher_secret: str = "medcritical-teacher",
+        judge_secret: str = "medcritical-judge",
     ):
         def on_cluster(task, gpus=None):
             """Kubernetes settings for one task (cluster builds only)."""
@@ -98,9 +103,18 @@ def build_pipeline(
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
             return task
 
+        def with_endpoint_secret(task, secret, keys):
+            if cluster is not None:
+                kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
+            return task
+
         def step(component: str, gpus=None, **inputs):
             task = steps[component](recipe=resolved.output, run_root=root, **inputs)
             task.set_display_name(inputs["name"])
+            if component == "distill":
+                with_endpoint_secret(task, teacher_secret, TEACHER_SECRET_KEYS)
+            if component == "evaluate":
+                with_endpoint_secret(task, judge_secret, JUDGE_SECRET_KEYS)
             return on_cluster(task, gpus)
 
         root = run_root

@@ -49,6 +49,11 @@ def test_gpu_steps_get_shm_secret_and_gpu_parameters(tmp_path):
     assert sft["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"}]
     assert {e["envVar"] for s in sft["secretAsEnv"] for e in s["keyToEnv"]} == {
         "MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    # The teacher's and the judge's endpoint settings come from optional Secrets, the API key never from the recipe.
+    distill_secrets = executors["exec-distill"]["secretAsEnv"]
+    teacher = next(s for s in distill_secrets if "MEDCRITICAL_TEACHER_API_KEY" in json.dumps(s))
+    assert teacher["optional"] is True
+    assert "MEDCRITICAL_JUDGE_API_KEY" in json.dumps(executors["exec-evaluate"]["secretAsEnv"])
     images = {name: e["container"]["image"] for name, e in pipeline_doc["deploymentSpec"]["executors"].items()}
     assert images["exec-sft"] == "reg.example/ml/medcritical-train-cuda:0.1.0"
     assert images["exec-rollout"] == "reg.example/ml/medcritical-infer-cuda:0.1.0"
