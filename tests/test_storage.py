@@ -369,3 +369,19 @@ def test_materialize_and_publish_s3(s3_env, checkpoint, tmp_path):
     assert same_tree(checkpoint, local)
     single = storage.materialize(f"{uri}/config.json", tmp_path / "work2")
     assert single.read_bytes() == (checkpoint / "config.json").read_bytes()
+
+
+def test_excluded_subfolders_stay_behind(s3_env, s3_server, tmp_path):
+    """Steps leave their training checkpoints out of the published folder."""
+    folder = tmp_path / "sft"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"x" * 100)
+    (folder / "checkpoints.txt").write_text("a file, not the folder: kept")
+    storage.upload(folder, f"s3://{s3_env}/run/sft", exclude_dirs=("checkpoints",))
+
+    names = {o.object_name for o in s3_server.client().list_objects(s3_env, prefix="run/sft/", recursive=True)}
+    assert names == {"run/sft/model/config.json", "run/sft/checkpoints.txt", f"run/sft/{MANIFEST_NAME}"}
+    out = storage.download(f"s3://{s3_env}/run/sft", tmp_path / "restored")
+    assert (out / "model" / "config.json").is_file() and not (out / "checkpoints").exists()

@@ -30,6 +30,7 @@ EVAL_BASE, EVAL_SFT = "eval-base", "eval-sft"
 # A DPO round without pairs leaves the model unchanged: its folder names the model it kept
 # (a URI, valid in every pod) instead of copying gigabytes of weights.
 MODEL_POINTER = "model.uri"
+CHECKPOINTS = "checkpoints"  # the training steps' periodic checkpoints, inside their output folder
 
 
 def round_name(round_number: int, step: str) -> str:
@@ -72,7 +73,9 @@ def local_output(output_uri: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     yield path
     if storage.is_s3(output_uri) and _is_main_process():
-        storage.publish(path, output_uri)
+        # Training checkpoints only serve a resume inside this step: the finished step's folder is
+        # what later steps download, and a 7B full fine-tune's checkpoints are hundreds of GB.
+        storage.upload(path, output_uri, exclude_dirs=(CHECKPOINTS,))
 
 
 def local_output_path(output_uri: str) -> Path:

@@ -402,12 +402,14 @@ def _meta_sha256(stat: Any) -> str | None:
     return (stat.metadata or {}).get(f"x-amz-meta-{SHA256_META}")
 
 
-def _local_files(folder: Path) -> list[tuple[str, Path]]:
-    """(relative posix path, path) of every file under `folder`, sorted."""
+def _local_files(folder: Path, exclude_dirs: Sequence[str] = ()) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of every file under `folder`, sorted; top-level `exclude_dirs` left out."""
     files = []
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             rel = path.relative_to(folder).as_posix()
+            if rel.split("/", 1)[0] in exclude_dirs and "/" in rel:
+                continue
             if rel == MANIFEST_NAME:
                 raise StorageConfigError(
                     f"{path}: '{MANIFEST_NAME}' is reserved for the folder manifest; rename the file"
@@ -485,12 +487,12 @@ def _upload_file(client: Minio, path: Path, dest: S3Uri, *, part_size: int, para
 
 
 def upload(local_path: str | os.PathLike, uri: str, *, max_workers: int = DEFAULT_MAX_WORKERS,
-           part_size: int = DEFAULT_PART_SIZE) -> str:
+           part_size: int = DEFAULT_PART_SIZE, exclude_dirs: Sequence[str] = ()) -> str:
     """Upload a file or a folder to an ``s3://`` URI; returns the URI written.
 
     A file goes to the key (or into it, when the URI ends with '/'). A folder goes under the prefix,
-    files in parallel, large ones in parallel parts, then the manifest. Re-running after a failure
-    skips files already uploaded intact.
+    files in parallel, large ones in parallel parts, then the manifest; its top-level subfolders
+    named in `exclude_dirs` stay behind. Re-running after a failure skips files already uploaded intact.
     """
     src = Path(local_path)
     if not is_s3(uri):
@@ -509,14 +511,15 @@ def upload(local_path: str | os.PathLike, uri: str, *, max_workers: int = DEFAUL
                          progress=progress, skip_if_same=False)
             log.info("%s -> %s (%s)", src, target, progress.line())
             return str(target)
-        return _upload_folder(client, src, target, settings, max_workers=max_workers, part_size=part_size)
+        return _upload_folder(client, src, target, settings, max_workers=max_workers, part_size=part_size,
+                              exclude_dirs=exclude_dirs)
     except Exception as exc:
         raise _explain(exc, str(target), settings) from exc
 
 
 def _upload_folder(client: Minio, src: Path, target: S3Uri, settings: S3Settings, *,
-                   max_workers: int, part_size: int) -> str:
-    files = _local_files(src)
+                   max_workers: int, part_size: int, exclude_dirs: Sequence[str] = ()) -> str:
+    files = _local_files(src, exclude_dirs)
     manifest_key = target.prefix + MANIFEST_NAME
     total = sum(p.stat().st_size for _, p in files)
     # An old manifest would vouch for files we are about to overwrite: remove it first.
