@@ -12,10 +12,11 @@ import sys
 
 from medcritical import __version__
 
+# In the order data flows through the steps, as `medcritical --help` lists them.
 COMMANDS = (
     "medcritical.cli.data",
-    "medcritical.cli.sft",
     "medcritical.cli.distill",
+    "medcritical.cli.sft",
     "medcritical.cli.evaluate",
     "medcritical.cli.selfplay",
     "medcritical.cli.pipeline",
