@@ -151,3 +151,11 @@ def test_bad_pairs_file_names_row_and_fix(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "text", "chosen": [], "rejected": []}) + "\n")
     with pytest.raises(ValueError, match=r"row 1: prompt, chosen, rejected must be a non-empty list of chat messages"):
         read_pairs(tmp_path / "pairs.jsonl")
+
+
+def test_best_margin_before_training_is_reported_not_hidden():
+    from medcritical.training.dpo import _warnings
+
+    warned = _warnings([], DPOSection(), best_step=0, restored="checkpoint-3")
+    assert len(warned) == 1 and "best before training" in warned[0] and "checkpoint-3" in warned[0]
+    assert _warnings([], DPOSection(), best_step=3, restored="checkpoint-3") == []

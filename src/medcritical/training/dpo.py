@@ -299,6 +299,8 @@ def train_dpo(
 
     saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
     training = summarize_training(trainer, throughput, wall_seconds=wall_seconds)
+    best_checkpoint = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    restored_best = Path(best_checkpoint).name if best_checkpoint else None
     metrics = {
         "step": "dpo",
         "status": "trained",
@@ -316,9 +318,9 @@ def train_dpo(
         "merged": saved.merged,
         "resumed_from": Path(resume_from).name if resume_from else None,
         "stopped_early": early_stopping.stopped_at,
-        "restored_best": Path(trainer.state.best_model_checkpoint).name if args.load_best_model_at_end and trainer.state.best_model_checkpoint else None,
+        "restored_best": restored_best,
         "heldout": _heldout_summary(history, initial, final, early_stopping),
-        "warnings": _warnings(training["loss_curve"], config),
+        "warnings": _warnings(training["loss_curve"], config, early_stopping.best_step, restored_best),
         **training,
     }
     if trainer.is_world_process_zero():
@@ -364,8 +366,14 @@ def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict 
     }
 
 
-def _warnings(curve: list[dict], config: DPOSection) -> list[str]:
+def _warnings(curve: list[dict], config: DPOSection, best_step: int | None = None, restored: str | None = None) -> list[str]:
     warnings = []
+    if restored and best_step == 0:
+        # Only trained steps have checkpoints: the restore cannot go back to the starting model.
+        warnings.append(
+            f"the held-out margin was best before training (step 0); the kept model is {restored}, the best "
+            "trained checkpoint, not the starting model: lower selfplay.dpo.optim.learning_rate, or keep the SFT model"
+        )
     losses = [p["loss"] for p in curve]
     if config.loss_type == "sigmoid" and len(losses) > 1 and all(abs(x - math.log(2)) < 1e-3 for x in losses):
         warnings.append(
