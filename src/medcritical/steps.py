@@ -309,6 +309,10 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
     """Run one step inside a KFP component; log its numeric statistics; return its output URI."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe_text(recipe_yaml)
+    if recipe.run.threads:  # each step is its own process: apply the recipe's CPU thread count here too
+        import torch
+
+        torch.set_num_threads(recipe.run.threads)
     # The pipeline's run_root parameter wins over the recipe's run.output_dir (the report reads it).
     recipe = recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})})
     output_uri = join_uri(run_root, name)
