@@ -39,6 +39,12 @@ class ClusterSettings:
 
     shm_size: str = "16Gi"  # /dev/shm for NCCL and vLLM; the container default of 64 MB breaks both
     images: dict[str, str] = field(default_factory=image_names)
+    # A PersistentVolumeClaim for every step's work folder (downloads, checkpoints, partial rollouts):
+    # a retried pod then resumes where the failed one stopped. "": the pod's own disk (lost on retry).
+    work_pvc: str = ""
+
+
+WORK_MOUNT = "/medcritical-work"
 
 
 def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str) -> str:
@@ -101,6 +107,9 @@ def build_pipeline(
                 kubernetes.add_toleration_json(task, tolerations)
                 kubernetes.add_node_selector_json(task, node_selector)
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+            if cluster.work_pvc:
+                kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
+                task.set_env_variable("MEDCRITICAL_WORKDIR", WORK_MOUNT)
             return task
 
         def with_endpoint_secret(task, secret, keys):

@@ -65,6 +65,20 @@ def test_gpu_steps_get_shm_secret_and_gpu_parameters(tmp_path):
     assert sft_task["componentRef"]["name"] == "comp-sft"
 
 
+def test_work_pvc_gives_every_step_a_persistent_work_folder(tmp_path):
+    docs = list(yaml.safe_load_all(compile_to(tmp_path, work_pvc="medcritical-work").read_text()))
+    pipeline_doc, platform_doc = docs
+    executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-sft", "exec-rollout", "exec-dpo", "exec-distill"):
+        assert executors[name]["pvcMount"][0]["mountPath"] == "/medcritical-work", name
+        assert "medcritical-work" in json.dumps(executors[name]["pvcMount"]), name
+        env = pipeline_doc["deploymentSpec"]["executors"][name]["container"]["env"]
+        assert {"name": "MEDCRITICAL_WORKDIR", "value": "/medcritical-work"} in env, name
+    # Without the option the pods keep their own disk: no claim is required to run the pipeline.
+    plain = list(yaml.safe_load_all(compile_to(tmp_path).read_text()))[1]
+    assert "pvcMount" not in json.dumps(plain)
+
+
 def test_teacher_step_is_never_cached_unless_asked(tmp_path):
     def distill_caching(**kwargs):
         doc = next(yaml.safe_load_all(compile_to(tmp_path, **kwargs).read_text()))

@@ -112,13 +112,13 @@ class ConsoleEcho(io.TextIOBase):
 
 
 def compile_pipeline(recipe: Recipe, output: str | Path, *, registry: str = "", shm_size: str = "16Gi",
-                     cache_teacher: bool = False) -> Path:
+                     cache_teacher: bool = False, work_pvc: str = "") -> Path:
     """Compile the cluster pipeline (images from `registry`) with `recipe` as its default recipe."""
     from kfp import compiler
 
     from medcritical.pipelines.medcritical_pipeline import ClusterSettings, image_names
 
-    cluster = ClusterSettings(shm_size=shm_size, images=image_names(registry))
+    cluster = ClusterSettings(shm_size=shm_size, images=image_names(registry), work_pvc=work_pvc)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(_pipeline(recipe, cluster, cache_teacher), str(output))
@@ -136,13 +136,14 @@ def parse_params(params: list[str]) -> dict:
 
 
 def submit_run(recipe: Recipe, host: str, *, experiment: str, run_name: str | None, params: list[str],
-               registry: str = "", shm_size: str = "16Gi", cache_teacher: bool = False, client=None):
+               registry: str = "", shm_size: str = "16Gi", cache_teacher: bool = False, work_pvc: str = "",
+               client=None):
     """Compile for `recipe` and create a run on the KFP server at `host`; returns kfp's RunPipelineResult."""
     import kfp
 
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(recipe, Path(tmp) / "medcritical.yaml", registry=registry, shm_size=shm_size,
-                                   cache_teacher=cache_teacher)
+                                   cache_teacher=cache_teacher, work_pvc=work_pvc)
         client = client or kfp.Client(host=host)
         return client.create_run_from_pipeline_package(
             str(package),

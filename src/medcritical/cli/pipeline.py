@@ -57,6 +57,11 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", default="", help="image registry prefix, e.g. registry.example.com/ml/")
     parser.add_argument("--shm-size", default="16Gi", help="/dev/shm size of GPU steps (default 16Gi)")
     parser.add_argument(
+        "--work-pvc", default="", metavar="PVC",
+        help="PersistentVolumeClaim (ReadWriteMany) for the steps' work folders, so a retried pod resumes "
+        "from the failed one's checkpoints and partial outputs (default: the pod's own disk)",
+    )
+    parser.add_argument(
         "--cache-teacher", action="store_true",
         help="allow KFP to reuse a cached distillation (off: a teacher endpoint is never silently skipped)",
     )
@@ -78,7 +83,7 @@ def _compile(args) -> None:
     from medcritical.cli.common import recipe_from_args
 
     path = compile_pipeline(recipe_from_args(args), args.output, registry=args.registry,
-                            shm_size=args.shm_size, cache_teacher=args.cache_teacher)
+                            shm_size=args.shm_size, cache_teacher=args.cache_teacher, work_pvc=args.work_pvc)
     print(f"compiled {path}")
 
 
@@ -87,5 +92,6 @@ def _submit(args) -> None:
     from medcritical.cli.common import recipe_from_args
 
     run = submit_run(recipe_from_args(args), args.host, experiment=args.experiment, run_name=args.run_name,
-                     params=args.param, registry=args.registry, shm_size=args.shm_size, cache_teacher=args.cache_teacher)
+                     params=args.param, registry=args.registry, shm_size=args.shm_size, cache_teacher=args.cache_teacher,
+                     work_pvc=args.work_pvc)
     print(f"submitted run {run.run_id} to {args.host}")
