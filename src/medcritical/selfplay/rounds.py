@@ -88,6 +88,8 @@ def run_selfplay(
     from medcritical.training.dpo import train_dpo
 
     output_dir = Path(output_dir)
+    # Every round uses run.seed, as the pipeline's and the single-step commands do: the same recipe gives
+    # the same samples whichever way it runs (rounds still differ: each starts from a new model).
     config, seed = recipe.selfplay, recipe.run.seed
     model = str(model_path)
     rounds: list[dict] = []
@@ -96,7 +98,7 @@ def run_selfplay(
         round_dir = output_dir / f"round_{number}"
         log.info("self-play round %d/%d from %s", number, config.rounds, model)
         generated = _generate_and_free(
-            recipe, questions, eval_questions, model, round_dir / "rollout", round_dir / "eval", seed + number
+            recipe, questions, eval_questions, model, round_dir / "rollout", round_dir / "eval", seed
         )
         rollout = generated["rollout"]
         row = {
@@ -114,7 +116,7 @@ def run_selfplay(
         heldout = round_dir / "rollout" / "pairs_heldout.jsonl"
         metrics = train_dpo(
             config.dpo, round_dir / "rollout" / "pairs.jsonl", heldout if rollout["pairs"]["heldout_pairs"] else None,
-            model, round_dir / "dpo", device=recipe.run.device, dtype=recipe.model.dtype, seed=seed + number,
+            model, round_dir / "dpo", device=recipe.run.device, dtype=recipe.model.dtype, seed=seed,
         )
         row["dpo"] = metrics.get("status")
         if "heldout" in metrics:
