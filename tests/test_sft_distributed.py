@@ -123,3 +123,23 @@ def test_zero3_run_resumes_from_its_deepspeed_checkpoint(tmp_path, zero3_run, da
     after = [p["loss"] for p in resumed["loss_curve"] if p["step"] > 3]
     expected = [p["loss"] for p in uninterrupted["loss_curve"] if p["step"] > 3]
     assert len(after) == 3 and after == pytest.approx(expected, abs=RESUME_TOLERANCE)
+
+
+def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tiny_model, monkeypatch):
+    """What the sft component does on a pod with several GPUs, here with 2 CPU processes: the step's CLI
+    under torchrun, the recipe handed over as a file, the metrics read back for the KFP UI."""
+    from medcritical import steps
+    from medcritical.recipe import load_recipe_text
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    recipe = load_recipe_text(
+        f"run: {{threads: 1}}\n"
+        f"sft: {{lora: {{enabled: false}}, optim: {{deepspeed: zero2, max_length: {MAX_LENGTH}, max_steps: 4, "
+        "per_device_batch_size: 2, logging_steps: 1, warmup_ratio: 0, learning_rate: 3.0e-3}}\n"
+    )
+    output = tmp_path / "sft"
+    metrics = steps.run_data_parallel(
+        "sft", recipe, str(output), {"distill_uri": str(dataset), "model_uri": str(tiny_model)}, gpus=2
+    )
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4 and metrics["zero_stage"] == 2
+    assert (output / "model" / "config.json").is_file() and verify_manifest(output) == []

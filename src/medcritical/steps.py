@@ -253,7 +253,8 @@ def resolve_recipe_text(
     if recipe.selfplay.rounds != rounds:
         raise RecipeError(
             f"selfplay.rounds is {recipe.selfplay.rounds} but this pipeline was compiled for {rounds} rounds; "
-            f"recompile with `medcritical compile --rounds {recipe.selfplay.rounds}` or change the recipe"
+            f"recompile with `medcritical compile --set selfplay.rounds={recipe.selfplay.rounds}` (the rounds are "
+            "tasks of the compiled graph) or change the recipe"
         )
     return dump_recipe(recipe)
 
@@ -285,11 +286,12 @@ def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, 
     import subprocess
     import tempfile
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as recipe_file:
-        recipe_file.write(dump_recipe(recipe))
-    command = data_parallel_command(step, recipe_file.name, output_uri, inputs, gpus)
-    log.info("%d GPUs: running the %s step data-parallel: %s", gpus, step, " ".join(command))
-    subprocess.run(command, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe_path = Path(tmp) / "recipe.yaml"
+        recipe_path.write_text(dump_recipe(recipe), encoding="utf-8")
+        command = data_parallel_command(step, str(recipe_path), output_uri, inputs, gpus)
+        log.info("%d GPUs: running the %s step data-parallel: %s", gpus, step, " ".join(command))
+        subprocess.run(command, check=True)
     # The ranks ran in this pod: their output (already published) is still in the local folder.
     return json.loads((local_output_path(output_uri) / f"{step}_metrics.json").read_text(encoding="utf-8"))
 
