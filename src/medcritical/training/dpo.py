@@ -51,7 +51,7 @@ from medcritical.training.common import (
     trainer_arguments,
     training_device,
 )
-from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
+from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
 from medcritical.training.saving import MANIFEST, file_sha256, save_final_model, write_manifest
 
 log = logging.getLogger(__name__)
@@ -331,8 +331,8 @@ def train_dpo(
         held = metrics["heldout"] or {}
         log.info(
             "DPO done: %d steps, loss %s -> %s; held-out reward accuracy %s, margin %s; model in %s",
-            metrics["steps"], metrics["loss_first"], metrics["loss_last"], held.get("reward_accuracy"),
-            held.get("margin"), saved.model_dir,
+            metrics["steps"], short(metrics["loss_first"]), short(metrics["loss_last"]), short(held.get("reward_accuracy")),
+            short(held.get("margin")), saved.model_dir,
         )
     trainer.accelerator.wait_for_everyone()
     return metrics

@@ -42,7 +42,7 @@ from medcritical.training.common import (
     training_device,
 )
 from medcritical.training.config import SFTSection
-from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
+from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
 from medcritical.training.saving import MANIFEST, file_sha256, save_final_model, write_manifest
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ def train_sft(
         write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
         log.info(
             "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
-            metrics["steps"], metrics["loss_first"], metrics["loss_last"], metrics["tokens_per_second"], saved.model_dir,
+            metrics["steps"], short(metrics["loss_first"]), short(metrics["loss_last"]), short(metrics["tokens_per_second"]),
+            saved.model_dir,
         )
     trainer.accelerator.wait_for_everyone()
     return metrics
