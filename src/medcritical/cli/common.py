@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
+from typing import Iterator
 
 from medcritical.recipe import Recipe, load_recipe
 
@@ -19,6 +22,20 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="override a recipe key, e.g. --set sft.lora.r=16 (repeatable; value parsed as YAML)",
     )
+
+
+@contextlib.contextmanager
+def questions_uri(given: str | None, recipe: Recipe) -> Iterator[str]:
+    """A question file or prepare-data folder as given (path or s3:// URI); without one, the recipe's
+    data section prepared into a temporary folder (its train.jsonl and eval.jsonl)."""
+    if given:
+        yield given
+        return
+    from medcritical.data.prepare import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_data(recipe.data, recipe.run.seed, tmp)
+        yield tmp
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:

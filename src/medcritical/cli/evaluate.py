@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import tempfile
 
-from medcritical.cli.common import add_recipe_arguments, recipe_from_args
+from medcritical.cli.common import add_recipe_arguments, questions_uri, recipe_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -50,7 +48,7 @@ def _evaluate(args) -> None:
         from medcritical import steps
 
         recipe = recipe_from_args(args)
-        with _dataset_uri(args, recipe) as dataset:
+        with questions_uri(args.dataset, recipe) as dataset:
             report = steps.evaluate(
                 recipe, data_uri=dataset, model_uri=args.model or "", output_uri=args.output, label=args.label or ""
             )
@@ -61,14 +59,3 @@ def _evaluate(args) -> None:
     )
 
 
-@contextlib.contextmanager
-def _dataset_uri(args, recipe):
-    """--dataset as given (path or s3:// URI), or the recipe's eval split written to a temporary folder."""
-    if args.dataset:
-        yield args.dataset
-        return
-    from medcritical.data.prepare import prepare_data
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare_data(recipe.data, recipe.run.seed, tmp)
-        yield tmp

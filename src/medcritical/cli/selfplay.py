@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import tempfile
 
-from medcritical.cli.common import add_recipe_arguments, recipe_from_args
+from medcritical.cli.common import add_recipe_arguments, questions_uri, recipe_from_args
 
 ROLLOUT_HELP = """\
 The model answers each training question k times (selfplay.rollout.*), every answer graded against
@@ -85,33 +83,19 @@ Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ...
 
 def _questions_argument(parser) -> None:
     parser.add_argument(
-        "--questions", metavar="FILE", help="training questions (.jsonl/.csv/.xlsx); default: the recipe's train split"
+        "--questions", metavar="FILE",
+        help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder, a path or s3:// URI; "
+        "default: the recipe's train split",
     )
 
 
 def _questions(args, recipe):
     from medcritical.data.cmexam import load_questions
+    from medcritical.data.prepare import TRAIN_FILE
+    from medcritical.steps import input_file
 
-    if args.questions:
-        return load_questions(args.questions, recipe.data.on_bad_row).questions
-    from medcritical.data.prepare import TRAIN_FILE, prepare_data
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare_data(recipe.data, recipe.run.seed, tmp)
-        return load_questions(f"{tmp}/{TRAIN_FILE}").questions
-
-
-@contextlib.contextmanager
-def _questions_uri(args, recipe):
-    """--questions as given (path or s3:// URI), or the recipe's train split written to a temporary folder."""
-    if args.questions:
-        yield args.questions
-        return
-    from medcritical.data.prepare import prepare_data
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare_data(recipe.data, recipe.run.seed, tmp)
-        yield tmp
+    with questions_uri(args.questions, recipe) as uri:
+        return load_questions(input_file(uri, TRAIN_FILE), recipe.data.on_bad_row).questions
 
 
 def _model(args, recipe):
@@ -124,7 +108,7 @@ def _rollout(args) -> None:
     from medcritical import steps
 
     recipe = recipe_from_args(args)
-    with _questions_uri(args, recipe) as questions:
+    with questions_uri(args.questions, recipe) as questions:
         stats = steps.rollout(recipe, data_uri=questions, model_uri=args.model or "", output_uri=args.output)
     r, p = stats["rollout"], stats["pairs"]
     print(f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}")
