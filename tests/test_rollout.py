@@ -8,7 +8,7 @@ from medcritical.grader import grade_answer
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlayConfig
 from medcritical.selfplay.correction import correct_trajectories, correction_statistics
-from medcritical.selfplay.records import read_jsonl
+from medcritical.io.jsonl import read_jsonl
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
 ROLLOUT = RolloutSection(samples_per_question=3, temperature=1.0, top_p=1.0, max_new_tokens=48, chunk_size=8)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from medcritical.data.cmexam import Question
+from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.distill.traces import TEMPLATE, TRACE, parse_template
 from medcritical.llm_client import ChatReply
 
@@ -58,30 +59,11 @@ class ProgressLog:
         self.path = Path(path)
 
     def read(self) -> list[dict]:
-        """All events; a line torn by a crash mid-write is skipped (its reply is simply asked again)."""
-        if not self.path.is_file():
-            return []
-        events = []
-        with self.path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    log.warning("%s: line %d is not valid JSON (interrupted write?); ignoring it", self.path, number)
-        return events
+        """All events; a line torn by a crash mid-write is dropped (its reply is simply asked again)."""
+        return read_jsonl(self.path)
 
     def append(self, event: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
-        with self.path.open("ab+") as f:
-            # After a torn write the file may not end in a newline; start a fresh line.
-            if f.seek(0, 2) > 0:
-                f.seek(-1, 2)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-            f.write(line)
+        append_jsonl([event], self.path)
 
 
 def reply_event(question: Question, kind: str, attempt: int, reply: ChatReply) -> dict:

@@ -36,6 +36,7 @@ from medcritical.distill.progress import (
 )
 from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher
 from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template_messages, trace_messages
+from medcritical.io.jsonl import write_jsonl
 from medcritical.llm_client import ChatReply
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,8 @@ def _write_outputs(config, questions, run: _Run, output_dir: Path, prompts, teac
         question_outcome(q, run.progress[q.id], prompts=prompts, verify=config.verify, source=teacher.description)
         for q in questions
     ]
-    _write_jsonl(output_dir / SFT_FILE, [o.sft_row for o in outcomes if o.sft_row is not None])
-    _write_jsonl(output_dir / REJECTED_FILE, [row for o in outcomes for row in o.rejected])
+    write_jsonl([o.sft_row for o in outcomes if o.sft_row is not None], output_dir / SFT_FILE)
+    write_jsonl([row for o in outcomes for row in o.rejected], output_dir / REJECTED_FILE)
     sessions = [e for e in run.progress_log.read() if e.get("event") == SESSION]
     return {
         "teacher": teacher.description,
@@ -180,14 +181,6 @@ def _write_outputs(config, questions, run: _Run, output_dir: Path, prompts, teac
         "sessions": len(sessions),
         "files": {"sft": SFT_FILE, "rejected": REJECTED_FILE, "progress_log": RAW_FILE},
     }
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # readers never see a half-written file
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -22,6 +22,7 @@ from medcritical.data.cmexam import Question, load_questions
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import write_report
 from medcritical.grader import grade_answer
+from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.prompts import mcq_messages, open_messages
 from medcritical.recipe import EvaluateConfig, GenerationConfig
 
@@ -88,14 +89,7 @@ def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: 
 
 
 def _load_outputs(path: Path) -> dict[str, dict]:
-    done: dict[str, dict] = {}
-    if path.is_file():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    done[row["id"]] = row
-    return done
+    return {row["id"]: row for row in read_jsonl(path)}
 
 
 def _generate_missing(
@@ -111,10 +105,8 @@ def _generate_missing(
     output_file.parent.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), CHUNK):
         rows = make_rows(todo[start : start + CHUNK])
-        with output_file.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[row["id"]] = row
+        append_jsonl(rows, output_file)
+        done.update((row["id"], row) for row in rows)
         log.info("evaluated %d/%d questions", len(done), len(questions))
     return done
 

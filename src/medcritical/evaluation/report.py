@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+
+from medcritical.io.jsonl import write_jsonl
 
 REPORT_JSON, REPORT_MD, PLOT_PNG, GRADED_JSONL = "report.json", "report.md", "accuracy.png", "graded.jsonl"
 MAX_BARS_PER_COLUMN = 12  # annotation columns can have dozens of values; show the largest groups
@@ -17,12 +18,6 @@ PROTOCOL_TITLES = {
 
 def percent(x: float) -> str:
     return f"{100 * x:.1f}"
-
-
-def write_jsonl(rows: Iterable[dict], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def markdown_report(report: dict) -> str:

@@ -129,6 +129,38 @@ class TransformersGenerator:
                 bar.update(len(batch) * n)
         return results
 
+    def continuation_logprobs(
+        self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        """Summed log-probability of each continuation text as the start of the assistant's reply to
+        its prompt (chat template applied, generation prompt added): ``continuations[i][j]`` scored
+        after ``prompts[i]``. The continuation is tokenized on its own, as lm-eval-harness does."""
+        import torch
+
+        sequences: list[tuple[int, list[int], int]] = []  # (prompt index, ids, continuation length)
+        for index, (prompt_ids, texts) in enumerate(zip(self.encode_prompts(prompts), continuations)):
+            for text in texts:
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                sequences.append((index, prompt_ids + ids, len(ids)))
+        scores: list[float] = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = sequences[start : start + self.batch_size]
+            inputs = self.tokenizer.pad(
+                {"input_ids": [ids for _, ids, _ in chunk]}, return_tensors="pt", padding_side="left"
+            ).to(self.device)
+            with torch.no_grad():
+                logprobs = self.model(**inputs).logits.float().log_softmax(-1)
+            width = inputs["input_ids"].shape[1]
+            for row, (_, ids, length) in enumerate(chunk):
+                # Token t is predicted by the logits at t-1; the continuation is the last `length` tokens.
+                positions = torch.arange(width - length, width, device=logprobs.device)
+                targets = inputs["input_ids"][row, width - length :]
+                scores.append(logprobs[row, positions - 1, targets].sum().item())
+        result: list[list[float]] = [[] for _ in prompts]
+        for (index, _, _), score in zip(sequences, scores):
+            result[index].append(score)
+        return result
+
     def letter_logprobs(
         self, prompts: Sequence[Messages], letters: Sequence[Sequence[str]], answer_prefix: str = ""
     ) -> list[dict[str, float]]:

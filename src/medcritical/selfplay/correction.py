@@ -15,7 +15,8 @@ from medcritical.grader import grade_answer
 from medcritical.modeling.generation import Generator, Messages
 from medcritical.prompts import format_options, load_prompt
 from medcritical.selfplay.config import CorrectionSection
-from medcritical.selfplay.records import append_jsonl, resume_groups
+from medcritical.io.jsonl import append_jsonl
+from medcritical.selfplay.records import resume_groups
 
 log = logging.getLogger(__name__)
 

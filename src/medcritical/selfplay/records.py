@@ -1,53 +1,15 @@
-"""JSONL files that grow as work finishes, so a rerun resumes where a crash left off."""
+"""Resuming the self-play logs that grow as work finishes, so a rerun continues where a crash left off."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Callable, Hashable, Iterable
+from typing import Callable, Hashable
+
+from medcritical.io.jsonl import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSONL file; a torn last line (a crash mid-write) is dropped with a warning."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                log.warning("%s: ignoring the torn last line %d (an interrupted write)", path, number)
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg}); delete the file to start over") from e
-    return records
-
-
-def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
-    """Write all records at once, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def append_jsonl(records: Iterable[dict], path: str | Path) -> None:
-    with Path(path).open("a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def resume_groups(path: str | Path, key: Callable[[dict], Hashable], complete: Callable[[list[dict]], bool]) -> dict:

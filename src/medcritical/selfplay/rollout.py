@@ -15,7 +15,8 @@ from medcritical.grader import grade_answer
 from medcritical.modeling.generation import Generator
 from medcritical.prompts import mcq_messages
 from medcritical.selfplay.config import RolloutSection
-from medcritical.selfplay.records import append_jsonl, resume_groups
+from medcritical.io.jsonl import append_jsonl
+from medcritical.selfplay.records import resume_groups
 
 log = logging.getLogger(__name__)
 

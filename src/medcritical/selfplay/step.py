@@ -22,7 +22,8 @@ from medcritical.recipe import GenerationConfig
 from medcritical.selfplay.config import SelfPlayConfig
 from medcritical.selfplay.correction import correct_trajectories, correction_statistics
 from medcritical.selfplay.pairs import build_preference_pairs
-from medcritical.selfplay.records import check_resume_meta, read_jsonl, write_jsonl
+from medcritical.io.jsonl import read_jsonl, write_jsonl
+from medcritical.selfplay.records import check_resume_meta
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from medcritical.selfplay.config import DPOSection
-from medcritical.selfplay.records import read_jsonl
+from medcritical.io.jsonl import read_jsonl
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
     check_same_run,

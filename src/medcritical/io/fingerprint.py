@@ -1,0 +1,119 @@
+"""Checksums and resume fingerprints: a rerun continues only the work of the same inputs.
+
+A step that resumes (evaluation, rollout, distillation, training) records a *fingerprint* of what
+its results depend on — the questions file's content, the prompt files, the protocol settings and
+the model's weights — beside its outputs on the first run. A rerun into the same folder must
+match it, or `check_resume` stops with an error naming what changed; `restart=True` (the CLI's
+``--restart``) clears the step's outputs instead, so a retrained model in the same folder is never
+graded from the old model's answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "fingerprint.json"
+MODEL_MANIFEST = "MANIFEST.sha256"  # written by the training steps beside model/ (sha256sum format)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
+
+
+class ResumeMismatch(ValueError):
+    """An output folder holds results made from other inputs or settings."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def text_sha256(text: str | bytes) -> str:
+    return hashlib.sha256(text if isinstance(text, bytes) else text.encode("utf-8")).hexdigest()
+
+
+def json_sha256(value: Any) -> str:
+    """A stable hash of a JSON-able value (keys sorted)."""
+    return text_sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str))
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """The weights' identity: from the training step's checksum manifest when the model has one
+    (hashed once, at save time), else a hash of the model folder's files (config, tokenizer, weights).
+    Independent of the folder's path, so the same model downloaded elsewhere matches."""
+    model_dir = Path(model_dir)
+    for manifest in (model_dir / MODEL_MANIFEST, model_dir.parent / MODEL_MANIFEST):
+        if manifest.is_file():
+            prefix = "" if manifest.parent == model_dir else f"{model_dir.name}/"
+            lines = sorted(
+                line for line in manifest.read_text(encoding="utf-8").splitlines() if line.split("  ", 1)[-1].startswith(prefix)
+            )
+            if lines:
+                return text_sha256("\n".join(line.replace(f"  {prefix}", "  ", 1) for line in lines))
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no model files to fingerprint (is this a Hugging Face model folder?)")
+    return text_sha256("\n".join(f"{file_sha256(p)}  {p.relative_to(model_dir).as_posix()}" for p in files))
+
+
+def questions_fingerprint(questions: Iterable) -> str:
+    """The content of a list of questions (id, text, options, answer), whatever file they came from."""
+    return json_sha256([[q.id, q.question, q.options, q.answer] for q in questions])
+
+
+def check_resume(
+    output_dir: str | Path,
+    fingerprint: dict[str, Any],
+    *,
+    outputs: Iterable[str] = (),
+    restart: bool = False,
+    name: str = FINGERPRINT_FILE,
+) -> bool:
+    """Compare `fingerprint` with the one recorded in `output_dir`; record it when there is none.
+
+    `outputs` are the files/folders the fingerprint vouches for. On a mismatch: with `restart` they
+    are deleted and the new fingerprint recorded; otherwise `ResumeMismatch` names what changed.
+    Returns True when earlier results are resumed.
+    """
+    output_dir = Path(output_dir)
+    path = output_dir / name
+    current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    existing = [output_dir / o for o in outputs if (output_dir / o).exists()]
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before == current:
+            return bool(existing)
+        changed = sorted(k for k in current.keys() | before.keys() if before.get(k) != current.get(k))
+        if not restart and existing:
+            details = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(current.get(k))}" for k in changed)
+            raise ResumeMismatch(
+                f"{output_dir}: holds results made from other inputs or settings ({details}). "
+                "Rerun with --restart to discard them and start over, or use another output folder."
+            )
+    elif existing and not restart:
+        raise ResumeMismatch(
+            f"{output_dir}: holds results ({', '.join(p.name for p in existing)}) with no record of what made them; "
+            "rerun with --restart to discard them, or use another output folder"
+        )
+    if restart and existing:
+        log.warning("%s: --restart: discarding %s", output_dir, ", ".join(p.name for p in existing))
+    for stale in existing:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+    return False
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:16] + "…" + text[-8:]

@@ -1,0 +1,75 @@
+"""One writer per output folder: a second run into a folder in use stops at once, naming the holder.
+
+The lock is a file, ``.medcritical.lock``, holding the holder's host, PID and start time, taken with
+an exclusive ``flock`` for as long as the step runs. The kernel releases a flock when its process
+dies (kill -9 included), so a lock left behind by a crash is stale by construction and the next run
+takes it over; the file's contents only serve the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+LOCK_FILE = ".medcritical.lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another process is writing into the same output folder."""
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path, what: str = "step") -> Iterator[None]:
+    """Hold the folder's lock while the body runs; raise `FolderInUse` if another process holds it.
+
+    Reentrant within a process (a step that calls another step's library code into the same folder),
+    since flock is per open file description and we keep one per folder.
+    """
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _describe(handle.read())
+            raise FolderInUse(
+                f"{folder}: another run is writing here ({holder}); wait for it to finish, stop it, "
+                "or choose another output folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": what,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        handle.flush()
+        _held.add(key)
+        try:
+            yield
+        finally:
+            _held.discard(key)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+_held: set[str] = set()
+
+
+def _describe(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"{info['what']} by PID {info['pid']} on {info['host']} since {info['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
