@@ -65,9 +65,10 @@ def load_backend(backend: str, model_dir: Path, args):
 
 def run_one_case(backend: str, args) -> dict:
     from medcritical.data.bundled import bundled_questions
+    from medcritical.evaluation.config import EvaluateConfig
     from medcritical.evaluation.evaluate import evaluate_model
+    from medcritical.modeling.config import GenerationConfig
     from medcritical.prompts import mcq_messages
-    from medcritical.recipe import EvaluateConfig, GenerationConfig
     from medcritical.selfplay.config import RolloutSection
     from medcritical.selfplay.rollout import rollout_questions
 

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from medcritical.modeling import resolve_model
-    from medcritical.recipe import TINY, dump_recipe, load_recipe
+    from medcritical.modeling.config import TINY
+    from medcritical.recipe import dump_recipe, load_recipe
 
     result = new_result("pipeline_e2e", TITLE)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))

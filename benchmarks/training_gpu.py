@@ -160,7 +160,7 @@ def run_one_case(name: str, args) -> dict:
             config = SFTSection(lora=_lora(case), optim=_optim(args, case), packing=case.packing, resume=False)
             train_sft(config, args.sft_data, model_dir, output_dir, device=device, callbacks=[timer])
         elif case.impl == "ours":
-            from medcritical.selfplay.config import DPOSection
+            from medcritical.training.config import DPOSection
             from medcritical.training.dpo import train_dpo
 
             config = DPOSection(lora=_lora(case), optim=_optim(args, case), precompute_ref_log_probs=case.precompute)

@@ -9,9 +9,9 @@ import openpyxl
 import pytest
 
 from medcritical.data.cmexam import DataError, load_questions, parse_options
+from medcritical.data.config import DataConfig
 from medcritical.data.prepare import prepare_data
 from medcritical.data.splits import normalize_text, overlapping, split_questions
-from medcritical.recipe import DataConfig
 
 SHARED_VAL = Path(__file__).resolve().parents[2] / "shared/data/cmexam/val.xlsx"
 HEADER = ["Question", "Options", "Answer", "Explanation"]

@@ -11,9 +11,9 @@ from medcritical.distill.config import DistillConfig
 from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
 from medcritical.distill.teachers import ExplanationTeacher
 from medcritical.distill.traces import DistillPrompts, parse_template, split_reasoning
-from medcritical.llm_client import ChatReply
 from medcritical.evaluation.evaluate import mcq_messages
 from medcritical.grader import grade_answer
+from medcritical.llm_client import ChatReply
 
 
 def read_jsonl(path):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from medcritical.recipe import GenerationConfig
-from medcritical.selfplay.config import CorrectionSection, DPOSection, PairsSection, RolloutSection, SelfPlayConfig
+from medcritical.modeling.config import GenerationConfig
+from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlayConfig
 from medcritical.selfplay.step import run_rollout
-from medcritical.training.config import LoraSection, OptimSection
+from medcritical.training.config import DPOSection, LoraSection, OptimSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
 from medcritical.training.saving import verify_manifest
 

@@ -6,9 +6,10 @@ import pytest
 
 from medcritical.cli import main
 from medcritical.data.cmexam import write_questions
+from medcritical.evaluation.config import EvaluateConfig
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.metrics import summarize, wilson_interval
-from medcritical.recipe import EvaluateConfig, GenerationConfig
+from medcritical.modeling.config import GenerationConfig
 
 
 def read_jsonl(path):

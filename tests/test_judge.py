@@ -10,9 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.judge import parse_verdict
-from medcritical.recipe import EvaluateConfig, GenerationConfig, JudgeConfig
+from medcritical.modeling.config import GenerationConfig
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from medcritical.grader import grade_answer
+from medcritical.io.jsonl import read_jsonl
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlayConfig
 from medcritical.selfplay.correction import correct_trajectories, correction_statistics
-from medcritical.io.jsonl import read_jsonl
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
 ROLLOUT = RolloutSection(samples_per_question=3, temperature=1.0, top_p=1.0, max_new_tokens=48, chunk_size=8)
@@ -98,7 +98,7 @@ def test_correction_keeps_only_verified_corrections(generator, selfplay_question
 
 
 def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, tmp_path):
-    from medcritical.recipe import GenerationConfig
+    from medcritical.modeling.config import GenerationConfig
     from medcritical.selfplay.step import run_rollout
 
     config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1))

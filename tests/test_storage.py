@@ -32,7 +32,6 @@ from medcritical.storage import (
     StorageError,
 )
 
-
 PART = 5 * 1024 * 1024  # S3's minimum part size: a 12 MB file takes 3 parts
 
 

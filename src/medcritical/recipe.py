@@ -4,8 +4,8 @@ Every knob a researcher turns is a key here with a sane default. Unknown keys, w
 missing files are errors naming the key and the file. ``--set section.key=value`` overrides a key
 from the command line (the value is parsed as YAML, so ``--set sft.lora.r=16`` is an int).
 
-Each step owns its section's model (``DistillConfig`` lives with distillation, and so on); this
-module only composes them.
+Each stage owns its section's model (``DataConfig`` in ``data/config.py``, ``DistillConfig`` in
+``distill/config.py``, and so on); this module only assembles them and runs the loading rules.
 """
 
 from __future__ import annotations
@@ -14,16 +14,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError
 
+from medcritical.data.config import BUNDLED, DataConfig
 from medcritical.distill.config import DistillConfig
+from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
+from medcritical.modeling.config import TINY, GenerationConfig, ModelConfig, TinyModelConfig
 from medcritical.section import Section
 from medcritical.selfplay.config import SelfPlayConfig
 from medcritical.training.config import SFTSection
 
-BUNDLED = "bundled"  # data.source value: the CMExam sample shipped inside the package
-TINY = "tiny"  # model.base value: build the offline tiny model
-
+# Re-exported: the sections live with the stage that owns them; a recipe only assembles them.
+__all__ = [
+    "BUNDLED", "TINY", "DataConfig", "DistillConfig", "EvaluateConfig", "GenerationConfig", "JudgeConfig",
+    "ModelConfig", "Recipe", "RecipeError", "RunConfig", "SFTSection", "SelfPlayConfig", "TinyModelConfig",
+    "apply_override", "dump_recipe", "load_recipe", "load_recipe_text",
+]
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
@@ -42,85 +48,6 @@ class RunConfig(Section):
     @property
     def root(self) -> str:
         return self.output_dir or f"runs/{self.name}"
-
-
-class DataConfig(Section):
-    # "bundled" (400 CMExam val questions in the package) or a .csv/.xlsx/.jsonl path.
-    source: str = BUNDLED
-    # A separate evaluation file; when None, `eval_size` questions are split off `source`.
-    eval_source: str | None = None
-    eval_size: int = 100
-    # Cap on training questions (None: all that remain after the split); chosen by seeded hash.
-    train_size: int | None = None
-    # Bad rows (empty question, no options, answer not among options): skip and count, or stop.
-    on_bad_row: Literal["skip", "error"] = "skip"
-    # Training questions whose text also appears in the eval split: drop them, or stop.
-    on_leakage: Literal["drop", "error"] = "drop"
-
-    @field_validator("source", "eval_source")
-    @classmethod
-    def _file_exists(cls, value: str | None) -> str | None:
-        if value in (None, BUNDLED) or value.startswith("s3://") or Path(value).is_file():
-            return value
-        raise ValueError(f"no such file {value!r}")
-
-
-class TinyModelConfig(Section):
-    vocab_size: int = 2048
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    seed: int = 0
-
-
-class ModelConfig(Section):
-    # "tiny" (built offline into the run folder) or a local Hugging Face model folder.
-    base: str = TINY
-    tiny: TinyModelConfig = TinyModelConfig()
-    # "auto": bfloat16 on a GPU that supports it, float32 on CPU.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-
-    @field_validator("base")
-    @classmethod
-    def _model_exists(cls, value: str) -> str:
-        if value == TINY or value.startswith("s3://") or Path(value).is_dir():
-            return value
-        raise ValueError(f"no such model folder {value!r} (use 'tiny' or a local Hugging Face folder)")
-
-
-class GenerationConfig(Section):
-    """How the student generates, in evaluation and rollout."""
-
-    backend: Literal["transformers", "vllm"] = "transformers"
-    batch_size: int = 16
-    max_new_tokens: int = 256
-    # vLLM only: GPUs per model replica, and the share of GPU memory it may take.
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-
-
-class JudgeConfig(Section):
-    """The paper's open-ended protocol: a judge model behind an OpenAI-compatible endpoint."""
-
-    base_url: str | None = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
-    model: str | None = None  # env MEDCRITICAL_JUDGE_MODEL
-    api_key_env: str = "MEDCRITICAL_JUDGE_API_KEY"  # the key is read from this variable, never the recipe
-    concurrency: int = 8
-    timeout_s: float = 120.0
-    max_retries: int = 5
-    max_tokens: int = 512  # room for a reasoning judge; the verdict is its last 正确/错误 (correct/incorrect)
-
-
-class EvaluateConfig(Section):
-    # mcq: options shown, letters graded. judge: no options, a judge grades the free answer.
-    protocol: Literal["mcq", "judge"] = "mcq"
-    # mcq only: "generate" (free text + the grader) or "loglik" (likelihood of each option letter;
-    # single-answer questions only, multi-answer ones are still generated).
-    scoring: Literal["generate", "loglik"] = "generate"
-    language: Literal["zh", "en"] = "zh"
-    limit: int | None = None  # evaluate only the first N questions (quick checks)
-    judge: JudgeConfig = JudgeConfig()
 
 
 class Recipe(Section):

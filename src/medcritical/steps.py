@@ -109,7 +109,7 @@ def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:
     """"" → the recipe's base model; "tiny" → the offline tiny model; a step folder → its model/,
     or, for a DPO round that had no pairs, the model it left unchanged (see MODEL_POINTER)."""
     from medcritical.modeling import resolve_model
-    from medcritical.recipe import TINY
+    from medcritical.modeling.config import TINY
 
     uri = model_uri or recipe.model.base
     if uri == TINY:

@@ -68,8 +68,8 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    from medcritical.pipeline_runner import run_locally
     from medcritical.cli.common import recipe_from_args
+    from medcritical.pipeline_runner import run_locally
 
     recipe = recipe_from_args(args)
     report_dir = run_locally(recipe)
@@ -79,8 +79,8 @@ def _run(args) -> int:
 
 
 def _compile(args) -> None:
-    from medcritical.pipeline_runner import compile_pipeline
     from medcritical.cli.common import recipe_from_args
+    from medcritical.pipeline_runner import compile_pipeline
 
     path = compile_pipeline(recipe_from_args(args), args.output, registry=args.registry,
                             shm_size=args.shm_size, cache_teacher=args.cache_teacher, work_pvc=args.work_pvc)
@@ -88,8 +88,8 @@ def _compile(args) -> None:
 
 
 def _submit(args) -> None:
-    from medcritical.pipeline_runner import submit_run
     from medcritical.cli.common import recipe_from_args
+    from medcritical.pipeline_runner import submit_run
 
     run = submit_run(recipe_from_args(args), args.host, experiment=args.experiment, run_name=args.run_name,
                      params=args.param, registry=args.registry, shm_size=args.shm_size, cache_teacher=args.cache_teacher,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from medcritical.data.bundled import bundled_path
 from medcritical.data.cmexam import DataError, load_questions, write_questions
+from medcritical.data.config import BUNDLED, DataConfig
 from medcritical.data.splits import overlapping, split_questions, take
-from medcritical.recipe import BUNDLED, DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Iterable
 
 from medcritical.data.cmexam import Question
-from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.distill.traces import TEMPLATE, TRACE, parse_template
+from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.llm_client import ChatReply
 
 log = logging.getLogger(__name__)

@@ -154,8 +154,8 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
             "Hugging Face model folder (or 'tiny'), or use distill.backend: openai for a served model"
         )
     from medcritical.modeling import resolve_model
+    from medcritical.modeling.config import GenerationConfig
     from medcritical.modeling.generation import load_generator
-    from medcritical.recipe import GenerationConfig
 
     path = resolve_model(config.teacher_model)
     generation = GenerationConfig(

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from medcritical.data.cmexam import Question, load_questions
+from medcritical.evaluation.config import EvaluateConfig
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import write_report
 from medcritical.grader import grade_answer
 from medcritical.io.jsonl import append_jsonl, read_jsonl
+from medcritical.modeling.config import GenerationConfig
 from medcritical.prompts import mcq_messages, open_messages
-from medcritical.recipe import EvaluateConfig, GenerationConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from medcritical.data.cmexam import Question
+from medcritical.evaluation.config import JudgeConfig
 from medcritical.grader import final_answer_text
 from medcritical.prompts import load_prompt
-from medcritical.recipe import JudgeConfig
 
 JUDGEMENTS_JSONL = "judgements.jsonl"
 _VERDICT = re.compile(r"不正确|错误|正确|incorrect|correct", re.IGNORECASE)

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from medcritical.recipe import TINY, TinyModelConfig
+from medcritical.modeling.config import TINY, TinyModelConfig
 
 
 def cache_dir() -> Path:

@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from medcritical.recipe import GenerationConfig
+from medcritical.modeling.config import GenerationConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medcritical.recipe import TinyModelConfig
+from medcritical.modeling.config import TinyModelConfig
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_TOKENS = ["<think>", "</think>"]

@@ -1,4 +1,6 @@
-"""Recipe section `selfplay`: rollout, self-correction, preference pairs and DPO, for R rounds."""
+"""Recipe section `selfplay`: rollout, self-correction, preference pairs and DPO, for R rounds.
+
+The DPO step's own settings (`selfplay.dpo`) live with the trainer, in `training/config.py`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from medcritical.section import Section
-from medcritical.training.config import LoraSection, OptimSection
+from medcritical.training.config import DPOSection
 
 
 class RolloutSection(Section):
@@ -34,23 +36,6 @@ class PairsSection(Section):
     max_length_ratio: float = 2.0  # drop pairs whose chosen is this many times longer than rejected
     max_pairs_per_question: int = Field(4, ge=1)
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # share of questions whose pairs are held out
-
-
-class DPOSection(Section):
-    beta: float = 0.3
-    # sigmoid: DPO; ipo: IPO; sigmoid_sft: DPO plus an SFT (NLL) term on chosen, weighted by sft_weight.
-    loss_type: Literal["sigmoid", "ipo", "sigmoid_sft"] = "sigmoid"
-    sft_weight: float = 1.0  # weight of the SFT term in sigmoid_sft
-    lora: LoraSection = LoraSection()
-    optim: OptimSection = OptimSection(learning_rate=1e-5, epochs=10, per_device_batch_size=1, gradient_accumulation_steps=16)
-    # Reference log-probs computed once before training, then the reference model is freed (saves memory).
-    precompute_ref_log_probs: bool = False
-    # Held-out evaluations over the whole run (reward accuracy and margin on pairs_heldout.jsonl).
-    evaluations: int = Field(20, ge=1)
-    early_stopping_patience: int = 3  # evaluations without held-out margin improvement before stopping (0: off)
-    # At the end, load the checkpoint with the best held-out margin (a checkpoint is then saved at every
-    # evaluation, replacing optim.save_steps); off keeps the last step's weights.
-    restore_best: bool = True
 
 
 class SelfPlayConfig(Section):

@@ -12,10 +12,10 @@ from typing import Mapping, Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.grader import grade_answer
+from medcritical.io.jsonl import append_jsonl
 from medcritical.modeling.generation import Generator, Messages
 from medcritical.prompts import format_options, load_prompt
 from medcritical.selfplay.config import CorrectionSection
-from medcritical.io.jsonl import append_jsonl
 from medcritical.selfplay.records import resume_groups
 
 log = logging.getLogger(__name__)

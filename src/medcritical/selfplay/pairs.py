@@ -15,8 +15,8 @@ from collections import Counter
 from typing import Mapping, Sequence
 
 from medcritical.data.cmexam import Question
-from medcritical.selfplay.config import PairsSection
 from medcritical.prompts import mcq_messages
+from medcritical.selfplay.config import PairsSection
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.grader import grade_answer
+from medcritical.io.jsonl import append_jsonl
 from medcritical.modeling.generation import Generator
 from medcritical.prompts import mcq_messages
 from medcritical.selfplay.config import RolloutSection
-from medcritical.io.jsonl import append_jsonl
 from medcritical.selfplay.records import resume_groups
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Sequence
 
 from medcritical.data.cmexam import Question
+from medcritical.io.jsonl import read_jsonl, write_jsonl
+from medcritical.modeling.config import GenerationConfig
 from medcritical.modeling.generation import Generator, load_generator
 from medcritical.prompts import load_prompt
-from medcritical.recipe import GenerationConfig
 from medcritical.selfplay.config import SelfPlayConfig
 from medcritical.selfplay.correction import correct_trajectories, correction_statistics
 from medcritical.selfplay.pairs import build_preference_pairs
-from medcritical.io.jsonl import read_jsonl, write_jsonl
 from medcritical.selfplay.records import check_resume_meta
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 

@@ -1,4 +1,4 @@
-"""Recipe sections of the training steps. LoraSection and OptimSection are shared by SFT and DPO."""
+"""Recipe sections of the training steps: `sft` and `selfplay.dpo`. LoraSection and OptimSection are shared."""
 
 from __future__ import annotations
 
@@ -55,3 +55,20 @@ class SFTSection(Section):
     on_too_long: Literal["drop", "truncate"] = "drop"
     # A rerun with the same output folder continues from the newest complete checkpoint.
     resume: bool = True
+
+
+class DPOSection(Section):
+    beta: float = 0.3
+    # sigmoid: DPO; ipo: IPO; sigmoid_sft: DPO plus an SFT (NLL) term on chosen, weighted by sft_weight.
+    loss_type: Literal["sigmoid", "ipo", "sigmoid_sft"] = "sigmoid"
+    sft_weight: float = 1.0  # weight of the SFT term in sigmoid_sft
+    lora: LoraSection = LoraSection()
+    optim: OptimSection = OptimSection(learning_rate=1e-5, epochs=10, per_device_batch_size=1, gradient_accumulation_steps=16)
+    # Reference log-probs computed once before training, then the reference model is freed (saves memory).
+    precompute_ref_log_probs: bool = False
+    # Held-out evaluations over the whole run (reward accuracy and margin on pairs_heldout.jsonl).
+    evaluations: int = Field(20, ge=1)
+    early_stopping_patience: int = 3  # evaluations without held-out margin improvement before stopping (0: off)
+    # At the end, load the checkpoint with the best held-out margin (a checkpoint is then saved at every
+    # evaluation, replacing optim.save_steps); off keeps the last step's weights.
+    restore_best: bool = True

@@ -36,7 +36,6 @@ from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
-from medcritical.selfplay.config import DPOSection
 from medcritical.io.jsonl import read_jsonl
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
@@ -51,6 +50,7 @@ from medcritical.training.common import (
     trainer_arguments,
     training_device,
 )
+from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
 from medcritical.training.saving import MANIFEST, file_sha256, save_final_model, write_manifest
 

@@ -1,0 +1,33 @@
+"""The `data:` recipe section: where the questions come from and how they are split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator
+
+from medcritical.section import Section
+
+BUNDLED = "bundled"  # data.source value: the CMExam sample shipped inside the package
+
+
+class DataConfig(Section):
+    # "bundled" (400 CMExam val questions in the package) or a .csv/.xlsx/.jsonl path.
+    source: str = BUNDLED
+    # A separate evaluation file; when None, `eval_size` questions are split off `source`.
+    eval_source: str | None = None
+    eval_size: int = 100
+    # Cap on training questions (None: all that remain after the split); chosen by seeded hash.
+    train_size: int | None = None
+    # Bad rows (empty question, no options, answer not among options): skip and count, or stop.
+    on_bad_row: Literal["skip", "error"] = "skip"
+    # Training questions whose text also appears in the eval split: drop them, or stop.
+    on_leakage: Literal["drop", "error"] = "drop"
+
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _file_exists(cls, value: str | None) -> str | None:
+        if value in (None, BUNDLED) or value.startswith("s3://") or Path(value).is_file():
+            return value
+        raise ValueError(f"no such file {value!r}")
