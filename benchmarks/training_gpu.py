@@ -98,13 +98,12 @@ def steady_throughput_callback(warmup: int):
     return SteadyThroughput()
 
 
-def _optim(args, case: Case):
-    from medcritical.training.config import OptimSection
-
-    return OptimSection(
-        learning_rate=1e-5, warmup_ratio=0.0, max_steps=args.steps, per_device_batch_size=args.batch_size,
-        max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing == "on",
-        deepspeed=case.deepspeed, save_steps=10**6, logging_steps=1,
+def _trainer(args, case: Case) -> dict:
+    """TRL arguments of a benchmark case (the sections' `trainer:` mapping)."""
+    return dict(
+        learning_rate=1e-5, warmup_steps=0.0, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length, activation_checkpointing=args.gradient_checkpointing == "on",
+        save_steps=10**6, logging_steps=1,
     )
 
 
@@ -157,13 +156,13 @@ def run_one_case(name: str, args) -> dict:
             from medcritical.training.config import SFTSection
             from medcritical.training.sft import train_sft
 
-            config = SFTSection(lora=_lora(case), optim=_optim(args, case), packing=case.packing, resume=False)
+            config = SFTSection(lora=_lora(case), deepspeed=case.deepspeed, trainer=_trainer(args, case) | {"packing": case.packing}, resume=False)
             train_sft(config, args.sft_data, model_dir, output_dir, device=device, callbacks=[timer])
         elif case.impl == "ours":
             from medcritical.training.config import DPOSection
             from medcritical.training.dpo import train_dpo
 
-            config = DPOSection(lora=_lora(case), optim=_optim(args, case), precompute_ref_log_probs=case.precompute)
+            config = DPOSection(lora=_lora(case), deepspeed=case.deepspeed, trainer=_trainer(args, case) | {"precompute_ref_log_probs": case.precompute})
             train_dpo(config, args.dpo_data, None, model_dir, output_dir, device=device, resume=False, callbacks=[timer])
         else:
             from datasets import Dataset

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from medcritical.modeling.config import GenerationConfig
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlayConfig
 from medcritical.selfplay.step import run_rollout
-from medcritical.training.config import DPOSection, LoraSection, OptimSection
+from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
 from medcritical.training.saving import verify_manifest
 
-OPTIM = dict(per_device_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2)
+TRAINER = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def reward_margin(policy, reference, tokenizer, pairs, beta):
 def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
     config = DPOSection(
         lora=LoraSection(r=8, alpha=16, dropout=0.0),
-        optim=OptimSection(learning_rate=5e-3, epochs=3, **OPTIM),
+        trainer=dict(learning_rate=5e-3, num_train_epochs=3, **TRAINER),
         evaluations=6,
     )
     output = tmp_path / "dpo"
@@ -72,7 +72,7 @@ def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(output / "model")
     start = AutoModelForCausalLM.from_pretrained(format_model)
     heldout = read_pairs(pairs_dir / "pairs_heldout.jsonl")
-    assert reward_margin(trained, start, tokenizer, heldout, config.beta) == pytest.approx(held["margin"], abs=2e-3)
+    assert reward_margin(trained, start, tokenizer, heldout, config.settings["beta"]) == pytest.approx(held["margin"], abs=2e-3)
     assert all(not verify_manifest(output) for _ in [0])
     for name in ("dpo_metrics.json", "dpo_loss.png", "dpo_heldout.png"):
         assert (output / name).is_file()
@@ -83,9 +83,11 @@ def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "precompute, loss_type", [(False, "sigmoid"), (True, "ipo"), (False, "sigmoid_sft")], ids=["copy", "precompute-ipo", "copy-sigmoid_sft"]
+    "precompute, loss",
+    [(False, {"loss_type": ["sigmoid"]}), (True, {"loss_type": ["ipo"]}), (False, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]})],
+    ids=["copy", "precompute-ipo", "copy-sigmoid_sft"],
 )
-def test_full_finetune_reference_is_the_model_in_memory(pairs_dir, format_model, tmp_path, precompute, loss_type):
+def test_full_finetune_reference_is_the_model_in_memory(pairs_dir, format_model, tmp_path, precompute, loss):
     """The SFT model in memory differs from the folder it was loaded from (as after training in the same
     process); the reference must be the in-memory one, and stay fixed while the policy trains."""
     tokenizer = AutoTokenizer.from_pretrained(format_model)
@@ -95,8 +97,8 @@ def test_full_finetune_reference_is_the_model_in_memory(pairs_dir, format_model,
     snapshot, on_disk = copy.deepcopy(policy), AutoModelForCausalLM.from_pretrained(format_model)
     pairs = read_pairs(pairs_dir / "pairs.jsonl")[:8]
     config = DPOSection(
-        loss_type=loss_type, lora=LoraSection(enabled=False), precompute_ref_log_probs=precompute,
-        optim=OptimSection(learning_rate=1e-3, max_steps=3, warmup_ratio=0.0, **OPTIM),
+        lora=LoraSection(enabled=False),
+        trainer=dict(precompute_ref_log_probs=precompute, learning_rate=1e-3, max_steps=3, warmup_steps=0.0, **loss, **TRAINER),
     )
     args = dpo_arguments(config, tmp_path, device="cpu", seed=0, deepspeed=None, heldout=False)
     trainer = build_dpo_trainer(config, policy, tokenizer, pairs, [], args, model_path=format_model)
@@ -128,7 +130,7 @@ class InterruptAt(TrainerCallback):
 
 
 def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path):
-    config = DPOSection(lora=LoraSection(r=4, alpha=8, dropout=0.0), optim=OptimSection(learning_rate=1e-3, max_steps=4, **OPTIM))
+    config = DPOSection(lora=LoraSection(r=4, alpha=8, dropout=0.0), trainer=dict(learning_rate=1e-3, max_steps=4, **TRAINER))
     with pytest.raises(KeyboardInterrupt):
         train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", callbacks=[InterruptAt(3)])
     assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "model").exists()
@@ -136,7 +138,7 @@ def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path)
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4 and metrics["steps_this_session"] == 2
     assert metrics["heldout"] is None and (tmp_path / "model" / "config.json").is_file()
     with pytest.raises(ValueError, match="different settings"):
-        train_dpo(config.model_copy(update={"beta": 0.1}), pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
+        train_dpo(config.model_copy(update={"trainer": config.trainer | {"beta": 0.1}}), pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
 
 
 def test_no_pairs_is_an_explicit_result_not_a_crash(format_model, tmp_path):

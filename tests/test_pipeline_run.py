@@ -17,14 +17,14 @@ generation: {{batch_size: 16, max_new_tokens: 24}}
 distill: {{explanation_max_chars: 20}}
 sft:
   lora: {{enabled: false}}
-  optim: {{learning_rate: 3.0e-3, epochs: 1, per_device_batch_size: 8, max_length: 512, logging_steps: 1}}
+  trainer: {{learning_rate: 3.0e-3, num_train_epochs: 1, per_device_train_batch_size: 8, max_length: 512, logging_steps: 1}}
 selfplay:
   rounds: 1
   rollout: {{samples_per_question: 2, max_new_tokens: 24}}
   correction: {{attempts: 1}}
   dpo:
     lora: {{enabled: false}}
-    optim: {{epochs: 1, per_device_batch_size: 2, max_length: 512, logging_steps: 1}}
+    trainer: {{num_train_epochs: 1, per_device_train_batch_size: 2, max_length: 512, logging_steps: 1}}
 """
 
 

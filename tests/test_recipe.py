@@ -16,7 +16,7 @@ def write(tmp_path, text):
 def test_defaults_are_valid_and_sane():
     recipe = load_recipe()
     assert recipe.evaluate.protocol == "mcq"
-    assert recipe.selfplay.dpo.beta == 0.3  # the paper's value
+    assert recipe.selfplay.dpo.settings["beta"] == 0.3  # the paper's value
     assert recipe.data.source == "bundled" and recipe.model.base == "tiny"
 
 
@@ -51,3 +51,18 @@ def test_set_overrides_parse_yaml_values(tmp_path):
         load_recipe(None, ["sft.lora.r"])
     with pytest.raises(RecipeError, match="with --set selfplay.nope=1"):
         load_recipe(None, ["selfplay.nope=1"])
+
+
+def test_trainer_mapping_goes_to_trl_typed_and_checked(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", ["sft.trainer.learning_rate=3e-3", "sft.trainer.packing=true"])
+    assert recipe.sft.settings["learning_rate"] == 0.003  # YAML reads 3e-3 as text; TRL's type makes it a float
+    assert recipe.sft.settings["packing"] is True and recipe.sft.settings["assistant_only_loss"] is True
+    for bad, message in [
+        ("sft.trainer.learnin_rate=1e-3", r"sft.trainer: .*'learnin_rate' is not a field of trl.SFTConfig"),
+        ("sft.trainer.learning_rate=-1e-3", r"sft.trainer: .*learning_rate must be > 0"),
+        ("selfplay.dpo.trainer.num_train_epochs=abc", r"selfplay.dpo.trainer: .*num_train_epochs: 'abc' is not a valid float"),
+        ("selfplay.dpo.trainer.output_dir=/tmp/x", r"output_dir cannot be set here"),
+        ("sft.trainer.lr_scheduler_type=cosne", r"trl.SFTConfig refuses these settings: cosne is not a valid SchedulerType"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(REPO / "recipes" / "demo.yaml", [bad])

@@ -17,7 +17,7 @@ TINY_STAGE2 = [
     "selfplay.correction.temperature=1.0",
     "selfplay.pairs.heldout_fraction=0.25",
     "selfplay.dpo.lora={r: 8, alpha: 16, dropout: 0.0}",
-    "selfplay.dpo.optim={learning_rate: 5.0e-3, epochs: 1, per_device_batch_size: 4, gradient_accumulation_steps: 1, max_length: 384, logging_steps: 2}",
+    "selfplay.dpo.trainer={learning_rate: 5.0e-3, num_train_epochs: 1, per_device_train_batch_size: 4, gradient_accumulation_steps: 1, max_length: 384, logging_steps: 2}",
     "selfplay.dpo.evaluations=2",
     "generation.max_new_tokens=40",
 ]

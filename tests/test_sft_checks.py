@@ -28,8 +28,8 @@ def dataset(tmp_path_factory, bundled):
     return write_sft_dataset(tmp_path_factory.mktemp("sft-data") / "traces.jsonl", bundled[:20])
 
 
-def _config(**optim) -> SFTSection:
-    return SFTSection.model_validate({"optim": {"max_steps": 1, "max_length": 512, **optim}})
+def _config(**trainer) -> SFTSection:
+    return SFTSection.model_validate({"trainer": {"max_steps": 1, "max_length": 512, **trainer}})
 
 
 def _model_copy(tiny_model, tmp_path, edit_tokenizer_config=None, template=None):
@@ -62,7 +62,7 @@ def test_dataset_without_assistant_turns(tmp_path, tiny_model, bundled):
 
 
 def test_all_sequences_longer_than_max_length(tmp_path, tiny_model, dataset):
-    _expect_error(r"all 20 examples are longer than optim.max_length=32", _config(max_length=32), dataset, tiny_model, tmp_path)
+    _expect_error(r"all 20 examples are longer than trainer.max_length=32", _config(max_length=32), dataset, tiny_model, tmp_path)
 
 
 def test_tokenizer_without_chat_template(tmp_path, tiny_model, dataset):

@@ -34,11 +34,11 @@ def dataset(tmp_path_factory, bundled):
 def torchrun_sft(dataset, model, output, *overrides):
     settings = [
         "run.threads=1",
-        f"sft.optim.max_length={MAX_LENGTH}",
-        "sft.optim.max_steps=6",
-        "sft.optim.per_device_batch_size=2",
-        "sft.optim.logging_steps=1",
-        "sft.optim.warmup_ratio=0",
+        f"sft.trainer.max_length={MAX_LENGTH}",
+        "sft.trainer.max_steps=6",
+        "sft.trainer.per_device_train_batch_size=2",
+        "sft.trainer.logging_steps=1",
+        "sft.trainer.warmup_steps=0",
         *overrides,
     ]
     command = [
@@ -74,7 +74,7 @@ def _assert_trained_and_generates(output, metrics, stage):
 def test_zero2_full_fine_tuning_two_processes(tmp_path, dataset, tiny_model):
     output = tmp_path / "zero2"
     metrics = torchrun_sft(
-        dataset, tiny_model, output, "sft.optim.deepspeed=zero2", "sft.lora.enabled=false", "sft.optim.learning_rate=3e-3"
+        dataset, tiny_model, output, "sft.deepspeed=zero2", "sft.lora.enabled=false", "sft.trainer.learning_rate=3e-3"
     )
     _assert_trained_and_generates(output, metrics, stage=2)
     trained = AutoModelForCausalLM.from_pretrained(output / "model").state_dict()
@@ -83,7 +83,7 @@ def test_zero2_full_fine_tuning_two_processes(tmp_path, dataset, tiny_model):
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
-ZERO3_LORA = ("sft.optim.deepspeed=zero3", "sft.lora.enabled=true", "sft.optim.learning_rate=1e-2", "sft.optim.save_steps=3")
+ZERO3_LORA = ("sft.deepspeed=zero3", "sft.lora.enabled=true", "sft.trainer.learning_rate=1e-2", "sft.trainer.save_steps=3")
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tin
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     recipe = load_recipe_text(
         f"run: {{threads: 1}}\n"
-        f"sft: {{lora: {{enabled: false}}, optim: {{deepspeed: zero2, max_length: {MAX_LENGTH}, max_steps: 4, "
-        "per_device_batch_size: 2, logging_steps: 1, warmup_ratio: 0, learning_rate: 3.0e-3}}\n"
+        f"sft: {{lora: {{enabled: false}}, deepspeed: zero2, trainer: {{max_length: {MAX_LENGTH}, max_steps: 4, "
+        "per_device_train_batch_size: 2, logging_steps: 1, warmup_steps: 0, learning_rate: 3.0e-3}}\n"
     )
     output = tmp_path / "sft"
     metrics = steps.run_data_parallel(

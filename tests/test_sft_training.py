@@ -19,10 +19,10 @@ def dataset(tmp_path_factory, bundled):
     return write_sft_dataset(tmp_path_factory.mktemp("sft-data") / "traces.jsonl", short_questions(bundled, 64))
 
 
-def sft_config(lora: bool, **optim) -> SFTSection:
-    settings = {"max_length": MAX_LENGTH, "per_device_batch_size": 4, "logging_steps": 2, "warmup_ratio": 0.0}
+def sft_config(lora: bool, **trainer) -> SFTSection:
+    settings = {"max_length": MAX_LENGTH, "per_device_train_batch_size": 4, "logging_steps": 2, "warmup_steps": 0.0}
     return SFTSection.model_validate(
-        {"lora": {"enabled": lora, "r": 8, "alpha": 32}, "optim": {**settings, **optim}}
+        {"lora": {"enabled": lora, "r": 8, "alpha": 32}, "trainer": {**settings, **trainer}}
     )
 
 
@@ -121,8 +121,7 @@ def test_interrupted_run_resumes_to_the_same_loss(tmp_path, full_run, dataset, t
 
 
 def test_packing_trains(tmp_path, dataset, tiny_model):
-    config = sft_config(lora=False, learning_rate=3e-3, max_steps=4, save_steps=100)
-    config.packing = True
+    config = sft_config(lora=False, learning_rate=3e-3, max_steps=4, save_steps=100, packing=True)
     metrics = train_sft(config, dataset, tiny_model, tmp_path, device="cpu")
     assert metrics["packing"] and metrics["steps"] == 4
     assert all(torch.isfinite(torch.tensor(p["loss"])) for p in metrics["loss_curve"])

@@ -49,14 +49,14 @@ def add_parser(subparsers) -> None:
         help="DPO on preference pairs (TRL), LoRA or full, held-out margin and early stopping",
         formatter_class=fmt,
         description="""\
-DPO from the given model on pairs.jsonl (selfplay.dpo.*: beta, loss_type, lora, optim, ...).
+DPO from the given model on pairs.jsonl (selfplay.dpo.*: lora, deepspeed, trainer (trl.DPOConfig: beta, loss_type, ...), ...).
 Held-out pairs (default: pairs_heldout.jsonl beside --pairs) give reward accuracy and margin, and
 early stopping when the margin stops improving. Resumes from its last checkpoint in --output.
 Writes model/ (a full Hugging Face folder; a LoRA adapter is merged when selfplay.dpo.lora.merge),
 dpo_metrics.json, dpo_loss.png and dpo_heldout.png.
 
 Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ... \\
-    --set selfplay.dpo.optim.deepspeed=recipes/deepspeed/zero3.json""",
+    --set selfplay.dpo.deepspeed=recipes/deepspeed/zero3.json""",
     )
     add_recipe_arguments(dpo)
     dpo.add_argument(

@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
             "Fine-tune the student on the teacher's traces (JSONL rows with \"messages\"), loss on the assistant's "
             "tokens only; settings from the recipe's sft section. A rerun with the same --output resumes from the "
             "last checkpoint. Multi-GPU / multi-node: torchrun --nproc_per_node N -m medcritical.cli sft ... with "
-            "sft.optim.deepspeed set to zero2 or zero3 (see docs/training.md)."
+            "sft.deepspeed set to zero2 or zero3 (see docs/training.md)."
         ),
         epilog="Example: medcritical sft --recipe recipes/demo.yaml --dataset runs/demo/distill/sft.jsonl "
         "--model tiny --output runs/demo/sft",

@@ -45,7 +45,7 @@ def check_tokenizer(tokenizer, source: str, *, assistant_only_loss: bool = True)
         raise PreTrainingCheckError(
             f"{source}: the chat template leaves the assistant's end-of-turn token {end_token!r} outside "
             "{% generation %}...{% endgeneration %}, so it gets no loss and the model never learns to stop; move it "
-            "inside the markers in chat_template.jinja, or set sft.assistant_only_loss: false"
+            "inside the markers in chat_template.jinja, or set sft.trainer.assistant_only_loss: false"
         )
     # TRL pads with eos when there is no pad token.
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -70,7 +70,7 @@ def _training_template(tokenizer, source: str) -> str | None:
         raise PreTrainingCheckError(
             f"{source}: the chat template does not mark the assistant's text with {{% generation %}} ... "
             "{% endgeneration %} and TRL has no training version of it, so the loss cannot be limited to the "
-            "assistant's tokens; add the markers in chat_template.jinja, or set sft.assistant_only_loss: false "
+            "assistant's tokens; add the markers in chat_template.jinja, or set sft.trainer.assistant_only_loss: false "
             "(loss on the prompt too)"
         ) from None
 
@@ -157,8 +157,8 @@ def select_by_length(
     too_long = sum(length > max_length for length in lengths)
     if too_long == len(conversations):
         raise PreTrainingCheckError(
-            f"{source}: all {too_long} examples are longer than optim.max_length={max_length} tokens (shortest "
-            f"{min(lengths)}); raise sft.optim.max_length, or shorten the traces (distill max tokens)"
+            f"{source}: all {too_long} examples are longer than trainer.max_length={max_length} tokens (shortest "
+            f"{min(lengths)}); raise sft.trainer.max_length, or shorten the traces (distill max tokens)"
         )
     if too_long:
         log.warning(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medcritical.modeling.generation import resolve_device, resolve_dtype
-from medcritical.training.config import LoraSection, OptimSection
+from medcritical.training.config import LoraSection
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def training_dtype(dtype: str, device: str):
 
 
 def deepspeed_config_path(value: str | None) -> Path | None:
-    """The DeepSpeed JSON for `optim.deepspeed`: a path to a .json file, or a bare name from recipes/deepspeed/."""
+    """The DeepSpeed JSON for a section's `deepspeed` key: a path to a .json file, or a bare name from recipes/deepspeed/."""
     if not value:
         return None
     path = Path(value)
@@ -47,7 +47,7 @@ def deepspeed_config_path(value: str | None) -> Path | None:
             if (folder / f"{value}.json").is_file():
                 return (folder / f"{value}.json").resolve()
     raise FileNotFoundError(
-        f"optim.deepspeed: no DeepSpeed config {value!r}; give a path to a .json file or one of "
+        f"deepspeed: no DeepSpeed config {value!r}; give a path to a .json file or one of "
         f"{', '.join(DEEPSPEED_NAMES)} (the files in recipes/deepspeed/)"
     )
 
@@ -102,44 +102,29 @@ def world_size() -> int:
 
 
 def trainer_arguments(
-    optim: OptimSection, checkpoints_dir: str | Path, *, device: str, seed: int, deepspeed: Path | None
+    settings: dict[str, Any], checkpoints_dir: str | Path, *, device: str, seed: int, deepspeed: Path | None
 ) -> dict[str, Any]:
-    """Keyword arguments shared by trl.SFTConfig and trl.DPOConfig (each step adds its own).
+    """Keyword arguments for trl.SFTConfig / trl.DPOConfig: the section's `settings` (the recipe's
+    `trainer:` over the project's defaults) plus what the step manages itself.
 
-    bf16 mixed precision on GPU, float32 on CPU (`use_cpu`); checkpoints every `save_steps` with optimizer state
-    so a rerun resumes exactly; no hub, no experiment tracker.
+    bf16 mixed precision on a GPU that has it unless the recipe says otherwise; float32 on CPU
+    (`use_cpu`); checkpoints with optimizer state so a rerun resumes exactly; no hub.
     """
     import torch
 
     on_gpu = device == "cuda"
-    return {
+    device_defaults = {"bf16": on_gpu and torch.cuda.is_bf16_supported()}
+    managed = {
         "output_dir": str(checkpoints_dir),
-        "learning_rate": optim.learning_rate,
-        "lr_scheduler_type": optim.lr_scheduler,
-        "warmup_steps": optim.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        "num_train_epochs": optim.epochs,
-        "max_steps": optim.max_steps,
-        "per_device_train_batch_size": optim.per_device_batch_size,
-        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
-        "max_length": optim.max_length,
-        "activation_checkpointing": optim.gradient_checkpointing,
-        "optim": optim.optimizer,
-        "weight_decay": optim.weight_decay,
-        "max_grad_norm": optim.max_grad_norm,
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         "use_cpu": not on_gpu,
         "deepspeed": str(deepspeed) if deepspeed else None,
-        "save_strategy": "steps",
-        "save_steps": optim.save_steps,
-        "save_total_limit": optim.save_total_limit,
-        "logging_steps": optim.logging_steps,
-        "logging_first_step": True,
         "seed": seed,
         "data_seed": seed,
-        "report_to": "none",
         "push_to_hub": False,
-        "disable_tqdm": False,
     }
+    if not on_gpu:
+        managed.update(bf16=False, fp16=False)  # mixed precision needs a GPU
+    return device_defaults | settings | managed
 
 
 def lora_config(lora: LoraSection):

@@ -4,7 +4,7 @@
     medcritical dpo --recipe recipes/demo.yaml --pairs runs/demo/rollout/pairs.jsonl --model runs/demo/sft/model \
         --output runs/demo/dpo
 
-    # 8 GPUs, DeepSpeed from the recipe (selfplay.dpo.optim.deepspeed: zero2 or zero3)
+    # 8 GPUs, DeepSpeed from the recipe (selfplay.dpo.deepspeed: zero2 or zero3)
     torchrun --nproc_per_node 8 -m medcritical.cli dpo --recipe recipes/paper-7b-lora.yaml --pairs ... --model ... --output ...
 
 The reference model is the model DPO starts from, in every mode (the pains this design avoids: a
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback
 
 from medcritical.io.jsonl import read_jsonl
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
@@ -60,6 +60,8 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 MARGIN, ACCURACY = "eval_rewards/margins", "eval_rewards/accuracies"
 # The held-out margin before any step; above this, the reference is not the policy's starting point.
 REFERENCE_TOLERANCE = 0.05
+# Smallest held-out margin gain that counts as an improvement for early stopping.
+EARLY_STOPPING_MIN_DELTA = 1e-4
 
 
 def read_pairs(path: str | Path) -> list[dict]:
@@ -79,13 +81,6 @@ def read_pairs(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: row {number}: chosen and rejected must end with an assistant message")
         pairs.append({c: row[c] for c in PAIR_COLUMNS})
     return pairs
-
-
-def loss_arguments(config: DPOSection) -> dict[str, Any]:
-    if config.loss_type == "sigmoid_sft":
-        # DPO plus an NLL term on chosen (RPO-style): keeps the chosen answers likely, not only preferred.
-        return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]}
-    return {"loss_type": [config.loss_type]}
 
 
 def drop_too_long(pairs: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -108,7 +103,7 @@ def reference_model(config: DPOSection, policy, model_path: str | Path, device: 
 
     if config.lora.enabled:
         return None  # the policy with its adapter disabled
-    if config.precompute_ref_log_probs:
+    if config.settings.get("precompute_ref_log_probs", False):
         return None  # TRL runs the untouched policy over every pair before the first step
     if is_deepspeed_zero3_enabled():
         return load_model_for_training(model_path, device, dtype)
@@ -118,47 +113,11 @@ def reference_model(config: DPOSection, policy, model_path: str | Path, device: 
 
 
 def reference_kind(config: DPOSection) -> str:
-    if config.precompute_ref_log_probs:
+    if config.settings.get("precompute_ref_log_probs", False):
         return "precomputed log-probs of the starting model"
     if config.lora.enabled:
         return "the policy with its LoRA adapter disabled"
     return "a frozen copy of the starting model"
-
-
-class HeldoutMarginEarlyStopping(TrainerCallback):
-    """Stop when the held-out reward margin has not improved for `patience` evaluations.
-
-    DPO's training loss can fall to ~0 early (the paper saw it) while held-out pairs stop improving:
-    further steps then only overfit. The best-so-far is rebuilt from the log history on resume.
-    """
-
-    def __init__(self, patience: int, min_delta: float = 1e-4):
-        self.patience, self.min_delta = patience, min_delta
-        self.best, self.best_step, self.waited, self.stopped_at = -math.inf, None, 0, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.best, self.best_step, self.waited = -math.inf, None, 0
-        for entry in state.log_history:  # the evaluation before training, and earlier ones when resumed
-            if MARGIN in entry:
-                self._update(entry[MARGIN], entry.get("step"))
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not metrics or MARGIN not in metrics:
-            return
-        self._update(metrics[MARGIN], state.global_step)
-        if self.patience and self.waited >= self.patience and state.global_step < state.max_steps:
-            log.info(
-                "early stop at step %d: held-out margin %.4f has not beaten %.4f (step %s) for %d evaluations",
-                state.global_step, metrics[MARGIN], self.best, self.best_step, self.waited,
-            )
-            self.stopped_at = state.global_step
-            control.should_training_stop = True
-
-    def _update(self, margin: float, step) -> None:
-        if margin > self.best + self.min_delta:
-            self.best, self.best_step, self.waited = margin, step, 0
-        else:
-            self.waited += 1
 
 
 def build_dpo_trainer(
@@ -201,23 +160,19 @@ def dpo_arguments(
     loop (a separate `trainer.evaluate()` before `train()` breaks DeepSpeed's engine set-up)."""
     from trl import DPOConfig
 
+    settings = config.settings
     evaluate_during = heldout and config.evaluations > 1
-    common = trainer_arguments(config.optim, checkpoints_dir, device=device, seed=seed, deepspeed=deepspeed)
-    if evaluate_during and config.restore_best:
-        # A checkpoint at every evaluation, and the best held-out margin's one loaded at the end.
-        common.update(
-            save_steps=1 / config.evaluations, load_best_model_at_end=True, metric_for_best_model=MARGIN, greater_is_better=True
+    arguments = trainer_arguments(settings, checkpoints_dir, device=device, seed=seed, deepspeed=deepspeed)
+    arguments.setdefault("per_device_eval_batch_size", settings["per_device_train_batch_size"])
+    if evaluate_during:
+        # Every 1/evaluations of the steps; the margin is the metric transformers' early stopping watches.
+        arguments.update(
+            eval_strategy="steps", eval_steps=1 / config.evaluations, metric_for_best_model=MARGIN, greater_is_better=True
         )
-    return DPOConfig(
-        **common,
-        beta=config.beta,
-        **loss_arguments(config),
-        precompute_ref_log_probs=config.precompute_ref_log_probs,
-        per_device_eval_batch_size=config.optim.per_device_batch_size,
-        eval_strategy="steps" if evaluate_during else "no",
-        eval_steps=1 / config.evaluations if evaluate_during else None,  # a ratio of the total steps
-        eval_on_start=heldout and eval_on_start,
-    )
+        if config.restore_best:
+            # A checkpoint at every evaluation, and the best held-out margin's one loaded at the end.
+            arguments.update(save_steps=1 / config.evaluations, load_best_model_at_end=True)
+    return DPOConfig(**arguments, eval_on_start=heldout and eval_on_start)
 
 
 def train_dpo(
@@ -249,14 +204,15 @@ def train_dpo(
     device = training_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     facts = check_tokenizer(tokenizer, str(model_path), assistant_only_loss=False)
-    train_pairs, too_long = drop_too_long(train_pairs, tokenizer, config.optim.max_length)
-    heldout_pairs, heldout_too_long = drop_too_long(heldout_pairs, tokenizer, config.optim.max_length)
+    max_length = config.settings["max_length"]
+    train_pairs, too_long = drop_too_long(train_pairs, tokenizer, max_length)
+    heldout_pairs, heldout_too_long = drop_too_long(heldout_pairs, tokenizer, max_length)
     if not train_pairs:
         raise PreTrainingCheckError(
-            f"{pairs_path}: every pair is longer than selfplay.dpo.optim.max_length={config.optim.max_length} "
+            f"{pairs_path}: every pair is longer than selfplay.dpo.trainer.max_length={max_length} "
             "tokens; raise it, or lower selfplay.rollout.max_new_tokens"
         )
-    deepspeed = deepspeed_config_path(config.optim.deepspeed)
+    deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
     check_same_run(output_dir, "dpo", {
         "settings": config.model_dump(mode="json"),
@@ -278,10 +234,16 @@ def train_dpo(
     )
     policy = load_model_for_training(model_path, device, dtype)
     stop_on_token(policy, facts.end_of_turn_id)
-    throughput, early_stopping = ThroughputCallback(), HeldoutMarginEarlyStopping(config.early_stopping_patience)
+    throughput = ThroughputCallback()
+    # transformers' own early stopping, on the held-out margin (DPO's training loss can fall to ~0 early, as
+    # the paper saw, while held-out pairs stop improving: further steps then only overfit).
+    early_stopping = (
+        [EarlyStoppingCallback(config.early_stopping_patience, EARLY_STOPPING_MIN_DELTA)]
+        if config.early_stopping_patience and args.metric_for_best_model else []
+    )
     trainer = build_dpo_trainer(
         config, policy, tokenizer, train_pairs, heldout_pairs, args, model_path=model_path, device=device,
-        dtype=dtype, callbacks=[throughput, early_stopping, *callbacks],
+        dtype=dtype, callbacks=[throughput, *early_stopping, *callbacks],
     )
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -293,7 +255,7 @@ def train_dpo(
     if initial and abs(initial[MARGIN]) > REFERENCE_TOLERANCE:
         log.warning(
             "the held-out reward margin before training was %.4f, not ~0: the reference is not the model DPO "
-            "started from (check the model folder and selfplay.dpo.precompute_ref_log_probs)", initial[MARGIN],
+            "started from (check the model folder and selfplay.dpo.trainer.precompute_ref_log_probs)", initial[MARGIN],
         )
     final = trainer.evaluate() if heldout_pairs else None
 
@@ -308,8 +270,8 @@ def train_dpo(
         "train_pairs": len(train_pairs),
         "heldout_pairs": len(heldout_pairs),
         "dropped_too_long": too_long + heldout_too_long,
-        "loss_type": config.loss_type,
-        "beta": config.beta,
+        "loss_type": "+".join(args.loss_type) if isinstance(args.loss_type, list) else args.loss_type,
+        "beta": args.beta,
         "reference": reference_kind(config),
         "device": device,
         "deepspeed": deepspeed.name if deepspeed else None,
@@ -317,10 +279,10 @@ def train_dpo(
         "lora": config.lora.enabled,
         "merged": saved.merged,
         "resumed_from": Path(resume_from).name if resume_from else None,
-        "stopped_early": early_stopping.stopped_at,
+        "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
         "restored_best": restored_best,
-        "heldout": _heldout_summary(history, initial, final, early_stopping),
-        "warnings": _warnings(training["loss_curve"], config, early_stopping.best_step, restored_best),
+        "heldout": (heldout := _heldout_summary(history, initial, final)),
+        "warnings": _warnings(training["loss_curve"], config, heldout and heldout["best_step"], restored_best),
         **training,
     }
     if trainer.is_world_process_zero():
@@ -346,7 +308,7 @@ def _skipped(output_dir: Path, model_path: Path, reason: str) -> dict:
     return metrics
 
 
-def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict | None, stopping) -> dict | None:
+def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict | None) -> dict | None:
     if final is None:
         return None
     by_step = {
@@ -355,13 +317,14 @@ def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict 
         if MARGIN in e
     }
     history = list(by_step.values())
+    best = max(history, key=lambda h: h["margin"], default=None)
     return {
         "reward_accuracy": final[ACCURACY],
         "margin": final[MARGIN],
         "loss": final.get("eval_loss"),
         "initial_margin": initial[MARGIN] if initial else None,
-        "best_margin": stopping.best if stopping.best > -math.inf else None,
-        "best_step": stopping.best_step,
+        "best_margin": best["margin"] if best else None,
+        "best_step": best["step"] if best else None,
         "history": history,
     }
 
@@ -372,10 +335,10 @@ def _warnings(curve: list[dict], config: DPOSection, best_step: int | None = Non
         # Only trained steps have checkpoints: the restore cannot go back to the starting model.
         warnings.append(
             f"the held-out margin was best before training (step 0); the kept model is {restored}, the best "
-            "trained checkpoint, not the starting model: lower selfplay.dpo.optim.learning_rate, or keep the SFT model"
+            "trained checkpoint, not the starting model: lower selfplay.dpo.trainer.learning_rate, or keep the SFT model"
         )
     losses = [p["loss"] for p in curve]
-    if config.loss_type == "sigmoid" and len(losses) > 1 and all(abs(x - math.log(2)) < 1e-3 for x in losses):
+    if list(config.settings.get("loss_type") or ["sigmoid"]) == ["sigmoid"] and len(losses) > 1 and all(abs(x - math.log(2)) < 1e-3 for x in losses):
         warnings.append(
             "the loss stayed at ln 2 = 0.6931 throughout: the policy never moved away from the reference "
             "(learning rate too low for this many steps, or the reference is the policy itself)"

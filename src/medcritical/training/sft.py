@@ -6,7 +6,7 @@ launcher change:
     # one process (CPU or one GPU)
     medcritical sft --recipe recipes/demo.yaml --dataset runs/demo/distill/sft.jsonl --model tiny --output runs/demo/sft
 
-    # 8 GPUs on one node, DeepSpeed ZeRO-3 from the recipe (sft.optim.deepspeed: zero3)
+    # 8 GPUs on one node, DeepSpeed ZeRO-3 from the recipe (sft.deepspeed: zero3)
     torchrun --nproc_per_node 8 -m medcritical.cli sft --recipe recipes/full-zero3-8gpu.yaml --dataset ... --model ... --output ...
 
     # several nodes: the same, with the rendezvous from the environment (a PyTorchJob sets PET_* for torchrun)
@@ -70,14 +70,15 @@ def train_sft(
 
     output_dir, model_path = Path(output_dir), Path(model_path)
     device = training_device(device)
-    deepspeed = deepspeed_config_path(config.optim.deepspeed)
+    settings = config.settings
+    deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    facts = check_tokenizer(tokenizer, str(model_path), assistant_only_loss=config.assistant_only_loss)
+    facts = check_tokenizer(tokenizer, str(model_path), assistant_only_loss=settings["assistant_only_loss"])
     conversations = read_conversations(dataset_path)
     lengths = conversation_lengths(tokenizer, conversations, facts.training_template)
     conversations, data_stats = select_by_length(
-        conversations, lengths, config.optim.max_length, config.on_too_long, str(dataset_path)
+        conversations, lengths, settings["max_length"], config.on_too_long, str(dataset_path)
     )
     check_same_run(output_dir, "sft", _run_record(config, dataset_path, model_path, seed))
     if (output_dir / MANIFEST).is_file() and (output_dir / "sft_metrics.json").is_file():
@@ -86,11 +87,7 @@ def train_sft(
 
     start_distributed(device, deepspeed)
     # The config comes before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned.
-    args = SFTConfig(
-        **trainer_arguments(config.optim, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed),
-        assistant_only_loss=config.assistant_only_loss,
-        packing=config.packing,
-    )
+    args = SFTConfig(**trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed))
     model = load_model_for_training(model_path, device, dtype)
     stop_on_token(model, facts.end_of_turn_id)
     throughput = ThroughputCallback()
@@ -118,7 +115,7 @@ def train_sft(
         "zero_stage": zero_stage,
         "lora": config.lora.enabled,
         "merged": saved.merged,
-        "packing": config.packing,
+        "packing": args.packing,
         "end_of_turn_token": facts.end_of_turn,
         "resumed_from": Path(resume_from).name if resume_from else None,
         "model_dir": saved.model_dir.name,
