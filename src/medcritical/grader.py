@@ -60,7 +60,7 @@ _PREFIX = re.compile(r"(?:(?:the\s+)?options?|choices?|选项|第)[ \t]*", re.IG
 _OPEN_CLOSE = {"(": ")", "[": "]", "【": "】", "{": "}", "<": ">"}
 # A letter is a letter (not the start of a word: "CT", "B超", "X-ray", "A型") when one of these
 # follows it, or its own option text does ("C出血量").
-_AFTER_LETTER = re.compile(r"$|[\s.,;:!?。，；：、！？()\[\]【】}>\"'”’/|&+\\]|[项选是为和及与或还因故即正对错的了]")
+_AFTER_LETTER = re.compile(r"$|[\s.,;:!?。，；：、！？()\[\]【】}<>\"”/|&+\\–—]|['’](?![A-Za-z])|[项选是为和及与或还因故即正对错的了]")
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class _Letters:
     end: int  # index just after the last letter (and its closing bracket)
 
 
-def _letter_at(text: str, pos: int, options: dict[str, str], first: bool, lower_ok: bool) -> tuple[str, int] | None:
-    """(letters, end) of one letter token at `pos` ("C", "(C)", "option c", "ACD"), or None."""
+def _letter_at(text: str, pos: int, options: dict[str, str], first: bool, lower_ok: bool) -> tuple[str, int, bool] | None:
+    """(letters, end, written in capitals) of one letter token at `pos` ("C", "(C)", "option c", "ACD")."""
     prefix = _PREFIX.match(text, pos)
     if prefix:
         pos = prefix.end()
@@ -99,7 +99,7 @@ def _letter_at(text: str, pos: int, options: dict[str, str], first: bool, lower_
         echo = options.get(letters.upper(), "")
         if not (first and echo and text.startswith(echo, end)):
             return None
-    return letters.upper(), end
+    return letters.upper(), end, letters.isupper()
 
 
 def _read_letters(text: str, pos: int, options: dict[str, str], lower_ok: bool = True) -> _Letters | None:
@@ -107,7 +107,7 @@ def _read_letters(text: str, pos: int, options: dict[str, str], lower_ok: bool =
     token = _letter_at(text, pos, options, first=True, lower_ok=lower_ok)
     if token is None:
         return None
-    letters, end = token
+    letters, end, upper = token
     hedged = False
     while True:
         for joiner, is_hedge in ((_HEDGE, True), (_JOIN, False)):
@@ -119,7 +119,8 @@ def _read_letters(text: str, pos: int, options: dict[str, str], lower_ok: bool =
             else:
                 continue
             nxt = _letter_at(text, sep_end, options, first=False, lower_ok=lower_ok)
-            if nxt is not None:
+            # "c, d and e" or "C, D and E", but not "E, i.e. ..."
+            if nxt is not None and nxt[2] == upper:
                 letters += nxt[0]
                 end = nxt[1]
                 hedged = hedged or is_hedge
@@ -144,9 +145,10 @@ _CUES = [
     # 答案不是A，而是C / 不是A而是C
     r"而是\s*(?:选)?",
     # Answer: (B) / Final answer: B / the correct answer is C / the answers are A and C
-    r"(?i:\banswers?)\s*(?i:is|are|:|should\s+be|would\s+be|will\s+be|must\s+be|here\s+is)?\s*:?\s*(?i:either)?",
+    r"(?i:\banswers?)\s*(?i:(?:is|are)(?:\s+(?:probably|likely|clearly))?\b|:|-|–|—|(?:should|would|will|must|could|may|might)\s+be\b)?"
+    r"\s*:?\s*(?i:either\b)?",
     # the correct option is C / correct choice: C / the best option would be C
-    r"(?i:\b(?:correct|right|best|most\s+appropriate|most\s+likely|final)\s+(?:options?|choices?|responses?))"
+    r"(?i:\b(?:correct|right|best|most\s+appropriate|most\s+likely|final)\s+(?:options?|choices?|responses?|statements?))"
     r"\s*(?i:is|are|:|should\s+be|would\s+be)?\s*:?",
     # I choose C / I would choose C / I'll go with C / select C
     r"(?i:\b(?:choose|select|pick|go\s+with))\s*:?",
@@ -174,11 +176,13 @@ _POSTFIX_START = re.compile(
 
 # A mention does not count when its clause is hypothetical ...
 _HYPOTHETICAL = re.compile(
-    r"如果|假如|假设|假若|若是|倘若|要是|万一|若(?!干)|有人|容易|\bsome(?:one)?\b|\bmight\b|\bothers?\b|\btempt|\bif\b|\bsuppose|\bassum|\bunless\b|\bwhether\b",
+    r"如果|假如|假设|假若|若是|倘若|要是|万一|若(?!干)|有人|容易|\bsome(?:one)?\b|\bothers?\b|\btempt|\bif\b|\bsuppose|\bassum|\bunless\b|\bwhether\b",
     re.IGNORECASE,
 )
 # ... negated just before the cue ("不选A", "不应选A", "并非选A", "not choose A") ...
-_NEGATED = re.compile(r"(?:不|不应|不能|不可|不会|不要|并非|而非|非|误|\bnot|n't|\bnever)\s*$", re.IGNORECASE)
+_NEGATED = re.compile(r"(?:不|不应|不能|不可|不会|不要|并非|而非|非|误|错|\bnot|n't|\bnever)\s*$", re.IGNORECASE)
+# ... and an option text mentioned in a negated clause ("不是原发病", "排除气胸", "not pneumothorax").
+_MENTION_NEGATED = re.compile(r"不|非|排除|除外|\bnot\b|n't|\bno\b|\brule\s+out|\bexclud", re.IGNORECASE)
 _CLAUSE_START = re.compile(r"[。！？!?\n；;，,]|\.\s")
 _SENTENCE_END = re.compile(r"[。！？!?\n；;]|\.(?:\s|$)")
 
@@ -306,6 +310,19 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
         if hits:
             hedged = bool(re.search(r"或|还是|\bor\b|/", clause, re.IGNORECASE)) and len(hits) > 1
             found = ("".join(sorted(hits)), hedged, start)
+    if found is None:
+        # No cue, but a sentence concludes with one option's text after a verb ("常出现的热型是不规则热。",
+        # "应首先考虑急性胰腺炎。"); not a text listed ("包括影像学检查和穿刺检查") or denied ("不是原发病").
+        for letter, option in options.items():
+            if len(option) < 2:
+                continue
+            pattern = rf"(?:是|为|考虑|见于|于|即|\bis\b|\bare\b)\s*{re.escape(option)}\s*(?:[。.!！]|$)"
+            for m in re.finditer(pattern, text, re.MULTILINE | re.IGNORECASE):
+                clause = _clause_before(text, m.start())
+                if _HYPOTHETICAL.search(clause) or _MENTION_NEGATED.search(clause):
+                    continue
+                if found is None or m.start() > found[2]:
+                    found = (letter, False, m.start())
     return found
 
 
