@@ -86,7 +86,7 @@ def _letter_at(text: str, pos: int, options: dict[str, str], first: bool, lower_
         return None
     letters = run.group(0)
     end = pos + len(letters)
-    if len(letters) > 1 and (not first or len(set(letters)) < len(letters) or not set(letters) <= options.keys()):
+    if len(letters) > 1 and (len(set(letters)) < len(letters) or not set(letters) <= options.keys()):
         return None  # CT, MRI, COPD, HBV, AA: a word, not letters
     if close:
         inner = re.match(r"[ \t]*" + re.escape(close), text[end:])
@@ -134,7 +134,7 @@ def _read_letters(text: str, pos: int, options: dict[str, str], lower_ok: bool =
 # Cues followed by the answer. Each ends where the letters (or option text) begin.
 _CUES = [
     # 答案：B / 【答案】B / 正确答案为AC / 最终答案是 A、C / 答案应选D / 本题答案：C / 参考答案：C
-    r"答案\s*(?:应该|应当|应|就|则|最终|可能)?\s*(?:是|为|选(?!项)择?|選)?\s*[:：]?",
+    r"答案\s*(?:应该|应当|应|就|则|最终|可能|也|仍然?|还)?\s*(?:是|为|选(?!项)择?|選)?\s*[:：]?",
     r"【\s*答案?\s*】\s*[:：]?",
     # 答：B (a short answer prefix; not 回答 in prose)
     r"(?:^|(?<=[\s。；;]))答\s*[:：]",
@@ -176,20 +176,36 @@ _POSTFIX_START = re.compile(
 
 # A mention does not count when its clause is hypothetical ...
 _HYPOTHETICAL = re.compile(
-    r"如果|假如|假设|假若|若是|倘若|要是|万一|若(?!干)|有人|容易|\bsome(?:one)?\b|\bothers?\b|\btempt|\bif\b|\bsuppose|\bassum|\bunless\b|\bwhether\b",
+    r"如果|假如|假设|假若|若是|倘若|要是|万一|若(?!干)|\bif\b|\bsuppose|\bassum|\bunless\b|\bwhether\b",
     re.IGNORECASE,
 )
+# ... or someone else's choice ("有人会选A", "容易误选", "some might choose A") ...
+_ATTRIBUTED = re.compile(r"有人|容易|\bsome(?:one)?\b|\bothers?\b|\bmany\b|\bmost\s+students\b|\btempt", re.IGNORECASE)
 # ... negated just before the cue ("不选A", "不应选A", "并非选A", "not choose A") ...
 _NEGATED = re.compile(r"(?:不|不应|不能|不可|不会|不要|并非|而非|非|误|错|\bnot|n't|\bnever)\s*$", re.IGNORECASE)
 # ... and an option text mentioned in a negated clause ("不是原发病", "排除气胸", "not pneumothorax").
 _MENTION_NEGATED = re.compile(r"不|非|排除|除外|\bnot\b|n't|\bno\b|\brule\s+out|\bexclud", re.IGNORECASE)
+_CONCLUSION = re.compile(r"所以|因此|故|综上|总之|最终|但|而|(?i:therefore|so\b|thus|hence|overall|in\s+conclusion|but|however)")
 _CLAUSE_START = re.compile(r"[。！？!?\n；;，,]|\.\s")
 _SENTENCE_END = re.compile(r"[。！？!?\n；;]|\.(?:\s|$)")
 
 
-def _clause_before(text: str, pos: int) -> str:
-    start = max((m.end() for m in _CLAUSE_START.finditer(text, 0, pos)), default=0)
+def _clause_before(text: str, pos: int, boundary: re.Pattern = _CLAUSE_START) -> str:
+    start = max((m.end() for m in boundary.finditer(text, 0, pos)), default=0)
     return text[start:pos]
+
+
+def _hypothetical(text: str, start: int) -> bool:
+    """Whether a mention at `start` sits in a condition or its consequence.
+
+    "如果选A，…" and "若题目问颜色，则选D" are hypothetical; "如果选A，则无法解释反跳痛，所以答案是B" is
+    not: a conclusion marker opens a new assertion. "Even if" concedes, it does not suppose.
+    """
+    clause = _clause_before(text, start)
+    if _HYPOTHETICAL.search(clause) or _ATTRIBUTED.search(clause):
+        return True
+    sentence = re.sub(r"(?i)\beven\s+if\b|即使|即便", "", _clause_before(text, start, _SENTENCE_END))
+    return bool(_HYPOTHETICAL.search(sentence)) and not _CONCLUSION.match(clause.strip())
 
 
 def _sentence_after(text: str, pos: int) -> str:
@@ -199,7 +215,7 @@ def _sentence_after(text: str, pos: int) -> str:
 
 def _counts(text: str, start: int, cue_end: int, letters_end: int) -> bool:
     """Whether a statement at text[start:letters_end] is asserted (not negated, hypothetical, asked)."""
-    if _HYPOTHETICAL.search(_clause_before(text, start)) or _HYPOTHETICAL.search(text[start:cue_end]):
+    if _hypothetical(text, start) or _HYPOTHETICAL.search(text[start:cue_end]):
         return False
     if _NEGATED.search(text[max(0, start - 4) : start]):
         return False
@@ -318,8 +334,7 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
                 continue
             pattern = rf"(?:是|为|考虑|见于|于|即|\bis\b|\bare\b)\s*{re.escape(option)}\s*(?:[。.!！]|$)"
             for m in re.finditer(pattern, text, re.MULTILINE | re.IGNORECASE):
-                clause = _clause_before(text, m.start())
-                if _HYPOTHETICAL.search(clause) or _MENTION_NEGATED.search(clause):
+                if _hypothetical(text, m.start()) or _MENTION_NEGATED.search(_clause_before(text, m.start())):
                     continue
                 if found is None or m.start() > found[2]:
                     found = (letter, False, m.start())

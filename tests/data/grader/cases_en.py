@@ -200,4 +200,11 @@ CASES = [
     (Q, "hedge", "0", "", I, "The answer could be either C or D."),
     (Q, "explicit-wins", "0", "C", A, "Answer: C\n\nA patient with slow bleeding usually has melena.\nB\nD"),
     (Q, "empty", "0", "", E_, "Answer:"),
+    # ---- third round ----------------------------------------------------------------------------------
+    (Q, "negation", "0", "C", A, "Answer: C\n\n(If the question asked about color, the answer would be D.)"),
+    (Q, "negation", "0", "C", A, "Even if the bleeding site matters, the answer is C."),
+    (Q, "negation", "3", "", E_, "If we only consider pain after a meal, the answer would be A."),
+    (QWQ, "explicit-wins", "0", "C", A, "<think>\nOkay...\n</think>\n\nThe correct answer is **C. «C»**.\n\n**Explanation:**\n- **A («A»):** not decisive.\n- **B («B»):** secondary; B is not the key factor.\n- **D («D»):** affects the color only.\n\nThus, the answer is C."),
+    (H, "statement", "0", "C", A, "## Thinking\n\nLarge, fast bleeding pools in the stomach and triggers vomiting...\n\n## Final Response\n\nWhether the bleeding shows as hematemesis or melena depends mainly on its amount and speed, so the answer is C: «C»."),
+    (Q, "hedge", "2223", "", I, "The answer is ABC or ABCD."),
 ]
