@@ -164,9 +164,13 @@ _CUE = re.compile("|".join(f"(?:{cue})" for cue in _CUES), re.MULTILINE)
 _POSTFIX = re.compile(
     r"[ \t]*(?:"
     r"(?i:(?:is|are)\s+(?:the\s+)?(?:only\s+)?(?:correct|right|best)(?:\s+(?:answers?|options?|choices?))?)"
-    r"|(?:项|选项)?\s*(?:是|为)?\s*(?:正确答案|正确选项|最佳答案|最佳选项|正确的?|对的)"
-    r")(?=$|[\s.,;:!。，；！]|\s*[:：])",
+    r"|(?:项|选项)?[ \t]*(?:是|为)?[ \t]*(?:正确答案|正确选项|最佳答案|最佳选项|正确的?|对的)"
+    r")(?=$|[\s.,;:!。，；！])",
     re.MULTILINE,
+)
+# Letters followed by a rejection are no answer ("Answer A is incorrect", "选A是错误的").
+_REJECTED = re.compile(
+    r"[ \t]*(?:(?i:(?:is|are)\s+(?:not|incorrect|wrong|false)\b)|(?:项|选项)?[ \t]*(?:是|为)?[ \t]*(?:错误|不正确|不对|错的?))"
 )
 # Where a postfix statement's letters may start: a sentence or clause start, or after a connective.
 _POSTFIX_START = re.compile(
@@ -191,7 +195,8 @@ _SENTENCE_END = re.compile(r"[。！？!?\n；;]|\.(?:\s|$)")
 
 
 def _clause_before(text: str, pos: int, boundary: re.Pattern = _CLAUSE_START) -> str:
-    start = max((m.end() for m in boundary.finditer(text, 0, pos)), default=0)
+    window = max(0, pos - 400)  # a clause or sentence is shorter; keeps long outputs linear
+    start = max((m.end() for m in boundary.finditer(text, window, pos)), default=window)
     return text[start:pos]
 
 
@@ -240,7 +245,7 @@ def _statements(text: str, options: dict[str, str]) -> list[_Statement]:
         else:
             pos += len(re.match(r"[ \t]*", text[pos:]).group(0))
         letters = _read_letters(text, pos, options)
-        if letters is None:
+        if letters is None or _REJECTED.match(text, letters.end):
             continue
         rule = "boxed" if cue.group(0).startswith("\\boxed") else "statement"
         if _counts(text, cue.start(), cue.end(), letters.end):
