@@ -337,7 +337,7 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
         for letter, option in options.items():
             if len(option) < 2:
                 continue
-            pattern = rf"(?:是|为|考虑|见于|于|即|\bis\b|\bare\b)\s*{re.escape(option)}\s*(?:[。.!！]|$)"
+            pattern = rf"(?:是|为|考虑|见于|于|即|导致|引起|属于|首选|\bis\b|\bare\b)\s*{re.escape(option)}\s*(?:[。.!！]|$)"
             for m in re.finditer(pattern, text, re.MULTILINE | re.IGNORECASE):
                 if _hypothetical(text, m.start()) or _MENTION_NEGATED.search(_clause_before(text, m.start())):
                     continue

@@ -207,4 +207,17 @@ CASES = [
     (QWQ, "explicit-wins", "0", "C", A, "<think>\nOkay...\n</think>\n\nThe correct answer is **C. «C»**.\n\n**Explanation:**\n- **A («A»):** not decisive.\n- **B («B»):** secondary; B is not the key factor.\n- **D («D»):** affects the color only.\n\nThus, the answer is C."),
     (H, "statement", "0", "C", A, "## Thinking\n\nLarge, fast bleeding pools in the stomach and triggers vomiting...\n\n## Final Response\n\nWhether the bleeding shows as hematemesis or melena depends mainly on its amount and speed, so the answer is C: «C»."),
     (Q, "hedge", "2223", "", I, "The answer is ABC or ABCD."),
+    # ---- fourth round ---------------------------------------------------------------------------------
+    (R1, "statement", "20", "A", A, "<think>\nOkay, a pleural friction rub. It comes from two roughened pleural layers rubbing; with an effusion (B) or pus (D) or air (C) the layers separate and the rub disappears. Staph pneumonia can cause empyema. So A.\n</think>\n\nA pleural friction rub is typical of **dry tuberculous pleurisy**: once fluid or air separates the layers (B, C, D), the rub disappears.\n\n**Answer: A**"),
+    (QWQ, "last-wins", "33", "C", A, "<think>\nChronic pyelonephritis... B is acute pyelonephritis. A occurs in both. C, intermittent asymptomatic bacteriuria, fits chronic disease.\n</think>\n\n**Answer: A**\n\nWait — A occurs in both acute and chronic disease, so it is not the more characteristic feature. The correct answer is **C**."),
+    (H, "statement", "100", "C", A, "## Thinking\n\nPhysiological jaundice appears on day 2–3, peaks on day 4–5 and resolves within 2 weeks in term infants; jaundice within 24 h is pathological.\n\n## Final Response\n\nPhysiological jaundice appears on the 2nd–3rd day after birth; A, B, D and E describe pathological jaundice. The correct answer is C."),
+    (Q, "option-text", "1500", "E", A, "The answer is TMP."),
+    (Q, "explicit-wins", "1500", "A", A, "Answer: A\n\nTMP (trimethoprim) does not affect cartilage."),
+    (QWQ, "boxed", "5078", "ABCE", A, "<think>\nThe aims of TB chemotherapy: rapid sputum conversion, less transmission, preventing resistance, complete cure. Partial cure isn't a goal.\n</think>\n\n\\boxed{ABCE}"),
+    (H, "statement", "5087", "ABDE", A, "## Thinking\n\nPalliative care does not pursue aggressive treatment of the primary disease, so C is wrong.\n\n## Final Response\n\nPalliative care aims at quality of life and does not push aggressive treatment of the primary disease (C). The correct answers are A, B, D and E."),
+    (R1, "postfix", "5052", "ACD", A, "<think>\nGout: avoid thiazides (B, E). BPH: terazosin helps.\n</think>\n\nWith gout, thiazide and thiazide-like diuretics (B, E) should be avoided; terazosin also treats the BPH. Therefore A, C and D are correct."),
+    (S, "statement", "5100", "C", A, "<think>\nNon-obese type 2 with good beta-cell reserve: a sulfonylurea.\n</think>\n答案：C"),
+    (Q, "negation", "6000", "A", A, "Tobramycin is nephrotoxic and should be avoided, so not B. Answer: A"),
+    (Q, "hedge", "5060", "", I, "Both cheese and salted fish contain tyramine, so the answer is B or D."),
+    (Q, "statement", "6500", "C", A, "The most suitable temperature for cold storage of decoction pieces is 2–10 °C, so the answer is C."),
 ]
