@@ -321,11 +321,15 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
         for m in _TEXT_CUE.finditer(text)
         if _counts(text, m.start(), m.end(), m.end())
     ]
-    offset = 0
+    # A line that is one option's text ("MRI"); lines naming different options are a list ("CT\nMRI").
+    lines, offset = [], 0
     for line in text.split("\n"):
-        if any(_norm(line) == _norm(t) for t in options.values() if _norm(t)):
-            candidates.append((offset, line))
+        named = {k for k, t in options.items() if _norm(t) and _norm(line) == _norm(t)}
+        if named:
+            lines.append((offset, line, named.pop()))
         offset += len(line) + 1
+    if len({letter for _, _, letter in lines}) == 1:
+        candidates += [(start, line) for start, line, _ in lines]
     for start, clause in sorted(candidates):
         hits = _texts_in(clause, options)
         if hits:
