@@ -89,7 +89,9 @@ def test_grader_agrees_with_the_labelled_corpus():
     ],
 )
 def test_every_status_grades_wrong_except_answered(status, output):
-    grade = grade_answer(output, "C", {"A": "原发病", "B": "出血部位", "C": "出血量", "D": "在胃内停留时间", "E": "以上均非"})
+    grade = grade_answer(
+        output, "C", {"A": "原发病", "B": "出血部位", "C": "出血量", "D": "在胃内停留时间", "E": "以上均非"}
+    )
     assert grade.status == status
     assert grade.correct == (status == ANSWERED)
     assert (grade.predicted != "") == (status == ANSWERED)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -60,7 +60,9 @@ _PREFIX = re.compile(r"(?:(?:the\s+)?options?|choices?|选项|第)[ \t]*", re.IG
 _OPEN_CLOSE = {"(": ")", "[": "]", "【": "】", "{": "}", "<": ">"}
 # A letter is a letter (not the start of a word: "CT", "B超", "X-ray", "A型") when one of these
 # follows it, or its own option text does ("C出血量").
-_AFTER_LETTER = re.compile(r"$|[\s.,;:!?。，；：、！？()\[\]【】}<>\"”/|&+\\–—]|['’](?![A-Za-z])|[项选是为和及与或还因故即正对错的了]")
+_AFTER_LETTER = re.compile(
+    r"$|[\s.,;:!?。，；：、！？()\[\]【】}<>\"”/|&+\\–—]|['’](?![A-Za-z])|[项选是为和及与或还因故即正对错的了]"
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,9 @@ class _Letters:
     end: int  # index just after the last letter (and its closing bracket)
 
 
-def _letter_at(text: str, pos: int, options: dict[str, str], first: bool, lower_ok: bool) -> tuple[str, int, bool] | None:
+def _letter_at(
+    text: str, pos: int, options: dict[str, str], first: bool, lower_ok: bool
+) -> tuple[str, int, bool] | None:
     """(letters, end, written in capitals) of one letter token at `pos` ("C", "(C)", "option c", "ACD")."""
     prefix = _PREFIX.match(text, pos)
     if prefix:
@@ -145,11 +149,17 @@ _CUES = [
     # 答案不是A，而是C / 不是A而是C
     r"而是\s*(?:选)?",
     # Answer: (B) / Final answer: B / the correct answer is C / the answers are A and C
-    r"(?i:\banswers?)\s*(?i:(?:is|are)(?:\s+(?:probably|likely|clearly))?\b|:|-|–|—|(?:should|would|will|must|could|may|might)\s+be\b)?"
-    r"\s*:?\s*(?i:either\b)?",
+    (
+        r"(?i:\banswers?)\s*"
+        r"(?i:(?:is|are)(?:\s+(?:probably|likely|clearly))?\b|:|-|–|—|(?:should|would|will|must|could|may|might)\s+be\b)?"
+        r"\s*:?\s*(?i:either\b)?"
+    ),
     # the correct option is C / correct choice: C / the best option would be C
-    r"(?i:\b(?:correct|right|best|most\s+appropriate|most\s+likely|final)\s+(?:options?|choices?|responses?|statements?))"
-    r"\s*(?i:is|are|:|should\s+be|would\s+be)?\s*:?",
+    (
+        r"(?i:\b(?:correct|right|best|most\s+appropriate|most\s+likely|final)\s+"
+        r"(?:options?|choices?|responses?|statements?))"
+        r"\s*(?i:is|are|:|should\s+be|would\s+be)?\s*:?"
+    ),
     # I choose C / I would choose C / I'll go with C / select C
     r"(?i:\b(?:choose|select|pick|go\s+with))\s*:?",
     # \boxed{C} / \boxed{\text{C}}
@@ -189,7 +199,9 @@ _ATTRIBUTED = re.compile(r"有人|容易|\bsome(?:one)?\b|\bothers?\b|\bmany\b|\
 _NEGATED = re.compile(r"(?:不|不应|不能|不可|不会|不要|并非|而非|非|误|错|\bnot|n't|\bnever)\s*$", re.IGNORECASE)
 # ... and an option text mentioned in a negated clause ("不是原发病", "排除气胸", "not pneumothorax").
 _MENTION_NEGATED = re.compile(r"不|非|排除|除外|\bnot\b|n't|\bno\b|\brule\s+out|\bexclud", re.IGNORECASE)
-_CONCLUSION = re.compile(r"所以|因此|故|综上|总之|最终|但|而|(?i:therefore|so\b|thus|hence|overall|in\s+conclusion|but|however)")
+_CONCLUSION = re.compile(
+    r"所以|因此|故|综上|总之|最终|但|而|(?i:therefore|so\b|thus|hence|overall|in\s+conclusion|but|however)"
+)
 _CLAUSE_START = re.compile(r"[。！？!?\n；;，,]|\.\s")
 _SENTENCE_END = re.compile(r"[。！？!?\n；;]|\.(?:\s|$)")
 
@@ -341,7 +353,9 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
         for letter, option in options.items():
             if len(option) < 2:
                 continue
-            pattern = rf"(?:是|为|考虑|见于|于|即|导致|引起|属于|首选|\bis\b|\bare\b)\s*{re.escape(option)}\s*(?:[。.!！]|$)"
+            pattern = (
+                rf"(?:是|为|考虑|见于|于|即|导致|引起|属于|首选|\bis\b|\bare\b)\s*{re.escape(option)}\s*(?:[。.!！]|$)"
+            )
             for m in re.finditer(pattern, text, re.MULTILINE | re.IGNORECASE):
                 if _hypothetical(text, m.start()) or _MENTION_NEGATED.search(_clause_before(text, m.start())):
                     continue
@@ -356,16 +370,15 @@ def _texts_in(clause: str, options: dict[str, str]) -> set[str]:
     spans: list[tuple[int, int, str]] = []
     for letter, option in options.items():
         needle = _norm(option)
-        if len(needle) < 2 or option in ("以上均非", "以上都不是", "以上都是", "以上均是"):
-            if not needle or needle != norm:
-                continue
+        # One character, or "none of the above": only the whole statement is that option.
+        short = len(needle) < 2 or option in ("以上均非", "以上都不是", "以上都是", "以上均是")
+        if short and needle != norm or not needle:
+            continue
         at = norm.find(needle)
         if at >= 0:
             spans.append((at, at + len(needle), letter))
     kept = {
-        letter
-        for a, b, letter in spans
-        if not any(a2 <= a and b <= b2 and (b2 - a2) > (b - a) for a2, b2, _ in spans)
+        letter for a, b, letter in spans if not any(a2 <= a and b <= b2 and (b2 - a2) > (b - a) for a2, b2, _ in spans)
     }
     return kept
 
@@ -375,7 +388,7 @@ def _texts_in(clause: str, options: dict[str, str]) -> set[str]:
 
 def final_answer_text(output: str) -> str:
     """The part of a model output that states the answer: after the last </think> if any."""
-    head, sep, tail = output.rpartition(THINK_END)
+    _, sep, tail = output.rpartition(THINK_END)
     return tail if sep else output
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from cases_en import CASES as CASES_EN  # noqa: E402
-from cases_zh import CASES as CASES_ZH  # noqa: E402
+from cases_en import CASES as CASES_EN
+from cases_zh import CASES as CASES_ZH
 
-from medcritical.data.cmexam import load_questions  # noqa: E402
+from medcritical.data.cmexam import load_questions
 
 STATUSES = {"answered", "empty", "ambiguous", "truncated", "invalid"}
 
@@ -33,7 +33,7 @@ def main(val_xlsx: str) -> None:
     for prefix, cases in (("zh", CASES_ZH), ("en", CASES_EN)):
         for n, (style, rule, qid, expected, status, output) in enumerate(cases, 1):
             question = by_id[qid]
-            text = re.sub(r"«([A-E])»", lambda m: question.options[m.group(1)], output)
+            text = re.sub(r"«([A-E])»", lambda m, q=question: q.options[m.group(1)], output)
             assert status in STATUSES, (prefix, n, status)
             assert (status == "answered") == bool(expected), (prefix, n, "letters iff answered")
             rows.append(
