@@ -36,7 +36,9 @@ from typing import Any, Sequence
 
 from transformers import EarlyStoppingCallback
 
+from medcritical.io.fingerprint import file_sha256
 from medcritical.io.jsonl import read_jsonl
+from medcritical.plotting import figure
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
     check_same_run,
@@ -52,7 +54,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
-from medcritical.training.saving import MANIFEST, file_sha256, save_final_model, write_manifest
+from medcritical.training.saving import MANIFEST, save_final_model, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -349,37 +351,30 @@ def _warnings(curve: list[dict], config: DPOSection, best_step: int | None = Non
 
 
 def plot_heldout(metrics: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     history = metrics["heldout"]["history"]
-    fig, (loss_ax, heldout_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    curve = metrics.get("loss_curve", [])
-    loss_ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], ".-", label="train loss")
-    if history:
-        loss_ax.plot([h["step"] for h in history], [h["loss"] for h in history], "s-", label="held-out loss")
-        heldout_ax.plot([h["step"] for h in history], [h["margin"] for h in history], "o-", color="tab:red", label="reward margin")
-        accuracy_ax = heldout_ax.twinx()
-        accuracy_ax.plot([h["step"] for h in history], [h["reward_accuracy"] for h in history], "s--", color="tab:green", label="reward accuracy")
-        accuracy_ax.set_ylim(0, 1)
-        accuracy_ax.set_ylabel("reward accuracy")
-        accuracy_ax.legend(loc="lower right")
-    if metrics.get("stopped_early"):
-        heldout_ax.axvline(metrics["stopped_early"], color="gray", linestyle=":", label="early stop")
-    if metrics.get("restored_best"):
-        heldout_ax.axvline(metrics["heldout"]["best_step"], color="tab:red", linestyle="--", linewidth=1, label="best (kept)")
-    loss_ax.axhline(math.log(2), color="gray", linestyle=":", linewidth=1)
-    loss_ax.set_xlabel("step")
-    loss_ax.set_ylabel("DPO loss")
-    loss_ax.legend()
-    loss_ax.set_title(f"DPO loss ({metrics['loss_type']}, beta {metrics['beta']})")
-    heldout_ax.set_xlabel("step")
-    heldout_ax.set_ylabel("held-out reward margin")
-    heldout_ax.legend(loc="upper left")
-    heldout_ax.set_title("held-out pairs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, ncols=2, size=(11, 4)) as (_, (loss_ax, heldout_ax)):
+        curve = metrics.get("loss_curve", [])
+        loss_ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], ".-", label="train loss")
+        if history:
+            steps = [h["step"] for h in history]
+            loss_ax.plot(steps, [h["loss"] for h in history], "s-", label="held-out loss")
+            heldout_ax.plot(steps, [h["margin"] for h in history], "o-", color="tab:red", label="reward margin")
+            accuracy_ax = heldout_ax.twinx()
+            accuracy_ax.plot(steps, [h["reward_accuracy"] for h in history], "s--", color="tab:green", label="reward accuracy")
+            accuracy_ax.set_ylim(0, 1)
+            accuracy_ax.set_ylabel("reward accuracy")
+            accuracy_ax.legend(loc="lower right")
+        if metrics.get("stopped_early"):
+            heldout_ax.axvline(metrics["stopped_early"], color="gray", linestyle=":", label="early stop")
+        if metrics.get("restored_best"):
+            heldout_ax.axvline(metrics["heldout"]["best_step"], color="tab:red", linestyle="--", linewidth=1, label="best (kept)")
+        loss_ax.axhline(math.log(2), color="gray", linestyle=":", linewidth=1)
+        loss_ax.set_xlabel("step")
+        loss_ax.set_ylabel("DPO loss")
+        loss_ax.legend()
+        loss_ax.set_title(f"DPO loss ({metrics['loss_type']}, beta {metrics['beta']})")
+        heldout_ax.set_xlabel("step")
+        heldout_ax.set_ylabel("held-out reward margin")
+        heldout_ax.legend(loc="upper left")
+        heldout_ax.set_title("held-out pairs")
     return path

@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from medcritical.plotting import figure
+
 CURVE_KEYS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy")
 
 
@@ -101,18 +103,9 @@ def write_metrics(output_dir: str | Path, step: str, metrics: dict[str, Any]) ->
 
 
 def plot_loss(curve: list[dict], path: str | Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display in pods or CI
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if curve:
-        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="." if len(curve) < 50 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path) as (_, ax):
+        if curve:
+            ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="." if len(curve) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(title)

@@ -8,11 +8,12 @@ missing weights before the run counts as done.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from medcritical.io.fingerprint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +175,3 @@ def verify_manifest(root: str | Path) -> list[str]:
         if not file.is_file() or file_sha256(file) != expected:
             bad.append(name)
     return bad
-
-
-def file_sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from medcritical.io.fingerprint import file_sha256
 from medcritical.training.checks import check_tokenizer, conversation_lengths, read_conversations, select_by_length
 from medcritical.training.common import (
     check_same_run,
@@ -43,7 +44,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import SFTSection
 from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
-from medcritical.training.saving import MANIFEST, file_sha256, save_final_model, write_manifest
+from medcritical.training.saving import MANIFEST, save_final_model, write_manifest
 
 log = logging.getLogger(__name__)
 
