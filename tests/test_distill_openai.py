@@ -233,7 +233,7 @@ def test_too_many_failures_stop_early(bundled, tmp_path, teacher_env):
     with StandInEndpoint(respond) as endpoint:
         config = config_for(endpoint, openai=OpenAITeacher(base_url=endpoint.base_url, model="m", concurrency=1,
                                                            max_retries=0, max_failed_requests=2))
-        with pytest.raises(EndpointFailures, match="stopped early: more than max_failed_requests=2"):
+        with pytest.raises(EndpointFailures, match="Stopped early: more than max_failed_requests=2"):
             distill(config, bundled[:10], tmp_path)
     assert sum(is_trace_prompt(r["body"]) for r in endpoint.requests) == 3
 

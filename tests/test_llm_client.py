@@ -66,7 +66,7 @@ def test_replies_in_order_with_reasoning_usage_and_key_header():
 def test_no_key_sends_no_authorization_and_never_reads_openai_api_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-someone-elses-openai-key")
     with StandInEndpoint(lambda body, count: completion("ok")) as endpoint:
-        assert ChatClient(endpoint.base_url, "m").chat(conversation("x")).ok
+        assert ChatClient(endpoint.base_url, "m").chat_many([conversation("x")])[0].ok
     assert endpoint.requests[0]["authorization"] is None
 
 
@@ -88,7 +88,7 @@ def test_429_and_5xx_are_retried_until_success():
 
 def test_retries_give_up_and_record_the_error_without_raising():
     with StandInEndpoint(lambda body, count: Response(503, {"error": "overloaded"})) as endpoint:
-        reply = client_for(endpoint, max_retries=2).chat(conversation("x"))
+        reply = client_for(endpoint, max_retries=2).chat_many([conversation("x")])[0]
     assert not reply.ok and reply.requests == 3 and reply.endpoint_failed
     assert "HTTP 503" in reply.error and "gave up after 3 attempts" in reply.error
     assert len(endpoint.requests) == 3
@@ -96,7 +96,7 @@ def test_retries_give_up_and_record_the_error_without_raising():
 
 def test_client_errors_other_than_auth_are_not_retried():
     with StandInEndpoint(lambda body, count: Response(400, {"error": "prompt too long"})) as endpoint:
-        reply = client_for(endpoint).chat(conversation("x"))
+        reply = client_for(endpoint).chat_many([conversation("x")])[0]
     assert reply.requests == 1 and "HTTP 400" in reply.error and "prompt too long" in reply.error
     assert not reply.endpoint_failed  # the request was refused, not the endpoint down
     assert len(endpoint.requests) == 1
@@ -141,7 +141,7 @@ def test_connection_refused_is_retried_then_recorded():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     client = ChatClient(f"http://127.0.0.1:{port}/v1", "m", max_retries=2)
-    reply = client.chat(conversation("x"))
+    reply = client.chat_many([conversation("x")])[0]
     assert not reply.ok and "connection error" in reply.error and reply.requests == 3 and reply.endpoint_failed
 
 
@@ -164,7 +164,7 @@ def test_wrong_path_gives_a_base_url_hint():
     with StandInEndpoint(lambda body, count: completion("x")) as endpoint:
         client = ChatClient(endpoint.base_url.removesuffix("/v1"), "m")
         with pytest.raises(EndpointError, match="ends in /v1"):
-            client.chat(conversation("x"))
+            client.chat_many([conversation("x")])[0]
 
 
 def test_requests_run_concurrently_up_to_the_limit():
@@ -199,7 +199,7 @@ def test_retry_after_is_honoured():
 
     with StandInEndpoint(respond) as endpoint:
         started = time.monotonic()
-        reply = client_for(endpoint).chat(conversation("x"))
+        reply = client_for(endpoint).chat_many([conversation("x")])[0]
     assert reply.ok and reply.requests == 2 and time.monotonic() - started >= 1.0
 
 
@@ -211,7 +211,7 @@ def test_endpoint_failures_are_counted_and_stop_past_the_threshold():
     assert len(endpoint.requests) == 4  # the fourth failure is one too many: nothing more is asked
     message = str(error.value)
     assert "4 requests" in message and endpoint.base_url in message and "4 HTTP 500" in message
-    assert "stopped early" in message and "rerun" in message
+    assert "Stopped early" in message and "rerun" in message
 
 
 def test_raise_if_failed_names_endpoint_counts_and_kinds_never_the_key():

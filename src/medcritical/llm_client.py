@@ -1,25 +1,21 @@
 """A client for OpenAI-compatible chat endpoints (vLLM, SGLang, hosted APIs) over the `openai` SDK.
 
-Shared by the distillation teacher and the evaluation judge. The SDK (`openai.AsyncOpenAI`) does the
-HTTP: retries with exponential backoff and jitter on 408/409/429/5xx, timeouts and dropped
-connections, honours `Retry-After`, and raises typed errors. What is the project's own:
+Shared by the distillation teacher and the evaluation judge. `openai.AsyncOpenAI` does the HTTP:
+retries with backoff on 408/409/429/5xx, timeouts and dropped connections, `Retry-After`, typed
+errors. What is the project's own:
 
-- many conversations go out concurrently (at most `concurrency` in flight) and each comes back as a
-  `ChatReply`, failures included, so one bad request never loses the others;
-- a wrong key, URL or model name (HTTP 401/403/404) raises `EndpointError` at once: every further
-  request would fail the same way;
-- a request the endpoint failed after the retries (5xx, 429, timeout, connection error, malformed
-  body) is marked `endpoint_failed` and counted; past `max_failed_requests` of them the run stops with
-  `EndpointFailures`, and a step that ends with any raises it too (`raise_if_failed`): an outage is
-  never a result, and a rerun asks exactly the failed requests again;
-- the API key goes into the Authorization header and nowhere else: not into logs, error messages,
-  `repr` or files, and any echo of it in a server's error text is masked;
-- reasoning is read from `reasoning_content` (older vLLM, SGLang, DeepSeek) and `reasoning` (vLLM >= 0.10).
+- at most `concurrency` requests in flight, and one `ChatReply` per request, failures included;
+- HTTP 401/403/404 (wrong key, URL or model) raise `EndpointError` at once;
+- a request the endpoint failed after the retries (5xx, 429, timeout, connection, malformed body) is
+  `endpoint_failed` and counted: past `max_failed_requests` the run stops (`EndpointFailures`), and
+  a step ending with any calls `raise_if_failed`, so an outage is never a result;
+- the API key only in the Authorization header: never in logs, errors, `repr` or files (masked if a
+  server echoes it);
+- reasoning read from `reasoning_content` (older vLLM, SGLang, DeepSeek) and `reasoning` (vLLM >= 0.10).
 
     client = ChatClient("http://qwq:8000/v1", "Qwen/QwQ-32B", api_key=None, concurrency=16)
-    client.probe()  # one cheap GET /models: a dead endpoint or a wrong key stops here, before any work
+    client.probe()  # GET /models: a dead endpoint or a refused key stops here, before any work
     replies = client.chat_many([[{"role": "user", "content": "..."}]], temperature=0.7, max_tokens=4096)
-    replies[0].content, replies[0].reasoning_content, replies[0].completion_tokens, replies[0].error
 """
 
 from __future__ import annotations
@@ -46,8 +42,6 @@ FATAL_STATUSES = {
     403: "the API key may not use this model",
     404: "no such endpoint or model (base_url usually ends in /v1; check the model name)",
 }
-# Statuses the SDK retries: when they remain after the retries, the endpoint failed, not the request.
-_ENDPOINT_STATUSES = frozenset({408, 409, 429})
 
 
 class EndpointError(RuntimeError):
@@ -61,16 +55,15 @@ class EndpointFailures(EndpointError):
 @dataclass(frozen=True)
 class ChatReply:
     content: str = ""
-    # Reasoning that servers with a reasoning parser return beside the content (vLLM, SGLang, DeepSeek).
-    reasoning_content: str = ""
+    reasoning_content: str = ""  # beside the content, from servers with a reasoning parser
     finish_reason: str | None = None  # "stop", "length" (hit max_tokens), ...
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0  # HTTP requests made, retries included
     latency_s: float = 0.0
     error: str | None = None  # why no usable reply came back; None on success
-    # The endpoint failed (5xx, 429, timeout, connection, malformed body), not the request: never an
-    # answer, never an attempt; a rerun asks again. False for a refused request (e.g. 400 too long).
+    # The endpoint failed, not the request: never an answer or an attempt; a rerun asks again.
+    # False for a refused request (e.g. 400 prompt too long): that is an answer about the request.
     endpoint_failed: bool = False
 
     @property
@@ -81,37 +74,21 @@ class ChatReply:
 def safe_url(url: str) -> str:
     """The URL without any user:password it may carry, for messages and metadata."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 class ChatClient:
     """Concurrent chat completions against one model on one OpenAI-compatible endpoint."""
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key: str | None = None,
-        *,
-        concurrency: int = 8,
-        timeout_s: float = 600.0,
-        max_retries: int = 6,
-        max_failed_requests: int = 10,
-        extra_body: dict[str, Any] | None = None,
-        key_source: str = "the api_key argument",
-    ):
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, concurrency: int = 8,
+                 timeout_s: float = 600.0, max_retries: int = 6, max_failed_requests: int = 10,
+                 extra_body: dict[str, Any] | None = None, key_source: str = "the api_key argument"):
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.max_failed_requests = max_failed_requests
-        self.extra_body = dict(extra_body or {})  # e.g. {"chat_template_kwargs": {...}}, sent with every request
-        self.failures: Counter[str] = Counter()  # endpoint failures so far, by kind ("HTTP 503", "timed out", ...)
+        self.base_url, self.model, self.concurrency = base_url.rstrip("/"), model, concurrency
+        self.timeout_s, self.max_retries, self.max_failed_requests = timeout_s, max_retries, max_failed_requests
+        self.extra_body = dict(extra_body or {})  # sent with every request, e.g. {"chat_template_kwargs": ...}
+        self.failures: Counter[str] = Counter()  # endpoint failures so far, by kind ("HTTP 503", "timed out")
         self._api_key = api_key or ""
         self._key_source = key_source  # named in the 401 message, so the user knows what to fix
 
@@ -124,46 +101,33 @@ class ChatClient:
 
     @classmethod
     def from_section(cls, section, env_prefix: str, **kwargs) -> "ChatClient":
-        """Build from a recipe section: base_url, model, api_key_env and any of concurrency, timeout_s,
-        max_retries, max_failed_requests, extra_body (`kwargs` override them).
-
-        base_url and model fall back to ``<env_prefix>_BASE_URL`` / ``<env_prefix>_MODEL``; the key is
-        read from the variable the section names (no key is fine for a local vLLM server).
-        """
+        """From a recipe section (base_url, model, api_key_env and the client settings it has);
+        base_url and model fall back to ``<env_prefix>_BASE_URL`` / ``_MODEL``; `kwargs` override."""
         base_url = section.base_url or os.environ.get(f"{env_prefix}_BASE_URL")
         model = section.model or os.environ.get(f"{env_prefix}_MODEL")
         for value, key, env in ((base_url, "base_url", "BASE_URL"), (model, "model", "MODEL")):
             if not value:
-                raise ValueError(
-                    f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}"
-                )
-        settings = {
-            name: getattr(section, name)
-            for name in ("concurrency", "timeout_s", "max_retries", "max_failed_requests", "extra_body")
-            if hasattr(section, name)
-        }
+                raise ValueError(f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}")
+        names = ("concurrency", "timeout_s", "max_retries", "max_failed_requests", "extra_body")
+        settings = {name: getattr(section, name) for name in names if hasattr(section, name)}
         settings["key_source"] = f"the environment variable {section.api_key_env}"
         return cls(base_url, model, os.environ.get(section.api_key_env), **(settings | kwargs))
 
     def _sdk(self) -> openai.AsyncOpenAI:
-        # Without a key no Authorization header goes out (a local vLLM needs none), and the SDK never
-        # falls back to OPENAI_API_KEY: someone's OpenAI key must not travel to a self-hosted teacher.
-        return openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self._api_key or "no-key", timeout=self.timeout_s, max_retries=self.max_retries
-        )
+        # The SDK insists on a key; with none, `_headers` omits the header, and OPENAI_API_KEY is never
+        # read: someone's OpenAI key must not travel to a self-hosted teacher.
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "none",
+                                  timeout=self.timeout_s, max_retries=self.max_retries)
 
     @property
     def _headers(self) -> dict:
-        return {} if self._api_key else {"Authorization": openai.Omit()}  # see _sdk
-
-    # -- public API -------------------------------------------------------------------------------
+        return {} if self._api_key else {"Authorization": openai.Omit()}
 
     def probe(self) -> list[str]:
         """One cheap request (GET /models) before the first batch; the served model names.
 
-        Raises `EndpointError` when the endpoint cannot be reached or refuses the key, so a step stops
-        before any work. A server without /models (404) is let through: the first request will tell.
-        """
+        Raises `EndpointError` when the endpoint cannot be reached or refuses the key. A server
+        without /models (404) is let through: the first request will tell."""
 
         async def list_models() -> list[str]:
             async with self._sdk() as sdk:
@@ -172,73 +136,48 @@ class ChatClient:
         try:
             models = asyncio.run(list_models())
         except openai.NotFoundError:
-            log.debug("%s has no /models; skipping the model check", self.endpoint)
             return []
         except openai.APIStatusError as e:
             if e.status_code in FATAL_STATUSES:
                 raise self._fatal(e) from None
-            raise EndpointError(f"{self.endpoint} is not answering: {self._describe(e)[0]}. Start or fix the "
-                                "endpoint, then rerun") from None
-        except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
-            raise EndpointError(f"{self.endpoint} cannot be reached: {self._describe(e)[0]}. Start the server or "
+            raise EndpointError(f"{self.endpoint} is not answering: {self._describe(e)[0]}; start or fix it, then rerun") from None
+        except (openai.APIError, ValueError) as e:
+            raise EndpointError(f"{self.endpoint} cannot be reached: {self._describe(e)[0]}; start the server or "
                                 "fix base_url, then rerun") from None
         if models and self.model not in models:
             log.warning("%s does not list the model %r (it serves %s)", self.endpoint, self.model, ", ".join(models[:10]))
         return models
 
-    def chat(self, messages: Messages, **params) -> ChatReply:
-        """One conversation; see `chat_many`."""
-        return self.chat_many([messages], desc="", **params)[0]
-
-    def chat_many(
-        self,
-        conversations: Sequence[Messages],
-        *,
-        on_reply: Callable[[int, ChatReply], None] | None = None,
-        desc: str = "chat",
-        **params,
-    ) -> list[ChatReply]:
+    def chat_many(self, conversations: Sequence[Messages], *, on_reply: Callable[[int, ChatReply], None] | None = None,
+                  desc: str = "chat", **params) -> list[ChatReply]:
         """Replies in the order of `conversations`; `on_reply(index, reply)` runs as each one arrives.
 
-        `params` go into every request body (temperature, top_p, max_tokens, seed, stop, logit_bias,
-        ...; None values are left out). An exception raised by `on_reply` cancels the requests in
-        flight and propagates, as do `EndpointError` and `EndpointFailures`.
-        """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.achat_many(conversations, on_reply=on_reply, desc=desc, **params))
-        raise RuntimeError("chat_many was called inside a running event loop; await achat_many instead")
+        `params` go into every request body (temperature, top_p, max_tokens, seed, logit_bias, ...;
+        None values are left out). An exception raised by `on_reply` cancels the requests in flight
+        and propagates, as do `EndpointError` and `EndpointFailures`. Inside an event loop, await
+        `achat_many`."""
+        return asyncio.run(self.achat_many(conversations, on_reply=on_reply, desc=desc, **params))
 
-    async def achat_many(
-        self,
-        conversations: Sequence[Messages],
-        *,
-        on_reply: Callable[[int, ChatReply], None] | None = None,
-        desc: str = "chat",
-        **params,
-    ) -> list[ChatReply]:
-        """The async form of `chat_many`."""
-        if not conversations:
-            return []
+    async def achat_many(self, conversations: Sequence[Messages], *,
+                         on_reply: Callable[[int, ChatReply], None] | None = None, desc: str = "chat",
+                         **params) -> list[ChatReply]:
         replies: list[ChatReply | None] = [None] * len(conversations)
         body = self.extra_body | {k: v for k, v in params.items() if v is not None}
         limit = asyncio.Semaphore(self.concurrency)
+        stop: list[EndpointError] = []  # the first fatal error: nothing more goes out
+
+        async def one(sdk: openai.AsyncOpenAI, index: int) -> tuple[int, ChatReply]:
+            async with limit:
+                if stop:
+                    raise stop[0]
+                try:
+                    return index, await self._request(sdk, conversations[index], body)
+                except EndpointError as e:
+                    stop.append(e)
+                    raise
+
         async with self._sdk() as sdk:
-
-            stop: list[EndpointError] = []  # set by the first fatal error: nothing more goes out
-
-            async def one(index: int) -> tuple[int, ChatReply]:
-                async with limit:
-                    if stop:
-                        raise stop[0]
-                    try:
-                        return index, await self._request(sdk, conversations[index], body)
-                    except EndpointError as e:
-                        stop.append(e)
-                        raise
-
-            tasks = [asyncio.create_task(one(i)) for i in range(len(conversations))]
+            tasks = [asyncio.create_task(one(sdk, i)) for i in range(len(conversations))]
             try:
                 with tqdm(total=len(tasks), desc=desc, unit="request", leave=False, disable=not desc) as bar:
                     for next_done in asyncio.as_completed(tasks):
@@ -256,9 +195,7 @@ class ChatClient:
     def raise_if_failed(self, step: str) -> None:
         """End a step non-zero when any request failed for reasons of the endpoint."""
         if self.failures:
-            raise self._failures_error(step, stopped_early=False)
-
-    # -- one request (the SDK retries) --------------------------------------------------------------
+            raise self._failures_error(step)
 
     async def _request(self, sdk: openai.AsyncOpenAI, messages: Messages, body: dict) -> ChatReply:
         started = time.monotonic()
@@ -268,16 +205,15 @@ class ChatClient:
             )
             completion = raw.parse()
             choice = completion.choices[0]
-            message = choice.message
         except openai.APIStatusError as e:
             if e.status_code in FATAL_STATUSES:
                 raise self._fatal(e) from None
             return self._failed(e, started)
         except (openai.APIError, ValueError, IndexError) as e:  # ValueError: a body that is not JSON
             return self._failed(e, started)
+        message, usage = choice.message, completion.usage
         # vLLM >= 0.10 names the field "reasoning"; older vLLM, SGLang and DeepSeek "reasoning_content".
         reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or ""
-        usage = getattr(completion, "usage", None)
         return ChatReply(
             content=message.content or "",
             reasoning_content=reasoning if isinstance(reasoning, str) else "",
@@ -289,23 +225,21 @@ class ChatClient:
         )
 
     def _describe(self, error: Exception) -> tuple[str, str, bool]:
-        """(message, kind, endpoint_failed) of a failed request; the key masked out."""
+        """(message, kind, whether the endpoint failed) of a failed request, the key masked."""
         if isinstance(error, openai.APITimeoutError):
             return f"timed out after {self.timeout_s:g} s", "timed out", True
         if isinstance(error, openai.APIConnectionError):
             cause = error.__cause__ or error
-            detail = self._mask(str(cause)) or "no detail"
-            return f"connection error ({type(cause).__name__}: {detail})", "connection error", True
+            return f"connection error ({type(cause).__name__}: {self._snippet(str(cause))})", "connection error", True
         if isinstance(error, openai.APIStatusError):
             status = error.status_code
-            failed = status >= 500 or status in _ENDPOINT_STATUSES
+            failed = status >= 500 or status in (408, 409, 429)  # what the SDK retries
             return f"HTTP {status}: {self._snippet(error.response.text)}", f"HTTP {status}", failed
-        detail = self._snippet(str(error))
-        return f"malformed response ({type(error).__name__}: {detail})", "malformed response", True
+        return f"malformed response ({type(error).__name__}: {self._snippet(str(error))})", "malformed response", True
 
     def _failed(self, error: Exception, started: float) -> ChatReply:
         message, kind, endpoint_failed = self._describe(error)
-        # The SDK retries what the endpoint failed; a refused request (e.g. 400) was asked once.
+        # The SDK retried what the endpoint failed (not a malformed 200); a refused request went once.
         requests = self.max_retries + 1 if endpoint_failed and kind != "malformed response" else 1
         if requests > 1:
             message += f" (gave up after {requests} attempts)"
@@ -317,17 +251,15 @@ class ChatClient:
         return ChatReply(requests=requests, latency_s=time.monotonic() - started, error=message,
                          endpoint_failed=endpoint_failed)
 
-    def _failures_error(self, step: str, *, stopped_early: bool) -> EndpointFailures:
+    def _failures_error(self, step: str, stopped_early: bool = False) -> EndpointFailures:
         total = sum(self.failures.values())
         how = ", ".join(f"{n} {kind}" for kind, n in self.failures.most_common())
-        first = f"{step}: " if step else ""
-        stop = (f"stopped early: more than max_failed_requests={self.max_failed_requests} failed. "
-                if stopped_early else "")
+        stop = f"Stopped early: more than max_failed_requests={self.max_failed_requests} failed. " if stopped_early else ""
         return EndpointFailures(
-            f"{first}{total} request{'s' if total != 1 else ''} to {self.endpoint} (model {self.model!r}) failed "
-            f"after {self.max_retries} retries ({how}). {stop}The replies that came back are saved; once the "
-            "endpoint answers again, rerun the same command: it continues and asks only the failed and "
-            "missing requests."
+            f"{step + ': ' if step else ''}{total} request{'s' if total != 1 else ''} to {self.endpoint} "
+            f"(model {self.model!r}) failed after {self.max_retries} retries ({how}). {stop}The replies that came "
+            "back are saved; once the endpoint answers again, rerun the same command: it asks only the failed "
+            "and missing requests."
         )
 
     def _fatal(self, error: openai.APIStatusError) -> EndpointError:
@@ -339,7 +271,5 @@ class ChatClient:
 
     def _snippet(self, text: str, limit: int = 300) -> str:
         text = " ".join(str(text).split())
-        return self._mask(text[:limit] + ("..." if len(text) > limit else "")) or "(empty body)"
-
-    def _mask(self, text: str) -> str:
+        text = text[:limit] + ("..." if len(text) > limit else "") or "(empty body)"
         return text.replace(self._api_key, "***") if self._api_key else text
