@@ -274,3 +274,28 @@ def test_resume_over_the_endpoint_asks_nothing_twice(bundled, tmp_path, teacher_
     assert stats["accepted"] == 10 and stats["sessions"] == 2
     assert [r["id"] for r in read_jsonl(tmp_path / SFT_FILE)] == [q.id for q in questions]
     assert json.loads((tmp_path / STATS_FILE).read_text())["trace_attempts"] == 20
+
+
+def test_cli_exits_non_zero_on_an_outage_and_zero_after_the_fixed_rerun(bundled, tmp_path, teacher_env, capsys):
+    from medcritical.cli import main
+    from medcritical.data.cmexam import write_questions
+
+    write_questions(bundled[:3], tmp_path / "train.jsonl")
+    fixed = []
+
+    def respond(body, count):
+        if not fixed and is_trace_prompt(body):
+            return Response(500, {"error": "down"})
+        return completion(f"<think>推理</think>\n答案：{gold_from_prompt(body)}") if is_trace_prompt(body) else completion(TEMPLATE_TEXT)
+
+    with StandInEndpoint(respond) as endpoint:
+        command = ["distill", "--questions", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out"),
+                   "--set", "distill.backend=openai", "--set", f"distill.openai.base_url={endpoint.base_url}",
+                   "--set", "distill.openai.model=m", "--set", "distill.openai.max_retries=0",
+                   "--set", "distill.show_gold_answer=true"]
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"3 requests to {endpoint.base_url}" in err and "3 HTTP 500" in err and "rerun" in err and KEY not in err
+        fixed.append(True)
+        assert main(command) == 0
+    assert len(read_jsonl(tmp_path / "out" / SFT_FILE)) == 3

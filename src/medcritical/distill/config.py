@@ -14,7 +14,7 @@ class OpenAITeacher(Section):
     model: str | None = None  # env MEDCRITICAL_TEACHER_MODEL
     api_key_env: str = "MEDCRITICAL_TEACHER_API_KEY"  # the key is read from this variable, never the recipe
     concurrency: int = Field(8, ge=1)  # requests in flight at once
-    timeout_s: float = 600.0
+    timeout_s: float = Field(600.0, gt=0)
     # Retries per request (the openai SDK's: exponential backoff with jitter, Retry-After honoured).
     max_retries: int = Field(6, ge=0)
     # Requests the endpoint may fail (after the retries) before the step stops early; any failure ends
