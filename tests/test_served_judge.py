@@ -73,6 +73,5 @@ def test_judge_rubric_never_guesses_a_verdict(vllm_server, tiny_model, bundled, 
     rows = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
     # Random text has no verdict line: every row is a judge error, dropped and counted, none guessed.
     assert len(rows) == 4 and all(r["verdict"] is None and r["error"] == "no judge-rubric verdict in the reply" for r in rows)
-    assert any(r["reply"] for r in rows)  # read from the `reasoning` field (content is null)
     assert (report["protocol"], report["n"], report["dropped"]) == ("judge-rubric", 0, 4)
     assert "0/0; 4 of 4 dropped: no verdict" in (tmp_path / "report.md").read_text()
