@@ -8,21 +8,10 @@ constraint of the judge, and the errors a real server gives for a wrong model or
 import pytest
 
 from medcritical.llm_client import ChatClient, EndpointError
-from tests.fixtures.vllm import start_vllm_server, stop_vllm_server
 
 pytestmark = pytest.mark.vllm
 
 QUESTION = [{"role": "user", "content": "问题：发热最常见的原因是什么？"}]
-
-
-@pytest.fixture(scope="session")
-def plain_vllm_server(vllm_python, vllm_model, tmp_path_factory):
-    """The same tiny model served without a reasoning parser: the reply is all `content`, and
-    structured outputs apply from the first token (with a parser they wait for </think>)."""
-    log = tmp_path_factory.mktemp("vllm-plain") / "server.log"
-    server = start_vllm_server(vllm_python, vllm_model, log, "--reasoning-parser", "")
-    yield server
-    stop_vllm_server(server)
 
 
 def test_probe_and_reasoning_field_with_the_parser(vllm_server):

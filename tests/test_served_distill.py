@@ -14,7 +14,6 @@ from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts
 from medcritical.io.jsonl import read_jsonl
 from tests.test_distill import InterruptAfter
-from tests.test_served_client import plain_vllm_server  # noqa: F401 (a session fixture)
 
 pytestmark = pytest.mark.vllm
 
@@ -44,7 +43,7 @@ def replies(path):
     return [e for e in read_jsonl(path / RAW_FILE) if e["event"] == "reply"]
 
 
-def test_teacher_end_to_end_with_an_interrupted_run_resumed(plain_vllm_server, bundled, tmp_path):  # noqa: F811
+def test_teacher_end_to_end_with_an_interrupted_run_resumed(plain_vllm_server, bundled, tmp_path):
     questions = bundled[:6]
     config = served_config(plain_vllm_server)
     teacher = build_teacher(config, DistillPrompts.load("zh"))

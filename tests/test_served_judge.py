@@ -15,7 +15,6 @@ from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.judge import JUDGEMENTS_JSONL
 from medcritical.llm_client import ChatClient
 from medcritical.recipe import EvaluateConfig, GenerationConfig, JudgeConfig
-from tests.test_served_client import plain_vllm_server  # noqa: F401 (a session fixture)
 
 pytestmark = pytest.mark.vllm
 
@@ -39,7 +38,7 @@ def judge_config(server, protocol, **judge):
                                                                timeout_s=120, max_retries=1, **judge))
 
 
-def test_judge_paper_structured_outputs_and_resume_after_a_crash(plain_vllm_server, tiny_model, bundled, tmp_path, asked):  # noqa: F811
+def test_judge_paper_structured_outputs_and_resume_after_a_crash(plain_vllm_server, tiny_model, bundled, tmp_path, asked):
     questions = bundled[:6]
     config = judge_config(plain_vllm_server, "judge-paper")
     report = evaluate_model(config, GenerationConfig(), questions, tiny_model, tmp_path, device="cpu")
