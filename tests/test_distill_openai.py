@@ -1,8 +1,11 @@
-"""The openai teacher backend end to end against a scripted stand-in endpoint on 127.0.0.1.
+"""The openai teacher backend's bookkeeping against a scripted stand-in endpoint on 127.0.0.1.
 
 The stand-in answers the way served reasoning models do (a <think> block in the content, or the
-reasoning in a separate reasoning_content field); what is tested is our side: requests, verification,
-bookkeeping, resume, statistics, and that the API key never reaches a file or a log.
+reasoning in a separate reasoning_content field) and fails on cue (5xx, 429, timeouts, malformed
+bodies, dropped connections): what is tested is our side: requests, verification, bookkeeping,
+resume, outages that end the step non-zero and a rerun that asks exactly the failed requests, and
+that the API key never reaches a file or a log. The same path against real vLLM:
+tests/test_served_distill.py.
 """
 
 import json
@@ -16,8 +19,8 @@ from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FIL
 from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts, split_reasoning
 from medcritical.grader import grade_answer
-from medcritical.llm_client import EndpointError
-from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion
+from medcritical.llm_client import EndpointError, EndpointFailures
+from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
 from tests.test_distill import InterruptAfter, read_jsonl
 
 KEY = "sk-distill-secret-abcdef987654"
@@ -26,6 +29,7 @@ TEMPLATE_TEXT = "1. 明确考点\n2. 逐项分析选项\n3. 得出结论"
 
 @pytest.fixture
 def teacher_env(monkeypatch):
+    fast_sdk_retries(monkeypatch)
     monkeypatch.setenv("MEDCRITICAL_TEACHER_API_KEY", KEY)
     monkeypatch.delenv("MEDCRITICAL_TEACHER_BASE_URL", raising=False)
     monkeypatch.delenv("MEDCRITICAL_TEACHER_MODEL", raising=False)
@@ -34,8 +38,7 @@ def teacher_env(monkeypatch):
 def config_for(endpoint, **overrides):
     settings = dict(
         backend="openai",
-        openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", concurrency=4, timeout_s=5,
-                             max_retries=2, backoff_s=0.01, max_backoff_s=0.05),
+        openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", concurrency=4, timeout_s=5, max_retries=2),
         attempts=2,
         show_gold_answer=True,
         price_per_million_tokens=2.0,
@@ -108,10 +111,10 @@ def test_verified_traces_statistics_and_no_key_anywhere(bundled, tmp_path, teach
     assert KEY not in caplog.text
 
 
-def test_malformed_and_failed_replies_are_recorded_never_raised(bundled, tmp_path, teacher_env):
+def test_unusable_and_refused_replies_are_rejected_attempts(bundled, tmp_path, teacher_env):
     questions = bundled[:6]
     bad_by_question = {
-        questions[0].question: Response(200, "<html>proxy error</html>"),
+        questions[0].question: Response(400, {"error": "prompt has a bad token"}),
         questions[1].question: completion("我认为答案是C，但没有推理"),  # no reasoning block
         questions[2].question: completion("<think>推理到一半", finish_reason="length"),  # truncated
         questions[3].question: completion("<think>推理</think>\n无法确定"),  # no answer statement
@@ -129,7 +132,7 @@ def test_malformed_and_failed_replies_are_recorded_never_raised(bundled, tmp_pat
         stats = distill(config_for(endpoint), questions, tmp_path)
     assert stats["accepted"] == 0 and stats["trace_attempts"] == 12
     reasons = {r["id"]: r["reason"] for r in read_jsonl(tmp_path / REJECTED_FILE) if r["attempt"] == 1}
-    assert reasons[questions[0].id].startswith("teacher failed: malformed response")
+    assert reasons[questions[0].id].startswith("teacher failed: HTTP 400")
     assert reasons[questions[1].id].startswith("no reasoning")
     assert "token limit" in reasons[questions[2].id]
     assert reasons[questions[3].id].startswith("no answer statement")
@@ -153,7 +156,7 @@ def test_verify_off_keeps_well_formed_wrong_traces(bundled, tmp_path, teacher_en
     assert stats["accepted"] == 4 and stats["trace_attempts"] == 4 and stats["correct_traces"] == 0
 
 
-def test_failed_templates_are_retried_then_the_question_is_given_up(bundled, tmp_path, teacher_env):
+def test_unusable_templates_are_retried_then_the_question_is_given_up(bundled, tmp_path, teacher_env):
     questions = bundled[:3]
 
     def respond(body, count):
@@ -163,25 +166,93 @@ def test_failed_templates_are_retried_then_the_question_is_given_up(bundled, tmp
             if count == 0:
                 return completion("<think>只有思考</think>", finish_reason="length")  # no template after thinking
             return completion(f"1. 明确考点\n答案：{gold_from_prompt_or_a(body)}")  # answers instead of a template
-        return completion(TEMPLATE_TEXT) if count else Response(503, {"error": "busy"})
+        return completion(TEMPLATE_TEXT)
 
     with StandInEndpoint(respond) as endpoint:
-        stats = distill(config_for(endpoint, openai=OpenAITeacher(base_url=endpoint.base_url, model="m",
-                                                                  max_retries=0, backoff_s=0.01)),
-                        questions, tmp_path)
-    assert stats["accepted"] == 2 and stats["template_requests"] == 2 + 2 + 2
+        stats = distill(config_for(endpoint), questions, tmp_path)
+    assert stats["accepted"] == 2 and stats["template_requests"] == 2 + 2
     rejected = read_jsonl(tmp_path / REJECTED_FILE)
-    assert [(r["id"], r["kind"]) for r in rejected if r["id"] == questions[0].id] == [(questions[0].id, "template")] * 2
-    reasons = [r["reason"] for r in rejected if r["id"] == questions[0].id]
+    assert [(r["id"], r["kind"]) for r in rejected] == [(questions[0].id, "template")] * 2
+    reasons = [r["reason"] for r in rejected]
     assert reasons[0].startswith("empty template") and reasons[1].startswith("template states an answer")
-    assert sum(r["reason"].startswith("teacher failed: HTTP 503") for r in rejected) == 2
+
+
+FAULTS = {  # what the endpoint does wrong -> the kind the error message names
+    "HTTP 500": Response(500, {"error": "internal error"}),
+    "HTTP 429": Response(429, {"error": "rate limited"}),
+    "malformed response": Response(200, "<html>proxy error</html>"),
+    "timed out": Response(delay_s=1.0, body={}),
+    "connection error": Response(body=completion("x").body, drop=True),
+}
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_endpoint_failures_end_the_step_and_a_rerun_asks_exactly_those(kind, bundled, tmp_path, teacher_env):
+    questions = bundled[:6]
+    broken = {questions[1].question, questions[4].question}
+    endpoint_fixed = []
+
+    def respond(body, count):
+        text = body["messages"][-1]["content"]
+        if not is_trace_prompt(body):
+            return completion(TEMPLATE_TEXT)
+        if not endpoint_fixed and any(stem in text for stem in broken):
+            return FAULTS[kind]
+        return completion(f"<think>推理</think>\n答案：{gold_from_prompt(body)}")
+
+    with StandInEndpoint(respond) as endpoint:
+        config = config_for(endpoint, openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B",
+                                                           timeout_s=0.3, max_retries=1))
+        with pytest.raises(EndpointFailures) as error:
+            distill(config, questions, tmp_path)
+        message = str(error.value)
+        assert message.startswith(f"distill: 2 requests to {endpoint.base_url}") and f"2 {kind}" in message
+        assert "rerun" in message and KEY not in message
+        assert endpoint.probes == 1  # the endpoint was probed before the first batch
+        # The failures are no attempts: nothing of theirs in the progress log, the others finished.
+        replies = [e for e in read_jsonl(tmp_path / RAW_FILE) if e["event"] == "reply"]
+        assert {e["id"] for e in replies if e["kind"] == "trace"} == {q.id for q in questions} - {questions[1].id, questions[4].id}
+        stats = json.loads((tmp_path / STATS_FILE).read_text())
+        assert stats["unfinished_questions"] == sorted([questions[1].id, questions[4].id])
+        assert stats["accepted"] == 4 and stats["trace_attempts"] == 4 and "teacher failed" not in stats["rejections"]
+
+        endpoint_fixed.append(True)
+        asked_before = len(endpoint.requests)
+        stats = distill(config, questions, tmp_path)
+        asked_again = endpoint.user_texts()[asked_before:]
+    assert len(asked_again) == 2 and all(is_trace_prompt({"messages": [{"content": t}]}) for t in asked_again)
+    assert {stem for stem in broken for t in asked_again if stem in t} == broken
+    assert stats["accepted"] == 6 and stats["trace_attempts"] == 6 and stats["unfinished_questions"] == []
+    assert all(r["metadata"]["attempt"] == 1 for r in read_jsonl(tmp_path / SFT_FILE))
+
+
+def test_too_many_failures_stop_early(bundled, tmp_path, teacher_env):
+    def respond(body, count):
+        return Response(503, {"error": "overloaded"}) if is_trace_prompt(body) else completion(TEMPLATE_TEXT)
+
+    with StandInEndpoint(respond) as endpoint:
+        config = config_for(endpoint, openai=OpenAITeacher(base_url=endpoint.base_url, model="m", concurrency=1,
+                                                           max_retries=0, max_failed_requests=2))
+        with pytest.raises(EndpointFailures, match="Stopped early: more than max_failed_requests=2"):
+            distill(config, bundled[:10], tmp_path)
+    assert sum(is_trace_prompt(r["body"]) for r in endpoint.requests) == 3
+
+
+def test_a_dead_endpoint_stops_before_any_work(bundled, tmp_path, teacher_env):
+    with StandInEndpoint(lambda body, count: completion("x")) as endpoint:
+        url = endpoint.base_url
+    config = config_for(endpoint)
+    with pytest.raises(EndpointError, match=f"{url} cannot be reached"):
+        distill(config, bundled[:3], tmp_path)
+    assert not [e for e in read_jsonl(tmp_path / RAW_FILE) if e["event"] == "reply"]
 
 
 def test_401_stops_the_run_at_once(bundled, tmp_path, teacher_env):
-    with StandInEndpoint(lambda body, count: Response(401, {"error": "invalid key"})) as endpoint:
+    refused = Response(401, {"error": "invalid key"})
+    with StandInEndpoint(lambda body, count: refused, models=refused) as endpoint:
         with pytest.raises(EndpointError, match="MEDCRITICAL_TEACHER_API_KEY"):
             distill(config_for(endpoint), bundled[:20], tmp_path)
-    assert len(endpoint.requests) <= 4  # the concurrency limit, not the 20 questions
+    assert len(endpoint.requests) == 0 and endpoint.probes == 1  # the probe found it before any work
     events = read_jsonl(tmp_path / RAW_FILE)
     assert not [e for e in events if e["event"] == "reply"]
     assert (events[-1]["event"], events[-1]["status"]) == ("session", "interrupted")
@@ -203,3 +274,28 @@ def test_resume_over_the_endpoint_asks_nothing_twice(bundled, tmp_path, teacher_
     assert stats["accepted"] == 10 and stats["sessions"] == 2
     assert [r["id"] for r in read_jsonl(tmp_path / SFT_FILE)] == [q.id for q in questions]
     assert json.loads((tmp_path / STATS_FILE).read_text())["trace_attempts"] == 20
+
+
+def test_cli_exits_non_zero_on_an_outage_and_zero_after_the_fixed_rerun(bundled, tmp_path, teacher_env, capsys):
+    from medcritical.cli import main
+    from medcritical.data.cmexam import write_questions
+
+    write_questions(bundled[:3], tmp_path / "train.jsonl")
+    fixed = []
+
+    def respond(body, count):
+        if not fixed and is_trace_prompt(body):
+            return Response(500, {"error": "down"})
+        return completion(f"<think>推理</think>\n答案：{gold_from_prompt(body)}") if is_trace_prompt(body) else completion(TEMPLATE_TEXT)
+
+    with StandInEndpoint(respond) as endpoint:
+        command = ["distill", "--questions", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out"),
+                   "--set", "distill.backend=openai", "--set", f"distill.openai.base_url={endpoint.base_url}",
+                   "--set", "distill.openai.model=m", "--set", "distill.openai.max_retries=0",
+                   "--set", "distill.show_gold_answer=true"]
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"3 requests to {endpoint.base_url}" in err and "3 HTTP 500" in err and "rerun" in err and KEY not in err
+        fixed.append(True)
+        assert main(command) == 0
+    assert len(read_jsonl(tmp_path / "out" / SFT_FILE)) == 3

@@ -1,77 +1,151 @@
-"""The judge protocol: the tiny model answers without options, a judge endpoint grades.
-
-The judge endpoint is a stand-in HTTP server on 127.0.0.1: the subject under test is our protocol
-wiring (prompts, verdict parsing, resume, labelling), not a judge model's quality.
-"""
+"""The judge protocols' own logic: strict verdicts, what the student and the judge are asked, dropped
+rows, and judge endpoint outages that end the evaluation non-zero and a rerun that asks exactly the
+missing verdicts. The faults come from the scripted stand-in (a real server cannot fail on cue); the
+protocols against real vLLM are in tests/test_served_judge.py."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
 from medcritical.evaluation.evaluate import evaluate_model
-from medcritical.evaluation.judge import parse_verdict
+from medcritical.evaluation.judge import (
+    JUDGEMENTS_JSONL,
+    grade_with_judge,
+    judge_request,
+    parse_paper_verdict,
+    parse_rubric_verdict,
+    reference_answer,
+    student_prompts,
+    student_sampling,
+)
+from medcritical.llm_client import EndpointError, EndpointFailures
 from medcritical.modeling.config import GenerationConfig
+from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
+
+
+@pytest.mark.parametrize("reply,verdict", [("1", True), ("2", False), (" 1\n", True), ("12", None), ("1.", None),
+                                          ("正确", None), ("", None), ("答案是1", None)])
+def test_paper_verdict_is_one_token_1_or_2(reply, verdict):
+    assert parse_paper_verdict(reply) is verdict
 
 
 @pytest.mark.parametrize(
     "reply,verdict",
-    [("正确", True), ("错误", False), ("不正确", False), ("判断：正确", True), ("correct", True),
-     ("Incorrect.", False), ("I think it is incorrect... no wait, correct", True), ("不知道", None)],
+    [("判定：正确", True), ("判定：错误", False), ("理由：与参考答案一致。\n判定：正确", True), ("判定: 错误。", False),
+     ("Verdict: correct", True), ("The reasons.\nVERDICT: Incorrect.", False), ("<think>想想</think>\n判定：错误", False),
+     # Never a guess: anything but the strict last line is an error.
+     ("The answer is not correct.", None), ("不完全正确", None), ("正确", None), ("correct", None),
+     ("判定：正确\n但也可能错误", None), ("判定：部分正确", None), ("", None)],
 )
-def test_parse_verdict(reply, verdict):
-    assert parse_verdict(reply) is verdict
+def test_rubric_verdict_is_a_strict_last_line(reply, verdict):
+    assert parse_rubric_verdict(reply) is verdict
+
+
+def test_what_the_student_and_the_judge_are_asked(bundled):
+    q = bundled[0]
+    raw = student_prompts("judge-paper", [q], "zh", chat_template=False)[0]
+    assert raw == q.question.strip() and all(text not in raw for text in q.options.values())
+    assert student_prompts("judge-paper", [q], "zh", chat_template=True)[0] == [{"role": "user", "content": raw}]
+    open_prompt = student_prompts("judge-rubric", [q], "zh", chat_template=False)[0][0]["content"]
+    assert q.question in open_prompt and "<think>" in open_prompt
+    assert student_sampling("judge-paper", 999) == {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 450}
+    assert student_sampling("judge-rubric", 64) == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 64}
+    assert reference_answer(q) == "；".join(q.options[letter] for letter in q.answer)  # texts, no letters
+
+    assert judge_request("judge-paper", JudgeConfig()) == {
+        "temperature": 0.0, "max_tokens": 1, "structured_outputs": {"choice": ["1", "2"]}}
+    assert judge_request("judge-paper", JudgeConfig(verdict_constraint="guided_choice"))["guided_choice"] == ["1", "2"]
+    assert judge_request("judge-paper", JudgeConfig(verdict_constraint="none")) == {"temperature": 0.0, "max_tokens": 1}
+    assert judge_request("judge-rubric", JudgeConfig(max_tokens=300)) == {"temperature": 0.0, "max_tokens": 300}
+
+
+def test_judge_errors_are_dropped_and_counted_never_guessed(bundled):
+    questions = bundled[:4]
+    outputs = {q.id: {"output": f"<think>x</think>回答{i}"} for i, q in enumerate(questions)}
+    verdicts = [True, False, None, True]
+
+    def judge(items):
+        assert [item["response"] for item in items] == ["回答0", "回答1", "回答2", "回答3"]  # rubric: after </think>
+        return {item["id"]: {"verdict": v, "error": None if v is not None else "no judge-rubric verdict", "reply": "?"}
+                for item, v in zip(items, verdicts)}
+
+    rows = grade_with_judge("judge-rubric", questions, outputs, judge)
+    assert [r["correct"] for r in rows] == [True, False, False, True]
+    assert [r["verdict"] for r in rows] == verdicts and rows[2]["judge_error"].startswith("no judge-rubric")
 
 
 @pytest.fixture
-def judge_server():
-    """Says 正确 when the reference contains 'A.', else 错误; records every prompt it was sent."""
-    prompts = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][0]["content"]
-            prompts.append(prompt)
-            verdict = "正确" if "参考答案：A." in prompt else "错误"
-            payload = json.dumps({"choices": [{"message": {"content": verdict}, "finish_reason": "stop"}]})
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload.encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", prompts
-    server.shutdown()
+def judge_env(monkeypatch):
+    fast_sdk_retries(monkeypatch)
+    monkeypatch.delenv("MEDCRITICAL_JUDGE_API_KEY", raising=False)
 
 
-def test_judge_protocol_end_to_end_and_resume(tmp_path, tiny_model, bundled, judge_server):
-    url, prompts = judge_server
-    questions = bundled[:8]
-    config = EvaluateConfig(protocol="judge", judge=JudgeConfig(base_url=url, model="judge"))
-    report = evaluate_model(config, GenerationConfig(max_new_tokens=12), questions, tiny_model, tmp_path, device="cpu")
+def paper_config(url, **judge):
+    return EvaluateConfig(protocol="judge-paper", judge=JudgeConfig(base_url=url, model="teacher-model", max_retries=1,
+                                                                     timeout_s=0.5, **judge))
 
-    expected = sum(q.answer.startswith("A") for q in questions)
-    assert report["protocol"] == "judge" and report["n"] == 8 and report["correct"] == expected
-    assert len(prompts) == 8
-    # The student never saw the options; the judge saw the reference and explanation.
+
+FAULTS = {
+    "HTTP 502": Response(502, {"error": "bad gateway"}),
+    "timed out": Response(delay_s=1.5, body={}),
+    "malformed response": Response(200, "{not json"),
+    "connection error": Response(body=completion("1").body, drop=True),
+}
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_judge_outage_ends_non_zero_and_the_rerun_asks_only_the_missing(kind, tmp_path, tiny_model, bundled, judge_env):
+    questions = bundled[:6]
+    broken = {questions[2].question, questions[5].question}
+    fixed = []
+
+    def respond(body, count):
+        prompt = body["messages"][-1]["content"]
+        if not fixed and any(stem in prompt for stem in broken):
+            return FAULTS[kind]
+        if questions[0].question in prompt:
+            return completion("我觉得对")  # not 1 or 2: a judge error, dropped
+        return completion("1" if questions[1].question in prompt or questions[2].question in prompt else "2")
+
+    generation = GenerationConfig(max_new_tokens=8)
+    with StandInEndpoint(respond) as endpoint:
+        config = paper_config(endpoint.base_url)
+        with pytest.raises(EndpointFailures) as error:
+            evaluate_model(config, generation, questions, tiny_model, tmp_path, device="cpu")
+        message = str(error.value)
+        assert message.startswith(f"evaluate (judge-paper): 2 requests to {endpoint.base_url}") and f"2 {kind}" in message
+        assert "rerun" in message and not (tmp_path / "report.json").exists()  # no number from an outage
+        saved = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
+        assert len(saved) == 4 and {r["id"] for r in saved}.isdisjoint({questions[2].id, questions[5].id})
+
+        fixed.append(True)
+        asked_before = len(endpoint.requests)
+        report = evaluate_model(config, generation, questions, tiny_model, tmp_path, device="cpu")
+        asked_again = endpoint.user_texts()[asked_before:]
+    assert sorted(next(q.id for q in questions if q.question in t) for t in asked_again) == sorted([questions[2].id, questions[5].id])
+    # The paper's denominator: judged rows only; the judge error is dropped and counted beside it.
+    assert (report["protocol"], report["n"], report["correct"], report["dropped"], report["questions"]) == ("judge-paper", 5, 2, 1, 6)
+    assert report["dropped_ids"] == [questions[0].id]
+    assert "2/5; 1 of 6 dropped: no verdict" in (tmp_path / "report.md").read_text()
+    body = endpoint.requests[0]["body"]
+    assert body["max_tokens"] == 1 and body["structured_outputs"] == {"choice": ["1", "2"]}
     outputs = [json.loads(line) for line in (tmp_path / "outputs.jsonl").read_text().splitlines()]
-    assert len(outputs) == 8
-    assert all("参考答案" in p and "解析" in p for p in prompts)
-    assert "protocol `judge`" in (tmp_path / "report.md").read_text()
-
-    # A rerun pays for no verdict twice.
-    evaluate_model(config, GenerationConfig(max_new_tokens=12), questions, tiny_model, tmp_path, device="cpu")
-    assert len(prompts) == 8
+    assert len(outputs) == 6  # the student answered once; the rerun only judged
 
 
-def test_judge_without_endpoint_says_which_setting(tmp_path, tiny_model, bundled, monkeypatch):
+def test_judge_endpoint_is_probed_before_the_student_generates(tmp_path, tiny_model, bundled, judge_env, monkeypatch):
+    with StandInEndpoint(lambda body, count: completion("1")) as endpoint:
+        url = endpoint.base_url  # stopped when the block ends: nothing listens there any more
+    with pytest.raises(EndpointError, match="cannot be reached"):
+        evaluate_model(paper_config(url), GenerationConfig(max_new_tokens=4), bundled[:2], tiny_model, tmp_path, device="cpu")
+    assert not (tmp_path / "outputs.jsonl").exists()
     monkeypatch.delenv("MEDCRITICAL_JUDGE_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="MEDCRITICAL_JUDGE_BASE_URL"):
-        evaluate_model(EvaluateConfig(protocol="judge"), GenerationConfig(max_new_tokens=4), bundled[:2], tiny_model, tmp_path, device="cpu")
+        evaluate_model(EvaluateConfig(protocol="judge-rubric"), GenerationConfig(max_new_tokens=4), bundled[:2],
+                       tiny_model, tmp_path, device="cpu")
+
+
+def test_old_protocol_name_is_refused():
+    with pytest.raises(ValueError, match="judge-paper"):
+        EvaluateConfig(protocol="judge")

@@ -1,4 +1,6 @@
-"""ChatClient against a scripted OpenAI-compatible stand-in on 127.0.0.1: replies, retries, errors, concurrency."""
+"""ChatClient (over the openai SDK) against a scripted stand-in on 127.0.0.1: the faults a real server
+cannot make on cue (429, 5xx, timeouts, malformed bodies, dropped connections, refused keys), and
+concurrency. What works against a real server is in tests/test_served_client.py."""
 
 import logging
 import socket
@@ -6,11 +8,17 @@ import threading
 
 import pytest
 
-from medcritical.llm_client import ChatClient, EndpointError
-from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion
+import time
+
+from medcritical.llm_client import ChatClient, EndpointError, EndpointFailures, safe_url
+from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
 
 KEY = "sk-test-very-secret-0123456789"
-FAST = dict(backoff_s=0.01, max_backoff_s=0.05)  # real backoff, tiny delays
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(monkeypatch):
+    fast_sdk_retries(monkeypatch)
 
 
 def conversation(text):
@@ -18,7 +26,7 @@ def conversation(text):
 
 
 def client_for(endpoint, **kwargs):
-    settings = dict(api_key=KEY, concurrency=4, timeout_s=5.0, max_retries=3, **FAST)
+    settings = dict(api_key=KEY, concurrency=4, timeout_s=5.0, max_retries=3)
     settings.update(kwargs)
     return ChatClient(endpoint.base_url, "teacher-model", **settings)
 
@@ -55,6 +63,13 @@ def test_replies_in_order_with_reasoning_usage_and_key_header():
     assert {r["authorization"] for r in endpoint.requests} == {f"Bearer {KEY}"}
 
 
+def test_no_key_sends_no_authorization_and_never_reads_openai_api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-someone-elses-openai-key")
+    with StandInEndpoint(lambda body, count: completion("ok")) as endpoint:
+        assert ChatClient(endpoint.base_url, "m").chat_many([conversation("x")])[0].ok
+    assert endpoint.requests[0]["authorization"] is None
+
+
 def test_429_and_5xx_are_retried_until_success():
     def respond(body, count):
         text = body["messages"][-1]["content"]
@@ -73,16 +88,17 @@ def test_429_and_5xx_are_retried_until_success():
 
 def test_retries_give_up_and_record_the_error_without_raising():
     with StandInEndpoint(lambda body, count: Response(503, {"error": "overloaded"})) as endpoint:
-        reply = client_for(endpoint, max_retries=2).chat(conversation("x"))
-    assert not reply.ok and reply.requests == 3
+        reply = client_for(endpoint, max_retries=2).chat_many([conversation("x")])[0]
+    assert not reply.ok and reply.requests == 3 and reply.endpoint_failed
     assert "HTTP 503" in reply.error and "gave up after 3 attempts" in reply.error
     assert len(endpoint.requests) == 3
 
 
 def test_client_errors_other_than_auth_are_not_retried():
     with StandInEndpoint(lambda body, count: Response(400, {"error": "prompt too long"})) as endpoint:
-        reply = client_for(endpoint).chat(conversation("x"))
+        reply = client_for(endpoint).chat_many([conversation("x")])[0]
     assert reply.requests == 1 and "HTTP 400" in reply.error and "prompt too long" in reply.error
+    assert not reply.endpoint_failed  # the request was refused, not the endpoint down
     assert len(endpoint.requests) == 1
 
 
@@ -92,7 +108,18 @@ def test_malformed_success_body_is_recorded():
 
     with StandInEndpoint(respond) as endpoint:
         replies = client_for(endpoint).chat_many([conversation("a"), conversation("b")])
-    assert all(not r.ok and r.error.startswith("malformed response") for r in replies)
+    assert all(not r.ok and r.error.startswith("malformed response") and r.endpoint_failed for r in replies)
+
+
+def test_connection_dropped_mid_reply_is_retried_then_recorded():
+    def respond(body, count):
+        text = body["messages"][-1]["content"]
+        return completion(f"ok {text}") if text == "drop-once" and count else Response(body=completion("x").body, drop=True)
+
+    with StandInEndpoint(respond) as endpoint:
+        replies = client_for(endpoint, max_retries=1).chat_many([conversation("drop-once"), conversation("always")])
+    assert replies[0].ok and replies[0].content == "ok drop-once" and replies[0].requests == 2
+    assert not replies[1].ok and "connection error" in replies[1].error and replies[1].endpoint_failed
 
 
 def test_timeout_is_retried_then_recorded():
@@ -113,9 +140,9 @@ def test_connection_refused_is_retried_then_recorded():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client = ChatClient(f"http://127.0.0.1:{port}/v1", "m", max_retries=2, **FAST)
-    reply = client.chat(conversation("x"))
-    assert not reply.ok and "connection error" in reply.error and reply.requests == 3
+    client = ChatClient(f"http://127.0.0.1:{port}/v1", "m", max_retries=2)
+    reply = client.chat_many([conversation("x")])[0]
+    assert not reply.ok and "connection error" in reply.error and reply.requests == 3 and reply.endpoint_failed
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
@@ -135,9 +162,9 @@ def test_auth_and_not_found_stop_at_once_without_leaking_the_key(status, caplog)
 
 def test_wrong_path_gives_a_base_url_hint():
     with StandInEndpoint(lambda body, count: completion("x")) as endpoint:
-        client = ChatClient(endpoint.base_url.removesuffix("/v1"), "m", **FAST)
+        client = ChatClient(endpoint.base_url.removesuffix("/v1"), "m")
         with pytest.raises(EndpointError, match="ends in /v1"):
-            client.chat(conversation("x"))
+            client.chat_many([conversation("x")])[0]
 
 
 def test_requests_run_concurrently_up_to_the_limit():
@@ -166,20 +193,69 @@ def test_exception_in_on_reply_cancels_the_rest():
     assert len(endpoint.requests) < 30
 
 
-def test_backoff_doubles_with_jitter_and_honours_retry_after():
-    client = ChatClient("http://x/v1", "m", backoff_s=1.0, max_backoff_s=10.0)
-    for retry, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (4, 8), (5, 10), (5, 10)]):
-        delays = [client._backoff(retry, None) for _ in range(50)]
-        assert all(low <= d <= high for d in delays)
-        assert len(set(delays)) > 1  # jittered
-    assert client._backoff(0, 7.0) == 7.0
-    assert client._backoff(0, 1000.0) == 10.0  # a huge Retry-After is capped
+def test_retry_after_is_honoured():
+    def respond(body, count):
+        return Response(429, {"error": "slow down"}, headers={"Retry-After": "1"}) if count == 0 else completion("ok")
+
+    with StandInEndpoint(respond) as endpoint:
+        started = time.monotonic()
+        reply = client_for(endpoint).chat_many([conversation("x")])[0]
+    assert reply.ok and reply.requests == 2 and time.monotonic() - started >= 1.0
+
+
+def test_endpoint_failures_are_counted_and_stop_past_the_threshold():
+    with StandInEndpoint(lambda body, count: Response(500, {"error": "down"})) as endpoint:
+        client = client_for(endpoint, max_retries=0, concurrency=1, max_failed_requests=3)
+        with pytest.raises(EndpointFailures) as error:
+            client.chat_many([conversation(str(i)) for i in range(20)])
+    assert len(endpoint.requests) == 4  # the fourth failure is one too many: nothing more is asked
+    message = str(error.value)
+    assert "4 requests" in message and endpoint.base_url in message and "4 HTTP 500" in message
+    assert "Stopped early" in message and "rerun" in message
+
+
+def test_raise_if_failed_names_endpoint_counts_and_kinds_never_the_key():
+    def respond(body, count):
+        text = body["messages"][-1]["content"]
+        if text == "bad":
+            return Response(503, {"error": f"down, key {KEY}"})
+        return completion("ok") if text == "fine" else Response(200, "not json")
+
+    with StandInEndpoint(respond) as endpoint:
+        client = client_for(endpoint, max_retries=0)
+        client.raise_if_failed("judge")  # nothing failed yet
+        replies = client.chat_many([conversation("fine"), conversation("bad"), conversation("garbled")])
+    assert [r.ok for r in replies] == [True, False, False]
+    with pytest.raises(EndpointFailures) as error:
+        client.raise_if_failed("judge")
+    message = str(error.value)
+    assert message.startswith("judge: 2 requests to " + endpoint.base_url)
+    assert "1 HTTP 503" in message and "1 malformed response" in message and "rerun" in message
+    assert KEY not in message and KEY not in replies[1].error
+
+
+def test_probe_lists_models_and_stops_on_a_dead_endpoint_or_refused_key():
+    with StandInEndpoint(lambda body, count: completion("x")) as endpoint:
+        assert client_for(endpoint).probe() == ["teacher-model"]
+    with StandInEndpoint(lambda body, count: completion("x"), models=Response(401, {"error": "no"})) as endpoint:
+        with pytest.raises(EndpointError, match="HTTP 401"):
+            client_for(endpoint).probe()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EndpointError, match=f"127.0.0.1:{port}/v1 cannot be reached"):
+        ChatClient(f"http://127.0.0.1:{port}/v1", "m", max_retries=0).probe()
+
+
+def test_safe_url_drops_credentials():
+    assert safe_url("http://user:pw@host:8000/v1") == "http://host:8000/v1"
+    assert safe_url("http://host:8000/v1") == "http://host:8000/v1"
 
 
 def test_from_section_reads_settings_and_environment(monkeypatch):
     from medcritical.distill.config import OpenAITeacher
 
-    section = OpenAITeacher(concurrency=3, timeout_s=9, max_retries=1, extra_body={"stop": ["x"]})
+    section = OpenAITeacher(concurrency=3, timeout_s=9, max_retries=1, max_failed_requests=4, extra_body={"stop": ["x"]})
     monkeypatch.delenv("MEDCRITICAL_TEACHER_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="MEDCRITICAL_TEACHER_BASE_URL"):
         ChatClient.from_section(section, "MEDCRITICAL_TEACHER")
@@ -189,3 +265,4 @@ def test_from_section_reads_settings_and_environment(monkeypatch):
     client = ChatClient.from_section(section, "MEDCRITICAL_TEACHER")
     assert (client.base_url, client.model, client.concurrency, client.timeout_s) == ("http://teacher:8000/v1", "QwQ-32B", 3, 9)
     assert client.extra_body == {"stop": ["x"]} and client._api_key == KEY and KEY not in repr(client)
+    assert (client.max_retries, client.max_failed_requests) == (1, 4)

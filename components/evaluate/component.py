@@ -6,7 +6,7 @@ IMAGE = "infer"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (
 
 
 def evaluate(recipe: str, run_root: str, name: str, data_uri: str, model_uri: str, label: str, metrics: dsl.Output[dsl.Metrics]) -> str:
-    """CMExam accuracy of one model under the recipe's protocol (mcq or judge), labelled.
+    """CMExam accuracy of one model under the recipe's protocol (mcq, judge-paper or judge-rubric), labelled.
 
     Returns the URI of its output folder, `<run_root>/<name>`.
     """

@@ -1,17 +1,21 @@
-"""A client for OpenAI-compatible chat endpoints (vLLM, SGLang, hosted APIs).
+"""A client for OpenAI-compatible chat endpoints (vLLM, SGLang, hosted APIs) over the `openai` SDK.
 
-Shared by the distillation teacher and the evaluation judge. Many conversations go out concurrently
-(at most `concurrency` in flight) and each comes back as a `ChatReply`, failures included, so one bad
-request never loses the others. Rate limits (429), server errors (5xx), timeouts and dropped
-connections are retried with exponential backoff and jitter. A wrong key, URL or model name
-(HTTP 401/403/404) raises `EndpointError` at once: every further request would fail the same way.
+Shared by the distillation teacher and the evaluation judge. `openai.AsyncOpenAI` does the HTTP:
+retries with backoff on 408/409/429/5xx, timeouts and dropped connections, `Retry-After`, typed
+errors. What is the project's own:
 
-The API key goes into the Authorization header and nowhere else: not into logs, error messages or
-`repr`, and any echo of it in a server's error text is masked.
+- at most `concurrency` requests in flight, and one `ChatReply` per request, failures included;
+- HTTP 401/403/404 (wrong key, URL or model) raise `EndpointError` at once;
+- a request the endpoint failed after the retries (5xx, 429, timeout, connection, malformed body) is
+  `endpoint_failed` and counted: past `max_failed_requests` the run stops (`EndpointFailures`), and
+  a step ending with any calls `raise_if_failed`, so an outage is never a result;
+- the API key only in the Authorization header: never in logs, errors, `repr` or files (masked if a
+  server echoes it);
+- reasoning read from `reasoning_content` (older vLLM, SGLang, DeepSeek) and `reasoning` (vLLM >= 0.10).
 
     client = ChatClient("http://qwq:8000/v1", "Qwen/QwQ-32B", api_key=None, concurrency=16)
+    client.probe()  # GET /models: a dead endpoint or a refused key stops here, before any work
     replies = client.chat_many([[{"role": "user", "content": "..."}]], temperature=0.7, max_tokens=4096)
-    replies[0].content, replies[0].reasoning_content, replies[0].completion_tokens, replies[0].error
 """
 
 from __future__ import annotations
@@ -19,20 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+import openai
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
-# Worth another try: the server is busy, restarting or briefly unreachable.
-RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 # Never worth another try: the whole run would fail the same way.
 FATAL_STATUSES = {
     401: "the API key was refused",
@@ -42,133 +45,139 @@ FATAL_STATUSES = {
 
 
 class EndpointError(RuntimeError):
-    """The endpoint refuses every request (bad key, URL or model): stop, fix the setting, rerun."""
+    """The endpoint refuses every request or cannot be reached: stop, fix the setting, rerun."""
+
+
+class EndpointFailures(EndpointError):
+    """Requests failed for reasons of the endpoint after the retries; a rerun asks exactly those again."""
 
 
 @dataclass(frozen=True)
 class ChatReply:
     content: str = ""
-    # Reasoning that servers with a reasoning parser return beside the content (vLLM, SGLang, DeepSeek).
-    reasoning_content: str = ""
+    reasoning_content: str = ""  # beside the content, from servers with a reasoning parser
     finish_reason: str | None = None  # "stop", "length" (hit max_tokens), ...
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0  # HTTP requests made, retries included
     latency_s: float = 0.0
     error: str | None = None  # why no usable reply came back; None on success
+    # The endpoint failed, not the request: never an answer or an attempt; a rerun asks again.
+    # False for a refused request (e.g. 400 prompt too long): that is an answer about the request.
+    endpoint_failed: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
+def safe_url(url: str) -> str:
+    """The URL without any user:password it may carry, for messages and metadata."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
 class ChatClient:
     """Concurrent chat completions against one model on one OpenAI-compatible endpoint."""
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key: str | None = None,
-        *,
-        concurrency: int = 8,
-        timeout_s: float = 600.0,
-        max_retries: int = 6,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
-        extra_body: dict[str, Any] | None = None,
-        key_source: str = "the api_key argument",
-    ):
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, concurrency: int = 8,
+                 timeout_s: float = 600.0, max_retries: int = 6, max_failed_requests: int = 10,
+                 extra_body: dict[str, Any] | None = None, key_source: str = "the api_key argument"):
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.extra_body = dict(extra_body or {})  # e.g. {"chat_template_kwargs": {...}}, sent with every request
-        self._api_key = api_key or None
+        self.base_url, self.model, self.concurrency = base_url.rstrip("/"), model, concurrency
+        self.timeout_s, self.max_retries, self.max_failed_requests = timeout_s, max_retries, max_failed_requests
+        self.extra_body = dict(extra_body or {})  # sent with every request, e.g. {"chat_template_kwargs": ...}
+        self.failures: Counter[str] = Counter()  # endpoint failures so far, by kind ("HTTP 503", "timed out")
+        self._api_key = api_key or ""
         self._key_source = key_source  # named in the 401 message, so the user knows what to fix
 
     def __repr__(self) -> str:
-        return f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, concurrency={self.concurrency})"
+        return f"ChatClient(base_url={self.endpoint!r}, model={self.model!r}, concurrency={self.concurrency})"
+
+    @property
+    def endpoint(self) -> str:
+        return safe_url(self.base_url)
 
     @classmethod
     def from_section(cls, section, env_prefix: str, **kwargs) -> "ChatClient":
-        """Build from a recipe section: base_url, model, api_key_env and any of concurrency, timeout_s,
-        max_retries, backoff_s, max_backoff_s, extra_body (`kwargs` override them).
-
-        base_url and model fall back to ``<env_prefix>_BASE_URL`` / ``<env_prefix>_MODEL``; the key is
-        read from the variable the section names (no key is fine for a local vLLM server).
-        """
+        """From a recipe section (base_url, model, api_key_env and the client settings it has);
+        base_url and model fall back to ``<env_prefix>_BASE_URL`` / ``_MODEL``; `kwargs` override."""
         base_url = section.base_url or os.environ.get(f"{env_prefix}_BASE_URL")
         model = section.model or os.environ.get(f"{env_prefix}_MODEL")
         for value, key, env in ((base_url, "base_url", "BASE_URL"), (model, "model", "MODEL")):
             if not value:
-                raise ValueError(
-                    f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}"
-                )
-        settings = {
-            name: getattr(section, name)
-            for name in ("concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "extra_body")
-            if hasattr(section, name)
-        }
+                raise ValueError(f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}")
+        names = ("concurrency", "timeout_s", "max_retries", "max_failed_requests", "extra_body")
+        settings = {name: getattr(section, name) for name in names if hasattr(section, name)}
         settings["key_source"] = f"the environment variable {section.api_key_env}"
         return cls(base_url, model, os.environ.get(section.api_key_env), **(settings | kwargs))
 
-    # -- public API -------------------------------------------------------------------------------
+    def _sdk(self) -> openai.AsyncOpenAI:
+        # The SDK insists on a key; with none, `_headers` omits the header, and OPENAI_API_KEY is never
+        # read: someone's OpenAI key must not travel to a self-hosted teacher.
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "none",
+                                  timeout=self.timeout_s, max_retries=self.max_retries)
 
-    def chat(self, messages: Messages, **params) -> ChatReply:
-        """One conversation; see `chat_many`."""
-        return self.chat_many([messages], desc="", **params)[0]
+    @property
+    def _headers(self) -> dict:
+        return {} if self._api_key else {"Authorization": openai.Omit()}
 
-    def chat_many(
-        self,
-        conversations: Sequence[Messages],
-        *,
-        on_reply: Callable[[int, ChatReply], None] | None = None,
-        desc: str = "chat",
-        **params,
-    ) -> list[ChatReply]:
+    def probe(self) -> list[str]:
+        """One cheap request (GET /models) before the first batch; the served model names.
+
+        Raises `EndpointError` when the endpoint cannot be reached or refuses the key. A server
+        without /models (404) is let through: the first request will tell."""
+
+        async def list_models() -> list[str]:
+            async with self._sdk() as sdk:
+                return [m.id async for m in sdk.models.list(extra_headers=self._headers)]
+
+        try:
+            models = asyncio.run(list_models())
+        except openai.NotFoundError:
+            return []
+        except openai.APIStatusError as e:
+            if e.status_code in FATAL_STATUSES:
+                raise self._fatal(e) from None
+            raise EndpointError(f"{self.endpoint} is not answering: {self._describe(e)[0]}; start or fix it, then rerun") from None
+        except (openai.APIError, ValueError) as e:
+            raise EndpointError(f"{self.endpoint} cannot be reached: {self._describe(e)[0]}; start the server or "
+                                "fix base_url, then rerun") from None
+        if models and self.model not in models:
+            log.warning("%s does not list the model %r (it serves %s)", self.endpoint, self.model, ", ".join(models[:10]))
+        return models
+
+    def chat_many(self, conversations: Sequence[Messages], *, on_reply: Callable[[int, ChatReply], None] | None = None,
+                  desc: str = "chat", **params) -> list[ChatReply]:
         """Replies in the order of `conversations`; `on_reply(index, reply)` runs as each one arrives.
 
-        `params` go into every request body (temperature, top_p, max_tokens, seed, stop, ...; None
-        values are left out). An exception raised by `on_reply` cancels the requests in flight and
-        propagates, as does `EndpointError`.
-        """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.achat_many(conversations, on_reply=on_reply, desc=desc, **params))
-        raise RuntimeError("chat_many was called inside a running event loop; await achat_many instead")
+        `params` go into every request body (temperature, top_p, max_tokens, seed, logit_bias, ...;
+        None values are left out). An exception raised by `on_reply` cancels the requests in flight
+        and propagates, as do `EndpointError` and `EndpointFailures`. Inside an event loop, await
+        `achat_many`."""
+        return asyncio.run(self.achat_many(conversations, on_reply=on_reply, desc=desc, **params))
 
-    async def achat_many(
-        self,
-        conversations: Sequence[Messages],
-        *,
-        on_reply: Callable[[int, ChatReply], None] | None = None,
-        desc: str = "chat",
-        **params,
-    ) -> list[ChatReply]:
-        """The async form of `chat_many`."""
+    async def achat_many(self, conversations: Sequence[Messages], *,
+                         on_reply: Callable[[int, ChatReply], None] | None = None, desc: str = "chat",
+                         **params) -> list[ChatReply]:
         replies: list[ChatReply | None] = [None] * len(conversations)
-        if not conversations:
-            return []
+        body = self.extra_body | {k: v for k, v in params.items() if v is not None}
         limit = asyncio.Semaphore(self.concurrency)
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        async with httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(self.timeout_s),
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
-        ) as http:
+        stop: list[EndpointError] = []  # the first fatal error: nothing more goes out
 
-            async def one(index: int) -> tuple[int, ChatReply]:
-                async with limit:
-                    return index, await self._request(http, conversations[index], params)
+        async def one(sdk: openai.AsyncOpenAI, index: int) -> tuple[int, ChatReply]:
+            async with limit:
+                if stop:
+                    raise stop[0]
+                try:
+                    return index, await self._request(sdk, conversations[index], body)
+                except EndpointError as e:
+                    stop.append(e)
+                    raise
 
-            tasks = [asyncio.create_task(one(i)) for i in range(len(conversations))]
+        async with self._sdk() as sdk:
+            tasks = [asyncio.create_task(one(sdk, i)) for i in range(len(conversations))]
             try:
                 with tqdm(total=len(tasks), desc=desc, unit="request", leave=False, disable=not desc) as bar:
                     for next_done in asyncio.as_completed(tasks):
@@ -183,87 +192,84 @@ class ChatClient:
                 await asyncio.gather(*tasks, return_exceptions=True)
         return replies  # type: ignore[return-value]
 
-    # -- one request with retries ------------------------------------------------------------------
+    def raise_if_failed(self, step: str) -> None:
+        """End a step non-zero when any request failed for reasons of the endpoint."""
+        if self.failures:
+            raise self._failures_error(step)
 
-    async def _request(self, http: httpx.AsyncClient, messages: Messages, params: dict) -> ChatReply:
-        body = {"model": self.model, "messages": messages, **self.extra_body}
-        body.update({k: v for k, v in params.items() if v is not None})
-        url = f"{self.base_url}/chat/completions"
+    async def _request(self, sdk: openai.AsyncOpenAI, messages: Messages, body: dict) -> ChatReply:
         started = time.monotonic()
-        error, retry_after = "no request made", None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(self._backoff(attempt - 1, retry_after))
-            retry_after = None
-            try:
-                response = await http.post(url, json=body)
-            except httpx.TimeoutException:
-                error = f"timed out after {self.timeout_s:g} s"
-            except httpx.TransportError as e:
-                error = f"connection error ({type(e).__name__}: {self._mask(str(e)) or 'no detail'})"
-            else:
-                status = response.status_code
-                if status in FATAL_STATUSES:
-                    raise EndpointError(
-                        f"{url} (model {self.model!r}) answered HTTP {status}: {FATAL_STATUSES[status]}. "
-                        f"Check the endpoint settings and {self._key_source}. Server said: {self._snippet(response)}"
-                    )
-                if status == 200:
-                    return self._parse(response, attempt + 1, time.monotonic() - started)
-                error = f"HTTP {status}: {self._snippet(response)}"
-                if status not in RETRY_STATUSES and status < 500:
-                    break  # e.g. 400 prompt too long: this request is wrong, not the server busy
-                retry_after = _retry_after_seconds(response)
-            log.debug("request to %s failed (%s); attempt %d of %d", url, error, attempt + 1, self.max_retries + 1)
-        else:
-            tries = self.max_retries + 1
-            error += f" (gave up after {tries} attempt{'s' if tries > 1 else ''})"
-        log.warning("request to %s failed: %s", url, error)
-        return ChatReply(requests=attempt + 1, latency_s=time.monotonic() - started, error=error)
-
-    def _backoff(self, retry: int, retry_after: float | None) -> float:
-        """Exponential with jitter (half to full of the doubled delay), or the server's Retry-After."""
-        delay = min(self.max_backoff_s, self.backoff_s * 2**retry)
-        delay = random.uniform(delay / 2, delay)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff_s))
-        return delay
-
-    def _parse(self, response: httpx.Response, requests: int, latency_s: float) -> ChatReply:
         try:
-            data = response.json()
-            choice = data["choices"][0]
-            message = choice["message"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return ChatReply(
-                requests=requests,
-                latency_s=latency_s,
-                error=f"malformed response (no choices[0].message): {self._snippet(response)}",
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, extra_body=body, extra_headers=self._headers
             )
-        usage = data.get("usage") or {}
+            completion = raw.parse()
+            choice = completion.choices[0]
+        except openai.APIStatusError as e:
+            if e.status_code in FATAL_STATUSES:
+                raise self._fatal(e) from None
+            return self._failed(e, started)
+        except (openai.APIError, ValueError, IndexError) as e:  # ValueError: a body that is not JSON
+            return self._failed(e, started)
+        message, usage = choice.message, completion.usage
         # vLLM >= 0.10 names the field "reasoning"; older vLLM, SGLang and DeepSeek "reasoning_content".
-        reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+        reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or ""
         return ChatReply(
-            content=message.get("content") or "",
+            content=message.content or "",
             reasoning_content=reasoning if isinstance(reasoning, str) else "",
-            finish_reason=choice.get("finish_reason"),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            requests=requests,
-            latency_s=latency_s,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
+            completion_tokens=(usage.completion_tokens or 0) if usage else 0,
+            requests=raw.retries_taken + 1,
+            latency_s=time.monotonic() - started,
         )
 
-    def _snippet(self, response: httpx.Response, limit: int = 300) -> str:
-        text = " ".join(response.text.split())
-        return self._mask(text[:limit] + ("..." if len(text) > limit else "")) or "(empty body)"
+    def _describe(self, error: Exception) -> tuple[str, str, bool]:
+        """(message, kind, whether the endpoint failed) of a failed request, the key masked."""
+        if isinstance(error, openai.APITimeoutError):
+            return f"timed out after {self.timeout_s:g} s", "timed out", True
+        if isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__ or error
+            return f"connection error ({type(cause).__name__}: {self._snippet(str(cause))})", "connection error", True
+        if isinstance(error, openai.APIStatusError):
+            status = error.status_code
+            failed = status >= 500 or status in (408, 409, 429)  # what the SDK retries
+            return f"HTTP {status}: {self._snippet(error.response.text)}", f"HTTP {status}", failed
+        return f"malformed response ({type(error).__name__}: {self._snippet(str(error))})", "malformed response", True
 
-    def _mask(self, text: str) -> str:
+    def _failed(self, error: Exception, started: float) -> ChatReply:
+        message, kind, endpoint_failed = self._describe(error)
+        # The SDK retried what the endpoint failed (not a malformed 200); a refused request went once.
+        requests = self.max_retries + 1 if endpoint_failed and kind != "malformed response" else 1
+        if requests > 1:
+            message += f" (gave up after {requests} attempts)"
+        log.warning("request to %s failed: %s", self.endpoint, message)
+        if endpoint_failed:
+            self.failures[kind] += 1
+            if sum(self.failures.values()) > self.max_failed_requests:
+                raise self._failures_error("", stopped_early=True)
+        return ChatReply(requests=requests, latency_s=time.monotonic() - started, error=message,
+                         endpoint_failed=endpoint_failed)
+
+    def _failures_error(self, step: str, stopped_early: bool = False) -> EndpointFailures:
+        total = sum(self.failures.values())
+        how = ", ".join(f"{n} {kind}" for kind, n in self.failures.most_common())
+        stop = f"Stopped early: more than max_failed_requests={self.max_failed_requests} failed. " if stopped_early else ""
+        return EndpointFailures(
+            f"{step + ': ' if step else ''}{total} request{'s' if total != 1 else ''} to {self.endpoint} "
+            f"(model {self.model!r}) failed after {self.max_retries} retries ({how}). {stop}The replies that came "
+            "back are saved; once the endpoint answers again, rerun the same command: it asks only the failed "
+            "and missing requests."
+        )
+
+    def _fatal(self, error: openai.APIStatusError) -> EndpointError:
+        status = error.status_code
+        return EndpointError(
+            f"{self.endpoint} (model {self.model!r}) answered HTTP {status}: {FATAL_STATUSES[status]}. "
+            f"Check the endpoint settings and {self._key_source}. Server said: {self._snippet(error.response.text)}"
+        )
+
+    def _snippet(self, text: str, limit: int = 300) -> str:
+        text = " ".join(str(text).split())
+        text = text[:limit] + ("..." if len(text) > limit else "") or "(empty body)"
         return text.replace(self._api_key, "***") if self._api_key else text
-
-
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: rare for APIs; the exponential backoff applies

@@ -16,7 +16,10 @@ def add_parser(subparsers) -> None:
 Measure CMExam accuracy under one protocol (evaluate.protocol), never mixed:
   mcq    options shown; answer letters read from the output by the project's grader
          (evaluate.scoring: generate, or loglik for single-answer questions)
-  judge  no options; a judge model (evaluate.judge.*) grades the free answer
+  judge-paper   no options, raw prompt, sampled student; a judge (evaluate.judge.*) answers 1 or 2
+                (SP-Huatuo's evaluation); judge errors dropped, counted beside the accuracy
+  judge-rubric  no options; a judge with the reference and the expert explanation ends with a
+                strict verdict line; judge errors dropped, counted beside the accuracy
 
 Writes report.json, report.md, accuracy.png and graded.jsonl to --output.
 
@@ -39,6 +42,7 @@ Score saved outputs without any model (mcq protocol):
 
 def _evaluate(args) -> None:
     from medcritical.evaluation.evaluate import score_predictions
+    from medcritical.evaluation.report import dropped_note
 
     if args.predictions:
         if not args.dataset:
@@ -54,7 +58,7 @@ def _evaluate(args) -> None:
             )
     print(
         f"CMExam accuracy ({report['protocol']}): {100 * report['accuracy']:.1f}% "
-        f"({report['correct']}/{report['n']}, 95% CI {100 * report['ci95'][0]:.1f}–{100 * report['ci95'][1]:.1f}%)"
+        f"({report['correct']}/{report['n']}{dropped_note(report)}, 95% CI {100 * report['ci95'][0]:.1f}–{100 * report['ci95'][1]:.1f}%)"
         f"\nreport: {args.output}/report.md"
     )
 

@@ -14,10 +14,12 @@ class OpenAITeacher(Section):
     model: str | None = None  # env MEDCRITICAL_TEACHER_MODEL
     api_key_env: str = "MEDCRITICAL_TEACHER_API_KEY"  # the key is read from this variable, never the recipe
     concurrency: int = Field(8, ge=1)  # requests in flight at once
-    timeout_s: float = 600.0
-    max_retries: int = 6
-    backoff_s: float = 1.0  # first retry waits about this long, doubling each time (with jitter)
-    max_backoff_s: float = 60.0
+    timeout_s: float = Field(600.0, gt=0)
+    # Retries per request (the openai SDK's: exponential backoff with jitter, Retry-After honoured).
+    max_retries: int = Field(6, ge=0)
+    # Requests the endpoint may fail (after the retries) before the step stops early; any failure ends
+    # the step non-zero, and a rerun asks exactly the failed requests again.
+    max_failed_requests: int = Field(10, ge=0)
     # Sent with every request, e.g. {chat_template_kwargs: {enable_thinking: true}} for vLLM/SGLang.
     extra_body: dict = {}
 

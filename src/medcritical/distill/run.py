@@ -37,7 +37,7 @@ from medcritical.distill.progress import (
 from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher
 from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template_messages, trace_messages
 from medcritical.io.jsonl import write_jsonl
-from medcritical.llm_client import ChatReply
+from medcritical.llm_client import ChatReply, EndpointFailures
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,16 @@ def distill(
 
     started, status = time.monotonic(), "interrupted"
     try:
+        if finished_before < len(questions) and hasattr(teacher, "probe"):
+            teacher.probe()  # a dead endpoint or a refused key stops here, before any work
         run.ask_until_done(questions, finished_before)
-        status = "finished"
+        status = "finished" if not run.failed else "endpoint failures"
     finally:
         progress_log.append({"event": SESSION, "status": status, "wall_time_s": round(time.monotonic() - started, 3)})
 
     stats = _write_outputs(config, questions, run, output_dir, prompts, teacher, attempts)
     stats["resumed_questions"] = finished_before
+    stats["unfinished_questions"] = sorted(run.failed)  # asked again by a rerun
     stats["session_wall_time_s"] = round(time.monotonic() - started, 3)
     _write_json(output_dir / STATS_FILE, stats)
     log.info(
@@ -100,6 +103,13 @@ def distill(
     )
     if not stats["accepted"]:
         log.warning("no trace was accepted: the SFT set is empty; see %s for the reasons", output_dir / REJECTED_FILE)
+    if run.failed:
+        # An outage is never a result: end non-zero; the rerun asks exactly the failed requests.
+        if hasattr(teacher, "raise_if_failed"):
+            teacher.raise_if_failed()
+        raise EndpointFailures(
+            f"distill: requests for {len(run.failed)} questions failed at the teacher; rerun the same command to continue"
+        )
     return stats
 
 
@@ -111,6 +121,9 @@ class _Run:
         self.progress_log: ProgressLog = progress_log
         self.progress: dict[str, QuestionProgress] = progress
         self.attempts, self.seed = attempts, seed
+        # Questions whose request the endpoint failed this session: not an attempt, not asked again
+        # until a rerun (the same attempt, with the same seed).
+        self.failed: set[str] = set()
 
     def finished(self, question: Question) -> bool:
         done = self.progress[question.id]
@@ -121,7 +134,7 @@ class _Run:
         return len(done.traces) >= self.attempts
 
     def next_request(self, question: Question) -> TeacherRequest | None:
-        if self.finished(question):
+        if self.finished(question) or question.id in self.failed:
             return None
         done = self.progress[question.id]
         if done.template is None:
@@ -134,6 +147,9 @@ class _Run:
         with tqdm(total=len(questions), initial=finished_before, desc="distill", unit="question") as bar:
 
             def record(request: TeacherRequest, reply: ChatReply) -> None:
+                if reply.endpoint_failed:
+                    self.failed.add(request.question.id)
+                    return
                 self.progress_log.append(reply_event(request.question, request.kind, request.attempt, reply))
                 self.progress[request.question.id].add(request.kind, request.attempt, reply)
                 if self.finished(request.question):

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-import httpx
-
 from medcritical.data.cmexam import Question
 from medcritical.distill.config import DistillConfig
 from medcritical.distill.traces import TEMPLATE, DistillPrompts
 from medcritical.grader import THINK_END
-from medcritical.llm_client import ChatClient, ChatReply
+from medcritical.llm_client import ChatClient, ChatReply, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +55,16 @@ class EndpointTeacher:
 
     def __init__(self, client: ChatClient, *, temperature: float, top_p: float):
         self.client, self.temperature, self.top_p = client, temperature, top_p
-        url = httpx.URL(client.base_url)
         # A URL may carry user:password; the metadata must not.
-        safe_url = str(url.copy_with(username=None, password=None)) if url.userinfo else client.base_url
-        self.description = {"backend": "openai", "model": client.model, "base_url": safe_url}
+        self.description = {"backend": "openai", "model": client.model, "base_url": safe_url(client.base_url)}
         self.deterministic = False
+
+    def probe(self) -> None:
+        """One cheap request before the first batch: a dead endpoint or a refused key stops the step here."""
+        self.client.probe()
+
+    def raise_if_failed(self) -> None:
+        self.client.raise_if_failed("distill")
 
     def complete(self, requests, *, max_new_tokens, seed, on_reply):
         self.client.chat_many(

@@ -4,24 +4,41 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from medcritical.section import Section
 
 
 class JudgeConfig(Section):
-    """The paper's open-ended protocol: a judge model behind an OpenAI-compatible endpoint."""
+    """The judge protocols (judge-paper, judge-rubric): a judge model behind an OpenAI-compatible endpoint."""
 
     base_url: str | None = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
     model: str | None = None  # env MEDCRITICAL_JUDGE_MODEL
     api_key_env: str = "MEDCRITICAL_JUDGE_API_KEY"  # the key is read from this variable, never the recipe
-    concurrency: int = 8
-    timeout_s: float = 120.0
-    max_retries: int = 5
-    max_tokens: int = 512  # room for a reasoning judge; the verdict is its last 正确/错误 (correct/incorrect)
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)  # the openai SDK's retries per request
+    # Requests the judge endpoint may fail (after the retries) before the step stops early; any
+    # failure ends the evaluation non-zero, and a rerun asks only the missing verdicts.
+    max_failed_requests: int = Field(10, ge=0)
+    # Sent with every judge request, e.g. {logit_bias: {"16": 100, "17": 100}} with the judge
+    # tokenizer's ids of "1" and "2" for an endpoint without structured outputs.
+    extra_body: dict = {}
+    # judge-paper: how the one-token verdict is held to "1" or "2": structured_outputs (vLLM >= 0.11:
+    # {"structured_outputs": {"choice": ["1", "2"]}}), guided_choice (older vLLM; newer ones ignore it
+    # silently) or none (hosted APIs). The reply is parsed strictly either way.
+    verdict_constraint: Literal["structured_outputs", "guided_choice", "none"] = "structured_outputs"
+    # judge-paper: the student gets the raw question (no chat template), as in SP-Huatuo's evaluation;
+    # true wraps it in the student's chat template.
+    student_chat_template: bool = False
+    max_tokens: int = Field(1024, ge=1)  # judge-rubric: room for reasons before the verdict line
 
 
 class EvaluateConfig(Section):
-    # mcq: options shown, letters graded. judge: no options, a judge grades the free answer.
-    protocol: Literal["mcq", "judge"] = "mcq"
+    # mcq: options shown, letters graded. judge-paper: SP-Huatuo's evaluation (no options, sampled
+    # student, a judge answers 1 or 2). judge-rubric: no options, a judge with the reference and the
+    # expert explanation ends with a strict verdict line. Numbers of different protocols never mix.
+    protocol: Literal["mcq", "judge-paper", "judge-rubric"] = "mcq"
     # mcq only: "generate" (free text + the grader) or "loglik" (likelihood of each option letter;
     # single-answer questions only, multi-answer ones are still generated).
     scoring: Literal["generate", "loglik"] = "generate"

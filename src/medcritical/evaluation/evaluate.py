@@ -3,8 +3,8 @@
 - ``mcq``: the question with its options; the answer letters are read by the one grader
   (`medcritical.grader`) from generated text, or, with ``scoring: loglik``, taken as the most likely
   option letter after "答案：" (single-answer questions; multi-answer ones are still generated).
-- ``judge``: the question without options; a judge model behind an OpenAI-compatible endpoint
-  decides whether the free answer agrees with the reference answer and explanation.
+- ``judge-paper`` / ``judge-rubric``: the question without options; a judge model behind an
+  OpenAI-compatible endpoint grades the free answer (`medcritical.evaluation.judge` says how each does).
 
 Generated outputs are appended to ``outputs.jsonl`` chunk by chunk, so an interrupted evaluation
 resumes where it stopped; grading is recomputed from them (cheap) on every run.
@@ -21,11 +21,11 @@ from typing import Callable, Sequence
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.evaluation.config import EvaluateConfig
 from medcritical.evaluation.metrics import summarize
-from medcritical.evaluation.report import write_report
+from medcritical.evaluation.report import dropped_note, write_report
 from medcritical.grader import grade_answer
 from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.modeling.config import GenerationConfig
-from medcritical.prompts import mcq_messages, open_messages
+from medcritical.prompts import mcq_messages
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +189,31 @@ def evaluate_model(
             row["output"] = outputs[row["id"]]["output"]
         report = _report("mcq", questions, graded, scoring=config.scoring, **fields)
     else:
-        from medcritical.evaluation.judge import grade_with_judge, judge_from_config
+        from medcritical.evaluation import judge as judging
 
-        outputs = _generate_missing(questions, outputs_file, lambda chunk: generate_rows(chunk, open_messages))
-        judge = judge or judge_from_config(config.judge, language, output_dir)
-        graded = grade_with_judge(questions, outputs, judge)
-        report = _report("judge", questions, graded, scoring=f"judge: {config.judge.model}", **fields)
-        report["no_verdict"] = [row["id"] for row in graded if row["verdict"] is None]
+        protocol = config.protocol
+        judge = judge or judging.judge_from_config(config.judge, protocol, language, output_dir)  # probes it
+        sampling = judging.student_sampling(protocol, generation.max_new_tokens)
+
+        def student_rows(chunk: list[Question]) -> list[dict]:
+            prompts = judging.student_prompts(protocol, chunk, language, config.judge.student_chat_template)
+            completions = generator.generate(prompts, desc=f"evaluating ({protocol})", **sampling)
+            return [{"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)]
+
+        outputs = _generate_missing(questions, outputs_file, student_rows)
+        graded = judging.grade_with_judge(protocol, questions, outputs, judge)
+        # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
+        judged = [row for row in graded if row["verdict"] is not None]
+        judged_ids = {row["id"] for row in judged}
+        report = _report(protocol, [q for q in questions if q.id in judged_ids], judged,
+                         scoring=f"judge: {config.judge.model}", **fields)
+        report |= {"questions": len(questions), "dropped": len(graded) - len(judged), "student_sampling": sampling,
+                   "dropped_ids": [row["id"] for row in graded if row["verdict"] is None]}
     report["wall_s"] = round(time.perf_counter() - started, 2)
     write_report(report, graded, output_dir)
     log.info(
-        "CMExam accuracy (%s) of %s: %.1f%% (%d/%d) -> %s",
-        report["protocol"], label or model_path, 100 * report["accuracy"], report["correct"], report["n"], output_dir,
+        "CMExam accuracy (%s) of %s: %.1f%% (%d/%d%s) -> %s",
+        report["protocol"], label or model_path, 100 * report["accuracy"], report["correct"], report["n"],
+        dropped_note(report), output_dir,
     )
     return report

@@ -1,14 +1,26 @@
-"""The paper's open-ended protocol: a judge model decides whether a free answer matches the reference.
+"""The judge protocols: the student answers without options; a judge model grades the free answer.
 
-The student saw the question without options; the judge sees the question, the reference answer
-(gold option texts) and the expert explanation, and the student's conclusion (the text after
-``</think>``). Verdicts are appended to ``judgements.jsonl`` as they arrive, so a rerun after a crash
-pays for no verdict twice.
+Two protocols, each named for what it is, never mixed in one table:
+
+- ``judge-paper``: SP-Huatuo's evaluation. The student gets the question stem only, as a raw prompt
+  (no chat template unless ``evaluate.judge.student_chat_template``), sampled at temperature 0.7,
+  top-p 0.9, 450 new tokens. The judge sees the question, the reference answer text and the
+  student's reply, and must emit one token, ``1`` (correct) or ``2`` (wrong): constrained where the
+  endpoint offers it (vLLM structured outputs / guided choice, or a logit bias in ``extra_body``) and
+  parsed strictly. Anything else is an error, dropped from the denominator as the paper does, and
+  the dropped count stands beside the accuracy.
+- ``judge-rubric``: the project's richer judge. The student answers the ``open`` prompt greedily;
+  the judge sees the reference answer and the expert explanation, may give reasons, and must end
+  with the line ``判定：正确`` / ``判定：错误`` (``Verdict: correct`` / ``Verdict: incorrect``). A reply
+  without that last line is an error, never a guess; dropped and counted the same way.
+
+Verdicts (and judge errors) are appended to ``judgements.jsonl`` as they arrive, so a rerun pays
+for no verdict twice. A request the endpoint failed is not a verdict: nothing is written, the step
+ends non-zero, and the rerun asks exactly those again.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,89 +28,134 @@ from typing import Callable, Sequence
 from medcritical.data.cmexam import Question
 from medcritical.evaluation.config import JudgeConfig
 from medcritical.grader import final_answer_text
-from medcritical.prompts import load_prompt
+from medcritical.io.jsonl import append_jsonl, read_jsonl
+from medcritical.prompts import load_prompt, open_messages
 
 JUDGEMENTS_JSONL = "judgements.jsonl"
-_VERDICT = re.compile(r"不正确|错误|正确|incorrect|correct", re.IGNORECASE)
-_NEGATIVE = {"不正确", "错误", "incorrect"}
+PROTOCOLS = ("judge-paper", "judge-rubric")
+# SP-Huatuo's student sampling under judge-paper.
+PAPER_STUDENT = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 450}
+PAPER_VERDICTS = {"1": True, "2": False}
+_RUBRIC_VERDICT = re.compile(r"(?:判定|verdict)\s*[:：]\s*(正确|错误|correct|incorrect)\s*[。.]?", re.IGNORECASE)
 
-# items: [{"id", "question", "reference", "explanation", "response"}] -> {id: (verdict or None, raw reply)}
-Judge = Callable[[list[dict]], dict[str, tuple[bool | None, str]]]
+# items: [{"id", "question", "reference", "explanation", "response"}] -> {id: judgement row}
+Judge = Callable[[list[dict]], dict[str, dict]]
 
 
-def parse_verdict(reply: str) -> bool | None:
-    """The judge's last verdict word; None when it gave none (counted wrong, and reported)."""
-    words = _VERDICT.findall(reply)
-    if not words:
-        return None
-    return words[-1].lower() not in _NEGATIVE
+def parse_paper_verdict(reply: str) -> bool | None:
+    """``1`` -> correct, ``2`` -> wrong; anything else is no verdict (an error the paper drops)."""
+    return PAPER_VERDICTS.get(reply.strip())
+
+
+def parse_rubric_verdict(reply: str) -> bool | None:
+    """The verdict line that must end the reply; None when the last line is not exactly one."""
+    lines = [line.strip() for line in final_answer_text(reply).strip().splitlines() if line.strip()]
+    match = _RUBRIC_VERDICT.fullmatch(lines[-1]) if lines else None
+    return match.group(1).lower() in ("正确", "correct") if match else None
 
 
 def reference_answer(question: Question) -> str:
-    return "；".join(f"{letter}. {question.options[letter]}" for letter in question.answer)
+    """The gold options' texts: the student never saw the letters."""
+    return "；".join(question.options[letter] for letter in question.answer)
 
 
-def judge_from_config(config: JudgeConfig, language: str, output_dir: str | Path) -> Judge:
-    """A judge on an OpenAI-compatible endpoint, resuming from `output_dir/judgements.jsonl`."""
+def student_prompts(protocol: str, questions: Sequence[Question], language: str, chat_template: bool) -> list:
+    """What the student is asked: chat messages, or a raw string (judge-paper without chat template)."""
+    if protocol == "judge-rubric":
+        return [open_messages(q, language) for q in questions]
+    prompt = load_prompt("student_paper", language)
+    texts = [prompt.format(question=q.question) for q in questions]
+    return [[{"role": "user", "content": t}] for t in texts] if chat_template else texts
+
+
+def student_sampling(protocol: str, max_new_tokens: int) -> dict:
+    """Sampling of the student's answers: the paper's under judge-paper, greedy under judge-rubric."""
+    if protocol == "judge-paper":
+        return dict(PAPER_STUDENT)
+    return {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_new_tokens}
+
+
+def judge_request(protocol: str, config: JudgeConfig) -> dict:
+    """Request parameters of the judge under `protocol`."""
+    if protocol == "judge-rubric":
+        return {"temperature": 0.0, "max_tokens": config.max_tokens}
+    constraint = {
+        "structured_outputs": {"structured_outputs": {"choice": list(PAPER_VERDICTS)}},
+        "guided_choice": {"guided_choice": list(PAPER_VERDICTS)},
+        "none": {},
+    }[config.verdict_constraint]
+    return {"temperature": 0.0, "max_tokens": 1, **constraint}
+
+
+def judge_from_config(config: JudgeConfig, protocol: str, language: str, output_dir: str | Path) -> Judge:
+    """A judge on an OpenAI-compatible endpoint, resuming from `output_dir/judgements.jsonl`.
+
+    The endpoint is probed here, so a dead judge or a refused key stops the step before the student
+    generates anything."""
     from medcritical.llm_client import ChatClient
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"no judge protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     client = ChatClient.from_section(config, "MEDCRITICAL_JUDGE")
-    prompt = load_prompt("judge", language)
+    prompt = load_prompt(protocol.replace("-", "_"), language)
+    parse = parse_paper_verdict if protocol == "judge-paper" else parse_rubric_verdict
     path = Path(output_dir) / JUDGEMENTS_JSONL
+    client.probe()
 
-    def judge(items: list[dict]) -> dict[str, tuple[bool | None, str]]:
-        done: dict[str, tuple[bool | None, str]] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                done[row["id"]] = (row["verdict"], row["reply"])
+    def judge(items: list[dict]) -> dict[str, dict]:
+        done = {row["id"]: row for row in read_jsonl(path) if row.get("protocol") == protocol}
         todo = [item for item in items if item["id"] not in done]
-        conversations = [
-            [{"role": "user", "content": prompt.format(**{k: item[k] for k in ("question", "reference", "explanation", "response")})}]
-            for item in todo
-        ]
-        with path.open("a", encoding="utf-8") as f:
 
-            def save(index: int, reply) -> None:
-                if not reply.ok:  # not saved: a rerun asks again
-                    return
-                verdict = parse_verdict(reply.content)
-                done[todo[index]["id"]] = (verdict, reply.content)
-                f.write(json.dumps({"id": todo[index]["id"], "verdict": verdict, "reply": reply.content,
-                                    "prompt_version": prompt.version}, ensure_ascii=False) + "\n")
-                f.flush()
+        def save(index: int, reply) -> None:
+            if reply.endpoint_failed:  # not a verdict: nothing saved, the rerun asks again
+                return
+            # A reasoning parser puts a reply that never closed </think> into the reasoning field.
+            text = reply.content.strip() or reply.reasoning_content.strip()
+            verdict = parse(text) if reply.ok else None
+            error = reply.error or (None if verdict is not None else f"no {protocol} verdict in the reply")
+            row = {"id": todo[index]["id"], "protocol": protocol, "verdict": verdict, "error": error,
+                   "reply": text, "prompt_version": prompt.version}
+            append_jsonl([row], path)
+            done[row["id"]] = row
 
-            client.chat_many(conversations, on_reply=save, desc="judging", temperature=0.0, max_tokens=config.max_tokens)
+        conversations = [[{"role": "user", "content": prompt.format(**_fields(item))}] for item in todo]
+        client.chat_many(conversations, on_reply=save, desc=f"judging ({protocol})", **judge_request(protocol, config))
+        client.raise_if_failed(f"evaluate ({protocol})")
         return done
 
     return judge
 
 
-def grade_with_judge(questions: Sequence[Question], outputs: dict[str, dict], judge: Judge) -> list[dict]:
-    """Graded rows for the judge protocol; a missing or unparsable verdict counts wrong and is marked."""
+def _fields(item: dict) -> dict:
+    return {k: item[k] for k in ("question", "reference", "explanation", "response")}
+
+
+def grade_with_judge(protocol: str, questions: Sequence[Question], outputs: dict[str, dict], judge: Judge) -> list[dict]:
+    """One graded row per question; ``verdict`` None marks a judge error (dropped from the accuracy)."""
     items = [
         {
             "id": q.id,
             "question": q.question,
             "reference": reference_answer(q),
             "explanation": q.explanation or "（无）",
-            "response": final_answer_text(outputs[q.id]["output"]).strip() if q.id in outputs else "",
+            # judge-paper: the student's reply as written; judge-rubric: its conclusion after </think>.
+            "response": (outputs[q.id]["output"] if protocol == "judge-paper"
+                         else final_answer_text(outputs[q.id]["output"])).strip(),
         }
         for q in questions
     ]
-    verdicts = judge(items)
+    judgements = judge(items)
     rows = []
-    for q, item in zip(questions, items):
-        verdict, reply = verdicts.get(q.id, (None, ""))
-        rows.append(
-            {
-                "id": q.id,
-                "predicted": "",  # no letters under this protocol
-                "correct": bool(verdict),
-                "verdict": verdict,
-                "judge_reply": reply,
-                "output": outputs.get(q.id, {}).get("output"),
-                "has_output": q.id in outputs,
-            }
-        )
+    for q in questions:
+        row = judgements.get(q.id, {})
+        rows.append({
+            "id": q.id,
+            "predicted": "",  # no letters under the judge protocols
+            "correct": row.get("verdict") is True,
+            "verdict": row.get("verdict"),
+            "judge_error": row.get("error", "no judgement"),
+            "judge_reply": row.get("reply", ""),
+            "output": outputs[q.id]["output"],
+            "has_output": True,
+        })
     return rows

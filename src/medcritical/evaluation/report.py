@@ -12,8 +12,16 @@ MAX_BARS_PER_COLUMN = 12  # annotation columns can have dozens of values; show t
 
 PROTOCOL_TITLES = {
     "mcq": "standard MCQ: options shown, answer letters extracted, exact letter-set match",
-    "judge": "open-ended judge: no options, a judge model grades the free answer against the reference",
+    "judge-paper": "SP-Huatuo's open-ended judge: no options, raw prompt, sampled student (T 0.7, top-p 0.9, "
+    "450 tokens); a judge answers 1 (correct) or 2 (wrong); judge errors dropped from the denominator",
+    "judge-rubric": "rubric judge: no options, greedy student; a judge with the reference and the expert "
+    "explanation ends with a strict verdict line; judge errors dropped from the denominator",
 }
+
+
+def dropped_note(report: dict) -> str:
+    """"; 3 of 100 dropped: no verdict" beside a judge protocol's accuracy ("" when none were dropped)."""
+    return f"; {report['dropped']} of {report['questions']} dropped: no verdict" if report.get("dropped") else ""
 
 
 def percent(x: float) -> str:
@@ -30,7 +38,7 @@ def markdown_report(report: dict) -> str:
         f"scoring: {report.get('scoring', '-')}.",
         "",
         f"**Accuracy ({protocol}): {percent(report['accuracy'])}%** "
-        f"({report['correct']}/{report['n']}; 95% CI {percent(report['ci95'][0])}–{percent(report['ci95'][1])}%)",
+        f"({report['correct']}/{report['n']}{dropped_note(report)}; 95% CI {percent(report['ci95'][0])}–{percent(report['ci95'][1])}%)",
         "",
     ]
     if report.get("missing_predictions"):

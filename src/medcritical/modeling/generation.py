@@ -86,8 +86,10 @@ class TransformersGenerator:
         tokenizer.padding_side = "left"
         return self
 
-    def encode_prompts(self, prompts: Sequence[Messages]) -> list[list[int]]:
+    def encode_prompts(self, prompts: Sequence[Messages | str]) -> list[list[int]]:
         return [
+            # A str is a raw prompt, encoded without the chat template (the judge-paper student).
+            self.tokenizer(p)["input_ids"] if isinstance(p, str) else
             self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
                 "input_ids"
             ]
@@ -206,7 +208,9 @@ class VLLMGenerator:
         params = SamplingParams(
             n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens, seed=seed
         )
-        outputs = self.llm.chat(list(prompts), params, use_tqdm=True)
+        prompts = list(prompts)
+        raw = bool(prompts) and isinstance(prompts[0], str)  # raw prompts skip the chat template
+        outputs = (self.llm.generate if raw else self.llm.chat)(prompts, params, use_tqdm=True)
         return [[Completion(o.text, len(o.token_ids)) for o in out.outputs] for out in outputs]
 
 

@@ -1,0 +1,77 @@
+"""Both judge protocols end to end against a real vLLM OpenAI-compatible server, resume included.
+
+The student is the tiny model (transformers), the judge the tiny model served by vLLM's CPU build.
+Random text on both sides, so what is checked is the protocol: the 1/2 verdict held by structured
+outputs (no parser) or a logit bias (with the parser, read from the `reasoning` field), the rubric's
+strict verdict line never guessed, the counts beside the accuracy, and a rerun after a crash that
+judges only the missing rows.
+"""
+
+import json
+
+import pytest
+
+from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
+from medcritical.evaluation.evaluate import evaluate_model
+from medcritical.evaluation.judge import JUDGEMENTS_JSONL
+from medcritical.llm_client import ChatClient
+from medcritical.modeling.config import GenerationConfig
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """How many conversations the judge sent, per call (the real client, observed)."""
+    calls = []
+    original = ChatClient.achat_many
+
+    async def observed(self, conversations, **kwargs):
+        calls.append(len(conversations))
+        return await original(self, conversations, **kwargs)
+
+    monkeypatch.setattr(ChatClient, "achat_many", observed)
+    return calls
+
+
+def judge_config(server, protocol, **judge):
+    return EvaluateConfig(protocol=protocol, judge=JudgeConfig(base_url=server.base_url, model=server.model,
+                                                               timeout_s=120, max_retries=1, **judge))
+
+
+def test_judge_paper_structured_outputs_and_resume_after_a_crash(plain_vllm_server, tiny_model, bundled, tmp_path, asked):
+    questions = bundled[:6]
+    config = judge_config(plain_vllm_server, "judge-paper")
+    report = evaluate_model(config, GenerationConfig(), questions, tiny_model, tmp_path, device="cpu")
+    assert (report["protocol"], report["n"], report["dropped"], report["questions"]) == ("judge-paper", 6, 0, 6)
+    assert report["student_sampling"] == {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 450}
+    rows = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
+    assert len(rows) == 6 and {r["reply"] for r in rows} <= {"1", "2"} and all(r["error"] is None for r in rows)
+    assert report["correct"] == sum(r["reply"] == "1" for r in rows) and asked == [6]
+
+    # A crash tore the last verdict mid-write and lost the one before: the rerun judges exactly those.
+    lines = (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()
+    (tmp_path / JUDGEMENTS_JSONL).write_text("\n".join(lines[:4]) + "\n" + lines[5][:10])
+    again = evaluate_model(config, GenerationConfig(), questions, tiny_model, tmp_path, device="cpu")
+    assert asked == [6, 2] and (again["n"], again["dropped"]) == (6, 0)
+    assert "protocol `judge-paper`" in (tmp_path / "report.md").read_text()
+
+
+def test_judge_paper_logit_bias_through_the_reasoning_parser(vllm_server, vllm_model, tiny_model, bundled, tmp_path):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(vllm_model).convert_tokens_to_ids(["1", "2"])
+    config = judge_config(vllm_server, "judge-paper", verdict_constraint="none",
+                          extra_body={"logit_bias": {str(i): 100 for i in ids}})
+    report = evaluate_model(config, GenerationConfig(), bundled[:4], tiny_model, tmp_path, device="cpu")
+    assert (report["n"], report["dropped"]) == (4, 0)
+
+
+def test_judge_rubric_never_guesses_a_verdict(vllm_server, tiny_model, bundled, tmp_path):
+    config = judge_config(vllm_server, "judge-rubric", max_tokens=16)
+    report = evaluate_model(config, GenerationConfig(max_new_tokens=8), bundled[:4], tiny_model, tmp_path, device="cpu")
+    rows = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
+    # Random text has no verdict line: every row is a judge error, dropped and counted, none guessed.
+    assert len(rows) == 4 and all(r["verdict"] is None and r["error"] == "no judge-rubric verdict in the reply" for r in rows)
+    assert (report["protocol"], report["n"], report["dropped"]) == ("judge-rubric", 0, 4)
+    assert "0/0; 4 of 4 dropped: no verdict" in (tmp_path / "report.md").read_text()
