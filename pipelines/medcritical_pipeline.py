@@ -40,11 +40,48 @@ class ClusterSettings:
     shm_size: str = "16Gi"  # /dev/shm for NCCL and vLLM; the container default of 64 MB breaks both
     images: dict[str, str] = field(default_factory=image_names)
     # A PersistentVolumeClaim for every step's work folder (downloads, checkpoints, partial rollouts):
-    # a retried pod then resumes where the failed one stopped. "": the pod's own disk (lost on retry).
+    # a retried pod then resumes where the failed one stopped. "": a generic ephemeral volume per task,
+    # sized by the plan (lost on retry).
     work_pvc: str = ""
+    work_storage_class: str = ""  # the ephemeral work volumes' StorageClass; "": the cluster's default
 
 
 WORK_MOUNT = "/medcritical-work"
+GiB = 1024**3
+# CPUs per task, and the smallest memory and work volume whatever the plan says (a 7B full fine-tune's
+# ZeRO-3 checkpoints: `medcritical plan --recipe recipes/full-zero3-8gpu.yaml`).
+CPUS = {"cpu": "4", "train": "16", "infer": "16"}
+MIN_MEMORY = {"cpu": 8, "train": 64, "infer": 64}  # GiB
+MIN_WORK = {"prepare_data": 20, "distill": 50, "sft": 400, "dpo": 400, "rollout": 100, "evaluate": 100, "report": 10}
+# A hung NCCL collective or vLLM engine must not hold GPUs forever; the retries cover lost nodes and
+# evictions (a step resumes from its checkpoints when its work folder survived: --work-pvc).
+TIMEOUT_S = {"cpu": 4 * 3600, "train": 72 * 3600, "infer": 48 * 3600}
+RETRIES = 2
+PLAN_STEP = {"prepare_data": "prepare-data"}  # component name -> the plan's (CLI's) step name
+
+
+def _round_gib(value: float, floor: int) -> int:
+    """GiB rounded up to a multiple of 8, at least `floor`."""
+    return max(floor, 8 * -(-int(value // GiB + 1) // 8))
+
+
+def planned_resources(recipe_text: str, shm_size: str) -> dict:
+    """Memory per kind of task and the work volume of each step, from `medcritical plan` for this recipe."""
+    from medcritical.plan import plan_steps, quantity
+    from medcritical.recipe import load_recipe_text
+
+    needs = plan_steps(load_recipe_text(recipe_text))
+    shm = quantity(shm_size)
+    memory = {
+        "train": max(needs[s].host_memory for s in ("sft", "dpo")) + shm,
+        "infer": max(needs[s].host_memory for s in ("distill", "rollout", "evaluate")) + shm,
+        "cpu": needs["prepare-data"].host_memory,
+    }
+    return {
+        "memory": {kind: f"{_round_gib(value, MIN_MEMORY[kind])}Gi" for kind, value in memory.items()},
+        "work": {step: f"{_round_gib(needs[PLAN_STEP.get(step, step)].disk if PLAN_STEP.get(step, step) in needs else 0, floor)}Gi"
+                 for step, floor in MIN_WORK.items()},
+    }
 
 
 def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str) -> str:
@@ -69,6 +106,7 @@ def build_pipeline(
     `recipe_text` and `run_root` become the defaults of the pipeline's parameters of those names.
     """
     images = (cluster or ClusterSettings()).images
+    sized = planned_resources(recipe_text, cluster.shm_size) if cluster else {"memory": {}, "work": {}}
 
     steps = {
         func.__name__: dsl.component(func, base_image=images[_image_kind(func)], install_kfp_package=False)
@@ -90,16 +128,25 @@ def build_pipeline(
         train_gpus: int = 1,
         infer_gpus: int = 1,
         accelerator_type: str = "nvidia.com/gpu",
-        tolerations: list = [],
+        tolerations: list = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}],  # GPU nodes are tainted
         node_selector: dict = {},
         s3_secret: str = "medcritical-s3",
         teacher_secret: str = "medcritical-teacher",
         judge_secret: str = "medcritical-judge",
+        train_memory: str = sized["memory"].get("train", ""),
+        infer_memory: str = sized["memory"].get("infer", ""),
     ):
-        def on_cluster(task, gpus=None):
+        def on_cluster(task, gpus=None, kind="cpu", component=""):
             """Kubernetes settings for one task (cluster builds only)."""
             if cluster is None:
                 return task
+            # Requests = limits (Guaranteed QoS: the last pods evicted); memory from the plan, a parameter
+            # for the GPU steps since it grows with train_gpus (`medcritical plan --train-gpus N` says how much).
+            memory = {"train": train_memory, "infer": infer_memory}.get(kind, sized["memory"]["cpu"])
+            task.set_cpu_request(CPUS[kind]).set_cpu_limit(CPUS[kind])
+            task.set_memory_request(memory).set_memory_limit(memory)
+            kubernetes.set_timeout(task, TIMEOUT_S[kind])
+            task.set_retry(RETRIES, backoff_duration="60s")
             if gpus is not None:
                 task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
                 kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
@@ -109,6 +156,12 @@ def build_pipeline(
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
             if cluster.work_pvc:
                 kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
+            elif component in sized["work"]:
+                # Downloads, checkpoints and outputs on a volume of the planned size, not the node's root disk.
+                kubernetes.add_ephemeral_volume(task, volume_name="work", mount_path=WORK_MOUNT,
+                                                access_modes=["ReadWriteOnce"], size=sized["work"][component],
+                                                storage_class_name=cluster.work_storage_class or None)
+            if cluster.work_pvc or component in sized["work"]:
                 task.set_env_variable("MEDCRITICAL_WORKDIR", WORK_MOUNT)
             return task
 
@@ -124,7 +177,7 @@ def build_pipeline(
                 with_endpoint_secret(task, teacher_secret, TEACHER_SECRET_KEYS)
             if component == "evaluate":
                 with_endpoint_secret(task, judge_secret, JUDGE_SECRET_KEYS)
-            return on_cluster(task, gpus)
+            return on_cluster(task, gpus, _image_kind_of(component), component)
 
         root = run_root
         resolved = on_cluster(configure_op(
@@ -153,6 +206,12 @@ def build_pipeline(
              sft_eval_uri=sft_eval.outputs["Output"], dpo_eval_uri=final_eval.outputs["Output"])
 
     return medcritical
+
+
+def _image_kind_of(component: str) -> str:
+    import importlib
+
+    return importlib.import_module(f"medcritical.components.{component}.component").IMAGE
 
 
 def _image_kind(func) -> str:
