@@ -329,3 +329,59 @@ def test_docs_show_how_to_apply_every_job():
     docs = DOCS.read_text(encoding="utf-8")
     missing = [d.name for d in JOB_DIRS if f"kubectl apply -k k8s/jobs/{d.name}" not in docs]
     assert not missing, f"{_rel(DOCS)} does not show `kubectl apply -k k8s/jobs/<name>` for {missing}"
+
+
+def _load_job_recipe(directory, pod, container, argv, tmp_path):
+    from medcritical.recipe import load_recipe
+
+    recipe = _recipe_file(directory, pod, container, argv[argv.index("--recipe") + 1], tmp_path)
+    overrides = [argv[i + 1].replace("/opt/medcritical/", f"{ROOT}/") for i, a in enumerate(argv) if a == "--set"]
+    return load_recipe(recipe), load_recipe(recipe, overrides)
+
+
+@pytest.mark.parametrize("name", ["sft-multinode", "dpo-multinode"])
+def test_multinode_jobs_keep_the_recipes_global_batch(name, tmp_path, monkeypatch):
+    """torchrun on N GPUs multiplies per_device x accumulation by N: the overrides must bring it back."""
+    monkeypatch.chdir(ROOT)
+    directory = K8S / "jobs" / name
+    for obj, pod, container, argv in _step_commands(directory):
+        base, job = _load_job_recipe(directory, pod, container, argv, tmp_path)
+        replicas = obj["spec"]["pytorchReplicaSpecs"]
+        gpus = int(obj["spec"]["nprocPerNode"]) * sum(int(r["replicas"]) for r in replicas.values())
+
+        def global_batch(recipe, world):
+            optim = recipe.sft.optim if argv[0] == "sft" else recipe.selfplay.dpo.optim
+            return optim.per_device_batch_size * optim.gradient_accumulation_steps * world
+
+        assert global_batch(job, gpus) == global_batch(base, 1), (
+            f"{k8s_rules.object_id(obj)}: global batch {global_batch(job, gpus)} on {gpus} GPUs, the recipe's is "
+            f"{global_batch(base, 1)}")
+
+
+@pytest.mark.parametrize("directory", JOB_DIRS, ids=lambda d: d.name)
+def test_work_folder_is_on_the_largest_disk_volume(directory):
+    """MEDCRITICAL_WORKDIR (downloads, checkpoints, outputs) on the pod's biggest emptyDir, not the home cache."""
+    from medcritical.plan import quantity
+
+    for obj, pod, container in _containers(directory):
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        workdir = env.get("MEDCRITICAL_WORKDIR")
+        assert workdir, f"{k8s_rules.object_id(obj)}: set MEDCRITICAL_WORKDIR (default: the small home emptyDir)"
+        volumes = {v["name"]: v for v in pod.spec["volumes"]}
+        mount = max((m for m in container["volumeMounts"] if workdir.startswith(m["mountPath"].rstrip("/") + "/")),
+                    key=lambda m: len(m["mountPath"]))
+        sizes = {name: quantity(v["emptyDir"]["sizeLimit"]) for name, v in volumes.items()
+                 if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+        assert mount["name"] == max(sizes, key=sizes.get), f"{k8s_rules.object_id(obj)}: work folder on {mount['name']}"
+        requests = container["resources"]["requests"]
+        assert quantity(requests["ephemeral-storage"]) >= sum(sizes.values()), k8s_rules.object_id(obj)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/paper-7b-lora.yaml", "recipes/demo.yaml",
+                                    "k8s/components/step-config/recipe.yaml"])
+def test_medcritical_plan_passes_for_the_jobs(recipe, capsys, monkeypatch):
+    """The sizing preflight (docs/sizing.md) against every Job: each step has a manifest that fits."""
+    from medcritical.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["plan", "--recipe", recipe, "--manifests", "k8s/jobs", "--no-pipeline"]) == 0, capsys.readouterr().out

@@ -146,6 +146,9 @@ def distill(recipe: Recipe, data_uri: str, output_uri: str) -> dict:
     from medcritical.distill.run import distill as run_distill
 
     questions = _questions(data_uri, TRAIN_FILE, recipe)
+    teacher = recipe.distill.teacher_model
+    if teacher and storage.is_s3(teacher):  # a local teacher in S3 comes into the work folder like any input
+        recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"teacher_model": str(local_input(teacher))})})
     with local_output(output_uri) as out:
         return run_distill(recipe.distill, questions, out, seed=recipe.run.seed, device=recipe.run.device)
 
@@ -181,7 +184,7 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
     from medcritical.training.dpo import train_dpo
 
     pairs = input_file(rollout_uri, PAIRS)
-    heldout = input_file(heldout_uri, HELDOUT_PAIRS) if heldout_uri else pairs.with_name(HELDOUT_PAIRS)
+    heldout = input_file(heldout_uri, HELDOUT_PAIRS) if heldout_uri else heldout_beside(rollout_uri, pairs)
     model = resolve_model_uri(recipe, model_uri)
     with local_output(output_uri) as out:
         result = train_dpo(
@@ -191,6 +194,20 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
         if result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(model_uri or recipe.model.base, encoding="utf-8")
         return result
+
+
+def heldout_beside(rollout_uri: str, pairs: Path) -> Path:
+    """The held-out pairs next to the training pairs; an S3 URI naming pairs.jsonl itself fetches its
+    sibling, or early stopping would silently have nothing to measure."""
+    from medcritical.selfplay.step import HELDOUT_PAIRS, PAIRS
+
+    if storage.is_s3(rollout_uri) and rollout_uri.rstrip("/").endswith("/" + PAIRS):
+        sibling = rollout_uri.rstrip("/").rsplit("/", 1)[0] + "/" + HELDOUT_PAIRS
+        try:
+            return input_file(sibling, HELDOUT_PAIRS)
+        except FileNotFoundError:
+            log.warning("%s: no held-out pairs; DPO runs without early stopping", sibling)
+    return pairs.with_name(HELDOUT_PAIRS)
 
 
 def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "") -> dict:
@@ -282,9 +299,33 @@ def data_parallel_command(step: str, recipe_path: str, output_uri: str, inputs: 
     return command
 
 
+def keep_global_batch(step: str, recipe: Recipe, gpus: int) -> Recipe:
+    """The recipe for `gpus` data-parallel ranks with the global batch it gives on one GPU: the gradient
+    accumulation is divided by the number of GPUs, or the run is refused (it would change the method)."""
+    key = "sft.optim" if step == "sft" else "selfplay.dpo.optim"
+    optim = recipe.sft.optim if step == "sft" else recipe.selfplay.dpo.optim
+    accumulation = optim.gradient_accumulation_steps
+    if accumulation % gpus:
+        raise RecipeError(
+            f"{key}.gradient_accumulation_steps is {accumulation}, not a multiple of the {gpus} GPUs: the global "
+            f"batch (per_device_batch_size x accumulation x GPUs) would not be the recipe's "
+            f"{optim.per_device_batch_size * accumulation}. Recipes give the batch of one GPU: set "
+            f"{key}.gradient_accumulation_steps to a multiple of {gpus}, or run on a number of GPUs that divides it"
+        )
+    log.info("%s on %d GPUs: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d", step, gpus, key,
+             accumulation, accumulation // gpus, optim.per_device_batch_size * accumulation)
+    optim = optim.model_copy(update={"gradient_accumulation_steps": accumulation // gpus})
+    if step == "sft":
+        return recipe.model_copy(update={"sft": recipe.sft.model_copy(update={"optim": optim})})
+    dpo = recipe.selfplay.dpo.model_copy(update={"optim": optim})
+    return recipe.model_copy(update={"selfplay": recipe.selfplay.model_copy(update={"dpo": dpo})})
+
+
 def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, gpus: int) -> dict:
     import subprocess
     import tempfile
+
+    recipe = keep_global_batch(step, recipe, gpus)
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe_path = Path(tmp) / "recipe.yaml"
