@@ -84,11 +84,17 @@ def planned_resources(recipe_text: str, shm_size: str) -> dict:
     }
 
 
-def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str) -> str:
+def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str,
+              teacher_on_gpu: bool = True) -> str:
     """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads."""
     from medcritical.steps import resolve_recipe_text
 
-    return resolve_recipe_text(recipe, rounds, overrides, base_model, teacher_base_url, teacher_model)
+    return resolve_recipe_text(recipe, rounds, overrides, base_model, teacher_base_url, teacher_model,
+                               teacher_on_gpu=teacher_on_gpu)
+
+
+# Distillation backends that run no model in the pod: the distill task then gets the CPU image and no GPU.
+API_TEACHERS = ("openai", "explanations")
 
 
 # No `from __future__ import annotations` here: KFP reads the components' annotations as types.
@@ -105,11 +111,17 @@ def build_pipeline(
 
     `recipe_text` and `run_root` become the defaults of the pipeline's parameters of those names.
     """
+    from medcritical.recipe import load_recipe_text
+
     images = (cluster or ClusterSettings()).images
     sized = planned_resources(recipe_text, cluster.shm_size) if cluster else {"memory": {}, "work": {}}
+    teacher_on_gpu = load_recipe_text(recipe_text).distill.backend not in API_TEACHERS
+    kinds = {func.__name__: _image_kind(func) for func in (prepare_data, distill, sft, rollout, dpo, evaluate, report)}
+    if not teacher_on_gpu:
+        kinds["distill"] = "cpu"  # an API teacher: no GPU, no vLLM image
 
     steps = {
-        func.__name__: dsl.component(func, base_image=images[_image_kind(func)], install_kfp_package=False)
+        func.__name__: dsl.component(func, base_image=images[kinds[func.__name__]], install_kfp_package=False)
         for func in (prepare_data, distill, sft, rollout, dpo, evaluate, report)
     }
     configure_op = dsl.component(configure, base_image=images["cpu"], install_kfp_package=False)
@@ -128,11 +140,12 @@ def build_pipeline(
         train_gpus: int = 1,
         infer_gpus: int = 1,
         accelerator_type: str = "nvidia.com/gpu",
-        tolerations: list = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}],  # GPU nodes are tainted
+        tolerations: list = [],
         node_selector: dict = {},
         s3_secret: str = "medcritical-s3",
         teacher_secret: str = "medcritical-teacher",
         judge_secret: str = "medcritical-judge",
+        distill_uri: str = "",
         train_memory: str = sized["memory"].get("train", ""),
         infer_memory: str = sized["memory"].get("infer", ""),
     ):
@@ -151,6 +164,9 @@ def build_pipeline(
                 task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
                 kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                            size_limit=cluster.shm_size)
+                # GPU nodes usually carry the nvidia.com/gpu taint (GPU operator, cloud node pools); more
+                # tolerations come from the `tolerations` parameter.
+                kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
                 kubernetes.add_toleration_json(task, tolerations)
                 kubernetes.add_node_selector_json(task, node_selector)
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
@@ -177,17 +193,22 @@ def build_pipeline(
                 with_endpoint_secret(task, teacher_secret, TEACHER_SECRET_KEYS)
             if component == "evaluate":
                 with_endpoint_secret(task, judge_secret, JUDGE_SECRET_KEYS)
-            return on_cluster(task, gpus, _image_kind_of(component), component)
+            return on_cluster(task, gpus if kinds[component] != "cpu" else None, kinds[component], component)
 
-        root = run_root
+        # On a cluster every run writes under its own run id: a task's inputs (and so its cache key) then
+        # name the very outputs it reads, so a cached task can never pair one run's data with another's
+        # model, and two runs sharing run_root never overwrite each other. A cache hit happens only within
+        # a run (a retried run keeps its id). Locally run_root is the recipe's folder, as the docs show.
+        root = f"{run_root}/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}" if cluster is not None else run_root
         resolved = on_cluster(configure_op(
             recipe=recipe, rounds=rounds, overrides=overrides, base_model=base_model,
-            teacher_base_url=teacher_base_url, teacher_model=teacher_model,
+            teacher_base_url=teacher_base_url, teacher_model=teacher_model, teacher_on_gpu=teacher_on_gpu,
         ))
         resolved.set_display_name("configure")
         data = step("prepare_data", name="data")
         base_eval = step("evaluate", infer_gpus, name="eval-base", data_uri=data.outputs["Output"], model_uri="", label="base")
-        distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"])
+        # distill_uri: the distill folder of an earlier run; its traces are used and the teacher is not called.
+        distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"], reuse_uri=distill_uri)
         # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
         distilled.set_caching_options(cache_teacher)
         student = step("sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="")
@@ -206,12 +227,6 @@ def build_pipeline(
              sft_eval_uri=sft_eval.outputs["Output"], dpo_eval_uri=final_eval.outputs["Output"])
 
     return medcritical
-
-
-def _image_kind_of(component: str) -> str:
-    import importlib
-
-    return importlib.import_module(f"medcritical.components.{component}.component").IMAGE
 
 
 def _image_kind(func) -> str:

@@ -261,7 +261,8 @@ STEPS = {f.__name__: f for f in (prepare_data, distill, sft, rollout, dpo, evalu
 
 
 def resolve_recipe_text(
-    recipe_yaml: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str
+    recipe_yaml: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str,
+    teacher_on_gpu: bool = True,
 ) -> str:
     """The pipeline's `configure` step: named knobs and overrides applied, validated, as YAML."""
     named = {"model.base": base_model, "distill.openai.base_url": teacher_base_url, "distill.openai.model": teacher_model}
@@ -272,6 +273,12 @@ def resolve_recipe_text(
             f"selfplay.rounds is {recipe.selfplay.rounds} but this pipeline was compiled for {rounds} rounds; "
             f"recompile with `medcritical compile --set selfplay.rounds={recipe.selfplay.rounds}` (the rounds are "
             "tasks of the compiled graph) or change the recipe"
+        )
+    if not teacher_on_gpu and recipe.distill.backend in ("vllm", "transformers"):
+        raise RecipeError(
+            f"distill.backend is {recipe.distill.backend} (a teacher in the pod) but this pipeline was compiled for "
+            "an API teacher: its distill task has no GPU and the CPU image; recompile with this recipe "
+            "(`medcritical compile --recipe ...`)"
         )
     return dump_recipe(recipe)
 
@@ -335,6 +342,16 @@ def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, 
         subprocess.run(command, check=True)
     # The ranks ran in this pod: their output (already published) is still in the local folder.
     return json.loads((local_output_path(output_uri) / f"{step}_metrics.json").read_text(encoding="utf-8"))
+
+
+def reuse_step_output(step: str, uri: str) -> str:
+    """An earlier run's output folder used as this run's (the teacher is paid once): checked, then returned."""
+    from medcritical.distill.run import SFT_FILE
+
+    files = {"distill": SFT_FILE}
+    input_file(uri, files[step])  # fails now, naming the URI, rather than in the next step
+    log.info("%s: reusing %s (not run again)", step, uri)
+    return uri
 
 
 def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:
