@@ -141,7 +141,8 @@ def _check_job(job: dict) -> list[Violation]:
         found.append(Violation(oid, "spec.template.spec.restartPolicy",
                                f"spec.podFailurePolicy needs restartPolicy Never (got {policy!r})"))
     for key, why in (("backoffLimit", "how often a failed step is retried"),
-                     ("ttlSecondsAfterFinished", "finished Jobs and their pods are deleted after it")):
+                     ("ttlSecondsAfterFinished", "finished Jobs and their pods are deleted after it"),
+                     ("activeDeadlineSeconds", "a hung step, e.g. a stuck NCCL or vLLM process, would hold its node (and GPUs) forever")):
         if not isinstance(spec.get(key), int):
             found.append(Violation(oid, f"spec.{key}", f"missing: set it explicitly ({why})"))
     return found
@@ -151,7 +152,7 @@ def _check_pytorchjob(job: dict) -> list[Violation]:
     oid, spec = object_id(job), job.get("spec") or {}
     found = []
     run_policy = spec.get("runPolicy") or {}
-    for key in ("backoffLimit", "ttlSecondsAfterFinished"):
+    for key in ("backoffLimit", "ttlSecondsAfterFinished", "activeDeadlineSeconds"):
         if not isinstance(run_policy.get(key), int):
             found.append(Violation(oid, f"spec.runPolicy.{key}", "missing: set it explicitly"))
     for replica, replica_spec in (spec.get("pytorchReplicaSpecs") or {}).items():

@@ -172,6 +172,7 @@ def test_rule_checker_names_object_and_field():
         "spec.template.spec.restartPolicy": "Never or OnFailure",
         "spec.backoffLimit": "missing",
         "spec.ttlSecondsAfterFinished": "missing",
+        "spec.activeDeadlineSeconds": "hung step",
         "spec.template.spec.containers[step].resources.limits.nvidia.com/gpu": "must equal the request",
         "spec.template.spec.containers[step].image": "'latest'",
         "spec.template.spec.containers[step].envFrom[0].secretRef.name": "Secret 'my-keys'",
