@@ -32,7 +32,10 @@ DOCS = ROOT / "docs" / "kubernetes.md"
 # Oldest and newest Kubernetes the manifests target; kubernetes-validate 1.37 ships schemas for
 # 1.25 to 1.37. 1.31 is the first with Job podFailurePolicy generally available.
 KUBERNETES_VERSIONS = ("1.31", "1.37")
-CRD_SCHEMAS = {("kubeflow.org/v1", "PyTorchJob"): K8S / "crds" / "pytorchjob.kubeflow.org_v1.schema.yaml"}
+CRD_SCHEMAS = {
+    ("kubeflow.org/v1", "PyTorchJob"): K8S / "crds" / "pytorchjob.kubeflow.org_v1.schema.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): K8S / "crds" / "trainjob.trainer.kubeflow.org_v1alpha1.schema.yaml",
+}
 STEPS = ("prepare-data", "distill", "sft", "rollout", "dpo", "evaluate")
 IMAGE_OF_KIND = {"cpu": "medcritical-cpu", "train": "medcritical-train-cuda", "infer": "medcritical-infer-cuda"}
 
@@ -204,7 +207,7 @@ def test_kubernetes_schema_check_is_strict_and_names_the_field():
 
 
 def test_crd_schema_check_names_the_field():
-    job = next(o for o in build(K8S / "jobs" / "sft-multinode") if o["kind"] == "PyTorchJob")
+    job = next(o for o in build(K8S / "jobs" / "sft-multinode-legacy") if o["kind"] == "PyTorchJob")
     broken = yaml.safe_load(yaml.safe_dump(job))
     broken["spec"]["runPolicy"]["ttlSecondAfterFinished"] = 60  # misspelt
     broken["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
@@ -213,6 +216,39 @@ def test_crd_schema_check_names_the_field():
     assert "PyTorchJob/medcritical-sft-multinode: spec.runPolicy: " in errors and "ttlSecondAfterFinished" in errors
     assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Master.replicas: 1 was expected" in errors
     assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Worker.template.spec.containers[0]" in errors
+
+
+def test_trainjob_schema_check_names_the_field():
+    """The TrainJob's own fields against the vendored CRD subset; its pod (trainer + overrides) against Kubernetes."""
+    job = next(o for o in build(K8S / "jobs" / "sft-multinode") if o["kind"] == "TrainJob")
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    broken["spec"]["trainer"]["numProcsPerNode"] = 8  # misspelt
+    broken["spec"]["runtimeRef"]["kind"] = "TrainingRunTime"
+    broken["spec"]["podTemplateOverrides"][0]["spec"]["containers"][0]["resources"] = {}  # only via trainer
+    broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"][0]["configMapp"] = {}
+    errors = "\n".join(schema_errors(broken))
+    assert "TrainJob/medcritical-sft-multinode: spec.trainer: " in errors and "numProcsPerNode" in errors
+    assert "TrainJob/medcritical-sft-multinode: spec.runtimeRef.kind: " in errors
+    assert "spec.podTemplateOverrides[0].spec.containers[0]: " in errors and "'resources'" in errors
+    assert "TrainJob/medcritical-sft-multinode: spec.podTemplateOverrides[node].spec.volumes[0]" in errors
+
+
+def test_trainjob_pod_is_checked_as_the_runtime_builds_it():
+    job = next(o for o in build(K8S / "jobs" / "dpo-multinode") if o["kind"] == "TrainJob")
+    pod = k8s_rules.trainjob_pod(job["spec"])
+    node = pod["containers"][0]
+    assert node["name"] == "node" and node["image"] == f"medcritical-train-cuda:{_project_version()}"
+    assert node["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert {m["mountPath"] for m in node["volumeMounts"]} >= {"/dev/shm", "/tmp", "/etc/medcritical/recipe"}
+    assert {e["name"] for e in node["env"]} >= {"MEDCRITICAL_RUN", "AWS_SECRET_ACCESS_KEY", "MEDCRITICAL_WORKDIR"}
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    del broken["spec"]["activeDeadlineSeconds"]
+    broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] = [
+        v for v in broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] if v["name"] != "dshm"]
+    messages = "\n".join(map(str, k8s_rules.check([broken], external_secrets={"medcritical-s3"},
+                                                  provided=build(K8S / "base"))))
+    assert "TrainJob/medcritical-dpo-multinode: spec.activeDeadlineSeconds: missing" in messages
+    assert "no volume named 'dshm'" in messages and "/dev/shm" in messages
 
 
 # ---- the manifests agree with the rest of the project ----
@@ -340,15 +376,18 @@ def _load_job_recipe(directory, pod, container, argv, tmp_path):
     return load_recipe(recipe), load_recipe(recipe, overrides)
 
 
-@pytest.mark.parametrize("name", ["sft-multinode", "dpo-multinode"])
+@pytest.mark.parametrize("name", ["sft-multinode", "dpo-multinode", "sft-multinode-legacy", "dpo-multinode-legacy"])
 def test_multinode_jobs_keep_the_recipes_global_batch(name, tmp_path, monkeypatch):
     """torchrun on N GPUs multiplies per_device x accumulation by N: the overrides must bring it back."""
     monkeypatch.chdir(ROOT)
     directory = K8S / "jobs" / name
     for obj, pod, container, argv in _step_commands(directory):
         base, job = _load_job_recipe(directory, pod, container, argv, tmp_path)
-        replicas = obj["spec"]["pytorchReplicaSpecs"]
-        gpus = int(obj["spec"]["nprocPerNode"]) * sum(int(r["replicas"]) for r in replicas.values())
+        if obj["kind"] == "TrainJob":
+            gpus = int(obj["spec"]["trainer"]["numProcPerNode"]) * int(obj["spec"]["trainer"]["numNodes"])
+        else:
+            replicas = obj["spec"]["pytorchReplicaSpecs"]
+            gpus = int(obj["spec"]["nprocPerNode"]) * sum(int(r["replicas"]) for r in replicas.values())
 
         def global_batch(recipe, world):
             optim = recipe.sft.optim if argv[0] == "sft" else recipe.selfplay.dpo.optim

@@ -141,3 +141,17 @@ def test_a_model_of_unknown_shape_in_s3_asks_for_its_config(tmp_path, capsys):
     assert main(["plan", "--recipe", str(REPO / "recipes" / "paper-7b-lora.yaml"), "--set",
                  "model.base=s3://b/models/Mystery-3B", "--model-config", str(config),
                  "--no-manifests", "--no-pipeline"]) == 0
+
+
+def test_an_undersized_trainjob_fails(tmp_path, capsys, monkeypatch):
+    """The TrainJob's pod as the runtime builds it: trainer resources, the override's work volume."""
+    monkeypatch.chdir(REPO)
+    job = yaml.safe_load((JOBS / "sft-multinode" / "trainjob.yaml").read_text())
+    volumes = job["spec"]["podTemplateOverrides"][0]["spec"]["volumes"]
+    next(v for v in volumes if v["name"] == "tmp")["emptyDir"]["sizeLimit"] = "100Gi"
+    small = tmp_path / "trainjob.yaml"
+    small.write_text(yaml.safe_dump(job))
+    code = main(["plan", "--recipe", "recipes/full-zero3-8gpu.yaml", "--manifests", str(small), "--no-pipeline"])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "TrainJob/medcritical-sft-multinode" in out and "work folder volume 'tmp' needs 359Gi, has 100Gi" in out
