@@ -425,3 +425,11 @@ def test_medcritical_plan_passes_for_the_jobs(recipe, capsys, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     assert main(["plan", "--recipe", recipe, "--manifests", "k8s/jobs", "--no-pipeline"]) == 0, capsys.readouterr().out
+
+
+def test_secrets_docs_say_where_pipeline_pods_read_them():
+    """The Jobs run in `medcritical`, a KFP run's pods in KFP's or the user's profile namespace."""
+    section = re.search(r"^## Secrets\n(.*?)(?=^## )", DOCS.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+    text = section.group(1)
+    assert "profile namespace" in text and "--namespace" in text
+    assert re.search(r"kubectl -n \$NS create secret generic medcritical-s3", text)

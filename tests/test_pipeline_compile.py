@@ -218,3 +218,42 @@ def test_distill_uri_reuses_an_earlier_runs_traces(tmp_path):
     pipeline_doc, _ = _docs(COMPILED)
     reuse = pipeline_doc["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]["reuse_uri"]
     assert reuse == {"componentInputParameter": "distill_uri"}
+
+
+def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, monkeypatch):
+    """kfp.Client for real (its HTTP layer recorded): the profile namespace and the bearer token reach the API."""
+    import kfp_server_api.rest as rest
+
+    calls = []
+
+    class Response:
+        def __init__(self, data):
+            self.status, self.reason, self.data = 200, "OK", json.dumps(data).encode()
+
+        def getheaders(self):
+            return {"content-type": "application/json"}
+
+        def getheader(self, name, default=None):
+            return self.getheaders().get(name, default)
+
+    def request(self, method, url, query_params=None, headers=None, body=None, **kwargs):
+        calls.append((method, url, dict(query_params or []), dict(headers or {}), body))
+        if url.endswith("/experiments") and method == "GET":
+            return Response({"experiments": [{"experiment_id": "exp-1", "display_name": "medcritical"}]})
+        if url.endswith("/runs") and method == "POST":
+            return Response({"run_id": "run-7", "display_name": body["display_name"]})
+        return Response({})
+
+    monkeypatch.setattr(rest.RESTClientObject, "request", request)
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    result = submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="medcritical", run_name="r",
+                        params=[], namespace="team-alice", token_file=str(token))
+    assert result.run_id == "run-7"
+    listing = next(c for c in calls if c[1].endswith("/experiments") and c[0] == "GET")
+    assert listing[2].get("namespace") == "team-alice"
+    assert calls and all(c[3].get("authorization") == "Bearer secret-token" for c in calls)
+    with pytest.raises(FileNotFoundError, match="--token-file"):
+        submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="e", run_name="r", params=[],
+                   token_file=str(tmp_path / "missing"))
