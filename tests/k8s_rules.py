@@ -23,6 +23,8 @@ Rules (why each exists):
   on a read-only root filesystem (unless the workload's annotation
   `medcritical.io/writable-root-filesystem` says why not) with /tmp writable; pods that use GPUs
   mount a memory-backed /dev/shm (NCCL and vLLM need more than the 64 MB default);
+- a pod that mounts a PersistentVolumeClaim sets fsGroup (a root-owned volume is not writable by
+  the images' UID 10001);
 - pods mount no ServiceAccount token (no step talks to the Kubernetes API): the pod says so, or its
   ServiceAccount does (a TrainJob's pod cannot: k8s/base's ServiceAccount has no token);
 - every Secret a pod names exists in the build or is documented (`external_secrets`); every
@@ -236,6 +238,10 @@ def _check_pod(pod: PodTemplate, available: dict[str, set[str]]) -> list[Violati
     if account and account not in available.get("ServiceAccount", set()):
         found.append(Violation(oid, f"{pod.path}.serviceAccountName",
                                f"ServiceAccount {account!r} is neither in this build nor provided (k8s/base)"))
+    if any("persistentVolumeClaim" in v for v in volumes.values()) and pod_security.get("fsGroup") is None:
+        found.append(Violation(oid, f"{pod.path}.securityContext.fsGroup",
+                               "a pod that mounts a PersistentVolumeClaim sets fsGroup: a fresh volume is often "
+                               "owned by root and the non-root user could not write to it"))
     for name, volume in volumes.items():
         if not DNS_LABEL.match(name or ""):
             found.append(Violation(oid, f"{pod.path}.volumes[{name}].name", f"{name!r} is not a DNS-1123 label"))

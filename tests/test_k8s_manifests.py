@@ -433,3 +433,11 @@ def test_secrets_docs_say_where_pipeline_pods_read_them():
     text = section.group(1)
     assert "profile namespace" in text and "--namespace" in text
     assert re.search(r"kubectl -n \$NS create secret generic medcritical-s3", text)
+
+
+def test_rule_checker_wants_fsgroup_on_pods_with_a_claim():
+    job = next(o for o in build(K8S / "overlays" / "work-pvc") if o["kind"] == "Job")
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    del broken["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
+    messages = [str(v) for v in k8s_rules.check([broken], provided=build(K8S / "overlays" / "work-pvc"))]
+    assert any("securityContext.fsGroup: a pod that mounts a PersistentVolumeClaim sets fsGroup" in m for m in messages)
