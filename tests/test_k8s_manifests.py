@@ -441,3 +441,28 @@ def test_rule_checker_wants_fsgroup_on_pods_with_a_claim():
     del broken["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
     messages = [str(v) for v in k8s_rules.check([broken], provided=build(K8S / "overlays" / "work-pvc"))]
     assert any("securityContext.fsGroup: a pod that mounts a PersistentVolumeClaim sets fsGroup" in m for m in messages)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/paper-7b-lora.yaml", "k8s/components/step-config/recipe.yaml"])
+def test_served_teacher_is_where_the_recipes_look_for_it(recipe):
+    """k8s/overlays/teacher: the Service at the host and port of distill.openai.base_url, the model name served."""
+    from urllib.parse import urlparse
+
+    from medcritical.recipe import load_recipe
+
+    teacher = load_recipe(ROOT / recipe).distill.openai
+    if not teacher.base_url:
+        pytest.skip(f"{recipe} names no teacher endpoint")
+    url = urlparse(teacher.base_url)
+    service_name, namespace = url.hostname.split(".")[:2]
+    objects = build(K8S / "overlays" / "teacher")
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == service_name)
+    assert service["metadata"]["namespace"] == namespace
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    vllm = next(c for c in pod["spec"]["containers"] if c["name"] == "vllm")
+    assert f"--served-model-name={teacher.model}" in vllm["args"]
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert url.path == "/v1"
