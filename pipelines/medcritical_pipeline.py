@@ -138,6 +138,10 @@ def build_pipeline(
         teacher_base_url: str = "",
         teacher_model: str = "",
         train_gpus: int = 1,
+        # Several nodes: the sft and dpo tasks create a Kubeflow Trainer TrainJob of train_nodes x node_gpus
+        # GPUs and wait for it (pass train_gpus=0 then: the waiting task needs no GPU).
+        train_nodes: int = 1,
+        node_gpus: int = 8,
         infer_gpus: int = 1,
         accelerator_type: str = "nvidia.com/gpu",
         tolerations: list = [],
@@ -211,7 +215,8 @@ def build_pipeline(
         distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"], reuse_uri=distill_uri)
         # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
         distilled.set_caching_options(cache_teacher)
-        student = step("sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="")
+        multinode = dict(train_nodes=train_nodes, node_gpus=node_gpus, trainjob_image=images["train"], s3_secret=s3_secret)
+        student = step("sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="", **multinode)
         sft_eval = step("evaluate", infer_gpus, name="eval-sft", data_uri=data.outputs["Output"],
                         model_uri=student.outputs["Output"], label="sft")
         model = student.outputs["Output"]
@@ -219,7 +224,7 @@ def build_pipeline(
             played = step("rollout", infer_gpus, name=f"round{round_number}-rollout",
                           data_uri=data.outputs["Output"], model_uri=model)
             trained = step("dpo", train_gpus, name=f"round{round_number}-dpo",
-                           rollout_uri=played.outputs["Output"], model_uri=model)
+                           rollout_uri=played.outputs["Output"], model_uri=model, **multinode)
             model = trained.outputs["Output"]
         final_eval = step("evaluate", infer_gpus, name=f"eval-dpo-round{rounds}", data_uri=data.outputs["Output"],
                           model_uri=model, label=f"dpo (round {rounds})")
