@@ -155,3 +155,16 @@ def test_an_undersized_trainjob_fails(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 2
     assert "TrainJob/medcritical-sft-multinode" in out and "work folder volume 'tmp' needs 359Gi, has 100Gi" in out
+
+
+def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["plan", "--recipe", "recipes/demo.yaml", "--no-manifests", "--no-pipeline"]) == 0
+    demo = capsys.readouterr().out
+    measured = plan.measured_seconds(load_recipe(REPO / "recipes" / "demo.yaml"))
+    assert measured and measured[0]["sft"] > 0 and "time: measured for this recipe (pipeline_e2e.json" in demo
+    assert f"{measured[0]['run']:.0f} s" in demo
+    # Another recipe (one key changed) gets no borrowed figure.
+    assert plan.measured_seconds(load_recipe(REPO / "recipes" / "demo.yaml", ["sft.optim.epochs=1"])) is None
+    assert main(["plan", "--recipe", "recipes/paper-7b-lora.yaml", "--no-manifests", "--no-pipeline"]) == 0
+    assert "time: no estimate" in capsys.readouterr().out

@@ -303,15 +303,48 @@ def plan_steps(recipe: Recipe, *, train_gpus: int = 1, nodes: int = 1, model_con
     return needs
 
 
+BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def measured_seconds(recipe: Recipe) -> tuple[dict[str, float], str] | None:
+    """Per-step wall times measured for this very recipe (benchmarks/results/pipeline_e2e.json: the demo
+    through the KFP local runner), and where; None when no benchmark ran this recipe."""
+    results = BENCHMARK_RESULTS / "pipeline_e2e.json"
+    if not results.is_file():
+        return None
+    data = json.loads(results.read_text(encoding="utf-8"))
+    raw = data.get("raw") or {}
+    if data.get("status") != "ok" or not raw.get("recipe"):
+        return None
+
+    def comparable(r: Recipe) -> str:
+        return dump_recipe(r.model_copy(update={"run": r.run.model_copy(update={"output_dir": None})}))
+
+    if comparable(load_recipe_text(raw["recipe"])) != comparable(recipe):
+        return None
+    steps = {"data": "prepare-data", "distill": "distill", "sft": "sft", "eval-base": "evaluate"}
+    seconds = {}
+    for task in raw.get("kfp_tasks") or []:
+        name = steps.get(task["step"]) or ("rollout" if task["step"].endswith("-rollout") else
+                                           "dpo" if task["step"].endswith("-dpo") else None)
+        if name and name not in seconds:
+            seconds[name] = float(task["s"])
+    if raw.get("kfp_total_s"):
+        seconds["run"] = float(raw["kfp_total_s"])
+    machine = data.get("machine") or {}
+    where = f"{results.name}, {machine.get('cpu', '?')} x{machine.get('cpu_cores', '?')}, {data.get('started_at', '')}"
+    return seconds, where
+
+
 def training_time_note() -> str:
     """Time estimates need measured tokens/s on a GPU; say where they would come from when absent."""
-    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "training_gpu.json"
+    results = BENCHMARK_RESULTS / "training_gpu.json"
     if results.is_file():
         status = json.loads(results.read_text(encoding="utf-8")).get("status")
         if status == "ok":
             return f"see {results.name} for tokens/s per GPU"
-        return f"no time estimate: {results.name} is {status!r} (python -m benchmarks.training_gpu on a GPU)"
-    return "no time estimate: no GPU benchmark figures in this checkout"
+        return f"no estimate: {results.name} is {status!r} (python -m benchmarks.training_gpu on a GPU)"
+    return "no estimate: no GPU benchmark figures in this checkout"
 
 
 # -- what a manifest or the compiled pipeline gives -----------------------------------------------------------
@@ -601,13 +634,15 @@ def _param_value(value, task: dict, defaults: dict):
     return defaults.get(name, 0) if name else value
 
 
-def table(needs: dict[str, Need]) -> str:
-    rows = [("step", "GPUs", "GPU mem/rank", "host mem", "disk (work folder)", "notes")]
+def table(needs: dict[str, Need], seconds: dict[str, float] | None = None) -> str:
+    seconds = seconds or {}
+    rows = [("step", "GPUs", "GPU mem/rank", "host mem", "disk (work folder)", "time", "notes")]
     for need in needs.values():
         rows.append((need.step, str(need.gpus * need.nodes) if need.gpus else "-",
                      gib(need.gpu_memory) if need.gpu_memory else "-", gib(need.host_memory), gib(need.disk),
+                     f"{seconds[need.step]:.0f} s" if need.step in seconds else "-",
                      "; ".join(need.notes + [f"{k} {gib(v)}" for k, v in need.parts.items() if v >= GiB])))
-    widths = [max(len(row[c]) for row in rows) for c in range(5)]
-    return "\n".join("  ".join(cell.ljust(widths[c]) if c < 5 else cell for c, cell in enumerate(row)) for row in rows)
+    widths = [max(len(row[c]) for row in rows) for c in range(6)]
+    return "\n".join("  ".join(cell.ljust(widths[c]) if c < 6 else cell for c, cell in enumerate(row)) for row in rows)
 
 

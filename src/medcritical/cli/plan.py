@@ -55,17 +55,23 @@ def _plan(args) -> int:
     needs = sizing.plan_steps(recipe, train_gpus=args.train_gpus or 1, model_config=args.model_config,
                               teacher_config=args.teacher_config)
     print(f"recipe {args.recipe or '(defaults)'}: {recipe.model.base}, GPUs of {args.gpu_memory}")
-    print(sizing.table(needs))
-    print(sizing.training_time_note())
+    measured = sizing.measured_seconds(recipe)
+    print(sizing.table(needs, measured[0] if measured else None))
+    print(f"time: measured for this recipe ({measured[1]})" if measured else f"time: {sizing.training_time_note()}")
 
     givens = []
     if not args.no_manifests:
         paths = args.manifests or [DEFAULT_MANIFESTS]
         for path in paths:
             if not path.exists():
-                raise FileNotFoundError(f"--manifests {path}: no such file or folder (run from the checkout's root)")
+                raise FileNotFoundError(f"--manifests {path}: no such file or folder (run from the checkout's root, "
+                                        "or pass --manifests PATH or --no-manifests)")
         givens += sizing.given_from_manifests(paths)
     if not args.no_pipeline:
+        if args.pipeline == DEFAULT_PIPELINE and not args.pipeline.is_file():
+            from importlib.resources import files
+
+            args.pipeline = Path(str(files("medcritical.pipelines") / "medcritical.yaml"))  # the installed copy
         if not args.pipeline.is_file():
             raise FileNotFoundError(f"--pipeline {args.pipeline}: no such file; `medcritical compile` writes it")
         from medcritical.pipeline_runner import parse_params
