@@ -173,13 +173,8 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     weights_file = 2 * psi if b == 2 else 4 * psi
     need = Need(step, gpus, nodes)
 
-    if lora.enabled:
-        adapter = shape.lora_parameters(lora.r)
-        weights = b * psi / (world if stage == 3 else 1)  # frozen base in the compute dtype
-        trained = adapter
-    else:
-        weights = b * psi / (world if stage == 3 else 1)
-        trained = psi
+    weights = b * psi / (world if stage == 3 else 1)  # with LoRA: the frozen base, in the compute dtype
+    trained = shape.lora_parameters(lora.r) if lora.enabled else psi
     grads = b * trained / (world if stage >= 2 else 1)
     optimizer_bytes = (12 if b == 2 else 8) * trained / (world if stage >= 1 else 1)
     if offload:
@@ -216,13 +211,14 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     need.host_memory = int(max(load, merge) + offloaded + (HOST_OVERHEAD if gpus else CPU_HOST_OVERHEAD))
 
     # Disk: the input model, checkpoints (save_total_limit + the one being written), the final model.
-    if lora.enabled:
-        checkpoint = (2 + 2 + 12) * trained  # adapter weights, gradients are not saved; optimizer states
-    else:
-        checkpoint = weights_file + 12 * psi  # 16-bit weights + fp32 master weights and Adam moments
+    # A checkpoint: 16-bit weights + fp32 master weights and Adam moments (2 + 12 bytes per trained
+    # parameter; with LoRA only the adapter's, rounded up to 16 for fp32 adapter weights).
+    checkpoint = 16 * trained if lora.enabled else weights_file + 12 * psi
     checkpoints = (optim.save_total_limit + 1) * checkpoint
     final = weights_file + (2 * trained if lora.enabled else 0)
-    data = _questions(recipe) * 4 * optim.max_length * BYTES_PER_TOKEN_JSON // (1 if step == "sft" else 2)
+    # The training file: a trace per question (SFT) or up to max_pairs_per_question pairs of two answers (DPO).
+    rows = 1 if step == "sft" else 2 * recipe.selfplay.pairs.max_pairs_per_question
+    data = _questions(recipe) * rows * optim.max_length * BYTES_PER_TOKEN_JSON
     need.disk = int((weights_file + checkpoints + final + data) * DISK_HEADROOM)
     need.parts.update({"input model": weights_file, "checkpoints": int(checkpoints), "final model": int(final)})
     need.notes.append(f"ZeRO-{stage}{' offload' if offload else ''}, {'LoRA r=%d' % lora.r if lora.enabled else 'full'}, "
@@ -248,7 +244,8 @@ def generation_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, *, 
         need.gpu_memory = int(b * shape.parameters + batch * kv_one + PER_RANK_OVERHEAD)
     need.parts = {"weights": int(b * shape.parameters / tp), "KV cache, one sequence": int(kv_one / tp)}
     swap = 4 * GiB * tp if backend == "vllm" else 0  # vLLM's CPU swap space per GPU
-    need.host_memory = int(weights_file / tp + swap + (HOST_OVERHEAD if gpus else CPU_HOST_OVERHEAD))  # the shards pass through host memory
+    # The weight shards pass through host memory on their way to the GPUs.
+    need.host_memory = int(weights_file / tp + swap + (HOST_OVERHEAD if gpus else CPU_HOST_OVERHEAD))
     outputs = _questions(recipe) * samples * max_new_tokens * BYTES_PER_TOKEN_JSON
     need.disk = int((weights_file + outputs) * DISK_HEADROOM)
     need.parts["outputs"] = int(outputs)
