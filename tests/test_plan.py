@@ -168,3 +168,20 @@ def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch)
     assert plan.measured_seconds(load_recipe(REPO / "recipes" / "demo.yaml", ["sft.optim.epochs=1"])) is None
     assert main(["plan", "--recipe", "recipes/paper-7b-lora.yaml", "--no-manifests", "--no-pipeline"]) == 0
     assert "time: no estimate" in capsys.readouterr().out
+
+
+def test_a_local_teacher_needs_a_pipeline_compiled_for_it(tmp_path, capsys, monkeypatch):
+    """The shipped pipeline gives the distill task no GPU (an API teacher); a recipe with the teacher in
+    the pod fails against it, naming the recompile, and fits a pipeline compiled for it with its GPUs."""
+    from medcritical.pipeline_runner import compile_pipeline
+
+    monkeypatch.chdir(REPO)
+    recipe = "k8s/components/step-config/recipe.yaml"  # distill.backend vllm, QwQ-32B on 2 GPUs
+    assert main(["plan", "--recipe", recipe, "--no-manifests", "--pipeline", str(PIPELINE)]) == 2
+    out = capsys.readouterr().out
+    assert "pipeline task distill" in out and "GPUs needs 2, has none; fix: recompile the pipeline" in out
+    compiled = compile_pipeline(load_recipe(REPO / recipe), tmp_path / "p.yaml")
+    assert main(["plan", "--recipe", recipe, "--no-manifests", "--pipeline", str(compiled)]) == 2
+    assert "fix: --param infer_gpus=2" in capsys.readouterr().out
+    assert main(["plan", "--recipe", recipe, "--no-manifests", "--pipeline", str(compiled),
+                 "--param", "infer_gpus=2"]) == 0, capsys.readouterr().out

@@ -379,6 +379,7 @@ class Given:
     ephemeral_request: int | None = None
     ephemeral_needed: bool = True  # the work folder is on the node's disk (emptyDir)
     memory_param: str = ""  # the pipeline parameter that sets the memory, if any
+    gpu_param: str = ""  # the pipeline parameter that sets the GPU count, if any
 
 
 @dataclass
@@ -508,11 +509,16 @@ def check(need: Need, given: Given, gpu_memory: int) -> list[Problem]:
     """The manifest's resources against the step's need."""
     problems = []
     step, where = need.step, given.where
+    in_pipeline = where.startswith("pipeline")
+    recompile = "recompile the pipeline for this recipe (`medcritical compile --recipe ...`)"
     if need.gpus and not given.gpus:
-        problems.append(Problem(where, step, "GPUs", f"{need.gpus}", "none", "request nvidia.com/gpu (limits = requests)"))
+        fix = (f"--param {given.gpu_param}={need.gpus}" if given.gpu_param else recompile if in_pipeline
+               else "request nvidia.com/gpu (limits = requests)")
+        problems.append(Problem(where, step, "GPUs", f"{need.gpus}", "none", fix))
     if need.gpus and given.gpus and given.gpus < need.gpus and step not in ("sft", "dpo"):
-        problems.append(Problem(where, step, "GPUs", str(need.gpus), str(given.gpus),
-                                "as many GPUs as tensor_parallel_size (generation or distill.local)"))
+        fix = (f"--param {given.gpu_param}={need.gpus}" if given.gpu_param
+               else "as many GPUs as tensor_parallel_size (generation or distill.local)")
+        problems.append(Problem(where, step, "GPUs", str(need.gpus), str(given.gpus), fix))
     if need.gpu_memory > gpu_memory:
         problems.append(Problem(where, step, "GPU memory per rank", gib(need.gpu_memory), gib(gpu_memory),
                                 "more GPUs (ZeRO-3 shards weights, gradients and optimizer), LoRA, a shorter "
@@ -520,13 +526,12 @@ def check(need: Need, given: Given, gpu_memory: int) -> list[Problem]:
     memory_need = need.host_memory + given.shm
     if given.memory is None or given.memory < memory_need:
         fix = (f"--param {given.memory_param}={gib(memory_need)} (submit and plan)" if given.memory_param
-               else f"resources.limits.memory and requests.memory >= {gib(memory_need)}")
+               else recompile if in_pipeline else f"resources.limits.memory and requests.memory >= {gib(memory_need)}")
         problems.append(Problem(where, step, "memory", gib(memory_need) + " (host + /dev/shm)",
                                 gib(given.memory) if given.memory else "no limit", fix))
     if given.work is not None and given.work < need.disk:
         volume = given.work_volume or "the root filesystem"
-        fix = ("recompile the pipeline for this recipe (`medcritical compile --recipe ...` sizes the work volumes "
-               "from this plan)" if given.where.startswith("pipeline") else
+        fix = (recompile + ": it sizes the work volumes from this plan" if in_pipeline else
                f"put MEDCRITICAL_WORKDIR on a volume of >= {gib(need.disk)} (emptyDir sizeLimit)")
         problems.append(Problem(where, step, f"work folder volume {volume!r}", gib(need.disk), gib(given.work), fix))
     if given.ephemeral_needed and (given.ephemeral_request or 0) < need.disk:
@@ -599,6 +604,7 @@ def given_from_pipeline(path: Path, params: dict) -> list[Given]:
         count = accelerator.get("resourceCount") or accelerator.get("count")
         if count is not None:
             given.gpus = int(_param_value(count, task, defaults))
+            given.gpu_param = _param_name(count)
         memory = resources.get("resourceMemoryLimit")
         if memory:
             given.memory = quantity(_param_value(memory, task, defaults))
