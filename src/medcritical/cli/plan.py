@@ -95,5 +95,7 @@ def _plan(args) -> int:
         for problem in failures:
             print(f"  {problem}")
         return 2
-    print(f"\nplan: every checked step fits ({len(verdicts)} pods and tasks)")
+    small = sum(bool(v.problems) for v in verdicts)
+    also = f"; {small} other manifest(s) too small for this recipe, listed above" if small else ""
+    print(f"\nplan: every checked step fits ({len(verdicts)} pods and tasks{also})")
     return 0
