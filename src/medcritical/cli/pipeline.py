@@ -67,7 +67,8 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-teacher", action="store_true",
-        help="allow KFP to reuse a cached distillation (off: a teacher endpoint is never silently skipped)",
+        help="allow KFP to reuse a cached distillation within a run, e.g. when a failed run is retried (off: a "
+        "teacher endpoint is never silently skipped); across runs pass --param distill_uri=<earlier run>/distill",
     )
 
 
