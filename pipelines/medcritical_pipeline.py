@@ -70,7 +70,14 @@ def planned_resources(recipe_text: str, shm_size: str) -> dict:
     from medcritical.plan import plan_steps, quantity
     from medcritical.recipe import load_recipe_text
 
-    needs = plan_steps(load_recipe_text(recipe_text))
+    try:
+        needs = plan_steps(load_recipe_text(recipe_text))
+    except ValueError as e:  # a model of unknown shape in S3: the floors, and `medcritical plan` to check
+        import logging
+
+        logging.getLogger(__name__).warning("sizing the pipeline's tasks at their minimums: %s", e)
+        return {"memory": {kind: f"{floor}Gi" for kind, floor in MIN_MEMORY.items()},
+                "work": {step: f"{floor}Gi" for step, floor in MIN_WORK.items()}}
     shm = quantity(shm_size)
     memory = {
         "train": max(needs[s].host_memory for s in ("sft", "dpo")) + shm,
