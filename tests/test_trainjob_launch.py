@@ -92,3 +92,32 @@ def test_the_pipeline_passes_train_nodes_to_the_training_tasks():
         inputs = pipeline_doc["root"]["dag"]["tasks"][task]["inputs"]["parameters"]
         assert inputs["train_nodes"] == {"componentInputParameter": "train_nodes"}
         assert inputs["trainjob_image"]["runtimeValue"]["constant"].startswith("medcritical-train-cuda:")
+
+
+def test_the_component_path_returns_the_output_and_logs_the_trainjobs_metrics(tmp_path):
+    import json
+
+    class Metrics:
+        def __init__(self):
+            self.logged = {}
+
+        def log_metric(self, key, value):
+            self.logged[key] = value
+
+    run_root = tmp_path / "run"
+    (run_root / "sft").mkdir(parents=True)  # what rank 0 of the TrainJob publishes
+    (run_root / "sft" / "sft_metrics.json").write_text(json.dumps({"train_loss": 0.5, "world_size": 16}))
+    api, metrics = RecordingApi([state("Complete")]), Metrics()
+    created = []
+    api.create_namespaced_custom_object = lambda *args: created.append(args[-1])
+    output = trainjob.run_component_on_nodes("sft", RECIPE, str(run_root), "sft", metrics, nodes=2, gpus_per_node=8,
+                                             image="img:1", s3_secret="s3", api=api, namespace="ns", **INPUTS)
+    assert output == f"{run_root}/sft" and metrics.logged == {"train_loss": 0.5, "world_size": 16}
+    env = {e["name"]: e.get("value") for e in created[0]["spec"]["trainer"]["env"]}
+    assert load_recipe_from_env(env).run.output_dir == str(run_root)  # the pipeline's run_root wins
+
+
+def load_recipe_from_env(env):
+    from medcritical.recipe import load_recipe_text
+
+    return load_recipe_text(env["MEDCRITICAL_RECIPE_YAML"])

@@ -163,22 +163,22 @@ def own_namespace() -> str:
 
 
 def run_component_on_nodes(step: str, recipe_yaml: str, run_root: str, name: str, metrics, *, nodes: int,
-                           gpus_per_node: int, image: str, s3_secret: str, **inputs) -> str:
+                           gpus_per_node: int, image: str, s3_secret: str, api=None, namespace: str = "",
+                           **inputs) -> str:
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
     import json
 
+    from medcritical.recipe import dump_recipe
     from medcritical.steps import input_file, join_uri, numeric_metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The pipeline's run_root wins over the recipe's run.output_dir, as in steps.run_component_step.
     recipe = load_recipe_text(recipe_yaml)
-    from medcritical.recipe import dump_recipe
-
     recipe_yaml = dump_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})}))
     output_uri = join_uri(run_root, name)
     manifest = trainjob_manifest(step, recipe_yaml, output_uri, inputs, image=image, nodes=nodes,
                                  gpus_per_node=gpus_per_node, s3_secret=s3_secret)
-    run_trainjob(manifest, own_namespace())
+    run_trainjob(manifest, namespace or own_namespace(), api=api)
     result = json.loads(input_file(output_uri, f"{step}_metrics.json").read_text(encoding="utf-8"))
     for key, value in numeric_metrics(result).items():
         metrics.log_metric(key, value)
