@@ -82,8 +82,10 @@ def test_vllm_needs_weights_and_one_sequence_within_its_memory_share():
 @pytest.mark.parametrize("args", [
     ["--recipe", "recipes/paper-7b-lora.yaml"],
     ["--recipe", "recipes/demo.yaml"],
-    # Eight ranks each load the base for LoRA DPO: the plan names the memory parameter to pass.
-    ["--recipe", "recipes/full-zero3-8gpu.yaml", "--train-gpus", "8", "--param", "train_memory=136Gi"],
+    # Eight ranks each load the base for LoRA DPO: the plan names the memory parameter to pass; the pipeline
+    # divides the accumulation by the GPUs, so the recipe gives its batch as on one GPU (16 = 1 x 16).
+    ["--recipe", "recipes/full-zero3-8gpu.yaml", "--train-gpus", "8", "--param", "train_memory=136Gi",
+     "--set", "sft.optim.gradient_accumulation_steps=16"],
 ])
 def test_shipped_recipes_fit_the_shipped_jobs_and_pipeline(capsys, monkeypatch, args):
     monkeypatch.chdir(REPO)
@@ -98,6 +100,8 @@ def test_the_8_gpu_recipe_names_the_memory_it_needs_on_the_pipeline(capsys, monk
     code, out = run_plan(capsys, "--recipe", "recipes/full-zero3-8gpu.yaml", "--train-gpus", "8")
     assert code == 2
     assert "pipeline task dpo" in out and "--param train_memory=" in out
+    # Its accumulation (2) is written for 8 torchrun processes; the pipeline's task would refuse it.
+    assert "--set sft.optim.gradient_accumulation_steps=16 (the step divides it by the 8 GPUs)" in out
 
 
 def test_an_undersized_job_fails_naming_step_resource_need_and_fix(tmp_path, capsys, monkeypatch):

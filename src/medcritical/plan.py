@@ -127,6 +127,7 @@ class Need:
     host_memory: int = 0  # excluding /dev/shm, which the manifest adds
     gpu_memory: int = 0  # per rank
     parts: dict[str, int] = field(default_factory=dict)  # the largest terms, for the table's notes
+    accumulation: int = 1  # training steps: the recipe's gradient accumulation
     notes: list[str] = field(default_factory=list)
 
 
@@ -171,7 +172,7 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     b = _dtype_bytes(recipe)
     psi = shape.parameters
     weights_file = 2 * psi if b == 2 else 4 * psi
-    need = Need(step, gpus, nodes)
+    need = Need(step, gpus, nodes, accumulation=optim.gradient_accumulation_steps)
 
     weights = b * psi / (world if stage == 3 else 1)  # with LoRA: the frozen base, in the compute dtype
     trained = shape.lora_parameters(lora.r) if lora.enabled else psi
@@ -523,6 +524,15 @@ def check(need: Need, given: Given, gpu_memory: int) -> list[Problem]:
         problems.append(Problem(where, step, "GPU memory per rank", gib(need.gpu_memory), gib(gpu_memory),
                                 "more GPUs (ZeRO-3 shards weights, gradients and optimizer), LoRA, a shorter "
                                 "max_length or a smaller per_device_batch_size"))
+    if in_pipeline and step in ("sft", "dpo") and given.gpus > 1:
+        # The task relaunches itself on its GPUs and divides the accumulation by their number (or refuses).
+        key = "sft.optim" if step == "sft" else "selfplay.dpo.optim"
+        accumulation = need.accumulation
+        if accumulation % given.gpus:
+            problems.append(Problem(where, step, "global batch", f"{key}.gradient_accumulation_steps a multiple of "
+                                    f"{given.gpus}", str(accumulation),
+                                    f"give the recipe's batch as on one GPU: --set {key}.gradient_accumulation_steps="
+                                    f"{accumulation * given.gpus} (the step divides it by the {given.gpus} GPUs)"))
     memory_need = need.host_memory + given.shm
     if given.memory is None or given.memory < memory_need:
         fix = (f"--param {given.memory_param}={gib(memory_need)} (submit and plan)" if given.memory_param
