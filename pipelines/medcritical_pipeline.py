@@ -40,18 +40,68 @@ class ClusterSettings:
     shm_size: str = "16Gi"  # /dev/shm for NCCL and vLLM; the container default of 64 MB breaks both
     images: dict[str, str] = field(default_factory=image_names)
     # A PersistentVolumeClaim for every step's work folder (downloads, checkpoints, partial rollouts):
-    # a retried pod then resumes where the failed one stopped. "": the pod's own disk (lost on retry).
+    # a retried pod then resumes where the failed one stopped. "": a generic ephemeral volume per task,
+    # sized by the plan (lost on retry).
     work_pvc: str = ""
+    work_storage_class: str = ""  # the ephemeral work volumes' StorageClass; "": the cluster's default
 
 
 WORK_MOUNT = "/medcritical-work"
+GiB = 1024**3
+# CPUs per task, and the smallest memory and work volume whatever the plan says (a 7B full fine-tune's
+# ZeRO-3 checkpoints: `medcritical plan --recipe recipes/full-zero3-8gpu.yaml`).
+CPUS = {"cpu": "4", "train": "16", "infer": "16"}
+MIN_MEMORY = {"cpu": 8, "train": 64, "infer": 64}  # GiB
+MIN_WORK = {"prepare_data": 20, "distill": 50, "sft": 400, "dpo": 400, "rollout": 100, "evaluate": 100, "report": 10}
+# A hung NCCL collective or vLLM engine must not hold GPUs forever; the retries cover lost nodes and
+# evictions (a step resumes from its checkpoints when its work folder survived: --work-pvc).
+TIMEOUT_S = {"cpu": 4 * 3600, "train": 72 * 3600, "infer": 48 * 3600}
+RETRIES = 2
+PLAN_STEP = {"prepare_data": "prepare-data"}  # component name -> the plan's (CLI's) step name
 
 
-def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str) -> str:
+def _round_gib(value: float, floor: int) -> int:
+    """GiB rounded up to a multiple of 8, at least `floor`."""
+    return max(floor, 8 * -(-int(value // GiB + 1) // 8))
+
+
+def planned_resources(recipe_text: str, shm_size: str) -> dict:
+    """Memory per kind of task and the work volume of each step, from `medcritical plan` for this recipe."""
+    from medcritical.plan import plan_steps, quantity
+    from medcritical.recipe import load_recipe_text
+
+    try:
+        needs = plan_steps(load_recipe_text(recipe_text))
+    except ValueError as e:  # a model of unknown shape in S3: the floors, and `medcritical plan` to check
+        import logging
+
+        logging.getLogger(__name__).warning("sizing the pipeline's tasks at their minimums: %s", e)
+        return {"memory": {kind: f"{floor}Gi" for kind, floor in MIN_MEMORY.items()},
+                "work": {step: f"{floor}Gi" for step, floor in MIN_WORK.items()}}
+    shm = quantity(shm_size)
+    memory = {
+        "train": max(needs[s].host_memory for s in ("sft", "dpo")) + shm,
+        "infer": max(needs[s].host_memory for s in ("distill", "rollout", "evaluate")) + shm,
+        "cpu": needs["prepare-data"].host_memory,
+    }
+    return {
+        "memory": {kind: f"{_round_gib(value, MIN_MEMORY[kind])}Gi" for kind, value in memory.items()},
+        "work": {step: f"{_round_gib(needs[PLAN_STEP.get(step, step)].disk if PLAN_STEP.get(step, step) in needs else 0, floor)}Gi"
+                 for step, floor in MIN_WORK.items()},
+    }
+
+
+def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str,
+              teacher_on_gpu: bool = True) -> str:
     """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads."""
     from medcritical.steps import resolve_recipe_text
 
-    return resolve_recipe_text(recipe, rounds, overrides, base_model, teacher_base_url, teacher_model)
+    return resolve_recipe_text(recipe, rounds, overrides, base_model, teacher_base_url, teacher_model,
+                               teacher_on_gpu=teacher_on_gpu)
+
+
+# Distillation backends that run no model in the pod: the distill task then gets the CPU image and no GPU.
+API_TEACHERS = ("openai", "explanations")
 
 
 # No `from __future__ import annotations` here: KFP reads the components' annotations as types.
@@ -68,10 +118,17 @@ def build_pipeline(
 
     `recipe_text` and `run_root` become the defaults of the pipeline's parameters of those names.
     """
+    from medcritical.recipe import load_recipe_text
+
     images = (cluster or ClusterSettings()).images
+    sized = planned_resources(recipe_text, cluster.shm_size) if cluster else {"memory": {}, "work": {}}
+    teacher_on_gpu = load_recipe_text(recipe_text).distill.backend not in API_TEACHERS
+    kinds = {func.__name__: _image_kind(func) for func in (prepare_data, distill, sft, rollout, dpo, evaluate, report)}
+    if not teacher_on_gpu:
+        kinds["distill"] = "cpu"  # an API teacher: no GPU, no vLLM image
 
     steps = {
-        func.__name__: dsl.component(func, base_image=images[_image_kind(func)], install_kfp_package=False)
+        func.__name__: dsl.component(func, base_image=images[kinds[func.__name__]], install_kfp_package=False)
         for func in (prepare_data, distill, sft, rollout, dpo, evaluate, report)
     }
     configure_op = dsl.component(configure, base_image=images["cpu"], install_kfp_package=False)
@@ -88,6 +145,10 @@ def build_pipeline(
         teacher_base_url: str = "",
         teacher_model: str = "",
         train_gpus: int = 1,
+        # Several nodes: the sft and dpo tasks create a Kubeflow Trainer TrainJob of train_nodes x node_gpus
+        # GPUs and wait for it (pass train_gpus=0 then: the waiting task needs no GPU).
+        train_nodes: int = 1,
+        node_gpus: int = 8,
         infer_gpus: int = 1,
         accelerator_type: str = "nvidia.com/gpu",
         tolerations: list = [],
@@ -95,20 +156,39 @@ def build_pipeline(
         s3_secret: str = "medcritical-s3",
         teacher_secret: str = "medcritical-teacher",
         judge_secret: str = "medcritical-judge",
+        distill_uri: str = "",
+        train_memory: str = sized["memory"].get("train", ""),
+        infer_memory: str = sized["memory"].get("infer", ""),
     ):
-        def on_cluster(task, gpus=None):
+        def on_cluster(task, gpus=None, kind="cpu", component=""):
             """Kubernetes settings for one task (cluster builds only)."""
             if cluster is None:
                 return task
+            # Requests = limits (Guaranteed QoS: the last pods evicted); memory from the plan, a parameter
+            # for the GPU steps since it grows with train_gpus (`medcritical plan --train-gpus N` says how much).
+            memory = {"train": train_memory, "infer": infer_memory}.get(kind, sized["memory"]["cpu"])
+            task.set_cpu_request(CPUS[kind]).set_cpu_limit(CPUS[kind])
+            task.set_memory_request(memory).set_memory_limit(memory)
+            kubernetes.set_timeout(task, TIMEOUT_S[kind])
+            task.set_retry(RETRIES, backoff_duration="60s")
             if gpus is not None:
                 task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
                 kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                            size_limit=cluster.shm_size)
+                # GPU nodes usually carry the nvidia.com/gpu taint (GPU operator, cloud node pools); more
+                # tolerations come from the `tolerations` parameter.
+                kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
                 kubernetes.add_toleration_json(task, tolerations)
                 kubernetes.add_node_selector_json(task, node_selector)
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
             if cluster.work_pvc:
                 kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
+            elif component in sized["work"]:
+                # Downloads, checkpoints and outputs on a volume of the planned size, not the node's root disk.
+                kubernetes.add_ephemeral_volume(task, volume_name="work", mount_path=WORK_MOUNT,
+                                                access_modes=["ReadWriteOnce"], size=sized["work"][component],
+                                                storage_class_name=cluster.work_storage_class or None)
+            if cluster.work_pvc or component in sized["work"]:
                 task.set_env_variable("MEDCRITICAL_WORKDIR", WORK_MOUNT)
             return task
 
@@ -124,20 +204,26 @@ def build_pipeline(
                 with_endpoint_secret(task, teacher_secret, TEACHER_SECRET_KEYS)
             if component == "evaluate":
                 with_endpoint_secret(task, judge_secret, JUDGE_SECRET_KEYS)
-            return on_cluster(task, gpus)
+            return on_cluster(task, gpus if kinds[component] != "cpu" else None, kinds[component], component)
 
-        root = run_root
+        # On a cluster every run writes under its own run id: a task's inputs (and so its cache key) then
+        # name the very outputs it reads, so a cached task can never pair one run's data with another's
+        # model, and two runs sharing run_root never overwrite each other. A cache hit happens only within
+        # a run (a retried run keeps its id). Locally run_root is the recipe's folder, as the docs show.
+        root = f"{run_root}/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}" if cluster is not None else run_root
         resolved = on_cluster(configure_op(
             recipe=recipe, rounds=rounds, overrides=overrides, base_model=base_model,
-            teacher_base_url=teacher_base_url, teacher_model=teacher_model,
+            teacher_base_url=teacher_base_url, teacher_model=teacher_model, teacher_on_gpu=teacher_on_gpu,
         ))
         resolved.set_display_name("configure")
         data = step("prepare_data", name="data")
         base_eval = step("evaluate", infer_gpus, name="eval-base", data_uri=data.outputs["Output"], model_uri="", label="base")
-        distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"])
+        # distill_uri: the distill folder of an earlier run; its traces are used and the teacher is not called.
+        distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"], reuse_uri=distill_uri)
         # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
         distilled.set_caching_options(cache_teacher)
-        student = step("sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="")
+        multinode = dict(train_nodes=train_nodes, node_gpus=node_gpus, trainjob_image=images["train"], s3_secret=s3_secret)
+        student = step("sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="", **multinode)
         sft_eval = step("evaluate", infer_gpus, name="eval-sft", data_uri=data.outputs["Output"],
                         model_uri=student.outputs["Output"], label="sft")
         model = student.outputs["Output"]
@@ -145,7 +231,7 @@ def build_pipeline(
             played = step("rollout", infer_gpus, name=f"round{round_number}-rollout",
                           data_uri=data.outputs["Output"], model_uri=model)
             trained = step("dpo", train_gpus, name=f"round{round_number}-dpo",
-                           rollout_uri=played.outputs["Output"], model_uri=model)
+                           rollout_uri=played.outputs["Output"], model_uri=model, **multinode)
             model = trained.outputs["Output"]
         final_eval = step("evaluate", infer_gpus, name=f"eval-dpo-round{rounds}", data_uri=data.outputs["Output"],
                           model_uri=model, label=f"dpo (round {rounds})")

@@ -12,14 +12,21 @@ Rules (why each exists):
   apply time), a Job sets backoffLimit and ttlSecondsAfterFinished (finished Jobs do not pile up),
   and a podFailurePolicy needs restartPolicy Never;
 - a PyTorchJob replica never restarts Always, names its container `pytorch` (the operator looks
-  for it) and sets runPolicy.backoffLimit and ttlSecondsAfterFinished;
+  for it) and sets runPolicy.backoffLimit, ttlSecondsAfterFinished and activeDeadlineSeconds; Jobs
+  set activeDeadlineSeconds too (a hung NCCL or vLLM process would hold its GPUs forever);
+- a TrainJob (Kubeflow Trainer v2) names its runtime, sets activeDeadlineSeconds, and its pod is
+  checked as the runtime builds it: the trainer's image, command, env and resources in the `node`
+  container, with the volumes, mounts and security contexts of its podTemplateOverrides;
 - images carry a tag or digest, never `latest` (an unpinned image is a different program tomorrow);
 - containers request CPU and memory and limit memory; GPU limits equal GPU requests;
 - pods run as non-root, containers without privilege escalation, privileged mode or capabilities,
   on a read-only root filesystem (unless the workload's annotation
   `medcritical.io/writable-root-filesystem` says why not) with /tmp writable; pods that use GPUs
   mount a memory-backed /dev/shm (NCCL and vLLM need more than the 64 MB default);
-- pods mount no ServiceAccount token (no step talks to the Kubernetes API);
+- a pod that mounts a PersistentVolumeClaim sets fsGroup (a root-owned volume is not writable by
+  the images' UID 10001);
+- pods mount no ServiceAccount token (no step talks to the Kubernetes API): the pod says so, or its
+  ServiceAccount does (a TrainJob's pod cannot: k8s/base's ServiceAccount has no token);
 - every Secret a pod names exists in the build or is documented (`external_secrets`); every
   ConfigMap, PersistentVolumeClaim and ServiceAccount exists in the build or in `provided`
   (objects of another kustomization, e.g. k8s/base); every volumeMount names a volume.
@@ -41,7 +48,7 @@ WRITABLE_ROOT_ANNOTATION = "medcritical.io/writable-root-filesystem"
 # Kinds whose names become DNS names or label values (63 characters at most); Services and
 # PyTorchJobs must also start with a letter (DNS-1035).
 LABEL_NAMED = {"Namespace", "Job", "CronJob", "Deployment", "StatefulSet", "DaemonSet", "Pod"}
-DNS_1035_NAMED = {"Service", "PyTorchJob"}
+DNS_1035_NAMED = {"Service", "PyTorchJob", "TrainJob"}
 CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
                   "PersistentVolume", "StorageClass", "PriorityClass"}
 
@@ -82,6 +89,34 @@ def pod_templates(obj: dict) -> Iterator[PodTemplate]:
         for replica, replica_spec in (spec.get("pytorchReplicaSpecs") or {}).items():
             template = (replica_spec or {}).get("template") or {}
             yield PodTemplate(obj, f"spec.pytorchReplicaSpecs.{replica}.template.spec", template.get("spec") or {})
+    elif kind == "TrainJob":
+        yield PodTemplate(obj, "spec.podTemplateOverrides[node].spec", trainjob_pod(spec))
+
+
+TRAINER_CONTAINER = "node"  # the torch-distributed runtime's training job and container
+
+
+def trainjob_pod(spec: dict) -> dict:
+    """The pod spec of a TrainJob's `node` job as the runtime builds it from the trainer and the overrides
+    (the runtime's own template adds only its defaults; Kubeflow Trainer v2.2)."""
+    trainer = spec.get("trainer") or {}
+    container = {"name": TRAINER_CONTAINER}
+    for key in ("image", "command", "args", "env"):
+        if key in trainer:
+            container[key] = trainer[key]
+    if "resourcesPerNode" in trainer:
+        container["resources"] = trainer["resourcesPerNode"]
+    pod: dict = {"containers": [container]}
+    for override in spec.get("podTemplateOverrides") or []:
+        if not any(t.get("name") == TRAINER_CONTAINER for t in override.get("targetJobs") or []):
+            continue
+        for key, value in (override.get("spec") or {}).items():
+            if key != "containers":
+                pod[key] = value
+        for change in (override.get("spec") or {}).get("containers") or []:
+            if change.get("name") == TRAINER_CONTAINER:
+                container.update({k: v for k, v in change.items() if k != "name"})
+    return pod
 
 
 def _containers(pod: PodTemplate) -> Iterator[tuple[str, dict]]:
@@ -98,6 +133,9 @@ def check(objects: Iterable[dict], *, external_secrets: Iterable[str] = (),
     for obj in [*objects, *provided]:
         available.setdefault(obj.get("kind", ""), set()).add(obj.get("metadata", {}).get("name", ""))
     available.setdefault("Secret", set()).update(external_secrets)
+    available["ServiceAccountWithoutToken"] = {
+        obj["metadata"]["name"] for obj in [*objects, *provided]
+        if obj.get("kind") == "ServiceAccount" and obj.get("automountServiceAccountToken") is False}
 
     found: list[Violation] = []
     for obj in objects:
@@ -106,6 +144,8 @@ def check(objects: Iterable[dict], *, external_secrets: Iterable[str] = (),
             found += _check_job(obj)
         if obj.get("kind") == "PyTorchJob":
             found += _check_pytorchjob(obj)
+        if obj.get("kind") == "TrainJob":
+            found += _check_trainjob(obj)
         for pod in pod_templates(obj):
             found += _check_pod(pod, available)
     return found
@@ -141,7 +181,8 @@ def _check_job(job: dict) -> list[Violation]:
         found.append(Violation(oid, "spec.template.spec.restartPolicy",
                                f"spec.podFailurePolicy needs restartPolicy Never (got {policy!r})"))
     for key, why in (("backoffLimit", "how often a failed step is retried"),
-                     ("ttlSecondsAfterFinished", "finished Jobs and their pods are deleted after it")):
+                     ("ttlSecondsAfterFinished", "finished Jobs and their pods are deleted after it"),
+                     ("activeDeadlineSeconds", "a hung step, e.g. a stuck NCCL or vLLM process, would hold its node (and GPUs) forever")):
         if not isinstance(spec.get(key), int):
             found.append(Violation(oid, f"spec.{key}", f"missing: set it explicitly ({why})"))
     return found
@@ -151,7 +192,7 @@ def _check_pytorchjob(job: dict) -> list[Violation]:
     oid, spec = object_id(job), job.get("spec") or {}
     found = []
     run_policy = spec.get("runPolicy") or {}
-    for key in ("backoffLimit", "ttlSecondsAfterFinished"):
+    for key in ("backoffLimit", "ttlSecondsAfterFinished", "activeDeadlineSeconds"):
         if not isinstance(run_policy.get(key), int):
             found.append(Violation(oid, f"spec.runPolicy.{key}", "missing: set it explicitly"))
     for replica, replica_spec in (spec.get("pytorchReplicaSpecs") or {}).items():
@@ -167,6 +208,21 @@ def _check_pytorchjob(job: dict) -> list[Violation]:
     return found
 
 
+def _check_trainjob(job: dict) -> list[Violation]:
+    oid, spec = object_id(job), job.get("spec") or {}
+    found = []
+    if not isinstance(spec.get("activeDeadlineSeconds"), int):
+        found.append(Violation(oid, "spec.activeDeadlineSeconds", "missing: set it explicitly"))
+    if not ((spec.get("runtimeRef") or {}).get("name")):
+        found.append(Violation(oid, "spec.runtimeRef.name", "missing: name the runtime, e.g. torch-distributed"))
+    if not any(t.get("name") == TRAINER_CONTAINER for o in spec.get("podTemplateOverrides") or []
+               for t in o.get("targetJobs") or []):
+        found.append(Violation(oid, "spec.podTemplateOverrides",
+                               f"no override for the {TRAINER_CONTAINER!r} job: its pod would get no volumes, "
+                               "security context or tolerations"))
+    return found
+
+
 def _check_pod(pod: PodTemplate, available: dict[str, set[str]]) -> list[Violation]:
     oid = object_id(pod.owner)
     spec = pod.spec
@@ -174,13 +230,18 @@ def _check_pod(pod: PodTemplate, available: dict[str, set[str]]) -> list[Violati
     pod_security = spec.get("securityContext") or {}
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
 
-    if spec.get("automountServiceAccountToken") is not False:
+    if spec.get("automountServiceAccountToken") is not False and \
+            spec.get("serviceAccountName") not in available.get("ServiceAccountWithoutToken", set()):
         found.append(Violation(oid, f"{pod.path}.automountServiceAccountToken",
                                "must be false: no step talks to the Kubernetes API"))
     account = spec.get("serviceAccountName")
     if account and account not in available.get("ServiceAccount", set()):
         found.append(Violation(oid, f"{pod.path}.serviceAccountName",
                                f"ServiceAccount {account!r} is neither in this build nor provided (k8s/base)"))
+    if any("persistentVolumeClaim" in v for v in volumes.values()) and pod_security.get("fsGroup") is None:
+        found.append(Violation(oid, f"{pod.path}.securityContext.fsGroup",
+                               "a pod that mounts a PersistentVolumeClaim sets fsGroup: a fresh volume is often "
+                               "owned by root and the non-root user could not write to it"))
     for name, volume in volumes.items():
         if not DNS_LABEL.match(name or ""):
             found.append(Violation(oid, f"{pod.path}.volumes[{name}].name", f"{name!r} is not a DNS-1123 label"))

@@ -5,6 +5,9 @@ Needs a reachable kube context (a local kind cluster or any cluster where you ma
 medcritical-cpu:<version>`, or MEDCRITICAL_CPU_IMAGE=<registry image>. Skipped, with the reason,
 when no cluster answers. Run with `make test-cluster` (docs/kubernetes.md).
 
+Also, where the cluster has Kubeflow Trainer v2 or the v1 training operator, the multi-node jobs
+pass the API server's own validation (a server-side dry run of the real CRDs).
+
 What it does: applies k8s/base, creates the medcritical-s3 Secret with random keys if it is missing,
 applies k8s/overlays/dev (MinIO and the bucket Job), runs k8s/jobs/demo (the whole method on CPU
 with the tiny model), waits for it to complete, and lists the run's objects in MinIO through
@@ -129,3 +132,19 @@ def test_dev_overlay_and_demo_job_write_to_minio(cluster):
     assert any(name.endswith("report.json") for name in names), f"no report.json among {names[:20]}"
     print(f"{len(names)} objects under s3://medcritical/runs/demo/ on Kubernetes {cluster.get('gitVersion')}",
           file=sys.stderr)
+
+
+@pytest.mark.parametrize("directory, crd", [
+    ("sft-multinode", "trainjobs.trainer.kubeflow.org"),
+    ("dpo-multinode", "trainjobs.trainer.kubeflow.org"),
+    ("sft-multinode-legacy", "pytorchjobs.kubeflow.org"),
+    ("dpo-multinode-legacy", "pytorchjobs.kubeflow.org"),
+])
+def test_multinode_jobs_pass_the_servers_own_validation(cluster, directory, crd):
+    """The API server checks the real CRD (and its CEL rules, webhooks) with a server-side dry run:
+    what the vendored schema subsets in k8s/crds/ approximate offline."""
+    if kubectl("get", "crd", crd, check=False).returncode != 0:
+        pytest.skip(f"the cluster has no {crd} (install Kubeflow Trainer v2 or the v1 training operator)")
+    kubectl("apply", "-k", str(K8S / "base"))
+    manifest = kubectl("kustomize", str(K8S / "jobs" / directory)).stdout
+    kubectl("apply", "--dry-run=server", "-f", "-", stdin=manifest)

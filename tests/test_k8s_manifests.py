@@ -32,7 +32,10 @@ DOCS = ROOT / "docs" / "kubernetes.md"
 # Oldest and newest Kubernetes the manifests target; kubernetes-validate 1.37 ships schemas for
 # 1.25 to 1.37. 1.31 is the first with Job podFailurePolicy generally available.
 KUBERNETES_VERSIONS = ("1.31", "1.37")
-CRD_SCHEMAS = {("kubeflow.org/v1", "PyTorchJob"): K8S / "crds" / "pytorchjob.kubeflow.org_v1.schema.yaml"}
+CRD_SCHEMAS = {
+    ("kubeflow.org/v1", "PyTorchJob"): K8S / "crds" / "pytorchjob.kubeflow.org_v1.schema.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): K8S / "crds" / "trainjob.trainer.kubeflow.org_v1alpha1.schema.yaml",
+}
 STEPS = ("prepare-data", "distill", "sft", "rollout", "dpo", "evaluate")
 IMAGE_OF_KIND = {"cpu": "medcritical-cpu", "train": "medcritical-train-cuda", "infer": "medcritical-infer-cuda"}
 
@@ -172,6 +175,7 @@ def test_rule_checker_names_object_and_field():
         "spec.template.spec.restartPolicy": "Never or OnFailure",
         "spec.backoffLimit": "missing",
         "spec.ttlSecondsAfterFinished": "missing",
+        "spec.activeDeadlineSeconds": "hung step",
         "spec.template.spec.containers[step].resources.limits.nvidia.com/gpu": "must equal the request",
         "spec.template.spec.containers[step].image": "'latest'",
         "spec.template.spec.containers[step].envFrom[0].secretRef.name": "Secret 'my-keys'",
@@ -203,7 +207,7 @@ def test_kubernetes_schema_check_is_strict_and_names_the_field():
 
 
 def test_crd_schema_check_names_the_field():
-    job = next(o for o in build(K8S / "jobs" / "sft-multinode") if o["kind"] == "PyTorchJob")
+    job = next(o for o in build(K8S / "jobs" / "sft-multinode-legacy") if o["kind"] == "PyTorchJob")
     broken = yaml.safe_load(yaml.safe_dump(job))
     broken["spec"]["runPolicy"]["ttlSecondAfterFinished"] = 60  # misspelt
     broken["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
@@ -212,6 +216,39 @@ def test_crd_schema_check_names_the_field():
     assert "PyTorchJob/medcritical-sft-multinode: spec.runPolicy: " in errors and "ttlSecondAfterFinished" in errors
     assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Master.replicas: 1 was expected" in errors
     assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Worker.template.spec.containers[0]" in errors
+
+
+def test_trainjob_schema_check_names_the_field():
+    """The TrainJob's own fields against the vendored CRD subset; its pod (trainer + overrides) against Kubernetes."""
+    job = next(o for o in build(K8S / "jobs" / "sft-multinode") if o["kind"] == "TrainJob")
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    broken["spec"]["trainer"]["numProcsPerNode"] = 8  # misspelt
+    broken["spec"]["runtimeRef"]["kind"] = "TrainingRunTime"
+    broken["spec"]["podTemplateOverrides"][0]["spec"]["containers"][0]["resources"] = {}  # only via trainer
+    broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"][0]["configMapp"] = {}
+    errors = "\n".join(schema_errors(broken))
+    assert "TrainJob/medcritical-sft-multinode: spec.trainer: " in errors and "numProcsPerNode" in errors
+    assert "TrainJob/medcritical-sft-multinode: spec.runtimeRef.kind: " in errors
+    assert "spec.podTemplateOverrides[0].spec.containers[0]: " in errors and "'resources'" in errors
+    assert "TrainJob/medcritical-sft-multinode: spec.podTemplateOverrides[node].spec.volumes[0]" in errors
+
+
+def test_trainjob_pod_is_checked_as_the_runtime_builds_it():
+    job = next(o for o in build(K8S / "jobs" / "dpo-multinode") if o["kind"] == "TrainJob")
+    pod = k8s_rules.trainjob_pod(job["spec"])
+    node = pod["containers"][0]
+    assert node["name"] == "node" and node["image"] == f"medcritical-train-cuda:{_project_version()}"
+    assert node["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert {m["mountPath"] for m in node["volumeMounts"]} >= {"/dev/shm", "/tmp", "/etc/medcritical/recipe"}
+    assert {e["name"] for e in node["env"]} >= {"MEDCRITICAL_RUN", "AWS_SECRET_ACCESS_KEY", "MEDCRITICAL_WORKDIR"}
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    del broken["spec"]["activeDeadlineSeconds"]
+    broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] = [
+        v for v in broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] if v["name"] != "dshm"]
+    messages = "\n".join(map(str, k8s_rules.check([broken], external_secrets={"medcritical-s3"},
+                                                  provided=build(K8S / "base"))))
+    assert "TrainJob/medcritical-dpo-multinode: spec.activeDeadlineSeconds: missing" in messages
+    assert "no volume named 'dshm'" in messages and "/dev/shm" in messages
 
 
 # ---- the manifests agree with the rest of the project ----
@@ -329,3 +366,103 @@ def test_docs_show_how_to_apply_every_job():
     docs = DOCS.read_text(encoding="utf-8")
     missing = [d.name for d in JOB_DIRS if f"kubectl apply -k k8s/jobs/{d.name}" not in docs]
     assert not missing, f"{_rel(DOCS)} does not show `kubectl apply -k k8s/jobs/<name>` for {missing}"
+
+
+def _load_job_recipe(directory, pod, container, argv, tmp_path):
+    from medcritical.recipe import load_recipe
+
+    recipe = _recipe_file(directory, pod, container, argv[argv.index("--recipe") + 1], tmp_path)
+    overrides = [argv[i + 1].replace("/opt/medcritical/", f"{ROOT}/") for i, a in enumerate(argv) if a == "--set"]
+    return load_recipe(recipe), load_recipe(recipe, overrides)
+
+
+@pytest.mark.parametrize("name", ["sft-multinode", "dpo-multinode", "sft-multinode-legacy", "dpo-multinode-legacy"])
+def test_multinode_jobs_keep_the_recipes_global_batch(name, tmp_path, monkeypatch):
+    """torchrun on N GPUs multiplies per_device x accumulation by N: the overrides must bring it back."""
+    monkeypatch.chdir(ROOT)
+    directory = K8S / "jobs" / name
+    for obj, pod, container, argv in _step_commands(directory):
+        base, job = _load_job_recipe(directory, pod, container, argv, tmp_path)
+        if obj["kind"] == "TrainJob":
+            gpus = int(obj["spec"]["trainer"]["numProcPerNode"]) * int(obj["spec"]["trainer"]["numNodes"])
+        else:
+            replicas = obj["spec"]["pytorchReplicaSpecs"]
+            gpus = int(obj["spec"]["nprocPerNode"]) * sum(int(r["replicas"]) for r in replicas.values())
+
+        def global_batch(recipe, world):
+            settings = (recipe.sft if argv[0] == "sft" else recipe.selfplay.dpo).settings
+            return settings["per_device_train_batch_size"] * settings.get("gradient_accumulation_steps", 1) * world
+
+        assert global_batch(job, gpus) == global_batch(base, 1), (
+            f"{k8s_rules.object_id(obj)}: global batch {global_batch(job, gpus)} on {gpus} GPUs, the recipe's is "
+            f"{global_batch(base, 1)}")
+
+
+@pytest.mark.parametrize("directory", JOB_DIRS, ids=lambda d: d.name)
+def test_work_folder_is_on_the_largest_disk_volume(directory):
+    """MEDCRITICAL_WORKDIR (downloads, checkpoints, outputs) on the pod's biggest emptyDir, not the home cache."""
+    from medcritical.plan import quantity
+
+    for obj, pod, container in _containers(directory):
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        workdir = env.get("MEDCRITICAL_WORKDIR")
+        assert workdir, f"{k8s_rules.object_id(obj)}: set MEDCRITICAL_WORKDIR (default: the small home emptyDir)"
+        volumes = {v["name"]: v for v in pod.spec["volumes"]}
+        mount = max((m for m in container["volumeMounts"] if workdir.startswith(m["mountPath"].rstrip("/") + "/")),
+                    key=lambda m: len(m["mountPath"]))
+        sizes = {name: quantity(v["emptyDir"]["sizeLimit"]) for name, v in volumes.items()
+                 if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+        assert mount["name"] == max(sizes, key=sizes.get), f"{k8s_rules.object_id(obj)}: work folder on {mount['name']}"
+        requests = container["resources"]["requests"]
+        assert quantity(requests["ephemeral-storage"]) >= sum(sizes.values()), k8s_rules.object_id(obj)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/paper-7b-lora.yaml", "recipes/demo.yaml",
+                                    "k8s/components/step-config/recipe.yaml"])
+def test_medcritical_plan_passes_for_the_jobs(recipe, capsys, monkeypatch):
+    """The sizing preflight (docs/sizing.md) against every Job: each step has a manifest that fits."""
+    from medcritical.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["plan", "--recipe", recipe, "--manifests", "k8s/jobs", "--no-pipeline"]) == 0, capsys.readouterr().out
+
+
+def test_secrets_docs_say_where_pipeline_pods_read_them():
+    """The Jobs run in `medcritical`, a KFP run's pods in KFP's or the user's profile namespace."""
+    section = re.search(r"^## Secrets\n(.*?)(?=^## )", DOCS.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+    text = section.group(1)
+    assert "profile namespace" in text and "--namespace" in text
+    assert re.search(r"kubectl -n \$NS create secret generic medcritical-s3", text)
+
+
+def test_rule_checker_wants_fsgroup_on_pods_with_a_claim():
+    job = next(o for o in build(K8S / "overlays" / "work-pvc") if o["kind"] == "Job")
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    del broken["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
+    messages = [str(v) for v in k8s_rules.check([broken], provided=build(K8S / "overlays" / "work-pvc"))]
+    assert any("securityContext.fsGroup: a pod that mounts a PersistentVolumeClaim sets fsGroup" in m for m in messages)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/paper-7b-lora.yaml", "k8s/components/step-config/recipe.yaml"])
+def test_served_teacher_is_where_the_recipes_look_for_it(recipe):
+    """k8s/overlays/teacher: the Service at the host and port of distill.openai.base_url, the model name served."""
+    from urllib.parse import urlparse
+
+    from medcritical.recipe import load_recipe
+
+    teacher = load_recipe(ROOT / recipe).distill.openai
+    if not teacher.base_url:
+        pytest.skip(f"{recipe} names no teacher endpoint")
+    url = urlparse(teacher.base_url)
+    service_name, namespace = url.hostname.split(".")[:2]
+    objects = build(K8S / "overlays" / "teacher")
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == service_name)
+    assert service["metadata"]["namespace"] == namespace
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    vllm = next(c for c in pod["spec"]["containers"] if c["name"] == "vllm")
+    assert f"--served-model-name={teacher.model}" in vllm["args"]
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert url.path == "/v1"

@@ -134,3 +134,134 @@ def test_bad_param_is_named():
 
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
         parse_params(["train_gpus"])
+
+
+def _docs(path):
+    pipeline_doc, platform_doc = yaml.safe_load_all(Path(path).read_text())
+    return pipeline_doc, platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_every_step_writes_under_its_own_run_id():
+    """KFP's cache key is the task's inputs: with the run id in run_root, a task of a new run never matches
+    an old run's (no cached SFT model beside new traces), and runs sharing run_root never overwrite each other."""
+    pipeline_doc, _ = _docs(COMPILED)
+    tasks = pipeline_doc["root"]["dag"]["tasks"]
+    for name, task in tasks.items():
+        if name == "configure":
+            continue
+        run_root = task["inputs"]["parameters"]["run_root"]["runtimeValue"]["constant"]
+        assert run_root == "{{$.inputs.parameters['pipelinechannel--run_root']}}/{{$.pipeline_job_uuid}}", name
+    # Every later step names its upstream output (which holds the run id), so its key changes with it.
+    assert tasks["sft"]["inputs"]["parameters"]["distill_uri"]["taskOutputParameter"]["producerTask"] == "distill"
+    assert tasks["dpo"]["inputs"]["parameters"]["model_uri"]["taskOutputParameter"]["producerTask"] == "sft"
+
+
+def test_local_runs_keep_the_recipes_folder(tmp_path):
+    """`medcritical run` (no cluster settings) writes where the recipe says: no run id in its paths."""
+    from kfp import compiler
+
+    from medcritical.pipeline_runner import _pipeline
+
+    compiler.Compiler().compile(_pipeline(load_recipe(PAPER_RECIPE), None, False), str(tmp_path / "local.yaml"))
+    assert "pipeline_job_uuid" not in (tmp_path / "local.yaml").read_text()
+
+
+def test_every_task_has_requests_limits_timeout_and_retries():
+    pipeline_doc, executors = _docs(COMPILED)
+    for name, executor in pipeline_doc["deploymentSpec"]["executors"].items():
+        resources = executor["container"]["resources"]
+        assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"], name
+        assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"], name
+        assert int(executors[name]["activeDeadlineSeconds"]) > 0, name
+    for name, task in pipeline_doc["root"]["dag"]["tasks"].items():
+        assert task["retryPolicy"]["maxRetryCount"] == 2, name
+    # GPU tasks tolerate the GPU taint without being told; memory of GPU tasks is a parameter.
+    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in executors["exec-sft"]["tolerations"]
+    assert "train_memory" in pipeline_doc["deploymentSpec"]["executors"]["exec-sft"]["container"]["resources"]["resourceMemoryLimit"]
+    # The work folder is on a volume of the planned size, not the node's root disk.
+    volume = executors["exec-sft"]["genericEphemeralVolume"][0]
+    assert volume["mountPath"] == "/medcritical-work" and volume["size"] == "400Gi"
+    env = pipeline_doc["deploymentSpec"]["executors"]["exec-sft"]["container"]["env"]
+    assert {"name": "MEDCRITICAL_WORKDIR", "value": "/medcritical-work"} in env
+
+
+def test_an_api_teacher_gets_no_gpu_and_no_vllm_image(tmp_path):
+    pipeline_doc, executors = _docs(COMPILED)  # the paper recipe: a QwQ-32B endpoint
+    distill = pipeline_doc["deploymentSpec"]["executors"]["exec-distill"]["container"]
+    assert distill["image"].startswith("medcritical-cpu:") and "accelerator" not in distill["resources"]
+    assert "emptyDirMounts" not in executors["exec-distill"]
+    local = load_recipe(PAPER_RECIPE, ["distill.backend=vllm", "distill.teacher_model=s3://m/models/QwQ-32B"])
+    local_doc, _ = _docs(compile_pipeline(local, tmp_path / "local-teacher.yaml"))
+    distill = local_doc["deploymentSpec"]["executors"]["exec-distill"]["container"]
+    assert distill["image"].startswith("medcritical-infer-cuda:") and "accelerator" in distill["resources"]
+
+
+def test_a_pipeline_compiled_for_an_api_teacher_refuses_a_local_one():
+    from medcritical.recipe import RecipeError, dump_recipe
+    from medcritical.steps import resolve_recipe_text
+
+    text = dump_recipe(load_recipe(PAPER_RECIPE))
+    with pytest.raises(RecipeError, match="compiled for an API teacher"):
+        resolve_recipe_text(text, 1, ["distill.backend=vllm"], "", "", "", teacher_on_gpu=False)
+    assert resolve_recipe_text(text, 1, [], "", "", "", teacher_on_gpu=False)
+
+
+def test_distill_uri_reuses_an_earlier_runs_traces(tmp_path):
+    from medcritical.steps import reuse_step_output
+
+    earlier = tmp_path / "run-1" / "distill"
+    earlier.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="sft.jsonl"):
+        reuse_step_output("distill", str(earlier))
+    (earlier / "sft.jsonl").write_text("{}\n")
+    assert reuse_step_output("distill", str(earlier)) == str(earlier)
+    pipeline_doc, _ = _docs(COMPILED)
+    reuse = pipeline_doc["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]["reuse_uri"]
+    assert reuse == {"componentInputParameter": "distill_uri"}
+
+
+def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, monkeypatch):
+    """kfp.Client for real (its HTTP layer recorded): the profile namespace and the bearer token reach the API."""
+    import kfp_server_api.rest as rest
+
+    calls = []
+
+    class Response:
+        def __init__(self, data):
+            self.status, self.reason, self.data = 200, "OK", json.dumps(data).encode()
+
+        def getheaders(self):
+            return {"content-type": "application/json"}
+
+        def getheader(self, name, default=None):
+            return self.getheaders().get(name, default)
+
+    def request(self, method, url, query_params=None, headers=None, body=None, **kwargs):
+        calls.append((method, url, dict(query_params or []), dict(headers or {}), body))
+        if url.endswith("/experiments") and method == "GET":
+            return Response({"experiments": [{"experiment_id": "exp-1", "display_name": "medcritical"}]})
+        if url.endswith("/runs") and method == "POST":
+            return Response({"run_id": "run-7", "display_name": body["display_name"]})
+        return Response({})
+
+    monkeypatch.setattr(rest.RESTClientObject, "request", request)
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    result = submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="medcritical", run_name="r",
+                        params=[], namespace="team-alice", token_file=str(token))
+    assert result.run_id == "run-7"
+    listing = next(c for c in calls if c[1].endswith("/experiments") and c[0] == "GET")
+    assert listing[2].get("namespace") == "team-alice"
+    assert calls and all(c[3].get("authorization") == "Bearer secret-token" for c in calls)
+    with pytest.raises(FileNotFoundError, match="--token-file"):
+        submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="e", run_name="r", params=[],
+                   token_file=str(tmp_path / "missing"))
+
+
+def test_a_model_of_unknown_shape_still_compiles_at_the_minimum_sizes(tmp_path):
+    """The plan cannot size a model it knows nothing of; compiling must not need its config.json."""
+    recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://b/models/Mystery-3B"])
+    pipeline_doc, executors = _docs(compile_pipeline(recipe, tmp_path / "p.yaml"))
+    assert executors["exec-sft"]["genericEphemeralVolume"][0]["size"] == "400Gi"
+    assert "train_memory" in json.dumps(pipeline_doc["root"]["inputDefinitions"])

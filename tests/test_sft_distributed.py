@@ -135,7 +135,8 @@ def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tin
     recipe = load_recipe_text(
         f"run: {{threads: 1}}\n"
         f"sft: {{lora: {{enabled: false}}, deepspeed: zero2, trainer: {{max_length: {MAX_LENGTH}, max_steps: 4, "
-        "per_device_train_batch_size: 2, logging_steps: 1, warmup_steps: 0, learning_rate: 3.0e-3}}\n"
+        "per_device_train_batch_size: 2, gradient_accumulation_steps: 2, logging_steps: 1, warmup_steps: 0, "
+        "learning_rate: 3.0e-3}}\n"  # global batch 4 on one GPU: 2 x 1 on each of the 2 ranks
     )
     output = tmp_path / "sft"
     metrics = steps.run_data_parallel(

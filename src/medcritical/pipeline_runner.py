@@ -137,17 +137,28 @@ def parse_params(params: list[str]) -> dict:
 
 def submit_run(recipe: Recipe, host: str, *, experiment: str, run_name: str | None, params: list[str],
                registry: str = "", shm_size: str = "16Gi", cache_teacher: bool = False, work_pvc: str = "",
-               client=None):
-    """Compile for `recipe` and create a run on the KFP server at `host`; returns kfp's RunPipelineResult."""
+               client=None, namespace: str | None = None, token_file: str | None = None):
+    """Compile for `recipe` and create a run on the KFP server at `host`; returns kfp's RunPipelineResult.
+
+    Multi-user Kubeflow: `namespace` is the user's profile namespace (where the run, its experiment and
+    its pods live); `token_file` holds a bearer token for the API (without it kfp.Client uses
+    $KF_PIPELINES_SA_TOKEN_PATH or the pod's projected token when run inside the cluster)."""
     import kfp
 
+    token = None
+    if token_file:
+        path = Path(token_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--token-file {token_file}: no such file (a bearer token for the KFP API)")
+        token = path.read_text(encoding="utf-8").strip()
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(recipe, Path(tmp) / "medcritical.yaml", registry=registry, shm_size=shm_size,
                                    cache_teacher=cache_teacher, work_pvc=work_pvc)
-        client = client or kfp.Client(host=host)
+        client = client or kfp.Client(host=host, existing_token=token, **({"namespace": namespace} if namespace else {}))
         return client.create_run_from_pipeline_package(
             str(package),
             arguments={"recipe": recipe_parameter(recipe), "run_root": recipe.run.root, **parse_params(params)},
             run_name=run_name or recipe.run.name,
             experiment_name=experiment,
+            namespace=namespace,
         )

@@ -146,6 +146,9 @@ def distill(recipe: Recipe, data_uri: str, output_uri: str) -> dict:
     from medcritical.distill.run import distill as run_distill
 
     questions = _questions(data_uri, TRAIN_FILE, recipe)
+    teacher = recipe.distill.teacher_model
+    if teacher and storage.is_s3(teacher):  # a local teacher in S3 comes into the work folder like any input
+        recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"teacher_model": str(local_input(teacher))})})
     with local_output(output_uri) as out:
         return run_distill(recipe.distill, questions, out, seed=recipe.run.seed, device=recipe.run.device)
 
@@ -181,7 +184,7 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
     from medcritical.training.dpo import train_dpo
 
     pairs = input_file(rollout_uri, PAIRS)
-    heldout = input_file(heldout_uri, HELDOUT_PAIRS) if heldout_uri else pairs.with_name(HELDOUT_PAIRS)
+    heldout = input_file(heldout_uri, HELDOUT_PAIRS) if heldout_uri else heldout_beside(rollout_uri, pairs)
     model = resolve_model_uri(recipe, model_uri)
     with local_output(output_uri) as out:
         result = train_dpo(
@@ -191,6 +194,20 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
         if result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(model_uri or recipe.model.base, encoding="utf-8")
         return result
+
+
+def heldout_beside(rollout_uri: str, pairs: Path) -> Path:
+    """The held-out pairs next to the training pairs; an S3 URI naming pairs.jsonl itself fetches its
+    sibling, or early stopping would silently have nothing to measure."""
+    from medcritical.selfplay.step import HELDOUT_PAIRS, PAIRS
+
+    if storage.is_s3(rollout_uri) and rollout_uri.rstrip("/").endswith("/" + PAIRS):
+        sibling = rollout_uri.rstrip("/").rsplit("/", 1)[0] + "/" + HELDOUT_PAIRS
+        try:
+            return input_file(sibling, HELDOUT_PAIRS)
+        except FileNotFoundError:
+            log.warning("%s: no held-out pairs; DPO runs without early stopping", sibling)
+    return pairs.with_name(HELDOUT_PAIRS)
 
 
 def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "") -> dict:
@@ -244,7 +261,8 @@ STEPS = {f.__name__: f for f in (prepare_data, distill, sft, rollout, dpo, evalu
 
 
 def resolve_recipe_text(
-    recipe_yaml: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str
+    recipe_yaml: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str,
+    teacher_on_gpu: bool = True,
 ) -> str:
     """The pipeline's `configure` step: named knobs and overrides applied, validated, as YAML."""
     named = {"model.base": base_model, "distill.openai.base_url": teacher_base_url, "distill.openai.model": teacher_model}
@@ -255,6 +273,12 @@ def resolve_recipe_text(
             f"selfplay.rounds is {recipe.selfplay.rounds} but this pipeline was compiled for {rounds} rounds; "
             f"recompile with `medcritical compile --set selfplay.rounds={recipe.selfplay.rounds}` (the rounds are "
             "tasks of the compiled graph) or change the recipe"
+        )
+    if not teacher_on_gpu and recipe.distill.backend in ("vllm", "transformers"):
+        raise RecipeError(
+            f"distill.backend is {recipe.distill.backend} (a teacher in the pod) but this pipeline was compiled for "
+            "an API teacher: its distill task has no GPU and the CPU image; recompile with this recipe "
+            "(`medcritical compile --recipe ...`)"
         )
     return dump_recipe(recipe)
 
@@ -282,9 +306,34 @@ def data_parallel_command(step: str, recipe_path: str, output_uri: str, inputs: 
     return command
 
 
+def keep_global_batch(step: str, recipe: Recipe, gpus: int) -> Recipe:
+    """The recipe for `gpus` data-parallel ranks with the global batch it gives on one GPU: the gradient
+    accumulation is divided by the number of GPUs, or the run is refused (it would change the method)."""
+    key = "sft.trainer" if step == "sft" else "selfplay.dpo.trainer"
+    section = recipe.sft if step == "sft" else recipe.selfplay.dpo
+    settings = section.settings
+    accumulation = settings.get("gradient_accumulation_steps", 1)
+    batch = settings["per_device_train_batch_size"] * accumulation
+    if accumulation % gpus:
+        raise RecipeError(
+            f"{key}.gradient_accumulation_steps is {accumulation}, not a multiple of the {gpus} GPUs: the global "
+            f"batch (per_device_train_batch_size x accumulation x GPUs) would not be the recipe's {batch}. Recipes "
+            f"give the batch of one GPU: set {key}.gradient_accumulation_steps to a multiple of {gpus}, or run on "
+            "a number of GPUs that divides it"
+        )
+    log.info("%s on %d GPUs: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d", step, gpus, key,
+             accumulation, accumulation // gpus, batch)
+    section = section.model_copy(update={"trainer": section.trainer | {"gradient_accumulation_steps": accumulation // gpus}})
+    if step == "sft":
+        return recipe.model_copy(update={"sft": section})
+    return recipe.model_copy(update={"selfplay": recipe.selfplay.model_copy(update={"dpo": section})})
+
+
 def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, gpus: int) -> dict:
     import subprocess
     import tempfile
+
+    recipe = keep_global_batch(step, recipe, gpus)
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe_path = Path(tmp) / "recipe.yaml"
@@ -294,6 +343,16 @@ def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, 
         subprocess.run(command, check=True)
     # The ranks ran in this pod: their output (already published) is still in the local folder.
     return json.loads((local_output_path(output_uri) / f"{step}_metrics.json").read_text(encoding="utf-8"))
+
+
+def reuse_step_output(step: str, uri: str) -> str:
+    """An earlier run's output folder used as this run's (the teacher is paid once): checked, then returned."""
+    from medcritical.distill.run import SFT_FILE
+
+    files = {"distill": SFT_FILE}
+    input_file(uri, files[step])  # fails now, naming the URI, rather than in the next step
+    log.info("%s: reusing %s (not run again)", step, uri)
+    return uri
 
 
 def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:

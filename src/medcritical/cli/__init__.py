@@ -20,6 +20,7 @@ COMMANDS = (
     "medcritical.cli.evaluate",
     "medcritical.cli.selfplay",
     "medcritical.cli.pipeline",
+    "medcritical.cli.plan",
 )
 
 # Errors that are the user's to fix: printed as one clear message, no traceback.

@@ -49,6 +49,10 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
         "--param", action="append", default=[], metavar="NAME=VALUE",
         help="a pipeline parameter, e.g. --param train_gpus=8 --param s3_secret=medcritical-s3 (repeatable; YAML values)",
     )
+    submit.add_argument("--namespace", help="multi-user Kubeflow: your profile namespace (where the run and its pods live)")
+    submit.add_argument("--token-file", metavar="PATH",
+                        help="a file holding a bearer token for the KFP API (multi-user Kubeflow); default: "
+                        "$KF_PIPELINES_SA_TOKEN_PATH or none")
     _add_cluster_arguments(submit)
     submit.set_defaults(func=_submit)
 
@@ -63,7 +67,8 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-teacher", action="store_true",
-        help="allow KFP to reuse a cached distillation (off: a teacher endpoint is never silently skipped)",
+        help="allow KFP to reuse a cached distillation within a run, e.g. when a failed run is retried (off: a "
+        "teacher endpoint is never silently skipped); across runs pass --param distill_uri=<earlier run>/distill",
     )
 
 
@@ -93,5 +98,5 @@ def _submit(args) -> None:
 
     run = submit_run(recipe_from_args(args), args.host, experiment=args.experiment, run_name=args.run_name,
                      params=args.param, registry=args.registry, shm_size=args.shm_size, cache_teacher=args.cache_teacher,
-                     work_pvc=args.work_pvc)
+                     work_pvc=args.work_pvc, namespace=args.namespace, token_file=args.token_file)
     print(f"submitted run {run.run_id} to {args.host}")

@@ -1,0 +1,185 @@
+"""A training step on several nodes from inside the pipeline: a Kubeflow Trainer v2 TrainJob, created and
+awaited by the step's own KFP task.
+
+KFP runs one pod per task; SFT or DPO on several nodes needs several pods that rendezvous. With the
+pipeline parameter `train_nodes` above 1, the sft and dpo tasks build a TrainJob like
+k8s/jobs/sft-multinode (the `torch-distributed` runtime, torchrun reading the PET_* variables, the
+recipe's DeepSpeed config), sized by `medcritical plan`, create it in their own namespace, wait for it
+and return its output URI; rank 0 of the TrainJob publishes the step's folder to S3 as usual.
+The task's ServiceAccount must be allowed to create and read TrainJobs (k8s/overlays/pipeline-rbac).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from medcritical.recipe import load_recipe_text
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+RUNTIME = "torch-distributed"
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# step -> (CLI flag, step input) for the training data, as steps.DATA_PARALLEL_STEPS.
+DATA_FLAGS = {"sft": ("--dataset", "distill_uri"), "dpo": ("--pairs", "rollout_uri")}
+RECIPE_FILE = "/tmp/recipe.yaml"
+
+
+class TrainJobError(RuntimeError):
+    pass
+
+
+def trainjob_name(step: str, output_uri: str) -> str:
+    """One name per step output (a retried task finds its TrainJob again instead of starting another)."""
+    return f"medcritical-{step}-{hashlib.sha256(output_uri.encode()).hexdigest()[:10]}"
+
+
+def trainjob_manifest(step: str, recipe_yaml: str, output_uri: str, inputs: dict, *, image: str, nodes: int,
+                      gpus_per_node: int, s3_secret: str, shm_size: str = "64Gi",
+                      deadline_s: int = 72 * 3600) -> dict:
+    """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan."""
+    from medcritical.plan import GiB, gib, plan_steps, quantity
+
+    recipe = load_recipe_text(recipe_yaml)
+    need = plan_steps(recipe, train_gpus=gpus_per_node, nodes=nodes)[step]
+    memory = gib(need.host_memory + quantity(shm_size))
+    work = gib(need.disk)
+    ephemeral = gib(need.disk + 20 * GiB)  # the work folder, the caches and /tmp
+    flag, data_input = DATA_FLAGS[step]
+    cli = ["-m", "medcritical.cli", step, "--recipe", RECIPE_FILE, flag, inputs[data_input], "--output", output_uri]
+    if inputs.get("model_uri"):
+        cli += ["--model", inputs["model_uri"]]
+    # The recipe travels in the environment (it is the pipeline's resolved recipe, a few KB) and is written
+    # to a file first; then torchrun, which takes its rendezvous from the PET_* variables of the runtime.
+    script = f'printf "%s" "$MEDCRITICAL_RECIPE_YAML" > {RECIPE_FILE} && exec torchrun "$@"'
+    secret_env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
+                  for key in ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    resources = {"cpu": str(8 * gpus_per_node), "memory": memory, "nvidia.com/gpu": str(gpus_per_node),
+                 "ephemeral-storage": ephemeral}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainJob",
+        "metadata": {"name": trainjob_name(step, output_uri),
+                     "labels": {"app.kubernetes.io/part-of": "medcritical", "app.kubernetes.io/component": step}},
+        "spec": {
+            "runtimeRef": {"name": RUNTIME},
+            "activeDeadlineSeconds": deadline_s,
+            "trainer": {
+                "image": image,
+                "numNodes": nodes,
+                "numProcPerNode": gpus_per_node,
+                "command": ["sh", "-c", script, "sh"],
+                "args": cli,
+                "env": [
+                    {"name": "MEDCRITICAL_RECIPE_YAML", "value": recipe_yaml},
+                    {"name": "MEDCRITICAL_WORKDIR", "value": "/tmp/medcritical-work"},
+                    {"name": "NCCL_DEBUG", "value": "WARN"},
+                    *secret_env,
+                ],
+                "resourcesPerNode": {"requests": resources, "limits": dict(resources)},
+            },
+            "podTemplateOverrides": [{
+                "targetJobs": [{"name": "node"}],
+                "spec": {
+                    "serviceAccountName": "medcritical",  # no API token (k8s/overlays/pipeline-rbac)
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                        "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {"sizeLimit": work}},
+                        {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
+                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+                    ],
+                    "containers": [{
+                        "name": "node",
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                         {"name": "home", "mountPath": "/home/medcritical"},
+                                         {"name": "dshm", "mountPath": "/dev/shm"}],
+                    }],
+                },
+            }],
+        },
+    }
+
+
+def _condition(job: dict, kind: str) -> dict | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def run_trainjob(manifest: dict, namespace: str, *, api=None, poll_s: float = 30.0, timeout_s: float | None = None,
+                 sleep=time.sleep) -> dict:
+    """Create the TrainJob (or find the one a failed attempt of this task created) and wait until it
+    completes; raise TrainJobError naming it when it fails. Returns its last state."""
+    from kubernetes.client.exceptions import ApiException
+
+    if api is None:
+        from kubernetes import client, config
+
+        config.load_incluster_config()
+        api = client.CustomObjectsApi()
+    name = manifest["metadata"]["name"]
+    where = f"TrainJob {namespace}/{name}"
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+        log.info("created %s (%s nodes)", where, manifest["spec"]["trainer"]["numNodes"])
+    except ApiException as e:
+        if e.status == 409:
+            log.info("%s exists (a retried task): waiting for it", where)
+        elif e.status == 404:
+            raise TrainJobError(f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2 (2.2 or "
+                                "later) or run with train_nodes=1") from e
+        elif e.status == 403:
+            raise TrainJobError(f"{where}: this task's ServiceAccount may not create TrainJobs; apply "
+                                "k8s/overlays/pipeline-rbac in this namespace") from e
+        else:
+            raise
+    started = time.monotonic()
+    while True:
+        job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if _condition(job, "Complete"):
+            log.info("%s completed", where)
+            return job
+        failed = _condition(job, "Failed")
+        if failed:
+            raise TrainJobError(f"{where} failed: {failed.get('reason', '')} {failed.get('message', '')}".rstrip()
+                                + f"; its pods' logs: kubectl -n {namespace} logs -l jobset.sigs.k8s.io/jobset-name={name}")
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise TrainJobError(f"{where}: not complete after {timeout_s:.0f} s")
+        sleep(poll_s)
+
+
+def own_namespace() -> str:
+    if not SA_NAMESPACE.is_file():
+        raise TrainJobError(f"{SA_NAMESPACE}: not inside a Kubernetes pod; train_nodes > 1 needs the cluster")
+    return SA_NAMESPACE.read_text(encoding="utf-8").strip()
+
+
+def run_component_on_nodes(step: str, recipe_yaml: str, run_root: str, name: str, metrics, *, nodes: int,
+                           gpus_per_node: int, image: str, s3_secret: str, api=None, namespace: str = "",
+                           **inputs) -> str:
+    """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
+    import json
+
+    from medcritical.recipe import dump_recipe
+    from medcritical.steps import input_file, join_uri, numeric_metrics
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The pipeline's run_root wins over the recipe's run.output_dir, as in steps.run_component_step.
+    recipe = load_recipe_text(recipe_yaml)
+    recipe_yaml = dump_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})}))
+    output_uri = join_uri(run_root, name)
+    manifest = trainjob_manifest(step, recipe_yaml, output_uri, inputs, image=image, nodes=nodes,
+                                 gpus_per_node=gpus_per_node, s3_secret=s3_secret)
+    run_trainjob(manifest, namespace or own_namespace(), api=api)
+    result = json.loads(input_file(output_uri, f"{step}_metrics.json").read_text(encoding="utf-8"))
+    for key, value in numeric_metrics(result).items():
+        metrics.log_metric(key, value)
+    return output_uri

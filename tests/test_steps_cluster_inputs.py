@@ -1,0 +1,60 @@
+"""What the cluster path feeds the steps: a teacher in S3, held-out pairs beside a pairs.jsonl URI,
+and the global batch kept when a training step spreads over several GPUs (real S3 server: SeaweedFS)."""
+
+import json
+
+import pytest
+
+from medcritical import steps, storage
+from medcritical.recipe import RecipeError, load_recipe
+
+PAIR = {"prompt": [{"role": "user", "content": "问"}], "chosen": [{"role": "assistant", "content": "对"}],
+        "rejected": [{"role": "assistant", "content": "错"}]}
+
+
+def test_dpo_fetches_the_heldout_pairs_beside_a_pairs_file_uri(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    rollout = tmp_path / "rollout"
+    rollout.mkdir()
+    for name in ("pairs.jsonl", "pairs_heldout.jsonl"):
+        (rollout / name).write_text(json.dumps(PAIR, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name in ("pairs.jsonl", "pairs_heldout.jsonl"):
+        storage.upload(rollout / name, f"s3://{s3_env}/run/round1-rollout/{name}")
+    uri = f"s3://{s3_env}/run/round1-rollout/pairs.jsonl"  # what the DPO Job passes
+
+    pairs = steps.input_file(uri, "pairs.jsonl")
+    heldout = steps.heldout_beside(uri, pairs)
+    assert heldout.is_file() and heldout.read_text(encoding="utf-8") == (rollout / "pairs_heldout.jsonl").read_text()
+
+
+def test_missing_heldout_pairs_are_logged_not_fatal(s3_env, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(PAIR) + "\n")
+    storage.upload(tmp_path / "pairs.jsonl", f"s3://{s3_env}/r/pairs.jsonl")
+    uri = f"s3://{s3_env}/r/pairs.jsonl"
+    heldout = steps.heldout_beside(uri, steps.input_file(uri, "pairs.jsonl"))
+    assert not heldout.is_file()
+    assert "no held-out pairs" in caplog.text
+
+
+def test_a_teacher_in_s3_is_downloaded_into_the_work_folder(s3_env, tiny_model, tmp_path, monkeypatch):
+    """distill.teacher_model: s3://... was taken for a local folder ("not a Hugging Face model folder")."""
+    monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    storage.upload(tiny_model, f"s3://{s3_env}/models/teacher")
+    recipe = load_recipe(None, ["distill.backend=transformers", f"distill.teacher_model=s3://{s3_env}/models/teacher",
+                                "distill.limit=2", "distill.attempts=1", "distill.max_new_tokens=4",
+                                "distill.verify=false", "run.device=cpu", "data.train_size=4", "data.eval_size=2"])
+    steps.prepare_data(recipe, str(tmp_path / "data"))
+    result = steps.distill(recipe, str(tmp_path / "data"), str(tmp_path / "distill"))
+    assert result  # ran the real teacher
+    assert any((tmp_path / "work" / "in").rglob("config.json")), "the teacher was not downloaded into the work folder"
+
+
+def test_several_gpus_keep_the_recipes_global_batch():
+    recipe = load_recipe(None, ["sft.trainer.per_device_train_batch_size=1", "sft.trainer.gradient_accumulation_steps=16"])
+    eight = steps.keep_global_batch("sft", recipe, 8)
+    assert eight.sft.settings["gradient_accumulation_steps"] == 2
+    dpo = steps.keep_global_batch("dpo", load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4)
+    assert dpo.selfplay.dpo.settings["gradient_accumulation_steps"] == 4
+    with pytest.raises(RecipeError, match="not a multiple of the 3 GPUs"):
+        steps.keep_global_batch("sft", recipe, 3)

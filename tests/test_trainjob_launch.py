@@ -1,0 +1,123 @@
+"""The pipeline's multi-node path: the TrainJob the sft/dpo task builds (checked like the shipped
+manifests) and how the task waits for it (its error handling, against a recording API object)."""
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from medcritical import trainjob
+from medcritical.recipe import dump_recipe, load_recipe
+from tests import k8s_rules
+from tests.test_k8s_manifests import ROOT, build, documented_secrets, schema_errors
+
+RECIPE = dump_recipe(load_recipe(ROOT / "recipes" / "full-zero3-8gpu.yaml"))
+INPUTS = {"distill_uri": "s3://b/runs/1/distill", "model_uri": ""}
+
+
+def manifest(nodes=2):
+    return trainjob.trainjob_manifest("sft", RECIPE, "s3://b/runs/1/sft", INPUTS, image="reg/medcritical-train-cuda:0.1.0",
+                                      nodes=nodes, gpus_per_node=8, s3_secret="medcritical-s3")
+
+
+def test_the_launched_trainjob_passes_the_schema_and_project_rules():
+    job = manifest()
+    job["metadata"]["namespace"] = "kubeflow"
+    assert schema_errors(job) == []
+    violations = k8s_rules.check([job], external_secrets=documented_secrets(),
+                                 provided=build(ROOT / "k8s" / "overlays" / "pipeline-rbac"))
+    assert [str(v) for v in violations] == []
+    node = k8s_rules.trainjob_pod(job["spec"])["containers"][0]
+    assert node["args"][:3] == ["-m", "medcritical.cli", "sft"] and "--dataset" in node["args"]
+    assert node["command"][:2] == ["sh", "-c"] and "exec torchrun" in node["command"][2]
+
+
+def test_the_trainjob_is_sized_by_the_plan():
+    from medcritical.plan import check, given_from_trainjob, plan_steps, quantity
+
+    job = manifest()
+    given = given_from_trainjob("TrainJob/x", job)
+    need = plan_steps(load_recipe(ROOT / "recipes" / "full-zero3-8gpu.yaml"), train_gpus=8, nodes=2)["sft"]
+    assert given.step == "sft" and given.gpus == 8 and given.nodes == 2
+    assert check(need, given, quantity("80Gi")) == []
+
+
+class RecordingApi:
+    """Answers like the Kubernetes API for one TrainJob: the states given, in order."""
+
+    def __init__(self, states, create_error=None):
+        self.states, self.create_error, self.created = list(states), create_error, []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        if self.create_error:
+            raise ApiException(status=self.create_error)
+        self.created.append((group, version, namespace, plural, body["metadata"]["name"]))
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        return self.states.pop(0)
+
+
+def state(kind, **extra):
+    return {"status": {"conditions": [{"type": kind, "status": "True", **extra}]}}
+
+
+def test_the_task_waits_until_the_trainjob_completes():
+    api = RecordingApi([{}, state("Suspended"), state("Complete")])
+    trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
+    assert api.created == [("trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs", manifest()["metadata"]["name"])]
+    assert api.states == []
+
+
+def test_a_retried_task_waits_for_the_trainjob_it_already_created():
+    api = RecordingApi([state("Complete")], create_error=409)
+    trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
+
+
+@pytest.mark.parametrize("status, words", [(404, "install Kubeflow Trainer v2"), (403, "k8s/overlays/pipeline-rbac")])
+def test_missing_trainer_or_permission_is_named(status, words):
+    with pytest.raises(trainjob.TrainJobError, match=words):
+        trainjob.run_trainjob(manifest(), "ns", api=RecordingApi([], create_error=status), sleep=lambda s: None)
+
+
+def test_a_failed_trainjob_fails_the_task_naming_it_and_its_logs():
+    api = RecordingApi([state("Failed", reason="BackoffLimitExceeded", message="node-1 exited 1")])
+    with pytest.raises(trainjob.TrainJobError, match=r"TrainJob ns/medcritical-sft-\w+ failed: BackoffLimitExceeded "
+                                                     r"node-1 exited 1; .*kubectl -n ns logs"):
+        trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
+
+
+def test_the_pipeline_passes_train_nodes_to_the_training_tasks():
+    import yaml
+
+    pipeline_doc = next(yaml.safe_load_all((ROOT / "pipelines" / "medcritical.yaml").read_text()))
+    for task in ("sft", "dpo"):
+        inputs = pipeline_doc["root"]["dag"]["tasks"][task]["inputs"]["parameters"]
+        assert inputs["train_nodes"] == {"componentInputParameter": "train_nodes"}
+        assert inputs["trainjob_image"]["runtimeValue"]["constant"].startswith("medcritical-train-cuda:")
+
+
+def test_the_component_path_returns_the_output_and_logs_the_trainjobs_metrics(tmp_path):
+    import json
+
+    class Metrics:
+        def __init__(self):
+            self.logged = {}
+
+        def log_metric(self, key, value):
+            self.logged[key] = value
+
+    run_root = tmp_path / "run"
+    (run_root / "sft").mkdir(parents=True)  # what rank 0 of the TrainJob publishes
+    (run_root / "sft" / "sft_metrics.json").write_text(json.dumps({"train_loss": 0.5, "world_size": 16}))
+    api, metrics = RecordingApi([state("Complete")]), Metrics()
+    created = []
+    api.create_namespaced_custom_object = lambda *args: created.append(args[-1])
+    output = trainjob.run_component_on_nodes("sft", RECIPE, str(run_root), "sft", metrics, nodes=2, gpus_per_node=8,
+                                             image="img:1", s3_secret="s3", api=api, namespace="ns", **INPUTS)
+    assert output == f"{run_root}/sft" and metrics.logged == {"train_loss": 0.5, "world_size": 16}
+    env = {e["name"]: e.get("value") for e in created[0]["spec"]["trainer"]["env"]}
+    assert load_recipe_from_env(env).run.output_dir == str(run_root)  # the pipeline's run_root wins
+
+
+def load_recipe_from_env(env):
+    from medcritical.recipe import load_recipe_text
+
+    return load_recipe_text(env["MEDCRITICAL_RECIPE_YAML"])
