@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 THINK_END = "</think>"
+THINK_START = "<think>"
+
+# Grade.status values
+ANSWERED, EMPTY, AMBIGUOUS, TRUNCATED, INVALID = "answered", "empty", "ambiguous", "truncated", "invalid"
 
 # Letters joined by nothing, spaces, commas, 、, /, 和/及/与, "and" — then no further latin letter, so
 # "答案：B Because" is B and "answer is Acute" is no answer.
@@ -46,6 +50,8 @@ _LETTERS_ONLY_LINE = re.compile(
 class Grade:
     predicted: str  # sorted letters as one string, "" when no valid answer was stated
     correct: bool
+    status: str = ANSWERED  # ANSWERED, EMPTY, AMBIGUOUS, TRUNCATED or INVALID
+    rule: str = ""  # the rule that decided (placeholder until the grader rewrite)
 
 
 def final_answer_text(output: str) -> str:
@@ -73,4 +79,7 @@ def extract_answer_letters(output: str, options: Iterable[str]) -> str:
 def grade_answer(output: str, gold: str, options: Iterable[str]) -> Grade:
     """Grade one free-text output against the gold letter set (e.g. "AC")."""
     predicted = extract_answer_letters(output, options)
-    return Grade(predicted=predicted, correct=bool(predicted) and set(predicted) == set(gold))
+    if output.rfind(THINK_START) > output.rfind(THINK_END):  # unclosed <think>: cut off mid-reasoning
+        return Grade(predicted="", correct=False, status=TRUNCATED, rule="unclosed-think")
+    status = ANSWERED if predicted else EMPTY
+    return Grade(predicted=predicted, correct=bool(predicted) and set(predicted) == set(gold), status=status)
