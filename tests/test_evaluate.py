@@ -8,6 +8,7 @@ from medcritical.cli import main
 from medcritical.data.cmexam import write_questions
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.metrics import summarize, wilson_interval
+from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.recipe import EvaluateConfig, GenerationConfig
 
 
@@ -82,15 +83,50 @@ def test_tiny_model_end_to_end_and_resume(tmp_path, tiny_model, bundled):
     for name in ("report.json", "report.md", "accuracy.png", "outputs.jsonl"):
         assert (out / name).is_file()
 
-    # Resume: a rerun over more questions generates only the new ones and keeps the old outputs.
+    # Resume: an interrupted evaluation generates only the questions it had not reached.
     before = read_jsonl(out / "outputs.jsonl")
-    evaluate_model(EvaluateConfig(), generation, bundled[:16], tiny_model, out, device="cpu")
+    (out / "outputs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in before[:5]))
+    evaluate_model(EvaluateConfig(), generation, questions, tiny_model, out, device="cpu")
     after = read_jsonl(out / "outputs.jsonl")
-    assert after[:12] == before and len(after) == 16
+    assert after[:5] == before[:5] and sorted(r["id"] for r in after) == sorted(r["id"] for r in before)
 
-    # Outputs of another setting are never mixed into the same report.
-    with pytest.raises(ValueError, match="other settings \\(max_new_tokens\\)"):
+    # Outputs of another setting or question set are never mixed into the same report.
+    with pytest.raises(ResumeMismatch, match="generation"):
         evaluate_model(EvaluateConfig(), GenerationConfig(max_new_tokens=8), questions, tiny_model, out, device="cpu")
+    with pytest.raises(ResumeMismatch, match="questions"):
+        evaluate_model(EvaluateConfig(), generation, bundled[:16], tiny_model, out, device="cpu")
+
+
+def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_path, tiny_model, bundled):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    questions, generation, out = bundled[:4], GenerationConfig(max_new_tokens=8), tmp_path / "eval"
+    evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu")
+    (out / "outputs.jsonl").write_text("".join(
+        json.dumps({**row, "output": "stale"}) + "\n" for row in read_jsonl(out / "outputs.jsonl")
+    ))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # "retrain": new weights, same path
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(model_dir)
+
+    with pytest.raises(ResumeMismatch, match="model") as error:
+        evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu")
+    assert "--restart" in str(error.value) and "questions" not in str(error.value)
+    evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu", restart=True)
+    assert all(row["output"] != "stale" for row in read_jsonl(out / "outputs.jsonl"))
+    # The CLI passes --restart through (and without it names the flag).
+    dataset = tmp_path / "eval.jsonl"
+    write_questions(questions, dataset)
+    args = ["evaluate", "--dataset", str(dataset), "--model", str(model_dir), "--output", str(out),
+            "--set", "generation.max_new_tokens=4", "--set", "run.device=cpu"]
+    assert main(args) == 2
+    assert main(args + ["--restart"]) == 0
 
 
 def test_loglik_scoring_predicts_an_option_letter_for_single_answer_questions(tmp_path, tiny_model, bundled):

@@ -193,7 +193,9 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
         return result
 
 
-def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "") -> dict:
+def evaluate(
+    recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "", restart: bool = False
+) -> dict:
     from medcritical.data.prepare import EVAL_FILE
     from medcritical.evaluation.evaluate import evaluate_model
 
@@ -202,7 +204,7 @@ def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, lab
     with local_output(output_uri) as out:
         return evaluate_model(
             recipe.evaluate, recipe.generation, questions, model, out,
-            device=recipe.run.device, dtype=recipe.model.dtype, label=label or None,
+            device=recipe.run.device, dtype=recipe.model.dtype, label=label or None, restart=restart,
         )
 
 

@@ -34,6 +34,11 @@ Score saved outputs without any model (mcq protocol):
     source.add_argument("--predictions", metavar="FILE", help="saved outputs to score instead of running a model")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the report")
     parser.add_argument("--label", help="a name for the model in the report (e.g. 'sft')")
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="discard outputs in --output made from other questions, prompt, settings or weights and start over "
+        "(without it such a folder is an error; matching outputs are always resumed)",
+    )
     parser.set_defaults(func=_evaluate)
 
 
@@ -50,7 +55,8 @@ def _evaluate(args) -> None:
         recipe = recipe_from_args(args)
         with questions_uri(args.dataset, recipe) as dataset:
             report = steps.evaluate(
-                recipe, data_uri=dataset, model_uri=args.model or "", output_uri=args.output, label=args.label or ""
+                recipe, data_uri=dataset, model_uri=args.model or "", output_uri=args.output, label=args.label or "",
+                restart=args.restart,
             )
     print(
         f"CMExam accuracy ({report['protocol']}): {100 * report['accuracy']:.1f}% "

@@ -7,7 +7,9 @@
   decides whether the free answer agrees with the reference answer and explanation.
 
 Generated outputs are appended to ``outputs.jsonl`` chunk by chunk, so an interrupted evaluation
-resumes where it stopped; grading is recomputed from them (cheap) on every run.
+resumes where it stopped; grading is recomputed from them (cheap) on every run. A rerun resumes
+only outputs made from the same questions, prompt, settings and model weights (``fingerprint.json``);
+anything else is an error naming what changed, or, with ``restart``, starts over.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from medcritical.data.cmexam import Question, load_questions
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import write_report
 from medcritical.grader import grade_answer
+from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import append_jsonl, read_jsonl
-from medcritical.prompts import mcq_messages, open_messages
+from medcritical.prompts import load_prompt, mcq_messages, open_messages
 from medcritical.recipe import EvaluateConfig, GenerationConfig
 
 log = logging.getLogger(__name__)
 
 OUTPUTS_JSONL = "outputs.jsonl"
+RESUMED_OUTPUTS = (OUTPUTS_JSONL, "judgements.jsonl")  # what a rerun continues; the fingerprint vouches for them
 CHUNK = 256  # questions generated between two appends to outputs.jsonl
 ANSWER_PREFIX = {"zh": "答案：", "en": "答案："}  # the mcq prompts ask for "答案：" in both languages
 
@@ -111,19 +115,23 @@ def _generate_missing(
     return done
 
 
-def _check_same_settings(output_dir: Path, settings: dict) -> None:
-    """Resume only outputs made with the same settings; never mix two models' answers in one report."""
-    path = output_dir / "outputs_settings.json"
-    if (output_dir / OUTPUTS_JSONL).is_file() and path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise ValueError(
-                f"{output_dir / OUTPUTS_JSONL} holds outputs made with other settings ({', '.join(changed)}); "
-                "use another --output folder or delete that file to start over"
-            )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
+def evaluation_fingerprint(
+    config: EvaluateConfig, generation: GenerationConfig, questions: Sequence[Question], model_path: str | Path
+) -> dict:
+    """What the saved outputs depend on: the questions' content, the prompt files' content, the
+    protocol settings and the model's weights. A rerun resumes only when all of them match."""
+    prompt = "mcq" if config.protocol == "mcq" else "open"
+    # Keys that change how the work is done, not what it produces, stay out.
+    settings = config.model_dump(mode="json", exclude={"limit"})
+    for key in ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries"):
+        settings.get("judge", {}).pop(key, None)
+    return {
+        "questions": questions_fingerprint(questions),
+        "prompt": load_prompt(prompt, config.language).version,
+        "evaluate": settings,
+        "generation": {"backend": generation.backend, "max_new_tokens": generation.max_new_tokens},
+        "model": model_fingerprint(model_path),
+    }
 
 
 def evaluate_model(
@@ -138,10 +146,13 @@ def evaluate_model(
     label: str | None = None,
     generator=None,
     judge=None,
+    restart: bool = False,
 ) -> dict:
     """Evaluate a model on `questions` under `config.protocol`; writes the report files, returns report.json.
 
     `generator` may be passed to reuse a model already in memory; `judge` to reuse a judge client.
+    Outputs already in `output_dir` are resumed only when they were made from the same questions,
+    prompt, settings and weights (`evaluation_fingerprint`); `restart` discards them instead.
     """
     from medcritical.modeling.generation import load_generator
 
@@ -179,8 +190,10 @@ def evaluate_model(
         max_new_tokens=generation.max_new_tokens, backend=generation.backend,
     )
     outputs_file = output_dir / OUTPUTS_JSONL
-    _check_same_settings(output_dir, {k: fields[k] for k in ("model", "language", "max_new_tokens")}
-                         | {"protocol": config.protocol, "scoring": config.scoring})
+    check_resume(
+        output_dir, evaluation_fingerprint(config, generation, questions, model_path),
+        outputs=RESUMED_OUTPUTS, restart=restart,
+    )
     if config.protocol == "mcq":
         outputs = _generate_missing(questions, outputs_file, mcq_rows)
         graded = grade_mcq(questions, {i: r["output"] for i, r in outputs.items()})
