@@ -56,6 +56,8 @@ def test_cli_scores_saved_predictions(tmp_path, bundled, capsys):
     assert graded[questions[0].id]["predicted"] == questions[0].answer and graded[questions[0].id]["correct"]
     assert graded[questions[2].id]["predicted"] == "" and not graded[questions[2].id]["correct"]
     assert "Accuracy (mcq): 50.0%" in (out / "report.md").read_text()
+    assert report["format"]["counts"]["empty"] == 2  # "I cannot tell." and the missing prediction
+    assert "Format (mcq): empty 33.3%" in (out / "report.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 1000
     assert "CMExam accuracy (mcq): 50.0%" in capsys.readouterr().out
 

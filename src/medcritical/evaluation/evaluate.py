@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from medcritical.data.cmexam import Question, load_questions
+from medcritical.evaluation.diagnostics import format_diagnostics, hit_token_limit, row_status
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import write_report
 from medcritical.grader import grade_answer
@@ -37,20 +38,25 @@ CHUNK = 256  # questions generated between two appends to outputs.jsonl
 ANSWER_PREFIX = {"zh": "答案：", "en": "答案："}  # the mcq prompts ask for "答案：" in both languages
 
 
-def grade_mcq(questions: Sequence[Question], outputs: dict[str, str]) -> list[dict]:
-    """One graded row per question; a question without output gets predicted "" and counts wrong."""
+def grade_mcq(questions: Sequence[Question], outputs: dict[str, dict], max_new_tokens: int | None = None) -> list[dict]:
+    """One graded row per question from its output row (``output``, optional ``num_tokens``); a
+    question without output gets predicted "" and counts wrong."""
     rows = []
     for q in questions:
         output = outputs.get(q.id)
-        grade = grade_answer(output or "", q.answer, q.options)
+        grade = grade_answer(output["output"] if output else "", q.answer, q.options)
+        limit = hit_token_limit(output.get("num_tokens") if output else None, max_new_tokens)
         rows.append(
             {
                 "id": q.id,
                 "predicted": grade.predicted,
                 "correct": grade.correct,
                 "gold": q.answer,
+                "status": row_status(grade.status, grade.predicted, limit),
+                "rule": grade.rule,
                 "multi_answer": q.is_multi_answer,
                 "has_output": output is not None,
+                "hit_token_limit": limit,
             }
         )
     return rows
@@ -60,6 +66,8 @@ def _report(protocol: str, questions, graded: list[dict], **fields) -> dict:
     report = summarize(protocol, questions, {row["id"]: row["correct"] for row in graded})
     report.update(fields)
     report["missing_predictions"] = [row["id"] for row in graded if not row["has_output"]]
+    if protocol == "mcq":
+        report["format"] = format_diagnostics(graded)
     return report
 
 
@@ -82,7 +90,7 @@ def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: 
     unknown = sorted(set(outputs) - known)
     if unknown:
         log.warning("%d predictions have ids not in %s (ignored), e.g. %s", len(unknown), dataset, unknown[:5])
-    graded = grade_mcq(questions, outputs)
+    graded = grade_mcq(questions, {i: {"output": text} for i, text in outputs.items()})
     report = _report("mcq", questions, graded, scoring="saved predictions", dataset=str(dataset),
                      model=f"predictions: {predictions}", unknown_ids=unknown)
     missing = report["missing_predictions"]
@@ -196,7 +204,7 @@ def evaluate_model(
     )
     if config.protocol == "mcq":
         outputs = _generate_missing(questions, outputs_file, mcq_rows)
-        graded = grade_mcq(questions, {i: r["output"] for i, r in outputs.items()})
+        graded = grade_mcq(questions, outputs, generation.max_new_tokens)
         for row in graded:
             row["output"] = outputs[row["id"]]["output"]
         report = _report("mcq", questions, graded, scoring=config.scoring, **fields)

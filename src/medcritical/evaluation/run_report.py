@@ -42,6 +42,31 @@ def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
     return ", ".join(shown) or "-"
 
 
+def _format_table(evaluations: dict[str, dict | None]) -> list[str]:
+    """Per model: the shares of outputs without a usable answer, the answers given, and the floor."""
+    shown = {name: r["format"] for name, r in evaluations.items() if r and r.get("format")}
+    if not shown:
+        return []
+    statuses = list(next(iter(shown.values()))["shares"])
+    lines = [
+        "Answer format (shares of outputs; a model near chance that leaves many empty or answers one letter "
+        "has not learned the format):",
+        "",
+        "| model | " + " | ".join(f"{s} %" for s in statuses) + " | hit token limit % | most given answers | gold |",
+        "|---|" + "---:|" * (len(statuses) + 1) + "---|---|",
+    ]
+    for name, d in shown.items():
+        top = ", ".join(f"{k} {v}" for k, v in list(d["predicted"].items())[:3])
+        gold = ", ".join(f"{k} {v}" for k, v in list(d["gold"].items())[:3])
+        lines.append(
+            f"| {name} | " + " | ".join(percent(d["shares"][s]) for s in statuses)
+            + f" | {percent(d['hit_token_limit'])} | {top} | {gold} |"
+        )
+    best = next(iter(shown.values()))["best_constant"]
+    lines += ["", f"Always answering {best['answer']} would score {percent(best['accuracy'])}%.", ""]
+    return lines
+
+
 def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
     import matplotlib
 
@@ -81,6 +106,7 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
         "|---|---|",
         *(f"| {name} | {_accuracy_cell(report)} |" for name, report in evaluations.items()),
         "",
+        *_format_table(evaluations),
         "## Steps",
         "",
         f"- data: {_numbers(stats.get('data'), ('train', 'eval', 'train_multi_answer'))}"
@@ -90,7 +116,7 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
     ]
     for number, round_stats in enumerate(stats.get("rounds", []), start=1):
         lines.append(
-            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'correction.wrong_trajectories', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
+            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'format.shares.empty', 'format.shares.truncated', 'correction.wrong_trajectories', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
         )
         lines.append(
             f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'stopped_early'))}"
