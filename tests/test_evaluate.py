@@ -131,13 +131,66 @@ def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_
     assert main(args + ["--restart"]) == 0
 
 
-def test_loglik_scoring_predicts_an_option_letter_for_single_answer_questions(tmp_path, tiny_model, bundled):
-    questions = [q for q in bundled if not q.is_multi_answer][:6]
-    report = evaluate_model(
-        EvaluateConfig(scoring="loglik"), GenerationConfig(max_new_tokens=8), questions, tiny_model, tmp_path, device="cpu"
-    )
-    graded = read_jsonl(tmp_path / "graded.jsonl")
-    assert report["scoring"] == "loglik"
-    assert all(len(row["predicted"]) == 1 and row["predicted"] in "ABCDE" for row in graded)
-    outputs = read_jsonl(tmp_path / "outputs.jsonl")
-    assert all(max(o["letter_logprobs"], key=o["letter_logprobs"].get) in o["output"] for o in outputs)
+def test_answer_candidates_are_every_non_empty_option_set():
+    from medcritical.evaluation.evaluate import answer_candidates
+
+    five = answer_candidates("ABCDE")
+    assert len(five) == 31 and len(set(five)) == 31 and five[:5] == list("ABCDE") and five[-1] == "ABCDE"
+    assert len(answer_candidates("ABCD")) == 15 and answer_candidates("ABCD", "single") == list("ABCD")
+
+
+def test_loglik_scoring_weighs_every_answer_set_and_never_reads_the_gold(tmp_path, tiny_model, bundled):
+    from dataclasses import replace
+
+    from medcritical.evaluation.evaluate import answer_candidates
+
+    questions = [q for q in bundled if q.is_multi_answer][:2] + [q for q in bundled if not q.is_multi_answer][:3]
+    config, generation = EvaluateConfig(scoring="loglik"), GenerationConfig(max_new_tokens=8)
+    report = evaluate_model(config, generation, questions, tiny_model, tmp_path / "a", device="cpu")
+    assert report["scoring"] == "loglik" and report["format"]["shares"]["answered"] == 1.0
+    outputs = {o["id"]: o for o in read_jsonl(tmp_path / "a" / "outputs.jsonl")}
+    graded = {row["id"]: row for row in read_jsonl(tmp_path / "a" / "graded.jsonl")}
+    for q in questions:
+        scores = outputs[q.id]["loglik"]
+        assert list(scores) == answer_candidates(q.options) and all(s < 0 for s in scores.values())
+        best = max(scores, key=scores.get)
+        assert outputs[q.id]["output"] == config.loglik_prefix + best and graded[q.id]["predicted"] == best
+
+    # The same questions with other gold answers: the same scores, the same predictions.
+    regolded = [replace(q, answer="A" if q.answer != "A" else "B") for q in questions]
+    evaluate_model(config, generation, regolded, tiny_model, tmp_path / "b", device="cpu")
+    assert {o["id"]: o["loglik"] for o in read_jsonl(tmp_path / "b" / "outputs.jsonl")} == {
+        i: o["loglik"] for i, o in outputs.items()
+    }
+
+
+def test_loglik_scores_the_reply_the_trained_format_would_write(tiny_model, bundled):
+    """The candidate score is the log-probability of the whole reply, as a hand-built forward pass gives."""
+    import torch
+
+    from medcritical.evaluation.evaluate import loglik_rows
+    from medcritical.modeling.generation import TransformersGenerator
+    from medcritical.prompts import mcq_messages
+
+    generator = TransformersGenerator(tiny_model, device="cpu", batch_size=4)
+    q = next(q for q in bundled if len(q.options) == 4)
+    config = EvaluateConfig(scoring="loglik", loglik_answers="single")
+    (row,) = loglik_rows(generator, [q], config)
+    tok = generator.tokenizer
+    prompt = generator.encode_prompts([mcq_messages(q)])[0]
+    reply = tok.encode(config.loglik_prefix + "B" + tok.eos_token, add_special_tokens=False)
+    assert reply[-1] == tok.eos_token_id  # the end of turn is one token, not its spelling
+    with torch.no_grad():
+        logprobs = generator.model(torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
+    expected = sum(logprobs[len(prompt) + i - 1, t].item() for i, t in enumerate(reply))
+    assert row["loglik"]["B"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_loglik_on_a_backend_without_scores_fails_before_any_work(monkeypatch):
+    from medcritical.evaluation.evaluate import check_loglik_backend
+    from medcritical.modeling import generation
+
+    check_loglik_backend("transformers")
+    monkeypatch.delattr(generation.VLLMGenerator, "continuation_logprobs", raising=False)
+    with pytest.raises(ValueError, match="'vllm' generation backend"):
+        check_loglik_backend("vllm")

@@ -115,9 +115,16 @@ class JudgeConfig(Section):
 class EvaluateConfig(Section):
     # mcq: options shown, letters graded. judge: no options, a judge grades the free answer.
     protocol: Literal["mcq", "judge"] = "mcq"
-    # mcq only: "generate" (free text + the grader) or "loglik" (likelihood of each option letter;
-    # single-answer questions only, multi-answer ones are still generated).
+    # mcq only: "generate" (free text + the grader) or "loglik" (the most likely answer among the
+    # candidates below, scored as the model's reply; no generation, never looks at the gold answer).
     scoring: Literal["generate", "loglik"] = "generate"
+    # loglik: which answers are candidates. "subsets": every non-empty set of options (31 for five),
+    # so multi-answer questions are scored like the others (CMExam does not say which ones are
+    # multi-answer); "single": one letter each (5x cheaper; multi-answer questions then count wrong).
+    loglik_answers: Literal["subsets", "single"] = "subsets"
+    # loglik: the reply's opening before the letters, in the trained format (an empty reasoning block,
+    # then the answer statement of the SFT traces). Each candidate is this + letters + end of turn.
+    loglik_prefix: str = "<think>\n\n</think>\n答案："
     language: Literal["zh", "en"] = "zh"
     limit: int | None = None  # evaluate only the first N questions (quick checks)
     judge: JudgeConfig = JudgeConfig()

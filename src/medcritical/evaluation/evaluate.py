@@ -2,7 +2,8 @@
 
 - ``mcq``: the question with its options; the answer letters are read by the one grader
   (`medcritical.grader`) from generated text, or, with ``scoring: loglik``, taken as the most likely
-  option letter after "答案：" (single-answer questions; multi-answer ones are still generated).
+  complete answer among every non-empty set of options, written in the trained format
+  (`loglik_rows`); the gold answer plays no part in how a question is scored.
 - ``judge``: the question without options; a judge model behind an OpenAI-compatible endpoint
   decides whether the free answer agrees with the reference answer and explanation.
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 OUTPUTS_JSONL = "outputs.jsonl"
 RESUMED_OUTPUTS = (OUTPUTS_JSONL, "judgements.jsonl")  # what a rerun continues; the fingerprint vouches for them
 CHUNK = 256  # questions generated between two appends to outputs.jsonl
-ANSWER_PREFIX = {"zh": "答案：", "en": "答案："}  # the mcq prompts ask for "答案：" in both languages
 
 
 def grade_mcq(questions: Sequence[Question], outputs: dict[str, dict], max_new_tokens: int | None = None) -> list[dict]:
@@ -123,6 +123,69 @@ def _generate_missing(
     return done
 
 
+def answer_candidates(options: Sequence[str], kind: str = "subsets") -> list[str]:
+    """Every answer the loglik scoring weighs: each non-empty set of option letters, letters sorted
+    as the SFT traces write them ("subsets": 2^k - 1), or each single letter ("single")."""
+    letters = sorted(options)
+    if kind == "single":
+        return letters
+    return sorted(
+        ("".join(c for i, c in enumerate(letters) if mask >> i & 1) for mask in range(1, 1 << len(letters))),
+        key=lambda s: (len(s), s),
+    )
+
+
+def check_loglik_backend(backend: str) -> None:
+    """Fail before any work when the generation backend cannot score continuations."""
+    from medcritical.modeling import generation
+
+    cls = {"transformers": "TransformersGenerator", "vllm": "VLLMGenerator"}.get(backend)
+    if not hasattr(getattr(generation, cls or "", None), "continuation_logprobs"):
+        raise ValueError(
+            f"evaluate.scoring 'loglik' needs continuation log-probabilities, which the {backend!r} generation "
+            "backend does not offer here; use generation.backend: transformers or evaluate.scoring: generate"
+        )
+
+
+def end_of_turn(generator) -> str:
+    """The token text that closes the model's reply (its EOS, e.g. <|im_end|> for Qwen chat models):
+    scored after the letters so that "A" cannot win just by being a prefix of "AB"."""
+    tokenizer = getattr(generator, "tokenizer", None)
+    if tokenizer is None and hasattr(generator, "llm"):  # vLLM
+        tokenizer = generator.llm.get_tokenizer()
+    if tokenizer is None or not tokenizer.eos_token:
+        raise ValueError("loglik scoring needs the model's end-of-sequence token; its tokenizer defines none")
+    return tokenizer.eos_token
+
+
+def loglik_rows(generator, questions: Sequence[Question], config: EvaluateConfig) -> list[dict]:
+    """The most likely complete answer of each question among `answer_candidates`, by the summed
+    log-probability of ``loglik_prefix + letters + end of turn`` as the model's reply.
+
+    Not length-normalized: each candidate is a whole reply ending with the end-of-turn token, so its
+    summed log-probability is the probability of writing exactly that reply; a per-token average
+    would favour long letter sets and depends on how the tokenizer merges letters ("AB" may be one
+    token). The gold answer is never read."""
+    candidates = [answer_candidates(q.options, config.loglik_answers) for q in questions]
+    end = end_of_turn(generator)
+    scores = generator.continuation_logprobs(
+        [mcq_messages(q, config.language) for q in questions],
+        [[config.loglik_prefix + answer + end for answer in answers] for answers in candidates],
+    )
+    rows = []
+    for q, answers, answer_scores in zip(questions, candidates, scores):
+        best = max(range(len(answers)), key=answer_scores.__getitem__)
+        rows.append(
+            {
+                "id": q.id,
+                "output": config.loglik_prefix + answers[best],
+                "loglik": {a: round(s, 4) for a, s in zip(answers, answer_scores)},
+                "num_tokens": 0,
+            }
+        )
+    return rows
+
+
 def evaluation_fingerprint(
     config: EvaluateConfig, generation: GenerationConfig, questions: Sequence[Question], model_path: str | Path
 ) -> dict:
@@ -167,6 +230,8 @@ def evaluate_model(
     output_dir = Path(output_dir)
     questions = list(questions)[: config.limit] if config.limit else list(questions)
     started = time.perf_counter()
+    if config.protocol == "mcq" and config.scoring == "loglik":
+        check_loglik_backend(generation.backend)
     if generator is None:
         generator = load_generator(model_path, generation, device=device, dtype=dtype)
     language = config.language
@@ -183,15 +248,7 @@ def evaluate_model(
     def mcq_rows(chunk: list[Question]) -> list[dict]:
         if config.scoring == "generate":
             return generate_rows(chunk, mcq_messages)
-        single = [q for q in chunk if not q.is_multi_answer]
-        scores = generator.letter_logprobs(
-            [mcq_messages(q, language) for q in single], [list(q.options) for q in single], ANSWER_PREFIX[language]
-        )
-        rows = [
-            {"id": q.id, "output": "答案：" + max(s, key=s.get), "letter_logprobs": s, "num_tokens": 0}
-            for q, s in zip(single, scores)
-        ]
-        return rows + generate_rows([q for q in chunk if q.is_multi_answer], mcq_messages)
+        return loglik_rows(generator, chunk, config)
 
     fields = dict(
         model=str(model_path), dataset=f"{len(questions)} questions", label=label, language=language,
