@@ -217,12 +217,18 @@ def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: st
         except FileNotFoundError:
             return None
 
+    def read_correct(uri: str) -> dict | None:
+        from medcritical.evaluation.compare import correct_by_id
+
+        try:
+            return correct_by_id(input_file(uri, "graded.jsonl"))
+        except FileNotFoundError:
+            return None
+
     root = recipe.run.root
-    evaluations = {
-        "base": read_json(base_eval_uri, "report.json"),
-        "sft": read_json(sft_eval_uri, "report.json"),
-        "dpo": read_json(dpo_eval_uri, "report.json"),
-    }
+    eval_uris = {"base": base_eval_uri, "sft": sft_eval_uri, "dpo": dpo_eval_uri}
+    evaluations = {name: read_json(uri, "report.json") for name, uri in eval_uris.items()}
+    correct = {name: read_correct(uri) for name, uri in eval_uris.items() if evaluations[name]}
     stats = {
         "data": read_json(join_uri(root, DATA), "data_stats.json"),
         "distill": read_json(join_uri(root, DISTILL), "distill_stats.json"),
@@ -236,7 +242,7 @@ def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: st
         ],
     }
     with local_output(output_uri) as out:
-        return write_run_report(recipe, evaluations, stats, out)
+        return write_run_report(recipe, evaluations, stats, out, correct_by_model=correct)
 
 
 STEPS = {f.__name__: f for f in (prepare_data, distill, sft, rollout, dpo, evaluate, report)}

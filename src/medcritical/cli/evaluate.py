@@ -41,6 +41,18 @@ Score saved outputs without any model (mcq protocol):
     )
     parser.set_defaults(func=_evaluate)
 
+    compare = subparsers.add_parser(
+        "compare",
+        help="paired test of two evaluations on the same questions (exact McNemar, bootstrap CI)",
+        description="Compare two evaluation folders (each with graded.jsonl), or two run folders (their "
+        "eval-* folders of the same name): accuracy difference, its paired-bootstrap 95%% interval and the "
+        "exact McNemar p-value, over the questions both answered.",
+    )
+    compare.add_argument("first", metavar="RUN_A", help="evaluation folder or run folder")
+    compare.add_argument("second", metavar="RUN_B", help="evaluation folder or run folder")
+    compare.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    compare.set_defaults(func=_compare)
+
 
 def _evaluate(args) -> None:
     from medcritical.evaluation.evaluate import score_predictions
@@ -65,3 +77,12 @@ def _evaluate(args) -> None:
     )
 
 
+
+
+def _compare(args) -> None:
+    import json
+
+    from medcritical.evaluation.compare import compare, compare_markdown
+
+    rows = compare(args.first, args.second)
+    print(json.dumps(rows, indent=2) if args.json else compare_markdown(rows))

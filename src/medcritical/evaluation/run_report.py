@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from medcritical.evaluation.report import percent
+from medcritical.evaluation.stats import paired_markdown, paired_table
 from medcritical.recipe import Recipe, dump_recipe
 
 PLOT = "models.png"
@@ -40,6 +41,18 @@ def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
             # rollout.pass@1 -> pass@1, heldout.margin -> heldout_margin
             shown.append(f"{key.replace('heldout.', 'heldout_').rsplit('.', 1)[-1]}={value}")
     return ", ".join(shown) or "-"
+
+
+def _paired_section(paired: list[dict]) -> list[str]:
+    if not paired:
+        return []
+    return [
+        "Paired tests on the same questions (did the step move the answers? a difference whose interval "
+        "holds 0, or McNemar p above 0.05, is not shown to be real):",
+        "",
+        *paired_markdown(paired),
+        "",
+    ]
 
 
 def _format_table(evaluations: dict[str, dict | None]) -> list[str]:
@@ -90,13 +103,22 @@ def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
     plt.close(fig)
 
 
-def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats: dict, output_dir: Path) -> dict:
-    """Write report.md, report.json and models.png; return the headline numbers and the Markdown."""
+def write_run_report(
+    recipe: Recipe,
+    evaluations: dict[str, dict | None],
+    stats: dict,
+    output_dir: Path,
+    correct_by_model: dict[str, dict[str, bool] | None] | None = None,
+) -> dict:
+    """Write report.md, report.json and models.png; return the headline numbers and the Markdown.
+
+    `correct_by_model` (per-question correctness of each evaluation) adds the paired tests."""
     protocols = {r["protocol"] for r in evaluations.values() if r}
     if len(protocols) > 1:  # never mix protocols in one comparison
         raise ValueError(f"the evaluations used different protocols {sorted(protocols)}; evaluate all models alike")
     protocol = protocols.pop() if protocols else recipe.evaluate.protocol
     n_eval = next((r["n"] for r in evaluations.values() if r), 0)
+    paired = paired_table({name: c for name, c in (correct_by_model or {}).items() if c})
     lines = [
         f"# MedCritical run `{recipe.run.name}`",
         "",
@@ -107,6 +129,7 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
         *(f"| {name} | {_accuracy_cell(report)} |" for name, report in evaluations.items()),
         "",
         *_format_table(evaluations),
+        *_paired_section(paired),
         "## Steps",
         "",
         f"- data: {_numbers(stats.get('data'), ('train', 'eval', 'train_multi_answer'))}"
@@ -130,6 +153,7 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
         "protocol": protocol,
         **{f"accuracy_{name}": report["accuracy"] for name, report in evaluations.items() if report},
         "evaluations": evaluations,
+        "paired": paired,
         "steps": stats,
     }
     (output_dir / "report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
