@@ -32,6 +32,8 @@ def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
         if config.eval_size:
             evaluation = take(evaluation, config.eval_size, seed)
     else:
+        if config.eval_size is None:
+            raise DataError("data.eval_size is null but there is no data.eval_source: name the evaluation file, or give a number of questions to split off")
         train, evaluation = split_questions(loaded.questions, config.eval_size, seed)
     leaked = overlapping(train, evaluation)
     if leaked and config.on_leakage == "error":
