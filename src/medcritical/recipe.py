@@ -129,6 +129,10 @@ class EvaluateConfig(Section):
     loglik_prefix: str = "<think>\n\n</think>\n答案："
     language: Literal["zh", "en"] = "zh"
     limit: int | None = None  # evaluate only the first N questions (quick checks)
+    # After each DPO round, how many of the round's training questions (a seeded choice; null: all) the
+    # DPO model answers again with the rollout's settings: pass@1 before -> after DPO and the paired
+    # test in the run report. 0: off. Runs in the DPO step on the transformers backend (k samples each).
+    train_pass_questions: int | None = Field(0, ge=0)
     judge: JudgeConfig = JudgeConfig()
 
 

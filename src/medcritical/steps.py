@@ -190,7 +190,32 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
         )
         if result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(model_uri or recipe.model.base, encoding="utf-8")
+        elif recipe.evaluate.train_pass_questions != 0 and _is_main_process():
+            result["train_pass"] = _train_pass(recipe, pairs.parent, out)
         return result
+
+
+def _train_pass(recipe: Recipe, rollout_dir: Path, out: Path) -> dict | None:
+    """pass@1 on the round's training questions before (its rollout) and after DPO (evaluate.train_pass_questions)."""
+    from medcritical.data.prepare import TRAIN_FILE
+    from medcritical.evaluation.train_pass import train_pass
+    from medcritical.io.jsonl import read_jsonl
+    from medcritical.selfplay.step import ROLLOUTS
+
+    before = read_jsonl(rollout_dir / ROLLOUTS)
+    try:  # the questions' text and options: the data step's training file under the run root
+        questions = _questions(join_uri(recipe.run.root, DATA), TRAIN_FILE, recipe)
+    except FileNotFoundError as e:
+        log.warning("training pass@1 after DPO not measured: %s", e)
+        return None
+    if not before:
+        log.warning("training pass@1 after DPO not measured: no %s beside the pairs in %s", ROLLOUTS, rollout_dir)
+        return None
+    generation = recipe.generation.model_copy(update={"backend": "transformers"})  # the training image has no vLLM
+    return train_pass(
+        recipe.selfplay.rollout, generation, questions, before, resolve_model_uri(recipe, str(out)), out,
+        limit=recipe.evaluate.train_pass_questions, device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+    )
 
 
 def evaluate(
@@ -237,6 +262,7 @@ def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: st
             {
                 "rollout": read_json(join_uri(root, round_name(r, "rollout")), "rollout_stats.json"),
                 "dpo": read_json(join_uri(root, round_name(r, "dpo")), "dpo_metrics.json"),
+                "train_pass": read_json(join_uri(root, round_name(r, "dpo")), "train_pass.json"),
             }
             for r in range(1, recipe.selfplay.rounds + 1)
         ],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medcritical.evaluation.report import percent
 from medcritical.evaluation.stats import paired_markdown, paired_table
+from medcritical.evaluation.train_pass import train_pass_line
 from medcritical.recipe import Recipe, dump_recipe
 
 PLOT = "models.png"
@@ -144,6 +145,8 @@ def write_run_report(
         lines.append(
             f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'stopped_early'))}"
         )
+        if round_stats.get("train_pass"):
+            lines.append(f"- round {number} training questions' pass@1 before → after DPO: {train_pass_line(round_stats['train_pass'])}")
     lines += ["", f"![accuracy by model]({PLOT})", ""]
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)
