@@ -232,6 +232,11 @@ def evaluate_model(
     started = time.perf_counter()
     if config.protocol == "mcq" and config.scoring == "loglik":
         check_loglik_backend(generation.backend)
+    # Before loading anything: a folder of another model's outputs is an error at once.
+    check_resume(
+        output_dir, evaluation_fingerprint(config, generation, questions, model_path),
+        outputs=RESUMED_OUTPUTS, restart=restart,
+    )
     if generator is None:
         generator = load_generator(model_path, generation, device=device, dtype=dtype)
     language = config.language
@@ -255,10 +260,6 @@ def evaluate_model(
         max_new_tokens=generation.max_new_tokens, backend=generation.backend,
     )
     outputs_file = output_dir / OUTPUTS_JSONL
-    check_resume(
-        output_dir, evaluation_fingerprint(config, generation, questions, model_path),
-        outputs=RESUMED_OUTPUTS, restart=restart,
-    )
     if config.protocol == "mcq":
         outputs = _generate_missing(questions, outputs_file, mcq_rows)
         graded = grade_mcq(questions, outputs, generation.max_new_tokens)
