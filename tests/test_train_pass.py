@@ -46,3 +46,31 @@ def test_train_pass_reuses_the_rollout_on_the_same_questions(tmp_path, tiny_mode
     assert len(after) == 6 and {r["question_id"] for r in after} <= {q.id for q in questions[:4]}
     assert stats["format_after"]["n"] == 6
     assert json.loads((tmp_path / "train_pass.json").read_text())["questions"] == 3
+
+
+def test_dpo_step_glue_finds_the_rollout_the_questions_and_the_model(tmp_path, tiny_model, bundled):
+    """steps._train_pass: rollouts beside the pairs, questions from the run's data step, the DPO folder's model."""
+    import shutil
+
+    from medcritical import steps
+    from medcritical.data.cmexam import write_questions
+    from medcritical.recipe import load_recipe
+
+    root = tmp_path / "run"
+    write_questions(bundled[:5], root / "data" / "train.jsonl")
+    rollout_dir, dpo_dir = root / "round1-rollout", root / "round1-dpo"
+    rollout_dir.mkdir()
+    (rollout_dir / "rollouts.jsonl").write_text("".join(
+        json.dumps({"question_id": q.id, "sample": s, "correct": False}) + "\n" for q in bundled[:5] for s in range(2)
+    ))
+    shutil.copytree(tiny_model, dpo_dir / "model")
+    recipe = load_recipe(overrides=[
+        f"run.output_dir={root}", "run.device=cpu", "evaluate.train_pass_questions=2",
+        "selfplay.rollout.samples_per_question=2", "selfplay.rollout.max_new_tokens=4",
+    ])
+    stats = steps._train_pass(recipe, rollout_dir, dpo_dir)
+    assert stats["questions"] == 2 and stats["pass@1_before"] == 0.0
+    assert (dpo_dir / "train_pass.json").is_file()
+    # The report reads it per round.
+    report = steps.report(recipe, str(root / "report"), str(root / "eval-base"), str(root / "eval-sft"), str(root / "eval-dpo-round1"))
+    assert "round 1 training questions' pass@1 before → after DPO: 0.0% →" in report["markdown"]
