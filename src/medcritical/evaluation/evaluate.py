@@ -193,7 +193,7 @@ def evaluation_fingerprint(
     protocol settings and the model's weights. A rerun resumes only when all of them match."""
     prompt = "mcq" if config.protocol == "mcq" else "open"
     # Keys that change how the work is done, not what it produces, stay out.
-    settings = config.model_dump(mode="json", exclude={"limit"})
+    settings = config.model_dump(mode="json", exclude={"limit", "train_pass_questions"})
     for key in ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries"):
         settings.get("judge", {}).pop(key, None)
     return {
