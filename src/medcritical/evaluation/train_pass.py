@@ -58,9 +58,13 @@ def before_after(before: Sequence[dict], after: Sequence[dict], *, seed: int = 0
     shared = sorted(b.keys() & a.keys())
     if not shared:
         raise ValueError("no question was answered both before and after DPO")
-    mean = lambda samples: sum(samples.values()) / len(samples)  # noqa: E731
+    def mean(samples: dict[int, bool]) -> float:
+        return sum(samples.values()) / len(samples)
+
+    def first(samples: dict[int, bool]) -> bool:
+        return samples[min(samples)]
+
     differences = [mean(a[q]) - mean(b[q]) for q in shared]
-    first = lambda samples: samples[min(samples)]  # noqa: E731
     only_before = sum(first(b[q]) and not first(a[q]) for q in shared)
     only_after = sum(first(a[q]) and not first(b[q]) for q in shared)
     low, high = bootstrap_mean_interval(differences, seed=seed)
