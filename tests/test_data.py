@@ -11,9 +11,11 @@ import pytest
 from medcritical.data.cmexam import DataError, load_questions, parse_options
 from medcritical.data.config import DataConfig
 from medcritical.data.prepare import prepare_data
-from medcritical.data.splits import normalize_text, overlapping, split_questions
+from medcritical.data.splits import find_leaks, normalize_text, overlapping, split_questions
 
 SHARED_VAL = Path(__file__).resolve().parents[2] / "shared/data/cmexam/val.xlsx"
+# The same file seen from a helper worktree (/work/wt/<name>/tests -> /work/shared).
+VAL = next((p for p in (SHARED_VAL, Path(__file__).resolve().parents[3] / "shared/data/cmexam/val.xlsx") if p.is_file()), SHARED_VAL)
 HEADER = ["Question", "Options", "Answer", "Explanation"]
 ANNOTATIONS = ["Disease Group", "Clinical Department", "Medical Discipline", "Competency", "Difficulty level"]
 
@@ -111,9 +113,9 @@ def test_option_parsing_variants():
     assert parse_options("A. 甲\nB、乙\nC：丙") == {"A": "甲", "B": "乙", "C": "丙"}
 
 
-@pytest.mark.skipif(not SHARED_VAL.is_file(), reason="../shared/data/cmexam/val.xlsx not beside the checkout")
+@pytest.mark.skipif(not VAL.is_file(), reason="../shared/data/cmexam/val.xlsx not beside the checkout")
 def test_real_cmexam_validation_split():
-    result = load_questions(SHARED_VAL)
+    result = load_questions(VAL)
     # 6,811 rows; one has the answer 'N' (not an option) and is reported, not silently dropped.
     assert len(result.questions) + len(result.bad_rows) == 6811
     assert [(b.row, b.reason) for b in result.bad_rows] == [(5356, "answer letter(s) N not among options ABCDE")]
@@ -152,3 +154,52 @@ def test_prepare_data_drops_leaked_training_questions(tmp_path, bundled):
         prepare_data(
             DataConfig(source=str(source), eval_source=str(evaluation), eval_size=0, on_leakage="error"), 0, tmp_path / "o2"
         )
+    stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())
+    assert stats["leakage"]["exact"] == 10 and len(stats["leakage"]["pairs"]) == 10
+
+
+def test_full_eval_file_is_not_sampled_when_eval_size_is_null(tmp_path, bundled):
+    from medcritical.data.cmexam import write_questions
+
+    write_questions(bundled[:300], tmp_path / "train.jsonl")
+    write_questions(bundled[300:], tmp_path / "test.jsonl")
+    config = DataConfig(source=str(tmp_path / "train.jsonl"), eval_source=str(tmp_path / "test.jsonl"), eval_size=None)
+    assert prepare_data(config, 0, tmp_path / "out")["eval"] == 100
+    with pytest.raises(DataError, match="eval_size is null but there is no data.eval_source"):
+        prepare_data(DataConfig(eval_size=None), 0, tmp_path / "o2")
+
+
+def test_near_duplicates_are_caught_and_distinct_questions_are_not(bundled):
+    from dataclasses import replace
+
+    e = next(q for q in bundled if len(q.options) == 5 and len(q.question) > 12 and not q.is_multi_answer)
+    letters = list(e.options)
+    shuffled = dict(zip(letters, reversed(list(e.options.values()))))
+    gold_text = e.options[e.answer]
+    moved_gold = next(letter for letter, text in shuffled.items() if text == gold_text)
+    cases = {
+        "shuffled": replace(e, id="shuffled", options=shuffled, answer=moved_gold),  # options in another order
+        "spaced": replace(e, id="spaced", question=" ".join(e.question)),  # whitespace everywhere
+        "one_char": replace(e, id="one_char", question=e.question[:5] + "某" + e.question[6:]),  # one character edited
+        "new_distractors": replace(  # same stem, other wrong options, the same correct one
+            e, id="new_distractors", options={l: (t if l == e.answer else f"其他选项{l}") for l, t in e.options.items()}
+        ),
+        "other_stem": replace(e, id="other_stem", question="下列哪一项属于完全不同的另一道考题的题干内容"),  # same options only
+        "unrelated": next(q for q in bundled if q.id != e.id and normalize_text(q.question) != normalize_text(e.question)),
+    }
+    found = {leak.train_id: leak.kind for leak in find_leaks(list(cases.values()), [e])}
+    assert found == {"shuffled": "exact", "spaced": "exact", "one_char": "near", "new_distractors": "near"}
+
+
+@pytest.mark.skipif(not VAL.is_file(), reason="CMExam val.xlsx not in ../shared/data/cmexam")
+def test_leakage_check_on_the_real_validation_file():
+    """Both halves of CMExam's 6,811-question val file: 2 exact and 13 near duplicates, all genuine
+    (same item re-worded, re-ordered or with other distractors). ~3 s on one busy core."""
+    questions = load_questions(VAL).questions
+    half = len(questions) // 2
+    leaks = find_leaks(questions[:half], questions[half:])
+    assert sum(leak.kind == "exact" for leak in leaks) == 2 and len(leaks) == 15
+    by_id = {q.id: q for q in questions}
+    pairs = {(by_id[leak.train_id].question, by_id[leak.eval_id].question) for leak in leaks}
+    assert ("风湿性心脏病严重二尖瓣狭窄突发大咯血的原因是", "风湿性心脏病严重二尖瓣狭窄突发大咯血是由于") in pairs
+    assert not any("脏是" in a for a, _ in pairs)  # 主统血的脏是 / 具有通调水道功能的脏是: same options, other questions

@@ -9,6 +9,7 @@ from medcritical.data.cmexam import write_questions
 from medcritical.evaluation.config import EvaluateConfig
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.metrics import summarize, wilson_interval
+from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.modeling.config import GenerationConfig
 
 
@@ -56,6 +57,8 @@ def test_cli_scores_saved_predictions(tmp_path, bundled, capsys):
     assert graded[questions[0].id]["predicted"] == questions[0].answer and graded[questions[0].id]["correct"]
     assert graded[questions[2].id]["predicted"] == "" and not graded[questions[2].id]["correct"]
     assert "Accuracy (mcq): 50.0%" in (out / "report.md").read_text()
+    assert report["format"]["counts"]["empty"] == 2  # "I cannot tell." and the missing prediction
+    assert "Format (mcq): empty 33.3%" in (out / "report.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 1000
     assert "CMExam accuracy (mcq): 50.0%" in capsys.readouterr().out
 
@@ -83,24 +86,112 @@ def test_tiny_model_end_to_end_and_resume(tmp_path, tiny_model, bundled):
     for name in ("report.json", "report.md", "accuracy.png", "outputs.jsonl"):
         assert (out / name).is_file()
 
-    # Resume: a rerun over more questions generates only the new ones and keeps the old outputs.
+    # Resume: an interrupted evaluation generates only the questions it had not reached.
     before = read_jsonl(out / "outputs.jsonl")
-    evaluate_model(EvaluateConfig(), generation, bundled[:16], tiny_model, out, device="cpu")
+    (out / "outputs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in before[:5]))
+    evaluate_model(EvaluateConfig(), generation, questions, tiny_model, out, device="cpu")
     after = read_jsonl(out / "outputs.jsonl")
-    assert after[:12] == before and len(after) == 16
+    assert after[:5] == before[:5] and sorted(r["id"] for r in after) == sorted(r["id"] for r in before)
 
-    # Outputs of another setting are never mixed into the same report.
-    with pytest.raises(ValueError, match="other settings \\(max_new_tokens\\)"):
+    # Outputs of another setting or question set are never mixed into the same report.
+    with pytest.raises(ResumeMismatch, match="generation"):
         evaluate_model(EvaluateConfig(), GenerationConfig(max_new_tokens=8), questions, tiny_model, out, device="cpu")
+    with pytest.raises(ResumeMismatch, match="questions"):
+        evaluate_model(EvaluateConfig(), generation, bundled[:16], tiny_model, out, device="cpu")
 
 
-def test_loglik_scoring_predicts_an_option_letter_for_single_answer_questions(tmp_path, tiny_model, bundled):
-    questions = [q for q in bundled if not q.is_multi_answer][:6]
-    report = evaluate_model(
-        EvaluateConfig(scoring="loglik"), GenerationConfig(max_new_tokens=8), questions, tiny_model, tmp_path, device="cpu"
-    )
-    graded = read_jsonl(tmp_path / "graded.jsonl")
-    assert report["scoring"] == "loglik"
-    assert all(len(row["predicted"]) == 1 and row["predicted"] in "ABCDE" for row in graded)
-    outputs = read_jsonl(tmp_path / "outputs.jsonl")
-    assert all(max(o["letter_logprobs"], key=o["letter_logprobs"].get) in o["output"] for o in outputs)
+def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_path, tiny_model, bundled):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    questions, generation, out = bundled[:4], GenerationConfig(max_new_tokens=8), tmp_path / "eval"
+    evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu")
+    (out / "outputs.jsonl").write_text("".join(
+        json.dumps({**row, "output": "stale"}) + "\n" for row in read_jsonl(out / "outputs.jsonl")
+    ))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # "retrain": new weights, same path
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(model_dir)
+
+    with pytest.raises(ResumeMismatch, match="model") as error:
+        evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu")
+    assert "--restart" in str(error.value) and "questions" not in str(error.value)
+    evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu", restart=True)
+    assert all(row["output"] != "stale" for row in read_jsonl(out / "outputs.jsonl"))
+    # The CLI passes --restart through (and without it names the flag).
+    dataset = tmp_path / "eval.jsonl"
+    write_questions(questions, dataset)
+    args = ["evaluate", "--dataset", str(dataset), "--model", str(model_dir), "--output", str(out),
+            "--set", "generation.max_new_tokens=4", "--set", "run.device=cpu"]
+    assert main(args) == 2
+    assert main(args + ["--restart"]) == 0
+
+
+def test_answer_candidates_are_every_non_empty_option_set():
+    from medcritical.evaluation.evaluate import answer_candidates
+
+    five = answer_candidates("ABCDE")
+    assert len(five) == 31 and len(set(five)) == 31 and five[:5] == list("ABCDE") and five[-1] == "ABCDE"
+    assert len(answer_candidates("ABCD")) == 15 and answer_candidates("ABCD", "single") == list("ABCD")
+
+
+def test_loglik_scoring_weighs_every_answer_set_and_never_reads_the_gold(tmp_path, tiny_model, bundled):
+    from dataclasses import replace
+
+    from medcritical.evaluation.evaluate import answer_candidates
+
+    questions = [q for q in bundled if q.is_multi_answer][:2] + [q for q in bundled if not q.is_multi_answer][:3]
+    config, generation = EvaluateConfig(scoring="loglik"), GenerationConfig(max_new_tokens=8)
+    report = evaluate_model(config, generation, questions, tiny_model, tmp_path / "a", device="cpu")
+    assert report["scoring"] == "loglik" and report["format"]["shares"]["answered"] == 1.0
+    outputs = {o["id"]: o for o in read_jsonl(tmp_path / "a" / "outputs.jsonl")}
+    graded = {row["id"]: row for row in read_jsonl(tmp_path / "a" / "graded.jsonl")}
+    for q in questions:
+        scores = outputs[q.id]["loglik"]
+        assert list(scores) == answer_candidates(q.options) and all(s < 0 for s in scores.values())
+        best = max(scores, key=scores.get)
+        assert outputs[q.id]["output"] == config.loglik_prefix + best and graded[q.id]["predicted"] == best
+
+    # The same questions with other gold answers: the same scores, the same predictions.
+    regolded = [replace(q, answer="A" if q.answer != "A" else "B") for q in questions]
+    evaluate_model(config, generation, regolded, tiny_model, tmp_path / "b", device="cpu")
+    assert {o["id"]: o["loglik"] for o in read_jsonl(tmp_path / "b" / "outputs.jsonl")} == {
+        i: o["loglik"] for i, o in outputs.items()
+    }
+
+
+def test_loglik_scores_the_reply_the_trained_format_would_write(tiny_model, bundled):
+    """The candidate score is the log-probability of the whole reply, as a hand-built forward pass gives."""
+    import torch
+
+    from medcritical.evaluation.evaluate import loglik_rows
+    from medcritical.modeling.generation import TransformersGenerator
+    from medcritical.prompts import mcq_messages
+
+    generator = TransformersGenerator(tiny_model, device="cpu", batch_size=4)
+    q = next(q for q in bundled if len(q.options) == 4)
+    config = EvaluateConfig(scoring="loglik", loglik_answers="single")
+    (row,) = loglik_rows(generator, [q], config)
+    tok = generator.tokenizer
+    prompt = generator.encode_prompts([mcq_messages(q)])[0]
+    reply = tok.encode(config.loglik_prefix + "B" + tok.eos_token, add_special_tokens=False)
+    assert reply[-1] == tok.eos_token_id  # the end of turn is one token, not its spelling
+    with torch.no_grad():
+        logprobs = generator.model(torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
+    expected = sum(logprobs[len(prompt) + i - 1, t].item() for i, t in enumerate(reply))
+    assert row["loglik"]["B"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_loglik_on_a_backend_without_scores_fails_before_any_work(monkeypatch):
+    from medcritical.evaluation.evaluate import check_loglik_backend
+    from medcritical.modeling import generation
+
+    check_loglik_backend("transformers")
+    monkeypatch.delattr(generation.VLLMGenerator, "continuation_logprobs", raising=False)
+    with pytest.raises(ValueError, match="'vllm' generation backend"):
+        check_loglik_backend("vllm")

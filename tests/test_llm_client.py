@@ -5,10 +5,9 @@ concurrency. What works against a real server is in tests/test_served_client.py.
 import logging
 import socket
 import threading
+import time
 
 import pytest
-
-import time
 
 from medcritical.llm_client import ChatClient, EndpointError, EndpointFailures, safe_url
 from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries

@@ -143,7 +143,7 @@ def zero_settings(value: str | None) -> tuple[int, bool]:
     A path that is not here (a Job's path inside the image) is read from recipes/deepspeed/ by its name."""
     if not value:
         return 0, False
-    from medcritical.training.common import DEEPSPEED_NAMES, _REPO_DEEPSPEED_DIR
+    from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
 
     path = Path(value)
     if not path.is_file():

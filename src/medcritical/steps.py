@@ -193,6 +193,8 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
         )
         if result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(model_uri or recipe.model.base, encoding="utf-8")
+        elif recipe.evaluate.train_pass_questions != 0 and _is_main_process():
+            result["train_pass"] = _train_pass(recipe, pairs.parent, out)
         return result
 
 
@@ -210,7 +212,32 @@ def heldout_beside(rollout_uri: str, pairs: Path) -> Path:
     return pairs.with_name(HELDOUT_PAIRS)
 
 
-def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "") -> dict:
+def _train_pass(recipe: Recipe, rollout_dir: Path, out: Path) -> dict | None:
+    """pass@1 on the round's training questions before (its rollout) and after DPO (evaluate.train_pass_questions)."""
+    from medcritical.data.prepare import TRAIN_FILE
+    from medcritical.evaluation.train_pass import train_pass
+    from medcritical.io.jsonl import read_jsonl
+    from medcritical.selfplay.step import ROLLOUTS
+
+    before = read_jsonl(rollout_dir / ROLLOUTS)
+    try:  # the questions' text and options: the data step's training file under the run root
+        questions = _questions(join_uri(recipe.run.root, DATA), TRAIN_FILE, recipe)
+    except FileNotFoundError as e:
+        log.warning("training pass@1 after DPO not measured: %s", e)
+        return None
+    if not before:
+        log.warning("training pass@1 after DPO not measured: no %s beside the pairs in %s", ROLLOUTS, rollout_dir)
+        return None
+    generation = recipe.generation.model_copy(update={"backend": "transformers"})  # the training image has no vLLM
+    return train_pass(
+        recipe.selfplay.rollout, generation, questions, before, resolve_model_uri(recipe, str(out)), out,
+        limit=recipe.evaluate.train_pass_questions, device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+    )
+
+
+def evaluate(
+    recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "", restart: bool = False
+) -> dict:
     from medcritical.data.prepare import EVAL_FILE
     from medcritical.evaluation.evaluate import evaluate_model
 
@@ -219,7 +246,7 @@ def evaluate(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, lab
     with local_output(output_uri) as out:
         return evaluate_model(
             recipe.evaluate, recipe.generation, questions, model, out,
-            device=recipe.run.device, dtype=recipe.model.dtype, label=label or None,
+            device=recipe.run.device, dtype=recipe.model.dtype, label=label or None, restart=restart,
         )
 
 
@@ -232,12 +259,18 @@ def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: st
         except FileNotFoundError:
             return None
 
+    def read_correct(uri: str) -> dict | None:
+        from medcritical.evaluation.compare import correct_by_id
+
+        try:
+            return correct_by_id(input_file(uri, "graded.jsonl"))
+        except FileNotFoundError:
+            return None
+
     root = recipe.run.root
-    evaluations = {
-        "base": read_json(base_eval_uri, "report.json"),
-        "sft": read_json(sft_eval_uri, "report.json"),
-        "dpo": read_json(dpo_eval_uri, "report.json"),
-    }
+    eval_uris = {"base": base_eval_uri, "sft": sft_eval_uri, "dpo": dpo_eval_uri}
+    evaluations = {name: read_json(uri, "report.json") for name, uri in eval_uris.items()}
+    correct = {name: read_correct(uri) for name, uri in eval_uris.items() if evaluations[name]}
     stats = {
         "data": read_json(join_uri(root, DATA), "data_stats.json"),
         "distill": read_json(join_uri(root, DISTILL), "distill_stats.json"),
@@ -246,12 +279,13 @@ def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: st
             {
                 "rollout": read_json(join_uri(root, round_name(r, "rollout")), "rollout_stats.json"),
                 "dpo": read_json(join_uri(root, round_name(r, "dpo")), "dpo_metrics.json"),
+                "train_pass": read_json(join_uri(root, round_name(r, "dpo")), "train_pass.json"),
             }
             for r in range(1, recipe.selfplay.rounds + 1)
         ],
     }
     with local_output(output_uri) as out:
-        return write_run_report(recipe, evaluations, stats, out)
+        return write_run_report(recipe, evaluations, stats, out, correct_by_model=correct)
 
 
 STEPS = {f.__name__: f for f in (prepare_data, distill, sft, rollout, dpo, evaluate, report)}

@@ -37,7 +37,24 @@ Score saved outputs without any model (mcq protocol):
     source.add_argument("--predictions", metavar="FILE", help="saved outputs to score instead of running a model")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the report")
     parser.add_argument("--label", help="a name for the model in the report (e.g. 'sft')")
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="discard outputs in --output made from other questions, prompt, settings or weights and start over "
+        "(without it such a folder is an error; matching outputs are always resumed)",
+    )
     parser.set_defaults(func=_evaluate)
+
+    compare = subparsers.add_parser(
+        "compare",
+        help="paired test of two evaluations on the same questions (exact McNemar, bootstrap CI)",
+        description="Compare two evaluation folders (each with graded.jsonl), or two run folders (their "
+        "eval-* folders of the same name): accuracy difference, its paired-bootstrap 95%% interval and the "
+        "exact McNemar p-value, over the questions both answered.",
+    )
+    compare.add_argument("first", metavar="RUN_A", help="evaluation folder or run folder")
+    compare.add_argument("second", metavar="RUN_B", help="evaluation folder or run folder")
+    compare.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    compare.set_defaults(func=_compare)
 
 
 def _evaluate(args) -> None:
@@ -54,7 +71,8 @@ def _evaluate(args) -> None:
         recipe = recipe_from_args(args)
         with questions_uri(args.dataset, recipe) as dataset:
             report = steps.evaluate(
-                recipe, data_uri=dataset, model_uri=args.model or "", output_uri=args.output, label=args.label or ""
+                recipe, data_uri=dataset, model_uri=args.model or "", output_uri=args.output, label=args.label or "",
+                restart=args.restart,
             )
     print(
         f"CMExam accuracy ({report['protocol']}): {100 * report['accuracy']:.1f}% "
@@ -63,3 +81,12 @@ def _evaluate(args) -> None:
     )
 
 
+
+
+def _compare(args) -> None:
+    import json
+
+    from medcritical.evaluation.compare import compare, compare_markdown
+
+    rows = compare(args.first, args.second)
+    print(json.dumps(rows, indent=2) if args.json else compare_markdown(rows))

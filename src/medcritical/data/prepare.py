@@ -1,15 +1,17 @@
-"""The first pipeline step: load CMExam, split train/eval deterministically, check for leakage."""
+"""The first pipeline step: load CMExam, split train/eval deterministically, check for leakage
+(training questions that duplicate an evaluation question exactly or nearly: `splits.find_leaks`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from medcritical.data.bundled import bundled_path
 from medcritical.data.cmexam import DataError, load_questions, write_questions
 from medcritical.data.config import BUNDLED, DataConfig
-from medcritical.data.splits import overlapping, split_questions, take
+from medcritical.data.splits import find_leaks, split_questions, take
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +34,18 @@ def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
         if config.eval_size:
             evaluation = take(evaluation, config.eval_size, seed)
     else:
+        if config.eval_size is None:
+            raise DataError("data.eval_size is null but there is no data.eval_source: name the evaluation file, or give a number of questions to split off")
         train, evaluation = split_questions(loaded.questions, config.eval_size, seed)
-    leaked = overlapping(train, evaluation)
-    if leaked and config.on_leakage == "error":
+    # Against the whole training pool, before train_size samples it.
+    leaks = find_leaks(train, evaluation)
+    if leaks and config.on_leakage == "error":
         raise DataError(
-            f"{len(leaked)} training questions also appear in the evaluation split (first id "
-            f"{leaked[0].id!r}); set data.on_leakage: drop to remove them from training"
+            f"{len(leaks)} training questions also appear in the evaluation split, exactly or nearly (first: "
+            f"training {leaks[0].train_id!r} ~ evaluation {leaks[0].eval_id!r}); set data.on_leakage: drop "
+            "to remove them from training"
         )
-    leaked_ids = {q.id for q in leaked}
+    leaked_ids = {leak.train_id for leak in leaks}
     train = take([q for q in train if q.id not in leaked_ids], config.train_size, seed)
     for bad in bad_rows:
         log.warning("skipped bad row: %s", bad)
@@ -52,6 +58,11 @@ def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
         "eval_multi_answer": sum(q.is_multi_answer for q in evaluation),
         "bad_rows": [{"file": b.file, "row": b.row, "reason": b.reason} for b in bad_rows],
         "leaked_dropped": sorted(leaked_ids),
+        "leakage": {
+            "exact": sum(leak.kind == "exact" for leak in leaks),
+            "near": sum(leak.kind == "near" for leak in leaks),
+            "pairs": [asdict(leak) for leak in leaks],
+        },
         "seed": seed,
     }
     write_questions(train, output_dir / TRAIN_FILE)
@@ -59,6 +70,6 @@ def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
     (output_dir / STATS_FILE).write_text(json.dumps(stats, ensure_ascii=False, indent=2))
     log.info(
         "data: %d train, %d eval questions; %d bad rows skipped, %d leaked questions dropped",
-        len(train), len(evaluation), len(bad_rows), len(leaked),
+        len(train), len(evaluation), len(bad_rows), len(leaks),
     )
     return stats

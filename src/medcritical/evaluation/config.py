@@ -39,9 +39,20 @@ class EvaluateConfig(Section):
     # student, a judge answers 1 or 2). judge-rubric: no options, a judge with the reference and the
     # expert explanation ends with a strict verdict line. Numbers of different protocols never mix.
     protocol: Literal["mcq", "judge-paper", "judge-rubric"] = "mcq"
-    # mcq only: "generate" (free text + the grader) or "loglik" (likelihood of each option letter;
-    # single-answer questions only, multi-answer ones are still generated).
+    # mcq only: "generate" (free text + the grader) or "loglik" (the most likely answer among the
+    # candidates below, scored as the model's reply; no generation, never looks at the gold answer).
     scoring: Literal["generate", "loglik"] = "generate"
+    # loglik: which answers are candidates. "subsets": every non-empty set of options (31 for five),
+    # so multi-answer questions are scored like the others (CMExam does not say which ones are
+    # multi-answer); "single": one letter each (5x cheaper; multi-answer questions then count wrong).
+    loglik_answers: Literal["subsets", "single"] = "subsets"
+    # loglik: the reply's opening before the letters, in the trained format (an empty reasoning block,
+    # then the answer statement of the SFT traces). Each candidate is this + letters + end of turn.
+    loglik_prefix: str = "<think>\n\n</think>\n答案："
     language: Literal["zh", "en"] = "zh"
     limit: int | None = None  # evaluate only the first N questions (quick checks)
     judge: JudgeConfig = JudgeConfig()
+    # After each DPO round, how many of the round's training questions (a seeded choice; null: all) the
+    # DPO model answers again with the rollout's settings: pass@1 before -> after DPO and the paired
+    # test in the run report. 0: off. Runs in the DPO step on the transformers backend (k samples each).
+    train_pass_questions: int | None = Field(0, ge=0)

@@ -2,12 +2,15 @@
 
 - ``mcq``: the question with its options; the answer letters are read by the one grader
   (`medcritical.grader`) from generated text, or, with ``scoring: loglik``, taken as the most likely
-  option letter after "答案：" (single-answer questions; multi-answer ones are still generated).
+  complete answer among every non-empty set of options, written in the trained format
+  (`loglik_rows`); the gold answer plays no part in how a question is scored.
 - ``judge-paper`` / ``judge-rubric``: the question without options; a judge model behind an
   OpenAI-compatible endpoint grades the free answer (`medcritical.evaluation.judge` says how each does).
 
 Generated outputs are appended to ``outputs.jsonl`` chunk by chunk, so an interrupted evaluation
-resumes where it stopped; grading is recomputed from them (cheap) on every run.
+resumes where it stopped; grading is recomputed from them (cheap) on every run. A rerun resumes
+only outputs made from the same questions, prompt, settings and model weights (``fingerprint.json``);
+anything else is an error naming what changed, or, with ``restart``, starts over.
 """
 
 from __future__ import annotations
@@ -20,34 +23,41 @@ from typing import Callable, Sequence
 
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.evaluation.config import EvaluateConfig
+from medcritical.evaluation.diagnostics import format_diagnostics, hit_token_limit, row_status
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import dropped_note, write_report
 from medcritical.grader import grade_answer
+from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.modeling.config import GenerationConfig
-from medcritical.prompts import mcq_messages
+from medcritical.prompts import load_prompt, mcq_messages
 
 log = logging.getLogger(__name__)
 
 OUTPUTS_JSONL = "outputs.jsonl"
+RESUMED_OUTPUTS = (OUTPUTS_JSONL, "judgements.jsonl")  # what a rerun continues; the fingerprint vouches for them
 CHUNK = 256  # questions generated between two appends to outputs.jsonl
-ANSWER_PREFIX = {"zh": "答案：", "en": "答案："}  # the mcq prompts ask for "答案：" in both languages
 
 
-def grade_mcq(questions: Sequence[Question], outputs: dict[str, str]) -> list[dict]:
-    """One graded row per question; a question without output gets predicted "" and counts wrong."""
+def grade_mcq(questions: Sequence[Question], outputs: dict[str, dict], max_new_tokens: int | None = None) -> list[dict]:
+    """One graded row per question from its output row (``output``, optional ``num_tokens``); a
+    question without output gets predicted "" and counts wrong."""
     rows = []
     for q in questions:
         output = outputs.get(q.id)
-        grade = grade_answer(output or "", q.answer, q.options)
+        grade = grade_answer(output["output"] if output else "", q.answer, q.options)
+        limit = hit_token_limit(output.get("num_tokens") if output else None, max_new_tokens)
         rows.append(
             {
                 "id": q.id,
                 "predicted": grade.predicted,
                 "correct": grade.correct,
                 "gold": q.answer,
+                "status": row_status(grade.status, grade.predicted, limit),
+                "rule": grade.rule,
                 "multi_answer": q.is_multi_answer,
                 "has_output": output is not None,
+                "hit_token_limit": limit,
             }
         )
     return rows
@@ -57,6 +67,8 @@ def _report(protocol: str, questions, graded: list[dict], **fields) -> dict:
     report = summarize(protocol, questions, {row["id"]: row["correct"] for row in graded})
     report.update(fields)
     report["missing_predictions"] = [row["id"] for row in graded if not row["has_output"]]
+    if protocol == "mcq":
+        report["format"] = format_diagnostics(graded)
     return report
 
 
@@ -79,7 +91,7 @@ def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: 
     unknown = sorted(set(outputs) - known)
     if unknown:
         log.warning("%d predictions have ids not in %s (ignored), e.g. %s", len(unknown), dataset, unknown[:5])
-    graded = grade_mcq(questions, outputs)
+    graded = grade_mcq(questions, {i: {"output": text} for i, text in outputs.items()})
     report = _report("mcq", questions, graded, scoring="saved predictions", dataset=str(dataset),
                      model=f"predictions: {predictions}", unknown_ids=unknown)
     missing = report["missing_predictions"]
@@ -112,19 +124,86 @@ def _generate_missing(
     return done
 
 
-def _check_same_settings(output_dir: Path, settings: dict) -> None:
-    """Resume only outputs made with the same settings; never mix two models' answers in one report."""
-    path = output_dir / "outputs_settings.json"
-    if (output_dir / OUTPUTS_JSONL).is_file() and path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise ValueError(
-                f"{output_dir / OUTPUTS_JSONL} holds outputs made with other settings ({', '.join(changed)}); "
-                "use another --output folder or delete that file to start over"
-            )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
+def answer_candidates(options: Sequence[str], kind: str = "subsets") -> list[str]:
+    """Every answer the loglik scoring weighs: each non-empty set of option letters, letters sorted
+    as the SFT traces write them ("subsets": 2^k - 1), or each single letter ("single")."""
+    letters = sorted(options)
+    if kind == "single":
+        return letters
+    return sorted(
+        ("".join(c for i, c in enumerate(letters) if mask >> i & 1) for mask in range(1, 1 << len(letters))),
+        key=lambda s: (len(s), s),
+    )
+
+
+def check_loglik_backend(backend: str) -> None:
+    """Fail before any work when the generation backend cannot score continuations."""
+    from medcritical.modeling import generation
+
+    cls = {"transformers": "TransformersGenerator", "vllm": "VLLMGenerator"}.get(backend)
+    if not hasattr(getattr(generation, cls or "", None), "continuation_logprobs"):
+        raise ValueError(
+            f"evaluate.scoring 'loglik' needs continuation log-probabilities, which the {backend!r} generation "
+            "backend does not offer here; use generation.backend: transformers or evaluate.scoring: generate"
+        )
+
+
+def end_of_turn(generator) -> str:
+    """The token text that closes the model's reply (its EOS, e.g. <|im_end|> for Qwen chat models):
+    scored after the letters so that "A" cannot win just by being a prefix of "AB"."""
+    tokenizer = getattr(generator, "tokenizer", None)
+    if tokenizer is None and hasattr(generator, "llm"):  # vLLM
+        tokenizer = generator.llm.get_tokenizer()
+    if tokenizer is None or not tokenizer.eos_token:
+        raise ValueError("loglik scoring needs the model's end-of-sequence token; its tokenizer defines none")
+    return tokenizer.eos_token
+
+
+def loglik_rows(generator, questions: Sequence[Question], config: EvaluateConfig) -> list[dict]:
+    """The most likely complete answer of each question among `answer_candidates`, by the summed
+    log-probability of ``loglik_prefix + letters + end of turn`` as the model's reply.
+
+    Not length-normalized: each candidate is a whole reply ending with the end-of-turn token, so its
+    summed log-probability is the probability of writing exactly that reply; a per-token average
+    would favour long letter sets and depends on how the tokenizer merges letters ("AB" may be one
+    token). The gold answer is never read."""
+    candidates = [answer_candidates(q.options, config.loglik_answers) for q in questions]
+    end = end_of_turn(generator)
+    scores = generator.continuation_logprobs(
+        [mcq_messages(q, config.language) for q in questions],
+        [[config.loglik_prefix + answer + end for answer in answers] for answers in candidates],
+    )
+    rows = []
+    for q, answers, answer_scores in zip(questions, candidates, scores):
+        best = max(range(len(answers)), key=answer_scores.__getitem__)
+        rows.append(
+            {
+                "id": q.id,
+                "output": config.loglik_prefix + answers[best],
+                "loglik": {a: round(s, 4) for a, s in zip(answers, answer_scores)},
+                "num_tokens": 0,
+            }
+        )
+    return rows
+
+
+def evaluation_fingerprint(
+    config: EvaluateConfig, generation: GenerationConfig, questions: Sequence[Question], model_path: str | Path
+) -> dict:
+    """What the saved outputs depend on: the questions' content, the prompt files' content, the
+    protocol settings and the model's weights. A rerun resumes only when all of them match."""
+    prompt = "mcq" if config.protocol == "mcq" else "open"
+    # Keys that change how the work is done, not what it produces, stay out.
+    settings = config.model_dump(mode="json", exclude={"limit", "train_pass_questions"})
+    for key in ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "max_failed_requests"):
+        settings.get("judge", {}).pop(key, None)
+    return {
+        "questions": questions_fingerprint(questions),
+        "prompt": load_prompt(prompt, config.language).version,
+        "evaluate": settings,
+        "generation": {"backend": generation.backend, "max_new_tokens": generation.max_new_tokens},
+        "model": model_fingerprint(model_path),
+    }
 
 
 def evaluate_model(
@@ -139,16 +218,26 @@ def evaluate_model(
     label: str | None = None,
     generator=None,
     judge=None,
+    restart: bool = False,
 ) -> dict:
     """Evaluate a model on `questions` under `config.protocol`; writes the report files, returns report.json.
 
     `generator` may be passed to reuse a model already in memory; `judge` to reuse a judge client.
+    Outputs already in `output_dir` are resumed only when they were made from the same questions,
+    prompt, settings and weights (`evaluation_fingerprint`); `restart` discards them instead.
     """
     from medcritical.modeling.generation import load_generator
 
     output_dir = Path(output_dir)
     questions = list(questions)[: config.limit] if config.limit else list(questions)
     started = time.perf_counter()
+    if config.protocol == "mcq" and config.scoring == "loglik":
+        check_loglik_backend(generation.backend)
+    # Before loading anything: a folder of another model's outputs is an error at once.
+    check_resume(
+        output_dir, evaluation_fingerprint(config, generation, questions, model_path),
+        outputs=RESUMED_OUTPUTS, restart=restart,
+    )
     if generator is None:
         generator = load_generator(model_path, generation, device=device, dtype=dtype)
     language = config.language
@@ -165,26 +254,16 @@ def evaluate_model(
     def mcq_rows(chunk: list[Question]) -> list[dict]:
         if config.scoring == "generate":
             return generate_rows(chunk, mcq_messages)
-        single = [q for q in chunk if not q.is_multi_answer]
-        scores = generator.letter_logprobs(
-            [mcq_messages(q, language) for q in single], [list(q.options) for q in single], ANSWER_PREFIX[language]
-        )
-        rows = [
-            {"id": q.id, "output": "答案：" + max(s, key=s.get), "letter_logprobs": s, "num_tokens": 0}
-            for q, s in zip(single, scores)
-        ]
-        return rows + generate_rows([q for q in chunk if q.is_multi_answer], mcq_messages)
+        return loglik_rows(generator, chunk, config)
 
     fields = dict(
         model=str(model_path), dataset=f"{len(questions)} questions", label=label, language=language,
         max_new_tokens=generation.max_new_tokens, backend=generation.backend,
     )
     outputs_file = output_dir / OUTPUTS_JSONL
-    _check_same_settings(output_dir, {k: fields[k] for k in ("model", "language", "max_new_tokens")}
-                         | {"protocol": config.protocol, "scoring": config.scoring})
     if config.protocol == "mcq":
         outputs = _generate_missing(questions, outputs_file, mcq_rows)
-        graded = grade_mcq(questions, {i: r["output"] for i, r in outputs.items()})
+        graded = grade_mcq(questions, outputs, generation.max_new_tokens)
         for row in graded:
             row["output"] = outputs[row["id"]]["output"]
         report = _report("mcq", questions, graded, scoring=config.scoring, **fields)

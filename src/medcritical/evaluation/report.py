@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medcritical.evaluation.diagnostics import diagnostics_line
 from medcritical.io.jsonl import write_jsonl
 
 REPORT_JSON, REPORT_MD, PLOT_PNG, GRADED_JSONL = "report.json", "report.md", "accuracy.png", "graded.jsonl"
@@ -41,10 +42,14 @@ def markdown_report(report: dict) -> str:
         f"({report['correct']}/{report['n']}{dropped_note(report)}; 95% CI {percent(report['ci95'][0])}–{percent(report['ci95'][1])}%)",
         "",
     ]
+    if report.get("format"):
+        lines += [f"Format ({protocol}): {diagnostics_line(report['format'])}.", ""]
     if report.get("missing_predictions"):
         lines.append(f"- {len(report['missing_predictions'])} questions had no prediction (counted wrong).")
     if report.get("unknown_ids"):
         lines.append(f"- {len(report['unknown_ids'])} predictions named ids not in the dataset (ignored).")
+    if report.get("format"):
+        lines += format_section(report["format"], protocol)
     for column, values in report["by"].items():
         lines += ["", f"## By {column} ({protocol})", "", "| group | n | accuracy % | 95% CI % |", "|---|---:|---:|---:|"]
         for value, cell in values.items():
@@ -53,6 +58,27 @@ def markdown_report(report: dict) -> str:
                 f"{percent(cell['ci95'][0])}–{percent(cell['ci95'][1])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def format_section(diagnostics: dict, protocol: str) -> list[str]:
+    """The status shares and the answers given beside the gold answers, as Markdown tables."""
+    n = diagnostics["n"] or 1
+    lines = ["", f"## Answer format ({protocol})", "", "| status | n | share % |", "|---|---:|---:|"]
+    lines += [
+        f"| {status} | {diagnostics['counts'][status]} | {percent(diagnostics['shares'][status])} |"
+        for status in diagnostics["counts"]
+    ]
+    lines.append(f"| (hit the token limit, any status) | | {percent(diagnostics['hit_token_limit'])} |")
+    answers = list(dict.fromkeys([*diagnostics["gold"], *diagnostics["predicted"]]))
+    lines += ["", "| answer | predicted | gold |", "|---|---:|---:|"]
+    lines += [
+        f"| {answer} | {diagnostics['predicted'].get(answer, 0)} | {diagnostics['gold'].get(answer, 0)} |"
+        for answer in sorted(answers, key=lambda a: -(diagnostics["predicted"].get(a, 0) + diagnostics["gold"].get(a, 0)))
+    ]
+    best = diagnostics["best_constant"]
+    lines += ["", f"Always answering {best['answer'] or '-'} would score {percent(best['accuracy'])}% "
+              f"({round(best['accuracy'] * n)}/{diagnostics['n']}).", ""]
+    return lines
 
 
 def plot_accuracy(report: dict, path: Path) -> None:

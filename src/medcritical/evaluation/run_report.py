@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from medcritical.evaluation.report import percent
+from medcritical.evaluation.stats import paired_markdown, paired_table
+from medcritical.evaluation.train_pass import train_pass_line
 from medcritical.recipe import Recipe, dump_recipe
 
 PLOT = "models.png"
@@ -42,6 +44,43 @@ def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
     return ", ".join(shown) or "-"
 
 
+def _paired_section(paired: list[dict]) -> list[str]:
+    if not paired:
+        return []
+    return [
+        "Paired tests on the same questions (did the step move the answers? a difference whose interval "
+        "holds 0, or McNemar p above 0.05, is not shown to be real):",
+        "",
+        *paired_markdown(paired),
+        "",
+    ]
+
+
+def _format_table(evaluations: dict[str, dict | None]) -> list[str]:
+    """Per model: the shares of outputs without a usable answer, the answers given, and the floor."""
+    shown = {name: r["format"] for name, r in evaluations.items() if r and r.get("format")}
+    if not shown:
+        return []
+    statuses = list(next(iter(shown.values()))["shares"])
+    lines = [
+        "Answer format (shares of outputs; a model near chance that leaves many empty or answers one letter "
+        "has not learned the format):",
+        "",
+        "| model | " + " | ".join(f"{s} %" for s in statuses) + " | hit token limit % | most given answers | gold |",
+        "|---|" + "---:|" * (len(statuses) + 1) + "---|---|",
+    ]
+    for name, d in shown.items():
+        top = ", ".join(f"{k} {v}" for k, v in list(d["predicted"].items())[:3])
+        gold = ", ".join(f"{k} {v}" for k, v in list(d["gold"].items())[:3])
+        lines.append(
+            f"| {name} | " + " | ".join(percent(d["shares"][s]) for s in statuses)
+            + f" | {percent(d['hit_token_limit'])} | {top} | {gold} |"
+        )
+    best = next(iter(shown.values()))["best_constant"]
+    lines += ["", f"Always answering {best['answer']} would score {percent(best['accuracy'])}%.", ""]
+    return lines
+
+
 def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
     import matplotlib
 
@@ -65,13 +104,22 @@ def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
     plt.close(fig)
 
 
-def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats: dict, output_dir: Path) -> dict:
-    """Write report.md, report.json and models.png; return the headline numbers and the Markdown."""
+def write_run_report(
+    recipe: Recipe,
+    evaluations: dict[str, dict | None],
+    stats: dict,
+    output_dir: Path,
+    correct_by_model: dict[str, dict[str, bool] | None] | None = None,
+) -> dict:
+    """Write report.md, report.json and models.png; return the headline numbers and the Markdown.
+
+    `correct_by_model` (per-question correctness of each evaluation) adds the paired tests."""
     protocols = {r["protocol"] for r in evaluations.values() if r}
     if len(protocols) > 1:  # never mix protocols in one comparison
         raise ValueError(f"the evaluations used different protocols {sorted(protocols)}; evaluate all models alike")
     protocol = protocols.pop() if protocols else recipe.evaluate.protocol
     n_eval = next((r["n"] for r in evaluations.values() if r), 0)
+    paired = paired_table({name: c for name, c in (correct_by_model or {}).items() if c})
     lines = [
         f"# MedCritical run `{recipe.run.name}`",
         "",
@@ -81,6 +129,8 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
         "|---|---|",
         *(f"| {name} | {_accuracy_cell(report)} |" for name, report in evaluations.items()),
         "",
+        *_format_table(evaluations),
+        *_paired_section(paired),
         "## Steps",
         "",
         f"- data: {_numbers(stats.get('data'), ('train', 'eval', 'train_multi_answer'))}"
@@ -90,11 +140,13 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
     ]
     for number, round_stats in enumerate(stats.get("rounds", []), start=1):
         lines.append(
-            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'correction.wrong_trajectories', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
+            f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'format.shares.empty', 'format.shares.truncated', 'correction.wrong_trajectories', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
         )
         lines.append(
             f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'stopped_early'))}"
         )
+        if round_stats.get("train_pass"):
+            lines.append(f"- round {number} training questions' pass@1 before → after DPO: {train_pass_line(round_stats['train_pass'])}")
     lines += ["", f"![accuracy by model]({PLOT})", ""]
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +156,7 @@ def write_run_report(recipe: Recipe, evaluations: dict[str, dict | None], stats:
         "protocol": protocol,
         **{f"accuracy_{name}": report["accuracy"] for name, report in evaluations.items() if report},
         "evaluations": evaluations,
+        "paired": paired,
         "steps": stats,
     }
     (output_dir / "report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -36,6 +36,8 @@ class PairsSection(Section):
     max_length_ratio: float = 2.0  # drop pairs whose chosen is this many times longer than rejected
     max_pairs_per_question: int = Field(4, ge=1)
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # share of questions whose pairs are held out
+    # Cap on training pairs per round (None: all); a seeded subset is kept (the paper trained on 1,000).
+    max_pairs: int | None = Field(None, ge=1)
 
 
 class SelfPlayConfig(Section):

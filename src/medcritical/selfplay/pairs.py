@@ -89,6 +89,14 @@ def _heldout_questions(question_ids: list[str], fraction: float, seed: int) -> s
     return set(rank[:count])
 
 
+def _seeded_subset(pairs: list[dict], limit: int, seed: int) -> list[dict]:
+    """`limit` pairs chosen by a seeded hash of (question, rejected sample), kept in their order."""
+    rank = sorted(range(len(pairs)), key=lambda i: hashlib.sha256(
+        f"{seed}:{pairs[i]['question_id']}:{pairs[i]['rejected_sample']}".encode()).hexdigest())
+    keep = set(rank[:limit])
+    return [p for i, p in enumerate(pairs) if i in keep]
+
+
 def build_preference_pairs(
     questions: Sequence[Question],
     rollouts: Sequence[dict],
@@ -117,6 +125,9 @@ def build_preference_pairs(
     heldout_ids = _heldout_questions(list(pairs_by_question), config.heldout_fraction, seed)
     train = [p for q, ps in pairs_by_question.items() if q not in heldout_ids for p in ps]
     heldout = [p for q, ps in pairs_by_question.items() if q in heldout_ids for p in ps]
+    if config.max_pairs is not None and len(train) > config.max_pairs:
+        drops["over_max_pairs"] = len(train) - config.max_pairs
+        train = _seeded_subset(train, config.max_pairs, seed)
     wrong = sum(not r["correct"] for r in rollouts)
     stats = {
         "pairs": len(train) + len(heldout),
@@ -128,6 +139,8 @@ def build_preference_pairs(
         "dropped": {k: drops[k] for k in ("duplicate_rejected", "no_chosen", "too_long", "duplicate_pair", "over_cap")},
         "wrong_trajectories": wrong,
     }
+    if drops["over_max_pairs"]:
+        stats["dropped"]["over_max_pairs"] = drops["over_max_pairs"]
     if not train:
         stats["no_pairs"] = (
             "no wrong trajectory at all: every sample was correct, nothing to prefer against"

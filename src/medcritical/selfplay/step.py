@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medcritical.data.cmexam import Question
+from medcritical.evaluation.diagnostics import diagnose_rollouts
 from medcritical.io.jsonl import read_jsonl, write_jsonl
 from medcritical.modeling.config import GenerationConfig
 from medcritical.modeling.generation import Generator, load_generator
@@ -90,6 +91,7 @@ def run_rollout(
         "prompts": prompts,
         "rollout": rollout_statistics(records, rollout.max_new_tokens),
         "correction": correction_statistics(corrections, correction.attempts),
+        "format": diagnose_rollouts(records, by_id, rollout.max_new_tokens),  # empty/truncated shares, answers given
     }
     stats["pairs"] = write_pairs(config, questions, records, corrections, output_dir, seed=seed)
     (output_dir / STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
