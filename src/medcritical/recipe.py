@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medcritical.distill.config import DistillConfig
+from medcritical.errors import UserError
 from medcritical.section import Section
 from medcritical.selfplay.config import SelfPlayConfig
 from medcritical.training.config import SFTSection
@@ -25,7 +26,7 @@ BUNDLED = "bundled"  # data.source value: the CMExam sample shipped inside the p
 TINY = "tiny"  # model.base value: build the offline tiny model
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -33,11 +34,11 @@ class RunConfig(Section):
     name: str = "medcritical"
     # Where each step writes `<output_dir>/<step>/`; a local folder or s3://bucket/prefix.
     output_dir: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
     # "auto" takes a CUDA GPU when there is one.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU threads for torch; None leaves torch's default. On small shared CPUs 1-2 is much faster.
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
 
     @property
     def root(self) -> str:
@@ -49,9 +50,9 @@ class DataConfig(Section):
     source: str = BUNDLED
     # A separate evaluation file; when None, `eval_size` questions are split off `source`.
     eval_source: str | None = None
-    eval_size: int = 100
+    eval_size: int = Field(100, ge=0)
     # Cap on training questions (None: all that remain after the split); chosen by seeded hash.
-    train_size: int | None = None
+    train_size: int | None = Field(None, ge=0)
     # Bad rows (empty question, no options, answer not among options): skip and count, or stop.
     on_bad_row: Literal["skip", "error"] = "skip"
     # Training questions whose text also appears in the eval split: drop them, or stop.
@@ -66,12 +67,22 @@ class DataConfig(Section):
 
 
 class TinyModelConfig(Section):
-    vocab_size: int = 2048
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    seed: int = 0
+    # A test model: the caps keep a typo from building a model that fills memory.
+    vocab_size: int = Field(2048, ge=512, le=65536)  # the byte-level BPE needs its 256 bytes, the special tokens and merges
+    hidden_size: int = Field(64, ge=1, le=4096)
+    num_layers: int = Field(2, ge=1, le=64)
+    num_heads: int = Field(4, ge=1, le=64)
+    intermediate_size: int = Field(256, ge=1, le=16384)
+    seed: int = Field(0, ge=0, lt=2**32)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads} (each head gets "
+                "hidden_size / num_heads dimensions)"
+            )
+        return self
 
 
 class ModelConfig(Section):
@@ -93,11 +104,11 @@ class GenerationConfig(Section):
     """How the student generates, in evaluation and rollout."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    batch_size: int = 16
-    max_new_tokens: int = 256
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
     # vLLM only: GPUs per model replica, and the share of GPU memory it may take.
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
 
 
 class JudgeConfig(Section):
@@ -106,10 +117,10 @@ class JudgeConfig(Section):
     base_url: str | None = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
     model: str | None = None  # env MEDCRITICAL_JUDGE_MODEL
     api_key_env: str = "MEDCRITICAL_JUDGE_API_KEY"  # the key is read from this variable, never the recipe
-    concurrency: int = 8
-    timeout_s: float = 120.0
-    max_retries: int = 5
-    max_tokens: int = 512  # room for a reasoning judge; the verdict is its last 正确/错误 (correct/incorrect)
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    max_tokens: int = Field(512, ge=1)  # room for a reasoning judge; the verdict is its last 正确/错误 (correct/incorrect)
 
 
 class EvaluateConfig(Section):
@@ -119,7 +130,7 @@ class EvaluateConfig(Section):
     # single-answer questions only, multi-answer ones are still generated).
     scoring: Literal["generate", "loglik"] = "generate"
     language: Literal["zh", "en"] = "zh"
-    limit: int | None = None  # evaluate only the first N questions (quick checks)
+    limit: int | None = Field(None, ge=1)  # evaluate only the first N questions (quick checks)
     judge: JudgeConfig = JudgeConfig()
 
 
@@ -146,7 +157,14 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"--set {assignment!r}: {part!r} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise RecipeError(
+            f"--set {assignment!r}: the value {value!r} is not valid YAML ({problem}); quote a text value, "
+            f"e.g. --set '{key.strip()}=\"{value}\"', or write a list as [a, b]"
+        ) from None
 
 
 def _format_error(source: str, error: ValidationError) -> str:

@@ -51,6 +51,8 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from medcritical.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "MEDCRITICAL_S3_ENDPOINT"
@@ -77,8 +79,8 @@ T = TypeVar("T")
 # Errors: each message names the input, the problem and the fix.
 
 
-class StorageError(Exception):
-    """An artifact could not be read or written."""
+class StorageError(UserError):
+    """An artifact could not be read or written; the message says what to check (the CLI exits 2)."""
 
 
 class StorageConfigError(StorageError):

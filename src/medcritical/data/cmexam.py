@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
+from medcritical.errors import UserError
+
 # Columns of the official files; any other non-empty column is kept as an annotation.
 QUESTION, OPTIONS, ANSWER, EXPLANATION, ID = "Question", "Options", "Answer", "Explanation", "id"
 ANNOTATION_COLUMNS = (
@@ -60,7 +62,7 @@ class BadRow:
         return f"{self.file}: row {self.row}: {self.reason}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used as it is; the message names file, row and fix."""
 
 
