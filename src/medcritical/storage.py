@@ -421,6 +421,54 @@ def _local_files(folder: Path, exclude_dirs: Sequence[str] = ()) -> list[tuple[s
 
 
 # ---------------------------------------------------------------------------------------------
+# Before a step's work: probe the output, clean up after an interrupted run
+
+PROBE_PREFIX = ".medcritical-probe-"
+
+
+def check_output(uri: str) -> None:
+    """Fail before the work: write and remove a small probe object under the output URI, so wrong
+    credentials, a missing bucket or no write permission stop a step in seconds, not when it uploads
+    hours later; then abort the multipart uploads an interrupted run left under it.
+
+    Call it as the output's one writer (the step holds the folder's lock): another writer's upload in
+    progress under the same URI would be aborted too.
+    """
+    target = parse_s3_uri(uri)
+    settings = S3Settings.from_env(uri)
+    client = _client(settings, uri, 1)
+    probe = target.prefix + PROBE_PREFIX + uuid.uuid4().hex[:12]
+    try:
+        with_retries(lambda: client.put_object(target.bucket, probe, io.BytesIO(b"probe"), 5),
+                     what=f"write a probe object under {target}")
+        with_retries(lambda: client.remove_object(target.bucket, probe), what=f"remove the probe object under {target}")
+        abort_abandoned_uploads(client, target)
+    except Exception as exc:
+        raise _explain(exc, uri, settings) from exc
+    log.debug("%s: writable (probe object written and removed)", target)
+
+
+def abort_abandoned_uploads(client: Minio, target: S3Uri, *, folder: bool = True) -> int:
+    """Abort unfinished multipart uploads under `target` (a folder prefix, or exactly that key): a
+    killed run leaves their parts on the server, invisible to readers but stored and billed."""
+    prefix = target.prefix if folder else target.key
+    aborted = 0
+    for _ in range(1000):  # each page is aborted, so the next listing starts over with what is left
+        page = with_retries(lambda: client._list_multipart_uploads(target.bucket, prefix=prefix or None, max_uploads=1000),
+                            what=f"list unfinished uploads under {target}")
+        uploads = [u for u in page.uploads if folder or u.object_name == target.key]
+        for upload in uploads:
+            with_retries(lambda u=upload: client._abort_multipart_upload(target.bucket, u.object_name, u.upload_id),
+                         what=f"abort the unfinished upload of s3://{target.bucket}/{upload.object_name}")
+        aborted += len(uploads)
+        if not uploads or not page.is_truncated:
+            break
+    if aborted:
+        log.info("%s: aborted %d unfinished multipart upload(s) left by an interrupted run", target, aborted)
+    return aborted
+
+
+# ---------------------------------------------------------------------------------------------
 # Upload
 
 
@@ -507,6 +555,7 @@ def upload(local_path: str | os.PathLike, uri: str, *, max_workers: int = DEFAUL
     settings = S3Settings.from_env(str(target))
     client = _client(settings, str(target), max_workers)
     try:
+        abort_abandoned_uploads(client, target, folder=src.is_dir())
         if src.is_file():
             progress = _Progress("uploaded", 1, src.stat().st_size)
             _upload_file(client, src, target, part_size=part_size, parallel_parts=max_workers,
@@ -840,6 +889,6 @@ __all__ = [
     "ACCESS_KEY_ENV", "BucketNotFoundError", "ChecksumMismatchError", "DEFAULT_MAX_WORKERS",
     "DEFAULT_PART_SIZE", "ENDPOINT_ENV", "IncompleteUploadError", "MANIFEST_NAME", "ObjectNotFoundError",
     "REGION_ENV", "RETRY", "RetryPolicy", "S3Settings", "S3Uri", "SECRET_KEY_ENV", "SESSION_TOKEN_ENV",
-    "StorageAuthError", "StorageConfigError", "StorageError", "download", "is_s3", "is_transient",
+    "StorageAuthError", "StorageConfigError", "StorageError", "abort_abandoned_uploads", "check_output", "download", "is_s3", "is_transient",
     "materialize", "parse_s3_uri", "publish", "sha256_file", "upload", "with_retries",
 ]
