@@ -249,3 +249,18 @@ def test_cli_unexpected_error_keeps_its_traceback_with_exit_1(monkeypatch, capsy
     err = capsys.readouterr().err
     assert "Traceback" in err and "unexpected error" in err
     assert not is_user_error(RuntimeError("no traceback: not raised"))
+
+
+def test_a_model_argument_that_is_not_a_model_stops_before_data_is_prepared(tmp_path, monkeypatch, capsys):
+    import medcritical.data.prepare as prepare
+    from medcritical.cli import main
+
+    def prepare_data(*args, **kwargs):
+        raise AssertionError("data prepared before the model folder was checked")
+
+    monkeypatch.setattr(prepare, "prepare_data", prepare_data)
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--model", str(tmp_path / "empty"), "--output", str(tmp_path / "out")]) == 2
+    assert "not a model folder: no config.json" in capsys.readouterr().err
+    assert main(["rollout", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "out")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
