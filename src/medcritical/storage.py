@@ -52,6 +52,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from medcritical.errors import UserError
+from medcritical.io.lock import LOCK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -410,8 +411,8 @@ def _local_files(folder: Path, exclude_dirs: Sequence[str] = ()) -> list[tuple[s
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             rel = path.relative_to(folder).as_posix()
-            if rel.split("/", 1)[0] in exclude_dirs and "/" in rel:
-                continue
+            if rel.split("/", 1)[0] in exclude_dirs and "/" in rel or rel == LOCK_FILE:
+                continue  # excluded subfolders; the writer's lock file only means something where it runs
             if rel == MANIFEST_NAME:
                 raise StorageConfigError(
                     f"{path}: '{MANIFEST_NAME}' is reserved for the folder manifest; rename the file"
