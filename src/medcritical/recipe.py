@@ -85,17 +85,6 @@ class TinyModelConfig(Section):
         return self
 
 
-def model_folder_problem(path: str) -> str | None:
-    """What is wrong with a local model path (None when it holds a model): a Hugging Face folder,
-    a step folder with model/, or a DPO round's model.uri pointer."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return "no such model folder (use 'tiny', a local Hugging Face folder or a training step's output folder)"
-    if any((folder / name).is_file() for name in ("config.json", "model/config.json", "model.uri")):
-        return None
-    return "not a model folder: no config.json (nor model/config.json of a training step's output)"
-
-
 class ModelConfig(Section):
     # "tiny" (built offline into the run folder) or a local Hugging Face model folder.
     base: str = TINY
@@ -106,9 +95,9 @@ class ModelConfig(Section):
     @field_validator("base")
     @classmethod
     def _model_exists(cls, value: str) -> str:
-        if value == TINY or value.startswith("s3://") or not (problem := model_folder_problem(value)):
+        if value == TINY or value.startswith("s3://") or Path(value).is_dir():
             return value
-        raise ValueError(f"{value!r}: {problem}")
+        raise ValueError(f"no such model folder {value!r} (use 'tiny' or a local Hugging Face folder)")
 
 
 class GenerationConfig(Section):

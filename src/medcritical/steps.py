@@ -126,10 +126,21 @@ def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:
     return resolve_model(str(path))
 
 
+def model_folder_problem(path: str) -> str | None:
+    """What is wrong with a local model path (None when it holds a model): a Hugging Face folder,
+    a step folder with model/, or a DPO round's model.uri pointer."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "no such model folder (use 'tiny', a local Hugging Face folder or a training step's output folder)"
+    if any((folder / name).is_file() for name in ("config.json", "model/config.json", MODEL_POINTER)):
+        return None
+    return "not a model folder: no config.json (nor model/config.json of a training step's output)"
+
+
 def check_model_uri(uri: str) -> None:
     """Fail before the work: a local model is a Hugging Face folder, a step folder holding model/, or a
     DPO round's pointer (s3:// models are checked when they are downloaded, first thing in the step)."""
-    from medcritical.recipe import TINY, model_folder_problem
+    from medcritical.recipe import TINY
 
     if uri and uri != TINY and not storage.is_s3(uri) and (problem := model_folder_problem(uri)):
         raise FileNotFoundError(f"{uri}: {problem}")
