@@ -141,7 +141,7 @@ def test_evaluate_killed_while_generating_concurrent_run_refused_torn_line_dropp
     assert read_jsonl(out / "outputs.jsonl") == outputs  # greedy decoding: the redone rows are the same
 
 
-def test_rollout_killed_after_a_chunk_then_rerun(tmp_path, tiny_model, data_dir):
+def test_rollout_killed_after_a_chunk_and_during_corrections_then_rerun(tmp_path, tiny_model, data_dir):
     out = tmp_path / "rollout"
     args = ["rollout", *FAST, "--set", "selfplay.rollout.samples_per_question=2", "--set", "selfplay.rollout.chunk_size=2",
             "--set", "selfplay.rollout.max_new_tokens=8", "--set", "selfplay.correction.attempts=1",
@@ -150,6 +150,9 @@ def test_rollout_killed_after_a_chunk_then_rerun(tmp_path, tiny_model, data_dir)
     kill_when(proc, lambda: complete_lines(out / "rollouts.jsonl") >= 2, "the first chunk appended to rollouts.jsonl")
     kept = complete_lines(out / "rollouts.jsonl")
     assert 2 <= kept < 16
+    proc = start(tmp_path, *args)  # the rerun, killed again once self-correction has appended a chunk
+    kill_when(proc, lambda: complete_lines(out / "corrections.jsonl") >= 1, "the first chunk appended to corrections.jsonl")
+    assert complete_lines(out / "rollouts.jsonl") == 16
     assert_ok(medcritical(tmp_path, *args))
     rollouts = read_jsonl(out / "rollouts.jsonl")
     keys = [(r["question_id"], r["sample"]) for r in rollouts]
@@ -163,8 +166,9 @@ def test_distill_killed_mid_log_then_rerun(tmp_path):
 
     out = tmp_path / "distill"
     args = ["distill", "--questions", str(bundled_path()), "--output", str(out)]  # 400 questions, offline backend
-    proc = start(tmp_path, *args)
-    kill_when(proc, lambda: complete_lines(out / "distill_raw.jsonl") >= 30, "30 events in distill_raw.jsonl")
+    for events in (30, 200):  # killed twice: early, then in the rerun
+        proc = start(tmp_path, *args)
+        kill_when(proc, lambda: complete_lines(out / "distill_raw.jsonl") >= events, f"{events} events in distill_raw.jsonl")
     assert_ok(medcritical(tmp_path, *args))
     replies = [e for e in read_jsonl(out / "distill_raw.jsonl") if e["event"] == "reply"]
     keys = [(e["id"], e["kind"], e["attempt"]) for e in replies]
