@@ -117,10 +117,10 @@ class JudgeConfig(Section):
     base_url: str | None = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
     model: str | None = None  # env MEDCRITICAL_JUDGE_MODEL
     api_key_env: str = "MEDCRITICAL_JUDGE_API_KEY"  # the key is read from this variable, never the recipe
-    concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0)
-    max_tokens: int = Field(512, ge=1)  # room for a reasoning judge; the verdict is its last 正确/错误 (correct/incorrect)
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    max_tokens: int = 512  # room for a reasoning judge; the verdict is its last 正确/错误 (correct/incorrect)
 
 
 class EvaluateConfig(Section):

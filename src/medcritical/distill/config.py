@@ -14,10 +14,10 @@ class OpenAITeacher(Section):
     model: str | None = None  # env MEDCRITICAL_TEACHER_MODEL
     api_key_env: str = "MEDCRITICAL_TEACHER_API_KEY"  # the key is read from this variable, never the recipe
     concurrency: int = Field(8, ge=1)  # requests in flight at once
-    timeout_s: float = Field(600.0, gt=0)
-    max_retries: int = Field(6, ge=0)
-    backoff_s: float = Field(1.0, ge=0)  # first retry waits about this long, doubling each time (with jitter)
-    max_backoff_s: float = Field(60.0, ge=0)
+    timeout_s: float = 600.0
+    max_retries: int = 6
+    backoff_s: float = 1.0  # first retry waits about this long, doubling each time (with jitter)
+    max_backoff_s: float = 60.0
     # Sent with every request, e.g. {chat_template_kwargs: {enable_thinking: true}} for vLLM/SGLang.
     extra_body: dict = {}
 

@@ -37,17 +37,17 @@ class PairsSection(Section):
 
 
 class DPOSection(Section):
-    beta: float = Field(0.3, gt=0)
+    beta: float = 0.3
     # sigmoid: DPO; ipo: IPO; sigmoid_sft: DPO plus an SFT (NLL) term on chosen, weighted by sft_weight.
     loss_type: Literal["sigmoid", "ipo", "sigmoid_sft"] = "sigmoid"
-    sft_weight: float = Field(1.0, ge=0)  # weight of the SFT term in sigmoid_sft
+    sft_weight: float = 1.0  # weight of the SFT term in sigmoid_sft
     lora: LoraSection = LoraSection()
     optim: OptimSection = OptimSection(learning_rate=1e-5, epochs=10, per_device_batch_size=1, gradient_accumulation_steps=16)
     # Reference log-probs computed once before training, then the reference model is freed (saves memory).
     precompute_ref_log_probs: bool = False
     # Held-out evaluations over the whole run (reward accuracy and margin on pairs_heldout.jsonl).
     evaluations: int = Field(20, ge=1)
-    early_stopping_patience: int = Field(3, ge=0)  # evaluations without held-out margin improvement before stopping (0: off)
+    early_stopping_patience: int = 3  # evaluations without held-out margin improvement before stopping (0: off)
     # At the end, load the checkpoint with the best held-out margin (a checkpoint is then saved at every
     # evaluation, replacing optim.save_steps); off keeps the last step's weights.
     restore_best: bool = True
