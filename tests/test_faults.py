@@ -44,13 +44,15 @@ def medcritical(tmp: Path, *args: str, env: dict | None = None) -> subprocess.Co
 
 def start(tmp: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     log = open(tmp / f"run-{time.monotonic_ns()}.log", "w+")
-    return subprocess.Popen([sys.executable, "-m", "medcritical.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-m", "medcritical.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                             text=True, env=env or _env(tmp))
+    proc.log = log  # what it printed, for the failure message
+    return proc
 
 
 def _output(proc: subprocess.Popen) -> str:
-    proc.stdout.seek(0)
-    return proc.stdout.read()
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def kill_when(proc: subprocess.Popen, reached, what: str, timeout: float = TIMEOUT_S) -> None:
