@@ -23,6 +23,8 @@ Guarantees (see docs/storage.md):
 - Transient failures (connection errors, timeouts, HTTP 5xx, SlowDown) are retried with backoff;
   403/404 and checksum mismatches are not.
 - Re-running an interrupted transfer resumes: files whose size and sha256 already match are skipped.
+- A step checks its output before any work (``check_output``: a probe object written and removed),
+  and the multipart uploads a killed run left under it are aborted then, and again by ``upload``.
 """
 
 from __future__ import annotations
