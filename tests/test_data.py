@@ -203,3 +203,73 @@ def test_leakage_check_on_the_real_validation_file():
     pairs = {(by_id[leak.train_id].question, by_id[leak.eval_id].question) for leak in leaks}
     assert ("风湿性心脏病严重二尖瓣狭窄突发大咯血的原因是", "风湿性心脏病严重二尖瓣狭窄突发大咯血是由于") in pairs
     assert not any("脏是" in a for a, _ in pairs)  # 主统血的脏是 / 具有通调水道功能的脏是: same options, other questions
+
+
+# -- files of every kind and encoding: named problems, bad bytes by row ---------------------------------
+
+
+ROWS = [
+    ["嘶哑样咳嗽，可见于", "A 急性喉炎\nB 声带疾患\nC 百日咳", "A", "解析"],
+    ["黄疸伴胆囊增大不会见于", "A 胆总管结石\nB 急性肝炎", "B", ""],
+    ["发热伴寒战见于", "A 肺炎\nB 感冒", "A", ""],
+]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_gb18030_file_is_named_with_its_encoding_and_the_conversion(tmp_path, suffix):
+    utf8 = write_csv(tmp_path / "q.csv", ROWS)
+    if suffix == ".jsonl":
+        from medcritical.data.cmexam import write_questions
+
+        write_questions(load_questions(utf8).questions, tmp_path / "q.jsonl")
+    path = tmp_path / f"q{suffix}"
+    path.write_bytes(path.read_text(encoding="utf-8").encode("gb18030"))
+    with pytest.raises(DataError) as error:
+        load_questions(path)
+    message = str(error.value)
+    assert str(path) in message and "not UTF-8" in message and "looks like GB18030" in message
+    assert f"iconv -f GB18030 -t UTF-8 {path} > {tmp_path / ('q.utf8' + suffix)}" in message
+
+
+def test_stray_bytes_make_only_their_rows_bad(tmp_path):
+    path = write_csv(tmp_path / "q.csv", ROWS)
+    data = path.read_bytes().replace("百日咳".encode(), b"\xff\xfe")  # inside the first row's quoted options
+    path.write_bytes(data)
+    result = load_questions(path)
+    assert [q.id for q in result.questions] == ["1", "2"]  # ids (row numbers) unchanged
+    (bad,) = result.bad_rows
+    assert bad.row == 0 and "line 4 is not UTF-8 (byte b'\\xff' at column 3)" in bad.reason
+    with pytest.raises(DataError, match=r"row 0: line 4 is not UTF-8 .*fix the bytes or delete the line.*on_bad_row"):
+        load_questions(path, on_bad_row="error")
+
+    jsonl = tmp_path / "q.jsonl"
+    lines = [json.dumps({"question": q, "options": {"A": "x", "B": "y"}, "answer": "A"}, ensure_ascii=False).encode() for q, *_ in ROWS]
+    lines[1] = lines[1].replace("黄".encode(), b"\x80")
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    result = load_questions(jsonl)
+    assert [q.id for q in result.questions] == ["0", "2"] and "line 2 is not UTF-8" in result.bad_rows[0].reason
+
+
+@pytest.mark.parametrize(
+    "content, hint",
+    [
+        ("Question,Options,Answer\n题目,A x,A\n".encode(), "looks like text: if it is CSV, rename it to .csv"),
+        (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600), "old .xls workbook: save it as .xlsx"),
+    ],
+)
+def test_an_xlsx_that_is_not_a_workbook_is_named(tmp_path, content, hint):
+    path = tmp_path / "val.xlsx"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: not an Excel workbook .*{re.escape(hint)}"):
+        load_questions(path)
+
+
+@pytest.mark.parametrize("writer, suffix", [(write_csv, ".csv"), (write_xlsx, ".xlsx")])
+def test_a_missing_column_is_named_as_such(tmp_path, writer, suffix):
+    path = writer(tmp_path / f"q{suffix}", [row[:2] + row[3:] for row in ROWS], header=["Question", "Options", "Explanation"])
+    with pytest.raises(DataError, match=r"no 'Answer' column \(found: 'Question', 'Options', 'Explanation'\).*rename"):
+        load_questions(path)
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text(json.dumps({"question": "题目", "options": {"A": "x"}}, ensure_ascii=False) + "\n")
+    with pytest.raises(DataError, match=r"no 'answer' field \(the Answer column\)"):
+        load_questions(jsonl, on_bad_row="error")

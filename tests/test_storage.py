@@ -384,3 +384,44 @@ def test_excluded_subfolders_stay_behind(s3_env, s3_server, tmp_path):
     assert names == {"run/sft/model/config.json", "run/sft/checkpoints.txt", f"run/sft/{MANIFEST_NAME}"}
     out = storage.download(f"s3://{s3_env}/run/sft", tmp_path / "restored")
     assert (out / "model" / "config.json").is_file() and not (out / "checkpoints").exists()
+
+
+# -- fail before the work: the output probed at a step's start; abandoned multipart uploads aborted --------
+
+
+def test_check_output_writes_and_removes_a_probe(s3_env, s3_server):
+    storage.check_output(f"s3://{s3_env}/runs/eval")
+    assert list(s3_server.client().list_objects(s3_env, recursive=True)) == []  # the probe is gone
+
+
+def test_check_output_names_wrong_credentials_and_a_missing_bucket(s3_env, monkeypatch):
+    with pytest.raises(BucketNotFoundError, match="bucket 'no-such-bucket' does not exist .*create it first"):
+        storage.check_output("s3://no-such-bucket/runs/eval")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageAuthError, match="rejected the credentials .*check AWS_ACCESS_KEY_ID"):
+        storage.check_output(f"s3://{s3_env}/runs/eval")
+
+
+def _start_multipart(client, bucket, key):
+    """Start a multipart upload and send one part, as a run killed mid-upload leaves it."""
+    upload_id = client._create_multipart_upload(bucket, key, {})
+    client._upload_part(bucket, key, os.urandom(PART), None, upload_id, 1)
+    return upload_id
+
+
+def _unfinished(client, bucket):
+    return [(u.object_name, u.upload_id) for u in client._list_multipart_uploads(bucket).uploads]
+
+
+def test_abandoned_multipart_uploads_are_aborted_by_the_next_writer(s3_env, s3_server, tmp_path):
+    client = s3_server.client()
+    _start_multipart(client, s3_env, "runs/sft/model/model.safetensors")
+    _start_multipart(client, s3_env, "other/keep.bin")  # another output's upload is not ours to abort
+    assert len(_unfinished(client, s3_env)) == 2
+    storage.check_output(f"s3://{s3_env}/runs/sft")  # the rerun's step start
+    assert [name for name, _ in _unfinished(client, s3_env)] == ["other/keep.bin"]
+    # A single-file upload aborts only its own key's leftovers.
+    _start_multipart(client, s3_env, "other/keep.bin.2")
+    (tmp_path / "keep.bin").write_bytes(b"x")
+    storage.upload(tmp_path / "keep.bin", f"s3://{s3_env}/other/keep.bin")
+    assert [name for name, _ in _unfinished(client, s3_env)] == ["other/keep.bin.2"]

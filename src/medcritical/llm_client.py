@@ -32,6 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from tqdm.auto import tqdm
 
+from medcritical.errors import UserError
+
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
@@ -44,7 +46,7 @@ FATAL_STATUSES = {
 }
 
 
-class EndpointError(RuntimeError):
+class EndpointError(UserError, RuntimeError):
     """The endpoint refuses every request or cannot be reached: stop, fix the setting, rerun."""
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from medcritical.data.config import BUNDLED, DataConfig
 from medcritical.distill.config import DistillConfig
+from medcritical.errors import UserError
 from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
 from medcritical.modeling.config import TINY, GenerationConfig, ModelConfig, TinyModelConfig
 from medcritical.section import Section
@@ -31,7 +32,7 @@ __all__ = [
     "apply_override", "dump_recipe", "load_recipe", "load_recipe_text",
 ]
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -39,11 +40,11 @@ class RunConfig(Section):
     name: str = "medcritical"
     # Where each step writes `<output_dir>/<step>/`; a local folder or s3://bucket/prefix.
     output_dir: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
     # "auto" takes a CUDA GPU when there is one.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU threads for torch; None leaves torch's default. On small shared CPUs 1-2 is much faster.
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
 
     @property
     def root(self) -> str:
@@ -73,7 +74,14 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"--set {assignment!r}: {part!r} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise RecipeError(
+            f"--set {assignment!r}: the value {value!r} is not valid YAML ({problem}); quote a text value, "
+            f"e.g. --set '{key.strip()}=\"{value}\"', or write a list as [a, b]"
+        ) from None
 
 
 def _format_error(source: str, error: ValidationError) -> str:

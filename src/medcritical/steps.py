@@ -11,7 +11,9 @@ A step's output folder is also its input for the next step: a model is the folde
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from medcritical import storage
+from medcritical.io.lock import output_lock
 from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,48 @@ def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:
     return resolve_model(str(path))
 
 
+def model_folder_problem(path: str) -> str | None:
+    """What is wrong with a local model path (None when it holds a model): a Hugging Face folder,
+    a step folder with model/, or a DPO round's model.uri pointer."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "no such model folder (use 'tiny', a local Hugging Face folder or a training step's output folder)"
+    if any((folder / name).is_file() for name in ("config.json", "model/config.json", MODEL_POINTER)):
+        return None
+    return "not a model folder: no config.json (nor model/config.json of a training step's output)"
+
+
+def check_model_uri(uri: str) -> None:
+    """Fail before the work: a local model is a Hugging Face folder, a step folder holding model/, or a
+    DPO round's pointer (s3:// models are checked when they are downloaded, first thing in the step)."""
+    from medcritical.recipe import TINY
+
+    if uri and uri != TINY and not storage.is_s3(uri) and (problem := model_folder_problem(uri)):
+        raise FileNotFoundError(f"{uri}: {problem}")
+
+
+def step(fn):
+    """How every step starts, before any work: it takes its output folder's one-writer lock (a second
+    run into it stops at once, naming the holder), checks a local model folder, and probes an S3
+    output (credentials, bucket, write permission) and aborts the uploads an interrupted run left there."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        output_uri = bound.arguments["output_uri"]
+        if "model_uri" in signature.parameters:
+            check_model_uri(bound.arguments.get("model_uri") or bound.arguments["recipe"].model.base)
+        if not _is_main_process():  # torchrun: rank 0 holds the lock and publishes
+            return fn(*args, **kwargs)
+        with output_lock(local_output_path(output_uri), fn.__name__):
+            if storage.is_s3(output_uri):
+                storage.check_output(output_uri)
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _questions(data_uri: str, filename: str, recipe: Recipe):
     from medcritical.data.cmexam import load_questions
 
@@ -132,6 +177,7 @@ def _questions(data_uri: str, filename: str, recipe: Recipe):
 # -- the steps -------------------------------------------------------------------------------------
 
 
+@step
 def prepare_data(recipe: Recipe, output_uri: str) -> dict:
     from medcritical.data.prepare import prepare_data as prepare
 
@@ -141,6 +187,7 @@ def prepare_data(recipe: Recipe, output_uri: str) -> dict:
         return prepare(recipe.data.model_copy(update=local), recipe.run.seed, out)
 
 
+@step
 def distill(recipe: Recipe, data_uri: str, output_uri: str) -> dict:
     from medcritical.data.prepare import TRAIN_FILE
     from medcritical.distill.run import distill as run_distill
@@ -153,6 +200,7 @@ def distill(recipe: Recipe, data_uri: str, output_uri: str) -> dict:
         return run_distill(recipe.distill, questions, out, seed=recipe.run.seed, device=recipe.run.device)
 
 
+@step
 def sft(recipe: Recipe, distill_uri: str, model_uri: str, output_uri: str) -> dict:
     from medcritical.distill.run import SFT_FILE
     from medcritical.training.sft import train_sft
@@ -165,6 +213,7 @@ def sft(recipe: Recipe, distill_uri: str, model_uri: str, output_uri: str) -> di
         )
 
 
+@step
 def rollout(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str) -> dict:
     from medcritical.data.prepare import TRAIN_FILE
     from medcritical.selfplay.step import run_rollout
@@ -178,6 +227,7 @@ def rollout(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str) -> d
         )
 
 
+@step
 def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldout_uri: str = "") -> dict:
     """DPO on the rollout's pairs; held-out pairs from `heldout_uri`, else pairs_heldout.jsonl beside them."""
     from medcritical.selfplay.step import HELDOUT_PAIRS, PAIRS
@@ -235,6 +285,7 @@ def _train_pass(recipe: Recipe, rollout_dir: Path, out: Path) -> dict | None:
     )
 
 
+@step
 def evaluate(
     recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, label: str = "", restart: bool = False
 ) -> dict:
@@ -250,6 +301,7 @@ def evaluate(
         )
 
 
+@step
 def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: str, dpo_eval_uri: str) -> dict:
     from medcritical.evaluation.run_report import write_run_report
 

@@ -23,6 +23,8 @@ Guarantees (see docs/storage.md):
 - Transient failures (connection errors, timeouts, HTTP 5xx, SlowDown) are retried with backoff;
   403/404 and checksum mismatches are not.
 - Re-running an interrupted transfer resumes: files whose size and sha256 already match are skipped.
+- A step checks its output before any work (``check_output``: a probe object written and removed),
+  and the multipart uploads a killed run left under it are aborted then, and again by ``upload``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from medcritical.errors import UserError
+from medcritical.io.lock import LOCK_FILE
+
 log = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "MEDCRITICAL_S3_ENDPOINT"
@@ -77,8 +82,8 @@ T = TypeVar("T")
 # Errors: each message names the input, the problem and the fix.
 
 
-class StorageError(Exception):
-    """An artifact could not be read or written."""
+class StorageError(UserError):
+    """An artifact could not be read or written; the message says what to check (the CLI exits 2)."""
 
 
 class StorageConfigError(StorageError):
@@ -408,14 +413,62 @@ def _local_files(folder: Path, exclude_dirs: Sequence[str] = ()) -> list[tuple[s
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             rel = path.relative_to(folder).as_posix()
-            if rel.split("/", 1)[0] in exclude_dirs and "/" in rel:
-                continue
+            if rel.split("/", 1)[0] in exclude_dirs and "/" in rel or rel == LOCK_FILE:
+                continue  # excluded subfolders; the writer's lock file only means something where it runs
             if rel == MANIFEST_NAME:
                 raise StorageConfigError(
                     f"{path}: '{MANIFEST_NAME}' is reserved for the folder manifest; rename the file"
                 )
             files.append((rel, path))
     return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Before a step's work: probe the output, clean up after an interrupted run
+
+PROBE_PREFIX = ".medcritical-probe-"
+
+
+def check_output(uri: str) -> None:
+    """Fail before the work: write and remove a small probe object under the output URI, so wrong
+    credentials, a missing bucket or no write permission stop a step in seconds, not when it uploads
+    hours later; then abort the multipart uploads an interrupted run left under it.
+
+    Call it as the output's one writer (the step holds the folder's lock): another writer's upload in
+    progress under the same URI would be aborted too.
+    """
+    target = parse_s3_uri(uri)
+    settings = S3Settings.from_env(uri)
+    client = _client(settings, uri, 1)
+    probe = target.prefix + PROBE_PREFIX + uuid.uuid4().hex[:12]
+    try:
+        with_retries(lambda: client.put_object(target.bucket, probe, io.BytesIO(b"probe"), 5),
+                     what=f"write a probe object under {target}")
+        with_retries(lambda: client.remove_object(target.bucket, probe), what=f"remove the probe object under {target}")
+        abort_abandoned_uploads(client, target)
+    except Exception as exc:
+        raise _explain(exc, uri, settings) from exc
+    log.debug("%s: writable (probe object written and removed)", target)
+
+
+def abort_abandoned_uploads(client: Minio, target: S3Uri, *, folder: bool = True) -> int:
+    """Abort unfinished multipart uploads under `target` (a folder prefix, or exactly that key): a
+    killed run leaves their parts on the server, invisible to readers but stored and billed."""
+    prefix = target.prefix if folder else target.key
+    aborted = 0
+    for _ in range(1000):  # each page is aborted, so the next listing starts over with what is left
+        page = with_retries(lambda: client._list_multipart_uploads(target.bucket, prefix=prefix or None, max_uploads=1000),
+                            what=f"list unfinished uploads under {target}")
+        uploads = [u for u in page.uploads if folder or u.object_name == target.key]
+        for upload in uploads:
+            with_retries(lambda u=upload: client._abort_multipart_upload(target.bucket, u.object_name, u.upload_id),
+                         what=f"abort the unfinished upload of s3://{target.bucket}/{upload.object_name}")
+        aborted += len(uploads)
+        if not uploads or not page.is_truncated:
+            break
+    if aborted:
+        log.info("%s: aborted %d unfinished multipart upload(s) left by an interrupted run", target, aborted)
+    return aborted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +558,7 @@ def upload(local_path: str | os.PathLike, uri: str, *, max_workers: int = DEFAUL
     settings = S3Settings.from_env(str(target))
     client = _client(settings, str(target), max_workers)
     try:
+        abort_abandoned_uploads(client, target, folder=src.is_dir())
         if src.is_file():
             progress = _Progress("uploaded", 1, src.stat().st_size)
             _upload_file(client, src, target, part_size=part_size, parallel_parts=max_workers,
@@ -838,6 +892,6 @@ __all__ = [
     "ACCESS_KEY_ENV", "BucketNotFoundError", "ChecksumMismatchError", "DEFAULT_MAX_WORKERS",
     "DEFAULT_PART_SIZE", "ENDPOINT_ENV", "IncompleteUploadError", "MANIFEST_NAME", "ObjectNotFoundError",
     "REGION_ENV", "RETRY", "RetryPolicy", "S3Settings", "S3Uri", "SECRET_KEY_ENV", "SESSION_TOKEN_ENV",
-    "StorageAuthError", "StorageConfigError", "StorageError", "download", "is_s3", "is_transient",
+    "StorageAuthError", "StorageConfigError", "StorageError", "abort_abandoned_uploads", "check_output", "download", "is_s3", "is_transient",
     "materialize", "parse_s3_uri", "publish", "sha256_file", "upload", "with_retries",
 ]

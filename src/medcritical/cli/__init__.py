@@ -9,8 +9,11 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+from pathlib import Path
 
 from medcritical import __version__
+from medcritical.errors import UserError
 
 # In the order data flows through the steps, as `medcritical --help` lists them.
 COMMANDS = (
@@ -23,8 +26,24 @@ COMMANDS = (
     "medcritical.cli.plan",
 )
 
-# Errors that are the user's to fix: printed as one clear message, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+# Errors that are the user's to fix: printed as one clear message, no traceback, exit 2. Besides
+# UserError (recipes, data, storage, folder locks, resume records...), the errors the project raises
+# itself with a message for the user (a missing input file, a bad value found at run time). The same
+# types raised inside a library (torch, transformers...) are unexpected: traceback, exit 1.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+OWN_MESSAGES: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def is_user_error(error: BaseException) -> bool:
+    if isinstance(error, USER_ERRORS):
+        return True
+    if not isinstance(error, OWN_MESSAGES):
+        return False
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         importlib.import_module(module).add_parser(subparsers)
+    for command in subparsers.choices.values():
+        # -v after the command name too (`medcritical evaluate -v ...`); SUPPRESS keeps one given before it.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging, and the traceback of an error")
     return parser
 
 
@@ -57,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not is_user_error(e):
+            traceback.print_exc()
+            print(f"medcritical {args.command}: unexpected error (a bug, or a case the project does not "
+                  "handle yet): please report it with the traceback above", file=sys.stderr)
+            return 1
         if args.verbose:
-            raise
-        print(f"medcritical {args.command}: error: {e}\n(rerun with -v for the traceback)", file=sys.stderr)
+            traceback.print_exc()
+        else:
+            print(f"medcritical {args.command}: error: {e}\n(rerun with -v for the traceback)", file=sys.stderr)
         return 2
     return int(result or 0)

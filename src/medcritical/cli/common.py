@@ -39,7 +39,12 @@ def questions_uri(given: str | None, recipe: Recipe) -> Iterator[str]:
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe, validated; a --model folder checked too, before any data is prepared."""
     recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "model", None):
+        from medcritical.steps import check_model_uri
+
+        check_model_uri(args.model)
     if recipe.run.threads:
         import torch
 

@@ -13,12 +13,16 @@ column, or else its 0-based data-row number in the file.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
+
+from medcritical.errors import UserError
 
 # Columns of the official files; any other non-empty column is kept as an annotation.
 QUESTION, OPTIONS, ANSWER, EXPLANATION, ID = "Question", "Options", "Answer", "Explanation", "id"
@@ -60,7 +64,7 @@ class BadRow:
         return f"{self.file}: row {self.row}: {self.reason}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used as it is; the message names file, row and fix."""
 
 
@@ -102,6 +106,9 @@ def parse_answer(cell) -> str:
 
 def _row_to_question(row: dict, row_number: int) -> Question:
     """Build a Question from a file row in any format; raises ValueError naming the problem."""
+    for canonical, official in (("question", QUESTION), ("options", OPTIONS), ("answer", ANSWER)):
+        if canonical not in row and official not in row:
+            raise ValueError(f"no {canonical!r} field (the {official} column)")
     question = str(row.get("question") or row.get(QUESTION) or "").strip()
     if not question:
         raise ValueError("empty question")
@@ -135,37 +142,127 @@ def _row_to_question(row: dict, row_number: int) -> Question:
     )
 
 
-def _read_rows(path: Path) -> Iterator[dict]:
+# Encodings Chinese exam files come in besides UTF-8, tried in this order to name a file's encoding.
+_GUESSES = ("gb18030", "big5", "shift_jis")
+_REQUIRED = ((QUESTION, "question"), (OPTIONS, "options"), (ANSWER, "answer"))
+
+
+def _guess_encoding(data: bytes) -> str | None:
+    for bom, name in ((codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):
+            return name
+    for name in _GUESSES:
+        try:
+            data.decode(name)
+            return name.upper()
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
+def _text_lines(path: Path) -> tuple[list[str], dict[int, str]]:
+    """The file's lines (ends kept) and, by 1-based line number, why a line is not UTF-8.
+
+    A file in another encoding (most lines with non-ASCII bytes fail) is a `DataError` naming the
+    encoding it looks like and how to convert it; a few stray bytes only make their lines bad rows.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines(keepends=True), {}
+    except UnicodeDecodeError:
+        pass
+    lines, bad, non_ascii = [], {}, 0
+    for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(keepends=True), start=1):
+        non_ascii += not raw.isascii()
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad[number] = f"line {number} is not UTF-8 (byte {e.object[e.start:e.start + 1]!r} at column {e.start + 1})"
+            lines.append(raw.decode("utf-8", errors="replace"))
+    if len(bad) * 2 >= non_ascii:
+        first = min(bad)
+        encoding = _guess_encoding(data)
+        looks = f"it looks like {encoding}" if encoding else "its encoding could not be guessed"
+        converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        raise DataError(
+            f"{path}: not UTF-8 text ({len(bad)} of {non_ascii} lines with non-ASCII bytes fail, first: "
+            f"{bad[first]}); {looks}: convert it with `iconv -f {encoding or '<encoding>'} -t UTF-8 {path} > "
+            f"{converted}` and use the new file"
+        )
+    return lines, bad
+
+
+def _check_columns(path: Path, header: list[str]) -> None:
+    missing = [official for official, canonical in _REQUIRED if official not in header and canonical not in header]
+    if missing:
+        found = ", ".join(repr(h) for h in header if h) or "none"
+        raise DataError(
+            f"{path}: no {' or '.join(repr(m) for m in missing)} column (found: {found}); CMExam files have the "
+            "columns Question, Options, Answer and Explanation: rename the column in the header"
+        )
+
+
+def _read_rows(path: Path) -> Iterator[tuple[dict, str | None]]:
+    """(row, problem) for each data row; `problem` names bytes that are not UTF-8 in that row."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {line_number} is not valid JSON ({e.msg})") from e
+        lines, bad = _text_lines(path)
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if line_number in bad:
+                yield {}, bad[line_number]
+                continue
+            try:
+                yield json.loads(line), None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_number} is not valid JSON ({e.msg})") from e
     elif suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            yield from csv.DictReader(f)
+        lines, bad = _text_lines(path)
+        reader = csv.reader(lines)
+        header = [h.strip() for h in next(reader, [])]
+        _check_columns(path, header)
+        last_line = reader.line_num
+        for values in reader:
+            span, last_line = range(last_line + 1, reader.line_num + 1), reader.line_num
+            if not values:  # a blank line, as csv.DictReader skips them
+                continue
+            problem = next((bad[n] for n in span if n in bad), None)
+            yield {h: v for h, v in zip(header, values) if h}, problem
     elif suffix in (".xlsx", ".xlsm"):
-        import openpyxl
-
-        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        try:
-            rows = workbook.worksheets[0].iter_rows(values_only=True)
-            header = [str(h).strip() if h is not None else "" for h in next(rows)]
-            for values in rows:
-                if all(v is None for v in values):
-                    continue
-                yield {h: v for h, v in zip(header, values) if h}
-        finally:
-            workbook.close()
+        for row in _read_workbook(path):
+            yield row, None
     else:
         raise DataError(
             f"{path}: unknown data format {suffix!r}; use the official .csv, the .xlsx export or .jsonl"
         )
+
+
+def _read_workbook(path: Path) -> Iterator[dict]:
+    import openpyxl
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except (zipfile.BadZipFile, InvalidFileException, KeyError, OSError) as e:
+        head = path.read_bytes()[:8]
+        if head.startswith(b"\xd0\xcf\x11\xe0"):
+            what = "it is an old .xls workbook: save it as .xlsx (Excel or LibreOffice) or export CSV"
+        elif head.isascii() or _guess_encoding(path.read_bytes()[:4096]):
+            what = "it looks like text: if it is CSV, rename it to .csv"
+        else:
+            what = "the file is damaged or not a spreadsheet: export it again as .xlsx or CSV"
+        raise DataError(f"{path}: not an Excel workbook ({type(e).__name__}); {what}") from None
+    try:
+        rows = workbook.worksheets[0].iter_rows(values_only=True)
+        header = [str(h).strip() if h is not None else "" for h in next(rows, ())]
+        _check_columns(path, header)
+        for values in rows:
+            if all(v is None for v in values):
+                continue
+            yield {h: v for h, v in zip(header, values) if h}
+    finally:
+        workbook.close()
 
 
 def load_questions(path: str | Path, on_bad_row: Literal["skip", "error"] = "skip") -> LoadResult:
@@ -180,8 +277,10 @@ def load_questions(path: str | Path, on_bad_row: Literal["skip", "error"] = "ski
     questions: list[Question] = []
     bad_rows: list[BadRow] = []
     seen_ids: set[str] = set()
-    for row_number, row in enumerate(_read_rows(path)):
+    for row_number, (row, problem) in enumerate(_read_rows(path)):
         try:
+            if problem:
+                raise ValueError(f"{problem}; fix the bytes or delete the line")
             question = _row_to_question(row, row_number)
             if question.id in seen_ids:
                 raise ValueError(f"duplicate id {question.id!r}")

@@ -21,7 +21,7 @@ class DataConfig(Section):
     # as a benchmark number needs; a sample of 100 has a 95% interval of about +-9 points).
     eval_size: int | None = Field(100, ge=0)
     # Cap on training questions (None: all that remain after the split); chosen by seeded hash.
-    train_size: int | None = None
+    train_size: int | None = Field(None, ge=0)
     # Bad rows (empty question, no options, answer not among options): skip and count, or stop.
     on_bad_row: Literal["skip", "error"] = "skip"
     # Training questions whose text also appears in the eval split: drop them, or stop.

@@ -29,10 +29,10 @@ class LocalTeacher(Section):
 
     # transformers: prompts per forward pass. vllm: prompts per call (use hundreds). Results are
     # appended to the progress log after each batch.
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    tensor_parallel_size: int = 1  # vllm only
-    gpu_memory_utilization: float = 0.85  # vllm only
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm only
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm only
 
 
 class DistillConfig(Section):
@@ -46,13 +46,13 @@ class DistillConfig(Section):
     attempts: int = Field(2, ge=1)  # tries per question until a trace matches gold
     verify: bool = True  # keep only traces whose final answer matches gold
     show_gold_answer: bool = False  # the paper's code showed it; off keeps the teacher honest
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 4096
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(4096, ge=1)
     # Reasoning teachers think before writing the template too; raise this if templates come back truncated.
-    template_max_new_tokens: int = 2048
+    template_max_new_tokens: int = Field(2048, ge=1)
     # explanations backend: keep only the first N characters of each expert explanation (short traces a
     # tiny CPU model can learn in minutes, as in the demo); null keeps the whole explanation.
     explanation_max_chars: int | None = Field(None, ge=1)
-    limit: int | None = None  # distill only the first N questions (quick checks, cost control)
-    price_per_million_tokens: float | None = None  # prompt + completion tokens; for the cost estimate
+    limit: int | None = Field(None, ge=1)  # distill only the first N questions (quick checks, cost control)
+    price_per_million_tokens: float | None = Field(None, ge=0)  # prompt + completion tokens; for the cost estimate

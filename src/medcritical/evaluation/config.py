@@ -50,7 +50,7 @@ class EvaluateConfig(Section):
     # then the answer statement of the SFT traces). Each candidate is this + letters + end of turn.
     loglik_prefix: str = "<think>\n\n</think>\n答案："
     language: Literal["zh", "en"] = "zh"
-    limit: int | None = None  # evaluate only the first N questions (quick checks)
+    limit: int | None = Field(None, ge=1)  # evaluate only the first N questions (quick checks)
     judge: JudgeConfig = JudgeConfig()
     # After each DPO round, how many of the round's training questions (a seeded choice; null: all) the
     # DPO model answers again with the rollout's settings: pass@1 before -> after DPO and the paired

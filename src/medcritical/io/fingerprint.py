@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
+from medcritical.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -24,7 +26,7 @@ MODEL_MANIFEST = "MANIFEST.sha256"  # written by the training steps beside model
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(UserError, ValueError):
     """An output folder holds results made from other inputs or settings."""
 
 

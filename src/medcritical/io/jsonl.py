@@ -15,10 +15,12 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from medcritical.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class JsonlError(ValueError):
+class JsonlError(UserError, ValueError):
     """A JSONL file that cannot be read; the message names the file, the line and the fix."""
 
 

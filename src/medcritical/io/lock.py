@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from medcritical.errors import UserError
+
 LOCK_FILE = ".medcritical.lock"
 
 
-class FolderInUse(RuntimeError):
+class FolderInUse(UserError, RuntimeError):
     """Another process is writing into the same output folder."""
 
 

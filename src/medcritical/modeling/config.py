@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator, model_validator
 
 from medcritical.section import Section
 
@@ -13,12 +13,22 @@ TINY = "tiny"  # model.base value: build the offline tiny model
 
 
 class TinyModelConfig(Section):
-    vocab_size: int = 2048
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    seed: int = 0
+    # A test model: the caps keep a typo from building a model that fills memory.
+    vocab_size: int = Field(2048, ge=512, le=65536)  # the byte-level BPE needs its 256 bytes, the special tokens and merges
+    hidden_size: int = Field(64, ge=1, le=4096)
+    num_layers: int = Field(2, ge=1, le=64)
+    num_heads: int = Field(4, ge=1, le=64)
+    intermediate_size: int = Field(256, ge=1, le=16384)
+    seed: int = Field(0, ge=0, lt=2**32)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads} (each head gets "
+                "hidden_size / num_heads dimensions)"
+            )
+        return self
 
 
 class ModelConfig(Section):
@@ -40,8 +50,8 @@ class GenerationConfig(Section):
     """How the student generates, in evaluation and rollout."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    batch_size: int = 16
-    max_new_tokens: int = 256
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
     # vLLM only: GPUs per model replica, and the share of GPU memory it may take.
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
