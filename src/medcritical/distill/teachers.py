@@ -93,7 +93,8 @@ class LocalModelTeacher:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 max_new_tokens=max_new_tokens,
-                seed=seed + start,
+                seed=seed,
+                keys=[f"{r.question.id}#{r.kind}#{r.attempt}" for r in batch],  # not the batch position
                 desc=f"teacher {batch[0].kind}s",
             )
             seconds = (time.monotonic() - began) / len(batch)
