@@ -78,8 +78,11 @@ def server_command(
     ]
     if gpus:
         command += ["--tensor-parallel-size", str(tensor_parallel_size or gpus), "--dtype", dtype]
-    else:  # vLLM's CPU build (tests, CPU machines): no CUDA graphs; float32 unless told otherwise
-        command += ["--enforce-eager", "--dtype", "float32" if dtype == "auto" else dtype]
+    else:
+        # vLLM's CPU build (tests, CPU machines): no CUDA graphs; float32 unless told otherwise; no chunked
+        # prefill, because a seeded request (the teacher sends seeds) whose prefill is split crashes its engine
+        # ("CPU Generator does not use offset"), as seen with 16 concurrent requests (see generation.VLLMGenerator).
+        command += ["--enforce-eager", "--no-enable-chunked-prefill", "--dtype", "float32" if dtype == "auto" else dtype]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     return command + list(extra_args)
