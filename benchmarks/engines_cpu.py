@@ -233,7 +233,8 @@ def drive(args) -> Path:
         "Both engines run the project's Generator.generate with per-sample seeds (vLLM: one seeded request per "
         "sample, chunked prefill off on CPU). Random weights: answers run to the token limit or stop at a random EOS.",
         "The teacher row measures the whole request path (client, server, engine) on a tiny model: on CPU the "
-        "engine dominates, so the two clients should be close; a gap is the client's overhead.",
+        "engine dominates, so the two clients should be close; a gap is the client's overhead. \"project teacher\" is "
+        "distill.backend openai through medcritical.llm_client as it is in this commit (rerun after a client change).",
     ]
     result["raw"] = {"cases": cases, "settings": {k: v for k, v in vars(args).items() if k not in ("case", "case_output")}}
     return finish(result, args.output)
