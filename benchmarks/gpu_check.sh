@@ -91,15 +91,17 @@ PY
 measure() {
   local tiny=$1 suffix=""
   mkdir -p "$RESULTS_DIR" "$WORK"
-  local train_args=(--cases sft-lora sft-full-zero3 dpo-lora dpo-lora-precomputed --work-dir "$WORK/training")
+  local train_args=(--work-dir "$WORK/training")
   local generate_args=(--backends transformers --work-dir "$WORK/generation")
   if [[ $tiny == 1 ]]; then
-    train_args+=(--tiny)
+    # Two cases keep the CPU smoke run short (each case is a process of its own); the GPU run does all four.
+    # shellcheck disable=SC2206
+    train_args+=(--tiny --cases ${SMOKE_CASES:-sft-lora dpo-lora-precomputed})
     generate_args+=(--tiny)
     suffix="-tiny"
   else
     # 7B-shaped: few steps and a smaller evaluation sample, so both parts fit their budgets.
-    train_args+=(--steps 8 --warmup 3)
+    train_args+=(--cases sft-lora sft-full-zero3 dpo-lora dpo-lora-precomputed --steps 8 --warmup 3)
     generate_args+=(--rollout-questions 64 --eval-measured 64 --max-new-tokens 256 --decode-tokens 128)
   fi
   log "training benchmarks (budget ${TRAIN_BUDGET} s)"
