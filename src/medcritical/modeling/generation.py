@@ -240,26 +240,6 @@ class TransformersGenerator:
             result[index].append(score)
         return result
 
-    def letter_logprobs(
-        self, prompts: Sequence[Messages], letters: Sequence[Sequence[str]], answer_prefix: str = ""
-    ) -> list[dict[str, float]]:
-        """Log-probability of each option letter as the next token after the prompt + `answer_prefix`
-        (e.g. "答案：" written as the start of the assistant's reply)."""
-        import torch
-
-        prefix = self.tokenizer.encode(answer_prefix, add_special_tokens=False) if answer_prefix else []
-        encoded = [ids + prefix for ids in self.encode_prompts(prompts)]
-        scores: list[dict[str, float]] = []
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start : start + self.batch_size]
-            inputs = self.tokenizer.pad({"input_ids": chunk}, return_tensors="pt", padding_side="left").to(self.device)
-            with torch.no_grad():
-                logits = self.model(**inputs).logits[:, -1, :].float().log_softmax(-1)
-            for row, option_letters in enumerate(letters[start : start + len(chunk)]):
-                ids = {l: self.tokenizer.encode(l, add_special_tokens=False)[0] for l in option_letters}
-                scores.append({l: logits[row, i].item() for l, i in ids.items()})
-        return scores
-
 
 class VLLMGenerator:
     """In-process vLLM: GPUs with tensor parallelism from the recipe, or vLLM's CPU build (tests, the CPU
