@@ -20,11 +20,11 @@ SCRIPT = REPO / "tests" / "vllm_scripts" / "served_teacher.py"
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        # A zombie (exited, not yet reaped by its new parent) is gone for our purpose.
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    # A zombie (exited, not yet reaped by its parent) is gone for our purpose.
-    stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return stat[0] != "Z"
 
 
 def test_distill_through_a_server_started_in_the_step(vllm_python, vllm_model, tmp_path):
