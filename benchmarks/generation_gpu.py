@@ -54,13 +54,11 @@ def load_backend(backend: str, model_dir: Path, args):
     if backend == "transformers":
         device, dtype = ("cpu", "float32") if args.tiny else ("cuda", "bfloat16")
         return TransformersGenerator(model_dir, device=device, dtype=dtype, batch_size=args.batch_size)
-    from vllm import LLM
+    from medcritical.recipe import GenerationConfig
 
-    # The project's VLLMGenerator.generate, on an engine built here so that max_num_seqs matches transformers' batch.
-    generator = VLLMGenerator.__new__(VLLMGenerator)
-    generator.llm = LLM(model=str(model_dir), dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization,
-                        max_num_seqs=args.batch_size * args.samples, seed=0)
-    return generator
+    # max_num_seqs matches transformers' batch (prompts x samples), so both hold the same sequences at once.
+    config = GenerationConfig(backend="vllm", gpu_memory_utilization=args.gpu_memory_utilization)
+    return VLLMGenerator(model_dir, config, dtype="bfloat16", max_num_seqs=args.batch_size * args.samples, seed=0)
 
 
 def run_one_case(backend: str, args) -> dict:

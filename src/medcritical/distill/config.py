@@ -35,11 +35,27 @@ class LocalTeacher(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm only
 
 
+class TeacherServer(Section):
+    """The vllm-server backend: a vLLM OpenAI server over distill.teacher_model, started inside the step
+    (requests then go through the openai backend's client with the distill.openai settings)."""
+
+    tensor_parallel_size: int | None = Field(None, ge=1)  # null: every GPU the step was given
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=1)  # null: the model's own; lower it to fit the KV cache
+    # Passed to `vllm.entrypoints.openai.api_server` as they are, e.g. [--reasoning-parser, deepseek_r1].
+    extra_args: list[str] = []
+    start_timeout_s: float = Field(1800.0, gt=0)  # loading a 32B model takes minutes
+    log_file: str = "teacher-server.log"  # in the step's output folder
+
+
 class DistillConfig(Section):
     # openai: an OpenAI-compatible endpoint; transformers / vllm: a local model (teacher_model);
     # explanations: traces built offline from CMExam's own expert explanations (free; the demo uses it).
-    backend: Literal["openai", "transformers", "vllm", "explanations"] = "explanations"
+    # vllm-server: a vLLM OpenAI server over teacher_model started inside the step (`server`), asked
+    # through the openai client: no endpoint to deploy, the same concurrency and replies as openai.
+    backend: Literal["openai", "transformers", "vllm", "vllm-server", "explanations"] = "explanations"
     openai: OpenAITeacher = OpenAITeacher()
+    server: TeacherServer = TeacherServer()
     teacher_model: str | None = None  # local folder (or "tiny") for the transformers / vllm backends
     local: LocalTeacher = LocalTeacher()
     language: Literal["zh", "en"] = "zh"

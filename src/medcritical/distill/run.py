@@ -34,7 +34,7 @@ from medcritical.distill.progress import (
     replay,
     reply_event,
 )
-from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher
+from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher, served_teacher
 from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template_messages, trace_messages
 from medcritical.io.jsonl import write_jsonl
 from medcritical.llm_client import ChatReply, EndpointFailures
@@ -58,6 +58,9 @@ def distill(
     `teacher` replaces the one the config names (a custom backend); by default it is built from config.
     """
     output_dir = Path(output_dir)
+    if config.backend == "vllm-server" and teacher is None:  # the teacher's server lives as long as this call
+        with served_teacher(config, output_dir) as served:
+            return distill(served, questions, output_dir, seed=seed, device=device)
     questions = list(questions)[: config.limit] if config.limit is not None else list(questions)
     if not questions:
         raise ValueError("no questions to distill (empty input, or distill.limit is 0)")

@@ -3,17 +3,20 @@
 - openai: any OpenAI-compatible endpoint (vLLM / SGLang serving QwQ-32B, DeepSeek-R1, ..., or a
   hosted API), through `medcritical.llm_client.ChatClient`.
 - transformers / vllm: a local model through `medcritical.modeling.generation`, batch by batch.
+- vllm-server: a vLLM OpenAI server over a local model, started inside the step (`served_teacher`),
+  then asked as the openai backend asks an endpoint.
 - explanations: no model; the trace is CMExam's own expert explanation followed by the gold answer,
   and the template a fixed generic approach. Offline, free and deterministic (the demo uses it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.distill.config import DistillConfig
@@ -96,7 +99,8 @@ class LocalModelTeacher:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 max_new_tokens=max_new_tokens,
-                seed=seed + start,
+                seed=seed,
+                keys=[f"{r.question.id}#{r.kind}#{r.attempt}" for r in batch],  # not the batch position
                 desc=f"teacher {batch[0].kind}s",
             )
             seconds = (time.monotonic() - began) / len(batch)
@@ -151,6 +155,11 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
         client = ChatClient.from_section(config.openai, TEACHER_ENV_PREFIX)
         log.info("teacher: %s at %s (%d requests at a time)", client.model, client.base_url, client.concurrency)
         return EndpointTeacher(client, temperature=config.temperature, top_p=config.top_p)
+    if config.backend == "vllm-server":
+        raise ValueError(
+            "distill.backend 'vllm-server' starts its server around a whole run: call distill.run.distill, "
+            "or enter teachers.served_teacher(config, output_dir) and build the teacher from the config it yields"
+        )
     if not config.teacher_model:
         raise ValueError(
             f"distill.backend is {config.backend!r} but distill.teacher_model is not set; give a local "
@@ -176,3 +185,30 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
         top_p=config.top_p,
         batch_size=config.local.batch_size,
     )
+
+
+@contextlib.contextmanager
+def served_teacher(config: DistillConfig, output_dir: str | Path) -> Iterator[DistillConfig]:
+    """For distill.backend vllm-server: start a vLLM server over distill.teacher_model (log in
+    `output_dir`), yield the config turned into the openai backend pointing at it, stop it on the way
+    out (error or not). Other backends pass through unchanged."""
+    if config.backend != "vllm-server":
+        yield config
+        return
+    if not config.teacher_model:
+        raise ValueError(
+            "distill.backend is 'vllm-server' but distill.teacher_model is not set; give the local model "
+            "folder the server should load (e.g. /models/QwQ-32B)"
+        )
+    from medcritical.modeling import resolve_model
+    from medcritical.modeling.vllm_server import serve_vllm
+
+    path = resolve_model(config.teacher_model)
+    server = config.server
+    with serve_vllm(
+        path, log_path=Path(output_dir) / server.log_file, served_name=path.name,
+        tensor_parallel_size=server.tensor_parallel_size, dtype=server.dtype, max_model_len=server.max_model_len,
+        extra_args=server.extra_args, start_timeout_s=server.start_timeout_s,
+    ) as running:
+        openai = config.openai.model_copy(update={"base_url": running.base_url, "model": running.model})
+        yield config.model_copy(update={"backend": "openai", "openai": openai})

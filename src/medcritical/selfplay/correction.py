@@ -70,7 +70,8 @@ def correct_trajectories(
                 temperature=config.temperature,
                 top_p=top_p,
                 max_new_tokens=max_new_tokens,
-                seed=seed + 7919 * (attempt_number + 1) + start,
+                seed=seed,
+                keys=[f"{chunk[i]['question_id']}#{chunk[i]['sample']}#correction{attempt_number + 1}" for i in pending],
                 desc=f"correction attempt {attempt_number + 1}/{config.attempts}",
             )
             for i, (completion,) in zip(pending, completions):

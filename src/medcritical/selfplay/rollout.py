@@ -47,7 +47,8 @@ def rollout_questions(
             temperature=config.temperature,
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
-            seed=seed + chunk[0][0],  # tied to the questions, not to how far an earlier run got
+            seed=seed,
+            keys=[q.id for _, q in chunk],  # a sample's seed: (seed, question, sample index), never its batch
             desc=f"rollout {start + len(chunk)}/{len(todo)}",
         )
         records = []
