@@ -54,7 +54,9 @@ def reward_margin(policy, reference, tokenizer, pairs, beta):
 def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
     config = DPOSection(
         lora=LoraSection(r=8, alpha=16, dropout=0.0),
-        trainer=dict(learning_rate=5e-3, num_train_epochs=3, **TRAINER),
+        # One evaluation batch: TRL reports the mean of per-batch means, which differs from the mean over
+        # pairs when the last batch is smaller; the check below measures the mean over pairs.
+        trainer=dict(learning_rate=5e-3, num_train_epochs=3, per_device_eval_batch_size=64, **TRAINER),
         evaluations=6,
     )
     output = tmp_path / "dpo"
