@@ -7,7 +7,10 @@ import pytest
 from medcritical.grader import grade_answer
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlayConfig
-from medcritical.selfplay.correction import correct_trajectories, correction_statistics
+from medcritical.selfplay.correction import (
+    correct_trajectories, correction_statistics, guess_probability, guessing_acceptance,
+)
+from medcritical.selfplay.standalone import refers_back
 from medcritical.io.jsonl import read_jsonl
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
@@ -68,33 +71,66 @@ def test_rollout_resumes_and_redoes_torn_work(generator, selfplay_questions, tmp
     assert len(read_jsonl(path)) == len(again) == 6 * 3
 
 
-def test_correction_keeps_only_verified_corrections(generator, selfplay_questions, tmp_path):
+def test_correction_accepts_only_stable_votes_and_a_standalone_rewrite(generator, selfplay_questions, tmp_path):
     questions = selfplay_questions[:16]
     records = rollout_questions(generator, questions, ROLLOUT, tmp_path / "rollouts.jsonl", seed=2)
     wrong = [r for r in records if not r["correct"]]
-    config = CorrectionSection(attempts=2, temperature=1.0)
+    config = CorrectionSection(attempts=2, temperature=1.0, votes=3, rewrite_temperature=1.0)
     by_id = {q.id: q for q in questions}
     corrections = correct_trajectories(generator, by_id, wrong, config, tmp_path / "corrections.jsonl", max_new_tokens=48)
 
     assert [(c["question_id"], c["sample"]) for c in corrections] == [(r["question_id"], r["sample"]) for r in wrong]
     for c in corrections:
         question = by_id[c["question_id"]]
-        graded = [grade_answer(a["text"], question.answer, question.options).correct for a in c["attempts"]]
-        assert graded == [a["correct"] for a in c["attempts"]]
+        assert c["corrector"] == "self" and 1 <= len(c["attempts"]) <= 2
+        for n, attempt in enumerate(c["attempts"]):
+            graded = [grade_answer(v["text"], question.answer, question.options).correct for v in attempt["votes"]]
+            assert len(graded) == 3 and graded == [v["correct"] for v in attempt["votes"]]
+            assert attempt["gold_votes"] == sum(graded) and attempt["stable"] == (sum(graded) >= 2)  # a majority
+            assert all(v["completion_tokens"] > 0 for v in attempt["votes"]) and attempt["votes"][0]["prompt_tokens"] > 0
+            rewrite = attempt["rewrite"]
+            assert (rewrite is not None) == attempt["stable"]  # only a stable correction is rewritten
+            if rewrite:
+                assert rewrite["correct"] == grade_answer(rewrite["text"], question.answer, question.options).correct
+                assert rewrite["refers_back"] == refers_back(rewrite["text"])
+            accepted = bool(rewrite and rewrite["correct"] and not rewrite["refers_back"] and rewrite["in_format"])
+            assert attempt["accepted"] == accepted
+            assert not accepted or n == len(c["attempts"]) - 1  # no attempt after the accepted one
         if c["corrected"]:
-            # Kept: the text reaches gold, and no attempt is made after the first verified one.
-            assert graded[-1] and not any(graded[:-1]) and c["correction"] == c["attempts"][-1]["text"]
+            last = c["attempts"][-1]
+            assert c["chosen"] == last["rewrite"]["text"] and c["chosen_tokens"] == last["rewrite"]["completion_tokens"]
+            assert c["correction"] in [v["text"] for v in last["votes"] if v["correct"]]
+            assert grade_answer(c["chosen"], question.answer, question.options).correct and refers_back(c["chosen"]) is None
         else:
-            assert c["correction"] is None and len(graded) == 2 and not any(graded)
+            assert c["chosen"] is None and len(c["attempts"]) == 2
+    stats = correction_statistics(corrections, config, by_id)
     kept = sum(c["corrected"] for c in corrections)
-    assert 0 < kept < len(corrections), "expected both verified and failed corrections from the format model"
-    stats = correction_statistics(corrections, 2)
     assert stats["corrected"] == kept and sum(stats["corrected_at_attempt"]) == kept
+    assert stats["votes"] == 3 * sum(len(c["attempts"]) for c in corrections)
+    assert stats["stable_attempts"] == stats["rewrites"] > 0
+    # What guessing alone would have got accepted: a positive expectation, far below one per trajectory.
+    assert 0 < stats["expected_by_guessing"] < 0.2 * len(corrections)
 
     # A rerun finds every trajectory done and generates nothing.
     counting = CountingGenerator(generator)
     assert correct_trajectories(counting, by_id, wrong, config, tmp_path / "corrections.jsonl") == corrections
     assert counting.prompts == 0
+
+
+def test_guessing_acceptance_matches_the_binomial_rule(bundled):
+    single = next(q for q in bundled if not q.is_multi_answer and len(q.options) == 5)
+    multi = next(q for q in bundled if q.is_multi_answer and len(q.options) == 5)
+    assert guess_probability(single) == pytest.approx(0.2) and guess_probability(multi) == pytest.approx(1 / 26)
+    # The old rule (one vote, no rewrite, two attempts) let a guesser through 36% of the time at five options.
+    p = 0.2
+    one_vote = CorrectionSection(attempts=2, votes=1)
+    assert guessing_acceptance(p, one_vote) == pytest.approx(1 - (1 - p * p) ** 2)
+    majority = CorrectionSection(attempts=2, votes=3)
+    per_attempt = (3 * p**2 * (1 - p) + p**3) * p
+    assert guessing_acceptance(p, majority) == pytest.approx(1 - (1 - per_attempt) ** 2)
+    assert guessing_acceptance(p, majority) < 0.05
+    with pytest.raises(ValueError, match="min_votes"):
+        CorrectionSection(votes=2, min_votes=3)
 
 
 def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, tmp_path):
@@ -104,6 +140,6 @@ def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, t
     config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1))
     stats = run_rollout(config, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
     assert json.loads((tmp_path / "rollout_stats.json").read_text())["rollout"] == stats["rollout"]
-    with pytest.raises(ValueError, match="other settings.*temperature"):
+    with pytest.raises(ValueError, match="other inputs or settings.*rollout"):
         changed = config.model_copy(update={"rollout": ROLLOUT.model_copy(update={"temperature": 0.5})})
         run_rollout(changed, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")

@@ -49,7 +49,7 @@ def _generate(recipe: Recipe, questions, eval_questions, model_path, round_dir: 
 
         result["rollout"] = run_rollout(
             recipe.selfplay, recipe.generation, questions, model_path, round_dir,
-            device=recipe.run.device, dtype=recipe.model.dtype, seed=seed, generator=generator,
+            device=recipe.run.device, dtype=recipe.model.dtype, seed=seed, generator=generator, distill=recipe.distill,
         )
     return result
 
