@@ -143,3 +143,62 @@ def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, t
     with pytest.raises(ValueError, match="other inputs or settings.*rollout"):
         changed = config.model_copy(update={"rollout": ROLLOUT.model_copy(update={"temperature": 0.5})})
         run_rollout(changed, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
+
+
+def _cost_of(stats):
+    return stats["cost"]["student_by_phase"], stats["cost"]["teacher"]
+
+
+def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(format_model, selfplay_questions, tmp_path):
+    """corrector: teacher with a local transformers teacher (the format model standing in for a bigger one):
+    the corrections are the teacher's, counted as teacher tokens; the rewrite is still the student's."""
+    from medcritical.distill.config import DistillConfig
+    from medcritical.recipe import GenerationConfig
+    from medcritical.selfplay.step import run_rollout
+
+    distill = DistillConfig(backend="transformers", teacher_model=str(format_model), temperature=1.0, max_new_tokens=48,
+                            price_per_million_tokens=2.0)
+    config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1, votes=3), corrector="teacher")
+    stats = run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=distill)
+
+    assert stats["corrector"] == {"corrector": "teacher", "backend": "transformers", "model": format_model.name}
+    records = read_jsonl(tmp_path / "corrections.jsonl")
+    assert records and {r["corrector"] for r in records} == {"teacher"}
+    phases, teacher = _cost_of(stats)
+    votes = [v for r in records for a in r["attempts"] for v in a["votes"]]
+    assert teacher["completion_tokens"] == sum(v["completion_tokens"] for v in votes) > 0
+    assert teacher["prompt_tokens"] > 0  # counted with the teacher's tokenizer: a local model reports none
+    assert phases["correction"] == {}  # the student wrote no correction
+    rewrites = [a["rewrite"] for r in records for a in r["attempts"] if a["rewrite"]]
+    assert phases["rewrite"].get("completion_tokens", 0) == sum(w["completion_tokens"] for w in rewrites)
+    money = stats["cost"]["money"]
+    assert money["teacher"] == pytest.approx((teacher["prompt_tokens"] + teacher["completion_tokens"]) * 2.0 / 1e6)
+
+    # Another teacher is another input: the folder refuses to mix, and restart starts over.
+    other = distill.model_copy(update={"temperature": 0.5})
+    with pytest.raises(ValueError, match="teacher"):
+        run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other)
+    run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other, restart=True)
+
+
+def test_explanations_teacher_corrects_with_the_expert_explanation(generator, selfplay_questions, tmp_path):
+    """The demo's offline teacher: every vote is the expert explanation and gold answer, so every wrong
+    trajectory with an explanation gets a stable correction; the rewrite decides acceptance."""
+    from medcritical.distill.config import DistillConfig
+    from medcritical.selfplay.step import build_corrector
+
+    questions = selfplay_questions[:8]
+    records = rollout_questions(generator, questions, ROLLOUT, tmp_path / "rollouts.jsonl", seed=3)
+    wrong = [r for r in records if not r["correct"]]
+    config = SelfPlayConfig(corrector="teacher", correction=CorrectionSection(attempts=1, votes=3))
+    corrector = build_corrector(config, generator, DistillConfig(backend="explanations", explanation_max_chars=40))
+    by_id = {q.id: q for q in questions}
+    corrections = correct_trajectories(generator, by_id, wrong, config.correction, tmp_path / "c.jsonl", corrector=corrector,
+                                       max_new_tokens=48)
+    for c in corrections:
+        attempt = c["attempts"][0]
+        has_explanation = bool(by_id[c["question_id"]].explanation.strip())
+        assert attempt["stable"] == has_explanation and attempt["gold_votes"] == (3 if has_explanation else 0)
+        if attempt["stable"]:
+            assert by_id[c["question_id"]].explanation.strip()[:40] in attempt["votes"][0]["text"]
+            assert attempt["rewrite"] is not None

@@ -23,6 +23,32 @@ TINY_STAGE2 = [
 ]
 
 
+# Words that refer back to an attempt the pair's prompt does not contain (written out here, not taken
+# from the code under test), and the correction prompt's own wording.
+BACK_REFERENCES = (
+    "之前的回答", "之前的解答", "你之前", "我之前", "上一次", "原答案", "错误在于", "重新解答", "找出之前推理中的错误", "参考分析",
+    "previous answer", "earlier attempt", "earlier answer", "my mistake", "find the error in your earlier reasoning",
+    "reference analysis",
+)
+
+
+def assert_chosen_answers_stand_alone(rollout_dir):
+    """Every chosen text of a real run answers the original prompt alone, in the trained format."""
+    from medcritical.io.jsonl import read_jsonl
+
+    pairs = read_jsonl(rollout_dir / "pairs.jsonl") + read_jsonl(rollout_dir / "pairs_heldout.jsonl")
+    corrections = [p for p in pairs if p["chosen_source"] == "correction"]
+    assert corrections, "the run made no pair from a correction: nothing to check"
+    for pair in pairs:
+        chosen = pair["chosen"][0]["content"]
+        assert not [m for m in BACK_REFERENCES if m.lower() in chosen.lower()], chosen
+        assert "</think>" in chosen and "答案" in chosen.rpartition("</think>")[2], chosen
+    by_key = {(c["question_id"], c["sample"]): c for c in read_jsonl(rollout_dir / "corrections.jsonl")}
+    for pair in corrections:  # the chosen text is the student's rewrite, not the correction itself
+        record = by_key[(pair["question_id"], pair["rejected_sample"])]
+        assert pair["chosen"][0]["content"] == record["chosen"] != record["correction"]
+
+
 def cli(*args, overrides=TINY_STAGE2):
     argv = list(args)
     for assignment in overrides:
@@ -44,6 +70,9 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
     assert "pass@1" in capsys.readouterr().out
     stats = json.loads((tmp_path / "rollout" / "rollout_stats.json").read_text())
     assert stats["rollout"]["samples"] == 24 * 3 and stats["pairs"]["train_pairs"] > 0
+    assert_chosen_answers_stand_alone(tmp_path / "rollout")
+    assert stats["correction"]["expected_by_guessing"] > 0 and stats["cost"]["per_pair"]["student_tokens"] > 0
+    assert stats["pairs"]["diagnostics"]["same_letters_share"] == 0.0
 
     # Rebuild the pairs with corrections only, without any model.
     assert cli("pairs", "--questions", str(train), "--rollout", str(tmp_path / "rollout"), "--output", str(tmp_path / "pairs"),

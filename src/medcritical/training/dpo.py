@@ -161,6 +161,33 @@ class HeldoutMarginEarlyStopping(TrainerCallback):
             self.waited += 1
 
 
+class FirstEpochHeldout(TrainerCallback):
+    """One held-out evaluation when the first epoch ends (unless one just ran, or training ends there and
+    the final evaluation covers it). Its reward accuracy is a diagnostic: near 1 after a single pass
+    means chosen and rejected are told apart by style or length, not by reasoning."""
+
+    def __init__(self, save: bool):
+        self.save = save  # with restore_best every evaluation has its checkpoint
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.epoch is None or abs(state.epoch - 1) > 1e-6 or state.global_step >= state.max_steps:
+            return
+        if any(MARGIN in e and e.get("step") == state.global_step for e in state.log_history):
+            return
+        control.should_evaluate = True
+        control.should_save = control.should_save or self.save
+
+
+def first_epoch_heldout(log_history: list[dict], final: dict | None, epochs_trained: float | None) -> dict | None:
+    """Held-out reward accuracy and margin at the end of the first epoch (see FirstEpochHeldout)."""
+    entry = next((e for e in log_history if MARGIN in e and e.get("epoch", 0) >= 1 - 1e-6), None)
+    if entry is None and final is not None and epochs_trained is not None and epochs_trained >= 1 - 1e-6:
+        entry = {**final, "epoch": epochs_trained}
+    if entry is None:
+        return None
+    return {"epoch": entry.get("epoch"), "step": entry.get("step"), "reward_accuracy": entry[ACCURACY], "margin": entry[MARGIN]}
+
+
 def build_dpo_trainer(
     config: DPOSection,
     policy,
@@ -279,9 +306,10 @@ def train_dpo(
     policy = load_model_for_training(model_path, device, dtype)
     stop_on_token(policy, facts.end_of_turn_id)
     throughput, early_stopping = ThroughputCallback(), HeldoutMarginEarlyStopping(config.early_stopping_patience)
+    first_epoch = [FirstEpochHeldout(save=bool(args.load_best_model_at_end))] if heldout_pairs else []
     trainer = build_dpo_trainer(
         config, policy, tokenizer, train_pairs, heldout_pairs, args, model_path=model_path, device=device,
-        dtype=dtype, callbacks=[throughput, early_stopping, *callbacks],
+        dtype=dtype, callbacks=[throughput, early_stopping, *first_epoch, *callbacks],
     )
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -320,6 +348,7 @@ def train_dpo(
         "stopped_early": early_stopping.stopped_at,
         "restored_best": restored_best,
         "heldout": _heldout_summary(history, initial, final, early_stopping),
+        "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch) if heldout_pairs else None,
         "warnings": _warnings(training["loss_curve"], config, early_stopping.best_step, restored_best),
         **training,
     }
