@@ -84,6 +84,18 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
                "--output", str(tmp_path / "dpo")) == 0
     metrics = json.loads((tmp_path / "dpo" / "dpo_metrics.json").read_text())
     assert metrics["status"] == "trained" and metrics["heldout_pairs"] == stats["pairs"]["heldout_pairs"]  # found beside --pairs
+    # One epoch: the held-out evaluation after the first epoch is the final one.
+    assert metrics["heldout_after_first_epoch"]["reward_accuracy"] == metrics["heldout"]["reward_accuracy"]
+
+    # The run report's stage-2 section shows the same statistics (corrections, luck, pairs, cost).
+    from medcritical.evaluation.run_report import write_run_report
+    from medcritical.recipe import Recipe
+
+    report = write_run_report(Recipe(), {"base": None, "sft": None, "dpo": None},
+                              {"rounds": [{"rollout": stats, "dpo": metrics}]}, tmp_path / "report")
+    assert "## Stage 2: corrections, pairs and cost" in report["markdown"]
+    guessed = f"| of which guessing alone explains | {stats['correction']['expected_by_guessing']:.2f} |"
+    assert guessed in report["markdown"] and "| student tokens per pair |" in report["markdown"]
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
 
 
@@ -91,7 +103,8 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
     train, evaluation = question_files
     args = ("selfplay", "--questions", str(train), "--eval-questions", str(evaluation), "--model", str(format_model),
             "--output", str(tmp_path / "sp"))
-    assert cli(*args, overrides=TINY_STAGE2 + ["selfplay.rounds=2"]) == 0
+    two_epochs = TINY_STAGE2 + ["selfplay.rounds=2", "selfplay.dpo.optim.epochs=2"]
+    assert cli(*args, overrides=two_epochs) == 0
     summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
     first, second = summary["rounds"]
     assert first["model_in"] == str(format_model)
@@ -105,9 +118,25 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
     assert summary["final_eval"]["n"] == 10
     assert (tmp_path / "sp" / "selfplay.png").is_file()
 
+    # Two epochs: a held-out evaluation was forced where the first one ended, before the last step.
+    dpo = json.loads((tmp_path / "sp" / "round_1" / "dpo" / "dpo_metrics.json").read_text())
+    first = dpo["heldout_after_first_epoch"]
+    assert first["epoch"] == pytest.approx(1.0) and 0 < first["step"] < dpo["steps"]
+    assert first["step"] in [h["step"] for h in dpo["heldout"]["history"]]
+
     # A rerun resumes: every step finds its work done and the summary is the same.
-    assert cli(*args, overrides=TINY_STAGE2 + ["selfplay.rounds=2"]) == 0
+    assert cli(*args, overrides=two_epochs) == 0
     assert json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text()) == summary
+
+    # The arms table reads the same run folder's statistics (compared with itself: nothing differs).
+    capsys.readouterr()
+    assert cli("arms", f"a={tmp_path / 'sp'}", f"b={tmp_path / 'sp'}", "--output", str(tmp_path / "arms.md"), overrides=[]) == 0
+    table = (tmp_path / "arms.md").read_text()
+    rollout = json.loads((tmp_path / "sp" / "round_1" / "rollout" / "rollout_stats.json").read_text())
+    assert table in capsys.readouterr().out
+    assert f"| corrections accepted / wrong trajectories | {rollout['correction']['corrected']} / " in table
+    assert f"{100 * report['accuracy']:.1f}% (n=10)" in table and "exact McNemar p=1)" in table
+    assert "0 right only with a, 0 right only with b" in table
 
 
 def test_a_round_without_pairs_ends_the_loop(question_files, format_model, tmp_path, capsys):
