@@ -137,7 +137,7 @@ def test_pair_diagnostics_lengths_sources_and_same_letters(questions):
     rollouts = [sample(q, 0, f"<think>a</think>\n答案：{bad}", tokens=10), sample(q, 1, f"<think>bb</think>\n答案：{bad}", tokens=10),
                 sample(q, 2, f"<think>正确的</think>\n答案：{q.answer}", tokens=15)]
     corrections = [correction(q, 0, f"<think>改写后的独立解答</think>\n答案：{q.answer}", tokens=12)]
-    train, heldout, stats = build_preference_pairs([q], rollouts, corrections, PairsSection())
+    train, _, stats = build_preference_pairs([q], rollouts, corrections, PairsSection())
     d = stats["diagnostics"]
     assert d["pairs"] == 2 and d["from_correction_share"] == 0.5 and d["from_sample_share"] == 0.5
     assert d["same_letters_share"] == 0.0

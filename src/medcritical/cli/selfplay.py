@@ -128,7 +128,13 @@ def _rollout(args) -> None:
         stats = steps.rollout(recipe, data_uri=questions, model_uri=args.model or "", output_uri=args.output)
     r, p = stats["rollout"], stats["pairs"]
     print(f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}")
-    print(f"corrected {stats['correction']['corrected']}/{stats['correction']['wrong_trajectories']} wrong trajectories")
+    c, cost = stats["correction"], stats["cost"]
+    guessed = f" (guessing alone would explain {c['expected_by_guessing']:.1f})" if "expected_by_guessing" in c else ""
+    print(f"corrected {c['corrected']}/{c['wrong_trajectories']} wrong trajectories ({stats['corrector']['corrector']}){guessed}")
+    student, teacher = (cost[side]["prompt_tokens"] + cost[side]["completion_tokens"] for side in ("student", "teacher"))
+    print(f"cost: student {student} tokens, teacher {teacher} tokens, "
+          f"{cost['seconds']['device_seconds']:.1f} {cost['seconds']['device']}-seconds"
+          + (f", {cost['money']['total']:.4g} money" if cost["money"] else ""))
     _print_pairs(p, args.output)
 
 

@@ -68,7 +68,7 @@ def mcnemar_p(b: int, c: int) -> float:
     n = b + c
     if n == 0:
         return 1.0
-    tail = sum(comb(n, i) for i in range(0, min(b, c) + 1)) / 2**n
+    tail = sum(comb(n, i) for i in range(min(b, c) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -161,6 +161,9 @@ def arm_table(arms: dict[str, dict]) -> str:
             common = a.keys() & b.keys()
             only_a = sum(a[q] and not b[q] for q in common)
             only_b = sum(b[q] and not a[q] for q in common)
-            lines += ["", f"Final models on the same {len(common)} questions: {only_a} right only with {names[0]}, "
-                      f"{only_b} right only with {names[1]} (exact McNemar p={mcnemar_p(only_a, only_b):.3g})."]
+            verdict = (
+                f"Final models on the same {len(common)} questions: {only_a} right only with {names[0]}, "
+                f"{only_b} right only with {names[1]} (exact McNemar p={mcnemar_p(only_a, only_b):.3g})."
+            )
+            lines += ["", verdict]
     return "\n".join(lines) + "\n"

@@ -14,11 +14,12 @@ Every step is graded by the one grader, `grade_answer`. Attempts stop at the fir
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from math import comb
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from medcritical.data.cmexam import Question
 from medcritical.grader import grade_answer
@@ -28,7 +29,11 @@ from medcritical.prompts import format_options, load_prompt
 from medcritical.selfplay.config import CorrectionSection
 from medcritical.selfplay.cost import prompt_token_counter, timed
 from medcritical.selfplay.records import resume_groups
-from medcritical.selfplay.standalone import in_trained_format, refers_back, rewrite_messages
+from medcritical.selfplay.standalone import (
+    in_trained_format,
+    refers_back,
+    rewrite_messages,
+)
 
 log = logging.getLogger(__name__)
 

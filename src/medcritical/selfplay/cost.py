@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.modeling.generation import Messages

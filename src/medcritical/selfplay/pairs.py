@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def answer_statement(text: str) -> str:
     """The final answer statement of a trajectory: what follows the last </think>, else its last line."""
-    head, sep, tail = text.rpartition(THINK_END)
+    _, sep, tail = text.rpartition(THINK_END)
     if sep:
         return tail.strip()
     lines = [line for line in text.strip().splitlines() if line.strip()]
