@@ -68,7 +68,7 @@ def test_filters_dedup_length_ratio_cap_and_source_switch(questions):
                    correction(q, 4, f"<think>still</think>\n答案：{bad}")]  # failed: not a chosen
     config = PairsSection(max_length_ratio=2.0, max_pairs_per_question=2)
     train, _, stats = build_preference_pairs([q], rollouts, corrections, config)
-    assert stats["dropped"] == {"duplicate_rejected": 1, "refers_back": 0, "no_chosen": 0, "too_long": 1, "duplicate_pair": 0, "over_cap": 1}
+    assert stats["dropped"] == {"duplicate_rejected": 1, "refers_back": 0, "chosen_format": 0, "no_chosen": 0, "too_long": 1, "duplicate_pair": 0, "over_cap": 1}
     assert [p["chosen_source"] for p in train] == ["correction", "sample"]
     for p in train:
         assert p["chosen_tokens"] <= 2.0 * p["rejected_tokens"]
@@ -84,7 +84,7 @@ def test_heldout_split_is_by_whole_question(questions):
     rollouts, corrections = [], []
     for q in questions:
         rollouts += [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"<think>x</think>答案：{wrong_letter(q)}"),
-                     sample(q, 2, f"答案：{q.answer}")]
+                     sample(q, 2, f"<think>y</think>答案：{q.answer}")]
     train, heldout, stats = build_preference_pairs(questions, rollouts, corrections, PairsSection(heldout_fraction=0.34), seed=3)
     assert stats["heldout_questions"] == 2 and len(heldout) == 4 and len(train) == 8
     assert not {p["question_id"] for p in train} & {p["question_id"] for p in heldout}
@@ -103,7 +103,7 @@ def test_pairs_step_rebuilds_from_a_rollout_folder(questions, tmp_path):
     rollout_dir = tmp_path / "rollout"
     rollout_dir.mkdir()
     q = questions[0]
-    rows = [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"答案：{q.answer}")]
+    rows = [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"<think>y</think>答案：{q.answer}")]
     (rollout_dir / "rollouts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stats = make_pairs(SelfPlayConfig(), questions, rollout_dir, tmp_path / "pairs")
     assert stats["train_pairs"] == 1 and "no_pairs" not in stats
@@ -147,9 +147,13 @@ def test_pair_diagnostics_lengths_sources_and_same_letters(questions):
     assert d["chars_ratio"]["min"] == pytest.approx(ratios[0]) and d["chars_ratio"]["max"] == pytest.approx(ratios[-1])
 
 
-def test_a_correct_sample_that_refers_back_is_never_chosen(questions):
+def test_a_correct_sample_that_refers_back_or_breaks_the_format_is_never_chosen(questions):
     q = questions[0]
     rollouts = [sample(q, 0, f"<think>x</think>\n答案：{wrong_letter(q)}"),
                 sample(q, 1, f"<think>上一次我选错了</think>\n答案：{q.answer}")]
     train, _, stats = build_preference_pairs([q], rollouts, [], PairsSection())
     assert train == [] and stats["dropped"]["refers_back"] == 1 and stats["dropped"]["no_chosen"] == 1
+
+    unclosed = [rollouts[0], sample(q, 1, f"<think>没有结束的推理 答案：{q.answer}")]  # right letter, no </think>
+    train, _, stats = build_preference_pairs([q], unclosed, [], PairsSection())
+    assert train == [] and stats["dropped"]["chosen_format"] == 1

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 from medcritical.data.cmexam import Question
 from medcritical.grader import THINK_END, extract_answer_letters
 from medcritical.selfplay.config import PairsSection
-from medcritical.selfplay.standalone import refers_back
+from medcritical.selfplay.standalone import in_trained_format, refers_back
 from medcritical.prompts import mcq_messages
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,12 @@ def _pairs_for_question(
     wrong, duplicates = _unique_by_text([r for r in rollouts if not r["correct"]], "trajectory", cut)
     drops["duplicate_rejected"] += duplicates
     correct, _ = _unique_by_text([r for r in rollouts if r["correct"]], "trajectory", cut)
-    # A chosen text must answer the prompt alone; a sample that talks about an earlier attempt does not.
-    standalone = [r for r in correct if not refers_back(r["trajectory"])]
-    drops["refers_back"] += len(correct) - len(standalone)
+    # A chosen text must answer the prompt alone, in the trained format: a sample that talks about an
+    # earlier attempt, or never closes its reasoning, is not one to prefer.
+    alone = [r for r in correct if not refers_back(r["trajectory"])]
+    standalone = [r for r in alone if in_trained_format(r["trajectory"])]
+    drops["refers_back"] += len(correct) - len(alone)
+    drops["chosen_format"] += len(alone) - len(standalone)
     pairs, seen = [], set()
     for n, rejected in enumerate(wrong):
         candidates = []
@@ -154,7 +157,7 @@ def build_preference_pairs(
         "questions_with_pairs": len(pairs_by_question),
         "heldout_questions": len(heldout_ids),
         "chosen_source": dict(Counter(p["chosen_source"] for p in train + heldout)),
-        "dropped": {k: drops[k] for k in ("duplicate_rejected", "refers_back", "no_chosen", "too_long", "duplicate_pair", "over_cap")},
+        "dropped": {k: drops[k] for k in ("duplicate_rejected", "refers_back", "chosen_format", "no_chosen", "too_long", "duplicate_pair", "over_cap")},
         "wrong_trajectories": wrong,
         "level": config.level,
         "diagnostics": pair_diagnostics(train + heldout),
