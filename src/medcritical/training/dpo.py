@@ -30,6 +30,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -221,8 +222,19 @@ def build_dpo_trainer(
     )
 
 
+def even_eval_batch_size(heldout_pairs: int, batch_size: int, world_size: int = 1) -> int:
+    """The largest evaluation batch size up to `batch_size` that splits the held-out pairs into equal
+    batches. TRL logs the mean of per-batch means: with 9 pairs in batches of 4, 4 and 1 the last pair
+    would weigh a third of the reported margin and reward accuracy instead of a ninth."""
+    for size in range(max(batch_size, 1), 0, -1):
+        if heldout_pairs % (size * world_size) == 0:
+            return size
+    return 1
+
+
 def dpo_arguments(
-    config: DPOSection, checkpoints_dir, *, device: str, seed: int, deepspeed: Path | None, heldout: bool, eval_on_start: bool = False
+    config: DPOSection, checkpoints_dir, *, device: str, seed: int, deepspeed: Path | None, heldout: bool, eval_on_start: bool = False,
+    heldout_pairs: int | None = None,
 ):
     """TRL DPOConfig. `eval_on_start`: one held-out evaluation before the first step, inside the training
     loop (a separate `trainer.evaluate()` before `train()` breaks DeepSpeed's engine set-up)."""
@@ -240,7 +252,10 @@ def dpo_arguments(
         beta=config.beta,
         **loss_arguments(config),
         precompute_ref_log_probs=config.precompute_ref_log_probs,
-        per_device_eval_batch_size=config.optim.per_device_batch_size,
+        per_device_eval_batch_size=(
+            even_eval_batch_size(heldout_pairs, config.optim.per_device_batch_size, int(os.environ.get("WORLD_SIZE", "1")))
+            if heldout_pairs else config.optim.per_device_batch_size
+        ),
         eval_strategy="steps" if evaluate_during else "no",
         eval_steps=1 / config.evaluations if evaluate_during else None,  # a ratio of the total steps
         eval_on_start=heldout and eval_on_start,
@@ -301,7 +316,8 @@ def train_dpo(
     resume_from = find_resumable_checkpoint(checkpoints) if resume else None
     # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
     args = dpo_arguments(
-        config, checkpoints, device=device, seed=seed, deepspeed=deepspeed, heldout=bool(heldout_pairs), eval_on_start=not resume_from
+        config, checkpoints, device=device, seed=seed, deepspeed=deepspeed, heldout=bool(heldout_pairs), eval_on_start=not resume_from,
+        heldout_pairs=len(heldout_pairs),
     )
     policy = load_model_for_training(model_path, device, dtype)
     stop_on_token(policy, facts.end_of_turn_id)
