@@ -8,7 +8,11 @@ import pytest
 from medcritical.io.jsonl import append_jsonl
 from medcritical.selfplay.arms import mcnemar_p
 from medcritical.selfplay.cost import cost_statistics
-from medcritical.selfplay.standalone import in_trained_format, prompt_fragments, refers_back
+from medcritical.selfplay.standalone import (
+    in_trained_format,
+    prompt_fragments,
+    refers_back,
+)
 from medcritical.training.dpo import even_eval_batch_size
 
 
