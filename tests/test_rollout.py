@@ -202,3 +202,20 @@ def test_explanations_teacher_corrects_with_the_expert_explanation(generator, se
         if attempt["stable"]:
             assert by_id[c["question_id"]].explanation.strip()[:40] in attempt["votes"][0]["text"]
             assert attempt["rewrite"] is not None
+
+
+def test_a_teacher_that_answers_nothing_stops_the_correction(bundled):
+    """The explanations teacher errs on a question without an explanation; when every request errs the
+    step fails instead of reporting zero accepted corrections."""
+    from dataclasses import replace
+
+    from medcritical.distill.config import DistillConfig
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+    from medcritical.selfplay.correction import TeacherCorrector, correction_messages
+
+    question = replace(bundled[0], explanation="")
+    teacher = TeacherCorrector(build_teacher(DistillConfig(backend="explanations"), DistillPrompts.load("zh")))
+    with pytest.raises(RuntimeError, match="answered none of 3 correction requests"):
+        teacher.correct([correction_messages(question, "答案：A")], [question], votes=3, temperature=1.0, top_p=1.0,
+                        max_new_tokens=16, seed=0, attempt=1)

@@ -122,6 +122,12 @@ class TeacherCorrector:
         missing = sum(r is None for r in replies)
         if missing:
             raise RuntimeError(f"the teacher returned no reply for {missing} of {len(requests)} correction requests")
+        if requests and all(r.error for r in replies):
+            # Not "no correction accepted" (a number), but a teacher that does not answer (a failure).
+            raise RuntimeError(
+                f"the teacher {self.teacher.description} answered none of {len(requests)} correction requests "
+                f"(first error: {replies[0].error}); check the distill section's teacher settings or the endpoint"
+            )
         return [replies[i * votes : (i + 1) * votes] for i in range(len(prompts))]
 
 
