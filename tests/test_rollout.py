@@ -219,3 +219,34 @@ def test_a_teacher_that_answers_nothing_stops_the_correction(bundled):
     with pytest.raises(RuntimeError, match="answered none of 3 correction requests"):
         teacher.correct([correction_messages(question, "答案：A")], [question], votes=3, temperature=1.0, top_p=1.0,
                         max_new_tokens=16, seed=0, attempt=1)
+
+
+def test_served_teacher_reads_the_wrong_trajectory_and_its_usage_is_counted(bundled, monkeypatch):
+    """The openai backend (a served QwQ-style teacher) through the stand-in endpoint: the request carries
+    the student's wrong answer, the reasoning returned apart is put back inside <think>, and the tokens are
+    the endpoint's own usage figures (what an API bills)."""
+    from medcritical.distill.config import DistillConfig, OpenAITeacher
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+    from medcritical.selfplay.correction import TeacherCorrector, correction_messages
+    from tests.fixtures.chat_endpoint import StandInEndpoint, completion
+
+    monkeypatch.setenv("MEDCRITICAL_TEACHER_API_KEY", "sk-test")
+    question = next(q for q in bundled if not q.is_multi_answer)
+    wrong = "<think>草率</think>\n答案：" + next(x for x in question.options if x != question.answer)
+
+    def respond(body, count):
+        return completion(f"答案：{question.answer}", "重新逐项分析选项", prompt_tokens=321, completion_tokens=45)
+
+    with StandInEndpoint(respond) as endpoint:
+        distill = DistillConfig(backend="openai", openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", max_retries=0))
+        corrector = TeacherCorrector(build_teacher(distill, DistillPrompts.load("zh")), max_new_tokens=64)
+        (votes,) = corrector.correct([correction_messages(question, wrong)], [question], votes=2, temperature=0.7,
+                                     top_p=0.95, max_new_tokens=16, seed=0, attempt=1)
+        assert len(endpoint.requests) == 2 and all(wrong in text for text in endpoint.user_texts())
+        assert {r["body"]["max_tokens"] for r in endpoint.requests} == {64}  # the teacher's own budget
+    assert corrector.description["backend"] == "openai" and corrector.description["model"] == "QwQ-32B"
+    for vote in votes:
+        assert vote.text == f"<think>\n重新逐项分析选项\n</think>\n答案：{question.answer}"
+        assert (vote.prompt_tokens, vote.completion_tokens, vote.error) == (321, 45, None)
+        assert grade_answer(vote.text, question.answer, question.options).correct
