@@ -24,9 +24,11 @@ def wrong_letter(question):
 
 
 def correction(question, n, text, tokens=10):
+    """A correction record whose accepted rewrite (the chosen text) is `text` when it reaches gold."""
     ok = grade_answer(text, question.answer, question.options).correct
-    return {"question_id": question.id, "sample": n, "attempts": [], "corrected": ok,
-            "correction": text if ok else None, "correction_tokens": tokens if ok else None}
+    return {"question_id": question.id, "sample": n, "corrector": "self", "attempts": [], "corrected": ok,
+            "correction": "<think>之前的回答错了</think>\n答案：" + question.answer if ok else None,
+            "chosen": text if ok else None, "chosen_tokens": tokens if ok else None}
 
 
 @pytest.fixture
@@ -39,13 +41,14 @@ def test_pairs_are_trl_preference_rows_with_the_original_prompt(questions):
     right, wrong = f"<think>想一想</think>\n答案：{q.answer}", f"<think>猜</think>\n答案：{wrong_letter(q)}"
     rollouts = [sample(q, 0, wrong), sample(q, 1, right)]
     train, heldout, stats = build_preference_pairs(
-        [q], rollouts, [correction(q, 0, "<think>我错了</think>\n答案：" + q.answer)], PairsSection()
+        [q], rollouts, [correction(q, 0, "<think>重新想</think>\n答案：" + q.answer)], PairsSection()
     )
     assert heldout == [] and stats["train_pairs"] == 1  # one question: nothing can be held out
     pair = train[0]
     assert is_conversational(pair)
     assert pair["prompt"] == mcq_messages(q)  # what the student sees, not the correction prompt
-    assert pair["chosen"] == [{"role": "assistant", "content": "<think>我错了</think>\n答案：" + q.answer}]
+    # chosen is the standalone rewrite, never the correction text that talks about the earlier answer
+    assert pair["chosen"] == [{"role": "assistant", "content": "<think>重新想</think>\n答案：" + q.answer}]
     assert pair["rejected"] == [{"role": "assistant", "content": wrong}]
     assert pair["chosen_source"] == "correction"  # a verified correction beats a correct sample
 
@@ -65,7 +68,7 @@ def test_filters_dedup_length_ratio_cap_and_source_switch(questions):
                    correction(q, 4, f"<think>still</think>\n答案：{bad}")]  # failed: not a chosen
     config = PairsSection(max_length_ratio=2.0, max_pairs_per_question=2)
     train, _, stats = build_preference_pairs([q], rollouts, corrections, config)
-    assert stats["dropped"] == {"duplicate_rejected": 1, "no_chosen": 0, "too_long": 1, "duplicate_pair": 0, "over_cap": 1}
+    assert stats["dropped"] == {"duplicate_rejected": 1, "refers_back": 0, "chosen_format": 0, "no_chosen": 0, "too_long": 1, "duplicate_pair": 0, "over_cap": 1}
     assert [p["chosen_source"] for p in train] == ["correction", "sample"]
     for p in train:
         assert p["chosen_tokens"] <= 2.0 * p["rejected_tokens"]
@@ -81,7 +84,7 @@ def test_heldout_split_is_by_whole_question(questions):
     rollouts, corrections = [], []
     for q in questions:
         rollouts += [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"<think>x</think>答案：{wrong_letter(q)}"),
-                     sample(q, 2, f"答案：{q.answer}")]
+                     sample(q, 2, f"<think>y</think>答案：{q.answer}")]
     train, heldout, stats = build_preference_pairs(questions, rollouts, corrections, PairsSection(heldout_fraction=0.34), seed=3)
     assert stats["heldout_questions"] == 2 and len(heldout) == 4 and len(train) == 8
     assert not {p["question_id"] for p in train} & {p["question_id"] for p in heldout}
@@ -100,7 +103,7 @@ def test_pairs_step_rebuilds_from_a_rollout_folder(questions, tmp_path):
     rollout_dir = tmp_path / "rollout"
     rollout_dir.mkdir()
     q = questions[0]
-    rows = [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"答案：{q.answer}")]
+    rows = [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"<think>y</think>答案：{q.answer}")]
     (rollout_dir / "rollouts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stats = make_pairs(SelfPlayConfig(), questions, rollout_dir, tmp_path / "pairs")
     assert stats["train_pairs"] == 1 and "no_pairs" not in stats
@@ -109,3 +112,52 @@ def test_pairs_step_rebuilds_from_a_rollout_folder(questions, tmp_path):
     assert (tmp_path / "pairs" / "pairs_heldout.jsonl").read_text() == ""
     with pytest.raises(FileNotFoundError, match="medcritical rollout"):
         make_pairs(SelfPlayConfig(), questions, tmp_path / "nowhere", tmp_path / "pairs")
+
+
+def test_answer_level_pairs_keep_only_the_final_answer_statements(questions):
+    q = questions[0]
+    bad = wrong_letter(q)
+    rollouts = [
+        sample(q, 0, f"<think>长长的推理一</think>\n答案：{bad}", tokens=30),
+        sample(q, 1, f"<think>长长的推理二</think>\n答案：{bad}", tokens=30),  # same statement: one rejected
+        sample(q, 2, f"<think>对的推理</think>\n答案：{q.answer}", tokens=90),  # 3x longer: fine at answer level
+    ]
+    train, _, stats = build_preference_pairs([q], rollouts, [], PairsSection(level="answer"))
+    assert stats["level"] == "answer" and stats["dropped"]["duplicate_rejected"] == 1 and len(train) == 1
+    pair = train[0]
+    assert pair["chosen"][0]["content"] == f"答案：{q.answer}" and pair["rejected"][0]["content"] == f"答案：{bad}"
+    assert pair["level"] == "answer" and pair["same_letters"] is False
+    thought, _, _ = build_preference_pairs([q], rollouts, [], PairsSection(level="thought"))
+    assert thought == []  # at thought level the 3x longer chosen is filtered out
+
+
+def test_pair_diagnostics_lengths_sources_and_same_letters(questions):
+    q = questions[0]
+    bad = wrong_letter(q)
+    rollouts = [sample(q, 0, f"<think>a</think>\n答案：{bad}", tokens=10), sample(q, 1, f"<think>bb</think>\n答案：{bad}", tokens=10),
+                sample(q, 2, f"<think>正确的</think>\n答案：{q.answer}", tokens=15)]
+    corrections = [correction(q, 0, f"<think>改写后的独立解答</think>\n答案：{q.answer}", tokens=12)]
+    train, _, stats = build_preference_pairs([q], rollouts, corrections, PairsSection())
+    d = stats["diagnostics"]
+    assert d["pairs"] == 2 and d["from_correction_share"] == 0.5 and d["from_sample_share"] == 0.5
+    assert d["same_letters_share"] == 0.0
+    assert d["chosen_tokens"]["min"] == 12 and d["chosen_tokens"]["max"] == 15 and d["rejected_tokens"]["median"] == 10
+    assert d["tokens_ratio"]["max"] == pytest.approx(1.5)
+    ratios = sorted(len(p["chosen"][0]["content"]) / len(p["rejected"][0]["content"]) for p in train)
+    assert d["chars_ratio"]["min"] == pytest.approx(ratios[0]) and d["chars_ratio"]["max"] == pytest.approx(ratios[-1])
+
+
+def test_a_correct_sample_that_refers_back_or_breaks_the_format_is_never_chosen(questions):
+    q = questions[0]
+    rollouts = [sample(q, 0, f"<think>x</think>\n答案：{wrong_letter(q)}"),
+                sample(q, 1, f"<think>上一次我选错了</think>\n答案：{q.answer}")]
+    train, _, stats = build_preference_pairs([q], rollouts, [], PairsSection())
+    assert train == [] and stats["dropped"]["refers_back"] == 1 and stats["dropped"]["no_chosen"] == 1
+
+    # The right letter without the trained reasoning block (the grader reads it; the format is missing).
+    bare = [rollouts[0], sample(q, 1, f"答案：{q.answer}")]
+    train, _, stats = build_preference_pairs([q], bare, [], PairsSection())
+    assert train == [] and stats["dropped"]["chosen_format"] == 1
+    # An unclosed <think> is a truncated output: the grader counts it wrong, so it is never a chosen either.
+    unclosed = [rollouts[0], sample(q, 1, f"<think>没有结束的推理 答案：{q.answer}")]
+    assert build_preference_pairs([q], unclosed, [], PairsSection())[0] == []

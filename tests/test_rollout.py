@@ -8,7 +8,10 @@ from medcritical.grader import grade_answer
 from medcritical.io.jsonl import read_jsonl
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlayConfig
-from medcritical.selfplay.correction import correct_trajectories, correction_statistics
+from medcritical.selfplay.correction import (
+    correct_trajectories, correction_statistics, guess_probability, guessing_acceptance,
+)
+from medcritical.selfplay.standalone import refers_back
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
 ROLLOUT = RolloutSection(samples_per_question=3, temperature=1.0, top_p=1.0, max_new_tokens=48, chunk_size=8)
@@ -68,33 +71,66 @@ def test_rollout_resumes_and_redoes_torn_work(generator, selfplay_questions, tmp
     assert len(read_jsonl(path)) == len(again) == 6 * 3
 
 
-def test_correction_keeps_only_verified_corrections(generator, selfplay_questions, tmp_path):
+def test_correction_accepts_only_stable_votes_and_a_standalone_rewrite(generator, selfplay_questions, tmp_path):
     questions = selfplay_questions[:16]
     records = rollout_questions(generator, questions, ROLLOUT, tmp_path / "rollouts.jsonl", seed=2)
     wrong = [r for r in records if not r["correct"]]
-    config = CorrectionSection(attempts=2, temperature=1.0)
+    config = CorrectionSection(attempts=2, temperature=1.0, votes=3, rewrite_temperature=1.0)
     by_id = {q.id: q for q in questions}
     corrections = correct_trajectories(generator, by_id, wrong, config, tmp_path / "corrections.jsonl", max_new_tokens=48)
 
     assert [(c["question_id"], c["sample"]) for c in corrections] == [(r["question_id"], r["sample"]) for r in wrong]
     for c in corrections:
         question = by_id[c["question_id"]]
-        graded = [grade_answer(a["text"], question.answer, question.options).correct for a in c["attempts"]]
-        assert graded == [a["correct"] for a in c["attempts"]]
+        assert c["corrector"] == "self" and 1 <= len(c["attempts"]) <= 2
+        for n, attempt in enumerate(c["attempts"]):
+            graded = [grade_answer(v["text"], question.answer, question.options).correct for v in attempt["votes"]]
+            assert len(graded) == 3 and graded == [v["correct"] for v in attempt["votes"]]
+            assert attempt["gold_votes"] == sum(graded) and attempt["stable"] == (sum(graded) >= 2)  # a majority
+            assert all(v["completion_tokens"] > 0 for v in attempt["votes"]) and attempt["votes"][0]["prompt_tokens"] > 0
+            rewrite = attempt["rewrite"]
+            assert (rewrite is not None) == attempt["stable"]  # only a stable correction is rewritten
+            if rewrite:
+                assert rewrite["correct"] == grade_answer(rewrite["text"], question.answer, question.options).correct
+                assert rewrite["refers_back"] == refers_back(rewrite["text"])
+            accepted = bool(rewrite and rewrite["correct"] and not rewrite["refers_back"] and rewrite["in_format"])
+            assert attempt["accepted"] == accepted
+            assert not accepted or n == len(c["attempts"]) - 1  # no attempt after the accepted one
         if c["corrected"]:
-            # Kept: the text reaches gold, and no attempt is made after the first verified one.
-            assert graded[-1] and not any(graded[:-1]) and c["correction"] == c["attempts"][-1]["text"]
+            last = c["attempts"][-1]
+            assert c["chosen"] == last["rewrite"]["text"] and c["chosen_tokens"] == last["rewrite"]["completion_tokens"]
+            assert c["correction"] in [v["text"] for v in last["votes"] if v["correct"]]
+            assert grade_answer(c["chosen"], question.answer, question.options).correct and refers_back(c["chosen"]) is None
         else:
-            assert c["correction"] is None and len(graded) == 2 and not any(graded)
+            assert c["chosen"] is None and len(c["attempts"]) == 2
+    stats = correction_statistics(corrections, config, by_id)
     kept = sum(c["corrected"] for c in corrections)
-    assert 0 < kept < len(corrections), "expected both verified and failed corrections from the format model"
-    stats = correction_statistics(corrections, 2)
     assert stats["corrected"] == kept and sum(stats["corrected_at_attempt"]) == kept
+    assert stats["votes"] == 3 * sum(len(c["attempts"]) for c in corrections)
+    assert stats["stable_attempts"] == stats["rewrites"] > 0
+    # What guessing alone would have got accepted: a positive expectation, far below one per trajectory.
+    assert 0 < stats["expected_by_guessing"] < 0.2 * len(corrections)
 
     # A rerun finds every trajectory done and generates nothing.
     counting = CountingGenerator(generator)
     assert correct_trajectories(counting, by_id, wrong, config, tmp_path / "corrections.jsonl") == corrections
     assert counting.prompts == 0
+
+
+def test_guessing_acceptance_matches_the_binomial_rule(bundled):
+    single = next(q for q in bundled if not q.is_multi_answer and len(q.options) == 5)
+    multi = next(q for q in bundled if q.is_multi_answer and len(q.options) == 5)
+    assert guess_probability(single) == pytest.approx(0.2) and guess_probability(multi) == pytest.approx(1 / 26)
+    # The old rule (one vote, no rewrite, two attempts) let a guesser through 36% of the time at five options.
+    p = 0.2
+    one_vote = CorrectionSection(attempts=2, votes=1)
+    assert guessing_acceptance(p, one_vote) == pytest.approx(1 - (1 - p * p) ** 2)
+    majority = CorrectionSection(attempts=2, votes=3)
+    per_attempt = (3 * p**2 * (1 - p) + p**3) * p
+    assert guessing_acceptance(p, majority) == pytest.approx(1 - (1 - per_attempt) ** 2)
+    assert guessing_acceptance(p, majority) < 0.05
+    with pytest.raises(ValueError, match="min_votes"):
+        CorrectionSection(votes=2, min_votes=3)
 
 
 def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, tmp_path):
@@ -104,6 +140,113 @@ def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, t
     config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1))
     stats = run_rollout(config, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
     assert json.loads((tmp_path / "rollout_stats.json").read_text())["rollout"] == stats["rollout"]
-    with pytest.raises(ValueError, match="other settings.*temperature"):
+    with pytest.raises(ValueError, match="other inputs or settings.*rollout"):
         changed = config.model_copy(update={"rollout": ROLLOUT.model_copy(update={"temperature": 0.5})})
         run_rollout(changed, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
+
+
+def _cost_of(stats):
+    return stats["cost"]["student_by_phase"], stats["cost"]["teacher"]
+
+
+def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(format_model, selfplay_questions, tmp_path):
+    """corrector: teacher with a local transformers teacher (the format model standing in for a bigger one):
+    the corrections are the teacher's, counted as teacher tokens; the rewrite is still the student's."""
+    from medcritical.distill.config import DistillConfig
+    from medcritical.modeling.config import GenerationConfig
+    from medcritical.selfplay.step import run_rollout
+
+    distill = DistillConfig(backend="transformers", teacher_model=str(format_model), temperature=1.0, max_new_tokens=48,
+                            price_per_million_tokens=2.0)
+    config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1, votes=3), corrector="teacher")
+    stats = run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=distill)
+
+    assert stats["corrector"] == {"corrector": "teacher", "backend": "transformers", "model": format_model.name}
+    records = read_jsonl(tmp_path / "corrections.jsonl")
+    assert records and {r["corrector"] for r in records} == {"teacher"}
+    phases, teacher = _cost_of(stats)
+    votes = [v for r in records for a in r["attempts"] for v in a["votes"]]
+    assert teacher["completion_tokens"] == sum(v["completion_tokens"] for v in votes) > 0
+    assert teacher["prompt_tokens"] > 0  # counted with the teacher's tokenizer: a local model reports none
+    assert phases["correction"] == {}  # the student wrote no correction
+    rewrites = [a["rewrite"] for r in records for a in r["attempts"] if a["rewrite"]]
+    assert phases["rewrite"].get("completion_tokens", 0) == sum(w["completion_tokens"] for w in rewrites)
+    money = stats["cost"]["money"]
+    assert money["teacher"] == pytest.approx((teacher["prompt_tokens"] + teacher["completion_tokens"]) * 2.0 / 1e6)
+
+    # Another teacher is another input: the folder refuses to mix, and restart starts over.
+    other = distill.model_copy(update={"temperature": 0.5})
+    with pytest.raises(ValueError, match="teacher"):
+        run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other)
+    run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other, restart=True)
+
+
+def test_explanations_teacher_corrects_with_the_expert_explanation(generator, selfplay_questions, tmp_path):
+    """The demo's offline teacher: every vote is the expert explanation and gold answer, so every wrong
+    trajectory with an explanation gets a stable correction; the rewrite decides acceptance."""
+    from medcritical.distill.config import DistillConfig
+    from medcritical.selfplay.step import build_corrector
+
+    questions = selfplay_questions[:8]
+    records = rollout_questions(generator, questions, ROLLOUT, tmp_path / "rollouts.jsonl", seed=3)
+    wrong = [r for r in records if not r["correct"]]
+    config = SelfPlayConfig(corrector="teacher", correction=CorrectionSection(attempts=1, votes=3))
+    corrector = build_corrector(config, generator, DistillConfig(backend="explanations", explanation_max_chars=40))
+    by_id = {q.id: q for q in questions}
+    corrections = correct_trajectories(generator, by_id, wrong, config.correction, tmp_path / "c.jsonl", corrector=corrector,
+                                       max_new_tokens=48)
+    for c in corrections:
+        attempt = c["attempts"][0]
+        has_explanation = bool(by_id[c["question_id"]].explanation.strip())
+        assert attempt["stable"] == has_explanation and attempt["gold_votes"] == (3 if has_explanation else 0)
+        if attempt["stable"]:
+            assert by_id[c["question_id"]].explanation.strip()[:40] in attempt["votes"][0]["text"]
+            assert attempt["rewrite"] is not None
+
+
+def test_a_teacher_that_answers_nothing_stops_the_correction(bundled):
+    """The explanations teacher errs on a question without an explanation; when every request errs the
+    step fails instead of reporting zero accepted corrections."""
+    from dataclasses import replace
+
+    from medcritical.distill.config import DistillConfig
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+    from medcritical.selfplay.correction import TeacherCorrector, correction_messages
+
+    question = replace(bundled[0], explanation="")
+    teacher = TeacherCorrector(build_teacher(DistillConfig(backend="explanations"), DistillPrompts.load("zh")))
+    with pytest.raises(RuntimeError, match="answered none of 3 correction requests"):
+        teacher.correct([correction_messages(question, "答案：A")], [question], votes=3, temperature=1.0, top_p=1.0,
+                        max_new_tokens=16, seed=0, attempt=1)
+
+
+def test_served_teacher_reads_the_wrong_trajectory_and_its_usage_is_counted(bundled, monkeypatch):
+    """The openai backend (a served QwQ-style teacher) through the stand-in endpoint: the request carries
+    the student's wrong answer, the reasoning returned apart is put back inside <think>, and the tokens are
+    the endpoint's own usage figures (what an API bills)."""
+    from medcritical.distill.config import DistillConfig, OpenAITeacher
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+    from medcritical.selfplay.correction import TeacherCorrector, correction_messages
+    from tests.fixtures.chat_endpoint import StandInEndpoint, completion
+
+    monkeypatch.setenv("MEDCRITICAL_TEACHER_API_KEY", "sk-test")
+    question = next(q for q in bundled if not q.is_multi_answer)
+    wrong = "<think>草率</think>\n答案：" + next(x for x in question.options if x != question.answer)
+
+    def respond(body, count):
+        return completion(f"答案：{question.answer}", "重新逐项分析选项", prompt_tokens=321, completion_tokens=45)
+
+    with StandInEndpoint(respond) as endpoint:
+        distill = DistillConfig(backend="openai", openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", max_retries=0))
+        corrector = TeacherCorrector(build_teacher(distill, DistillPrompts.load("zh")), max_new_tokens=64)
+        (votes,) = corrector.correct([correction_messages(question, wrong)], [question], votes=2, temperature=0.7,
+                                     top_p=0.95, max_new_tokens=16, seed=0, attempt=1)
+        assert len(endpoint.requests) == 2 and all(wrong in text for text in endpoint.user_texts())
+        assert {r["body"]["max_tokens"] for r in endpoint.requests} == {64}  # the teacher's own budget
+    assert corrector.description["backend"] == "openai" and corrector.description["model"] == "QwQ-32B"
+    for vote in votes:
+        assert vote.text == f"<think>\n重新逐项分析选项\n</think>\n答案：{question.answer}"
+        assert (vote.prompt_tokens, vote.completion_tokens, vote.error) == (321, 45, None)
+        assert grade_answer(vote.text, question.answer, question.options).correct

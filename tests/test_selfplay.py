@@ -23,6 +23,32 @@ TINY_STAGE2 = [
 ]
 
 
+# Words that refer back to an attempt the pair's prompt does not contain (written out here, not taken
+# from the code under test), and the correction prompt's own wording.
+BACK_REFERENCES = (
+    "之前的回答", "之前的解答", "你之前", "我之前", "上一次", "原答案", "错误在于", "重新解答", "找出之前推理中的错误", "参考分析",
+    "previous answer", "earlier attempt", "earlier answer", "my mistake", "find the error in your earlier reasoning",
+    "reference analysis",
+)
+
+
+def assert_chosen_answers_stand_alone(rollout_dir):
+    """Every chosen text of a real run answers the original prompt alone, in the trained format."""
+    from medcritical.io.jsonl import read_jsonl
+
+    pairs = read_jsonl(rollout_dir / "pairs.jsonl") + read_jsonl(rollout_dir / "pairs_heldout.jsonl")
+    corrections = [p for p in pairs if p["chosen_source"] == "correction"]
+    assert corrections, "the run made no pair from a correction: nothing to check"
+    for pair in pairs:
+        chosen = pair["chosen"][0]["content"]
+        assert not [m for m in BACK_REFERENCES if m.lower() in chosen.lower()], chosen
+        assert "</think>" in chosen and "答案" in chosen.rpartition("</think>")[2], chosen
+    by_key = {(c["question_id"], c["sample"]): c for c in read_jsonl(rollout_dir / "corrections.jsonl")}
+    for pair in corrections:  # the chosen text is the student's rewrite, not the correction itself
+        record = by_key[(pair["question_id"], pair["rejected_sample"])]
+        assert pair["chosen"][0]["content"] == record["chosen"] != record["correction"]
+
+
 def cli(*args, overrides=TINY_STAGE2):
     argv = list(args)
     for assignment in overrides:
@@ -44,6 +70,9 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
     assert "pass@1" in capsys.readouterr().out
     stats = json.loads((tmp_path / "rollout" / "rollout_stats.json").read_text())
     assert stats["rollout"]["samples"] == 24 * 3 and stats["pairs"]["train_pairs"] > 0
+    assert_chosen_answers_stand_alone(tmp_path / "rollout")
+    assert stats["correction"]["expected_by_guessing"] > 0 and stats["cost"]["per_pair"]["student_tokens"] > 0
+    assert stats["pairs"]["diagnostics"]["same_letters_share"] == 0.0
 
     # Rebuild the pairs with corrections only, without any model.
     assert cli("pairs", "--questions", str(train), "--rollout", str(tmp_path / "rollout"), "--output", str(tmp_path / "pairs"),
@@ -55,6 +84,18 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
                "--output", str(tmp_path / "dpo")) == 0
     metrics = json.loads((tmp_path / "dpo" / "dpo_metrics.json").read_text())
     assert metrics["status"] == "trained" and metrics["heldout_pairs"] == stats["pairs"]["heldout_pairs"]  # found beside --pairs
+    # One epoch: the held-out evaluation after the first epoch is the final one.
+    assert metrics["heldout_after_first_epoch"]["reward_accuracy"] == metrics["heldout"]["reward_accuracy"]
+
+    # The run report's stage-2 section shows the same statistics (corrections, luck, pairs, cost).
+    from medcritical.evaluation.run_report import write_run_report
+    from medcritical.recipe import Recipe
+
+    report = write_run_report(Recipe(), {"base": None, "sft": None, "dpo": None},
+                              {"rounds": [{"rollout": stats, "dpo": metrics}]}, tmp_path / "report")
+    assert "## Stage 2: corrections, pairs and cost" in report["markdown"]
+    guessed = f"| of which guessing alone explains | {stats['correction']['expected_by_guessing']:.2f} |"
+    assert guessed in report["markdown"] and "| student tokens per pair |" in report["markdown"]
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
 
 
@@ -62,7 +103,8 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
     train, evaluation = question_files
     args = ("selfplay", "--questions", str(train), "--eval-questions", str(evaluation), "--model", str(format_model),
             "--output", str(tmp_path / "sp"))
-    assert cli(*args, overrides=TINY_STAGE2 + ["selfplay.rounds=2"]) == 0
+    two_epochs = TINY_STAGE2 + ["selfplay.rounds=2", "selfplay.dpo.trainer.num_train_epochs=2"]
+    assert cli(*args, overrides=two_epochs) == 0
     summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
     first, second = summary["rounds"]
     assert first["model_in"] == str(format_model)
@@ -76,9 +118,25 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
     assert summary["final_eval"]["n"] == 10
     assert (tmp_path / "sp" / "selfplay.png").is_file()
 
+    # Two epochs: a held-out evaluation was forced where the first one ended, before the last step.
+    dpo = json.loads((tmp_path / "sp" / "round_1" / "dpo" / "dpo_metrics.json").read_text())
+    first = dpo["heldout_after_first_epoch"]
+    assert first["epoch"] == pytest.approx(1.0) and 0 < first["step"] < dpo["steps"]
+    assert first["step"] in [h["step"] for h in dpo["heldout"]["history"]]
+
     # A rerun resumes: every step finds its work done and the summary is the same.
-    assert cli(*args, overrides=TINY_STAGE2 + ["selfplay.rounds=2"]) == 0
+    assert cli(*args, overrides=two_epochs) == 0
     assert json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text()) == summary
+
+    # The arms table reads the same run folder's statistics (compared with itself: nothing differs).
+    capsys.readouterr()
+    assert cli("arms", f"a={tmp_path / 'sp'}", f"b={tmp_path / 'sp'}", "--output", str(tmp_path / "arms.md"), overrides=[]) == 0
+    table = (tmp_path / "arms.md").read_text()
+    rollout = json.loads((tmp_path / "sp" / "round_1" / "rollout" / "rollout_stats.json").read_text())
+    assert table in capsys.readouterr().out
+    assert f"| corrections accepted / wrong trajectories | {rollout['correction']['corrected']} / " in table
+    assert f"{100 * report['accuracy']:.1f}% (n=10)" in table and "exact McNemar p=1)" in table
+    assert "0 right only with a, 0 right only with b" in table
 
 
 def test_a_round_without_pairs_ends_the_loop(question_files, format_model, tmp_path, capsys):

@@ -224,6 +224,7 @@ def rollout(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str) -> d
         return run_rollout(
             recipe.selfplay, recipe.generation, questions, model, out,
             device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+            distill=recipe.distill,  # the teacher, when selfplay.corrector is "teacher"
         )
 
 

@@ -26,7 +26,7 @@ def main(model: Path, work: Path) -> dict:
     from medcritical.evaluation import evaluate
     from medcritical.modeling.generation import VLLMGenerator
     from medcritical.prompts import mcq_messages
-    from medcritical.recipe import GenerationConfig
+    from medcritical.modeling.config import GenerationConfig
     from medcritical.selfplay.correction import correct_trajectories
     from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 

@@ -28,7 +28,8 @@ def correction_config():
 
 
 def evaluation_configs(backend: str) -> dict:
-    from medcritical.recipe import EvaluateConfig, GenerationConfig
+    from medcritical.evaluation.config import EvaluateConfig
+    from medcritical.modeling.config import GenerationConfig
 
     generation = GenerationConfig(backend=backend, max_new_tokens=24, batch_size=8)
     return {"generate": (EvaluateConfig(), generation), "loglik": (EvaluateConfig(scoring="loglik"), generation)}

@@ -80,6 +80,22 @@ Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ...
     rounds.add_argument("--output", required=True, metavar="DIR", help="folder for all rounds")
     rounds.set_defaults(func=_selfplay)
 
+    arms = subparsers.add_parser(
+        "arms",
+        help="stage-2 arms side by side (e.g. self- vs teacher-corrected): accuracy, pairs, cost per pair",
+        formatter_class=fmt,
+        description="""\
+One Markdown table with a column per finished run (`medcritical run` or `medcritical selfplay` output):
+CMExam accuracy before/after stage 2 and the questions gained/lost (exact McNemar), rollout pass@1,
+accepted corrections against what guessing explains, pair diagnostics, held-out reward accuracy after
+the first DPO epoch, tokens / seconds / money per pair. Example:
+
+    medcritical arms self=runs/demo-arm-self teacher=runs/demo-arm-teacher --output runs/arms.md""",
+    )
+    arms.add_argument("runs", nargs="+", metavar="NAME=DIR", help="an arm's name and its run folder")
+    arms.add_argument("--output", metavar="FILE", help="also write the table to this Markdown file")
+    arms.set_defaults(func=_arms)
+
 
 def _questions_argument(parser) -> None:
     parser.add_argument(
@@ -112,7 +128,13 @@ def _rollout(args) -> None:
         stats = steps.rollout(recipe, data_uri=questions, model_uri=args.model or "", output_uri=args.output)
     r, p = stats["rollout"], stats["pairs"]
     print(f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}")
-    print(f"corrected {stats['correction']['corrected']}/{stats['correction']['wrong_trajectories']} wrong trajectories")
+    c, cost = stats["correction"], stats["cost"]
+    guessed = f" (guessing alone would explain {c['expected_by_guessing']:.1f})" if "expected_by_guessing" in c else ""
+    print(f"corrected {c['corrected']}/{c['wrong_trajectories']} wrong trajectories ({stats['corrector']['corrector']}){guessed}")
+    student, teacher = (cost[side]["prompt_tokens"] + cost[side]["completion_tokens"] for side in ("student", "teacher"))
+    print(f"cost: student {student} tokens, teacher {teacher} tokens, "
+          f"{cost['seconds']['device_seconds']:.1f} {cost['seconds']['device']}-seconds"
+          + (f", {cost['money']['total']:.4g} money" if cost["money"] else ""))
     _print_pairs(p, args.output)
 
 
@@ -154,3 +176,21 @@ def _selfplay(args) -> None:
     for row in summary["rounds"]:
         print(json.dumps(row, ensure_ascii=False))
     print(f"final model: {summary['final_model']}")
+
+
+def _arms(args) -> None:
+    from pathlib import Path
+
+    from medcritical.selfplay.arms import arm_table, load_arm
+
+    named = {}
+    for item in args.runs:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"{item!r}: give each arm as NAME=DIR, e.g. self=runs/demo-arm-self")
+        named[name] = load_arm(folder)
+    table = arm_table(named)
+    print(table)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(table, encoding="utf-8")

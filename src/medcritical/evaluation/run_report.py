@@ -104,6 +104,18 @@ def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
     plt.close(fig)
 
 
+def stage2_section(recipe: Recipe, evaluations: dict[str, dict | None], stats: dict) -> list[str]:
+    """Stage 2 in numbers: corrector, accepted corrections against guessing, pair diagnostics and cost per
+    pair (the same table `medcritical arms` puts side by side for several runs)."""
+    from medcritical.selfplay.arms import arm_table
+
+    if not any(r.get("rollout") for r in stats.get("rounds", [])):
+        return []
+    arm = {"before": evaluations.get("sft"), "after": evaluations.get("dpo"), "graded_before": None, "graded_after": None,
+           "rounds": stats["rounds"]}
+    return ["", "## Stage 2: corrections, pairs and cost (round 1)", "", arm_table({recipe.run.name: arm}).rstrip()]
+
+
 def write_run_report(
     recipe: Recipe,
     evaluations: dict[str, dict | None],
@@ -147,6 +159,7 @@ def write_run_report(
         )
         if round_stats.get("train_pass"):
             lines.append(f"- round {number} training questions' pass@1 before → after DPO: {train_pass_line(round_stats['train_pass'])}")
+    lines += stage2_section(recipe, evaluations, stats)
     lines += ["", f"![accuracy by model]({PLOT})", ""]
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,30 +1,49 @@
 """Preference pairs for DPO: chosen = a verified correction (or a correct sample), rejected = a wrong
 trajectory of the same question.
 
-The prompt of a pair is the ORIGINAL mcq prompt (what the student sees at test time) and chosen is
-the corrected answer written as the assistant's reply to it: DPO teaches the model to answer the
-question the right way first time. Pairs are written in TRL's conversational preference format
-(prompt / chosen / rejected as chat messages) plus a few metadata columns TRL ignores.
+The prompt of a pair is the ORIGINAL mcq prompt (what the student sees at test time) and chosen is a
+standalone answer to it: the student's rewrite of a stable correction (see selfplay.correction),
+never the correction itself, which talks about an earlier attempt the prompt does not contain. DPO
+teaches the model to answer the question the right way first time. `pairs.level: answer` keeps only
+the final answer statements of both sides (the paper's answer-level ablation). Pairs are written in
+TRL's conversational preference format (prompt / chosen / rejected as chat messages) plus a few
+metadata columns TRL ignores.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 from collections import Counter
 from typing import Mapping, Sequence
 
 from medcritical.data.cmexam import Question
-from medcritical.prompts import mcq_messages
+from medcritical.grader import THINK_END, extract_answer_letters
 from medcritical.selfplay.config import PairsSection
+from medcritical.selfplay.standalone import in_trained_format, refers_back
+from medcritical.prompts import mcq_messages
 
 log = logging.getLogger(__name__)
 
 
-def _unique_by_text(records: list[dict], text_key: str) -> tuple[list[dict], int]:
+def answer_statement(text: str) -> str:
+    """The final answer statement of a trajectory: what follows the last </think>, else its last line."""
+    _, sep, tail = text.rpartition(THINK_END)
+    if sep:
+        return tail.strip()
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _whole(text: str) -> str:
+    return text
+
+
+def _unique_by_text(records: list[dict], text_key: str, cut=_whole) -> tuple[list[dict], int]:
     seen, unique = set(), []
     for r in records:
-        text = r[text_key].strip()
+        text = cut(r[text_key]).strip()
         if text not in seen:
             seen.add(text)
             unique.append(r)
@@ -34,29 +53,39 @@ def _unique_by_text(records: list[dict], text_key: str) -> tuple[list[dict], int
 def _pairs_for_question(
     question: Question, rollouts: list[dict], corrections: Mapping[int, dict], config: PairsSection, language: str, drops: Counter
 ) -> list[dict]:
-    wrong, duplicates = _unique_by_text([r for r in rollouts if not r["correct"]], "trajectory")
+    thought = config.level == "thought"
+    cut = _whole if thought else answer_statement
+    wrong, duplicates = _unique_by_text([r for r in rollouts if not r["correct"]], "trajectory", cut)
     drops["duplicate_rejected"] += duplicates
-    correct, _ = _unique_by_text([r for r in rollouts if r["correct"]], "trajectory")
+    correct, _ = _unique_by_text([r for r in rollouts if r["correct"]], "trajectory", cut)
+    # A chosen text must answer the prompt alone, in the trained format: a sample that talks about an
+    # earlier attempt, or never closes its reasoning, is not one to prefer.
+    alone = [r for r in correct if not refers_back(r["trajectory"])]
+    standalone = [r for r in alone if in_trained_format(r["trajectory"])]
+    drops["refers_back"] += len(correct) - len(alone)
+    drops["chosen_format"] += len(alone) - len(standalone)
     pairs, seen = [], set()
     for n, rejected in enumerate(wrong):
         candidates = []
         correction = corrections.get(rejected["sample"])
         if correction and correction["corrected"]:
-            candidates.append(("correction", correction["correction"], correction["correction_tokens"]))
-        if config.use_correct_samples and correct:
+            candidates.append(("correction", correction["chosen"], correction["chosen_tokens"]))
+        if config.use_correct_samples and standalone:
             # Rotate so that different wrong trajectories are paired with different correct samples.
-            shift = n % len(correct)
-            candidates += [("sample", r["trajectory"], r["num_tokens"]) for r in correct[shift:] + correct[:shift]]
+            shift = n % len(standalone)
+            candidates += [("sample", r["trajectory"], r["num_tokens"]) for r in standalone[shift:] + standalone[:shift]]
         if not candidates:
             drops["no_chosen"] += 1
             continue
-        # A chosen much longer than rejected teaches "write more", not "reason right".
-        short_enough = [c for c in candidates if c[2] <= config.max_length_ratio * max(rejected["num_tokens"], 1)]
+        # A chosen much longer than rejected teaches "write more", not "reason right" (answer statements
+        # are a line each: no length filter there).
+        short_enough = [c for c in candidates if not thought or c[2] <= config.max_length_ratio * max(rejected["num_tokens"], 1)]
         if not short_enough:
             drops["too_long"] += 1
             continue
         source, chosen, chosen_tokens = short_enough[0]
-        key = (chosen.strip(), rejected["trajectory"].strip())
+        chosen, rejected_text = cut(chosen), cut(rejected["trajectory"])
+        key = (chosen.strip(), rejected_text.strip())
         if key in seen:
             drops["duplicate_pair"] += 1
             continue
@@ -65,12 +94,15 @@ def _pairs_for_question(
             {
                 "prompt": mcq_messages(question, language),
                 "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected["trajectory"]}],
+                "rejected": [{"role": "assistant", "content": rejected_text}],
                 "question_id": question.id,
                 "rejected_sample": rejected["sample"],
                 "chosen_source": source,
+                "level": config.level,
                 "chosen_tokens": chosen_tokens,
                 "rejected_tokens": rejected["num_tokens"],
+                # Same letters on both sides would teach nothing about the answer (kept to be counted: none expected).
+                "same_letters": extract_answer_letters(chosen, question.options) == extract_answer_letters(rejected_text, question.options),
             }
         )
     # Verified corrections first: they are the method's signal; correct samples fill in.
@@ -136,8 +168,10 @@ def build_preference_pairs(
         "questions_with_pairs": len(pairs_by_question),
         "heldout_questions": len(heldout_ids),
         "chosen_source": dict(Counter(p["chosen_source"] for p in train + heldout)),
-        "dropped": {k: drops[k] for k in ("duplicate_rejected", "no_chosen", "too_long", "duplicate_pair", "over_cap")},
+        "dropped": {k: drops[k] for k in ("duplicate_rejected", "refers_back", "chosen_format", "no_chosen", "too_long", "duplicate_pair", "over_cap")},
         "wrong_trajectories": wrong,
+        "level": config.level,
+        "diagnostics": pair_diagnostics(train + heldout),
     }
     if drops["over_max_pairs"]:
         stats["dropped"]["over_max_pairs"] = drops["over_max_pairs"]
@@ -153,3 +187,43 @@ def build_preference_pairs(
         len(train), len(heldout), len(pairs_by_question), dict(stats["dropped"]),
     )
     return train, heldout, stats
+
+
+def _distribution(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
+    return {"min": ordered[0], "p25": quartiles[0], "median": quartiles[1], "p75": quartiles[2], "max": ordered[-1],
+            "mean": statistics.fmean(ordered)}
+
+
+def pair_diagnostics(pairs: Sequence[dict]) -> dict:
+    """How chosen differs from rejected beyond correctness. Pairs separable by length or style alone
+    let DPO's loss fall to ~0 at once without teaching reasoning (the paper's loss curves hint at it).
+
+    Lengths in characters (both levels) and generated tokens (thought level); ratios chosen/rejected
+    per pair; the share of pairs whose two sides state the same letters (should be 0); the share whose
+    chosen is a verified correction's rewrite against a correct sample of the student.
+    """
+    if not pairs:
+        return {"pairs": 0}
+    chosen_chars = [len(p["chosen"][-1]["content"]) for p in pairs]
+    rejected_chars = [len(p["rejected"][-1]["content"]) for p in pairs]
+    sources = Counter(p["chosen_source"] for p in pairs)
+    diagnostics = {
+        "pairs": len(pairs),
+        "chosen_chars": _distribution(chosen_chars),
+        "rejected_chars": _distribution(rejected_chars),
+        "chars_ratio": _distribution([c / max(r, 1) for c, r in zip(chosen_chars, rejected_chars)]),
+        "same_letters_share": sum(bool(p.get("same_letters")) for p in pairs) / len(pairs),
+        "from_correction_share": sources["correction"] / len(pairs),
+        "from_sample_share": sources["sample"] / len(pairs),
+    }
+    if all(p.get("level", "thought") == "thought" for p in pairs):
+        chosen_tokens = [p["chosen_tokens"] for p in pairs]
+        rejected_tokens = [p["rejected_tokens"] for p in pairs]
+        diagnostics["chosen_tokens"] = _distribution(chosen_tokens)
+        diagnostics["rejected_tokens"] = _distribution(rejected_tokens)
+        diagnostics["tokens_ratio"] = _distribution([c / max(r, 1) for c, r in zip(chosen_tokens, rejected_tokens)])
+    return diagnostics

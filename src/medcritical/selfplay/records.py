@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Hashable
@@ -24,24 +23,3 @@ def resume_groups(path: str | Path, key: Callable[[dict], Hashable], complete: C
     if Path(path).is_file():
         write_jsonl((r for group in finished.values() for r in group), path)
     return finished
-
-
-def check_resume_meta(path: str | Path, meta: dict) -> None:
-    """Refuse to resume into a folder whose earlier results came from other inputs or settings.
-
-    `meta` names what the results depend on (model, prompt versions, sampling); it is written on the
-    first run and compared on every rerun, so stale results are never mixed with new ones.
-    """
-    path = Path(path)
-    if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in meta.keys() | before.keys() if before.get(k) != meta.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {before.get(k)!r} -> {meta.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"{path.parent}: holds results made with other settings ({details}). Use a new output "
-                f"folder, or delete {path.parent} to start over."
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")

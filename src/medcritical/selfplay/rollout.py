@@ -7,6 +7,7 @@ project's one grader, so a rollout's pass@1 is comparable with the evaluation's 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +17,7 @@ from medcritical.io.jsonl import append_jsonl
 from medcritical.modeling.generation import Generator
 from medcritical.prompts import mcq_messages
 from medcritical.selfplay.config import RolloutSection
+from medcritical.selfplay.cost import prompt_token_counter, timed
 from medcritical.selfplay.records import resume_groups
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,16 @@ def rollout_questions(
     output_path: str | Path,
     *,
     seed: int = 0,
+    timings: str | Path | None = None,
 ) -> list[dict]:
     """k graded samples per question, appended to `output_path` (JSONL) one chunk of questions at a
     time; questions already there with all k samples are skipped. Returns every record, in question order.
 
-    A record: question_id, sample (0..k-1), trajectory, predicted (letters), gold, correct, num_tokens.
+    A record: question_id, sample (0..k-1), trajectory, predicted (letters), gold, correct, num_tokens,
+    prompt_tokens (the prompt's length; the k samples share one request). With `timings`, each chunk's
+    seconds are appended there (see selfplay.cost).
     """
+    count = prompt_token_counter(generator)
     k = config.samples_per_question
     done = resume_groups(output_path, key=lambda r: r["question_id"], complete=lambda g: len({r["sample"] for r in g}) == k)
     todo = [(i, q) for i, q in enumerate(questions) if q.id not in done]
@@ -41,18 +47,21 @@ def rollout_questions(
         log.info("rollout: %d questions already done, %d to go", len(questions) - len(todo), len(todo))
     for start in range(0, len(todo), config.chunk_size):
         chunk = todo[start : start + config.chunk_size]
-        completions = generator.generate(
-            [mcq_messages(q, config.language) for _, q in chunk],
-            n=k,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            max_new_tokens=config.max_new_tokens,
-            seed=seed,
-            keys=[q.id for _, q in chunk],  # a sample's seed: (seed, question, sample index), never its batch
-            desc=f"rollout {start + len(chunk)}/{len(todo)}",
-        )
+        prompts = [mcq_messages(q, config.language) for _, q in chunk]
+        with timed(timings, "rollout") if timings else nullcontext():
+            completions = generator.generate(
+                prompts,
+                n=k,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                max_new_tokens=config.max_new_tokens,
+                seed=seed,
+                keys=[q.id for _, q in chunk],  # a sample's seed: (seed, question, sample index), never its batch
+                desc=f"rollout {start + len(chunk)}/{len(todo)}",
+            )
         records = []
-        for (_, question), samples in zip(chunk, completions):
+        for (_, question), prompt, samples in zip(chunk, prompts, completions):
+            prompt_tokens = count(prompt) if count else 0
             for sample, completion in enumerate(samples):
                 grade = grade_answer(completion.text, question.answer, question.options)
                 records.append(
@@ -64,6 +73,7 @@ def rollout_questions(
                         "gold": question.answer,
                         "correct": grade.correct,
                         "num_tokens": completion.num_tokens,
+                        "prompt_tokens": prompt_tokens,
                     }
                 )
                 done.setdefault(question.id, []).append(records[-1])

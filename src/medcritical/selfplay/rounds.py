@@ -49,7 +49,7 @@ def _generate(recipe: Recipe, questions, eval_questions, model_path, round_dir: 
 
         result["rollout"] = run_rollout(
             recipe.selfplay, recipe.generation, questions, model_path, round_dir,
-            device=recipe.run.device, dtype=recipe.model.dtype, seed=seed, generator=generator,
+            device=recipe.run.device, dtype=recipe.model.dtype, seed=seed, generator=generator, distill=recipe.distill,
         )
     return result
 
@@ -107,6 +107,9 @@ def run_selfplay(
             "pass@1": rollout["rollout"]["pass@1"],
             "pass@k": rollout["rollout"]["pass@k"],
             "correction_rate": rollout["correction"]["correction_rate"],
+            "corrected": rollout["correction"]["corrected"],
+            "expected_by_guessing": rollout["correction"].get("expected_by_guessing"),
+            "cost_per_pair": rollout["cost"]["per_pair"],
             "pairs": rollout["pairs"]["pairs"],
             "train_pairs": rollout["pairs"]["train_pairs"],
             "heldout_pairs": rollout["pairs"]["heldout_pairs"],
@@ -122,6 +125,8 @@ def run_selfplay(
         if "heldout" in metrics:
             row["heldout_reward_accuracy"] = metrics["heldout"].get("reward_accuracy")
             row["heldout_margin"] = metrics["heldout"].get("margin")
+        if metrics.get("heldout_after_first_epoch"):
+            row["heldout_reward_accuracy_first_epoch"] = metrics["heldout_after_first_epoch"]["reward_accuracy"]
         rounds.append(row)
         _write_summary(output_dir, rounds, model, stopped)
         if metrics.get("status") == "skipped":

@@ -1,11 +1,14 @@
-"""The rollout step: rollout → self-correction → preference pairs, into one output folder.
+"""The rollout step: rollout → correction → standalone chosen answers → preference pairs, into one folder.
 
 Files written to `output_dir`:
 - rollouts.jsonl      k graded samples per question (appended as they arrive; reruns resume)
-- corrections.jsonl   one record per wrong trajectory with its correction attempts (idem)
+- corrections.jsonl   one record per wrong trajectory: its correction votes, rewrite and verdict (idem)
+- timings.jsonl       seconds spent per finished chunk of rollout, correction and rewrite (idem)
+- fingerprint.json    what the three logs depend on; a rerun with other inputs stops (or --restart)
 - pairs.jsonl         training pairs, TRL conversational preference format
 - pairs_heldout.jsonl pairs of held-out questions (DPO's reward accuracy / margin and early stopping)
-- rollout_stats.json  pass@1, pass@k, all-wrong / all-right shares, correction and pair statistics
+- rollout_stats.json  pass@1, pass@k, all-wrong / all-right shares, correction statistics (with what
+                      guessing alone would have got accepted), pair statistics and diagnostics, cost
 """
 
 from __future__ import annotations
@@ -17,21 +20,21 @@ from typing import Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.evaluation.diagnostics import diagnose_rollouts
+from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import read_jsonl, write_jsonl
 from medcritical.modeling.config import GenerationConfig
 from medcritical.modeling.generation import Generator, load_generator
 from medcritical.prompts import load_prompt
 from medcritical.selfplay.config import SelfPlayConfig
-from medcritical.selfplay.correction import correct_trajectories, correction_statistics
+from medcritical.selfplay.correction import SelfCorrector, TeacherCorrector, correct_trajectories, correction_statistics
+from medcritical.selfplay.cost import TIMINGS, accelerators, cost_statistics
 from medcritical.selfplay.pairs import build_preference_pairs
-from medcritical.selfplay.records import check_resume_meta
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
 log = logging.getLogger(__name__)
 
 ROLLOUTS, CORRECTIONS = "rollouts.jsonl", "corrections.jsonl"
 PAIRS, HELDOUT_PAIRS, STATS = "pairs.jsonl", "pairs_heldout.jsonl", "rollout_stats.json"
-META = "rollout_meta.json"
 
 
 def _check_questions(questions: Sequence[Question]) -> None:
@@ -40,6 +43,28 @@ def _check_questions(questions: Sequence[Question]) -> None:
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise ValueError("training questions have duplicate ids; rollout records are keyed by question id")
+
+
+def _teacher_settings(distill) -> dict:
+    """What of the `distill` section a teacher's corrections depend on (never credentials)."""
+    keys = ("backend", "teacher_model", "temperature", "top_p", "max_new_tokens", "explanation_max_chars")
+    settings = {k: getattr(distill, k) for k in keys}
+    if distill.backend == "openai":
+        settings["openai"] = {"base_url": distill.openai.base_url, "model": distill.openai.model, "extra_body": distill.openai.extra_body}
+    return settings
+
+
+def build_corrector(config: SelfPlayConfig, generator: Generator, distill=None, *, device: str = "auto"):
+    """The student itself, or the distillation teacher of the recipe's `distill` section."""
+    if config.corrector == "self":
+        return SelfCorrector(generator)
+    if distill is None:
+        raise ValueError("selfplay.corrector is 'teacher' but no distill section was given to the rollout step")
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+
+    teacher = build_teacher(distill, DistillPrompts.load(distill.language), device=device)
+    return TeacherCorrector(teacher, max_new_tokens=distill.max_new_tokens)
 
 
 def run_rollout(
@@ -53,53 +78,75 @@ def run_rollout(
     dtype: str = "auto",
     seed: int = 0,
     generator: Generator | None = None,
+    distill=None,
+    restart: bool = False,
 ) -> dict:
-    """Rollout, self-correction and pairs for one round; returns (and writes) the statistics.
+    """Rollout, correction and pairs for one round; returns (and writes) the statistics.
 
     `generator` reuses a model already in memory; otherwise `model_path` is loaded with the
-    generation backend of the recipe (transformers or vLLM).
+    generation backend of the recipe (transformers or vLLM). `distill` (the recipe's DistillConfig)
+    names the teacher when `config.corrector` is "teacher". `restart` discards earlier results made
+    from other inputs instead of refusing to mix them.
     """
     _check_questions(questions)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     rollout, correction = config.rollout, config.correction
     prompts = {
         "mcq": load_prompt("mcq", rollout.language).version,
         "correction": load_prompt("correction", correction.language).version,
+        "rewrite": load_prompt("rewrite", correction.language).version,
     }
     # What rollouts.jsonl / corrections.jsonl depend on: resuming with other values would mix results.
-    check_resume_meta(
-        output_dir / META,
+    check_resume(
+        output_dir,
         {
-            "model": str(model_path),
+            "questions": questions_fingerprint(questions),
+            "model": model_fingerprint(model_path),
             "prompts": prompts,
             "rollout": rollout.model_dump(exclude={"chunk_size"}),
             "correction": correction.model_dump(),
+            "corrector": config.corrector,
+            "teacher": _teacher_settings(distill) if config.corrector == "teacher" else None,
             "seed": seed,
         },
+        outputs=[ROLLOUTS, CORRECTIONS, TIMINGS],
+        restart=restart,
     )
     generator = generator or load_generator(model_path, generation, device=device, dtype=dtype)
-    records = rollout_questions(generator, questions, rollout, output_dir / ROLLOUTS, seed=seed)
+    timings = output_dir / TIMINGS
+    records = rollout_questions(generator, questions, rollout, output_dir / ROLLOUTS, seed=seed, timings=timings)
     by_id = {q.id: q for q in questions}
     wrong = [r for r in records if not r["correct"]]
+    corrector = build_corrector(config, generator, distill, device=device) if wrong and correction.attempts else None
     corrections = correct_trajectories(
-        generator, by_id, wrong if correction.attempts else [], correction, output_dir / CORRECTIONS,
-        top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens, chunk_size=rollout.chunk_size, seed=seed,
+        generator, by_id, wrong if correction.attempts else [], correction, output_dir / CORRECTIONS, corrector=corrector,
+        top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens, chunk_size=rollout.chunk_size, seed=seed, timings=timings,
     )
     stats = {
         "model": str(model_path),
         "prompts": prompts,
+        "corrector": corrector.description if corrector else {"corrector": config.corrector},
         "rollout": rollout_statistics(records, rollout.max_new_tokens),
-        "correction": correction_statistics(corrections, correction.attempts),
+        "correction": correction_statistics(corrections, correction, by_id),
         "format": diagnose_rollouts(records, by_id, rollout.max_new_tokens),  # empty/truncated shares, answers given
     }
     stats["pairs"] = write_pairs(config, questions, records, corrections, output_dir, seed=seed)
+    pairs = read_jsonl(output_dir / PAIRS) + read_jsonl(output_dir / HELDOUT_PAIRS)
+    price = config.cost.teacher_price_per_million_tokens
+    if price is None and distill is not None and config.corrector == "teacher":
+        price = distill.price_per_million_tokens
+    stats["cost"] = cost_statistics(
+        records, corrections, pairs, timings, gpus=accelerators(device),
+        teacher_price_per_million_tokens=price, device_hour_price=config.cost.device_hour_price,
+    )
     (output_dir / STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
-    r = stats["rollout"]
+    r, c = stats["rollout"], stats["correction"]
     log.info(
-        "rollout: pass@1 %.3f, pass@%d %.3f, all wrong %.3f, all right %.3f; %d/%d wrong trajectories corrected; %d pairs",
+        "rollout: pass@1 %.3f, pass@%d %.3f, all wrong %.3f, all right %.3f; %d/%d wrong trajectories corrected "
+        "(%s by guessing alone); %d pairs",
         r["pass@1"], rollout.samples_per_question, r["pass@k"], r["all_wrong"], r["all_right"],
-        stats["correction"]["corrected"], len(wrong), stats["pairs"]["pairs"],
+        c["corrected"], len(wrong), f"{c['expected_by_guessing']:.1f}" if "expected_by_guessing" in c else "-",
+        stats["pairs"]["pairs"],
     )
     return stats
 

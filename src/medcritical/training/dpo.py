@@ -30,11 +30,12 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from transformers import EarlyStoppingCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 from medcritical.io.fingerprint import file_sha256
 from medcritical.io.jsonl import read_jsonl
@@ -122,6 +123,33 @@ def reference_kind(config: DPOSection) -> str:
     return "a frozen copy of the starting model"
 
 
+class FirstEpochHeldout(TrainerCallback):
+    """One held-out evaluation when the first epoch ends (unless one just ran, or training ends there and
+    the final evaluation covers it). Its reward accuracy is a diagnostic: near 1 after a single pass
+    means chosen and rejected are told apart by style or length, not by reasoning."""
+
+    def __init__(self, save: bool):
+        self.save = save  # with restore_best every evaluation has its checkpoint
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.epoch is None or abs(state.epoch - 1) > 1e-6 or state.global_step >= state.max_steps:
+            return
+        if any(MARGIN in e and e.get("step") == state.global_step for e in state.log_history):
+            return
+        control.should_evaluate = True
+        control.should_save = control.should_save or self.save
+
+
+def first_epoch_heldout(log_history: list[dict], final: dict | None, epochs_trained: float | None) -> dict | None:
+    """Held-out reward accuracy and margin at the end of the first epoch (see FirstEpochHeldout)."""
+    entry = next((e for e in log_history if MARGIN in e and e.get("epoch", 0) >= 1 - 1e-6), None)
+    if entry is None and final is not None and epochs_trained is not None and epochs_trained >= 1 - 1e-6:
+        entry = {**final, "epoch": epochs_trained}
+    if entry is None:
+        return None
+    return {"epoch": entry.get("epoch"), "step": entry.get("step"), "reward_accuracy": entry[ACCURACY], "margin": entry[MARGIN]}
+
+
 def build_dpo_trainer(
     config: DPOSection,
     policy,
@@ -155,8 +183,19 @@ def build_dpo_trainer(
     )
 
 
+def even_eval_batch_size(heldout_pairs: int, batch_size: int, world_size: int = 1) -> int:
+    """The largest evaluation batch size up to `batch_size` that splits the held-out pairs into equal
+    batches. TRL logs the mean of per-batch means: with 9 pairs in batches of 4, 4 and 1 the last pair
+    would weigh a third of the reported margin and reward accuracy instead of a ninth."""
+    for size in range(max(batch_size, 1), 0, -1):
+        if heldout_pairs % (size * world_size) == 0:
+            return size
+    return 1
+
+
 def dpo_arguments(
-    config: DPOSection, checkpoints_dir, *, device: str, seed: int, deepspeed: Path | None, heldout: bool, eval_on_start: bool = False
+    config: DPOSection, checkpoints_dir, *, device: str, seed: int, deepspeed: Path | None, heldout: bool, eval_on_start: bool = False,
+    heldout_pairs: int | None = None,
 ):
     """TRL DPOConfig. `eval_on_start`: one held-out evaluation before the first step, inside the training
     loop (a separate `trainer.evaluate()` before `train()` breaks DeepSpeed's engine set-up)."""
@@ -165,7 +204,11 @@ def dpo_arguments(
     settings = config.settings
     evaluate_during = heldout and config.evaluations > 1
     arguments = trainer_arguments(settings, checkpoints_dir, device=device, seed=seed, deepspeed=deepspeed)
-    arguments.setdefault("per_device_eval_batch_size", settings["per_device_train_batch_size"])
+    batch = settings.get("per_device_eval_batch_size", settings["per_device_train_batch_size"])
+    # Even held-out batches: the reported margin and reward accuracy are then means over pairs.
+    arguments["per_device_eval_batch_size"] = (
+        even_eval_batch_size(heldout_pairs, batch, int(os.environ.get("WORLD_SIZE", "1"))) if heldout_pairs else batch
+    )
     if evaluate_during:
         # Every 1/evaluations of the steps; the margin is the metric transformers' early stopping watches.
         arguments.update(
@@ -232,7 +275,8 @@ def train_dpo(
     resume_from = find_resumable_checkpoint(checkpoints) if resume else None
     # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
     args = dpo_arguments(
-        config, checkpoints, device=device, seed=seed, deepspeed=deepspeed, heldout=bool(heldout_pairs), eval_on_start=not resume_from
+        config, checkpoints, device=device, seed=seed, deepspeed=deepspeed, heldout=bool(heldout_pairs), eval_on_start=not resume_from,
+        heldout_pairs=len(heldout_pairs),
     )
     policy = load_model_for_training(model_path, device, dtype)
     stop_on_token(policy, facts.end_of_turn_id)
@@ -243,9 +287,10 @@ def train_dpo(
         [EarlyStoppingCallback(config.early_stopping_patience, EARLY_STOPPING_MIN_DELTA)]
         if config.early_stopping_patience and args.metric_for_best_model else []
     )
+    first_epoch = [FirstEpochHeldout(save=bool(args.load_best_model_at_end))] if heldout_pairs else []
     trainer = build_dpo_trainer(
         config, policy, tokenizer, train_pairs, heldout_pairs, args, model_path=model_path, device=device,
-        dtype=dtype, callbacks=[throughput, *early_stopping, *callbacks],
+        dtype=dtype, callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
     )
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -284,6 +329,7 @@ def train_dpo(
         "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
         "restored_best": restored_best,
         "heldout": (heldout := _heldout_summary(history, initial, final)),
+        "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch) if heldout_pairs else None,
         "warnings": _warnings(training["loss_curve"], config, heldout and heldout["best_step"], restored_best),
         **training,
     }

@@ -1,0 +1,169 @@
+"""Two (or more) stage-2 arms side by side: e.g. self-correction against teacher correction.
+
+An arm is a finished run folder, in either layout:
+- `medcritical run` (the pipeline): eval-sft/, round<r>-rollout/, round<r>-dpo/, eval-dpo-round<R>/
+- `medcritical selfplay`: round_<r>/{rollout,dpo,eval}/, final_eval/
+
+`arm_table` reads their step statistics (never recomputes them) and writes one Markdown table:
+CMExam accuracy before and after stage 2 with the per-question movement (exact McNemar test),
+rollout pass@1, accepted corrections against what guessing alone explains, pair diagnostics,
+held-out reward accuracy after the first DPO epoch, and the cost per pair. With two arms, their
+final models are compared on the same questions too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from math import comb
+from pathlib import Path
+
+from medcritical.evaluation.report import GRADED_JSONL
+from medcritical.io.jsonl import read_jsonl
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _graded(folder: Path) -> dict[str, bool] | None:
+    path = folder / GRADED_JSONL
+    if not path.is_file():
+        return None
+    return {row["id"]: bool(row["correct"]) for row in read_jsonl(path)}
+
+
+def _round_numbers(root: Path, pattern: str) -> list[int]:
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(pattern, p.name)))
+
+
+def load_arm(run_dir: str | Path) -> dict:
+    """The statistics of one finished stage-2 run (see the module docstring for the layouts)."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such run folder (give the run's output folder, e.g. runs/demo-arm-self)")
+    if rounds := _round_numbers(root, r"round(\d+)-rollout"):
+        before, after = root / "eval-sft", root / f"eval-dpo-round{rounds[-1]}"
+        steps = [(root / f"round{r}-rollout", root / f"round{r}-dpo") for r in rounds]
+    elif rounds := _round_numbers(root, r"round_(\d+)"):
+        before, after = root / "round_1" / "eval", root / "final_eval"
+        steps = [(root / f"round_{r}" / "rollout", root / f"round_{r}" / "dpo") for r in rounds]
+    else:
+        raise FileNotFoundError(
+            f"{root}: no round folders (round1-rollout/ or round_1/); is this the output of `medcritical run` or "
+            "`medcritical selfplay`?"
+        )
+    return {
+        "run": str(root),
+        "before": _read(before / "report.json"),
+        "after": _read(after / "report.json"),
+        "graded_before": _graded(before),
+        "graded_after": _graded(after),
+        "rounds": [{"rollout": _read(r / "rollout_stats.json"), "dpo": _read(d / "dpo_metrics.json")} for r, d in steps],
+    }
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for b and c discordant pairs (binomial, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def _movement(before: dict[str, bool] | None, after: dict[str, bool] | None) -> str:
+    if not before or not after:
+        return "-"
+    common = before.keys() & after.keys()
+    gained = sum(after[q] and not before[q] for q in common)
+    lost = sum(before[q] and not after[q] for q in common)
+    return f"+{gained} / -{lost} (McNemar p={mcnemar_p(gained, lost):.3g})"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _get(stats: dict | None, dotted: str):
+    value = stats
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def arm_rows(arm: dict) -> dict[str, str]:
+    """One arm as table cells, keyed by row label; round 1's stage-2 statistics (where pairs are made)."""
+    first = arm["rounds"][0] if arm["rounds"] else {}
+    rollout, dpo = first.get("rollout"), first.get("dpo")
+    before, after = arm["before"], arm["after"]
+    delta = after["accuracy"] - before["accuracy"] if before and after else None
+    corrected = _get(rollout, "correction.corrected")
+    guessing = _get(rollout, "correction.expected_by_guessing")
+    cost = _get(rollout, "cost") or {}
+    per_pair = cost.get("per_pair") or {}
+    diagnostics = _get(rollout, "pairs.diagnostics") or {}
+    first_epoch = _get(dpo, "heldout_after_first_epoch")
+    dpo_seconds = _get(dpo, "train_seconds")
+    pairs = _get(rollout, "pairs.pairs")
+    return {
+        "corrector": _num(_get(rollout, "corrector.corrector")) + (f" ({_get(rollout, 'corrector.backend')})" if _get(rollout, "corrector.backend") else ""),
+        "pairs level": _num(_get(rollout, "pairs.level")),
+        "CMExam accuracy before (SFT)": _pct(before and before["accuracy"]) + (f" (n={before['n']})" if before else ""),
+        "CMExam accuracy after stage 2": _pct(after and after["accuracy"]),
+        "accuracy change": "-" if delta is None else f"{100 * delta:+.1f} pp",
+        "questions gained / lost": _movement(arm["graded_before"], arm["graded_after"]),
+        "rollout pass@1 / pass@k": f"{_pct(_get(rollout, 'rollout.pass@1'))} / {_pct(_get(rollout, 'rollout.pass@k'))}",
+        "corrections accepted / wrong trajectories": f"{_num(corrected)} / {_num(_get(rollout, 'correction.wrong_trajectories'))}",
+        "of which guessing alone explains": "-" if guessing is None else f"{guessing:.2f}",
+        "pairs (train + held-out)": _num(pairs),
+        "chosen from a correction": _pct(diagnostics.get("from_correction_share")),
+        "same final letters": _pct(diagnostics.get("same_letters_share")),
+        "chosen / rejected tokens (median)": (
+            f"{_num(_get(diagnostics, 'chosen_tokens.median'))} / {_num(_get(diagnostics, 'rejected_tokens.median'))}"
+            if diagnostics.get("chosen_tokens") else
+            f"{_num(_get(diagnostics, 'chosen_chars.median'))} / {_num(_get(diagnostics, 'rejected_chars.median'))} chars"
+        ),
+        "chosen/rejected length ratio (median)": _num(_get(diagnostics, "tokens_ratio.median") or _get(diagnostics, "chars_ratio.median")),
+        "held-out reward accuracy, 1st epoch / end": f"{_pct(first_epoch and first_epoch['reward_accuracy'])} / {_pct(_get(dpo, 'heldout.reward_accuracy'))}",
+        "DPO loss first → last": f"{_num(_get(dpo, 'loss_first'))} → {_num(_get(dpo, 'loss_last'))}",
+        "student tokens per pair": _num(per_pair.get("student_tokens")),
+        "teacher tokens per pair": _num(per_pair.get("teacher_tokens")),
+        f"rollout {cost.get('seconds', {}).get('device', 'device')}-seconds per pair": _num(per_pair.get("device_seconds")),
+        "DPO seconds per pair": _num(dpo_seconds / pairs if dpo_seconds and pairs else None),
+        "money per pair": _num(per_pair.get("money")) if "money" in per_pair else "not priced",
+    }
+
+
+def arm_table(arms: dict[str, dict]) -> str:
+    """Markdown: one column per arm (name -> `load_arm` result), one row per measure."""
+    columns = {name: arm_rows(arm) for name, arm in arms.items()}
+    labels: list[str] = []
+    for rows in columns.values():
+        labels += [label for label in rows if label not in labels]
+    lines = [
+        "| | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(f"| {label} | " + " | ".join(rows.get(label, "-") for rows in columns.values()) + " |" for label in labels),
+    ]
+    names = list(arms)
+    if len(names) == 2:
+        a, b = (arms[n]["graded_after"] for n in names)
+        if a and b:
+            common = a.keys() & b.keys()
+            only_a = sum(a[q] and not b[q] for q in common)
+            only_b = sum(b[q] and not a[q] for q in common)
+            verdict = (
+                f"Final models on the same {len(common)} questions: {only_a} right only with {names[0]}, "
+                f"{only_b} right only with {names[1]} (exact McNemar p={mcnemar_p(only_a, only_b):.3g})."
+            )
+            lines += ["", verdict]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,74 @@
+"""Stage-2 pieces that are plain arithmetic or text rules: back-references, cost sums, McNemar, even
+held-out batches. The behaviour on real runs is in test_rollout / test_pairs / test_selfplay."""
+
+from math import comb
+
+import pytest
+
+from medcritical.io.jsonl import append_jsonl
+from medcritical.selfplay.arms import mcnemar_p
+from medcritical.selfplay.cost import cost_statistics
+from medcritical.selfplay.standalone import (
+    in_trained_format,
+    prompt_fragments,
+    refers_back,
+)
+from medcritical.training.dpo import even_eval_batch_size
+
+
+@pytest.mark.parametrize("text", [
+    "<think>之前的回答忽略了禁忌证</think>\n答案：B",
+    "<think>上一次选A是错的</think>\n答案：B",
+    "<think>原答案错误在于把病位弄错</think>\n答案：B",
+    "<think>My mistake was the dose.</think>\nAnswer: B",
+    "<think>The previous answer ignored the history.</think>\n答案：B",
+    "<think>找出之前推理中的错误：剂量</think>\n答案：B",  # the correction prompt's own wording
+    "<think>根据参考分析，选B</think>\n答案：B",  # the rewrite prompt's wording
+])
+def test_back_references_are_found_in_both_languages(text):
+    assert refers_back(text)
+
+
+def test_a_plain_answer_does_not_refer_back():
+    assert refers_back("<think>肺胀日久，肺肾气虚，治宜补肺纳肾，降气平喘。</think>\n答案：B") is None
+    # The question prompt's own wording (exam name, answer format) is not a reference back.
+    assert not any("执业医师资格考试的一道选择题" in f for f in prompt_fragments("correction"))
+    assert in_trained_format("<think>x</think>\n答案：B") and not in_trained_format("<think>x 答案：B")
+
+
+def test_cost_sums_tokens_by_who_generated_them_and_divides_by_pairs(tmp_path):
+    rollouts = [{"sample": 0, "num_tokens": 10, "prompt_tokens": 50}, {"sample": 1, "num_tokens": 20, "prompt_tokens": 50}]
+    vote = {"prompt_tokens": 100, "completion_tokens": 30}
+    rewrite = {"prompt_tokens": 80, "completion_tokens": 15}
+    corrections = [
+        {"corrector": "teacher", "attempts": [{"votes": [vote, vote], "rewrite": rewrite}]},
+        {"corrector": "teacher", "attempts": [{"votes": [vote], "rewrite": None}]},
+    ]
+    pairs = [{"chosen_source": "correction"}, {"chosen_source": "sample"}]
+    append_jsonl([{"phase": "rollout", "wall_s": 2.0, "cpu_s": 1.5}, {"phase": "rewrite", "wall_s": 1.0, "cpu_s": 0.5}],
+                 tmp_path / "timings.jsonl")
+    stats = cost_statistics(rollouts, corrections, pairs, tmp_path / "timings.jsonl", gpus=0,
+                            teacher_price_per_million_tokens=10.0, device_hour_price=3.6)
+    assert stats["teacher"] == {"prompt_tokens": 300, "completion_tokens": 90}
+    # The rollout prompt is counted once per question (the k samples share one request).
+    assert stats["student_by_phase"]["rollout"] == {"prompt_tokens": 50, "completion_tokens": 30}
+    assert stats["student"] == {"prompt_tokens": 130, "completion_tokens": 45}
+    assert stats["seconds"]["device_seconds"] == pytest.approx(2.0)  # CPU seconds on CPU
+    assert stats["money"]["teacher"] == pytest.approx(390 * 10 / 1e6)
+    assert stats["money"]["device"] == pytest.approx(2.0 / 3600 * 3.6)
+    assert stats["per_pair"]["teacher_tokens"] == 195 and stats["per_pair"]["student_tokens"] == 87.5
+    assert stats["per_correction_pair"] == {"student_tokens": 95, "teacher_tokens": 390}
+    on_gpu = cost_statistics(rollouts, corrections, pairs, tmp_path / "timings.jsonl", gpus=2,
+                             teacher_price_per_million_tokens=None, device_hour_price=None)
+    assert on_gpu["seconds"]["device_seconds"] == pytest.approx(6.0) and on_gpu["money"] is None
+
+
+def test_mcnemar_exact_p():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_p(3, 7) == pytest.approx(2 * sum(comb(10, i) for i in range(4)) / 2**10)
+
+
+def test_heldout_batches_are_even():
+    assert even_eval_batch_size(9, 4) == 3 and even_eval_batch_size(8, 4) == 4 and even_eval_batch_size(7, 4) == 1
+    assert even_eval_batch_size(12, 4, world_size=2) == 3  # 2 processes x 3 = 6 pairs a step
