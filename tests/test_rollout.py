@@ -9,10 +9,13 @@ from medcritical.io.jsonl import read_jsonl
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlayConfig
 from medcritical.selfplay.correction import (
-    correct_trajectories, correction_statistics, guess_probability, guessing_acceptance,
+    correct_trajectories,
+    correction_statistics,
+    guess_probability,
+    guessing_acceptance,
 )
-from medcritical.selfplay.standalone import refers_back
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
+from medcritical.selfplay.standalone import refers_back
 
 ROLLOUT = RolloutSection(samples_per_question=3, temperature=1.0, top_p=1.0, max_new_tokens=48, chunk_size=8)
 

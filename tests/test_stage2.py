@@ -5,8 +5,8 @@ from math import comb
 
 import pytest
 
+from medcritical.arms import mcnemar_p
 from medcritical.io.jsonl import append_jsonl
-from medcritical.selfplay.arms import mcnemar_p
 from medcritical.selfplay.cost import cost_statistics
 from medcritical.selfplay.standalone import (
     in_trained_format,

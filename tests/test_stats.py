@@ -77,8 +77,8 @@ def test_compare_cli_on_evaluation_and_run_folders(tmp_path, capsys):
 
 
 def test_run_report_shows_the_paired_tests(tmp_path):
-    from medcritical.evaluation.run_report import write_run_report
     from medcritical.recipe import load_recipe
+    from medcritical.report import write_run_report
 
     base = {f"q{i}": i < 25 for i in range(100)}
     sft = {f"q{i}": i < 45 for i in range(100)}

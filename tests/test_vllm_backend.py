@@ -30,7 +30,12 @@ from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 from tests.fixtures.selfplay import train_format_model
 from tests.fixtures.vllm import REPO, run_in_vllm
 from tests.vllm_scripts.checks_common import (
-    CONTINUATIONS, correction_config, distill_config, evaluation_configs, questions, rollout_config,
+    CONTINUATIONS,
+    correction_config,
+    distill_config,
+    evaluation_configs,
+    questions,
+    rollout_config,
 )
 
 pytestmark = pytest.mark.vllm

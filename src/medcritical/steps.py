@@ -304,7 +304,7 @@ def evaluate(
 
 @step
 def report(recipe: Recipe, output_uri: str, base_eval_uri: str, sft_eval_uri: str, dpo_eval_uri: str) -> dict:
-    from medcritical.evaluation.run_report import write_run_report
+    from medcritical.report import write_run_report
 
     def read_json(uri: str, filename: str) -> dict | None:
         try:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from checks_common import SAMPLING, distill_config, evaluation_configs, questions, rollout_config, correction_config
+from checks_common import SAMPLING, correction_config, distill_config, evaluation_configs, questions, rollout_config
 
 
 def texts(completions):
@@ -24,9 +24,9 @@ def main(model: Path, work: Path) -> dict:
     import medcritical.modeling.generation as generation
     from medcritical.distill.run import distill
     from medcritical.evaluation import evaluate
+    from medcritical.modeling.config import GenerationConfig
     from medcritical.modeling.generation import VLLMGenerator
     from medcritical.prompts import mcq_messages
-    from medcritical.modeling.config import GenerationConfig
     from medcritical.selfplay.correction import correct_trajectories
     from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 

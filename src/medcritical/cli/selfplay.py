@@ -166,7 +166,7 @@ def _dpo(args) -> None:
 
 def _selfplay(args) -> None:
     from medcritical.data.cmexam import load_questions
-    from medcritical.selfplay.rounds import run_selfplay
+    from medcritical.rounds import run_selfplay
 
     recipe = recipe_from_args(args)
     eval_questions = load_questions(args.eval_questions, recipe.data.on_bad_row).questions if args.eval_questions else None
@@ -181,7 +181,7 @@ def _selfplay(args) -> None:
 def _arms(args) -> None:
     from pathlib import Path
 
-    from medcritical.selfplay.arms import arm_table, load_arm
+    from medcritical.arms import arm_table, load_arm
 
     named = {}
     for item in args.runs:

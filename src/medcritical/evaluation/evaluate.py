@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from medcritical.data.cmexam import Question, load_questions
+from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
 from medcritical.evaluation.config import EvaluateConfig
-from medcritical.evaluation.diagnostics import format_diagnostics, hit_token_limit, row_status
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import dropped_note, write_report
 from medcritical.grader import grade_answer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medcritical.evaluation.diagnostics import diagnostics_line
+from medcritical.diagnostics import diagnostics_line
 from medcritical.io.jsonl import write_jsonl
 
 REPORT_JSON, REPORT_MD, PLOT_PNG, GRADED_JSONL = "report.json", "report.md", "accuracy.png", "graded.jsonl"

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.data.splits import take
-from medcritical.evaluation.diagnostics import diagnose_rollouts
+from medcritical.diagnostics import diagnose_rollouts
 from medcritical.evaluation.stats import BOOTSTRAP_SAMPLES, mcnemar_exact
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.modeling.config import GenerationConfig

@@ -20,9 +20,9 @@ from typing import Mapping, Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.grader import THINK_END, extract_answer_letters
+from medcritical.prompts import mcq_messages
 from medcritical.selfplay.config import PairsSection
 from medcritical.selfplay.standalone import in_trained_format, refers_back
-from medcritical.prompts import mcq_messages
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medcritical.data.cmexam import Question
-from medcritical.evaluation.diagnostics import diagnose_rollouts
+from medcritical.diagnostics import diagnose_rollouts
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import read_jsonl, write_jsonl
 from medcritical.modeling.config import GenerationConfig

@@ -107,7 +107,7 @@ def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
 def stage2_section(recipe: Recipe, evaluations: dict[str, dict | None], stats: dict) -> list[str]:
     """Stage 2 in numbers: corrector, accepted corrections against guessing, pair diagnostics and cost per
     pair (the same table `medcritical arms` puts side by side for several runs)."""
-    from medcritical.selfplay.arms import arm_table
+    from medcritical.arms import arm_table
 
     if not any(r.get("rollout") for r in stats.get("rounds", [])):
         return []

@@ -1,0 +1,133 @@
+"""The layering the architecture promises (docs/architecture.md), checked over the source with `ast`:
+
+- no import loop between modules, nor between the packages of src/medcritical/;
+- a stage never imports a stage after it in the data flow, nor what runs the stages (the recipe, the
+  steps over URIs, the round loop, the report, the CLI, the pipeline);
+- a building block imports no stage but `data` (the question schema every part shares).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# The stages in data-flow order; each may import the ones before it, never those after it.
+STAGE_ORDER = ["data", "distill", "training", "selfplay", "evaluation"]
+# Below every stage: shared building blocks a stage may import.
+FOUNDATION = {"io", "errors", "section", "grader", "diagnostics", "prompts", "modeling", "storage", "llm_client", "plotting"}
+# Above every stage: what runs the stages and reads across them; no stage or building block imports these.
+ORCHESTRATION = {
+    "recipe", "steps", "rounds", "report", "arms", "pipeline_runner", "plan", "trainjob", "cli", "components", "pipelines",
+}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in (SRC / "medcritical").rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
+    """(imported project module, line, at module top level) for every project import in `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = f"{package}.{base}" if base else package
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        elif isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target.startswith("medcritical") and target != name:
+                found.append((target, node.lineno, id(node) in top_level))
+                break
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: {target for target, _, _ in _imports(name, path, modules)} for name, path in modules.items()}
+
+
+def _package(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one node (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for successor in graph.get(node, ()):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in on_stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in list(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_loop_between_modules():
+    assert _cycles(_graph()) == []
+
+
+def test_no_import_loop_between_packages():
+    packages: dict[str, set[str]] = {}
+    for module, targets in _graph().items():
+        for target in targets:
+            if _package(target) != _package(module):
+                packages.setdefault(_package(module), set()).add(_package(target))
+    assert _cycles(packages) == []
+
+
+def test_stages_import_only_what_comes_before_them():
+    wrong = []
+    for module, targets in _graph().items():
+        source = _package(module)
+        if source not in STAGE_ORDER and source not in FOUNDATION:
+            continue
+        for target in targets:
+            package = _package(target)
+            if package in ORCHESTRATION:
+                wrong.append(f"{module} imports {target} (orchestration sits above every stage)")
+            elif source in FOUNDATION and package in STAGE_ORDER and package != "data":
+                wrong.append(f"{module} imports {target} (a building block imports no stage)")
+            elif source in STAGE_ORDER and package in STAGE_ORDER and STAGE_ORDER.index(package) > STAGE_ORDER.index(source):
+                wrong.append(f"{module} imports {target} (a later stage)")
+    assert wrong == []
+
+
+def test_every_package_is_placed_in_a_layer():
+    placed = set(STAGE_ORDER) | FOUNDATION | ORCHESTRATION
+    assert {_package(m) for m in _modules() if m.count(".")} - placed == set()
