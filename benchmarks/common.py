@@ -10,6 +10,7 @@ A result is a dict:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,11 @@ def gpu_benchmark_can_run(tiny: bool, name: str, title: str, reason: str, planne
     if tiny or torch.cuda.is_available():
         return True
     path = record_not_run(name, title, reason, output, planned=planned)
-    print(f"benchmarks.{name}: not run: {NO_GPU}. It measures 7B-shaped models on CUDA GPUs: run it on a GPU machine "
-          f"(e.g. in the medcritical-train-cuda / -infer-cuda image), or add --tiny for the CPU smoke mode that checks "
-          f"the script end to end on the tiny model. Recorded in {path}.")
+    print(
+        f"benchmarks.{name}: not run: {NO_GPU}. It measures 7B-shaped models on CUDA GPUs: run it on a GPU machine "
+        f"(e.g. in the medcritical-train-cuda / -infer-cuda image), or add --tiny for the CPU smoke mode that checks "
+        f"the script end to end on the tiny model. Recorded in {path}."
+    )
     return False
 
 
@@ -144,10 +147,8 @@ class MemorySampler:
         try:
             family = self.process.children(recursive=True) if self.children else []
             for proc in [self.process, *family]:
-                try:
+                with contextlib.suppress(psutil.Error):  # a child that just exited
                     total += proc.memory_info().rss
-                except psutil.Error:
-                    pass  # a child that just exited
         except psutil.Error:
             pass
         return total
@@ -157,7 +158,7 @@ class MemorySampler:
             self.samples.append((time.perf_counter(), self._total_rss()))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -194,10 +195,8 @@ class OtherCPUSampler:
 
         ours = {os.getpid()}
         for root in {os.getpid(), self.pid or os.getpid()}:
-            try:
+            with contextlib.suppress(psutil.Error):
                 ours |= {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
-            except psutil.Error:
-                pass
         return ours
 
     def _sample(self) -> None:
@@ -219,7 +218,7 @@ class OtherCPUSampler:
             self._sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "OtherCPUSampler":
+    def __enter__(self) -> OtherCPUSampler:
         self._thread.start()
         return self
 
@@ -241,8 +240,14 @@ class OtherCPUSampler:
 # -- per-case subprocesses ----------------------------------------------------------------------------------
 
 
-def run_case(module: str, args: list[str], *, launcher: list[str] | None = None, timeout: float | None = None,
-             done_file: Path | None = None) -> dict:
+def run_case(
+    module: str,
+    args: list[str],
+    *,
+    launcher: list[str] | None = None,
+    timeout: float | None = None,
+    done_file: Path | None = None,
+) -> dict:
     """Run `python -m benchmarks.<module> <args> --case-output FILE` in a fresh process and return the JSON it
     wrote. One process per case: its peak memory is its own, and DeepSpeed / vLLM state never leaks between cases.
 
@@ -275,7 +280,7 @@ def run_case(module: str, args: list[str], *, launcher: list[str] | None = None,
 
 
 def today() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
 def _without_output(argv: list[str]) -> list[str]:
@@ -298,7 +303,7 @@ def new_result(name: str, title: str, module: str | None = None) -> dict[str, An
         "benchmark": name,
         "title": title,
         "command": f"python -m benchmarks.{module or name} {argv}".strip(),
-        "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "status": "ok",
         "machine": machine_info(),
         "summary": [],
@@ -310,14 +315,33 @@ def new_result(name: str, title: str, module: str | None = None) -> dict[str, An
     }
 
 
-def summary_row(step: str, metric: str, ours, baseline, unit: str, *, ours_label: str, baseline_label: str,
-                higher_is_better: bool = True, note: str = "") -> dict[str, Any]:
+def summary_row(
+    step: str,
+    metric: str,
+    ours,
+    baseline,
+    unit: str,
+    *,
+    ours_label: str,
+    baseline_label: str,
+    higher_is_better: bool = True,
+    note: str = "",
+) -> dict[str, Any]:
     """One line of the key table: our figure beside the baseline's, and how many times better ours is."""
     ratio = None
     if isinstance(ours, (int, float)) and isinstance(baseline, (int, float)) and ours and baseline:
         ratio = round(ours / baseline if higher_is_better else baseline / ours, 2)
-    return {"step": step, "metric": metric, "ours": ours, "ours_label": ours_label, "baseline": baseline,
-            "baseline_label": baseline_label, "unit": unit, "speedup": ratio, "note": note}
+    return {
+        "step": step,
+        "metric": metric,
+        "ours": ours,
+        "ours_label": ours_label,
+        "baseline": baseline,
+        "baseline_label": baseline_label,
+        "unit": unit,
+        "speedup": ratio,
+        "note": note,
+    }
 
 
 def add_table(result: dict, title: str, columns: list[str], rows: list[list]) -> None:
@@ -355,8 +379,12 @@ def summary_cells(row: dict) -> list:
     unit = f" {row['unit']}" if row["unit"] else ""
     speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "–"
     return [
-        row["step"], row["metric"], f"{fmt(row['ours'])}{unit} ({row['ours_label']})",
-        f"{fmt(row['baseline'])}{unit} ({row['baseline_label']})", speedup, row.get("note", ""),
+        row["step"],
+        row["metric"],
+        f"{fmt(row['ours'])}{unit} ({row['ours_label']})",
+        f"{fmt(row['baseline'])}{unit} ({row['baseline_label']})",
+        speedup,
+        row.get("note", ""),
     ]
 
 
@@ -368,7 +396,9 @@ def to_markdown(result: dict, heading: str = "##") -> str:
         if result.get("planned"):
             parts += ["", "What it measures when run on a GPU machine:", "", *[f"- {p}" for p in result["planned"]]]
         return "\n".join(parts) + "\n"
-    parts.append(f"Run {result['started_at']} in {fmt(result.get('wall_s'))} s on: {describe_machine(result['machine'])}")
+    parts.append(
+        f"Run {result['started_at']} in {fmt(result.get('wall_s'))} s on: {describe_machine(result['machine'])}"
+    )
     parts.append("")
     if result["summary"]:
         parts += [markdown_table(SUMMARY_COLUMNS, [summary_cells(r) for r in result["summary"]]), ""]
@@ -393,8 +423,9 @@ def finish(result: dict, output: str | Path | None) -> Path:
     return path
 
 
-def record_not_run(name: str, title: str, reason: str, output: str | Path | None = None,
-                   planned: list[str] = ()) -> Path:
+def record_not_run(
+    name: str, title: str, reason: str, output: str | Path | None = None, planned: list[str] = ()
+) -> Path:
     """Mark a benchmark as attempted but not run (e.g. no GPU), keeping earlier real figures if there are any.
     `planned`: the figures it would have measured, listed as "not run" rows in BENCHMARKS.md."""
     path = Path(output) if output else RESULTS / f"{name}.json"
@@ -406,8 +437,9 @@ def record_not_run(name: str, title: str, reason: str, output: str | Path | None
             return path
     result = new_result(name, title)
     result.pop("_t0")
-    result.update(status="not_run", reason=f"{reason} (last attempted {today()})", attempted=today(),
-                  planned=list(planned))
+    result.update(
+        status="not_run", reason=f"{reason} (last attempted {today()})", attempted=today(), planned=list(planned)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
     return path

@@ -44,8 +44,10 @@ PLANNED = [
 
 def cmexam_sized(questions: list, count: int) -> list:
     """`count` questions cycled from the bundled ones, each with its own id (evaluation resumes by id)."""
-    return [dataclasses.replace(questions[i % len(questions)], id=f"{questions[i % len(questions)].id}#{i}")
-            for i in range(count)]
+    return [
+        dataclasses.replace(questions[i % len(questions)], id=f"{questions[i % len(questions)].id}#{i}")
+        for i in range(count)
+    ]
 
 
 def load_backend(backend: str, model_dir: Path, args):
@@ -93,35 +95,56 @@ def run_one_case(backend: str, args) -> dict:
         # Warm-up: CUDA graphs / kernels / allocator, not part of any figure.
         generator.generate([mcq_messages(pool[0])], n=1, max_new_tokens=8, desc="warm-up")
 
-        config = RolloutSection(samples_per_question=args.samples, temperature=0.8, top_p=0.95,
-                                max_new_tokens=args.max_new_tokens, chunk_size=args.rollout_questions)
+        config = RolloutSection(
+            samples_per_question=args.samples,
+            temperature=0.8,
+            top_p=0.95,
+            max_new_tokens=args.max_new_tokens,
+            chunk_size=args.rollout_questions,
+        )
         t0 = time.perf_counter()
         records = rollout_questions(generator, pool[: args.rollout_questions], config, scratch / "rollouts.jsonl")
         seconds = time.perf_counter() - t0
         tokens = sum(r["num_tokens"] for r in records)
-        case["rollout"] = {"samples": len(records), "output_tokens": tokens, "s": round(seconds, 2),
-                           "output_tokens_per_s": round(tokens / seconds, 1)}
+        case["rollout"] = {
+            "samples": len(records),
+            "output_tokens": tokens,
+            "s": round(seconds, 2),
+            "output_tokens_per_s": round(tokens / seconds, 1),
+        }
 
         questions = cmexam_sized(pool, args.eval_measured)
         generation = GenerationConfig(backend=backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         t0 = time.perf_counter()
-        report = evaluate_model(EvaluateConfig(), generation, questions, args.model_dir, scratch / "eval",
-                                generator=generator)
+        report = evaluate_model(
+            EvaluateConfig(), generation, questions, args.model_dir, scratch / "eval", generator=generator
+        )
         seconds = time.perf_counter() - t0
-        case["eval"] = {"questions": len(questions), "s": round(seconds, 2),
-                        "s_for_eval_questions": round(seconds * args.eval_questions / len(questions), 1),
-                        "accuracy": report.get("accuracy")}
+        case["eval"] = {
+            "questions": len(questions),
+            "s": round(seconds, 2),
+            "s_for_eval_questions": round(seconds * args.eval_questions / len(questions), 1),
+            "accuracy": report.get("accuracy"),
+        }
 
         prompt = [mcq_messages(pool[1])]
         t0 = time.perf_counter()
-        [[completion]] = generator.generate(prompt, n=1, temperature=0.0, max_new_tokens=args.decode_tokens,
-                                            desc="decode, batch 1")
+        [[completion]] = generator.generate(
+            prompt, n=1, temperature=0.0, max_new_tokens=args.decode_tokens, desc="decode, batch 1"
+        )
         seconds = time.perf_counter() - t0
         tokenizer = generator.tokenizer if backend == "transformers" else generator.llm.get_tokenizer()
-        prompt_tokens = len(tokenizer.apply_chat_template(prompt[0], add_generation_prompt=True, tokenize=True,
-                                                          return_dict=True)["input_ids"])
-        case["decode"] = {"prompt_tokens": prompt_tokens, "new_tokens": completion.num_tokens, "s": round(seconds, 3),
-                          "tokens_per_s": round(completion.num_tokens / seconds, 1)}
+        prompt_tokens = len(
+            tokenizer.apply_chat_template(prompt[0], add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        case["decode"] = {
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": completion.num_tokens,
+            "s": round(seconds, 3),
+            "tokens_per_s": round(completion.num_tokens / seconds, 1),
+        }
         case["peak_gpu_memory_gib"] = _peak_gpu_gib()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -159,30 +182,52 @@ def bytes_per_decoded_token(model_dir: Path, parameters: int, context_tokens: fl
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.generation_gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.generation_gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode on the tiny model (transformers only)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--layers", type=int, default=28, help="decoder layers of the 7B-shaped model (28: all)")
     parser.add_argument("--rollout-questions", type=int, help="questions in the rollout (default 128; tiny 4)")
     parser.add_argument("--samples", type=int, default=4, help="samples per question in the rollout (the paper's k)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens per answer, rollout and evaluation (default 512; tiny 16)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="tokens per answer, rollout and evaluation (default 512; tiny 16)"
+    )
     parser.add_argument("--batch-size", type=int, help="prompts per generate call (default 64; tiny 4)")
-    parser.add_argument("--eval-questions", type=int, default=6811, help="evaluation size reported (CMExam test: 6,811)")
-    parser.add_argument("--eval-measured", type=int, help="questions actually run (default 256; tiny 8), scaled to --eval-questions")
+    parser.add_argument(
+        "--eval-questions", type=int, default=6811, help="evaluation size reported (CMExam test: 6,811)"
+    )
+    parser.add_argument(
+        "--eval-measured", type=int, help="questions actually run (default 256; tiny 8), scaled to --eval-questions"
+    )
     parser.add_argument("--decode-tokens", type=int, help="new tokens in the batch-1 decode (default 256; tiny 16)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory")
-    parser.add_argument("--bandwidth-tbs", type=float, help="GPU memory bandwidth in TB/s, when the GPU is not in the table")
-    parser.add_argument("--work-dir", help="where the model and finished cases are kept, so a rerun skips them "
-                        "(default: a temporary folder, removed at the end)")
-    parser.add_argument("--not-run-reason", default="no GPU machine was lent to this task",
-                        help="recorded in the JSON when there is no GPU")
+    parser.add_argument(
+        "--bandwidth-tbs", type=float, help="GPU memory bandwidth in TB/s, when the GPU is not in the table"
+    )
+    parser.add_argument(
+        "--work-dir",
+        help="where the model and finished cases are kept, so a rerun skips them "
+        "(default: a temporary folder, removed at the end)",
+    )
+    parser.add_argument(
+        "--not-run-reason",
+        default="no GPU machine was lent to this task",
+        help="recorded in the JSON when there is no GPU",
+    )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/generation_gpu[-tiny].json)")
     for hidden in ("--case", "--case-output", "--model-dir", "--scratch"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    defaults = {"rollout_questions": (128, 4), "max_new_tokens": (512, 16), "batch_size": (64, 4),
-                "eval_measured": (256, 8), "decode_tokens": (256, 16)}
+    defaults = {
+        "rollout_questions": (128, 4),
+        "max_new_tokens": (512, 16),
+        "batch_size": (64, 4),
+        "eval_measured": (256, 8),
+        "decode_tokens": (256, 16),
+    }
     for key, (full, tiny) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
@@ -215,19 +260,33 @@ def drive(args) -> Path:
         torch.cuda.empty_cache()
         spec = gpu_spec(torch.cuda.get_device_name(0))
         bandwidth = args.bandwidth_tbs * 1e12 if args.bandwidth_tbs else (spec[1] if spec else None)
-        bandwidth_what = (f"--bandwidth-tbs {args.bandwidth_tbs}" if args.bandwidth_tbs else spec[2] if spec
-                          else "unknown GPU: pass --bandwidth-tbs")
+        bandwidth_what = (
+            f"--bandwidth-tbs {args.bandwidth_tbs}"
+            if args.bandwidth_tbs
+            else spec[2]
+            if spec
+            else "unknown GPU: pass --bandwidth-tbs"
+        )
     parameters = parameter_count(model_dir)
     forwarded = ["--model-dir", str(model_dir), "--scratch", str(work)]
-    for key in ("rollout_questions", "samples", "max_new_tokens", "batch_size", "eval_questions", "eval_measured",
-                "decode_tokens", "gpu_memory_utilization"):
+    for key in (
+        "rollout_questions",
+        "samples",
+        "max_new_tokens",
+        "batch_size",
+        "eval_questions",
+        "eval_measured",
+        "decode_tokens",
+        "gpu_memory_utilization",
+    ):
         forwarded += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     forwarded += ["--tiny"] if args.tiny else []
 
     cases = {}
     for backend in args.backends:
-        cases[backend] = run_case("generation_gpu", ["--case", backend, *forwarded],
-                                  done_file=work / "cases.jsonl" if args.work_dir else None)
+        cases[backend] = run_case(
+            "generation_gpu", ["--case", backend, *forwarded], done_file=work / "cases.jsonl" if args.work_dir else None
+        )
         print(f"{backend}: {cases[backend].get('status')}", flush=True)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
@@ -241,31 +300,78 @@ def drive(args) -> Path:
             roofline = bandwidth / bytes_per_decoded_token(model_dir, parameters, context)
             decode["roofline_tokens_per_s"] = round(roofline, 1)
             decode["share_of_roofline"] = round(decode["tokens_per_s"] / roofline, 3)
-        rows.append([backend, c.get("status"), c.get("load_s"), c.get("rollout", {}).get("output_tokens_per_s"),
-                     c.get("eval", {}).get("s"), c.get("eval", {}).get("s_for_eval_questions"),
-                     decode.get("tokens_per_s"), roofline, c.get("peak_gpu_memory_gib"), c.get("reason", "")])
-    add_table(result, "Per backend (same model, prompts, samples and lengths)",
-              ["backend", "status", "load s", "rollout output tok/s", f"eval s ({args.eval_measured} q)",
-               f"eval s, {args.eval_questions:,} q (scaled)", "decode tok/s (batch 1)", "roofline tok/s (batch 1)",
-               "peak GPU GiB", "note"], rows)
+        rows.append(
+            [
+                backend,
+                c.get("status"),
+                c.get("load_s"),
+                c.get("rollout", {}).get("output_tokens_per_s"),
+                c.get("eval", {}).get("s"),
+                c.get("eval", {}).get("s_for_eval_questions"),
+                decode.get("tokens_per_s"),
+                roofline,
+                c.get("peak_gpu_memory_gib"),
+                c.get("reason", ""),
+            ]
+        )
+    add_table(
+        result,
+        "Per backend (same model, prompts, samples and lengths)",
+        [
+            "backend",
+            "status",
+            "load s",
+            "rollout output tok/s",
+            f"eval s ({args.eval_measured} q)",
+            f"eval s, {args.eval_questions:,} q (scaled)",
+            "decode tok/s (batch 1)",
+            "roofline tok/s (batch 1)",
+            "peak GPU GiB",
+            "note",
+        ],
+        rows,
+    )
 
     ours, base = cases.get("vllm", {}), cases.get("transformers", {})
     step = "generation" + (" (tiny, CPU)" if args.tiny else "")
     result["summary"] += [
-        summary_row(step, f"rollout output tokens/s ({args.samples} samples, {args.max_new_tokens} tokens)",
-                    ours.get("rollout", {}).get("output_tokens_per_s"), base.get("rollout", {}).get("output_tokens_per_s"),
-                    "tok/s", ours_label="vLLM", baseline_label="transformers generate", note=ours.get("reason", "")),
-        summary_row(step, f"evaluation wall, {args.eval_questions:,} questions (scaled from {args.eval_measured})",
-                    ours.get("eval", {}).get("s_for_eval_questions"), base.get("eval", {}).get("s_for_eval_questions"),
-                    "s", ours_label="vLLM", baseline_label="transformers generate", higher_is_better=False,
-                    note=ours.get("reason", "")),
+        summary_row(
+            step,
+            f"rollout output tokens/s ({args.samples} samples, {args.max_new_tokens} tokens)",
+            ours.get("rollout", {}).get("output_tokens_per_s"),
+            base.get("rollout", {}).get("output_tokens_per_s"),
+            "tok/s",
+            ours_label="vLLM",
+            baseline_label="transformers generate",
+            note=ours.get("reason", ""),
+        ),
+        summary_row(
+            step,
+            f"evaluation wall, {args.eval_questions:,} questions (scaled from {args.eval_measured})",
+            ours.get("eval", {}).get("s_for_eval_questions"),
+            base.get("eval", {}).get("s_for_eval_questions"),
+            "s",
+            ours_label="vLLM",
+            baseline_label="transformers generate",
+            higher_is_better=False,
+            note=ours.get("reason", ""),
+        ),
     ]
     for backend, c in cases.items():
         decode = c.get("decode", {})
         if decode.get("roofline_tokens_per_s"):
-            result["summary"].append(summary_row(
-                step, f"batch-1 decode, {backend}", decode["tokens_per_s"], decode["roofline_tokens_per_s"], "tok/s",
-                ours_label="measured", baseline_label="roofline", note="ratio = share of the roofline reached"))
+            result["summary"].append(
+                summary_row(
+                    step,
+                    f"batch-1 decode, {backend}",
+                    decode["tokens_per_s"],
+                    decode["roofline_tokens_per_s"],
+                    "tok/s",
+                    ours_label="measured",
+                    baseline_label="roofline",
+                    note="ratio = share of the roofline reached",
+                )
+            )
     result["notes"] += [
         f"Model: {'the tiny model' if args.tiny else f'Qwen2.5-7B-shaped, {args.layers} layers, random bf16 weights'} "
         f"({parameters:,} parameters); rollout {args.rollout_questions} questions x {args.samples} samples, "
@@ -279,8 +385,13 @@ def drive(args) -> Path:
         f"Peak GPU memory is what the driver reports in use at the end of the case: vLLM reserves "
         f"{args.gpu_memory_utilization:.0%} of the GPU up front (weights + KV cache pool), transformers grows as needed.",
     ]
-    result["raw"] = {"cases": cases, "parameters": parameters, "bandwidth": bandwidth, "bandwidth_source": bandwidth_what,
-                     "settings": {k: v for k, v in vars(args).items() if k not in ("case", "case_output")}}
+    result["raw"] = {
+        "cases": cases,
+        "parameters": parameters,
+        "bandwidth": bandwidth,
+        "bandwidth_source": bandwidth_what,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("case", "case_output")},
+    }
     return finish(result, args.output or Path(__file__).parent / "results" / f"{name}.json")
 
 

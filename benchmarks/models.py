@@ -48,8 +48,9 @@ def build_7b_shaped_model(output_dir: str | Path, *, layers: int = 28, device: s
     if marker.is_file() and json.loads(marker.read_text()) == shape:
         return output_dir
     tokenizer = padded_tokenizer(shape["vocab_size"])
-    config = Qwen2Config(**shape, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        **shape, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 directly: half the memory of float32 then cast
@@ -109,6 +110,8 @@ def dpo_pairs(sft_path: str | Path, output_path: str | Path) -> Path:
     with output_path.open("w", encoding="utf-8") as f:
         for row, other in zip(rows, rows[1:] + rows[:1]):
             prompt, chosen = row["messages"][:-1], row["messages"][-1:]
-            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": other["messages"][-1:]},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"prompt": prompt, "chosen": chosen, "rejected": other["messages"][-1:]}, ensure_ascii=False)
+                + "\n"
+            )
     return output_path

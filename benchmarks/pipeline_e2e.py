@@ -22,8 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from benchmarks.common import REPO, MemorySampler, OtherCPUSampler, add_table, finish, new_result, summary_row
 
@@ -32,8 +32,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Task start and end as `medcritical run` prints them ("[   12 s] sft ..." / "[   40 s] sft: success"), or as KFP's
 # own log lines say it when they reach the console ("Executing task 'sft'" / "Task 'sft' finished with status ...").
 EXECUTING = re.compile(r"Executing task '(?P<task>[^']+)'|^\[\s*\d+ s\] (?P<task2>\S+) \.\.\.\s*$")
-FINISHED = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<status>\w+)"
-                      r"|^\[\s*\d+ s\] (?P<task2>\S+): (?P<status2>\w+)\s*$")
+FINISHED = re.compile(
+    r"Task '(?P<task>[^']+)' finished with status (?P<status>\w+)"
+    r"|^\[\s*\d+ s\] (?P<task2>\S+): (?P<status2>\w+)\s*$"
+)
 STEP_LINE = re.compile(r"\bstep (\S+) -> ")  # each step logs "step <display name> -> <output uri>"
 
 
@@ -84,8 +86,14 @@ def run_direct(recipe, recipe_yaml: str) -> tuple[float, list[dict], float | Non
             t0 = time.perf_counter()
             call()
             t1 = time.perf_counter()
-            timings.append({"step": name, "s": round(t1 - t0, 2), "peak_rss_gib": memory.peak_gib(t0, t1),
-                            "other_cpu_s": others.cpu_s(t0, t1)})
+            timings.append(
+                {
+                    "step": name,
+                    "s": round(t1 - t0, 2),
+                    "peak_rss_gib": memory.peak_gib(t0, t1),
+                    "other_cpu_s": others.cpu_s(t0, t1),
+                }
+            )
             print(f"direct: {name} {t1 - t0:.1f} s", flush=True)
         total = time.perf_counter() - t_start
     return total, timings, others.cpu_s()
@@ -98,8 +106,16 @@ def run_kfp(command: list[str], log_path: Path) -> tuple[float, list[dict], int,
     t_start = time.perf_counter()
     # Unbuffered, here and in every step's subprocess: a line must arrive when it is written to be stamped right.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1, env=env)
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        env=env,
+    )
     with MemorySampler(pid=proc.pid) as memory, OtherCPUSampler(pid=proc.pid) as others, log_path.open("w") as log_file:
         for line in proc.stdout:
             lines.append((time.perf_counter(), line))
@@ -139,21 +155,35 @@ def same_results(kfp_root: Path, direct_root: Path) -> dict[str, str]:
         other = direct_root / report.parent.name / "report.json"
         ours = json.loads(report.read_text())["accuracy"]
         theirs = json.loads(other.read_text())["accuracy"] if other.is_file() else None
-        compared[report.parent.name] = (f"accuracy {ours:.3f} both ways" if ours == theirs
-                                        else f"accuracy {ours:.3f} (KFP) vs {theirs} (direct): runs differ")
+        compared[report.parent.name] = (
+            f"accuracy {ours:.3f} both ways"
+            if ours == theirs
+            else f"accuracy {ours:.3f} (KFP) vs {theirs} (direct): runs differ"
+        )
     return compared
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_e2e", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.pipeline_e2e",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--recipe", default="recipes/demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override for both runs (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for both runs (repeatable)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep both run folders (printed) instead of deleting them")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/pipeline_e2e.json)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
     from medcritical.modeling import resolve_model
     from medcritical.modeling.config import TINY
@@ -168,39 +198,95 @@ def main(argv: list[str] | None = None) -> Path:
 
     cli = Path(sys.executable).parent / "medcritical"
     command = [str(cli)] if cli.is_file() else [sys.executable, "-m", "medcritical.cli"]
-    command += ["run", "--recipe", recipe_path, *sum((["--set", o] for o in args.overrides), []),
-                "--set", f"run.output_dir={work / 'kfp'}"]
+    command += [
+        "run",
+        "--recipe",
+        recipe_path,
+        *sum((["--set", o] for o in args.overrides), []),
+        "--set",
+        f"run.output_dir={work / 'kfp'}",
+    ]
     print(f"KFP local run: {' '.join(command)}", flush=True)
     kfp_total, kfp_tasks, returncode, kfp_others = run_kfp(command, work / "kfp.log")
     if returncode != 0:
         tail = (work / "kfp.log").read_text(errors="replace").splitlines()[-30:]
-        raise SystemExit(f"`medcritical run` failed with exit code {returncode}; last lines:\n" + "\n".join(tail)
-                         + f"\n(full log: {work / 'kfp.log'})")
+        raise SystemExit(
+            f"`medcritical run` failed with exit code {returncode}; last lines:\n"
+            + "\n".join(tail)
+            + f"\n(full log: {work / 'kfp.log'})"
+        )
     direct_total, direct_steps, direct_others = run_direct(direct_recipe, dump_recipe(direct_recipe))
 
     by_step = {t["step"]: t for t in kfp_tasks}
     rows = []
     for d in direct_steps:
         k = by_step.get(d["step"], {})
-        rows.append([d["step"], k.get("s"), d["s"], (k["s"] - d["s"]) if k else None, k.get("other_cpu_s"),
-                     d["other_cpu_s"], k.get("peak_rss_gib"), d["peak_rss_gib"]])
+        rows.append(
+            [
+                d["step"],
+                k.get("s"),
+                d["s"],
+                (k["s"] - d["s"]) if k else None,
+                k.get("other_cpu_s"),
+                d["other_cpu_s"],
+                k.get("peak_rss_gib"),
+                d["peak_rss_gib"],
+            ]
+        )
     kfp_task_sum = sum(t["s"] for t in kfp_tasks)
-    rows.append(["total (whole command / whole loop)", kfp_total, direct_total, kfp_total - direct_total, kfp_others,
-                 direct_others, None, None])
-    add_table(result, "Per step: KFP local runner (one subprocess per step) against direct calls in one process",
-              ["step", "KFP task s", "direct s", "overhead s", "other processes' CPU s (KFP)",
-               "other processes' CPU s (direct)", "KFP peak RSS GiB (process tree)",
-               "direct peak RSS GiB (one process)"], rows)
+    rows.append(
+        [
+            "total (whole command / whole loop)",
+            kfp_total,
+            direct_total,
+            kfp_total - direct_total,
+            kfp_others,
+            direct_others,
+            None,
+            None,
+        ]
+    )
+    add_table(
+        result,
+        "Per step: KFP local runner (one subprocess per step) against direct calls in one process",
+        [
+            "step",
+            "KFP task s",
+            "direct s",
+            "overhead s",
+            "other processes' CPU s (KFP)",
+            "other processes' CPU s (direct)",
+            "KFP peak RSS GiB (process tree)",
+            "direct peak RSS GiB (one process)",
+        ],
+        rows,
+    )
     for d in direct_steps:
         if d["step"] in by_step:
-            result["summary"].append(summary_row(
-                "end-to-end demo", f"step {d['step']}", by_step[d["step"]]["s"], d["s"], "s",
-                ours_label="KFP task", baseline_label="direct call", higher_is_better=False,
-            ))
-    result["summary"].append(summary_row(
-        "end-to-end demo", "whole pipeline, wall", round(kfp_total, 1), round(direct_total, 1), "s",
-        ours_label="medcritical run", baseline_label="steps called in one process", higher_is_better=False,
-    ))
+            result["summary"].append(
+                summary_row(
+                    "end-to-end demo",
+                    f"step {d['step']}",
+                    by_step[d["step"]]["s"],
+                    d["s"],
+                    "s",
+                    ours_label="KFP task",
+                    baseline_label="direct call",
+                    higher_is_better=False,
+                )
+            )
+    result["summary"].append(
+        summary_row(
+            "end-to-end demo",
+            "whole pipeline, wall",
+            round(kfp_total, 1),
+            round(direct_total, 1),
+            "s",
+            ours_label="medcritical run",
+            baseline_label="steps called in one process",
+            higher_is_better=False,
+        )
+    )
     tasks = len(kfp_tasks)
     result["findings"] += [
         f"`medcritical run` took {kfp_total:.0f} s, the same steps called directly {direct_total:.0f} s: the KFP local "
@@ -211,16 +297,21 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     same = same_results(work / "kfp", work / "direct")
     compared = "; ".join(f"{name}: {verdict}" for name, verdict in same.items())
-    result["findings"].append(f"Same work both ways? Evaluations of the KFP run against the direct run: {compared}."
-                              if same else "No evaluation results to compare between the two runs.")
+    result["findings"].append(
+        f"Same work both ways? Evaluations of the KFP run against the direct run: {compared}."
+        if same
+        else "No evaluation results to compare between the two runs."
+    )
     result["findings"].append(
         f"Other work on the machine (CPU seconds of processes outside the benchmark): {kfp_others} s during the KFP "
         f"run, {direct_others} s during the direct run. On 2 cores, a step that shared them with other work is slower "
-        "for that reason alone: read the per-step overhead beside the per-step other CPU.")
+        "for that reason alone: read the per-step overhead beside the per-step other CPU."
+    )
     slowest = max(direct_steps, key=lambda d: d["s"])
     result["findings"].append(f"Slowest step: {slowest['step']} ({slowest['s']:.0f} s directly).")
     result["notes"] += [
-        f"Recipe {args.recipe}" + (f" with {' '.join(args.overrides)}" if args.overrides else "")
+        f"Recipe {args.recipe}"
+        + (f" with {' '.join(args.overrides)}" if args.overrides else "")
         + " (the whole recipe is in the JSON); the tiny model was built before both runs. KFP run first, then the "
         "direct run, in fresh output folders.",
         "Peak memory of the KFP run is the whole process tree (the `medcritical run` process plus the running "
@@ -229,10 +320,16 @@ def main(argv: list[str] | None = None) -> Path:
         "The direct run's process had torch and transformers imported already (building the tiny model), so its "
         "first step pays a few seconds less import time than a fresh process would.",
     ]
-    result["raw"] = {"kfp_tasks": kfp_tasks, "direct_steps": direct_steps, "kfp_total_s": round(kfp_total, 2),
-                     "direct_total_s": round(direct_total, 2), "command": command, "same_results": same,
-                     "other_cpu_s": {"kfp": kfp_others, "direct": direct_others},
-                     "recipe": dump_recipe(direct_recipe)}
+    result["raw"] = {
+        "kfp_tasks": kfp_tasks,
+        "direct_steps": direct_steps,
+        "kfp_total_s": round(kfp_total, 2),
+        "direct_total_s": round(direct_total, 2),
+        "command": command,
+        "same_results": same,
+        "other_cpu_s": {"kfp": kfp_others, "direct": direct_others},
+        "recipe": dump_recipe(direct_recipe),
+    }
     if args.keep:
         print(f"run folders kept in {work}")
     else:

@@ -58,17 +58,32 @@ def key_rows(results: dict[str, dict]) -> list[list]:
             rows.append([name, "–", "no result yet", "–", "–", "–", f"run `python -m benchmarks.{name}`"])
         elif result["status"] != "ok":
             for planned in result.get("planned") or [result["title"]]:
-                rows.append([name, planned, f"{result['status'].replace('_', ' ')}: {result.get('reason', '')}",
-                             "–", "–", "–", f"`{result['command']}`"])
+                rows.append(
+                    [
+                        name,
+                        planned,
+                        f"{result['status'].replace('_', ' ')}: {result.get('reason', '')}",
+                        "–",
+                        "–",
+                        "–",
+                        f"`{result['command']}`",
+                    ]
+                )
         else:
             date = result["started_at"][:10]
             for row in result["summary"]:
                 unit = f" {row['unit']}" if row["unit"] else ""
-                rows.append([f"{name} ({date})", f"{row['step']}: {row['metric']}",
-                             f"{fmt(row['ours'])}{unit} ({row['ours_label']})",
-                             f"{fmt(row['baseline'])}{unit} ({row['baseline_label']})",
-                             f"{row['speedup']:.2f}x" if row.get("speedup") else "–", row.get("note", ""),
-                             f"`{result['command']}`"])
+                rows.append(
+                    [
+                        f"{name} ({date})",
+                        f"{row['step']}: {row['metric']}",
+                        f"{fmt(row['ours'])}{unit} ({row['ours_label']})",
+                        f"{fmt(row['baseline'])}{unit} ({row['baseline_label']})",
+                        f"{row['speedup']:.2f}x" if row.get("speedup") else "–",
+                        row.get("note", ""),
+                        f"`{result['command']}`",
+                    ]
+                )
     return rows
 
 
@@ -82,18 +97,23 @@ def machines(results: dict[str, dict]) -> list[str]:
 
 
 def smoke_section(results: dict[str, dict]) -> str:
-    parts = ["## GPU scripts: CPU smoke runs (`--tiny`)", "",
-             "The GPU benchmarks were run once in their `--tiny` mode on CPU (the tiny model, a few steps) to show that "
-             "each code path works end to end. Their figures are CPU figures of a 0.3M-parameter model and say nothing "
-             "about GPU speed. The vLLM case needs a CUDA GPU (and vLLM), so on CPU it is recorded as not run: that path and the "
-             "GPU-only figures (MFU, GPU memory, the roofline) are first exercised by a GPU run.", "",
-             "The GPU run is prepared as one script, `benchmarks/gpu_check.sh`: on one GPU with no network it installs "
-             "TRL, DeepSpeed and datasets from wheels carried in the working tree (`gpu_check.sh prepare` fetches them), "
-             "runs the training cases (SFT LoRA, full ZeRO-3, DPO with and without precomputed reference) and the "
-             "transformers generation benchmark on 7B-shaped random models within 8 minutes, and writes the JSON this "
-             "report reads; its header gives the two device calls (pyarrow's wheel does not fit in one call with the rest). "
-             "vLLM on GPU is out of its reach: the CUDA wheel is hundreds of MB, over what a call may carry; the engines "
-             "are compared on CPU instead (section 6). `gpu_check.sh smoke` runs the same steps on CPU in the test suite.", ""]
+    parts = [
+        "## GPU scripts: CPU smoke runs (`--tiny`)",
+        "",
+        "The GPU benchmarks were run once in their `--tiny` mode on CPU (the tiny model, a few steps) to show that "
+        "each code path works end to end. Their figures are CPU figures of a 0.3M-parameter model and say nothing "
+        "about GPU speed. The vLLM case needs a CUDA GPU (and vLLM), so on CPU it is recorded as not run: that path and the "
+        "GPU-only figures (MFU, GPU memory, the roofline) are first exercised by a GPU run.",
+        "",
+        "The GPU run is prepared as one script, `benchmarks/gpu_check.sh`: on one GPU with no network it installs "
+        "TRL, DeepSpeed and datasets from wheels carried in the working tree (`gpu_check.sh prepare` fetches them), "
+        "runs the training cases (SFT LoRA, full ZeRO-3, DPO with and without precomputed reference) and the "
+        "transformers generation benchmark on 7B-shaped random models within 8 minutes, and writes the JSON this "
+        "report reads; its header gives the two device calls (pyarrow's wheel does not fit in one call with the rest). "
+        "vLLM on GPU is out of its reach: the CUDA wheel is hundreds of MB, over what a call may carry; the engines "
+        "are compared on CPU instead (section 6). `gpu_check.sh smoke` runs the same steps on CPU in the test suite.",
+        "",
+    ]
     rows = []
     for name in SMOKE:
         result = results.get(name)
@@ -102,15 +122,24 @@ def smoke_section(results: dict[str, dict]) -> str:
             continue
         cases = result.get("raw", {}).get("cases", {})
         statuses = ", ".join(f"{case}: {c.get('status')}" for case, c in cases.items())
-        rows.append([name, f"{result['started_at']} ({fmt(result.get('wall_s'))} s)", statuses, f"`{result['command']}`"])
+        rows.append(
+            [name, f"{result['started_at']} ({fmt(result.get('wall_s'))} s)", statuses, f"`{result['command']}`"]
+        )
     parts += [markdown_table(["smoke run", "when", "cases", "command"], rows), ""]
     return "\n".join(parts)
 
 
 def render(results: dict[str, dict]) -> str:
-    parts = [INTRO, "## Key figures", "",
-             markdown_table(["benchmark (date)", "step: metric", "ours", "baseline (same run)", "ours vs baseline",
-                             "note", "command"], key_rows(results)), ""]
+    parts = [
+        INTRO,
+        "## Key figures",
+        "",
+        markdown_table(
+            ["benchmark (date)", "step: metric", "ours", "baseline (same run)", "ours vs baseline", "note", "command"],
+            key_rows(results),
+        ),
+        "",
+    ]
     if lines := machines(results):
         parts += ["Machines (load average: other work shared the cores):", "", *lines, ""]
     for name in ORDER:
@@ -121,8 +150,9 @@ def render(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--results", default=str(RESULTS), help="folder of result JSON files")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args(argv)

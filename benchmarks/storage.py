@@ -37,8 +37,13 @@ def make_checkpoint(folder: Path, total_bytes: int, seed: int = 0) -> list[Path]
     """A folder shaped like a Hugging Face checkpoint: large random (incompressible) shards plus small files."""
     folder.mkdir(parents=True)
     rng = random.Random(seed)
-    small = {"config.json": 1_000, "generation_config.json": 200, "tokenizer.json": 2 * MB,
-             "tokenizer_config.json": 5_000, "model.safetensors.index.json": 30_000}
+    small = {
+        "config.json": 1_000,
+        "generation_config.json": 200,
+        "tokenizer.json": 2 * MB,
+        "tokenizer_config.json": 5_000,
+        "model.safetensors.index.json": 30_000,
+    }
     left = total_bytes - sum(small.values())
     shards = max(1, -(-left // SHARD_BYTES))
     sizes = {f"model-{i + 1:05d}-of-{shards:05d}.safetensors": left // shards for i in range(shards)} | small
@@ -83,12 +88,18 @@ def timed(memory: MemorySampler, fn, server_pid: int | None = None) -> dict:
     cpu0, server0, t0 = sum(me.cpu_times()[:2]), server_cpu(), time.perf_counter()
     fn()
     t1, cpu1, server1 = time.perf_counter(), sum(me.cpu_times()[:2]), server_cpu()
-    return {"s": t1 - t0, "cpu_s": cpu1 - cpu0, "server_cpu_s": server1 - server0 if server else None, "peak_rss_gib": memory.peak_gib(t0, t1)}
+    return {
+        "s": t1 - t0,
+        "cpu_s": cpu1 - cpu0,
+        "server_cpu_s": server1 - server0 if server else None,
+        "peak_rss_gib": memory.peak_gib(t0, t1),
+    }
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.storage", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.storage", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=1024, help="folder size in MiB (default 1024: 1 GiB)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each transfer; the best is reported")
     parser.add_argument("--workers", type=int, default=8, help="max_workers of ours (the library default is 8)")
@@ -107,8 +118,13 @@ def main(argv: list[str] | None = None) -> Path:
         (work / "server").mkdir()
         server = _start(work / "server", access_key, secret_key)
         _wait_ready(server)
-        os.environ.update({storage.ENDPOINT_ENV: server.endpoint, storage.ACCESS_KEY_ENV: access_key,
-                           storage.SECRET_KEY_ENV: secret_key})
+        os.environ.update(
+            {
+                storage.ENDPOINT_ENV: server.endpoint,
+                storage.ACCESS_KEY_ENV: access_key,
+                storage.SECRET_KEY_ENV: secret_key,
+            }
+        )
         client = server.client()
         bucket = server.new_bucket()
         source = work / "checkpoint"
@@ -125,10 +141,14 @@ def main(argv: list[str] | None = None) -> Path:
             single_stream_download(client, bucket, prefix, dest)
 
         ways = {
-            "ours": (lambda p: storage.upload(source, f"s3://{bucket}/{p}", max_workers=args.workers),
-                     lambda p, d: storage.download(f"s3://{bucket}/{p}", d, max_workers=args.workers)),
-            "ours, 1 worker": (lambda p: storage.upload(source, f"s3://{bucket}/{p}", max_workers=1),
-                               lambda p, d: storage.download(f"s3://{bucket}/{p}", d, max_workers=1)),
+            "ours": (
+                lambda p: storage.upload(source, f"s3://{bucket}/{p}", max_workers=args.workers),
+                lambda p, d: storage.download(f"s3://{bucket}/{p}", d, max_workers=args.workers),
+            ),
+            "ours, 1 worker": (
+                lambda p: storage.upload(source, f"s3://{bucket}/{p}", max_workers=1),
+                lambda p, d: storage.download(f"s3://{bucket}/{p}", d, max_workers=1),
+            ),
             "single stream": (lambda p: single_stream_upload(client, bucket, p, source), single_download),
         }
         runs: dict[str, dict[str, list[dict]]] = {}
@@ -138,19 +158,26 @@ def main(argv: list[str] | None = None) -> Path:
                     prefix, dest = f"{way.replace(' ', '-').replace(',', '')}-{repeat}", fresh("download")
                     up = timed(memory, lambda: upload(prefix), server.pid)
                     down = timed(memory, lambda: download(prefix, dest), server.pid)
-                    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) == total, f"{way}: short download"
+                    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) == total, (
+                        f"{way}: short download"
+                    )
                     remove_prefix(client, bucket, prefix)
                     runs.setdefault(way, {"upload": [], "download": []})
                     runs[way]["upload"].append(up)
                     runs[way]["download"].append(down)
-                    print(f"{way}: upload {total / MB / up['s']:.0f} MB/s, download {total / MB / down['s']:.0f} MB/s",
-                          flush=True)
+                    print(
+                        f"{way}: upload {total / MB / up['s']:.0f} MB/s, download {total / MB / down['s']:.0f} MB/s",
+                        flush=True,
+                    )
                 dest = fresh("copy")
                 copy = timed(memory, lambda: shutil.copytree(source, dest))
                 runs.setdefault("disk copy", {"upload": [], "download": []})["upload"].append(copy)
                 hashing = timed(memory, lambda: [storage.sha256_file(p) for p in files])
                 runs.setdefault("sha256 only", {"upload": [], "download": []})["upload"].append(hashing)
-                print(f"disk copy: {total / MB / copy['s']:.0f} MB/s; sha256: {total / MB / hashing['s']:.0f} MB/s", flush=True)
+                print(
+                    f"disk copy: {total / MB / copy['s']:.0f} MB/s; sha256: {total / MB / hashing['s']:.0f} MB/s",
+                    flush=True,
+                )
     finally:
         if server is not None:
             _stop(server)
@@ -166,24 +193,42 @@ def main(argv: list[str] | None = None) -> Path:
             b = best(way, direction)
             if b:
                 label = {"disk copy": "copy", "sha256 only": "hash (one pass, part of ours)"}.get(way, direction)
-                rows.append([way, label, total / MB / b["s"], b["s"], b["cpu_s"], b.get("server_cpu_s"),
-                             b["peak_rss_gib"]])
-    add_table(result, f"Best of {args.repeats}: {len(files)} files, {total / MB:,.0f} MB",
-              ["way", "direction", "MB/s", "seconds", "client CPU s", "server CPU s", "client peak RSS GiB"], rows)
+                rows.append(
+                    [way, label, total / MB / b["s"], b["s"], b["cpu_s"], b.get("server_cpu_s"), b["peak_rss_gib"]]
+                )
+    add_table(
+        result,
+        f"Best of {args.repeats}: {len(files)} files, {total / MB:,.0f} MB",
+        ["way", "direction", "MB/s", "seconds", "client CPU s", "server CPU s", "client peak RSS GiB"],
+        rows,
+    )
     mbps = {(w, d): total / MB / best(w, d)["s"] for w in runs for d in ("upload", "download") if best(w, d)}
     for direction in ("upload", "download"):
-        result["summary"].append(summary_row(
-            "storage", f"{direction} {total / 2**30:.2f} GiB folder", round(mbps[("ours", direction)]),
-            round(mbps[("single stream", direction)]), "MB/s", ours_label=f"storage.{direction}, {args.workers} workers",
-            baseline_label="minio f{}_object, 1 stream".format("put" if direction == "upload" else "get"),
-        ))
+        result["summary"].append(
+            summary_row(
+                "storage",
+                f"{direction} {total / 2**30:.2f} GiB folder",
+                round(mbps[("ours", direction)]),
+                round(mbps[("single stream", direction)]),
+                "MB/s",
+                ours_label=f"storage.{direction}, {args.workers} workers",
+                baseline_label="minio f{}_object, 1 stream".format("put" if direction == "upload" else "get"),
+            )
+        )
     disk = mbps[("disk copy", "upload")]
     for direction in ("upload", "download"):
-        result["summary"].append(summary_row(
-            "storage", f"{direction} against a raw disk copy", round(mbps[("ours", direction)]), round(disk), "MB/s",
-            ours_label=f"storage.{direction}", baseline_label="shutil.copytree, same disk",
-            note="the ceiling: no server, no checksums, no fsync",
-        ))
+        result["summary"].append(
+            summary_row(
+                "storage",
+                f"{direction} against a raw disk copy",
+                round(mbps[("ours", direction)]),
+                round(disk),
+                "MB/s",
+                ours_label=f"storage.{direction}",
+                baseline_label="shutil.copytree, same disk",
+                note="the ceiling: no server, no checksums, no fsync",
+            )
+        )
     upload = best("ours", "upload")
     result["findings"] += [
         f"The server is the limit on upload here: SeaweedFS used {upload['server_cpu_s']:.1f} CPU-seconds during our "
@@ -203,8 +248,13 @@ def main(argv: list[str] | None = None) -> Path:
         "The source folder was just written, so reads come from the page cache (as for a checkpoint a step just saved).",
         f"Cleaned up: the {total / MB:,.0f} MB folder, every download and the server's data were deleted at the end.",
     ]
-    result["raw"] = {"runs": runs, "bytes": total, "files": len(files), "settings": vars(args),
-                     "server": "SeaweedFS weed mini (tests/fixtures/s3.py)"}
+    result["raw"] = {
+        "runs": runs,
+        "bytes": total,
+        "files": len(files),
+        "settings": vars(args),
+        "server": "SeaweedFS weed mini (tests/fixtures/s3.py)",
+    }
     return finish(result, args.output)
 
 

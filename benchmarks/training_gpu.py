@@ -101,9 +101,14 @@ def steady_throughput_callback(warmup: int):
 def _trainer(args, case: Case) -> dict:
     """TRL arguments of a benchmark case (the sections' `trainer:` mapping)."""
     return dict(
-        learning_rate=1e-5, warmup_steps=0.0, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length, activation_checkpointing=args.gradient_checkpointing == "on",
-        save_steps=10**6, logging_steps=1,
+        learning_rate=1e-5,
+        warmup_steps=0.0,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        activation_checkpointing=args.gradient_checkpointing == "on",
+        save_steps=10**6,
+        logging_steps=1,
     )
 
 
@@ -120,8 +125,13 @@ def _trl_lora(case: Case):
     if not case.lora:
         return None
     ours = _lora(case)
-    return LoraConfig(r=ours.r, lora_alpha=ours.alpha, lora_dropout=ours.dropout, target_modules=ours.target_modules,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=ours.r,
+        lora_alpha=ours.alpha,
+        lora_dropout=ours.dropout,
+        target_modules=ours.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _trl_defaults(config_class, args, case: Case, output_dir: Path, device: str):
@@ -131,9 +141,15 @@ def _trl_defaults(config_class, args, case: Case, output_dir: Path, device: str)
     ds = deepspeed_config_path(case.deepspeed)
     on_cpu = device == "cpu"
     return config_class(
-        output_dir=str(output_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length, logging_steps=1, save_strategy="no", report_to="none",
-        deepspeed=str(ds) if ds else None, **({"use_cpu": True, "bf16": False} if on_cpu else {}),
+        output_dir=str(output_dir),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        deepspeed=str(ds) if ds else None,
+        **({"use_cpu": True, "bf16": False} if on_cpu else {}),
     )
 
 
@@ -156,29 +172,48 @@ def run_one_case(name: str, args) -> dict:
             from medcritical.training.config import SFTSection
             from medcritical.training.sft import train_sft
 
-            config = SFTSection(lora=_lora(case), deepspeed=case.deepspeed, trainer=_trainer(args, case) | {"packing": case.packing}, resume=False)
+            config = SFTSection(
+                lora=_lora(case),
+                deepspeed=case.deepspeed,
+                trainer=_trainer(args, case) | {"packing": case.packing},
+                resume=False,
+            )
             train_sft(config, args.sft_data, model_dir, output_dir, device=device, callbacks=[timer])
         elif case.impl == "ours":
             from medcritical.training.config import DPOSection
             from medcritical.training.dpo import train_dpo
 
-            config = DPOSection(lora=_lora(case), deepspeed=case.deepspeed, trainer=_trainer(args, case) | {"precompute_ref_log_probs": case.precompute})
-            train_dpo(config, args.dpo_data, None, model_dir, output_dir, device=device, resume=False, callbacks=[timer])
+            config = DPOSection(
+                lora=_lora(case),
+                deepspeed=case.deepspeed,
+                trainer=_trainer(args, case) | {"precompute_ref_log_probs": case.precompute},
+            )
+            train_dpo(
+                config, args.dpo_data, None, model_dir, output_dir, device=device, resume=False, callbacks=[timer]
+            )
         else:
             from datasets import Dataset
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
             start_distributed(device, deepspeed_config_path(case.deepspeed))  # what a launcher script does for ZeRO-3
-            rows = [json.loads(line) for line in Path(args.sft_data if case.kind == "sft" else args.dpo_data).read_text().splitlines()]
+            rows = [
+                json.loads(line)
+                for line in Path(args.sft_data if case.kind == "sft" else args.dpo_data).read_text().splitlines()
+            ]
             trainer_class, config_class = (SFTTrainer, SFTConfig) if case.kind == "sft" else (DPOTrainer, DPOConfig)
             config = _trl_defaults(config_class, args, case, output_dir, device)
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
             data = [{"messages": r["messages"]} for r in rows] if case.kind == "sft" else rows
-            trainer = trainer_class(model=model, args=config, train_dataset=Dataset.from_list(data),
-                                    processing_class=AutoTokenizer.from_pretrained(model_dir),
-                                    peft_config=_trl_lora(case), callbacks=[timer])
+            trainer = trainer_class(
+                model=model,
+                args=config,
+                train_dataset=Dataset.from_list(data),
+                processing_class=AutoTokenizer.from_pretrained(model_dir),
+                peft_config=_trl_lora(case),
+                callbacks=[timer],
+            )
             trainer.train()
         status = "ok"
         error = None
@@ -190,11 +225,18 @@ def run_one_case(name: str, args) -> dict:
     tps = timer.tokens_per_second()
     memory = peak_memory()
     result = {
-        "case": name, **asdict(case), "status": status, "error": error, "world_size": world,
-        "model_dir": str(model_dir), "tokens_per_second": round(tps, 1) if tps else None,
+        "case": name,
+        **asdict(case),
+        "status": status,
+        "error": error,
+        "world_size": world,
+        "model_dir": str(model_dir),
+        "tokens_per_second": round(tps, 1) if tps else None,
         "tokens_per_second_per_gpu": round(tps / world, 1) if tps else None,
-        "wall_s": round(time.perf_counter() - started, 1), "logged_steps": len(timer.marks),
-        "peak_memory_gib": memory["peak_memory_gib"], "peak_memory_of": memory["peak_memory_of"],
+        "wall_s": round(time.perf_counter() - started, 1),
+        "logged_steps": len(timer.marks),
+        "peak_memory_gib": memory["peak_memory_gib"],
+        "peak_memory_of": memory["peak_memory_of"],
     }
     if device == "cuda":
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -205,32 +247,70 @@ def run_one_case(name: str, args) -> dict:
 
 
 def _case_args(args, name: str, paths: dict) -> list[str]:
-    forwarded = ["--case", name, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
-                 str(args.batch_size), "--max-length", str(args.max_length), "--gradient-checkpointing",
-                 args.gradient_checkpointing, "--lora-model", str(paths["lora_model"]), "--full-model",
-                 str(paths["full_model"]), "--sft-data", str(paths["sft_data"]), "--dpo-data", str(paths["dpo_data"]),
-                 "--scratch", str(paths["scratch"])]
+    forwarded = [
+        "--case",
+        name,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--gradient-checkpointing",
+        args.gradient_checkpointing,
+        "--lora-model",
+        str(paths["lora_model"]),
+        "--full-model",
+        str(paths["full_model"]),
+        "--sft-data",
+        str(paths["sft_data"]),
+        "--dpo-data",
+        str(paths["dpo_data"]),
+        "--scratch",
+        str(paths["scratch"]),
+    ]
     return forwarded + (["--tiny"] if args.tiny else [])
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.training_gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.training_gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode on the tiny model")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, help="optimizer steps per case (default 20; tiny 4)")
     parser.add_argument("--warmup", type=int, help="steps left out of tokens/s (default 5; tiny 1)")
     parser.add_argument("--batch-size", type=int, default=2, help="per-device batch (ours and TRL alike)")
-    parser.add_argument("--max-length", type=int, help="tokens per sequence (default 2048, the paper's cutoff; tiny 512)")
-    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
-                        help="ours (TRL's default is on; a 7B at 2048 tokens needs it)")
-    parser.add_argument("--gpus", type=int, help="GPUs per case (default: all visible); >1 runs each case under torchrun")
-    parser.add_argument("--full-layers", type=int, help="decoder layers of the full fine-tuning model (default: what fits)")
+    parser.add_argument(
+        "--max-length", type=int, help="tokens per sequence (default 2048, the paper's cutoff; tiny 512)"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="ours (TRL's default is on; a 7B at 2048 tokens needs it)",
+    )
+    parser.add_argument(
+        "--gpus", type=int, help="GPUs per case (default: all visible); >1 runs each case under torchrun"
+    )
+    parser.add_argument(
+        "--full-layers", type=int, help="decoder layers of the full fine-tuning model (default: what fits)"
+    )
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU, when the GPU is not in the table")
-    parser.add_argument("--work-dir", help="where models, data and finished cases are kept, so a rerun skips them "
-                        "(default: a temporary folder, removed at the end)")
-    parser.add_argument("--not-run-reason", default="no GPU machine was lent to this task",
-                        help="recorded in the JSON when there is no GPU")
+    parser.add_argument(
+        "--work-dir",
+        help="where models, data and finished cases are kept, so a rerun skips them "
+        "(default: a temporary folder, removed at the end)",
+    )
+    parser.add_argument(
+        "--not-run-reason",
+        default="no GPU machine was lent to this task",
+        help="recorded in the JSON when there is no GPU",
+    )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/training_gpu[-tiny].json)")
     # Set by the driver for each case process:
     for hidden in ("--case", "--case-output", "--lora-model", "--full-model", "--sft-data", "--dpo-data", "--scratch"):
@@ -246,7 +326,9 @@ def main(argv: list[str] | None = None) -> Path | None:
             Path(args.case_output).write_text(json.dumps(result, indent=2))
         return None
 
-    planned = [f"{what}: tokens/s per GPU, MFU and peak memory, {ours} against {base}" for ours, base, what in COMPARISONS]
+    planned = [
+        f"{what}: tokens/s per GPU, MFU and peak memory, {ours} against {base}" for ours, base, what in COMPARISONS
+    ]
     if not gpu_benchmark_can_run(args.tiny, "training_gpu", TITLE, args.not_run_reason, planned, args.output):
         return None
     return drive(args)
@@ -277,39 +359,73 @@ def drive(args) -> Path:
         torch.cuda.empty_cache()
         spec = gpu_spec(torch.cuda.get_device_name(0))
         peak = args.peak_tflops * 1e12 if args.peak_tflops else (spec[0] if spec else None)
-        peak_what = (f"--peak-tflops {args.peak_tflops}" if args.peak_tflops else spec[2] if spec
-                     else "unknown GPU: pass --peak-tflops")
+        peak_what = (
+            f"--peak-tflops {args.peak_tflops}"
+            if args.peak_tflops
+            else spec[2]
+            if spec
+            else "unknown GPU: pass --peak-tflops"
+        )
     params = {"lora": parameter_count(paths["lora_model"]), "full": parameter_count(paths["full_model"])}
-    launcher = None if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                       "--nproc_per_node", str(gpus)]
+    launcher = (
+        None
+        if gpus == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+    )
     cases = {}
     for case_name in args.cases:
-        case_result = run_case("training_gpu", _case_args(args, case_name, paths), launcher=launcher,
-                               done_file=work / "cases.jsonl" if args.work_dir else None)
+        case_result = run_case(
+            "training_gpu",
+            _case_args(args, case_name, paths),
+            launcher=launcher,
+            done_file=work / "cases.jsonl" if args.work_dir else None,
+        )
         n = params["lora" if CASES[case_name].lora else "full"]
         tps = case_result.get("tokens_per_second_per_gpu")
         case_result["parameters"] = n
         case_result["mfu"] = round(6 * n * tps / peak, 4) if (tps and peak) else None
         cases[case_name] = case_result
-        print(f"{case_name}: {case_result.get('status')}, {tps} tokens/s per GPU, MFU {case_result['mfu']}, "
-              f"peak {case_result.get('peak_memory_gib')} GiB", flush=True)
+        print(
+            f"{case_name}: {case_result.get('status')}, {tps} tokens/s per GPU, MFU {case_result['mfu']}, "
+            f"peak {case_result.get('peak_memory_gib')} GiB",
+            flush=True,
+        )
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 
-    add_table(result, "Every case (tokens/s after warm-up; peak memory: GPU allocated, or process RSS on CPU)",
-              ["case", "trainer", "model", "status", "tokens/s per GPU", "MFU", "peak memory GiB", "wall s"],
-              [[n, c.get("impl"), _model_label(c, full_layers, args.tiny), c.get("status"),
-                c.get("tokens_per_second_per_gpu"), _pct(c.get("mfu")), c.get("peak_memory_gib"), c.get("wall_s")]
-               for n, c in cases.items()])
+    add_table(
+        result,
+        "Every case (tokens/s after warm-up; peak memory: GPU allocated, or process RSS on CPU)",
+        ["case", "trainer", "model", "status", "tokens/s per GPU", "MFU", "peak memory GiB", "wall s"],
+        [
+            [
+                n,
+                c.get("impl"),
+                _model_label(c, full_layers, args.tiny),
+                c.get("status"),
+                c.get("tokens_per_second_per_gpu"),
+                _pct(c.get("mfu")),
+                c.get("peak_memory_gib"),
+                c.get("wall_s"),
+            ]
+            for n, c in cases.items()
+        ],
+    )
     for ours, base, what in COMPARISONS:
         if ours in cases and base in cases:
             o, b = cases[ours], cases[base]
-            result["summary"].append(summary_row(
-                "training" + (" (tiny, CPU)" if args.tiny else ""), f"{what}: tokens/s per GPU",
-                o.get("tokens_per_second_per_gpu"), b.get("tokens_per_second_per_gpu"), "tok/s", ours_label=ours,
-                baseline_label=base,
-                note=f"peak memory {o.get('peak_memory_gib')} vs {b.get('peak_memory_gib')} GiB; MFU {_pct(o.get('mfu'))} vs {_pct(b.get('mfu'))}",
-            ))
+            result["summary"].append(
+                summary_row(
+                    "training" + (" (tiny, CPU)" if args.tiny else ""),
+                    f"{what}: tokens/s per GPU",
+                    o.get("tokens_per_second_per_gpu"),
+                    b.get("tokens_per_second_per_gpu"),
+                    "tok/s",
+                    ours_label=ours,
+                    baseline_label=base,
+                    note=f"peak memory {o.get('peak_memory_gib')} vs {b.get('peak_memory_gib')} GiB; MFU {_pct(o.get('mfu'))} vs {_pct(b.get('mfu'))}",
+                )
+            )
     result["notes"] += [
         f"MFU = 6 x parameters x tokens/s per GPU / peak, with peak = {peak_what}. Parameters: {params['lora']:,} "
         f"(LoRA cases), {params['full']:,} (full fine-tuning). 6N counts a full forward and backward; for LoRA the "
@@ -323,10 +439,18 @@ def drive(args) -> Path:
         "one padded row; DPO pairs pair each row's trace (chosen) with the next row's (rejected).",
     ]
     if full_layers:
-        result["notes"].append(f"Full fine-tuning used a 7B-shaped model with {full_layers} of 28 layers (what fits "
-                               "16 bytes per parameter in half the memory of the GPUs); LoRA used all 28.")
-    result["raw"] = {"cases": cases, "parameters": params, "gpus": gpus, "peak_flops": peak, "peak_source": peak_what,
-                     "settings": {k: v for k, v in vars(args).items() if k not in ("case", "case_output")}}
+        result["notes"].append(
+            f"Full fine-tuning used a 7B-shaped model with {full_layers} of 28 layers (what fits "
+            "16 bytes per parameter in half the memory of the GPUs); LoRA used all 28."
+        )
+    result["raw"] = {
+        "cases": cases,
+        "parameters": params,
+        "gpus": gpus,
+        "peak_flops": peak,
+        "peak_source": peak_what,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("case", "case_output")},
+    }
     return finish(result, args.output or Path(__file__).parent / "results" / f"{name}.json")
 
 

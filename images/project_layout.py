@@ -29,7 +29,7 @@ def package_dirs(pyproject: dict) -> dict[str, str]:
     else:  # packages.find: the project's own top-level package under each `where`
         where = (packages or {}).get("find", {}).get("where", ["."])
         name = pyproject["project"]["name"].replace("-", "_")
-        return {name: str(Path(root) / name) for root in where}
+        return {name: str(Path(where[-1]) / name)}  # the last `where` holding it, as before
     result = {}
     for name in names:
         # The longest mapped prefix decides, as in setuptools; "" maps the top level.

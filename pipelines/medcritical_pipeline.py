@@ -9,7 +9,6 @@ The number of self-play rounds is fixed when the pipeline is built (KFP graphs a
 `configure` step refuses a recipe whose `selfplay.rounds` differs from the compiled graph.
 """
 
-
 from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
@@ -76,8 +75,10 @@ def planned_resources(recipe_text: str, shm_size: str) -> dict:
         import logging
 
         logging.getLogger(__name__).warning("sizing the pipeline's tasks at their minimums: %s", e)
-        return {"memory": {kind: f"{floor}Gi" for kind, floor in MIN_MEMORY.items()},
-                "work": {step: f"{floor}Gi" for step, floor in MIN_WORK.items()}}
+        return {
+            "memory": {kind: f"{floor}Gi" for kind, floor in MIN_MEMORY.items()},
+            "work": {step: f"{floor}Gi" for step, floor in MIN_WORK.items()},
+        }
     shm = quantity(shm_size)
     memory = {
         "train": max(needs[s].host_memory for s in ("sft", "dpo")) + shm,
@@ -86,18 +87,28 @@ def planned_resources(recipe_text: str, shm_size: str) -> dict:
     }
     return {
         "memory": {kind: f"{_round_gib(value, MIN_MEMORY[kind])}Gi" for kind, value in memory.items()},
-        "work": {step: f"{_round_gib(needs[PLAN_STEP.get(step, step)].disk if PLAN_STEP.get(step, step) in needs else 0, floor)}Gi"
-                 for step, floor in MIN_WORK.items()},
+        "work": {
+            step: f"{_round_gib(needs[PLAN_STEP.get(step, step)].disk if PLAN_STEP.get(step, step) in needs else 0, floor)}Gi"
+            for step, floor in MIN_WORK.items()
+        },
     }
 
 
-def configure(recipe: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str,
-              teacher_on_gpu: bool = True) -> str:
+def configure(
+    recipe: str,
+    rounds: int,
+    overrides: list,
+    base_model: str,
+    teacher_base_url: str,
+    teacher_model: str,
+    teacher_on_gpu: bool = True,
+) -> str:
     """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads."""
     from medcritical.steps import resolve_recipe_text
 
-    return resolve_recipe_text(recipe, rounds, overrides, base_model, teacher_base_url, teacher_model,
-                               teacher_on_gpu=teacher_on_gpu)
+    return resolve_recipe_text(
+        recipe, rounds, overrides, base_model, teacher_base_url, teacher_model, teacher_on_gpu=teacher_on_gpu
+    )
 
 
 # Distillation backends that run no model in the pod: the distill task then gets the CPU image and no GPU.
@@ -173,8 +184,9 @@ def build_pipeline(
             task.set_retry(RETRIES, backoff_duration="60s")
             if gpus is not None:
                 task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
-                kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                           size_limit=cluster.shm_size)
+                kubernetes.empty_dir_mount(
+                    task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size
+                )
                 # GPU nodes usually carry the nvidia.com/gpu taint (GPU operator, cloud node pools); more
                 # tolerations come from the `tolerations` parameter.
                 kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
@@ -185,16 +197,23 @@ def build_pipeline(
                 kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
             elif component in sized["work"]:
                 # Downloads, checkpoints and outputs on a volume of the planned size, not the node's root disk.
-                kubernetes.add_ephemeral_volume(task, volume_name="work", mount_path=WORK_MOUNT,
-                                                access_modes=["ReadWriteOnce"], size=sized["work"][component],
-                                                storage_class_name=cluster.work_storage_class or None)
+                kubernetes.add_ephemeral_volume(
+                    task,
+                    volume_name="work",
+                    mount_path=WORK_MOUNT,
+                    access_modes=["ReadWriteOnce"],
+                    size=sized["work"][component],
+                    storage_class_name=cluster.work_storage_class or None,
+                )
             if cluster.work_pvc or component in sized["work"]:
                 task.set_env_variable("MEDCRITICAL_WORKDIR", WORK_MOUNT)
             return task
 
         def with_endpoint_secret(task, secret, keys):
             if cluster is not None:
-                kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
+                kubernetes.use_secret_as_env(
+                    task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True
+                )
             return task
 
         def step(component: str, gpus=None, **inputs):
@@ -211,32 +230,73 @@ def build_pipeline(
         # model, and two runs sharing run_root never overwrite each other. A cache hit happens only within
         # a run (a retried run keeps its id). Locally run_root is the recipe's folder, as the docs show.
         root = f"{run_root}/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}" if cluster is not None else run_root
-        resolved = on_cluster(configure_op(
-            recipe=recipe, rounds=rounds, overrides=overrides, base_model=base_model,
-            teacher_base_url=teacher_base_url, teacher_model=teacher_model, teacher_on_gpu=teacher_on_gpu,
-        ))
+        resolved = on_cluster(
+            configure_op(
+                recipe=recipe,
+                rounds=rounds,
+                overrides=overrides,
+                base_model=base_model,
+                teacher_base_url=teacher_base_url,
+                teacher_model=teacher_model,
+                teacher_on_gpu=teacher_on_gpu,
+            )
+        )
         resolved.set_display_name("configure")
         data = step("prepare_data", name="data")
-        base_eval = step("evaluate", infer_gpus, name="eval-base", data_uri=data.outputs["Output"], model_uri="", label="base")
+        base_eval = step(
+            "evaluate", infer_gpus, name="eval-base", data_uri=data.outputs["Output"], model_uri="", label="base"
+        )
         # distill_uri: the distill folder of an earlier run; its traces are used and the teacher is not called.
         distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"], reuse_uri=distill_uri)
         # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
         distilled.set_caching_options(cache_teacher)
-        multinode = dict(train_nodes=train_nodes, node_gpus=node_gpus, trainjob_image=images["train"], s3_secret=s3_secret)
-        student = step("sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="", **multinode)
-        sft_eval = step("evaluate", infer_gpus, name="eval-sft", data_uri=data.outputs["Output"],
-                        model_uri=student.outputs["Output"], label="sft")
+        multinode = dict(
+            train_nodes=train_nodes, node_gpus=node_gpus, trainjob_image=images["train"], s3_secret=s3_secret
+        )
+        student = step(
+            "sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="", **multinode
+        )
+        sft_eval = step(
+            "evaluate",
+            infer_gpus,
+            name="eval-sft",
+            data_uri=data.outputs["Output"],
+            model_uri=student.outputs["Output"],
+            label="sft",
+        )
         model = student.outputs["Output"]
         for round_number in range(1, rounds + 1):
-            played = step("rollout", infer_gpus, name=f"round{round_number}-rollout",
-                          data_uri=data.outputs["Output"], model_uri=model)
-            trained = step("dpo", train_gpus, name=f"round{round_number}-dpo",
-                           rollout_uri=played.outputs["Output"], model_uri=model, **multinode)
+            played = step(
+                "rollout",
+                infer_gpus,
+                name=f"round{round_number}-rollout",
+                data_uri=data.outputs["Output"],
+                model_uri=model,
+            )
+            trained = step(
+                "dpo",
+                train_gpus,
+                name=f"round{round_number}-dpo",
+                rollout_uri=played.outputs["Output"],
+                model_uri=model,
+                **multinode,
+            )
             model = trained.outputs["Output"]
-        final_eval = step("evaluate", infer_gpus, name=f"eval-dpo-round{rounds}", data_uri=data.outputs["Output"],
-                          model_uri=model, label=f"dpo (round {rounds})")
-        step("report", name="report", base_eval_uri=base_eval.outputs["Output"],
-             sft_eval_uri=sft_eval.outputs["Output"], dpo_eval_uri=final_eval.outputs["Output"])
+        final_eval = step(
+            "evaluate",
+            infer_gpus,
+            name=f"eval-dpo-round{rounds}",
+            data_uri=data.outputs["Output"],
+            model_uri=model,
+            label=f"dpo (round {rounds})",
+        )
+        step(
+            "report",
+            name="report",
+            base_eval_uri=base_eval.outputs["Output"],
+            sft_eval_uri=sft_eval.outputs["Output"],
+            dpo_eval_uri=final_eval.outputs["Output"],
+        )
 
     return medcritical
 

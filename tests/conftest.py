@@ -7,5 +7,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.s3", "tests.fixtures.selfplay", "tests.fixtures.vllm",
-                  "tests.fixtures.served"]
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.s3",
+    "tests.fixtures.selfplay",
+    "tests.fixtures.vllm",
+    "tests.fixtures.served",
+]

@@ -49,8 +49,15 @@ WRITABLE_ROOT_ANNOTATION = "medcritical.io/writable-root-filesystem"
 # PyTorchJobs must also start with a letter (DNS-1035).
 LABEL_NAMED = {"Namespace", "Job", "CronJob", "Deployment", "StatefulSet", "DaemonSet", "Pod"}
 DNS_1035_NAMED = {"Service", "PyTorchJob", "TrainJob"}
-CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
-                  "PersistentVolume", "StorageClass", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+}
 
 
 @dataclass(frozen=True)
@@ -125,8 +132,9 @@ def _containers(pod: PodTemplate) -> Iterator[tuple[str, dict]]:
             yield f"{pod.path}.{key}[{container.get('name', '?')}]", container
 
 
-def check(objects: Iterable[dict], *, external_secrets: Iterable[str] = (),
-          provided: Iterable[dict] = ()) -> list[Violation]:
+def check(
+    objects: Iterable[dict], *, external_secrets: Iterable[str] = (), provided: Iterable[dict] = ()
+) -> list[Violation]:
     """Every rule violation in one build's objects (see the module docstring for the rules)."""
     objects = list(objects)
     available: dict[str, set[str]] = {}
@@ -134,8 +142,10 @@ def check(objects: Iterable[dict], *, external_secrets: Iterable[str] = (),
         available.setdefault(obj.get("kind", ""), set()).add(obj.get("metadata", {}).get("name", ""))
     available.setdefault("Secret", set()).update(external_secrets)
     available["ServiceAccountWithoutToken"] = {
-        obj["metadata"]["name"] for obj in [*objects, *provided]
-        if obj.get("kind") == "ServiceAccount" and obj.get("automountServiceAccountToken") is False}
+        obj["metadata"]["name"]
+        for obj in [*objects, *provided]
+        if obj.get("kind") == "ServiceAccount" and obj.get("automountServiceAccountToken") is False
+    }
 
     found: list[Violation] = []
     for obj in objects:
@@ -175,14 +185,27 @@ def _check_job(job: dict) -> list[Violation]:
     pod = (spec.get("template") or {}).get("spec") or {}
     policy = pod.get("restartPolicy")
     if policy not in ("Never", "OnFailure"):
-        found.append(Violation(oid, "spec.template.spec.restartPolicy",
-                               f"a Job's pods restart Never or OnFailure (got {policy!r})"))
+        found.append(
+            Violation(
+                oid, "spec.template.spec.restartPolicy", f"a Job's pods restart Never or OnFailure (got {policy!r})"
+            )
+        )
     if spec.get("podFailurePolicy") and policy != "Never":
-        found.append(Violation(oid, "spec.template.spec.restartPolicy",
-                               f"spec.podFailurePolicy needs restartPolicy Never (got {policy!r})"))
-    for key, why in (("backoffLimit", "how often a failed step is retried"),
-                     ("ttlSecondsAfterFinished", "finished Jobs and their pods are deleted after it"),
-                     ("activeDeadlineSeconds", "a hung step, e.g. a stuck NCCL or vLLM process, would hold its node (and GPUs) forever")):
+        found.append(
+            Violation(
+                oid,
+                "spec.template.spec.restartPolicy",
+                f"spec.podFailurePolicy needs restartPolicy Never (got {policy!r})",
+            )
+        )
+    for key, why in (
+        ("backoffLimit", "how often a failed step is retried"),
+        ("ttlSecondsAfterFinished", "finished Jobs and their pods are deleted after it"),
+        (
+            "activeDeadlineSeconds",
+            "a hung step, e.g. a stuck NCCL or vLLM process, would hold its node (and GPUs) forever",
+        ),
+    ):
         if not isinstance(spec.get(key), int):
             found.append(Violation(oid, f"spec.{key}", f"missing: set it explicitly ({why})"))
     return found
@@ -199,12 +222,20 @@ def _check_pytorchjob(job: dict) -> list[Violation]:
         path = f"spec.pytorchReplicaSpecs.{replica}"
         policy = (replica_spec or {}).get("restartPolicy")
         if policy not in ("OnFailure", "Never", "ExitCode"):
-            found.append(Violation(oid, f"{path}.restartPolicy",
-                                   f"must be OnFailure, Never or ExitCode (got {policy!r}); Always never ends"))
+            found.append(
+                Violation(
+                    oid,
+                    f"{path}.restartPolicy",
+                    f"must be OnFailure, Never or ExitCode (got {policy!r}); Always never ends",
+                )
+            )
         containers = (((replica_spec or {}).get("template") or {}).get("spec") or {}).get("containers") or []
         if not any(c.get("name") == "pytorch" for c in containers):
-            found.append(Violation(oid, f"{path}.template.spec.containers",
-                                   "the training operator needs a container named 'pytorch'"))
+            found.append(
+                Violation(
+                    oid, f"{path}.template.spec.containers", "the training operator needs a container named 'pytorch'"
+                )
+            )
     return found
 
 
@@ -215,11 +246,19 @@ def _check_trainjob(job: dict) -> list[Violation]:
         found.append(Violation(oid, "spec.activeDeadlineSeconds", "missing: set it explicitly"))
     if not ((spec.get("runtimeRef") or {}).get("name")):
         found.append(Violation(oid, "spec.runtimeRef.name", "missing: name the runtime, e.g. torch-distributed"))
-    if not any(t.get("name") == TRAINER_CONTAINER for o in spec.get("podTemplateOverrides") or []
-               for t in o.get("targetJobs") or []):
-        found.append(Violation(oid, "spec.podTemplateOverrides",
-                               f"no override for the {TRAINER_CONTAINER!r} job: its pod would get no volumes, "
-                               "security context or tolerations"))
+    if not any(
+        t.get("name") == TRAINER_CONTAINER
+        for o in spec.get("podTemplateOverrides") or []
+        for t in o.get("targetJobs") or []
+    ):
+        found.append(
+            Violation(
+                oid,
+                "spec.podTemplateOverrides",
+                f"no override for the {TRAINER_CONTAINER!r} job: its pod would get no volumes, "
+                "security context or tolerations",
+            )
+        )
     return found
 
 
@@ -230,18 +269,32 @@ def _check_pod(pod: PodTemplate, available: dict[str, set[str]]) -> list[Violati
     pod_security = spec.get("securityContext") or {}
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
 
-    if spec.get("automountServiceAccountToken") is not False and \
-            spec.get("serviceAccountName") not in available.get("ServiceAccountWithoutToken", set()):
-        found.append(Violation(oid, f"{pod.path}.automountServiceAccountToken",
-                               "must be false: no step talks to the Kubernetes API"))
+    if spec.get("automountServiceAccountToken") is not False and spec.get("serviceAccountName") not in available.get(
+        "ServiceAccountWithoutToken", set()
+    ):
+        found.append(
+            Violation(
+                oid, f"{pod.path}.automountServiceAccountToken", "must be false: no step talks to the Kubernetes API"
+            )
+        )
     account = spec.get("serviceAccountName")
     if account and account not in available.get("ServiceAccount", set()):
-        found.append(Violation(oid, f"{pod.path}.serviceAccountName",
-                               f"ServiceAccount {account!r} is neither in this build nor provided (k8s/base)"))
+        found.append(
+            Violation(
+                oid,
+                f"{pod.path}.serviceAccountName",
+                f"ServiceAccount {account!r} is neither in this build nor provided (k8s/base)",
+            )
+        )
     if any("persistentVolumeClaim" in v for v in volumes.values()) and pod_security.get("fsGroup") is None:
-        found.append(Violation(oid, f"{pod.path}.securityContext.fsGroup",
-                               "a pod that mounts a PersistentVolumeClaim sets fsGroup: a fresh volume is often "
-                               "owned by root and the non-root user could not write to it"))
+        found.append(
+            Violation(
+                oid,
+                f"{pod.path}.securityContext.fsGroup",
+                "a pod that mounts a PersistentVolumeClaim sets fsGroup: a fresh volume is often "
+                "owned by root and the non-root user could not write to it",
+            )
+        )
     for name, volume in volumes.items():
         if not DNS_LABEL.match(name or ""):
             found.append(Violation(oid, f"{pod.path}.volumes[{name}].name", f"{name!r} is not a DNS-1123 label"))
@@ -262,17 +315,32 @@ def _check_pod(pod: PodTemplate, available: dict[str, set[str]]) -> list[Violati
         found += _check_env_refs(oid, path, container, available)
         for port in container.get("ports") or []:
             if "name" in port and (not PORT_NAME.match(port["name"]) or len(port["name"]) > 15):
-                found.append(Violation(oid, f"{path}.ports[{port['name']}].name",
-                                       "a port name has at most 15 lower-case letters, digits and '-'"))
+                found.append(
+                    Violation(
+                        oid,
+                        f"{path}.ports[{port['name']}].name",
+                        "a port name has at most 15 lower-case letters, digits and '-'",
+                    )
+                )
         for mount in container.get("volumeMounts") or []:
             if mount.get("name") not in volumes:
-                found.append(Violation(oid, f"{path}.volumeMounts[{mount.get('name')}]",
-                                       f"no volume named {mount.get('name')!r} in {pod.path}.volumes"))
+                found.append(
+                    Violation(
+                        oid,
+                        f"{path}.volumeMounts[{mount.get('name')}]",
+                        f"no volume named {mount.get('name')!r} in {pod.path}.volumes",
+                    )
+                )
 
     if uses_gpu and not _has_memory_shm(spec, volumes):
-        found.append(Violation(oid, f"{pod.path}.volumes",
-                               "a GPU pod mounts an emptyDir with medium: Memory at /dev/shm "
-                               "(NCCL and vLLM need more than the 64 MB default)"))
+        found.append(
+            Violation(
+                oid,
+                f"{pod.path}.volumes",
+                "a GPU pod mounts an emptyDir with medium: Memory at /dev/shm "
+                "(NCCL and vLLM need more than the 64 MB default)",
+            )
+        )
     return found
 
 
@@ -303,20 +371,29 @@ def _check_resources(oid: str, path: str, resources: dict) -> tuple[list[Violati
             uses_gpu = True
             request, limit = requests.get(gpu), limits.get(gpu)
             if str(request) != str(limit):
-                found.append(Violation(oid, f"{path}.resources.limits.{gpu}",
-                                       f"GPU limit must equal the request (request {request!r}, limit {limit!r})"))
+                found.append(
+                    Violation(
+                        oid,
+                        f"{path}.resources.limits.{gpu}",
+                        f"GPU limit must equal the request (request {request!r}, limit {limit!r})",
+                    )
+                )
     return found, uses_gpu
 
 
-def _check_security(oid: str, path: str, container: dict, pod_security: dict, owner: dict,
-                    volumes: dict[str, dict]) -> list[Violation]:
+def _check_security(
+    oid: str, path: str, container: dict, pod_security: dict, owner: dict, volumes: dict[str, dict]
+) -> list[Violation]:
     found = []
     security = container.get("securityContext") or {}
     non_root = security.get("runAsNonRoot", pod_security.get("runAsNonRoot"))
     user = security.get("runAsUser", pod_security.get("runAsUser"))
     if non_root is not True:
-        found.append(Violation(oid, f"{path}.securityContext.runAsNonRoot",
-                               "must be true (here or in the pod's securityContext)"))
+        found.append(
+            Violation(
+                oid, f"{path}.securityContext.runAsNonRoot", "must be true (here or in the pod's securityContext)"
+            )
+        )
     if user == 0:
         found.append(Violation(oid, f"{path}.securityContext.runAsUser", "must not be 0 (root)"))
     if security.get("allowPrivilegeEscalation") is not False:
@@ -329,12 +406,22 @@ def _check_security(oid: str, path: str, container: dict, pod_security: dict, ow
     if security.get("readOnlyRootFilesystem") is True:
         mounts = {m.get("mountPath"): m.get("name") for m in container.get("volumeMounts") or []}
         if "/tmp" not in mounts:
-            found.append(Violation(oid, f"{path}.volumeMounts",
-                                   "a read-only root filesystem needs a writable volume (emptyDir) at /tmp"))
+            found.append(
+                Violation(
+                    oid,
+                    f"{path}.volumeMounts",
+                    "a read-only root filesystem needs a writable volume (emptyDir) at /tmp",
+                )
+            )
     elif not annotations.get(WRITABLE_ROOT_ANNOTATION):
-        found.append(Violation(oid, f"{path}.securityContext.readOnlyRootFilesystem",
-                               f"must be true, or annotate the {owner.get('kind')} with "
-                               f"{WRITABLE_ROOT_ANNOTATION}: <why the step writes to its root filesystem>"))
+        found.append(
+            Violation(
+                oid,
+                f"{path}.securityContext.readOnlyRootFilesystem",
+                f"must be true, or annotate the {owner.get('kind')} with "
+                f"{WRITABLE_ROOT_ANNOTATION}: <why the step writes to its root filesystem>",
+            )
+        )
     return found
 
 
@@ -351,8 +438,13 @@ def _has_memory_shm(spec: dict, volumes: dict[str, dict]) -> bool:
 def _secret_ref(oid: str, path: str, name: str | None, available: dict[str, set[str]]) -> list[Violation]:
     if name in available.get("Secret", set()):
         return []
-    return [Violation(oid, path, f"Secret {name!r} is neither in this build nor documented "
-                                 "(docs/kubernetes.md, section 'Secrets')")]
+    return [
+        Violation(
+            oid,
+            path,
+            f"Secret {name!r} is neither in this build nor documented (docs/kubernetes.md, section 'Secrets')",
+        )
+    ]
 
 
 def _named_ref(oid: str, path: str, kind: str, name: str | None, available: dict[str, set[str]]) -> list[Violation]:
@@ -368,15 +460,26 @@ def _check_volume_refs(oid: str, path: str, volume: dict, available: dict[str, s
     if "configMap" in volume:
         found += _named_ref(oid, f"{path}.configMap.name", "ConfigMap", volume["configMap"].get("name"), available)
     if "persistentVolumeClaim" in volume:
-        found += _named_ref(oid, f"{path}.persistentVolumeClaim.claimName", "PersistentVolumeClaim",
-                            volume["persistentVolumeClaim"].get("claimName"), available)
+        found += _named_ref(
+            oid,
+            f"{path}.persistentVolumeClaim.claimName",
+            "PersistentVolumeClaim",
+            volume["persistentVolumeClaim"].get("claimName"),
+            available,
+        )
     for index, source in enumerate((volume.get("projected") or {}).get("sources") or []):
         if "secret" in source:
-            found += _secret_ref(oid, f"{path}.projected.sources[{index}].secret.name",
-                                 source["secret"].get("name"), available)
+            found += _secret_ref(
+                oid, f"{path}.projected.sources[{index}].secret.name", source["secret"].get("name"), available
+            )
         if "configMap" in source:
-            found += _named_ref(oid, f"{path}.projected.sources[{index}].configMap.name", "ConfigMap",
-                                source["configMap"].get("name"), available)
+            found += _named_ref(
+                oid,
+                f"{path}.projected.sources[{index}].configMap.name",
+                "ConfigMap",
+                source["configMap"].get("name"),
+                available,
+            )
     return found
 
 
@@ -388,13 +491,20 @@ def _check_env_refs(oid: str, path: str, container: dict, available: dict[str, s
         if "secretKeyRef" in source:
             found += _secret_ref(oid, f"{where}.secretKeyRef.name", source["secretKeyRef"].get("name"), available)
         if "configMapKeyRef" in source:
-            found += _named_ref(oid, f"{where}.configMapKeyRef.name", "ConfigMap",
-                                source["configMapKeyRef"].get("name"), available)
+            found += _named_ref(
+                oid, f"{where}.configMapKeyRef.name", "ConfigMap", source["configMapKeyRef"].get("name"), available
+            )
     for index, env_from in enumerate(container.get("envFrom") or []):
         if "secretRef" in env_from:
-            found += _secret_ref(oid, f"{path}.envFrom[{index}].secretRef.name",
-                                 env_from["secretRef"].get("name"), available)
+            found += _secret_ref(
+                oid, f"{path}.envFrom[{index}].secretRef.name", env_from["secretRef"].get("name"), available
+            )
         if "configMapRef" in env_from:
-            found += _named_ref(oid, f"{path}.envFrom[{index}].configMapRef.name", "ConfigMap",
-                                env_from["configMapRef"].get("name"), available)
+            found += _named_ref(
+                oid,
+                f"{path}.envFrom[{index}].configMapRef.name",
+                "ConfigMap",
+                env_from["configMapRef"].get("name"),
+                available,
+            )
     return found

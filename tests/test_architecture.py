@@ -16,10 +16,31 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # The stages in data-flow order; each may import the ones before it, never those after it.
 STAGE_ORDER = ["data", "distill", "training", "selfplay", "evaluation"]
 # Below every stage: shared building blocks a stage may import.
-FOUNDATION = {"io", "errors", "section", "grader", "diagnostics", "prompts", "modeling", "storage", "llm_client", "plotting"}
+FOUNDATION = {
+    "io",
+    "errors",
+    "section",
+    "grader",
+    "diagnostics",
+    "prompts",
+    "modeling",
+    "storage",
+    "llm_client",
+    "plotting",
+}
 # Above every stage: what runs the stages and reads across them; no stage or building block imports these.
 ORCHESTRATION = {
-    "recipe", "steps", "rounds", "report", "arms", "pipeline_runner", "plan", "trainjob", "cli", "components", "pipelines",
+    "recipe",
+    "steps",
+    "rounds",
+    "report",
+    "arms",
+    "pipeline_runner",
+    "plan",
+    "trainjob",
+    "cli",
+    "components",
+    "pipelines",
 }
 
 
@@ -123,7 +144,11 @@ def test_stages_import_only_what_comes_before_them():
                 wrong.append(f"{module} imports {target} (orchestration sits above every stage)")
             elif source in FOUNDATION and package in STAGE_ORDER and package != "data":
                 wrong.append(f"{module} imports {target} (a building block imports no stage)")
-            elif source in STAGE_ORDER and package in STAGE_ORDER and STAGE_ORDER.index(package) > STAGE_ORDER.index(source):
+            elif (
+                source in STAGE_ORDER
+                and package in STAGE_ORDER
+                and STAGE_ORDER.index(package) > STAGE_ORDER.index(source)
+            ):
                 wrong.append(f"{module} imports {target} (a later stage)")
     assert wrong == []
 

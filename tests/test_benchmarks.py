@@ -62,8 +62,9 @@ def test_benchmarks_md_shows_ours_beside_baseline_and_not_run_rows(tmp_path):
     storage = new_result("storage", "2. Storage")
     storage.pop("_t0")
     storage["wall_s"] = 1.0
-    storage["summary"].append(summary_row("storage", "upload", 96.0, 86.0, "MB/s", ours_label="storage.upload",
-                                          baseline_label="fput_object"))
+    storage["summary"].append(
+        summary_row("storage", "upload", 96.0, 86.0, "MB/s", ours_label="storage.upload", baseline_label="fput_object")
+    )
     (tmp_path / "storage.json").write_text(json.dumps(storage))
     training_gpu.main(["--output", str(tmp_path / "training_gpu.json")])
 
@@ -79,11 +80,16 @@ def test_pipeline_tasks_are_read_from_the_run_output():
     from benchmarks.pipeline_e2e import parse_tasks
 
     output = [
-        "[    0 s] configure ...\n", "[    0 s] configure: success\n",
-        "[    2 s] \x1b[96mevaluate-2\x1b[0m ...\n", "WARNING: something\n",
-        "         step eval-sft -> /tmp/run/eval-sft\n", "[    9 s] evaluate-2: success\n",
-        "INFO - Executing task 'rollout'\n", "step round1-rollout -> /tmp/run/round1-rollout\n",
-        "ERROR - Task 'rollout' finished with status FAILURE\n", "[   20 s] pipeline: failure\n",
+        "[    0 s] configure ...\n",
+        "[    0 s] configure: success\n",
+        "[    2 s] \x1b[96mevaluate-2\x1b[0m ...\n",
+        "WARNING: something\n",
+        "         step eval-sft -> /tmp/run/eval-sft\n",
+        "[    9 s] evaluate-2: success\n",
+        "INFO - Executing task 'rollout'\n",
+        "step round1-rollout -> /tmp/run/round1-rollout\n",
+        "ERROR - Task 'rollout' finished with status FAILURE\n",
+        "[   20 s] pipeline: failure\n",
     ]
     tasks = parse_tasks([(float(i), line) for i, line in enumerate(output)])
     assert [(t["task"], t["step"], t["status"], t["s"]) for t in tasks] == [

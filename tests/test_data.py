@@ -15,7 +15,10 @@ from medcritical.data.splits import find_leaks, normalize_text, overlapping, spl
 
 SHARED_VAL = Path(__file__).resolve().parents[2] / "shared/data/cmexam/val.xlsx"
 # The same file seen from a helper worktree (/work/wt/<name>/tests -> /work/shared).
-VAL = next((p for p in (SHARED_VAL, Path(__file__).resolve().parents[3] / "shared/data/cmexam/val.xlsx") if p.is_file()), SHARED_VAL)
+VAL = next(
+    (p for p in (SHARED_VAL, Path(__file__).resolve().parents[3] / "shared/data/cmexam/val.xlsx") if p.is_file()),
+    SHARED_VAL,
+)
 HEADER = ["Question", "Options", "Answer", "Explanation"]
 ANNOTATIONS = ["Disease Group", "Clinical Department", "Medical Discipline", "Competency", "Difficulty level"]
 
@@ -42,8 +45,28 @@ def test_official_csv_with_real_newlines_and_annotation_columns(tmp_path):
     path = write_csv(
         tmp_path / "test_with_annotations.csv",
         [
-            ["嘶哑样咳嗽，可见于", "A 急性喉炎\nB 声带疾患\nC 百日咳\nD 胸膜炎\nE 支气管扩张", "A", "解析", "呼吸系统疾病", "内科", "临床医学", "医学知识", "1"],
-            ["黄疸伴胆囊增大不会见于", "A 胆总管结石\nB 急性肝炎\nC 胰头癌\nD 壶腹癌", "BD", "", "消化系统疾病", "外科", "临床医学", "临床判断", "3"],
+            [
+                "嘶哑样咳嗽，可见于",
+                "A 急性喉炎\nB 声带疾患\nC 百日咳\nD 胸膜炎\nE 支气管扩张",
+                "A",
+                "解析",
+                "呼吸系统疾病",
+                "内科",
+                "临床医学",
+                "医学知识",
+                "1",
+            ],
+            [
+                "黄疸伴胆囊增大不会见于",
+                "A 胆总管结石\nB 急性肝炎\nC 胰头癌\nD 壶腹癌",
+                "BD",
+                "",
+                "消化系统疾病",
+                "外科",
+                "临床医学",
+                "临床判断",
+                "3",
+            ],
         ],
         header=HEADER + ANNOTATIONS,
     )
@@ -152,7 +175,9 @@ def test_prepare_data_drops_leaked_training_questions(tmp_path, bundled):
     assert stats["train"] == 40 and stats["eval"] == 20 and len(stats["leaked_dropped"]) == 10
     with pytest.raises(DataError, match="10 training questions also appear"):
         prepare_data(
-            DataConfig(source=str(source), eval_source=str(evaluation), eval_size=0, on_leakage="error"), 0, tmp_path / "o2"
+            DataConfig(source=str(source), eval_source=str(evaluation), eval_size=0, on_leakage="error"),
+            0,
+            tmp_path / "o2",
         )
     stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())
     assert stats["leakage"]["exact"] == 10 and len(stats["leakage"]["pairs"]) == 10
@@ -184,8 +209,12 @@ def test_near_duplicates_are_caught_and_distinct_questions_are_not(bundled):
         "new_distractors": replace(  # same stem, other wrong options, the same correct one
             e, id="new_distractors", options={l: (t if l == e.answer else f"其他选项{l}") for l, t in e.options.items()}
         ),
-        "other_stem": replace(e, id="other_stem", question="下列哪一项属于完全不同的另一道考题的题干内容"),  # same options only
-        "unrelated": next(q for q in bundled if q.id != e.id and normalize_text(q.question) != normalize_text(e.question)),
+        "other_stem": replace(
+            e, id="other_stem", question="下列哪一项属于完全不同的另一道考题的题干内容"
+        ),  # same options only
+        "unrelated": next(
+            q for q in bundled if q.id != e.id and normalize_text(q.question) != normalize_text(e.question)
+        ),
     }
     found = {leak.train_id: leak.kind for leak in find_leaks(list(cases.values()), [e])}
     assert found == {"shuffled": "exact", "spaced": "exact", "one_char": "near", "new_distractors": "near"}
@@ -202,7 +231,9 @@ def test_leakage_check_on_the_real_validation_file():
     by_id = {q.id: q for q in questions}
     pairs = {(by_id[leak.train_id].question, by_id[leak.eval_id].question) for leak in leaks}
     assert ("风湿性心脏病严重二尖瓣狭窄突发大咯血的原因是", "风湿性心脏病严重二尖瓣狭窄突发大咯血是由于") in pairs
-    assert not any("脏是" in a for a, _ in pairs)  # 主统血的脏是 / 具有通调水道功能的脏是: same options, other questions
+    assert not any(
+        "脏是" in a for a, _ in pairs
+    )  # 主统血的脏是 / 具有通调水道功能的脏是: same options, other questions
 
 
 # -- files of every kind and encoding: named problems, bad bytes by row ---------------------------------
@@ -243,7 +274,10 @@ def test_stray_bytes_make_only_their_rows_bad(tmp_path):
         load_questions(path, on_bad_row="error")
 
     jsonl = tmp_path / "q.jsonl"
-    lines = [json.dumps({"question": q, "options": {"A": "x", "B": "y"}, "answer": "A"}, ensure_ascii=False).encode() for q, *_ in ROWS]
+    lines = [
+        json.dumps({"question": q, "options": {"A": "x", "B": "y"}, "answer": "A"}, ensure_ascii=False).encode()
+        for q, *_ in ROWS
+    ]
     lines[1] = lines[1].replace("黄".encode(), b"\x80")
     jsonl.write_bytes(b"\n".join(lines) + b"\n")
     result = load_questions(jsonl)
@@ -266,7 +300,9 @@ def test_an_xlsx_that_is_not_a_workbook_is_named(tmp_path, content, hint):
 
 @pytest.mark.parametrize("writer, suffix", [(write_csv, ".csv"), (write_xlsx, ".xlsx")])
 def test_a_missing_column_is_named_as_such(tmp_path, writer, suffix):
-    path = writer(tmp_path / f"q{suffix}", [row[:2] + row[3:] for row in ROWS], header=["Question", "Options", "Explanation"])
+    path = writer(
+        tmp_path / f"q{suffix}", [row[:2] + row[3:] for row in ROWS], header=["Question", "Options", "Explanation"]
+    )
     with pytest.raises(DataError, match=r"no 'Answer' column \(found: 'Question', 'Options', 'Explanation'\).*rename"):
         load_questions(path)
     jsonl = tmp_path / "q.jsonl"

@@ -41,8 +41,9 @@ def test_explanation_traces_pass_the_grader_and_render_with_the_chat_template(bu
         assert reasoning.startswith("【思维模板】\n" + prompts.explanation_template.text)  # template opens <think>
         assert question.explanation in reasoning
         assert row["metadata"]["source"] == "explanations" and row["metadata"]["gold"] == question.answer
-    rendered = tokenizer.apply_chat_template(rows[0]["messages"], tokenize=True, return_dict=True,
-                                             return_assistant_tokens_mask=True)
+    rendered = tokenizer.apply_chat_template(
+        rows[0]["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     mask = rendered["assistant_masks"]
     assert 0 < sum(mask) < len(mask)
     assistant_text = tokenizer.decode([t for t, m in zip(rendered["input_ids"], mask) if m])
@@ -61,7 +62,9 @@ def test_explanation_traces_pass_the_grader_and_render_with_the_chat_template(bu
 
 def test_missing_explanations_are_rejected_with_a_reason_and_annotations_are_counted(bundled, tmp_path):
     questions = [
-        replace(q, annotations={"Difficulty level": "hard" if i % 2 else "easy"}, explanation="" if i < 3 else q.explanation)
+        replace(
+            q, annotations={"Difficulty level": "hard" if i % 2 else "easy"}, explanation="" if i < 3 else q.explanation
+        )
         for i, q in enumerate(bundled[:10])
     ]
     stats = distill(DistillConfig(), questions, tmp_path)
@@ -146,11 +149,29 @@ def test_cli_distills_and_reports_user_errors(bundled, tmp_path, monkeypatch, ca
     assert len(read_jsonl(tmp_path / "out" / SFT_FILE)) == 6
 
     monkeypatch.delenv("MEDCRITICAL_TEACHER_BASE_URL", raising=False)
-    code = main(["distill", "--set", "distill.backend=openai", "--questions", str(tmp_path / "train.jsonl"),
-                 "--output", str(tmp_path / "out2")])
+    code = main(
+        [
+            "distill",
+            "--set",
+            "distill.backend=openai",
+            "--questions",
+            str(tmp_path / "train.jsonl"),
+            "--output",
+            str(tmp_path / "out2"),
+        ]
+    )
     assert code == 2 and "MEDCRITICAL_TEACHER_BASE_URL" in capsys.readouterr().err
-    code = main(["distill", "--set", "distill.backend=transformers", "--questions", str(tmp_path / "train.jsonl"),
-                 "--output", str(tmp_path / "out3")])
+    code = main(
+        [
+            "distill",
+            "--set",
+            "distill.backend=transformers",
+            "--questions",
+            str(tmp_path / "train.jsonl"),
+            "--output",
+            str(tmp_path / "out3"),
+        ]
+    )
     assert code == 2 and "distill.teacher_model is not set" in capsys.readouterr().err
 
 
@@ -172,10 +193,13 @@ def test_split_reasoning(content, reasoning_content, expected):
 def test_templates_that_state_an_answer_or_are_empty_are_refused():
     options = {"A": "a", "B": "b", "C": "c"}
     assert parse_template(ChatReply(content="<think>想</think>1. 明确考点\n2. 逐项分析"), options) == (
-        "1. 明确考点\n2. 逐项分析", None)
+        "1. 明确考点\n2. 逐项分析",
+        None,
+    )
     assert parse_template(ChatReply(content="1. 明确考点\n答案：C"), options)[1].startswith("template states an answer")
     assert parse_template(ChatReply(reasoning_content="只有思考", finish_reason="length"), options)[1].startswith(
-        "empty template (stopped at the token limit")
+        "empty template (stopped at the token limit"
+    )
     for language in ("zh", "en"):  # the explanations backend's fixed template passes its own check
         text = DistillPrompts.load(language).explanation_template.text
         assert parse_template(ChatReply(content=text), {"A": "", "B": "", "C": "", "D": "", "E": ""})[0] == text

@@ -44,7 +44,10 @@ def test_tiny_model_teacher_bookkeeping(tiny_model, bundled, tmp_path):
     assert stats["accepted"] == len(sft_ids)
     by_type = stats["by_type"]
     assert by_type["single_answer"]["questions"] + by_type["multi_answer"]["questions"] == 8
-    assert by_type["single_answer"]["trace_attempts"] + by_type["multi_answer"]["trace_attempts"] == stats["trace_attempts"]
+    assert (
+        by_type["single_answer"]["trace_attempts"] + by_type["multi_answer"]["trace_attempts"]
+        == stats["trace_attempts"]
+    )
     assert stats["tokens"]["completion"] == sum(e["reply"]["completion_tokens"] for e in events) > 0
     assert stats["teacher"] == {"backend": "transformers", "model": tiny_model.name}
     for row in read_jsonl(tmp_path / SFT_FILE):  # whatever the random model got right truly is right

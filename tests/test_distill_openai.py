@@ -104,7 +104,9 @@ def test_verified_traces_statistics_and_no_key_anywhere(bundled, tmp_path, teach
     assert stats["estimated_cost"] == pytest.approx(9200 / 1e6 * 2.0)
     assert stats["settings"]["show_gold_answer"] is True and stats["teacher"]["model"] == "QwQ-32B"
     assert stats["prompts"] == DistillPrompts.load("zh").versions
-    assert stats["by_type"]["single_answer"]["trace_attempts"] + stats["by_type"]["multi_answer"]["trace_attempts"] == 16
+    assert (
+        stats["by_type"]["single_answer"]["trace_attempts"] + stats["by_type"]["multi_answer"]["trace_attempts"] == 16
+    )
 
     for path in tmp_path.iterdir():
         assert KEY not in path.read_text(encoding="utf-8"), path
@@ -201,8 +203,9 @@ def test_endpoint_failures_end_the_step_and_a_rerun_asks_exactly_those(kind, bun
         return completion(f"<think>推理</think>\n答案：{gold_from_prompt(body)}")
 
     with StandInEndpoint(respond) as endpoint:
-        config = config_for(endpoint, openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B",
-                                                           timeout_s=0.3, max_retries=1))
+        config = config_for(
+            endpoint, openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", timeout_s=0.3, max_retries=1)
+        )
         with pytest.raises(EndpointFailures) as error:
             distill(config, questions, tmp_path)
         message = str(error.value)
@@ -211,7 +214,10 @@ def test_endpoint_failures_end_the_step_and_a_rerun_asks_exactly_those(kind, bun
         assert endpoint.probes == 1  # the endpoint was probed before the first batch
         # The failures are no attempts: nothing of theirs in the progress log, the others finished.
         replies = [e for e in read_jsonl(tmp_path / RAW_FILE) if e["event"] == "reply"]
-        assert {e["id"] for e in replies if e["kind"] == "trace"} == {q.id for q in questions} - {questions[1].id, questions[4].id}
+        assert {e["id"] for e in replies if e["kind"] == "trace"} == {q.id for q in questions} - {
+            questions[1].id,
+            questions[4].id,
+        }
         stats = json.loads((tmp_path / STATS_FILE).read_text())
         assert stats["unfinished_questions"] == sorted([questions[1].id, questions[4].id])
         assert stats["accepted"] == 4 and stats["trace_attempts"] == 4 and "teacher failed" not in stats["rejections"]
@@ -231,8 +237,12 @@ def test_too_many_failures_stop_early(bundled, tmp_path, teacher_env):
         return Response(503, {"error": "overloaded"}) if is_trace_prompt(body) else completion(TEMPLATE_TEXT)
 
     with StandInEndpoint(respond) as endpoint:
-        config = config_for(endpoint, openai=OpenAITeacher(base_url=endpoint.base_url, model="m", concurrency=1,
-                                                           max_retries=0, max_failed_requests=2))
+        config = config_for(
+            endpoint,
+            openai=OpenAITeacher(
+                base_url=endpoint.base_url, model="m", concurrency=1, max_retries=0, max_failed_requests=2
+            ),
+        )
         with pytest.raises(EndpointFailures, match="Stopped early: more than max_failed_requests=2"):
             distill(config, bundled[:10], tmp_path)
     assert sum(is_trace_prompt(r["body"]) for r in endpoint.requests) == 3
@@ -249,9 +259,11 @@ def test_a_dead_endpoint_stops_before_any_work(bundled, tmp_path, teacher_env):
 
 def test_401_stops_the_run_at_once(bundled, tmp_path, teacher_env):
     refused = Response(401, {"error": "invalid key"})
-    with StandInEndpoint(lambda body, count: refused, models=refused) as endpoint:
-        with pytest.raises(EndpointError, match="MEDCRITICAL_TEACHER_API_KEY"):
-            distill(config_for(endpoint), bundled[:20], tmp_path)
+    with (
+        StandInEndpoint(lambda body, count: refused, models=refused) as endpoint,
+        pytest.raises(EndpointError, match="MEDCRITICAL_TEACHER_API_KEY"),
+    ):
+        distill(config_for(endpoint), bundled[:20], tmp_path)
     assert len(endpoint.requests) == 0 and endpoint.probes == 1  # the probe found it before any work
     events = read_jsonl(tmp_path / RAW_FILE)
     assert not [e for e in events if e["event"] == "reply"]
@@ -286,13 +298,30 @@ def test_cli_exits_non_zero_on_an_outage_and_zero_after_the_fixed_rerun(bundled,
     def respond(body, count):
         if not fixed and is_trace_prompt(body):
             return Response(500, {"error": "down"})
-        return completion(f"<think>推理</think>\n答案：{gold_from_prompt(body)}") if is_trace_prompt(body) else completion(TEMPLATE_TEXT)
+        return (
+            completion(f"<think>推理</think>\n答案：{gold_from_prompt(body)}")
+            if is_trace_prompt(body)
+            else completion(TEMPLATE_TEXT)
+        )
 
     with StandInEndpoint(respond) as endpoint:
-        command = ["distill", "--questions", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out"),
-                   "--set", "distill.backend=openai", "--set", f"distill.openai.base_url={endpoint.base_url}",
-                   "--set", "distill.openai.model=m", "--set", "distill.openai.max_retries=0",
-                   "--set", "distill.show_gold_answer=true"]
+        command = [
+            "distill",
+            "--questions",
+            str(tmp_path / "train.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+            "--set",
+            "distill.backend=openai",
+            "--set",
+            f"distill.openai.base_url={endpoint.base_url}",
+            "--set",
+            "distill.openai.model=m",
+            "--set",
+            "distill.openai.max_retries=0",
+            "--set",
+            "distill.show_gold_answer=true",
+        ]
         assert main(command) == 2
         err = capsys.readouterr().err
         assert f"3 requests to {endpoint.base_url}" in err and "3 HTTP 500" in err and "rerun" in err and KEY not in err

@@ -15,7 +15,9 @@ from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
 from medcritical.training.saving import verify_manifest
 
-TRAINER = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2)
+TRAINER = dict(
+    per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,9 @@ def completion_logps(model, tokenizer, pairs, side):
     """Sum of log-probs of each pair's completion tokens after its prompt: computed here, not by TRL."""
     values = []
     for pair in pairs:
-        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True, return_dict=True)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([full])).logits[0, :-1].float().log_softmax(-1)
@@ -46,8 +50,12 @@ def completion_logps(model, tokenizer, pairs, side):
 
 
 def reward_margin(policy, reference, tokenizer, pairs, beta):
-    chosen = completion_logps(policy, tokenizer, pairs, "chosen") - completion_logps(reference, tokenizer, pairs, "chosen")
-    rejected = completion_logps(policy, tokenizer, pairs, "rejected") - completion_logps(reference, tokenizer, pairs, "rejected")
+    chosen = completion_logps(policy, tokenizer, pairs, "chosen") - completion_logps(
+        reference, tokenizer, pairs, "chosen"
+    )
+    rejected = completion_logps(policy, tokenizer, pairs, "rejected") - completion_logps(
+        reference, tokenizer, pairs, "rejected"
+    )
     return (beta * (chosen - rejected)).mean().item()
 
 
@@ -59,7 +67,9 @@ def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
         evaluations=6,
     )
     output = tmp_path / "dpo"
-    metrics = train_dpo(config, pairs_dir / "pairs.jsonl", pairs_dir / "pairs_heldout.jsonl", format_model, output, device="cpu")
+    metrics = train_dpo(
+        config, pairs_dir / "pairs.jsonl", pairs_dir / "pairs_heldout.jsonl", format_model, output, device="cpu"
+    )
 
     held = metrics["heldout"]
     assert metrics["status"] == "trained" and metrics["reference"] == "the policy with its LoRA adapter disabled"
@@ -73,19 +83,25 @@ def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(output / "model")
     start = AutoModelForCausalLM.from_pretrained(format_model)
     heldout = read_pairs(pairs_dir / "pairs_heldout.jsonl")
-    assert reward_margin(trained, start, tokenizer, heldout, config.settings["beta"]) == pytest.approx(held["margin"], abs=2e-3)
+    assert reward_margin(trained, start, tokenizer, heldout, config.settings["beta"]) == pytest.approx(
+        held["margin"], abs=2e-3
+    )
     assert all(not verify_manifest(output) for _ in [0])
     for name in ("dpo_metrics.json", "dpo_loss.png", "dpo_heldout.png"):
         assert (output / name).is_file()
     # A rerun finds the finished run and returns its metrics without training again.
-    assert train_dpo(config, pairs_dir / "pairs.jsonl", pairs_dir / "pairs_heldout.jsonl", format_model, output, device="cpu") == json.loads(
-        (output / "dpo_metrics.json").read_text()
-    )
+    assert train_dpo(
+        config, pairs_dir / "pairs.jsonl", pairs_dir / "pairs_heldout.jsonl", format_model, output, device="cpu"
+    ) == json.loads((output / "dpo_metrics.json").read_text())
 
 
 @pytest.mark.parametrize(
     "precompute, loss",
-    [(False, {"loss_type": ["sigmoid"]}), (True, {"loss_type": ["ipo"]}), (False, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]})],
+    [
+        (False, {"loss_type": ["sigmoid"]}),
+        (True, {"loss_type": ["ipo"]}),
+        (False, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}),
+    ],
     ids=["copy", "precompute-ipo", "copy-sigmoid_sft"],
 )
 def test_full_finetune_reference_is_the_model_in_memory(pairs_dir, format_model, tmp_path, precompute, loss):
@@ -99,7 +115,9 @@ def test_full_finetune_reference_is_the_model_in_memory(pairs_dir, format_model,
     pairs = read_pairs(pairs_dir / "pairs.jsonl")[:8]
     config = DPOSection(
         lora=LoraSection(enabled=False),
-        trainer=dict(precompute_ref_log_probs=precompute, learning_rate=1e-3, max_steps=3, warmup_steps=0.0, **loss, **TRAINER),
+        trainer=dict(
+            precompute_ref_log_probs=precompute, learning_rate=1e-3, max_steps=3, warmup_steps=0.0, **loss, **TRAINER
+        ),
     )
     args = dpo_arguments(config, tmp_path, device="cpu", seed=0, deepspeed=None, heldout=False)
     trainer = build_dpo_trainer(config, policy, tokenizer, pairs, [], args, model_path=format_model)
@@ -131,15 +149,26 @@ class InterruptAt(TrainerCallback):
 
 
 def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path):
-    config = DPOSection(lora=LoraSection(r=4, alpha=8, dropout=0.0), trainer=dict(learning_rate=1e-3, max_steps=4, **TRAINER))
+    config = DPOSection(
+        lora=LoraSection(r=4, alpha=8, dropout=0.0), trainer=dict(learning_rate=1e-3, max_steps=4, **TRAINER)
+    )
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", callbacks=[InterruptAt(3)])
+        train_dpo(
+            config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", callbacks=[InterruptAt(3)]
+        )
     assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "model").exists()
     metrics = train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4 and metrics["steps_this_session"] == 2
     assert metrics["heldout"] is None and (tmp_path / "model" / "config.json").is_file()
     with pytest.raises(ValueError, match="different settings"):
-        train_dpo(config.model_copy(update={"trainer": config.trainer | {"beta": 0.1}}), pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
+        train_dpo(
+            config.model_copy(update={"trainer": config.trainer | {"beta": 0.1}}),
+            pairs_dir / "pairs.jsonl",
+            None,
+            format_model,
+            tmp_path,
+            device="cpu",
+        )
 
 
 def test_no_pairs_is_an_explicit_result_not_a_crash(format_model, tmp_path):

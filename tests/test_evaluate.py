@@ -110,9 +110,9 @@ def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_
     shutil.copytree(tiny_model, model_dir)
     questions, generation, out = bundled[:4], GenerationConfig(max_new_tokens=8), tmp_path / "eval"
     evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu")
-    (out / "outputs.jsonl").write_text("".join(
-        json.dumps({**row, "output": "stale"}) + "\n" for row in read_jsonl(out / "outputs.jsonl")
-    ))
+    (out / "outputs.jsonl").write_text(
+        "".join(json.dumps({**row, "output": "stale"}) + "\n" for row in read_jsonl(out / "outputs.jsonl"))
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)  # "retrain": new weights, same path
     with torch.no_grad():
         next(model.parameters()).add_(0.01)
@@ -126,8 +126,19 @@ def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_
     # The CLI passes --restart through (and without it names the flag).
     dataset = tmp_path / "eval.jsonl"
     write_questions(questions, dataset)
-    args = ["evaluate", "--dataset", str(dataset), "--model", str(model_dir), "--output", str(out),
-            "--set", "generation.max_new_tokens=4", "--set", "run.device=cpu"]
+    args = [
+        "evaluate",
+        "--dataset",
+        str(dataset),
+        "--model",
+        str(model_dir),
+        "--output",
+        str(out),
+        "--set",
+        "generation.max_new_tokens=4",
+        "--set",
+        "run.device=cpu",
+    ]
     assert main(args) == 2
     assert main(args + ["--restart"]) == 0
 

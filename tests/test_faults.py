@@ -28,24 +28,48 @@ from medcritical.io.lock import LOCK_FILE
 
 TIMEOUT_S = 300
 # Small, fast settings for the tiny model on one CPU thread.
-FAST = ["--set", "run.device=cpu", "--set", "run.threads=1", "--set", "generation.max_new_tokens=8",
-        "--set", "generation.batch_size=4"]
+FAST = [
+    "--set",
+    "run.device=cpu",
+    "--set",
+    "run.threads=1",
+    "--set",
+    "generation.max_new_tokens=8",
+    "--set",
+    "generation.batch_size=4",
+]
 
 
 def _env(tmp: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            "MEDCRITICAL_WORKDIR": str(tmp / "work"), "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "MEDCRITICAL_WORKDIR": str(tmp / "work"),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def medcritical(tmp: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medcritical.cli", *args], capture_output=True, text=True,
-                          env=env or _env(tmp), timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "medcritical.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env or _env(tmp),
+        timeout=TIMEOUT_S,
+    )
 
 
 def start(tmp: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    log = open(tmp / f"run-{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "medcritical.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                            text=True, env=env or _env(tmp))
+    log = open(tmp / f"run-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (the child process writes it)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcritical.cli", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env or _env(tmp),
+    )
     proc.log = log  # what it printed, for the failure message
     return proc
 
@@ -60,7 +84,9 @@ def kill_when(proc: subprocess.Popen, reached, what: str, timeout: float = TIMEO
     deadline = time.monotonic() + timeout
     while not reached():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point ({what}):\n{_output(proc)[-3000:]}")
+            pytest.fail(
+                f"the run ended (exit {proc.returncode}) before the kill point ({what}):\n{_output(proc)[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"kill point ({what}) not reached in {timeout} s:\n{_output(proc)[-3000:]}")
@@ -113,8 +139,18 @@ def test_prepare_data_killed_at_its_start_then_rerun(tmp_path, data_dir):
 
 def test_evaluate_killed_while_generating_concurrent_run_refused_torn_line_dropped(tmp_path, tiny_model, data_dir):
     out = tmp_path / "eval"
-    args = ["evaluate", *FAST, "--set", "evaluate.limit=8", "--model", str(tiny_model), "--dataset", str(data_dir),
-            "--output", str(out)]
+    args = [
+        "evaluate",
+        *FAST,
+        "--set",
+        "evaluate.limit=8",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(data_dir),
+        "--output",
+        str(out),
+    ]
     first = start(tmp_path, *args)
     deadline = time.monotonic() + TIMEOUT_S
     while not holds_lock(out, first.pid):
@@ -145,15 +181,32 @@ def test_evaluate_killed_while_generating_concurrent_run_refused_torn_line_dropp
 
 def test_rollout_killed_after_a_chunk_and_during_corrections_then_rerun(tmp_path, tiny_model, data_dir):
     out = tmp_path / "rollout"
-    args = ["rollout", *FAST, "--set", "selfplay.rollout.samples_per_question=2", "--set", "selfplay.rollout.chunk_size=2",
-            "--set", "selfplay.rollout.max_new_tokens=8", "--set", "selfplay.correction.attempts=1",
-            "--model", str(tiny_model), "--questions", str(data_dir), "--output", str(out)]
+    args = [
+        "rollout",
+        *FAST,
+        "--set",
+        "selfplay.rollout.samples_per_question=2",
+        "--set",
+        "selfplay.rollout.chunk_size=2",
+        "--set",
+        "selfplay.rollout.max_new_tokens=8",
+        "--set",
+        "selfplay.correction.attempts=1",
+        "--model",
+        str(tiny_model),
+        "--questions",
+        str(data_dir),
+        "--output",
+        str(out),
+    ]
     proc = start(tmp_path, *args)
     kill_when(proc, lambda: complete_lines(out / "rollouts.jsonl") >= 2, "the first chunk appended to rollouts.jsonl")
     kept = complete_lines(out / "rollouts.jsonl")
     assert 2 <= kept < 16
     proc = start(tmp_path, *args)  # the rerun, killed again once self-correction has appended a chunk
-    kill_when(proc, lambda: complete_lines(out / "corrections.jsonl") >= 1, "the first chunk appended to corrections.jsonl")
+    kill_when(
+        proc, lambda: complete_lines(out / "corrections.jsonl") >= 1, "the first chunk appended to corrections.jsonl"
+    )
     assert complete_lines(out / "rollouts.jsonl") == 16
     assert_ok(medcritical(tmp_path, *args))
     rollouts = read_jsonl(out / "rollouts.jsonl")
@@ -170,7 +223,9 @@ def test_distill_killed_mid_log_then_rerun(tmp_path):
     args = ["distill", "--questions", str(bundled_path()), "--output", str(out)]  # 400 questions, offline backend
     for events in (30, 200):  # killed twice: early, then in the rerun
         proc = start(tmp_path, *args)
-        kill_when(proc, lambda: complete_lines(out / "distill_raw.jsonl") >= events, f"{events} events in distill_raw.jsonl")
+        kill_when(
+            proc, lambda: complete_lines(out / "distill_raw.jsonl") >= events, f"{events} events in distill_raw.jsonl"
+        )
     assert_ok(medcritical(tmp_path, *args))
     replies = [e for e in read_jsonl(out / "distill_raw.jsonl") if e["event"] == "reply"]
     keys = [(e["id"], e["kind"], e["attempt"]) for e in replies]
@@ -185,14 +240,39 @@ def test_sft_killed_after_a_checkpoint_resumes(tmp_path, tiny_model, data_dir):
     from medcritical.distill.config import DistillConfig
     from medcritical.distill.run import distill
 
-    distill(DistillConfig(explanation_max_chars=40), load_questions(data_dir / "train.jsonl").questions, tmp_path / "distill")
+    distill(
+        DistillConfig(explanation_max_chars=40),
+        load_questions(data_dir / "train.jsonl").questions,
+        tmp_path / "distill",
+    )
     out = tmp_path / "sft"
-    args = ["sft", "--set", "run.device=cpu", "--set", "run.threads=1", "--set", "sft.trainer.max_steps=4",
-            "--set", "sft.trainer.save_steps=2", "--set", "sft.trainer.per_device_train_batch_size=2",
-            "--set", "sft.trainer.max_length=512", "--set", "sft.trainer.logging_steps=1", "--dataset", str(tmp_path / "distill"), "--model", str(tiny_model),
-            "--output", str(out)]
+    args = [
+        "sft",
+        "--set",
+        "run.device=cpu",
+        "--set",
+        "run.threads=1",
+        "--set",
+        "sft.trainer.max_steps=4",
+        "--set",
+        "sft.trainer.save_steps=2",
+        "--set",
+        "sft.trainer.per_device_train_batch_size=2",
+        "--set",
+        "sft.trainer.max_length=512",
+        "--set",
+        "sft.trainer.logging_steps=1",
+        "--dataset",
+        str(tmp_path / "distill"),
+        "--model",
+        str(tiny_model),
+        "--output",
+        str(out),
+    ]
     proc = start(tmp_path, *args)
-    kill_when(proc, lambda: (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file(), "checkpoint-2 saved")
+    kill_when(
+        proc, lambda: (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file(), "checkpoint-2 saved"
+    )
     assert not (out / "model").exists()  # nothing published by the killed run
     assert_ok(medcritical(tmp_path, *args))
     metrics = json.loads((out / "sft_metrics.json").read_text())
@@ -231,10 +311,16 @@ def test_s3_output_fault_stops_a_step_before_any_work(s3_env, monkeypatch, tmp_p
 def _restart(server) -> None:
     """Start the killed server again on the same ports and data folder (the fixture's command line)."""
     proc = server._proc
-    log = open(server.log_path, "ab")
-    server._proc = subprocess.Popen(proc.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=server.log_path.parent, start_new_session=True,
-                                    env={**os.environ, "TMPDIR": str(server._sockets)})
+    log = open(server.log_path, "ab")  # noqa: SIM115 (the server process writes it)
+    server._proc = subprocess.Popen(
+        proc.args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=server.log_path.parent,
+        start_new_session=True,
+        env={**os.environ, "TMPDIR": str(server._sockets)},
+    )
     server.pid = server._proc.pid
     from tests.fixtures.s3 import _wait_ready
 
@@ -308,10 +394,13 @@ def test_uploader_killed_mid_multipart_upload_rerun_leaves_none_behind(s3_env, s
     big.write_bytes(os.urandom(40 * 1024 * 1024))
     uri = f"s3://{s3_env}/run/dpo/model/weights.bin"
     client = s3_server.client()
-    code = (f"from medcritical import storage; storage.upload({str(big)!r}, {uri!r}, max_workers=1, "
-            "part_size=5 * 1024 * 1024)")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    code = (
+        f"from medcritical import storage; storage.upload({str(big)!r}, {uri!r}, max_workers=1, "
+        "part_size=5 * 1024 * 1024)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 60
     while not _unfinished_uploads(client, s3_env):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()

@@ -28,7 +28,9 @@ def texts(completions):
 
 def test_sample_seed_depends_on_seed_key_and_index_only():
     assert sample_seed(0, "q1", 0) == sample_seed(0, "q1", 0)
-    assert len({sample_seed(0, "q1", 0), sample_seed(1, "q1", 0), sample_seed(0, "q2", 0), sample_seed(0, "q1", 1)}) == 4
+    assert (
+        len({sample_seed(0, "q1", 0), sample_seed(1, "q1", 0), sample_seed(0, "q2", 0), sample_seed(0, "q1", 1)}) == 4
+    )
     assert 0 <= sample_seed(12345, "题目", 7) < 2**63
 
 
@@ -63,9 +65,10 @@ def test_samples_do_not_depend_on_batch_size_order_or_neighbours(generator, bund
     other_seed = texts(generator.generate(prompts, keys=keys, seed=4, **SAMPLING))
     assert other_seed != together
     # Without keys, the prompt's content is the key: still independent of the batch.
-    assert texts(generator.generate(prompts[:3], seed=3, **SAMPLING)) == texts(
-        small.generate(prompts[2::-1], seed=3, **SAMPLING)
-    )[::-1]
+    assert (
+        texts(generator.generate(prompts[:3], seed=3, **SAMPLING))
+        == texts(small.generate(prompts[2::-1], seed=3, **SAMPLING))[::-1]
+    )
 
 
 def test_a_split_rollout_and_correction_sample_like_an_uninterrupted_one(generator, bundled, tmp_path):
@@ -84,7 +87,9 @@ def test_a_split_rollout_and_correction_sample_like_an_uninterrupted_one(generat
     by_id = {q.id: q for q in questions}
     correction = CorrectionSection(attempts=2, temperature=1.0)
     kwargs = dict(max_new_tokens=12, seed=7)
-    one_chunk = correct_trajectories(generator, by_id, whole, correction, tmp_path / "c1.jsonl", chunk_size=10, **kwargs)
+    one_chunk = correct_trajectories(
+        generator, by_id, whole, correction, tmp_path / "c1.jsonl", chunk_size=10, **kwargs
+    )
     half = correct_trajectories(generator, by_id, whole[5:], correction, tmp_path / "c2.jsonl", chunk_size=3, **kwargs)
     resumed = correct_trajectories(generator, by_id, whole, correction, tmp_path / "c2.jsonl", chunk_size=3, **kwargs)
     assert resumed[5:] == half
@@ -96,9 +101,12 @@ def test_local_teacher_samples_do_not_depend_on_its_batches(generator, bundled):
 
     def replies(batch_size):
         got = {}
-        teacher = LocalModelTeacher(generator, name="tiny", backend="transformers", temperature=1.0, top_p=1.0,
-                                    batch_size=batch_size)
-        teacher.complete(requests, max_new_tokens=10, seed=11, on_reply=lambda r, reply: got.update({r.question.id: reply.content}))
+        teacher = LocalModelTeacher(
+            generator, name="tiny", backend="transformers", temperature=1.0, top_p=1.0, batch_size=batch_size
+        )
+        teacher.complete(
+            requests, max_new_tokens=10, seed=11, on_reply=lambda r, reply: got.update({r.question.id: reply.content})
+        )
         return got
 
     assert replies(4) == replies(3)

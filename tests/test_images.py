@@ -62,7 +62,8 @@ def test_final_stage_runs_the_cli_as_non_root(dockerfile):
     assert final.startswith("FROM ${BASE_IMAGE}"), f"{_rel(dockerfile)}: the base image is the build arg BASE_IMAGE"
     user = re.findall(r"^USER (\S+)", final, flags=re.MULTILINE)
     assert user and user[-1].split(":")[0].isdigit() and user[-1].split(":")[0] != "0", (
-        f"{_rel(dockerfile)}: the image ends with a numeric non-root USER (Kubernetes' runAsNonRoot checks it)")
+        f"{_rel(dockerfile)}: the image ends with a numeric non-root USER (Kubernetes' runAsNonRoot checks it)"
+    )
     assert 'ENTRYPOINT ["medcritical"]' in final
     assert "COPY project/recipes/ /opt/medcritical/recipes/" in final and "WORKDIR /opt/medcritical" in final
 
@@ -78,8 +79,9 @@ def test_pinned_and_free_of_secrets(dockerfile):
     if "DEEPSPEED_VERSION" in args:
         assert str(_pin("deepspeed").specifier) == f"=={args['DEEPSPEED_VERSION']}"
     text = dockerfile.read_text(encoding="utf-8")
-    assert not re.search(r"^(ENV|ARG)\s.*(PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY)", text, flags=re.MULTILINE | re.I), (
-        f"{_rel(dockerfile)}: credentials come from Kubernetes Secrets at run time, never from the image")
+    assert not re.search(
+        r"^(ENV|ARG)\s.*(PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY)", text, flags=re.MULTILINE | re.I
+    ), f"{_rel(dockerfile)}: credentials come from Kubernetes Secrets at run time, never from the image"
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
@@ -107,8 +109,14 @@ def test_inference_image_vllm_agrees_with_the_project():
 def test_build_context_holds_what_the_dockerfiles_copy(tmp_path):
     context = tmp_path / "context"
     env = {k: v for k, v in os.environ.items() if k not in ("WHEELS_DIR", "BUILD_CA_BUNDLE", "PIP_CERT")}
-    subprocess.run([str(IMAGES / "build.sh"), "context"], cwd=ROOT, check=True, capture_output=True,
-                   env={**env, "IMAGE_CONTEXT": str(context), "PYTHON": sys.executable}, timeout=120)
+    subprocess.run(
+        [str(IMAGES / "build.sh"), "context"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**env, "IMAGE_CONTEXT": str(context), "PYTHON": sys.executable},
+        timeout=120,
+    )
     for dockerfile in DOCKERFILES:
         text = re.sub(r"\\\n", " ", dockerfile.read_text(encoding="utf-8"))
         for sources in re.findall(r"^COPY (?!--from)(.*) \S+$", text, flags=re.MULTILINE):
@@ -143,8 +151,9 @@ docker_enabled = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def docker_engine():
     """A running Docker engine; one started here is stopped afterwards (by its PID file)."""
-    result = subprocess.run([str(IMAGES / "local" / "docker-engine.sh"), "start"], capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [str(IMAGES / "local" / "docker-engine.sh"), "start"], capture_output=True, text=True, timeout=900
+    )
     if result.returncode != 0:
         pytest.fail(f"no Docker engine:\n{result.stdout}\n{result.stderr}")
     yield
@@ -168,16 +177,27 @@ def cpu_image(docker_engine):
     wheels = _wheels_dir()
     if wheels:  # offline: torch's CPU build from the local wheel, no PyTorch index
         env.update(WHEELS_DIR=wheels, TORCH_INDEX_URL="")
-    result = subprocess.run([str(IMAGES / "build.sh"), "cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=3600)
+    result = subprocess.run(
+        [str(IMAGES / "build.sh"), "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600
+    )
     assert result.returncode == 0, f"image build failed:\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
     return f"medcritical-cpu:{version}"
 
 
 def _run(image: str, *command: str, entrypoint: str | None = None) -> subprocess.CompletedProcess:
     # As a Job runs it: no network, read-only root filesystem, writable /tmp and home.
-    docker = ["docker", "run", "--rm", "--network", "none", "--read-only",
-              "--tmpfs", "/tmp:rw,mode=1777", "--tmpfs", "/home/medcritical:rw,uid=10001,gid=10001,mode=0755"]
+    docker = [
+        "docker",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,mode=1777",
+        "--tmpfs",
+        "/home/medcritical:rw,uid=10001,gid=10001,mode=0755",
+    ]
     if entrypoint:
         docker += ["--entrypoint", entrypoint]
     return subprocess.run([*docker, image, *command], capture_output=True, text=True, timeout=1800)

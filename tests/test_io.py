@@ -63,8 +63,13 @@ def test_model_fingerprint_follows_weights_not_path(tmp_path):
 def test_second_writer_is_refused_with_the_holder_named(tmp_path):
     with output_lock(tmp_path, "evaluate"):
         other = subprocess.run(
-            [sys.executable, "-c", f"from medcritical.io.lock import output_lock\nwith output_lock({str(tmp_path)!r}): pass"],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-c",
+                f"from medcritical.io.lock import output_lock\nwith output_lock({str(tmp_path)!r}): pass",
+            ],
+            capture_output=True,
+            text=True,
         )
         assert other.returncode != 0
         assert "another run is writing here (evaluate by PID" in other.stderr
@@ -74,9 +79,14 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path):
 
 def test_lock_of_a_killed_process_is_stale(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time\nfrom medcritical.io.lock import output_lock\n"
-         f"with output_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"import time\nfrom medcritical.io.lock import output_lock\n"
+            f"with output_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "held"
     holder.kill()

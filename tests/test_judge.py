@@ -24,19 +24,42 @@ from medcritical.modeling.config import GenerationConfig
 from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
 
 
-@pytest.mark.parametrize("reply,verdict", [("1", True), ("2", False), (" 1\n", True), ("12", None), ("1.", None),
-                                          ("正确", None), ("", None), ("答案是1", None)])
+@pytest.mark.parametrize(
+    "reply,verdict",
+    [
+        ("1", True),
+        ("2", False),
+        (" 1\n", True),
+        ("12", None),
+        ("1.", None),
+        ("正确", None),
+        ("", None),
+        ("答案是1", None),
+    ],
+)
 def test_paper_verdict_is_one_token_1_or_2(reply, verdict):
     assert parse_paper_verdict(reply) is verdict
 
 
 @pytest.mark.parametrize(
     "reply,verdict",
-    [("判定：正确", True), ("判定：错误", False), ("理由：与参考答案一致。\n判定：正确", True), ("判定: 错误。", False),
-     ("Verdict: correct", True), ("The reasons.\nVERDICT: Incorrect.", False), ("<think>想想</think>\n判定：错误", False),
-     # Never a guess: anything but the strict last line is an error.
-     ("The answer is not correct.", None), ("不完全正确", None), ("正确", None), ("correct", None),
-     ("判定：正确\n但也可能错误", None), ("判定：部分正确", None), ("", None)],
+    [
+        ("判定：正确", True),
+        ("判定：错误", False),
+        ("理由：与参考答案一致。\n判定：正确", True),
+        ("判定: 错误。", False),
+        ("Verdict: correct", True),
+        ("The reasons.\nVERDICT: Incorrect.", False),
+        ("<think>想想</think>\n判定：错误", False),
+        # Never a guess: anything but the strict last line is an error.
+        ("The answer is not correct.", None),
+        ("不完全正确", None),
+        ("正确", None),
+        ("correct", None),
+        ("判定：正确\n但也可能错误", None),
+        ("判定：部分正确", None),
+        ("", None),
+    ],
 )
 def test_rubric_verdict_is_a_strict_last_line(reply, verdict):
     assert parse_rubric_verdict(reply) is verdict
@@ -54,7 +77,10 @@ def test_what_the_student_and_the_judge_are_asked(bundled):
     assert reference_answer(q) == "；".join(q.options[letter] for letter in q.answer)  # texts, no letters
 
     assert judge_request("judge-paper", JudgeConfig()) == {
-        "temperature": 0.0, "max_tokens": 1, "structured_outputs": {"choice": ["1", "2"]}}
+        "temperature": 0.0,
+        "max_tokens": 1,
+        "structured_outputs": {"choice": ["1", "2"]},
+    }
     assert judge_request("judge-paper", JudgeConfig(verdict_constraint="guided_choice"))["guided_choice"] == ["1", "2"]
     assert judge_request("judge-paper", JudgeConfig(verdict_constraint="none")) == {"temperature": 0.0, "max_tokens": 1}
     assert judge_request("judge-rubric", JudgeConfig(max_tokens=300)) == {"temperature": 0.0, "max_tokens": 300}
@@ -67,8 +93,10 @@ def test_judge_errors_are_dropped_and_counted_never_guessed(bundled):
 
     def judge(items):
         assert [item["response"] for item in items] == ["回答0", "回答1", "回答2", "回答3"]  # rubric: after </think>
-        return {item["id"]: {"verdict": v, "error": None if v is not None else "no judge-rubric verdict", "reply": "?"}
-                for item, v in zip(items, verdicts)}
+        return {
+            item["id"]: {"verdict": v, "error": None if v is not None else "no judge-rubric verdict", "reply": "?"}
+            for item, v in zip(items, verdicts)
+        }
 
     rows = grade_with_judge("judge-rubric", questions, outputs, judge)
     assert [r["correct"] for r in rows] == [True, False, False, True]
@@ -82,8 +110,10 @@ def judge_env(monkeypatch):
 
 
 def paper_config(url, **judge):
-    return EvaluateConfig(protocol="judge-paper", judge=JudgeConfig(base_url=url, model="teacher-model", max_retries=1,
-                                                                     timeout_s=0.5, **judge))
+    return EvaluateConfig(
+        protocol="judge-paper",
+        judge=JudgeConfig(base_url=url, model="teacher-model", max_retries=1, timeout_s=0.5, **judge),
+    )
 
 
 FAULTS = {
@@ -114,7 +144,9 @@ def test_judge_outage_ends_non_zero_and_the_rerun_asks_only_the_missing(kind, tm
         with pytest.raises(EndpointFailures) as error:
             evaluate_model(config, generation, questions, tiny_model, tmp_path, device="cpu")
         message = str(error.value)
-        assert message.startswith(f"evaluate (judge-paper): 2 requests to {endpoint.base_url}") and f"2 {kind}" in message
+        assert (
+            message.startswith(f"evaluate (judge-paper): 2 requests to {endpoint.base_url}") and f"2 {kind}" in message
+        )
         assert "rerun" in message and not (tmp_path / "report.json").exists()  # no number from an outage
         saved = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
         assert len(saved) == 4 and {r["id"] for r in saved}.isdisjoint({questions[2].id, questions[5].id})
@@ -123,9 +155,17 @@ def test_judge_outage_ends_non_zero_and_the_rerun_asks_only_the_missing(kind, tm
         asked_before = len(endpoint.requests)
         report = evaluate_model(config, generation, questions, tiny_model, tmp_path, device="cpu")
         asked_again = endpoint.user_texts()[asked_before:]
-    assert sorted(next(q.id for q in questions if q.question in t) for t in asked_again) == sorted([questions[2].id, questions[5].id])
+    assert sorted(next(q.id for q in questions if q.question in t) for t in asked_again) == sorted(
+        [questions[2].id, questions[5].id]
+    )
     # The paper's denominator: judged rows only; the judge error is dropped and counted beside it.
-    assert (report["protocol"], report["n"], report["correct"], report["dropped"], report["questions"]) == ("judge-paper", 5, 2, 1, 6)
+    assert (report["protocol"], report["n"], report["correct"], report["dropped"], report["questions"]) == (
+        "judge-paper",
+        5,
+        2,
+        1,
+        6,
+    )
     assert report["dropped_ids"] == [questions[0].id]
     assert "2/5; 1 of 6 dropped: no verdict" in (tmp_path / "report.md").read_text()
     body = endpoint.requests[0]["body"]
@@ -138,12 +178,20 @@ def test_judge_endpoint_is_probed_before_the_student_generates(tmp_path, tiny_mo
     with StandInEndpoint(lambda body, count: completion("1")) as endpoint:
         url = endpoint.base_url  # stopped when the block ends: nothing listens there any more
     with pytest.raises(EndpointError, match="cannot be reached"):
-        evaluate_model(paper_config(url), GenerationConfig(max_new_tokens=4), bundled[:2], tiny_model, tmp_path, device="cpu")
+        evaluate_model(
+            paper_config(url), GenerationConfig(max_new_tokens=4), bundled[:2], tiny_model, tmp_path, device="cpu"
+        )
     assert not (tmp_path / "outputs.jsonl").exists()
     monkeypatch.delenv("MEDCRITICAL_JUDGE_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="MEDCRITICAL_JUDGE_BASE_URL"):
-        evaluate_model(EvaluateConfig(protocol="judge-rubric"), GenerationConfig(max_new_tokens=4), bundled[:2],
-                       tiny_model, tmp_path, device="cpu")
+        evaluate_model(
+            EvaluateConfig(protocol="judge-rubric"),
+            GenerationConfig(max_new_tokens=4),
+            bundled[:2],
+            tiny_model,
+            tmp_path,
+            device="cpu",
+        )
 
 
 def test_old_protocol_name_is_refused():

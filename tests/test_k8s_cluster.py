@@ -38,7 +38,9 @@ NAMESPACE = "medcritical"
 TIMEOUT_S = int(os.environ.get("MEDCRITICAL_CLUSTER_TIMEOUT", "1800"))
 
 
-def kubectl(*args: str, stdin: str | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+def kubectl(
+    *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess:
     result = subprocess.run([_kubectl(), *args], input=stdin, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
@@ -70,7 +72,9 @@ def _ensure_s3_secret() -> None:
     if kubectl("-n", NAMESPACE, "get", "secret", "medcritical-s3", check=False).returncode == 0:
         return
     secret = {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "medcritical-s3", "namespace": NAMESPACE},
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "medcritical-s3", "namespace": NAMESPACE},
         "stringData": {
             "MEDCRITICAL_S3_ENDPOINT": f"http://minio.{NAMESPACE}.svc:9000",
             "AWS_ACCESS_KEY_ID": f"medcritical-{secrets.token_hex(4)}",
@@ -113,8 +117,12 @@ def test_dev_overlay_and_demo_job_write_to_minio(cluster):
     _wait_for_job("medcritical-demo", TIMEOUT_S)
 
     # The run's outputs, read back from MinIO through a port-forward to this machine.
-    forward = subprocess.Popen([_kubectl(), "-n", NAMESPACE, "port-forward", "svc/minio", ":9000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    forward = subprocess.Popen(
+        [_kubectl(), "-n", NAMESPACE, "port-forward", "svc/minio", ":9000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = forward.stdout.readline()
         port = re.search(r"127\.0\.0\.1:(\d+)", line)
@@ -122,24 +130,34 @@ def test_dev_overlay_and_demo_job_write_to_minio(cluster):
         from minio import Minio
 
         keys = _s3_keys()
-        client = Minio(f"127.0.0.1:{port.group(1)}", access_key=keys["AWS_ACCESS_KEY_ID"],
-                       secret_key=keys["AWS_SECRET_ACCESS_KEY"], secure=False, region=keys.get("AWS_REGION"))
+        client = Minio(
+            f"127.0.0.1:{port.group(1)}",
+            access_key=keys["AWS_ACCESS_KEY_ID"],
+            secret_key=keys["AWS_SECRET_ACCESS_KEY"],
+            secure=False,
+            region=keys.get("AWS_REGION"),
+        )
         names = [o.object_name for o in client.list_objects("medcritical", prefix="runs/demo/", recursive=True)]
     finally:
         forward.terminate()
         forward.wait(timeout=30)
     assert names, "the demo Job completed but wrote nothing under s3://medcritical/runs/demo/"
     assert any(name.endswith("report.json") for name in names), f"no report.json among {names[:20]}"
-    print(f"{len(names)} objects under s3://medcritical/runs/demo/ on Kubernetes {cluster.get('gitVersion')}",
-          file=sys.stderr)
+    print(
+        f"{len(names)} objects under s3://medcritical/runs/demo/ on Kubernetes {cluster.get('gitVersion')}",
+        file=sys.stderr,
+    )
 
 
-@pytest.mark.parametrize("directory, crd", [
-    ("sft-multinode", "trainjobs.trainer.kubeflow.org"),
-    ("dpo-multinode", "trainjobs.trainer.kubeflow.org"),
-    ("sft-multinode-legacy", "pytorchjobs.kubeflow.org"),
-    ("dpo-multinode-legacy", "pytorchjobs.kubeflow.org"),
-])
+@pytest.mark.parametrize(
+    "directory, crd",
+    [
+        ("sft-multinode", "trainjobs.trainer.kubeflow.org"),
+        ("dpo-multinode", "trainjobs.trainer.kubeflow.org"),
+        ("sft-multinode-legacy", "pytorchjobs.kubeflow.org"),
+        ("dpo-multinode-legacy", "pytorchjobs.kubeflow.org"),
+    ],
+)
 def test_multinode_jobs_pass_the_servers_own_validation(cluster, directory, crd):
     """The API server checks the real CRD (and its CEL rules, webhooks) with a server-side dry run:
     what the vendored schema subsets in k8s/crds/ approximate offline."""

@@ -101,8 +101,12 @@ def schema_errors(obj: dict) -> list[str]:
         # The CRD embeds core/v1 PodTemplateSpec: check each template as a PodTemplate, strictly.
         for pod in k8s_rules.pod_templates(obj):
             template_path = pod.path.removesuffix(".spec")
-            template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"},
-                        "template": {"metadata": {}, "spec": pod.spec}}
+            template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "template"},
+                "template": {"metadata": {}, "spec": pod.spec},
+            }
             for message in _kubernetes_errors(template):
                 errors.append(f"{oid}: {template_path}{message.removeprefix('template')}")
         return errors
@@ -130,6 +134,7 @@ def documented_secrets() -> set[str]:
 
 
 # ---- every kustomization ----
+
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
 def test_kustomization_builds(directory):
@@ -244,14 +249,17 @@ def test_trainjob_pod_is_checked_as_the_runtime_builds_it():
     broken = yaml.safe_load(yaml.safe_dump(job))
     del broken["spec"]["activeDeadlineSeconds"]
     broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] = [
-        v for v in broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] if v["name"] != "dshm"]
-    messages = "\n".join(map(str, k8s_rules.check([broken], external_secrets={"medcritical-s3"},
-                                                  provided=build(K8S / "base"))))
+        v for v in broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] if v["name"] != "dshm"
+    ]
+    messages = "\n".join(
+        map(str, k8s_rules.check([broken], external_secrets={"medcritical-s3"}, provided=build(K8S / "base")))
+    )
     assert "TrainJob/medcritical-dpo-multinode: spec.activeDeadlineSeconds: missing" in messages
     assert "no volume named 'dshm'" in messages and "/dev/shm" in messages
 
 
 # ---- the manifests agree with the rest of the project ----
+
 
 def _project_version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
@@ -292,7 +300,7 @@ def _cli_argv(container: dict) -> list[str] | None:
     if not command:
         return args
     if command == ["torchrun"] and "medcritical.cli" in args:
-        return args[args.index("medcritical.cli") + 1:]
+        return args[args.index("medcritical.cli") + 1 :]
     return None  # another program (e.g. the bucket job's python -c)
 
 
@@ -315,8 +323,10 @@ def test_job_arguments_parse_with_the_cli(directory, capsys):
         try:
             parser.parse_args(argv)
         except SystemExit:
-            pytest.fail(f"{k8s_rules.object_id(obj)} container {container['name']}: `medcritical "
-                        f"{' '.join(argv)}` does not parse:\n{capsys.readouterr().err}")
+            pytest.fail(
+                f"{k8s_rules.object_id(obj)} container {container['name']}: `medcritical "
+                f"{' '.join(argv)}` does not parse:\n{capsys.readouterr().err}"
+            )
 
 
 def _recipe_file(directory: Path, pod, container: dict, path: str, tmp_path: Path) -> Path:
@@ -328,8 +338,9 @@ def _recipe_file(directory: Path, pod, container: dict, path: str, tmp_path: Pat
         prefix = mount["mountPath"].rstrip("/") + "/"
         config_map = (volumes.get(mount["name"]) or {}).get("configMap")
         if config_map and path.startswith(prefix):
-            data = next(o for o in build(directory) if o["kind"] == "ConfigMap"
-                        and o["metadata"]["name"] == config_map["name"])["data"]
+            data = next(
+                o for o in build(directory) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == config_map["name"]
+            )["data"]
             target = tmp_path / path.removeprefix(prefix)
             target.write_text(data[path.removeprefix(prefix)], encoding="utf-8")
             return target
@@ -341,7 +352,7 @@ def test_job_recipes_and_overrides_load(directory, tmp_path, monkeypatch):
     from medcritical.recipe import load_recipe
 
     monkeypatch.chdir(ROOT)  # the image's working directory holds the same recipes/ as the checkout
-    for obj, pod, container, argv in _step_commands(directory):
+    for _obj, pod, container, argv in _step_commands(directory):
         if "--recipe" not in argv:
             continue
         recipe = _recipe_file(directory, pod, container, argv[argv.index("--recipe") + 1], tmp_path)
@@ -358,7 +369,9 @@ def test_secrets_are_documented_with_examples():
     for example in sorted((K8S / "secrets").glob("*.env.example")):
         assert _rel(example).removesuffix(".example") in docs, f"{_rel(example)} is not explained in {_rel(DOCS)}"
         for line in example.read_text(encoding="utf-8").splitlines():
-            if line.startswith(("AWS_SECRET_ACCESS_KEY=", "MEDCRITICAL_TEACHER_API_KEY=", "MEDCRITICAL_JUDGE_API_KEY=")):
+            if line.startswith(
+                ("AWS_SECRET_ACCESS_KEY=", "MEDCRITICAL_TEACHER_API_KEY=", "MEDCRITICAL_JUDGE_API_KEY=")
+            ):
                 assert "replace-me" in line, f"{_rel(example)}: example files hold placeholders, never keys"
 
 
@@ -395,7 +408,8 @@ def test_multinode_jobs_keep_the_recipes_global_batch(name, tmp_path, monkeypatc
 
         assert global_batch(job, gpus) == global_batch(base, 1), (
             f"{k8s_rules.object_id(obj)}: global batch {global_batch(job, gpus)} on {gpus} GPUs, the recipe's is "
-            f"{global_batch(base, 1)}")
+            f"{global_batch(base, 1)}"
+        )
 
 
 @pytest.mark.parametrize("directory", JOB_DIRS, ids=lambda d: d.name)
@@ -408,17 +422,23 @@ def test_work_folder_is_on_the_largest_disk_volume(directory):
         workdir = env.get("MEDCRITICAL_WORKDIR")
         assert workdir, f"{k8s_rules.object_id(obj)}: set MEDCRITICAL_WORKDIR (default: the small home emptyDir)"
         volumes = {v["name"]: v for v in pod.spec["volumes"]}
-        mount = max((m for m in container["volumeMounts"] if workdir.startswith(m["mountPath"].rstrip("/") + "/")),
-                    key=lambda m: len(m["mountPath"]))
-        sizes = {name: quantity(v["emptyDir"]["sizeLimit"]) for name, v in volumes.items()
-                 if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+        mount = max(
+            (m for m in container["volumeMounts"] if workdir.startswith(m["mountPath"].rstrip("/") + "/")),
+            key=lambda m: len(m["mountPath"]),
+        )
+        sizes = {
+            name: quantity(v["emptyDir"]["sizeLimit"])
+            for name, v in volumes.items()
+            if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+        }
         assert mount["name"] == max(sizes, key=sizes.get), f"{k8s_rules.object_id(obj)}: work folder on {mount['name']}"
         requests = container["resources"]["requests"]
         assert quantity(requests["ephemeral-storage"]) >= sum(sizes.values()), k8s_rules.object_id(obj)
 
 
-@pytest.mark.parametrize("recipe", ["recipes/paper-7b-lora.yaml", "recipes/demo.yaml",
-                                    "k8s/components/step-config/recipe.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["recipes/paper-7b-lora.yaml", "recipes/demo.yaml", "k8s/components/step-config/recipe.yaml"]
+)
 def test_medcritical_plan_passes_for_the_jobs(recipe, capsys, monkeypatch):
     """The sizing preflight (docs/sizing.md) against every Job: each step has a manifest that fits."""
     from medcritical.cli import main

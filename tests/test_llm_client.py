@@ -113,7 +113,11 @@ def test_malformed_success_body_is_recorded():
 def test_connection_dropped_mid_reply_is_retried_then_recorded():
     def respond(body, count):
         text = body["messages"][-1]["content"]
-        return completion(f"ok {text}") if text == "drop-once" and count else Response(body=completion("x").body, drop=True)
+        return (
+            completion(f"ok {text}")
+            if text == "drop-once" and count
+            else Response(body=completion("x").body, drop=True)
+        )
 
     with StandInEndpoint(respond) as endpoint:
         replies = client_for(endpoint, max_retries=1).chat_many([conversation("drop-once"), conversation("always")])
@@ -147,8 +151,11 @@ def test_connection_refused_is_retried_then_recorded():
 @pytest.mark.parametrize("status", [401, 403, 404])
 def test_auth_and_not_found_stop_at_once_without_leaking_the_key(status, caplog):
     caplog.set_level(logging.DEBUG)
+
     # The server echoes the key in its error text, as some proxies do; the client must mask it.
-    respond = lambda body, count: Response(status, {"error": f"bad key {KEY}"})
+    def respond(body, count):
+        return Response(status, {"error": f"bad key {KEY}"})
+
     with StandInEndpoint(respond) as endpoint:
         client = client_for(endpoint, concurrency=2, key_source="the environment variable MY_KEY")
         with pytest.raises(EndpointError) as error:
@@ -236,9 +243,11 @@ def test_raise_if_failed_names_endpoint_counts_and_kinds_never_the_key():
 def test_probe_lists_models_and_stops_on_a_dead_endpoint_or_refused_key():
     with StandInEndpoint(lambda body, count: completion("x")) as endpoint:
         assert client_for(endpoint).probe() == ["teacher-model"]
-    with StandInEndpoint(lambda body, count: completion("x"), models=Response(401, {"error": "no"})) as endpoint:
-        with pytest.raises(EndpointError, match="HTTP 401"):
-            client_for(endpoint).probe()
+    with (
+        StandInEndpoint(lambda body, count: completion("x"), models=Response(401, {"error": "no"})) as endpoint,
+        pytest.raises(EndpointError, match="HTTP 401"),
+    ):
+        client_for(endpoint).probe()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -254,7 +263,9 @@ def test_safe_url_drops_credentials():
 def test_from_section_reads_settings_and_environment(monkeypatch):
     from medcritical.distill.config import OpenAITeacher
 
-    section = OpenAITeacher(concurrency=3, timeout_s=9, max_retries=1, max_failed_requests=4, extra_body={"stop": ["x"]})
+    section = OpenAITeacher(
+        concurrency=3, timeout_s=9, max_retries=1, max_failed_requests=4, extra_body={"stop": ["x"]}
+    )
     monkeypatch.delenv("MEDCRITICAL_TEACHER_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="MEDCRITICAL_TEACHER_BASE_URL"):
         ChatClient.from_section(section, "MEDCRITICAL_TEACHER")
@@ -262,6 +273,11 @@ def test_from_section_reads_settings_and_environment(monkeypatch):
     monkeypatch.setenv("MEDCRITICAL_TEACHER_MODEL", "QwQ-32B")
     monkeypatch.setenv("MEDCRITICAL_TEACHER_API_KEY", KEY)
     client = ChatClient.from_section(section, "MEDCRITICAL_TEACHER")
-    assert (client.base_url, client.model, client.concurrency, client.timeout_s) == ("http://teacher:8000/v1", "QwQ-32B", 3, 9)
+    assert (client.base_url, client.model, client.concurrency, client.timeout_s) == (
+        "http://teacher:8000/v1",
+        "QwQ-32B",
+        3,
+        9,
+    )
     assert client.extra_body == {"stop": ["x"]} and client._api_key == KEY and KEY not in repr(client)
     assert (client.max_retries, client.max_failed_requests) == (1, 4)

@@ -8,7 +8,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def package_folders() -> set[str]:
     found = set()
-    roots = {"src/medcritical": "medcritical", "components": "medcritical.components", "pipelines": "medcritical.pipelines"}
+    roots = {
+        "src/medcritical": "medcritical",
+        "components": "medcritical.components",
+        "pipelines": "medcritical.pipelines",
+    }
     for root, name in roots.items():
         for init in (REPO / root).rglob("__init__.py"):
             relative = init.parent.relative_to(REPO / root)

@@ -15,8 +15,15 @@ from medcritical.selfplay.step import make_pairs
 def sample(question, n, text, tokens=10):
     """A rollout record for `text`, graded by the real grader."""
     grade = grade_answer(text, question.answer, question.options)
-    return {"question_id": question.id, "sample": n, "trajectory": text, "predicted": grade.predicted,
-            "gold": question.answer, "correct": grade.correct, "num_tokens": tokens}
+    return {
+        "question_id": question.id,
+        "sample": n,
+        "trajectory": text,
+        "predicted": grade.predicted,
+        "gold": question.answer,
+        "correct": grade.correct,
+        "num_tokens": tokens,
+    }
 
 
 def wrong_letter(question):
@@ -26,9 +33,16 @@ def wrong_letter(question):
 def correction(question, n, text, tokens=10):
     """A correction record whose accepted rewrite (the chosen text) is `text` when it reaches gold."""
     ok = grade_answer(text, question.answer, question.options).correct
-    return {"question_id": question.id, "sample": n, "corrector": "self", "attempts": [], "corrected": ok,
-            "correction": "<think>之前的回答错了</think>\n答案：" + question.answer if ok else None,
-            "chosen": text if ok else None, "chosen_tokens": tokens if ok else None}
+    return {
+        "question_id": question.id,
+        "sample": n,
+        "corrector": "self",
+        "attempts": [],
+        "corrected": ok,
+        "correction": "<think>之前的回答错了</think>\n答案：" + question.answer if ok else None,
+        "chosen": text if ok else None,
+        "chosen_tokens": tokens if ok else None,
+    }
 
 
 @pytest.fixture
@@ -64,16 +78,29 @@ def test_filters_dedup_length_ratio_cap_and_source_switch(questions):
         sample(q, 4, f"<think>d</think>\n答案：{bad}", tokens=10),
         sample(q, 5, f"<think>ok</think>\n答案：{q.answer}", tokens=10),
     ]
-    corrections = [correction(q, 3, f"<think>fix</think>\n答案：{q.answer}", tokens=12),
-                   correction(q, 4, f"<think>still</think>\n答案：{bad}")]  # failed: not a chosen
+    corrections = [
+        correction(q, 3, f"<think>fix</think>\n答案：{q.answer}", tokens=12),
+        correction(q, 4, f"<think>still</think>\n答案：{bad}"),
+    ]  # failed: not a chosen
     config = PairsSection(max_length_ratio=2.0, max_pairs_per_question=2)
     train, _, stats = build_preference_pairs([q], rollouts, corrections, config)
-    assert stats["dropped"] == {"duplicate_rejected": 1, "refers_back": 0, "chosen_format": 0, "no_chosen": 0, "too_long": 1, "duplicate_pair": 0, "over_cap": 1}
+    assert stats["dropped"] == {
+        "duplicate_rejected": 1,
+        "refers_back": 0,
+        "chosen_format": 0,
+        "no_chosen": 0,
+        "too_long": 1,
+        "duplicate_pair": 0,
+        "over_cap": 1,
+    }
     assert [p["chosen_source"] for p in train] == ["correction", "sample"]
     for p in train:
         assert p["chosen_tokens"] <= 2.0 * p["rejected_tokens"]
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
-        assert grade_answer(chosen, q.answer, q.options).correct and not grade_answer(rejected, q.answer, q.options).correct
+        assert (
+            grade_answer(chosen, q.answer, q.options).correct
+            and not grade_answer(rejected, q.answer, q.options).correct
+        )
 
     only_corrections = PairsSection(use_correct_samples=False, max_pairs_per_question=4)
     train, _, stats = build_preference_pairs([q], rollouts, corrections, only_corrections)
@@ -83,13 +110,20 @@ def test_filters_dedup_length_ratio_cap_and_source_switch(questions):
 def test_heldout_split_is_by_whole_question(questions):
     rollouts, corrections = [], []
     for q in questions:
-        rollouts += [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"<think>x</think>答案：{wrong_letter(q)}"),
-                     sample(q, 2, f"<think>y</think>答案：{q.answer}")]
-    train, heldout, stats = build_preference_pairs(questions, rollouts, corrections, PairsSection(heldout_fraction=0.34), seed=3)
+        rollouts += [
+            sample(q, 0, f"答案：{wrong_letter(q)}"),
+            sample(q, 1, f"<think>x</think>答案：{wrong_letter(q)}"),
+            sample(q, 2, f"<think>y</think>答案：{q.answer}"),
+        ]
+    train, heldout, stats = build_preference_pairs(
+        questions, rollouts, corrections, PairsSection(heldout_fraction=0.34), seed=3
+    )
     assert stats["heldout_questions"] == 2 and len(heldout) == 4 and len(train) == 8
     assert not {p["question_id"] for p in train} & {p["question_id"] for p in heldout}
     # Seeded and independent of input order.
-    again = build_preference_pairs(questions[::-1], rollouts[::-1], corrections, PairsSection(heldout_fraction=0.34), seed=3)
+    again = build_preference_pairs(
+        questions[::-1], rollouts[::-1], corrections, PairsSection(heldout_fraction=0.34), seed=3
+    )
     assert {p["question_id"] for p in again[1]} == {p["question_id"] for p in heldout}
 
 
@@ -134,8 +168,11 @@ def test_answer_level_pairs_keep_only_the_final_answer_statements(questions):
 def test_pair_diagnostics_lengths_sources_and_same_letters(questions):
     q = questions[0]
     bad = wrong_letter(q)
-    rollouts = [sample(q, 0, f"<think>a</think>\n答案：{bad}", tokens=10), sample(q, 1, f"<think>bb</think>\n答案：{bad}", tokens=10),
-                sample(q, 2, f"<think>正确的</think>\n答案：{q.answer}", tokens=15)]
+    rollouts = [
+        sample(q, 0, f"<think>a</think>\n答案：{bad}", tokens=10),
+        sample(q, 1, f"<think>bb</think>\n答案：{bad}", tokens=10),
+        sample(q, 2, f"<think>正确的</think>\n答案：{q.answer}", tokens=15),
+    ]
     corrections = [correction(q, 0, f"<think>改写后的独立解答</think>\n答案：{q.answer}", tokens=12)]
     train, _, stats = build_preference_pairs([q], rollouts, corrections, PairsSection())
     d = stats["diagnostics"]
@@ -149,8 +186,10 @@ def test_pair_diagnostics_lengths_sources_and_same_letters(questions):
 
 def test_a_correct_sample_that_refers_back_or_breaks_the_format_is_never_chosen(questions):
     q = questions[0]
-    rollouts = [sample(q, 0, f"<think>x</think>\n答案：{wrong_letter(q)}"),
-                sample(q, 1, f"<think>上一次我选错了</think>\n答案：{q.answer}")]
+    rollouts = [
+        sample(q, 0, f"<think>x</think>\n答案：{wrong_letter(q)}"),
+        sample(q, 1, f"<think>上一次我选错了</think>\n答案：{q.answer}"),
+    ]
     train, _, stats = build_preference_pairs([q], rollouts, [], PairsSection())
     assert train == [] and stats["dropped"]["refers_back"] == 1 and stats["dropped"]["no_chosen"] == 1
 

@@ -54,8 +54,17 @@ def test_max_pairs_keeps_a_seeded_subset(bundled):
         for n, letter in enumerate((wrong, q.answer)):
             text = f"<think>{n}</think>\n答案：{letter}"
             grade = grade_answer(text, q.answer, q.options)
-            rollouts.append({"question_id": q.id, "sample": n, "trajectory": text, "predicted": grade.predicted,
-                             "gold": q.answer, "correct": grade.correct, "num_tokens": 10})
+            rollouts.append(
+                {
+                    "question_id": q.id,
+                    "sample": n,
+                    "trajectory": text,
+                    "predicted": grade.predicted,
+                    "gold": q.answer,
+                    "correct": grade.correct,
+                    "num_tokens": 10,
+                }
+            )
     config = PairsSection(max_pairs=12, heldout_fraction=0.0)
     train, _, stats = build_preference_pairs(questions, rollouts, corrections, config, seed=1)
     again, _, _ = build_preference_pairs(questions, list(reversed(rollouts)), corrections, config, seed=1)

@@ -46,9 +46,14 @@ def test_gpu_steps_get_shm_secret_and_gpu_parameters(tmp_path):
     pipeline_doc, platform_doc = docs
     executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     sft = next(v for k, v in executors.items() if k == "exec-sft")
-    assert sft["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"}]
+    assert sft["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"}
+    ]
     assert {e["envVar"] for s in sft["secretAsEnv"] for e in s["keyToEnv"]} == {
-        "MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        "MEDCRITICAL_S3_ENDPOINT",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
     # The teacher's and the judge's endpoint settings come from optional Secrets, the API key never from the recipe.
     distill_secrets = executors["exec-distill"]["secretAsEnv"]
     teacher = next(s for s in distill_secrets if "MEDCRITICAL_TEACHER_API_KEY" in json.dumps(s))
@@ -116,8 +121,14 @@ def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, mon
     monkeypatch.setattr(rest.RESTClientObject, "request", request)
     recipe = load_recipe(PAPER_RECIPE)
     client = kfp.Client(host="http://kfp.invalid")
-    result = submit_run(recipe, "http://kfp.invalid", experiment="medcritical", run_name="paper-1",
-                        params=["train_gpus=8", "run_root=s3://b/runs/paper"], client=client)
+    result = submit_run(
+        recipe,
+        "http://kfp.invalid",
+        experiment="medcritical",
+        run_name="paper-1",
+        params=["train_gpus=8", "run_root=s3://b/runs/paper"],
+        client=client,
+    )
     assert result.run_id == "run-42"
     method, url, body = next(c for c in calls if c[1].endswith("/runs"))
     assert method == "POST" and body["experiment_id"] == "exp-1" and body["display_name"] == "paper-1"
@@ -176,8 +187,13 @@ def test_every_task_has_requests_limits_timeout_and_retries():
     for name, task in pipeline_doc["root"]["dag"]["tasks"].items():
         assert task["retryPolicy"]["maxRetryCount"] == 2, name
     # GPU tasks tolerate the GPU taint without being told; memory of GPU tasks is a parameter.
-    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in executors["exec-sft"]["tolerations"]
-    assert "train_memory" in pipeline_doc["deploymentSpec"]["executors"]["exec-sft"]["container"]["resources"]["resourceMemoryLimit"]
+    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in executors["exec-sft"][
+        "tolerations"
+    ]
+    assert (
+        "train_memory"
+        in pipeline_doc["deploymentSpec"]["executors"]["exec-sft"]["container"]["resources"]["resourceMemoryLimit"]
+    )
     # The work folder is on a volume of the planned size, not the node's root disk.
     volume = executors["exec-sft"]["genericEphemeralVolume"][0]
     assert volume["mountPath"] == "/medcritical-work" and volume["size"] == "400Gi"
@@ -248,15 +264,28 @@ def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, m
     monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
     token = tmp_path / "token"
     token.write_text("secret-token\n")
-    result = submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="medcritical", run_name="r",
-                        params=[], namespace="team-alice", token_file=str(token))
+    result = submit_run(
+        load_recipe(PAPER_RECIPE),
+        "http://kfp.invalid",
+        experiment="medcritical",
+        run_name="r",
+        params=[],
+        namespace="team-alice",
+        token_file=str(token),
+    )
     assert result.run_id == "run-7"
     listing = next(c for c in calls if c[1].endswith("/experiments") and c[0] == "GET")
     assert listing[2].get("namespace") == "team-alice"
     assert calls and all(c[3].get("authorization") == "Bearer secret-token" for c in calls)
     with pytest.raises(FileNotFoundError, match="--token-file"):
-        submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="e", run_name="r", params=[],
-                   token_file=str(tmp_path / "missing"))
+        submit_run(
+            load_recipe(PAPER_RECIPE),
+            "http://kfp.invalid",
+            experiment="e",
+            run_name="r",
+            params=[],
+            token_file=str(tmp_path / "missing"),
+        )
 
 
 def test_a_model_of_unknown_shape_still_compiles_at_the_minimum_sizes(tmp_path):

@@ -57,7 +57,17 @@ def test_whole_pipeline_runs_locally_with_s3_artifacts(s3_env, s3_server, tmp_pa
 
     # Every step published its folder to the bucket, each with its manifest.
     names = {o.object_name for o in s3_server.client().list_objects(bucket, prefix="runs/e2e/", recursive=True)}
-    for step in ("data", "distill", "sft", "round1-rollout", "round1-dpo", "eval-base", "eval-sft", "eval-dpo-round1", "report"):
+    for step in (
+        "data",
+        "distill",
+        "sft",
+        "round1-rollout",
+        "round1-dpo",
+        "eval-base",
+        "eval-sft",
+        "eval-dpo-round1",
+        "report",
+    ):
         assert f"runs/e2e/{step}/{storage.MANIFEST_NAME}" in names, step
     assert "runs/e2e/sft/model/config.json" in names
     # A trained round publishes its model; a round without pairs, the pointer to the model it kept.

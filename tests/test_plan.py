@@ -26,8 +26,15 @@ def test_parameter_count_matches_a_real_qwen2_model():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config)
     shape = plan.shape_from_config(config.to_dict(), "small")
     assert shape.parameters == sum(p.numel() for p in model.parameters())
@@ -42,8 +49,14 @@ def test_lora_parameter_count_matches_peft():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=8, target_modules="all-linear"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert plan.shape_from_config(config.to_dict(), "small").lora_parameters(8) == trainable
@@ -56,19 +69,27 @@ def test_zero_stages_shard_what_the_zero_paper_says():
     zero3 = plan.training_need("sft", recipe, QWEN7B, gpus=8)
     model_states = zero3.parts["weights"] + zero3.parts["gradients"] + zero3.parts["optimizer"]
     assert model_states == pytest.approx(16 * psi / 8, rel=1e-6)
-    zero0 = plan.training_need("sft", recipe.model_copy(update={"sft": recipe.sft.model_copy(update={
-        "deepspeed": None})}), QWEN7B, gpus=8)
+    zero0 = plan.training_need(
+        "sft", recipe.model_copy(update={"sft": recipe.sft.model_copy(update={"deepspeed": None})}), QWEN7B, gpus=8
+    )
     assert zero0.parts["weights"] + zero0.parts["gradients"] + zero0.parts["optimizer"] == pytest.approx(16 * psi)
     assert zero0.gpu_memory > 80 * plan.GiB > zero3.gpu_memory
 
 
 def test_dpo_full_fine_tune_pays_for_the_reference_unless_precomputed():
-    recipe = load_recipe(REPO / "recipes" / "paper-7b-lora.yaml", ["selfplay.dpo.lora.enabled=false",
-                                                                    "selfplay.dpo.deepspeed=zero3"])
+    recipe = load_recipe(
+        REPO / "recipes" / "paper-7b-lora.yaml", ["selfplay.dpo.lora.enabled=false", "selfplay.dpo.deepspeed=zero3"]
+    )
     with_reference = plan.training_need("dpo", recipe, QWEN7B, gpus=8)
     assert with_reference.parts["DPO reference"] == pytest.approx(2 * QWEN7B.parameters / 8)
-    precomputed = load_recipe(REPO / "recipes" / "paper-7b-lora.yaml", [
-        "selfplay.dpo.lora.enabled=false", "selfplay.dpo.deepspeed=zero3", "selfplay.dpo.trainer.precompute_ref_log_probs=true"])
+    precomputed = load_recipe(
+        REPO / "recipes" / "paper-7b-lora.yaml",
+        [
+            "selfplay.dpo.lora.enabled=false",
+            "selfplay.dpo.deepspeed=zero3",
+            "selfplay.dpo.trainer.precompute_ref_log_probs=true",
+        ],
+    )
     assert "DPO reference" not in plan.training_need("dpo", precomputed, QWEN7B, gpus=8).parts
 
 
@@ -79,14 +100,25 @@ def test_vllm_needs_weights_and_one_sequence_within_its_memory_share():
     assert need.gpu_memory == int((2 * QWEN7B.parameters + kv + plan.PER_RANK_OVERHEAD) / 0.85)
 
 
-@pytest.mark.parametrize("args", [
-    ["--recipe", "recipes/paper-7b-lora.yaml"],
-    ["--recipe", "recipes/demo.yaml"],
-    # Eight ranks each load the base for LoRA DPO: the plan names the memory parameter to pass; the pipeline
-    # divides the accumulation by the GPUs, so the recipe gives its batch as on one GPU (16 = 1 x 16).
-    ["--recipe", "recipes/full-zero3-8gpu.yaml", "--train-gpus", "8", "--param", "train_memory=136Gi",
-     "--set", "sft.trainer.gradient_accumulation_steps=16"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--recipe", "recipes/paper-7b-lora.yaml"],
+        ["--recipe", "recipes/demo.yaml"],
+        # Eight ranks each load the base for LoRA DPO: the plan names the memory parameter to pass; the pipeline
+        # divides the accumulation by the GPUs, so the recipe gives its batch as on one GPU (16 = 1 x 16).
+        [
+            "--recipe",
+            "recipes/full-zero3-8gpu.yaml",
+            "--train-gpus",
+            "8",
+            "--param",
+            "train_memory=136Gi",
+            "--set",
+            "sft.trainer.gradient_accumulation_steps=16",
+        ],
+    ],
+)
 def test_shipped_recipes_fit_the_shipped_jobs_and_pipeline(capsys, monkeypatch, args):
     monkeypatch.chdir(REPO)
     code, out = run_plan(capsys, *args)
@@ -135,16 +167,40 @@ def test_a_job_whose_work_folder_is_its_home_folder_fails(tmp_path, capsys, monk
 
 
 def test_a_model_of_unknown_shape_in_s3_asks_for_its_config(tmp_path, capsys):
-    code = main(["plan", "--recipe", str(REPO / "recipes" / "paper-7b-lora.yaml"), "--set",
-                 "model.base=s3://b/models/Mystery-3B", "--no-manifests", "--no-pipeline"])
+    code = main(
+        [
+            "plan",
+            "--recipe",
+            str(REPO / "recipes" / "paper-7b-lora.yaml"),
+            "--set",
+            "model.base=s3://b/models/Mystery-3B",
+            "--no-manifests",
+            "--no-pipeline",
+        ]
+    )
     assert code == 2
     assert "--model-config" in capsys.readouterr().err
     config = tmp_path / "config.json"
-    config.write_text('{"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, '
-                      '"num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4}')
-    assert main(["plan", "--recipe", str(REPO / "recipes" / "paper-7b-lora.yaml"), "--set",
-                 "model.base=s3://b/models/Mystery-3B", "--model-config", str(config),
-                 "--no-manifests", "--no-pipeline"]) == 0
+    config.write_text(
+        '{"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, '
+        '"num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4}'
+    )
+    assert (
+        main(
+            [
+                "plan",
+                "--recipe",
+                str(REPO / "recipes" / "paper-7b-lora.yaml"),
+                "--set",
+                "model.base=s3://b/models/Mystery-3B",
+                "--model-config",
+                str(config),
+                "--no-manifests",
+                "--no-pipeline",
+            ]
+        )
+        == 0
+    )
 
 
 def test_an_undersized_trainjob_fails(tmp_path, capsys, monkeypatch):
@@ -169,7 +225,9 @@ def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch)
     assert measured and measured[0]["sft"] > 0 and "time: measured for this recipe (pipeline_e2e.json" in demo
     assert f"{measured[0]['run']:.0f} s" in demo
     # Another recipe (one key changed) gets no borrowed figure.
-    assert plan.measured_seconds(load_recipe(REPO / "recipes" / "demo.yaml", ["sft.trainer.num_train_epochs=1"])) is None
+    assert (
+        plan.measured_seconds(load_recipe(REPO / "recipes" / "demo.yaml", ["sft.trainer.num_train_epochs=1"])) is None
+    )
     assert main(["plan", "--recipe", "recipes/paper-7b-lora.yaml", "--no-manifests", "--no-pipeline"]) == 0
     assert "time: no estimate" in capsys.readouterr().out
 
@@ -187,5 +245,7 @@ def test_a_local_teacher_needs_a_pipeline_compiled_for_it(tmp_path, capsys, monk
     compiled = compile_pipeline(load_recipe(REPO / recipe), tmp_path / "p.yaml")
     assert main(["plan", "--recipe", recipe, "--no-manifests", "--pipeline", str(compiled)]) == 2
     assert "fix: --param infer_gpus=2" in capsys.readouterr().out
-    assert main(["plan", "--recipe", recipe, "--no-manifests", "--pipeline", str(compiled),
-                 "--param", "infer_gpus=2"]) == 0, capsys.readouterr().out
+    assert (
+        main(["plan", "--recipe", recipe, "--no-manifests", "--pipeline", str(compiled), "--param", "infer_gpus=2"])
+        == 0
+    ), capsys.readouterr().out

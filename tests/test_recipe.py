@@ -45,7 +45,9 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_set_overrides_parse_yaml_values(tmp_path):
-    recipe = load_recipe(write(tmp_path, "sft:\n  lora:\n    r: 8\n"), ["sft.lora.r=16", "run.name=x", "data.train_size=null"])
+    recipe = load_recipe(
+        write(tmp_path, "sft:\n  lora:\n    r: 8\n"), ["sft.lora.r=16", "run.name=x", "data.train_size=null"]
+    )
     assert recipe.sft.lora.r == 16 and recipe.run.name == "x" and recipe.data.train_size is None
     with pytest.raises(RecipeError, match="expected key.sub=value"):
         load_recipe(None, ["sft.lora.r"])
@@ -60,12 +62,20 @@ def test_trainer_mapping_goes_to_trl_typed_and_checked(tmp_path):
     for bad, message in [
         ("sft.trainer.learnin_rate=1e-3", r"sft.trainer: .*'learnin_rate' is not a field of trl.SFTConfig"),
         ("sft.trainer.learning_rate=-1e-3", r"sft.trainer: .*learning_rate must be > 0"),
-        ("selfplay.dpo.trainer.num_train_epochs=abc", r"selfplay.dpo.trainer: .*num_train_epochs: 'abc' is not a valid float"),
+        (
+            "selfplay.dpo.trainer.num_train_epochs=abc",
+            r"selfplay.dpo.trainer: .*num_train_epochs: 'abc' is not a valid float",
+        ),
         ("selfplay.dpo.trainer.output_dir=/tmp/x", r"output_dir cannot be set here"),
-        ("sft.trainer.lr_scheduler_type=cosne", r"trl.SFTConfig refuses these settings: cosne is not a valid SchedulerType"),
+        (
+            "sft.trainer.lr_scheduler_type=cosne",
+            r"trl.SFTConfig refuses these settings: cosne is not a valid SchedulerType",
+        ),
     ]:
         with pytest.raises(RecipeError, match=message):
             load_recipe(REPO / "recipes" / "demo.yaml", [bad])
+
+
 # -- values are checked before any work: ranges, relations, and the sentence each error makes ------------
 
 
@@ -91,17 +101,25 @@ def test_bad_values_name_the_source_key_value_and_range(override, key, allowed):
     message = str(error.value)
     assert f"--set {override}" in message and f"{key}:" in message and allowed in message
     value = override.split("=", 1)[1]
-    assert key in ("model.tiny", "sft.trainer", "selfplay.dpo.trainer") or f"(got {value}" in message or f"(got '{value}'" in message
+    assert (
+        key in ("model.tiny", "sft.trainer", "selfplay.dpo.trainer")
+        or f"(got {value}" in message
+        or f"(got '{value}'" in message
+    )
 
 
 def test_bad_value_in_a_file_names_the_file(tmp_path):
     path = write(tmp_path, "generation:\n  batch_size: 0\n")
-    with pytest.raises(RecipeError, match=rf"{path}: invalid recipe\n  generation.batch_size: .*greater than or equal to 1 \(got 0\)"):
+    with pytest.raises(
+        RecipeError, match=rf"{path}: invalid recipe\n  generation.batch_size: .*greater than or equal to 1 \(got 0\)"
+    ):
         load_recipe(path)
 
 
 def test_malformed_set_value_is_a_sentence_not_a_yaml_traceback():
-    with pytest.raises(RecipeError, match=r"--set 'sft.lora.target_modules=\[q_proj': the value '\[q_proj' is not valid YAML .*quote"):
+    with pytest.raises(
+        RecipeError, match=r"--set 'sft.lora.target_modules=\[q_proj': the value '\[q_proj' is not valid YAML .*quote"
+    ):
         load_recipe(None, ["sft.lora.target_modules=[q_proj"])
 
 
@@ -150,7 +168,9 @@ def _step_setup(recipe, tmp_path, data=True):
     lora_config(sft.lora)
     lora_config(recipe.selfplay.dpo.lora)
     for heldout in (True, False):
-        dpo_arguments(recipe.selfplay.dpo, tmp_path / "ck", device="cpu", seed=recipe.run.seed, deepspeed=None, heldout=heldout)
+        dpo_arguments(
+            recipe.selfplay.dpo, tmp_path / "ck", device="cpu", seed=recipe.run.seed, deepspeed=None, heldout=heldout
+        )
     rollout = recipe.selfplay.rollout
     for temperature, top_p, tokens in (
         (rollout.temperature, rollout.top_p, rollout.max_new_tokens),
@@ -159,12 +179,21 @@ def _step_setup(recipe, tmp_path, data=True):
         (recipe.distill.temperature, recipe.distill.top_p, recipe.distill.max_new_tokens),
     ):
         sampling = temperature > 0  # as modeling.generation builds it
-        GenerationConfig(do_sample=sampling, temperature=temperature if sampling else None,
-                         top_p=top_p if sampling else None, max_new_tokens=tokens).validate(strict=True)
+        GenerationConfig(
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            max_new_tokens=tokens,
+        ).validate(strict=True)
     tiny = recipe.model.tiny
-    Qwen2Config(vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_layers,
-                num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_heads,
-                intermediate_size=tiny.intermediate_size)
+    Qwen2Config(
+        vocab_size=tiny.vocab_size,
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size,
+    )
 
 
 EDGES = [-1, 0, 1, 2, 16, 512, 2**32, None]

@@ -80,7 +80,9 @@ def test_correction_accepts_only_stable_votes_and_a_standalone_rewrite(generator
     wrong = [r for r in records if not r["correct"]]
     config = CorrectionSection(attempts=2, temperature=1.0, votes=3, rewrite_temperature=1.0)
     by_id = {q.id: q for q in questions}
-    corrections = correct_trajectories(generator, by_id, wrong, config, tmp_path / "corrections.jsonl", max_new_tokens=48)
+    corrections = correct_trajectories(
+        generator, by_id, wrong, config, tmp_path / "corrections.jsonl", max_new_tokens=48
+    )
 
     assert [(c["question_id"], c["sample"]) for c in corrections] == [(r["question_id"], r["sample"]) for r in wrong]
     for c in corrections:
@@ -90,7 +92,9 @@ def test_correction_accepts_only_stable_votes_and_a_standalone_rewrite(generator
             graded = [grade_answer(v["text"], question.answer, question.options).correct for v in attempt["votes"]]
             assert len(graded) == 3 and graded == [v["correct"] for v in attempt["votes"]]
             assert attempt["gold_votes"] == sum(graded) and attempt["stable"] == (sum(graded) >= 2)  # a majority
-            assert all(v["completion_tokens"] > 0 for v in attempt["votes"]) and attempt["votes"][0]["prompt_tokens"] > 0
+            assert (
+                all(v["completion_tokens"] > 0 for v in attempt["votes"]) and attempt["votes"][0]["prompt_tokens"] > 0
+            )
             rewrite = attempt["rewrite"]
             assert (rewrite is not None) == attempt["stable"]  # only a stable correction is rewritten
             if rewrite:
@@ -103,7 +107,10 @@ def test_correction_accepts_only_stable_votes_and_a_standalone_rewrite(generator
             last = c["attempts"][-1]
             assert c["chosen"] == last["rewrite"]["text"] and c["chosen_tokens"] == last["rewrite"]["completion_tokens"]
             assert c["correction"] in [v["text"] for v in last["votes"] if v["correct"]]
-            assert grade_answer(c["chosen"], question.answer, question.options).correct and refers_back(c["chosen"]) is None
+            assert (
+                grade_answer(c["chosen"], question.answer, question.options).correct
+                and refers_back(c["chosen"]) is None
+            )
         else:
             assert c["chosen"] is None and len(c["attempts"]) == 2
     stats = correction_statistics(corrections, config, by_id)
@@ -152,17 +159,26 @@ def _cost_of(stats):
     return stats["cost"]["student_by_phase"], stats["cost"]["teacher"]
 
 
-def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(format_model, selfplay_questions, tmp_path):
+def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(
+    format_model, selfplay_questions, tmp_path
+):
     """corrector: teacher with a local transformers teacher (the format model standing in for a bigger one):
     the corrections are the teacher's, counted as teacher tokens; the rewrite is still the student's."""
     from medcritical.distill.config import DistillConfig
     from medcritical.modeling.config import GenerationConfig
     from medcritical.selfplay.step import run_rollout
 
-    distill = DistillConfig(backend="transformers", teacher_model=str(format_model), temperature=1.0, max_new_tokens=48,
-                            price_per_million_tokens=2.0)
+    distill = DistillConfig(
+        backend="transformers",
+        teacher_model=str(format_model),
+        temperature=1.0,
+        max_new_tokens=48,
+        price_per_million_tokens=2.0,
+    )
     config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1, votes=3), corrector="teacher")
-    stats = run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=distill)
+    stats = run_rollout(
+        config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=distill
+    )
 
     assert stats["corrector"] == {"corrector": "teacher", "backend": "transformers", "model": format_model.name}
     records = read_jsonl(tmp_path / "corrections.jsonl")
@@ -180,8 +196,19 @@ def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(f
     # Another teacher is another input: the folder refuses to mix, and restart starts over.
     other = distill.model_copy(update={"temperature": 0.5})
     with pytest.raises(ValueError, match="teacher"):
-        run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other)
-    run_rollout(config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other, restart=True)
+        run_rollout(
+            config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other
+        )
+    run_rollout(
+        config,
+        GenerationConfig(),
+        selfplay_questions[:8],
+        format_model,
+        tmp_path,
+        device="cpu",
+        distill=other,
+        restart=True,
+    )
 
 
 def test_explanations_teacher_corrects_with_the_expert_explanation(generator, selfplay_questions, tmp_path):
@@ -196,8 +223,9 @@ def test_explanations_teacher_corrects_with_the_expert_explanation(generator, se
     config = SelfPlayConfig(corrector="teacher", correction=CorrectionSection(attempts=1, votes=3))
     corrector = build_corrector(config, generator, DistillConfig(backend="explanations", explanation_max_chars=40))
     by_id = {q.id: q for q in questions}
-    corrections = correct_trajectories(generator, by_id, wrong, config.correction, tmp_path / "c.jsonl", corrector=corrector,
-                                       max_new_tokens=48)
+    corrections = correct_trajectories(
+        generator, by_id, wrong, config.correction, tmp_path / "c.jsonl", corrector=corrector, max_new_tokens=48
+    )
     for c in corrections:
         attempt = c["attempts"][0]
         has_explanation = bool(by_id[c["question_id"]].explanation.strip())
@@ -220,8 +248,16 @@ def test_a_teacher_that_answers_nothing_stops_the_correction(bundled):
     question = replace(bundled[0], explanation="")
     teacher = TeacherCorrector(build_teacher(DistillConfig(backend="explanations"), DistillPrompts.load("zh")))
     with pytest.raises(RuntimeError, match="answered none of 3 correction requests"):
-        teacher.correct([correction_messages(question, "答案：A")], [question], votes=3, temperature=1.0, top_p=1.0,
-                        max_new_tokens=16, seed=0, attempt=1)
+        teacher.correct(
+            [correction_messages(question, "答案：A")],
+            [question],
+            votes=3,
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=16,
+            seed=0,
+            attempt=1,
+        )
 
 
 def test_served_teacher_reads_the_wrong_trajectory_and_its_usage_is_counted(bundled, monkeypatch):
@@ -242,10 +278,20 @@ def test_served_teacher_reads_the_wrong_trajectory_and_its_usage_is_counted(bund
         return completion(f"答案：{question.answer}", "重新逐项分析选项", prompt_tokens=321, completion_tokens=45)
 
     with StandInEndpoint(respond) as endpoint:
-        distill = DistillConfig(backend="openai", openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", max_retries=0))
+        distill = DistillConfig(
+            backend="openai", openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", max_retries=0)
+        )
         corrector = TeacherCorrector(build_teacher(distill, DistillPrompts.load("zh")), max_new_tokens=64)
-        (votes,) = corrector.correct([correction_messages(question, wrong)], [question], votes=2, temperature=0.7,
-                                     top_p=0.95, max_new_tokens=16, seed=0, attempt=1)
+        (votes,) = corrector.correct(
+            [correction_messages(question, wrong)],
+            [question],
+            votes=2,
+            temperature=0.7,
+            top_p=0.95,
+            max_new_tokens=16,
+            seed=0,
+            attempt=1,
+        )
         assert len(endpoint.requests) == 2 and all(wrong in text for text in endpoint.user_texts())
         assert {r["body"]["max_tokens"] for r in endpoint.requests} == {64}  # the teacher's own budget
     assert corrector.description["backend"] == "openai" and corrector.description["model"] == "QwQ-32B"

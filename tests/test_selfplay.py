@@ -26,8 +26,21 @@ TINY_STAGE2 = [
 # Words that refer back to an attempt the pair's prompt does not contain (written out here, not taken
 # from the code under test), and the correction prompt's own wording.
 BACK_REFERENCES = (
-    "之前的回答", "之前的解答", "你之前", "我之前", "上一次", "原答案", "错误在于", "重新解答", "找出之前推理中的错误", "参考分析",
-    "previous answer", "earlier attempt", "earlier answer", "my mistake", "find the error in your earlier reasoning",
+    "之前的回答",
+    "之前的解答",
+    "你之前",
+    "我之前",
+    "上一次",
+    "原答案",
+    "错误在于",
+    "重新解答",
+    "找出之前推理中的错误",
+    "参考分析",
+    "previous answer",
+    "earlier attempt",
+    "earlier answer",
+    "my mistake",
+    "find the error in your earlier reasoning",
     "reference analysis",
 )
 
@@ -66,7 +79,10 @@ def question_files(selfplay_questions, bundled, tmp_path):
 
 def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, capsys):
     train, _ = question_files
-    assert cli("rollout", "--questions", str(train), "--model", str(format_model), "--output", str(tmp_path / "rollout")) == 0
+    assert (
+        cli("rollout", "--questions", str(train), "--model", str(format_model), "--output", str(tmp_path / "rollout"))
+        == 0
+    )
     assert "pass@1" in capsys.readouterr().out
     stats = json.loads((tmp_path / "rollout" / "rollout_stats.json").read_text())
     assert stats["rollout"]["samples"] == 24 * 3 and stats["pairs"]["train_pairs"] > 0
@@ -75,15 +91,38 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
     assert stats["pairs"]["diagnostics"]["same_letters_share"] == 0.0
 
     # Rebuild the pairs with corrections only, without any model.
-    assert cli("pairs", "--questions", str(train), "--rollout", str(tmp_path / "rollout"), "--output", str(tmp_path / "pairs"),
-               overrides=["selfplay.pairs.use_correct_samples=false"]) == 0
+    assert (
+        cli(
+            "pairs",
+            "--questions",
+            str(train),
+            "--rollout",
+            str(tmp_path / "rollout"),
+            "--output",
+            str(tmp_path / "pairs"),
+            overrides=["selfplay.pairs.use_correct_samples=false"],
+        )
+        == 0
+    )
     rebuilt = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert rebuilt and {p["chosen_source"] for p in rebuilt} == {"correction"}
 
-    assert cli("dpo", "--pairs", str(tmp_path / "rollout" / "pairs.jsonl"), "--model", str(format_model),
-               "--output", str(tmp_path / "dpo")) == 0
+    assert (
+        cli(
+            "dpo",
+            "--pairs",
+            str(tmp_path / "rollout" / "pairs.jsonl"),
+            "--model",
+            str(format_model),
+            "--output",
+            str(tmp_path / "dpo"),
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "dpo" / "dpo_metrics.json").read_text())
-    assert metrics["status"] == "trained" and metrics["heldout_pairs"] == stats["pairs"]["heldout_pairs"]  # found beside --pairs
+    assert (
+        metrics["status"] == "trained" and metrics["heldout_pairs"] == stats["pairs"]["heldout_pairs"]
+    )  # found beside --pairs
     # One epoch: the held-out evaluation after the first epoch is the final one.
     assert metrics["heldout_after_first_epoch"]["reward_accuracy"] == metrics["heldout"]["reward_accuracy"]
 
@@ -91,8 +130,12 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
     from medcritical.recipe import Recipe
     from medcritical.report import write_run_report
 
-    report = write_run_report(Recipe(), {"base": None, "sft": None, "dpo": None},
-                              {"rounds": [{"rollout": stats, "dpo": metrics}]}, tmp_path / "report")
+    report = write_run_report(
+        Recipe(),
+        {"base": None, "sft": None, "dpo": None},
+        {"rounds": [{"rollout": stats, "dpo": metrics}]},
+        tmp_path / "report",
+    )
     assert "## Stage 2: corrections, pairs and cost" in report["markdown"]
     guessed = f"| of which guessing alone explains | {stats['correction']['expected_by_guessing']:.2f} |"
     assert guessed in report["markdown"] and "| student tokens per pair |" in report["markdown"]
@@ -101,8 +144,17 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
 
 def test_two_rounds_each_from_the_previous_model(question_files, format_model, tmp_path, capsys):
     train, evaluation = question_files
-    args = ("selfplay", "--questions", str(train), "--eval-questions", str(evaluation), "--model", str(format_model),
-            "--output", str(tmp_path / "sp"))
+    args = (
+        "selfplay",
+        "--questions",
+        str(train),
+        "--eval-questions",
+        str(evaluation),
+        "--model",
+        str(format_model),
+        "--output",
+        str(tmp_path / "sp"),
+    )
     two_epochs = TINY_STAGE2 + ["selfplay.rounds=2", "selfplay.dpo.trainer.num_train_epochs=2"]
     assert cli(*args, overrides=two_epochs) == 0
     summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
@@ -130,7 +182,10 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
 
     # The arms table reads the same run folder's statistics (compared with itself: nothing differs).
     capsys.readouterr()
-    assert cli("arms", f"a={tmp_path / 'sp'}", f"b={tmp_path / 'sp'}", "--output", str(tmp_path / "arms.md"), overrides=[]) == 0
+    assert (
+        cli("arms", f"a={tmp_path / 'sp'}", f"b={tmp_path / 'sp'}", "--output", str(tmp_path / "arms.md"), overrides=[])
+        == 0
+    )
     table = (tmp_path / "arms.md").read_text()
     rollout = json.loads((tmp_path / "sp" / "round_1" / "rollout" / "rollout_stats.json").read_text())
     assert table in capsys.readouterr().out
@@ -141,9 +196,24 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
 
 def test_a_round_without_pairs_ends_the_loop(question_files, format_model, tmp_path, capsys):
     train, _ = question_files
-    no_pairs = TINY_STAGE2 + ["selfplay.rounds=3", "selfplay.correction.attempts=0", "selfplay.pairs.use_correct_samples=false"]
-    assert cli("selfplay", "--questions", str(train), "--model", str(format_model), "--output", str(tmp_path / "sp"),
-               overrides=no_pairs) == 0
+    no_pairs = TINY_STAGE2 + [
+        "selfplay.rounds=3",
+        "selfplay.correction.attempts=0",
+        "selfplay.pairs.use_correct_samples=false",
+    ]
+    assert (
+        cli(
+            "selfplay",
+            "--questions",
+            str(train),
+            "--model",
+            str(format_model),
+            "--output",
+            str(tmp_path / "sp"),
+            overrides=no_pairs,
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
     assert len(summary["rounds"]) == 1 and summary["rounds"][0]["dpo"] == "skipped"
     assert "round 1: no training pairs" in summary["stopped"] and summary["final_model"] == str(format_model)

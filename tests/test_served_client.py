@@ -30,8 +30,9 @@ def test_content_and_the_1_or_2_constraint_without_the_parser(plain_vllm_server)
     free = client.chat_many([QUESTION], temperature=0.8, max_tokens=12, seed=1)[0]
     assert free.ok and free.content and free.reasoning_content == ""
     prompts = [[{"role": "user", "content": f"第{i}题：学生回答正确吗？输出1或2。"}] for i in range(8)]
-    verdicts = client.chat_many(prompts, temperature=1.0, max_tokens=1, seed=3,
-                                structured_outputs={"choice": ["1", "2"]})
+    verdicts = client.chat_many(
+        prompts, temperature=1.0, max_tokens=1, seed=3, structured_outputs={"choice": ["1", "2"]}
+    )
     assert {r.content for r in verdicts} <= {"1", "2"}
     # vLLM 0.30 ignores the removed guided_choice field silently: unconstrained, hence not the default.
     loose = client.chat_many(prompts, temperature=1.0, max_tokens=1, seed=3, guided_choice=["1", "2"])
@@ -43,8 +44,9 @@ def test_logit_bias_forces_the_verdict_token_with_the_parser(vllm_server, vllm_m
 
     ids = AutoTokenizer.from_pretrained(vllm_model).convert_tokens_to_ids(["1", "2"])
     client = ChatClient(vllm_server.base_url, vllm_server.model, timeout_s=120, max_retries=1)
-    replies = client.chat_many([QUESTION] * 4, temperature=1.0, max_tokens=1, seed=5,
-                               logit_bias={str(i): 100 for i in ids})
+    replies = client.chat_many(
+        [QUESTION] * 4, temperature=1.0, max_tokens=1, seed=5, logit_bias={str(i): 100 for i in ids}
+    )
     # Without </think> the parser files the token under `reasoning`; the judge reads either field.
     assert {r.content or r.reasoning_content for r in replies} <= {"1", "2"}
 

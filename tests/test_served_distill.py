@@ -35,8 +35,12 @@ class Counting:
 
 def served_config(server, **overrides):
     openai = OpenAITeacher(base_url=server.base_url, model=server.model, concurrency=4, timeout_s=120, max_retries=1)
-    return DistillConfig(**({"backend": "openai", "openai": openai, "attempts": 2, "max_new_tokens": 24,
-                             "template_max_new_tokens": 16} | overrides))
+    return DistillConfig(
+        **(
+            {"backend": "openai", "openai": openai, "attempts": 2, "max_new_tokens": 24, "template_max_new_tokens": 16}
+            | overrides
+        )
+    )
 
 
 def replies(path):
@@ -59,10 +63,16 @@ def test_teacher_end_to_end_with_an_interrupted_run_resumed(plain_vllm_server, b
     keys = [(e["id"], e["kind"], e["attempt"]) for e in events]
     assert len(keys) == len(set(keys)) == 6 + 12 and set(rerun.asked) == set(keys) - before
     # Without a reasoning parser the reply is the content; the tiny model's text has no <think> block.
-    assert all(e["reply"]["content"] and not e["reply"]["error"] and e["reply"]["completion_tokens"] > 0 for e in events)
+    assert all(
+        e["reply"]["content"] and not e["reply"]["error"] and e["reply"]["completion_tokens"] > 0 for e in events
+    )
     assert (stats["questions"], stats["trace_attempts"], stats["template_requests"], stats["sessions"]) == (6, 12, 6, 2)
     assert stats["tokens"]["completion"] > 0 and stats["http_requests"] == 18 and stats["unfinished_questions"] == []
-    assert stats["teacher"] == {"backend": "openai", "model": plain_vllm_server.model, "base_url": plain_vllm_server.base_url}
+    assert stats["teacher"] == {
+        "backend": "openai",
+        "model": plain_vllm_server.model,
+        "base_url": plain_vllm_server.base_url,
+    }
     assert (tmp_path / STATS_FILE).is_file()
 
 

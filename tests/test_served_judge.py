@@ -35,11 +35,15 @@ def asked(monkeypatch):
 
 
 def judge_config(server, protocol, **judge):
-    return EvaluateConfig(protocol=protocol, judge=JudgeConfig(base_url=server.base_url, model=server.model,
-                                                               timeout_s=120, max_retries=1, **judge))
+    return EvaluateConfig(
+        protocol=protocol,
+        judge=JudgeConfig(base_url=server.base_url, model=server.model, timeout_s=120, max_retries=1, **judge),
+    )
 
 
-def test_judge_paper_structured_outputs_and_resume_after_a_crash(plain_vllm_server, tiny_model, bundled, tmp_path, asked):
+def test_judge_paper_structured_outputs_and_resume_after_a_crash(
+    plain_vllm_server, tiny_model, bundled, tmp_path, asked
+):
     questions = bundled[:6]
     config = judge_config(plain_vllm_server, "judge-paper")
     report = evaluate_model(config, GenerationConfig(), questions, tiny_model, tmp_path, device="cpu")
@@ -61,8 +65,9 @@ def test_judge_paper_logit_bias_through_the_reasoning_parser(vllm_server, vllm_m
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(vllm_model).convert_tokens_to_ids(["1", "2"])
-    config = judge_config(vllm_server, "judge-paper", verdict_constraint="none",
-                          extra_body={"logit_bias": {str(i): 100 for i in ids}})
+    config = judge_config(
+        vllm_server, "judge-paper", verdict_constraint="none", extra_body={"logit_bias": {str(i): 100 for i in ids}}
+    )
     report = evaluate_model(config, GenerationConfig(), bundled[:4], tiny_model, tmp_path, device="cpu")
     assert (report["n"], report["dropped"]) == (4, 0)
 
@@ -72,6 +77,8 @@ def test_judge_rubric_never_guesses_a_verdict(vllm_server, tiny_model, bundled, 
     report = evaluate_model(config, GenerationConfig(max_new_tokens=8), bundled[:4], tiny_model, tmp_path, device="cpu")
     rows = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
     # Random text has no verdict line: every row is a judge error, dropped and counted, none guessed.
-    assert len(rows) == 4 and all(r["verdict"] is None and r["error"] == "no judge-rubric verdict in the reply" for r in rows)
+    assert len(rows) == 4 and all(
+        r["verdict"] is None and r["error"] == "no judge-rubric verdict in the reply" for r in rows
+    )
     assert (report["protocol"], report["n"], report["dropped"]) == ("judge-rubric", 0, 4)
     assert "0/0; 4 of 4 dropped: no verdict" in (tmp_path / "report.md").read_text()

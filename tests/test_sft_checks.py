@@ -62,7 +62,9 @@ def test_dataset_without_assistant_turns(tmp_path, tiny_model, bundled):
 
 
 def test_all_sequences_longer_than_max_length(tmp_path, tiny_model, dataset):
-    _expect_error(r"all 20 examples are longer than trainer.max_length=32", _config(max_length=32), dataset, tiny_model, tmp_path)
+    _expect_error(
+        r"all 20 examples are longer than trainer.max_length=32", _config(max_length=32), dataset, tiny_model, tmp_path
+    )
 
 
 def test_tokenizer_without_chat_template(tmp_path, tiny_model, dataset):

@@ -42,8 +42,21 @@ def torchrun_sft(dataset, model, output, *overrides):
         *overrides,
     ]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "medcritical.cli", "sft", "--dataset", str(dataset), "--model", str(model), "--output", str(output),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "medcritical.cli",
+        "sft",
+        "--dataset",
+        str(dataset),
+        "--model",
+        str(model),
+        "--output",
+        str(output),
     ]
     for setting in settings:
         command += ["--set", setting]
@@ -83,7 +96,12 @@ def test_zero2_full_fine_tuning_two_processes(tmp_path, dataset, tiny_model):
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
-ZERO3_LORA = ("sft.deepspeed=zero3", "sft.lora.enabled=true", "sft.trainer.learning_rate=1e-2", "sft.trainer.save_steps=3")
+ZERO3_LORA = (
+    "sft.deepspeed=zero3",
+    "sft.lora.enabled=true",
+    "sft.trainer.learning_rate=1e-2",
+    "sft.trainer.save_steps=3",
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +124,9 @@ def test_zero3_lora_merged_two_processes(zero3_run, tiny_model):
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert merged.keys() == base.keys()
     assert all(merged[k].shape == base[k].shape for k in base)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_zero3_run_resumes_from_its_deepspeed_checkpoint(tmp_path, zero3_run, dataset, tiny_model):

@@ -75,7 +75,9 @@ def test_merged_model_equals_base_plus_adapter(lora_run, tiny_model):
 
     output, _ = lora_run
     merged = AutoModelForCausalLM.from_pretrained(output / "model").eval()
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output / "adapter").eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), output / "adapter"
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():

@@ -16,15 +16,18 @@ from medcritical.selfplay.standalone import (
 from medcritical.training.dpo import even_eval_batch_size
 
 
-@pytest.mark.parametrize("text", [
-    "<think>之前的回答忽略了禁忌证</think>\n答案：B",
-    "<think>上一次选A是错的</think>\n答案：B",
-    "<think>原答案错误在于把病位弄错</think>\n答案：B",
-    "<think>My mistake was the dose.</think>\nAnswer: B",
-    "<think>The previous answer ignored the history.</think>\n答案：B",
-    "<think>找出之前推理中的错误：剂量</think>\n答案：B",  # the correction prompt's own wording
-    "<think>根据参考分析，选B</think>\n答案：B",  # the rewrite prompt's wording
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>之前的回答忽略了禁忌证</think>\n答案：B",
+        "<think>上一次选A是错的</think>\n答案：B",
+        "<think>原答案错误在于把病位弄错</think>\n答案：B",
+        "<think>My mistake was the dose.</think>\nAnswer: B",
+        "<think>The previous answer ignored the history.</think>\n答案：B",
+        "<think>找出之前推理中的错误：剂量</think>\n答案：B",  # the correction prompt's own wording
+        "<think>根据参考分析，选B</think>\n答案：B",  # the rewrite prompt's wording
+    ],
+)
 def test_back_references_are_found_in_both_languages(text):
     assert refers_back(text)
 
@@ -37,7 +40,10 @@ def test_a_plain_answer_does_not_refer_back():
 
 
 def test_cost_sums_tokens_by_who_generated_them_and_divides_by_pairs(tmp_path):
-    rollouts = [{"sample": 0, "num_tokens": 10, "prompt_tokens": 50}, {"sample": 1, "num_tokens": 20, "prompt_tokens": 50}]
+    rollouts = [
+        {"sample": 0, "num_tokens": 10, "prompt_tokens": 50},
+        {"sample": 1, "num_tokens": 20, "prompt_tokens": 50},
+    ]
     vote = {"prompt_tokens": 100, "completion_tokens": 30}
     rewrite = {"prompt_tokens": 80, "completion_tokens": 15}
     corrections = [
@@ -45,10 +51,19 @@ def test_cost_sums_tokens_by_who_generated_them_and_divides_by_pairs(tmp_path):
         {"corrector": "teacher", "attempts": [{"votes": [vote], "rewrite": None}]},
     ]
     pairs = [{"chosen_source": "correction"}, {"chosen_source": "sample"}]
-    append_jsonl([{"phase": "rollout", "wall_s": 2.0, "cpu_s": 1.5}, {"phase": "rewrite", "wall_s": 1.0, "cpu_s": 0.5}],
-                 tmp_path / "timings.jsonl")
-    stats = cost_statistics(rollouts, corrections, pairs, tmp_path / "timings.jsonl", gpus=0,
-                            teacher_price_per_million_tokens=10.0, device_hour_price=3.6)
+    append_jsonl(
+        [{"phase": "rollout", "wall_s": 2.0, "cpu_s": 1.5}, {"phase": "rewrite", "wall_s": 1.0, "cpu_s": 0.5}],
+        tmp_path / "timings.jsonl",
+    )
+    stats = cost_statistics(
+        rollouts,
+        corrections,
+        pairs,
+        tmp_path / "timings.jsonl",
+        gpus=0,
+        teacher_price_per_million_tokens=10.0,
+        device_hour_price=3.6,
+    )
     assert stats["teacher"] == {"prompt_tokens": 300, "completion_tokens": 90}
     # The rollout prompt is counted once per question (the k samples share one request).
     assert stats["student_by_phase"]["rollout"] == {"prompt_tokens": 50, "completion_tokens": 30}
@@ -58,8 +73,15 @@ def test_cost_sums_tokens_by_who_generated_them_and_divides_by_pairs(tmp_path):
     assert stats["money"]["device"] == pytest.approx(2.0 / 3600 * 3.6)
     assert stats["per_pair"]["teacher_tokens"] == 195 and stats["per_pair"]["student_tokens"] == 87.5
     assert stats["per_correction_pair"] == {"student_tokens": 95, "teacher_tokens": 390}
-    on_gpu = cost_statistics(rollouts, corrections, pairs, tmp_path / "timings.jsonl", gpus=2,
-                             teacher_price_per_million_tokens=None, device_hour_price=None)
+    on_gpu = cost_statistics(
+        rollouts,
+        corrections,
+        pairs,
+        tmp_path / "timings.jsonl",
+        gpus=2,
+        teacher_price_per_million_tokens=None,
+        device_hour_price=None,
+    )
     assert on_gpu["seconds"]["device_seconds"] == pytest.approx(6.0) and on_gpu["money"] is None
 
 

@@ -52,7 +52,9 @@ def test_paired_comparison_counts_discordant_questions():
 def _evaluation(folder, correct, protocol="mcq"):
     folder.mkdir(parents=True)
     (folder / "report.json").write_text(json.dumps({"protocol": protocol, "scoring": "generate"}))
-    (folder / "graded.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "correct": c}) + "\n" for i, c in enumerate(correct)))
+    (folder / "graded.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "correct": c}) + "\n" for i, c in enumerate(correct))
+    )
 
 
 def test_compare_cli_on_evaluation_and_run_folders(tmp_path, capsys):
@@ -83,7 +85,13 @@ def test_run_report_shows_the_paired_tests(tmp_path):
     base = {f"q{i}": i < 25 for i in range(100)}
     sft = {f"q{i}": i < 45 for i in range(100)}
     evaluations = {
-        name: {"protocol": "mcq", "accuracy": sum(c.values()) / 100, "correct": sum(c.values()), "n": 100, "ci95": [0, 1]}
+        name: {
+            "protocol": "mcq",
+            "accuracy": sum(c.values()) / 100,
+            "correct": sum(c.values()),
+            "n": 100,
+            "ci95": [0, 1],
+        }
         for name, c in (("base", base), ("sft", sft))
     } | {"dpo": None}
     write_run_report(load_recipe(), evaluations, {}, tmp_path, correct_by_model={"base": base, "sft": sft, "dpo": None})

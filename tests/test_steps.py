@@ -44,8 +44,13 @@ def test_missing_input_names_the_step_to_run(tmp_path):
 
 
 def test_numeric_metrics_flatten_nested_statistics():
-    result = {"rollout": {"pass@1": 0.25, "questions": 4}, "pairs": {"train_pairs": 3}, "ok": True, "name": "x",
-              "loss_curve": [{"step": 1, "loss": 2.0}]}
+    result = {
+        "rollout": {"pass@1": 0.25, "questions": 4},
+        "pairs": {"train_pairs": 3},
+        "ok": True,
+        "name": "x",
+        "loss_curve": [{"step": 1, "loss": 2.0}],
+    }
     assert steps.numeric_metrics(result) == {"rollout.pass@1": 0.25, "rollout.questions": 4, "pairs.train_pairs": 3}
 
 
@@ -69,8 +74,13 @@ def test_component_step_uses_the_pipeline_run_root(tmp_path):
     recipe_yaml = dump_recipe(load_recipe_text(f"run: {{output_dir: {tmp_path / 'elsewhere'}}}"))
     metrics = _Metrics()
     output = steps.run_component_step(
-        "report", recipe_yaml, str(run_root), "report", metrics,
-        base_eval_uri=str(run_root / "eval-base"), sft_eval_uri=str(run_root / "eval-sft"),
+        "report",
+        recipe_yaml,
+        str(run_root),
+        "report",
+        metrics,
+        base_eval_uri=str(run_root / "eval-base"),
+        sft_eval_uri=str(run_root / "eval-sft"),
         dpo_eval_uri=str(run_root / "eval-dpo-round1"),
     )
     report = (Path(output) / "report.md").read_text()
@@ -84,8 +94,17 @@ def test_training_steps_relaunch_under_torchrun_with_one_process_per_gpu():
         "sft", "/tmp/recipe.yaml", "s3://b/run/sft", {"distill_uri": "s3://b/run/distill", "model_uri": ""}, 8
     )
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
-    assert command[5:] == ["-m", "medcritical.cli", "sft", "--recipe", "/tmp/recipe.yaml",
-                           "--dataset", "s3://b/run/distill", "--output", "s3://b/run/sft"]
+    assert command[5:] == [
+        "-m",
+        "medcritical.cli",
+        "sft",
+        "--recipe",
+        "/tmp/recipe.yaml",
+        "--dataset",
+        "s3://b/run/distill",
+        "--output",
+        "s3://b/run/sft",
+    ]
     command = steps.data_parallel_command(
         "dpo", "/r.yaml", "/run/dpo", {"rollout_uri": "/run/rollout", "model_uri": "/run/sft"}, 2
     )

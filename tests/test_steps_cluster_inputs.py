@@ -8,8 +8,11 @@ import pytest
 from medcritical import steps, storage
 from medcritical.recipe import RecipeError, load_recipe
 
-PAIR = {"prompt": [{"role": "user", "content": "问"}], "chosen": [{"role": "assistant", "content": "对"}],
-        "rejected": [{"role": "assistant", "content": "错"}]}
+PAIR = {
+    "prompt": [{"role": "user", "content": "问"}],
+    "chosen": [{"role": "assistant", "content": "对"}],
+    "rejected": [{"role": "assistant", "content": "错"}],
+}
 
 
 def test_dpo_fetches_the_heldout_pairs_beside_a_pairs_file_uri(s3_env, tmp_path, monkeypatch):
@@ -41,9 +44,20 @@ def test_a_teacher_in_s3_is_downloaded_into_the_work_folder(s3_env, tiny_model, 
     """distill.teacher_model: s3://... was taken for a local folder ("not a Hugging Face model folder")."""
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
     storage.upload(tiny_model, f"s3://{s3_env}/models/teacher")
-    recipe = load_recipe(None, ["distill.backend=transformers", f"distill.teacher_model=s3://{s3_env}/models/teacher",
-                                "distill.limit=2", "distill.attempts=1", "distill.max_new_tokens=4",
-                                "distill.verify=false", "run.device=cpu", "data.train_size=4", "data.eval_size=2"])
+    recipe = load_recipe(
+        None,
+        [
+            "distill.backend=transformers",
+            f"distill.teacher_model=s3://{s3_env}/models/teacher",
+            "distill.limit=2",
+            "distill.attempts=1",
+            "distill.max_new_tokens=4",
+            "distill.verify=false",
+            "run.device=cpu",
+            "data.train_size=4",
+            "data.eval_size=2",
+        ],
+    )
     steps.prepare_data(recipe, str(tmp_path / "data"))
     result = steps.distill(recipe, str(tmp_path / "data"), str(tmp_path / "distill"))
     assert result  # ran the real teacher
@@ -51,7 +65,9 @@ def test_a_teacher_in_s3_is_downloaded_into_the_work_folder(s3_env, tiny_model, 
 
 
 def test_several_gpus_keep_the_recipes_global_batch():
-    recipe = load_recipe(None, ["sft.trainer.per_device_train_batch_size=1", "sft.trainer.gradient_accumulation_steps=16"])
+    recipe = load_recipe(
+        None, ["sft.trainer.per_device_train_batch_size=1", "sft.trainer.gradient_accumulation_steps=16"]
+    )
     eight = steps.keep_global_batch("sft", recipe, 8)
     assert eight.sft.settings["gradient_accumulation_steps"] == 2
     dpo = steps.keep_global_batch("dpo", load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4)

@@ -56,7 +56,9 @@ def checkpoint(tmp_path) -> Path:
 
 
 def same_tree(a: Path, b: Path) -> bool:
-    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
     return files(a) == files(b)
 
 
@@ -135,7 +137,9 @@ def test_unreachable_endpoint_says_which_variable_to_check(monkeypatch, tmp_path
     monkeypatch.setenv("MEDCRITICAL_S3_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}.*MEDCRITICAL_S3_ENDPOINT"):
+    with pytest.raises(
+        StorageError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}.*MEDCRITICAL_S3_ENDPOINT"
+    ):
         storage.download("s3://bucket/x", tmp_path / "x")
 
 
@@ -172,7 +176,8 @@ def test_folder_round_trip_multipart_with_checksums(s3_env, s3_server, checkpoin
     assert manifest["file_count"] == 4 and manifest["total_bytes"] == 12_000_000 + 19 + 8
     assert {e["path"]: (e["size"], e["sha256"]) for e in manifest["files"]} == {
         p.relative_to(checkpoint).as_posix(): (p.stat().st_size, storage.sha256_file(p))
-        for p in checkpoint.rglob("*") if p.is_file()
+        for p in checkpoint.rglob("*")
+        if p.is_file()
     }
 
     out = storage.download(uri, tmp_path / "restored", part_size=PART, max_workers=4)  # 3 ranged GETs
@@ -326,8 +331,9 @@ def test_corrupted_object_is_detected_on_download(s3_env, s3_server, checkpoint,
 
 
 def test_manifest_paths_cannot_escape_the_destination(s3_env, s3_server, tmp_path):
-    body = json.dumps({"format": "medcritical-folder/1", "files": [
-        {"path": "../escaped.txt", "size": 1, "sha256": "0" * 64}]}).encode()
+    body = json.dumps(
+        {"format": "medcritical-folder/1", "files": [{"path": "../escaped.txt", "size": 1, "sha256": "0" * 64}]}
+    ).encode()
     s3_server.client().put_object(s3_env, f"evil/{MANIFEST_NAME}", io.BytesIO(body), len(body))
     with pytest.raises(StorageError, match="unsafe path"):
         storage.download(f"s3://{s3_env}/evil", tmp_path / "out")

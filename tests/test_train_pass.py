@@ -12,7 +12,9 @@ from medcritical.selfplay.config import RolloutSection
 
 def records(outcomes):
     """{question: [sample correct, ...]} -> rollout records."""
-    return [{"question_id": q, "sample": s, "correct": c} for q, samples in outcomes.items() for s, c in enumerate(samples)]
+    return [
+        {"question_id": q, "sample": s, "correct": c} for q, samples in outcomes.items() for s, c in enumerate(samples)
+    ]
 
 
 def test_before_after_known_values():
@@ -23,7 +25,11 @@ def test_before_after_known_values():
     assert stats["pass@1_before"] == 0.5 and stats["pass@1_after"] == pytest.approx(7 / 8)
     assert stats["difference"] == pytest.approx(3 / 8)
     # first samples: a F->T, b T->T, c F->T, d T->T: 0 right only before, 2 only after
-    assert stats["first_sample"] == {"only_before_correct": 0, "only_after_correct": 2, "mcnemar_p": mcnemar_exact(0, 2)}
+    assert stats["first_sample"] == {
+        "only_before_correct": 0,
+        "only_after_correct": 2,
+        "mcnemar_p": mcnemar_exact(0, 2),
+    }
     low, high = stats["difference_ci95"]
     assert low <= 3 / 8 <= high and low >= 0  # every per-question change is >= 0
     assert "50.0% → 87.5%" in train_pass_line(stats)
@@ -39,8 +45,17 @@ def test_train_pass_reuses_the_rollout_on_the_same_questions(tmp_path, tiny_mode
     questions = bundled[:6]
     before = [{"question_id": q.id, "sample": s, "correct": s == 0} for q in questions[:4] for s in range(2)]
     rollout = RolloutSection(samples_per_question=2, max_new_tokens=8, chunk_size=4)
-    stats = train_pass(rollout, GenerationConfig(max_new_tokens=8), questions, before, tiny_model, tmp_path,
-                       limit=3, device="cpu", seed=0)
+    stats = train_pass(
+        rollout,
+        GenerationConfig(max_new_tokens=8),
+        questions,
+        before,
+        tiny_model,
+        tmp_path,
+        limit=3,
+        device="cpu",
+        seed=0,
+    )
     assert stats["questions"] == 3 and stats["pass@1_before"] == 0.5
     after = [json.loads(line) for line in (tmp_path / "train_pass.jsonl").read_text().splitlines()]
     assert len(after) == 6 and {r["question_id"] for r in after} <= {q.id for q in questions[:4]}
@@ -60,17 +75,28 @@ def test_dpo_step_glue_finds_the_rollout_the_questions_and_the_model(tmp_path, t
     write_questions(bundled[:5], root / "data" / "train.jsonl")
     rollout_dir, dpo_dir = root / "round1-rollout", root / "round1-dpo"
     rollout_dir.mkdir()
-    (rollout_dir / "rollouts.jsonl").write_text("".join(
-        json.dumps({"question_id": q.id, "sample": s, "correct": False}) + "\n" for q in bundled[:5] for s in range(2)
-    ))
+    (rollout_dir / "rollouts.jsonl").write_text(
+        "".join(
+            json.dumps({"question_id": q.id, "sample": s, "correct": False}) + "\n"
+            for q in bundled[:5]
+            for s in range(2)
+        )
+    )
     shutil.copytree(tiny_model, dpo_dir / "model")
-    recipe = load_recipe(overrides=[
-        f"run.output_dir={root}", "run.device=cpu", "evaluate.train_pass_questions=2",
-        "selfplay.rollout.samples_per_question=2", "selfplay.rollout.max_new_tokens=4",
-    ])
+    recipe = load_recipe(
+        overrides=[
+            f"run.output_dir={root}",
+            "run.device=cpu",
+            "evaluate.train_pass_questions=2",
+            "selfplay.rollout.samples_per_question=2",
+            "selfplay.rollout.max_new_tokens=4",
+        ]
+    )
     stats = steps._train_pass(recipe, rollout_dir, dpo_dir)
     assert stats["questions"] == 2 and stats["pass@1_before"] == 0.0
     assert (dpo_dir / "train_pass.json").is_file()
     # The report reads it per round.
-    report = steps.report(recipe, str(root / "report"), str(root / "eval-base"), str(root / "eval-sft"), str(root / "eval-dpo-round1"))
+    report = steps.report(
+        recipe, str(root / "report"), str(root / "eval-base"), str(root / "eval-sft"), str(root / "eval-dpo-round1")
+    )
     assert "round 1 training questions' pass@1 before → after DPO: 0.0% →" in report["markdown"]

@@ -14,16 +14,25 @@ INPUTS = {"distill_uri": "s3://b/runs/1/distill", "model_uri": ""}
 
 
 def manifest(nodes=2):
-    return trainjob.trainjob_manifest("sft", RECIPE, "s3://b/runs/1/sft", INPUTS, image="reg/medcritical-train-cuda:0.1.0",
-                                      nodes=nodes, gpus_per_node=8, s3_secret="medcritical-s3")
+    return trainjob.trainjob_manifest(
+        "sft",
+        RECIPE,
+        "s3://b/runs/1/sft",
+        INPUTS,
+        image="reg/medcritical-train-cuda:0.1.0",
+        nodes=nodes,
+        gpus_per_node=8,
+        s3_secret="medcritical-s3",
+    )
 
 
 def test_the_launched_trainjob_passes_the_schema_and_project_rules():
     job = manifest()
     job["metadata"]["namespace"] = "kubeflow"
     assert schema_errors(job) == []
-    violations = k8s_rules.check([job], external_secrets=documented_secrets(),
-                                 provided=build(ROOT / "k8s" / "overlays" / "pipeline-rbac"))
+    violations = k8s_rules.check(
+        [job], external_secrets=documented_secrets(), provided=build(ROOT / "k8s" / "overlays" / "pipeline-rbac")
+    )
     assert [str(v) for v in violations] == []
     node = k8s_rules.trainjob_pod(job["spec"])["containers"][0]
     assert node["args"][:3] == ["-m", "medcritical.cli", "sft"] and "--dataset" in node["args"]
@@ -79,8 +88,11 @@ def test_missing_trainer_or_permission_is_named(status, words):
 
 def test_a_failed_trainjob_fails_the_task_naming_it_and_its_logs():
     api = RecordingApi([state("Failed", reason="BackoffLimitExceeded", message="node-1 exited 1")])
-    with pytest.raises(trainjob.TrainJobError, match=r"TrainJob ns/medcritical-sft-\w+ failed: BackoffLimitExceeded "
-                                                     r"node-1 exited 1; .*kubectl -n ns logs"):
+    with pytest.raises(
+        trainjob.TrainJobError,
+        match=r"TrainJob ns/medcritical-sft-\w+ failed: BackoffLimitExceeded "
+        r"node-1 exited 1; .*kubectl -n ns logs",
+    ):
         trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
 
 
@@ -110,8 +122,20 @@ def test_the_component_path_returns_the_output_and_logs_the_trainjobs_metrics(tm
     api, metrics = RecordingApi([state("Complete")]), Metrics()
     created = []
     api.create_namespaced_custom_object = lambda *args: created.append(args[-1])
-    output = trainjob.run_component_on_nodes("sft", RECIPE, str(run_root), "sft", metrics, nodes=2, gpus_per_node=8,
-                                             image="img:1", s3_secret="s3", api=api, namespace="ns", **INPUTS)
+    output = trainjob.run_component_on_nodes(
+        "sft",
+        RECIPE,
+        str(run_root),
+        "sft",
+        metrics,
+        nodes=2,
+        gpus_per_node=8,
+        image="img:1",
+        s3_secret="s3",
+        api=api,
+        namespace="ns",
+        **INPUTS,
+    )
     assert output == f"{run_root}/sft" and metrics.logged == {"train_loss": 0.5, "world_size": 16}
     env = {e["name"]: e.get("value") for e in created[0]["spec"]["trainer"]["env"]}
     assert load_recipe_from_env(env).run.output_dir == str(run_root)  # the pipeline's run_root wins

@@ -74,7 +74,9 @@ def test_vllm_samples_depend_on_question_and_index_not_batch(vllm_side):
     assert key(rollout["split"]) == key(rollout["whole"]), "a split, resumed rollout sampled differently"
 
 
-def test_rollout_and_corrections_have_the_records_and_statistics_of_transformers(vllm_side, transformers_side, tmp_path):
+def test_rollout_and_corrections_have_the_records_and_statistics_of_transformers(
+    vllm_side, transformers_side, tmp_path
+):
     pool, config = questions(), rollout_config()
     ours = rollout_questions(transformers_side, pool[:5], config, tmp_path / "rollouts.jsonl", seed=7)
     theirs = vllm_side["rollout"]["whole"]
@@ -87,8 +89,14 @@ def test_rollout_and_corrections_have_the_records_and_statistics_of_transformers
     assert any(r["predicted"] for r in theirs), "the trained model states answers under vLLM too"
 
     corrections = correct_trajectories(
-        transformers_side, {q.id: q for q in pool[:5]}, ours, correction_config(), tmp_path / "corrections.jsonl",
-        max_new_tokens=config.max_new_tokens, seed=7, chunk_size=4,
+        transformers_side,
+        {q.id: q for q in pool[:5]},
+        ours,
+        correction_config(),
+        tmp_path / "corrections.jsonl",
+        max_new_tokens=config.max_new_tokens,
+        seed=7,
+        chunk_size=4,
     )
     theirs = vllm_side["corrections"]
     assert fields(theirs) == fields(corrections)
@@ -100,7 +108,10 @@ def test_rollout_and_corrections_have_the_records_and_statistics_of_transformers
 def test_greedy_evaluation_is_the_same_on_both_backends(vllm_side, transformers_side, model, tmp_path):
     eval_config, generation = evaluation_configs("transformers")["generate"]
     report = evaluate.evaluate_model(eval_config, generation, questions(), model, tmp_path, generator=transformers_side)
-    ours = {json.loads(line)["id"]: json.loads(line)["output"] for line in (tmp_path / "outputs.jsonl").read_text().splitlines()}
+    ours = {
+        json.loads(line)["id"]: json.loads(line)["output"]
+        for line in (tmp_path / "outputs.jsonl").read_text().splitlines()
+    }
     theirs = {row["id"]: row["output"] for row in vllm_side["evaluation"]["generate"]["outputs"]}
     differing = {i: (ours[i], theirs[i]) for i in ours if ours[i] != theirs.get(i)}
     assert not differing, f"greedy outputs differ (a near-tie in float32 rounding?): {differing}"
@@ -118,11 +129,16 @@ def test_loglik_scores_agree_within_float32_rounding(vllm_side, transformers_sid
         assert max(range(len(mine)), key=mine.__getitem__) == max(range(len(other)), key=other.__getitem__)
 
 
-@pytest.mark.skipif(not hasattr(evaluate, "loglik_rows"), reason="evaluation's gold-free loglik scoring is not in this checkout")
+@pytest.mark.skipif(
+    not hasattr(evaluate, "loglik_rows"), reason="evaluation's gold-free loglik scoring is not in this checkout"
+)
 def test_loglik_evaluation_picks_the_same_answers(vllm_side, transformers_side, model, tmp_path):
     eval_config, generation = evaluation_configs("transformers")["loglik"]
     evaluate.evaluate_model(eval_config, generation, questions(), model, tmp_path, generator=transformers_side)
-    ours = {json.loads(line)["id"]: json.loads(line)["output"] for line in (tmp_path / "outputs.jsonl").read_text().splitlines()}
+    ours = {
+        json.loads(line)["id"]: json.loads(line)["output"]
+        for line in (tmp_path / "outputs.jsonl").read_text().splitlines()
+    }
     assert {row["id"]: row["output"] for row in vllm_side["evaluation"]["loglik"]["outputs"]} == ours
 
 

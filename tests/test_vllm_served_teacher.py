@@ -45,8 +45,14 @@ def test_distill_through_a_server_started_in_the_step(vllm_python, vllm_model, t
 
 
 def test_the_server_stops_when_the_step_is_killed(vllm_python, vllm_model, tmp_path):
-    step = subprocess.run([str(vllm_python), str(SCRIPT), "kill", str(vllm_model), str(tmp_path)],
-                          capture_output=True, text=True, env=vllm_env(), cwd=REPO, timeout=600)
+    step = subprocess.run(
+        [str(vllm_python), str(SCRIPT), "kill", str(vllm_model), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=vllm_env(),
+        cwd=REPO,
+        timeout=600,
+    )
     assert step.returncode == -9, step.stderr[-3000:]
     pid = int((tmp_path / "server.pid").read_text())
     deadline = time.monotonic() + 60

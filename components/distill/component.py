@@ -5,8 +5,9 @@ from kfp import dsl
 IMAGE = "infer"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (CUDA + vLLM)
 
 
-def distill(recipe: str, run_root: str, name: str, data_uri: str, metrics: dsl.Output[dsl.Metrics],
-            reuse_uri: str = "") -> str:
+def distill(
+    recipe: str, run_root: str, name: str, data_uri: str, metrics: dsl.Output[dsl.Metrics], reuse_uri: str = ""
+) -> str:
     """Teacher distillation: thought templates and long chains of thought, verified by the grader.
 
     Returns the URI of its output folder, `<run_root>/<name>`; with `reuse_uri` (the distill folder of an

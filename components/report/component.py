@@ -22,6 +22,13 @@ def report(
     from medcritical.steps import run_component_step
 
     return run_component_step(
-        "report", recipe, run_root, name, metrics, markdown=summary,
-        base_eval_uri=base_eval_uri, sft_eval_uri=sft_eval_uri, dpo_eval_uri=dpo_eval_uri,
+        "report",
+        recipe,
+        run_root,
+        name,
+        metrics,
+        markdown=summary,
+        base_eval_uri=base_eval_uri,
+        sft_eval_uri=sft_eval_uri,
+        dpo_eval_uri=dpo_eval_uri,
     )

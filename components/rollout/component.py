@@ -5,7 +5,9 @@ from kfp import dsl
 IMAGE = "infer"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (CUDA + vLLM)
 
 
-def rollout(recipe: str, run_root: str, name: str, data_uri: str, model_uri: str, metrics: dsl.Output[dsl.Metrics]) -> str:
+def rollout(
+    recipe: str, run_root: str, name: str, data_uri: str, model_uri: str, metrics: dsl.Output[dsl.Metrics]
+) -> str:
     """Self-play: k answers per training question, self-correction of the wrong ones, preference pairs.
 
     Returns the URI of its output folder, `<run_root>/<name>`.

@@ -5,8 +5,18 @@ from kfp import dsl
 IMAGE = "train"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (CUDA + vLLM)
 
 
-def sft(recipe: str, run_root: str, name: str, distill_uri: str, model_uri: str, metrics: dsl.Output[dsl.Metrics],
-        train_nodes: int = 1, node_gpus: int = 8, trainjob_image: str = "", s3_secret: str = "medcritical-s3") -> str:
+def sft(
+    recipe: str,
+    run_root: str,
+    name: str,
+    distill_uri: str,
+    model_uri: str,
+    metrics: dsl.Output[dsl.Metrics],
+    train_nodes: int = 1,
+    node_gpus: int = 8,
+    trainjob_image: str = "",
+    s3_secret: str = "medcritical-s3",
+) -> str:
     """Supervised fine-tuning of the student on the verified traces (LoRA or full; DeepSpeed ZeRO from the recipe).
 
     Returns the URI of its output folder, `<run_root>/<name>`. With `train_nodes` > 1 the step runs as a
@@ -15,8 +25,19 @@ def sft(recipe: str, run_root: str, name: str, distill_uri: str, model_uri: str,
     if train_nodes > 1:
         from medcritical.trainjob import run_component_on_nodes
 
-        return run_component_on_nodes("sft", recipe, run_root, name, metrics, nodes=train_nodes, gpus_per_node=node_gpus,
-                                      image=trainjob_image, s3_secret=s3_secret, distill_uri=distill_uri, model_uri=model_uri)
+        return run_component_on_nodes(
+            "sft",
+            recipe,
+            run_root,
+            name,
+            metrics,
+            nodes=train_nodes,
+            gpus_per_node=node_gpus,
+            image=trainjob_image,
+            s3_secret=s3_secret,
+            distill_uri=distill_uri,
+            model_uri=model_uri,
+        )
     from medcritical.steps import run_component_step
 
     return run_component_step("sft", recipe, run_root, name, metrics, distill_uri=distill_uri, model_uri=model_uri)

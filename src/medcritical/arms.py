@@ -59,7 +59,9 @@ def load_arm(run_dir: str | Path) -> dict:
         "after": _read(after / "report.json"),
         "graded_before": _graded(before),
         "graded_after": _graded(after),
-        "rounds": [{"rollout": _read(r / "rollout_stats.json"), "dpo": _read(d / "dpo_metrics.json")} for r, d in steps],
+        "rounds": [
+            {"rollout": _read(r / "rollout_stats.json"), "dpo": _read(d / "dpo_metrics.json")} for r, d in steps
+        ],
     }
 
 
@@ -115,7 +117,8 @@ def arm_rows(arm: dict) -> dict[str, str]:
     dpo_seconds = _get(dpo, "train_seconds")
     pairs = _get(rollout, "pairs.pairs")
     return {
-        "corrector": _num(_get(rollout, "corrector.corrector")) + (f" ({_get(rollout, 'corrector.backend')})" if _get(rollout, "corrector.backend") else ""),
+        "corrector": _num(_get(rollout, "corrector.corrector"))
+        + (f" ({_get(rollout, 'corrector.backend')})" if _get(rollout, "corrector.backend") else ""),
         "pairs level": _num(_get(rollout, "pairs.level")),
         "CMExam accuracy before (SFT)": _pct(before and before["accuracy"]) + (f" (n={before['n']})" if before else ""),
         "CMExam accuracy after stage 2": _pct(after and after["accuracy"]),
@@ -129,15 +132,19 @@ def arm_rows(arm: dict) -> dict[str, str]:
         "same final letters": _pct(diagnostics.get("same_letters_share")),
         "chosen / rejected tokens (median)": (
             f"{_num(_get(diagnostics, 'chosen_tokens.median'))} / {_num(_get(diagnostics, 'rejected_tokens.median'))}"
-            if diagnostics.get("chosen_tokens") else
-            f"{_num(_get(diagnostics, 'chosen_chars.median'))} / {_num(_get(diagnostics, 'rejected_chars.median'))} chars"
+            if diagnostics.get("chosen_tokens")
+            else f"{_num(_get(diagnostics, 'chosen_chars.median'))} / {_num(_get(diagnostics, 'rejected_chars.median'))} chars"
         ),
-        "chosen/rejected length ratio (median)": _num(_get(diagnostics, "tokens_ratio.median") or _get(diagnostics, "chars_ratio.median")),
+        "chosen/rejected length ratio (median)": _num(
+            _get(diagnostics, "tokens_ratio.median") or _get(diagnostics, "chars_ratio.median")
+        ),
         "held-out reward accuracy, 1st epoch / end": f"{_pct(first_epoch and first_epoch['reward_accuracy'])} / {_pct(_get(dpo, 'heldout.reward_accuracy'))}",
         "DPO loss first → last": f"{_num(_get(dpo, 'loss_first'))} → {_num(_get(dpo, 'loss_last'))}",
         "student tokens per pair": _num(per_pair.get("student_tokens")),
         "teacher tokens per pair": _num(per_pair.get("teacher_tokens")),
-        f"rollout {cost.get('seconds', {}).get('device', 'device')}-seconds per pair": _num(per_pair.get("device_seconds")),
+        f"rollout {cost.get('seconds', {}).get('device', 'device')}-seconds per pair": _num(
+            per_pair.get("device_seconds")
+        ),
         "DPO seconds per pair": _num(dpo_seconds / pairs if dpo_seconds and pairs else None),
         "money per pair": _num(per_pair.get("money")) if "money" in per_pair else "not priced",
     }

@@ -18,7 +18,7 @@ always giving the most frequent gold answer: the floor a model must beat to show
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from medcritical.grader import AMBIGUOUS, ANSWERED, EMPTY, INVALID, TRUNCATED, grade_answer
 

@@ -25,8 +25,9 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
@@ -82,9 +83,19 @@ def safe_url(url: str) -> str:
 class ChatClient:
     """Concurrent chat completions against one model on one OpenAI-compatible endpoint."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, concurrency: int = 8,
-                 timeout_s: float = 600.0, max_retries: int = 6, max_failed_requests: int = 10,
-                 extra_body: dict[str, Any] | None = None, key_source: str = "the api_key argument"):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 8,
+        timeout_s: float = 600.0,
+        max_retries: int = 6,
+        max_failed_requests: int = 10,
+        extra_body: dict[str, Any] | None = None,
+        key_source: str = "the api_key argument",
+    ):
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
         self.base_url, self.model, self.concurrency = base_url.rstrip("/"), model, concurrency
@@ -102,14 +113,16 @@ class ChatClient:
         return safe_url(self.base_url)
 
     @classmethod
-    def from_section(cls, section, env_prefix: str, **kwargs) -> "ChatClient":
+    def from_section(cls, section, env_prefix: str, **kwargs) -> ChatClient:
         """From a recipe section (base_url, model, api_key_env and the client settings it has);
         base_url and model fall back to ``<env_prefix>_BASE_URL`` / ``_MODEL``; `kwargs` override."""
         base_url = section.base_url or os.environ.get(f"{env_prefix}_BASE_URL")
         model = section.model or os.environ.get(f"{env_prefix}_MODEL")
         for value, key, env in ((base_url, "base_url", "BASE_URL"), (model, "model", "MODEL")):
             if not value:
-                raise ValueError(f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}")
+                raise ValueError(
+                    f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}"
+                )
         names = ("concurrency", "timeout_s", "max_retries", "max_failed_requests", "extra_body")
         settings = {name: getattr(section, name) for name in names if hasattr(section, name)}
         settings["key_source"] = f"the environment variable {section.api_key_env}"
@@ -118,8 +131,12 @@ class ChatClient:
     def _sdk(self) -> openai.AsyncOpenAI:
         # The SDK insists on a key; with none, `_headers` omits the header, and OPENAI_API_KEY is never
         # read: someone's OpenAI key must not travel to a self-hosted teacher.
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "none",
-                                  timeout=self.timeout_s, max_retries=self.max_retries)
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=self._api_key or "none",
+            timeout=self.timeout_s,
+            max_retries=self.max_retries,
+        )
 
     @property
     def _headers(self) -> dict:
@@ -142,16 +159,28 @@ class ChatClient:
         except openai.APIStatusError as e:
             if e.status_code in FATAL_STATUSES:
                 raise self._fatal(e) from None
-            raise EndpointError(f"{self.endpoint} is not answering: {self._describe(e)[0]}; start or fix it, then rerun") from None
+            raise EndpointError(
+                f"{self.endpoint} is not answering: {self._describe(e)[0]}; start or fix it, then rerun"
+            ) from None
         except (openai.APIError, ValueError) as e:
-            raise EndpointError(f"{self.endpoint} cannot be reached: {self._describe(e)[0]}; start the server or "
-                                "fix base_url, then rerun") from None
+            raise EndpointError(
+                f"{self.endpoint} cannot be reached: {self._describe(e)[0]}; start the server or "
+                "fix base_url, then rerun"
+            ) from None
         if models and self.model not in models:
-            log.warning("%s does not list the model %r (it serves %s)", self.endpoint, self.model, ", ".join(models[:10]))
+            log.warning(
+                "%s does not list the model %r (it serves %s)", self.endpoint, self.model, ", ".join(models[:10])
+            )
         return models
 
-    def chat_many(self, conversations: Sequence[Messages], *, on_reply: Callable[[int, ChatReply], None] | None = None,
-                  desc: str = "chat", **params) -> list[ChatReply]:
+    def chat_many(
+        self,
+        conversations: Sequence[Messages],
+        *,
+        on_reply: Callable[[int, ChatReply], None] | None = None,
+        desc: str = "chat",
+        **params,
+    ) -> list[ChatReply]:
         """Replies in the order of `conversations`; `on_reply(index, reply)` runs as each one arrives.
 
         `params` go into every request body (temperature, top_p, max_tokens, seed, logit_bias, ...;
@@ -160,9 +189,14 @@ class ChatClient:
         `achat_many`."""
         return asyncio.run(self.achat_many(conversations, on_reply=on_reply, desc=desc, **params))
 
-    async def achat_many(self, conversations: Sequence[Messages], *,
-                         on_reply: Callable[[int, ChatReply], None] | None = None, desc: str = "chat",
-                         **params) -> list[ChatReply]:
+    async def achat_many(
+        self,
+        conversations: Sequence[Messages],
+        *,
+        on_reply: Callable[[int, ChatReply], None] | None = None,
+        desc: str = "chat",
+        **params,
+    ) -> list[ChatReply]:
         replies: list[ChatReply | None] = [None] * len(conversations)
         body = self.extra_body | {k: v for k, v in params.items() if v is not None}
         limit = asyncio.Semaphore(self.concurrency)
@@ -250,13 +284,16 @@ class ChatClient:
             self.failures[kind] += 1
             if sum(self.failures.values()) > self.max_failed_requests:
                 raise self._failures_error("", stopped_early=True)
-        return ChatReply(requests=requests, latency_s=time.monotonic() - started, error=message,
-                         endpoint_failed=endpoint_failed)
+        return ChatReply(
+            requests=requests, latency_s=time.monotonic() - started, error=message, endpoint_failed=endpoint_failed
+        )
 
     def _failures_error(self, step: str, stopped_early: bool = False) -> EndpointFailures:
         total = sum(self.failures.values())
         how = ", ".join(f"{n} {kind}" for kind, n in self.failures.most_common())
-        stop = f"Stopped early: more than max_failed_requests={self.max_failed_requests} failed. " if stopped_early else ""
+        stop = (
+            f"Stopped early: more than max_failed_requests={self.max_failed_requests} failed. " if stopped_early else ""
+        )
         return EndpointFailures(
             f"{step + ': ' if step else ''}{total} request{'s' if total != 1 else ''} to {self.endpoint} "
             f"(model {self.model!r}) failed after {self.max_retries} retries ({how}). {stop}The replies that came "

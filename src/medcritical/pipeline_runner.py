@@ -50,14 +50,18 @@ def run_locally(recipe: Recipe) -> Path:
     log_path = kfp_root / "pipeline.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=True)
     started = time.perf_counter()
-    log.info("running the MedCritical pipeline locally: %d self-play round(s), outputs in %s", recipe.selfplay.rounds, root)
+    log.info(
+        "running the MedCritical pipeline locally: %d self-play round(s), outputs in %s", recipe.selfplay.rounds, root
+    )
     log.info("full log (every step's output): %s", log_path)
     with open(log_path, "a", encoding="utf-8") as log_file:
         echo = ConsoleEcho(log_file, sys.stdout, started)
         try:
             with contextlib.redirect_stdout(echo), warnings.catch_warnings():
                 # Expected locally: the steps run in this Python, not in their images; names are for the UI.
-                warnings.filterwarnings("ignore", message=".*(non-Python base image|no effect in the current local runner)")
+                warnings.filterwarnings(
+                    "ignore", message=".*(non-Python base image|no effect in the current local runner)"
+                )
                 _pipeline(recipe)()
         except Exception:
             echo.flush()
@@ -76,8 +80,10 @@ class ConsoleEcho(io.TextIOBase):
     """Everything to the log file; to the console only the lines a person follows a run by."""
 
     ANSI = re.compile(r"\x1b\[[0-9;]*m")
-    TASK = re.compile(r"(Executing task '(?P<start>[^']+)'|Task '(?P<done>[^']+)' finished with status (?P<status>\w+)"
-                      r"|Pipeline '[^']+' finished with status (?P<pipeline>\w+))")
+    TASK = re.compile(
+        r"(Executing task '(?P<start>[^']+)'|Task '(?P<done>[^']+)' finished with status (?P<status>\w+)"
+        r"|Pipeline '[^']+' finished with status (?P<pipeline>\w+))"
+    )
     # Our steps' log lines, as KFP's executor formats them inside the step's process.
     STEP_LINE = re.compile(r"^\s*\[KFP Executor [^\]]* (?P<level>INFO|WARNING|ERROR|CRITICAL)\]: (?P<message>.*)$")
     KFP_CHATTER = ("Looking for component", "Loading KFP component", "Got executor_input", "Wrote executor output")
@@ -111,8 +117,15 @@ class ConsoleEcho(io.TextIOBase):
             print(f"         {prefix}{match['message']}", file=self.console, flush=True)
 
 
-def compile_pipeline(recipe: Recipe, output: str | Path, *, registry: str = "", shm_size: str = "16Gi",
-                     cache_teacher: bool = False, work_pvc: str = "") -> Path:
+def compile_pipeline(
+    recipe: Recipe,
+    output: str | Path,
+    *,
+    registry: str = "",
+    shm_size: str = "16Gi",
+    cache_teacher: bool = False,
+    work_pvc: str = "",
+) -> Path:
     """Compile the cluster pipeline (images from `registry`) with `recipe` as its default recipe."""
     from kfp import compiler
 
@@ -135,9 +148,21 @@ def parse_params(params: list[str]) -> dict:
     return parsed
 
 
-def submit_run(recipe: Recipe, host: str, *, experiment: str, run_name: str | None, params: list[str],
-               registry: str = "", shm_size: str = "16Gi", cache_teacher: bool = False, work_pvc: str = "",
-               client=None, namespace: str | None = None, token_file: str | None = None):
+def submit_run(
+    recipe: Recipe,
+    host: str,
+    *,
+    experiment: str,
+    run_name: str | None,
+    params: list[str],
+    registry: str = "",
+    shm_size: str = "16Gi",
+    cache_teacher: bool = False,
+    work_pvc: str = "",
+    client=None,
+    namespace: str | None = None,
+    token_file: str | None = None,
+):
     """Compile for `recipe` and create a run on the KFP server at `host`; returns kfp's RunPipelineResult.
 
     Multi-user Kubeflow: `namespace` is the user's profile namespace (where the run, its experiment and
@@ -152,9 +177,17 @@ def submit_run(recipe: Recipe, host: str, *, experiment: str, run_name: str | No
             raise FileNotFoundError(f"--token-file {token_file}: no such file (a bearer token for the KFP API)")
         token = path.read_text(encoding="utf-8").strip()
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(recipe, Path(tmp) / "medcritical.yaml", registry=registry, shm_size=shm_size,
-                                   cache_teacher=cache_teacher, work_pvc=work_pvc)
-        client = client or kfp.Client(host=host, existing_token=token, **({"namespace": namespace} if namespace else {}))
+        package = compile_pipeline(
+            recipe,
+            Path(tmp) / "medcritical.yaml",
+            registry=registry,
+            shm_size=shm_size,
+            cache_teacher=cache_teacher,
+            work_pvc=work_pvc,
+        )
+        client = client or kfp.Client(
+            host=host, existing_token=token, **({"namespace": namespace} if namespace else {})
+        )
         return client.create_run_from_pipeline_package(
             str(package),
             arguments={"recipe": recipe_parameter(recipe), "run_root": recipe.run.root, **parse_params(params)},

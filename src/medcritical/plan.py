@@ -101,8 +101,16 @@ def model_shape(uri: str | None, recipe: Recipe, model_config: str | Path | None
     uri = uri or recipe.model.base
     if uri == TINY:
         tiny = recipe.model.tiny
-        return ModelShape(TINY, tiny.vocab_size, tiny.hidden_size, tiny.intermediate_size, tiny.num_layers,
-                          tiny.num_heads, tiny.num_heads, tie_embeddings=True)
+        return ModelShape(
+            TINY,
+            tiny.vocab_size,
+            tiny.hidden_size,
+            tiny.intermediate_size,
+            tiny.num_layers,
+            tiny.num_heads,
+            tiny.num_heads,
+            tie_embeddings=True,
+        )
     local = Path(uri) / "config.json"
     if "://" not in uri and local.is_file():
         return shape_from_config(json.loads(local.read_text(encoding="utf-8")), uri)
@@ -197,8 +205,13 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     if step == "dpo" and not lora.enabled and not settings.get("precompute_ref_log_probs"):
         reference = b * psi / (world if stage == 3 else 1)  # a second frozen copy; LoRA disables the adapter
 
-    for name, value in (("weights", weights), ("gradients", grads), ("optimizer", optimizer_bytes),
-                        ("activations", activations), ("DPO reference", reference)):
+    for name, value in (
+        ("weights", weights),
+        ("gradients", grads),
+        ("optimizer", optimizer_bytes),
+        ("activations", activations),
+        ("DPO reference", reference),
+    ):
         if value:
             need.parts[name] = int(value)
     need.gpu_memory = int(weights + grads + optimizer_bytes + activations + reference + PER_RANK_OVERHEAD)
@@ -222,13 +235,25 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     data = _questions(recipe) * rows * settings["max_length"] * BYTES_PER_TOKEN_JSON
     need.disk = int((weights_file + checkpoints + final + data) * DISK_HEADROOM)
     need.parts.update({"input model": weights_file, "checkpoints": int(checkpoints), "final model": int(final)})
-    need.notes.append(f"ZeRO-{stage}{' offload' if offload else ''}, {'LoRA r=%d' % lora.r if lora.enabled else 'full'}, "
-                      f"{world} rank(s)")
+    need.notes.append(
+        f"ZeRO-{stage}{' offload' if offload else ''}, {f'LoRA r={lora.r}' if lora.enabled else 'full'}, "
+        f"{world} rank(s)"
+    )
     return need
 
 
-def generation_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, *, tensor_parallel: int,
-                    utilization: float, max_new_tokens: int, samples: int, backend: str) -> Need:
+def generation_need(
+    step: str,
+    recipe: Recipe,
+    shape: ModelShape,
+    gpus: int,
+    *,
+    tensor_parallel: int,
+    utilization: float,
+    max_new_tokens: int,
+    samples: int,
+    backend: str,
+) -> Need:
     """vLLM (or transformers) generation: weights over tensor_parallel GPUs plus the KV cache."""
     need = Need(step, gpus)
     b = _dtype_bytes(recipe)
@@ -257,8 +282,14 @@ def cpu_need(step: str, recipe: Recipe, outputs: int = 0) -> Need:
     return Need(step, 0, disk=int((outputs + GiB) * DISK_HEADROOM), host_memory=CPU_HOST_OVERHEAD)
 
 
-def plan_steps(recipe: Recipe, *, train_gpus: int = 1, nodes: int = 1, model_config: str | None = None,
-               teacher_config: str | None = None) -> dict[str, Need]:
+def plan_steps(
+    recipe: Recipe,
+    *,
+    train_gpus: int = 1,
+    nodes: int = 1,
+    model_config: str | None = None,
+    teacher_config: str | None = None,
+) -> dict[str, Need]:
     """The need of every step the pipeline runs, keyed by the CLI's step name."""
     shape = model_shape(recipe.model.base, recipe, model_config)
     gen = recipe.generation
@@ -270,9 +301,16 @@ def plan_steps(recipe: Recipe, *, train_gpus: int = 1, nodes: int = 1, model_con
     if distill.backend in ("vllm", "transformers"):
         teacher = model_shape(distill.teacher_model, recipe, teacher_config)
         needs["distill"] = generation_need(
-            "distill", recipe, teacher, distill.local.tensor_parallel_size if on_gpu else 0,
-            tensor_parallel=distill.local.tensor_parallel_size, utilization=distill.local.gpu_memory_utilization,
-            max_new_tokens=distill.max_new_tokens, samples=distill.attempts, backend=distill.backend)
+            "distill",
+            recipe,
+            teacher,
+            distill.local.tensor_parallel_size if on_gpu else 0,
+            tensor_parallel=distill.local.tensor_parallel_size,
+            utilization=distill.local.gpu_memory_utilization,
+            max_new_tokens=distill.max_new_tokens,
+            samples=distill.attempts,
+            backend=distill.backend,
+        )
     else:  # an API teacher or the explanations: no GPU, only the traces on disk
         traces = _questions(recipe) * distill.attempts * distill.max_new_tokens * BYTES_PER_TOKEN_JSON
         needs["distill"] = cpu_need("distill", recipe, traces)
@@ -281,23 +319,41 @@ def plan_steps(recipe: Recipe, *, train_gpus: int = 1, nodes: int = 1, model_con
     needs["sft"] = training_need("sft", recipe, shape, train, nodes)
     rollout = recipe.selfplay.rollout
     needs["rollout"] = generation_need(
-        "rollout", recipe, shape, infer_gpus, tensor_parallel=gen.tensor_parallel_size,
-        utilization=gen.gpu_memory_utilization, max_new_tokens=rollout.max_new_tokens * 2,  # a correction sees the answer
-        samples=rollout.samples_per_question + recipe.selfplay.correction.attempts, backend=gen.backend)
+        "rollout",
+        recipe,
+        shape,
+        infer_gpus,
+        tensor_parallel=gen.tensor_parallel_size,
+        utilization=gen.gpu_memory_utilization,
+        max_new_tokens=rollout.max_new_tokens * 2,  # a correction sees the answer
+        samples=rollout.samples_per_question + recipe.selfplay.correction.attempts,
+        backend=gen.backend,
+    )
     needs["dpo"] = training_need("dpo", recipe, shape, train, nodes)
     needs["evaluate"] = generation_need(
-        "evaluate", recipe, shape, infer_gpus, tensor_parallel=gen.tensor_parallel_size,
-        utilization=gen.gpu_memory_utilization, max_new_tokens=gen.max_new_tokens, samples=1, backend=gen.backend)
+        "evaluate",
+        recipe,
+        shape,
+        infer_gpus,
+        tensor_parallel=gen.tensor_parallel_size,
+        utilization=gen.gpu_memory_utilization,
+        max_new_tokens=gen.max_new_tokens,
+        samples=1,
+        backend=gen.backend,
+    )
     if not on_gpu:
         for need in needs.values():
             need.gpus, need.gpu_memory = 0, 0
             if shape.name == TINY:
                 need.notes.append("tiny model")
     # The demo Job runs every step in one pod, one after the other: the sum of the disks, the largest memory.
-    needs["run"] = Need("run", max(n.gpus for n in needs.values()),
-                        disk=sum(n.disk for n in needs.values()),
-                        host_memory=max(n.host_memory for n in needs.values()),
-                        gpu_memory=max(n.gpu_memory for n in needs.values()))
+    needs["run"] = Need(
+        "run",
+        max(n.gpus for n in needs.values()),
+        disk=sum(n.disk for n in needs.values()),
+        host_memory=max(n.host_memory for n in needs.values()),
+        gpu_memory=max(n.gpu_memory for n in needs.values()),
+    )
     return needs
 
 
@@ -327,8 +383,9 @@ def measured_seconds(recipe: Recipe) -> tuple[dict[str, float], str] | None:
     steps = {"data": "prepare-data", "distill": "distill", "sft": "sft", "eval-base": "evaluate"}
     seconds = {}
     for task in raw.get("kfp_tasks") or []:
-        name = steps.get(task["step"]) or ("rollout" if task["step"].endswith("-rollout") else
-                                           "dpo" if task["step"].endswith("-dpo") else None)
+        name = steps.get(task["step"]) or (
+            "rollout" if task["step"].endswith("-rollout") else "dpo" if task["step"].endswith("-dpo") else None
+        )
         if name and name not in seconds:
             seconds[name] = float(task["s"])
     if raw.get("kfp_total_s"):
@@ -410,7 +467,7 @@ IMAGE_RECIPES = "/opt/medcritical/recipes/"  # the images copy recipes/ here
 def _step_of(args: list[str]) -> tuple[str | None, list[str], str]:
     """(CLI step, --set overrides, the image's recipe it names if any) of a container's command line."""
     if "medcritical.cli" in args:
-        args = args[args.index("medcritical.cli") + 1:]
+        args = args[args.index("medcritical.cli") + 1 :]
     step = next((a for a in args if not a.startswith("-")), None)
     overrides = [args[k + 1] for k, a in enumerate(args[:-1]) if a == "--set"]
     recipe = next((args[k + 1] for k, a in enumerate(args[:-1]) if a == "--recipe"), "")
@@ -425,7 +482,7 @@ def _volume_size(volume: dict) -> tuple[int | None, bool]:
         size = empty.get("sizeLimit")
         return (quantity(size) if size else None), empty.get("medium") != "Memory"
     if "ephemeral" in volume:
-        claim = ((volume["ephemeral"].get("volumeClaimTemplate") or {}).get("spec") or {})
+        claim = (volume["ephemeral"].get("volumeClaimTemplate") or {}).get("spec") or {}
         size = ((claim.get("resources") or {}).get("requests") or {}).get("storage")
         return (quantity(size) if size else None), False
     return None, False  # a PersistentVolumeClaim: its size is the claim's
@@ -442,8 +499,15 @@ def given_from_pod(where: str, pod: dict, nodes: int = 1) -> Given | None:
     resources = container.get("resources") or {}
     limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
     memory = limits.get("memory") or requests.get("memory")
-    given = Given(where, step, overrides, gpus=int(limits.get("nvidia.com/gpu", requests.get("nvidia.com/gpu", 0))),
-                  nodes=nodes, memory=quantity(memory) if memory else None, recipe=own_recipe)
+    given = Given(
+        where,
+        step,
+        overrides,
+        gpus=int(limits.get("nvidia.com/gpu", requests.get("nvidia.com/gpu", 0))),
+        nodes=nodes,
+        memory=quantity(memory) if memory else None,
+        recipe=own_recipe,
+    )
     if requests.get("ephemeral-storage"):
         given.ephemeral_request = quantity(requests["ephemeral-storage"])
     env = {e.get("name"): e.get("value") for e in container.get("env") or []}
@@ -455,10 +519,9 @@ def given_from_pod(where: str, pod: dict, nodes: int = 1) -> Given | None:
         if mount.get("mountPath") == "/dev/shm":
             size, _ = _volume_size(volumes.get(mount.get("name"), {}))
             given.shm = size or 0
-        if workdir == path or workdir.startswith(path.rstrip("/") + "/"):
-            if not given.work_volume:
-                given.work_volume = mount.get("name")
-                given.work, given.ephemeral_needed = _volume_size(volumes.get(mount.get("name"), {}))
+        if (workdir == path or workdir.startswith(path.rstrip("/") + "/")) and not given.work_volume:
+            given.work_volume = mount.get("name")
+            given.work, given.ephemeral_needed = _volume_size(volumes.get(mount.get("name"), {}))
     if not given.work_volume:
         given.work, given.ephemeral_needed = None, True  # the container's writable layer: ephemeral storage
     return given
@@ -497,10 +560,18 @@ def given_from_trainjob(where: str, doc: dict) -> Given | None:
     """A TrainJob: its trainer's command, resources per node and node count; volumes from its podTemplateOverrides."""
     spec = doc.get("spec") or {}
     trainer = spec.get("trainer") or {}
-    pod: dict = {"volumes": [], "containers": [{
-        "command": trainer.get("command") or [], "args": trainer.get("args") or [],
-        "resources": trainer.get("resourcesPerNode") or {}, "env": trainer.get("env") or [], "volumeMounts": [],
-    }]}
+    pod: dict = {
+        "volumes": [],
+        "containers": [
+            {
+                "command": trainer.get("command") or [],
+                "args": trainer.get("args") or [],
+                "resources": trainer.get("resourcesPerNode") or {},
+                "env": trainer.get("env") or [],
+                "volumeMounts": [],
+            }
+        ],
+    }
     for override in spec.get("podTemplateOverrides") or spec.get("podSpecOverrides") or []:
         override_spec = override.get("spec") or override
         pod["volumes"] += override_spec.get("volumes") or []
@@ -517,41 +588,87 @@ def check(need: Need, given: Given, gpu_memory: int) -> list[Problem]:
     in_pipeline = where.startswith("pipeline")
     recompile = "recompile the pipeline for this recipe (`medcritical compile --recipe ...`)"
     if need.gpus and not given.gpus:
-        fix = (f"--param {given.gpu_param}={need.gpus}" if given.gpu_param else recompile if in_pipeline
-               else "request nvidia.com/gpu (limits = requests)")
+        fix = (
+            f"--param {given.gpu_param}={need.gpus}"
+            if given.gpu_param
+            else recompile
+            if in_pipeline
+            else "request nvidia.com/gpu (limits = requests)"
+        )
         problems.append(Problem(where, step, "GPUs", f"{need.gpus}", "none", fix))
     if need.gpus and given.gpus and given.gpus < need.gpus and step not in ("sft", "dpo"):
-        fix = (f"--param {given.gpu_param}={need.gpus}" if given.gpu_param
-               else "as many GPUs as tensor_parallel_size (generation or distill.local)")
+        fix = (
+            f"--param {given.gpu_param}={need.gpus}"
+            if given.gpu_param
+            else "as many GPUs as tensor_parallel_size (generation or distill.local)"
+        )
         problems.append(Problem(where, step, "GPUs", str(need.gpus), str(given.gpus), fix))
     if need.gpu_memory > gpu_memory:
-        problems.append(Problem(where, step, "GPU memory per rank", gib(need.gpu_memory), gib(gpu_memory),
-                                "more GPUs (ZeRO-3 shards weights, gradients and optimizer), LoRA, a shorter "
-                                "max_length or a smaller per_device_train_batch_size"))
+        problems.append(
+            Problem(
+                where,
+                step,
+                "GPU memory per rank",
+                gib(need.gpu_memory),
+                gib(gpu_memory),
+                "more GPUs (ZeRO-3 shards weights, gradients and optimizer), LoRA, a shorter "
+                "max_length or a smaller per_device_train_batch_size",
+            )
+        )
     if in_pipeline and step in ("sft", "dpo") and given.gpus > 1:
         # The task relaunches itself on its GPUs and divides the accumulation by their number (or refuses).
         key = "sft.trainer" if step == "sft" else "selfplay.dpo.trainer"
         accumulation = need.accumulation
         if accumulation % given.gpus:
-            problems.append(Problem(where, step, "global batch", f"{key}.gradient_accumulation_steps a multiple of "
-                                    f"{given.gpus}", str(accumulation),
-                                    f"give the recipe's batch as on one GPU: --set {key}.gradient_accumulation_steps="
-                                    f"{accumulation * given.gpus} (the step divides it by the {given.gpus} GPUs)"))
+            problems.append(
+                Problem(
+                    where,
+                    step,
+                    "global batch",
+                    f"{key}.gradient_accumulation_steps a multiple of {given.gpus}",
+                    str(accumulation),
+                    f"give the recipe's batch as on one GPU: --set {key}.gradient_accumulation_steps="
+                    f"{accumulation * given.gpus} (the step divides it by the {given.gpus} GPUs)",
+                )
+            )
     memory_need = need.host_memory + given.shm
     if given.memory is None or given.memory < memory_need:
-        fix = (f"--param {given.memory_param}={gib(memory_need)} (submit and plan)" if given.memory_param
-               else recompile if in_pipeline else f"resources.limits.memory and requests.memory >= {gib(memory_need)}")
-        problems.append(Problem(where, step, "memory", gib(memory_need) + " (host + /dev/shm)",
-                                gib(given.memory) if given.memory else "no limit", fix))
+        fix = (
+            f"--param {given.memory_param}={gib(memory_need)} (submit and plan)"
+            if given.memory_param
+            else recompile
+            if in_pipeline
+            else f"resources.limits.memory and requests.memory >= {gib(memory_need)}"
+        )
+        problems.append(
+            Problem(
+                where,
+                step,
+                "memory",
+                gib(memory_need) + " (host + /dev/shm)",
+                gib(given.memory) if given.memory else "no limit",
+                fix,
+            )
+        )
     if given.work is not None and given.work < need.disk:
         volume = given.work_volume or "the root filesystem"
-        fix = (recompile + ": it sizes the work volumes from this plan" if in_pipeline else
-               f"put MEDCRITICAL_WORKDIR on a volume of >= {gib(need.disk)} (emptyDir sizeLimit)")
+        fix = (
+            recompile + ": it sizes the work volumes from this plan"
+            if in_pipeline
+            else f"put MEDCRITICAL_WORKDIR on a volume of >= {gib(need.disk)} (emptyDir sizeLimit)"
+        )
         problems.append(Problem(where, step, f"work folder volume {volume!r}", gib(need.disk), gib(given.work), fix))
     if given.ephemeral_needed and (given.ephemeral_request or 0) < need.disk:
-        problems.append(Problem(where, step, "ephemeral-storage request", gib(need.disk),
-                                gib(given.ephemeral_request) if given.ephemeral_request else "none",
-                                f"requests.ephemeral-storage >= {gib(need.disk)}, or the kubelet evicts the pod"))
+        problems.append(
+            Problem(
+                where,
+                step,
+                "ephemeral-storage request",
+                gib(need.disk),
+                gib(given.ephemeral_request) if given.ephemeral_request else "none",
+                f"requests.ephemeral-storage >= {gib(need.disk)}, or the kubelet evicts the pod",
+            )
+        )
     return problems
 
 
@@ -572,13 +689,24 @@ class Verdict:
     problems: list[Problem]
 
 
-def check_manifests(recipe: Recipe, givens: list[Given], *, gpu_memory: int, model_config: str | None = None,
-                    teacher_config: str | None = None) -> list[Verdict]:
+def check_manifests(
+    recipe: Recipe,
+    givens: list[Given],
+    *,
+    gpu_memory: int,
+    model_config: str | None = None,
+    teacher_config: str | None = None,
+) -> list[Verdict]:
     verdicts = []
     for given in givens:
         pod_recipe = recipe_for(recipe, given)
-        needs = plan_steps(pod_recipe, train_gpus=max(given.gpus, 1), nodes=given.nodes,
-                           model_config=model_config, teacher_config=teacher_config)
+        needs = plan_steps(
+            pod_recipe,
+            train_gpus=max(given.gpus, 1),
+            nodes=given.nodes,
+            model_config=model_config,
+            teacher_config=teacher_config,
+        )
         need = needs[given.step]
         verdicts.append(Verdict(given, need, check(need, given, gpu_memory)))
     return verdicts
@@ -589,8 +717,11 @@ def failing_steps(verdicts: list[Verdict]) -> dict[str, list[Problem]]:
     by_step: dict[str, list[Verdict]] = {}
     for verdict in verdicts:
         by_step.setdefault(verdict.need.step, []).append(verdict)
-    return {step: [p for v in found for p in v.problems]
-            for step, found in by_step.items() if all(v.problems for v in found)}
+    return {
+        step: [p for v in found for p in v.problems]
+        for step, found in by_step.items()
+        if all(v.problems for v in found)
+    }
 
 
 # -- the compiled pipeline ----------------------------------------------------------------------------------
@@ -600,8 +731,10 @@ def given_from_pipeline(path: Path, params: dict) -> list[Given]:
     """Each task of the compiled pipeline as a Given: GPUs (pipeline parameters), memory, volumes."""
     docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
     pipeline, platform = docs[0], (docs[1] if len(docs) > 1 else {})
-    defaults = {name: p.get("defaultValue") for name, p in
-                (pipeline["root"].get("inputDefinitions") or {}).get("parameters", {}).items()}
+    defaults = {
+        name: p.get("defaultValue")
+        for name, p in (pipeline["root"].get("inputDefinitions") or {}).get("parameters", {}).items()
+    }
     defaults.update(params)
     executors = pipeline["deploymentSpec"]["executors"]
     k8s = ((platform.get("platforms") or {}).get("kubernetes") or {}).get("deploymentSpec", {}).get("executors", {})
@@ -632,7 +765,11 @@ def given_from_pipeline(path: Path, params: dict) -> list[Given]:
         given.work, given.ephemeral_needed = None, True  # the container's writable layer
         for volume in settings.get("genericEphemeralVolume") or []:
             if workdir and volume.get("mountPath") == workdir:
-                given.work, given.work_volume, given.ephemeral_needed = quantity(volume["size"]), volume["volumeName"], False
+                given.work, given.work_volume, given.ephemeral_needed = (
+                    quantity(volume["size"]),
+                    volume["volumeName"],
+                    False,
+                )
         for volume in settings.get("pvcMount") or []:
             if workdir and volume.get("mountPath") == workdir:
                 given.work, given.work_volume, given.ephemeral_needed = None, "PVC", False
@@ -655,11 +792,16 @@ def table(needs: dict[str, Need], seconds: dict[str, float] | None = None) -> st
     seconds = seconds or {}
     rows = [("step", "GPUs", "GPU mem/rank", "host mem", "disk (work folder)", "time", "notes")]
     for need in needs.values():
-        rows.append((need.step, str(need.gpus * need.nodes) if need.gpus else "-",
-                     gib(need.gpu_memory) if need.gpu_memory else "-", gib(need.host_memory), gib(need.disk),
-                     f"{seconds[need.step]:.0f} s" if need.step in seconds else "-",
-                     "; ".join(need.notes + [f"{k} {gib(v)}" for k, v in need.parts.items() if v >= GiB])))
+        rows.append(
+            (
+                need.step,
+                str(need.gpus * need.nodes) if need.gpus else "-",
+                gib(need.gpu_memory) if need.gpu_memory else "-",
+                gib(need.host_memory),
+                gib(need.disk),
+                f"{seconds[need.step]:.0f} s" if need.step in seconds else "-",
+                "; ".join(need.notes + [f"{k} {gib(v)}" for k, v in need.parts.items() if v >= GiB]),
+            )
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(6)]
     return "\n".join("  ".join(cell.ljust(widths[c]) if c < 6 else cell for c, cell in enumerate(row)) for row in rows)
-
-

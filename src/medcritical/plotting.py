@@ -10,8 +10,8 @@ so a long run never accumulates open figures:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import matplotlib
 

@@ -27,10 +27,26 @@ from medcritical.training.config import SFTSection
 
 # Re-exported: the sections live with the stage that owns them; a recipe only assembles them.
 __all__ = [
-    "BUNDLED", "TINY", "DataConfig", "DistillConfig", "EvaluateConfig", "GenerationConfig", "JudgeConfig",
-    "ModelConfig", "Recipe", "RecipeError", "RunConfig", "SFTSection", "SelfPlayConfig", "TinyModelConfig",
-    "apply_override", "dump_recipe", "load_recipe", "load_recipe_text",
+    "BUNDLED",
+    "TINY",
+    "DataConfig",
+    "DistillConfig",
+    "EvaluateConfig",
+    "GenerationConfig",
+    "JudgeConfig",
+    "ModelConfig",
+    "Recipe",
+    "RecipeError",
+    "RunConfig",
+    "SFTSection",
+    "SelfPlayConfig",
+    "TinyModelConfig",
+    "apply_override",
+    "dump_recipe",
+    "load_recipe",
+    "load_recipe_text",
 ]
+
 
 class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""

@@ -73,7 +73,8 @@ def _format_table(evaluations: dict[str, dict | None]) -> list[str]:
         top = ", ".join(f"{k} {v}" for k, v in list(d["predicted"].items())[:3])
         gold = ", ".join(f"{k} {v}" for k, v in list(d["gold"].items())[:3])
         lines.append(
-            f"| {name} | " + " | ".join(percent(d["shares"][s]) for s in statuses)
+            f"| {name} | "
+            + " | ".join(percent(d["shares"][s]) for s in statuses)
             + f" | {percent(d['hit_token_limit'])} | {top} | {gold} |"
         )
     best = next(iter(shown.values()))["best_constant"]
@@ -111,8 +112,13 @@ def stage2_section(recipe: Recipe, evaluations: dict[str, dict | None], stats: d
 
     if not any(r.get("rollout") for r in stats.get("rounds", [])):
         return []
-    arm = {"before": evaluations.get("sft"), "after": evaluations.get("dpo"), "graded_before": None, "graded_after": None,
-           "rounds": stats["rounds"]}
+    arm = {
+        "before": evaluations.get("sft"),
+        "after": evaluations.get("dpo"),
+        "graded_before": None,
+        "graded_after": None,
+        "rounds": stats["rounds"],
+    }
     return ["", "## Stage 2: corrections, pairs and cost (round 1)", "", arm_table({recipe.run.name: arm}).rstrip()]
 
 
@@ -158,7 +164,9 @@ def write_run_report(
             f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'stopped_early'))}"
         )
         if round_stats.get("train_pass"):
-            lines.append(f"- round {number} training questions' pass@1 before → after DPO: {train_pass_line(round_stats['train_pass'])}")
+            lines.append(
+                f"- round {number} training questions' pass@1 before → after DPO: {train_pass_line(round_stats['train_pass'])}"
+            )
     lines += stage2_section(recipe, evaluations, stats)
     lines += ["", f"![accuracy by model]({PLOT})", ""]
     markdown = "\n".join(lines)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.recipe import Recipe
@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 STATS, PLOT = "selfplay_stats.json", "selfplay.png"
 
 
-def _generate(recipe: Recipe, questions, eval_questions, model_path, round_dir: Path | None, eval_dir: Path | None, seed: int):
+def _generate(
+    recipe: Recipe, questions, eval_questions, model_path, round_dir: Path | None, eval_dir: Path | None, seed: int
+):
     """Everything one model generates in a round: its CMExam evaluation and the rollout, sharing one load."""
     from medcritical.modeling.generation import load_generator
 
@@ -40,16 +42,31 @@ def _generate(recipe: Recipe, questions, eval_questions, model_path, round_dir: 
         from medcritical.evaluation.evaluate import evaluate_model
 
         report = evaluate_model(
-            recipe.evaluate, recipe.generation, eval_questions, model_path, eval_dir,
-            device=recipe.run.device, dtype=recipe.model.dtype, label=eval_dir.parent.name, generator=generator,
+            recipe.evaluate,
+            recipe.generation,
+            eval_questions,
+            model_path,
+            eval_dir,
+            device=recipe.run.device,
+            dtype=recipe.model.dtype,
+            label=eval_dir.parent.name,
+            generator=generator,
         )
         result["eval"] = {k: report[k] for k in ("protocol", "accuracy", "correct", "n") if k in report}
     if round_dir is not None:
         from medcritical.selfplay.step import run_rollout
 
         result["rollout"] = run_rollout(
-            recipe.selfplay, recipe.generation, questions, model_path, round_dir,
-            device=recipe.run.device, dtype=recipe.model.dtype, seed=seed, generator=generator, distill=recipe.distill,
+            recipe.selfplay,
+            recipe.generation,
+            questions,
+            model_path,
+            round_dir,
+            device=recipe.run.device,
+            dtype=recipe.model.dtype,
+            seed=seed,
+            generator=generator,
+            distill=recipe.distill,
         )
     return result
 
@@ -118,8 +135,14 @@ def run_selfplay(
             row["eval_accuracy_in"] = generated["eval"]["accuracy"]
         heldout = round_dir / "rollout" / "pairs_heldout.jsonl"
         metrics = train_dpo(
-            config.dpo, round_dir / "rollout" / "pairs.jsonl", heldout if rollout["pairs"]["heldout_pairs"] else None,
-            model, round_dir / "dpo", device=recipe.run.device, dtype=recipe.model.dtype, seed=seed,
+            config.dpo,
+            round_dir / "rollout" / "pairs.jsonl",
+            heldout if rollout["pairs"]["heldout_pairs"] else None,
+            model,
+            round_dir / "dpo",
+            device=recipe.run.device,
+            dtype=recipe.model.dtype,
+            seed=seed,
         )
         row["dpo"] = metrics.get("status")
         if "heldout" in metrics:
@@ -141,7 +164,9 @@ def run_selfplay(
     return summary
 
 
-def _write_summary(output_dir: Path, rounds: list[dict], final_model: str, stopped: str | None, final_eval: dict | None = None) -> dict:
+def _write_summary(
+    output_dir: Path, rounds: list[dict], final_model: str, stopped: str | None, final_eval: dict | None = None
+) -> dict:
     summary = {"rounds": rounds, "final_model": final_model, "stopped": stopped, "final_eval": final_eval}
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / STATS).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -18,8 +18,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medcritical import storage
 from medcritical.io.lock import output_lock
@@ -109,7 +109,7 @@ def input_file(uri: str, filename: str) -> Path:
 
 
 def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:
-    """"" → the recipe's base model; "tiny" → the offline tiny model; a step folder → its model/,
+    """ "" → the recipe's base model; "tiny" → the offline tiny model; a step folder → its model/,
     or, for a DPO round that had no pairs, the model it left unchanged (see MODEL_POINTER)."""
     from medcritical.modeling import resolve_model
     from medcritical.modeling.config import TINY
@@ -182,7 +182,11 @@ def prepare_data(recipe: Recipe, output_uri: str) -> dict:
     from medcritical.data.prepare import prepare_data as prepare
 
     # An s3:// question file is downloaded first; the loader reads local files.
-    local = {key: str(local_input(uri)) for key in ("source", "eval_source") if storage.is_s3(uri := getattr(recipe.data, key) or "")}
+    local = {
+        key: str(local_input(uri))
+        for key in ("source", "eval_source")
+        if storage.is_s3(uri := getattr(recipe.data, key) or "")
+    }
     with local_output(output_uri) as out:
         return prepare(recipe.data.model_copy(update=local), recipe.run.seed, out)
 
@@ -195,7 +199,9 @@ def distill(recipe: Recipe, data_uri: str, output_uri: str) -> dict:
     questions = _questions(data_uri, TRAIN_FILE, recipe)
     teacher = recipe.distill.teacher_model
     if teacher and storage.is_s3(teacher):  # a local teacher in S3 comes into the work folder like any input
-        recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"teacher_model": str(local_input(teacher))})})
+        recipe = recipe.model_copy(
+            update={"distill": recipe.distill.model_copy(update={"teacher_model": str(local_input(teacher))})}
+        )
     with local_output(output_uri) as out:
         return run_distill(recipe.distill, questions, out, seed=recipe.run.seed, device=recipe.run.device)
 
@@ -222,8 +228,14 @@ def rollout(recipe: Recipe, data_uri: str, model_uri: str, output_uri: str) -> d
     model = resolve_model_uri(recipe, model_uri)
     with local_output(output_uri) as out:
         return run_rollout(
-            recipe.selfplay, recipe.generation, questions, model, out,
-            device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+            recipe.selfplay,
+            recipe.generation,
+            questions,
+            model,
+            out,
+            device=recipe.run.device,
+            dtype=recipe.model.dtype,
+            seed=recipe.run.seed,
             distill=recipe.distill,  # the teacher, when selfplay.corrector is "teacher"
         )
 
@@ -239,8 +251,14 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
     model = resolve_model_uri(recipe, model_uri)
     with local_output(output_uri) as out:
         result = train_dpo(
-            recipe.selfplay.dpo, pairs, heldout if heldout.is_file() else None, model, out,
-            device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+            recipe.selfplay.dpo,
+            pairs,
+            heldout if heldout.is_file() else None,
+            model,
+            out,
+            device=recipe.run.device,
+            dtype=recipe.model.dtype,
+            seed=recipe.run.seed,
         )
         if result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(model_uri or recipe.model.base, encoding="utf-8")
@@ -281,8 +299,16 @@ def _train_pass(recipe: Recipe, rollout_dir: Path, out: Path) -> dict | None:
         return None
     generation = recipe.generation.model_copy(update={"backend": "transformers"})  # the training image has no vLLM
     return train_pass(
-        recipe.selfplay.rollout, generation, questions, before, resolve_model_uri(recipe, str(out)), out,
-        limit=recipe.evaluate.train_pass_questions, device=recipe.run.device, dtype=recipe.model.dtype, seed=recipe.run.seed,
+        recipe.selfplay.rollout,
+        generation,
+        questions,
+        before,
+        resolve_model_uri(recipe, str(out)),
+        out,
+        limit=recipe.evaluate.train_pass_questions,
+        device=recipe.run.device,
+        dtype=recipe.model.dtype,
+        seed=recipe.run.seed,
     )
 
 
@@ -297,8 +323,15 @@ def evaluate(
     model = resolve_model_uri(recipe, model_uri)
     with local_output(output_uri) as out:
         return evaluate_model(
-            recipe.evaluate, recipe.generation, questions, model, out,
-            device=recipe.run.device, dtype=recipe.model.dtype, label=label or None, restart=restart,
+            recipe.evaluate,
+            recipe.generation,
+            questions,
+            model,
+            out,
+            device=recipe.run.device,
+            dtype=recipe.model.dtype,
+            label=label or None,
+            restart=restart,
         )
 
 
@@ -348,11 +381,20 @@ STEPS = {f.__name__: f for f in (prepare_data, distill, sft, rollout, dpo, evalu
 
 
 def resolve_recipe_text(
-    recipe_yaml: str, rounds: int, overrides: list, base_model: str, teacher_base_url: str, teacher_model: str,
+    recipe_yaml: str,
+    rounds: int,
+    overrides: list,
+    base_model: str,
+    teacher_base_url: str,
+    teacher_model: str,
     teacher_on_gpu: bool = True,
 ) -> str:
     """The pipeline's `configure` step: named knobs and overrides applied, validated, as YAML."""
-    named = {"model.base": base_model, "distill.openai.base_url": teacher_base_url, "distill.openai.model": teacher_model}
+    named = {
+        "model.base": base_model,
+        "distill.openai.base_url": teacher_base_url,
+        "distill.openai.model": teacher_model,
+    }
     assignments = [f"{key}={value}" for key, value in named.items() if value] + list(overrides)
     recipe = load_recipe_text(recipe_yaml, assignments)
     if recipe.selfplay.rounds != rounds:
@@ -385,8 +427,20 @@ def data_parallel_command(step: str, recipe_path: str, output_uri: str, inputs: 
     """torchrun over the step's CLI: one process per GPU; DeepSpeed ZeRO when the recipe names it."""
     flag, data_input = DATA_PARALLEL_STEPS[step]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-        "-m", "medcritical.cli", step, "--recipe", recipe_path, flag, inputs[data_input], "--output", output_uri,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "medcritical.cli",
+        step,
+        "--recipe",
+        recipe_path,
+        flag,
+        inputs[data_input],
+        "--output",
+        output_uri,
     ]
     if inputs.get("model_uri"):
         command += ["--model", inputs["model_uri"]]
@@ -408,9 +462,18 @@ def keep_global_batch(step: str, recipe: Recipe, gpus: int) -> Recipe:
             f"give the batch of one GPU: set {key}.gradient_accumulation_steps to a multiple of {gpus}, or run on "
             "a number of GPUs that divides it"
         )
-    log.info("%s on %d GPUs: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d", step, gpus, key,
-             accumulation, accumulation // gpus, batch)
-    section = section.model_copy(update={"trainer": section.trainer | {"gradient_accumulation_steps": accumulation // gpus}})
+    log.info(
+        "%s on %d GPUs: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d",
+        step,
+        gpus,
+        key,
+        accumulation,
+        accumulation // gpus,
+        batch,
+    )
+    section = section.model_copy(
+        update={"trainer": section.trainer | {"gradient_accumulation_steps": accumulation // gpus}}
+    )
     if step == "sft":
         return recipe.model_copy(update={"sft": section})
     return recipe.model_copy(update={"selfplay": recipe.selfplay.model_copy(update={"dpo": section})})

@@ -142,7 +142,7 @@ def parse_s3_uri(uri: str) -> S3Uri:
     """``s3://bucket/some/key`` -> S3Uri("bucket", "some/key"); a trailing '/' is dropped."""
     if not is_s3(uri):
         raise StorageConfigError(f"{uri}: not an S3 URI; expected s3://bucket/key")
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not _BUCKET_RE.match(bucket):
         raise StorageConfigError(
             f"{uri}: '{bucket}' is not a valid bucket name (3-63 characters: lowercase letters, "
@@ -272,8 +272,15 @@ def with_retries(fn: Callable[[], T], *, what: str, policy: RetryPolicy | None =
             if attempt == policy.attempts or not is_transient(exc):
                 raise
             delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            log.warning("%s: %s: %s; retry %d of %d in %.1f s", what, type(exc).__name__, exc,
-                        attempt, policy.attempts - 1, delay)
+            log.warning(
+                "%s: %s: %s; retry %d of %d in %.1f s",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt,
+                policy.attempts - 1,
+                delay,
+            )
             policy.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -286,8 +293,7 @@ def _explain(exc: BaseException, uri: str, settings: S3Settings) -> StorageError
     if isinstance(exc, S3Error):
         code = exc.code
         bucket = exc.bucket_name or (parse_s3_uri(uri).bucket if is_s3(uri) else "?")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                    "InvalidSecurity"):
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidSecurity"):
             return StorageAuthError(
                 f"{uri}: the S3 server at {endpoint} rejected the credentials ({code}); check "
                 f"{ACCESS_KEY_ENV} and {SECRET_KEY_ENV} (and {SESSION_TOKEN_ENV} for temporary "
@@ -368,8 +374,10 @@ class _Progress:
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        return (f"{self.verb} {self.done_files}/{self.files} files, {_human(self.done_bytes)} of "
-                f"{_human(self.total_bytes)}, {_human(self.done_bytes / elapsed)}/s")
+        return (
+            f"{self.verb} {self.done_files}/{self.files} files, {_human(self.done_bytes)} of "
+            f"{_human(self.total_bytes)}, {_human(self.done_bytes / elapsed)}/s"
+        )
 
 
 def _run_parallel(tasks: Sequence[Callable[[], T]], max_workers: int) -> list[T]:
@@ -442,8 +450,10 @@ def check_output(uri: str) -> None:
     client = _client(settings, uri, 1)
     probe = target.prefix + PROBE_PREFIX + uuid.uuid4().hex[:12]
     try:
-        with_retries(lambda: client.put_object(target.bucket, probe, io.BytesIO(b"probe"), 5),
-                     what=f"write a probe object under {target}")
+        with_retries(
+            lambda: client.put_object(target.bucket, probe, io.BytesIO(b"probe"), 5),
+            what=f"write a probe object under {target}",
+        )
         with_retries(lambda: client.remove_object(target.bucket, probe), what=f"remove the probe object under {target}")
         abort_abandoned_uploads(client, target)
     except Exception as exc:
@@ -457,12 +467,16 @@ def abort_abandoned_uploads(client: Minio, target: S3Uri, *, folder: bool = True
     prefix = target.prefix if folder else target.key
     aborted = 0
     for _ in range(1000):  # each page is aborted, so the next listing starts over with what is left
-        page = with_retries(lambda: client._list_multipart_uploads(target.bucket, prefix=prefix or None, max_uploads=1000),
-                            what=f"list unfinished uploads under {target}")
+        page = with_retries(
+            lambda: client._list_multipart_uploads(target.bucket, prefix=prefix or None, max_uploads=1000),
+            what=f"list unfinished uploads under {target}",
+        )
         uploads = [u for u in page.uploads if folder or u.object_name == target.key]
         for upload in uploads:
-            with_retries(lambda u=upload: client._abort_multipart_upload(target.bucket, u.object_name, u.upload_id),
-                         what=f"abort the unfinished upload of s3://{target.bucket}/{upload.object_name}")
+            with_retries(
+                lambda u=upload: client._abort_multipart_upload(target.bucket, u.object_name, u.upload_id),
+                what=f"abort the unfinished upload of s3://{target.bucket}/{upload.object_name}",
+            )
         aborted += len(uploads)
         if not uploads or not page.is_truncated:
             break
@@ -502,8 +516,16 @@ class _VerifyingReader:
             )
 
 
-def _upload_file(client: Minio, path: Path, dest: S3Uri, *, part_size: int, parallel_parts: int,
-                 progress: _Progress, skip_if_same: bool) -> dict:
+def _upload_file(
+    client: Minio,
+    path: Path,
+    dest: S3Uri,
+    *,
+    part_size: int,
+    parallel_parts: int,
+    progress: _Progress,
+    skip_if_same: bool,
+) -> dict:
     """Upload one file, check the stored object, return its manifest entry."""
     size = path.stat().st_size
     sha = sha256_file(path)
@@ -520,8 +542,13 @@ def _upload_file(client: Minio, path: Path, dest: S3Uri, *, part_size: int, para
             reader = _VerifyingReader(f, path, size, sha, progress)
             try:
                 client.put_object(
-                    dest.bucket, dest.key, reader, size, metadata={SHA256_META: sha},
-                    part_size=_part_size_for(size, part_size), num_parallel_uploads=parallel_parts,
+                    dest.bucket,
+                    dest.key,
+                    reader,
+                    size,
+                    metadata={SHA256_META: sha},
+                    part_size=_part_size_for(size, part_size),
+                    num_parallel_uploads=parallel_parts,
                 )
                 reader.check()
             except BaseException:
@@ -539,8 +566,14 @@ def _upload_file(client: Minio, path: Path, dest: S3Uri, *, part_size: int, para
     return entry
 
 
-def upload(local_path: str | os.PathLike, uri: str, *, max_workers: int = DEFAULT_MAX_WORKERS,
-           part_size: int = DEFAULT_PART_SIZE, exclude_dirs: Sequence[str] = ()) -> str:
+def upload(
+    local_path: str | os.PathLike,
+    uri: str,
+    *,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    part_size: int = DEFAULT_PART_SIZE,
+    exclude_dirs: Sequence[str] = (),
+) -> str:
     """Upload a file or a folder to an ``s3://`` URI; returns the URI written.
 
     A file goes to the key (or into it, when the URI ends with '/'). A folder goes under the prefix,
@@ -561,25 +594,42 @@ def upload(local_path: str | os.PathLike, uri: str, *, max_workers: int = DEFAUL
         abort_abandoned_uploads(client, target, folder=src.is_dir())
         if src.is_file():
             progress = _Progress("uploaded", 1, src.stat().st_size)
-            _upload_file(client, src, target, part_size=part_size, parallel_parts=max_workers,
-                         progress=progress, skip_if_same=False)
+            _upload_file(
+                client,
+                src,
+                target,
+                part_size=part_size,
+                parallel_parts=max_workers,
+                progress=progress,
+                skip_if_same=False,
+            )
             log.info("%s -> %s (%s)", src, target, progress.line())
             return str(target)
-        return _upload_folder(client, src, target, settings, max_workers=max_workers, part_size=part_size,
-                              exclude_dirs=exclude_dirs)
+        return _upload_folder(
+            client, src, target, settings, max_workers=max_workers, part_size=part_size, exclude_dirs=exclude_dirs
+        )
     except Exception as exc:
         raise _explain(exc, str(target), settings) from exc
 
 
-def _upload_folder(client: Minio, src: Path, target: S3Uri, settings: S3Settings, *,
-                   max_workers: int, part_size: int, exclude_dirs: Sequence[str] = ()) -> str:
+def _upload_folder(
+    client: Minio,
+    src: Path,
+    target: S3Uri,
+    settings: S3Settings,
+    *,
+    max_workers: int,
+    part_size: int,
+    exclude_dirs: Sequence[str] = (),
+) -> str:
     files = _local_files(src, exclude_dirs)
     manifest_key = target.prefix + MANIFEST_NAME
     total = sum(p.stat().st_size for _, p in files)
     # An old manifest would vouch for files we are about to overwrite: remove it first.
     with_retries(lambda: client.remove_object(target.bucket, manifest_key), what=f"remove old manifest of {target}")
-    log.info("uploading %d files (%s) from %s to %s/ with %d workers", len(files), _human(total), src,
-             target, max_workers)
+    log.info(
+        "uploading %d files (%s) from %s to %s/ with %d workers", len(files), _human(total), src, target, max_workers
+    )
     progress = _Progress("uploaded", len(files), total)
     parallel_parts = max(1, max_workers // max(1, min(len(files), max_workers)))
 
@@ -587,8 +637,15 @@ def _upload_folder(client: Minio, src: Path, target: S3Uri, settings: S3Settings
         def run() -> dict:
             dest = target.join(rel)
             try:
-                entry = _upload_file(client, path, dest, part_size=part_size, parallel_parts=parallel_parts,
-                                     progress=progress, skip_if_same=True)
+                entry = _upload_file(
+                    client,
+                    path,
+                    dest,
+                    part_size=part_size,
+                    parallel_parts=parallel_parts,
+                    progress=progress,
+                    skip_if_same=True,
+                )
             except Exception as exc:
                 err = _explain(exc, str(dest), settings)
                 raise type(err)(
@@ -608,9 +665,12 @@ def _upload_folder(client: Minio, src: Path, target: S3Uri, settings: S3Settings
         "files": entries,
     }
     body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    with_retries(lambda: client.put_object(target.bucket, manifest_key, io.BytesIO(body), len(body),
-                                           content_type="application/json"),
-                 what=f"write manifest of {target}")
+    with_retries(
+        lambda: client.put_object(
+            target.bucket, manifest_key, io.BytesIO(body), len(body), content_type="application/json"
+        ),
+        what=f"write manifest of {target}",
+    )
     log.info("%s -> %s/ done: %s; manifest %s", src, target, progress.line(), S3Uri(target.bucket, manifest_key))
     return str(target)
 
@@ -622,8 +682,9 @@ def _upload_folder(client: Minio, src: Path, target: S3Uri, settings: S3Settings
 class _FileDownload:
     """One object to one local file: ranges land in a temporary file that is checked, then renamed."""
 
-    def __init__(self, client: Minio, src: S3Uri, dest: Path, size: int, sha256: str | None,
-                 part_size: int, progress: _Progress):
+    def __init__(
+        self, client: Minio, src: S3Uri, dest: Path, size: int, sha256: str | None, part_size: int, progress: _Progress
+    ):
         self.client, self.src, self.dest, self.size, self.sha256 = client, src, dest, size, sha256
         self.progress = progress
         self.tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
@@ -744,8 +805,13 @@ def _safe_dest(root: Path, rel: str, folder: S3Uri) -> Path:
     return dest
 
 
-def download(uri: str, local_path: str | os.PathLike, *, max_workers: int = DEFAULT_MAX_WORKERS,
-             part_size: int = DEFAULT_PART_SIZE) -> Path:
+def download(
+    uri: str,
+    local_path: str | os.PathLike,
+    *,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    part_size: int = DEFAULT_PART_SIZE,
+) -> Path:
     """Download an ``s3://`` file or folder to `local_path`; returns the local path written.
 
     A folder (a prefix with a manifest) lands in `local_path` as a folder; a file lands at
@@ -791,24 +857,30 @@ def download(uri: str, local_path: str | os.PathLike, *, max_workers: int = DEFA
         raise _explain(exc, str(uri), settings) from exc
 
 
-def _download_folder(client: Minio, src: S3Uri, manifest: dict, root: Path, max_workers: int,
-                     part_size: int) -> Path:
+def _download_folder(client: Minio, src: S3Uri, manifest: dict, root: Path, max_workers: int, part_size: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    items = [(src.join(e["path"]), _safe_dest(root, e["path"], src), int(e["size"]), e["sha256"])
-             for e in manifest["files"]]
-    log.info("downloading %d files (%s) from %s/ to %s with %d workers", len(items),
-             _human(sum(i[2] for i in items)), src, root, max_workers)
+    items = [
+        (src.join(e["path"]), _safe_dest(root, e["path"], src), int(e["size"]), e["sha256"]) for e in manifest["files"]
+    ]
+    log.info(
+        "downloading %d files (%s) from %s/ to %s with %d workers",
+        len(items),
+        _human(sum(i[2] for i in items)),
+        src,
+        root,
+        max_workers,
+    )
     _download_files(client, items, max_workers, part_size)
     return root
 
 
 def _already_there(dest: Path, size: int, sha256: str | None) -> bool:
-    return (sha256 is not None and dest.is_file() and dest.stat().st_size == size
-            and sha256_file(dest) == sha256)
+    return sha256 is not None and dest.is_file() and dest.stat().st_size == size and sha256_file(dest) == sha256
 
 
-def _download_files(client: Minio, items: list[tuple[S3Uri, Path, int, str | None]], max_workers: int,
-                    part_size: int) -> list[Path]:
+def _download_files(
+    client: Minio, items: list[tuple[S3Uri, Path, int, str | None]], max_workers: int, part_size: int
+) -> list[Path]:
     present = _run_parallel([lambda d=d, n=n, s=s: _already_there(d, n, s) for _, d, n, s in items], max_workers)
     todo = [item for item, done in zip(items, present) if not done]
     total = sum(n for _, _, n, _ in todo)
@@ -830,23 +902,22 @@ def _download_files(client: Minio, items: list[tuple[S3Uri, Path, int, str | Non
 # What steps call: local paths and S3 URIs alike
 
 
-def materialize(uri: str | os.PathLike, workdir: str | os.PathLike, *,
-                max_workers: int = DEFAULT_MAX_WORKERS) -> Path:
+def materialize(uri: str | os.PathLike, workdir: str | os.PathLike, *, max_workers: int = DEFAULT_MAX_WORKERS) -> Path:
     """A local path holding the data at `uri`: a local path is returned as it is (it must exist);
     an S3 URI is downloaded to ``workdir/<bucket>/<key>``."""
     if not is_s3(uri):
         path = Path(uri)
         if not path.exists():
-            raise ObjectNotFoundError(f"{path}: no such file or folder; check the path, or run the step "
-                                      "that writes it first")
+            raise ObjectNotFoundError(
+                f"{path}: no such file or folder; check the path, or run the step that writes it first"
+            )
         return path
     src = parse_s3_uri(str(uri))
     dest = Path(workdir) / src.bucket / src.key if src.key else Path(workdir) / src.bucket
     return download(str(uri), dest, max_workers=max_workers)
 
 
-def publish(local_path: str | os.PathLike, uri: str | os.PathLike, *,
-            max_workers: int = DEFAULT_MAX_WORKERS) -> str:
+def publish(local_path: str | os.PathLike, uri: str | os.PathLike, *, max_workers: int = DEFAULT_MAX_WORKERS) -> str:
     """Put the file or folder at `local_path` where `uri` says; returns `uri` as a string.
 
     S3 URI: upload (folder with manifest). Same local path: nothing to do. Another local path: copy
@@ -889,9 +960,34 @@ def publish(local_path: str | os.PathLike, uri: str | os.PathLike, *,
 
 
 __all__ = [
-    "ACCESS_KEY_ENV", "BucketNotFoundError", "ChecksumMismatchError", "DEFAULT_MAX_WORKERS",
-    "DEFAULT_PART_SIZE", "ENDPOINT_ENV", "IncompleteUploadError", "MANIFEST_NAME", "ObjectNotFoundError",
-    "REGION_ENV", "RETRY", "RetryPolicy", "S3Settings", "S3Uri", "SECRET_KEY_ENV", "SESSION_TOKEN_ENV",
-    "StorageAuthError", "StorageConfigError", "StorageError", "abort_abandoned_uploads", "check_output", "download", "is_s3", "is_transient",
-    "materialize", "parse_s3_uri", "publish", "sha256_file", "upload", "with_retries",
+    "ACCESS_KEY_ENV",
+    "BucketNotFoundError",
+    "ChecksumMismatchError",
+    "DEFAULT_MAX_WORKERS",
+    "DEFAULT_PART_SIZE",
+    "ENDPOINT_ENV",
+    "IncompleteUploadError",
+    "MANIFEST_NAME",
+    "ObjectNotFoundError",
+    "REGION_ENV",
+    "RETRY",
+    "RetryPolicy",
+    "S3Settings",
+    "S3Uri",
+    "SECRET_KEY_ENV",
+    "SESSION_TOKEN_ENV",
+    "StorageAuthError",
+    "StorageConfigError",
+    "StorageError",
+    "abort_abandoned_uploads",
+    "check_output",
+    "download",
+    "is_s3",
+    "is_transient",
+    "materialize",
+    "parse_s3_uri",
+    "publish",
+    "sha256_file",
+    "upload",
+    "with_retries",
 ]

@@ -37,9 +37,19 @@ def trainjob_name(step: str, output_uri: str) -> str:
     return f"medcritical-{step}-{hashlib.sha256(output_uri.encode()).hexdigest()[:10]}"
 
 
-def trainjob_manifest(step: str, recipe_yaml: str, output_uri: str, inputs: dict, *, image: str, nodes: int,
-                      gpus_per_node: int, s3_secret: str, shm_size: str = "64Gi",
-                      deadline_s: int = 72 * 3600) -> dict:
+def trainjob_manifest(
+    step: str,
+    recipe_yaml: str,
+    output_uri: str,
+    inputs: dict,
+    *,
+    image: str,
+    nodes: int,
+    gpus_per_node: int,
+    s3_secret: str,
+    shm_size: str = "64Gi",
+    deadline_s: int = 72 * 3600,
+) -> dict:
     """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan."""
     from medcritical.plan import GiB, gib, plan_steps, quantity
 
@@ -55,15 +65,23 @@ def trainjob_manifest(step: str, recipe_yaml: str, output_uri: str, inputs: dict
     # The recipe travels in the environment (it is the pipeline's resolved recipe, a few KB) and is written
     # to a file first; then torchrun, which takes its rendezvous from the PET_* variables of the runtime.
     script = f'printf "%s" "$MEDCRITICAL_RECIPE_YAML" > {RECIPE_FILE} && exec torchrun "$@"'
-    secret_env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
-                  for key in ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-    resources = {"cpu": str(8 * gpus_per_node), "memory": memory, "nvidia.com/gpu": str(gpus_per_node),
-                 "ephemeral-storage": ephemeral}
+    secret_env = [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
+        for key in ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    ]
+    resources = {
+        "cpu": str(8 * gpus_per_node),
+        "memory": memory,
+        "nvidia.com/gpu": str(gpus_per_node),
+        "ephemeral-storage": ephemeral,
+    }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
-        "metadata": {"name": trainjob_name(step, output_uri),
-                     "labels": {"app.kubernetes.io/part-of": "medcritical", "app.kubernetes.io/component": step}},
+        "metadata": {
+            "name": trainjob_name(step, output_uri),
+            "labels": {"app.kubernetes.io/part-of": "medcritical", "app.kubernetes.io/component": step},
+        },
         "spec": {
             "runtimeRef": {"name": RUNTIME},
             "activeDeadlineSeconds": deadline_s,
@@ -81,28 +99,42 @@ def trainjob_manifest(step: str, recipe_yaml: str, output_uri: str, inputs: dict
                 ],
                 "resourcesPerNode": {"requests": resources, "limits": dict(resources)},
             },
-            "podTemplateOverrides": [{
-                "targetJobs": [{"name": "node"}],
-                "spec": {
-                    "serviceAccountName": "medcritical",  # no API token (k8s/overlays/pipeline-rbac)
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                                        "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "volumes": [
-                        {"name": "tmp", "emptyDir": {"sizeLimit": work}},
-                        {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
-                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-                    ],
-                    "containers": [{
-                        "name": "node",
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
-                                         {"name": "home", "mountPath": "/home/medcritical"},
-                                         {"name": "dshm", "mountPath": "/dev/shm"}],
-                    }],
-                },
-            }],
+            "podTemplateOverrides": [
+                {
+                    "targetJobs": [{"name": "node"}],
+                    "spec": {
+                        "serviceAccountName": "medcritical",  # no API token (k8s/overlays/pipeline-rbac)
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "runAsUser": 10001,
+                            "runAsGroup": 10001,
+                            "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                        "volumes": [
+                            {"name": "tmp", "emptyDir": {"sizeLimit": work}},
+                            {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
+                            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+                        ],
+                        "containers": [
+                            {
+                                "name": "node",
+                                "securityContext": {
+                                    "allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]},
+                                },
+                                "volumeMounts": [
+                                    {"name": "tmp", "mountPath": "/tmp"},
+                                    {"name": "home", "mountPath": "/home/medcritical"},
+                                    {"name": "dshm", "mountPath": "/dev/shm"},
+                                ],
+                            }
+                        ],
+                    },
+                }
+            ],
         },
     }
 
@@ -114,8 +146,9 @@ def _condition(job: dict, kind: str) -> dict | None:
     return None
 
 
-def run_trainjob(manifest: dict, namespace: str, *, api=None, poll_s: float = 30.0, timeout_s: float | None = None,
-                 sleep=time.sleep) -> dict:
+def run_trainjob(
+    manifest: dict, namespace: str, *, api=None, poll_s: float = 30.0, timeout_s: float | None = None, sleep=time.sleep
+) -> dict:
     """Create the TrainJob (or find the one a failed attempt of this task created) and wait until it
     completes; raise TrainJobError naming it when it fails. Returns its last state."""
     from kubernetes.client.exceptions import ApiException
@@ -134,11 +167,15 @@ def run_trainjob(manifest: dict, namespace: str, *, api=None, poll_s: float = 30
         if e.status == 409:
             log.info("%s exists (a retried task): waiting for it", where)
         elif e.status == 404:
-            raise TrainJobError(f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2 (2.2 or "
-                                "later) or run with train_nodes=1") from e
+            raise TrainJobError(
+                f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2 (2.2 or "
+                "later) or run with train_nodes=1"
+            ) from e
         elif e.status == 403:
-            raise TrainJobError(f"{where}: this task's ServiceAccount may not create TrainJobs; apply "
-                                "k8s/overlays/pipeline-rbac in this namespace") from e
+            raise TrainJobError(
+                f"{where}: this task's ServiceAccount may not create TrainJobs; apply "
+                "k8s/overlays/pipeline-rbac in this namespace"
+            ) from e
         else:
             raise
     started = time.monotonic()
@@ -149,8 +186,10 @@ def run_trainjob(manifest: dict, namespace: str, *, api=None, poll_s: float = 30
             return job
         failed = _condition(job, "Failed")
         if failed:
-            raise TrainJobError(f"{where} failed: {failed.get('reason', '')} {failed.get('message', '')}".rstrip()
-                                + f"; its pods' logs: kubectl -n {namespace} logs -l jobset.sigs.k8s.io/jobset-name={name}")
+            raise TrainJobError(
+                f"{where} failed: {failed.get('reason', '')} {failed.get('message', '')}".rstrip()
+                + f"; its pods' logs: kubectl -n {namespace} logs -l jobset.sigs.k8s.io/jobset-name={name}"
+            )
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             raise TrainJobError(f"{where}: not complete after {timeout_s:.0f} s")
         sleep(poll_s)
@@ -162,9 +201,21 @@ def own_namespace() -> str:
     return SA_NAMESPACE.read_text(encoding="utf-8").strip()
 
 
-def run_component_on_nodes(step: str, recipe_yaml: str, run_root: str, name: str, metrics, *, nodes: int,
-                           gpus_per_node: int, image: str, s3_secret: str, api=None, namespace: str = "",
-                           **inputs) -> str:
+def run_component_on_nodes(
+    step: str,
+    recipe_yaml: str,
+    run_root: str,
+    name: str,
+    metrics,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    image: str,
+    s3_secret: str,
+    api=None,
+    namespace: str = "",
+    **inputs,
+) -> str:
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
     import json
 
@@ -176,8 +227,16 @@ def run_component_on_nodes(step: str, recipe_yaml: str, run_root: str, name: str
     recipe = load_recipe_text(recipe_yaml)
     recipe_yaml = dump_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})}))
     output_uri = join_uri(run_root, name)
-    manifest = trainjob_manifest(step, recipe_yaml, output_uri, inputs, image=image, nodes=nodes,
-                                 gpus_per_node=gpus_per_node, s3_secret=s3_secret)
+    manifest = trainjob_manifest(
+        step,
+        recipe_yaml,
+        output_uri,
+        inputs,
+        image=image,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        s3_secret=s3_secret,
+    )
     run_trainjob(manifest, namespace or own_namespace(), api=api)
     result = json.loads(input_file(output_uri, f"{step}_metrics.json").read_text(encoding="utf-8"))
     for key, value in numeric_metrics(result).items():

@@ -39,18 +39,28 @@ def main(model: Path, work: Path) -> dict:
     # Seeds: batch composition, order and neighbours do not change a sample.
     out["together"] = texts(generator.generate(prompts, keys=keys, seed=3, **SAMPLING))
     out["reversed"] = texts(generator.generate(prompts[::-1], keys=keys[::-1], seed=3, **SAMPLING))[::-1]
-    out["alone"] = [texts(generator.generate([p], keys=[k], seed=3, **SAMPLING))[0] for p, k in zip(prompts[:2], keys[:2])]
+    out["alone"] = [
+        texts(generator.generate([p], keys=[k], seed=3, **SAMPLING))[0] for p, k in zip(prompts[:2], keys[:2])
+    ]
     out["other_seed"] = texts(generator.generate(prompts, keys=keys, seed=4, **SAMPLING))
 
     # Rollout (k samples) and corrections; a split run resumed against an uninterrupted one.
     config = rollout_config()
     whole = rollout_questions(generator, pool[:5], config, work / "whole.jsonl", seed=7)
     rollout_questions(generator, pool[3:5], config.model_copy(update={"chunk_size": 1}), work / "split.jsonl", seed=7)
-    split = rollout_questions(generator, pool[:5], config.model_copy(update={"chunk_size": 2}), work / "split.jsonl", seed=7)
+    split = rollout_questions(
+        generator, pool[:5], config.model_copy(update={"chunk_size": 2}), work / "split.jsonl", seed=7
+    )
     out["rollout"] = {"whole": whole, "split": split, "stats": rollout_statistics(whole, config.max_new_tokens)}
     out["corrections"] = correct_trajectories(
-        generator, {q.id: q for q in pool[:5]}, whole, correction_config(), work / "corrections.jsonl",
-        max_new_tokens=config.max_new_tokens, seed=7, chunk_size=4,
+        generator,
+        {q.id: q for q in pool[:5]},
+        whole,
+        correction_config(),
+        work / "corrections.jsonl",
+        max_new_tokens=config.max_new_tokens,
+        seed=7,
+        chunk_size=4,
     )
 
     # Evaluation: greedy generation, and loglik through prompt_logprobs.
@@ -58,7 +68,9 @@ def main(model: Path, work: Path) -> dict:
     for name, (eval_config, gen_config) in evaluation_configs("vllm").items():
         if name == "loglik" and not hasattr(evaluate, "loglik_rows"):
             continue  # the gold-free loglik scoring (continuation_logprobs) is not in this checkout's evaluation
-        report = evaluate.evaluate_model(eval_config, gen_config, pool, model, work / f"eval-{name}", generator=generator)
+        report = evaluate.evaluate_model(
+            eval_config, gen_config, pool, model, work / f"eval-{name}", generator=generator
+        )
         outputs = [json.loads(line) for line in (work / f"eval-{name}" / "outputs.jsonl").read_text().splitlines()]
         out["evaluation"][name] = {"report": report, "outputs": outputs}
     from checks_common import CONTINUATIONS

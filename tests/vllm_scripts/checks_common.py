@@ -39,6 +39,11 @@ def distill_config(backend: str, model: str):
     from medcritical.distill.config import DistillConfig, LocalTeacher
 
     return DistillConfig(
-        backend=backend, teacher_model=model, attempts=2, temperature=0.7, max_new_tokens=32,
-        template_max_new_tokens=16, local=LocalTeacher(batch_size=4, dtype="float32"),
+        backend=backend,
+        teacher_model=model,
+        attempts=2,
+        temperature=0.7,
+        max_new_tokens=32,
+        template_max_new_tokens=16,
+        local=LocalTeacher(batch_size=4, dtype="float32"),
     )

@@ -24,8 +24,13 @@ def config(model: str, extra_args: list[str]):
 
     server = TeacherServer(max_model_len=2048, start_timeout_s=300, extra_args=extra_args)
     return DistillConfig(
-        backend="vllm-server", teacher_model=model, attempts=2, temperature=0.7, max_new_tokens=32,
-        template_max_new_tokens=16, server=server,
+        backend="vllm-server",
+        teacher_model=model,
+        attempts=2,
+        temperature=0.7,
+        max_new_tokens=32,
+        template_max_new_tokens=16,
+        server=server,
     )
 
 
@@ -48,6 +53,7 @@ def main(mode: str, model: str, out: Path) -> None:
 
     vllm_server.start_vllm_server = recording_start
     if mode == "kill":
+
         def killed(self, *args, **kwargs):  # the step dies hard while the teacher is being asked
             os.kill(os.getpid(), signal.SIGKILL)
 

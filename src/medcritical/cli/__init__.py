@@ -63,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).add_parser(subparsers)
     for command in subparsers.choices.values():
         # -v after the command name too (`medcritical evaluate -v ...`); SUPPRESS keeps one given before it.
-        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                             help="debug logging, and the traceback of an error")
+        command.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="debug logging, and the traceback of an error",
+        )
     return parser
 
 
@@ -83,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not is_user_error(e):
             traceback.print_exc()
-            print(f"medcritical {args.command}: unexpected error (a bug, or a case the project does not "
-                  "handle yet): please report it with the traceback above", file=sys.stderr)
+            print(
+                f"medcritical {args.command}: unexpected error (a bug, or a case the project does not "
+                "handle yet): please report it with the traceback above",
+                file=sys.stderr,
+            )
             return 1
         if args.verbose:
             traceback.print_exc()

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from medcritical.recipe import Recipe, load_recipe
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--recipe", metavar="YAML", help="recipe file (e.g. recipes/demo.yaml); defaults when omitted"
-    )
+    parser.add_argument("--recipe", metavar="YAML", help="recipe file (e.g. recipes/demo.yaml); defaults when omitted")
     parser.add_argument(
         "--set",
         dest="overrides",

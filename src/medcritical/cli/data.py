@@ -17,7 +17,12 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_recipe_arguments(parser)
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder (or s3:// URI) for train.jsonl, eval.jsonl, data_stats.json")
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="folder (or s3:// URI) for train.jsonl, eval.jsonl, data_stats.json",
+    )
     parser.set_defaults(func=_prepare)
 
     tiny = subparsers.add_parser(

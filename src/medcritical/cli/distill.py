@@ -23,9 +23,14 @@ def add_parser(subparsers) -> None:
     )
     add_recipe_arguments(parser)
     parser.add_argument(
-        "--questions", required=True, metavar="FILE", help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder; a path or s3:// URI",
+        "--questions",
+        required=True,
+        metavar="FILE",
+        help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder; a path or s3:// URI",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder (or s3:// URI) for sft.jsonl and the statistics")
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="folder (or s3:// URI) for sft.jsonl and the statistics"
+    )
     parser.set_defaults(func=_distill)
 
 

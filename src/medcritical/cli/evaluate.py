@@ -29,7 +29,8 @@ Score saved outputs without any model (mcq protocol):
     )
     add_recipe_arguments(parser)
     parser.add_argument(
-        "--dataset", metavar="FILE",
+        "--dataset",
+        metavar="FILE",
         help="questions (.jsonl/.csv/.xlsx) or the prepare-data folder, a path or s3:// URI; default: the eval split of the recipe's data section",
     )
     source = parser.add_mutually_exclusive_group()
@@ -38,7 +39,8 @@ Score saved outputs without any model (mcq protocol):
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the report")
     parser.add_argument("--label", help="a name for the model in the report (e.g. 'sft')")
     parser.add_argument(
-        "--restart", action="store_true",
+        "--restart",
+        action="store_true",
         help="discard outputs in --output made from other questions, prompt, settings or weights and start over "
         "(without it such a folder is an error; matching outputs are always resumed)",
     )
@@ -71,7 +73,11 @@ def _evaluate(args) -> None:
         recipe = recipe_from_args(args)
         with questions_uri(args.dataset, recipe) as dataset:
             report = steps.evaluate(
-                recipe, data_uri=dataset, model_uri=args.model or "", output_uri=args.output, label=args.label or "",
+                recipe,
+                data_uri=dataset,
+                model_uri=args.model or "",
+                output_uri=args.output,
+                label=args.label or "",
                 restart=args.restart,
             )
     print(
@@ -79,8 +85,6 @@ def _evaluate(args) -> None:
         f"({report['correct']}/{report['n']}{dropped_note(report)}, 95% CI {100 * report['ci95'][0]:.1f}–{100 * report['ci95'][1]:.1f}%)"
         f"\nreport: {args.output}/report.md"
     )
-
-
 
 
 def _compare(args) -> None:

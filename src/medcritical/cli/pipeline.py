@@ -46,13 +46,21 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
     submit.add_argument("--experiment", default="medcritical", help="KFP experiment name")
     submit.add_argument("--run-name", help="run name (default: recipe run.name)")
     submit.add_argument(
-        "--param", action="append", default=[], metavar="NAME=VALUE",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="a pipeline parameter, e.g. --param train_gpus=8 --param s3_secret=medcritical-s3 (repeatable; YAML values)",
     )
-    submit.add_argument("--namespace", help="multi-user Kubeflow: your profile namespace (where the run and its pods live)")
-    submit.add_argument("--token-file", metavar="PATH",
-                        help="a file holding a bearer token for the KFP API (multi-user Kubeflow); default: "
-                        "$KF_PIPELINES_SA_TOKEN_PATH or none")
+    submit.add_argument(
+        "--namespace", help="multi-user Kubeflow: your profile namespace (where the run and its pods live)"
+    )
+    submit.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="a file holding a bearer token for the KFP API (multi-user Kubeflow); default: "
+        "$KF_PIPELINES_SA_TOKEN_PATH or none",
+    )
     _add_cluster_arguments(submit)
     submit.set_defaults(func=_submit)
 
@@ -61,12 +69,15 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", default="", help="image registry prefix, e.g. registry.example.com/ml/")
     parser.add_argument("--shm-size", default="16Gi", help="/dev/shm size of GPU steps (default 16Gi)")
     parser.add_argument(
-        "--work-pvc", default="", metavar="PVC",
+        "--work-pvc",
+        default="",
+        metavar="PVC",
         help="PersistentVolumeClaim (ReadWriteMany) for the steps' work folders, so a retried pod resumes "
         "from the failed one's checkpoints and partial outputs (default: the pod's own disk)",
     )
     parser.add_argument(
-        "--cache-teacher", action="store_true",
+        "--cache-teacher",
+        action="store_true",
         help="allow KFP to reuse a cached distillation within a run, e.g. when a failed run is retried (off: a "
         "teacher endpoint is never silently skipped); across runs pass --param distill_uri=<earlier run>/distill",
     )
@@ -87,8 +98,14 @@ def _compile(args) -> None:
     from medcritical.cli.common import recipe_from_args
     from medcritical.pipeline_runner import compile_pipeline
 
-    path = compile_pipeline(recipe_from_args(args), args.output, registry=args.registry,
-                            shm_size=args.shm_size, cache_teacher=args.cache_teacher, work_pvc=args.work_pvc)
+    path = compile_pipeline(
+        recipe_from_args(args),
+        args.output,
+        registry=args.registry,
+        shm_size=args.shm_size,
+        cache_teacher=args.cache_teacher,
+        work_pvc=args.work_pvc,
+    )
     print(f"compiled {path}")
 
 
@@ -96,7 +113,17 @@ def _submit(args) -> None:
     from medcritical.cli.common import recipe_from_args
     from medcritical.pipeline_runner import submit_run
 
-    run = submit_run(recipe_from_args(args), args.host, experiment=args.experiment, run_name=args.run_name,
-                     params=args.param, registry=args.registry, shm_size=args.shm_size, cache_teacher=args.cache_teacher,
-                     work_pvc=args.work_pvc, namespace=args.namespace, token_file=args.token_file)
+    run = submit_run(
+        recipe_from_args(args),
+        args.host,
+        experiment=args.experiment,
+        run_name=args.run_name,
+        params=args.param,
+        registry=args.registry,
+        shm_size=args.shm_size,
+        cache_teacher=args.cache_teacher,
+        work_pvc=args.work_pvc,
+        namespace=args.namespace,
+        token_file=args.token_file,
+    )
     print(f"submitted run {run.run_id} to {args.host}")

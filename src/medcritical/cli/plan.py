@@ -28,19 +28,40 @@ need and the fix when one is too small. Formulas and sources: docs/sizing.md.
   medcritical plan --recipe my.yaml --manifests my-overlay.yaml --no-pipeline   # kubectl kustomize output""",
     )
     add_recipe_arguments(plan)
-    plan.add_argument("--model-config", metavar="PATH",
-                      help="the student's config.json (or its folder) when the model is in S3 and not of a known shape")
+    plan.add_argument(
+        "--model-config",
+        metavar="PATH",
+        help="the student's config.json (or its folder) when the model is in S3 and not of a known shape",
+    )
     plan.add_argument("--teacher-config", metavar="PATH", help="the same for a local (vllm/transformers) teacher")
-    plan.add_argument("--train-gpus", type=int, default=None,
-                      help="GPUs per training pod for the table and the pipeline's train_gpus (default: the "
-                      "pipeline's default, 1)")
+    plan.add_argument(
+        "--train-gpus",
+        type=int,
+        default=None,
+        help="GPUs per training pod for the table and the pipeline's train_gpus (default: the pipeline's default, 1)",
+    )
     plan.add_argument("--gpu-memory", default="80Gi", help="memory of one GPU (default 80Gi: A100/H100 80 GB)")
-    plan.add_argument("--manifests", type=Path, action="append", default=None, metavar="PATH",
-                      help=f"YAML files or folders of Jobs/PyTorchJobs/TrainJobs (default {DEFAULT_MANIFESTS}/, repeatable)")
-    plan.add_argument("--pipeline", type=Path, default=DEFAULT_PIPELINE,
-                      help=f"the compiled pipeline to check (default {DEFAULT_PIPELINE})")
-    plan.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                      help="a pipeline parameter as you would submit it, e.g. --param train_memory=160Gi")
+    plan.add_argument(
+        "--manifests",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="PATH",
+        help=f"YAML files or folders of Jobs/PyTorchJobs/TrainJobs (default {DEFAULT_MANIFESTS}/, repeatable)",
+    )
+    plan.add_argument(
+        "--pipeline",
+        type=Path,
+        default=DEFAULT_PIPELINE,
+        help=f"the compiled pipeline to check (default {DEFAULT_PIPELINE})",
+    )
+    plan.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline parameter as you would submit it, e.g. --param train_memory=160Gi",
+    )
     plan.add_argument("--no-manifests", action="store_true", help="do not check Kubernetes manifests")
     plan.add_argument("--no-pipeline", action="store_true", help="do not check the compiled pipeline")
     plan.set_defaults(func=_plan)
@@ -52,8 +73,9 @@ def _plan(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     gpu_memory = sizing.quantity(args.gpu_memory)
-    needs = sizing.plan_steps(recipe, train_gpus=args.train_gpus or 1, model_config=args.model_config,
-                              teacher_config=args.teacher_config)
+    needs = sizing.plan_steps(
+        recipe, train_gpus=args.train_gpus or 1, model_config=args.model_config, teacher_config=args.teacher_config
+    )
     print(f"recipe {args.recipe or '(defaults)'}: {recipe.model.base}, GPUs of {args.gpu_memory}")
     measured = sizing.measured_seconds(recipe)
     print(sizing.table(needs, measured[0] if measured else None))
@@ -64,8 +86,10 @@ def _plan(args) -> int:
         paths = args.manifests or [DEFAULT_MANIFESTS]
         for path in paths:
             if not path.exists():
-                raise FileNotFoundError(f"--manifests {path}: no such file or folder (run from the checkout's root, "
-                                        "or pass --manifests PATH or --no-manifests)")
+                raise FileNotFoundError(
+                    f"--manifests {path}: no such file or folder (run from the checkout's root, "
+                    "or pass --manifests PATH or --no-manifests)"
+                )
         givens += sizing.given_from_manifests(paths)
     if not args.no_pipeline:
         if args.pipeline == DEFAULT_PIPELINE and not args.pipeline.is_file():
@@ -79,8 +103,9 @@ def _plan(args) -> int:
         params = {**({"train_gpus": args.train_gpus} if args.train_gpus else {}), **parse_params(args.param)}
         givens += sizing.given_from_pipeline(args.pipeline, params)
 
-    verdicts = sizing.check_manifests(recipe, givens, gpu_memory=gpu_memory, model_config=args.model_config,
-                                      teacher_config=args.teacher_config)
+    verdicts = sizing.check_manifests(
+        recipe, givens, gpu_memory=gpu_memory, model_config=args.model_config, teacher_config=args.teacher_config
+    )
     for verdict in verdicts:
         status = "ok" if not verdict.problems else "too small"
         print(f"{status:9}  {verdict.given.where}: {verdict.need.step}")

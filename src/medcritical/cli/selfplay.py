@@ -22,7 +22,10 @@ GPU: --set generation.backend=vllm --set generation.tensor_parallel_size=N (vLLM
 def add_parser(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     rollout = subparsers.add_parser(
-        "rollout", help="self-play rollout + self-correction + preference pairs", description=ROLLOUT_HELP, formatter_class=fmt
+        "rollout",
+        help="self-play rollout + self-correction + preference pairs",
+        description=ROLLOUT_HELP,
+        formatter_class=fmt,
     )
     add_recipe_arguments(rollout)
     _questions_argument(rollout)
@@ -99,7 +102,8 @@ the first DPO epoch, tokens / seconds / money per pair. Example:
 
 def _questions_argument(parser) -> None:
     parser.add_argument(
-        "--questions", metavar="FILE",
+        "--questions",
+        metavar="FILE",
         help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder, a path or s3:// URI; "
         "default: the recipe's train split",
     )
@@ -127,14 +131,22 @@ def _rollout(args) -> None:
     with questions_uri(args.questions, recipe) as questions:
         stats = steps.rollout(recipe, data_uri=questions, model_uri=args.model or "", output_uri=args.output)
     r, p = stats["rollout"], stats["pairs"]
-    print(f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}")
+    print(
+        f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}"
+    )
     c, cost = stats["correction"], stats["cost"]
     guessed = f" (guessing alone would explain {c['expected_by_guessing']:.1f})" if "expected_by_guessing" in c else ""
-    print(f"corrected {c['corrected']}/{c['wrong_trajectories']} wrong trajectories ({stats['corrector']['corrector']}){guessed}")
-    student, teacher = (cost[side]["prompt_tokens"] + cost[side]["completion_tokens"] for side in ("student", "teacher"))
-    print(f"cost: student {student} tokens, teacher {teacher} tokens, "
-          f"{cost['seconds']['device_seconds']:.1f} {cost['seconds']['device']}-seconds"
-          + (f", {cost['money']['total']:.4g} money" if cost["money"] else ""))
+    print(
+        f"corrected {c['corrected']}/{c['wrong_trajectories']} wrong trajectories ({stats['corrector']['corrector']}){guessed}"
+    )
+    student, teacher = (
+        cost[side]["prompt_tokens"] + cost[side]["completion_tokens"] for side in ("student", "teacher")
+    )
+    print(
+        f"cost: student {student} tokens, teacher {teacher} tokens, "
+        f"{cost['seconds']['device_seconds']:.1f} {cost['seconds']['device']}-seconds"
+        + (f", {cost['money']['total']:.4g} money" if cost["money"] else "")
+    )
     _print_pairs(p, args.output)
 
 
@@ -142,7 +154,10 @@ def _pairs(args) -> None:
     from medcritical.selfplay.step import make_pairs
 
     recipe = recipe_from_args(args)
-    _print_pairs(make_pairs(recipe.selfplay, _questions(args, recipe), args.rollout, args.output, seed=recipe.run.seed), args.output)
+    _print_pairs(
+        make_pairs(recipe.selfplay, _questions(args, recipe), args.rollout, args.output, seed=recipe.run.seed),
+        args.output,
+    )
 
 
 def _print_pairs(stats: dict, output: str) -> None:
@@ -155,7 +170,10 @@ def _dpo(args) -> None:
     from medcritical import steps
 
     metrics = steps.dpo(
-        recipe_from_args(args), rollout_uri=args.pairs, model_uri=args.model or "", output_uri=args.output,
+        recipe_from_args(args),
+        rollout_uri=args.pairs,
+        model_uri=args.model or "",
+        output_uri=args.output,
         heldout_uri=args.heldout or "",
     )
     if metrics.get("status") == "skipped":
@@ -169,7 +187,9 @@ def _selfplay(args) -> None:
     from medcritical.rounds import run_selfplay
 
     recipe = recipe_from_args(args)
-    eval_questions = load_questions(args.eval_questions, recipe.data.on_bad_row).questions if args.eval_questions else None
+    eval_questions = (
+        load_questions(args.eval_questions, recipe.data.on_bad_row).questions if args.eval_questions else None
+    )
     summary = run_selfplay(
         recipe, _questions(args, recipe), _model(args, recipe), args.output, eval_questions=eval_questions
     )

@@ -21,11 +21,20 @@ def add_parser(subparsers) -> None:
         "--model tiny --output runs/demo/sft",
     )
     add_recipe_arguments(parser)
-    parser.add_argument("--dataset", required=True, metavar="FILE", help="sft.jsonl of the distill step, or its folder; a path or s3:// URI")
     parser.add_argument(
-        "--model", metavar="PATH", help="base model: a Hugging Face folder (path or s3:// URI) or 'tiny' (default: model.base)"
+        "--dataset",
+        required=True,
+        metavar="FILE",
+        help="sft.jsonl of the distill step, or its folder; a path or s3:// URI",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder (or s3:// URI) for checkpoints/, model/, metrics")
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="base model: a Hugging Face folder (path or s3:// URI) or 'tiny' (default: model.base)",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="folder (or s3:// URI) for checkpoints/, model/, metrics"
+    )
     parser.set_defaults(func=_sft)
 
 
@@ -33,7 +42,9 @@ def _sft(args) -> None:
     from medcritical import steps
     from medcritical.training.common import is_main_process
 
-    metrics = steps.sft(recipe_from_args(args), distill_uri=args.dataset, model_uri=args.model or "", output_uri=args.output)
+    metrics = steps.sft(
+        recipe_from_args(args), distill_uri=args.dataset, model_uri=args.model or "", output_uri=args.output
+    )
     if is_main_process():
         summary = {k: v for k, v in metrics.items() if k != "loss_curve"}
         print(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -18,9 +18,10 @@ import csv
 import json
 import re
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 from medcritical.errors import UserError
 
@@ -124,9 +125,7 @@ def _row_to_question(row: dict, row_number: int) -> Question:
         raise ValueError("no answer letter")
     missing = sorted(set(answer) - set(options))
     if missing:
-        raise ValueError(
-            f"answer letter(s) {''.join(missing)} not among options {''.join(options)}"
-        )
+        raise ValueError(f"answer letter(s) {''.join(missing)} not among options {''.join(options)}")
     known = {"id", "question", "options", "answer", "explanation", "annotations"}
     known |= {QUESTION, OPTIONS, ANSWER, EXPLANATION}
     annotations = dict(row.get("annotations") or {})
@@ -177,7 +176,9 @@ def _text_lines(path: Path) -> tuple[list[str], dict[int, str]]:
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            bad[number] = f"line {number} is not UTF-8 (byte {e.object[e.start:e.start + 1]!r} at column {e.start + 1})"
+            bad[number] = (
+                f"line {number} is not UTF-8 (byte {e.object[e.start : e.start + 1]!r} at column {e.start + 1})"
+            )
             lines.append(raw.decode("utf-8", errors="replace"))
     if len(bad) * 2 >= non_ascii:
         first = min(bad)
@@ -233,9 +234,7 @@ def _read_rows(path: Path) -> Iterator[tuple[dict, str | None]]:
         for row in _read_workbook(path):
             yield row, None
     else:
-        raise DataError(
-            f"{path}: unknown data format {suffix!r}; use the official .csv, the .xlsx export or .jsonl"
-        )
+        raise DataError(f"{path}: unknown data format {suffix!r}; use the official .csv, the .xlsx export or .jsonl")
 
 
 def _read_workbook(path: Path) -> Iterator[dict]:
@@ -287,9 +286,7 @@ def load_questions(path: str | Path, on_bad_row: Literal["skip", "error"] = "ski
         except ValueError as e:
             bad = BadRow(str(path), row_number, str(e))
             if on_bad_row == "error":
-                raise DataError(
-                    f"{bad}. Fix the row, or set data.on_bad_row: skip to skip and count bad rows."
-                ) from e
+                raise DataError(f"{bad}. Fix the row, or set data.on_bad_row: skip to skip and count bad rows.") from e
             bad_rows.append(bad)
             continue
         seen_ids.add(question.id)

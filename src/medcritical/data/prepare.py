@@ -35,7 +35,9 @@ def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
             evaluation = take(evaluation, config.eval_size, seed)
     else:
         if config.eval_size is None:
-            raise DataError("data.eval_size is null but there is no data.eval_source: name the evaluation file, or give a number of questions to split off")
+            raise DataError(
+                "data.eval_size is null but there is no data.eval_source: name the evaluation file, or give a number of questions to split off"
+            )
         train, evaluation = split_questions(loaded.questions, config.eval_size, seed)
     # Against the whole training pool, before train_size samples it.
     leaks = find_leaks(train, evaluation)
@@ -70,6 +72,9 @@ def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
     (output_dir / STATS_FILE).write_text(json.dumps(stats, ensure_ascii=False, indent=2))
     log.info(
         "data: %d train, %d eval questions; %d bad rows skipped, %d leaked questions dropped",
-        len(train), len(evaluation), len(bad_rows), len(leaks),
+        len(train),
+        len(evaluation),
+        len(bad_rows),
+        len(leaks),
     )
     return stats

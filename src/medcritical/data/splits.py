@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
-from typing import Sequence
 
 from medcritical.data.cmexam import Question
 
@@ -26,9 +26,7 @@ def _rank(seed: int, question_id: str) -> str:
     return hashlib.sha256(f"{seed}:{question_id}".encode()).hexdigest()
 
 
-def split_questions(
-    questions: Sequence[Question], eval_size: int, seed: int
-) -> tuple[list[Question], list[Question]]:
+def split_questions(questions: Sequence[Question], eval_size: int, seed: int) -> tuple[list[Question], list[Question]]:
     """Split into (train, eval) with `eval_size` questions in eval, chosen by a seeded hash of the id."""
     if not 0 <= eval_size <= len(questions):
         raise ValueError(f"eval_size {eval_size} is outside 0..{len(questions)} (the questions loaded)")
@@ -123,7 +121,9 @@ def find_leaks(train: Sequence[Question], evaluation: Sequence[Question]) -> lis
                 continue
             e_options = _options(e)
             overlap = len(options & e_options) / max(1, min(len(options), len(e_options)))
-            if (overlap >= OPTION_OVERLAP or gold == _gold_texts(e)) and (best is None or similarity > best.stem_similarity):
+            if (overlap >= OPTION_OVERLAP or gold == _gold_texts(e)) and (
+                best is None or similarity > best.stem_similarity
+            ):
                 best = Leak(t.id, e.id, "near", round(similarity, 3), round(overlap, 3))
         if best:
             leaks.append(best)

@@ -6,8 +6,8 @@ Rows follow the input question order, so the same replies always give byte-ident
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from medcritical.data.cmexam import ANNOTATION_COLUMNS, Question
 from medcritical.distill.progress import QuestionProgress
@@ -50,8 +50,7 @@ def question_outcome(
             answer = sft_answer(prompts, template[1], check.reasoning, check.predicted)
             sft_row = {
                 "id": question.id,
-                "messages": mcq_messages(question, prompts.trace.language)
-                + [{"role": "assistant", "content": answer}],
+                "messages": mcq_messages(question, prompts.trace.language) + [{"role": "assistant", "content": answer}],
                 "metadata": {
                     "source": source.get("backend"),  # "explanations" marks traces built from the data
                     "teacher": source.get("model") or source.get("source"),
@@ -84,7 +83,7 @@ def _rejected_row(question: Question, kind: str, attempt: int, reason: str, repl
 
 
 def reason_category(reason: str) -> str:
-    """"teacher failed: HTTP 500 ..." -> "teacher failed"; "empty reply (stopped ...)" -> "empty reply"."""
+    """ "teacher failed: HTTP 500 ..." -> "teacher failed"; "empty reply (stopped ...)" -> "empty reply"."""
     return reason.split(":")[0].split(" (")[0].strip()
 
 
@@ -127,9 +126,7 @@ def distill_statistics(
         "trace_attempts": trace_attempts,
         "trace_acceptance_rate": round(accepted / trace_attempts, 4) if trace_attempts else None,
         "template_requests": sum(len(p.templates) for p in progress.values()),
-        "correct_traces": sum(
-            check_trace(r, q).correct for q in questions for r in progress[q.id].traces.values()
-        ),
+        "correct_traces": sum(check_trace(r, q).correct for q in questions for r in progress[q.id].traces.values()),
         "rejections": dict(sorted(Counter(reason_category(r["reason"]) for o in outcomes for r in o.rejected).items())),
         "by_type": {
             "single_answer": _group([p for p in pairs if not p[0].is_multi_answer]),

@@ -12,9 +12,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from medcritical.data.cmexam import Question
 from medcritical.distill.traces import TEMPLATE, TRACE, parse_template

@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -83,7 +83,7 @@ def distill(
     finished_before = sum(run.finished(q) for q in questions)
     if finished_before:
         log.info("resuming: %d of %d questions already finished in %s", finished_before, len(questions), output_dir)
-    progress_log.append({"event": RUN, "fingerprint": setup, "started": datetime.now(timezone.utc).isoformat()})
+    progress_log.append({"event": RUN, "fingerprint": setup, "started": datetime.now(UTC).isoformat()})
 
     started, status = time.monotonic(), "interrupted"
     try:
@@ -101,8 +101,13 @@ def distill(
     _write_json(output_dir / STATS_FILE, stats)
     log.info(
         "distill: %d of %d questions accepted (%.1f%%) after %d trace attempts; %d tokens; %.1f s. SFT set: %s",
-        stats["accepted"], stats["questions"], 100 * stats["acceptance_rate"], stats["trace_attempts"],
-        stats["tokens"]["total"], stats["wall_time_s"], output_dir / SFT_FILE,
+        stats["accepted"],
+        stats["questions"],
+        100 * stats["acceptance_rate"],
+        stats["trace_attempts"],
+        stats["tokens"]["total"],
+        stats["wall_time_s"],
+        output_dir / SFT_FILE,
     )
     if not stats["accepted"]:
         log.warning("no trace was accepted: the SFT set is empty; see %s for the reasons", output_dir / REJECTED_FILE)
@@ -141,7 +146,9 @@ class _Run:
             return None
         done = self.progress[question.id]
         if done.template is None:
-            return TeacherRequest(question, TEMPLATE, max(done.templates, default=0) + 1, template_messages(self.prompts, question))
+            return TeacherRequest(
+                question, TEMPLATE, max(done.templates, default=0) + 1, template_messages(self.prompts, question)
+            )
         messages = trace_messages(self.prompts, question, done.template[1], self.config.show_gold_answer)
         return TeacherRequest(question, TRACE, max(done.traces, default=0) + 1, messages)
 
@@ -162,11 +169,15 @@ class _Run:
                 groups: dict[tuple[str, int], list[TeacherRequest]] = {}
                 for request in requests:
                     groups.setdefault((request.kind, request.attempt), []).append(request)
-                for (kind, attempt), group in sorted(groups.items(), key=lambda item: (item[0][0] != TEMPLATE, item[0][1])):
+                for (kind, attempt), group in sorted(
+                    groups.items(), key=lambda item: (item[0][0] != TEMPLATE, item[0][1])
+                ):
                     log.info("asking the teacher for %d %ss (attempt %d)", len(group), kind, attempt)
                     self.teacher.complete(
                         group,
-                        max_new_tokens=self.config.template_max_new_tokens if kind == TEMPLATE else self.config.max_new_tokens,
+                        max_new_tokens=self.config.template_max_new_tokens
+                        if kind == TEMPLATE
+                        else self.config.max_new_tokens,
                         # Fixed per attempt, so a resumed run samples as an uninterrupted one would.
                         seed=self.seed + 1000 * attempt + (500 if kind == TEMPLATE else 0),
                         on_reply=record,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 from medcritical.data.cmexam import Question
 from medcritical.distill.config import DistillConfig
@@ -206,9 +207,14 @@ def served_teacher(config: DistillConfig, output_dir: str | Path) -> Iterator[Di
     path = resolve_model(config.teacher_model)
     server = config.server
     with serve_vllm(
-        path, log_path=Path(output_dir) / server.log_file, served_name=path.name,
-        tensor_parallel_size=server.tensor_parallel_size, dtype=server.dtype, max_model_len=server.max_model_len,
-        extra_args=server.extra_args, start_timeout_s=server.start_timeout_s,
+        path,
+        log_path=Path(output_dir) / server.log_file,
+        served_name=path.name,
+        tensor_parallel_size=server.tensor_parallel_size,
+        dtype=server.dtype,
+        max_model_len=server.max_model_len,
+        extra_args=server.extra_args,
+        start_timeout_s=server.start_timeout_s,
     ) as running:
         openai = config.openai.model_copy(update={"base_url": running.base_url, "model": running.model})
         yield config.model_copy(update={"backend": "openai", "openai": openai})

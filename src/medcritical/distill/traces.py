@@ -33,7 +33,7 @@ class DistillPrompts:
     explanation_template: Prompt  # the template of the explanations backend
 
     @classmethod
-    def load(cls, language: str) -> "DistillPrompts":
+    def load(cls, language: str) -> DistillPrompts:
         return cls(*(load_prompt(name, language) for name in cls.__dataclass_fields__))
 
     @property

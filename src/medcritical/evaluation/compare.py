@@ -51,8 +51,17 @@ def compare(first: str | Path, second: str | Path) -> list[dict]:
     rows = []
     for x, y in pairs:
         if _protocol(x) != _protocol(y):
-            raise ValueError(f"{x} ({_protocol(x)}) and {y} ({_protocol(y)}) used different protocols; numbers of different protocols are never compared")
-        rows.append({"first": str(x), "second": str(y), "protocol": _protocol(x), **paired_comparison(correct_by_id(x), correct_by_id(y))})
+            raise ValueError(
+                f"{x} ({_protocol(x)}) and {y} ({_protocol(y)}) used different protocols; numbers of different protocols are never compared"
+            )
+        rows.append(
+            {
+                "first": str(x),
+                "second": str(y),
+                "protocol": _protocol(x),
+                **paired_comparison(correct_by_id(x), correct_by_id(y)),
+            }
+        )
     return rows
 
 

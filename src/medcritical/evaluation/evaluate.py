@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
@@ -92,8 +92,15 @@ def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: 
     if unknown:
         log.warning("%d predictions have ids not in %s (ignored), e.g. %s", len(unknown), dataset, unknown[:5])
     graded = grade_mcq(questions, {i: {"output": text} for i, text in outputs.items()})
-    report = _report("mcq", questions, graded, scoring="saved predictions", dataset=str(dataset),
-                     model=f"predictions: {predictions}", unknown_ids=unknown)
+    report = _report(
+        "mcq",
+        questions,
+        graded,
+        scoring="saved predictions",
+        dataset=str(dataset),
+        model=f"predictions: {predictions}",
+        unknown_ids=unknown,
+    )
     missing = report["missing_predictions"]
     if missing:
         log.warning("%d dataset questions have no prediction (counted wrong), e.g. %s", len(missing), missing[:5])
@@ -235,8 +242,10 @@ def evaluate_model(
         check_loglik_backend(generation.backend)
     # Before loading anything: a folder of another model's outputs is an error at once.
     check_resume(
-        output_dir, evaluation_fingerprint(config, generation, questions, model_path),
-        outputs=RESUMED_OUTPUTS, restart=restart,
+        output_dir,
+        evaluation_fingerprint(config, generation, questions, model_path),
+        outputs=RESUMED_OUTPUTS,
+        restart=restart,
     )
     if generator is None:
         generator = load_generator(model_path, generation, device=device, dtype=dtype)
@@ -257,8 +266,12 @@ def evaluate_model(
         return loglik_rows(generator, chunk, config)
 
     fields = dict(
-        model=str(model_path), dataset=f"{len(questions)} questions", label=label, language=language,
-        max_new_tokens=generation.max_new_tokens, backend=generation.backend,
+        model=str(model_path),
+        dataset=f"{len(questions)} questions",
+        label=label,
+        language=language,
+        max_new_tokens=generation.max_new_tokens,
+        backend=generation.backend,
     )
     outputs_file = output_dir / OUTPUTS_JSONL
     if config.protocol == "mcq":
@@ -277,22 +290,38 @@ def evaluate_model(
         def student_rows(chunk: list[Question]) -> list[dict]:
             prompts = judging.student_prompts(protocol, chunk, language, config.judge.student_chat_template)
             completions = generator.generate(prompts, desc=f"evaluating ({protocol})", **sampling)
-            return [{"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)]
+            return [
+                {"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)
+            ]
 
         outputs = _generate_missing(questions, outputs_file, student_rows)
         graded = judging.grade_with_judge(protocol, questions, outputs, judge)
         # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
         judged = [row for row in graded if row["verdict"] is not None]
         judged_ids = {row["id"] for row in judged}
-        report = _report(protocol, [q for q in questions if q.id in judged_ids], judged,
-                         scoring=f"judge: {config.judge.model}", **fields)
-        report |= {"questions": len(questions), "dropped": len(graded) - len(judged), "student_sampling": sampling,
-                   "dropped_ids": [row["id"] for row in graded if row["verdict"] is None]}
+        report = _report(
+            protocol,
+            [q for q in questions if q.id in judged_ids],
+            judged,
+            scoring=f"judge: {config.judge.model}",
+            **fields,
+        )
+        report |= {
+            "questions": len(questions),
+            "dropped": len(graded) - len(judged),
+            "student_sampling": sampling,
+            "dropped_ids": [row["id"] for row in graded if row["verdict"] is None],
+        }
     report["wall_s"] = round(time.perf_counter() - started, 2)
     write_report(report, graded, output_dir)
     log.info(
         "CMExam accuracy (%s) of %s: %.1f%% (%d/%d%s) -> %s",
-        report["protocol"], label or model_path, 100 * report["accuracy"], report["correct"], report["n"],
-        dropped_note(report), output_dir,
+        report["protocol"],
+        label or model_path,
+        100 * report["accuracy"],
+        report["correct"],
+        report["n"],
+        dropped_note(report),
+        output_dir,
     )
     return report

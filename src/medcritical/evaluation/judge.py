@@ -22,8 +22,8 @@ ends non-zero, and the rerun asks exactly those again.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.evaluation.config import JudgeConfig
@@ -113,8 +113,14 @@ def judge_from_config(config: JudgeConfig, protocol: str, language: str, output_
             text = reply.content.strip() or reply.reasoning_content.strip()
             verdict = parse(text) if reply.ok else None
             error = reply.error or (None if verdict is not None else f"no {protocol} verdict in the reply")
-            row = {"id": todo[index]["id"], "protocol": protocol, "verdict": verdict, "error": error,
-                   "reply": text, "prompt_version": prompt.version}
+            row = {
+                "id": todo[index]["id"],
+                "protocol": protocol,
+                "verdict": verdict,
+                "error": error,
+                "reply": text,
+                "prompt_version": prompt.version,
+            }
             append_jsonl([row], path)
             done[row["id"]] = row
 
@@ -130,7 +136,9 @@ def _fields(item: dict) -> dict:
     return {k: item[k] for k in ("question", "reference", "explanation", "response")}
 
 
-def grade_with_judge(protocol: str, questions: Sequence[Question], outputs: dict[str, dict], judge: Judge) -> list[dict]:
+def grade_with_judge(
+    protocol: str, questions: Sequence[Question], outputs: dict[str, dict], judge: Judge
+) -> list[dict]:
     """One graded row per question; ``verdict`` None marks a judge error (dropped from the accuracy)."""
     items = [
         {
@@ -139,8 +147,9 @@ def grade_with_judge(protocol: str, questions: Sequence[Question], outputs: dict
             "reference": reference_answer(q),
             "explanation": q.explanation or "（无）",
             # judge-paper: the student's reply as written; judge-rubric: its conclusion after </think>.
-            "response": (outputs[q.id]["output"] if protocol == "judge-paper"
-                         else final_answer_text(outputs[q.id]["output"])).strip(),
+            "response": (
+                outputs[q.id]["output"] if protocol == "judge-paper" else final_answer_text(outputs[q.id]["output"])
+            ).strip(),
         }
         for q in questions
     ]
@@ -148,14 +157,16 @@ def grade_with_judge(protocol: str, questions: Sequence[Question], outputs: dict
     rows = []
     for q in questions:
         row = judgements.get(q.id, {})
-        rows.append({
-            "id": q.id,
-            "predicted": "",  # no letters under the judge protocols
-            "correct": row.get("verdict") is True,
-            "verdict": row.get("verdict"),
-            "judge_error": row.get("error", "no judgement"),
-            "judge_reply": row.get("reply", ""),
-            "output": outputs[q.id]["output"],
-            "has_output": True,
-        })
+        rows.append(
+            {
+                "id": q.id,
+                "predicted": "",  # no letters under the judge protocols
+                "correct": row.get("verdict") is True,
+                "verdict": row.get("verdict"),
+                "judge_error": row.get("error", "no judgement"),
+                "judge_reply": row.get("reply", ""),
+                "output": outputs[q.id]["output"],
+                "has_output": True,
+            }
+        )
     return rows

@@ -21,7 +21,7 @@ PROTOCOL_TITLES = {
 
 
 def dropped_note(report: dict) -> str:
-    """"; 3 of 100 dropped: no verdict" beside a judge protocol's accuracy ("" when none were dropped)."""
+    """ "; 3 of 100 dropped: no verdict" beside a judge protocol's accuracy ("" when none were dropped)."""
     return f"; {report['dropped']} of {report['questions']} dropped: no verdict" if report.get("dropped") else ""
 
 
@@ -51,7 +51,13 @@ def markdown_report(report: dict) -> str:
     if report.get("format"):
         lines += format_section(report["format"], protocol)
     for column, values in report["by"].items():
-        lines += ["", f"## By {column} ({protocol})", "", "| group | n | accuracy % | 95% CI % |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## By {column} ({protocol})",
+            "",
+            "| group | n | accuracy % | 95% CI % |",
+            "|---|---:|---:|---:|",
+        ]
         for value, cell in values.items():
             lines.append(
                 f"| {value} | {cell['n']} | {percent(cell['accuracy'])} | "
@@ -73,11 +79,17 @@ def format_section(diagnostics: dict, protocol: str) -> list[str]:
     lines += ["", "| answer | predicted | gold |", "|---|---:|---:|"]
     lines += [
         f"| {answer} | {diagnostics['predicted'].get(answer, 0)} | {diagnostics['gold'].get(answer, 0)} |"
-        for answer in sorted(answers, key=lambda a: -(diagnostics["predicted"].get(a, 0) + diagnostics["gold"].get(a, 0)))
+        for answer in sorted(
+            answers, key=lambda a: -(diagnostics["predicted"].get(a, 0) + diagnostics["gold"].get(a, 0))
+        )
     ]
     best = diagnostics["best_constant"]
-    lines += ["", f"Always answering {best['answer'] or '-'} would score {percent(best['accuracy'])}% "
-              f"({round(best['accuracy'] * n)}/{diagnostics['n']}).", ""]
+    lines += [
+        "",
+        f"Always answering {best['answer'] or '-'} would score {percent(best['accuracy'])}% "
+        f"({round(best['accuracy'] * n)}/{diagnostics['n']}).",
+        "",
+    ]
     return lines
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from fractions import Fraction
-from typing import Mapping
 
 BOOTSTRAP_SAMPLES = 10_000
 

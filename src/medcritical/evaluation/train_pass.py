@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.data.splits import take
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 TRAIN_PASS, TRAIN_PASS_STATS = "train_pass.jsonl", "train_pass.json"
 
 
-def bootstrap_mean_interval(values: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+def bootstrap_mean_interval(
+    values: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean of `values` (resampled with replacement)."""
     import numpy as np
 
@@ -37,10 +39,12 @@ def bootstrap_mean_interval(values: Sequence[float], *, samples: int = BOOTSTRAP
     if not len(values):
         return (0.0, 0.0)
     rng = np.random.default_rng(seed)
-    means = np.concatenate([
-        values[rng.integers(0, len(values), size=(min(1000, samples - start), len(values)))].mean(axis=1)
-        for start in range(0, samples, 1000)
-    ])
+    means = np.concatenate(
+        [
+            values[rng.integers(0, len(values), size=(min(1000, samples - start), len(values)))].mean(axis=1)
+            for start in range(0, samples, 1000)
+        ]
+    )
     low, high = np.percentile(means, [2.5, 97.5])
     return (float(low), float(high))
 
@@ -58,6 +62,7 @@ def before_after(before: Sequence[dict], after: Sequence[dict], *, seed: int = 0
     shared = sorted(b.keys() & a.keys())
     if not shared:
         raise ValueError("no question was answered both before and after DPO")
+
     def mean(samples: dict[int, bool]) -> float:
         return sum(samples.values()) / len(samples)
 
@@ -76,8 +81,11 @@ def before_after(before: Sequence[dict], after: Sequence[dict], *, seed: int = 0
         "pass@1_after": pass_after,
         "difference": pass_after - pass_before,
         "difference_ci95": [round(low, 4), round(high, 4)],
-        "first_sample": {"only_before_correct": only_before, "only_after_correct": only_after,
-                         "mcnemar_p": mcnemar_exact(only_before, only_after)},
+        "first_sample": {
+            "only_before_correct": only_before,
+            "only_after_correct": only_after,
+            "mcnemar_p": mcnemar_exact(only_before, only_after),
+        },
     }
 
 
@@ -107,9 +115,15 @@ def train_pass(
     # A derived measurement: outputs of another model or setting are simply redone.
     check_resume(
         output_dir,
-        {"model": model_fingerprint(model_path), "questions": questions_fingerprint(chosen),
-         "rollout": rollout.model_dump(mode="json", exclude={"chunk_size"}), "seed": seed},
-        outputs=[TRAIN_PASS], restart=True, name="train_pass_fingerprint.json",
+        {
+            "model": model_fingerprint(model_path),
+            "questions": questions_fingerprint(chosen),
+            "rollout": rollout.model_dump(mode="json", exclude={"chunk_size"}),
+            "seed": seed,
+        },
+        outputs=[TRAIN_PASS],
+        restart=True,
+        name="train_pass_fingerprint.json",
     )
     generator = load_generator(model_path, generation, device=device, dtype=dtype)
     after = rollout_questions(generator, chosen, rollout, output_dir / TRAIN_PASS, seed=seed)
@@ -119,7 +133,10 @@ def train_pass(
     (output_dir / TRAIN_PASS_STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     log.info(
         "training questions' pass@1 before -> after DPO: %.3f -> %.3f (%d questions; 95%% CI of the change %+.3f..%+.3f)",
-        stats["pass@1_before"], stats["pass@1_after"], stats["questions"], *stats["difference_ci95"],
+        stats["pass@1_before"],
+        stats["pass@1_after"],
+        stats["questions"],
+        *stats["difference_ci95"],
     )
     return stats
 

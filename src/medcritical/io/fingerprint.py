@@ -14,8 +14,9 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from medcritical.errors import UserError
 
@@ -56,7 +57,9 @@ def model_fingerprint(model_dir: str | Path) -> str:
         if manifest.is_file():
             prefix = "" if manifest.parent == model_dir else f"{model_dir.name}/"
             lines = sorted(
-                line for line in manifest.read_text(encoding="utf-8").splitlines() if line.split("  ", 1)[-1].startswith(prefix)
+                line
+                for line in manifest.read_text(encoding="utf-8").splitlines()
+                if line.split("  ", 1)[-1].startswith(prefix)
             )
             if lines:
                 return text_sha256("\n".join(line.replace(f"  {prefix}", "  ", 1) for line in lines))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from medcritical.errors import UserError
 
@@ -42,7 +42,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if not any(rest.strip() for rest in lines[number:]):
-                log.warning("%s: dropping the torn last line %d (an interrupted write); it will be redone", path, number)
+                log.warning(
+                    "%s: dropping the torn last line %d (an interrupted write); it will be redone", path, number
+                )
                 break
             raise JsonlError(
                 f"{path}: line {number} is not valid JSON ({e.msg}); fix or delete that line, "

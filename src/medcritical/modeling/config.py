@@ -14,7 +14,9 @@ TINY = "tiny"  # model.base value: build the offline tiny model
 
 class TinyModelConfig(Section):
     # A test model: the caps keep a typo from building a model that fills memory.
-    vocab_size: int = Field(2048, ge=512, le=65536)  # the byte-level BPE needs its 256 bytes, the special tokens and merges
+    vocab_size: int = Field(
+        2048, ge=512, le=65536
+    )  # the byte-level BPE needs its 256 bytes, the special tokens and merges
     hidden_size: int = Field(64, ge=1, le=4096)
     num_layers: int = Field(2, ge=1, le=64)
     num_heads: int = Field(4, ge=1, le=64)
@@ -22,7 +24,7 @@ class TinyModelConfig(Section):
     seed: int = Field(0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "TinyModelConfig":
+    def _heads_divide_hidden(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads} (each head gets "

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from tqdm.auto import tqdm
 
@@ -136,14 +137,14 @@ class TransformersGenerator:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(dtype, self.device)
-        ).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device)).to(
+            self.device
+        )
         self.model.eval()
         self.batch_size = batch_size
 
     @classmethod
-    def from_model(cls, model, tokenizer, batch_size: int = 16) -> "TransformersGenerator":
+    def from_model(cls, model, tokenizer, batch_size: int = 16) -> TransformersGenerator:
         """Wrap a model already in memory (e.g. the SFT model right after training)."""
         self = cls.__new__(cls)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -154,8 +155,9 @@ class TransformersGenerator:
     def encode_prompts(self, prompts: Sequence[Messages | str]) -> list[list[int]]:
         return [
             # A str is a raw prompt, encoded without the chat template (the judge-paper student).
-            self.tokenizer(p)["input_ids"] if isinstance(p, str) else
-            self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            self.tokenizer(p)["input_ids"]
+            if isinstance(p, str)
+            else self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
                 "input_ids"
             ]
             for p in prompts
@@ -186,7 +188,11 @@ class TransformersGenerator:
                 # Sampling is done by KeyedSampler, row by row from each sample's own stream; generate
                 # itself runs greedy and picks the one token the sampler leaves.
                 processors = (
-                    [KeyedSampler([seeds[i][j] for i in batch for j in range(n)], temperature, top_p, width, max_new_tokens)]
+                    [
+                        KeyedSampler(
+                            [seeds[i][j] for i in batch for j in range(n)], temperature, top_p, width, max_new_tokens
+                        )
+                    ]
                     if sampling
                     else []
                 )
@@ -232,7 +238,7 @@ class TransformersGenerator:
             with torch.no_grad():
                 logprobs = self.model(**inputs).logits.float().log_softmax(-1)
             width = inputs["input_ids"].shape[1]
-            for row, (_, ids, length) in enumerate(chunk):
+            for row, (_, _ids, length) in enumerate(chunk):
                 # Token t is predicted by the logits at t-1; the continuation is the last `length` tokens.
                 positions = torch.arange(width - length, width, device=logprobs.device)
                 targets = inputs["input_ids"][row, width - length :]
@@ -314,9 +320,9 @@ class VLLMGenerator:
         requests, lengths, owners = [], [], []
         for index, messages in enumerate(prompts):
             prompt_ids = list(
-                self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-                    "input_ids"
-                ]
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
             )
             for text in continuations[index]:
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -334,7 +340,9 @@ class VLLMGenerator:
         return result
 
 
-def load_generator(model_path: str | Path, config: GenerationConfig, *, device: str = "auto", dtype: str = "auto") -> Generator:
+def load_generator(
+    model_path: str | Path, config: GenerationConfig, *, device: str = "auto", dtype: str = "auto"
+) -> Generator:
     log.info("loading %s with the %s backend", model_path, config.backend)
     if config.backend == "vllm":
         return VLLMGenerator(model_path, config, dtype=dtype)

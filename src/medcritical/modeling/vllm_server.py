@@ -23,9 +23,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,17 @@ def server_command(
 ) -> list[str]:
     gpus = visible_gpus()
     command = [
-        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-        "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_path),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     if gpus:
         command += ["--tensor-parallel-size", str(tensor_parallel_size or gpus), "--dtype", dtype]
@@ -82,7 +91,12 @@ def server_command(
         # vLLM's CPU build (tests, CPU machines): no CUDA graphs; float32 unless told otherwise; no chunked
         # prefill, because a seeded request (the teacher sends seeds) whose prefill is split crashes its engine
         # ("CPU Generator does not use offset"), as seen with 16 concurrent requests (see generation.VLLMGenerator).
-        command += ["--enforce-eager", "--no-enable-chunked-prefill", "--dtype", "float32" if dtype == "auto" else dtype]
+        command += [
+            "--enforce-eager",
+            "--no-enable-chunked-prefill",
+            "--dtype",
+            "float32" if dtype == "auto" else dtype,
+        ]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     return command + list(extra_args)
@@ -98,12 +112,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_vllm_server(command: Sequence[str], *, log_path: Path, served_name: str, port: int,
-                      start_timeout_s: float) -> VLLMServer:
+def start_vllm_server(
+    command: Sequence[str], *, log_path: Path, served_name: str, port: int, start_timeout_s: float
+) -> VLLMServer:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         process = subprocess.Popen(
-            list(command), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            list(command),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
             env={**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
         )
     server = VLLMServer(f"http://127.0.0.1:{port}/v1", served_name, log_path, process)
@@ -165,11 +184,17 @@ def serve_vllm(
     port = free_port()
     name = served_name or Path(model_path).name
     command = server_command(
-        model_path, served_name=name, port=port, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-        max_model_len=max_model_len, extra_args=extra_args,
+        model_path,
+        served_name=name,
+        port=port,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        extra_args=extra_args,
     )
-    server = start_vllm_server(command, log_path=Path(log_path), served_name=name, port=port,
-                               start_timeout_s=start_timeout_s)
+    server = start_vllm_server(
+        command, log_path=Path(log_path), served_name=name, port=port, start_timeout_s=start_timeout_s
+    )
     try:
         yield server
     finally:

@@ -65,7 +65,6 @@ class PairsSection(Section):
     level: Literal["thought", "answer"] = "thought"
 
 
-
 class CostSection(Section):
     """Prices that turn the counted tokens and seconds into money per pair (null: not priced)."""
 

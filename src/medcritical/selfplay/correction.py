@@ -59,8 +59,19 @@ class Corrector(Protocol):
     name: str  # "self" or "teacher": whose tokens a correction costs
     description: dict  # what corrected, for the fingerprint and the statistics
 
-    def correct(self, prompts: Sequence[Messages], questions: Sequence[Question], *, votes: int, temperature: float,
-                top_p: float, max_new_tokens: int, seed: int, attempt: int, keys: Sequence[str] | None = None) -> list[list[Reply]]:
+    def correct(
+        self,
+        prompts: Sequence[Messages],
+        questions: Sequence[Question],
+        *,
+        votes: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        attempt: int,
+        keys: Sequence[str] | None = None,
+    ) -> list[list[Reply]]:
         """`votes` replies to each correction prompt."""
         ...
 
@@ -76,7 +87,13 @@ class SelfCorrector:
 
     def correct(self, prompts, questions, *, votes, temperature, top_p, max_new_tokens, seed, attempt, keys=None):
         completions = self.generator.generate(
-            prompts, n=votes, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, keys=keys,
+            prompts,
+            n=votes,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            keys=keys,
             desc=f"self-correction attempt {attempt}",
         )
         replies = []
@@ -105,7 +122,8 @@ class TeacherCorrector:
 
         requests = [
             TeacherRequest(question=q, kind="correction", attempt=attempt, messages=p)
-            for p, q in zip(prompts, questions) for _ in range(votes)
+            for p, q in zip(prompts, questions)
+            for _ in range(votes)
         ]
         index = {id(r): i for i, r in enumerate(requests)}
         replies: list[Reply | None] = [None] * len(requests)
@@ -118,7 +136,9 @@ class TeacherCorrector:
             prompt_tokens = reply.prompt_tokens or (self.count(request.messages) if self.count else 0)
             replies[index[id(request)]] = Reply(text, prompt_tokens, reply.completion_tokens, reply.error)
 
-        self.teacher.complete(requests, max_new_tokens=self.max_new_tokens or max_new_tokens, seed=seed, on_reply=on_reply)
+        self.teacher.complete(
+            requests, max_new_tokens=self.max_new_tokens or max_new_tokens, seed=seed, on_reply=on_reply
+        )
         missing = sum(r is None for r in replies)
         if missing:
             raise RuntimeError(f"the teacher returned no reply for {missing} of {len(requests)} correction requests")
@@ -137,8 +157,13 @@ def _key(record: dict) -> tuple[str, int]:
 
 def _graded(reply: Reply, question: Question) -> dict:
     grade = grade_answer(reply.text, question.answer, question.options)
-    vote = {"text": reply.text, "predicted": grade.predicted, "correct": grade.correct,
-            "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+    vote = {
+        "text": reply.text,
+        "predicted": grade.predicted,
+        "correct": grade.correct,
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+    }
     if reply.error:
         vote["error"] = reply.error
     return vote
@@ -186,17 +211,29 @@ def correct_trajectories(
                 replies = corrector.correct(
                     [correction_messages(asked[i], chunk[i]["trajectory"], config.language) for i in pending],
                     [asked[i] for i in pending],
-                    votes=config.votes, temperature=config.temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    votes=config.votes,
+                    temperature=config.temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
                     # A vote's seed: (run seed, trajectory, attempt, vote), never its place in a batch.
-                    seed=seed, attempt=attempt_number,
-                    keys=[f"{chunk[i]['question_id']}#{chunk[i]['sample']}#correction{attempt_number}" for i in pending],
+                    seed=seed,
+                    attempt=attempt_number,
+                    keys=[
+                        f"{chunk[i]['question_id']}#{chunk[i]['sample']}#correction{attempt_number}" for i in pending
+                    ],
                 )
             stable = []
             for i, votes in zip(pending, replies):
                 graded = [_graded(v, asked[i]) for v in votes]
                 gold_votes = sum(v["correct"] for v in graded)
-                attempt = {"votes": graded, "gold_votes": gold_votes, "stable": gold_votes >= need, "rewrite": None,
-                           "accepted": False, "reason": None if gold_votes >= need else "unstable"}
+                attempt = {
+                    "votes": graded,
+                    "gold_votes": gold_votes,
+                    "stable": gold_votes >= need,
+                    "rewrite": None,
+                    "accepted": False,
+                    "reason": None if gold_votes >= need else "unstable",
+                }
                 attempts[i].append(attempt)
                 if attempt["stable"]:
                     stable.append(i)
@@ -207,21 +244,31 @@ def correct_trajectories(
             rewrite_prompts = [rewrite_messages(asked[i], a, config.language) for i, a in zip(stable, analyses)]
             with timed(timings, "rewrite") if timings else nullcontext():
                 rewrites = generator.generate(
-                    rewrite_prompts, n=1, temperature=config.rewrite_temperature, top_p=top_p,
-                    max_new_tokens=max_new_tokens, seed=seed,
+                    rewrite_prompts,
+                    n=1,
+                    temperature=config.rewrite_temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    seed=seed,
                     keys=[f"{chunk[i]['question_id']}#{chunk[i]['sample']}#rewrite{attempt_number}" for i in stable],
                     desc=f"rewrite attempt {attempt_number}",
                 )
             for i, prompt, (completion,) in zip(stable, rewrite_prompts, rewrites):
-                rewrite = _graded(Reply(completion.text, count_student(prompt) if count_student else 0, completion.num_tokens), asked[i])
+                rewrite = _graded(
+                    Reply(completion.text, count_student(prompt) if count_student else 0, completion.num_tokens),
+                    asked[i],
+                )
                 rewrite["refers_back"] = refers_back(completion.text)
                 rewrite["in_format"] = in_trained_format(completion.text)
                 attempt = attempts[i][-1]
                 attempt["rewrite"] = rewrite
                 attempt["reason"] = (
-                    "rewrite_wrong" if not rewrite["correct"]
-                    else "rewrite_refers_back" if rewrite["refers_back"]
-                    else "rewrite_format" if not rewrite["in_format"]
+                    "rewrite_wrong"
+                    if not rewrite["correct"]
+                    else "rewrite_refers_back"
+                    if rewrite["refers_back"]
+                    else "rewrite_format"
+                    if not rewrite["in_format"]
                     else None
                 )
                 attempt["accepted"] = attempt["reason"] is None
@@ -261,7 +308,9 @@ def guessing_acceptance(p: float, config: CorrectionSection) -> float:
     return 1 - (1 - per_attempt) ** config.attempts
 
 
-def correction_statistics(records: Sequence[dict], config: CorrectionSection, questions: Mapping[str, Question] | None = None) -> dict:
+def correction_statistics(
+    records: Sequence[dict], config: CorrectionSection, questions: Mapping[str, Question] | None = None
+) -> dict:
     wrong = len(records)
     corrected = sum(r["corrected"] for r in records)
     by_attempt = [0] * config.attempts

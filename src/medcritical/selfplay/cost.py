@@ -55,8 +55,10 @@ def timed(path: str | Path, phase: str) -> Iterator[None]:
 
 
 def _tokens(items: Sequence[dict]) -> dict:
-    return {"prompt_tokens": sum(i.get("prompt_tokens", 0) for i in items),
-            "completion_tokens": sum(i.get("completion_tokens", i.get("num_tokens", 0)) for i in items)}
+    return {
+        "prompt_tokens": sum(i.get("prompt_tokens", 0) for i in items),
+        "completion_tokens": sum(i.get("completion_tokens", i.get("num_tokens", 0)) for i in items),
+    }
 
 
 def _add(total: dict, part: dict) -> None:
@@ -82,8 +84,18 @@ def cost_statistics(
     """
     phases: dict[str, dict] = {"rollout": {}, "correction": {}, "rewrite": {}}
     # rollout: the prompt once per question (recorded on sample 0), each sample's completion
-    _add(phases["rollout"], _tokens([{"prompt_tokens": r.get("prompt_tokens", 0) if r["sample"] == 0 else 0,
-                                       "completion_tokens": r["num_tokens"]} for r in rollouts]))
+    _add(
+        phases["rollout"],
+        _tokens(
+            [
+                {
+                    "prompt_tokens": r.get("prompt_tokens", 0) if r["sample"] == 0 else 0,
+                    "completion_tokens": r["num_tokens"],
+                }
+                for r in rollouts
+            ]
+        ),
+    )
     teacher: dict = {"prompt_tokens": 0, "completion_tokens": 0}
     for c in corrections:
         for attempt in c["attempts"]:
@@ -93,7 +105,10 @@ def cost_statistics(
                 _add(phases["rewrite"], _tokens([attempt["rewrite"]]))
     student: dict = {"prompt_tokens": 0, "completion_tokens": 0}
     for part in phases.values():
-        _add(student, {"prompt_tokens": part.get("prompt_tokens", 0), "completion_tokens": part.get("completion_tokens", 0)})
+        _add(
+            student,
+            {"prompt_tokens": part.get("prompt_tokens", 0), "completion_tokens": part.get("completion_tokens", 0)},
+        )
     seconds: dict[str, dict] = {}
     for line in read_jsonl(timings_path):
         _add(seconds.setdefault(line["phase"], {}), {"wall_s": line["wall_s"], "cpu_s": line["cpu_s"]})
@@ -104,12 +119,20 @@ def cost_statistics(
         "student": student,
         "student_by_phase": phases,
         "teacher": teacher,
-        "seconds": {"wall": wall, "cpu": cpu, "gpus": gpus, "device_seconds": device_seconds,
-                    "device": "gpu" if gpus else "cpu", "by_phase": seconds},
+        "seconds": {
+            "wall": wall,
+            "cpu": cpu,
+            "gpus": gpus,
+            "device_seconds": device_seconds,
+            "device": "gpu" if gpus else "cpu",
+            "by_phase": seconds,
+        },
     }
     money = None
     if teacher_price_per_million_tokens is not None or device_hour_price is not None:
-        teacher_money = (teacher["prompt_tokens"] + teacher["completion_tokens"]) * (teacher_price_per_million_tokens or 0) / 1e6
+        teacher_money = (
+            (teacher["prompt_tokens"] + teacher["completion_tokens"]) * (teacher_price_per_million_tokens or 0) / 1e6
+        )
         device_money = device_seconds / 3600 * (device_hour_price or 0)
         money = {"teacher": teacher_money, "device": device_money, "total": teacher_money + device_money}
     stats["money"] = money
@@ -132,11 +155,18 @@ def cost_statistics(
 
     stats["per_pair"] = per(accepted)
     # The correction machinery's own cost (votes, rewrites, teacher) over the pairs it produced.
-    correction_only = (phases["correction"].get("prompt_tokens", 0) + phases["correction"].get("completion_tokens", 0)
-                       + phases["rewrite"].get("prompt_tokens", 0) + phases["rewrite"].get("completion_tokens", 0))
+    correction_only = (
+        phases["correction"].get("prompt_tokens", 0)
+        + phases["correction"].get("completion_tokens", 0)
+        + phases["rewrite"].get("prompt_tokens", 0)
+        + phases["rewrite"].get("completion_tokens", 0)
+    )
     stats["per_correction_pair"] = (
-        {"student_tokens": correction_only / from_corrections,
-         "teacher_tokens": (teacher["prompt_tokens"] + teacher["completion_tokens"]) / from_corrections}
-        if from_corrections else None
+        {
+            "student_tokens": correction_only / from_corrections,
+            "teacher_tokens": (teacher["prompt_tokens"] + teacher["completion_tokens"]) / from_corrections,
+        }
+        if from_corrections
+        else None
     )
     return stats

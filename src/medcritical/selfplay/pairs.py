@@ -16,7 +16,7 @@ import hashlib
 import logging
 import statistics
 from collections import Counter
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.grader import THINK_END, extract_answer_letters
@@ -51,7 +51,12 @@ def _unique_by_text(records: list[dict], text_key: str, cut=_whole) -> tuple[lis
 
 
 def _pairs_for_question(
-    question: Question, rollouts: list[dict], corrections: Mapping[int, dict], config: PairsSection, language: str, drops: Counter
+    question: Question,
+    rollouts: list[dict],
+    corrections: Mapping[int, dict],
+    config: PairsSection,
+    language: str,
+    drops: Counter,
 ) -> list[dict]:
     thought = config.level == "thought"
     cut = _whole if thought else answer_statement
@@ -73,13 +78,17 @@ def _pairs_for_question(
         if config.use_correct_samples and standalone:
             # Rotate so that different wrong trajectories are paired with different correct samples.
             shift = n % len(standalone)
-            candidates += [("sample", r["trajectory"], r["num_tokens"]) for r in standalone[shift:] + standalone[:shift]]
+            candidates += [
+                ("sample", r["trajectory"], r["num_tokens"]) for r in standalone[shift:] + standalone[:shift]
+            ]
         if not candidates:
             drops["no_chosen"] += 1
             continue
         # A chosen much longer than rejected teaches "write more", not "reason right" (answer statements
         # are a line each: no length filter there).
-        short_enough = [c for c in candidates if not thought or c[2] <= config.max_length_ratio * max(rejected["num_tokens"], 1)]
+        short_enough = [
+            c for c in candidates if not thought or c[2] <= config.max_length_ratio * max(rejected["num_tokens"], 1)
+        ]
         if not short_enough:
             drops["too_long"] += 1
             continue
@@ -102,7 +111,8 @@ def _pairs_for_question(
                 "chosen_tokens": chosen_tokens,
                 "rejected_tokens": rejected["num_tokens"],
                 # Same letters on both sides would teach nothing about the answer (kept to be counted: none expected).
-                "same_letters": extract_answer_letters(chosen, question.options) == extract_answer_letters(rejected_text, question.options),
+                "same_letters": extract_answer_letters(chosen, question.options)
+                == extract_answer_letters(rejected_text, question.options),
             }
         )
     # Verified corrections first: they are the method's signal; correct samples fill in.
@@ -123,8 +133,12 @@ def _heldout_questions(question_ids: list[str], fraction: float, seed: int) -> s
 
 def _seeded_subset(pairs: list[dict], limit: int, seed: int) -> list[dict]:
     """`limit` pairs chosen by a seeded hash of (question, rejected sample), kept in their order."""
-    rank = sorted(range(len(pairs)), key=lambda i: hashlib.sha256(
-        f"{seed}:{pairs[i]['question_id']}:{pairs[i]['rejected_sample']}".encode()).hexdigest())
+    rank = sorted(
+        range(len(pairs)),
+        key=lambda i: hashlib.sha256(
+            f"{seed}:{pairs[i]['question_id']}:{pairs[i]['rejected_sample']}".encode()
+        ).hexdigest(),
+    )
     keep = set(rank[:limit])
     return [p for i, p in enumerate(pairs) if i in keep]
 
@@ -150,7 +164,12 @@ def build_preference_pairs(
     pairs_by_question = {}
     for question in questions:
         pairs = _pairs_for_question(
-            question, by_question.get(question.id, []), corrections_by_question.get(question.id, {}), config, language, drops
+            question,
+            by_question.get(question.id, []),
+            corrections_by_question.get(question.id, {}),
+            config,
+            language,
+            drops,
         )
         if pairs:
             pairs_by_question[question.id] = pairs
@@ -168,7 +187,18 @@ def build_preference_pairs(
         "questions_with_pairs": len(pairs_by_question),
         "heldout_questions": len(heldout_ids),
         "chosen_source": dict(Counter(p["chosen_source"] for p in train + heldout)),
-        "dropped": {k: drops[k] for k in ("duplicate_rejected", "refers_back", "chosen_format", "no_chosen", "too_long", "duplicate_pair", "over_cap")},
+        "dropped": {
+            k: drops[k]
+            for k in (
+                "duplicate_rejected",
+                "refers_back",
+                "chosen_format",
+                "no_chosen",
+                "too_long",
+                "duplicate_pair",
+                "over_cap",
+            )
+        },
         "wrong_trajectories": wrong,
         "level": config.level,
         "diagnostics": pair_diagnostics(train + heldout),
@@ -184,7 +214,10 @@ def build_preference_pairs(
         log.warning("pairs: no training pairs (%s)", stats["no_pairs"])
     log.info(
         "pairs: %d train + %d held-out from %d questions (dropped %s)",
-        len(train), len(heldout), len(pairs_by_question), dict(stats["dropped"]),
+        len(train),
+        len(heldout),
+        len(pairs_by_question),
+        dict(stats["dropped"]),
     )
     return train, heldout, stats
 
@@ -194,8 +227,14 @@ def _distribution(values: list[float]) -> dict | None:
         return None
     ordered = sorted(values)
     quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
-    return {"min": ordered[0], "p25": quartiles[0], "median": quartiles[1], "p75": quartiles[2], "max": ordered[-1],
-            "mean": statistics.fmean(ordered)}
+    return {
+        "min": ordered[0],
+        "p25": quartiles[0],
+        "median": quartiles[1],
+        "p75": quartiles[2],
+        "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+    }
 
 
 def pair_diagnostics(pairs: Sequence[dict]) -> dict:

@@ -7,9 +7,9 @@ project's one grader, so a rollout's pass@1 is comparable with the evaluation's 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.grader import grade_answer
@@ -41,7 +41,9 @@ def rollout_questions(
     """
     count = prompt_token_counter(generator)
     k = config.samples_per_question
-    done = resume_groups(output_path, key=lambda r: r["question_id"], complete=lambda g: len({r["sample"] for r in g}) == k)
+    done = resume_groups(
+        output_path, key=lambda r: r["question_id"], complete=lambda g: len({r["sample"] for r in g}) == k
+    )
     todo = [(i, q) for i, q in enumerate(questions) if q.id not in done]
     if done:
         log.info("rollout: %d questions already done, %d to go", len(questions) - len(todo), len(todo))

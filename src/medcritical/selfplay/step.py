@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from medcritical.data.cmexam import Question
 from medcritical.diagnostics import diagnose_rollouts
@@ -50,7 +50,11 @@ def _teacher_settings(distill) -> dict:
     keys = ("backend", "teacher_model", "temperature", "top_p", "max_new_tokens", "explanation_max_chars")
     settings = {k: getattr(distill, k) for k in keys}
     if distill.backend == "openai":
-        settings["openai"] = {"base_url": distill.openai.base_url, "model": distill.openai.model, "extra_body": distill.openai.extra_body}
+        settings["openai"] = {
+            "base_url": distill.openai.base_url,
+            "model": distill.openai.model,
+            "extra_body": distill.openai.extra_body,
+        }
     return settings
 
 
@@ -119,8 +123,17 @@ def run_rollout(
     wrong = [r for r in records if not r["correct"]]
     corrector = build_corrector(config, generator, distill, device=device) if wrong and correction.attempts else None
     corrections = correct_trajectories(
-        generator, by_id, wrong if correction.attempts else [], correction, output_dir / CORRECTIONS, corrector=corrector,
-        top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens, chunk_size=rollout.chunk_size, seed=seed, timings=timings,
+        generator,
+        by_id,
+        wrong if correction.attempts else [],
+        correction,
+        output_dir / CORRECTIONS,
+        corrector=corrector,
+        top_p=rollout.top_p,
+        max_new_tokens=rollout.max_new_tokens,
+        chunk_size=rollout.chunk_size,
+        seed=seed,
+        timings=timings,
     )
     stats = {
         "model": str(model_path),
@@ -136,23 +149,40 @@ def run_rollout(
     if price is None and distill is not None and config.corrector == "teacher":
         price = distill.price_per_million_tokens
     stats["cost"] = cost_statistics(
-        records, corrections, pairs, timings, gpus=accelerators(device),
-        teacher_price_per_million_tokens=price, device_hour_price=config.cost.device_hour_price,
+        records,
+        corrections,
+        pairs,
+        timings,
+        gpus=accelerators(device),
+        teacher_price_per_million_tokens=price,
+        device_hour_price=config.cost.device_hour_price,
     )
     (output_dir / STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     r, c = stats["rollout"], stats["correction"]
     log.info(
         "rollout: pass@1 %.3f, pass@%d %.3f, all wrong %.3f, all right %.3f; %d/%d wrong trajectories corrected "
         "(%s by guessing alone); %d pairs",
-        r["pass@1"], rollout.samples_per_question, r["pass@k"], r["all_wrong"], r["all_right"],
-        c["corrected"], len(wrong), f"{c['expected_by_guessing']:.1f}" if "expected_by_guessing" in c else "-",
+        r["pass@1"],
+        rollout.samples_per_question,
+        r["pass@k"],
+        r["all_wrong"],
+        r["all_right"],
+        c["corrected"],
+        len(wrong),
+        f"{c['expected_by_guessing']:.1f}" if "expected_by_guessing" in c else "-",
         stats["pairs"]["pairs"],
     )
     return stats
 
 
 def write_pairs(
-    config: SelfPlayConfig, questions: Sequence[Question], rollouts: list[dict], corrections: list[dict], output_dir: Path, *, seed: int = 0
+    config: SelfPlayConfig,
+    questions: Sequence[Question],
+    rollouts: list[dict],
+    corrections: list[dict],
+    output_dir: Path,
+    *,
+    seed: int = 0,
 ) -> dict:
     train, heldout, stats = build_preference_pairs(
         questions, rollouts, corrections, config.pairs, language=config.rollout.language, seed=seed
@@ -163,7 +193,12 @@ def write_pairs(
 
 
 def make_pairs(
-    config: SelfPlayConfig, questions: Sequence[Question], rollout_dir: str | Path, output_dir: str | Path, *, seed: int = 0
+    config: SelfPlayConfig,
+    questions: Sequence[Question],
+    rollout_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
 ) -> dict:
     """Rebuild pairs from an earlier rollout's rollouts.jsonl / corrections.jsonl (e.g. with other
     pair settings) without generating anything. Writes pairs.jsonl, pairs_heldout.jsonl, pairs_stats.json."""
@@ -174,7 +209,9 @@ def make_pairs(
     known = {q.id for q in questions}
     rollouts = [r for r in read_jsonl(rollout_dir / ROLLOUTS) if r["question_id"] in known]
     if not rollouts:
-        raise ValueError(f"{rollout_dir / ROLLOUTS}: no rollout record matches the given questions (wrong --questions file?)")
+        raise ValueError(
+            f"{rollout_dir / ROLLOUTS}: no rollout record matches the given questions (wrong --questions file?)"
+        )
     corrections = [c for c in read_jsonl(rollout_dir / CORRECTIONS) if c["question_id"] in known]
     output_dir.mkdir(parents=True, exist_ok=True)
     stats = write_pairs(config, questions, rollouts, corrections, output_dir, seed=seed)

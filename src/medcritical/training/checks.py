@@ -54,7 +54,7 @@ def check_tokenizer(tokenizer, source: str, *, assistant_only_loss: bool = True)
             f"{source}: the pad token is {end_token!r}, the token that ends an assistant turn (pad = EOS). Padding "
             "and the end of an answer are then indistinguishable: any collator or tool that masks padding by id "
             "drops every end-of-turn from the loss and the model never learns to stop. Set a distinct pad token in "
-            "tokenizer_config.json (Qwen: \"pad_token\": \"<|endoftext|>\")"
+            'tokenizer_config.json (Qwen: "pad_token": "<|endoftext|>")'
         )
     return TokenizerFacts(template, end_id, end_token)
 
@@ -127,7 +127,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
         shown = ", ".join(map(str, bad_lines[:5])) + (" ..." if len(bad_lines) > 5 else "")
         raise PreTrainingCheckError(
             f"{path}: {len(bad_lines)} of {len(bad_lines) + len(conversations)} rows have no assistant turn "
-            f"(lines {shown}); SFT learns only from the assistant's text. Each row needs \"messages\": "
+            f'(lines {shown}); SFT learns only from the assistant\'s text. Each row needs "messages": '
             "[{role: user, content: ...}, {role: assistant, content: ...}]; remove those rows or rerun distill"
         )
     if not conversations:
@@ -139,8 +139,7 @@ def _has_assistant_answer(messages) -> bool:
     if not isinstance(messages, list):
         return False
     return any(
-        isinstance(m, dict) and m.get("role") == "assistant" and str(m.get("content") or "").strip()
-        for m in messages
+        isinstance(m, dict) and m.get("role") == "assistant" and str(m.get("content") or "").strip() for m in messages
     )
 
 
@@ -163,7 +162,9 @@ def select_by_length(
     if too_long:
         log.warning(
             "%d of %d examples are longer than max_length=%d tokens: %s (sft.on_too_long)",
-            too_long, len(conversations), max_length,
+            too_long,
+            len(conversations),
+            max_length,
             "dropped" if on_too_long == "drop" else "truncated, their answers cut off",
         )
     if on_too_long == "drop":

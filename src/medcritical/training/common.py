@@ -26,7 +26,7 @@ _REPO_DEEPSPEED_DIR = Path(__file__).resolve().parents[3] / "recipes" / "deepspe
 
 
 def training_device(device: str) -> str:
-    """"cpu" or "cuda" ("auto" takes a GPU when one is visible)."""
+    """ "cpu" or "cuda" ("auto" takes a GPU when one is visible)."""
     return resolve_device(device)
 
 
@@ -65,7 +65,7 @@ def deepspeed_zero_stage(path: Path | None) -> int | None:
     if stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
         # Without it the weights stay sharded across ranks and the saved model would be empty.
         raise ValueError(
-            f"{path}: ZeRO stage 3 needs \"stage3_gather_16bit_weights_on_model_save\": true in zero_optimization, "
+            f'{path}: ZeRO stage 3 needs "stage3_gather_16bit_weights_on_model_save": true in zero_optimization, '
             "or the final model cannot be gathered and saved (see recipes/deepspeed/zero3.json)"
         )
     return stage
@@ -183,7 +183,9 @@ def find_resumable_checkpoint(checkpoints_dir: str | Path) -> str | None:
     for checkpoint in candidates:
         if (checkpoint / "trainer_state.json").is_file():
             return str(checkpoint)
-        log.warning("%s is incomplete (no trainer_state.json, the run was probably killed while saving); skipped", checkpoint)
+        log.warning(
+            "%s is incomplete (no trainer_state.json, the run was probably killed while saving); skipped", checkpoint
+        )
     return None
 
 

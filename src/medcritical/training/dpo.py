@@ -32,8 +32,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 
@@ -74,7 +75,11 @@ def read_pairs(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such pairs file (`medcritical rollout` writes pairs.jsonl)")
     pairs = []
     for number, row in enumerate(read_jsonl(path), start=1):
-        bad = [c for c in PAIR_COLUMNS if not (isinstance(row.get(c), list) and row[c] and all("role" in m and "content" in m for m in row[c]))]
+        bad = [
+            c
+            for c in PAIR_COLUMNS
+            if not (isinstance(row.get(c), list) and row[c] and all("role" in m and "content" in m for m in row[c]))
+        ]
         if bad:
             raise ValueError(
                 f"{path}: row {number}: {', '.join(bad)} must be a non-empty list of chat messages "
@@ -92,7 +97,9 @@ def drop_too_long(pairs: list[dict], tokenizer, max_length: int) -> tuple[list[d
     kept = []
     for pair in pairs:
         longest = max(
-            len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True, return_dict=True)["input_ids"])
+            len(
+                tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True, return_dict=True)["input_ids"]
+            )
             for side in ("chosen", "rejected")
         )
         if longest <= max_length:
@@ -147,7 +154,12 @@ def first_epoch_heldout(log_history: list[dict], final: dict | None, epochs_trai
         entry = {**final, "epoch": epochs_trained}
     if entry is None:
         return None
-    return {"epoch": entry.get("epoch"), "step": entry.get("step"), "reward_accuracy": entry[ACCURACY], "margin": entry[MARGIN]}
+    return {
+        "epoch": entry.get("epoch"),
+        "step": entry.get("step"),
+        "reward_accuracy": entry[ACCURACY],
+        "margin": entry[MARGIN],
+    }
 
 
 def build_dpo_trainer(
@@ -194,7 +206,14 @@ def even_eval_batch_size(heldout_pairs: int, batch_size: int, world_size: int = 
 
 
 def dpo_arguments(
-    config: DPOSection, checkpoints_dir, *, device: str, seed: int, deepspeed: Path | None, heldout: bool, eval_on_start: bool = False,
+    config: DPOSection,
+    checkpoints_dir,
+    *,
+    device: str,
+    seed: int,
+    deepspeed: Path | None,
+    heldout: bool,
+    eval_on_start: bool = False,
     heldout_pairs: int | None = None,
 ):
     """TRL DPOConfig. `eval_on_start`: one held-out evaluation before the first step, inside the training
@@ -212,7 +231,10 @@ def dpo_arguments(
     if evaluate_during:
         # Every 1/evaluations of the steps; the margin is the metric transformers' early stopping watches.
         arguments.update(
-            eval_strategy="steps", eval_steps=1 / config.evaluations, metric_for_best_model=MARGIN, greater_is_better=True
+            eval_strategy="steps",
+            eval_steps=1 / config.evaluations,
+            metric_for_best_model=MARGIN,
+            greater_is_better=True,
         )
         if config.restore_best:
             # A checkpoint at every evaluation, and the best held-out margin's one loaded at the end.
@@ -259,13 +281,17 @@ def train_dpo(
         )
     deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
-    check_same_run(output_dir, "dpo", {
-        "settings": config.model_dump(mode="json"),
-        "seed": seed,
-        "pairs_sha256": file_sha256(Path(pairs_path)),
-        "heldout_sha256": file_sha256(Path(heldout_path)) if heldout_path else None,
-        "model": str(model_path),
-    })
+    check_same_run(
+        output_dir,
+        "dpo",
+        {
+            "settings": config.model_dump(mode="json"),
+            "seed": seed,
+            "pairs_sha256": file_sha256(Path(pairs_path)),
+            "heldout_sha256": file_sha256(Path(heldout_path)) if heldout_path else None,
+            "model": str(model_path),
+        },
+    )
     if (output_dir / MANIFEST).is_file() and (output_dir / "dpo_metrics.json").is_file():
         log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
@@ -275,7 +301,13 @@ def train_dpo(
     resume_from = find_resumable_checkpoint(checkpoints) if resume else None
     # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
     args = dpo_arguments(
-        config, checkpoints, device=device, seed=seed, deepspeed=deepspeed, heldout=bool(heldout_pairs), eval_on_start=not resume_from,
+        config,
+        checkpoints,
+        device=device,
+        seed=seed,
+        deepspeed=deepspeed,
+        heldout=bool(heldout_pairs),
+        eval_on_start=not resume_from,
         heldout_pairs=len(heldout_pairs),
     )
     policy = load_model_for_training(model_path, device, dtype)
@@ -285,12 +317,21 @@ def train_dpo(
     # the paper saw, while held-out pairs stop improving: further steps then only overfit).
     early_stopping = (
         [EarlyStoppingCallback(config.early_stopping_patience, EARLY_STOPPING_MIN_DELTA)]
-        if config.early_stopping_patience and args.metric_for_best_model else []
+        if config.early_stopping_patience and args.metric_for_best_model
+        else []
     )
     first_epoch = [FirstEpochHeldout(save=bool(args.load_best_model_at_end))] if heldout_pairs else []
     trainer = build_dpo_trainer(
-        config, policy, tokenizer, train_pairs, heldout_pairs, args, model_path=model_path, device=device,
-        dtype=dtype, callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
+        config,
+        policy,
+        tokenizer,
+        train_pairs,
+        heldout_pairs,
+        args,
+        model_path=model_path,
+        device=device,
+        dtype=dtype,
+        callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
     )
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -302,7 +343,8 @@ def train_dpo(
     if initial and abs(initial[MARGIN]) > REFERENCE_TOLERANCE:
         log.warning(
             "the held-out reward margin before training was %.4f, not ~0: the reference is not the model DPO "
-            "started from (check the model folder and selfplay.dpo.trainer.precompute_ref_log_probs)", initial[MARGIN],
+            "started from (check the model folder and selfplay.dpo.trainer.precompute_ref_log_probs)",
+            initial[MARGIN],
         )
     final = trainer.evaluate() if heldout_pairs else None
 
@@ -329,7 +371,9 @@ def train_dpo(
         "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
         "restored_best": restored_best,
         "heldout": (heldout := _heldout_summary(history, initial, final)),
-        "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch) if heldout_pairs else None,
+        "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch)
+        if heldout_pairs
+        else None,
         "warnings": _warnings(training["loss_curve"], config, heldout and heldout["best_step"], restored_best),
         **training,
     }
@@ -341,8 +385,12 @@ def train_dpo(
         held = metrics["heldout"] or {}
         log.info(
             "DPO done: %d steps, loss %s -> %s; held-out reward accuracy %s, margin %s; model in %s",
-            metrics["steps"], short(metrics["loss_first"]), short(metrics["loss_last"]), short(held.get("reward_accuracy")),
-            short(held.get("margin")), saved.model_dir,
+            metrics["steps"],
+            short(metrics["loss_first"]),
+            short(metrics["loss_last"]),
+            short(held.get("reward_accuracy")),
+            short(held.get("margin")),
+            saved.model_dir,
         )
     trainer.accelerator.wait_for_everyone()
     return metrics
@@ -377,7 +425,9 @@ def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict 
     }
 
 
-def _warnings(curve: list[dict], config: DPOSection, best_step: int | None = None, restored: str | None = None) -> list[str]:
+def _warnings(
+    curve: list[dict], config: DPOSection, best_step: int | None = None, restored: str | None = None
+) -> list[str]:
     warnings = []
     if restored and best_step == 0:
         # Only trained steps have checkpoints: the restore cannot go back to the starting model.
@@ -386,7 +436,11 @@ def _warnings(curve: list[dict], config: DPOSection, best_step: int | None = Non
             "trained checkpoint, not the starting model: lower selfplay.dpo.trainer.learning_rate, or keep the SFT model"
         )
     losses = [p["loss"] for p in curve]
-    if list(config.settings.get("loss_type") or ["sigmoid"]) == ["sigmoid"] and len(losses) > 1 and all(abs(x - math.log(2)) < 1e-3 for x in losses):
+    if (
+        list(config.settings.get("loss_type") or ["sigmoid"]) == ["sigmoid"]
+        and len(losses) > 1
+        and all(abs(x - math.log(2)) < 1e-3 for x in losses)
+    ):
         warnings.append(
             "the loss stayed at ln 2 = 0.6931 throughout: the policy never moved away from the reference "
             "(learning rate too low for this many steps, or the reference is the policy itself)"
@@ -406,14 +460,18 @@ def plot_heldout(metrics: dict, path: Path) -> Path:
             loss_ax.plot(steps, [h["loss"] for h in history], "s-", label="held-out loss")
             heldout_ax.plot(steps, [h["margin"] for h in history], "o-", color="tab:red", label="reward margin")
             accuracy_ax = heldout_ax.twinx()
-            accuracy_ax.plot(steps, [h["reward_accuracy"] for h in history], "s--", color="tab:green", label="reward accuracy")
+            accuracy_ax.plot(
+                steps, [h["reward_accuracy"] for h in history], "s--", color="tab:green", label="reward accuracy"
+            )
             accuracy_ax.set_ylim(0, 1)
             accuracy_ax.set_ylabel("reward accuracy")
             accuracy_ax.legend(loc="lower right")
         if metrics.get("stopped_early"):
             heldout_ax.axvline(metrics["stopped_early"], color="gray", linestyle=":", label="early stop")
         if metrics.get("restored_best"):
-            heldout_ax.axvline(metrics["heldout"]["best_step"], color="tab:red", linestyle="--", linewidth=1, label="best (kept)")
+            heldout_ax.axvline(
+                metrics["heldout"]["best_step"], color="tab:red", linestyle="--", linewidth=1, label="best (kept)"
+            )
         loss_ax.axhline(math.log(2), color="gray", linestyle=":", linewidth=1)
         loss_ax.set_xlabel("step")
         loss_ax.set_ylabel("DPO loss")

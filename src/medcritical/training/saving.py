@@ -22,7 +22,9 @@ MANIFEST = "MANIFEST.sha256"
 
 @dataclass(frozen=True)
 class SavedModel:
-    model_dir: Path  # full weights (merged when LoRA and merge), tokenizer, chat template; or the adapter when not merged
+    model_dir: (
+        Path  # full weights (merged when LoRA and merge), tokenizer, chat template; or the adapter when not merged
+    )
     adapter_dir: Path | None  # the LoRA adapter alone (with the tokenizer), None for full fine-tuning
     merged: bool
 
@@ -114,7 +116,7 @@ def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f:
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     return shapes
 
@@ -128,7 +130,7 @@ def verify_adapter(adapter_dir: str | Path) -> None:
     if not lora or empty:
         raise RuntimeError(
             f"{adapter_dir}: the saved LoRA adapter is {'empty' if not lora else f'missing data in {empty[:3]}'}; "
-            "under ZeRO-3 the DeepSpeed config needs \"stage3_gather_16bit_weights_on_model_save\": true"
+            'under ZeRO-3 the DeepSpeed config needs "stage3_gather_16bit_weights_on_model_save": true'
         )
 
 
@@ -149,7 +151,7 @@ def verify_full_weights(model_dir: str | Path) -> None:
         raise RuntimeError(
             f"{model_dir}: the saved model is incomplete: {len(missing)} weights missing {missing[:3]}, "
             f"{len(wrong)} with the wrong shape {wrong[:3]}; under ZeRO-3 the DeepSpeed config needs "
-            "\"stage3_gather_16bit_weights_on_model_save\": true"
+            '"stage3_gather_16bit_weights_on_model_save": true'
         )
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from medcritical.io.fingerprint import file_sha256
 from medcritical.training.checks import check_tokenizer, conversation_lengths, read_conversations, select_by_length
@@ -88,7 +89,9 @@ def train_sft(
 
     start_distributed(device, deepspeed)
     # The config comes before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned.
-    args = SFTConfig(**trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed))
+    args = SFTConfig(
+        **trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed)
+    )
     model = load_model_for_training(model_path, device, dtype)
     stop_on_token(model, facts.end_of_turn_id)
     throughput = ThroughputCallback()
@@ -128,7 +131,10 @@ def train_sft(
         write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
         log.info(
             "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
-            metrics["steps"], short(metrics["loss_first"]), short(metrics["loss_last"]), short(metrics["tokens_per_second"]),
+            metrics["steps"],
+            short(metrics["loss_first"]),
+            short(metrics["loss_last"]),
+            short(metrics["tokens_per_second"]),
             saved.model_dir,
         )
     trainer.accelerator.wait_for_everyone()

@@ -19,10 +19,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from cases_en import CASES as CASES_EN
-from cases_zh import CASES as CASES_ZH
+from cases_en import CASES as CASES_EN  # noqa: E402 (found through the sys.path line above)
+from cases_zh import CASES as CASES_ZH  # noqa: E402
 
-from medcritical.data.cmexam import load_questions
+from medcritical.data.cmexam import load_questions  # noqa: E402
 
 STATUSES = {"answered", "empty", "ambiguous", "truncated", "invalid"}
 
