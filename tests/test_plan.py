@@ -1,5 +1,6 @@
 """`medcritical plan`: the sizing formulas, and the shipped Jobs and pipeline checked against them."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -217,17 +218,37 @@ def test_an_undersized_trainjob_fails(tmp_path, capsys, monkeypatch):
     assert "TrainJob/medcritical-sft-multinode" in out and "work folder volume 'tmp' needs 359Gi, has 100Gi" in out
 
 
-def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch):
+def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch, tmp_path):
+    """Times are borrowed only from a benchmark of this very recipe (a result written here as
+    benchmarks/pipeline_e2e.py writes it), never from one of another recipe or an older schema."""
+    from medcritical.recipe import dump_recipe
+
     monkeypatch.chdir(REPO)
+    demo_recipe = load_recipe(REPO / "recipes" / "demo.yaml")
+    result = {
+        "status": "ok",
+        "machine": {"cpu": "test", "cpu_cores": 2},
+        "started_at": "now",
+        "raw": {
+            "recipe": dump_recipe(demo_recipe),
+            "kfp_total_s": 123.0,
+            "kfp_tasks": [{"step": "sft", "s": 45.0}, {"step": "round1-rollout", "s": 20.0}],
+        },
+    }
+    (tmp_path / "pipeline_e2e.json").write_text(json.dumps(result))
+    monkeypatch.setattr(plan, "BENCHMARK_RESULTS", tmp_path)
     assert main(["plan", "--recipe", "recipes/demo.yaml", "--no-manifests", "--no-pipeline"]) == 0
     demo = capsys.readouterr().out
-    measured = plan.measured_seconds(load_recipe(REPO / "recipes" / "demo.yaml"))
-    assert measured and measured[0]["sft"] > 0 and "time: measured for this recipe (pipeline_e2e.json" in demo
-    assert f"{measured[0]['run']:.0f} s" in demo
-    # Another recipe (one key changed) gets no borrowed figure.
+    measured = plan.measured_seconds(demo_recipe)
+    assert measured and measured[0]["sft"] == 45.0 and measured[0]["rollout"] == 20.0
+    assert "time: measured for this recipe (pipeline_e2e.json" in demo and "123 s" in demo
+    # Another recipe (one key changed) gets no borrowed figure, nor does a result of an older recipe schema.
     assert (
         plan.measured_seconds(load_recipe(REPO / "recipes" / "demo.yaml", ["sft.trainer.num_train_epochs=1"])) is None
     )
+    result["raw"]["recipe"] = "sft: {optim: {epochs: 1}}"
+    (tmp_path / "pipeline_e2e.json").write_text(json.dumps(result))
+    assert plan.measured_seconds(demo_recipe) is None
     assert main(["plan", "--recipe", "recipes/paper-7b-lora.yaml", "--no-manifests", "--no-pipeline"]) == 0
     assert "time: no estimate" in capsys.readouterr().out
 
