@@ -219,7 +219,7 @@ def build_pipeline(
         def step(component: str, gpus=None, **inputs):
             task = steps[component](recipe=resolved.output, run_root=root, **inputs)
             task.set_display_name(inputs["name"])
-            if component == "distill":
+            if component in ("distill", "rollout"):  # rollout: the teacher-corrected arm (selfplay.corrector)
                 with_endpoint_secret(task, teacher_secret, TEACHER_SECRET_KEYS)
             if component == "evaluate":
                 with_endpoint_secret(task, judge_secret, JUDGE_SECRET_KEYS)

@@ -58,6 +58,8 @@ def test_gpu_steps_get_shm_secret_and_gpu_parameters(tmp_path):
     distill_secrets = executors["exec-distill"]["secretAsEnv"]
     teacher = next(s for s in distill_secrets if "MEDCRITICAL_TEACHER_API_KEY" in json.dumps(s))
     assert teacher["optional"] is True
+    # The teacher-corrected arm (selfplay.corrector: teacher) calls the same teacher from the rollout step.
+    assert "MEDCRITICAL_TEACHER_API_KEY" in json.dumps(executors["exec-rollout"]["secretAsEnv"])
     assert "MEDCRITICAL_JUDGE_API_KEY" in json.dumps(executors["exec-evaluate"]["secretAsEnv"])
     images = {name: e["container"]["image"] for name, e in pipeline_doc["deploymentSpec"]["executors"].items()}
     assert images["exec-sft"] == "reg.example/ml/medcritical-train-cuda:0.1.0"
