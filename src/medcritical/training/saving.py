@@ -116,7 +116,7 @@ def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     return shapes
 
