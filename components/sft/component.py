@@ -22,22 +22,18 @@ def sft(
     Returns the URI of its output folder, `<run_root>/<name>`. With `train_nodes` > 1 the step runs as a
     Kubeflow Trainer TrainJob on that many nodes of `node_gpus` GPUs, which this task creates and awaits.
     """
-    if train_nodes > 1:
-        from medcritical.trainjob import run_component_on_nodes
+    from medcritical.trainjob import run_training_step
 
-        return run_component_on_nodes(
-            "sft",
-            recipe,
-            run_root,
-            name,
-            metrics,
-            nodes=train_nodes,
-            gpus_per_node=node_gpus,
-            image=trainjob_image,
-            s3_secret=s3_secret,
-            distill_uri=distill_uri,
-            model_uri=model_uri,
-        )
-    from medcritical.steps import run_component_step
-
-    return run_component_step("sft", recipe, run_root, name, metrics, distill_uri=distill_uri, model_uri=model_uri)
+    return run_training_step(
+        "sft",
+        recipe,
+        run_root,
+        name,
+        metrics,
+        nodes=train_nodes,
+        gpus_per_node=node_gpus,
+        image=trainjob_image,
+        s3_secret=s3_secret,
+        distill_uri=distill_uri,
+        model_uri=model_uri,
+    )

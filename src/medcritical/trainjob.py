@@ -242,3 +242,35 @@ def run_component_on_nodes(
     for key, value in numeric_metrics(result).items():
         metrics.log_metric(key, value)
     return output_uri
+
+
+def run_training_step(
+    step: str,
+    recipe: str,
+    run_root: str,
+    name: str,
+    metrics,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    image: str,
+    s3_secret: str,
+    **inputs,
+) -> str:
+    """A training component's work (sft, dpo): on this pod's GPUs, or as a TrainJob of `nodes` nodes."""
+    if nodes > 1:
+        return run_component_on_nodes(
+            step,
+            recipe,
+            run_root,
+            name,
+            metrics,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            image=image,
+            s3_secret=s3_secret,
+            **inputs,
+        )
+    from medcritical.steps import run_component_step
+
+    return run_component_step(step, recipe, run_root, name, metrics, **inputs)
