@@ -7,6 +7,7 @@ from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, distill
 from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts
 from medcritical.grader import grade_answer
+from medcritical.io.fingerprint import model_fingerprint
 from tests.test_distill import read_jsonl
 
 
@@ -49,7 +50,11 @@ def test_tiny_model_teacher_bookkeeping(tiny_model, bundled, tmp_path):
         == stats["trace_attempts"]
     )
     assert stats["tokens"]["completion"] == sum(e["reply"]["completion_tokens"] for e in events) > 0
-    assert stats["teacher"] == {"backend": "transformers", "model": tiny_model.name}
+    assert stats["teacher"] == {
+        "backend": "transformers",
+        "model": tiny_model.name,
+        "weights": model_fingerprint(tiny_model),
+    }
     for row in read_jsonl(tmp_path / SFT_FILE):  # whatever the random model got right truly is right
         question = next(q for q in questions if q.id == row["id"])
         assert grade_answer(row["messages"][-1]["content"], question.answer, question.options).correct
@@ -71,3 +76,21 @@ def test_vllm_backend_without_vllm_says_how_to_fix(tiny_model):
     config = DistillConfig(backend="vllm", teacher_model=str(tiny_model))
     with pytest.raises(RuntimeError, match="vLLM is not installed"):
         build_teacher(config, DistillPrompts.load("zh"), device="cpu")
+
+
+def test_a_retrained_teacher_in_the_same_folder_does_not_resume_old_replies(bundled, tiny_model, tmp_path):
+    import shutil
+
+    from medcritical.distill.config import DistillConfig
+    from medcritical.distill.run import distill
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model, teacher)
+    config = DistillConfig(
+        backend="transformers", teacher_model=str(teacher), attempts=1, max_new_tokens=8, template_max_new_tokens=8
+    )
+    distill(config, bundled[:2], tmp_path / "out", device="cpu")
+    weights = next(teacher.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")  # "retrained": other weights, same folder
+    with pytest.raises(ValueError, match="weights"):
+        distill(config, bundled[:2], tmp_path / "out", device="cpu")

@@ -71,6 +71,8 @@ def distill(
     setup = {
         "teacher": teacher.description.get("backend"),
         "model": teacher.description.get("model"),
+        "weights": teacher.description.get("weights"),  # local teachers: a hash of the weights
+        "sampling": {"temperature": config.temperature, "top_p": config.top_p},
         "language": config.language,
         "prompts": prompts.versions,
         "show_gold_answer": config.show_gold_answer,

@@ -23,6 +23,7 @@ from medcritical.data.cmexam import Question
 from medcritical.distill.config import DistillConfig
 from medcritical.distill.traces import TEMPLATE, DistillPrompts
 from medcritical.grader import THINK_END
+from medcritical.io.fingerprint import model_fingerprint
 from medcritical.llm_client import ChatClient, ChatReply, safe_url
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
         gpu_memory_utilization=config.local.gpu_memory_utilization,
     )
     generator = load_generator(path, generation, device=device, dtype=config.local.dtype)
-    return LocalModelTeacher(
+    teacher = LocalModelTeacher(
         generator,
         name=config.teacher_model if config.teacher_model == "tiny" else Path(config.teacher_model).name,
         backend=config.backend,
@@ -186,6 +187,9 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
         top_p=config.top_p,
         batch_size=config.local.batch_size,
     )
+    # The weights, not the folder name: a retrained teacher in the same folder must not resume old replies.
+    teacher.description["weights"] = model_fingerprint(path)
+    return teacher
 
 
 @contextlib.contextmanager
