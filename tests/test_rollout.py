@@ -5,6 +5,7 @@ import json
 import pytest
 
 from medcritical.grader import grade_answer
+from medcritical.io.fingerprint import model_fingerprint
 from medcritical.io.jsonl import read_jsonl
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlayConfig
@@ -180,7 +181,12 @@ def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(
         config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=distill
     )
 
-    assert stats["corrector"] == {"corrector": "teacher", "backend": "transformers", "model": format_model.name}
+    assert stats["corrector"] == {
+        "corrector": "teacher",
+        "backend": "transformers",
+        "model": format_model.name,
+        "weights": model_fingerprint(format_model),  # part of the rollout's resume fingerprint
+    }
     records = read_jsonl(tmp_path / "corrections.jsonl")
     assert records and {r["corrector"] for r in records} == {"teacher"}
     phases, teacher = _cost_of(stats)
