@@ -23,6 +23,7 @@ from pathlib import Path
 
 from medcritical import storage
 from medcritical.io.lock import output_lock
+from medcritical.io.ranks import is_main_process
 from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,6 @@ def work_dir() -> Path:
     return Path(os.environ.get("MEDCRITICAL_WORKDIR", Path.home() / ".cache" / "medcritical" / "work"))
 
 
-def _is_main_process() -> bool:
-    # Under torchrun every rank runs the step; only rank 0 publishes.
-    return os.environ.get("RANK", "0") == "0"
-
-
 @contextlib.contextmanager
 def _work_lock() -> Iterator[None]:
     """Serialize downloads into the shared work dir: under torchrun all ranks ask at once."""
@@ -75,7 +71,7 @@ def local_output(output_uri: str) -> Iterator[Path]:
     path = local_output_path(output_uri)
     path.mkdir(parents=True, exist_ok=True)
     yield path
-    if storage.is_s3(output_uri) and _is_main_process():
+    if storage.is_s3(output_uri) and is_main_process():
         # Training checkpoints only serve a resume inside this step: the finished step's folder is
         # what later steps download, and a 7B full fine-tune's checkpoints are hundreds of GB.
         storage.upload(path, output_uri, exclude_dirs=(CHECKPOINTS,))
@@ -158,7 +154,7 @@ def step(fn):
         output_uri = bound.arguments["output_uri"]
         if "model_uri" in signature.parameters:
             check_model_uri(bound.arguments.get("model_uri") or bound.arguments["recipe"].model.base)
-        if not _is_main_process():  # torchrun: rank 0 holds the lock and publishes
+        if not is_main_process():  # torchrun: rank 0 holds the lock and publishes
             return fn(*args, **kwargs)
         with output_lock(local_output_path(output_uri), fn.__name__):
             if storage.is_s3(output_uri):
@@ -262,7 +258,7 @@ def dpo(recipe: Recipe, rollout_uri: str, model_uri: str, output_uri: str, heldo
         )
         if result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(model_uri or recipe.model.base, encoding="utf-8")
-        elif recipe.evaluate.train_pass_questions != 0 and _is_main_process():
+        elif recipe.evaluate.train_pass_questions != 0 and is_main_process():
             result["train_pass"] = _train_pass(recipe, pairs.parent, out)
         return result
 

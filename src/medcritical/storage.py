@@ -54,6 +54,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from medcritical.errors import UserError
+from medcritical.io.fingerprint import file_sha256 as sha256_file  # one sha256 for the project
 from medcritical.io.lock import LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -334,14 +335,6 @@ def _explain(exc: BaseException, uri: str, settings: S3Settings) -> StorageError
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: hashing, progress, parallel map
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _human(n: float) -> str:

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
 
 def _sft(args) -> None:
     from medcritical import steps
-    from medcritical.training.common import is_main_process
+    from medcritical.io.ranks import is_main_process
 
     metrics = steps.sft(
         recipe_from_args(args), distill_uri=args.dataset, model_uri=args.model or "", output_uri=args.output

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from medcritical.io.ranks import is_main_process
 from medcritical.modeling.generation import resolve_device, resolve_dtype
 from medcritical.training.config import LoraSection
 
@@ -90,15 +91,6 @@ def start_distributed(device: str, deepspeed: Path | None) -> None:
     import deepspeed as ds
 
     ds.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the whole job (before a trainer exists; afterwards use trainer.is_world_process_zero())."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def trainer_arguments(
