@@ -1,5 +1,5 @@
 """End-to-end demo on CPU: `medcritical run` (KFP's local runner, one subprocess per step) against the same steps
-called directly in one process (`medcritical.steps`, same recipe, same order as pipelines/medcritical_pipeline.py).
+called directly in one process (`medcritical.runner.run_stage`, same recipe, same order as pipelines/medcritical_pipeline.py).
 
     python -m benchmarks.pipeline_e2e                         # recipes/demo.yaml, both ways (~2 x the demo's time)
     python -m benchmarks.pipeline_e2e --set selfplay.rounds=2  # recipe overrides, applied to both runs
@@ -40,35 +40,41 @@ STEP_LINE = re.compile(r"\bstep (\S+) -> ")  # each step logs "step <display nam
 
 
 def direct_plan(recipe, recipe_yaml: str) -> list[tuple[str, Callable[[], object]]]:
-    """The pipeline's steps in the pipeline's order, as plain calls of medcritical.steps."""
-    from medcritical import steps
-    from medcritical.steps import DATA, DISTILL, EVAL_BASE, EVAL_SFT, REPORT, SFT, eval_final_name, join_uri, round_name
+    """The pipeline's stages in the pipeline's order and folders, run by the runner in this process."""
+    from medcritical.kfp_runtime import resolve_recipe_text
+    from medcritical.runner import STAGES, run_stage
+    from medcritical.staging import eval_folder, final_model_label, join_uri, stage_folder
 
     root, rounds = recipe.run.root, recipe.selfplay.rounds
+    stage = STAGES
 
     def uri(name: str) -> str:
         return join_uri(root, name)
 
+    def run(name: str, folder: str, **given):
+        return lambda: run_stage(stage[name], recipe, uri(folder), **given)
+
+    data, distill, sft = (stage_folder(stage[name]) for name in ("prepare_data", "distill", "sft"))
+    base_eval, sft_eval, final = eval_folder("base"), eval_folder("sft"), eval_folder(final_model_label(rounds))
     plan = [
-        ("configure", lambda: steps.resolve_recipe_text(recipe_yaml, rounds, [], "", "", "")),
-        (DATA, lambda: steps.prepare_data(recipe, uri(DATA))),
-        (EVAL_BASE, lambda: steps.evaluate(recipe, uri(DATA), "", uri(EVAL_BASE), label="base")),
-        (DISTILL, lambda: steps.distill(recipe, uri(DATA), uri(DISTILL))),
-        (SFT, lambda: steps.sft(recipe, uri(DISTILL), "", uri(SFT))),
-        (EVAL_SFT, lambda: steps.evaluate(recipe, uri(DATA), uri(SFT), uri(EVAL_SFT), label="sft")),
+        ("configure", lambda: resolve_recipe_text(recipe_yaml, rounds, [], "", "", "")),
+        (data, run("prepare_data", data)),
+        (base_eval, run("evaluate", base_eval, data=uri(data), label="base")),
+        (distill, run("distill", distill, data=uri(data))),
+        (sft, run("sft", sft, distill=uri(distill))),
+        (sft_eval, run("evaluate", sft_eval, data=uri(data), model=uri(sft), label="sft")),
     ]
-    model = uri(SFT)
+    model = uri(sft)
     for r in range(1, rounds + 1):
-        rollout, dpo = round_name(r, "rollout"), round_name(r, "dpo")
+        rollout, dpo = stage_folder(stage["rollout"], r), stage_folder(stage["dpo"], r)
         plan += [
-            (rollout, lambda m=model, o=rollout: steps.rollout(recipe, uri(DATA), m, uri(o))),
-            (dpo, lambda m=model, i=rollout, o=dpo: steps.dpo(recipe, uri(i), m, uri(o))),
+            (rollout, run("rollout", rollout, data=uri(data), model=model)),
+            (dpo, run("dpo", dpo, rollout=uri(rollout), model=model)),
         ]
         model = uri(dpo)
-    final = eval_final_name(rounds)
     plan += [
-        (final, lambda: steps.evaluate(recipe, uri(DATA), model, uri(final), label=f"dpo (round {rounds})")),
-        (REPORT, lambda: steps.report(recipe, uri(REPORT), uri(EVAL_BASE), uri(EVAL_SFT), uri(final))),
+        (final, run("evaluate", final, data=uri(data), model=model, label=f"dpo (round {rounds})")),
+        ("report", run("report", "report", base_eval=uri(base_eval), sft_eval=uri(sft_eval), dpo_eval=uri(final))),
     ]
     return plan
 

@@ -27,11 +27,15 @@ FOUNDATION = {
     "storage",
     "llm_client",
     "plotting",
+    "stats",
+    "stage",
 }
 # Above every stage: what runs the stages and reads across them; no stage or building block imports these.
 ORCHESTRATION = {
     "recipe",
-    "steps",
+    "staging",
+    "runner",
+    "kfp_runtime",
     "rounds",
     "report",
     "arms",

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from medcritical.modeling.config import GenerationConfig
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlayConfig
-from medcritical.selfplay.step import run_rollout
+from medcritical.selfplay.run import run_rollout
 from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
 from medcritical.training.saving import verify_manifest

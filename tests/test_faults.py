@@ -285,7 +285,7 @@ def test_sft_killed_after_a_checkpoint_resumes(tmp_path, tiny_model, data_dir):
 
 @pytest.mark.parametrize("fault", ["wrong credentials", "missing bucket"])
 def test_s3_output_fault_stops_a_step_before_any_work(s3_env, monkeypatch, tmp_path, fault, capsys):
-    from medcritical import steps
+    from medcritical import runner
     from medcritical.cli import main
 
     bucket = s3_env
@@ -298,8 +298,7 @@ def test_s3_output_fault_stops_a_step_before_any_work(s3_env, monkeypatch, tmp_p
     def work(*args, **kwargs):
         raise AssertionError("the step started its work before the S3 output was checked")
 
-    monkeypatch.setattr(steps, "_questions", work)
-    monkeypatch.setattr(steps, "resolve_model_uri", work)
+    monkeypatch.setattr(runner, "local_inputs", work)
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
     started = time.monotonic()
     code = main(["evaluate", "--model", "tiny", "--dataset", "x.jsonl", "--output", f"s3://{bucket}/run/eval"])

@@ -9,7 +9,7 @@ from medcritical.grader import grade_answer
 from medcritical.prompts import mcq_messages
 from medcritical.selfplay.config import PairsSection, SelfPlayConfig
 from medcritical.selfplay.pairs import build_preference_pairs
-from medcritical.selfplay.step import make_pairs
+from medcritical.selfplay.run import make_pairs
 
 
 def sample(question, n, text, tokens=10):

@@ -146,7 +146,7 @@ def test_guessing_acceptance_matches_the_binomial_rule(bundled):
 
 def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, tmp_path):
     from medcritical.modeling.config import GenerationConfig
-    from medcritical.selfplay.step import run_rollout
+    from medcritical.selfplay.run import run_rollout
 
     config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1))
     stats = run_rollout(config, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
@@ -167,7 +167,7 @@ def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(
     the corrections are the teacher's, counted as teacher tokens; the rewrite is still the student's."""
     from medcritical.distill.config import DistillConfig
     from medcritical.modeling.config import GenerationConfig
-    from medcritical.selfplay.step import run_rollout
+    from medcritical.selfplay.run import run_rollout
 
     distill = DistillConfig(
         backend="transformers",
@@ -221,7 +221,7 @@ def test_explanations_teacher_corrects_with_the_expert_explanation(generator, se
     """The demo's offline teacher: every vote is the expert explanation and gold answer, so every wrong
     trajectory with an explanation gets a stable correction; the rewrite decides acceptance."""
     from medcritical.distill.config import DistillConfig
-    from medcritical.selfplay.step import build_corrector
+    from medcritical.selfplay.run import build_corrector
 
     questions = selfplay_questions[:8]
     records = rollout_questions(generator, questions, ROLLOUT, tmp_path / "rollouts.jsonl", seed=3)

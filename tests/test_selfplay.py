@@ -160,18 +160,19 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
     summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
     first, second = summary["rounds"]
     assert first["model_in"] == str(format_model)
-    assert second["model_in"] == str(tmp_path / "sp" / "round_1" / "dpo" / "model")
-    assert summary["final_model"] == str(tmp_path / "sp" / "round_2" / "dpo" / "model") and summary["stopped"] is None
+    assert second["model_in"] == str(tmp_path / "sp" / "round1-dpo")  # the pipeline's folder names
+    assert summary["final_model"] == str(tmp_path / "sp" / "round2-dpo") and summary["stopped"] is None
     for row in (first, second):
         assert row["dpo"] == "trained" and row["train_pairs"] > 0 and 0 <= row["heldout_reward_accuracy"] <= 1
         assert 0 <= row["eval_accuracy_in"] <= 1  # CMExam accuracy of the model the round started from
-    report = json.loads((tmp_path / "sp" / "round_1" / "eval" / "report.json").read_text())
+    report = json.loads((tmp_path / "sp" / "round1-eval" / "report.json").read_text())
     assert report["n"] == 10 and report["accuracy"] == first["eval_accuracy_in"]
     assert summary["final_eval"]["n"] == 10
+    assert json.loads((tmp_path / "sp" / "eval-dpo-round2" / "report.json").read_text())["n"] == 10
     assert (tmp_path / "sp" / "selfplay.png").is_file()
 
     # Two epochs: a held-out evaluation was forced where the first one ended, before the last step.
-    dpo = json.loads((tmp_path / "sp" / "round_1" / "dpo" / "dpo_metrics.json").read_text())
+    dpo = json.loads((tmp_path / "sp" / "round1-dpo" / "dpo_metrics.json").read_text())
     first = dpo["heldout_after_first_epoch"]
     assert first["epoch"] == pytest.approx(1.0) and 0 < first["step"] < dpo["steps"]
     assert first["step"] in [h["step"] for h in dpo["heldout"]["history"]]
@@ -187,7 +188,7 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
         == 0
     )
     table = (tmp_path / "arms.md").read_text()
-    rollout = json.loads((tmp_path / "sp" / "round_1" / "rollout" / "rollout_stats.json").read_text())
+    rollout = json.loads((tmp_path / "sp" / "round1-rollout" / "rollout_stats.json").read_text())
     assert table in capsys.readouterr().out
     assert f"| corrections accepted / wrong trajectories | {rollout['correction']['corrected']} / " in table
     assert f"{100 * report['accuracy']:.1f}% (n=10)" in table and "exact McNemar p=1)" in table

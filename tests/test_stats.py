@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medcritical.cli import main
-from medcritical.evaluation.stats import mcnemar_exact, paired_bootstrap, paired_comparison, paired_table
+from medcritical.stats import mcnemar_exact, paired_bootstrap, paired_comparison, paired_table
 
 
 def test_mcnemar_exact_known_values():

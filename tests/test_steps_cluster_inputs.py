@@ -5,8 +5,12 @@ import json
 
 import pytest
 
-from medcritical import steps, storage
+from medcritical import kfp_runtime, storage
+from medcritical.data.stage import PREPARE_DATA
+from medcritical.distill.stage import DISTILL
 from medcritical.recipe import RecipeError, load_recipe
+from medcritical.runner import local_inputs, run_stage
+from medcritical.selfplay.stage import DPO
 
 PAIR = {
     "prompt": [{"role": "user", "content": "问"}],
@@ -25,8 +29,9 @@ def test_dpo_fetches_the_heldout_pairs_beside_a_pairs_file_uri(s3_env, tmp_path,
         storage.upload(rollout / name, f"s3://{s3_env}/run/round1-rollout/{name}")
     uri = f"s3://{s3_env}/run/round1-rollout/pairs.jsonl"  # what the DPO Job passes
 
-    pairs = steps.input_file(uri, "pairs.jsonl")
-    heldout = steps.heldout_beside(uri, pairs)
+    inputs = local_inputs(DPO, load_recipe(None, []), {"rollout": uri})
+    heldout = inputs["heldout"]
+    assert inputs["rollout"].name == "pairs.jsonl"
     assert heldout.is_file() and heldout.read_text(encoding="utf-8") == (rollout / "pairs_heldout.jsonl").read_text()
 
 
@@ -35,9 +40,8 @@ def test_missing_heldout_pairs_are_logged_not_fatal(s3_env, tmp_path, monkeypatc
     (tmp_path / "pairs.jsonl").write_text(json.dumps(PAIR) + "\n")
     storage.upload(tmp_path / "pairs.jsonl", f"s3://{s3_env}/r/pairs.jsonl")
     uri = f"s3://{s3_env}/r/pairs.jsonl"
-    heldout = steps.heldout_beside(uri, steps.input_file(uri, "pairs.jsonl"))
-    assert not heldout.is_file()
-    assert "no held-out pairs" in caplog.text
+    assert local_inputs(DPO, load_recipe(None, []), {"rollout": uri})["heldout"] is None
+    assert "no heldout input" in caplog.text
 
 
 def test_a_teacher_in_s3_is_downloaded_into_the_work_folder(s3_env, tiny_model, tmp_path, monkeypatch):
@@ -58,8 +62,8 @@ def test_a_teacher_in_s3_is_downloaded_into_the_work_folder(s3_env, tiny_model, 
             "data.eval_size=2",
         ],
     )
-    steps.prepare_data(recipe, str(tmp_path / "data"))
-    result = steps.distill(recipe, str(tmp_path / "data"), str(tmp_path / "distill"))
+    run_stage(PREPARE_DATA, recipe, str(tmp_path / "data"))
+    result = run_stage(DISTILL, recipe, str(tmp_path / "distill"), data=str(tmp_path / "data"))
     assert result  # ran the real teacher
     assert any((tmp_path / "work" / "in").rglob("config.json")), "the teacher was not downloaded into the work folder"
 
@@ -68,9 +72,11 @@ def test_several_gpus_keep_the_recipes_global_batch():
     recipe = load_recipe(
         None, ["sft.trainer.per_device_train_batch_size=1", "sft.trainer.gradient_accumulation_steps=16"]
     )
-    eight = steps.keep_global_batch("sft", recipe, 8)
+    eight = kfp_runtime.keep_global_batch("sft", recipe, 8)
     assert eight.sft.settings["gradient_accumulation_steps"] == 2
-    dpo = steps.keep_global_batch("dpo", load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4)
+    dpo = kfp_runtime.keep_global_batch(
+        "dpo", load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4
+    )
     assert dpo.selfplay.dpo.settings["gradient_accumulation_steps"] == 4
     with pytest.raises(RecipeError, match="not a multiple of the 3 GPUs"):
-        steps.keep_global_batch("sft", recipe, 3)
+        kfp_runtime.keep_global_batch("sft", recipe, 3)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from medcritical.evaluation.stats import mcnemar_exact
-from medcritical.evaluation.train_pass import before_after, bootstrap_mean_interval, train_pass, train_pass_line
 from medcritical.modeling.config import GenerationConfig
 from medcritical.selfplay.config import RolloutSection
+from medcritical.selfplay.train_pass import before_after, bootstrap_mean_interval, train_pass, train_pass_line
+from medcritical.stats import mcnemar_exact
 
 
 def records(outcomes):
@@ -64,12 +64,15 @@ def test_train_pass_reuses_the_rollout_on_the_same_questions(tmp_path, tiny_mode
 
 
 def test_dpo_step_glue_finds_the_rollout_the_questions_and_the_model(tmp_path, tiny_model, bundled):
-    """steps._train_pass: rollouts beside the pairs, questions from the run's data step, the DPO folder's model."""
+    """The DPO stage's pass@1 after DPO: rollouts beside the pairs, questions from the run's data stage, the
+    DPO folder's model; the report reads it per round."""
     import shutil
 
-    from medcritical import steps
     from medcritical.data.cmexam import write_questions
     from medcritical.recipe import load_recipe
+    from medcritical.report import REPORT
+    from medcritical.runner import run_stage
+    from medcritical.selfplay.stage import measure_train_pass
 
     root = tmp_path / "run"
     write_questions(bundled[:5], root / "data" / "train.jsonl")
@@ -92,11 +95,11 @@ def test_dpo_step_glue_finds_the_rollout_the_questions_and_the_model(tmp_path, t
             "selfplay.rollout.max_new_tokens=4",
         ]
     )
-    stats = steps._train_pass(recipe, rollout_dir, dpo_dir)
+    stats = measure_train_pass(
+        recipe, rollout_dir / "rollouts.jsonl", root / "data" / "train.jsonl", dpo_dir / "model", dpo_dir
+    )
     assert stats["questions"] == 2 and stats["pass@1_before"] == 0.0
     assert (dpo_dir / "train_pass.json").is_file()
     # The report reads it per round.
-    report = steps.report(
-        recipe, str(root / "report"), str(root / "eval-base"), str(root / "eval-sft"), str(root / "eval-dpo-round1")
-    )
+    report = run_stage(REPORT, recipe, str(root / "report"))
     assert "round 1 training questions' pass@1 before → after DPO: 0.0% →" in report["markdown"]

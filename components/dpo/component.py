@@ -1,4 +1,4 @@
-"""KFP component `dpo`: a thin shell over `medcritical.steps.dpo` (the library does the work)."""
+"""KFP component `dpo`: a thin shell over `medcritical.runner.run_stage` (stage `dpo`) (the library does the work)."""
 
 from kfp import dsl
 

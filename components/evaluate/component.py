@@ -1,4 +1,4 @@
-"""KFP component `evaluate`: a thin shell over `medcritical.steps.evaluate` (the library does the work)."""
+"""KFP component `evaluate`: a thin shell over `medcritical.runner.run_stage` (stage `evaluate`) (the library does the work)."""
 
 from kfp import dsl
 
@@ -12,7 +12,7 @@ def evaluate(
 
     Returns the URI of its output folder, `<run_root>/<name>`.
     """
-    from medcritical.steps import run_component_step
+    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step(
         "evaluate", recipe, run_root, name, metrics, data_uri=data_uri, model_uri=model_uri, label=label

@@ -1,4 +1,4 @@
-"""KFP component `rollout`: a thin shell over `medcritical.steps.rollout` (the library does the work)."""
+"""KFP component `rollout`: a thin shell over `medcritical.runner.run_stage` (stage `rollout`) (the library does the work)."""
 
 from kfp import dsl
 
@@ -12,6 +12,6 @@ def rollout(
 
     Returns the URI of its output folder, `<run_root>/<name>`.
     """
-    from medcritical.steps import run_component_step
+    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step("rollout", recipe, run_root, name, metrics, data_uri=data_uri, model_uri=model_uri)

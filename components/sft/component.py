@@ -1,4 +1,4 @@
-"""KFP component `sft`: a thin shell over `medcritical.steps.sft` (the library does the work)."""
+"""KFP component `sft`: a thin shell over `medcritical.runner.run_stage` (stage `sft`) (the library does the work)."""
 
 from kfp import dsl
 

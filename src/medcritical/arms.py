@@ -2,7 +2,7 @@
 
 An arm is a finished run folder, in either layout:
 - `medcritical run` (the pipeline): eval-sft/, round<r>-rollout/, round<r>-dpo/, eval-dpo-round<R>/
-- `medcritical selfplay`: round_<r>/{rollout,dpo,eval}/, final_eval/
+- `medcritical selfplay`: round<r>-eval/, round<r>-rollout/, round<r>-dpo/, eval-dpo-round<R>/
 
 `arm_table` reads their step statistics (never recomputes them) and writes one Markdown table:
 CMExam accuracy before and after stage 2 with the per-question movement (exact McNemar test),
@@ -42,17 +42,16 @@ def load_arm(run_dir: str | Path) -> dict:
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such run folder (give the run's output folder, e.g. runs/demo-arm-self)")
-    if rounds := _round_numbers(root, r"round(\d+)-rollout"):
-        before, after = root / "eval-sft", root / f"eval-dpo-round{rounds[-1]}"
-        steps = [(root / f"round{r}-rollout", root / f"round{r}-dpo") for r in rounds]
-    elif rounds := _round_numbers(root, r"round_(\d+)"):
-        before, after = root / "round_1" / "eval", root / "final_eval"
-        steps = [(root / f"round_{r}" / "rollout", root / f"round_{r}" / "dpo") for r in rounds]
-    else:
+    rounds = _round_numbers(root, r"round(\d+)-rollout")
+    if not rounds:
         raise FileNotFoundError(
-            f"{root}: no round folders (round1-rollout/ or round_1/); is this the output of `medcritical run` or "
+            f"{root}: no round folders (round1-rollout/); is this the output of `medcritical run` or "
             "`medcritical selfplay`?"
         )
+    # The model stage 2 starts from: the pipeline's SFT evaluation, or the round loop's first evaluation.
+    before = next((p for p in (root / "eval-sft", root / "round1-eval") if p.is_dir()), root / "eval-sft")
+    after = root / f"eval-dpo-round{rounds[-1]}"
+    steps = [(root / f"round{r}-rollout", root / f"round{r}-dpo") for r in rounds]
     return {
         "run": str(root),
         "before": _read(before / "report.json"),

@@ -17,7 +17,8 @@ import yaml
 
 from medcritical import storage
 from medcritical.recipe import Recipe
-from medcritical.steps import REPORT, join_uri
+from medcritical.report import REPORT
+from medcritical.staging import join_uri
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def run_locally(recipe: Recipe) -> Path:
             log.error("the pipeline failed; the end of %s:\n%s", log_path, "\n".join(tail))
             raise
     log.info("pipeline finished in %.0f s", time.perf_counter() - started)
-    report_uri = join_uri(root, REPORT)
+    report_uri = join_uri(root, REPORT.folder)
     if storage.is_s3(report_uri):
         return storage.materialize(report_uri, Path(tempfile.mkdtemp(prefix="report-")))
     return Path(report_uri)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medcritical.evaluation.report import percent
-from medcritical.evaluation.stats import paired_markdown, paired_table
-from medcritical.evaluation.train_pass import train_pass_line
+from medcritical.data.stage import PREPARE_DATA
+from medcritical.distill.stage import DISTILL
+from medcritical.evaluation.compare import correct_by_id
+from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, percent
 from medcritical.recipe import Recipe, dump_recipe
+from medcritical.selfplay.stage import DPO, ROLLOUT
+from medcritical.selfplay.train_pass import TRAIN_PASS_STATS, train_pass_line
+from medcritical.stage import Input, Stage
+from medcritical.staging import read_stats
+from medcritical.stats import paired_markdown, paired_table
+from medcritical.training.stage import SFT
 
 PLOT = "models.png"
 
@@ -171,7 +178,7 @@ def write_run_report(
     lines += ["", f"![accuracy by model]({PLOT})", ""]
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.md").write_text(markdown, encoding="utf-8")
+    (output_dir / REPORT_MD).write_text(markdown, encoding="utf-8")
     (output_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     summary = {
         "protocol": protocol,
@@ -180,10 +187,57 @@ def write_run_report(
         "paired": paired,
         "steps": stats,
     }
-    (output_dir / "report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    (output_dir / REPORT_JSON).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     plot_models(evaluations, output_dir / PLOT)
     return {
         "protocol": protocol,
         **{f"accuracy_{name}": report["accuracy"] for name, report in evaluations.items() if report},
         "markdown": markdown,
     }
+
+
+def read_run_statistics(recipe: Recipe) -> dict:
+    """Every stage's statistics under the run root, read through the stages' declarations."""
+    root = recipe.run.root
+    return {
+        "data": read_stats(root, PREPARE_DATA),
+        "distill": read_stats(root, DISTILL),
+        "sft": read_stats(root, SFT),
+        "rounds": [
+            {
+                "rollout": read_stats(root, ROLLOUT, number),
+                "dpo": read_stats(root, DPO, number),
+                "train_pass": read_stats(root, DPO, number, TRAIN_PASS_STATS),
+            }
+            for number in range(1, recipe.selfplay.rounds + 1)
+        ],
+    }
+
+
+def _run(
+    recipe: Recipe, output_dir: Path, *, base_eval: Path | None, sft_eval: Path | None, dpo_eval: Path | None
+) -> dict:
+    reports = {"base": base_eval, "sft": sft_eval, "dpo": dpo_eval}
+    evaluations = {
+        name: json.loads(path.read_text(encoding="utf-8")) if path else None for name, path in reports.items()
+    }
+    correct = {
+        name: correct_by_id(path.with_name(GRADED_JSONL))
+        for name, path in reports.items()
+        if path and path.with_name(GRADED_JSONL).is_file()
+    }
+    return write_run_report(recipe, evaluations, read_run_statistics(recipe), output_dir, correct_by_model=correct)
+
+
+# The evaluations of the base, SFT and final models; the other stages' statistics come from the run root.
+REPORT = Stage(
+    name="report",
+    folder="report",
+    section="run",
+    run=_run,
+    inputs={f"{model}_eval": Input(REPORT_JSON, optional=True) for model in ("base", "sft", "dpo")},
+    outputs=(REPORT_MD, REPORT_JSON, "recipe.yaml", PLOT),
+    stats=REPORT_JSON,
+    fingerprint=None,  # rebuilt from the stages' outputs every run
+    produces="metrics",
+)

@@ -1,14 +1,15 @@
-"""R rounds of self-play: rollout → self-correction → pairs → DPO, each from the previous round's model.
+"""R rounds of self-play in one process: the runner called R times, as the pipeline does.
 
-Layout under `output_dir`:
-    round_1/rollout/   rollouts, corrections, pairs (see selfplay.step)
-    round_1/dpo/       checkpoints, model/, dpo_metrics.json (see training.dpo)
-    round_1/eval/      CMExam report of the model that round 1 starts from (with eval questions)
+Each round runs the rollout stage (rollout → self-correction → pairs) and the DPO stage, from the
+previous round's model, into the pipeline's folders under `output_dir`:
+    round1-eval/       CMExam report of the model that round 1 starts from (with evaluation questions)
+    round1-rollout/    rollouts, corrections, pairs (selfplay/run.py)
+    round1-dpo/        model/, dpo_metrics.json, train_pass.json (training/dpo.py)
     ...
-    final_eval/        CMExam report of the final model
+    eval-dpo-round<R>/ CMExam report of the final model
     selfplay_stats.json, selfplay.png   per-round statistics
 
-Each step resumes on its own, so rerunning the command picks up where it stopped. A round that makes
+Each stage resumes on its own, so rerunning the command picks up where it stopped. A round that makes
 no training pair ends the loop: the model cannot improve on its own answers any further.
 """
 
@@ -17,110 +18,66 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from medcritical.data.cmexam import Question
+import torch
+from matplotlib.ticker import MaxNLocator
+
+from medcritical.evaluation.stage import EVALUATE
+from medcritical.plotting import figure
 from medcritical.recipe import Recipe
+from medcritical.runner import run_stage
+from medcritical.selfplay.stage import DPO, ROLLOUT
+from medcritical.stage import Stage
+from medcritical.staging import eval_folder, final_model_label, join_uri, stage_uri
 
 log = logging.getLogger(__name__)
 
 STATS, PLOT = "selfplay_stats.json", "selfplay.png"
 
 
-def _generate(
-    recipe: Recipe, questions, eval_questions, model_path, round_dir: Path | None, eval_dir: Path | None, seed: int
-):
-    """Everything one model generates in a round: its CMExam evaluation and the rollout, sharing one load."""
-    from medcritical.modeling.generation import load_generator
-
-    generator = load_generator(model_path, recipe.generation, device=recipe.run.device, dtype=recipe.model.dtype)
-    result = {}
-    if eval_questions and eval_dir is not None:
-        from medcritical.evaluation.evaluate import evaluate_model
-
-        report = evaluate_model(
-            recipe.evaluate,
-            recipe.generation,
-            eval_questions,
-            model_path,
-            eval_dir,
-            device=recipe.run.device,
-            dtype=recipe.model.dtype,
-            label=eval_dir.parent.name,
-            generator=generator,
-        )
-        result["eval"] = {k: report[k] for k in ("protocol", "accuracy", "correct", "n") if k in report}
-    if round_dir is not None:
-        from medcritical.selfplay.step import run_rollout
-
-        result["rollout"] = run_rollout(
-            recipe.selfplay,
-            recipe.generation,
-            questions,
-            model_path,
-            round_dir,
-            device=recipe.run.device,
-            dtype=recipe.model.dtype,
-            seed=seed,
-            generator=generator,
-            distill=recipe.distill,
-        )
-    return result
-
-
-def _generate_and_free(recipe: Recipe, *args):
-    """Run `_generate`, then give its memory back before DPO trains on the same device. vLLM keeps GPU
-    memory until its process ends, so with vLLM the generation runs in a child process."""
+def _generating(recipe: Recipe, stage: Stage, output_uri: str, **given) -> dict:
+    """Run a stage that generates, then give its memory back before DPO trains on the same device. vLLM
+    keeps GPU memory until its process ends, so with vLLM the stage runs in a child process."""
     if recipe.generation.backend == "vllm":
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(_generate, recipe, *args).result()
-    result = _generate(recipe, *args)
+            return pool.submit(run_stage, stage, recipe, output_uri, **given).result()
+    result = run_stage(stage, recipe, output_uri, **given)
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return result
 
 
 def run_selfplay(
-    recipe: Recipe,
-    questions: Sequence[Question],
-    model_path: str | Path,
-    output_dir: str | Path,
-    *,
-    eval_questions: Sequence[Question] | None = None,
+    recipe: Recipe, data_uri: str, model_uri: str, output_dir: str | Path, *, eval_uri: str | None = None
 ) -> dict:
-    """Run `recipe.selfplay.rounds` rounds from `model_path`; returns (and writes) per-round statistics.
+    """Run `recipe.selfplay.rounds` rounds from the model at `model_uri` on the training questions at
+    `data_uri` (a question file or a prepare-data folder); returns (and writes) per-round statistics.
 
-    With `eval_questions`, every round's starting model and the final model are scored on CMExam
-    (`recipe.evaluate`, through the evaluation step's `evaluate_model`).
+    With `eval_uri` (evaluation questions), every round's starting model and the final model are scored
+    on CMExam (`recipe.evaluate`) by the evaluation stage.
     """
-    from medcritical.training.dpo import train_dpo
-
     output_dir = Path(output_dir)
+    root = str(output_dir)
     # Every round uses run.seed, as the pipeline's and the single-step commands do: the same recipe gives
     # the same samples whichever way it runs (rounds still differ: each starts from a new model).
-    config, seed = recipe.selfplay, recipe.run.seed
-    model = str(model_path)
+    model = model_uri
     rounds: list[dict] = []
     stopped = None
-    for number in range(1, config.rounds + 1):
-        round_dir = output_dir / f"round_{number}"
-        log.info("self-play round %d/%d from %s", number, config.rounds, model)
-        generated = _generate_and_free(
-            recipe, questions, eval_questions, model, round_dir / "rollout", round_dir / "eval", seed
-        )
-        rollout = generated["rollout"]
-        row = {
-            "round": number,
-            "model_in": model,
+    for number in range(1, recipe.selfplay.rounds + 1):
+        log.info("self-play round %d/%d from %s", number, recipe.selfplay.rounds, model or recipe.model.base)
+        row = {"round": number, "model_in": model or recipe.model.base}
+        if eval_uri:
+            report = _generating(
+                recipe, EVALUATE, stage_uri(root, EVALUATE, number), data=eval_uri, model=model, label=f"round {number}"
+            )
+            row["eval_accuracy_in"] = report["accuracy"]
+        rollout_uri = stage_uri(root, ROLLOUT, number)
+        rollout = _generating(recipe, ROLLOUT, rollout_uri, data=data_uri, model=model)
+        row |= {
             "pass@1": rollout["rollout"]["pass@1"],
             "pass@k": rollout["rollout"]["pass@k"],
             "correction_rate": rollout["correction"]["correction_rate"],
@@ -131,37 +88,31 @@ def run_selfplay(
             "train_pairs": rollout["pairs"]["train_pairs"],
             "heldout_pairs": rollout["pairs"]["heldout_pairs"],
         }
-        if "eval" in generated:
-            row["eval_accuracy_in"] = generated["eval"]["accuracy"]
-        heldout = round_dir / "rollout" / "pairs_heldout.jsonl"
-        metrics = train_dpo(
-            config.dpo,
-            round_dir / "rollout" / "pairs.jsonl",
-            heldout if rollout["pairs"]["heldout_pairs"] else None,
-            model,
-            round_dir / "dpo",
-            device=recipe.run.device,
-            dtype=recipe.model.dtype,
-            seed=seed,
-        )
+        dpo_uri = stage_uri(root, DPO, number)
+        metrics = run_stage(DPO, recipe, dpo_uri, rollout=rollout_uri, model=model, data=data_uri)
         row["dpo"] = metrics.get("status")
         if "heldout" in metrics:
             row["heldout_reward_accuracy"] = metrics["heldout"].get("reward_accuracy")
             row["heldout_margin"] = metrics["heldout"].get("margin")
         if metrics.get("heldout_after_first_epoch"):
             row["heldout_reward_accuracy_first_epoch"] = metrics["heldout_after_first_epoch"]["reward_accuracy"]
+        if metrics.get("train_pass"):
+            row["train_pass@1_after"] = metrics["train_pass"]["pass@1_after"]
         rounds.append(row)
         _write_summary(output_dir, rounds, model, stopped)
         if metrics.get("status") == "skipped":
             stopped = f"round {number}: {metrics['reason']}"
             log.warning("self-play stops after round %d: %s", number, metrics["reason"])
             break
-        model = metrics["model"]
-    final = {}
-    if eval_questions:
-        final = _generate_and_free(recipe, questions, eval_questions, model, None, output_dir / "final_eval", seed)
-    summary = _write_summary(output_dir, rounds, model, stopped, final.get("eval"))
-    return summary
+        model = dpo_uri  # the round's folder: its model/, or the model it kept (runner.MODEL_POINTER)
+    final = None
+    if eval_uri:
+        label = final_model_label(len(rounds) - (1 if stopped else 0))
+        report = _generating(
+            recipe, EVALUATE, join_uri(root, eval_folder(label)), data=eval_uri, model=model, label=label
+        )
+        final = {k: report[k] for k in ("protocol", "accuracy", "correct", "n") if k in report}
+    return _write_summary(output_dir, rounds, model or recipe.model.base, stopped, final)
 
 
 def _write_summary(
@@ -176,16 +127,14 @@ def _write_summary(
 
 def _plot(summary: dict, path: Path) -> None:
     """Left: accuracies of the model after n rounds (0 = the starting model); right: pairs and held-out margin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     rounds = summary["rounds"]
     if not rounds:
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    with figure(path, ncols=2, size=(11, 4)) as (_, (left, right)):
+        _draw(summary, rounds, left, right)
+
+
+def _draw(summary: dict, rounds: list[dict], left, right) -> None:
     done = [r["round"] - 1 for r in rounds]  # round r rolls out (and is scored on) the model after r-1 rounds
     left.plot(done, [r["pass@1"] for r in rounds], "o-", label="rollout pass@1 (training questions)")
     left.plot(done, [r["pass@k"] for r in rounds], "o-", label="rollout pass@k (training questions)")
@@ -214,6 +163,3 @@ def _plot(summary: dict, path: Path) -> None:
     right.set_title("pairs and DPO held-out margin")
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -219,8 +219,9 @@ def run_component_on_nodes(
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
     import json
 
+    from medcritical.kfp_runtime import numeric_metrics
     from medcritical.recipe import dump_recipe
-    from medcritical.steps import input_file, join_uri, numeric_metrics
+    from medcritical.staging import input_file, join_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The pipeline's run_root wins over the recipe's run.output_dir, as in steps.run_component_step.
@@ -271,6 +272,6 @@ def run_training_step(
             s3_secret=s3_secret,
             **inputs,
         )
-    from medcritical.steps import run_component_step
+    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step(step, recipe, run_root, name, metrics, **inputs)

@@ -40,7 +40,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe, validated; a --model folder checked too, before any data is prepared."""
     recipe = load_recipe(args.recipe, args.overrides)
     if getattr(args, "model", None):
-        from medcritical.steps import check_model_uri
+        from medcritical.staging import check_model_uri
 
         check_model_uri(args.model)
     if recipe.run.threads:

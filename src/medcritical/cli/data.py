@@ -37,9 +37,10 @@ def add_parser(subparsers) -> None:
 
 
 def _prepare(args) -> None:
-    from medcritical import steps
+    from medcritical.data.stage import PREPARE_DATA
+    from medcritical.runner import run_stage
 
-    stats = steps.prepare_data(recipe_from_args(args), output_uri=args.output)
+    stats = run_stage(PREPARE_DATA, recipe_from_args(args), args.output)
     print(f"train {stats['train']}, eval {stats['eval']}, bad rows {len(stats['bad_rows'])} -> {args.output}")
 
 

@@ -37,8 +37,9 @@ def add_parser(subparsers) -> None:
 def _distill(args) -> None:
     import json
 
-    from medcritical import steps
+    from medcritical.distill.stage import DISTILL
+    from medcritical.runner import run_stage
 
-    stats = steps.distill(recipe_from_args(args), data_uri=args.questions, output_uri=args.output)
+    stats = run_stage(DISTILL, recipe_from_args(args), args.output, data=args.questions)
     summary = {k: stats[k] for k in ("questions", "accepted", "acceptance_rate", "trace_attempts", "rejections")}
     print(json.dumps(summary, ensure_ascii=False))

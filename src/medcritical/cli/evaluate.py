@@ -68,15 +68,17 @@ def _evaluate(args) -> None:
             raise ValueError("--predictions needs --dataset (the questions the predictions answer)")
         report = score_predictions(args.dataset, args.predictions, args.output)
     else:
-        from medcritical import steps
+        from medcritical.evaluation.stage import EVALUATE
+        from medcritical.runner import run_stage
 
         recipe = recipe_from_args(args)
         with questions_uri(args.dataset, recipe) as dataset:
-            report = steps.evaluate(
+            report = run_stage(
+                EVALUATE,
                 recipe,
-                data_uri=dataset,
-                model_uri=args.model or "",
-                output_uri=args.output,
+                args.output,
+                data=dataset,
+                model=args.model,
                 label=args.label or "",
                 restart=args.restart,
             )

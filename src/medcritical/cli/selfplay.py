@@ -112,24 +112,19 @@ def _questions_argument(parser) -> None:
 def _questions(args, recipe):
     from medcritical.data.cmexam import load_questions
     from medcritical.data.prepare import TRAIN_FILE
-    from medcritical.steps import input_file
+    from medcritical.staging import input_file
 
     with questions_uri(args.questions, recipe) as uri:
         return load_questions(input_file(uri, TRAIN_FILE), recipe.data.on_bad_row).questions
 
 
-def _model(args, recipe):
-    from medcritical.modeling import resolve_model
-
-    return resolve_model(args.model or recipe.model.base, recipe.model.tiny)
-
-
 def _rollout(args) -> None:
-    from medcritical import steps
+    from medcritical.runner import run_stage
+    from medcritical.selfplay.stage import ROLLOUT
 
     recipe = recipe_from_args(args)
     with questions_uri(args.questions, recipe) as questions:
-        stats = steps.rollout(recipe, data_uri=questions, model_uri=args.model or "", output_uri=args.output)
+        stats = run_stage(ROLLOUT, recipe, args.output, data=questions, model=args.model)
     r, p = stats["rollout"], stats["pairs"]
     print(
         f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}"
@@ -151,7 +146,7 @@ def _rollout(args) -> None:
 
 
 def _pairs(args) -> None:
-    from medcritical.selfplay.step import make_pairs
+    from medcritical.selfplay.run import make_pairs
 
     recipe = recipe_from_args(args)
     _print_pairs(
@@ -167,14 +162,11 @@ def _print_pairs(stats: dict, output: str) -> None:
 
 
 def _dpo(args) -> None:
-    from medcritical import steps
+    from medcritical.runner import run_stage
+    from medcritical.selfplay.stage import DPO
 
-    metrics = steps.dpo(
-        recipe_from_args(args),
-        rollout_uri=args.pairs,
-        model_uri=args.model or "",
-        output_uri=args.output,
-        heldout_uri=args.heldout or "",
+    metrics = run_stage(
+        DPO, recipe_from_args(args), args.output, rollout=args.pairs, model=args.model, heldout=args.heldout
     )
     if metrics.get("status") == "skipped":
         print(f"DPO skipped: {metrics['reason']}; the model is unchanged: {metrics['model']}")
@@ -183,16 +175,11 @@ def _dpo(args) -> None:
 
 
 def _selfplay(args) -> None:
-    from medcritical.data.cmexam import load_questions
     from medcritical.rounds import run_selfplay
 
     recipe = recipe_from_args(args)
-    eval_questions = (
-        load_questions(args.eval_questions, recipe.data.on_bad_row).questions if args.eval_questions else None
-    )
-    summary = run_selfplay(
-        recipe, _questions(args, recipe), _model(args, recipe), args.output, eval_questions=eval_questions
-    )
+    with questions_uri(args.questions, recipe) as questions:
+        summary = run_selfplay(recipe, questions, args.model or "", args.output, eval_uri=args.eval_questions)
     for row in summary["rounds"]:
         print(json.dumps(row, ensure_ascii=False))
     print(f"final model: {summary['final_model']}")

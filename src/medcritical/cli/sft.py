@@ -39,12 +39,11 @@ def add_parser(subparsers) -> None:
 
 
 def _sft(args) -> None:
-    from medcritical import steps
     from medcritical.io.ranks import is_main_process
+    from medcritical.runner import run_stage
+    from medcritical.training.stage import SFT
 
-    metrics = steps.sft(
-        recipe_from_args(args), distill_uri=args.dataset, model_uri=args.model or "", output_uri=args.output
-    )
+    metrics = run_stage(SFT, recipe_from_args(args), args.output, distill=args.dataset, model=args.model)
     if is_main_process():
         summary = {k: v for k, v in metrics.items() if k != "loss_curve"}
         print(json.dumps(summary, indent=2, ensure_ascii=False))

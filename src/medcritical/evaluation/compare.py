@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON
-from medcritical.evaluation.stats import paired_comparison, paired_markdown
 from medcritical.io.jsonl import read_jsonl
+from medcritical.stats import paired_comparison, paired_markdown
 
 
 def correct_by_id(evaluation: str | Path) -> dict[str, bool]:

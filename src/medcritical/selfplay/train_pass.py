@@ -19,10 +19,10 @@ from pathlib import Path
 from medcritical.data.cmexam import Question
 from medcritical.data.splits import take
 from medcritical.diagnostics import diagnose_rollouts
-from medcritical.evaluation.stats import BOOTSTRAP_SAMPLES, mcnemar_exact
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.modeling.config import GenerationConfig
 from medcritical.selfplay.config import RolloutSection
+from medcritical.stats import BOOTSTRAP_SAMPLES, mcnemar_exact
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,28 @@
+"""The distillation stage's declaration (see medcritical.stage): training questions in, verified traces out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medcritical.data.cmexam import load_questions
+from medcritical.data.prepare import TRAIN_FILE
+from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
+from medcritical.stage import Input, Stage
+
+
+def _run(recipe, output_dir: Path, *, data: Path) -> dict:
+    questions = load_questions(data, recipe.data.on_bad_row).questions
+    return distill(recipe.distill, questions, output_dir, seed=recipe.run.seed, device=recipe.run.device)
+
+
+DISTILL = Stage(
+    name="distill",
+    folder="distill",
+    section="distill",
+    run=_run,
+    inputs={"data": Input(TRAIN_FILE, default_stage="prepare_data")},
+    outputs=(RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE),
+    stats=STATS_FILE,
+    fingerprint=RAW_FILE,  # its run events record the teacher, prompts and sampling
+    recipe_files=("distill.teacher_model",),  # a local teacher given as s3://
+)

@@ -1,0 +1,42 @@
+"""The evaluation stage's declaration (see medcritical.stage): CMExam evaluation questions and a model in,
+a labelled report out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medcritical.data.cmexam import load_questions
+from medcritical.data.prepare import EVAL_FILE
+from medcritical.evaluation.evaluate import OUTPUTS_JSONL, evaluate_model
+from medcritical.evaluation.judge import JUDGEMENTS_JSONL
+from medcritical.evaluation.report import GRADED_JSONL, PLOT_PNG, REPORT_JSON, REPORT_MD
+from medcritical.io.fingerprint import FINGERPRINT_FILE
+from medcritical.stage import MODEL, Input, Stage
+
+
+def _run(recipe, output_dir: Path, *, data: Path, model: Path, label: str = "", restart: bool = False) -> dict:
+    return evaluate_model(
+        recipe.evaluate,
+        recipe.generation,
+        load_questions(data, recipe.data.on_bad_row).questions,
+        model,
+        output_dir,
+        device=recipe.run.device,
+        dtype=recipe.model.dtype,
+        label=label or None,
+        restart=restart,
+    )
+
+
+EVALUATE = Stage(
+    name="evaluate",
+    folder="eval",
+    section="evaluate",
+    run=_run,
+    inputs={"data": Input(EVAL_FILE, default_stage="prepare_data"), "model": MODEL},
+    outputs=(FINGERPRINT_FILE, OUTPUTS_JSONL, JUDGEMENTS_JSONL, GRADED_JSONL, REPORT_JSON, REPORT_MD, PLOT_PNG),
+    stats=REPORT_JSON,
+    fingerprint=FINGERPRINT_FILE,
+    produces="metrics",
+    options=("label", "restart"),
+)

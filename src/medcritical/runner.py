@@ -1,0 +1,132 @@
+"""The one runner: every caller runs a stage through `run_stage`.
+
+The CLI commands, the KFP components (kfp_runtime), the Kubernetes Jobs (which run the CLI), the
+single-process round loop (rounds.py) and `medcritical run` (the pipeline, whose tasks are the
+components) all call
+
+    run_stage(ROLLOUT, recipe, "s3://bucket/run/round1-rollout", data="s3://bucket/run/data", model=...)
+
+From the stage's declaration (medcritical.stage) it: checks a local model input, takes the output
+folder's one-writer lock (a second run into it stops at once, naming the holder), probes an S3 output
+(credentials, bucket, write permission) and aborts the uploads an interrupted run left there, finds
+every input (a given URI, else the declared default), downloads S3 inputs and recipe files, calls the
+stage on local paths, and publishes the output folder. Data flows one way:
+
+    data → distill → sft → R × (rollout → dpo) → evaluate → report
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medcritical import storage
+from medcritical.data.stage import PREPARE_DATA
+from medcritical.distill.stage import DISTILL
+from medcritical.errors import UserError
+from medcritical.evaluation.stage import EVALUATE
+from medcritical.io.lock import output_lock
+from medcritical.io.ranks import is_main_process
+from medcritical.recipe import Recipe
+from medcritical.report import REPORT
+from medcritical.selfplay.stage import DPO, ROLLOUT
+from medcritical.stage import Stage
+from medcritical.staging import (
+    MODEL_POINTER,
+    check_model_uri,
+    input_file,
+    local_input,
+    local_output,
+    local_output_path,
+    resolve_model_uri,
+    sibling_uri,
+    stage_uri,
+)
+from medcritical.training.stage import SFT
+
+log = logging.getLogger(__name__)
+
+# In data-flow order.
+STAGES: dict[str, Stage] = {s.name: s for s in (PREPARE_DATA, DISTILL, SFT, ROLLOUT, DPO, EVALUATE, REPORT)}
+
+
+def run_stage(stage: Stage, recipe: Recipe, output_uri: str, **given: Any) -> dict:
+    """Run `stage` into `output_uri`; `given` holds input URIs by the declared names, and the stage's options.
+
+    An input not given takes its declared default; a model input not given is the recipe's model.base.
+    Returns the stage's statistics (also written into its folder).
+    """
+    unknown = given.keys() - stage.inputs.keys() - set(stage.options)
+    if unknown:
+        raise TypeError(f"stage {stage.name} has no input or option {', '.join(sorted(unknown))}")
+    uris = {name: given[name] for name in stage.inputs if given.get(name)}
+    options = {name: given[name] for name in stage.options if name in given}
+    for name, spec in stage.inputs.items():
+        if spec.is_model:
+            check_model_uri(uris.get(name) or recipe.model.base)
+    if not is_main_process():  # torchrun: rank 0 holds the lock and publishes
+        return _execute(stage, recipe, output_uri, uris, options)
+    with output_lock(local_output_path(output_uri), stage.name):
+        if storage.is_s3(output_uri):
+            storage.check_output(output_uri)
+        return _execute(stage, recipe, output_uri, uris, options)
+
+
+def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str], options: dict) -> dict:
+    recipe = _local_recipe_files(stage, recipe)
+    paths = local_inputs(stage, recipe, uris)
+    log.info("%s -> %s", stage.name, output_uri)
+    with local_output(output_uri, keep_local=stage.local_only) as out:
+        result = stage.run(recipe, out, **paths, **options)
+        if stage.unchanged_model and result.get("status") == "skipped":
+            (out / MODEL_POINTER).write_text(uris.get(stage.unchanged_model) or recipe.model.base, encoding="utf-8")
+        return result
+
+
+def local_inputs(stage: Stage, recipe: Recipe, uris: dict[str, str]) -> dict[str, Path | None]:
+    """The local path of every input of `stage` (S3 inputs downloaded), by its declared name."""
+    return {name: _local_path(stage, name, uris, recipe) for name in stage.inputs}
+
+
+def _local_path(stage: Stage, name: str, uris: dict[str, str], recipe: Recipe) -> Path | None:
+    """The local path of one input: given, or its declared default; None for a missing optional one."""
+    spec = stage.inputs[name]
+    if spec.is_model:
+        return resolve_model_uri(recipe, uris.get(name, ""))
+    uri = uris.get(name)
+    if uri is None and spec.beside and uris.get(spec.beside):
+        uri = sibling_uri(uris[spec.beside], stage.inputs[spec.beside].file, spec.file)
+    elif uri is None and spec.default_stage:
+        uri = stage_uri(recipe.run.root, STAGES[spec.default_stage])
+    if uri is None and spec.optional:
+        return None
+    if uri is None:
+        raise UserError(f"stage {stage.name}: no {name} input given; give the URI of the folder holding {spec.file}")
+    try:
+        return input_file(uri, spec.file)
+    except FileNotFoundError as e:
+        if spec.optional:
+            log.warning("%s: no %s input (%s); going on without it", stage.name, name, e)
+            return None
+        raise
+
+
+def _local_recipe_files(stage: Stage, recipe: Recipe) -> Recipe:
+    """The recipe with the s3:// files its stage reads (e.g. data.source) downloaded into the work folder."""
+    for key in stage.recipe_files:
+        value = _get(recipe, key)
+        if value and storage.is_s3(value):
+            recipe = _with_value(recipe, key.split("."), str(local_input(value)))
+    return recipe
+
+
+def _get(section, dotted: str):
+    for part in dotted.split("."):
+        section = getattr(section, part)
+    return section
+
+
+def _with_value(section, keys: list[str], value: str):
+    head, *rest = keys
+    return section.model_copy(update={head: _with_value(getattr(section, head), rest, value) if rest else value})

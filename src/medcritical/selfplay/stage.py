@@ -1,0 +1,129 @@
+"""The self-play round's two stages (see medcritical.stage): rollout, then DPO on its pairs.
+
+rollout: training questions + the current model → rollouts, corrections, preference pairs
+dpo:     the pairs + the same model → the next round's model (and pass@1 on the round's questions)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from medcritical.data.cmexam import load_questions
+from medcritical.data.prepare import TRAIN_FILE
+from medcritical.io.fingerprint import FINGERPRINT_FILE
+from medcritical.io.jsonl import read_jsonl
+from medcritical.io.ranks import is_main_process
+from medcritical.selfplay.cost import TIMINGS
+from medcritical.selfplay.run import CORRECTIONS, HELDOUT_PAIRS, PAIRS, ROLLOUTS, STATS, run_rollout
+from medcritical.selfplay.train_pass import TRAIN_PASS, TRAIN_PASS_STATS, train_pass
+from medcritical.stage import MODEL, Input, Stage
+from medcritical.training.dpo import train_dpo
+from medcritical.training.saving import MANIFEST
+from medcritical.training.stage import CHECKPOINTS
+
+log = logging.getLogger(__name__)
+
+DPO_METRICS = "dpo_metrics.json"
+
+
+def _rollout(recipe, output_dir: Path, *, data: Path, model: Path, restart: bool = False) -> dict:
+    return run_rollout(
+        recipe.selfplay,
+        recipe.generation,
+        load_questions(data, recipe.data.on_bad_row).questions,
+        model,
+        output_dir,
+        device=recipe.run.device,
+        dtype=recipe.model.dtype,
+        seed=recipe.run.seed,
+        distill=recipe.distill,  # the teacher, when selfplay.corrector is "teacher"
+        restart=restart,
+    )
+
+
+ROLLOUT = Stage(
+    name="rollout",
+    folder="rollout",
+    section="selfplay",
+    run=_rollout,
+    inputs={"data": Input(TRAIN_FILE, default_stage="prepare_data"), "model": MODEL},
+    outputs=(ROLLOUTS, CORRECTIONS, TIMINGS, FINGERPRINT_FILE, PAIRS, HELDOUT_PAIRS, STATS),
+    stats=STATS,
+    fingerprint=FINGERPRINT_FILE,
+    options=("restart",),
+)
+
+
+def _dpo(recipe, output_dir: Path, *, rollout: Path, heldout: Path | None, model: Path, data: Path | None) -> dict:
+    result = train_dpo(
+        recipe.selfplay.dpo,
+        rollout,
+        heldout,
+        model,
+        output_dir,
+        device=recipe.run.device,
+        dtype=recipe.model.dtype,
+        seed=recipe.run.seed,
+    )
+    if result.get("status") != "skipped" and recipe.evaluate.train_pass_questions != 0 and is_main_process():
+        result["train_pass"] = measure_train_pass(
+            recipe, rollout.parent / ROLLOUTS, data, Path(result["model"]), output_dir
+        )
+    return result
+
+
+def measure_train_pass(recipe, rollouts: Path, data: Path | None, model: Path, output_dir: Path) -> dict | None:
+    """pass@1 on the round's training questions before (its rollout) and after DPO (evaluate.train_pass_questions)."""
+    if data is None:
+        log.warning("training pass@1 after DPO not measured: no training questions (the data stage's %s)", TRAIN_FILE)
+        return None
+    before = read_jsonl(rollouts)
+    if not before:
+        log.warning("training pass@1 after DPO not measured: no %s beside the pairs", rollouts)
+        return None
+    return train_pass(
+        recipe.selfplay.rollout,
+        recipe.generation.model_copy(update={"backend": "transformers"}),  # the training image has no vLLM
+        load_questions(data, recipe.data.on_bad_row).questions,
+        before,
+        model,
+        output_dir,
+        limit=recipe.evaluate.train_pass_questions,
+        device=recipe.run.device,
+        dtype=recipe.model.dtype,
+        seed=recipe.run.seed,
+    )
+
+
+DPO = Stage(
+    name="dpo",
+    folder="dpo",
+    section="selfplay.dpo",
+    run=_dpo,
+    inputs={
+        "rollout": Input(PAIRS),
+        # Held-out pairs drive early stopping and the reward accuracy; by default those beside the pairs.
+        "heldout": Input(HELDOUT_PAIRS, beside="rollout", optional=True),
+        "model": MODEL,
+        # The questions' text for pass@1 after DPO: the run's data stage, when there is one.
+        "data": Input(TRAIN_FILE, default_stage="prepare_data", optional=True),
+    },
+    outputs=(
+        CHECKPOINTS,
+        "model",
+        "adapter",
+        DPO_METRICS,
+        "dpo_loss.png",
+        "dpo_heldout.png",
+        "dpo_run.json",
+        MANIFEST,
+        TRAIN_PASS,
+        TRAIN_PASS_STATS,
+    ),
+    stats=DPO_METRICS,
+    fingerprint="dpo_run.json",
+    produces="model",
+    unchanged_model="model",  # no pairs: the round keeps its model
+    local_only=(CHECKPOINTS,),
+)

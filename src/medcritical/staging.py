@@ -1,0 +1,153 @@
+"""Where stages read and write: local paths or ``s3://bucket/prefix`` URIs, and the run root's layout.
+
+A stage's inputs are URIs of earlier stages' folders (or of one file in them); an S3 input is
+downloaded once into the work folder. A stage writes into a local folder that is published to its
+output URI when it succeeds. Under a run root, each stage has its folder (``runner`` names them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from medcritical import storage
+from medcritical.io.ranks import is_main_process
+from medcritical.modeling import resolve_model
+from medcritical.modeling.config import TINY
+from medcritical.recipe import Recipe
+from medcritical.stage import Stage
+
+# A model stage that left its model unchanged (a DPO round without pairs) names that model in this
+# file (a URI, valid in every pod) instead of copying gigabytes of weights.
+MODEL_POINTER = "model.uri"
+
+
+def join_uri(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def stage_folder(stage: Stage, round_number: int | None = None) -> str:
+    """A stage's folder under a run root: data, distill, sft, round1-rollout, round1-dpo, ..., report."""
+    return f"round{round_number}-{stage.folder}" if round_number else stage.folder
+
+
+def stage_uri(root: str, stage: Stage, round_number: int | None = None) -> str:
+    return join_uri(root, stage_folder(stage, round_number))
+
+
+def eval_folder(model: str) -> str:
+    """The evaluation of one model under a run root: eval-base, eval-sft, eval-dpo-round2."""
+    return f"eval-{model}"
+
+
+def final_model_label(rounds: int) -> str:
+    """The final model's name after `rounds` self-play rounds (its evaluation: eval-dpo-round<R>)."""
+    return f"dpo-round{rounds}"
+
+
+def read_stats(root: str, stage: Stage, round_number: int | None = None, filename: str | None = None) -> dict | None:
+    """A stage's statistics file (or another JSON file of its folder) under a run root; None if it did not run."""
+    try:
+        path = input_file(stage_uri(root, stage, round_number), filename or stage.stats)
+    except FileNotFoundError:
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def sibling_uri(uri: str, filename: str, sibling: str) -> str:
+    """`sibling` next to the file `filename` that `uri` names, or in the folder `uri` names."""
+    uri = uri.rstrip("/")
+    if uri.endswith("/" + filename) or uri == filename:
+        return join_uri(uri.rpartition("/")[0] or ".", sibling)
+    return uri
+
+
+def work_dir() -> Path:
+    """Local scratch for S3 steps; kept between retries so a rerun resumes ($MEDCRITICAL_WORKDIR)."""
+    return Path(os.environ.get("MEDCRITICAL_WORKDIR", Path.home() / ".cache" / "medcritical" / "work"))
+
+
+@contextlib.contextmanager
+def _work_lock() -> Iterator[None]:
+    """Serialize downloads into the shared work dir: under torchrun all ranks ask at once."""
+    work_dir().mkdir(parents=True, exist_ok=True)
+    with open(work_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def local_output_path(output_uri: str) -> Path:
+    """Where a step writes before publishing: the folder itself, or a scratch folder for an S3 URI."""
+    if not storage.is_s3(output_uri):
+        return Path(output_uri)
+    return work_dir() / "out" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def local_output(output_uri: str, keep_local: Sequence[str] = ()) -> Iterator[Path]:
+    """A local folder to write into; published to `output_uri` when the step succeeds, except the
+    folders named in `keep_local` (resume state such as checkpoints)."""
+    path = local_output_path(output_uri)
+    path.mkdir(parents=True, exist_ok=True)
+    yield path
+    if storage.is_s3(output_uri) and is_main_process():
+        storage.upload(path, output_uri, exclude_dirs=tuple(keep_local))
+
+
+def local_input(uri: str) -> Path:
+    """A local path for an input URI (S3 files and folders are downloaded once into the work dir)."""
+    if not storage.is_s3(uri):
+        if not Path(uri).exists():
+            raise FileNotFoundError(f"{uri}: no such input; run the step that writes it first")
+        return Path(uri)
+    with _work_lock():
+        return storage.materialize(uri, work_dir() / "in" / hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+
+def input_file(uri: str, filename: str) -> Path:
+    """`uri` may name the file itself or the step folder that holds `filename`."""
+    path = local_input(uri)
+    if path.is_dir():
+        path = path / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{uri}: no {filename} there; is this the output of the right step?")
+    return path
+
+
+def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:
+    """The local model folder for a model input: "" → the recipe's model.base; "tiny" → the
+    offline tiny model; a step folder → its model/, or, for a DPO round that had no pairs, the model it
+    left unchanged (see MODEL_POINTER); else a Hugging Face folder."""
+    uri = model_uri or recipe.model.base
+    if uri == TINY:
+        with _work_lock():  # all torchrun ranks would build it at once
+            return resolve_model(TINY, recipe.model.tiny)
+    path = local_input(uri)
+    if (path / "model" / "config.json").is_file():
+        return resolve_model(str(path / "model"))
+    if (path / MODEL_POINTER).is_file():
+        return resolve_model_uri(recipe, (path / MODEL_POINTER).read_text(encoding="utf-8").strip())
+    return resolve_model(str(path))
+
+
+def model_folder_problem(path: str) -> str | None:
+    """What is wrong with a local model path (None when it holds a model): a Hugging Face folder,
+    a step folder with model/, or a DPO round's model.uri pointer."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "no such model folder (use 'tiny', a local Hugging Face folder or a training step's output folder)"
+    if any((folder / name).is_file() for name in ("config.json", "model/config.json", MODEL_POINTER)):
+        return None
+    return "not a model folder: no config.json (nor model/config.json of a training step's output)"
+
+
+def check_model_uri(uri: str) -> None:
+    """Fail before the work: a local model is a Hugging Face folder, a step folder holding model/, or a
+    DPO round's pointer (s3:// models are checked when they are downloaded, first thing in the step)."""
+    if uri and uri != TINY and not storage.is_s3(uri) and (problem := model_folder_problem(uri)):
+        raise FileNotFoundError(f"{uri}: {problem}")

@@ -1,0 +1,44 @@
+"""The SFT stage's declaration (see medcritical.stage): verified traces and a base model in, a model out.
+
+DPO's declaration lives with self-play (selfplay/stage.py), whose round it is; both train with this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medcritical.distill.run import SFT_FILE
+from medcritical.stage import MODEL, Input, Stage
+from medcritical.training.saving import MANIFEST
+from medcritical.training.sft import train_sft
+
+# Periodic checkpoints only serve a resume inside the step: never published with the step's folder
+# (a 7B full fine-tune's checkpoints are hundreds of GB).
+CHECKPOINTS = "checkpoints"
+SFT_METRICS = "sft_metrics.json"
+
+
+def _run(recipe, output_dir: Path, *, distill: Path, model: Path) -> dict:
+    return train_sft(
+        recipe.sft,
+        distill,
+        model,
+        output_dir,
+        device=recipe.run.device,
+        dtype=recipe.model.dtype,
+        seed=recipe.run.seed,
+    )
+
+
+SFT = Stage(
+    name="sft",
+    folder="sft",
+    section="sft",
+    run=_run,
+    inputs={"distill": Input(SFT_FILE, default_stage="distill"), "model": MODEL},
+    outputs=(CHECKPOINTS, "model", "adapter", SFT_METRICS, "sft_loss.png", "sft_run.json", MANIFEST),
+    stats=SFT_METRICS,
+    fingerprint="sft_run.json",
+    produces="model",
+    local_only=(CHECKPOINTS,),
+)
