@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medcritical.arms import arm_table
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.evaluation.compare import correct_by_id
@@ -115,7 +116,6 @@ def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
 def stage2_section(recipe: Recipe, evaluations: dict[str, dict | None], stats: dict) -> list[str]:
     """Stage 2 in numbers: corrector, accepted corrections against guessing, pair diagnostics and cost per
     pair (the same table `medcritical arms` puts side by side for several runs)."""
-    from medcritical.arms import arm_table
 
     if not any(r.get("rollout") for r in stats.get("rounds", [])):
         return []

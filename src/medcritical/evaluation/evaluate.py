@@ -23,13 +23,16 @@ from pathlib import Path
 
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
+from medcritical.evaluation import judge as judging
 from medcritical.evaluation.config import EvaluateConfig
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import dropped_note, write_report
 from medcritical.grader import grade_answer
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import append_jsonl, read_jsonl
+from medcritical.modeling import generation
 from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.generation import load_generator
 from medcritical.prompts import load_prompt, mcq_messages
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,6 @@ def answer_candidates(options: Sequence[str], kind: str = "subsets") -> list[str
 
 def check_loglik_backend(backend: str) -> None:
     """Fail before any work when the generation backend cannot score continuations."""
-    from medcritical.modeling import generation
 
     cls = {"transformers": "TransformersGenerator", "vllm": "VLLMGenerator"}.get(backend)
     if not hasattr(getattr(generation, cls or "", None), "continuation_logprobs"):
@@ -233,7 +235,6 @@ def evaluate_model(
     Outputs already in `output_dir` are resumed only when they were made from the same questions,
     prompt, settings and weights (`evaluation_fingerprint`); `restart` discards them instead.
     """
-    from medcritical.modeling.generation import load_generator
 
     output_dir = Path(output_dir)
     questions = list(questions)[: config.limit] if config.limit else list(questions)
@@ -281,8 +282,6 @@ def evaluate_model(
             row["output"] = outputs[row["id"]]["output"]
         report = _report("mcq", questions, graded, scoring=config.scoring, **fields)
     else:
-        from medcritical.evaluation import judge as judging
-
         protocol = config.protocol
         judge = judge or judging.judge_from_config(config.judge, protocol, language, output_dir)  # probes it
         sampling = judging.student_sampling(protocol, generation.max_new_tokens)

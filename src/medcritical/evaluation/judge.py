@@ -29,6 +29,7 @@ from medcritical.data.cmexam import Question
 from medcritical.evaluation.config import JudgeConfig
 from medcritical.grader import final_answer_text
 from medcritical.io.jsonl import append_jsonl, read_jsonl
+from medcritical.llm_client import ChatClient
 from medcritical.prompts import load_prompt, open_messages
 
 JUDGEMENTS_JSONL = "judgements.jsonl"
@@ -92,7 +93,6 @@ def judge_from_config(config: JudgeConfig, protocol: str, language: str, output_
 
     The endpoint is probed here, so a dead judge or a refused key stops the step before the student
     generates anything."""
-    from medcritical.llm_client import ChatClient
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"no judge protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")

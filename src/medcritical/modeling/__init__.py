@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from medcritical.modeling.config import TINY, TinyModelConfig
+from medcritical.modeling.tiny import ensure_tiny_model
 
 
 def cache_dir() -> Path:
@@ -18,8 +19,6 @@ def cache_dir() -> Path:
 def resolve_model(model: str, tiny: TinyModelConfig = TinyModelConfig()) -> Path:
     """A local model folder for `model`: "tiny" (built once, cached by its settings) or a folder."""
     if model == TINY:
-        from medcritical.modeling.tiny import ensure_tiny_model
-
         key = hashlib.sha256(json.dumps(tiny.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
         return ensure_tiny_model(cache_dir() / f"tiny-{key}", tiny)
     path = Path(model)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from medcritical.data.cmexam import Question
+from medcritical.distill.teachers import TeacherRequest
 from medcritical.grader import grade_answer
 from medcritical.io.jsonl import append_jsonl
 from medcritical.modeling.generation import Generator, Messages
@@ -118,7 +119,6 @@ class TeacherCorrector:
         self.description = {"corrector": "teacher", **teacher.description}
 
     def correct(self, prompts, questions, *, votes, temperature, top_p, max_new_tokens, seed, attempt, keys=None):
-        from medcritical.distill.teachers import TeacherRequest
 
         requests = [
             TeacherRequest(question=q, kind="correction", attempt=attempt, messages=p)

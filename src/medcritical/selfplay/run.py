@@ -20,6 +20,8 @@ from pathlib import Path
 
 from medcritical.data.cmexam import Question
 from medcritical.diagnostics import diagnose_rollouts
+from medcritical.distill.teachers import build_teacher
+from medcritical.distill.traces import DistillPrompts
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import read_jsonl, write_jsonl
 from medcritical.modeling.config import GenerationConfig
@@ -64,8 +66,6 @@ def build_corrector(config: SelfPlayConfig, generator: Generator, distill=None, 
         return SelfCorrector(generator)
     if distill is None:
         raise ValueError("selfplay.corrector is 'teacher' but no distill section was given to the rollout step")
-    from medcritical.distill.teachers import build_teacher
-    from medcritical.distill.traces import DistillPrompts
 
     teacher = build_teacher(distill, DistillPrompts.load(distill.language), device=device)
     return TeacherCorrector(teacher, max_new_tokens=distill.max_new_tokens)

@@ -21,7 +21,9 @@ from medcritical.data.splits import take
 from medcritical.diagnostics import diagnose_rollouts
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.generation import load_generator
 from medcritical.selfplay.config import RolloutSection
+from medcritical.selfplay.rollout import rollout_questions
 from medcritical.stats import BOOTSTRAP_SAMPLES, mcnemar_exact
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,6 @@ def train_pass(
 ) -> dict:
     """Answer the round's training questions (those in `before`, the rollout records; a seeded
     subset of `limit`) with the model at `model_path`; write train_pass.jsonl / .json; return the stats."""
-    from medcritical.modeling.generation import load_generator
-    from medcritical.selfplay.rollout import rollout_questions
 
     output_dir = Path(output_dir)
     asked = {r["question_id"] for r in before}
