@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from medcritical import storage
+from medcritical.pipelines.medcritical_pipeline import ClusterSettings, build_pipeline, image_names
 from medcritical.recipe import Recipe
 from medcritical.report import REPORT
 from medcritical.staging import join_uri
@@ -30,7 +31,6 @@ def recipe_parameter(recipe: Recipe) -> str:
 
 
 def _pipeline(recipe: Recipe, cluster=None, cache_teacher: bool = False):
-    from medcritical.pipelines.medcritical_pipeline import build_pipeline
 
     return build_pipeline(recipe_parameter(recipe), recipe.run.root, recipe.selfplay.rounds, cluster, cache_teacher)
 
@@ -129,8 +129,6 @@ def compile_pipeline(
 ) -> Path:
     """Compile the cluster pipeline (images from `registry`) with `recipe` as its default recipe."""
     from kfp import compiler
-
-    from medcritical.pipelines.medcritical_pipeline import ClusterSettings, image_names
 
     cluster = ClusterSettings(shm_size=shm_size, images=image_names(registry), work_pvc=work_pvc)
     output = Path(output)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from medcritical.recipe import TINY, Recipe, RecipeError, dump_recipe, load_recipe_text
+from medcritical.recipe import TINY, Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
+from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
 
 GiB = 1024**3
 CMEXAM_TRAIN_QUESTIONS = 54_497  # CMExam's official train split: the paper recipes use all of it
@@ -151,7 +152,6 @@ def zero_settings(value: str | None) -> tuple[int, bool]:
     A path that is not here (a Job's path inside the image) is read from recipes/deepspeed/ by its name."""
     if not value:
         return 0, False
-    from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
 
     path = Path(value)
     if not path.is_file():
@@ -675,8 +675,6 @@ def check(need: Need, given: Given, gpu_memory: int) -> list[Problem]:
 def recipe_for(recipe: Recipe, given: Given) -> Recipe:
     """The recipe a pod runs: the checked one (or the image's own, for the demo Job) with the pod's --set overrides."""
     if given.recipe:
-        from medcritical.recipe import load_recipe
-
         local = Path(__file__).resolve().parents[2] / "recipes" / given.recipe
         recipe = load_recipe(local if local.is_file() else Path("recipes") / given.recipe)
     return load_recipe_text(dump_recipe(recipe), given.overrides) if given.overrides else recipe

@@ -16,7 +16,10 @@ import logging
 import time
 from pathlib import Path
 
-from medcritical.recipe import load_recipe_text
+from medcritical.kfp_runtime import numeric_metrics, run_component_step
+from medcritical.plan import GiB, gib, plan_steps, quantity
+from medcritical.recipe import dump_recipe, load_recipe_text
+from medcritical.staging import input_file, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,6 @@ def trainjob_manifest(
     deadline_s: int = 72 * 3600,
 ) -> dict:
     """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan."""
-    from medcritical.plan import GiB, gib, plan_steps, quantity
 
     recipe = load_recipe_text(recipe_yaml)
     need = plan_steps(recipe, train_gpus=gpus_per_node, nodes=nodes)[step]
@@ -219,10 +221,6 @@ def run_component_on_nodes(
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
     import json
 
-    from medcritical.kfp_runtime import numeric_metrics
-    from medcritical.recipe import dump_recipe
-    from medcritical.staging import input_file, join_uri
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The pipeline's run_root wins over the recipe's run.output_dir, as in steps.run_component_step.
     recipe = load_recipe_text(recipe_yaml)
@@ -272,6 +270,5 @@ def run_training_step(
             s3_secret=s3_secret,
             **inputs,
         )
-    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step(step, recipe, run_root, name, metrics, **inputs)
