@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -161,8 +162,15 @@ def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path)
     metrics = train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4 and metrics["steps_this_session"] == 2
     assert metrics["heldout"] is None and (tmp_path / "model" / "config.json").is_file()
-    # The same run again returns its result; other settings are refused; restart trains them from the start.
+    # The same run again returns its result, also from a copy of the same weights elsewhere (the weights count,
+    # not the path); other weights or settings are refused; restart trains them from the start.
     assert train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu") == metrics
+    moved = shutil.copytree(format_model, tmp_path.parent / f"{tmp_path.name}-model")
+    assert train_dpo(config, pairs_dir / "pairs.jsonl", None, moved, tmp_path, device="cpu") == metrics
+    weights = next(moved.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    with pytest.raises(ResumeMismatch, match=r"\(model: "):
+        train_dpo(config, pairs_dir / "pairs.jsonl", None, moved, tmp_path, device="cpu")
     other = config.model_copy(update={"trainer": config.trainer | {"beta": 0.1}})
     with pytest.raises(ResumeMismatch, match=r"\(settings: .*Delete checkpoints, model, adapter, MANIFEST.sha256 in"):
         train_dpo(other, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")

@@ -121,7 +121,9 @@ def check_resume(
     if not write:
         return False  # the main process discards and records; a mismatch here means nothing is resumed
     if restart and existing:
-        log.warning("%s: --restart: discarding %s", output_dir, ", ".join(p.name for p in existing))
+        log.warning(
+            "%s: %s: discarding %s", output_dir, restart_option or "restart", ", ".join(p.name for p in existing)
+        )
     for stale in existing:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
