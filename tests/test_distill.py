@@ -13,6 +13,7 @@ from medcritical.distill.teachers import ExplanationTeacher
 from medcritical.distill.traces import DistillPrompts, parse_template, split_reasoning
 from medcritical.evaluation.evaluate import mcq_messages
 from medcritical.grader import grade_answer
+from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.llm_client import ChatReply
 
 
@@ -127,10 +128,21 @@ def test_torn_last_line_of_the_progress_log_is_skipped(bundled, tmp_path):
     assert stats["accepted"] == 4 and stats["resumed_questions"] == 3
 
 
-def test_a_different_setup_in_the_same_folder_is_refused(bundled, tmp_path):
+def test_a_different_setup_in_the_same_folder_is_refused_and_restart_discards_it(bundled, tmp_path):
     distill(DistillConfig(), bundled[:3], tmp_path)
-    with pytest.raises(ValueError, match="different distillation setup.*language"):
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["language"] == "zh"
+    replies = (tmp_path / RAW_FILE).read_text(encoding="utf-8")
+    with pytest.raises(ResumeMismatch, match=r"language: zh -> en.*[Dd]elete distill_raw.jsonl"):
         distill(DistillConfig(language="en"), bundled[:3], tmp_path)
+    with pytest.raises(ResumeMismatch, match=r"sampling"):
+        distill(DistillConfig(temperature=0.3), bundled[:3], tmp_path)
+    assert (tmp_path / RAW_FILE).read_text(encoding="utf-8") == replies  # refused before anything is appended
+    # The same setup resumes (nothing asked again); restart starts the other setup from an empty log.
+    assert distill(DistillConfig(), bundled[:3], tmp_path)["resumed_questions"] == 3
+    stats = distill(DistillConfig(language="en"), bundled[:3], tmp_path, restart=True)
+    assert stats["resumed_questions"] == 0 and stats["sessions"] == 1
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["language"] == "en"
+    assert all(e["question_sha"] for e in read_jsonl(tmp_path / RAW_FILE) if e["event"] == "reply")
 
 
 def test_same_inputs_give_identical_outputs(bundled, tmp_path):
@@ -147,6 +159,12 @@ def test_cli_distills_and_reports_user_errors(bundled, tmp_path, monkeypatch, ca
     assert code == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 6
     assert len(read_jsonl(tmp_path / "out" / SFT_FILE)) == 6
+    # Another setup into the same folder: a user error (exit 2) naming the change and what to delete.
+    code = main(
+        ["distill", "--set", "distill.language=en", "--questions", str(tmp_path / "train.jsonl"), "--output"]
+        + [str(tmp_path / "out")]
+    )
+    assert code == 2 and "language: zh -> en" in (err := capsys.readouterr().err) and "elete distill_raw.jsonl" in err
 
     monkeypatch.delenv("MEDCRITICAL_TEACHER_BASE_URL", raising=False)
     code = main(

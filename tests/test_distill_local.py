@@ -1,5 +1,7 @@
 """The transformers teacher backend end to end with the tiny random model: bookkeeping, not accuracy."""
 
+import shutil
+
 import pytest
 
 from medcritical.distill.config import DistillConfig, LocalTeacher
@@ -7,7 +9,7 @@ from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, distill
 from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts
 from medcritical.grader import grade_answer
-from medcritical.io.fingerprint import model_fingerprint
+from medcritical.io.fingerprint import ResumeMismatch, model_fingerprint
 from tests.test_distill import read_jsonl
 
 
@@ -79,11 +81,6 @@ def test_vllm_backend_without_vllm_says_how_to_fix(tiny_model):
 
 
 def test_a_retrained_teacher_in_the_same_folder_does_not_resume_old_replies(bundled, tiny_model, tmp_path):
-    import shutil
-
-    from medcritical.distill.config import DistillConfig
-    from medcritical.distill.run import distill
-
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_model, teacher)
     config = DistillConfig(
@@ -92,5 +89,5 @@ def test_a_retrained_teacher_in_the_same_folder_does_not_resume_old_replies(bund
     distill(config, bundled[:2], tmp_path / "out", device="cpu")
     weights = next(teacher.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")  # "retrained": other weights, same folder
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ResumeMismatch, match="weights"):
         distill(config, bundled[:2], tmp_path / "out", device="cpu")

@@ -3,11 +3,13 @@
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.modeling.config import GenerationConfig
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlayConfig
 from medcritical.selfplay.run import run_rollout
@@ -160,15 +162,20 @@ def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path)
     metrics = train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4 and metrics["steps_this_session"] == 2
     assert metrics["heldout"] is None and (tmp_path / "model" / "config.json").is_file()
-    with pytest.raises(ValueError, match="different settings"):
-        train_dpo(
-            config.model_copy(update={"trainer": config.trainer | {"beta": 0.1}}),
-            pairs_dir / "pairs.jsonl",
-            None,
-            format_model,
-            tmp_path,
-            device="cpu",
-        )
+    # The same run again returns its result, also from a copy of the same weights elsewhere (the weights count,
+    # not the path); other weights or settings are refused; restart trains them from the start.
+    assert train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu") == metrics
+    moved = shutil.copytree(format_model, tmp_path.parent / f"{tmp_path.name}-model")
+    assert train_dpo(config, pairs_dir / "pairs.jsonl", None, moved, tmp_path, device="cpu") == metrics
+    weights = next(moved.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    with pytest.raises(ResumeMismatch, match=r"\(model: "):
+        train_dpo(config, pairs_dir / "pairs.jsonl", None, moved, tmp_path, device="cpu")
+    other = config.model_copy(update={"trainer": config.trainer | {"beta": 0.1}})
+    with pytest.raises(ResumeMismatch, match=r"\(settings: .*Delete checkpoints, model, adapter, MANIFEST.sha256 in"):
+        train_dpo(other, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
+    restarted = train_dpo(other, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", restart=True)
+    assert restarted["resumed_from"] is None and restarted["steps_this_session"] == 4 and restarted["beta"] == 0.1
 
 
 def test_no_pairs_is_an_explicit_result_not_a_crash(format_model, tmp_path):

@@ -44,6 +44,20 @@ def test_resume_refuses_other_inputs_and_restart_discards(tmp_path):
     assert not (tmp_path / "outputs.jsonl").exists()
 
 
+def test_other_ranks_check_but_leave_recording_and_discarding_to_the_main_process(tmp_path):
+    outputs = ["checkpoints"]
+    assert not check_resume(tmp_path, {"seed": 1}, outputs=outputs, write=False)
+    assert not (tmp_path / "fingerprint.json").exists()
+    check_resume(tmp_path, {"seed": 1}, outputs=outputs)
+    (tmp_path / "checkpoints").mkdir()
+    assert check_resume(tmp_path, {"seed": 1}, outputs=outputs, write=False)
+    with pytest.raises(ResumeMismatch, match=r"seed: 1 -> 2.*Delete checkpoints in"):
+        check_resume(tmp_path, {"seed": 2}, outputs=outputs, write=False, restart_option=None)
+    # restart on another rank: nothing resumed, nothing deleted there (the main process discards)
+    assert not check_resume(tmp_path, {"seed": 2}, outputs=outputs, restart=True, write=False)
+    assert (tmp_path / "checkpoints").is_dir() and "1" in (tmp_path / "fingerprint.json").read_text()
+
+
 def test_outputs_without_a_fingerprint_are_not_trusted(tmp_path):
     append_jsonl([{"id": 1}], tmp_path / "outputs.jsonl")
     with pytest.raises(ResumeMismatch, match="no record of what made them"):

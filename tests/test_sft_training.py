@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.training.config import SFTSection
 from medcritical.training.saving import verify_manifest
@@ -116,10 +117,15 @@ def test_interrupted_run_resumes_to_the_same_loss(tmp_path, full_run, dataset, t
     for got, want in zip(after_resume, expected):
         assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
 
-    # A finished run is not trained again; other settings in the same folder are refused.
+    # A finished run is not trained again; other settings in the same folder are refused, naming what to delete.
     assert train_sft(sft_config(**FULL), dataset, tiny_model, output, device="cpu")["steps_this_session"] == 8
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ResumeMismatch, match=r"\(settings: .*Delete checkpoints, model, MANIFEST.sha256 in"):
         train_sft(sft_config(**{**FULL, "max_steps": 20}), dataset, tiny_model, output, device="cpu")
+    # restart discards the checkpoints and the model: the new settings train from the start.
+    other = sft_config(**{**FULL, "max_steps": 2, "save_steps": 100})
+    restarted = train_sft(other, dataset, tiny_model, output, device="cpu", restart=True)
+    assert restarted["resumed_from"] is None and restarted["steps_this_session"] == restarted["steps"] == 2
+    assert not (output / "checkpoints" / "checkpoint-16").exists() and verify_manifest(output) == []
 
 
 def test_packing_trains(tmp_path, dataset, tiny_model):

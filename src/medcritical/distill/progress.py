@@ -23,7 +23,7 @@ from medcritical.llm_client import ChatReply
 
 log = logging.getLogger(__name__)
 
-RUN, SESSION, REPLY = "run", "session", "reply"  # event kinds
+SESSION, REPLY = "session", "reply"  # event kinds (a session: one run of the step, its status and wall time)
 
 
 def question_fingerprint(question: Question) -> str:
@@ -93,16 +93,3 @@ def replay(events: Iterable[dict], questions: Iterable[Question]) -> dict[str, Q
     if ignored:
         log.info("progress log: %d replies belong to questions not in this input (or changed); ignored", ignored)
     return progress
-
-
-def check_same_setup(events: list[dict], fingerprint: dict, path: Path) -> None:
-    """Refuse to mix replies from another teacher, prompt or language into one output folder."""
-    previous = next((e["fingerprint"] for e in reversed(events) if e.get("event") == RUN), None)
-    if previous is None or previous == fingerprint:
-        return
-    changed = sorted(k for k in fingerprint.keys() | previous.keys() if fingerprint.get(k) != previous.get(k))
-    details = "; ".join(f"{k}: was {previous.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
-    raise ValueError(
-        f"{path} holds replies from a different distillation setup ({details}). Use a fresh output "
-        f"folder, or delete {path} to start over."
-    )

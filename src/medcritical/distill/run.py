@@ -3,6 +3,8 @@
     stats = distill(recipe.distill, questions, "runs/demo/distill", seed=recipe.run.seed)
 
 Writes to the output folder:
+- ``fingerprint.json``: the setup the replies come from (teacher and its weights, sampling, language,
+  prompts); a rerun with another setup is refused, `restart=True` discards the folder's outputs instead,
 - ``distill_raw.jsonl``: the append-only progress log (every reply as it arrives; used to resume),
 - ``sft.jsonl``: one chat-messages row per accepted question (user: the student's MCQ prompt,
   assistant: "<think>template + reasoning</think>\\n答案：X"), in input order,
@@ -25,23 +27,17 @@ from tqdm.auto import tqdm
 from medcritical.data.cmexam import Question
 from medcritical.distill.config import DistillConfig
 from medcritical.distill.outputs import accepted_attempt, distill_statistics, question_outcome
-from medcritical.distill.progress import (
-    RUN,
-    SESSION,
-    ProgressLog,
-    QuestionProgress,
-    check_same_setup,
-    replay,
-    reply_event,
-)
+from medcritical.distill.progress import SESSION, ProgressLog, QuestionProgress, replay, reply_event
 from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher, served_teacher
 from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template_messages, trace_messages
+from medcritical.io.fingerprint import check_resume
 from medcritical.io.jsonl import write_jsonl
 from medcritical.llm_client import ChatReply, EndpointFailures
 
 log = logging.getLogger(__name__)
 
 RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE = "distill_raw.jsonl", "sft.jsonl", "rejected.jsonl", "distill_stats.json"
+OUTPUTS = (RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE)  # what the setup fingerprint vouches for
 
 
 def distill(
@@ -52,41 +48,37 @@ def distill(
     seed: int = 0,
     device: str = "auto",
     teacher: Teacher | None = None,
+    restart: bool = False,
 ) -> dict:
     """Distill `questions` into `output_dir` (resuming what is there) and return the statistics.
 
     `teacher` replaces the one the config names (a custom backend); by default it is built from config.
+    Replies already in `output_dir` are resumed only when they come from the same setup (`setup_fingerprint`);
+    `restart` discards them instead of refusing.
     """
     output_dir = Path(output_dir)
     if config.backend == "vllm-server" and teacher is None:  # the teacher's server lives as long as this call
         with served_teacher(config, output_dir) as served:
-            return distill(served, questions, output_dir, seed=seed, device=device)
+            return distill(served, questions, output_dir, seed=seed, device=device, restart=restart)
     questions = list(questions)[: config.limit] if config.limit is not None else list(questions)
     if not questions:
         raise ValueError("no questions to distill (empty input, or distill.limit is 0)")
     prompts = DistillPrompts.load(config.language)
-    progress_log = ProgressLog(output_dir / RAW_FILE)
-    events = progress_log.read()
     teacher = teacher or build_teacher(config, prompts, device=device)
-    setup = {
-        "teacher": teacher.description.get("backend"),
-        "model": teacher.description.get("model"),
-        "weights": teacher.description.get("weights"),  # local teachers: a hash of the weights
-        "sampling": {"temperature": config.temperature, "top_p": config.top_p},
-        "language": config.language,
-        "prompts": prompts.versions,
-        "show_gold_answer": config.show_gold_answer,
-    }
-    check_same_setup(events, setup, progress_log.path)
-    progress = replay(events, questions)
+    # Replies of another teacher, prompt or language must not be mixed in; per question, a changed
+    # question's replies are dropped by `replay` (each reply carries the question's hash).
+    check_resume(
+        output_dir, setup_fingerprint(config, prompts, teacher), outputs=OUTPUTS, restart=restart, restart_option=None
+    )
+    progress_log = ProgressLog(output_dir / RAW_FILE)
+    progress = replay(progress_log.read(), questions)
     # A deterministic teacher would repeat its rejected reply word for word.
     attempts = 1 if teacher.deterministic else config.attempts
     run = _Run(config, prompts, teacher, progress_log, progress, attempts, seed)
     finished_before = sum(run.finished(q) for q in questions)
     if finished_before:
         log.info("resuming: %d of %d questions already finished in %s", finished_before, len(questions), output_dir)
-    progress_log.append({"event": RUN, "fingerprint": setup, "started": datetime.now(UTC).isoformat()})
-
+    started_at = datetime.now(UTC).isoformat()
     started, status = time.monotonic(), "interrupted"
     try:
         if finished_before < len(questions) and hasattr(teacher, "probe"):
@@ -94,7 +86,14 @@ def distill(
         run.ask_until_done(questions, finished_before)
         status = "finished" if not run.failed else "endpoint failures"
     finally:
-        progress_log.append({"event": SESSION, "status": status, "wall_time_s": round(time.monotonic() - started, 3)})
+        progress_log.append(
+            {
+                "event": SESSION,
+                "status": status,
+                "started": started_at,
+                "wall_time_s": round(time.monotonic() - started, 3),
+            }
+        )
 
     stats = _write_outputs(config, questions, run, output_dir, prompts, teacher, attempts)
     stats["resumed_questions"] = finished_before
@@ -121,6 +120,20 @@ def distill(
             f"distill: requests for {len(run.failed)} questions failed at the teacher; rerun the same command to continue"
         )
     return stats
+
+
+def setup_fingerprint(config: DistillConfig, prompts: DistillPrompts, teacher: Teacher) -> dict:
+    """What the replies depend on, beyond the question itself: the teacher (a local teacher's weights
+    hash, not its folder name), its sampling, the language, the prompt versions and the gold-answer hint."""
+    return {
+        "teacher": teacher.description.get("backend"),
+        "model": teacher.description.get("model"),
+        "weights": teacher.description.get("weights"),
+        "sampling": {"temperature": config.temperature, "top_p": config.top_p},
+        "language": config.language,
+        "prompts": prompts.versions,
+        "show_gold_answer": config.show_gold_answer,
+    }
 
 
 class _Run:

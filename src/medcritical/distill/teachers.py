@@ -25,6 +25,10 @@ from medcritical.distill.traces import TEMPLATE, DistillPrompts
 from medcritical.grader import THINK_END
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.llm_client import ChatClient, ChatReply, safe_url
+from medcritical.modeling import resolve_model
+from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.generation import load_generator
+from medcritical.modeling.vllm_server import serve_vllm
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +171,6 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
             f"distill.backend is {config.backend!r} but distill.teacher_model is not set; give a local "
             "Hugging Face model folder (or 'tiny'), or use distill.backend: openai for a served model"
         )
-    from medcritical.modeling import resolve_model
-    from medcritical.modeling.config import GenerationConfig
-    from medcritical.modeling.generation import load_generator
-
     path = resolve_model(config.teacher_model)
     generation = GenerationConfig(
         backend=config.backend,
@@ -205,9 +205,6 @@ def served_teacher(config: DistillConfig, output_dir: str | Path) -> Iterator[Di
             "distill.backend is 'vllm-server' but distill.teacher_model is not set; give the local model "
             "folder the server should load (e.g. /models/QwQ-32B)"
         )
-    from medcritical.modeling import resolve_model
-    from medcritical.modeling.vllm_server import serve_vllm
-
     path = resolve_model(config.teacher_model)
     server = config.server
     with serve_vllm(

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
 log = logging.getLogger(__name__)
 
 _PROBE = "ZQXJ probe answer"  # text that no template adds by itself, to find where the assistant turn ends
@@ -60,8 +62,6 @@ def check_tokenizer(tokenizer, source: str, *, assistant_only_loss: bool = True)
 
 
 def _training_template(tokenizer, source: str) -> str | None:
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     if has_generation_markers(tokenizer.chat_template):
         return None  # the tokenizer's own template already marks the assistant's text
     try:

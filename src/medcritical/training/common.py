@@ -1,9 +1,12 @@
 """What every training step shares (SFT here, DPO next): device and precision, the trainer arguments common to
-TRL's SFTConfig and DPOConfig, LoRA, DeepSpeed configs, distributed start-up, resuming and run records.
+TRL's SFTConfig and DPOConfig, LoRA, DeepSpeed configs, distributed start-up and resuming.
 
 One command runs as a single process or under `torchrun` / `accelerate launch` on many GPUs and nodes: rank,
 world size and rendezvous come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, as
 torchrun and the Kubernetes training operators set them), never from our own flags.
+
+torch, transformers, peft and DeepSpeed are imported inside the functions that need them: `medcritical plan`
+reads this module's DeepSpeed names without paying for the training libraries.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from medcritical.io.fingerprint import MODEL_MANIFEST, check_resume
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling.generation import resolve_device, resolve_dtype
 from medcritical.training.config import LoraSection
@@ -88,7 +92,7 @@ def start_distributed(device: str, deepspeed: Path | None) -> None:
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(free_port))
-    import deepspeed as ds
+    import deepspeed as ds  # lazy: heavy, and only DeepSpeed runs need it
 
     ds.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
 
@@ -102,7 +106,7 @@ def trainer_arguments(
     bf16 mixed precision on a GPU that has it unless the recipe says otherwise; float32 on CPU
     (`use_cpu`); checkpoints with optimizer state so a rerun resumes exactly; no hub.
     """
-    import torch
+    import torch  # lazy: see the module docstring
 
     on_gpu = device == "cuda"
     device_defaults = {"bf16": on_gpu and torch.cuda.is_bf16_supported()}
@@ -123,7 +127,7 @@ def lora_config(lora: LoraSection):
     """A peft.LoraConfig for a causal LM, or None when LoRA is off (full fine-tuning)."""
     if not lora.enabled:
         return None
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: LoRA runs only
 
     return LoraConfig(
         r=lora.r,
@@ -138,7 +142,7 @@ def lora_config(lora: LoraSection):
 def load_model_for_training(model_path: str | Path, device: str, dtype: str = "auto"):
     """Load the model to train. Call after building the trainer config: with ZeRO-3 the weights are then
     partitioned across ranks while loading instead of materialised whole on every rank."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: see the module docstring
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype(dtype, device))
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
@@ -181,25 +185,22 @@ def find_resumable_checkpoint(checkpoints_dir: str | Path) -> str | None:
     return None
 
 
-def check_same_run(output_dir: str | Path, step: str, record: dict[str, Any]) -> None:
-    """Refuse to resume or overwrite a run made with other settings, data or base model.
+# What a training step's fingerprint vouches for: what a rerun resumes (checkpoints/) or returns at once (the
+# finished model, whose manifest is written last). The metrics and plots are rewritten by every run.
+RESUMED_OUTPUTS = ("checkpoints", "model", "adapter", MODEL_MANIFEST)
 
-    `record` (settings, dataset checksum, model path) is written to `<step>_run.json` on the first run; a rerun
-    into the same folder must match it, or checkpoints of one recipe would be continued under another.
+
+def check_training_resume(output_dir: str | Path, fingerprint: dict[str, Any], *, restart: bool = False) -> bool:
+    """`io.fingerprint.check_resume` for a training step: checkpoints of one recipe, data or starting
+    model are never continued under another. On a mismatch `restart` discards them; otherwise the error
+    names what changed and what to delete (the training commands have no --restart). Every rank checks,
+    only the main process records and discards. True when earlier checkpoints or the model may be resumed.
     """
-    path = Path(output_dir) / f"{step}_run.json"
-    normalised = json.loads(json.dumps(record, default=str))
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != normalised:
-            changed = sorted(k for k in normalised.keys() | previous.keys() if previous.get(k) != normalised.get(k))
-            raise ValueError(
-                f"{output_dir}: holds a {step} run with different {', '.join(changed)}; choose a new --output "
-                f"folder, or delete {path.name} and checkpoints/ there to start over"
-            )
-        return
-    if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp")  # other ranks may read it at once: never let them see half a file
-        partial.write_text(json.dumps(normalised, indent=2, ensure_ascii=False))
-        partial.replace(path)
+    return check_resume(
+        output_dir,
+        fingerprint,
+        outputs=RESUMED_OUTPUTS,
+        restart=restart,
+        restart_option=None,
+        write=is_main_process(),
+    )

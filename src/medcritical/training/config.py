@@ -21,7 +21,7 @@ import tempfile
 import typing
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from medcritical.section import Section
 
@@ -109,8 +109,6 @@ def check_trainer_mapping(trainer: dict[str, Any], defaults: dict[str, Any], con
 def _typed(key: str, value: Any, config: type) -> Any:
     """`value` as the type TRL declares for `key` ("3e-3", which YAML reads as a string, becomes 0.003);
     TRL's dataclasses do not convert, and a string learning rate would fail deep inside torch."""
-    from pydantic import TypeAdapter, ValidationError
-
     hint = typing.get_type_hints(config).get(key)
     try:
         adapter = TypeAdapter(hint)

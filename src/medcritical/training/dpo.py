@@ -21,7 +21,8 @@ reference): a reference that differs from the policy shows up there, recorded an
 
 Output folder: checkpoints/ (a rerun resumes from the newest), model/ (full HF folder, LoRA merged, what the
 next round and evaluation load), adapter/ (LoRA), dpo_metrics.json, dpo_loss.png, dpo_heldout.png,
-dpo_run.json, MANIFEST.sha256 (written last: marks the run done).
+fingerprint.json (what it was trained from: a rerun with other settings, pairs or starting weights is refused),
+MANIFEST.sha256 (written last: marks the run done).
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import EarlyStoppingCallback, TrainerCallback
+from datasets import Dataset
+from transformers import AutoTokenizer, EarlyStoppingCallback, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+from trl import DPOConfig, DPOTrainer
 
-from medcritical.io.fingerprint import file_sha256
+from medcritical.io.fingerprint import file_sha256, model_fingerprint
 from medcritical.io.jsonl import read_jsonl
 from medcritical.plotting import figure
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
-    check_same_run,
+    check_training_resume,
     deepspeed_config_path,
     deepspeed_zero_stage,
     find_resumable_checkpoint,
@@ -109,8 +113,6 @@ def drop_too_long(pairs: list[dict], tokenizer, max_length: int) -> tuple[list[d
 
 def reference_model(config: DPOSection, policy, model_path: str | Path, device: str, dtype: str):
     """The reference for DPO (see the module docstring): None where TRL derives it correctly itself."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     if config.lora.enabled:
         return None  # the policy with its adapter disabled
     if config.settings.get("precompute_ref_log_probs", False):
@@ -180,9 +182,6 @@ def build_dpo_trainer(
     `args` comes from `dpo_arguments`; under ZeRO-3 it must exist (and stay referenced) before the
     policy is loaded, so the weights load partitioned, as `train_dpo` does.
     """
-    from datasets import Dataset
-    from trl import DPOTrainer
-
     return DPOTrainer(
         model=policy,
         ref_model=reference_model(config, policy, model_path, device, dtype),
@@ -218,8 +217,6 @@ def dpo_arguments(
 ):
     """TRL DPOConfig. `eval_on_start`: one held-out evaluation before the first step, inside the training
     loop (a separate `trainer.evaluate()` before `train()` breaks DeepSpeed's engine set-up)."""
-    from trl import DPOConfig
-
     settings = config.settings
     evaluate_during = heldout and config.evaluations > 1
     arguments = trainer_arguments(settings, checkpoints_dir, device=device, seed=seed, deepspeed=deepspeed)
@@ -254,15 +251,15 @@ def train_dpo(
     seed: int = 0,
     resume: bool = True,
     callbacks: Sequence[Any] = (),
+    restart: bool = False,
 ) -> dict[str, Any]:
     """DPO from the model in `model_path` on `pairs_path`; writes model/ and dpo_metrics.json to output_dir.
 
     No training pairs is not an error but an explicit result: {"status": "skipped", "reason": ...,
     "model": model_path} (the model is unchanged). Resumes from the newest checkpoint; returns the
-    stored metrics at once when output_dir already holds the finished run.
+    stored metrics at once when output_dir already holds the finished run. Both only for the same settings,
+    pairs and starting weights (`fingerprint.json`); `restart` discards what is there instead of refusing.
     """
-    from transformers import AutoTokenizer
-
     output_dir, model_path = Path(output_dir), Path(model_path)
     train_pairs = read_pairs(pairs_path)
     heldout_pairs = read_pairs(heldout_path) if heldout_path else []
@@ -281,24 +278,24 @@ def train_dpo(
         )
     deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
-    check_same_run(
+    resumable = check_training_resume(
         output_dir,
-        "dpo",
         {
             "settings": config.model_dump(mode="json"),
             "seed": seed,
-            "pairs_sha256": file_sha256(Path(pairs_path)),
-            "heldout_sha256": file_sha256(Path(heldout_path)) if heldout_path else None,
-            "model": str(model_path),
+            "pairs": file_sha256(Path(pairs_path)),
+            "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,
+            "model": model_fingerprint(model_path),
         },
+        restart=restart,
     )
-    if (output_dir / MANIFEST).is_file() and (output_dir / "dpo_metrics.json").is_file():
+    if resumable and (output_dir / MANIFEST).is_file() and (output_dir / "dpo_metrics.json").is_file():
         log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
 
     start_distributed(device, deepspeed)
     checkpoints = output_dir / "checkpoints"
-    resume_from = find_resumable_checkpoint(checkpoints) if resume else None
+    resume_from = find_resumable_checkpoint(checkpoints) if resumable and resume else None
     # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
     args = dpo_arguments(
         config,

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from medcritical.plotting import figure
@@ -25,8 +26,6 @@ class ThroughputCallback(TrainerCallback):
         self.tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.start = self.last_log = time.perf_counter()
@@ -49,8 +48,6 @@ class ThroughputCallback(TrainerCallback):
 
 def peak_memory() -> dict[str, Any]:
     """Peak GPU memory allocated by torch on this rank, or the process's peak resident memory on CPU."""
-    import torch
-
     if torch.cuda.is_available():
         return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_memory_of": "cuda"}
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

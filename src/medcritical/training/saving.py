@@ -13,11 +13,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from medcritical.io.fingerprint import file_sha256
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import deepspeed as hf_deepspeed
+
+from medcritical.io.fingerprint import MODEL_MANIFEST, file_sha256
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.sha256"
+MANIFEST = MODEL_MANIFEST  # MANIFEST.sha256: checksums of the run's files, written last
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,6 @@ def save_final_model(trainer, output_dir: str | Path, *, base_model_path: str | 
     LoRA with merge: the adapter is saved, then merged into a fresh copy of the base weights loaded from
     `base_model_path` (the in-memory base may be sharded or wrapped), and the merged model is saved in full.
     """
-    from peft import PeftModel
-
     output_dir = Path(output_dir)
     model_dir, adapter_dir = output_dir / "model", output_dir / "adapter"
     state_dict = gathered_state_dict(trainer)
@@ -83,8 +87,6 @@ def _no_zero3_partitioning():
     While a ZeRO-3 config is registered, transformers partitions every model it builds across the ranks (a
     collective call); rank 0 loading the base to merge, alone, would wait forever for the others.
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter for the registered object
     registered = ref() if ref is not None else None
     hf_deepspeed.unset_hf_deepspeed_config()
@@ -96,23 +98,16 @@ def _no_zero3_partitioning():
 
 
 def _dtype_of(state_dict: dict):
-    import torch
-
     return next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
 
 
 def merge_adapter(base_model_path: str | Path, adapter_dir: str | Path, *, dtype=None):
     """Base weights + LoRA adapter folded into one plain transformers model (on CPU)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
     shapes = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -136,9 +131,6 @@ def verify_adapter(adapter_dir: str | Path) -> None:
 
 def verify_full_weights(model_dir: str | Path) -> None:
     """Every weight the model's architecture expects is saved with its full shape (tied weights excepted)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_dir = Path(model_dir)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))

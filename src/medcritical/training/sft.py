@@ -17,7 +17,8 @@ launcher change:
 
 Output folder: checkpoints/ (periodic; a rerun resumes from the newest), model/ (Hugging Face folder with the
 tokenizer and chat template; LoRA merged when sft.lora.merge), adapter/ (LoRA only), sft_metrics.json,
-sft_loss.png, sft_run.json (what was trained), MANIFEST.sha256 (checksums; written last, marks the run done).
+sft_loss.png, fingerprint.json (what the checkpoints and model were trained from: a rerun with other settings,
+data or base weights is refused), MANIFEST.sha256 (checksums; written last, marks the run done).
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medcritical.io.fingerprint import file_sha256
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from medcritical.io.fingerprint import file_sha256, model_fingerprint
 from medcritical.training.checks import check_tokenizer, conversation_lengths, read_conversations, select_by_length
 from medcritical.training.common import (
-    check_same_run,
+    check_training_resume,
     deepspeed_config_path,
     deepspeed_zero_stage,
     find_resumable_checkpoint,
@@ -60,16 +65,15 @@ def train_sft(
     dtype: str = "auto",
     seed: int = 0,
     callbacks: Sequence[Any] = (),
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the model in `model_path` (a local HF folder) on the chat rows of `dataset_path`.
 
     Resumes from the newest checkpoint in output_dir/checkpoints; returns the stored metrics at once when
-    output_dir already holds the finished run. `callbacks` are extra transformers TrainerCallbacks.
+    output_dir already holds the finished run. Both only for the same settings, data and base weights
+    (`fingerprint.json`); `restart` discards what is there instead of refusing. `callbacks` are extra
+    transformers TrainerCallbacks.
     """
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
     output_dir, model_path = Path(output_dir), Path(model_path)
     device = training_device(device)
     settings = config.settings
@@ -82,8 +86,8 @@ def train_sft(
     conversations, data_stats = select_by_length(
         conversations, lengths, settings["max_length"], config.on_too_long, str(dataset_path)
     )
-    check_same_run(output_dir, "sft", _run_record(config, dataset_path, model_path, seed))
-    if (output_dir / MANIFEST).is_file() and (output_dir / "sft_metrics.json").is_file():
+    resumable = check_training_resume(output_dir, _fingerprint(config, dataset_path, model_path, seed), restart=restart)
+    if resumable and (output_dir / MANIFEST).is_file() and (output_dir / "sft_metrics.json").is_file():
         log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST)
         return json.loads((output_dir / "sft_metrics.json").read_text())
 
@@ -103,7 +107,7 @@ def train_sft(
         peft_config=lora_config(config.lora),
         callbacks=[throughput, *callbacks],
     )
-    resume_from = find_resumable_checkpoint(args.output_dir) if config.resume else None
+    resume_from = find_resumable_checkpoint(args.output_dir) if resumable and config.resume else None
     if resume_from:
         log.info("resuming from %s", resume_from)
     started = time.perf_counter()
@@ -141,11 +145,11 @@ def train_sft(
     return metrics
 
 
-def _run_record(config: SFTSection, dataset_path: str | Path, model_path: Path, seed: int) -> dict[str, Any]:
-    """What identifies a run: resuming under other settings, data or base model is refused."""
+def _fingerprint(config: SFTSection, dataset_path: str | Path, model_path: Path, seed: int) -> dict[str, Any]:
+    """What the checkpoints and the model depend on: resuming under other settings, data or base weights is refused."""
     return {
         "settings": config.model_dump(mode="json", exclude={"resume"}),
         "seed": seed,
-        "dataset_sha256": file_sha256(Path(dataset_path)),
-        "base_model_config_sha256": file_sha256(model_path / "config.json"),
+        "dataset": file_sha256(Path(dataset_path)),
+        "model": model_fingerprint(model_path),
     }
