@@ -132,7 +132,7 @@ def test_a_different_setup_in_the_same_folder_is_refused_and_restart_discards_it
     distill(DistillConfig(), bundled[:3], tmp_path)
     assert json.loads((tmp_path / "fingerprint.json").read_text())["language"] == "zh"
     replies = (tmp_path / RAW_FILE).read_text(encoding="utf-8")
-    with pytest.raises(ResumeMismatch, match=r"language: zh -> en.*[Dd]elete distill_raw.jsonl"):
+    with pytest.raises(ResumeMismatch, match=r"language: zh -> en.*Rerun with --restart"):
         distill(DistillConfig(language="en"), bundled[:3], tmp_path)
     with pytest.raises(ResumeMismatch, match=r"sampling"):
         distill(DistillConfig(temperature=0.3), bundled[:3], tmp_path)
@@ -159,12 +159,15 @@ def test_cli_distills_and_reports_user_errors(bundled, tmp_path, monkeypatch, ca
     assert code == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 6
     assert len(read_jsonl(tmp_path / "out" / SFT_FILE)) == 6
-    # Another setup into the same folder: a user error (exit 2) naming the change and what to delete.
+    # Another setup into the same folder: a user error (exit 2) naming the change and the fix; --restart starts over.
     code = main(
         ["distill", "--set", "distill.language=en", "--questions", str(tmp_path / "train.jsonl"), "--output"]
         + [str(tmp_path / "out")]
     )
-    assert code == 2 and "language: zh -> en" in (err := capsys.readouterr().err) and "elete distill_raw.jsonl" in err
+    assert code == 2 and "language: zh -> en" in (err := capsys.readouterr().err) and "--restart" in err
+    restarted = ["distill", "--set", "distill.language=en", "--questions", str(tmp_path / "train.jsonl"), "--restart"]
+    assert main(restarted + ["--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "fingerprint.json").read_text())["language"] == "en"
 
     monkeypatch.delenv("MEDCRITICAL_TEACHER_BASE_URL", raising=False)
     code = main(

@@ -117,9 +117,9 @@ def test_interrupted_run_resumes_to_the_same_loss(tmp_path, full_run, dataset, t
     for got, want in zip(after_resume, expected):
         assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
 
-    # A finished run is not trained again; other settings in the same folder are refused, naming what to delete.
+    # A finished run is not trained again; other settings in the same folder are refused, naming the fix.
     assert train_sft(sft_config(**FULL), dataset, tiny_model, output, device="cpu")["steps_this_session"] == 8
-    with pytest.raises(ResumeMismatch, match=r"\(settings: .*Delete checkpoints, model, MANIFEST.sha256 in"):
+    with pytest.raises(ResumeMismatch, match=r"\(settings: .*Rerun with --restart"):
         train_sft(sft_config(**{**FULL, "max_steps": 20}), dataset, tiny_model, output, device="cpu")
     # restart discards the checkpoints and the model: the new settings train from the start.
     other = sft_config(**{**FULL, "max_steps": 2, "save_steps": 100})

@@ -22,6 +22,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_restart_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the outputs in --output made from other inputs, settings or weights and start over "
+        "(without it such a folder is an error; outputs of the same work are always resumed)",
+    )
+
+
 @contextlib.contextmanager
 def questions_uri(given: str | None, recipe: Recipe) -> Iterator[str]:
     """A question file or prepare-data folder as given (path or s3:// URI); without one, the recipe's

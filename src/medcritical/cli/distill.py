@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medcritical.cli.common import add_recipe_arguments, recipe_from_args
+from medcritical.cli.common import add_recipe_arguments, add_restart_argument, recipe_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -31,6 +31,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--output", required=True, metavar="DIR", help="folder (or s3:// URI) for sft.jsonl and the statistics"
     )
+    add_restart_argument(parser)
     parser.set_defaults(func=_distill)
 
 
@@ -40,6 +41,6 @@ def _distill(args) -> None:
     from medcritical.distill.stage import DISTILL
     from medcritical.runner import run_stage
 
-    stats = run_stage(DISTILL, recipe_from_args(args), args.output, data=args.questions)
+    stats = run_stage(DISTILL, recipe_from_args(args), args.output, data=args.questions, restart=args.restart)
     summary = {k: stats[k] for k in ("questions", "accepted", "acceptance_rate", "trace_attempts", "rejections")}
     print(json.dumps(summary, ensure_ascii=False))

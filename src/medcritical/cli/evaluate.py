@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from medcritical.cli.common import add_recipe_arguments, questions_uri, recipe_from_args
+from medcritical.cli.common import add_recipe_arguments, add_restart_argument, questions_uri, recipe_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -38,12 +38,7 @@ Score saved outputs without any model (mcq protocol):
     source.add_argument("--predictions", metavar="FILE", help="saved outputs to score instead of running a model")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the report")
     parser.add_argument("--label", help="a name for the model in the report (e.g. 'sft')")
-    parser.add_argument(
-        "--restart",
-        action="store_true",
-        help="discard outputs in --output made from other questions, prompt, settings or weights and start over "
-        "(without it such a folder is an error; matching outputs are always resumed)",
-    )
+    add_restart_argument(parser)
     parser.set_defaults(func=_evaluate)
 
     compare = subparsers.add_parser(

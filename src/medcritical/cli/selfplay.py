@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from medcritical.cli.common import add_recipe_arguments, questions_uri, recipe_from_args
+from medcritical.cli.common import add_recipe_arguments, add_restart_argument, questions_uri, recipe_from_args
 
 ROLLOUT_HELP = """\
 The model answers each training question k times (selfplay.rollout.*), every answer graded against
@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
     rollout.add_argument(
         "--output", required=True, metavar="DIR", help="folder (or s3:// URI) for rollouts, corrections and pairs"
     )
+    add_restart_argument(rollout)
     rollout.set_defaults(func=_rollout)
 
     pairs = subparsers.add_parser(
@@ -68,6 +69,7 @@ Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ...
     dpo.add_argument("--heldout", metavar="FILE", help="held-out pairs; default: pairs_heldout.jsonl beside --pairs")
     dpo.add_argument("--model", metavar="PATH", help="the model to improve (the SFT model); default: model.base")
     dpo.add_argument("--output", required=True, metavar="DIR", help="folder for checkpoints, model/ and metrics")
+    add_restart_argument(dpo)
     dpo.set_defaults(func=_dpo)
 
     rounds = subparsers.add_parser(
@@ -124,7 +126,7 @@ def _rollout(args) -> None:
 
     recipe = recipe_from_args(args)
     with questions_uri(args.questions, recipe) as questions:
-        stats = run_stage(ROLLOUT, recipe, args.output, data=questions, model=args.model)
+        stats = run_stage(ROLLOUT, recipe, args.output, data=questions, model=args.model, restart=args.restart)
     r, p = stats["rollout"], stats["pairs"]
     print(
         f"pass@1 {r['pass@1']:.3f}  pass@k {r['pass@k']:.3f}  all wrong {r['all_wrong']:.3f}  all right {r['all_right']:.3f}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from medcritical.cli.common import add_recipe_arguments, recipe_from_args
+from medcritical.cli.common import add_recipe_arguments, add_restart_argument, recipe_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -35,6 +35,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--output", required=True, metavar="DIR", help="folder (or s3:// URI) for checkpoints/, model/, metrics"
     )
+    add_restart_argument(parser)
     parser.set_defaults(func=_sft)
 
 
@@ -43,7 +44,9 @@ def _sft(args) -> None:
     from medcritical.runner import run_stage
     from medcritical.training.stage import SFT
 
-    metrics = run_stage(SFT, recipe_from_args(args), args.output, distill=args.dataset, model=args.model)
+    metrics = run_stage(
+        SFT, recipe_from_args(args), args.output, distill=args.dataset, model=args.model, restart=args.restart
+    )
     if is_main_process():
         summary = {k: v for k, v in metrics.items() if k != "loss_curve"}
         print(json.dumps(summary, indent=2, ensure_ascii=False))

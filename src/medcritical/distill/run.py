@@ -67,9 +67,7 @@ def distill(
     teacher = teacher or build_teacher(config, prompts, device=device)
     # Replies of another teacher, prompt or language must not be mixed in; per question, a changed
     # question's replies are dropped by `replay` (each reply carries the question's hash).
-    check_resume(
-        output_dir, setup_fingerprint(config, prompts, teacher), outputs=OUTPUTS, restart=restart, restart_option=None
-    )
+    check_resume(output_dir, setup_fingerprint(config, prompts, teacher), outputs=OUTPUTS, restart=restart)
     progress_log = ProgressLog(output_dir / RAW_FILE)
     progress = replay(progress_log.read(), questions)
     # A deterministic teacher would repeat its rejected reply word for word.

@@ -7,12 +7,15 @@ from pathlib import Path
 from medcritical.data.cmexam import load_questions
 from medcritical.data.prepare import TRAIN_FILE
 from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
+from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.stage import Input, Stage
 
 
-def _run(recipe, output_dir: Path, *, data: Path) -> dict:
+def _run(recipe, output_dir: Path, *, data: Path, restart: bool = False) -> dict:
     questions = load_questions(data, recipe.data.on_bad_row).questions
-    return distill(recipe.distill, questions, output_dir, seed=recipe.run.seed, device=recipe.run.device)
+    return distill(
+        recipe.distill, questions, output_dir, seed=recipe.run.seed, device=recipe.run.device, restart=restart
+    )
 
 
 DISTILL = Stage(
@@ -21,8 +24,9 @@ DISTILL = Stage(
     section="distill",
     run=_run,
     inputs={"data": Input(TRAIN_FILE, default_stage="prepare_data")},
-    outputs=(RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE),
+    outputs=(FINGERPRINT_FILE, RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE),
     stats=STATS_FILE,
-    fingerprint=RAW_FILE,  # its run events record the teacher, prompts and sampling
+    fingerprint=FINGERPRINT_FILE,  # the teacher (and its weights), prompts, language and sampling
     recipe_files=("distill.teacher_model",),  # a local teacher given as s3://
+    options=("restart",),
 )

@@ -81,15 +81,13 @@ def check_resume(
     outputs: Iterable[str] = (),
     restart: bool = False,
     name: str = FINGERPRINT_FILE,
-    restart_option: str | None = "--restart",
     write: bool = True,
 ) -> bool:
     """Compare `fingerprint` with the one recorded in `output_dir`; record it when there is none.
 
     `outputs` are the files/folders the fingerprint vouches for. On a mismatch: with `restart` they
     are deleted and the new fingerprint recorded; otherwise `ResumeMismatch` names what changed and
-    the fix: `restart_option` (the command's flag that sets `restart`), or, where the command has
-    none (None), the outputs to delete. `write=False` on the other ranks of a distributed run: they
+    the fix (every stage command has `--restart`, which sets `restart`). `write=False` on the other ranks of a distributed run: they
     check, but recording and deleting is the main process's (see io.ranks.is_main_process).
     Returns True when earlier results are resumed.
     """
@@ -97,12 +95,7 @@ def check_resume(
     path = output_dir / name
     current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     existing = [output_dir / o for o in outputs if (output_dir / o).exists()]
-    discard = (
-        f"rerun with {restart_option} to discard them"
-        if restart_option
-        else f"delete {', '.join(p.name for p in existing)} in {output_dir}"
-    )
-    fix = f"{discard} to start over, or use another output folder"
+    fix = "rerun with --restart to discard them and start over, or use another output folder"
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         if before == current:
@@ -121,9 +114,7 @@ def check_resume(
     if not write:
         return False  # the main process discards and records; a mismatch here means nothing is resumed
     if restart and existing:
-        log.warning(
-            "%s: %s: discarding %s", output_dir, restart_option or "restart", ", ".join(p.name for p in existing)
-        )
+        log.warning("%s: --restart: discarding %s", output_dir, ", ".join(p.name for p in existing))
     for stale in existing:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,9 @@ ROLLOUT = Stage(
 )
 
 
-def _dpo(recipe, output_dir: Path, *, rollout: Path, heldout: Path | None, model: Path, data: Path | None) -> dict:
+def _dpo(
+    recipe, output_dir: Path, *, rollout: Path, heldout: Path | None, model: Path, data: Path | None, restart=False
+) -> dict:
     result = train_dpo(
         recipe.selfplay.dpo,
         rollout,
@@ -65,6 +67,7 @@ def _dpo(recipe, output_dir: Path, *, rollout: Path, heldout: Path | None, model
         device=recipe.run.device,
         dtype=recipe.model.dtype,
         seed=recipe.run.seed,
+        restart=restart,
     )
     if result.get("status") != "skipped" and recipe.evaluate.train_pass_questions != 0 and is_main_process():
         result["train_pass"] = measure_train_pass(
@@ -116,13 +119,14 @@ DPO = Stage(
         DPO_METRICS,
         "dpo_loss.png",
         "dpo_heldout.png",
-        "dpo_run.json",
+        FINGERPRINT_FILE,
         MANIFEST,
         TRAIN_PASS,
         TRAIN_PASS_STATS,
     ),
     stats=DPO_METRICS,
-    fingerprint="dpo_run.json",
+    fingerprint=FINGERPRINT_FILE,  # settings, seed, pairs checksums, starting weights
+    options=("restart",),
     produces="model",
     unchanged_model="model",  # no pairs: the round keeps its model
     local_only=(CHECKPOINTS,),

@@ -193,7 +193,7 @@ RESUMED_OUTPUTS = ("checkpoints", "model", "adapter", MODEL_MANIFEST)
 def check_training_resume(output_dir: str | Path, fingerprint: dict[str, Any], *, restart: bool = False) -> bool:
     """`io.fingerprint.check_resume` for a training step: checkpoints of one recipe, data or starting
     model are never continued under another. On a mismatch `restart` discards them; otherwise the error
-    names what changed and what to delete (the training commands have no --restart). Every rank checks,
+    names what changed and the fix (--restart). Every rank checks,
     only the main process records and discards. True when earlier checkpoints or the model may be resumed.
     """
     return check_resume(
@@ -201,6 +201,5 @@ def check_training_resume(output_dir: str | Path, fingerprint: dict[str, Any], *
         fingerprint,
         outputs=RESUMED_OUTPUTS,
         restart=restart,
-        restart_option=None,
         write=is_main_process(),
     )

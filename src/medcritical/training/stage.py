@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medcritical.distill.run import SFT_FILE
+from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.stage import MODEL, Input, Stage
 from medcritical.training.saving import MANIFEST
 from medcritical.training.sft import train_sft
@@ -18,7 +19,7 @@ CHECKPOINTS = "checkpoints"
 SFT_METRICS = "sft_metrics.json"
 
 
-def _run(recipe, output_dir: Path, *, distill: Path, model: Path) -> dict:
+def _run(recipe, output_dir: Path, *, distill: Path, model: Path, restart: bool = False) -> dict:
     return train_sft(
         recipe.sft,
         distill,
@@ -27,6 +28,7 @@ def _run(recipe, output_dir: Path, *, distill: Path, model: Path) -> dict:
         device=recipe.run.device,
         dtype=recipe.model.dtype,
         seed=recipe.run.seed,
+        restart=restart,
     )
 
 
@@ -36,9 +38,10 @@ SFT = Stage(
     section="sft",
     run=_run,
     inputs={"distill": Input(SFT_FILE, default_stage="distill"), "model": MODEL},
-    outputs=(CHECKPOINTS, "model", "adapter", SFT_METRICS, "sft_loss.png", "sft_run.json", MANIFEST),
+    outputs=(CHECKPOINTS, "model", "adapter", SFT_METRICS, "sft_loss.png", FINGERPRINT_FILE, MANIFEST),
     stats=SFT_METRICS,
-    fingerprint="sft_run.json",
+    fingerprint=FINGERPRINT_FILE,  # settings, seed, data checksum, starting weights
+    options=("restart",),
     produces="model",
     local_only=(CHECKPOINTS,),
 )
