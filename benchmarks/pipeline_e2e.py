@@ -41,7 +41,7 @@ STEP_LINE = re.compile(r"\bstep (\S+) -> ")  # each step logs "step <display nam
 
 def direct_plan(recipe, recipe_yaml: str) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline's steps in the pipeline's order, as plain calls of medcritical.steps."""
-    from medcritical import steps
+    from medcritical import kfp_runtime, steps
     from medcritical.steps import DATA, DISTILL, EVAL_BASE, EVAL_SFT, REPORT, SFT, eval_final_name, join_uri, round_name
 
     root, rounds = recipe.run.root, recipe.selfplay.rounds
@@ -50,7 +50,7 @@ def direct_plan(recipe, recipe_yaml: str) -> list[tuple[str, Callable[[], object
         return join_uri(root, name)
 
     plan = [
-        ("configure", lambda: steps.resolve_recipe_text(recipe_yaml, rounds, [], "", "", "")),
+        ("configure", lambda: kfp_runtime.resolve_recipe_text(recipe_yaml, rounds, [], "", "", "")),
         (DATA, lambda: steps.prepare_data(recipe, uri(DATA))),
         (EVAL_BASE, lambda: steps.evaluate(recipe, uri(DATA), "", uri(EVAL_BASE), label="base")),
         (DISTILL, lambda: steps.distill(recipe, uri(DATA), uri(DISTILL))),

@@ -104,7 +104,7 @@ def configure(
     teacher_on_gpu: bool = True,
 ) -> str:
     """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads."""
-    from medcritical.steps import resolve_recipe_text
+    from medcritical.kfp_runtime import resolve_recipe_text
 
     return resolve_recipe_text(
         recipe, rounds, overrides, base_model, teacher_base_url, teacher_model, teacher_on_gpu=teacher_on_gpu

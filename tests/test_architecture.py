@@ -32,6 +32,7 @@ FOUNDATION = {
 ORCHESTRATION = {
     "recipe",
     "steps",
+    "kfp_runtime",
     "rounds",
     "report",
     "arms",

@@ -215,8 +215,8 @@ def test_an_api_teacher_gets_no_gpu_and_no_vllm_image(tmp_path):
 
 
 def test_a_pipeline_compiled_for_an_api_teacher_refuses_a_local_one():
+    from medcritical.kfp_runtime import resolve_recipe_text
     from medcritical.recipe import RecipeError, dump_recipe
-    from medcritical.steps import resolve_recipe_text
 
     text = dump_recipe(load_recipe(PAPER_RECIPE))
     with pytest.raises(RecipeError, match="compiled for an API teacher"):
@@ -225,7 +225,7 @@ def test_a_pipeline_compiled_for_an_api_teacher_refuses_a_local_one():
 
 
 def test_distill_uri_reuses_an_earlier_runs_traces(tmp_path):
-    from medcritical.steps import reuse_step_output
+    from medcritical.kfp_runtime import reuse_step_output
 
     earlier = tmp_path / "run-1" / "distill"
     earlier.mkdir(parents=True)

@@ -148,7 +148,7 @@ def test_zero3_run_resumes_from_its_deepspeed_checkpoint(tmp_path, zero3_run, da
 def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tiny_model, monkeypatch):
     """What the sft component does on a pod with several GPUs, here with 2 CPU processes: the step's CLI
     under torchrun, the recipe handed over as a file, the metrics read back for the KFP UI."""
-    from medcritical import steps
+    from medcritical import kfp_runtime
     from medcritical.recipe import load_recipe_text
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -159,7 +159,7 @@ def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tin
         "learning_rate: 3.0e-3}}\n"  # global batch 4 on one GPU: 2 x 1 on each of the 2 ranks
     )
     output = tmp_path / "sft"
-    metrics = steps.run_data_parallel(
+    metrics = kfp_runtime.run_data_parallel(
         "sft", recipe, str(output), {"distill_uri": str(dataset), "model_uri": str(tiny_model)}, gpus=2
     )
     assert metrics["world_size"] == 2 and metrics["steps"] == 4 and metrics["zero_stage"] == 2

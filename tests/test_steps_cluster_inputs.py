@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from medcritical import steps, storage
+from medcritical import kfp_runtime, steps, storage
 from medcritical.recipe import RecipeError, load_recipe
 
 PAIR = {
@@ -68,9 +68,11 @@ def test_several_gpus_keep_the_recipes_global_batch():
     recipe = load_recipe(
         None, ["sft.trainer.per_device_train_batch_size=1", "sft.trainer.gradient_accumulation_steps=16"]
     )
-    eight = steps.keep_global_batch("sft", recipe, 8)
+    eight = kfp_runtime.keep_global_batch("sft", recipe, 8)
     assert eight.sft.settings["gradient_accumulation_steps"] == 2
-    dpo = steps.keep_global_batch("dpo", load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4)
+    dpo = kfp_runtime.keep_global_batch(
+        "dpo", load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4
+    )
     assert dpo.selfplay.dpo.settings["gradient_accumulation_steps"] == 4
     with pytest.raises(RecipeError, match="not a multiple of the 3 GPUs"):
-        steps.keep_global_batch("sft", recipe, 3)
+        kfp_runtime.keep_global_batch("sft", recipe, 3)

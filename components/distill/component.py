@@ -13,7 +13,7 @@ def distill(
     Returns the URI of its output folder, `<run_root>/<name>`; with `reuse_uri` (the distill folder of an
     earlier run, the pipeline's `distill_uri` parameter) the teacher is not called and that URI is returned.
     """
-    from medcritical.steps import reuse_step_output, run_component_step
+    from medcritical.kfp_runtime import reuse_step_output, run_component_step
 
     if reuse_uri:
         return reuse_step_output("distill", reuse_uri)

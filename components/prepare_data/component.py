@@ -10,6 +10,6 @@ def prepare_data(recipe: str, run_root: str, name: str, metrics: dsl.Output[dsl.
 
     Returns the URI of its output folder, `<run_root>/<name>`.
     """
-    from medcritical.steps import run_component_step
+    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step("prepare_data", recipe, run_root, name, metrics)

@@ -19,7 +19,7 @@ def report(
 
     Returns the URI of its output folder, `<run_root>/<name>`.
     """
-    from medcritical.steps import run_component_step
+    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step(
         "report",

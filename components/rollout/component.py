@@ -12,6 +12,6 @@ def rollout(
 
     Returns the URI of its output folder, `<run_root>/<name>`.
     """
-    from medcritical.steps import run_component_step
+    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step("rollout", recipe, run_root, name, metrics, data_uri=data_uri, model_uri=model_uri)

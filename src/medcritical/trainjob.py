@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-# step -> (CLI flag, step input) for the training data, as steps.DATA_PARALLEL_STEPS.
+# step -> (CLI flag, step input) for the training data, as kfp_runtime.DATA_PARALLEL_STEPS.
 DATA_FLAGS = {"sft": ("--dataset", "distill_uri"), "dpo": ("--pairs", "rollout_uri")}
 RECIPE_FILE = "/tmp/recipe.yaml"
 
@@ -219,11 +219,12 @@ def run_component_on_nodes(
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
     import json
 
+    from medcritical.kfp_runtime import numeric_metrics
     from medcritical.recipe import dump_recipe
-    from medcritical.steps import input_file, join_uri, numeric_metrics
+    from medcritical.steps import input_file, join_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The pipeline's run_root wins over the recipe's run.output_dir, as in steps.run_component_step.
+    # The pipeline's run_root wins over the recipe's run.output_dir, as in kfp_runtime.run_component_step.
     recipe = load_recipe_text(recipe_yaml)
     recipe_yaml = dump_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})}))
     output_uri = join_uri(run_root, name)
@@ -271,6 +272,6 @@ def run_training_step(
             s3_secret=s3_secret,
             **inputs,
         )
-    from medcritical.steps import run_component_step
+    from medcritical.kfp_runtime import run_component_step
 
     return run_component_step(step, recipe, run_root, name, metrics, **inputs)

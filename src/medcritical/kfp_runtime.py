@@ -1,0 +1,177 @@
+"""The KFP side of a step: what runs inside a pipeline task around the library's step function.
+
+The pipeline's `configure` step (the recipe resolved once), the relaunch of a training step under
+torchrun on every GPU of its pod, the reuse of an earlier run's output, and the step's numbers logged
+to the KFP UI. The components (components/<step>/component.py) call `run_component_step`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from medcritical.distill.run import SFT_FILE
+from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
+from medcritical.steps import STEPS, input_file, join_uri, local_output_path
+
+log = logging.getLogger(__name__)
+
+
+def resolve_recipe_text(
+    recipe_yaml: str,
+    rounds: int,
+    overrides: list,
+    base_model: str,
+    teacher_base_url: str,
+    teacher_model: str,
+    teacher_on_gpu: bool = True,
+) -> str:
+    """The pipeline's `configure` step: named knobs and overrides applied, validated, as YAML."""
+    named = {
+        "model.base": base_model,
+        "distill.openai.base_url": teacher_base_url,
+        "distill.openai.model": teacher_model,
+    }
+    assignments = [f"{key}={value}" for key, value in named.items() if value] + list(overrides)
+    recipe = load_recipe_text(recipe_yaml, assignments)
+    if recipe.selfplay.rounds != rounds:
+        raise RecipeError(
+            f"selfplay.rounds is {recipe.selfplay.rounds} but this pipeline was compiled for {rounds} rounds; "
+            f"recompile with `medcritical compile --set selfplay.rounds={recipe.selfplay.rounds}` (the rounds are "
+            "tasks of the compiled graph) or change the recipe"
+        )
+    if not teacher_on_gpu and recipe.distill.backend in ("vllm", "transformers"):
+        raise RecipeError(
+            f"distill.backend is {recipe.distill.backend} (a teacher in the pod) but this pipeline was compiled for "
+            "an API teacher: its distill task has no GPU and the CPU image; recompile with this recipe "
+            "(`medcritical compile --recipe ...`)"
+        )
+    return dump_recipe(recipe)
+
+
+# Training steps that use every GPU of their pod: the component relaunches itself under torchrun.
+# step -> (CLI flag, step input) for the training data; the model goes to --model.
+DATA_PARALLEL_STEPS = {"sft": ("--dataset", "distill_uri"), "dpo": ("--pairs", "rollout_uri")}
+
+
+def visible_gpus() -> int:
+    import torch  # lazily: the configure task (CPU image, a recipe to check) needs no torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def data_parallel_command(step: str, recipe_path: str, output_uri: str, inputs: dict, gpus: int) -> list[str]:
+    """torchrun over the step's CLI: one process per GPU; DeepSpeed ZeRO when the recipe names it."""
+    flag, data_input = DATA_PARALLEL_STEPS[step]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "medcritical.cli",
+        step,
+        "--recipe",
+        recipe_path,
+        flag,
+        inputs[data_input],
+        "--output",
+        output_uri,
+    ]
+    if inputs.get("model_uri"):
+        command += ["--model", inputs["model_uri"]]
+    return command
+
+
+def keep_global_batch(step: str, recipe: Recipe, gpus: int) -> Recipe:
+    """The recipe for `gpus` data-parallel ranks with the global batch it gives on one GPU: the gradient
+    accumulation is divided by the number of GPUs, or the run is refused (it would change the method)."""
+    key = "sft.trainer" if step == "sft" else "selfplay.dpo.trainer"
+    section = recipe.sft if step == "sft" else recipe.selfplay.dpo
+    settings = section.settings
+    accumulation = settings.get("gradient_accumulation_steps", 1)
+    batch = settings["per_device_train_batch_size"] * accumulation
+    if accumulation % gpus:
+        raise RecipeError(
+            f"{key}.gradient_accumulation_steps is {accumulation}, not a multiple of the {gpus} GPUs: the global "
+            f"batch (per_device_train_batch_size x accumulation x GPUs) would not be the recipe's {batch}. Recipes "
+            f"give the batch of one GPU: set {key}.gradient_accumulation_steps to a multiple of {gpus}, or run on "
+            "a number of GPUs that divides it"
+        )
+    log.info(
+        "%s on %d GPUs: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d",
+        step,
+        gpus,
+        key,
+        accumulation,
+        accumulation // gpus,
+        batch,
+    )
+    section = section.model_copy(
+        update={"trainer": section.trainer | {"gradient_accumulation_steps": accumulation // gpus}}
+    )
+    if step == "sft":
+        return recipe.model_copy(update={"sft": section})
+    return recipe.model_copy(update={"selfplay": recipe.selfplay.model_copy(update={"dpo": section})})
+
+
+def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, gpus: int) -> dict:
+    recipe = keep_global_batch(step, recipe, gpus)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe_path = Path(tmp) / "recipe.yaml"
+        recipe_path.write_text(dump_recipe(recipe), encoding="utf-8")
+        command = data_parallel_command(step, str(recipe_path), output_uri, inputs, gpus)
+        log.info("%d GPUs: running the %s step data-parallel: %s", gpus, step, " ".join(command))
+        subprocess.run(command, check=True)
+    # The ranks ran in this pod: their output (already published) is still in the local folder.
+    return json.loads((local_output_path(output_uri) / f"{step}_metrics.json").read_text(encoding="utf-8"))
+
+
+def reuse_step_output(step: str, uri: str) -> str:
+    """An earlier run's output folder used as this run's (the teacher is paid once): checked, then returned."""
+    files = {"distill": SFT_FILE}
+    input_file(uri, files[step])  # fails now, naming the URI, rather than in the next step
+    log.info("%s: reusing %s (not run again)", step, uri)
+    return uri
+
+
+def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a step's result, nested keys joined with dots (rollout.pass@1), for the KFP UI."""
+    numbers = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            numbers.update(numeric_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[f"{prefix}{key}"] = value
+    return numbers
+
+
+def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
+    """Run one step inside a KFP component; log its numeric statistics; return its output URI."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe_text(recipe_yaml)
+    if recipe.run.threads:  # each step is its own process: apply the recipe's CPU thread count here too
+        import torch
+
+        torch.set_num_threads(recipe.run.threads)
+    # The pipeline's run_root parameter wins over the recipe's run.output_dir (the report reads it).
+    recipe = recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})})
+    output_uri = join_uri(run_root, name)
+    log.info("step %s -> %s", name, output_uri)
+    gpus = visible_gpus() if step in DATA_PARALLEL_STEPS and "RANK" not in os.environ else 0
+    if gpus > 1:
+        result = run_data_parallel(step, recipe, output_uri, inputs, gpus)
+    else:
+        result = STEPS[step](recipe, output_uri=output_uri, **inputs)
+    for key, value in numeric_metrics(result or {}).items():
+        metrics.log_metric(key, value)
+    if markdown is not None and result and "markdown" in result:
+        Path(markdown.path).write_text(result["markdown"], encoding="utf-8")
+    return output_uri
