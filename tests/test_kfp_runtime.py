@@ -4,6 +4,8 @@ data-parallel relaunch of a training step."""
 import json
 from pathlib import Path
 
+import pytest
+
 from medcritical import kfp_runtime
 from medcritical.recipe import dump_recipe, load_recipe_text
 
@@ -83,3 +85,17 @@ def test_training_steps_relaunch_under_torchrun_with_one_process_per_gpu():
 
     args = build_parser().parse_args(command[7:])
     assert (args.pairs, args.model, args.output) == ("/run/rollout", "/run/sft", "/run/dpo")
+
+
+def test_artifacts_carry_their_step_folder_in_metadata():
+    from kfp import dsl
+
+    model = dsl.Model(name="model", uri="minio://mlpipeline/v2/artifacts/run/sft/model")
+    kfp_runtime.record_location(model, "s3://bucket/runs/x/sft")
+    assert model.metadata == {"location": "s3://bucket/runs/x/sft"}
+    assert model.uri.startswith("minio://")  # KFP's own artifact: nothing is uploaded or downloaded
+    assert kfp_runtime.location_of(model) == "s3://bucket/runs/x/sft"
+    assert kfp_runtime.location_of(None) == ""  # an optional input left out: the recipe's model.base
+    foreign = dsl.Dataset(name="data", uri="s3://elsewhere/data")
+    with pytest.raises(ValueError, match="names no step folder"):
+        kfp_runtime.location_of(foreign)

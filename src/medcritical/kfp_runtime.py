@@ -135,7 +135,13 @@ def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, 
 
 
 def reuse_step_output(step: str, uri: str) -> str:
-    """An earlier run's output folder used as this run's (the teacher is paid once): checked, then returned."""
+    """An earlier run's output folder used as this run's (the teacher is paid once): checked, then returned.
+
+    The distill component records it as its output's location. A `dsl.importer(artifact_uri=distill_uri,
+    artifact_class=dsl.Dataset)` would register the URI as an artifact too (kubeflow.org, "Special Case:
+    Importer Components"), but it runs in every run (an empty distill_uri would need dsl.If/dsl.Else and
+    dsl.OneOf, another graph) and its s3:// uri is one the launcher downloads whole (see LOCATION below).
+    """
     files = {"distill": SFT_FILE}
     input_file(uri, files[step])  # fails now, naming the URI, rather than in the next step
     log.info("%s: reusing %s (not run again)", step, uri)
@@ -175,3 +181,38 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
     if markdown is not None and result and "markdown" in result:
         Path(markdown.path).write_text(result["markdown"], encoding="utf-8")
     return output_uri
+
+
+# -- Lineage: the steps' folders as KFP artifacts --------------------------------------------------------
+# The components hand each other KFP artifacts (Dataset, Model, Metrics, Markdown) so the KFP UI draws
+# which data trained which model; the step's folder `<run_root>/<name>` (often s3://) is written in the
+# artifact's metadata under LOCATION, and no file is written at the artifact's own path.
+#
+# Why not the artifact's uri: KFP records a uri the component sets (the executor output's uri replaces the
+# planned one before ML Metadata records it: mergeRuntimeArtifacts in kubeflow/pipelines
+# backend/src/v2/component/launcher_v2.go), and kfp.local keeps it as written. But the same launcher then
+# uploads the local mirror `/s3/<bucket>/<key>` to that uri with the pipeline root's bucket, which fails
+# the task for any uri outside the pipeline root ("does not have expected bucket prefix",
+# objectstore Config.KeyFromURI), and it downloads every s3:// input artifact whole into the container
+# before the component starts (downloadArtifacts; kubeflow/pipelines#5672, to skip such downloads, was
+# closed unfixed): a model folder and its checkpoints would be copied onto every later pod's root disk
+# before the step downloads what it needs itself. With KFP's own (empty) artifact the launcher uploads
+# nothing (a missing local path is allowed) and downloads nothing (an empty prefix lists no object).
+LOCATION = "location"
+
+
+def record_location(artifact, uri: str) -> None:
+    """Name the step folder `uri` in an output artifact (the KFP UI shows it among the artifact's metadata)."""
+    artifact.metadata[LOCATION] = uri
+
+
+def location_of(artifact) -> str:
+    """The step folder an input artifact stands for; "" for an optional input left unconnected (None)."""
+    if artifact is None:
+        return ""
+    if not artifact.metadata.get(LOCATION):
+        raise ValueError(
+            f"input artifact {artifact.name!r} ({artifact.uri}) names no step folder (no {LOCATION!r} in its "
+            "metadata): connect it to the output of a MedCritical component, which records its folder there"
+        )
+    return artifact.metadata[LOCATION]
