@@ -1,8 +1,9 @@
 """The KFP side of a step: what runs inside a pipeline task around the library's step function.
 
 The pipeline's `configure` step (the recipe resolved once), the relaunch of a training step under
-torchrun on every GPU of its pod, the reuse of an earlier run's output, and the step's numbers logged
-to the KFP UI. The components (components/<step>/component.py) call `run_component_step`.
+torchrun on every GPU of its pod, the reuse of an earlier run's output, the step's numbers logged
+to the KFP UI, and the artifacts that carry each step's folder to the next (the run's lineage). The
+components (components/<step>/component.py) call `run_component_step`, `location_of` and `record_location`.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
 # the task for any uri outside the pipeline root ("does not have expected bucket prefix",
 # objectstore Config.KeyFromURI), and it downloads every s3:// input artifact whole into the container
 # before the component starts (downloadArtifacts; kubeflow/pipelines#5672, to skip such downloads, was
-# closed unfixed): a model folder and its checkpoints would be copied onto every later pod's root disk
+# closed as stale): a model folder and its checkpoints would be copied onto every later pod's root disk
 # before the step downloads what it needs itself. With KFP's own (empty) artifact the launcher uploads
 # nothing (a missing local path is allowed) and downloads nothing (an empty prefix lists no object).
 LOCATION = "location"
