@@ -15,6 +15,8 @@ from kfp import dsl, kubernetes
 
 from medcritical import __version__
 from medcritical.components import distill, dpo, evaluate, prepare_data, report, rollout, sft
+from medcritical.runner import STAGES
+from medcritical.staging import eval_folder, final_model_label, stage_folder
 
 PIPELINE_NAME = "medcritical"
 S3_SECRET_KEYS = ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -242,60 +244,50 @@ def build_pipeline(
             )
         )
         resolved.set_display_name("configure")
-        data = step("prepare_data", name="data")
-        base_eval = step(
-            "evaluate", infer_gpus, name="eval-base", data_uri=data.outputs["Output"], model_uri="", label="base"
-        )
+        # Steps hand each other artifacts (Dataset, Model, Metrics) that name their folders under run_root:
+        # the KFP UI's lineage shows which data trained which model (medcritical.kfp_runtime, "Lineage").
+        # Folder names as every runner caller uses them (staging.stage_folder / eval_folder).
+        folder = {name: stage_folder(stage) for name, stage in STAGES.items()}
+        data = step("prepare_data", name=folder["prepare_data"]).outputs["data"]
+        base_eval = step("evaluate", infer_gpus, name=eval_folder("base"), data=data, label="base")
         # distill_uri: the distill folder of an earlier run; its traces are used and the teacher is not called.
-        distilled = step("distill", infer_gpus, name="distill", data_uri=data.outputs["Output"], reuse_uri=distill_uri)
+        distilled = step("distill", infer_gpus, name=folder["distill"], data=data, reuse_uri=distill_uri)
         # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
         distilled.set_caching_options(cache_teacher)
         multinode = dict(
             train_nodes=train_nodes, node_gpus=node_gpus, trainjob_image=images["train"], s3_secret=s3_secret
         )
-        student = step(
-            "sft", train_gpus, name="sft", distill_uri=distilled.outputs["Output"], model_uri="", **multinode
-        )
-        sft_eval = step(
-            "evaluate",
-            infer_gpus,
-            name="eval-sft",
-            data_uri=data.outputs["Output"],
-            model_uri=student.outputs["Output"],
-            label="sft",
-        )
-        model = student.outputs["Output"]
+        # No start_model: SFT trains the recipe's model.base.
+        sft = step("sft", train_gpus, name=folder["sft"], traces=distilled.outputs["traces"], **multinode)
+        model = sft.outputs["model"]
+        sft_eval = step("evaluate", infer_gpus, name=eval_folder("sft"), data=data, model=model, label="sft")
         for round_number in range(1, rounds + 1):
             played = step(
-                "rollout",
-                infer_gpus,
-                name=f"round{round_number}-rollout",
-                data_uri=data.outputs["Output"],
-                model_uri=model,
+                "rollout", infer_gpus, name=stage_folder(STAGES["rollout"], round_number), data=data, model=model
             )
             trained = step(
                 "dpo",
                 train_gpus,
-                name=f"round{round_number}-dpo",
-                rollout_uri=played.outputs["Output"],
-                model_uri=model,
+                name=stage_folder(STAGES["dpo"], round_number),
+                pairs=played.outputs["pairs"],
+                start_model=model,
                 **multinode,
             )
-            model = trained.outputs["Output"]
+            model = trained.outputs["model"]
         final_eval = step(
             "evaluate",
             infer_gpus,
-            name=f"eval-dpo-round{rounds}",
-            data_uri=data.outputs["Output"],
-            model_uri=model,
+            name=eval_folder(final_model_label(rounds)),
+            data=data,
+            model=model,
             label=f"dpo (round {rounds})",
         )
         step(
             "report",
-            name="report",
-            base_eval_uri=base_eval.outputs["Output"],
-            sft_eval_uri=sft_eval.outputs["Output"],
-            dpo_eval_uri=final_eval.outputs["Output"],
+            name=folder["report"],
+            base_eval=base_eval.outputs["metrics"],
+            sft_eval=sft_eval.outputs["metrics"],
+            dpo_eval=final_eval.outputs["metrics"],
         )
 
     return medcritical

@@ -164,9 +164,15 @@ def test_every_step_writes_under_its_own_run_id():
             continue
         run_root = task["inputs"]["parameters"]["run_root"]["runtimeValue"]["constant"]
         assert run_root == "{{$.inputs.parameters['pipelinechannel--run_root']}}/{{$.pipeline_job_uuid}}", name
-    # Every later step names its upstream output (which holds the run id), so its key changes with it.
-    assert tasks["sft"]["inputs"]["parameters"]["distill_uri"]["taskOutputParameter"]["producerTask"] == "distill"
-    assert tasks["dpo"]["inputs"]["parameters"]["model_uri"]["taskOutputParameter"]["producerTask"] == "sft"
+    # Every later step takes its upstream output as an artifact (its metadata names the folder, under the
+    # run id): the KFP UI's lineage shows which data trained which model.
+    assert tasks["sft"]["inputs"]["artifacts"] == {
+        "traces": {"taskOutputArtifact": {"outputArtifactKey": "traces", "producerTask": "distill"}}
+    }
+    assert tasks["dpo"]["inputs"]["artifacts"] == {
+        "pairs": {"taskOutputArtifact": {"outputArtifactKey": "pairs", "producerTask": "rollout"}},
+        "start_model": {"taskOutputArtifact": {"outputArtifactKey": "model", "producerTask": "sft"}},
+    }
 
 
 def test_local_runs_keep_the_recipes_folder(tmp_path):
@@ -296,3 +302,37 @@ def test_a_model_of_unknown_shape_still_compiles_at_the_minimum_sizes(tmp_path):
     pipeline_doc, executors = _docs(compile_pipeline(recipe, tmp_path / "p.yaml"))
     assert executors["exec-sft"]["genericEphemeralVolume"][0]["size"] == "400Gi"
     assert "train_memory" in json.dumps(pipeline_doc["root"]["inputDefinitions"])
+
+
+def test_steps_exchange_typed_artifacts_for_the_lineage():
+    """Data and traces are Datasets, trained models Models, evaluations Metrics, the report Markdown: the KFP
+    UI then shows which data trained which model. Only the artifact types changed, no step's parameters."""
+    pipeline_doc, _ = _docs(COMPILED)
+
+    def artifacts(component: str, side: str) -> dict[str, str]:
+        definitions = pipeline_doc["components"][f"comp-{component}"].get(side, {}).get("artifacts", {})
+        return {name: spec["artifactType"]["schemaTitle"] for name, spec in definitions.items()}
+
+    outputs = {c: artifacts(c, "outputDefinitions") for c in ("prepare-data", "distill", "sft", "rollout", "dpo")}
+    assert outputs == {
+        "prepare-data": {"data": "system.Dataset", "metrics": "system.Metrics"},
+        "distill": {"traces": "system.Dataset", "metrics": "system.Metrics"},
+        "sft": {"model": "system.Model", "metrics": "system.Metrics"},
+        "rollout": {"pairs": "system.Dataset", "metrics": "system.Metrics"},
+        "dpo": {"model": "system.Model", "metrics": "system.Metrics"},
+    }
+    assert artifacts("evaluate", "outputDefinitions") == {"metrics": "system.Metrics"}
+    assert artifacts("report", "outputDefinitions") == {"metrics": "system.Metrics", "summary": "system.Markdown"}
+    assert artifacts("evaluate", "inputDefinitions") == {"data": "system.Dataset", "model": "system.Model"}
+    assert artifacts("report", "inputDefinitions") == dict.fromkeys(
+        ("base_eval", "sft_eval", "dpo_eval"), "system.Metrics"
+    )
+    # Without a start model SFT trains the recipe's model.base, and the base evaluation evaluates it.
+    tasks = pipeline_doc["root"]["dag"]["tasks"]
+    assert "start_model" not in tasks["sft"]["inputs"].get("artifacts", {})
+    assert set(tasks["evaluate"]["inputs"]["artifacts"]) == {"data"}  # eval-base
+    assert tasks["evaluate-2"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "sft"
+    # No step returns a URI string any more: the artifacts carry the folders.
+    for name, component in pipeline_doc["components"].items():
+        if name != "comp-configure":
+            assert "parameters" not in component.get("outputDefinitions", {}), name

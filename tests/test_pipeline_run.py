@@ -5,6 +5,8 @@ report), each in its own process, on a tiny model and 16 questions: what `medcri
 """
 
 import json
+import tempfile
+from pathlib import Path
 
 from medcritical import storage
 from medcritical.pipeline_runner import run_locally
@@ -30,6 +32,7 @@ selfplay:
 
 def test_whole_pipeline_runs_locally_with_s3_artifacts(s3_env, s3_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # KFP's local pipeline_root: tmp_path/kfp-*
     bucket = s3_env
     recipe = load_recipe_text(RECIPE.format(bucket=bucket))
 
@@ -72,3 +75,27 @@ def test_whole_pipeline_runs_locally_with_s3_artifacts(s3_env, s3_server, tmp_pa
     assert "runs/e2e/sft/model/config.json" in names
     # A trained round publishes its model; a round without pairs, the pointer to the model it kept.
     assert "runs/e2e/round1-dpo/model/config.json" in names or "runs/e2e/round1-dpo/model.uri" in names
+
+    # The steps handed each other artifacts naming their folders in the bucket; KFP's own artifact paths
+    # stayed empty (no bytes through KFP's artifact store).
+    outputs = {
+        path.parent.name: json.loads(path.read_text()).get("artifacts", {})
+        for path in tmp_path.glob("kfp-*/*/*/executor_output.json")
+    }
+    root = f"s3://{bucket}/runs/e2e"
+    expected = {
+        ("prepare-data", "data"): "data",
+        ("distill", "traces"): "distill",
+        ("sft", "model"): "sft",
+        ("rollout", "pairs"): "round1-rollout",
+        ("dpo", "model"): "round1-dpo",
+        ("evaluate", "metrics"): "eval-base",
+        ("evaluate-3", "metrics"): "eval-dpo-round1",
+        ("report", "summary"): "report",
+    }
+    for (task, output), folder in expected.items():
+        (artifact,) = outputs[task][output]["artifacts"]
+        assert artifact["metadata"]["location"] == f"{root}/{folder}", (task, output)
+        if output != "summary":  # the report's Markdown is shown in the KFP UI, so it is written there
+            assert not Path(artifact["uri"]).exists(), (task, output)
+    assert outputs["evaluate-3"]["metrics"]["artifacts"][0]["metadata"]["accuracy"] >= 0

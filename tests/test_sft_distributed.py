@@ -150,6 +150,7 @@ def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tin
     under torchrun, the recipe handed over as a file, the metrics read back for the KFP UI."""
     from medcritical.kfp_runtime import run_data_parallel
     from medcritical.recipe import load_recipe_text
+    from medcritical.training.stage import SFT
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     recipe = load_recipe_text(
@@ -159,8 +160,6 @@ def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tin
         "learning_rate: 3.0e-3}}\n"  # global batch 4 on one GPU: 2 x 1 on each of the 2 ranks
     )
     output = tmp_path / "sft"
-    metrics = run_data_parallel(
-        "sft", recipe, str(output), {"distill_uri": str(dataset), "model_uri": str(tiny_model)}, gpus=2
-    )
+    metrics = run_data_parallel(SFT, recipe, str(output), {"distill": str(dataset), "model": str(tiny_model)}, gpus=2)
     assert metrics["world_size"] == 2 and metrics["steps"] == 4 and metrics["zero_stage"] == 2
     assert (output / "model" / "config.json").is_file() and verify_manifest(output) == []

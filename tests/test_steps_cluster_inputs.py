@@ -11,6 +11,7 @@ from medcritical.distill.stage import DISTILL
 from medcritical.recipe import RecipeError, load_recipe
 from medcritical.runner import local_inputs, run_stage
 from medcritical.selfplay.stage import DPO
+from medcritical.training.stage import SFT
 
 PAIR = {
     "prompt": [{"role": "user", "content": "问"}],
@@ -72,11 +73,11 @@ def test_several_gpus_keep_the_recipes_global_batch():
     recipe = load_recipe(
         None, ["sft.trainer.per_device_train_batch_size=1", "sft.trainer.gradient_accumulation_steps=16"]
     )
-    eight = kfp_runtime.keep_global_batch("sft", recipe, 8)
+    eight = kfp_runtime.keep_global_batch(SFT, recipe, 8)
     assert eight.sft.settings["gradient_accumulation_steps"] == 2
     dpo = kfp_runtime.keep_global_batch(
-        "dpo", load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4
+        DPO, load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4
     )
     assert dpo.selfplay.dpo.settings["gradient_accumulation_steps"] == 4
     with pytest.raises(RecipeError, match="not a multiple of the 3 GPUs"):
-        kfp_runtime.keep_global_batch("sft", recipe, 3)
+        kfp_runtime.keep_global_batch(SFT, recipe, 3)

@@ -10,7 +10,7 @@ from tests import k8s_rules
 from tests.test_k8s_manifests import ROOT, build, documented_secrets, schema_errors
 
 RECIPE = dump_recipe(load_recipe(ROOT / "recipes" / "full-zero3-8gpu.yaml"))
-INPUTS = {"distill_uri": "s3://b/runs/1/distill", "model_uri": ""}
+INPUTS = {"distill": "s3://b/runs/1/distill", "model": ""}
 
 
 def manifest(nodes=2):
@@ -35,7 +35,8 @@ def test_the_launched_trainjob_passes_the_schema_and_project_rules():
     )
     assert [str(v) for v in violations] == []
     node = k8s_rules.trainjob_pod(job["spec"])["containers"][0]
-    assert node["args"][:3] == ["-m", "medcritical.cli", "sft"] and "--dataset" in node["args"]
+    assert node["args"][:4] == ["-m", "medcritical.cli", "stage", "sft"]
+    assert "distill=s3://b/runs/1/distill" in node["args"] and "model=" not in node["args"]
     assert node["command"][:2] == ["sh", "-c"] and "exec torchrun" in node["command"][2]
 
 

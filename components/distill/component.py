@@ -1,4 +1,4 @@
-"""KFP component `distill`: a thin shell over `medcritical.runner.run_stage` (stage `distill`) (the library does the work)."""
+"""KFP component `distill`: a thin shell over the runner (stage `distill`; the library does the work)."""
 
 from kfp import dsl
 
@@ -6,15 +6,23 @@ IMAGE = "infer"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (
 
 
 def distill(
-    recipe: str, run_root: str, name: str, data_uri: str, metrics: dsl.Output[dsl.Metrics], reuse_uri: str = ""
-) -> str:
+    recipe: str,
+    run_root: str,
+    name: str,
+    data: dsl.Input[dsl.Dataset],
+    metrics: dsl.Output[dsl.Metrics],
+    traces: dsl.Output[dsl.Dataset],
+    reuse_uri: str = "",
+):
     """Teacher distillation: thought templates and long chains of thought, verified by the grader.
 
-    Returns the URI of its output folder, `<run_root>/<name>`; with `reuse_uri` (the distill folder of an
-    earlier run, the pipeline's `distill_uri` parameter) the teacher is not called and that URI is returned.
+    `traces` stands for its output folder, `<run_root>/<name>`; with `reuse_uri` (the distill folder of an
+    earlier run, the pipeline's `distill_uri` parameter) the teacher is not called and `traces` stands for
+    that folder.
     """
-    from medcritical.kfp_runtime import reuse_step_output, run_component_step
+    from medcritical.kfp_runtime import location_of, record_location, reuse_step_output, run_component_step
 
     if reuse_uri:
-        return reuse_step_output("distill", reuse_uri)
-    return run_component_step("distill", recipe, run_root, name, metrics, data_uri=data_uri)
+        record_location(traces, reuse_step_output("distill", reuse_uri))
+        return
+    record_location(traces, run_component_step("distill", recipe, run_root, name, metrics, data=location_of(data)))

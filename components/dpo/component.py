@@ -1,4 +1,4 @@
-"""KFP component `dpo`: a thin shell over `medcritical.runner.run_stage` (stage `dpo`) (the library does the work)."""
+"""KFP component `dpo`: a thin shell over the runner (stage `dpo`; the library does the work)."""
 
 from kfp import dsl
 
@@ -9,22 +9,24 @@ def dpo(
     recipe: str,
     run_root: str,
     name: str,
-    rollout_uri: str,
-    model_uri: str,
+    pairs: dsl.Input[dsl.Dataset],
+    start_model: dsl.Input[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
+    model: dsl.Output[dsl.Model],
     train_nodes: int = 1,
     node_gpus: int = 8,
     trainjob_image: str = "",
     s3_secret: str = "medcritical-s3",
-) -> str:
+):
     """DPO on the self-play pairs, starting from (and referenced to) the current model.
 
-    Returns the URI of its output folder, `<run_root>/<name>`. With `train_nodes` > 1 the step runs as a
+    `model` stands for its output folder, `<run_root>/<name>`. With `train_nodes` > 1 the step runs as a
     Kubeflow Trainer TrainJob on that many nodes of `node_gpus` GPUs, which this task creates and awaits.
     """
+    from medcritical.kfp_runtime import location_of, record_location
     from medcritical.trainjob import run_training_step
 
-    return run_training_step(
+    output_uri = run_training_step(
         "dpo",
         recipe,
         run_root,
@@ -34,6 +36,7 @@ def dpo(
         gpus_per_node=node_gpus,
         image=trainjob_image,
         s3_secret=s3_secret,
-        rollout_uri=rollout_uri,
-        model_uri=model_uri,
+        rollout=location_of(pairs),
+        model=location_of(start_model),
     )
+    record_location(model, output_uri)

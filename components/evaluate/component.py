@@ -1,4 +1,4 @@
-"""KFP component `evaluate`: a thin shell over `medcritical.runner.run_stage` (stage `evaluate`) (the library does the work)."""
+"""KFP component `evaluate`: a thin shell over the runner (stage `evaluate`; the library does the work)."""
 
 from kfp import dsl
 
@@ -6,14 +6,29 @@ IMAGE = "infer"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (
 
 
 def evaluate(
-    recipe: str, run_root: str, name: str, data_uri: str, model_uri: str, label: str, metrics: dsl.Output[dsl.Metrics]
-) -> str:
+    recipe: str,
+    run_root: str,
+    name: str,
+    data: dsl.Input[dsl.Dataset],
+    label: str,
+    metrics: dsl.Output[dsl.Metrics],
+    model: dsl.Input[dsl.Model] = None,
+):
     """CMExam accuracy of one model under the recipe's protocol (mcq, judge-paper or judge-rubric), labelled.
 
-    Returns the URI of its output folder, `<run_root>/<name>`.
+    Without `model` it evaluates the recipe's `model.base`. `metrics` holds the accuracy and stands for its
+    output folder, `<run_root>/<name>`, which the report reads.
     """
-    from medcritical.kfp_runtime import run_component_step
+    from medcritical.kfp_runtime import location_of, record_location, run_component_step
 
-    return run_component_step(
-        "evaluate", recipe, run_root, name, metrics, data_uri=data_uri, model_uri=model_uri, label=label
+    output_uri = run_component_step(
+        "evaluate",
+        recipe,
+        run_root,
+        name,
+        metrics,
+        data=location_of(data),
+        model=location_of(model),
+        label=label,
     )
+    record_location(metrics, output_uri)

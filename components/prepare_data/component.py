@@ -1,15 +1,17 @@
-"""KFP component `prepare_data`: a thin shell over `medcritical.runner.run_stage` (stage `prepare_data`) (the library does the work)."""
+"""KFP component `prepare_data`: a thin shell over the runner (stage `prepare_data`; the library does the work)."""
 
 from kfp import dsl
 
 IMAGE = "cpu"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (CUDA + vLLM)
 
 
-def prepare_data(recipe: str, run_root: str, name: str, metrics: dsl.Output[dsl.Metrics]) -> str:
+def prepare_data(
+    recipe: str, run_root: str, name: str, metrics: dsl.Output[dsl.Metrics], data: dsl.Output[dsl.Dataset]
+):
     """Load CMExam, split train/eval deterministically, drop leaked training questions.
 
-    Returns the URI of its output folder, `<run_root>/<name>`.
+    `data` stands for its output folder, `<run_root>/<name>` (its metadata `location`).
     """
-    from medcritical.kfp_runtime import run_component_step
+    from medcritical.kfp_runtime import record_location, run_component_step
 
-    return run_component_step("prepare_data", recipe, run_root, name, metrics)
+    record_location(data, run_component_step("prepare_data", recipe, run_root, name, metrics))

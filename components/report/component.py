@@ -9,26 +9,27 @@ def report(
     recipe: str,
     run_root: str,
     name: str,
-    base_eval_uri: str,
-    sft_eval_uri: str,
-    dpo_eval_uri: str,
+    base_eval: dsl.Input[dsl.Metrics],
+    sft_eval: dsl.Input[dsl.Metrics],
+    dpo_eval: dsl.Input[dsl.Metrics],
     metrics: dsl.Output[dsl.Metrics],
     summary: dsl.Output[dsl.Markdown],
-) -> str:
+):
     """The base, SFT and DPO models' CMExam accuracy side by side, per-step statistics and a plot.
 
-    Returns the URI of its output folder, `<run_root>/<name>`.
+    `summary` is the report as Markdown and stands for its output folder, `<run_root>/<name>`.
     """
-    from medcritical.kfp_runtime import run_component_step
+    from medcritical.kfp_runtime import location_of, record_location, run_component_step
 
-    return run_component_step(
+    output_uri = run_component_step(
         "report",
         recipe,
         run_root,
         name,
         metrics,
         markdown=summary,
-        base_eval_uri=base_eval_uri,
-        sft_eval_uri=sft_eval_uri,
-        dpo_eval_uri=dpo_eval_uri,
+        base_eval=location_of(base_eval),
+        sft_eval=location_of(sft_eval),
+        dpo_eval=location_of(dpo_eval),
     )
+    record_location(summary, output_uri)

@@ -1,4 +1,4 @@
-"""KFP component `rollout`: a thin shell over `medcritical.runner.run_stage` (stage `rollout`) (the library does the work)."""
+"""KFP component `rollout`: a thin shell over the runner (stage `rollout`; the library does the work)."""
 
 from kfp import dsl
 
@@ -6,12 +6,21 @@ IMAGE = "infer"  # which image runs it: cpu, train (CUDA + DeepSpeed) or infer (
 
 
 def rollout(
-    recipe: str, run_root: str, name: str, data_uri: str, model_uri: str, metrics: dsl.Output[dsl.Metrics]
-) -> str:
+    recipe: str,
+    run_root: str,
+    name: str,
+    data: dsl.Input[dsl.Dataset],
+    model: dsl.Input[dsl.Model],
+    metrics: dsl.Output[dsl.Metrics],
+    pairs: dsl.Output[dsl.Dataset],
+):
     """Self-play: k answers per training question, self-correction of the wrong ones, preference pairs.
 
-    Returns the URI of its output folder, `<run_root>/<name>`.
+    `pairs` stands for its output folder, `<run_root>/<name>`.
     """
-    from medcritical.kfp_runtime import run_component_step
+    from medcritical.kfp_runtime import location_of, record_location, run_component_step
 
-    return run_component_step("rollout", recipe, run_root, name, metrics, data_uri=data_uri, model_uri=model_uri)
+    output_uri = run_component_step(
+        "rollout", recipe, run_root, name, metrics, data=location_of(data), model=location_of(model)
+    )
+    record_location(pairs, output_uri)

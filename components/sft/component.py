@@ -1,4 +1,4 @@
-"""KFP component `sft`: a thin shell over `medcritical.runner.run_stage` (stage `sft`) (the library does the work)."""
+"""KFP component `sft`: a thin shell over the runner (stage `sft`; the library does the work)."""
 
 from kfp import dsl
 
@@ -9,22 +9,25 @@ def sft(
     recipe: str,
     run_root: str,
     name: str,
-    distill_uri: str,
-    model_uri: str,
+    traces: dsl.Input[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
+    model: dsl.Output[dsl.Model],
+    start_model: dsl.Input[dsl.Model] = None,
     train_nodes: int = 1,
     node_gpus: int = 8,
     trainjob_image: str = "",
     s3_secret: str = "medcritical-s3",
-) -> str:
+):
     """Supervised fine-tuning of the student on the verified traces (LoRA or full; DeepSpeed ZeRO from the recipe).
 
-    Returns the URI of its output folder, `<run_root>/<name>`. With `train_nodes` > 1 the step runs as a
-    Kubeflow Trainer TrainJob on that many nodes of `node_gpus` GPUs, which this task creates and awaits.
+    `model` stands for its output folder, `<run_root>/<name>`; without `start_model` it trains the recipe's
+    `model.base`. With `train_nodes` > 1 the step runs as a Kubeflow Trainer TrainJob on that many nodes of
+    `node_gpus` GPUs, which this task creates and awaits.
     """
+    from medcritical.kfp_runtime import location_of, record_location
     from medcritical.trainjob import run_training_step
 
-    return run_training_step(
+    output_uri = run_training_step(
         "sft",
         recipe,
         run_root,
@@ -34,6 +37,7 @@ def sft(
         gpus_per_node=node_gpus,
         image=trainjob_image,
         s3_secret=s3_secret,
-        distill_uri=distill_uri,
-        model_uri=model_uri,
+        distill=location_of(traces),
+        model=location_of(start_model),
     )
+    record_location(model, output_uri)

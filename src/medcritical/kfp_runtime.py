@@ -1,5 +1,10 @@
-"""What runs inside a KFP component: the pipeline's recipe resolution, one stage per task through the
-runner, data-parallel training over the pod's GPUs (torchrun), and the task's metrics for the KFP UI."""
+"""The KFP side of a step: what runs inside a pipeline task around the library's step function.
+
+The pipeline's `configure` step (the recipe resolved once), the relaunch of a training step under
+torchrun on every GPU of its pod, the reuse of an earlier run's output, the step's numbers logged
+to the KFP UI, and the artifacts that carry each step's folder to the next (the run's lineage). The
+components (components/<step>/component.py) call `run_component_step`, `location_of` and `record_location`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from medcritical.distill.run import SFT_FILE
+import torch
+
 from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
-from medcritical.runner import STAGES, run_stage
+from medcritical.runner import STAGES, recipe_value, run_stage, stage_command, with_recipe_value
+from medcritical.stage import Stage
 from medcritical.staging import input_file, join_uri, local_output_path
 
 log = logging.getLogger(__name__)
@@ -51,46 +58,26 @@ def resolve_recipe_text(
     return dump_recipe(recipe)
 
 
-# Training steps that use every GPU of their pod: the component relaunches itself under torchrun.
-# step -> (CLI flag, step input) for the training data; the model goes to --model.
-DATA_PARALLEL_STEPS = {"sft": ("--dataset", "distill_uri"), "dpo": ("--pairs", "rollout_uri")}
+def uses_every_gpu(stage: Stage) -> bool:
+    """Training stages (those that make a model) run one process per GPU of their pod."""
+    return stage.produces == "model"
 
 
 def visible_gpus() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def data_parallel_command(step: str, recipe_path: str, output_uri: str, inputs: dict, gpus: int) -> list[str]:
-    """torchrun over the step's CLI: one process per GPU; DeepSpeed ZeRO when the recipe names it."""
-    flag, data_input = DATA_PARALLEL_STEPS[step]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={gpus}",
-        "-m",
-        "medcritical.cli",
-        step,
-        "--recipe",
-        recipe_path,
-        flag,
-        inputs[data_input],
-        "--output",
-        output_uri,
-    ]
-    if inputs.get("model_uri"):
-        command += ["--model", inputs["model_uri"]]
-    return command
+def data_parallel_command(stage: Stage, recipe_path: str, output_uri: str, inputs: dict, gpus: int) -> list[str]:
+    """torchrun over the stage, one process per GPU (DeepSpeed ZeRO when the recipe names it)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    return torchrun + stage_command(stage, recipe_path, output_uri, inputs)
 
 
-def keep_global_batch(step: str, recipe: Recipe, gpus: int) -> Recipe:
+def keep_global_batch(stage: Stage, recipe: Recipe, gpus: int) -> Recipe:
     """The recipe for `gpus` data-parallel ranks with the global batch it gives on one GPU: the gradient
     accumulation is divided by the number of GPUs, or the run is refused (it would change the method)."""
-    key = "sft.trainer" if step == "sft" else "selfplay.dpo.trainer"
-    section = recipe.sft if step == "sft" else recipe.selfplay.dpo
+    key = f"{stage.section}.trainer"
+    section = recipe_value(recipe, stage.section)
     settings = section.settings
     accumulation = settings.get("gradient_accumulation_steps", 1)
     batch = settings["per_device_train_batch_size"] * accumulation
@@ -103,38 +90,42 @@ def keep_global_batch(step: str, recipe: Recipe, gpus: int) -> Recipe:
         )
     log.info(
         "%s on %d GPUs: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d",
-        step,
+        stage.name,
         gpus,
         key,
         accumulation,
         accumulation // gpus,
         batch,
     )
-    section = section.model_copy(
-        update={"trainer": section.trainer | {"gradient_accumulation_steps": accumulation // gpus}}
-    )
-    if step == "sft":
-        return recipe.model_copy(update={"sft": section})
-    return recipe.model_copy(update={"selfplay": recipe.selfplay.model_copy(update={"dpo": section})})
+    trainer = section.trainer | {"gradient_accumulation_steps": accumulation // gpus}
+    return with_recipe_value(recipe, stage.section, section.model_copy(update={"trainer": trainer}))
 
 
-def run_data_parallel(step: str, recipe: Recipe, output_uri: str, inputs: dict, gpus: int) -> dict:
-    recipe = keep_global_batch(step, recipe, gpus)
-
+def run_data_parallel(stage: Stage, recipe: Recipe, output_uri: str, inputs: dict, gpus: int) -> dict:
+    recipe = keep_global_batch(stage, recipe, gpus)
     with tempfile.TemporaryDirectory() as tmp:
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(dump_recipe(recipe), encoding="utf-8")
-        command = data_parallel_command(step, str(recipe_path), output_uri, inputs, gpus)
-        log.info("%d GPUs: running the %s step data-parallel: %s", gpus, step, " ".join(command))
+        command = data_parallel_command(stage, str(recipe_path), output_uri, inputs, gpus)
+        log.info("%d GPUs: running the %s stage data-parallel: %s", gpus, stage.name, " ".join(command))
         subprocess.run(command, check=True)
     # The ranks ran in this pod: their output (already published) is still in the local folder.
-    return json.loads((local_output_path(output_uri) / f"{step}_metrics.json").read_text(encoding="utf-8"))
+    return json.loads(stage.stats_path(local_output_path(output_uri)).read_text(encoding="utf-8"))
 
 
 def reuse_step_output(step: str, uri: str) -> str:
-    """An earlier run's output folder used as this run's (the teacher is paid once): checked, then returned."""
-    files = {"distill": SFT_FILE}
-    input_file(uri, files[step])  # fails now, naming the URI, rather than in the next step
+    """An earlier run's output folder used as this run's (the teacher is paid once): checked, then returned.
+
+    The distill component records it as its output's location. A `dsl.importer(artifact_uri=distill_uri,
+    artifact_class=dsl.Dataset)` would register the URI as an artifact too (kubeflow.org, "Special Case:
+    Importer Components"), but it runs in every run (an empty distill_uri would need dsl.If/dsl.Else and
+    dsl.OneOf, another graph) and its s3:// uri is one the launcher downloads whole (see LOCATION below).
+    """
+    stage = STAGES[step]
+    for later in STAGES.values():  # fails now, naming the URI, rather than in the stage that reads it
+        for spec in later.inputs.values():
+            if spec.default_stage == stage.name:
+                input_file(uri, spec.file)
     log.info("%s: reusing %s (not run again)", step, uri)
     return uri
 
@@ -151,25 +142,59 @@ def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:
 
 
 def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
-    """Run one step inside a KFP component; log its numeric statistics; return its output URI."""
+    """Run one stage inside a KFP component through the runner; log its numeric statistics; return its
+    output URI. `inputs` are the stage's declared inputs (URIs) and options."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe_text(recipe_yaml)
     if recipe.run.threads:  # each step is its own process: apply the recipe's CPU thread count here too
-        import torch
-
         torch.set_num_threads(recipe.run.threads)
     # The pipeline's run_root parameter wins over the recipe's run.output_dir (the report reads it).
     recipe = recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})})
     output_uri = join_uri(run_root, name)
     log.info("step %s -> %s", name, output_uri)
-    gpus = visible_gpus() if step in DATA_PARALLEL_STEPS and "RANK" not in os.environ else 0
+    stage = STAGES[step]
+    gpus = visible_gpus() if uses_every_gpu(stage) and "RANK" not in os.environ else 0
     if gpus > 1:
-        result = run_data_parallel(step, recipe, output_uri, inputs, gpus)
+        result = run_data_parallel(stage, recipe, output_uri, inputs, gpus)
     else:
-        # Component parameters are named <input>_uri; the stage declares <input>.
-        result = run_stage(STAGES[step], recipe, output_uri, **{k.removesuffix("_uri"): v for k, v in inputs.items()})
+        result = run_stage(stage, recipe, output_uri, **inputs)
     for key, value in numeric_metrics(result or {}).items():
         metrics.log_metric(key, value)
     if markdown is not None and result and "markdown" in result:
         Path(markdown.path).write_text(result["markdown"], encoding="utf-8")
     return output_uri
+
+
+# -- Lineage: the steps' folders as KFP artifacts --------------------------------------------------------
+# The components hand each other KFP artifacts (Dataset, Model, Metrics, Markdown) so the KFP UI draws
+# which data trained which model; the step's folder `<run_root>/<name>` (often s3://) is written in the
+# artifact's metadata under LOCATION, and no file is written at the artifact's own path.
+#
+# Why not the artifact's uri: KFP records a uri the component sets (the executor output's uri replaces the
+# planned one before ML Metadata records it: mergeRuntimeArtifacts in kubeflow/pipelines
+# backend/src/v2/component/launcher_v2.go), and kfp.local keeps it as written. But the same launcher then
+# uploads the local mirror `/s3/<bucket>/<key>` to that uri with the pipeline root's bucket, which fails
+# the task for any uri outside the pipeline root ("does not have expected bucket prefix",
+# objectstore Config.KeyFromURI), and it downloads every s3:// input artifact whole into the container
+# before the component starts (downloadArtifacts; kubeflow/pipelines#5672, to skip such downloads, was
+# closed as stale): a model folder and its checkpoints would be copied onto every later pod's root disk
+# before the step downloads what it needs itself. With KFP's own (empty) artifact the launcher uploads
+# nothing (a missing local path is allowed) and downloads nothing (an empty prefix lists no object).
+LOCATION = "location"
+
+
+def record_location(artifact, uri: str) -> None:
+    """Name the step folder `uri` in an output artifact (the KFP UI shows it among the artifact's metadata)."""
+    artifact.metadata[LOCATION] = uri
+
+
+def location_of(artifact) -> str:
+    """The step folder an input artifact stands for; "" for an optional input left unconnected (None)."""
+    if artifact is None:
+        return ""
+    if not artifact.metadata.get(LOCATION):
+        raise ValueError(
+            f"input artifact {artifact.name!r} ({artifact.uri}) names no step folder (no {LOCATION!r} in its "
+            "metadata): connect it to the output of a MedCritical component, which records its folder there"
+        )
+    return artifact.metadata[LOCATION]

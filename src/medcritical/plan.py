@@ -468,7 +468,10 @@ def _step_of(args: list[str]) -> tuple[str | None, list[str], str]:
     """(CLI step, --set overrides, the image's recipe it names if any) of a container's command line."""
     if "medcritical.cli" in args:
         args = args[args.index("medcritical.cli") + 1 :]
-    step = next((a for a in args if not a.startswith("-")), None)
+    positional = [a for a in args if not a.startswith("-")]
+    step = positional[0] if positional else None
+    if step == "stage" and len(positional) > 1:  # `medcritical stage sft ...`: the stage by its declared name
+        step = positional[1].replace("_", "-")
     overrides = [args[k + 1] for k, a in enumerate(args[:-1]) if a == "--set"]
     recipe = next((args[k + 1] for k, a in enumerate(args[:-1]) if a == "--recipe"), "")
     own = recipe.removeprefix(IMAGE_RECIPES) if recipe.startswith(IMAGE_RECIPES) else ""

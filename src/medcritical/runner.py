@@ -112,21 +112,36 @@ def _local_path(stage: Stage, name: str, uris: dict[str, str], recipe: Recipe) -
         raise
 
 
+def stage_command(stage: Stage, recipe_path: str, output_uri: str, inputs: dict[str, str]) -> list[str]:
+    """The arguments after `python` that run `stage` through this runner in another process (a torchrun
+    rank, a TrainJob node): `-m medcritical.cli stage <name> --recipe ... --input name=uri ... --output ...`."""
+    command = ["-m", "medcritical.cli", "stage", stage.name, "--recipe", recipe_path]
+    for name, uri in inputs.items():
+        if uri:
+            command += ["--input", f"{name}={uri}"]
+    return command + ["--output", output_uri]
+
+
+def recipe_value(recipe: Recipe, dotted: str):
+    """The recipe's value (or section) at a dotted key, e.g. "selfplay.dpo"."""
+    value = recipe
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def with_recipe_value(recipe: Recipe, dotted: str, value) -> Recipe:
+    """A copy of the recipe with `value` at the dotted key."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return recipe.model_copy(update={head: value})
+    return recipe.model_copy(update={head: with_recipe_value(getattr(recipe, head), rest, value)})
+
+
 def _local_recipe_files(stage: Stage, recipe: Recipe) -> Recipe:
     """The recipe with the s3:// files its stage reads (e.g. data.source) downloaded into the work folder."""
     for key in stage.recipe_files:
-        value = _get(recipe, key)
+        value = recipe_value(recipe, key)
         if value and storage.is_s3(value):
-            recipe = _with_value(recipe, key.split("."), str(local_input(value)))
+            recipe = with_recipe_value(recipe, key, str(local_input(value)))
     return recipe
-
-
-def _get(section, dotted: str):
-    for part in dotted.split("."):
-        section = getattr(section, part)
-    return section
-
-
-def _with_value(section, keys: list[str], value: str):
-    head, *rest = keys
-    return section.model_copy(update={head: _with_value(getattr(section, head), rest, value) if rest else value})

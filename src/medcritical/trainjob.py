@@ -12,6 +12,7 @@ The task's ServiceAccount must be allowed to create and read TrainJobs (k8s/over
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from medcritical.kfp_runtime import numeric_metrics, run_component_step
 from medcritical.plan import GiB, gib, plan_steps, quantity
 from medcritical.recipe import dump_recipe, load_recipe_text
+from medcritical.runner import STAGES, stage_command
 from medcritical.staging import input_file, join_uri
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,6 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-# step -> (CLI flag, step input) for the training data, as steps.DATA_PARALLEL_STEPS.
-DATA_FLAGS = {"sft": ("--dataset", "distill_uri"), "dpo": ("--pairs", "rollout_uri")}
 RECIPE_FILE = "/tmp/recipe.yaml"
 
 
@@ -60,10 +60,7 @@ def trainjob_manifest(
     memory = gib(need.host_memory + quantity(shm_size))
     work = gib(need.disk)
     ephemeral = gib(need.disk + 20 * GiB)  # the work folder, the caches and /tmp
-    flag, data_input = DATA_FLAGS[step]
-    cli = ["-m", "medcritical.cli", step, "--recipe", RECIPE_FILE, flag, inputs[data_input], "--output", output_uri]
-    if inputs.get("model_uri"):
-        cli += ["--model", inputs["model_uri"]]
+    cli = stage_command(STAGES[step], RECIPE_FILE, output_uri, inputs)
     # The recipe travels in the environment (it is the pipeline's resolved recipe, a few KB) and is written
     # to a file first; then torchrun, which takes its rendezvous from the PET_* variables of the runtime.
     script = f'printf "%s" "$MEDCRITICAL_RECIPE_YAML" > {RECIPE_FILE} && exec torchrun "$@"'
@@ -219,10 +216,9 @@ def run_component_on_nodes(
     **inputs,
 ) -> str:
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
-    import json
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The pipeline's run_root wins over the recipe's run.output_dir, as in steps.run_component_step.
+    # The pipeline's run_root wins over the recipe's run.output_dir, as in kfp_runtime.run_component_step.
     recipe = load_recipe_text(recipe_yaml)
     recipe_yaml = dump_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})}))
     output_uri = join_uri(run_root, name)

@@ -24,6 +24,7 @@ COMMANDS = (
     "medcritical.cli.selfplay",
     "medcritical.cli.pipeline",
     "medcritical.cli.plan",
+    "medcritical.cli.stage",
 )
 
 # Errors that are the user's to fix: printed as one clear message, no traceback, exit 2. Besides

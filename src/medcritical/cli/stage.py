@@ -1,0 +1,56 @@
+"""`medcritical stage NAME`: any stage by its declaration, inputs given by their declared names.
+
+What the pipeline's torchrun relaunch and the multi-node TrainJob run on every rank; for people the
+per-stage commands (`medcritical sft`, `medcritical dpo`, ...) say the same with named flags.
+"""
+
+from __future__ import annotations
+
+from medcritical.cli.common import add_recipe_arguments, add_restart_argument, recipe_from_args
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "stage",
+        help="run one stage by its declaration (what torchrun relaunches and TrainJobs run)",
+        description="Run one stage of the pipeline through the runner: its inputs by their declared names "
+        "(see docs/architecture.md), e.g. `medcritical stage sft --input distill=s3://b/run/distill "
+        "--output s3://b/run/sft`. Inputs not given take their declared defaults under run.output_dir.",
+    )
+    parser.add_argument(
+        "name", choices=("prepare_data", "distill", "sft", "rollout", "dpo", "evaluate", "report"), help="the stage"
+    )
+    add_recipe_arguments(parser)
+    parser.add_argument(
+        "--input",
+        dest="inputs",
+        metavar="NAME=URI",
+        action="append",
+        default=[],
+        help="an input by its declared name (repeatable), e.g. --input model=s3://b/run/sft",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="the stage's output folder or s3:// URI")
+    add_restart_argument(parser)
+    parser.set_defaults(func=_stage)
+
+
+def _stage(args) -> None:
+    import json
+
+    from medcritical.io.ranks import is_main_process
+    from medcritical.runner import STAGES, run_stage
+
+    stage = STAGES[args.name]
+    inputs = {}
+    for item in args.inputs:
+        name, sep, uri = item.partition("=")
+        if not sep or name not in stage.inputs:
+            raise ValueError(
+                f"--input {item!r}: give NAME=URI with NAME one of the {stage.name} stage's inputs: "
+                f"{', '.join(stage.inputs) or '(none)'}"
+            )
+        inputs[name] = uri
+    options = {"restart": args.restart} if "restart" in stage.options else {}
+    result = run_stage(stage, recipe_from_args(args), args.output, **inputs, **options)
+    if is_main_process():
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, ensure_ascii=False))
