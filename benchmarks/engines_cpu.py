@@ -74,13 +74,13 @@ def engine_case(engine: str, args) -> dict:
 
     torch.set_num_threads(1)
     from medcritical.modeling.generation import TransformersGenerator, VLLMGenerator
-    from medcritical.recipe import GenerationConfig
+    from medcritical.recipe import GenerationSection
 
     started = time.perf_counter()
     if engine == "transformers":
         generator = TransformersGenerator(args.model_dir, device="cpu", dtype="float32", batch_size=args.batch_size)
     else:
-        generator = VLLMGenerator(args.model_dir, GenerationConfig(backend="vllm"), dtype="float32", seed=0)
+        generator = VLLMGenerator(args.model_dir, GenerationSection(backend="vllm"), dtype="float32", seed=0)
     case = {"engine": engine, "status": "ok", "load_s": round(time.perf_counter() - started, 1)}
     warm, warm_keys = _prompts(2)
     generator.generate(warm, keys=warm_keys, max_new_tokens=4)
@@ -105,7 +105,7 @@ def teacher_case(args) -> dict:
 
     import openai
 
-    from medcritical.distill.config import DistillConfig, OpenAITeacher
+    from medcritical.distill.config import DistillSection, OpenAITeacher
     from medcritical.distill.teachers import TeacherRequest, build_teacher
     from medcritical.distill.traces import TRACE, DistillPrompts
     from medcritical.modeling.vllm_server import serve_vllm
@@ -125,7 +125,7 @@ def teacher_case(args) -> dict:
         extra_args=["--reasoning-parser", "deepseek_r1", "--seed", "0"],
     ) as server:
         case["server_start_s"] = round(time.perf_counter() - started, 1)
-        config = DistillConfig(
+        config = DistillSection(
             backend="openai",
             max_new_tokens=args.teacher_max_tokens,
             openai=OpenAITeacher(base_url=server.base_url, model=server.model, concurrency=args.concurrency),
@@ -220,11 +220,11 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 def drive(args) -> Path:
     from medcritical.modeling.tiny import build_tiny_model
-    from medcritical.recipe import TinyModelConfig
+    from medcritical.recipe import TinyModelSection
 
     result = new_result("engines_cpu", TITLE)
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
-    model_dir = build_tiny_model(work / "model", TinyModelConfig(hidden_size=128, num_heads=2))
+    model_dir = build_tiny_model(work / "model", TinyModelSection(hidden_size=128, num_heads=2))
     forwarded = ["--model-dir", str(model_dir), "--scratch", str(work)]
     for key in (
         "rollout_prompts",

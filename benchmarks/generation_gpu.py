@@ -56,18 +56,18 @@ def load_backend(backend: str, model_dir: Path, args):
     if backend == "transformers":
         device, dtype = ("cpu", "float32") if args.tiny else ("cuda", "bfloat16")
         return TransformersGenerator(model_dir, device=device, dtype=dtype, batch_size=args.batch_size)
-    from medcritical.recipe import GenerationConfig
+    from medcritical.recipe import GenerationSection
 
     # max_num_seqs matches transformers' batch (prompts x samples), so both hold the same sequences at once.
-    config = GenerationConfig(backend="vllm", gpu_memory_utilization=args.gpu_memory_utilization)
+    config = GenerationSection(backend="vllm", gpu_memory_utilization=args.gpu_memory_utilization)
     return VLLMGenerator(model_dir, config, dtype="bfloat16", max_num_seqs=args.batch_size * args.samples, seed=0)
 
 
 def run_one_case(backend: str, args) -> dict:
     from medcritical.data.bundled import bundled_questions
-    from medcritical.evaluation.config import EvaluateConfig
+    from medcritical.evaluation.config import EvaluateSection
     from medcritical.evaluation.evaluate import evaluate_model
-    from medcritical.modeling.config import GenerationConfig
+    from medcritical.modeling.config import GenerationSection
     from medcritical.prompts import mcq_messages
     from medcritical.selfplay.config import RolloutSection
     from medcritical.selfplay.rollout import rollout_questions
@@ -114,10 +114,10 @@ def run_one_case(backend: str, args) -> dict:
         }
 
         questions = cmexam_sized(pool, args.eval_measured)
-        generation = GenerationConfig(backend=backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        generation = GenerationSection(backend=backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         t0 = time.perf_counter()
         report = evaluate_model(
-            EvaluateConfig(), generation, questions, args.model_dir, scratch / "eval", generator=generator
+            EvaluateSection(), generation, questions, args.model_dir, scratch / "eval", generator=generator
         )
         seconds = time.perf_counter() - t0
         case["eval"] = {

@@ -40,7 +40,7 @@ def build_7b_shaped_model(output_dir: str | Path, *, layers: int = 28, device: s
     """A Qwen2.5-7B-shaped model with `layers` decoder layers and random bf16 weights, saved as a HF folder.
     Reused when `output_dir` already holds one with the same shape (building and saving 15 GB takes a minute)."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationSection, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
     shape = {**QWEN25_7B, "num_hidden_layers": layers}
@@ -59,7 +59,9 @@ def build_7b_shaped_model(output_dir: str | Path, *, layers: int = 28, device: s
             model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationSection(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     del model
@@ -93,12 +95,12 @@ def full_layers_that_fit(gpu_memory_gib: float, gpus: int) -> int:
 def sft_dataset(output_dir: str | Path, questions: int) -> Path:
     """The SFT rows the pipeline trains on, from the `explanations` distillation backend (offline, real lengths)."""
     from medcritical.data.bundled import bundled_questions
-    from medcritical.distill.config import DistillConfig
+    from medcritical.distill.config import DistillSection
     from medcritical.distill.run import SFT_FILE, distill
 
     output_dir = Path(output_dir)
     if not (output_dir / SFT_FILE).is_file():
-        distill(DistillConfig(backend="explanations", attempts=1), bundled_questions()[:questions], output_dir)
+        distill(DistillSection(backend="explanations", attempts=1), bundled_questions()[:questions], output_dir)
     return output_dir / SFT_FILE
 
 

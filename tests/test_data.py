@@ -9,7 +9,7 @@ import openpyxl
 import pytest
 
 from medcritical.data.cmexam import DataError, load_questions, parse_options
-from medcritical.data.config import DataConfig
+from medcritical.data.config import DataSection
 from medcritical.data.prepare import prepare_data
 from medcritical.data.splits import find_leaks, normalize_text, overlapping, split_questions
 
@@ -171,11 +171,11 @@ def test_prepare_data_drops_leaked_training_questions(tmp_path, bundled):
     evaluation = tmp_path / "eval.jsonl"
     write_questions(bundled[:20], evaluation)
     write_questions(bundled[10:60], source)  # 10 questions overlap with eval (same ids too)
-    stats = prepare_data(DataConfig(source=str(source), eval_source=str(evaluation), eval_size=0), 0, tmp_path / "out")
+    stats = prepare_data(DataSection(source=str(source), eval_source=str(evaluation), eval_size=0), 0, tmp_path / "out")
     assert stats["train"] == 40 and stats["eval"] == 20 and len(stats["leaked_dropped"]) == 10
     with pytest.raises(DataError, match="10 training questions also appear"):
         prepare_data(
-            DataConfig(source=str(source), eval_source=str(evaluation), eval_size=0, on_leakage="error"),
+            DataSection(source=str(source), eval_source=str(evaluation), eval_size=0, on_leakage="error"),
             0,
             tmp_path / "o2",
         )
@@ -188,10 +188,10 @@ def test_full_eval_file_is_not_sampled_when_eval_size_is_null(tmp_path, bundled)
 
     write_questions(bundled[:300], tmp_path / "train.jsonl")
     write_questions(bundled[300:], tmp_path / "test.jsonl")
-    config = DataConfig(source=str(tmp_path / "train.jsonl"), eval_source=str(tmp_path / "test.jsonl"), eval_size=None)
+    config = DataSection(source=str(tmp_path / "train.jsonl"), eval_source=str(tmp_path / "test.jsonl"), eval_size=None)
     assert prepare_data(config, 0, tmp_path / "out")["eval"] == 100
     with pytest.raises(DataError, match="eval_size is null but there is no data.eval_source"):
-        prepare_data(DataConfig(eval_size=None), 0, tmp_path / "o2")
+        prepare_data(DataSection(eval_size=None), 0, tmp_path / "o2")
 
 
 def test_near_duplicates_are_caught_and_distinct_questions_are_not(bundled):

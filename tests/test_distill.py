@@ -7,7 +7,7 @@ import pytest
 
 from medcritical.cli import main
 from medcritical.data.cmexam import write_questions
-from medcritical.distill.config import DistillConfig
+from medcritical.distill.config import DistillSection
 from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
 from medcritical.distill.teachers import ExplanationTeacher
 from medcritical.distill.traces import DistillPrompts, parse_template, split_reasoning
@@ -25,7 +25,7 @@ def test_explanation_traces_pass_the_grader_and_render_with_the_chat_template(bu
     from transformers import AutoTokenizer
 
     questions = bundled[:40]
-    stats = distill(DistillConfig(backend="explanations"), questions, tmp_path)
+    stats = distill(DistillSection(backend="explanations"), questions, tmp_path)
     rows = read_jsonl(tmp_path / SFT_FILE)
     by_id = {q.id: q for q in questions}
     assert [r["id"] for r in rows] == [q.id for q in questions]  # input order, every question
@@ -68,7 +68,7 @@ def test_missing_explanations_are_rejected_with_a_reason_and_annotations_are_cou
         )
         for i, q in enumerate(bundled[:10])
     ]
-    stats = distill(DistillConfig(), questions, tmp_path)
+    stats = distill(DistillSection(), questions, tmp_path)
     rejected = read_jsonl(tmp_path / REJECTED_FILE)
     assert [r["id"] for r in rejected] == [q.id for q in questions[:3]]
     assert all(r["kind"] == "trace" and "no expert explanation" in r["reason"] for r in rejected)
@@ -96,7 +96,7 @@ class InterruptAfter:
 
 
 def test_resume_after_interrupt_loses_and_duplicates_nothing(bundled, tmp_path):
-    questions, config = bundled[:12], DistillConfig()
+    questions, config = bundled[:12], DistillSection()
     distill(config, questions, tmp_path / "whole")
     teacher = ExplanationTeacher(DistillPrompts.load("zh"))
     # 12 templates then 12 traces: interrupted after 5 finished questions.
@@ -118,28 +118,28 @@ def test_resume_after_interrupt_loses_and_duplicates_nothing(bundled, tmp_path):
 
 def test_torn_last_line_of_the_progress_log_is_skipped(bundled, tmp_path):
     questions = bundled[:4]
-    distill(DistillConfig(), questions, tmp_path)
+    distill(DistillSection(), questions, tmp_path)
     log_file = tmp_path / RAW_FILE
     lines = log_file.read_text(encoding="utf-8").splitlines(keepends=True)
     replies = [i for i, line in enumerate(lines) if '"event": "reply"' in line]
     kept = lines[: replies[-1]] + [lines[replies[-1]][:40]]  # the last reply half written, no newline
     log_file.write_text("".join(kept), encoding="utf-8")
-    stats = distill(DistillConfig(), questions, tmp_path)
+    stats = distill(DistillSection(), questions, tmp_path)
     assert stats["accepted"] == 4 and stats["resumed_questions"] == 3
 
 
 def test_a_different_setup_in_the_same_folder_is_refused_and_restart_discards_it(bundled, tmp_path):
-    distill(DistillConfig(), bundled[:3], tmp_path)
+    distill(DistillSection(), bundled[:3], tmp_path)
     assert json.loads((tmp_path / "fingerprint.json").read_text())["language"] == "zh"
     replies = (tmp_path / RAW_FILE).read_text(encoding="utf-8")
     with pytest.raises(ResumeMismatch, match=r"language: zh -> en.*Rerun with --restart"):
-        distill(DistillConfig(language="en"), bundled[:3], tmp_path)
+        distill(DistillSection(language="en"), bundled[:3], tmp_path)
     with pytest.raises(ResumeMismatch, match=r"sampling"):
-        distill(DistillConfig(temperature=0.3), bundled[:3], tmp_path)
+        distill(DistillSection(temperature=0.3), bundled[:3], tmp_path)
     assert (tmp_path / RAW_FILE).read_text(encoding="utf-8") == replies  # refused before anything is appended
     # The same setup resumes (nothing asked again); restart starts the other setup from an empty log.
-    assert distill(DistillConfig(), bundled[:3], tmp_path)["resumed_questions"] == 3
-    stats = distill(DistillConfig(language="en"), bundled[:3], tmp_path, restart=True)
+    assert distill(DistillSection(), bundled[:3], tmp_path)["resumed_questions"] == 3
+    stats = distill(DistillSection(language="en"), bundled[:3], tmp_path, restart=True)
     assert stats["resumed_questions"] == 0 and stats["sessions"] == 1
     assert json.loads((tmp_path / "fingerprint.json").read_text())["language"] == "en"
     assert all(e["question_sha"] for e in read_jsonl(tmp_path / RAW_FILE) if e["event"] == "reply")
@@ -147,7 +147,7 @@ def test_a_different_setup_in_the_same_folder_is_refused_and_restart_discards_it
 
 def test_same_inputs_give_identical_outputs(bundled, tmp_path):
     for run in ("a", "b"):
-        distill(DistillConfig(limit=20), bundled, tmp_path / run)
+        distill(DistillSection(limit=20), bundled, tmp_path / run)
     for name in (SFT_FILE, REJECTED_FILE):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert len(read_jsonl(tmp_path / "a" / SFT_FILE)) == 20  # distill.limit

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from medcritical.distill.config import DistillConfig, LocalTeacher
+from medcritical.distill.config import DistillSection, LocalTeacher
 from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, distill
 from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts
@@ -15,7 +15,7 @@ from tests.test_distill import read_jsonl
 
 def test_tiny_model_teacher_bookkeeping(tiny_model, bundled, tmp_path):
     questions = bundled[:8]
-    config = DistillConfig(
+    config = DistillSection(
         backend="transformers",
         teacher_model=str(tiny_model),
         local=LocalTeacher(batch_size=4),
@@ -75,7 +75,7 @@ def test_vllm_backend_without_vllm_says_how_to_fix(tiny_model):
         pass
     else:
         pytest.skip("vLLM is installed here")
-    config = DistillConfig(backend="vllm", teacher_model=str(tiny_model))
+    config = DistillSection(backend="vllm", teacher_model=str(tiny_model))
     with pytest.raises(RuntimeError, match="vLLM is not installed"):
         build_teacher(config, DistillPrompts.load("zh"), device="cpu")
 
@@ -83,7 +83,7 @@ def test_vllm_backend_without_vllm_says_how_to_fix(tiny_model):
 def test_a_retrained_teacher_in_the_same_folder_does_not_resume_old_replies(bundled, tiny_model, tmp_path):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_model, teacher)
-    config = DistillConfig(
+    config = DistillSection(
         backend="transformers", teacher_model=str(teacher), attempts=1, max_new_tokens=8, template_max_new_tokens=8
     )
     distill(config, bundled[:2], tmp_path / "out", device="cpu")

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from medcritical.distill.config import DistillConfig, OpenAITeacher
+from medcritical.distill.config import DistillSection, OpenAITeacher
 from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
 from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts, split_reasoning
@@ -43,7 +43,7 @@ def config_for(endpoint, **overrides):
         show_gold_answer=True,
         price_per_million_tokens=2.0,
     )
-    return DistillConfig(**(settings | overrides))
+    return DistillSection(**(settings | overrides))
 
 
 def is_trace_prompt(body):

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from medcritical.io.fingerprint import ResumeMismatch
-from medcritical.modeling.config import GenerationConfig
-from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlayConfig
+from medcritical.modeling.config import GenerationSection
+from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.run import run_rollout
 from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
@@ -26,12 +26,12 @@ TRAINER = dict(
 def pairs_dir(format_model, selfplay_questions, tmp_path_factory):
     """pairs.jsonl / pairs_heldout.jsonl from a real rollout + self-correction of the format model."""
     output = tmp_path_factory.mktemp("rollout")
-    config = SelfPlayConfig(
+    config = SelfPlaySection(
         rollout=RolloutSection(samples_per_question=4, temperature=1.0, top_p=1.0, max_new_tokens=48),
         correction=CorrectionSection(attempts=2, temperature=1.0),
         pairs=PairsSection(heldout_fraction=0.2, max_pairs_per_question=4),
     )
-    stats = run_rollout(config, GenerationConfig(), selfplay_questions, format_model, output, device="cpu")
+    stats = run_rollout(config, GenerationSection(), selfplay_questions, format_model, output, device="cpu")
     assert stats["pairs"]["train_pairs"] >= 40 and stats["pairs"]["heldout_pairs"] >= 8
     return output
 

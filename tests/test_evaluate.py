@@ -6,11 +6,11 @@ import pytest
 
 from medcritical.cli import main
 from medcritical.data.cmexam import write_questions
-from medcritical.evaluation.config import EvaluateConfig
+from medcritical.evaluation.config import EvaluateSection
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.metrics import summarize, wilson_interval
 from medcritical.io.fingerprint import ResumeMismatch
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 
 
 def read_jsonl(path):
@@ -76,9 +76,9 @@ def test_bad_predictions_file_names_the_line(tmp_path, bundled):
 
 def test_tiny_model_end_to_end_and_resume(tmp_path, tiny_model, bundled):
     questions = bundled[:12]
-    generation = GenerationConfig(batch_size=8, max_new_tokens=16)
+    generation = GenerationSection(batch_size=8, max_new_tokens=16)
     out = tmp_path / "eval"
-    report = evaluate_model(EvaluateConfig(), generation, questions, tiny_model, out, device="cpu", label="base")
+    report = evaluate_model(EvaluateSection(), generation, questions, tiny_model, out, device="cpu", label="base")
     assert report["protocol"] == "mcq" and report["n"] == 12 and report["label"] == "base"
     graded = read_jsonl(out / "graded.jsonl")
     assert [row["id"] for row in graded] == [q.id for q in questions]
@@ -89,15 +89,15 @@ def test_tiny_model_end_to_end_and_resume(tmp_path, tiny_model, bundled):
     # Resume: an interrupted evaluation generates only the questions it had not reached.
     before = read_jsonl(out / "outputs.jsonl")
     (out / "outputs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in before[:5]))
-    evaluate_model(EvaluateConfig(), generation, questions, tiny_model, out, device="cpu")
+    evaluate_model(EvaluateSection(), generation, questions, tiny_model, out, device="cpu")
     after = read_jsonl(out / "outputs.jsonl")
     assert after[:5] == before[:5] and sorted(r["id"] for r in after) == sorted(r["id"] for r in before)
 
     # Outputs of another setting or question set are never mixed into the same report.
     with pytest.raises(ResumeMismatch, match="generation"):
-        evaluate_model(EvaluateConfig(), GenerationConfig(max_new_tokens=8), questions, tiny_model, out, device="cpu")
+        evaluate_model(EvaluateSection(), GenerationSection(max_new_tokens=8), questions, tiny_model, out, device="cpu")
     with pytest.raises(ResumeMismatch, match="questions"):
-        evaluate_model(EvaluateConfig(), generation, bundled[:16], tiny_model, out, device="cpu")
+        evaluate_model(EvaluateSection(), generation, bundled[:16], tiny_model, out, device="cpu")
 
 
 def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_path, tiny_model, bundled):
@@ -108,8 +108,8 @@ def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model, model_dir)
-    questions, generation, out = bundled[:4], GenerationConfig(max_new_tokens=8), tmp_path / "eval"
-    evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu")
+    questions, generation, out = bundled[:4], GenerationSection(max_new_tokens=8), tmp_path / "eval"
+    evaluate_model(EvaluateSection(), generation, questions, model_dir, out, device="cpu")
     (out / "outputs.jsonl").write_text(
         "".join(json.dumps({**row, "output": "stale"}) + "\n" for row in read_jsonl(out / "outputs.jsonl"))
     )
@@ -119,9 +119,9 @@ def test_retrained_model_in_the_same_folder_is_refused_and_restart_regrades(tmp_
     model.save_pretrained(model_dir)
 
     with pytest.raises(ResumeMismatch, match="model") as error:
-        evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu")
+        evaluate_model(EvaluateSection(), generation, questions, model_dir, out, device="cpu")
     assert "--restart" in str(error.value) and "questions" not in str(error.value)
-    evaluate_model(EvaluateConfig(), generation, questions, model_dir, out, device="cpu", restart=True)
+    evaluate_model(EvaluateSection(), generation, questions, model_dir, out, device="cpu", restart=True)
     assert all(row["output"] != "stale" for row in read_jsonl(out / "outputs.jsonl"))
     # The CLI passes --restart through (and without it names the flag).
     dataset = tmp_path / "eval.jsonl"
@@ -157,7 +157,7 @@ def test_loglik_scoring_weighs_every_answer_set_and_never_reads_the_gold(tmp_pat
     from medcritical.evaluation.evaluate import answer_candidates
 
     questions = [q for q in bundled if q.is_multi_answer][:2] + [q for q in bundled if not q.is_multi_answer][:3]
-    config, generation = EvaluateConfig(scoring="loglik"), GenerationConfig(max_new_tokens=8)
+    config, generation = EvaluateSection(scoring="loglik"), GenerationSection(max_new_tokens=8)
     report = evaluate_model(config, generation, questions, tiny_model, tmp_path / "a", device="cpu")
     assert report["scoring"] == "loglik" and report["format"]["shares"]["answered"] == 1.0
     outputs = {o["id"]: o for o in read_jsonl(tmp_path / "a" / "outputs.jsonl")}
@@ -186,7 +186,7 @@ def test_loglik_scores_the_reply_the_trained_format_would_write(tiny_model, bund
 
     generator = TransformersGenerator(tiny_model, device="cpu", batch_size=4)
     q = next(q for q in bundled if len(q.options) == 4)
-    config = EvaluateConfig(scoring="loglik", loglik_answers="single")
+    config = EvaluateSection(scoring="loglik", loglik_answers="single")
     (row,) = loglik_rows(generator, [q], config)
     tok = generator.tokenizer
     prompt = generator.encode_prompts([mcq_messages(q)])[0]

@@ -114,11 +114,11 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """prepare-data output of the bundled sample: 8 evaluation and 8 training questions."""
-    from medcritical.data.config import DataConfig
+    from medcritical.data.config import DataSection
     from medcritical.data.prepare import prepare_data
 
     out = tmp_path_factory.mktemp("data")
-    prepare_data(DataConfig(eval_size=8, train_size=8), 0, out)
+    prepare_data(DataSection(eval_size=8, train_size=8), 0, out)
     return out
 
 
@@ -237,11 +237,11 @@ def test_distill_killed_mid_log_then_rerun(tmp_path):
 
 def test_sft_killed_after_a_checkpoint_resumes(tmp_path, tiny_model, data_dir):
     from medcritical.data.cmexam import load_questions
-    from medcritical.distill.config import DistillConfig
+    from medcritical.distill.config import DistillSection
     from medcritical.distill.run import distill
 
     distill(
-        DistillConfig(explanation_max_chars=40),
+        DistillSection(explanation_max_chars=40),
         load_questions(data_dir / "train.jsonl").questions,
         tmp_path / "distill",
     )

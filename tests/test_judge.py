@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
+from medcritical.evaluation.config import EvaluateSection, JudgeSection
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.judge import (
     JUDGEMENTS_JSONL,
@@ -20,7 +20,7 @@ from medcritical.evaluation.judge import (
     student_sampling,
 )
 from medcritical.llm_client import EndpointError, EndpointFailures
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
 
 
@@ -76,14 +76,17 @@ def test_what_the_student_and_the_judge_are_asked(bundled):
     assert student_sampling("judge-rubric", 64) == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 64}
     assert reference_answer(q) == "；".join(q.options[letter] for letter in q.answer)  # texts, no letters
 
-    assert judge_request("judge-paper", JudgeConfig()) == {
+    assert judge_request("judge-paper", JudgeSection()) == {
         "temperature": 0.0,
         "max_tokens": 1,
         "structured_outputs": {"choice": ["1", "2"]},
     }
-    assert judge_request("judge-paper", JudgeConfig(verdict_constraint="guided_choice"))["guided_choice"] == ["1", "2"]
-    assert judge_request("judge-paper", JudgeConfig(verdict_constraint="none")) == {"temperature": 0.0, "max_tokens": 1}
-    assert judge_request("judge-rubric", JudgeConfig(max_tokens=300)) == {"temperature": 0.0, "max_tokens": 300}
+    assert judge_request("judge-paper", JudgeSection(verdict_constraint="guided_choice"))["guided_choice"] == ["1", "2"]
+    assert judge_request("judge-paper", JudgeSection(verdict_constraint="none")) == {
+        "temperature": 0.0,
+        "max_tokens": 1,
+    }
+    assert judge_request("judge-rubric", JudgeSection(max_tokens=300)) == {"temperature": 0.0, "max_tokens": 300}
 
 
 def test_judge_errors_are_dropped_and_counted_never_guessed(bundled):
@@ -110,9 +113,9 @@ def judge_env(monkeypatch):
 
 
 def paper_config(url, **judge):
-    return EvaluateConfig(
+    return EvaluateSection(
         protocol="judge-paper",
-        judge=JudgeConfig(base_url=url, model="teacher-model", max_retries=1, timeout_s=0.5, **judge),
+        judge=JudgeSection(base_url=url, model="teacher-model", max_retries=1, timeout_s=0.5, **judge),
     )
 
 
@@ -138,7 +141,7 @@ def test_judge_outage_ends_non_zero_and_the_rerun_asks_only_the_missing(kind, tm
             return completion("我觉得对")  # not 1 or 2: a judge error, dropped
         return completion("1" if questions[1].question in prompt or questions[2].question in prompt else "2")
 
-    generation = GenerationConfig(max_new_tokens=8)
+    generation = GenerationSection(max_new_tokens=8)
     with StandInEndpoint(respond) as endpoint:
         config = paper_config(endpoint.base_url)
         with pytest.raises(EndpointFailures) as error:
@@ -179,14 +182,14 @@ def test_judge_endpoint_is_probed_before_the_student_generates(tmp_path, tiny_mo
         url = endpoint.base_url  # stopped when the block ends: nothing listens there any more
     with pytest.raises(EndpointError, match="cannot be reached"):
         evaluate_model(
-            paper_config(url), GenerationConfig(max_new_tokens=4), bundled[:2], tiny_model, tmp_path, device="cpu"
+            paper_config(url), GenerationSection(max_new_tokens=4), bundled[:2], tiny_model, tmp_path, device="cpu"
         )
     assert not (tmp_path / "outputs.jsonl").exists()
     monkeypatch.delenv("MEDCRITICAL_JUDGE_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="MEDCRITICAL_JUDGE_BASE_URL"):
         evaluate_model(
-            EvaluateConfig(protocol="judge-rubric"),
-            GenerationConfig(max_new_tokens=4),
+            EvaluateSection(protocol="judge-rubric"),
+            GenerationSection(max_new_tokens=4),
             bundled[:2],
             tiny_model,
             tmp_path,
@@ -196,4 +199,4 @@ def test_judge_endpoint_is_probed_before_the_student_generates(tmp_path, tiny_mo
 
 def test_old_protocol_name_is_refused():
     with pytest.raises(ValueError, match="judge-paper"):
-        EvaluateConfig(protocol="judge")
+        EvaluateSection(protocol="judge")

@@ -7,7 +7,7 @@ from trl.data_utils import is_conversational
 
 from medcritical.grader import grade_answer
 from medcritical.prompts import mcq_messages
-from medcritical.selfplay.config import PairsSection, SelfPlayConfig
+from medcritical.selfplay.config import PairsSection, SelfPlaySection
 from medcritical.selfplay.pairs import build_preference_pairs
 from medcritical.selfplay.run import make_pairs
 
@@ -139,13 +139,13 @@ def test_pairs_step_rebuilds_from_a_rollout_folder(questions, tmp_path):
     q = questions[0]
     rows = [sample(q, 0, f"答案：{wrong_letter(q)}"), sample(q, 1, f"<think>y</think>答案：{q.answer}")]
     (rollout_dir / "rollouts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    stats = make_pairs(SelfPlayConfig(), questions, rollout_dir, tmp_path / "pairs")
+    stats = make_pairs(SelfPlaySection(), questions, rollout_dir, tmp_path / "pairs")
     assert stats["train_pairs"] == 1 and "no_pairs" not in stats
     lines = (tmp_path / "pairs" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0])["chosen_source"] == "sample"
     assert (tmp_path / "pairs" / "pairs_heldout.jsonl").read_text() == ""
     with pytest.raises(FileNotFoundError, match="medcritical rollout"):
-        make_pairs(SelfPlayConfig(), questions, tmp_path / "nowhere", tmp_path / "pairs")
+        make_pairs(SelfPlaySection(), questions, tmp_path / "nowhere", tmp_path / "pairs")
 
 
 def test_answer_level_pairs_keep_only_the_final_answer_statements(questions):

@@ -8,7 +8,7 @@ from medcritical.grader import grade_answer
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.io.jsonl import read_jsonl
 from medcritical.modeling.generation import TransformersGenerator
-from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlayConfig
+from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.correction import (
     correct_trajectories,
     correction_statistics,
@@ -145,15 +145,15 @@ def test_guessing_acceptance_matches_the_binomial_rule(bundled):
 
 
 def test_run_rollout_refuses_to_mix_settings(format_model, selfplay_questions, tmp_path):
-    from medcritical.modeling.config import GenerationConfig
+    from medcritical.modeling.config import GenerationSection
     from medcritical.selfplay.run import run_rollout
 
-    config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1))
-    stats = run_rollout(config, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
+    config = SelfPlaySection(rollout=ROLLOUT, correction=CorrectionSection(attempts=1))
+    stats = run_rollout(config, GenerationSection(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
     assert json.loads((tmp_path / "rollout_stats.json").read_text())["rollout"] == stats["rollout"]
     with pytest.raises(ValueError, match="other inputs or settings.*rollout"):
         changed = config.model_copy(update={"rollout": ROLLOUT.model_copy(update={"temperature": 0.5})})
-        run_rollout(changed, GenerationConfig(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
+        run_rollout(changed, GenerationSection(), selfplay_questions[:4], format_model, tmp_path, device="cpu")
 
 
 def _cost_of(stats):
@@ -165,20 +165,20 @@ def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(
 ):
     """corrector: teacher with a local transformers teacher (the format model standing in for a bigger one):
     the corrections are the teacher's, counted as teacher tokens; the rewrite is still the student's."""
-    from medcritical.distill.config import DistillConfig
-    from medcritical.modeling.config import GenerationConfig
+    from medcritical.distill.config import DistillSection
+    from medcritical.modeling.config import GenerationSection
     from medcritical.selfplay.run import run_rollout
 
-    distill = DistillConfig(
+    distill = DistillSection(
         backend="transformers",
         teacher_model=str(format_model),
         temperature=1.0,
         max_new_tokens=48,
         price_per_million_tokens=2.0,
     )
-    config = SelfPlayConfig(rollout=ROLLOUT, correction=CorrectionSection(attempts=1, votes=3), corrector="teacher")
+    config = SelfPlaySection(rollout=ROLLOUT, correction=CorrectionSection(attempts=1, votes=3), corrector="teacher")
     stats = run_rollout(
-        config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=distill
+        config, GenerationSection(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=distill
     )
 
     assert stats["corrector"] == {
@@ -203,11 +203,11 @@ def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(
     other = distill.model_copy(update={"temperature": 0.5})
     with pytest.raises(ValueError, match="teacher"):
         run_rollout(
-            config, GenerationConfig(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other
+            config, GenerationSection(), selfplay_questions[:8], format_model, tmp_path, device="cpu", distill=other
         )
     run_rollout(
         config,
-        GenerationConfig(),
+        GenerationSection(),
         selfplay_questions[:8],
         format_model,
         tmp_path,
@@ -220,14 +220,14 @@ def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(
 def test_explanations_teacher_corrects_with_the_expert_explanation(generator, selfplay_questions, tmp_path):
     """The demo's offline teacher: every vote is the expert explanation and gold answer, so every wrong
     trajectory with an explanation gets a stable correction; the rewrite decides acceptance."""
-    from medcritical.distill.config import DistillConfig
+    from medcritical.distill.config import DistillSection
     from medcritical.selfplay.run import build_corrector
 
     questions = selfplay_questions[:8]
     records = rollout_questions(generator, questions, ROLLOUT, tmp_path / "rollouts.jsonl", seed=3)
     wrong = [r for r in records if not r["correct"]]
-    config = SelfPlayConfig(corrector="teacher", correction=CorrectionSection(attempts=1, votes=3))
-    corrector = build_corrector(config, generator, DistillConfig(backend="explanations", explanation_max_chars=40))
+    config = SelfPlaySection(corrector="teacher", correction=CorrectionSection(attempts=1, votes=3))
+    corrector = build_corrector(config, generator, DistillSection(backend="explanations", explanation_max_chars=40))
     by_id = {q.id: q for q in questions}
     corrections = correct_trajectories(
         generator, by_id, wrong, config.correction, tmp_path / "c.jsonl", corrector=corrector, max_new_tokens=48
@@ -246,13 +246,13 @@ def test_a_teacher_that_answers_nothing_stops_the_correction(bundled):
     step fails instead of reporting zero accepted corrections."""
     from dataclasses import replace
 
-    from medcritical.distill.config import DistillConfig
+    from medcritical.distill.config import DistillSection
     from medcritical.distill.teachers import build_teacher
     from medcritical.distill.traces import DistillPrompts
     from medcritical.selfplay.correction import TeacherCorrector, correction_messages
 
     question = replace(bundled[0], explanation="")
-    teacher = TeacherCorrector(build_teacher(DistillConfig(backend="explanations"), DistillPrompts.load("zh")))
+    teacher = TeacherCorrector(build_teacher(DistillSection(backend="explanations"), DistillPrompts.load("zh")))
     with pytest.raises(RuntimeError, match="answered none of 3 correction requests"):
         teacher.correct(
             [correction_messages(question, "答案：A")],
@@ -270,7 +270,7 @@ def test_served_teacher_reads_the_wrong_trajectory_and_its_usage_is_counted(bund
     """The openai backend (a served QwQ-style teacher) through the stand-in endpoint: the request carries
     the student's wrong answer, the reasoning returned apart is put back inside <think>, and the tokens are
     the endpoint's own usage figures (what an API bills)."""
-    from medcritical.distill.config import DistillConfig, OpenAITeacher
+    from medcritical.distill.config import DistillSection, OpenAITeacher
     from medcritical.distill.teachers import build_teacher
     from medcritical.distill.traces import DistillPrompts
     from medcritical.selfplay.correction import TeacherCorrector, correction_messages
@@ -284,7 +284,7 @@ def test_served_teacher_reads_the_wrong_trajectory_and_its_usage_is_counted(bund
         return completion(f"答案：{question.answer}", "重新逐项分析选项", prompt_tokens=321, completion_tokens=45)
 
     with StandInEndpoint(respond) as endpoint:
-        distill = DistillConfig(
+        distill = DistillSection(
             backend="openai", openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", max_retries=0)
         )
         corrector = TeacherCorrector(build_teacher(distill, DistillPrompts.load("zh")), max_new_tokens=64)

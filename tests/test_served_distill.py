@@ -8,7 +8,7 @@ what is missing.
 
 import pytest
 
-from medcritical.distill.config import DistillConfig, OpenAITeacher
+from medcritical.distill.config import DistillSection, OpenAITeacher
 from medcritical.distill.run import RAW_FILE, STATS_FILE, distill
 from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts
@@ -35,7 +35,7 @@ class Counting:
 
 def served_config(server, **overrides):
     openai = OpenAITeacher(base_url=server.base_url, model=server.model, concurrency=4, timeout_s=120, max_retries=1)
-    return DistillConfig(
+    return DistillSection(
         **(
             {"backend": "openai", "openai": openai, "attempts": 2, "max_new_tokens": 24, "template_max_new_tokens": 16}
             | overrides

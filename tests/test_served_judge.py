@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
+from medcritical.evaluation.config import EvaluateSection, JudgeSection
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.judge import JUDGEMENTS_JSONL
 from medcritical.llm_client import ChatClient
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 
 pytestmark = pytest.mark.vllm
 
@@ -35,9 +35,9 @@ def asked(monkeypatch):
 
 
 def judge_config(server, protocol, **judge):
-    return EvaluateConfig(
+    return EvaluateSection(
         protocol=protocol,
-        judge=JudgeConfig(base_url=server.base_url, model=server.model, timeout_s=120, max_retries=1, **judge),
+        judge=JudgeSection(base_url=server.base_url, model=server.model, timeout_s=120, max_retries=1, **judge),
     )
 
 
@@ -46,7 +46,7 @@ def test_judge_paper_structured_outputs_and_resume_after_a_crash(
 ):
     questions = bundled[:6]
     config = judge_config(plain_vllm_server, "judge-paper")
-    report = evaluate_model(config, GenerationConfig(), questions, tiny_model, tmp_path, device="cpu")
+    report = evaluate_model(config, GenerationSection(), questions, tiny_model, tmp_path, device="cpu")
     assert (report["protocol"], report["n"], report["dropped"], report["questions"]) == ("judge-paper", 6, 0, 6)
     assert report["student_sampling"] == {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 450}
     rows = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
@@ -56,7 +56,7 @@ def test_judge_paper_structured_outputs_and_resume_after_a_crash(
     # A crash tore the last verdict mid-write and lost the one before: the rerun judges exactly those.
     lines = (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()
     (tmp_path / JUDGEMENTS_JSONL).write_text("\n".join(lines[:4]) + "\n" + lines[5][:10])
-    again = evaluate_model(config, GenerationConfig(), questions, tiny_model, tmp_path, device="cpu")
+    again = evaluate_model(config, GenerationSection(), questions, tiny_model, tmp_path, device="cpu")
     assert asked == [6, 2] and (again["n"], again["dropped"]) == (6, 0)
     assert "protocol `judge-paper`" in (tmp_path / "report.md").read_text()
 
@@ -68,13 +68,15 @@ def test_judge_paper_logit_bias_through_the_reasoning_parser(vllm_server, vllm_m
     config = judge_config(
         vllm_server, "judge-paper", verdict_constraint="none", extra_body={"logit_bias": {str(i): 100 for i in ids}}
     )
-    report = evaluate_model(config, GenerationConfig(), bundled[:4], tiny_model, tmp_path, device="cpu")
+    report = evaluate_model(config, GenerationSection(), bundled[:4], tiny_model, tmp_path, device="cpu")
     assert (report["n"], report["dropped"]) == (4, 0)
 
 
 def test_judge_rubric_never_guesses_a_verdict(vllm_server, tiny_model, bundled, tmp_path):
     config = judge_config(vllm_server, "judge-rubric", max_tokens=16)
-    report = evaluate_model(config, GenerationConfig(max_new_tokens=8), bundled[:4], tiny_model, tmp_path, device="cpu")
+    report = evaluate_model(
+        config, GenerationSection(max_new_tokens=8), bundled[:4], tiny_model, tmp_path, device="cpu"
+    )
     rows = [json.loads(line) for line in (tmp_path / JUDGEMENTS_JSONL).read_text().splitlines()]
     # Random text has no verdict line: every row is a judge error, dropped and counted, none guessed.
     assert len(rows) == 4 and all(

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 from medcritical.selfplay.config import RolloutSection
 from medcritical.selfplay.train_pass import before_after, bootstrap_mean_interval, train_pass, train_pass_line
 from medcritical.stats import mcnemar_exact
@@ -47,7 +47,7 @@ def test_train_pass_reuses_the_rollout_on_the_same_questions(tmp_path, tiny_mode
     rollout = RolloutSection(samples_per_question=2, max_new_tokens=8, chunk_size=4)
     stats = train_pass(
         rollout,
-        GenerationConfig(max_new_tokens=8),
+        GenerationSection(max_new_tokens=8),
         questions,
         before,
         tiny_model,

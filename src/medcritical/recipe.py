@@ -4,7 +4,7 @@ Every knob a researcher turns is a key here with a sane default. Unknown keys, w
 missing files are errors naming the key and the file. ``--set section.key=value`` overrides a key
 from the command line (the value is parsed as YAML, so ``--set sft.lora.r=16`` is an int).
 
-Each stage owns its section's model (``DataConfig`` in ``data/config.py``, ``DistillConfig`` in
+Each stage owns its section's model (``DataSection`` in ``data/config.py``, ``DistillSection`` in
 ``distill/config.py``, and so on); this module only assembles them and runs the loading rules.
 """
 
@@ -16,31 +16,31 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from medcritical.data.config import BUNDLED, DataConfig
-from medcritical.distill.config import DistillConfig
+from medcritical.data.config import BUNDLED, DataSection
+from medcritical.distill.config import DistillSection
 from medcritical.errors import UserError
-from medcritical.evaluation.config import EvaluateConfig, JudgeConfig
-from medcritical.modeling.config import TINY, GenerationConfig, ModelConfig, TinyModelConfig
+from medcritical.evaluation.config import EvaluateSection, JudgeSection
+from medcritical.modeling.config import TINY, GenerationSection, ModelSection, TinyModelSection
 from medcritical.section import Section
-from medcritical.selfplay.config import SelfPlayConfig
+from medcritical.selfplay.config import SelfPlaySection
 from medcritical.training.config import SFTSection
 
 # Re-exported: the sections live with the stage that owns them; a recipe only assembles them.
 __all__ = [
     "BUNDLED",
     "TINY",
-    "DataConfig",
-    "DistillConfig",
-    "EvaluateConfig",
-    "GenerationConfig",
-    "JudgeConfig",
-    "ModelConfig",
+    "DataSection",
+    "DistillSection",
+    "EvaluateSection",
+    "GenerationSection",
+    "JudgeSection",
+    "ModelSection",
     "Recipe",
     "RecipeError",
-    "RunConfig",
+    "RunSection",
     "SFTSection",
-    "SelfPlayConfig",
-    "TinyModelConfig",
+    "SelfPlaySection",
+    "TinyModelSection",
     "apply_override",
     "dump_recipe",
     "load_recipe",
@@ -52,7 +52,7 @@ class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
 
-class RunConfig(Section):
+class RunSection(Section):
     name: str = "medcritical"
     # Where each step writes `<output_dir>/<step>/`; a local folder or s3://bucket/prefix.
     output_dir: str | None = None
@@ -68,14 +68,14 @@ class RunConfig(Section):
 
 
 class Recipe(Section):
-    run: RunConfig = RunConfig()
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    generation: GenerationConfig = GenerationConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    distill: DistillConfig = DistillConfig()
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    generation: GenerationSection = GenerationSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    distill: DistillSection = DistillSection()
     sft: SFTSection = SFTSection()
-    selfplay: SelfPlayConfig = SelfPlayConfig()
+    selfplay: SelfPlaySection = SelfPlaySection()
 
 
 def apply_override(raw: dict, assignment: str) -> None:

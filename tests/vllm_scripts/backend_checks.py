@@ -24,13 +24,13 @@ def main(model: Path, work: Path) -> dict:
     import medcritical.modeling.generation as generation
     from medcritical.distill.run import distill
     from medcritical.evaluation import evaluate
-    from medcritical.modeling.config import GenerationConfig
+    from medcritical.modeling.config import GenerationSection
     from medcritical.modeling.generation import VLLMGenerator
     from medcritical.prompts import mcq_messages
     from medcritical.selfplay.correction import correct_trajectories
     from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
-    generator = VLLMGenerator(model, GenerationConfig(backend="vllm"), dtype="float32", seed=0)
+    generator = VLLMGenerator(model, GenerationSection(backend="vllm"), dtype="float32", seed=0)
     generation.load_generator = lambda *args, **kwargs: generator  # one engine per script (see above)
     pool = questions()
     prompts, keys = [mcq_messages(q) for q in pool[:6]], [q.id for q in pool[:6]]

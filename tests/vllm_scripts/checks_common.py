@@ -28,17 +28,17 @@ def correction_config():
 
 
 def evaluation_configs(backend: str) -> dict:
-    from medcritical.evaluation.config import EvaluateConfig
-    from medcritical.modeling.config import GenerationConfig
+    from medcritical.evaluation.config import EvaluateSection
+    from medcritical.modeling.config import GenerationSection
 
-    generation = GenerationConfig(backend=backend, max_new_tokens=24, batch_size=8)
-    return {"generate": (EvaluateConfig(), generation), "loglik": (EvaluateConfig(scoring="loglik"), generation)}
+    generation = GenerationSection(backend=backend, max_new_tokens=24, batch_size=8)
+    return {"generate": (EvaluateSection(), generation), "loglik": (EvaluateSection(scoring="loglik"), generation)}
 
 
 def distill_config(backend: str, model: str):
-    from medcritical.distill.config import DistillConfig, LocalTeacher
+    from medcritical.distill.config import DistillSection, LocalTeacher
 
-    return DistillConfig(
+    return DistillSection(
         backend=backend,
         teacher_model=model,
         attempts=2,

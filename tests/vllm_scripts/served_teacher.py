@@ -20,10 +20,10 @@ from checks_common import questions
 
 
 def config(model: str, extra_args: list[str]):
-    from medcritical.distill.config import DistillConfig, TeacherServer
+    from medcritical.distill.config import DistillSection, TeacherServer
 
     server = TeacherServer(max_model_len=2048, start_timeout_s=300, extra_args=extra_args)
-    return DistillConfig(
+    return DistillSection(
         backend="vllm-server",
         teacher_model=model,
         attempts=2,

@@ -12,7 +12,7 @@ from medcritical.section import Section
 BUNDLED = "bundled"  # data.source value: the CMExam sample shipped inside the package
 
 
-class DataConfig(Section):
+class DataSection(Section):
     # "bundled" (400 CMExam val questions in the package) or a .csv/.xlsx/.jsonl path.
     source: str = BUNDLED
     # A separate evaluation file; when None, `eval_size` questions are split off `source`.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from medcritical.data.bundled import bundled_path
 from medcritical.data.cmexam import DataError, load_questions, write_questions
-from medcritical.data.config import BUNDLED, DataConfig
+from medcritical.data.config import BUNDLED, DataSection
 from medcritical.data.splits import find_leaks, split_questions, take
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def _source_path(source: str) -> Path:
     return bundled_path() if source == BUNDLED else Path(source)
 
 
-def prepare_data(config: DataConfig, seed: int, output_dir: str | Path) -> dict:
+def prepare_data(config: DataSection, seed: int, output_dir: str | Path) -> dict:
     """Write `train.jsonl`, `eval.jsonl` and `data_stats.json` (counts, bad rows, leakage) to output_dir."""
     output_dir = Path(output_dir)
     loaded = load_questions(_source_path(config.source), on_bad_row=config.on_bad_row)

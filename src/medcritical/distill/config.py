@@ -48,7 +48,7 @@ class TeacherServer(Section):
     log_file: str = "teacher-server.log"  # in the step's output folder
 
 
-class DistillConfig(Section):
+class DistillSection(Section):
     # openai: an OpenAI-compatible endpoint; transformers / vllm: a local model (teacher_model);
     # explanations: traces built offline from CMExam's own expert explanations (free; the demo uses it).
     # vllm-server: a vLLM OpenAI server over teacher_model started inside the step (`server`), asked

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from medcritical.data.cmexam import Question
-from medcritical.distill.config import DistillConfig
+from medcritical.distill.config import DistillSection
 from medcritical.distill.outputs import accepted_attempt, distill_statistics, question_outcome
 from medcritical.distill.progress import SESSION, ProgressLog, QuestionProgress, replay, reply_event
 from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher, served_teacher
@@ -41,7 +41,7 @@ OUTPUTS = (RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE)  # what the setup fing
 
 
 def distill(
-    config: DistillConfig,
+    config: DistillSection,
     questions: Sequence[Question],
     output_dir: str | Path,
     *,
@@ -120,7 +120,7 @@ def distill(
     return stats
 
 
-def setup_fingerprint(config: DistillConfig, prompts: DistillPrompts, teacher: Teacher) -> dict:
+def setup_fingerprint(config: DistillSection, prompts: DistillPrompts, teacher: Teacher) -> dict:
     """What the replies depend on, beyond the question itself: the teacher (a local teacher's weights
     hash, not its folder name), its sampling, the language, the prompt versions and the gold-answer hint."""
     return {

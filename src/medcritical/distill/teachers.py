@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Protocol
 
 from medcritical.data.cmexam import Question
-from medcritical.distill.config import DistillConfig
+from medcritical.distill.config import DistillSection
 from medcritical.distill.traces import TEMPLATE, DistillPrompts
 from medcritical.grader import THINK_END
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.llm_client import ChatClient, ChatReply, safe_url
 from medcritical.modeling import resolve_model
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import load_generator
 from medcritical.modeling.vllm_server import serve_vllm
 
@@ -153,7 +153,7 @@ class ExplanationTeacher:
             on_reply(request, reply)
 
 
-def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str = "auto") -> Teacher:
+def build_teacher(config: DistillSection, prompts: DistillPrompts, *, device: str = "auto") -> Teacher:
     """The teacher the recipe names; local models are loaded here (slow), endpoints are not contacted."""
     if config.backend == "explanations":
         return ExplanationTeacher(prompts, config.explanation_max_chars)
@@ -172,7 +172,7 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
             "Hugging Face model folder (or 'tiny'), or use distill.backend: openai for a served model"
         )
     path = resolve_model(config.teacher_model)
-    generation = GenerationConfig(
+    generation = GenerationSection(
         backend=config.backend,
         batch_size=config.local.batch_size,
         tensor_parallel_size=config.local.tensor_parallel_size,
@@ -193,7 +193,7 @@ def build_teacher(config: DistillConfig, prompts: DistillPrompts, *, device: str
 
 
 @contextlib.contextmanager
-def served_teacher(config: DistillConfig, output_dir: str | Path) -> Iterator[DistillConfig]:
+def served_teacher(config: DistillSection, output_dir: str | Path) -> Iterator[DistillSection]:
     """For distill.backend vllm-server: start a vLLM server over distill.teacher_model (log in
     `output_dir`), yield the config turned into the openai backend pointing at it, stop it on the way
     out (error or not). Other backends pass through unchanged."""

@@ -9,7 +9,7 @@ from pydantic import Field
 from medcritical.section import Section
 
 
-class JudgeConfig(Section):
+class JudgeSection(Section):
     """The judge protocols (judge-paper, judge-rubric): a judge model behind an OpenAI-compatible endpoint."""
 
     base_url: str | None = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
@@ -34,7 +34,7 @@ class JudgeConfig(Section):
     max_tokens: int = Field(1024, ge=1)  # judge-rubric: room for reasons before the verdict line
 
 
-class EvaluateConfig(Section):
+class EvaluateSection(Section):
     # mcq: options shown, letters graded. judge-paper: SP-Huatuo's evaluation (no options, sampled
     # student, a judge answers 1 or 2). judge-rubric: no options, a judge with the reference and the
     # expert explanation ends with a strict verdict line. Numbers of different protocols never mix.
@@ -51,7 +51,7 @@ class EvaluateConfig(Section):
     loglik_prefix: str = "<think>\n\n</think>\n答案："
     language: Literal["zh", "en"] = "zh"
     limit: int | None = Field(None, ge=1)  # evaluate only the first N questions (quick checks)
-    judge: JudgeConfig = JudgeConfig()
+    judge: JudgeSection = JudgeSection()
     # After each DPO round, how many of the round's training questions (a seeded choice; null: all) the
     # DPO model answers again with the rollout's settings: pass@1 before -> after DPO and the paired
     # test in the run report. 0: off. Runs in the DPO step on the transformers backend (k samples each).

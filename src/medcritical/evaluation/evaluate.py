@@ -24,14 +24,14 @@ from pathlib import Path
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
 from medcritical.evaluation import judge as judging
-from medcritical.evaluation.config import EvaluateConfig
+from medcritical.evaluation.config import EvaluateSection
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import dropped_note, write_report
 from medcritical.grader import grade_answer
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.modeling import generation
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import load_generator
 from medcritical.prompts import load_prompt, mcq_messages
 
@@ -168,7 +168,7 @@ def end_of_turn(generator) -> str:
     return tokenizer.eos_token
 
 
-def loglik_rows(generator, questions: Sequence[Question], config: EvaluateConfig) -> list[dict]:
+def loglik_rows(generator, questions: Sequence[Question], config: EvaluateSection) -> list[dict]:
     """The most likely complete answer of each question among `answer_candidates`, by the summed
     log-probability of ``loglik_prefix + letters + end of turn`` as the model's reply.
 
@@ -197,7 +197,7 @@ def loglik_rows(generator, questions: Sequence[Question], config: EvaluateConfig
 
 
 def evaluation_fingerprint(
-    config: EvaluateConfig, generation: GenerationConfig, questions: Sequence[Question], model_path: str | Path
+    config: EvaluateSection, generation: GenerationSection, questions: Sequence[Question], model_path: str | Path
 ) -> dict:
     """What the saved outputs depend on: the questions' content, the prompt files' content, the
     protocol settings and the model's weights. A rerun resumes only when all of them match."""
@@ -216,8 +216,8 @@ def evaluation_fingerprint(
 
 
 def evaluate_model(
-    config: EvaluateConfig,
-    generation: GenerationConfig,
+    config: EvaluateSection,
+    generation: GenerationSection,
     questions: Sequence[Question],
     model_path: str | Path,
     output_dir: str | Path,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medcritical.data.cmexam import Question
-from medcritical.evaluation.config import JudgeConfig
+from medcritical.evaluation.config import JudgeSection
 from medcritical.grader import final_answer_text
 from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.llm_client import ChatClient
@@ -76,7 +76,7 @@ def student_sampling(protocol: str, max_new_tokens: int) -> dict:
     return {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_new_tokens}
 
 
-def judge_request(protocol: str, config: JudgeConfig) -> dict:
+def judge_request(protocol: str, config: JudgeSection) -> dict:
     """Request parameters of the judge under `protocol`."""
     if protocol == "judge-rubric":
         return {"temperature": 0.0, "max_tokens": config.max_tokens}
@@ -88,7 +88,7 @@ def judge_request(protocol: str, config: JudgeConfig) -> dict:
     return {"temperature": 0.0, "max_tokens": 1, **constraint}
 
 
-def judge_from_config(config: JudgeConfig, protocol: str, language: str, output_dir: str | Path) -> Judge:
+def judge_from_config(config: JudgeSection, protocol: str, language: str, output_dir: str | Path) -> Judge:
     """A judge on an OpenAI-compatible endpoint, resuming from `output_dir/judgements.jsonl`.
 
     The endpoint is probed here, so a dead judge or a refused key stops the step before the student

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from medcritical.modeling.config import TINY, TinyModelConfig
+from medcritical.modeling.config import TINY, TinyModelSection
 from medcritical.modeling.tiny import ensure_tiny_model
 
 
@@ -16,7 +16,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDCRITICAL_CACHE", Path.home() / ".cache" / "medcritical"))
 
 
-def resolve_model(model: str, tiny: TinyModelConfig = TinyModelConfig()) -> Path:
+def resolve_model(model: str, tiny: TinyModelSection = TinyModelSection()) -> Path:
     """A local model folder for `model`: "tiny" (built once, cached by its settings) or a folder."""
     if model == TINY:
         key = hashlib.sha256(json.dumps(tiny.model_dump(), sort_keys=True).encode()).hexdigest()[:10]

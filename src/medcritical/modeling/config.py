@@ -12,7 +12,7 @@ from medcritical.section import Section
 TINY = "tiny"  # model.base value: build the offline tiny model
 
 
-class TinyModelConfig(Section):
+class TinyModelSection(Section):
     # A test model: the caps keep a typo from building a model that fills memory.
     vocab_size: int = Field(
         2048, ge=512, le=65536
@@ -24,7 +24,7 @@ class TinyModelConfig(Section):
     seed: int = Field(0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> TinyModelConfig:
+    def _heads_divide_hidden(self) -> TinyModelSection:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads} (each head gets "
@@ -33,10 +33,10 @@ class TinyModelConfig(Section):
         return self
 
 
-class ModelConfig(Section):
+class ModelSection(Section):
     # "tiny" (built offline into the run folder) or a local Hugging Face model folder.
     base: str = TINY
-    tiny: TinyModelConfig = TinyModelConfig()
+    tiny: TinyModelSection = TinyModelSection()
     # "auto": bfloat16 on a GPU that supports it, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -48,7 +48,7 @@ class ModelConfig(Section):
         raise ValueError(f"no such model folder {value!r} (use 'tiny' or a local Hugging Face folder)")
 
 
-class GenerationConfig(Section):
+class GenerationSection(Section):
     """How the student generates, in evaluation and rollout."""
 
     backend: Literal["transformers", "vllm"] = "transformers"

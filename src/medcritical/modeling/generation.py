@@ -24,7 +24,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class VLLMGenerator:
     Generator does not use offset", vLLM 0.30 rewinds the generator of a discarded partial-prefill token,
     which only CUDA generators support); without chunking there is no discarded token."""
 
-    def __init__(self, model_path: str | Path, config: GenerationConfig, dtype: str = "auto", **engine_args):
+    def __init__(self, model_path: str | Path, config: GenerationSection, dtype: str = "auto", **engine_args):
         try:
             import torch
             from vllm import LLM
@@ -341,7 +341,7 @@ class VLLMGenerator:
 
 
 def load_generator(
-    model_path: str | Path, config: GenerationConfig, *, device: str = "auto", dtype: str = "auto"
+    model_path: str | Path, config: GenerationSection, *, device: str = "auto", dtype: str = "auto"
 ) -> Generator:
     log.info("loading %s with the %s backend", model_path, config.backend)
     if config.backend == "vllm":

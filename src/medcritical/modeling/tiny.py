@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from medcritical.data.bundled import bundled_questions
-from medcritical.modeling.config import TinyModelConfig
+from medcritical.modeling.config import TinyModelSection
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_TOKENS = ["<think>", "</think>"]
@@ -68,10 +68,10 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def build_tiny_model(output_dir: str | Path, config: TinyModelConfig = TinyModelConfig()) -> Path:
+def build_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyModelSection()) -> Path:
     """Write a tiny random-initialised Qwen2 model + tokenizer to `output_dir` (a HF folder)."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationSection, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer(config.vocab_size)
@@ -90,14 +90,16 @@ def build_tiny_model(output_dir: str | Path, config: TinyModelConfig = TinyModel
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(model_config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationSection(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     (output_dir / "medcritical_tiny.json").write_text(json.dumps(config.model_dump(), indent=2))
     return output_dir
 
 
-def ensure_tiny_model(output_dir: str | Path, config: TinyModelConfig = TinyModelConfig()) -> Path:
+def ensure_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyModelSection()) -> Path:
     """Build the tiny model unless `output_dir` already holds one built with the same settings."""
     output_dir = Path(output_dir)
     marker = output_dir / "medcritical_tiny.json"

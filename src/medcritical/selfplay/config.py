@@ -74,7 +74,7 @@ class CostSection(Section):
     device_hour_price: float | None = Field(None, ge=0.0)
 
 
-class SelfPlayConfig(Section):
+class SelfPlaySection(Section):
     rounds: int = Field(1, ge=1)
     # Who corrects a wrong trajectory: the student itself (the paper's method), or the distillation
     # teacher of the `distill` section (any backend, a served endpoint included), the baseline the paper

@@ -24,10 +24,10 @@ from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import read_jsonl, write_jsonl
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import Generator, load_generator
 from medcritical.prompts import load_prompt
-from medcritical.selfplay.config import SelfPlayConfig
+from medcritical.selfplay.config import SelfPlaySection
 from medcritical.selfplay.correction import SelfCorrector, TeacherCorrector, correct_trajectories, correction_statistics
 from medcritical.selfplay.cost import TIMINGS, accelerators, cost_statistics
 from medcritical.selfplay.pairs import build_preference_pairs
@@ -60,7 +60,7 @@ def _teacher_settings(distill) -> dict:
     return settings
 
 
-def build_corrector(config: SelfPlayConfig, generator: Generator, distill=None, *, device: str = "auto"):
+def build_corrector(config: SelfPlaySection, generator: Generator, distill=None, *, device: str = "auto"):
     """The student itself, or the distillation teacher of the recipe's `distill` section."""
     if config.corrector == "self":
         return SelfCorrector(generator)
@@ -72,8 +72,8 @@ def build_corrector(config: SelfPlayConfig, generator: Generator, distill=None, 
 
 
 def run_rollout(
-    config: SelfPlayConfig,
-    generation: GenerationConfig,
+    config: SelfPlaySection,
+    generation: GenerationSection,
     questions: Sequence[Question],
     model_path: str | Path,
     output_dir: str | Path,
@@ -88,7 +88,7 @@ def run_rollout(
     """Rollout, correction and pairs for one round; returns (and writes) the statistics.
 
     `generator` reuses a model already in memory; otherwise `model_path` is loaded with the
-    generation backend of the recipe (transformers or vLLM). `distill` (the recipe's DistillConfig)
+    generation backend of the recipe (transformers or vLLM). `distill` (the recipe's DistillSection)
     names the teacher when `config.corrector` is "teacher". `restart` discards earlier results made
     from other inputs instead of refusing to mix them.
     """
@@ -176,7 +176,7 @@ def run_rollout(
 
 
 def write_pairs(
-    config: SelfPlayConfig,
+    config: SelfPlaySection,
     questions: Sequence[Question],
     rollouts: list[dict],
     corrections: list[dict],
@@ -193,7 +193,7 @@ def write_pairs(
 
 
 def make_pairs(
-    config: SelfPlayConfig,
+    config: SelfPlaySection,
     questions: Sequence[Question],
     rollout_dir: str | Path,
     output_dir: str | Path,

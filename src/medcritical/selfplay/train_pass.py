@@ -20,7 +20,7 @@ from medcritical.data.cmexam import Question
 from medcritical.data.splits import take
 from medcritical.diagnostics import diagnose_rollouts
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
-from medcritical.modeling.config import GenerationConfig
+from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import load_generator
 from medcritical.selfplay.config import RolloutSection
 from medcritical.selfplay.rollout import rollout_questions
@@ -93,7 +93,7 @@ def before_after(before: Sequence[dict], after: Sequence[dict], *, seed: int = 0
 
 def train_pass(
     rollout: RolloutSection,
-    generation: GenerationConfig,
+    generation: GenerationSection,
     questions: Sequence[Question],
     before: Sequence[dict],
     model_path: str | Path,
