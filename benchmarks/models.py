@@ -40,7 +40,7 @@ def build_7b_shaped_model(output_dir: str | Path, *, layers: int = 28, device: s
     """A Qwen2.5-7B-shaped model with `layers` decoder layers and random bf16 weights, saved as a HF folder.
     Reused when `output_dir` already holds one with the same shape (building and saving 15 GB takes a minute)."""
     import torch
-    from transformers import GenerationSection, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
     shape = {**QWEN25_7B, "num_hidden_layers": layers}
@@ -59,7 +59,7 @@ def build_7b_shaped_model(output_dir: str | Path, *, layers: int = 28, device: s
             model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.generation_config = GenerationSection(
+    model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(output_dir)

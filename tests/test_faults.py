@@ -157,8 +157,13 @@ def test_evaluate_killed_while_generating_concurrent_run_refused_torn_line_dropp
         assert first.poll() is None and time.monotonic() < deadline, _output(first)
         time.sleep(0.02)
 
-    # A second run into the same folder stops at once, naming the holder.
-    second = medcritical(tmp_path, *args)
+    # A second run into the same folder stops at once, naming the holder. The holder is paused meanwhile
+    # (SIGSTOP): eight questions on the tiny model take less time than a second process takes to start.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = medcritical(tmp_path, *args)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     assert f"another run is writing here (evaluate by PID {first.pid} on " in second.stderr
     assert "Traceback" not in second.stderr

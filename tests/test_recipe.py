@@ -154,7 +154,7 @@ def test_the_schema_walk_finds_the_knobs():
 
 def _step_setup(recipe, tmp_path, data=True):
     """What the steps build from the recipe before their heavy work, without loading a model."""
-    from transformers import GenerationSection, Qwen2Config
+    from transformers import GenerationConfig, Qwen2Config
     from trl import SFTConfig
 
     from medcritical.data.prepare import prepare_data
@@ -179,7 +179,7 @@ def _step_setup(recipe, tmp_path, data=True):
         (recipe.distill.temperature, recipe.distill.top_p, recipe.distill.max_new_tokens),
     ):
         sampling = temperature > 0  # as modeling.generation builds it
-        GenerationSection(
+        GenerationConfig(
             do_sample=sampling,
             temperature=temperature if sampling else None,
             top_p=top_p if sampling else None,

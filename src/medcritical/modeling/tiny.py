@@ -71,7 +71,7 @@ def build_tokenizer(vocab_size: int):
 def build_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyModelSection()) -> Path:
     """Write a tiny random-initialised Qwen2 model + tokenizer to `output_dir` (a HF folder)."""
     import torch
-    from transformers import GenerationSection, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer(config.vocab_size)
@@ -90,7 +90,7 @@ def build_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyMode
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(model_config)
-    model.generation_config = GenerationSection(
+    model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(output_dir)
