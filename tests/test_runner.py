@@ -63,3 +63,13 @@ def test_missing_input_names_the_step_to_run(tmp_path):
     (tmp_path / "distill").mkdir()
     with pytest.raises(FileNotFoundError, match="no sft.jsonl there"):
         staging.input_file(str(tmp_path / "distill"), "sft.jsonl")
+
+
+def test_the_stage_command_offers_every_declared_stage():
+    from medcritical.cli import build_parser
+
+    parser = build_parser()
+    for name in STAGES:
+        assert parser.parse_args(["stage", name, "--output", "x"]).name == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["stage", "nonsense", "--output", "x"])
