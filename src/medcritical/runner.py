@@ -76,7 +76,6 @@ def run_stage(stage: Stage, recipe: Recipe, output_uri: str, **given: Any) -> di
 def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str], options: dict) -> dict:
     recipe = _local_recipe_files(stage, recipe)
     paths = local_inputs(stage, recipe, uris)
-    log.info("%s -> %s", stage.name, output_uri)
     with local_output(output_uri, keep_local=stage.local_only) as out:
         result = stage.run(recipe, out, **paths, **options)
         if stage.unchanged_model and result.get("status") == "skipped":
