@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from medcritical.io.manifest import verify_manifest
 from medcritical.modeling.config import GenerationConfig
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlayConfig
 from medcritical.selfplay.step import run_rollout
 from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
-from medcritical.training.saving import verify_manifest
 
 TRAINER = dict(
     per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2

@@ -21,7 +21,7 @@ reference): a reference that differs from the policy shows up there, recorded an
 
 Output folder: checkpoints/ (a rerun resumes from the newest), model/ (full HF folder, LoRA merged, what the
 next round and evaluation load), adapter/ (LoRA), dpo_metrics.json, dpo_loss.png, dpo_heldout.png,
-dpo_run.json, MANIFEST.sha256 (written last: marks the run done).
+dpo_run.json, _MANIFEST.json (size and sha256 of every file, written last: marks the run done).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from typing import Any
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 
-from medcritical.io.fingerprint import file_sha256
+from medcritical.io.hashing import file_sha256
 from medcritical.io.jsonl import read_jsonl
+from medcritical.io.manifest import MANIFEST_NAME, write_manifest
 from medcritical.plotting import figure
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
@@ -56,7 +57,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
-from medcritical.training.saving import MANIFEST, save_final_model, write_manifest
+from medcritical.training.saving import save_final_model
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,8 @@ def train_dpo(
             "model": str(model_path),
         },
     )
-    if (output_dir / MANIFEST).is_file() and (output_dir / "dpo_metrics.json").is_file():
-        log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST)
+    if (output_dir / MANIFEST_NAME).is_file() and (output_dir / "dpo_metrics.json").is_file():
+        log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
 
     start_distributed(device, deepspeed)

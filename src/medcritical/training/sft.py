@@ -17,7 +17,8 @@ launcher change:
 
 Output folder: checkpoints/ (periodic; a rerun resumes from the newest), model/ (Hugging Face folder with the
 tokenizer and chat template; LoRA merged when sft.lora.merge), adapter/ (LoRA only), sft_metrics.json,
-sft_loss.png, sft_run.json (what was trained), MANIFEST.sha256 (checksums; written last, marks the run done).
+sft_loss.png, sft_run.json (what was trained), _MANIFEST.json (size and sha256 of every file; written last, marks
+the run done).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medcritical.io.fingerprint import file_sha256
+from medcritical.io.hashing import file_sha256
+from medcritical.io.manifest import MANIFEST_NAME, write_manifest
 from medcritical.training.checks import check_tokenizer, conversation_lengths, read_conversations, select_by_length
 from medcritical.training.common import (
     check_same_run,
@@ -45,7 +47,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import SFTSection
 from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
-from medcritical.training.saving import MANIFEST, save_final_model, write_manifest
+from medcritical.training.saving import save_final_model
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,8 @@ def train_sft(
         conversations, lengths, settings["max_length"], config.on_too_long, str(dataset_path)
     )
     check_same_run(output_dir, "sft", _run_record(config, dataset_path, model_path, seed))
-    if (output_dir / MANIFEST).is_file() and (output_dir / "sft_metrics.json").is_file():
-        log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST)
+    if (output_dir / MANIFEST_NAME).is_file() and (output_dir / "sft_metrics.json").is_file():
+        log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "sft_metrics.json").read_text())
 
     start_distributed(device, deepspeed)
