@@ -89,19 +89,19 @@ def save_manifest(folder: str | Path, entries: Sequence[FileEntry]) -> Path:
     return path
 
 
+def checksum(folder: str | Path, path: str, known: FileEntry | None = None) -> FileEntry:
+    """The entry of one file of `folder` (relative path): `known` while the file keeps the size and
+    mtime it had when hashed, hashed now otherwise."""
+    stat = (Path(folder) / path).stat()  # before hashing: a write during the hash changes the mtime
+    if known is not None and known.still_describes(stat):
+        return known
+    return FileEntry(path, stat.st_size, file_sha256(Path(folder) / path), stat.st_mtime_ns)
+
+
 def checksums(folder: str | Path, paths: Iterable[str]) -> list[FileEntry]:
-    """Entries for these files of `folder` (relative paths): taken from the folder's manifest while a
-    file keeps the size and mtime it had when hashed, hashed now otherwise."""
-    folder = Path(folder)
+    """Entries for these files of `folder`, from the folder's manifest where it still holds."""
     known = {e.path: e for e in read_manifest(folder) or []}
-    entries = []
-    for rel in paths:
-        stat = (folder / rel).stat()  # before hashing: a write during the hash changes the mtime
-        entry = known.get(rel)
-        if entry is None or not entry.still_describes(stat):
-            entry = FileEntry(rel, stat.st_size, file_sha256(folder / rel), stat.st_mtime_ns)
-        entries.append(entry)
-    return entries
+    return [checksum(folder, path, known.get(path)) for path in paths]
 
 
 def write_manifest(folder: str | Path, paths: Iterable[str | Path]) -> Path:
