@@ -21,7 +21,7 @@ from minio.error import S3Error
 
 from medcritical import storage
 from medcritical.io import manifest
-from medcritical.io.manifest import write_manifest
+from medcritical.io.manifest import read_manifest, write_manifest
 from medcritical.storage import (
     MANIFEST_NAME,
     BucketNotFoundError,
@@ -32,6 +32,7 @@ from medcritical.storage import (
     StorageAuthError,
     StorageConfigError,
     StorageError,
+    downloading,
 )
 
 PART = 5 * 1024 * 1024  # S3's minimum part size: a 12 MB file takes 3 parts
@@ -58,8 +59,12 @@ def checkpoint(tmp_path) -> Path:
 
 
 def same_tree(a: Path, b: Path) -> bool:
-    def files(root):
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    def files(root):  # the data, without the manifest a download writes
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME
+        }
 
     return files(a) == files(b)
 
@@ -184,7 +189,11 @@ def test_folder_round_trip_multipart_with_checksums(s3_env, s3_server, checkpoin
 
     out = storage.download(uri, tmp_path / "restored", part_size=PART, max_workers=4)  # 3 ranged GETs
     assert same_tree(checkpoint, out) and leftovers(out) == []
-    assert not (out / MANIFEST_NAME).exists()
+    # The manifest comes along: the same checksums, with this machine's mtimes.
+    assert {(e.path, e.size, e.sha256) for e in read_manifest(out)} == {
+        (e["path"], e["size"], e["sha256"]) for e in manifest["files"]
+    }
+    assert all(e.mtime_ns == (out / e.path).stat().st_mtime_ns for e in read_manifest(out))
     assert "uploaded 4/4 files" in caplog.text and "downloaded 4/4 files" in caplog.text
     assert s3_server.secret_key not in caplog.text
 
@@ -193,13 +202,18 @@ def test_rerun_skips_intact_files(s3_env, checkpoint, tmp_path, monkeypatch):
     uri = f"s3://{s3_env}/ckpt"
     storage.upload(checkpoint, uri, part_size=PART)
     storage.download(uri, tmp_path / "out")
-    puts, gets = [], []
+    puts, gets, hashed = [], [], []
     monkeypatch.setattr(Minio, "put_object", spy(Minio.put_object, puts))
     monkeypatch.setattr(Minio, "get_object", spy(Minio.get_object, gets))
     storage.upload(checkpoint, uri, part_size=PART)
+    monkeypatch.setattr(downloading, "file_sha256", spy(downloading.file_sha256, hashed))
     storage.download(uri, tmp_path / "out")
     assert [c[2] for c in puts] == [f"ckpt/{MANIFEST_NAME}"]  # only the manifest is rewritten
     assert [c[2] for c in gets] == [f"ckpt/{MANIFEST_NAME}"]  # only the manifest is read
+    assert hashed == []  # the files the first download recorded are trusted while unchanged
+    (tmp_path / "out" / "config.json").write_text('{"hidden_size": 65}')  # a local edit is noticed
+    storage.download(uri, tmp_path / "out")
+    assert same_tree(checkpoint, tmp_path / "out")
 
 
 def spy(function, calls):

@@ -18,7 +18,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from medcritical.io.hashing import file_sha256
-from medcritical.io.manifest import MANIFEST_NAME, FileEntry, ManifestError, decode
+from medcritical.io.manifest import MANIFEST_NAME, FileEntry, ManifestError, decode, read_manifest, save_manifest
 from medcritical.storage.client import S3Settings, connect, explain, with_retries
 from medcritical.storage.errors import (
     ChecksumMismatchError,
@@ -227,6 +227,8 @@ def _download_folder(
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     items = [(src.join(e.path), _safe_dest(root, e.path, src), e.size, e.sha256) for e in manifest]
+    # What an earlier download into this folder recorded: files it vouches for are not read again.
+    recorded = {root / e.path: e for e in read_manifest(root) or []}
     log.info(
         "downloading %d files (%s) from %s/ to %s with %d workers",
         len(items),
@@ -235,18 +237,33 @@ def _download_folder(
         root,
         max_workers,
     )
-    _download_files(client, items, max_workers, part_size)
+    _download_files(client, items, max_workers, part_size, recorded)
+    # The folder's manifest on disk, with this machine's mtimes: every file was just checked against
+    # it, so a fingerprint or upload of this folder takes its checksums without reading it again.
+    save_manifest(root, [FileEntry(e.path, e.size, e.sha256, (root / e.path).stat().st_mtime_ns) for e in manifest])
     return root
 
 
-def _already_there(dest: Path, size: int, sha256: str | None) -> bool:
-    return sha256 is not None and dest.is_file() and dest.stat().st_size == size and file_sha256(dest) == sha256
+def _already_there(dest: Path, size: int, sha256: str | None, recorded: FileEntry | None) -> bool:
+    if sha256 is None or not dest.is_file():
+        return False
+    stat = dest.stat()
+    if recorded is not None and recorded.still_describes(stat):
+        return recorded.sha256 == sha256
+    return stat.st_size == size and file_sha256(dest) == sha256
 
 
 def _download_files(
-    client: Minio, items: list[tuple[S3Uri, Path, int, str | None]], max_workers: int, part_size: int
+    client: Minio,
+    items: list[tuple[S3Uri, Path, int, str | None]],
+    max_workers: int,
+    part_size: int,
+    recorded: dict[Path, FileEntry] | None = None,
 ) -> list[Path]:
-    present = run_parallel([lambda d=d, n=n, s=s: _already_there(d, n, s) for _, d, n, s in items], max_workers)
+    recorded = recorded or {}
+    present = run_parallel(
+        [lambda d=d, n=n, s=s: _already_there(d, n, s, recorded.get(d)) for _, d, n, s in items], max_workers
+    )
     todo = [item for item, done in zip(items, present) if not done]
     total = sum(n for _, _, n, _ in todo)
     progress = Progress("downloaded", len(todo), total)
