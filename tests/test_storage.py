@@ -392,12 +392,18 @@ def test_local_paths_work_like_uris(checkpoint, tmp_path):
         storage.publish(checkpoint, checkpoint / "inside")
 
 
-def test_materialize_and_publish_s3(s3_env, checkpoint, tmp_path):
+def test_materialize_and_publish_s3(s3_env, checkpoint, tmp_path, monkeypatch):
     uri = f"s3://{s3_env}/runs/7/sft"
     assert storage.publish(checkpoint, uri) == uri
     local = storage.materialize(uri, tmp_path / "work")
     assert local == tmp_path / "work" / s3_env / "runs/7/sft"
     assert same_tree(checkpoint, local)
+    # A step materializing its input again (a relative work folder here) reads nothing twice.
+    monkeypatch.chdir(tmp_path)
+    hashed = []
+    monkeypatch.setattr(downloading, "file_sha256", spy(downloading.file_sha256, hashed))
+    assert storage.materialize(uri, "work") == Path("work") / s3_env / "runs/7/sft"
+    assert hashed == []
     single = storage.materialize(f"{uri}/config.json", tmp_path / "work2")
     assert single.read_bytes() == (checkpoint / "config.json").read_bytes()
 

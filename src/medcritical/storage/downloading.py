@@ -227,8 +227,7 @@ def _download_folder(
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     items = [(src.join(e.path), _safe_dest(root, e.path, src), e.size, e.sha256) for e in manifest]
-    # What an earlier download into this folder recorded: files it vouches for are not read again.
-    recorded = {root / e.path: e for e in read_manifest(root) or []}
+    recorded = {(root / e.path).resolve(): e for e in _local_manifest(root)}  # keyed like the destinations
     log.info(
         "downloading %d files (%s) from %s/ to %s with %d workers",
         len(items),
@@ -244,12 +243,21 @@ def _download_folder(
     return root
 
 
+def _local_manifest(root: Path) -> list[FileEntry]:
+    """What an earlier download into `root` recorded: files it still describes are not read again.
+    An unreadable one is no reason to stop: the download replaces it."""
+    try:
+        return read_manifest(root) or []
+    except ManifestError:
+        return []
+
+
 def _already_there(dest: Path, size: int, sha256: str | None, recorded: FileEntry | None) -> bool:
     if sha256 is None or not dest.is_file():
         return False
     stat = dest.stat()
     if recorded is not None and recorded.still_describes(stat):
-        return recorded.sha256 == sha256
+        return recorded.size == size and recorded.sha256 == sha256
     return stat.st_size == size and file_sha256(dest) == sha256
 
 
@@ -278,7 +286,3 @@ def _download_files(
     if todo:
         log.info("%s", progress.line())
     return [dest for _, dest, _, _ in items]
-
-
-# ---------------------------------------------------------------------------------------------
-# What steps call: local paths and S3 URIs alike
