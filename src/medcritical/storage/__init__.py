@@ -19,7 +19,8 @@ Guarantees (see docs/storage.md):
 - One object is never visible half-written: S3 publishes a PUT or a completed multipart upload
   whole, and a failed multipart upload is aborted.
 - Every downloaded file is written under a temporary name, checked (size and sha256) and only then
-  renamed into place.
+  renamed into place; a downloaded folder gets the manifest too, with local mtimes, so its files
+  are not hashed again while unchanged.
 - Transient failures (connection errors, timeouts, HTTP 5xx, SlowDown) are retried with backoff, by
   one function (``client.with_retries``); 403/404 and checksum mismatches are not.
 - Re-running an interrupted transfer resumes: files whose size and sha256 already match are skipped.
