@@ -59,9 +59,7 @@ def build_7b_shaped_model(output_dir: str | Path, *, layers: int = 28, device: s
             model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     del model

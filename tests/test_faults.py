@@ -356,7 +356,7 @@ def test_s3_server_killed_mid_upload_then_restarted_rerun_completes(own_s3_serve
     server = own_s3_server
     client = server.client()
     bucket = server.new_bucket()
-    monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=2, base_delay=0.1))
+    monkeypatch.setattr(storage.client, "RETRY", storage.RetryPolicy(attempts=2, base_delay=0.1))
     folder = tmp_path / "model"
     folder.mkdir()
     for i in range(3):

@@ -1,13 +1,23 @@
-"""The shared file concerns: JSONL logs, resume fingerprints and the output lock."""
+"""The shared file concerns: JSONL logs, resume fingerprints, folder manifests and the output lock."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from medcritical.io.fingerprint import ResumeMismatch, check_resume, model_fingerprint
+from medcritical.io.hashing import file_sha256
 from medcritical.io.jsonl import JsonlError, append_jsonl, read_jsonl, write_jsonl
 from medcritical.io.lock import output_lock
+from medcritical.io.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    checksums,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
 
 
 def test_torn_last_line_is_dropped_then_cut_before_the_next_append(tmp_path):
@@ -107,3 +117,30 @@ def test_lock_of_a_killed_process_is_stale(tmp_path):
     holder.wait()
     with output_lock(tmp_path):  # the kernel released the dead holder's lock
         pass
+
+
+def test_manifest_checksums_are_reused_while_files_are_unchanged(tmp_path):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    weights = run / "model" / "model.safetensors"
+    weights.write_bytes(b"weights")
+    hashed = model_fingerprint(run / "model")  # no manifest yet: every file read
+    write_manifest(run, [run / "model"])
+    assert verify_manifest(run) == [] and model_fingerprint(run / "model") == hashed
+    # Same size and mtime: the manifest's checksum is trusted, the file is not read again.
+    before = weights.stat()
+    weights.write_bytes(b"WEIGHTS")
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert model_fingerprint(run / "model") == hashed
+    assert verify_manifest(run) == ["model/model.safetensors"]  # a real check reads every byte
+    # A rewrite that moves the mtime is hashed again.
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+    assert model_fingerprint(run / "model") != hashed
+    assert checksums(run, ["model/model.safetensors"])[0].sha256 == file_sha256(weights)
+
+
+def test_unreadable_manifest_names_the_file(tmp_path):
+    (tmp_path / MANIFEST_NAME).write_text('{"format": "something-else/9", "files": []}')
+    with pytest.raises(ManifestError, match=f"{MANIFEST_NAME}: not a manifest this version understands.*rerun"):
+        read_manifest(tmp_path)

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from medcritical.io.manifest import MANIFEST_NAME, verify_manifest
 from medcritical.modeling.generation import TransformersGenerator
-from medcritical.training.saving import verify_manifest
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_zero3_run_resumes_from_its_deepspeed_checkpoint(tmp_path, zero3_run, da
     # Leave the folder as a run killed during step 4 would: checkpoint-3 only, no final outputs.
     for leftover in ("checkpoints/checkpoint-6", "model", "adapter"):
         shutil.rmtree(output / leftover)
-    for leftover in ("sft_metrics.json", "MANIFEST.sha256"):
+    for leftover in ("sft_metrics.json", MANIFEST_NAME):
         (output / leftover).unlink()
     resumed = torchrun_sft(dataset, tiny_model, output, *ZERO3_LORA)
     assert resumed["resumed_from"] == "checkpoint-3" and resumed["steps_this_session"] == 3

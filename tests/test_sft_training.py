@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from medcritical.io.fingerprint import ResumeMismatch
+from medcritical.io.manifest import read_manifest, verify_manifest
 from medcritical.modeling.generation import TransformersGenerator
 from medcritical.training.config import SFTSection
-from medcritical.training.saving import verify_manifest
 from medcritical.training.sft import train_sft
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
 
@@ -51,7 +51,7 @@ def _assert_learned_and_saved(output, metrics):
     assert stored["loss_curve"] == metrics["loss_curve"]
     assert (output / "sft_loss.png").read_bytes().startswith(b"\x89PNG")
     assert verify_manifest(output) == []
-    assert "model/model.safetensors" in (output / "MANIFEST.sha256").read_text()
+    assert "model/model.safetensors" in {e.path for e in read_manifest(output)}
     # The final folder is a plain HF model with its tokenizer and chat template: it reloads and generates.
     generator = TransformersGenerator(output / "model", device="cpu", batch_size=2)
     assert generator.tokenizer.chat_template

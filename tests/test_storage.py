@@ -20,6 +20,8 @@ from minio import Minio
 from minio.error import S3Error
 
 from medcritical import storage
+from medcritical.io import manifest
+from medcritical.io.manifest import read_manifest, write_manifest
 from medcritical.storage import (
     MANIFEST_NAME,
     BucketNotFoundError,
@@ -30,6 +32,7 @@ from medcritical.storage import (
     StorageAuthError,
     StorageConfigError,
     StorageError,
+    downloading,
 )
 
 PART = 5 * 1024 * 1024  # S3's minimum part size: a 12 MB file takes 3 parts
@@ -39,7 +42,7 @@ PART = 5 * 1024 * 1024  # S3's minimum part size: a 12 MB file takes 3 parts
 def fast_retries(monkeypatch):
     """Retries without the backoff sleeps; records the delays asked for."""
     delays: list[float] = []
-    monkeypatch.setattr(storage, "RETRY", RetryPolicy(attempts=3, base_delay=0.01, sleep=delays.append))
+    monkeypatch.setattr(storage.client, "RETRY", RetryPolicy(attempts=3, base_delay=0.01, sleep=delays.append))
     return delays
 
 
@@ -56,8 +59,12 @@ def checkpoint(tmp_path) -> Path:
 
 
 def same_tree(a: Path, b: Path) -> bool:
-    def files(root):
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    def files(root):  # the data, without the manifest a download writes
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME
+        }
 
     return files(a) == files(b)
 
@@ -130,7 +137,7 @@ def test_retry_gives_up_after_the_policy_attempts(fast_retries):
 
 
 def test_unreachable_endpoint_says_which_variable_to_check(monkeypatch, tmp_path):
-    monkeypatch.setattr(storage, "RETRY", RetryPolicy(attempts=2, sleep=lambda s: None))
+    monkeypatch.setattr(storage.client, "RETRY", RetryPolicy(attempts=2, sleep=lambda s: None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave: nothing listens there
@@ -182,7 +189,11 @@ def test_folder_round_trip_multipart_with_checksums(s3_env, s3_server, checkpoin
 
     out = storage.download(uri, tmp_path / "restored", part_size=PART, max_workers=4)  # 3 ranged GETs
     assert same_tree(checkpoint, out) and leftovers(out) == []
-    assert not (out / MANIFEST_NAME).exists()
+    # The manifest comes along: the same checksums, with this machine's mtimes.
+    assert {(e.path, e.size, e.sha256) for e in read_manifest(out)} == {
+        (e["path"], e["size"], e["sha256"]) for e in manifest["files"]
+    }
+    assert all(e.mtime_ns == (out / e.path).stat().st_mtime_ns for e in read_manifest(out))
     assert "uploaded 4/4 files" in caplog.text and "downloaded 4/4 files" in caplog.text
     assert s3_server.secret_key not in caplog.text
 
@@ -191,19 +202,24 @@ def test_rerun_skips_intact_files(s3_env, checkpoint, tmp_path, monkeypatch):
     uri = f"s3://{s3_env}/ckpt"
     storage.upload(checkpoint, uri, part_size=PART)
     storage.download(uri, tmp_path / "out")
-    puts, gets = [], []
+    puts, gets, hashed = [], [], []
     monkeypatch.setattr(Minio, "put_object", spy(Minio.put_object, puts))
     monkeypatch.setattr(Minio, "get_object", spy(Minio.get_object, gets))
     storage.upload(checkpoint, uri, part_size=PART)
+    monkeypatch.setattr(downloading, "file_sha256", spy(downloading.file_sha256, hashed))
     storage.download(uri, tmp_path / "out")
     assert [c[2] for c in puts] == [f"ckpt/{MANIFEST_NAME}"]  # only the manifest is rewritten
     assert [c[2] for c in gets] == [f"ckpt/{MANIFEST_NAME}"]  # only the manifest is read
+    assert hashed == []  # the files the first download recorded are trusted while unchanged
+    (tmp_path / "out" / "config.json").write_text('{"hidden_size": 65}')  # a local edit is noticed
+    storage.download(uri, tmp_path / "out")
+    assert same_tree(checkpoint, tmp_path / "out")
 
 
-def spy(method, calls):
-    def wrapper(self, *args, **kwargs):
-        calls.append((self, *args))
-        return method(self, *args, **kwargs)
+def spy(function, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
 
     return wrapper
 
@@ -310,11 +326,21 @@ def test_failed_multipart_upload_publishes_no_object(s3_env, s3_server, tmp_path
 def test_file_changing_during_upload_is_not_published(s3_env, s3_server, tmp_path, monkeypatch):
     big = tmp_path / "shard.bin"
     big.write_bytes(os.urandom(12_000_000))
-    monkeypatch.setattr(storage, "sha256_file", lambda path: "0" * 64)  # the hash taken "before" differs
+    os.utime(big, ns=(0, 10**18))  # an old mtime: any later write moves it, however coarse the clock
+    real = Minio._upload_part
+
+    def upload_part(self, bucket, key, data, headers, upload_id, part_number):
+        if part_number == 1:  # a step still writing the file while its first part goes up
+            with big.open("r+b") as f:
+                f.write(b"rewritten")
+        return real(self, bucket, key, data, headers, upload_id, part_number)
+
+    monkeypatch.setattr(Minio, "_upload_part", upload_part)
     with pytest.raises(ChecksumMismatchError, match="changed while it was being uploaded"):
-        storage.upload(big, f"s3://{s3_env}/shard.bin", part_size=PART)
+        storage.upload(big, f"s3://{s3_env}/shard.bin", part_size=PART, max_workers=1)  # parts one after another
     with pytest.raises(S3Error, match="NoSuchKey"):
         s3_server.client().stat_object(s3_env, "shard.bin")
+    assert s3_server.client()._list_multipart_uploads(s3_env).uploads == []  # the parts were aborted
 
 
 @pytest.mark.parametrize("victim", ["config.json", "model.safetensors"])  # whole GET; ranged GETs
@@ -366,12 +392,18 @@ def test_local_paths_work_like_uris(checkpoint, tmp_path):
         storage.publish(checkpoint, checkpoint / "inside")
 
 
-def test_materialize_and_publish_s3(s3_env, checkpoint, tmp_path):
+def test_materialize_and_publish_s3(s3_env, checkpoint, tmp_path, monkeypatch):
     uri = f"s3://{s3_env}/runs/7/sft"
     assert storage.publish(checkpoint, uri) == uri
     local = storage.materialize(uri, tmp_path / "work")
     assert local == tmp_path / "work" / s3_env / "runs/7/sft"
     assert same_tree(checkpoint, local)
+    # A step materializing its input again (a relative work folder here) reads nothing twice.
+    monkeypatch.chdir(tmp_path)
+    hashed = []
+    monkeypatch.setattr(downloading, "file_sha256", spy(downloading.file_sha256, hashed))
+    assert storage.materialize(uri, "work") == Path("work") / s3_env / "runs/7/sft"
+    assert hashed == []
     single = storage.materialize(f"{uri}/config.json", tmp_path / "work2")
     assert single.read_bytes() == (checkpoint / "config.json").read_bytes()
 
@@ -431,3 +463,27 @@ def test_abandoned_multipart_uploads_are_aborted_by_the_next_writer(s3_env, s3_s
     (tmp_path / "keep.bin").write_bytes(b"x")
     storage.upload(tmp_path / "keep.bin", f"s3://{s3_env}/other/keep.bin")
     assert [name for name, _ in _unfinished(client, s3_env)] == ["other/keep.bin.2"]
+
+
+def test_a_saved_model_is_not_hashed_again_on_its_way_to_s3(s3_env, s3_server, tmp_path, monkeypatch):
+    """A training step's manifest lends its checksums to the upload while the files are unchanged."""
+    run = tmp_path / "sft"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "model.safetensors").write_bytes(os.urandom(300_000))
+    (run / "model" / "config.json").write_text("{}")
+    write_manifest(run, [run / "model"])  # what the training step writes last
+    (run / "sft_loss.png").write_bytes(b"png")  # written after it: not in the manifest
+    (run / "model" / "config.json").write_text('{"edited": 1}')  # changed after it: hashed again
+    hashed = []
+    monkeypatch.setattr(manifest, "file_sha256", spy(manifest.file_sha256, hashed))
+
+    uri = f"s3://{s3_env}/run/sft"
+    storage.upload(run, uri)
+    assert sorted(Path(c[0]).name for c in hashed) == ["config.json", "sft_loss.png"]
+    names = {o.object_name for o in s3_server.client().list_objects(s3_env, prefix="run/sft/", recursive=True)}
+    assert names == {f"run/sft/{n}" for n in ("model/model.safetensors", "model/config.json", "sft_loss.png")} | {
+        f"run/sft/{MANIFEST_NAME}"
+    }
+    out = storage.download(uri, tmp_path / "out")  # every byte checked against the uploaded manifest
+    assert (out / "model" / "config.json").read_text() == '{"edited": 1}'
+    assert (out / "model" / "model.safetensors").read_bytes() == (run / "model" / "model.safetensors").read_bytes()

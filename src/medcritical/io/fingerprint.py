@@ -1,4 +1,4 @@
-"""Checksums and resume fingerprints: a rerun continues only the work of the same inputs.
+"""Resume fingerprints: a rerun continues only the work of the same inputs.
 
 A step that resumes (evaluation, rollout, distillation, training) records a *fingerprint* of what
 its results depend on — the questions file's content, the prompt files, the protocol settings and
@@ -10,7 +10,6 @@ graded from the old model's answers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from medcritical.errors import UserError
+from medcritical.io.hashing import json_sha256, text_sha256
+from medcritical.io.manifest import MANIFEST_NAME, checksums
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
-MODEL_MANIFEST = "MANIFEST.sha256"  # written by the training steps beside model/ (sha256sum format)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
 
 
@@ -31,42 +31,25 @@ class ResumeMismatch(UserError, ValueError):
     """An output folder holds results made from other inputs or settings."""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def text_sha256(text: str | bytes) -> str:
-    return hashlib.sha256(text if isinstance(text, bytes) else text.encode("utf-8")).hexdigest()
-
-
-def json_sha256(value: Any) -> str:
-    """A stable hash of a JSON-able value (keys sorted)."""
-    return text_sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str))
-
-
 def model_fingerprint(model_dir: str | Path) -> str:
-    """The weights' identity: from the training step's checksum manifest when the model has one
-    (hashed once, at save time), else a hash of the model folder's files (config, tokenizer, weights).
-    Independent of the folder's path, so the same model downloaded elsewhere matches."""
+    """The weights' identity: the sha256 of the model folder's files (config, tokenizer, weights),
+    independent of the folder's path, so the same model downloaded elsewhere matches. The checksums
+    come from the manifest the training step wrote beside model/ (or the model folder's own) while
+    the files are unchanged, so a saved model is not read again."""
     model_dir = Path(model_dir)
-    for manifest in (model_dir / MODEL_MANIFEST, model_dir.parent / MODEL_MANIFEST):
-        if manifest.is_file():
-            prefix = "" if manifest.parent == model_dir else f"{model_dir.name}/"
-            lines = sorted(
-                line
-                for line in manifest.read_text(encoding="utf-8").splitlines()
-                if line.split("  ", 1)[-1].startswith(prefix)
-            )
-            if lines:
-                return text_sha256("\n".join(line.replace(f"  {prefix}", "  ", 1) for line in lines))
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    files = sorted(
+        p.relative_to(model_dir).as_posix()
+        for p in model_dir.rglob("*")
+        if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and p.name != MANIFEST_NAME
+    )
     if not files:
         raise FileNotFoundError(f"{model_dir}: no model files to fingerprint (is this a Hugging Face model folder?)")
-    return text_sha256("\n".join(f"{file_sha256(p)}  {p.relative_to(model_dir).as_posix()}" for p in files))
+    run_dir = model_dir.parent
+    if (run_dir / MANIFEST_NAME).is_file() and not (model_dir / MANIFEST_NAME).is_file():
+        entries = checksums(run_dir, [f"{model_dir.name}/{f}" for f in files])
+    else:
+        entries = checksums(model_dir, files)
+    return text_sha256("\n".join(f"{e.sha256}  {f}" for e, f in zip(entries, files, strict=True)))
 
 
 def questions_fingerprint(questions: Iterable) -> str:

@@ -90,9 +90,7 @@ def build_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyMode
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(model_config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     (output_dir / "medcritical_tiny.json").write_text(json.dumps(config.model_dump(), indent=2))

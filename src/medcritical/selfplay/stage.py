@@ -13,13 +13,13 @@ from medcritical.data.cmexam import load_questions
 from medcritical.data.prepare import TRAIN_FILE
 from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.io.jsonl import read_jsonl
+from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.io.ranks import is_main_process
 from medcritical.selfplay.cost import TIMINGS
 from medcritical.selfplay.run import CORRECTIONS, HELDOUT_PAIRS, PAIRS, ROLLOUTS, STATS, run_rollout
 from medcritical.selfplay.train_pass import TRAIN_PASS, TRAIN_PASS_STATS, train_pass
 from medcritical.stage import MODEL, Input, Stage
 from medcritical.training.dpo import train_dpo
-from medcritical.training.saving import MANIFEST
 from medcritical.training.stage import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ DPO = Stage(
         "dpo_loss.png",
         "dpo_heldout.png",
         FINGERPRINT_FILE,
-        MANIFEST,
+        MANIFEST_NAME,
         TRAIN_PASS,
         TRAIN_PASS_STATS,
     ),

@@ -18,7 +18,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from medcritical.io.fingerprint import MODEL_MANIFEST, check_resume
+from medcritical.io.fingerprint import check_resume
+from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling.generation import resolve_device, resolve_dtype
 from medcritical.training.config import LoraSection
@@ -187,7 +188,7 @@ def find_resumable_checkpoint(checkpoints_dir: str | Path) -> str | None:
 
 # What a training step's fingerprint vouches for: what a rerun resumes (checkpoints/) or returns at once (the
 # finished model, whose manifest is written last). The metrics and plots are rewritten by every run.
-RESUMED_OUTPUTS = ("checkpoints", "model", "adapter", MODEL_MANIFEST)
+RESUMED_OUTPUTS = ("checkpoints", "model", "adapter", MANIFEST_NAME)
 
 
 def check_training_resume(output_dir: str | Path, fingerprint: dict[str, Any], *, restart: bool = False) -> bool:

@@ -22,7 +22,7 @@ reference): a reference that differs from the policy shows up there, recorded an
 Output folder: checkpoints/ (a rerun resumes from the newest), model/ (full HF folder, LoRA merged, what the
 next round and evaluation load), adapter/ (LoRA), dpo_metrics.json, dpo_loss.png, dpo_heldout.png,
 fingerprint.json (what it was trained from: a rerun with other settings, pairs or starting weights is refused),
-MANIFEST.sha256 (written last: marks the run done).
+_MANIFEST.json (size and sha256 of every file, written last: marks the run done).
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from transformers import AutoTokenizer, EarlyStoppingCallback, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
-from medcritical.io.fingerprint import file_sha256, model_fingerprint
+from medcritical.io.fingerprint import model_fingerprint
+from medcritical.io.hashing import file_sha256
 from medcritical.io.jsonl import read_jsonl
+from medcritical.io.manifest import MANIFEST_NAME, write_manifest
 from medcritical.plotting import figure
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
@@ -60,7 +62,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
-from medcritical.training.saving import MANIFEST, save_final_model, write_manifest
+from medcritical.training.saving import save_final_model
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +291,8 @@ def train_dpo(
         },
         restart=restart,
     )
-    if resumable and (output_dir / MANIFEST).is_file() and (output_dir / "dpo_metrics.json").is_file():
-        log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST)
+    if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "dpo_metrics.json").is_file():
+        log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
 
     start_distributed(device, deepspeed)

@@ -1,4 +1,4 @@
-"""Saving the trained model: Hugging Face folders that reload and generate, checked and checksummed.
+"""Saving the trained model: Hugging Face folders that reload and generate, checked before the run counts as done.
 
 Under ZeRO-3 every rank holds a slice of each weight; saving the in-memory model writes empty tensors (the known
 "empty LoRA adapter" bug). Here the full state dict is gathered from all ranks first (a collective call, so
@@ -19,11 +19,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import deepspeed as hf_deepspeed
 
-from medcritical.io.fingerprint import MODEL_MANIFEST, file_sha256
-
 log = logging.getLogger(__name__)
-
-MANIFEST = MODEL_MANIFEST  # MANIFEST.sha256: checksums of the run's files, written last
 
 
 @dataclass(frozen=True)
@@ -145,27 +141,3 @@ def verify_full_weights(model_dir: str | Path) -> None:
             f"{len(wrong)} with the wrong shape {wrong[:3]}; under ZeRO-3 the DeepSpeed config needs "
             '"stage3_gather_16bit_weights_on_model_save": true'
         )
-
-
-def write_manifest(root: str | Path, paths: list[str | Path]) -> Path:
-    """`MANIFEST.sha256` in root, in `sha256sum` format over every file under `paths` (check: sha256sum -c)."""
-    root = Path(root)
-    files = []
-    for path in map(Path, paths):
-        files.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-    lines = [f"{file_sha256(file)}  {file.relative_to(root).as_posix()}" for file in files]
-    manifest = root / MANIFEST
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
-
-
-def verify_manifest(root: str | Path) -> list[str]:
-    """Files whose checksum no longer matches (or that are gone); empty when all is intact."""
-    root = Path(root)
-    bad = []
-    for line in (root / MANIFEST).read_text().splitlines():
-        expected, name = line.split("  ", 1)
-        file = root / name
-        if not file.is_file() or file_sha256(file) != expected:
-            bad.append(name)
-    return bad

@@ -18,7 +18,7 @@ launcher change:
 Output folder: checkpoints/ (periodic; a rerun resumes from the newest), model/ (Hugging Face folder with the
 tokenizer and chat template; LoRA merged when sft.lora.merge), adapter/ (LoRA only), sft_metrics.json,
 sft_loss.png, fingerprint.json (what the checkpoints and model were trained from: a rerun with other settings,
-data or base weights is refused), MANIFEST.sha256 (checksums; written last, marks the run done).
+data or base weights is refused), _MANIFEST.json (size and sha256 of every file; written last, marks the run done).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from medcritical.io.fingerprint import file_sha256, model_fingerprint
+from medcritical.io.fingerprint import model_fingerprint
+from medcritical.io.hashing import file_sha256
+from medcritical.io.manifest import MANIFEST_NAME, write_manifest
 from medcritical.training.checks import check_tokenizer, conversation_lengths, read_conversations, select_by_length
 from medcritical.training.common import (
     check_training_resume,
@@ -50,7 +52,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import SFTSection
 from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
-from medcritical.training.saving import MANIFEST, save_final_model, write_manifest
+from medcritical.training.saving import save_final_model
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,8 @@ def train_sft(
         conversations, lengths, settings["max_length"], config.on_too_long, str(dataset_path)
     )
     resumable = check_training_resume(output_dir, _fingerprint(config, dataset_path, model_path, seed), restart=restart)
-    if resumable and (output_dir / MANIFEST).is_file() and (output_dir / "sft_metrics.json").is_file():
-        log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST)
+    if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "sft_metrics.json").is_file():
+        log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "sft_metrics.json").read_text())
 
     start_distributed(device, deepspeed)

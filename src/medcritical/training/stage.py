@@ -9,8 +9,8 @@ from pathlib import Path
 
 from medcritical.distill.run import SFT_FILE
 from medcritical.io.fingerprint import FINGERPRINT_FILE
+from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.stage import MODEL, Input, Stage
-from medcritical.training.saving import MANIFEST
 from medcritical.training.sft import train_sft
 
 # Periodic checkpoints only serve a resume inside the step: never published with the step's folder
@@ -38,7 +38,7 @@ SFT = Stage(
     section="sft",
     run=_run,
     inputs={"distill": Input(SFT_FILE, default_stage="distill"), "model": MODEL},
-    outputs=(CHECKPOINTS, "model", "adapter", SFT_METRICS, "sft_loss.png", FINGERPRINT_FILE, MANIFEST),
+    outputs=(CHECKPOINTS, "model", "adapter", SFT_METRICS, "sft_loss.png", FINGERPRINT_FILE, MANIFEST_NAME),
     stats=SFT_METRICS,
     fingerprint=FINGERPRINT_FILE,  # settings, seed, data checksum, starting weights
     options=("restart",),
