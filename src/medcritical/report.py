@@ -10,6 +10,7 @@ from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, percent
+from medcritical.plotting import figure
 from medcritical.recipe import Recipe, dump_recipe
 from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.selfplay.train_pass import TRAIN_PASS_STATS, train_pass_line
@@ -91,26 +92,18 @@ def _format_table(evaluations: dict[str, dict | None]) -> list[str]:
 
 
 def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [name for name, report in evaluations.items() if report]
     reports = [evaluations[name] for name in names]
     values = [r["accuracy"] for r in reports]
     errors = [[v - r["ci95"][0] for v, r in zip(values, reports)], [r["ci95"][1] - v for v, r in zip(values, reports)]]
     protocol = reports[0]["protocol"] if reports else "mcq"
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(names, values, yerr=errors, capsize=5, color=["#8C8C8C", "#4C72B0", "#55A868"][: len(names)])
-    for x, (v, r) in enumerate(zip(values, reports)):
-        ax.text(x, r["ci95"][1] + 0.02, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=9)  # above the CI bar
-    ax.set_ylim(0, 1)
-    ax.set_ylabel(f"CMExam accuracy ({protocol}), 95% CI")
-    ax.set_title("MedCritical: base → SFT → DPO", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, size=(5, 3.2)) as (_, ax):
+        ax.bar(names, values, yerr=errors, capsize=5, color=["#8C8C8C", "#4C72B0", "#55A868"][: len(names)])
+        for x, (v, r) in enumerate(zip(values, reports)):  # the percentage above the CI bar
+            ax.text(x, r["ci95"][1] + 0.02, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"CMExam accuracy ({protocol}), 95% CI")
+        ax.set_title("MedCritical: base → SFT → DPO", fontsize=10)
 
 
 def stage2_section(recipe: Recipe, evaluations: dict[str, dict | None], stats: dict) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from medcritical.errors import UserError
+from medcritical.io.jsonl import write_jsonl
 
 # Columns of the official files; any other non-empty column is kept as an annotation.
 QUESTION, OPTIONS, ANSWER, EXPLANATION, ID = "Question", "Options", "Answer", "Explanation", "id"
@@ -297,12 +298,7 @@ def load_questions(path: str | Path, on_bad_row: Literal["skip", "error"] = "ski
 
 
 def write_questions(questions: Iterable[Question], path: str | Path) -> int:
-    """Write questions as canonical JSONL; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as f:
-        for question in questions:
-            f.write(json.dumps(question.to_json(), ensure_ascii=False) + "\n")
-            count += 1
-    return count
+    """Write questions as canonical JSONL, atomically; returns the count."""
+    rows = [question.to_json() for question in questions]
+    write_jsonl(rows, path)
+    return len(rows)

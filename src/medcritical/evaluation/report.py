@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medcritical.diagnostics import diagnostics_line
 from medcritical.io.jsonl import write_jsonl
+from medcritical.plotting import figure
 
 REPORT_JSON, REPORT_MD, PLOT_PNG, GRADED_JSONL = "report.json", "report.md", "accuracy.png", "graded.jsonl"
 MAX_BARS_PER_COLUMN = 12  # annotation columns can have dozens of values; show the largest groups
@@ -95,11 +96,6 @@ def format_section(diagnostics: dict, protocol: str) -> list[str]:
 
 def plot_accuracy(report: dict, path: Path) -> None:
     """Bar chart of accuracy by category with 95% CI whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels, values, lows, highs = ["overall"], [report["accuracy"]], [report["ci95"][0]], [report["ci95"][1]]
     for column, groups in report["by"].items():
         largest = sorted(groups.items(), key=lambda kv: -kv[1]["n"])[:MAX_BARS_PER_COLUMN]
@@ -109,16 +105,13 @@ def plot_accuracy(report: dict, path: Path) -> None:
             lows.append(cell["ci95"][0])
             highs.append(cell["ci95"][1])
     errors = [[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.5))
-    ax.barh(range(len(labels)), values, xerr=errors, color="#4C72B0", capsize=3)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"accuracy (protocol: {report['protocol']}), 95% CI")
-    ax.set_title(f"CMExam accuracy — {report.get('label') or report.get('model', '')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, size=(7, 0.45 * len(labels) + 1.5)) as (_, ax):
+        ax.barh(range(len(labels)), values, xerr=errors, color="#4C72B0", capsize=3)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"accuracy (protocol: {report['protocol']}), 95% CI")
+        ax.set_title(f"CMExam accuracy — {report.get('label') or report.get('model', '')}", fontsize=10)
 
 
 def write_report(report: dict, graded: list[dict], output_dir: str | Path) -> Path:
