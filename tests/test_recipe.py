@@ -245,7 +245,10 @@ def test_any_value_that_validates_sets_up_every_step(tmp_path_factory):
     passed = []
     tmp = tmp_path_factory.mktemp("setup")
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    # derandomize: the same 150 examples on every run (a random draw left fewer than 30 valid recipes now and then)
+    @settings(
+        max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None, derandomize=True
+    )
     @given(st.lists(assignment, min_size=1, max_size=4))
     def check(assignments):
         try:
