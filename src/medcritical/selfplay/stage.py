@@ -19,7 +19,6 @@ from medcritical.selfplay.cost import TIMINGS
 from medcritical.selfplay.run import CORRECTIONS, HELDOUT_PAIRS, PAIRS, ROLLOUTS, STATS, run_rollout
 from medcritical.selfplay.train_pass import TRAIN_PASS, TRAIN_PASS_STATS, train_pass
 from medcritical.stage import MODEL, Input, Stage
-from medcritical.training.dpo import train_dpo
 from medcritical.training.stage import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,9 @@ ROLLOUT = Stage(
 def _dpo(
     recipe, output_dir: Path, *, rollout: Path, heldout: Path | None, model: Path, data: Path | None, restart=False
 ) -> dict:
+    # The trainer (TRL, peft, datasets: ~4 s to import) loads when DPO runs, not with the declarations.
+    from medcritical.training.dpo import train_dpo
+
     result = train_dpo(
         recipe.selfplay.dpo,
         rollout,

@@ -11,7 +11,6 @@ from medcritical.distill.run import SFT_FILE
 from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.stage import MODEL, Input, Stage
-from medcritical.training.sft import train_sft
 
 # Periodic checkpoints only serve a resume inside the step: never published with the step's folder
 # (a 7B full fine-tune's checkpoints are hundreds of GB).
@@ -20,6 +19,10 @@ SFT_METRICS = "sft_metrics.json"
 
 
 def _run(recipe, output_dir: Path, *, distill: Path, model: Path, restart: bool = False) -> dict:
+    # The trainer (TRL, peft, datasets: ~4 s to import) loads when SFT runs, not when the runner reads
+    # the declarations of every stage (`medcritical evaluate` would pay for it).
+    from medcritical.training.sft import train_sft
+
     return train_sft(
         recipe.sft,
         distill,
