@@ -81,7 +81,11 @@ Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ...
     add_recipe_arguments(rounds)
     _questions_argument(rounds)
     rounds.add_argument("--eval-questions", metavar="FILE", help="CMExam questions to score each round's model on")
-    rounds.add_argument("--model", metavar="PATH", help="the starting (SFT) model; default: model.base")
+    rounds.add_argument(
+        "--model",
+        metavar="PATH",
+        help="the starting (SFT) model: a model folder, a training step's folder or 'tiny'; default: model.base",
+    )
     rounds.add_argument("--output", required=True, metavar="DIR", help="folder for all rounds")
     rounds.set_defaults(func=_selfplay)
 
