@@ -141,15 +141,26 @@ def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:
     return numbers
 
 
+def task_recipe(recipe_yaml: str, run_root: str) -> Recipe:
+    """The recipe a pipeline task runs with: logging set up for the task, and the pipeline's run_root
+    parameter in place of the recipe's run.output_dir (the report reads the stages' statistics there)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe_text(recipe_yaml)
+    return recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})})
+
+
+def log_metrics(metrics, result: dict | None) -> None:
+    """A stage's numeric statistics as the task's KFP metrics."""
+    for key, value in numeric_metrics(result or {}).items():
+        metrics.log_metric(key, value)
+
+
 def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
     """Run one stage inside a KFP component through the runner; log its numeric statistics; return its
     output URI. `inputs` are the stage's declared inputs (URIs) and options."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recipe = load_recipe_text(recipe_yaml)
+    recipe = task_recipe(recipe_yaml, run_root)
     if recipe.run.threads:  # each step is its own process: apply the recipe's CPU thread count here too
         torch.set_num_threads(recipe.run.threads)
-    # The pipeline's run_root parameter wins over the recipe's run.output_dir (the report reads it).
-    recipe = recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})})
     output_uri = join_uri(run_root, name)
     log.info("step %s -> %s", name, output_uri)
     stage = STAGES[step]
@@ -158,8 +169,7 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
         result = run_data_parallel(stage, recipe, output_uri, inputs, gpus)
     else:
         result = run_stage(stage, recipe, output_uri, **inputs)
-    for key, value in numeric_metrics(result or {}).items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result)
     if markdown is not None and result and "markdown" in result:
         Path(markdown.path).write_text(result["markdown"], encoding="utf-8")
     return output_uri

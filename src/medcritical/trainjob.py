@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from medcritical.kfp_runtime import numeric_metrics, run_component_step
+from medcritical.kfp_runtime import log_metrics, run_component_step, task_recipe
 from medcritical.plan import GiB, gib, plan_steps, quantity
 from medcritical.recipe import dump_recipe, load_recipe_text
 from medcritical.runner import STAGES, stage_command
@@ -216,11 +216,7 @@ def run_component_on_nodes(
     **inputs,
 ) -> str:
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The pipeline's run_root wins over the recipe's run.output_dir, as in kfp_runtime.run_component_step.
-    recipe = load_recipe_text(recipe_yaml)
-    recipe_yaml = dump_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})}))
+    recipe_yaml = dump_recipe(task_recipe(recipe_yaml, run_root))
     output_uri = join_uri(run_root, name)
     manifest = trainjob_manifest(
         step,
@@ -233,9 +229,7 @@ def run_component_on_nodes(
         s3_secret=s3_secret,
     )
     run_trainjob(manifest, namespace or own_namespace(), api=api)
-    result = json.loads(input_file(output_uri, f"{step}_metrics.json").read_text(encoding="utf-8"))
-    for key, value in numeric_metrics(result).items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, json.loads(input_file(output_uri, STAGES[step].stats).read_text(encoding="utf-8")))
     return output_uri
 
 
