@@ -119,21 +119,6 @@ def _lora(case: Case):
     return LoraSection(enabled=case.lora, merge=False)
 
 
-def _trl_lora(case: Case):
-    from peft import LoraConfig
-
-    if not case.lora:
-        return None
-    ours = _lora(case)
-    return LoraConfig(
-        r=ours.r,
-        lora_alpha=ours.alpha,
-        lora_dropout=ours.dropout,
-        target_modules=ours.target_modules,
-        task_type="CAUSAL_LM",
-    )
-
-
 def _trl_defaults(config_class, args, case: Case, output_dir: Path, device: str):
     """TRL's own defaults; only what every run must set, plus CPU switches in tiny mode."""
     from medcritical.training.common import deepspeed_config_path
@@ -156,7 +141,7 @@ def _trl_defaults(config_class, args, case: Case, output_dir: Path, device: str)
 def run_one_case(name: str, args) -> dict:
     import torch
 
-    from medcritical.training.common import deepspeed_config_path, start_distributed, training_device
+    from medcritical.training.common import deepspeed_config_path, lora_config, start_distributed, training_device
     from medcritical.training.metrics import peak_memory
 
     case = CASES[name]
@@ -211,7 +196,7 @@ def run_one_case(name: str, args) -> dict:
                 args=config,
                 train_dataset=Dataset.from_list(data),
                 processing_class=AutoTokenizer.from_pretrained(model_dir),
-                peft_config=_trl_lora(case),
+                peft_config=lora_config(_lora(case)),  # the training steps' own LoRA mapping
                 callbacks=[timer],
             )
             trainer.train()

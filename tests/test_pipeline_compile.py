@@ -95,32 +95,43 @@ def test_teacher_step_is_never_cached_unless_asked(tmp_path):
     assert distill_caching(cache_teacher=True) == {"enableCache": True}
 
 
-def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, monkeypatch):
-    """kfp.Client for real, its HTTP layer replaced by a recorder that answers like a KFP API server."""
-    import kfp
+class _ApiResponse:
+    """What kfp_server_api's REST layer reads of an HTTP response."""
+
+    def __init__(self, data):
+        self.status, self.reason, self.data = 200, "OK", json.dumps(data).encode()
+
+    def getheaders(self):
+        return {"content-type": "application/json"}
+
+    def getheader(self, name, default=None):
+        return self.getheaders().get(name, default)
+
+
+def _record_kfp_api(monkeypatch, run_id: str) -> list[tuple]:
+    """kfp.Client's HTTP layer replaced by a recorder that answers like a KFP API server (one experiment;
+    a created run gets `run_id`). Returns the calls: (method, url, query parameters, headers, body)."""
     import kfp_server_api.rest as rest
 
     calls = []
 
-    class Response:
-        def __init__(self, data):
-            self.status, self.reason, self.data = 200, "OK", json.dumps(data).encode()
-
-        def getheaders(self):
-            return {"content-type": "application/json"}
-
-        def getheader(self, name, default=None):
-            return self.getheaders().get(name, default)
-
     def request(self, method, url, query_params=None, headers=None, body=None, **kwargs):
-        calls.append((method, url, body))
+        calls.append((method, url, dict(query_params or []), dict(headers or {}), body))
         if url.endswith("/experiments") and method == "GET":
-            return Response({"experiments": [{"experiment_id": "exp-1", "display_name": "medcritical"}]})
+            return _ApiResponse({"experiments": [{"experiment_id": "exp-1", "display_name": "medcritical"}]})
         if url.endswith("/runs") and method == "POST":
-            return Response({"run_id": "run-42", "display_name": body["display_name"]})
-        return Response({})
+            return _ApiResponse({"run_id": run_id, "display_name": body["display_name"]})
+        return _ApiResponse({})
 
     monkeypatch.setattr(rest.RESTClientObject, "request", request)
+    return calls
+
+
+def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, monkeypatch):
+    """kfp.Client for real, its HTTP layer replaced by a recorder that answers like a KFP API server."""
+    import kfp
+
+    calls = _record_kfp_api(monkeypatch, "run-42")
     recipe = load_recipe(PAPER_RECIPE)
     client = kfp.Client(host="http://kfp.invalid")
     result = submit_run(
@@ -132,7 +143,7 @@ def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, mon
         client=client,
     )
     assert result.run_id == "run-42"
-    method, url, body = next(c for c in calls if c[1].endswith("/runs"))
+    method, url, _, _, body = next(c for c in calls if c[1].endswith("/runs"))
     assert method == "POST" and body["experiment_id"] == "exp-1" and body["display_name"] == "paper-1"
     params = body["runtime_config"]["parameters"]
     assert params["train_gpus"] == 8 and params["run_root"] == "s3://b/runs/paper"
@@ -246,29 +257,7 @@ def test_distill_uri_reuses_an_earlier_runs_traces(tmp_path):
 
 def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, monkeypatch):
     """kfp.Client for real (its HTTP layer recorded): the profile namespace and the bearer token reach the API."""
-    import kfp_server_api.rest as rest
-
-    calls = []
-
-    class Response:
-        def __init__(self, data):
-            self.status, self.reason, self.data = 200, "OK", json.dumps(data).encode()
-
-        def getheaders(self):
-            return {"content-type": "application/json"}
-
-        def getheader(self, name, default=None):
-            return self.getheaders().get(name, default)
-
-    def request(self, method, url, query_params=None, headers=None, body=None, **kwargs):
-        calls.append((method, url, dict(query_params or []), dict(headers or {}), body))
-        if url.endswith("/experiments") and method == "GET":
-            return Response({"experiments": [{"experiment_id": "exp-1", "display_name": "medcritical"}]})
-        if url.endswith("/runs") and method == "POST":
-            return Response({"run_id": "run-7", "display_name": body["display_name"]})
-        return Response({})
-
-    monkeypatch.setattr(rest.RESTClientObject, "request", request)
+    calls = _record_kfp_api(monkeypatch, "run-7")
     monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
     token = tmp_path / "token"
     token.write_text("secret-token\n")
