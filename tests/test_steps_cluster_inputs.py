@@ -81,3 +81,18 @@ def test_several_gpus_keep_the_recipes_global_batch():
     assert dpo.selfplay.dpo.settings["gradient_accumulation_steps"] == 4
     with pytest.raises(RecipeError, match="not a multiple of the 3 GPUs"):
         kfp_runtime.keep_global_batch(SFT, recipe, 3)
+
+
+def test_the_report_reads_a_training_stage_statistics_without_downloading_its_model(s3_env, tmp_path, monkeypatch):
+    from medcritical.staging import read_stats
+    from medcritical.training.stage import SFT
+
+    monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    sft = tmp_path / "sft"
+    (sft / "model").mkdir(parents=True)
+    (sft / "model" / "model.safetensors").write_bytes(b"\0" * 1024)
+    (sft / "sft_metrics.json").write_text(json.dumps({"steps": 4}))
+    storage.upload(sft, f"s3://{s3_env}/run/sft")
+    assert read_stats(f"s3://{s3_env}/run", SFT) == {"steps": 4}
+    assert read_stats(f"s3://{s3_env}/run", SFT, filename="missing.json") is None
+    assert not list((tmp_path / "work").rglob("model.safetensors")), "the model was downloaded to read a JSON"

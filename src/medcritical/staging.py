@@ -53,7 +53,7 @@ def final_model_label(rounds: int) -> str:
 def read_stats(root: str, stage: Stage, round_number: int | None = None, filename: str | None = None) -> dict | None:
     """A stage's statistics file (or another JSON file of its folder) under a run root; None if it did not run."""
     try:
-        path = input_file(stage_uri(root, stage, round_number), filename or stage.stats)
+        path = folder_file(stage_uri(root, stage, round_number), filename or stage.stats)
     except FileNotFoundError:
         return None
     return json.loads(path.read_text(encoding="utf-8"))
@@ -117,6 +117,12 @@ def input_file(uri: str, filename: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{uri}: no {filename} there; is this the output of the right step?")
     return path
+
+
+def folder_file(folder_uri: str, filename: str) -> Path:
+    """One file of a stage's folder, fetched alone: reading a training stage's statistics must not download
+    its model (an S3 folder URI given to `input_file` is downloaded whole)."""
+    return input_file(join_uri(folder_uri, filename), filename)
 
 
 def resolve_model_uri(recipe: Recipe, model_uri: str) -> Path:

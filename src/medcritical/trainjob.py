@@ -21,7 +21,7 @@ from medcritical.kfp_runtime import log_metrics, run_component_step, task_recipe
 from medcritical.plan import GiB, gib, plan_steps, quantity
 from medcritical.recipe import dump_recipe, load_recipe_text
 from medcritical.runner import STAGES, stage_command
-from medcritical.staging import input_file, join_uri
+from medcritical.staging import folder_file, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def run_component_on_nodes(
         s3_secret=s3_secret,
     )
     run_trainjob(manifest, namespace or own_namespace(), api=api)
-    log_metrics(metrics, json.loads(input_file(output_uri, STAGES[step].stats).read_text(encoding="utf-8")))
+    log_metrics(metrics, json.loads(folder_file(output_uri, STAGES[step].stats).read_text(encoding="utf-8")))
     return output_uri
 
 
