@@ -120,10 +120,14 @@ class TeacherCorrector:
 
     def correct(self, prompts, questions, *, votes, temperature, top_p, max_new_tokens, seed, attempt, keys=None):
 
+        # Every vote of every attempt its own request with its own seed (the trajectory's key, the vote):
+        # the self corrector's votes are n samples on separate streams, and the teacher's must be too, or
+        # the 2-of-3 stability filter would bite only the self arm.
+        keys = keys or [f"{q.id}#{i}#correction{attempt}" for i, q in enumerate(questions)]
         requests = [
-            TeacherRequest(question=q, kind="correction", attempt=attempt, messages=p)
-            for p, q in zip(prompts, questions)
-            for _ in range(votes)
+            TeacherRequest(question=q, kind="correction", attempt=attempt, messages=p, key=key, vote=vote)
+            for p, q, key in zip(prompts, questions, keys)
+            for vote in range(votes)
         ]
         index = {id(r): i for i, r in enumerate(requests)}
         replies: list[Reply | None] = [None] * len(requests)
