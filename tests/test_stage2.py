@@ -72,7 +72,11 @@ def test_cost_sums_tokens_by_who_generated_them_and_divides_by_pairs(tmp_path):
     assert stats["money"]["teacher"] == pytest.approx(390 * 10 / 1e6)
     assert stats["money"]["device"] == pytest.approx(2.0 / 3600 * 3.6)
     assert stats["per_pair"]["teacher_tokens"] == 195 and stats["per_pair"]["student_tokens"] == 87.5
-    assert stats["per_correction_pair"] == {"student_tokens": 95, "teacher_tokens": 390}
+    # Only the correction machinery (votes, rewrite, teacher) over the one pair it produced: the 1.0 s
+    # rewrite phase, not the 2.0 s rollout, and its money beside it.
+    assert stats["per_correction_pair"] == pytest.approx(
+        {"student_tokens": 95, "teacher_tokens": 390, "device_seconds": 0.5, "money": 390 * 10 / 1e6 + 0.5 / 3600 * 3.6}
+    )
     on_gpu = cost_statistics(
         rollouts,
         corrections,
@@ -94,3 +98,31 @@ def test_mcnemar_exact_p():
 def test_heldout_batches_are_even():
     assert even_eval_batch_size(9, 4) == 3 and even_eval_batch_size(8, 4) == 4 and even_eval_batch_size(7, 4) == 1
     assert even_eval_batch_size(12, 4, world_size=2) == 3  # 2 processes x 3 = 6 pairs a step
+
+
+def test_arms_table_shows_cost_per_correction_pair_beside_cost_per_pair():
+    """Issue 24: the arms table showed cost per pair only; with correct samples among the chosen answers
+    that divides the correction's cost by pairs it never made. The cost per correction pair is beside it."""
+    from medcritical.arms import arm_rows
+
+    rollout = {
+        "corrector": {"corrector": "teacher", "backend": "openai"},
+        "pairs": {"pairs": 10, "level": "thought", "diagnostics": {}},
+        "cost": {
+            "seconds": {"device": "gpu"},
+            "pairs_from_corrections": 4,
+            "per_pair": {"student_tokens": 100.0, "teacher_tokens": 40.0, "device_seconds": 2.0, "money": 0.01},
+            "per_correction_pair": {
+                "student_tokens": 50.0,
+                "teacher_tokens": 100.0,
+                "device_seconds": 1.5,
+                "money": 0.02,
+            },
+        },
+    }
+    arm = {"before": None, "after": None, "graded_before": None, "graded_after": None, "rounds": [{"rollout": rollout}]}
+    rows = arm_rows(arm)
+    assert rows["teacher tokens per pair"] == "40" and rows["teacher tokens per correction pair"] == "100"
+    assert rows["pairs from a correction"] == "4"
+    assert rows["correction gpu-seconds per correction pair"] == "1.5"
+    assert rows["money per correction pair"] == "0.02"

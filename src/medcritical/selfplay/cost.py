@@ -154,19 +154,26 @@ def cost_statistics(
         return row
 
     stats["per_pair"] = per(accepted)
-    # The correction machinery's own cost (votes, rewrites, teacher) over the pairs it produced.
+    # The correction machinery's own cost (votes, rewrites, teacher) over the pairs it produced: the
+    # figure that compares a self arm with a teacher arm (their rollouts cost the same).
     correction_only = (
         phases["correction"].get("prompt_tokens", 0)
         + phases["correction"].get("completion_tokens", 0)
         + phases["rewrite"].get("prompt_tokens", 0)
         + phases["rewrite"].get("completion_tokens", 0)
     )
-    stats["per_correction_pair"] = (
-        {
+    correction_wall = sum(seconds.get(p, {}).get("wall_s", 0.0) for p in ("correction", "rewrite"))
+    correction_cpu = sum(seconds.get(p, {}).get("cpu_s", 0.0) for p in ("correction", "rewrite"))
+    correction_device = correction_wall * gpus if gpus else correction_cpu
+    per_correction = None
+    if from_corrections:
+        per_correction = {
             "student_tokens": correction_only / from_corrections,
             "teacher_tokens": (teacher["prompt_tokens"] + teacher["completion_tokens"]) / from_corrections,
+            "device_seconds": correction_device / from_corrections,
         }
-        if from_corrections
-        else None
-    )
+        if money:
+            correction_money = money["teacher"] + correction_device / 3600 * (device_hour_price or 0)
+            per_correction["money"] = correction_money / from_corrections
+    stats["per_correction_pair"] = per_correction
     return stats
