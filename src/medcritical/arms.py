@@ -18,8 +18,8 @@ import re
 from math import comb
 from pathlib import Path
 
+from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
-from medcritical.io.jsonl import read_jsonl
 
 
 def _read(path: Path) -> dict | None:
@@ -28,9 +28,8 @@ def _read(path: Path) -> dict | None:
 
 def _graded(folder: Path) -> dict[str, bool] | None:
     path = folder / GRADED_JSONL
-    if not path.is_file():
-        return None
-    return {row["id"]: bool(row["correct"]) for row in read_jsonl(path)}
+    # Through the one reader, so an unusable judge verdict is dropped here as in report.json.
+    return correct_by_id(path) if path.is_file() else None
 
 
 def _round_numbers(root: Path, pattern: str) -> list[int]:
@@ -111,6 +110,7 @@ def arm_rows(arm: dict) -> dict[str, str]:
     guessing = _get(rollout, "correction.expected_by_guessing")
     cost = _get(rollout, "cost") or {}
     per_pair = cost.get("per_pair") or {}
+    per_correction = cost.get("per_correction_pair") or {}
     diagnostics = _get(rollout, "pairs.diagnostics") or {}
     first_epoch = _get(dpo, "heldout_after_first_epoch")
     dpo_seconds = _get(dpo, "train_seconds")
@@ -146,6 +146,17 @@ def arm_rows(arm: dict) -> dict[str, str]:
         ),
         "DPO seconds per pair": _num(dpo_seconds / pairs if dpo_seconds and pairs else None),
         "money per pair": _num(per_pair.get("money")) if "money" in per_pair else "not priced",
+        # The arms' rollouts cost the same; what differs is the correction machinery, over the pairs whose
+        # chosen answer is a correction (not a correct sample of the student's own).
+        "pairs from a correction": _num(cost.get("pairs_from_corrections")),
+        "student tokens per correction pair": _num(per_correction.get("student_tokens")),
+        "teacher tokens per correction pair": _num(per_correction.get("teacher_tokens")),
+        f"correction {cost.get('seconds', {}).get('device', 'device')}-seconds per correction pair": _num(
+            per_correction.get("device_seconds")
+        ),
+        "money per correction pair": (
+            _num(per_correction.get("money")) if "money" in per_correction else "not priced" if per_correction else "-"
+        ),
     }
 
 

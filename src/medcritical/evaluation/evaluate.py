@@ -42,6 +42,14 @@ RESUMED_OUTPUTS = (OUTPUTS_JSONL, "judgements.jsonl")  # what a rerun continues;
 CHUNK = 256  # questions generated between two appends to outputs.jsonl
 
 
+class UnusableVerdicts(ValueError):
+    """Too many judge replies without a usable verdict: the evaluation is not a result."""
+
+
+def _first_unusable(graded: list[dict]) -> str:
+    return next((row.get("judge_reply", "") for row in graded if row.get("dropped")), "")[:80]
+
+
 def grade_mcq(questions: Sequence[Question], outputs: dict[str, dict], max_new_tokens: int | None = None) -> list[dict]:
     """One graded row per question from its output row (``output``, optional ``num_tokens``); a
     question without output gets predicted "" and counts wrong."""
@@ -305,14 +313,29 @@ def evaluate_model(
             scoring=f"judge: {config.judge.model}",
             **fields,
         )
+        dropped = len(graded) - len(judged)
         report |= {
             "questions": len(questions),
-            "dropped": len(graded) - len(judged),
+            "dropped": dropped,
             "student_sampling": sampling,
             "dropped_ids": [row["id"] for row in graded if row["verdict"] is None],
+            # What the accuracy would be if every dropped verdict had been wrong, or right.
+            "bounds": {
+                "drops_as_wrong": report["correct"] / len(questions) if questions else 0.0,
+                "drops_as_right": (report["correct"] + dropped) / len(questions) if questions else 0.0,
+            },
         }
     report["wall_s"] = round(time.perf_counter() - started, 2)
     write_report(report, graded, output_dir)
+    if config.protocol != "mcq" and report["dropped"] > config.judge.max_unusable_share * report["questions"]:
+        raise UnusableVerdicts(
+            f"evaluate ({config.protocol}): {report['dropped']} of {report['questions']} judge verdicts are unusable "
+            f"(more than evaluate.judge.max_unusable_share={config.judge.max_unusable_share:g}); the accuracy over "
+            f"the {report['n']} that parsed is not a result (first reply: {_first_unusable(graded)!r}). Check the "
+            f"judge endpoint honours evaluate.judge.verdict_constraint ({config.judge.verdict_constraint}), or set "
+            "extra_body's logit_bias; the report in "
+            f"{output_dir} shows the bounds"
+        )
     log.info(
         "CMExam accuracy (%s) of %s: %.1f%% (%d/%d%s) -> %s",
         report["protocol"],
