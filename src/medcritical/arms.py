@@ -137,8 +137,13 @@ def arm_rows(arm: dict) -> dict[str, str]:
         "chosen/rejected length ratio (median)": _num(
             _get(diagnostics, "tokens_ratio.median") or _get(diagnostics, "chars_ratio.median")
         ),
-        "held-out reward accuracy, 1st epoch / end": f"{_pct(first_epoch and first_epoch['reward_accuracy'])} / {_pct(_get(dpo, 'heldout.reward_accuracy'))}",
-        "DPO loss first → last": f"{_num(_get(dpo, 'loss_first'))} → {_num(_get(dpo, 'loss_last'))}",
+        "held-out reward accuracy, 1st epoch": _pct(first_epoch and first_epoch["reward_accuracy"]),
+        # Measured on pairs that did not pick the kept model (the reporting half), and said so.
+        "held-out reward accuracy of the kept model": _pct(_get(dpo, "heldout.reward_accuracy"))
+        + (f" (on {_get(dpo, 'heldout.measured_on')})" if _get(dpo, "heldout.measured_on") else ""),
+        "DPO model kept": f"{_get(dpo, 'kept.model')}: {_get(dpo, 'kept.why')}" if _get(dpo, "kept") else "-",
+        "DPO loss first → last (kept model's)": f"{_num(_get(dpo, 'loss_first'))} → {_num(_get(dpo, 'loss_last'))}"
+        + (f" ({_num(_get(dpo, 'kept.training_loss'))})" if _get(dpo, "kept") else ""),
         "student tokens per pair": _num(per_pair.get("student_tokens")),
         "teacher tokens per pair": _num(per_pair.get("teacher_tokens")),
         f"rollout {cost.get('seconds', {}).get('device', 'device')}-seconds per pair": _num(
