@@ -37,6 +37,7 @@ from medcritical.llm_client import ChatClient
 from medcritical.prompts import load_prompt, open_messages
 
 JUDGEMENTS_JSONL = "judgements.jsonl"
+JUDGE_ENV_PREFIX = "MEDCRITICAL_JUDGE"  # MEDCRITICAL_JUDGE_BASE_URL, MEDCRITICAL_JUDGE_MODEL
 PROTOCOLS = ("judge-paper", "judge-rubric")
 # SP-Huatuo's student sampling under judge-paper.
 PAPER_STUDENT = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 450}
@@ -115,7 +116,7 @@ def judge_from_config(config: JudgeSection, protocol: str, language: str, output
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"no judge protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    client = ChatClient.from_section(config, "MEDCRITICAL_JUDGE")
+    client = ChatClient.from_section(config, JUDGE_ENV_PREFIX)
     prompt = load_prompt(protocol.replace("-", "_"), language)
     parse = parse_paper_verdict if protocol == "judge-paper" else parse_rubric_verdict
     path = Path(output_dir) / JUDGEMENTS_JSONL
