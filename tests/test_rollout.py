@@ -388,3 +388,45 @@ def test_local_teacher_votes_are_sampled_on_separate_streams(generator, selfplay
         assert len(votes) == 3
     assert len(recorder.keys) == 6
     assert len({sample_seed(0, key, 0) for key in recorder.keys}) == 6  # 3 votes x 2 attempts, 6 streams
+
+
+def test_placebo_measures_chance_on_the_same_trajectories(bundled):
+    """Issue 24 item 3: "beyond luck" assumed independent uniform guesses. The placebo measures chance on
+    the real votes: a corrector whose votes settle on any option it was not told is wrong scores as well
+    for a stand-in gold as for the real one; the analytic figure is then far below (a lower bound)."""
+    from medcritical.selfplay.correction import placebo_acceptance, placebo_target
+
+    question = next(q for q in bundled if not q.is_multi_answer and len(q.options) == 5)
+    rejected = next(x for x in question.options if x != question.answer)
+    questions = {question.id: question}
+    config = CorrectionSection(attempts=2, votes=3)
+
+    def record(sample, letters_by_attempt, accepted):
+        attempts = [
+            {
+                "votes": [{"predicted": x, "correct": x == question.answer} for x in letters],
+                "stable": sum(x == question.answer for x in letters) >= 2,
+                "rewrite": {} if sum(x == question.answer for x in letters) >= 2 else None,
+                "accepted": accepted and sum(x == question.answer for x in letters) >= 2,
+                "reason": None,
+            }
+            for letters in letters_by_attempt
+        ]
+        return {"question_id": question.id, "sample": sample, "attempts": attempts, "corrected": accepted}
+
+    # A consistent guesser: three votes on one option, whichever it is, every attempt.
+    targets = {s: placebo_target(question, rejected, f"{question.id}#{s}#placebo") for s in range(40)}
+    assert all(t not in (None, question.answer, rejected) for t in targets.values())
+    guesser = [record(s, [[targets[s]] * 3, [question.answer] * 3], accepted=True) for s in range(40)]
+    measured = placebo_acceptance(guesser, config, questions, {(question.id, s): rejected for s in range(40)})
+    assert measured["trajectories"] == 40 and measured["rewrite_follows"] == 1.0
+    assert measured["expected"] == pytest.approx(40)  # every stand-in was hit as gold was
+
+    # A corrector whose votes reach only gold: nothing for the stand-in.
+    honest = [record(s, [[question.answer] * 3], accepted=True) for s in range(40)]
+    assert placebo_acceptance(honest, config, questions, {})["expected"] == 0
+
+    stats = correction_statistics(guesser, config, questions, {(question.id, s): rejected for s in range(40)})
+    low, high = stats["chance_range"]
+    assert low == pytest.approx(stats["expected_by_guessing"]) and high == pytest.approx(40)
+    assert stats["expected_by_guessing"] < 5  # the analytic figure: a lower bound, far below

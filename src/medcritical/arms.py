@@ -125,7 +125,11 @@ def arm_rows(arm: dict) -> dict[str, str]:
         "questions gained / lost": _movement(arm["graded_before"], arm["graded_after"]),
         "rollout pass@1 / pass@k": f"{_pct(_get(rollout, 'rollout.pass@1'))} / {_pct(_get(rollout, 'rollout.pass@k'))}",
         "corrections accepted / wrong trajectories": f"{_num(corrected)} / {_num(_get(rollout, 'correction.wrong_trajectories'))}",
-        "of which guessing alone explains": "-" if guessing is None else f"{guessing:.2f}",
+        # The analytic figure assumes independent uniform guesses: a lower bound. The placebo is measured.
+        "of which chance explains (analytic lower bound – placebo)": "-"
+        if guessing is None
+        else f"{guessing:.2f}"
+        + (f" – {placebo:.2f}" if (placebo := _get(rollout, "correction.placebo.expected")) is not None else ""),
         "pairs (train + held-out)": _num(pairs),
         "chosen from a correction": _pct(diagnostics.get("from_correction_share")),
         "same final letters": _pct(diagnostics.get("same_letters_share")),

@@ -151,7 +151,10 @@ def run_rollout(
         "prompts": prompts,
         "corrector": corrector.description if corrector else {"corrector": config.corrector},
         "rollout": rollout_statistics(records, rollout.max_new_tokens),
-        "correction": correction_statistics(corrections, correction, by_id),
+        # The rejected answers, for the placebo: its stand-in gold is never the answer the corrector was shown.
+        "correction": correction_statistics(
+            corrections, correction, by_id, {(r["question_id"], r["sample"]): r["predicted"] for r in records}
+        ),
         "format": diagnose_rollouts(records, by_id, rollout.max_new_tokens),  # empty/truncated shares, answers given
     }
     stats["pairs"] = write_pairs(config, questions, records, corrections, output_dir, seed=seed)
