@@ -32,7 +32,7 @@ THINK_START, THINK_END = "<think>", "</think>"
 # Grade.status values.
 ANSWERED = "answered"
 EMPTY = "empty"  # no answer statement, or nothing after </think>
-AMBIGUOUS = "ambiguous"  # a hedge between letters ("A或B", "A or B", "A/B")
+AMBIGUOUS = "ambiguous"  # a hedge between letters ("A或B", "A or B", "ACD/ACDE")
 TRUNCATED = "truncated"  # <think> never closed: the output stopped before its answer
 INVALID = "invalid"  # letters stated that are not among the options
 
