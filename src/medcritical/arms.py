@@ -154,7 +154,12 @@ def arm_rows(arm: dict) -> dict[str, str]:
             per_pair.get("device_seconds")
         ),
         "DPO seconds per pair": _num(dpo_seconds / pairs if dpo_seconds and pairs else None),
-        "money per pair": _num(per_pair.get("money")) if "money" in per_pair else "not priced",
+        # Prices are the user's: the figure is an estimate, in the currency they were given in.
+        f"money per pair (estimate{', ' + currency if (currency := _get(cost, 'money.currency')) else ''})": _num(
+            per_pair.get("money")
+        )
+        if "money" in per_pair
+        else "not priced",
         # The arms' rollouts cost the same; what differs is the correction machinery, over the pairs whose
         # chosen answer is a correction (not a correct sample of the student's own).
         "pairs from a correction": _num(cost.get("pairs_from_corrections")),
@@ -163,7 +168,7 @@ def arm_rows(arm: dict) -> dict[str, str]:
         f"correction {cost.get('seconds', {}).get('device', 'device')}-seconds per correction pair": _num(
             per_correction.get("device_seconds")
         ),
-        "money per correction pair": (
+        f"money per correction pair (estimate{', ' + currency if currency else ''})": (
             _num(per_correction.get("money")) if "money" in per_correction else "not priced" if per_correction else "-"
         ),
     }

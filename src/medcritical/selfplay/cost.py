@@ -35,14 +35,17 @@ def prompt_token_counter(generator):
     return count
 
 
-def accelerators(device: str) -> int:
-    """GPUs this process holds (0 on CPU): device-seconds are wall seconds times this, else CPU seconds."""
+def accelerators(device: str, used: int | None = None) -> int:
+    """GPUs the step's generation uses (0 on CPU): device-seconds are wall seconds times this, else CPU
+    seconds. `used`: how many it runs on (vLLM's tensor_parallel_size; 1 for transformers), never more
+    than are visible; without it, every visible GPU."""
     try:
         import torch
 
-        return torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+        visible = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
     except ImportError:
         return 0
+    return min(visible, used) if used is not None else visible
 
 
 @contextlib.contextmanager
@@ -75,6 +78,7 @@ def cost_statistics(
     gpus: int,
     teacher_price_per_million_tokens: float | None,
     device_hour_price: float | None,
+    currency: str = "USD",
 ) -> dict:
     """Tokens by who generated them and for what, seconds by phase, and all of it per accepted pair.
 
@@ -134,7 +138,14 @@ def cost_statistics(
             (teacher["prompt_tokens"] + teacher["completion_tokens"]) * (teacher_price_per_million_tokens or 0) / 1e6
         )
         device_money = device_seconds / 3600 * (device_hour_price or 0)
-        money = {"teacher": teacher_money, "device": device_money, "total": teacher_money + device_money}
+        money = {
+            "teacher": teacher_money,
+            "device": device_money,
+            "total": teacher_money + device_money,
+            # The user's prices times the counted tokens and seconds: an estimate, in the user's currency.
+            "currency": currency,
+            "estimate": True,
+        }
     stats["money"] = money
     accepted = len(pairs)
     from_corrections = sum(p.get("chosen_source") == "correction" for p in pairs)

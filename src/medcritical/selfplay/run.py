@@ -167,9 +167,11 @@ def run_rollout(
         corrections,
         pairs,
         timings,
-        gpus=accelerators(device),
+        # The GPUs generation ran on, not every GPU the machine shows.
+        gpus=accelerators(device, generation.tensor_parallel_size if generation.backend == "vllm" else 1),
         teacher_price_per_million_tokens=price,
         device_hour_price=config.cost.device_hour_price,
+        currency=config.cost.currency,
     )
     (output_dir / STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     r, c = stats["rollout"], stats["correction"]
