@@ -59,25 +59,36 @@ def gold_from_prompt_or_a(body):
     return match.group(1) if match else "A"
 
 
-def wrong_then_right(body, count):
+class WrongThenRight:
     """Template; then a wrong first trace (<think> in content) and a right second one (reasoning_content).
 
-    The attempt is read from the request's seed (run seed + 1000 x attempt), not from how often the
-    stand-in saw the prompt: a request cancelled by an interruption may have reached it.
+    The attempt is the order in which a trace prompt's distinct seeds arrived (each attempt has its own
+    seed, the same again when resent), not how often the stand-in saw the prompt: a request cancelled by
+    an interruption may have reached it.
     """
-    if not is_trace_prompt(body):
-        return completion(f"<think>想一想</think>\n{TEMPLATE_TEXT}", prompt_tokens=100, completion_tokens=50)
-    gold = gold_from_prompt(body)
-    if body["seed"] < 2000:
-        wrong = "A" if gold != "A" else "B"
-        return completion(f"<think>\n草率的推理\n</think>\n\n答案：{wrong}", prompt_tokens=200, completion_tokens=300)
-    return completion(f"答案：{gold}", f"仔细推理，逐项分析，故选{gold}", prompt_tokens=200, completion_tokens=300)
+
+    def __init__(self):
+        self.seeds: dict[str, list[int]] = {}
+
+    def __call__(self, body, count):
+        if not is_trace_prompt(body):
+            return completion(f"<think>想一想</think>\n{TEMPLATE_TEXT}", prompt_tokens=100, completion_tokens=50)
+        gold = gold_from_prompt(body)
+        seen = self.seeds.setdefault(body["messages"][-1]["content"], [])
+        if body["seed"] not in seen:
+            seen.append(body["seed"])
+        if seen.index(body["seed"]) == 0:
+            wrong = "A" if gold != "A" else "B"
+            return completion(
+                f"<think>\n草率的推理\n</think>\n\n答案：{wrong}", prompt_tokens=200, completion_tokens=300
+            )
+        return completion(f"答案：{gold}", f"仔细推理，逐项分析，故选{gold}", prompt_tokens=200, completion_tokens=300)
 
 
 def test_verified_traces_statistics_and_no_key_anywhere(bundled, tmp_path, teacher_env, caplog):
     caplog.set_level(logging.DEBUG)
     questions = bundled[:8]
-    with StandInEndpoint(wrong_then_right) as endpoint:
+    with StandInEndpoint(WrongThenRight()) as endpoint:
         stats = distill(config_for(endpoint), questions, tmp_path)
     rows = read_jsonl(tmp_path / SFT_FILE)
     assert [r["id"] for r in rows] == [q.id for q in questions]
@@ -272,7 +283,7 @@ def test_401_stops_the_run_at_once(bundled, tmp_path, teacher_env):
 
 def test_resume_over_the_endpoint_asks_nothing_twice(bundled, tmp_path, teacher_env):
     questions = bundled[:10]
-    with StandInEndpoint(wrong_then_right) as endpoint:
+    with StandInEndpoint(WrongThenRight()) as endpoint:
         config = config_for(endpoint)
         teacher = build_teacher(config, DistillPrompts.load("zh"))
         with pytest.raises(KeyboardInterrupt):  # after all templates and 7 first traces

@@ -15,7 +15,14 @@ from medcritical.modeling.config import GenerationSection
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.run import run_rollout
 from medcritical.training.config import DPOSection, LoraSection
-from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, read_pairs, train_dpo
+from medcritical.training.dpo import (
+    build_dpo_trainer,
+    dpo_arguments,
+    drop_too_long,
+    read_pairs,
+    split_heldout,
+    train_dpo,
+)
 
 TRAINER = dict(
     per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2
@@ -77,16 +84,24 @@ def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
     held = metrics["heldout"]
     assert metrics["status"] == "trained" and metrics["reference"] == "the policy with its LoRA adapter disabled"
     assert held["initial_margin"] == pytest.approx(0.0, abs=1e-4)  # the reference is the starting model
-    assert held["margin"] > 0.1 and held["margin"] == pytest.approx(held["best_margin"])  # best checkpoint restored
+    # The checkpoint is picked on the selection half (best margin restored) ...
+    assert held["selection"]["margin"] > 0.05 and held["selection"]["margin"] == pytest.approx(held["best_margin"])
+    assert metrics["kept"]["model"] == metrics["restored_best"] and metrics["kept"]["step"] == held["best_step"]
+    assert "restore_best" in metrics["kept"]["why"] and metrics["kept"]["training_loss"] is not None
+    # ... and reported on the other half, which played no part in picking it.
+    assert held["measured_on"].startswith("the reporting half") and metrics["reporting_pairs"] > 0
+    assert held["margin"] > 0.0 and held["margin"] != pytest.approx(held["selection"]["margin"])
     assert metrics["loss_first"] == pytest.approx(math.log(2), abs=1e-3) and metrics["loss_last"] < math.log(2)
 
     # The saved model is a full HF folder, and its margin over the starting model, measured here
-    # independently of TRL, is the held-out margin the run reported.
+    # independently of TRL on the reporting half, is the held-out margin the run reported.
     tokenizer = AutoTokenizer.from_pretrained(output / "model")
     trained = AutoModelForCausalLM.from_pretrained(output / "model")
     start = AutoModelForCausalLM.from_pretrained(format_model)
-    heldout = read_pairs(pairs_dir / "pairs_heldout.jsonl")
-    assert reward_margin(trained, start, tokenizer, heldout, config.settings["beta"]) == pytest.approx(
+    heldout, _ = drop_too_long(read_pairs(pairs_dir / "pairs_heldout.jsonl"), tokenizer, TRAINER["max_length"])
+    selection, reporting = split_heldout(heldout, seed=0)
+    assert len(reporting) == metrics["reporting_pairs"] and len(selection) + len(reporting) == metrics["heldout_pairs"]
+    assert reward_margin(trained, start, tokenizer, reporting, config.settings["beta"]) == pytest.approx(
         held["margin"], abs=2e-3
     )
     assert all(not verify_manifest(output) for _ in [0])
@@ -199,3 +214,22 @@ def test_best_margin_before_training_is_reported_not_hidden():
     warned = _warnings([], DPOSection(), best_step=0, restored="checkpoint-3")
     assert len(warned) == 1 and "best before training" in warned[0] and "checkpoint-3" in warned[0]
     assert _warnings([], DPOSection(), best_step=3, restored="checkpoint-3") == []
+
+
+def test_heldout_pairs_split_by_whole_question_into_selection_and_reporting():
+    """Issue 24: the best checkpoint was picked by held-out margin and then reported on the same pairs.
+    The held-out pairs now split, by question, into a half that picks and a half that reports."""
+    pairs = [
+        {"prompt": [{"role": "user", "content": f"q{q}"}], "chosen": [], "rejected": [], "n": n}
+        for q in range(10)
+        for n in range(q % 3 + 1)
+    ]
+    selection, reporting = split_heldout(pairs, seed=0)
+    prompts = [{p["prompt"][0]["content"] for p in half} for half in (selection, reporting)]
+    assert prompts[0].isdisjoint(prompts[1]) and len(prompts[0]) == len(prompts[1]) == 5
+    assert len(selection) + len(reporting) == len(pairs)
+    assert (
+        split_heldout(list(reversed(pairs)), seed=0)[1] != []
+        and {p["prompt"][0]["content"] for p in split_heldout(list(reversed(pairs)), seed=0)[1]} == prompts[1]
+    )
+    assert split_heldout(pairs[:1], seed=0) == (pairs[:1], [])  # one question: nothing left to report on

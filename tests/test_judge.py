@@ -13,6 +13,7 @@ from medcritical.evaluation.judge import (
     JUDGEMENTS_JSONL,
     grade_with_judge,
     judge_request,
+    paper_response,
     parse_paper_verdict,
     parse_rubric_verdict,
     reference_answer,
@@ -22,6 +23,19 @@ from medcritical.evaluation.judge import (
 from medcritical.llm_client import EndpointError, EndpointFailures
 from medcritical.modeling.config import GenerationSection
 from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
+
+# SP-Huatuo's exact wording (destinybird/SP-Huatuo, commit 5bc1ac53, Processingfiles/ForTest.py and
+# Processingfiles/ForJudge.py), copied here by hand so the prompt files cannot drift from it unseen.
+SP_HUATUO_STUDENT = (
+    "你是一位医学专家，请先深呼吸，然后用中文一步一步地思考并回答这个问题，给出分点罗列的解释：问题：{question}？"
+    "只解释这一个问题即可"
+)
+SP_HUATUO_JUDGE = (
+    "这是一位小模型对问题的回复内容，根据其内容判断其是否做到了正确回复。问题：{question}？"
+    "答案是：{answer}，小模型回复：{response}。"
+    "如果正确，则只直接回复1。如果错误，则只直接回复2"
+)
+SP_HUATUO_SYSTEM = "You are a helpful assistant."
 
 
 @pytest.mark.parametrize(
@@ -68,7 +82,8 @@ def test_rubric_verdict_is_a_strict_last_line(reply, verdict):
 def test_what_the_student_and_the_judge_are_asked(bundled):
     q = bundled[0]
     raw = student_prompts("judge-paper", [q], "zh", chat_template=False)[0]
-    assert raw == q.question.strip() and all(text not in raw for text in q.options.values())
+    assert raw == SP_HUATUO_STUDENT.format(question=q.question)  # ForTest.py's wording, not the bare stem
+    assert all(text not in raw for text in q.options.values())
     assert student_prompts("judge-paper", [q], "zh", chat_template=True)[0] == [{"role": "user", "content": raw}]
     open_prompt = student_prompts("judge-rubric", [q], "zh", chat_template=False)[0][0]["content"]
     assert q.question in open_prompt and "<think>" in open_prompt
@@ -143,7 +158,7 @@ def test_judge_outage_ends_non_zero_and_the_rerun_asks_only_the_missing(kind, tm
 
     generation = GenerationSection(max_new_tokens=8)
     with StandInEndpoint(respond) as endpoint:
-        config = paper_config(endpoint.base_url)
+        config = paper_config(endpoint.base_url, max_unusable_share=0.2)  # 1 unusable of 6 is allowed here
         with pytest.raises(EndpointFailures) as error:
             evaluate_model(config, generation, questions, tiny_model, tmp_path, device="cpu")
         message = str(error.value)
@@ -170,7 +185,8 @@ def test_judge_outage_ends_non_zero_and_the_rerun_asks_only_the_missing(kind, tm
         6,
     )
     assert report["dropped_ids"] == [questions[0].id]
-    assert "2/5; 1 of 6 dropped: no verdict" in (tmp_path / "report.md").read_text()
+    assert "2/5; 1 of 6 dropped: no verdict, bounds 33.3–50.0%" in (tmp_path / "report.md").read_text()
+    assert report["bounds"] == {"drops_as_wrong": 2 / 6, "drops_as_right": 3 / 6}
     body = endpoint.requests[0]["body"]
     assert body["max_tokens"] == 1 and body["structured_outputs"] == {"choice": ["1", "2"]}
     outputs = [json.loads(line) for line in (tmp_path / "outputs.jsonl").read_text().splitlines()]
@@ -200,3 +216,93 @@ def test_judge_endpoint_is_probed_before_the_student_generates(tmp_path, tiny_mo
 def test_old_protocol_name_is_refused():
     with pytest.raises(ValueError, match="judge-paper"):
         EvaluateSection(protocol="judge")
+
+
+def test_judge_paper_asks_in_sp_huatuos_words(tmp_path, tiny_model, bundled, judge_env):
+    """Issue 24: the student got the bare stem and the judge a paraphrase. Both now get SP-Huatuo's exact
+    wording, the judge with ForJudge.py's system message, reading the reply after an echoed instruction."""
+    questions = bundled[:3]
+    with StandInEndpoint(lambda body, count: completion("1")) as endpoint:
+        report = evaluate_model(
+            paper_config(endpoint.base_url),
+            GenerationSection(max_new_tokens=8),
+            questions,
+            tiny_model,
+            tmp_path,
+            device="cpu",
+        )
+    assert report["correct"] == 3 and report["dropped"] == 0
+    outputs = {r["id"]: r["output"] for r in map(json.loads, (tmp_path / "outputs.jsonl").read_text().splitlines())}
+    by_question = {r["body"]["messages"][-1]["content"]: r["body"]["messages"] for r in endpoint.requests}
+    for q in questions:
+        expected = SP_HUATUO_JUDGE.format(
+            question=q.question, answer=reference_answer(q), response=paper_response(outputs[q.id])
+        )
+        assert by_question[expected] == [
+            {"role": "system", "content": SP_HUATUO_SYSTEM},
+            {"role": "user", "content": expected},
+        ]
+    # ForJudge.py judges what follows an echoed instruction.
+    assert paper_response("……问题：X？只解释这一个问题即可\n1. 是A") == "1. 是A"
+    assert paper_response(" 直接回答 ") == "直接回答"
+
+
+def test_more_than_1_percent_unusable_verdicts_fail_the_evaluation(tmp_path, tiny_model, bundled, judge_env):
+    """A server that ignores the 1/2 constraint must not turn a run into "accuracy over the rows that
+    parsed": above evaluate.judge.max_unusable_share (1%) the evaluation fails; the report keeps the bounds."""
+    from medcritical.evaluation.evaluate import UnusableVerdicts
+
+    questions = bundled[:6]
+
+    def respond(body, count):
+        return completion("好" if questions[0].question in body["messages"][-1]["content"] else "1")
+
+    unusable = r"1 of 6 judge verdicts are unusable.*max_unusable_share=0.01"
+    with StandInEndpoint(respond) as endpoint, pytest.raises(UnusableVerdicts, match=unusable):
+        evaluate_model(
+            paper_config(endpoint.base_url),
+            GenerationSection(max_new_tokens=8),
+            questions,
+            tiny_model,
+            tmp_path,
+            device="cpu",
+        )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["n"], report["dropped"], report["bounds"]) == (
+        5,
+        1,
+        {"drops_as_wrong": 5 / 6, "drops_as_right": 1.0},
+    )
+
+
+def test_dropped_verdicts_are_left_out_alike_by_report_compare_and_arms(tmp_path, bundled):
+    """graded.jsonl counted a dropped verdict as wrong (3/10) where report.json left it out (3/6): the paired
+    tests, `compare` and `arms` now read correctness through one reader that drops the same ids."""
+    from medcritical.arms import _graded
+    from medcritical.evaluation.compare import compare, correct_by_id
+    from medcritical.evaluation.metrics import summarize
+    from medcritical.evaluation.report import write_report
+
+    questions = bundled[:10]
+    verdicts = [True, True, True, None, None, None, None, False, False, False]
+
+    def judge(items):
+        return {
+            i["id"]: {"verdict": v, "error": None if v is not None else "no verdict", "reply": "x"}
+            for i, v in zip(items, verdicts)
+        }
+
+    outputs = {q.id: {"output": "答"} for q in questions}
+    rows = grade_with_judge("judge-paper", questions, outputs, judge)
+    kept = [r for r in rows if not r["dropped"]]
+    report = summarize(
+        "judge-paper", [q for q in questions if q.id in {r["id"] for r in kept}], {r["id"]: r["correct"] for r in kept}
+    )
+    for name in ("a", "b"):
+        write_report(report, rows, tmp_path / name)
+    assert (report["correct"], report["n"]) == (3, 6)
+    correct = correct_by_id(tmp_path / "a")
+    assert (sum(correct.values()), len(correct)) == (3, 6)
+    assert set(correct) == {r["id"] for r in kept} and _graded(tmp_path / "a") == correct
+    (row,) = compare(tmp_path / "a", tmp_path / "b")
+    assert row["n"] == 6

@@ -92,6 +92,7 @@ def test_filters_dedup_length_ratio_cap_and_source_switch(questions):
         "too_long": 1,
         "duplicate_pair": 0,
         "over_cap": 1,
+        "reasoning_disagrees": 0,
     }
     assert [p["chosen_source"] for p in train] == ["correction", "sample"]
     for p in train:
@@ -148,7 +149,9 @@ def test_pairs_step_rebuilds_from_a_rollout_folder(questions, tmp_path):
         make_pairs(SelfPlaySection(), questions, tmp_path / "nowhere", tmp_path / "pairs")
 
 
-def test_answer_level_pairs_keep_only_the_final_answer_statements(questions):
+def test_answer_level_pairs_share_the_chosen_reasoning_and_differ_in_the_answer(questions):
+    """Issue 24 item 8: answer-level pairs dropped <think> on both sides (teaching to skip reasoning). Both
+    sides now carry the chosen reasoning; only the final answer statement differs."""
     q = questions[0]
     bad = wrong_letter(q)
     rollouts = [
@@ -159,10 +162,29 @@ def test_answer_level_pairs_keep_only_the_final_answer_statements(questions):
     train, _, stats = build_preference_pairs([q], rollouts, [], PairsSection(level="answer"))
     assert stats["level"] == "answer" and stats["dropped"]["duplicate_rejected"] == 1 and len(train) == 1
     pair = train[0]
-    assert pair["chosen"][0]["content"] == f"答案：{q.answer}" and pair["rejected"][0]["content"] == f"答案：{bad}"
+    assert pair["chosen"][0]["content"] == f"<think>对的推理</think>\n答案：{q.answer}"
+    assert pair["rejected"][0]["content"] == f"<think>对的推理</think>\n答案：{bad}"
     assert pair["level"] == "answer" and pair["same_letters"] is False
     thought, _, _ = build_preference_pairs([q], rollouts, [], PairsSection(level="thought"))
     assert thought == []  # at thought level the 3x longer chosen is filtered out
+
+
+def test_a_chosen_whose_reasoning_concludes_another_letter_is_never_chosen(questions):
+    """Issue 24 item 8: a chosen answer's reasoning was never checked against its letter; a rewrite whose
+    reasoning concludes one option and whose answer states another taught exactly that mismatch."""
+    q = questions[0]
+    bad = wrong_letter(q)
+    rollouts = [
+        sample(q, 0, f"<think>推理</think>\n答案：{bad}"),
+        sample(q, 1, f"<think>分析各项，故选{bad}。</think>\n答案：{q.answer}"),  # reasoning says bad
+        sample(q, 2, f"<think>分析各项，故选{q.answer}。</think>\n答案：{q.answer}"),  # agrees
+        sample(q, 3, f"<think>推理</think>\n答案：{bad}。"),
+    ]
+    corrections = [correction(q, 3, f"<think>重新分析，答案是{bad}</think>\n答案：{q.answer}")]
+    train, _, stats = build_preference_pairs([q], rollouts, corrections, PairsSection(heldout_fraction=0.0))
+    assert stats["dropped"]["reasoning_disagrees"] == 2  # the disagreeing sample and the correction
+    assert train and all(f"故选{q.answer}" in p["chosen"][0]["content"] for p in train)
+    assert {p["chosen_source"] for p in train} == {"sample"}
 
 
 def test_pair_diagnostics_lengths_sources_and_same_letters(questions):

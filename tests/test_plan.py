@@ -151,7 +151,7 @@ def test_an_undersized_job_fails_naming_step_resource_need_and_fix(tmp_path, cap
     assert code == 2
     errors = out.split("plan: error:")[1]
     assert "Job/medcritical-sft" in errors and "(sft)" in errors
-    assert "work folder volume 'tmp' needs 34Gi, has 20Gi" in errors
+    assert "work folder volume 'tmp' needs 33Gi, has 20Gi" in errors
     assert "memory needs 51Gi (host + /dev/shm), has 24Gi" in errors
     assert "fix: resources.limits.memory and requests.memory >= 51Gi" in errors
 
@@ -164,7 +164,7 @@ def test_a_job_whose_work_folder_is_its_home_folder_fails(tmp_path, capsys, monk
     small.write_text(text.replace("value: /tmp/medcritical-work", "value: /home/medcritical/.cache/medcritical/work"))
     code = main(["plan", "--recipe", "recipes/paper-7b-lora.yaml", "--manifests", str(small), "--no-pipeline"])
     assert code == 2
-    assert "work folder volume 'home' needs 34Gi, has 20Gi" in capsys.readouterr().out
+    assert "work folder volume 'home' needs 33Gi, has 20Gi" in capsys.readouterr().out
 
 
 def test_a_model_of_unknown_shape_in_s3_asks_for_its_config(tmp_path, capsys):

@@ -305,3 +305,128 @@ def test_served_teacher_reads_the_wrong_trajectory_and_its_usage_is_counted(bund
         assert vote.text == f"<think>\n重新逐项分析选项\n</think>\n答案：{question.answer}"
         assert (vote.prompt_tokens, vote.completion_tokens, vote.error) == (321, 45, None)
         assert grade_answer(vote.text, question.answer, question.options).correct
+
+
+def test_teacher_votes_and_attempts_are_seeded_apart_at_an_endpoint(bundled, generator, monkeypatch, tmp_path):
+    """Issue 24: an endpoint teacher got one `seed` for every vote and every attempt, so a server that
+    honours seeds answered the three votes with one text (and attempt 2 repeated attempt 1): the 2-of-3
+    stability filter then bit only the self arm. Every vote of every attempt now carries its own seed,
+    the same one again on a rerun (a resumed run samples as an uninterrupted one)."""
+    from medcritical.distill.config import DistillSection, OpenAITeacher
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+    from medcritical.selfplay.correction import TeacherCorrector
+    from tests.fixtures.chat_endpoint import StandInEndpoint, completion
+
+    monkeypatch.setenv("MEDCRITICAL_TEACHER_API_KEY", "sk-test")
+    chosen = [q for q in bundled if not q.is_multi_answer][:2]
+    questions = {q.id: q for q in chosen}
+    wrong = [
+        {"question_id": q.id, "sample": s, "trajectory": "答案：" + next(x for x in q.options if x != q.answer)}
+        for q in chosen
+        for s in (0, 1)
+    ]
+
+    def never_gold(body, count):  # every vote wrong: both attempts run, no rewrite
+        return completion("<think>再看一遍</think>\n答案：无法确定")
+
+    def seeds_sent(tmp):
+        with StandInEndpoint(never_gold) as endpoint:
+            distill = DistillSection(
+                backend="openai", openai=OpenAITeacher(base_url=endpoint.base_url, model="QwQ-32B", max_retries=0)
+            )
+            corrector = TeacherCorrector(build_teacher(distill, DistillPrompts.load("zh")))
+            correct_trajectories(
+                generator,
+                questions,
+                wrong,
+                CorrectionSection(attempts=2, votes=3),
+                tmp,
+                corrector=corrector,
+                seed=7,
+            )
+            return [r["body"]["seed"] for r in endpoint.requests]
+
+    seeds = seeds_sent(tmp_path / "first.jsonl")
+    assert len(seeds) == 4 * 2 * 3  # 4 trajectories x 2 attempts x 3 votes
+    assert len(set(seeds)) == len(seeds)  # no two votes, attempts or trajectories share a seed
+    again = seeds_sent(tmp_path / "again.jsonl")
+    assert sorted(again) == sorted(seeds)  # keyed by trajectory, attempt and vote: reproducible
+
+
+def test_local_teacher_votes_are_sampled_on_separate_streams(generator, selfplay_questions):
+    """The local (transformers / vLLM) teacher keyed its seeds by question, kind and attempt only, so the
+    votes on one correction prompt were one sample repeated. Each vote now has its own sampling key."""
+    from medcritical.distill.teachers import LocalModelTeacher
+    from medcritical.modeling.generation import sample_seed
+    from medcritical.selfplay.correction import TeacherCorrector, correction_messages
+
+    class KeyRecorder:  # the real generator, recording the sampling keys it is given
+        def __init__(self, inner):
+            self.inner, self.keys = inner, []
+
+        def generate(self, prompts, **kwargs):
+            self.keys += kwargs["keys"]
+            return self.inner.generate(prompts, **kwargs)
+
+    recorder = KeyRecorder(generator)
+    teacher = LocalModelTeacher(recorder, name="tiny", backend="transformers", temperature=1.0, top_p=1.0, batch_size=8)
+    question = selfplay_questions[0]
+    prompt = correction_messages(question, "答案：A")
+    for attempt in (1, 2):
+        (votes,) = TeacherCorrector(teacher).correct(
+            [prompt],
+            [question],
+            votes=3,
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=8,
+            seed=0,
+            attempt=attempt,
+            keys=[f"{question.id}#0#correction{attempt}"],
+        )
+        assert len(votes) == 3
+    assert len(recorder.keys) == 6
+    assert len({sample_seed(0, key, 0) for key in recorder.keys}) == 6  # 3 votes x 2 attempts, 6 streams
+
+
+def test_placebo_measures_chance_on_the_same_trajectories(bundled):
+    """Issue 24 item 3: "beyond luck" assumed independent uniform guesses. The placebo measures chance on
+    the real votes: a corrector whose votes settle on any option it was not told is wrong scores as well
+    for a stand-in gold as for the real one; the analytic figure is then far below (a lower bound)."""
+    from medcritical.selfplay.correction import placebo_acceptance, placebo_target
+
+    question = next(q for q in bundled if not q.is_multi_answer and len(q.options) == 5)
+    rejected = next(x for x in question.options if x != question.answer)
+    questions = {question.id: question}
+    config = CorrectionSection(attempts=2, votes=3)
+
+    def record(sample, letters_by_attempt, accepted):
+        attempts = [
+            {
+                "votes": [{"predicted": x, "correct": x == question.answer} for x in letters],
+                "stable": sum(x == question.answer for x in letters) >= 2,
+                "rewrite": {} if sum(x == question.answer for x in letters) >= 2 else None,
+                "accepted": accepted and sum(x == question.answer for x in letters) >= 2,
+                "reason": None,
+            }
+            for letters in letters_by_attempt
+        ]
+        return {"question_id": question.id, "sample": sample, "attempts": attempts, "corrected": accepted}
+
+    # A consistent guesser: three votes on one option, whichever it is, every attempt.
+    targets = {s: placebo_target(question, rejected, f"{question.id}#{s}#placebo") for s in range(40)}
+    assert all(t not in (None, question.answer, rejected) for t in targets.values())
+    guesser = [record(s, [[targets[s]] * 3, [question.answer] * 3], accepted=True) for s in range(40)]
+    measured = placebo_acceptance(guesser, config, questions, {(question.id, s): rejected for s in range(40)})
+    assert measured["trajectories"] == 40 and measured["rewrite_follows"] == 1.0
+    assert measured["expected"] == pytest.approx(40)  # every stand-in was hit as gold was
+
+    # A corrector whose votes reach only gold: nothing for the stand-in.
+    honest = [record(s, [[question.answer] * 3], accepted=True) for s in range(40)]
+    assert placebo_acceptance(honest, config, questions, {})["expected"] == 0
+
+    stats = correction_statistics(guesser, config, questions, {(question.id, s): rejected for s in range(40)})
+    low, high = stats["chance_range"]
+    assert low == pytest.approx(stats["expected_by_guessing"]) and high == pytest.approx(40)
+    assert stats["expected_by_guessing"] < 5  # the analytic figure: a lower bound, far below

@@ -139,7 +139,11 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
         tmp_path / "report",
     )
     assert "## Stage 2: corrections, pairs and cost" in report["markdown"]
-    guessed = f"| of which guessing alone explains | {stats['correction']['expected_by_guessing']:.2f} |"
+    correction = stats["correction"]
+    guessed = (
+        "| of which chance explains (analytic lower bound – placebo) | "
+        f"{correction['expected_by_guessing']:.2f} – {correction['placebo']['expected']:.2f} |"
+    )
     assert guessed in report["markdown"] and "| student tokens per pair |" in report["markdown"]
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
 

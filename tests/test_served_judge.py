@@ -73,7 +73,7 @@ def test_judge_paper_logit_bias_through_the_reasoning_parser(vllm_server, vllm_m
 
 
 def test_judge_rubric_never_guesses_a_verdict(vllm_server, tiny_model, bundled, tmp_path):
-    config = judge_config(vllm_server, "judge-rubric", max_tokens=16)
+    config = judge_config(vllm_server, "judge-rubric", max_tokens=16, max_unusable_share=1.0)  # see what is dropped
     report = evaluate_model(
         config, GenerationSection(max_new_tokens=8), bundled[:4], tiny_model, tmp_path, device="cpu"
     )
@@ -83,4 +83,4 @@ def test_judge_rubric_never_guesses_a_verdict(vllm_server, tiny_model, bundled, 
         r["verdict"] is None and r["error"] == "no judge-rubric verdict in the reply" for r in rows
     )
     assert (report["protocol"], report["n"], report["dropped"]) == ("judge-rubric", 0, 4)
-    assert "0/0; 4 of 4 dropped: no verdict" in (tmp_path / "report.md").read_text()
+    assert "0/0; 4 of 4 dropped: no verdict, bounds 0.0–100.0%" in (tmp_path / "report.md").read_text()

@@ -71,8 +71,13 @@ def test_cost_sums_tokens_by_who_generated_them_and_divides_by_pairs(tmp_path):
     assert stats["seconds"]["device_seconds"] == pytest.approx(2.0)  # CPU seconds on CPU
     assert stats["money"]["teacher"] == pytest.approx(390 * 10 / 1e6)
     assert stats["money"]["device"] == pytest.approx(2.0 / 3600 * 3.6)
+    assert (stats["money"]["currency"], stats["money"]["estimate"]) == ("USD", True)
     assert stats["per_pair"]["teacher_tokens"] == 195 and stats["per_pair"]["student_tokens"] == 87.5
-    assert stats["per_correction_pair"] == {"student_tokens": 95, "teacher_tokens": 390}
+    # Only the correction machinery (votes, rewrite, teacher) over the one pair it produced: the 1.0 s
+    # rewrite phase, not the 2.0 s rollout, and its money beside it.
+    assert stats["per_correction_pair"] == pytest.approx(
+        {"student_tokens": 95, "teacher_tokens": 390, "device_seconds": 0.5, "money": 390 * 10 / 1e6 + 0.5 / 3600 * 3.6}
+    )
     on_gpu = cost_statistics(
         rollouts,
         corrections,
@@ -94,3 +99,61 @@ def test_mcnemar_exact_p():
 def test_heldout_batches_are_even():
     assert even_eval_batch_size(9, 4) == 3 and even_eval_batch_size(8, 4) == 4 and even_eval_batch_size(7, 4) == 1
     assert even_eval_batch_size(12, 4, world_size=2) == 3  # 2 processes x 3 = 6 pairs a step
+
+
+def test_arms_table_shows_cost_per_correction_pair_beside_cost_per_pair():
+    """Issue 24: the arms table showed cost per pair only; with correct samples among the chosen answers
+    that divides the correction's cost by pairs it never made. The cost per correction pair is beside it."""
+    from medcritical.arms import arm_rows
+
+    rollout = {
+        "corrector": {"corrector": "teacher", "backend": "openai"},
+        "pairs": {"pairs": 10, "level": "thought", "diagnostics": {}},
+        "cost": {
+            "seconds": {"device": "gpu"},
+            "money": {"total": 0.1, "currency": "EUR", "estimate": True},
+            "pairs_from_corrections": 4,
+            "per_pair": {"student_tokens": 100.0, "teacher_tokens": 40.0, "device_seconds": 2.0, "money": 0.01},
+            "per_correction_pair": {
+                "student_tokens": 50.0,
+                "teacher_tokens": 100.0,
+                "device_seconds": 1.5,
+                "money": 0.02,
+            },
+        },
+    }
+    arm = {"before": None, "after": None, "graded_before": None, "graded_after": None, "rounds": [{"rollout": rollout}]}
+    rows = arm_rows(arm)
+    assert rows["teacher tokens per pair"] == "40" and rows["teacher tokens per correction pair"] == "100"
+    assert rows["pairs from a correction"] == "4"
+    assert rows["correction gpu-seconds per correction pair"] == "1.5"
+    # Money carries its currency and says it is an estimate (the prices are the user's).
+    assert rows["money per correction pair (estimate, EUR)"] == "0.02"
+    assert rows["money per pair (estimate, EUR)"] == "0.01"
+
+
+def test_cost_counts_the_gpus_generation_used_not_every_visible_one(monkeypatch):
+    """Issue 24 item 9: device-seconds multiplied wall time by every visible GPU."""
+    import torch
+
+    from medcritical.selfplay.cost import accelerators
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert accelerators("cuda", 1) == 1  # transformers: one GPU of eight
+    assert accelerators("cuda", 2) == 2  # vLLM with tensor_parallel_size 2
+    assert accelerators("cpu", 2) == 0
+
+
+def test_few_discordant_questions_mark_the_bootstrap_interval():
+    """Issue 24 item 9: with few discordant pairs the percentile bootstrap is anti-conservative; the table
+    says so where the interval is shown."""
+    from medcritical.stats import paired_comparison, paired_markdown
+
+    ids = [str(i) for i in range(100)]
+    few = paired_comparison({i: int(i) < 50 for i in ids}, {i: int(i) < 53 for i in ids})  # 3 differ
+    many = paired_comparison({i: int(i) < 30 for i in ids}, {i: int(i) < 60 for i in ids})  # 30 differ
+    assert few["bootstrap_reliable"] is False and many["bootstrap_reliable"] is True
+    table = "\n".join(paired_markdown([{"first": "a", "second": "b", **few}]))
+    assert " †" in table and "anti-conservative" in table and "McNemar" in table
+    assert "†" not in "\n".join(paired_markdown([{"first": "a", "second": "b", **many}]))

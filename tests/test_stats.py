@@ -64,7 +64,7 @@ def test_compare_cli_on_evaluation_and_run_folders(tmp_path, capsys):
     _evaluation(tmp_path / "b", after)
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert "| 100 | 0 | 20 | +20.0 | +12.0 to +28.0 | <0.0001 |" in out
+    assert "| 100 | 0 | 20 | +20.0 | +12.0 to +28.0 † | <0.0001 |" in out  # 20 discordant: marked
 
     for run, correct in (("run1", before), ("run2", after)):
         _evaluation(tmp_path / run / "eval-sft", correct)

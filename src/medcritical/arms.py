@@ -18,8 +18,8 @@ import re
 from math import comb
 from pathlib import Path
 
+from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
-from medcritical.io.jsonl import read_jsonl
 
 
 def _read(path: Path) -> dict | None:
@@ -28,9 +28,8 @@ def _read(path: Path) -> dict | None:
 
 def _graded(folder: Path) -> dict[str, bool] | None:
     path = folder / GRADED_JSONL
-    if not path.is_file():
-        return None
-    return {row["id"]: bool(row["correct"]) for row in read_jsonl(path)}
+    # Through the one reader, so an unusable judge verdict is dropped here as in report.json.
+    return correct_by_id(path) if path.is_file() else None
 
 
 def _round_numbers(root: Path, pattern: str) -> list[int]:
@@ -111,6 +110,7 @@ def arm_rows(arm: dict) -> dict[str, str]:
     guessing = _get(rollout, "correction.expected_by_guessing")
     cost = _get(rollout, "cost") or {}
     per_pair = cost.get("per_pair") or {}
+    per_correction = cost.get("per_correction_pair") or {}
     diagnostics = _get(rollout, "pairs.diagnostics") or {}
     first_epoch = _get(dpo, "heldout_after_first_epoch")
     dpo_seconds = _get(dpo, "train_seconds")
@@ -125,7 +125,11 @@ def arm_rows(arm: dict) -> dict[str, str]:
         "questions gained / lost": _movement(arm["graded_before"], arm["graded_after"]),
         "rollout pass@1 / pass@k": f"{_pct(_get(rollout, 'rollout.pass@1'))} / {_pct(_get(rollout, 'rollout.pass@k'))}",
         "corrections accepted / wrong trajectories": f"{_num(corrected)} / {_num(_get(rollout, 'correction.wrong_trajectories'))}",
-        "of which guessing alone explains": "-" if guessing is None else f"{guessing:.2f}",
+        # The analytic figure assumes independent uniform guesses: a lower bound. The placebo is measured.
+        "of which chance explains (analytic lower bound – placebo)": "-"
+        if guessing is None
+        else f"{guessing:.2f}"
+        + (f" – {placebo:.2f}" if (placebo := _get(rollout, "correction.placebo.expected")) is not None else ""),
         "pairs (train + held-out)": _num(pairs),
         "chosen from a correction": _pct(diagnostics.get("from_correction_share")),
         "same final letters": _pct(diagnostics.get("same_letters_share")),
@@ -137,15 +141,36 @@ def arm_rows(arm: dict) -> dict[str, str]:
         "chosen/rejected length ratio (median)": _num(
             _get(diagnostics, "tokens_ratio.median") or _get(diagnostics, "chars_ratio.median")
         ),
-        "held-out reward accuracy, 1st epoch / end": f"{_pct(first_epoch and first_epoch['reward_accuracy'])} / {_pct(_get(dpo, 'heldout.reward_accuracy'))}",
-        "DPO loss first → last": f"{_num(_get(dpo, 'loss_first'))} → {_num(_get(dpo, 'loss_last'))}",
+        "held-out reward accuracy, 1st epoch": _pct(first_epoch and first_epoch["reward_accuracy"]),
+        # Measured on pairs that did not pick the kept model (the reporting half), and said so.
+        "held-out reward accuracy of the kept model": _pct(_get(dpo, "heldout.reward_accuracy"))
+        + (f" (on {_get(dpo, 'heldout.measured_on')})" if _get(dpo, "heldout.measured_on") else ""),
+        "DPO model kept": f"{_get(dpo, 'kept.model')}: {_get(dpo, 'kept.why')}" if _get(dpo, "kept") else "-",
+        "DPO loss first → last (kept model's)": f"{_num(_get(dpo, 'loss_first'))} → {_num(_get(dpo, 'loss_last'))}"
+        + (f" ({_num(_get(dpo, 'kept.training_loss'))})" if _get(dpo, "kept") else ""),
         "student tokens per pair": _num(per_pair.get("student_tokens")),
         "teacher tokens per pair": _num(per_pair.get("teacher_tokens")),
         f"rollout {cost.get('seconds', {}).get('device', 'device')}-seconds per pair": _num(
             per_pair.get("device_seconds")
         ),
         "DPO seconds per pair": _num(dpo_seconds / pairs if dpo_seconds and pairs else None),
-        "money per pair": _num(per_pair.get("money")) if "money" in per_pair else "not priced",
+        # Prices are the user's: the figure is an estimate, in the currency they were given in.
+        f"money per pair (estimate{', ' + currency if (currency := _get(cost, 'money.currency')) else ''})": _num(
+            per_pair.get("money")
+        )
+        if "money" in per_pair
+        else "not priced",
+        # The arms' rollouts cost the same; what differs is the correction machinery, over the pairs whose
+        # chosen answer is a correction (not a correct sample of the student's own).
+        "pairs from a correction": _num(cost.get("pairs_from_corrections")),
+        "student tokens per correction pair": _num(per_correction.get("student_tokens")),
+        "teacher tokens per correction pair": _num(per_correction.get("teacher_tokens")),
+        f"correction {cost.get('seconds', {}).get('device', 'device')}-seconds per correction pair": _num(
+            per_correction.get("device_seconds")
+        ),
+        f"money per correction pair (estimate{', ' + currency if currency else ''})": (
+            _num(per_correction.get("money")) if "money" in per_correction else "not priced" if per_correction else "-"
+        ),
     }
 
 

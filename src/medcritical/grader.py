@@ -16,7 +16,7 @@ In short:
 - The last explicit statement wins. Only without one does a line holding only letters count
   (``bare-line``), and only without any letters does the text of an option stated as the answer
   (``option-text``).
-- "A或B", "A or B", "A/B" make the answer ambiguous; letters that are not options make it invalid;
+- "A或B", "A or B", "ACD/ACDE" make the answer ambiguous ("A/C/D" lists ACD); letters that are not options make it invalid;
   both grade wrong, as does no answer at all.
 """
 
@@ -32,7 +32,7 @@ THINK_START, THINK_END = "<think>", "</think>"
 # Grade.status values.
 ANSWERED = "answered"
 EMPTY = "empty"  # no answer statement, or nothing after </think>
-AMBIGUOUS = "ambiguous"  # a hedge between letters ("A或B", "A or B", "A/B")
+AMBIGUOUS = "ambiguous"  # a hedge between letters ("A或B", "A or B", "ACD/ACDE")
 TRUNCATED = "truncated"  # <think> never closed: the output stopped before its answer
 INVALID = "invalid"  # letters stated that are not among the options
 
@@ -51,10 +51,11 @@ class Grade:
 
 # --- Reading letters -------------------------------------------------------------------------------
 
-# Between letters of one answer ("A、C", "A, C and D", "(A) and (C)"), on one line only.
-_JOIN = re.compile(r"[ \t]*(?:,|;|、|&|\+|和|及|与|以及|\band\b)[ \t]*(?:\band\b[ \t]*)?|[ \t]+", re.IGNORECASE)
-# Between letters of a hedge ("A或B", "A or B", "A/B", "A还是B").
-_HEDGE = re.compile(r"[ \t]*(?:/|或者?|还是|\bor\b)[ \t]*", re.IGNORECASE)
+# Between letters of one answer ("A、C", "A, C and D", "(A) and (C)", "A/C/D"), on one line only. A slash
+# lists (models write a multi-answer set "A/C/D"); on a single-answer question a list grades wrong anyway.
+_JOIN = re.compile(r"[ \t]*(?:,|;|、|&|\+|/|和|及|与|以及|\band\b)[ \t]*(?:\band\b[ \t]*)?|[ \t]+", re.IGNORECASE)
+# Between letters of a hedge ("A或B", "A or B", "A还是B").
+_HEDGE = re.compile(r"[ \t]*(?:或者?|还是|\bor\b)[ \t]*", re.IGNORECASE)
 # Before a letter: "option C", "选项C", "第C项".
 _PREFIX = re.compile(r"(?:(?:the\s+)?options?|choices?|选项|第)[ \t]*", re.IGNORECASE)
 _OPEN_CLOSE = {"(": ")", "[": "]", "【": "】", "{": "}", "<": ">"}
@@ -112,7 +113,7 @@ def _read_letters(text: str, pos: int, options: dict[str, str], lower_ok: bool =
     if token is None:
         return None
     letters, end, upper = token
-    hedged = False
+    hedged = slashed = False
     while True:
         for joiner, is_hedge in ((_HEDGE, True), (_JOIN, False)):
             sep = joiner.match(text, end)
@@ -125,12 +126,14 @@ def _read_letters(text: str, pos: int, options: dict[str, str], lower_ok: bool =
             nxt = _letter_at(text, sep_end, options, first=False, lower_ok=lower_ok)
             # "c, d and e" or "C, D and E", but not "E, i.e. ..."
             if nxt is not None and nxt[2] == upper:
+                slashed = slashed or "/" in text[end:sep_end]
                 letters += nxt[0]
                 end = nxt[1]
                 hedged = hedged or is_hedge
                 break
         else:
-            return _Letters(letters, hedged, end)
+            # "ACD/ACDE": sets that share letters are alternatives, not one list.
+            return _Letters(letters, hedged or (slashed and len(set(letters)) < len(letters)), end)
 
 
 # --- Statements ---------------------------------------------------------------------------------
@@ -321,7 +324,11 @@ def _norm(text: str) -> str:
 
 _TEXT_CUE = re.compile(
     r"答案\s*(?:应该|应当|应|就|最终)?\s*(?:是|为|选)?\s*[:：]?|【答案】|正确的?(?:选项|答案)\s*(?:是|为)?\s*[:：]?"
-    r"|(?:故|应|所以|因此)选(?:择)?|(?i:\banswers?\s*(?:is|are|:)|correct\s+(?:option|choice)s?\s*(?:is|are|:))",
+    r"|(?:故|应该?|应当|所以|因此)选(?:择|用)?"
+    # A diagnosis or conclusion heading: "最可能的诊断：急性胰腺炎", "初步诊断为…", "结论：…".
+    r"|(?P<heading>(?:最可能的|最终|初步|临床)?(?<!鉴别)诊断\s*(?:是|为)?\s*[:：]|(?:最终)?结论\s*[:：]"
+    r"|(?i:(?<!differential )diagnosis\s*(?:is\b|:)))"
+    r"|(?i:\banswers?\s*(?:is|are|:)|correct\s+(?:option|choice)s?\s*(?:is|are|:))",
 )
 
 
@@ -329,9 +336,11 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
     """(letters, hedged, position) of the last statement that states option texts, or a line that is one."""
     found: tuple[str, bool, int] | None = None
     candidates = [
-        (m.start(), _sentence_after(text, m.end()))
+        # After a diagnosis heading only its first clause is the diagnosis ("诊断：X，需与Y鉴别" names X alone).
+        (m.start(), re.split(r"[，,；;]", clause, maxsplit=1)[0] if m.group("heading") else clause)
         for m in _TEXT_CUE.finditer(text)
         if _counts(text, m.start(), m.end(), m.end())
+        for clause in [_sentence_after(text, m.end())]
     ]
     # A line that is one option's text ("MRI"); lines naming different options are a list ("CT\nMRI").
     lines, offset = [], 0
@@ -355,6 +364,8 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
                 continue
             pattern = (
                 rf"(?:是|为|考虑|见于|于|即|导致|引起|属于|首选|\bis\b|\bare\b)\s*{re.escape(option)}\s*(?:[。.!！]|$)"
+                # "考虑急性胰腺炎可能性最大": the text weighed as the most likely one
+                rf"|考虑\s*{re.escape(option)}\s*(?:的)?可能(?:性)?(?:最大|较大|大)"
             )
             for m in re.finditer(pattern, text, re.MULTILINE | re.IGNORECASE):
                 if _hypothetical(text, m.start()) or _MENTION_NEGATED.search(_clause_before(text, m.start())):

@@ -179,15 +179,19 @@ class ChatClient:
         *,
         on_reply: Callable[[int, ChatReply], None] | None = None,
         desc: str = "chat",
+        request_params: Sequence[dict] | None = None,
         **params,
     ) -> list[ChatReply]:
         """Replies in the order of `conversations`; `on_reply(index, reply)` runs as each one arrives.
 
         `params` go into every request body (temperature, top_p, max_tokens, seed, logit_bias, ...;
-        None values are left out). An exception raised by `on_reply` cancels the requests in flight
+        None values are left out); `request_params[i]`, when given, into request i's only (a per-request
+        seed). An exception raised by `on_reply` cancels the requests in flight
         and propagates, as do `EndpointError` and `EndpointFailures`. Inside an event loop, await
         `achat_many`."""
-        return asyncio.run(self.achat_many(conversations, on_reply=on_reply, desc=desc, **params))
+        return asyncio.run(
+            self.achat_many(conversations, on_reply=on_reply, desc=desc, request_params=request_params, **params)
+        )
 
     async def achat_many(
         self,
@@ -195,10 +199,13 @@ class ChatClient:
         *,
         on_reply: Callable[[int, ChatReply], None] | None = None,
         desc: str = "chat",
+        request_params: Sequence[dict] | None = None,
         **params,
     ) -> list[ChatReply]:
         replies: list[ChatReply | None] = [None] * len(conversations)
         body = self.extra_body | {k: v for k, v in params.items() if v is not None}
+        if request_params is not None and len(request_params) != len(conversations):
+            raise ValueError(f"{len(request_params)} request_params for {len(conversations)} conversations")
         limit = asyncio.Semaphore(self.concurrency)
         stop: list[EndpointError] = []  # the first fatal error: nothing more goes out
 
@@ -206,8 +213,9 @@ class ChatClient:
             async with limit:
                 if stop:
                     raise stop[0]
+                own = body | request_params[index] if request_params is not None else body
                 try:
-                    return index, await self._request(sdk, conversations[index], body)
+                    return index, await self._request(sdk, conversations[index], own)
                 except EndpointError as e:
                     stop.append(e)
                     raise

@@ -9,7 +9,7 @@ from medcritical.arms import arm_table
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.evaluation.compare import correct_by_id
-from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, percent
+from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note, percent
 from medcritical.plotting import figure
 from medcritical.recipe import Recipe, dump_recipe
 from medcritical.selfplay.stage import DPO, ROLLOUT
@@ -26,7 +26,11 @@ def _accuracy_cell(report: dict | None) -> str:
     if not report:
         return "not run"
     low, high = report["ci95"]
-    return f"{percent(report['accuracy'])}% ({report['correct']}/{report['n']}; 95% CI {percent(low)}–{percent(high)})"
+    # A judge protocol's unusable verdicts stand beside its accuracy, with the bounds they leave open.
+    return (
+        f"{percent(report['accuracy'])}% ({report['correct']}/{report['n']}{dropped_note(report)}; "
+        f"95% CI {percent(low)}–{percent(high)})"
+    )
 
 
 def _lookup(stats: dict, dotted: str):
@@ -161,7 +165,7 @@ def write_run_report(
             f"- round {number} rollout: {_numbers(round_stats.get('rollout'), ('rollout.questions', 'rollout.pass@1', 'rollout.pass@k', 'format.shares.empty', 'format.shares.truncated', 'correction.wrong_trajectories', 'correction.corrected', 'pairs.train_pairs', 'pairs.heldout_pairs'))}"
         )
         lines.append(
-            f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'stopped_early'))}"
+            f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'kept.model', 'stopped_early'))}"
         )
         if round_stats.get("train_pass"):
             lines.append(

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from fractions import Fraction
 
 BOOTSTRAP_SAMPLES = 10_000
+# Below this many discordant questions the percentile bootstrap's interval is too narrow (it resamples a
+# handful of counts); the table marks it and the exact McNemar p is the figure to read.
+FEW_DISCORDANT = 25
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -63,6 +66,7 @@ def paired_comparison(first: Mapping[str, bool], second: Mapping[str, bool], *, 
         "difference": (c - b) / n,
         "difference_ci95": [round(low, 4), round(high, 4)],
         "mcnemar_p": mcnemar_exact(b, c),
+        "bootstrap_reliable": b + c >= FEW_DISCORDANT,
         "unpaired_questions": len(first.keys() ^ second.keys()),
     }
 
@@ -83,12 +87,21 @@ def paired_markdown(rows: list[dict]) -> list[str]:
         "| comparison | n | only first right | only second right | difference (points) | 95% CI (paired bootstrap) | exact McNemar p |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
+    few = False
     for r in rows:
         low, high = r["difference_ci95"]
+        mark = "" if r["only_first_correct"] + r["only_second_correct"] >= FEW_DISCORDANT else " †"
+        few = few or bool(mark)
         lines.append(
             f"| {r['first']} → {r['second']} | {r['n']} | {r['only_first_correct']} | {r['only_second_correct']} | "
-            f"{100 * r['difference']:+.1f} | {100 * low:+.1f} to {100 * high:+.1f} | {_p(r['mcnemar_p'])} |"
+            f"{100 * r['difference']:+.1f} | {100 * low:+.1f} to {100 * high:+.1f}{mark} | {_p(r['mcnemar_p'])} |"
         )
+    if few:
+        lines += [
+            "",
+            f"† fewer than {FEW_DISCORDANT} questions differ: the bootstrap interval is anti-conservative "
+            "(too narrow); read the exact McNemar p.",
+        ]
     return lines
 
 

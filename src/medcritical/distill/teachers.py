@@ -27,7 +27,7 @@ from medcritical.io.fingerprint import model_fingerprint
 from medcritical.llm_client import ChatClient, ChatReply, safe_url
 from medcritical.modeling import resolve_model
 from medcritical.modeling.config import GenerationSection
-from medcritical.modeling.generation import load_generator
+from medcritical.modeling.generation import load_generator, sample_seed
 from medcritical.modeling.vllm_server import serve_vllm
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,19 @@ TEACHER_ENV_PREFIX = "MEDCRITICAL_TEACHER"  # MEDCRITICAL_TEACHER_BASE_URL, MEDC
 @dataclass(frozen=True)
 class TeacherRequest:
     question: Question
-    kind: str  # TEMPLATE or TRACE
+    kind: str  # TEMPLATE, TRACE or "correction"
     attempt: int  # 1-based, counted per question and kind
     messages: list[dict[str, str]]
+    # What the request's seed is drawn from, with the run's seed (`sample_seed`); "" means question, kind
+    # and attempt. A corrector names the trajectory and attempt here and numbers its votes in `vote`, so
+    # every vote and every attempt samples on its own stream: same-seeded votes would be one vote three times.
+    key: str = ""
+    vote: int = 0
+
+    @property
+    def seed_key(self) -> str:
+        key = self.key or f"{self.question.id}#{self.kind}#{self.attempt}"
+        return key if self.vote == 0 else f"{key}#vote{self.vote}"
 
 
 OnReply = Callable[[TeacherRequest, ChatReply], None]
@@ -80,10 +90,12 @@ class EndpointTeacher:
             [r.messages for r in requests],
             on_reply=lambda index, reply: on_reply(requests[index], reply),
             desc=f"teacher {requests[0].kind}s" if requests else "",
+            # One seed per request (run seed, request key, vote), never one for all: a server honouring
+            # `seed` would otherwise answer every vote on the same prompt with the same text.
+            request_params=[{"seed": sample_seed(seed, r.seed_key, 0)} for r in requests],
             temperature=self.temperature,
             top_p=self.top_p,
             max_tokens=max_new_tokens,
-            seed=seed,
         )
 
 
@@ -106,7 +118,7 @@ class LocalModelTeacher:
                 top_p=self.top_p,
                 max_new_tokens=max_new_tokens,
                 seed=seed,
-                keys=[f"{r.question.id}#{r.kind}#{r.attempt}" for r in batch],  # not the batch position
+                keys=[r.seed_key for r in batch],  # each vote and attempt its own stream, never the batch position
                 desc=f"teacher {batch[0].kind}s",
             )
             seconds = (time.monotonic() - began) / len(batch)

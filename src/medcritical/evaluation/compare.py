@@ -11,9 +11,12 @@ from medcritical.stats import paired_comparison, paired_markdown
 
 
 def correct_by_id(evaluation: str | Path) -> dict[str, bool]:
-    """Per-question correctness of one evaluation: its graded.jsonl, or the folder holding it."""
+    """Per-question correctness of one evaluation: its graded.jsonl, or the folder holding it. A question
+    whose judge verdict was unusable (`dropped`) is left out, as report.json leaves it out of the accuracy:
+    every paired test, `compare` and `arms` read correctness here."""
     path = Path(evaluation)
-    return {str(row["id"]): bool(row["correct"]) for row in read_jsonl(path / GRADED_JSONL if path.is_dir() else path)}
+    rows = read_jsonl(path / GRADED_JSONL if path.is_dir() else path)
+    return {str(row["id"]): bool(row["correct"]) for row in rows if not row.get("dropped")}
 
 
 def _is_evaluation(path: Path) -> bool:

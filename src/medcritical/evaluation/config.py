@@ -32,6 +32,10 @@ class JudgeSection(Section):
     # true wraps it in the student's chat template.
     student_chat_template: bool = False
     max_tokens: int = Field(1024, ge=1)  # judge-rubric: room for reasons before the verdict line
+    # Unusable verdicts (no 1/2, no verdict line) are dropped from the denominator; above this share of
+    # the questions the evaluation fails: a server that ignores the verdict constraint must not turn a run
+    # into "the accuracy over the rows that parsed". SP-Huatuo forces the token and has none.
+    max_unusable_share: float = Field(0.01, ge=0.0, le=1.0)
 
 
 class EvaluateSection(Section):

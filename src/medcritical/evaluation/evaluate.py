@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from medcritical.io.fingerprint import check_resume, model_fingerprint, question
 from medcritical.io.jsonl import append_jsonl, read_jsonl
 from medcritical.modeling import generation
 from medcritical.modeling.config import GenerationSection
-from medcritical.modeling.generation import load_generator
+from medcritical.modeling.generation import generation_setup, load_generator
 from medcritical.prompts import load_prompt, mcq_messages
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 OUTPUTS_JSONL = "outputs.jsonl"
 RESUMED_OUTPUTS = (OUTPUTS_JSONL, "judgements.jsonl")  # what a rerun continues; the fingerprint vouches for them
 CHUNK = 256  # questions generated between two appends to outputs.jsonl
+
+
+class UnusableVerdicts(ValueError):
+    """Too many judge replies without a usable verdict: the evaluation is not a result."""
+
+
+def _first_unusable(graded: list[dict]) -> str:
+    return next((row.get("judge_reply", "") for row in graded if row.get("dropped")), "")[:80]
 
 
 def grade_mcq(questions: Sequence[Question], outputs: dict[str, dict], max_new_tokens: int | None = None) -> list[dict]:
@@ -196,21 +205,41 @@ def loglik_rows(generator, questions: Sequence[Question], config: EvaluateSectio
     return rows
 
 
+# The prompt files each protocol's outputs and verdicts depend on: the student's, then the judge's.
+PROTOCOL_PROMPTS = {
+    "mcq": ("mcq",),
+    "judge-paper": ("student_paper", "judge_paper"),
+    "judge-rubric": ("open", "judge_rubric"),
+}
+
+
 def evaluation_fingerprint(
-    config: EvaluateSection, generation: GenerationSection, questions: Sequence[Question], model_path: str | Path
+    config: EvaluateSection,
+    generation: GenerationSection,
+    questions: Sequence[Question],
+    model_path: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict:
-    """What the saved outputs depend on: the questions' content, the prompt files' content, the
-    protocol settings and the model's weights. A rerun resumes only when all of them match."""
-    prompt = "mcq" if config.protocol == "mcq" else "open"
+    """What the saved outputs depend on: the questions' content, every prompt file the protocol uses
+    (student and judge), the protocol settings with the judge model as resolved (a recipe may leave it to
+    MEDCRITICAL_JUDGE_MODEL), the backend and dtype the student samples with, and the model's weights.
+    A rerun resumes only when all of them match."""
     # Keys that change how the work is done, not what it produces, stay out.
     settings = config.model_dump(mode="json", exclude={"limit", "train_pass_questions"})
     for key in ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "max_failed_requests"):
         settings.get("judge", {}).pop(key, None)
+    if config.protocol != "mcq":
+        settings["judge"]["model"] = config.judge.model or os.environ.get(f"{judging.JUDGE_ENV_PREFIX}_MODEL")
     return {
         "questions": questions_fingerprint(questions),
-        "prompt": load_prompt(prompt, config.language).version,
+        "prompts": [load_prompt(name, config.language).version for name in PROTOCOL_PROMPTS[config.protocol]],
         "evaluate": settings,
-        "generation": {"backend": generation.backend, "max_new_tokens": generation.max_new_tokens},
+        "generation": {
+            **generation_setup(generation.backend, device, dtype),
+            "max_new_tokens": generation.max_new_tokens,
+        },
         "model": model_fingerprint(model_path),
     }
 
@@ -244,7 +273,7 @@ def evaluate_model(
     # Before loading anything: a folder of another model's outputs is an error at once.
     check_resume(
         output_dir,
-        evaluation_fingerprint(config, generation, questions, model_path),
+        evaluation_fingerprint(config, generation, questions, model_path, device=device, dtype=dtype),
         outputs=RESUMED_OUTPUTS,
         restart=restart,
     )
@@ -305,14 +334,29 @@ def evaluate_model(
             scoring=f"judge: {config.judge.model}",
             **fields,
         )
+        dropped = len(graded) - len(judged)
         report |= {
             "questions": len(questions),
-            "dropped": len(graded) - len(judged),
+            "dropped": dropped,
             "student_sampling": sampling,
             "dropped_ids": [row["id"] for row in graded if row["verdict"] is None],
+            # What the accuracy would be if every dropped verdict had been wrong, or right.
+            "bounds": {
+                "drops_as_wrong": report["correct"] / len(questions) if questions else 0.0,
+                "drops_as_right": (report["correct"] + dropped) / len(questions) if questions else 0.0,
+            },
         }
     report["wall_s"] = round(time.perf_counter() - started, 2)
     write_report(report, graded, output_dir)
+    if config.protocol != "mcq" and report["dropped"] > config.judge.max_unusable_share * report["questions"]:
+        raise UnusableVerdicts(
+            f"evaluate ({config.protocol}): {report['dropped']} of {report['questions']} judge verdicts are unusable "
+            f"(more than evaluate.judge.max_unusable_share={config.judge.max_unusable_share:g}); the accuracy over "
+            f"the {report['n']} that parsed is not a result (first reply: {_first_unusable(graded)!r}). Check the "
+            f"judge endpoint honours evaluate.judge.verdict_constraint ({config.judge.verdict_constraint}), or set "
+            "extra_body's logit_bias; the report in "
+            f"{output_dir} shows the bounds"
+        )
     log.info(
         "CMExam accuracy (%s) of %s: %.1f%% (%d/%d%s) -> %s",
         report["protocol"],

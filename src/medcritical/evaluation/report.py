@@ -22,8 +22,15 @@ PROTOCOL_TITLES = {
 
 
 def dropped_note(report: dict) -> str:
-    """ "; 3 of 100 dropped: no verdict" beside a judge protocol's accuracy ("" when none were dropped)."""
-    return f"; {report['dropped']} of {report['questions']} dropped: no verdict" if report.get("dropped") else ""
+    """ "; 3 of 100 dropped: no verdict, bounds 41.0–44.0%" beside a judge protocol's accuracy ("" when
+    none were dropped): the bounds count every dropped verdict wrong, then right."""
+    if not report.get("dropped"):
+        return ""
+    note = f"; {report['dropped']} of {report['questions']} dropped: no verdict"
+    bounds = report.get("bounds")
+    if bounds:
+        note += f", bounds {percent(bounds['drops_as_wrong'])}–{percent(bounds['drops_as_right'])}%"
+    return note
 
 
 def percent(x: float) -> str:

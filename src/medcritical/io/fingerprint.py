@@ -49,7 +49,15 @@ def model_fingerprint(model_dir: str | Path) -> str:
         entries = checksums(run_dir, [f"{model_dir.name}/{f}" for f in files])
     else:
         entries = checksums(model_dir, files)
-    return text_sha256("\n".join(f"{e.sha256}  {f}" for e, f in zip(entries, files, strict=True)))
+    listing = "\n".join(f"{e.sha256}  {f}" for e, f in zip(entries, files, strict=True))
+    adapter = model_dir / "adapter_config.json"
+    if adapter.is_file():
+        # A LoRA adapter is half a model: the same adapter over another base is another model.
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base and Path(base).is_dir() and Path(base).resolve() != model_dir.resolve():
+            base = model_fingerprint(base)
+        listing += f"\nbase model: {base}"
+    return text_sha256(listing)
 
 
 def questions_fingerprint(questions: Iterable) -> str:

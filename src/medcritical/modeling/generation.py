@@ -93,6 +93,15 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def generation_setup(backend: str, device: str, dtype: str) -> dict:
+    """What a resumed run must share besides seeds and weights: the backend (transformers and vLLM draw
+    from different random streams) and the dtype "auto" resolves to here (bf16 and fp32 sample apart)."""
+    import torch
+
+    resolved = resolve_device(device) if backend != "vllm" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"backend": backend, "dtype": str(resolve_dtype(dtype, resolved)).removeprefix("torch.")}
+
+
 class KeyedSampler:
     """A logits processor that samples every row of a batch from its own random stream (temperature,
     then nucleus top-p), and leaves only the sampled token for `generate`'s greedy step.

@@ -72,6 +72,8 @@ class CostSection(Section):
     teacher_price_per_million_tokens: float | None = Field(None, ge=0.0)
     # What one accelerator-hour (or CPU-hour without one) of the rollout step costs.
     device_hour_price: float | None = Field(None, ge=0.0)
+    # The prices' currency, carried with every money figure (the prices are the user's: an estimate).
+    currency: str = "USD"
 
 
 class SelfPlaySection(Section):

@@ -13,6 +13,7 @@ Every step is graded by the one grader, `grade_answer`. Attempts stop at the fir
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -120,10 +121,14 @@ class TeacherCorrector:
 
     def correct(self, prompts, questions, *, votes, temperature, top_p, max_new_tokens, seed, attempt, keys=None):
 
+        # Every vote of every attempt its own request with its own seed (the trajectory's key, the vote):
+        # the self corrector's votes are n samples on separate streams, and the teacher's must be too, or
+        # the 2-of-3 stability filter would bite only the self arm.
+        keys = keys or [f"{q.id}#{i}#correction{attempt}" for i, q in enumerate(questions)]
         requests = [
-            TeacherRequest(question=q, kind="correction", attempt=attempt, messages=p)
-            for p, q in zip(prompts, questions)
-            for _ in range(votes)
+            TeacherRequest(question=q, kind="correction", attempt=attempt, messages=p, key=key, vote=vote)
+            for p, q, key in zip(prompts, questions, keys)
+            for vote in range(votes)
         ]
         index = {id(r): i for i, r in enumerate(requests)}
         replies: list[Reply | None] = [None] * len(requests)
@@ -308,8 +313,48 @@ def guessing_acceptance(p: float, config: CorrectionSection) -> float:
     return 1 - (1 - per_attempt) ** config.attempts
 
 
+def placebo_target(question: Question, rejected: str, key: str) -> str | None:
+    """A stand-in gold for the placebo: one option that is neither gold nor the rejected answer, chosen by
+    a hash of the trajectory's key (reproducible); None for a multi-answer question (no single stand-in)."""
+    if question.is_multi_answer:
+        return None
+    others = sorted(set(question.options) - set(question.answer) - set(rejected))
+    if not others:
+        return None
+    return others[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(others)]
+
+
+def placebo_acceptance(
+    records: Sequence[dict], config: CorrectionSection, questions: Mapping[str, Question], rejected: Mapping
+) -> dict:
+    """Chance, measured on the same trajectories: how many would have been accepted had the gold been
+    another wrong option (`placebo_target`). Per recorded attempt: were `needed_votes` of the real votes
+    on the stand-in, times the share of stable attempts whose rewrite was accepted (a rewrite reads an
+    analysis that states its letter, so it follows it about that often). A corrector that only guessed
+    among the options it was not told are wrong would be accepted as often for the stand-in as for gold;
+    the analytic `expected_by_guessing` assumes independent uniform votes and rewrite, and is lower."""
+    stable = [a for r in records for a in r["attempts"] if a["stable"] and a["rewrite"] is not None]
+    follow = sum(a["accepted"] for a in stable) / len(stable) if stable else 1.0  # none seen: assume it follows
+    expected, trajectories = 0.0, 0
+    for r in records:
+        key = (r["question_id"], r["sample"])
+        target = placebo_target(questions[r["question_id"]], rejected.get(key, ""), f"{key[0]}#{key[1]}#placebo")
+        if target is None:
+            continue
+        trajectories += 1
+        missed = 1.0
+        for attempt in r["attempts"]:
+            on_target = sum(v["predicted"] == target for v in attempt["votes"])
+            missed *= 1 - (follow if on_target >= config.needed_votes else 0.0)
+        expected += 1 - missed
+    return {"expected": expected, "trajectories": trajectories, "rewrite_follows": follow}
+
+
 def correction_statistics(
-    records: Sequence[dict], config: CorrectionSection, questions: Mapping[str, Question] | None = None
+    records: Sequence[dict],
+    config: CorrectionSection,
+    questions: Mapping[str, Question] | None = None,
+    rejected: Mapping | None = None,
 ) -> dict:
     wrong = len(records)
     corrected = sum(r["corrected"] for r in records)
@@ -340,6 +385,12 @@ def correction_statistics(
         # What a model that only guessed letters would have got accepted under the same rules: the part
         # of `corrected` that luck alone explains.
         expected = sum(guessing_acceptance(guess_probability(questions[r["question_id"]]), config) for r in records)
+        # A lower bound: it assumes independent uniform guesses (see `placebo_acceptance` for the measured figure).
         stats["expected_by_guessing"] = expected
         stats["guessing_share"] = expected / corrected if corrected else None
+        if rejected is not None:
+            placebo = placebo_acceptance(records, config, questions, rejected)
+            stats["placebo"] = placebo
+            # What chance explains, from the analytic lower bound to the placebo measured on these trajectories.
+            stats["chance_range"] = [min(expected, placebo["expected"]), max(expected, placebo["expected"])]
     return stats

@@ -35,14 +35,17 @@ def prompt_token_counter(generator):
     return count
 
 
-def accelerators(device: str) -> int:
-    """GPUs this process holds (0 on CPU): device-seconds are wall seconds times this, else CPU seconds."""
+def accelerators(device: str, used: int | None = None) -> int:
+    """GPUs the step's generation uses (0 on CPU): device-seconds are wall seconds times this, else CPU
+    seconds. `used`: how many it runs on (vLLM's tensor_parallel_size; 1 for transformers), never more
+    than are visible; without it, every visible GPU."""
     try:
         import torch
 
-        return torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+        visible = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
     except ImportError:
         return 0
+    return min(visible, used) if used is not None else visible
 
 
 @contextlib.contextmanager
@@ -75,6 +78,7 @@ def cost_statistics(
     gpus: int,
     teacher_price_per_million_tokens: float | None,
     device_hour_price: float | None,
+    currency: str = "USD",
 ) -> dict:
     """Tokens by who generated them and for what, seconds by phase, and all of it per accepted pair.
 
@@ -134,7 +138,14 @@ def cost_statistics(
             (teacher["prompt_tokens"] + teacher["completion_tokens"]) * (teacher_price_per_million_tokens or 0) / 1e6
         )
         device_money = device_seconds / 3600 * (device_hour_price or 0)
-        money = {"teacher": teacher_money, "device": device_money, "total": teacher_money + device_money}
+        money = {
+            "teacher": teacher_money,
+            "device": device_money,
+            "total": teacher_money + device_money,
+            # The user's prices times the counted tokens and seconds: an estimate, in the user's currency.
+            "currency": currency,
+            "estimate": True,
+        }
     stats["money"] = money
     accepted = len(pairs)
     from_corrections = sum(p.get("chosen_source") == "correction" for p in pairs)
@@ -154,19 +165,26 @@ def cost_statistics(
         return row
 
     stats["per_pair"] = per(accepted)
-    # The correction machinery's own cost (votes, rewrites, teacher) over the pairs it produced.
+    # The correction machinery's own cost (votes, rewrites, teacher) over the pairs it produced: the
+    # figure that compares a self arm with a teacher arm (their rollouts cost the same).
     correction_only = (
         phases["correction"].get("prompt_tokens", 0)
         + phases["correction"].get("completion_tokens", 0)
         + phases["rewrite"].get("prompt_tokens", 0)
         + phases["rewrite"].get("completion_tokens", 0)
     )
-    stats["per_correction_pair"] = (
-        {
+    correction_wall = sum(seconds.get(p, {}).get("wall_s", 0.0) for p in ("correction", "rewrite"))
+    correction_cpu = sum(seconds.get(p, {}).get("cpu_s", 0.0) for p in ("correction", "rewrite"))
+    correction_device = correction_wall * gpus if gpus else correction_cpu
+    per_correction = None
+    if from_corrections:
+        per_correction = {
             "student_tokens": correction_only / from_corrections,
             "teacher_tokens": (teacher["prompt_tokens"] + teacher["completion_tokens"]) / from_corrections,
+            "device_seconds": correction_device / from_corrections,
         }
-        if from_corrections
-        else None
-    )
+        if money:
+            correction_money = money["teacher"] + correction_device / 3600 * (device_hour_price or 0)
+            per_correction["money"] = correction_money / from_corrections
+    stats["per_correction_pair"] = per_correction
     return stats

@@ -4,8 +4,10 @@ trajectory of the same question.
 The prompt of a pair is the ORIGINAL mcq prompt (what the student sees at test time) and chosen is a
 standalone answer to it: the student's rewrite of a stable correction (see selfplay.correction),
 never the correction itself, which talks about an earlier attempt the prompt does not contain. DPO
-teaches the model to answer the question the right way first time. `pairs.level: answer` keeps only
-the final answer statements of both sides (the paper's answer-level ablation). Pairs are written in
+teaches the model to answer the question the right way first time. A chosen text whose reasoning
+concludes other letters than its final answer is never chosen (`reasoning_agrees`). `pairs.level:
+answer` (the paper's answer-level ablation) gives both sides the chosen reasoning and varies only the
+final answer statement (`answer_level`). Pairs are written in
 TRL's conversational preference format (prompt / chosen / rejected as chat messages) plus a few
 metadata columns TRL ignores.
 """
@@ -19,7 +21,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from medcritical.data.cmexam import Question
-from medcritical.grader import THINK_END, extract_answer_letters
+from medcritical.grader import THINK_END, THINK_START, extract_answer_letters
 from medcritical.prompts import mcq_messages
 from medcritical.selfplay.config import PairsSection
 from medcritical.selfplay.standalone import in_trained_format, refers_back
@@ -34,6 +36,31 @@ def answer_statement(text: str) -> str:
         return tail.strip()
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
+
+
+def reasoning_of(text: str) -> str:
+    """The reasoning of a trajectory: inside <think>…</think> ("" without a closed block)."""
+    head, sep, _ = text.rpartition(THINK_END)
+    return head.replace(THINK_START, "").strip() if sep else ""
+
+
+def reasoning_agrees(text: str, options: Mapping[str, str]) -> bool:
+    """False when the reasoning concludes letters (its last clear answer statement, read by the one grader)
+    other than the final answer's: such a chosen text would teach reasoning to one answer and stating
+    another. Reasoning that concludes no letter cannot be checked and passes."""
+    concluded = extract_answer_letters(reasoning_of(text), options)
+    return not concluded or concluded == extract_answer_letters(text, options)
+
+
+def answer_level(chosen: str, rejected: str) -> tuple[str, str]:
+    """An answer-level pair: the chosen reasoning on both sides, only the final answer statements differ.
+    The shared reasoning cancels in DPO's log-ratio, so the preference falls on the answer span alone,
+    and neither side teaches skipping the reasoning. Without a closed reasoning block: the answers alone."""
+    cut = chosen.rfind(THINK_END)
+    if cut < 0:
+        return answer_statement(chosen), answer_statement(rejected)
+    reasoning = chosen[: cut + len(THINK_END)]
+    return chosen, f"{reasoning}\n{answer_statement(rejected)}"
 
 
 def _whole(text: str) -> str:
@@ -69,12 +96,18 @@ def _pairs_for_question(
     standalone = [r for r in alone if in_trained_format(r["trajectory"])]
     drops["refers_back"] += len(correct) - len(alone)
     drops["chosen_format"] += len(alone) - len(standalone)
+    agreeing = [r for r in standalone if reasoning_agrees(r["trajectory"], question.options)]
+    drops["reasoning_disagrees"] += len(standalone) - len(agreeing)
+    standalone = agreeing
     pairs, seen = [], set()
     for n, rejected in enumerate(wrong):
         candidates = []
         correction = corrections.get(rejected["sample"])
         if correction and correction["corrected"]:
-            candidates.append(("correction", correction["chosen"], correction["chosen_tokens"]))
+            if reasoning_agrees(correction["chosen"], question.options):
+                candidates.append(("correction", correction["chosen"], correction["chosen_tokens"]))
+            else:
+                drops["reasoning_disagrees"] += 1
         if config.use_correct_samples and standalone:
             # Rotate so that different wrong trajectories are paired with different correct samples.
             shift = n % len(standalone)
@@ -93,7 +126,10 @@ def _pairs_for_question(
             drops["too_long"] += 1
             continue
         source, chosen, chosen_tokens = short_enough[0]
-        chosen, rejected_text = cut(chosen), cut(rejected["trajectory"])
+        if thought:
+            rejected_text = rejected["trajectory"]
+        else:
+            chosen, rejected_text = answer_level(chosen, rejected["trajectory"])
         key = (chosen.strip(), rejected_text.strip())
         if key in seen:
             drops["duplicate_pair"] += 1
@@ -197,6 +233,7 @@ def build_preference_pairs(
                 "too_long",
                 "duplicate_pair",
                 "over_cap",
+                "reasoning_disagrees",
             )
         },
         "wrong_trajectories": wrong,

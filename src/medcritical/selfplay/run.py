@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from medcritical.data.cmexam import Question
 from medcritical.diagnostics import diagnose_rollouts
-from medcritical.distill.teachers import build_teacher
+from medcritical.distill.teachers import TEACHER_ENV_PREFIX, build_teacher
 from medcritical.distill.traces import DistillPrompts
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import read_jsonl, write_jsonl
+from medcritical.llm_client import safe_url
+from medcritical.modeling import resolve_model
 from medcritical.modeling.config import GenerationSection
-from medcritical.modeling.generation import Generator, load_generator
+from medcritical.modeling.generation import Generator, generation_setup, load_generator
 from medcritical.prompts import load_prompt
 from medcritical.selfplay.config import SelfPlaySection
 from medcritical.selfplay.correction import SelfCorrector, TeacherCorrector, correct_trajectories, correction_statistics
@@ -48,15 +51,21 @@ def _check_questions(questions: Sequence[Question]) -> None:
 
 
 def _teacher_settings(distill) -> dict:
-    """What of the `distill` section a teacher's corrections depend on (never credentials)."""
-    keys = ("backend", "teacher_model", "temperature", "top_p", "max_new_tokens", "explanation_max_chars")
+    """What of the `distill` section a teacher's corrections depend on (never credentials): the endpoint's
+    model and address as resolved (a recipe may leave them to MEDCRITICAL_TEACHER_MODEL / _BASE_URL), a
+    local teacher's weights and dtype, and the prompts' language."""
+    keys = ("backend", "teacher_model", "temperature", "top_p", "max_new_tokens", "explanation_max_chars", "language")
     settings = {k: getattr(distill, k) for k in keys}
     if distill.backend == "openai":
+        base_url = distill.openai.base_url or os.environ.get(f"{TEACHER_ENV_PREFIX}_BASE_URL")
         settings["openai"] = {
-            "base_url": distill.openai.base_url,
-            "model": distill.openai.model,
+            "base_url": safe_url(base_url) if base_url else None,
+            "model": distill.openai.model or os.environ.get(f"{TEACHER_ENV_PREFIX}_MODEL"),
             "extra_body": distill.openai.extra_body,
         }
+    elif distill.backend in ("transformers", "vllm", "vllm-server") and distill.teacher_model:
+        settings["weights"] = model_fingerprint(resolve_model(distill.teacher_model))
+        settings["dtype"] = distill.local.dtype if distill.backend != "vllm-server" else distill.server.dtype
     return settings
 
 
@@ -112,6 +121,8 @@ def run_rollout(
             "corrector": config.corrector,
             "teacher": _teacher_settings(distill) if config.corrector == "teacher" else None,
             "seed": seed,
+            # The same seeds sample differently on another backend or dtype.
+            "generation": generation_setup(generation.backend, device, dtype),
         },
         outputs=[ROLLOUTS, CORRECTIONS, TIMINGS],
         restart=restart,
@@ -140,7 +151,10 @@ def run_rollout(
         "prompts": prompts,
         "corrector": corrector.description if corrector else {"corrector": config.corrector},
         "rollout": rollout_statistics(records, rollout.max_new_tokens),
-        "correction": correction_statistics(corrections, correction, by_id),
+        # The rejected answers, for the placebo: its stand-in gold is never the answer the corrector was shown.
+        "correction": correction_statistics(
+            corrections, correction, by_id, {(r["question_id"], r["sample"]): r["predicted"] for r in records}
+        ),
         "format": diagnose_rollouts(records, by_id, rollout.max_new_tokens),  # empty/truncated shares, answers given
     }
     stats["pairs"] = write_pairs(config, questions, records, corrections, output_dir, seed=seed)
@@ -153,9 +167,11 @@ def run_rollout(
         corrections,
         pairs,
         timings,
-        gpus=accelerators(device),
+        # The GPUs generation ran on, not every GPU the machine shows.
+        gpus=accelerators(device, generation.tensor_parallel_size if generation.backend == "vllm" else 1),
         teacher_price_per_million_tokens=price,
         device_hour_price=config.cost.device_hour_price,
+        currency=config.cost.currency,
     )
     (output_dir / STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     r, c = stats["rollout"], stats["correction"]

@@ -28,6 +28,7 @@ _MANIFEST.json (size and sha256 of every file, written last: marks the run done)
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -95,6 +96,28 @@ def read_pairs(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: row {number}: chosen and rejected must end with an assistant message")
         pairs.append({c: row[c] for c in PAIR_COLUMNS})
     return pairs
+
+
+def split_heldout(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """(selection, reporting): the held-out pairs in two halves by whole question (a question's pairs share
+    their prompt), chosen by a seeded hash. The checkpoint that is kept (restore_best) and the step training
+    stops at (early stopping) are picked on the selection half; the kept model's figures are measured on
+    the reporting half, which played no part in picking it. Fewer than two questions: no reporting half."""
+    groups: dict[str, list[dict]] = {}
+    for pair in pairs:
+        groups.setdefault(json.dumps(pair["prompt"], ensure_ascii=False, sort_keys=True), []).append(pair)
+    if len(groups) < 2:
+        return list(pairs), []
+    ranked = sorted(groups, key=lambda key: hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest())
+    selection_keys = set(ranked[: (len(ranked) + 1) // 2])
+    selection = [p for key in ranked if key in selection_keys for p in groups[key]]
+    reporting = [p for key in ranked if key not in selection_keys for p in groups[key]]
+    return selection, reporting
+
+
+def selects_on_heldout(config: DPOSection, heldout: bool) -> bool:
+    """Whether held-out pairs choose the model (restore_best) or the last step (early stopping)."""
+    return heldout and config.evaluations > 1 and (config.restore_best or bool(config.early_stopping_patience))
 
 
 def drop_too_long(pairs: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -178,22 +201,34 @@ def build_dpo_trainer(
     device: str = "cpu",
     dtype: str = "auto",
     callbacks: Sequence[Any] = (),
+    reporting_pairs: Sequence[dict] = (),
 ):
     """A TRL DPOTrainer for `policy` (the model in memory) with the right reference for the mode.
 
     `args` comes from `dpo_arguments`; under ZeRO-3 it must exist (and stay referenced) before the
-    policy is loaded, so the weights load partitioned, as `train_dpo` does.
+    policy is loaded, so the weights load partitioned, as `train_dpo` does. `heldout_pairs` are evaluated
+    during training; `reporting_pairs` (the reporting half, see `split_heldout`) are prepared with them
+    (tokenized, reference log-probs precomputed where the mode needs them: after training the reference
+    may be gone) and kept aside as `trainer.reporting_dataset` for one evaluation of the kept model.
     """
-    return DPOTrainer(
+    held = Dataset.from_list(heldout_pairs) if heldout_pairs else None
+    trainer = DPOTrainer(
         model=policy,
         ref_model=reference_model(config, policy, model_path, device, dtype),
         args=args,
         train_dataset=Dataset.from_list(train_pairs),
-        eval_dataset=Dataset.from_list(heldout_pairs) if heldout_pairs else None,
+        eval_dataset={"selection": held, "reporting": Dataset.from_list(list(reporting_pairs))}
+        if held is not None and reporting_pairs
+        else held,
         processing_class=tokenizer,
         peft_config=lora_config(config.lora),
         callbacks=list(callbacks),
     )
+    trainer.reporting_dataset = None
+    if isinstance(trainer.eval_dataset, dict):  # only the selection half is evaluated during training
+        trainer.reporting_dataset = trainer.eval_dataset["reporting"]
+        trainer.eval_dataset = trainer.eval_dataset["selection"]
+    return trainer
 
 
 def even_eval_batch_size(heldout_pairs: int, batch_size: int, world_size: int = 1) -> int:
@@ -273,6 +308,16 @@ def train_dpo(
     max_length = config.settings["max_length"]
     train_pairs, too_long = drop_too_long(train_pairs, tokenizer, max_length)
     heldout_pairs, heldout_too_long = drop_too_long(heldout_pairs, tokenizer, max_length)
+    # Pairs that pick the model never report its figures: a margin chosen as the best of 20 on the same
+    # pairs is biased upward (the demo reported 100% on the one pair it picked a checkpoint with).
+    reporting_pairs: list[dict] = []
+    if selects_on_heldout(config, bool(heldout_pairs)):
+        heldout_pairs, reporting_pairs = split_heldout(heldout_pairs, seed)
+        if not reporting_pairs:
+            log.warning(
+                "held-out pairs of a single question: the kept model is picked and reported on the same pairs "
+                "(biased); raise selfplay.pairs.heldout_fraction"
+            )
     if not train_pairs:
         raise PreTrainingCheckError(
             f"{pairs_path}: every pair is longer than selfplay.dpo.trainer.max_length={max_length} "
@@ -307,7 +352,8 @@ def train_dpo(
         deepspeed=deepspeed,
         heldout=bool(heldout_pairs),
         eval_on_start=not resume_from,
-        heldout_pairs=len(heldout_pairs),
+        # One batch size that splits both halves evenly (the reporting half is evaluated with it too).
+        heldout_pairs=math.gcd(len(heldout_pairs), len(reporting_pairs)),
     )
     policy = load_model_for_training(model_path, device, dtype)
     stop_on_token(policy, facts.end_of_turn_id)
@@ -331,6 +377,7 @@ def train_dpo(
         device=device,
         dtype=dtype,
         callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
+        reporting_pairs=reporting_pairs,
     )
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -346,6 +393,10 @@ def train_dpo(
             initial[MARGIN],
         )
     final = trainer.evaluate() if heldout_pairs else None
+    reported = None
+    if trainer.reporting_dataset is not None:  # the kept model on pairs that did not pick it
+        trainer.eval_dataset = trainer.reporting_dataset
+        reported = trainer.evaluate()
 
     saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
     training = summarize_training(trainer, throughput, wall_seconds=wall_seconds)
@@ -356,7 +407,8 @@ def train_dpo(
         "status": "trained",
         "model": str(saved.model_dir),
         "train_pairs": len(train_pairs),
-        "heldout_pairs": len(heldout_pairs),
+        "heldout_pairs": len(heldout_pairs) + len(reporting_pairs),
+        "reporting_pairs": len(reporting_pairs),  # of the held-out pairs, those kept apart from selection
         "dropped_too_long": too_long + heldout_too_long,
         "loss_type": "+".join(args.loss_type) if isinstance(args.loss_type, list) else args.loss_type,
         "beta": args.beta,
@@ -369,7 +421,12 @@ def train_dpo(
         "resumed_from": Path(resume_from).name if resume_from else None,
         "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
         "restored_best": restored_best,
-        "heldout": (heldout := _heldout_summary(history, initial, final)),
+        "heldout": (
+            heldout := _heldout_summary(
+                history, initial, final, reported, len(heldout_pairs), selects_on_heldout(config, bool(heldout_pairs))
+            )
+        ),
+        "kept": kept_model(config, trainer.state, restored_best, bool(heldout_pairs)),
         "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch)
         if heldout_pairs
         else None,
@@ -383,12 +440,15 @@ def train_dpo(
         write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
         held = metrics["heldout"] or {}
         log.info(
-            "DPO done: %d steps, loss %s -> %s; held-out reward accuracy %s, margin %s; model in %s",
+            "DPO done: %d steps, loss %s -> %s; kept %s (%s); held-out reward accuracy %s, margin %s, on %s; model in %s",
             metrics["steps"],
             short(metrics["loss_first"]),
             short(metrics["loss_last"]),
+            metrics["kept"]["model"],
+            metrics["kept"]["why"],
             short(held.get("reward_accuracy")),
             short(held.get("margin")),
+            held.get("measured_on"),
             saved.model_dir,
         )
     trainer.accelerator.wait_for_everyone()
@@ -403,7 +463,39 @@ def _skipped(output_dir: Path, model_path: Path, reason: str) -> dict:
     return metrics
 
 
-def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict | None) -> dict | None:
+def kept_model(config: DPOSection, state, restored_best: str | None, heldout: bool) -> dict:
+    """Which model DPO kept and why, and the training loss it had (loss_last may be a step it never reached)."""
+    losses = [(e["step"], e["loss"]) for e in state.log_history if "loss" in e and "step" in e]
+    if restored_best:
+        step = int(restored_best.rsplit("-", 1)[-1])
+        why = "restore_best: the best held-out margin on the selection half among the checkpoints"
+    else:
+        step = state.global_step
+        why = (
+            "early stopping on the selection half's margin, then the last step"
+            if state.global_step < state.max_steps
+            else "the last step (no selection" + ("" if heldout else ": no held-out pairs") + ")"
+        )
+    at_or_before = [loss for s, loss in losses if s <= step]
+    return {
+        "model": restored_best or f"last step ({step})",
+        "step": step,
+        "why": why,
+        "training_loss": at_or_before[-1] if at_or_before else None,
+    }
+
+
+def _heldout_summary(
+    log_history: list[dict],
+    initial: dict | None,
+    final: dict | None,
+    reported: dict | None = None,
+    selection_pairs: int = 0,
+    selected: bool = False,
+) -> dict | None:
+    """The kept model's held-out figures: on the reporting half when the selection half picked it
+    (`reported`), else on every held-out pair (nothing was picked on them). The history, best step and the
+    kept model's figures on the selection half stay apart under `selection`."""
     if final is None:
         return None
     by_step = {
@@ -413,10 +505,23 @@ def _heldout_summary(log_history: list[dict], initial: dict | None, final: dict 
     }
     history = list(by_step.values())
     best = max(history, key=lambda h: h["margin"], default=None)
+    shown = reported or final
     return {
-        "reward_accuracy": final[ACCURACY],
-        "margin": final[MARGIN],
-        "loss": final.get("eval_loss"),
+        "reward_accuracy": shown[ACCURACY],
+        "margin": shown[MARGIN],
+        "loss": shown.get("eval_loss"),
+        "measured_on": (
+            "the reporting half: held-out pairs not used to pick the model"
+            if reported
+            else "the pairs that picked the model (no reporting half: biased)"
+            if selected
+            else "every held-out pair (none picked the model)"
+        ),
+        "selection": {
+            "pairs": selection_pairs,
+            "reward_accuracy": final[ACCURACY],
+            "margin": final[MARGIN],
+        },
         "initial_margin": initial[MARGIN] if initial else None,
         "best_margin": best["margin"] if best else None,
         "best_step": best["step"] if best else None,

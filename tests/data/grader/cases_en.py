@@ -274,11 +274,11 @@ CASES = [
     (Q, "negation", "13", "E", A, "Answer: E\nAssuming the answer is A, the abdomen would be frog-shaped instead."),
     # ---- hedge --------------------------------------------------------------------------------------
     (Q, "hedge", "0", "", I, "The answer is C or D."),
-    (Q, "hedge", "0", "", I, "Answer: C/D"),
+    (Q, "letter-forms", "0", "CD", A, "Answer: C/D"),  # a slash lists; on this single-answer question, wrong
     (Q, "hedge", "3", "", I, "The answer is either A or B, depending on amylase."),
     (Q, "hedge", "4", "", I, "The correct answer is B or C."),
     (QWQ, "hedge", "7", "", I, "<think>\nTorn between B and E.\n</think>\n\n**Answer: B or E**"),
-    (Q, "hedge", "2567", "", I, "D/E"),
+    (Q, "bare-line", "2567", "DE", A, "D/E"),
     # hedge negatives
     (
         Q,
@@ -500,4 +500,16 @@ CASES = [
         A,
         "The most suitable temperature for cold storage of decoction pieces is 2–10 °C, so the answer is C.",
     ),
+    # ---- issue 24: slash-joined letters and option text alone -------------------------------------
+    (Q, "letter-forms", "5035", "CDE", A, "Answer: C/D/E"),
+    (
+        R1,
+        "letter-forms",
+        "2223",
+        "ABC",
+        A,
+        "<think>\nSulfate rises with sewage, runoff and industrial waste...\n</think>\n\n**Final Answer:** A/B/C",
+    ),
+    (Q, "option-text", "34", "C", A, "Most likely diagnosis: «C»"),
+    (H, "option-text", "24", "B", A, "## Thinking\n\nTransient ST elevation...\n\n## Final Response\n\nDiagnosis: «B»"),
 ]

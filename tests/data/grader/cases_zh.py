@@ -256,9 +256,9 @@ CASES = [
     # ---- hedges: ambiguous, graded wrong ------------------------------------------------------------
     (Q, "hedge", "0", "", I, "答案：C或D"),
     (Q, "hedge", "0", "", I, "答案是C或者D，需结合出血速度。"),
-    (Q, "hedge", "3", "", I, "答案：A/B"),
+    (Q, "hedge", "3", "", I, "答案：A或B"),
     (Q, "hedge", "3", "", I, "正确答案可能是A或B。"),
-    (Q, "hedge", "4", "", I, "B/C"),
+    (Q, "hedge", "4", "", I, "B或C"),
     (Q, "hedge", "4", "", I, "答案为B还是C，取决于是否有异物吸入史。"),
     (QWQ, "hedge", "7", "", I, "<think>\n在B和E之间犹豫……\n</think>\n\n答案：B或E"),
     (H, "hedge", "13", "", I, "## Thinking\n\n肠麻痹还是肝硬化？\n\n## Final Response\n\n最可能的是E或A，答案：E或A"),
@@ -434,7 +434,7 @@ CASES = [
     (Q, "postfix", "2223", "", E_, "A. «A»：正确。\nB. «B»：正确。\nC. «C»：正确。\nD. «D»：错误。\nE. «E»：错误。"),
     (Q, "explicit-wins", "0", "C", A, "答案：C\n\n选项分析：\nA. «A»：错误\nB. «B»：错误\nD. «D»：错误\nE. «E»：错误"),
     (Q, "explicit-wins", "574", "E", A, "答案：E\n\nB超\nCT\nMRI\n均不能定性。"),
-    (Q, "hedge", "4", "", I, "答案：B/C（需结合病史）"),
+    (Q, "hedge", "4", "", I, "答案：B或C（需结合病史）"),
     (Q, "bare-line", "0", "C", A, "答案\nC. «C»"),
     (Q, "option-text", "7", "B", A, "长期使用解热药或激素后，常出现的热型是«B»。"),
     (Q, "option-text", "7", "", E_, "长期使用解热药或激素后，可出现多种热型，如«B»、«E»等。"),
@@ -642,4 +642,26 @@ CASES = [
     (Q, "hedge", "5052", "", I, "答案：ACD/ACDE"),
     (Q, "option-text", "574", "", E_, "B超\nCT\nMRI\n\n均可显示肿物范围。"),
     (Q, "line-end", "0", "", E_, "答案如下：\n出血量大时多表现为呕血。"),
+    # ---- issue 24: slash-joined letters and option text alone, as real models write them -------------
+    # Qwen2.5 and DeepSeek list a multi-answer set with slashes; a slash lists, 或 hedges.
+    (Q, "letter-forms", "2223", "ABC", A, "答案：A/B/C\n\n硫酸盐骤增提示生活污水、农田径流或工业废水污染。"),
+    (Q, "letter-forms", "5035", "CDE", A, "正确答案：C/D/E"),
+    (R1, "letter-forms", "2567", "DE", A, "<think>\n历史性队列研究的方向仍是前瞻性的……\n</think>\n\n**答案：D/E**"),
+    (Q, "letter-forms", "24", "AB", A, "答案：A/B"),  # a slash list on a single-answer question: two letters, wrong
+    # Diagnosis questions: Qwen2.5 and HuatuoGPT-o1 name the disease under a heading, without a letter.
+    (Q, "option-text", "34", "C", A, "根据反复尿路刺激症状、白细胞管型及尿培养阳性，\n\n最可能的诊断：«C»"),
+    (Q, "option-text", "24", "B", A, "ST段一过性抬高，发作过后恢复正常。\n\n**诊断：«B»**"),
+    (
+        H,
+        "option-text",
+        "34",
+        "C",
+        A,
+        "## Thinking\n\n病程两年，反复发作……\n\n## Final Response\n\n初步诊断为：«C»，需与«A»鉴别。",
+    ),
+    (QWQ, "option-text", "34", "C", A, "<think>\n两年间断发作，不是急性……\n</think>\n\n结论：«C»。"),
+    (Q, "option-text", "34", "C", A, "综合以上病史及检查结果，考虑«C»可能性最大。"),
+    (Q, "option-text", "24", "B", A, "所以本题应该选«B»。"),
+    (Q, "option-text", "34", "", E_, "鉴别诊断：«A»、«E»。\n需进一步完善检查。"),
+    (Q, "option-text", "34", "", I, "最可能的诊断：«A»或«C»，需结合影像学。"),
 ]
