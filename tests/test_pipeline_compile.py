@@ -253,7 +253,7 @@ def test_an_api_teacher_gets_no_gpu_and_no_vllm_image(tmp_path):
     pipeline_doc, executors = _docs(COMPILED)  # the paper recipe: a QwQ-32B endpoint
     distill = pipeline_doc["deploymentSpec"]["executors"]["exec-distill"]["container"]
     assert distill["image"].startswith("medcritical-cpu:") and "accelerator" not in distill["resources"]
-    assert "emptyDirMounts" not in executors["exec-distill"]
+    assert "/dev/shm" not in json.dumps(executors["exec-distill"]["emptyDirMounts"])  # only its work folder
     local = load_recipe(PAPER_RECIPE, ["distill.backend=vllm", "distill.teacher_model=s3://m/models/QwQ-32B"])
     local_doc, _ = _docs(compile_pipeline(local, tmp_path / "local-teacher.yaml"))
     distill = local_doc["deploymentSpec"]["executors"]["exec-distill"]["container"]
@@ -303,7 +303,9 @@ def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, m
     listing = next(c for c in calls if c[1].endswith("/experiments") and c[0] == "GET")
     assert listing[2].get("namespace") == "team-alice"
     assert calls and all(c[3].get("authorization") == "Bearer secret-token" for c in calls)
-    with pytest.raises(FileNotFoundError, match="--token-file"):
+    from medcritical.pipeline_runner import PreflightError
+
+    with pytest.raises(PreflightError, match="--token-file"):
         submit_run(
             load_recipe(PAPER_RECIPE),
             "http://kfp.invalid",
@@ -376,12 +378,12 @@ def _driver_accelerator_count(pipeline_doc: dict, task_name: str, params: dict |
     count = executor["container"]["resources"]["accelerator"]["resourceCount"]
     match = re.fullmatch(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", count)
     assert match, f"{task_name}: the accelerator count {count!r} is not one whole placeholder"
-    declared = component["inputDefinitions"]["parameters"][match.group(1)]["parameterType"]
     pipeline_param = task["inputs"]["parameters"][match.group(1)]["componentInputParameter"]
     root = pipeline_doc["root"]["inputDefinitions"]["parameters"][pipeline_param]
     value = (params or {}).get(pipeline_param, root.get("defaultValue"))
-    # structpb: a STRING parameter arrives as a string value, anything else as a number (GetStringValue: "").
-    return value if declared == "STRING" and root["parameterType"] == "STRING" and isinstance(value, str) else ""
+    # The task input carries the pipeline parameter's value as it was given: a STRING parameter a string
+    # value, an integer one a number value, whose GetStringValue() is "".
+    return value if root["parameterType"] == "STRING" and isinstance(value, str) else ""
 
 
 def test_gpu_tasks_get_a_gpu_limit_from_string_parameters(tmp_path):
@@ -426,7 +428,8 @@ def test_endpoint_secrets_only_where_the_recipe_calls_an_endpoint(tmp_path):
     assert _endpoint_secrets(executors) == {"TEACHER": {"exec-distill"}}
     teacher_judge = load_recipe(PAPER_RECIPE, ["selfplay.corrector=teacher", "evaluate.protocol=judge-paper"])
     _, executors = _docs(compile_pipeline(teacher_judge, tmp_path / "tj.yaml", check=False))
-    assert _endpoint_secrets(executors) == {"TEACHER": {"exec-distill", "exec-rollout"}, "JUDGE": {"exec-evaluate"}}
+    evaluations = {"exec-evaluate", "exec-evaluate-2", "exec-evaluate-3"}
+    assert _endpoint_secrets(executors) == {"TEACHER": {"exec-distill", "exec-rollout"}, "JUDGE": evaluations}
     demo = load_recipe(REPO / "recipes" / "demo.yaml")  # CMExam's explanations, mcq: no endpoint at all
     _, executors = _docs(compile_pipeline(demo, tmp_path / "demo.yaml", check=False))
     assert _endpoint_secrets(executors) == {}

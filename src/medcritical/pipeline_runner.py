@@ -210,7 +210,7 @@ def check_params(pipeline_doc: dict, params: dict) -> dict:
                 f"--param accelerator_type={value!r}: an extended resource name such as nvidia.com/gpu"
             )
         elif name in ("run_root", "distill_uri") and (value or name == "run_root"):
-            if not (isinstance(value, str) and re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$)", value)):
+            if not (isinstance(value, str) and re.match(r"^s3://[a-z0-9][a-z0-9.-]{0,62}(/|$)", value)):
                 raise PreflightError(
                     f"--param {name}={value!r}: an s3://bucket/prefix URI (every task of a cluster run reads and "
                     "writes there; a local path would stay inside one pod)"
