@@ -16,10 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from medcritical import storage
+from medcritical import plan, storage
 from medcritical.errors import UserError
+from medcritical.kfp_runtime import resolve_recipe_text
 from medcritical.pipelines.medcritical_pipeline import ClusterSettings, build_pipeline, image_names
-from medcritical.recipe import Recipe
+from medcritical.plan import PlanError, pipeline_parameters, quantity
+from medcritical.recipe import Recipe, load_recipe_text
 from medcritical.report import REPORT
 from medcritical.staging import join_uri
 
@@ -148,8 +150,6 @@ def check_object_name(value: str, what: str) -> None:
 
 def check_cluster_settings(registry: str, shm_size: str, work_pvc: str) -> None:
     """--registry, --shm-size and --work-pvc as Kubernetes and the container runtime would take them."""
-    from medcritical.plan import PlanError, quantity
-
     if registry and not registry.endswith("/"):
         raise PreflightError(f"--registry {registry!r}: a prefix ending in '/', e.g. registry.example.com/ml/")
     for image in image_names(registry).values():
@@ -180,8 +180,6 @@ def check_params(pipeline_doc: dict, params: dict) -> dict:
     """The run's parameters checked against the compiled pipeline: known names, the declared types (GPU
     counts as the strings the pipeline declares), values Kubernetes and KFP accept. Returns them as the
     API server must receive them."""
-    from medcritical.plan import PlanError, pipeline_parameters, quantity
-
     declared = pipeline_parameters(pipeline_doc)
     checked = {}
     for name, value in params.items():
@@ -246,14 +244,9 @@ def preflight(
 ) -> None:
     """The plan's checks on the compiled pipeline `package` with the run's (checked) `params`: raise
     PreflightError naming each task, resource, need and fix when something will not fit."""
-    from medcritical import plan
-
     doc = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
     run_recipe = recipe
     if "recipe" in params or "overrides" in params or "base_model" in params:
-        from medcritical.kfp_runtime import resolve_recipe_text
-        from medcritical.recipe import load_recipe_text
-
         defaults = {name: p.get("defaultValue") for name, p in plan.pipeline_parameters(doc).items()}
         defaults.update(params)
         run_recipe = load_recipe_text(

@@ -18,6 +18,7 @@ import yaml
 
 from medcritical.errors import UserError
 from medcritical.recipe import TINY, Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
+from medcritical.runner import STAGES, keep_global_batch
 from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
 
 GiB = 1024**3
@@ -597,8 +598,6 @@ def given_from_trainjob(where: str, doc: dict) -> Given | None:
 def _global_batch_problems(need: Need, given: Given, recipe: Recipe) -> list[Problem]:
     """The runner divides the gradient accumulation by the world size (runner.keep_global_batch) or
     refuses the run: the same rule, checked before anything starts."""
-    from medcritical.runner import STAGES, keep_global_batch
-
     world = max(given.gpus, 1) * given.nodes
     try:
         keep_global_batch(STAGES[need.step], recipe, world)
