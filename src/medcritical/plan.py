@@ -205,12 +205,23 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
         activations = shape.num_layers * tokens * h * b + layer_bytes
     else:
         activations = shape.num_layers * layer_bytes
-    activations += 2 * tokens * shape.vocab_size * 4  # fp32 logits and their gradient
+    # The loss over the vocabulary: the logits in the compute dtype, their fp32 upcast, the log-softmax
+    # output (fp32) and its gradient (fp32): the largest tensors of a step at Qwen's 152k vocabulary.
+    activations += tokens * shape.vocab_size * (b + 3 * 4)
 
     reference = 0
     if step == "dpo" and not lora.enabled and not settings.get("precompute_ref_log_probs"):
         reference = b * psi / (world if stage == 3 else 1)  # a second frozen copy; LoRA disables the adapter
 
+    if not lora.enabled and b == 2 and stage in (2, 3):
+        # Full fine-tuning under ZeRO-2/3: DeepSpeed's own estimate of the model states, which also counts
+        # the fp32 gradient copy at the optimizer step (18 bytes per parameter over the ranks, not 16) and,
+        # at ZeRO-3, the largest layer gathered whole (4 bytes per parameter of it).
+        states = deepspeed_model_states(shape, stage, max(gpus, 1), nodes, offload)
+        weights, grads, optimizer_bytes = 0, 0, 0
+        need.parts["model states (DeepSpeed's estimate)"] = int(states)
+    else:
+        states = 0
     for name, value in (
         ("weights", weights),
         ("gradients", grads),
@@ -220,7 +231,7 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     ):
         if value:
             need.parts[name] = int(value)
-    need.gpu_memory = int(weights + grads + optimizer_bytes + activations + reference + PER_RANK_OVERHEAD)
+    need.gpu_memory = int(states + weights + grads + optimizer_bytes + activations + reference + PER_RANK_OVERHEAD)
 
     # Host: every rank of the node loads the weights on CPU first (ZeRO-3 loads them partitioned through
     # rank 0); saving gathers them on rank 0; a LoRA merge reloads the base on CPU.
@@ -246,6 +257,26 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
         f"{world} rank(s)"
     )
     return need
+
+
+def deepspeed_model_states(shape: ModelShape, stage: int, gpus_per_node: int, nodes: int, offload: bool) -> int:
+    """GPU bytes per rank of the model states under ZeRO-2/3, from DeepSpeed's memory estimators
+    (deepspeed.runtime.zero: estimate_zero{2,3}_model_states_mem_needs)."""
+    import logging  # deepspeed logs its accelerator choice on import; the plan's table is the output
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        largest_layer = max(shape.vocab_size * shape.hidden_size, shape.parameters // max(shape.num_layers, 1))
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+            shape.parameters, largest_layer, gpus_per_node, nodes, cpu_offload=offload, cpu_offload_params=False
+        )
+    else:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        _, gpu = estimate_zero2_model_states_mem_needs(shape.parameters, gpus_per_node, nodes, cpu_offload=offload)
+    return int(gpu)
 
 
 def generation_need(
