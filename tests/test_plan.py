@@ -103,8 +103,19 @@ def test_dpo_full_fine_tune_pays_for_the_reference_unless_precomputed():
 def test_vllm_needs_weights_and_one_sequence_within_its_memory_share():
     recipe = load_recipe(REPO / "recipes" / "paper-7b-lora.yaml")
     need = plan.plan_steps(recipe)["evaluate"]
-    kv = QWEN7B.kv_bytes_per_token() * (plan.PROMPT_TOKENS + recipe.generation.max_new_tokens)
+    # vLLM reserves KV cache for one sequence of its context: the recipe's generation.max_model_len.
+    kv = QWEN7B.kv_bytes_per_token() * recipe.generation.max_model_len
     assert need.gpu_memory == int((2 * QWEN7B.parameters + kv + plan.PER_RANK_OVERHEAD) / 0.85)
+    # Unset: the model's own context (32,768 tokens for Qwen2.5-7B), which vLLM takes by default.
+    full = plan.plan_steps(
+        recipe.model_copy(update={"generation": recipe.generation.model_copy(update={"max_model_len": None})})
+    )
+    assert full["evaluate"].gpu_memory == int(
+        (2 * QWEN7B.parameters + QWEN7B.kv_bytes_per_token() * 32_768 + plan.PER_RANK_OVERHEAD) / 0.85
+    )
+    short = recipe.generation.model_copy(update={"max_model_len": 1024})
+    with pytest.raises(plan.PlanError, match="generation.max_model_len 1024 is shorter"):
+        plan.plan_steps(recipe.model_copy(update={"generation": short}))
 
 
 @pytest.mark.parametrize(

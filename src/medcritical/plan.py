@@ -48,6 +48,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     tie_embeddings: bool = False
+    context: int = 32_768  # max_position_embeddings: vLLM's context unless generation.max_model_len is set
 
     @property
     def head_dim(self) -> int:
@@ -78,8 +79,8 @@ class ModelShape:
 
 # The paper's models, from their config.json on the Hugging Face hub (Qwen/Qwen2.5-7B-Instruct, Qwen/QwQ-32B).
 KNOWN_SHAPES = {
-    "Qwen2.5-7B-Instruct": ModelShape("Qwen2.5-7B-Instruct", 152_064, 3584, 18_944, 28, 28, 4),
-    "QwQ-32B": ModelShape("QwQ-32B", 152_064, 5120, 27_648, 64, 40, 8),
+    "Qwen2.5-7B-Instruct": ModelShape("Qwen2.5-7B-Instruct", 152_064, 3584, 18_944, 28, 28, 4, context=32_768),
+    "QwQ-32B": ModelShape("QwQ-32B", 152_064, 5120, 27_648, 64, 40, 8, context=40_960),
 }
 
 
@@ -94,6 +95,7 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
             num_heads=config["num_attention_heads"],
             num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            context=int(config.get("max_position_embeddings") or 32_768),
         )
     except KeyError as e:
         raise PlanError(f"{name}: config.json has no {e.args[0]!r}; is it a decoder-only (Qwen2/Llama) model?") from e
@@ -290,18 +292,28 @@ def generation_need(
     max_new_tokens: int,
     samples: int,
     backend: str,
+    max_model_len: int | None = None,
 ) -> Need:
-    """vLLM (or transformers) generation: weights over tensor_parallel GPUs plus the KV cache."""
+    """vLLM (or transformers) generation: weights over tensor_parallel GPUs plus the KV cache. vLLM reserves
+    room for one sequence of its context, `max_model_len` (None: the model's own context)."""
     need = Need(step, gpus)
     b = _dtype_bytes(recipe)
     weights_file = 2 * shape.parameters if b == 2 else 4 * shape.parameters
     sequence = PROMPT_TOKENS + max_new_tokens
+    if backend == "vllm":
+        context = max_model_len or shape.context
+        if context < sequence:
+            raise PlanError(
+                f"generation.max_model_len {context} is shorter than the {step} step's prompt and reply "
+                f"({PROMPT_TOKENS} + {max_new_tokens} tokens): vLLM would cut the replies; set it to at least {sequence}"
+            )
+        sequence = context
     kv_one = shape.kv_bytes_per_token(b) * sequence
     tp = max(tensor_parallel, 1)
     if backend == "vllm":
         # vLLM refuses to start unless weights + one max-length sequence's KV fit in utilization x memory.
         need.gpu_memory = int((b * shape.parameters / tp + kv_one / tp + PER_RANK_OVERHEAD) / utilization)
-        need.notes.append(f"vLLM tp={tp}, {utilization:.0%} of the GPU")
+        need.notes.append(f"vLLM tp={tp}, {utilization:.0%} of the GPU, context {sequence}")
     else:
         batch = recipe.generation.batch_size
         need.gpu_memory = int(b * shape.parameters + batch * kv_one + PER_RANK_OVERHEAD)
@@ -367,6 +379,7 @@ def plan_steps(
         max_new_tokens=rollout.max_new_tokens * 2,  # a correction sees the answer
         samples=rollout.samples_per_question + recipe.selfplay.correction.attempts,
         backend=gen.backend,
+        max_model_len=gen.max_model_len,
     )
     needs["dpo"] = training_need("dpo", recipe, shape, train, nodes)
     needs["evaluate"] = generation_need(
@@ -379,6 +392,7 @@ def plan_steps(
         max_new_tokens=gen.max_new_tokens,
         samples=1,
         backend=gen.backend,
+        max_model_len=gen.max_model_len,
     )
     if not on_gpu:
         for need in needs.values():
