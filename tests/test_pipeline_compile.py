@@ -255,7 +255,8 @@ def test_an_api_teacher_gets_no_gpu_and_no_vllm_image(tmp_path):
     assert distill["image"].startswith("medcritical-cpu:") and "accelerator" not in distill["resources"]
     assert "/dev/shm" not in json.dumps(executors["exec-distill"]["emptyDirMounts"])  # only its work folder
     local = load_recipe(PAPER_RECIPE, ["distill.backend=vllm", "distill.teacher_model=s3://m/models/QwQ-32B"])
-    local_doc, _ = _docs(compile_pipeline(local, tmp_path / "local-teacher.yaml"))
+    # (Sizing aside: QwQ-32B with its full 40,960-token context does not fit one 80 GB GPU; the plan says so.)
+    local_doc, _ = _docs(compile_pipeline(local, tmp_path / "local-teacher.yaml", check=False))
     distill = local_doc["deploymentSpec"]["executors"]["exec-distill"]["container"]
     assert distill["image"].startswith("medcritical-infer-cuda:") and "accelerator" in distill["resources"]
 

@@ -694,7 +694,10 @@ def check(need: Need, given: Given, gpu_memory: int, recipe: Recipe | None = Non
                 gib(need.gpu_memory),
                 gib(gpu_memory),
                 "more GPUs (ZeRO-3 shards weights, gradients and optimizer), LoRA, a shorter "
-                "max_length or a smaller per_device_train_batch_size",
+                "max_length or a smaller per_device_train_batch_size"
+                if step in ("sft", "dpo", "run")
+                else "a larger tensor_parallel_size (generation or distill.local) with as many GPUs, a shorter "
+                "generation.max_model_len, or a higher gpu_memory_utilization",
             )
         )
     if recipe is not None and step in ("sft", "dpo"):
