@@ -64,7 +64,7 @@ class RunSection(Section):
     # GPUs per training pod the recipe is written for: the default of the compiled pipeline's train_gpus
     # and of `medcritical plan --train-gpus`. The global batch does not depend on it (the runner divides
     # the gradient accumulation by the world size).
-    train_gpus: int = Field(1, ge=1, le=64)
+    train_gpus: int = Field(1, ge=1)
 
     @property
     def root(self) -> str:
