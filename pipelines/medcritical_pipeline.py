@@ -41,10 +41,15 @@ class ClusterSettings:
     shm_size: str = "16Gi"  # /dev/shm for NCCL and vLLM; the container default of 64 MB breaks both
     images: dict[str, str] = field(default_factory=image_names)
     # A PersistentVolumeClaim for every step's work folder (downloads, checkpoints, partial rollouts):
-    # a retried pod then resumes where the failed one stopped. "": a generic ephemeral volume per task,
-    # sized by the plan (lost on retry).
+    # a retried pod then resumes where the failed one stopped. "": a size-limited emptyDir per task,
+    # sized by the plan (lost on retry). Not a generic ephemeral volume: a fresh EBS/PD/Azure Disk/Ceph
+    # RBD volume is root:root 0755, the images run as UID 10001 and KFP cannot set the pod's fsGroup,
+    # so the first download would fail; an emptyDir is writable by any UID.
     work_pvc: str = ""
-    work_storage_class: str = ""  # the ephemeral work volumes' StorageClass; "": the cluster's default
+    # The student's / a local teacher's config.json when the model is in S3 and not of a shape the plan
+    # knows: the plan sizes every task from it (`medcritical compile --model-config`).
+    model_config: str | None = None
+    teacher_config: str | None = None
 
 
 WORK_MOUNT = "/medcritical-work"
@@ -66,22 +71,17 @@ def _round_gib(value: float, floor: int) -> int:
     return max(floor, 8 * -(-int(value // GiB + 1) // 8))
 
 
-def planned_resources(recipe_text: str, shm_size: str) -> dict:
-    """Memory per kind of task and the work volume of each step, from `medcritical plan` for this recipe."""
+def planned_resources(recipe_text: str, cluster: ClusterSettings) -> dict:
+    """Memory per kind of task and the work volume of each step, from `medcritical plan` for this recipe
+    (its training steps on the recipe's run.train_gpus GPUs). A model of unknown shape is refused (PlanError,
+    naming --model-config): sizing a 70B like the minimum would compile tasks that cannot run."""
     from medcritical.plan import plan_steps, quantity
     from medcritical.recipe import load_recipe_text
 
-    try:
-        needs = plan_steps(load_recipe_text(recipe_text))
-    except ValueError as e:  # a model of unknown shape in S3: the floors, and `medcritical plan` to check
-        import logging
-
-        logging.getLogger(__name__).warning("sizing the pipeline's tasks at their minimums: %s", e)
-        return {
-            "memory": {kind: f"{floor}Gi" for kind, floor in MIN_MEMORY.items()},
-            "work": {step: f"{floor}Gi" for step, floor in MIN_WORK.items()},
-        }
-    shm = quantity(shm_size)
+    needs = plan_steps(
+        load_recipe_text(recipe_text), model_config=cluster.model_config, teacher_config=cluster.teacher_config
+    )
+    shm = quantity(cluster.shm_size)
     memory = {
         "train": max(needs[s].host_memory for s in ("sft", "dpo")) + shm,
         "infer": max(needs[s].host_memory for s in ("distill", "rollout", "evaluate")) + shm,
@@ -117,6 +117,26 @@ def configure(
 API_TEACHERS = ("openai", "explanations")
 
 
+def secret_users(recipe) -> dict[tuple, set[str]]:
+    """The components that read the teacher's and the judge's endpoint Secrets under this recipe."""
+    teacher = set()
+    if recipe.distill.backend == "openai":
+        teacher.add("distill")
+        if recipe.selfplay.corrector == "teacher":  # the teacher-corrected arm calls it from the rollout
+            teacher.add("rollout")
+    judge = {"evaluate"} if recipe.evaluate.protocol.startswith("judge") else set()
+    return {TEACHER_SECRET_KEYS: teacher, JUDGE_SECRET_KEYS: judge}
+
+
+def default_gpus(recipe) -> dict[str, int]:
+    """The GPU parameters' defaults: the recipe's `run.train_gpus` for training (a recipe written for 8
+    GPUs says so), the tensor-parallel size of the generation (and of a teacher in the pod) for inference."""
+    infer = recipe.generation.tensor_parallel_size
+    if recipe.distill.backend in ("vllm", "transformers"):
+        infer = max(infer, recipe.distill.local.tensor_parallel_size)
+    return {"train": recipe.run.train_gpus, "infer": infer}
+
+
 # No `from __future__ import annotations` here: KFP reads the components' annotations as types.
 
 
@@ -134,8 +154,11 @@ def build_pipeline(
     from medcritical.recipe import load_recipe_text
 
     images = (cluster or ClusterSettings()).images
-    sized = planned_resources(recipe_text, cluster.shm_size) if cluster else {"memory": {}, "work": {}}
-    teacher_on_gpu = load_recipe_text(recipe_text).distill.backend not in API_TEACHERS
+    sized = planned_resources(recipe_text, cluster) if cluster else {"memory": {}, "work": {}}
+    parsed = load_recipe_text(recipe_text)
+    teacher_on_gpu = parsed.distill.backend not in API_TEACHERS
+    secrets = secret_users(parsed)
+    gpus = default_gpus(parsed)
     kinds = {func.__name__: _image_kind(func) for func in (prepare_data, distill, sft, rollout, dpo, evaluate, report)}
     if not teacher_on_gpu:
         kinds["distill"] = "cpu"  # an API teacher: no GPU, no vLLM image
@@ -157,12 +180,14 @@ def build_pipeline(
         base_model: str = "",
         teacher_base_url: str = "",
         teacher_model: str = "",
-        train_gpus: int = 1,
+        # GPU counts are strings: KFP's driver reads an accelerator count as a string value, and a number
+        # parameter gives "" (no nvidia.com/gpu limit at all). The plan checks they are whole numbers >= 0.
+        train_gpus: str = str(gpus["train"]),
         # Several nodes: the sft and dpo tasks create a Kubeflow Trainer TrainJob of train_nodes x node_gpus
         # GPUs and wait for it (pass train_gpus=0 then: the waiting task needs no GPU).
         train_nodes: int = 1,
         node_gpus: int = 8,
-        infer_gpus: int = 1,
+        infer_gpus: str = str(gpus["infer"]),
         accelerator_type: str = "nvidia.com/gpu",
         tolerations: list = [],
         node_selector: dict = {},
@@ -198,40 +223,32 @@ def build_pipeline(
             if cluster.work_pvc:
                 kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
             elif component in sized["work"]:
-                # Downloads, checkpoints and outputs on a volume of the planned size, not the node's root disk.
-                kubernetes.add_ephemeral_volume(
-                    task,
-                    volume_name="work",
-                    mount_path=WORK_MOUNT,
-                    access_modes=["ReadWriteOnce"],
-                    size=sized["work"][component],
-                    storage_class_name=cluster.work_storage_class or None,
+                # Downloads, checkpoints and outputs on an emptyDir of the planned size (writable by the
+                # images' UID whatever the node's disk; the kubelet evicts the pod past the limit).
+                kubernetes.empty_dir_mount(
+                    task, volume_name="work", mount_path=WORK_MOUNT, size_limit=sized["work"][component]
                 )
             if cluster.work_pvc or component in sized["work"]:
                 task.set_env_variable("MEDCRITICAL_WORKDIR", WORK_MOUNT)
             return task
 
-        def with_endpoint_secret(task, secret, keys):
-            if cluster is not None:
-                kubernetes.use_secret_as_env(
-                    task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True
-                )
-            return task
-
         def step(component: str, gpus=None, **inputs):
-            task = steps[component](recipe=resolved.output, run_root=root, **inputs)
+            task = steps[component](recipe=resolved.output, run_root=run_root, run_id=run_id, **inputs)
             task.set_display_name(inputs["name"])
-            if component in ("distill", "rollout"):  # rollout: the teacher-corrected arm (selfplay.corrector)
-                with_endpoint_secret(task, teacher_secret, TEACHER_SECRET_KEYS)
-            if component == "evaluate":
-                with_endpoint_secret(task, judge_secret, JUDGE_SECRET_KEYS)
+            if cluster is not None:
+                # Only the Secrets this recipe reads, and then required: `optional=True` is honoured only
+                # by KFP backends from 2.15.0 (older ones leave the pod in CreateContainerConfigError).
+                for secret, keys in ((teacher_secret, TEACHER_SECRET_KEYS), (judge_secret, JUDGE_SECRET_KEYS)):
+                    if component in secrets[keys]:
+                        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys})
             return on_cluster(task, gpus if kinds[component] != "cpu" else None, kinds[component], component)
 
-        # On a cluster every run writes under its own run id: a task's inputs (and so its cache key) then
-        # name the very outputs it reads, so a cached task can never pair one run's data with another's
-        # model, and two runs sharing run_root never overwrite each other. A cache hit happens only within
-        # a run (a retried run keeps its id). Locally run_root is the recipe's folder, as the docs show.
-        root = f"{run_root}/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}" if cluster is not None else run_root
+        # On a cluster every run writes under <run_root>/<run id>: a task's inputs (and so its cache key)
+        # then name the very outputs it reads, so a cached task can never pair one run's data with another's
+        # model, and two runs sharing run_root never overwrite each other. The run id is an input of its own
+        # whose whole value is KFP's placeholder (the driver substitutes it only as a whole value, not inside
+        # a longer string); the task joins the path (kfp_runtime.task_root). Locally: the recipe's folder.
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER if cluster is not None else ""
         resolved = on_cluster(
             configure_op(
                 recipe=recipe,

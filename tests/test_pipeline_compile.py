@@ -1,6 +1,7 @@
 """The compiled pipeline: drift from the source, strict parse, cluster settings, submission."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,21 +47,21 @@ def test_gpu_steps_get_shm_secret_and_gpu_parameters(tmp_path):
     pipeline_doc, platform_doc = docs
     executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     sft = next(v for k, v in executors.items() if k == "exec-sft")
-    assert sft["emptyDirMounts"] == [
-        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"}
+    assert {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"} in sft[
+        "emptyDirMounts"
     ]
     assert {e["envVar"] for s in sft["secretAsEnv"] for e in s["keyToEnv"]} == {
         "MEDCRITICAL_S3_ENDPOINT",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
     }
-    # The teacher's and the judge's endpoint settings come from optional Secrets, the API key never from the recipe.
+    # The paper recipe's API teacher reads its endpoint Secret (required: attached only because it is used);
+    # its self-corrected rollout and its mcq evaluation read neither the teacher's nor the judge's.
     distill_secrets = executors["exec-distill"]["secretAsEnv"]
     teacher = next(s for s in distill_secrets if "MEDCRITICAL_TEACHER_API_KEY" in json.dumps(s))
-    assert teacher["optional"] is True
-    # The teacher-corrected arm (selfplay.corrector: teacher) calls the same teacher from the rollout step.
-    assert "MEDCRITICAL_TEACHER_API_KEY" in json.dumps(executors["exec-rollout"]["secretAsEnv"])
-    assert "MEDCRITICAL_JUDGE_API_KEY" in json.dumps(executors["exec-evaluate"]["secretAsEnv"])
+    assert not teacher.get("optional")
+    assert "TEACHER" not in json.dumps(executors["exec-rollout"]["secretAsEnv"])
+    assert "JUDGE" not in json.dumps(executors["exec-evaluate"]["secretAsEnv"])
     images = {name: e["container"]["image"] for name, e in pipeline_doc["deploymentSpec"]["executors"].items()}
     assert images["exec-sft"] == "reg.example/ml/medcritical-train-cuda:0.1.0"
     assert images["exec-rollout"] == "reg.example/ml/medcritical-infer-cuda:0.1.0"
@@ -139,14 +140,14 @@ def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, mon
         "http://kfp.invalid",
         experiment="medcritical",
         run_name="paper-1",
-        params=["train_gpus=8", "run_root=s3://b/runs/paper"],
+        params=["train_gpus=8", "train_memory=200Gi", "run_root=s3://b/runs/paper"],
         client=client,
     )
     assert result.run_id == "run-42"
     method, url, _, _, body = next(c for c in calls if c[1].endswith("/runs"))
     assert method == "POST" and body["experiment_id"] == "exp-1" and body["display_name"] == "paper-1"
     params = body["runtime_config"]["parameters"]
-    assert params["train_gpus"] == 8 and params["run_root"] == "s3://b/runs/paper"
+    assert params["train_gpus"] == "8" and params["run_root"] == "s3://b/runs/paper"
     from medcritical.recipe import load_recipe_text  # the recipe travels as text and loads back the same
 
     assert load_recipe_text(params["recipe"]) == recipe
@@ -165,16 +166,42 @@ def _docs(path):
     return pipeline_doc, platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
+PLACEHOLDER = re.compile(r"\{\{\$[^{}]*\}\}")
+
+
+def _constants(node, path=""):
+    """Every runtimeValue constant of a compiled pipeline, with where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "runtimeValue" and isinstance(value, dict) and "constant" in value:
+                yield path, value["constant"]
+            else:
+                yield from _constants(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for k, value in enumerate(node):
+            yield from _constants(value, f"{path}[{k}]")
+
+
 def test_every_step_writes_under_its_own_run_id():
-    """KFP's cache key is the task's inputs: with the run id in run_root, a task of a new run never matches
-    an old run's (no cached SFT model beside new traces), and runs sharing run_root never overwrite each other."""
+    """KFP's cache key is the task's inputs: with the run id an input, a task of a new run never matches an
+    old run's (no cached SFT model beside new traces), and runs sharing run_root never overwrite each other.
+    KFP's driver substitutes a placeholder only when it is a parameter's whole value: the run id is its own
+    input, the path is joined in Python (kfp_runtime.task_root)."""
     pipeline_doc, _ = _docs(COMPILED)
     tasks = pipeline_doc["root"]["dag"]["tasks"]
     for name, task in tasks.items():
         if name == "configure":
             continue
-        run_root = task["inputs"]["parameters"]["run_root"]["runtimeValue"]["constant"]
-        assert run_root == "{{$.inputs.parameters['pipelinechannel--run_root']}}/{{$.pipeline_job_uuid}}", name
+        parameters = task["inputs"]["parameters"]
+        assert parameters["run_root"] == {"componentInputParameter": "run_root"}, name
+        assert parameters["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}, name
+    # No placeholder anywhere sits inside a longer string (the driver would pass it on literally).
+    embedded = [
+        (where, value)
+        for where, value in _constants(pipeline_doc)
+        if isinstance(value, str) and "{{$" in value and not PLACEHOLDER.fullmatch(value)
+    ]
+    assert embedded == []
     # Every later step takes its upstream output as an artifact (its metadata names the folder, under the
     # run id): the KFP UI's lineage shows which data trained which model.
     assert tasks["sft"]["inputs"]["artifacts"] == {
@@ -213,9 +240,11 @@ def test_every_task_has_requests_limits_timeout_and_retries():
         "train_memory"
         in pipeline_doc["deploymentSpec"]["executors"]["exec-sft"]["container"]["resources"]["resourceMemoryLimit"]
     )
-    # The work folder is on a volume of the planned size, not the node's root disk.
-    volume = executors["exec-sft"]["genericEphemeralVolume"][0]
-    assert volume["mountPath"] == "/medcritical-work" and volume["size"] == "400Gi"
+    # The work folder is a size-limited emptyDir of the planned size: writable by the images' UID 10001 (a
+    # fresh generic ephemeral volume is root:root 0755 on EBS/PD/Ceph, and KFP sets no fsGroup).
+    assert "genericEphemeralVolume" not in json.dumps(executors)
+    work = next(m for m in executors["exec-sft"]["emptyDirMounts"] if m["volumeName"] == "work")
+    assert work == {"mountPath": "/medcritical-work", "sizeLimit": "400Gi", "volumeName": "work"}
     env = pipeline_doc["deploymentSpec"]["executors"]["exec-sft"]["container"]["env"]
     assert {"name": "MEDCRITICAL_WORKDIR", "value": "/medcritical-work"} in env
 
@@ -224,9 +253,10 @@ def test_an_api_teacher_gets_no_gpu_and_no_vllm_image(tmp_path):
     pipeline_doc, executors = _docs(COMPILED)  # the paper recipe: a QwQ-32B endpoint
     distill = pipeline_doc["deploymentSpec"]["executors"]["exec-distill"]["container"]
     assert distill["image"].startswith("medcritical-cpu:") and "accelerator" not in distill["resources"]
-    assert "emptyDirMounts" not in executors["exec-distill"]
+    assert "/dev/shm" not in json.dumps(executors["exec-distill"]["emptyDirMounts"])  # only its work folder
     local = load_recipe(PAPER_RECIPE, ["distill.backend=vllm", "distill.teacher_model=s3://m/models/QwQ-32B"])
-    local_doc, _ = _docs(compile_pipeline(local, tmp_path / "local-teacher.yaml"))
+    # (Sizing aside: QwQ-32B with its full 40,960-token context does not fit one 80 GB GPU; the plan says so.)
+    local_doc, _ = _docs(compile_pipeline(local, tmp_path / "local-teacher.yaml", check=False))
     distill = local_doc["deploymentSpec"]["executors"]["exec-distill"]["container"]
     assert distill["image"].startswith("medcritical-infer-cuda:") and "accelerator" in distill["resources"]
 
@@ -274,7 +304,9 @@ def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, m
     listing = next(c for c in calls if c[1].endswith("/experiments") and c[0] == "GET")
     assert listing[2].get("namespace") == "team-alice"
     assert calls and all(c[3].get("authorization") == "Bearer secret-token" for c in calls)
-    with pytest.raises(FileNotFoundError, match="--token-file"):
+    from medcritical.pipeline_runner import PreflightError
+
+    with pytest.raises(PreflightError, match="--token-file"):
         submit_run(
             load_recipe(PAPER_RECIPE),
             "http://kfp.invalid",
@@ -285,12 +317,23 @@ def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, m
         )
 
 
-def test_a_model_of_unknown_shape_still_compiles_at_the_minimum_sizes(tmp_path):
-    """The plan cannot size a model it knows nothing of; compiling must not need its config.json."""
-    recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://b/models/Mystery-3B"])
-    pipeline_doc, executors = _docs(compile_pipeline(recipe, tmp_path / "p.yaml"))
-    assert executors["exec-sft"]["genericEphemeralVolume"][0]["size"] == "400Gi"
-    assert "train_memory" in json.dumps(pipeline_doc["root"]["inputDefinitions"])
+def test_a_model_of_unknown_shape_is_refused_without_its_config(tmp_path):
+    """The plan cannot size a model it knows nothing of (a 70B would get a 7B's memory): compiling asks for
+    its config.json, and sizes the tasks from it when given."""
+    from medcritical.plan import PlanError
+
+    recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://b/models/Mystery-70B"])
+    with pytest.raises(PlanError, match="--model-config"):
+        compile_pipeline(recipe, tmp_path / "p.yaml")
+    assert not (tmp_path / "p.yaml").exists()
+    config = tmp_path / "config.json"  # Llama-2-70B's shape
+    config.write_text(
+        '{"vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, '
+        '"num_attention_heads": 64, "num_key_value_heads": 8}'
+    )
+    pipeline_doc, _ = _docs(compile_pipeline(recipe, tmp_path / "p.yaml", model_config=str(config), check=False))
+    default = pipeline_doc["root"]["inputDefinitions"]["parameters"]["train_memory"]["defaultValue"]
+    assert int(default.removesuffix("Gi")) > 200  # a 70B's host memory, not the 64Gi floor
 
 
 def test_steps_exchange_typed_artifacts_for_the_lineage():
@@ -325,3 +368,127 @@ def test_steps_exchange_typed_artifacts_for_the_lineage():
     for name, component in pipeline_doc["components"].items():
         if name != "comp-configure":
             assert "parameters" not in component.get("outputDefinitions", {}), name
+
+
+def _driver_accelerator_count(pipeline_doc: dict, task_name: str, params: dict | None = None) -> str:
+    """The GPU count KFP's driver puts in a task's nvidia.com/gpu limit, read as the driver reads it
+    (backend/src/v2/driver: the resolved parameter's string value; a number gives "" and no limit)."""
+    task = pipeline_doc["root"]["dag"]["tasks"][task_name]
+    component = pipeline_doc["components"][task["componentRef"]["name"]]
+    executor = pipeline_doc["deploymentSpec"]["executors"][component["executorLabel"]]
+    count = executor["container"]["resources"]["accelerator"]["resourceCount"]
+    match = re.fullmatch(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", count)
+    assert match, f"{task_name}: the accelerator count {count!r} is not one whole placeholder"
+    pipeline_param = task["inputs"]["parameters"][match.group(1)]["componentInputParameter"]
+    root = pipeline_doc["root"]["inputDefinitions"]["parameters"][pipeline_param]
+    value = (params or {}).get(pipeline_param, root.get("defaultValue"))
+    # The task input carries the pipeline parameter's value as it was given: a STRING parameter a string
+    # value, an integer one a number value, whose GetStringValue() is "".
+    return value if root["parameterType"] == "STRING" and isinstance(value, str) else ""
+
+
+def test_gpu_tasks_get_a_gpu_limit_from_string_parameters(tmp_path):
+    """KFP's driver reads an accelerator count as a string: an int parameter gave "" and no nvidia.com/gpu
+    limit at all (pods on CPU nodes, or seeing every GPU of a node)."""
+    pipeline_doc, _ = _docs(COMPILED)
+    roots = pipeline_doc["root"]["inputDefinitions"]["parameters"]
+    assert roots["train_gpus"]["parameterType"] == roots["infer_gpus"]["parameterType"] == "STRING"
+    for task in ("sft", "dpo", "rollout", "evaluate", "evaluate-2", "evaluate-3"):
+        assert _driver_accelerator_count(pipeline_doc, task) == "1", task
+    assert _driver_accelerator_count(pipeline_doc, "sft", {"train_gpus": "8"}) == "8"
+    # A recipe written for 8 GPUs (run.train_gpus) compiles with train_gpus 8 by default.
+    eight, _ = _docs(compile_to(tmp_path, REPO / "recipes" / "full-zero3-8gpu.yaml"))
+    assert _driver_accelerator_count(eight, "sft") == "8"
+
+
+def test_task_root_joins_the_run_id_in_python():
+    from medcritical.kfp_runtime import task_root
+
+    assert task_root("s3://b/runs/paper", "8f1c-42") == "s3://b/runs/paper/8f1c-42"
+    assert task_root("runs/demo", "") == "runs/demo"  # local runs: no run id
+    with pytest.raises(ValueError, match="unresolved KFP placeholder"):
+        task_root("s3://b/runs/paper", "{{$.pipeline_job_uuid}}")
+
+
+def _endpoint_secrets(executors: dict) -> dict[str, set[str]]:
+    found = {}
+    for name, executor in executors.items():
+        for secret in executor.get("secretAsEnv") or []:
+            keys = json.dumps(secret)
+            for kind in ("TEACHER", "JUDGE"):
+                if f"MEDCRITICAL_{kind}_API_KEY" in keys:
+                    assert not secret.get("optional"), (name, "optional Secrets need KFP 2.15")
+                    found.setdefault(kind, set()).add(name)
+    return found
+
+
+def test_endpoint_secrets_only_where_the_recipe_calls_an_endpoint(tmp_path):
+    """Secrets are attached only to the tasks that read them, and then required: `optional: true` is honoured
+    only from KFP 2.15.0, so on older backends an absent optional Secret left the pod waiting."""
+    _, executors = _docs(COMPILED)  # API teacher, self-correction, mcq
+    assert _endpoint_secrets(executors) == {"TEACHER": {"exec-distill"}}
+    teacher_judge = load_recipe(PAPER_RECIPE, ["selfplay.corrector=teacher", "evaluate.protocol=judge-paper"])
+    _, executors = _docs(compile_pipeline(teacher_judge, tmp_path / "tj.yaml", check=False))
+    evaluations = {"exec-evaluate", "exec-evaluate-2", "exec-evaluate-3"}
+    assert _endpoint_secrets(executors) == {"TEACHER": {"exec-distill", "exec-rollout"}, "JUDGE": evaluations}
+    demo = load_recipe(REPO / "recipes" / "demo.yaml")  # CMExam's explanations, mcq: no endpoint at all
+    _, executors = _docs(compile_pipeline(demo, tmp_path / "demo.yaml", check=False))
+    assert _endpoint_secrets(executors) == {}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (["train_gpu=8"], "--param train_gpu: the pipeline has no such parameter"),
+        (["train_gpus=-1"], "--param train_gpus=-1: a whole number of at least 0"),
+        (["infer_gpus=two"], "--param infer_gpus='two': a whole number"),
+        (["train_nodes=0"], "--param train_nodes=0: a whole number of at least 1"),
+        (["train_memory=lots"], "--param train_memory='lots': a Kubernetes memory quantity"),
+        (["s3_secret=My_Secret"], "--param s3_secret 'My_Secret' is not a Kubernetes object name"),
+        (["run_root=s3:/bucket/x"], "--param run_root='s3:/bucket/x': an s3://bucket/prefix URI"),
+        (["accelerator_type=gpu"], "--param accelerator_type='gpu': an extended resource name"),
+        (["tolerations={key: x}"], "--param tolerations={'key': 'x'}: a YAML list"),
+    ],
+)
+def test_submit_refuses_parameters_kubernetes_or_kfp_would_refuse(monkeypatch, params, message):
+    from medcritical.pipeline_runner import PreflightError
+
+    calls = _record_kfp_api(monkeypatch, "never")
+    with pytest.raises(PreflightError) as error:
+        submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="e", run_name="r", params=params)
+    assert message in str(error.value)
+    assert calls == []  # nothing reached the server
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"registry": "Registry.Example.com/ML/"}, "which no container runtime accepts"),
+        ({"registry": "registry.example.com/ml"}, "a prefix ending in '/'"),
+        ({"work_pvc": "Work_Claim"}, "--work-pvc 'Work_Claim' is not a Kubernetes object name"),
+        ({"shm_size": "lots"}, "--shm-size 'lots': a Kubernetes quantity"),
+    ],
+)
+def test_compile_refuses_settings_kubernetes_would_refuse(tmp_path, option, message):
+    from medcritical.pipeline_runner import PreflightError
+
+    with pytest.raises(PreflightError, match=re.escape(message)):
+        compile_to(tmp_path, **option)
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_submit_runs_the_plan_and_refuses_a_run_that_does_not_fit(monkeypatch, capsys):
+    """LoRA on 8 GPUs: eight ranks load the base in host memory; the default train_memory is too small.
+    Exit 2, the fix named, nothing sent; with the named memory the run goes through."""
+    from medcritical.cli import main
+
+    calls = _record_kfp_api(monkeypatch, "run-8")
+    argv = ["submit", "--host", "http://kfp.invalid", "--recipe", str(PAPER_RECIPE), "--param", "train_gpus=8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pipeline task sft" in err and "fix: --param train_memory=" in err
+    assert calls == []
+    memory = re.search(r"fix: --param train_memory=(\d+Gi)", err).group(1)
+    assert main([*argv, "--param", f"train_memory={memory}"]) == 0, capsys.readouterr().err
+    body = next(c for c in calls if c[1].endswith("/runs"))[4]
+    assert body["runtime_config"]["parameters"]["train_gpus"] == "8"  # the string the pipeline declares

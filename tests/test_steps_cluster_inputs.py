@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from medcritical import kfp_runtime, storage
+from medcritical import storage
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.recipe import RecipeError, load_recipe
-from medcritical.runner import local_inputs, run_stage
+from medcritical.runner import keep_global_batch, local_inputs, run_stage
 from medcritical.selfplay.stage import DPO
 from medcritical.training.stage import SFT
 
@@ -73,14 +73,13 @@ def test_several_gpus_keep_the_recipes_global_batch():
     recipe = load_recipe(
         None, ["sft.trainer.per_device_train_batch_size=1", "sft.trainer.gradient_accumulation_steps=16"]
     )
-    eight = kfp_runtime.keep_global_batch(SFT, recipe, 8)
+    eight = keep_global_batch(SFT, recipe, 8)
     assert eight.sft.settings["gradient_accumulation_steps"] == 2
-    dpo = kfp_runtime.keep_global_batch(
-        DPO, load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4
-    )
+    dpo = keep_global_batch(DPO, load_recipe(None, ["selfplay.dpo.trainer.gradient_accumulation_steps=16"]), 4)
     assert dpo.selfplay.dpo.settings["gradient_accumulation_steps"] == 4
-    with pytest.raises(RecipeError, match="not a multiple of the 3 GPUs"):
-        kfp_runtime.keep_global_batch(SFT, recipe, 3)
+    with pytest.raises(RecipeError, match="not a multiple of the 3 data-parallel ranks"):
+        keep_global_batch(SFT, recipe, 3)
+    assert keep_global_batch(SFT, recipe, 1) is recipe  # a single process trains the recipe as written
 
 
 def test_the_report_reads_a_training_stage_statistics_without_downloading_its_model(s3_env, tmp_path, monkeypatch):

@@ -17,19 +17,20 @@ def dpo(
     node_gpus: int = 8,
     trainjob_image: str = "",
     s3_secret: str = "medcritical-s3",
+    run_id: str = "",
 ):
     """DPO on the self-play pairs, starting from (and referenced to) the current model.
 
-    `model` stands for its output folder, `<run_root>/<name>`. With `train_nodes` > 1 the step runs as a
+    `model` stands for its output folder, `<run_root>/<run_id>/<name>`. With `train_nodes` > 1 the step runs as a
     Kubeflow Trainer TrainJob on that many nodes of `node_gpus` GPUs, which this task creates and awaits.
     """
-    from medcritical.kfp_runtime import location_of, record_location
+    from medcritical.kfp_runtime import location_of, record_location, task_root
     from medcritical.trainjob import run_training_step
 
     output_uri = run_training_step(
         "dpo",
         recipe,
-        run_root,
+        task_root(run_root, run_id),
         name,
         metrics,
         nodes=train_nodes,

@@ -13,18 +13,19 @@ def evaluate(
     label: str,
     metrics: dsl.Output[dsl.Metrics],
     model: dsl.Input[dsl.Model] = None,
+    run_id: str = "",
 ):
     """CMExam accuracy of one model under the recipe's protocol (mcq, judge-paper or judge-rubric), labelled.
 
     Without `model` it evaluates the recipe's `model.base`. `metrics` holds the accuracy and stands for its
-    output folder, `<run_root>/<name>`, which the report reads.
+    output folder, `<run_root>/<run_id>/<name>`, which the report reads.
     """
-    from medcritical.kfp_runtime import location_of, record_location, run_component_step
+    from medcritical.kfp_runtime import location_of, record_location, run_component_step, task_root
 
     output_uri = run_component_step(
         "evaluate",
         recipe,
-        run_root,
+        task_root(run_root, run_id),
         name,
         metrics,
         data=location_of(data),

@@ -14,17 +14,18 @@ def report(
     dpo_eval: dsl.Input[dsl.Metrics],
     metrics: dsl.Output[dsl.Metrics],
     summary: dsl.Output[dsl.Markdown],
+    run_id: str = "",
 ):
     """The base, SFT and DPO models' CMExam accuracy side by side, per-step statistics and a plot.
 
-    `summary` is the report as Markdown and stands for its output folder, `<run_root>/<name>`.
+    `summary` is the report as Markdown and stands for its output folder, `<run_root>/<run_id>/<name>`.
     """
-    from medcritical.kfp_runtime import location_of, record_location, run_component_step
+    from medcritical.kfp_runtime import location_of, record_location, run_component_step, task_root
 
     output_uri = run_component_step(
         "report",
         recipe,
-        run_root,
+        task_root(run_root, run_id),
         name,
         metrics,
         markdown=summary,

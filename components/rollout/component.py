@@ -13,14 +13,15 @@ def rollout(
     model: dsl.Input[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     pairs: dsl.Output[dsl.Dataset],
+    run_id: str = "",
 ):
     """Self-play: k answers per training question, self-correction of the wrong ones, preference pairs.
 
-    `pairs` stands for its output folder, `<run_root>/<name>`.
+    `pairs` stands for its output folder, `<run_root>/<run_id>/<name>`.
     """
-    from medcritical.kfp_runtime import location_of, record_location, run_component_step
+    from medcritical.kfp_runtime import location_of, record_location, run_component_step, task_root
 
     output_uri = run_component_step(
-        "rollout", recipe, run_root, name, metrics, data=location_of(data), model=location_of(model)
+        "rollout", recipe, task_root(run_root, run_id), name, metrics, data=location_of(data), model=location_of(model)
     )
     record_location(pairs, output_uri)

@@ -16,10 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
-from medcritical.runner import STAGES, recipe_value, run_stage, stage_command, with_recipe_value
+from medcritical.runner import STAGES, run_stage, stage_command
 from medcritical.stage import Stage
 from medcritical.staging import input_file, join_uri, local_output_path
 
@@ -64,6 +62,8 @@ def uses_every_gpu(stage: Stage) -> bool:
 
 
 def visible_gpus() -> int:
+    import torch  # lazy: the configure step and `medcritical submit` need no torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -73,36 +73,8 @@ def data_parallel_command(stage: Stage, recipe_path: str, output_uri: str, input
     return torchrun + stage_command(stage, recipe_path, output_uri, inputs)
 
 
-def keep_global_batch(stage: Stage, recipe: Recipe, gpus: int) -> Recipe:
-    """The recipe for `gpus` data-parallel ranks with the global batch it gives on one GPU: the gradient
-    accumulation is divided by the number of GPUs, or the run is refused (it would change the method)."""
-    key = f"{stage.section}.trainer"
-    section = recipe_value(recipe, stage.section)
-    settings = section.settings
-    accumulation = settings.get("gradient_accumulation_steps", 1)
-    batch = settings["per_device_train_batch_size"] * accumulation
-    if accumulation % gpus:
-        raise RecipeError(
-            f"{key}.gradient_accumulation_steps is {accumulation}, not a multiple of the {gpus} GPUs: the global "
-            f"batch (per_device_train_batch_size x accumulation x GPUs) would not be the recipe's {batch}. Recipes "
-            f"give the batch of one GPU: set {key}.gradient_accumulation_steps to a multiple of {gpus}, or run on "
-            "a number of GPUs that divides it"
-        )
-    log.info(
-        "%s on %d GPUs: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d",
-        stage.name,
-        gpus,
-        key,
-        accumulation,
-        accumulation // gpus,
-        batch,
-    )
-    trainer = section.trainer | {"gradient_accumulation_steps": accumulation // gpus}
-    return with_recipe_value(recipe, stage.section, section.model_copy(update={"trainer": trainer}))
-
-
 def run_data_parallel(stage: Stage, recipe: Recipe, output_uri: str, inputs: dict, gpus: int) -> dict:
-    recipe = keep_global_batch(stage, recipe, gpus)
+    """The stage under torchrun on this pod's `gpus`; each rank's runner keeps the recipe's global batch."""
     with tempfile.TemporaryDirectory() as tmp:
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(dump_recipe(recipe), encoding="utf-8")
@@ -141,6 +113,18 @@ def numeric_metrics(result: dict, prefix: str = "") -> dict[str, float]:
     return numbers
 
 
+def task_root(run_root: str, run_id: str) -> str:
+    """The folder a pipeline task writes under: `<run_root>/<run_id>` on a cluster, where `run_id` is KFP's
+    run id (an input of its own: the driver substitutes the placeholder only as a parameter's whole value);
+    `run_root` itself in a local run (no run id)."""
+    if "{{" in run_id:
+        raise ValueError(
+            f"run_id {run_id!r} is an unresolved KFP placeholder: this KFP backend did not substitute it; "
+            "run the pipeline on a KFP backend of 2.5.0 or later"
+        )
+    return join_uri(run_root, run_id) if run_id else run_root
+
+
 def task_recipe(recipe_yaml: str, run_root: str) -> Recipe:
     """The recipe a pipeline task runs with: logging set up for the task, and the pipeline's run_root
     parameter in place of the recipe's run.output_dir (the report reads the stages' statistics there)."""
@@ -160,6 +144,8 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
     output URI. `inputs` are the stage's declared inputs (URIs) and options."""
     recipe = task_recipe(recipe_yaml, run_root)
     if recipe.run.threads:  # each step is its own process: apply the recipe's CPU thread count here too
+        import torch
+
         torch.set_num_threads(recipe.run.threads)
     output_uri = join_uri(run_root, name)
     log.info("step %s -> %s", name, output_uri)

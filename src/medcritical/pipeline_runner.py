@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -15,9 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from medcritical import storage
+from medcritical import plan, storage
+from medcritical.errors import UserError
+from medcritical.kfp_runtime import resolve_recipe_text
 from medcritical.pipelines.medcritical_pipeline import ClusterSettings, build_pipeline, image_names
-from medcritical.recipe import Recipe
+from medcritical.plan import PlanError, pipeline_parameters, quantity
+from medcritical.recipe import Recipe, load_recipe_text
 from medcritical.report import REPORT
 from medcritical.staging import join_uri
 
@@ -118,6 +122,158 @@ class ConsoleEcho(io.TextIOBase):
             print(f"         {prefix}{match['message']}", file=self.console, flush=True)
 
 
+class PreflightError(UserError, ValueError):
+    """A pipeline parameter or cluster setting Kubernetes or KFP would refuse, or a run the plan says
+    will not fit."""
+
+
+# Kubernetes object names (Secrets, claims): RFC 1123 DNS subdomains.
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# An extended resource name such as nvidia.com/gpu: a DNS subdomain prefix and a name.
+_RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+# An image reference as the container runtimes parse it (distribution/reference): an optional registry
+# host[:port], lower-case path components, a tag.
+_IMAGE = re.compile(
+    r"^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
+    r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r":[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+)
+
+
+def check_object_name(value: str, what: str) -> None:
+    if not (0 < len(value) <= 253 and _DNS_SUBDOMAIN.match(value)):
+        raise PreflightError(
+            f"{what} {value!r} is not a Kubernetes object name: lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit, at most 253 characters"
+        )
+
+
+def check_cluster_settings(registry: str, shm_size: str, work_pvc: str) -> None:
+    """--registry, --shm-size and --work-pvc as Kubernetes and the container runtime would take them."""
+    if registry and not registry.endswith("/"):
+        raise PreflightError(f"--registry {registry!r}: a prefix ending in '/', e.g. registry.example.com/ml/")
+    for image in image_names(registry).values():
+        if not _IMAGE.match(image):
+            raise PreflightError(
+                f"--registry {registry!r} gives the image name {image!r}, which no container runtime accepts: "
+                "a registry host (optionally :port) and lower-case path parts, e.g. registry.example.com/ml/"
+            )
+    try:
+        if quantity(shm_size) <= 0:
+            raise PlanError("zero")
+    except PlanError:
+        raise PreflightError(f"--shm-size {shm_size!r}: a Kubernetes quantity above 0, e.g. 16Gi") from None
+    if work_pvc:
+        check_object_name(work_pvc, "--work-pvc")
+
+
+def _count(name: str, value, minimum: int) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < minimum:
+        raise PreflightError(
+            f"--param {name}={value!r}: a whole number of at least {minimum}, e.g. {name}={minimum + 1}"
+        )
+    return int(text)
+
+
+def check_params(pipeline_doc: dict, params: dict) -> dict:
+    """The run's parameters checked against the compiled pipeline: known names, the declared types (GPU
+    counts as the strings the pipeline declares), values Kubernetes and KFP accept. Returns them as the
+    API server must receive them."""
+    declared = pipeline_parameters(pipeline_doc)
+    checked = {}
+    for name, value in params.items():
+        if name not in declared:
+            raise PreflightError(
+                f"--param {name}: the pipeline has no such parameter; it has {', '.join(sorted(declared))}"
+            )
+        kind = declared[name]["parameterType"]
+        if name in ("train_gpus", "infer_gpus"):
+            value = str(_count(name, value, 0))
+        elif name in ("train_nodes", "node_gpus"):
+            value = _count(name, value, 1)
+        elif name in ("train_memory", "infer_memory"):
+            try:
+                if quantity(value) < 1024**3:
+                    raise PlanError("too small")
+            except PlanError:
+                raise PreflightError(
+                    f"--param {name}={value!r}: a Kubernetes memory quantity of at least 1Gi, e.g. {name}=160Gi"
+                ) from None
+            value = str(value)
+        elif name in ("s3_secret", "teacher_secret", "judge_secret"):
+            check_object_name(str(value), f"--param {name}")
+        elif name == "accelerator_type" and not _RESOURCE_NAME.match(str(value)):
+            raise PreflightError(
+                f"--param accelerator_type={value!r}: an extended resource name such as nvidia.com/gpu"
+            )
+        elif name in ("run_root", "distill_uri") and (value or name == "run_root"):
+            if not (isinstance(value, str) and re.match(r"^s3://[a-z0-9][a-z0-9.-]{0,62}(/|$)", value)):
+                raise PreflightError(
+                    f"--param {name}={value!r}: an s3://bucket/prefix URI (every task of a cluster run reads and "
+                    "writes there; a local path would stay inside one pod)"
+                )
+        elif kind == "STRING" and not isinstance(value, str):
+            value = str(value)
+        elif kind == "NUMBER_INTEGER" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise PreflightError(f"--param {name}={value!r}: a whole number")
+        elif kind == "BOOLEAN" and not isinstance(value, bool):
+            raise PreflightError(f"--param {name}={value!r}: true or false")
+        elif kind == "LIST" and not isinstance(value, list):
+            raise PreflightError(f"--param {name}={value!r}: a YAML list, e.g. {name}='[...]'")
+        elif kind == "STRUCT" and not isinstance(value, dict):
+            raise PreflightError(f"--param {name}={value!r}: a YAML mapping, e.g. {name}='{{key: value}}'")
+        if name == "tolerations" and not all(isinstance(t, dict) for t in value):
+            raise PreflightError(
+                f"--param tolerations={value!r}: a list of tolerations, e.g. '[{{key: k, operator: Exists}}]'"
+            )
+        if name == "node_selector" and not all(isinstance(v, str) for v in value.values()):
+            raise PreflightError(f"--param node_selector={value!r}: label values are strings; quote numbers")
+        checked[name] = value
+    return checked
+
+
+def preflight(
+    recipe: Recipe,
+    package: Path,
+    params: dict,
+    *,
+    gpu_memory: str = "80Gi",
+    model_config: str | None = None,
+    teacher_config: str | None = None,
+) -> None:
+    """The plan's checks on the compiled pipeline `package` with the run's (checked) `params`: raise
+    PreflightError naming each task, resource, need and fix when something will not fit."""
+    doc = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+    run_recipe = recipe
+    if "recipe" in params or "overrides" in params or "base_model" in params:
+        defaults = {name: p.get("defaultValue") for name, p in plan.pipeline_parameters(doc).items()}
+        defaults.update(params)
+        run_recipe = load_recipe_text(
+            resolve_recipe_text(
+                defaults["recipe"],
+                recipe.selfplay.rounds,
+                defaults.get("overrides") or [],
+                defaults.get("base_model") or "",
+                defaults.get("teacher_base_url") or "",
+                defaults.get("teacher_model") or "",
+            )
+        )
+    verdicts = plan.check_manifests(
+        run_recipe,
+        plan.given_from_pipeline(package, params),
+        gpu_memory=plan.quantity(gpu_memory),
+        model_config=model_config,
+        teacher_config=teacher_config,
+    )
+    problems = [p for v in verdicts for p in v.problems]
+    if problems:
+        raise PreflightError(
+            "this run does not fit its recipe (`medcritical plan --recipe ...` shows every step's needs):\n  "
+            + "\n  ".join(str(p) for p in problems)
+        )
+
+
 def compile_pipeline(
     recipe: Recipe,
     output: str | Path,
@@ -126,14 +282,39 @@ def compile_pipeline(
     shm_size: str = "16Gi",
     cache_teacher: bool = False,
     work_pvc: str = "",
+    model_config: str | None = None,
+    teacher_config: str | None = None,
+    gpu_memory: str = "80Gi",
+    check: bool = True,
 ) -> Path:
-    """Compile the cluster pipeline (images from `registry`) with `recipe` as its default recipe."""
+    """Compile the cluster pipeline (images from `registry`) with `recipe` as its default recipe; the
+    settings are checked first and, with `check`, the plan's checks run on the result (PreflightError)."""
     from kfp import compiler
 
-    cluster = ClusterSettings(shm_size=shm_size, images=image_names(registry), work_pvc=work_pvc)
+    check_cluster_settings(registry, shm_size, work_pvc)
+    cluster = ClusterSettings(
+        shm_size=shm_size,
+        images=image_names(registry),
+        work_pvc=work_pvc,
+        model_config=model_config,
+        teacher_config=teacher_config,
+    )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(_pipeline(recipe, cluster, cache_teacher), str(output))
+    with tempfile.TemporaryDirectory() as tmp:
+        # Written in place only once checked: a refused pipeline leaves no file behind.
+        compiled = Path(tmp) / output.name
+        compiler.Compiler().compile(_pipeline(recipe, cluster, cache_teacher), str(compiled))
+        if check:
+            preflight(
+                recipe,
+                compiled,
+                {},
+                gpu_memory=gpu_memory,
+                model_config=model_config,
+                teacher_config=teacher_config,
+            )
+        shutil.copyfile(compiled, output)
     return output
 
 
@@ -141,9 +322,12 @@ def parse_params(params: list[str]) -> dict:
     parsed = {}
     for param in params:
         name, sep, value = param.partition("=")
-        if not sep:
-            raise ValueError(f"--param {param!r}: expected NAME=VALUE, e.g. --param train_gpus=8")
-        parsed[name.strip()] = yaml.safe_load(value)
+        if not sep or not name.strip():
+            raise PreflightError(f"--param {param!r}: expected NAME=VALUE, e.g. --param train_gpus=8")
+        try:
+            parsed[name.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise PreflightError(f"--param {param!r}: the value is not valid YAML; quote it") from None
     return parsed
 
 
@@ -161,8 +345,13 @@ def submit_run(
     client=None,
     namespace: str | None = None,
     token_file: str | None = None,
+    model_config: str | None = None,
+    teacher_config: str | None = None,
+    gpu_memory: str = "80Gi",
 ):
-    """Compile for `recipe` and create a run on the KFP server at `host`; returns kfp's RunPipelineResult.
+    """Compile for `recipe`, run the plan's checks with the run's parameters (PreflightError, nothing
+    submitted, when the run will not fit), and create a run on the KFP server at `host`; returns kfp's
+    RunPipelineResult.
 
     Multi-user Kubeflow: `namespace` is the user's profile namespace (where the run, its experiment and
     its pods live); `token_file` holds a bearer token for the API (without it kfp.Client uses
@@ -173,7 +362,7 @@ def submit_run(
     if token_file:
         path = Path(token_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--token-file {token_file}: no such file (a bearer token for the KFP API)")
+            raise PreflightError(f"--token-file {token_file}: no such file (a bearer token for the KFP API)")
         token = path.read_text(encoding="utf-8").strip()
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(
@@ -183,13 +372,26 @@ def submit_run(
             shm_size=shm_size,
             cache_teacher=cache_teacher,
             work_pvc=work_pvc,
+            check=False,
+        )
+        doc = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+        arguments = check_params(
+            doc, {"recipe": recipe_parameter(recipe), "run_root": recipe.run.root, **parse_params(params)}
+        )
+        preflight(
+            recipe,
+            package,
+            arguments,
+            gpu_memory=gpu_memory,
+            model_config=model_config,
+            teacher_config=teacher_config,
         )
         client = client or kfp.Client(
             host=host, existing_token=token, **({"namespace": namespace} if namespace else {})
         )
         return client.create_run_from_pipeline_package(
             str(package),
-            arguments={"recipe": recipe_parameter(recipe), "run_root": recipe.run.root, **parse_params(params)},
+            arguments=arguments,
             run_name=run_name or recipe.run.name,
             experiment_name=experiment,
             namespace=namespace,

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from medcritical.errors import UserError
 from medcritical.recipe import TINY, Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
+from medcritical.runner import STAGES, keep_global_batch
 from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
 
 GiB = 1024**3
@@ -28,6 +30,10 @@ PER_RANK_OVERHEAD = 2 * GiB  # CUDA context, NCCL buffers, the allocator's fragm
 HOST_OVERHEAD = 6 * GiB  # Python, CUDA and torch libraries, data loading
 CPU_HOST_OVERHEAD = 2 * GiB  # the same without CUDA (measured: the demo's steps peak under 2 GiB RSS)
 DISK_HEADROOM = 1.1  # logs, tokenizer files, partial files during upload
+
+
+class PlanError(UserError, ValueError):
+    """An input the plan cannot size or check (a model of unknown shape, a quantity that is none)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     tie_embeddings: bool = False
+    context: int = 32_768  # max_position_embeddings: vLLM's context unless generation.max_model_len is set
 
     @property
     def head_dim(self) -> int:
@@ -72,8 +79,8 @@ class ModelShape:
 
 # The paper's models, from their config.json on the Hugging Face hub (Qwen/Qwen2.5-7B-Instruct, Qwen/QwQ-32B).
 KNOWN_SHAPES = {
-    "Qwen2.5-7B-Instruct": ModelShape("Qwen2.5-7B-Instruct", 152_064, 3584, 18_944, 28, 28, 4),
-    "QwQ-32B": ModelShape("QwQ-32B", 152_064, 5120, 27_648, 64, 40, 8),
+    "Qwen2.5-7B-Instruct": ModelShape("Qwen2.5-7B-Instruct", 152_064, 3584, 18_944, 28, 28, 4, context=32_768),
+    "QwQ-32B": ModelShape("QwQ-32B", 152_064, 5120, 27_648, 64, 40, 8, context=40_960),
 }
 
 
@@ -88,9 +95,10 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
             num_heads=config["num_attention_heads"],
             num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            context=int(config.get("max_position_embeddings") or 32_768),
         )
     except KeyError as e:
-        raise ValueError(f"{name}: config.json has no {e.args[0]!r}; is it a decoder-only (Qwen2/Llama) model?") from e
+        raise PlanError(f"{name}: config.json has no {e.args[0]!r}; is it a decoder-only (Qwen2/Llama) model?") from e
 
 
 def model_shape(uri: str | None, recipe: Recipe, model_config: str | Path | None = None) -> ModelShape:
@@ -118,7 +126,7 @@ def model_shape(uri: str | None, recipe: Recipe, model_config: str | Path | None
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if name in KNOWN_SHAPES:
         return KNOWN_SHAPES[name]
-    raise ValueError(
+    raise PlanError(
         f"{uri}: cannot read this model's config.json from here; pass --model-config PATH (its config.json) "
         f"or name a model of known shape ({', '.join(KNOWN_SHAPES)})"
     )
@@ -157,7 +165,7 @@ def zero_settings(value: str | None) -> tuple[int, bool]:
     if not path.is_file():
         stem = path.name.removesuffix(".json")
         if stem not in DEEPSPEED_NAMES:
-            raise ValueError(f"deepspeed: {value!r} is not here and not one of {', '.join(DEEPSPEED_NAMES)}")
+            raise PlanError(f"deepspeed: {value!r} is not here and not one of {', '.join(DEEPSPEED_NAMES)}")
         path = _REPO_DEEPSPEED_DIR / f"{stem}.json"
     zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
@@ -199,12 +207,23 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
         activations = shape.num_layers * tokens * h * b + layer_bytes
     else:
         activations = shape.num_layers * layer_bytes
-    activations += 2 * tokens * shape.vocab_size * 4  # fp32 logits and their gradient
+    # The loss over the vocabulary: the logits in the compute dtype, their fp32 upcast, the log-softmax
+    # output (fp32) and its gradient (fp32): the largest tensors of a step at Qwen's 152k vocabulary.
+    activations += tokens * shape.vocab_size * (b + 3 * 4)
 
     reference = 0
     if step == "dpo" and not lora.enabled and not settings.get("precompute_ref_log_probs"):
         reference = b * psi / (world if stage == 3 else 1)  # a second frozen copy; LoRA disables the adapter
 
+    if not lora.enabled and b == 2 and stage in (2, 3):
+        # Full fine-tuning under ZeRO-2/3: DeepSpeed's own estimate of the model states, which also counts
+        # the fp32 gradient copy at the optimizer step (18 bytes per parameter over the ranks, not 16) and,
+        # at ZeRO-3, the largest layer gathered whole (4 bytes per parameter of it).
+        states = deepspeed_model_states(shape, stage, max(gpus, 1), nodes, offload)
+        weights, grads, optimizer_bytes = 0, 0, 0
+        need.parts["model states (DeepSpeed's estimate)"] = int(states)
+    else:
+        states = 0
     for name, value in (
         ("weights", weights),
         ("gradients", grads),
@@ -214,7 +233,7 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     ):
         if value:
             need.parts[name] = int(value)
-    need.gpu_memory = int(weights + grads + optimizer_bytes + activations + reference + PER_RANK_OVERHEAD)
+    need.gpu_memory = int(states + weights + grads + optimizer_bytes + activations + reference + PER_RANK_OVERHEAD)
 
     # Host: every rank of the node loads the weights on CPU first (ZeRO-3 loads them partitioned through
     # rank 0); saving gathers them on rank 0; a LoRA merge reloads the base on CPU.
@@ -242,6 +261,26 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
     return need
 
 
+def deepspeed_model_states(shape: ModelShape, stage: int, gpus_per_node: int, nodes: int, offload: bool) -> int:
+    """GPU bytes per rank of the model states under ZeRO-2/3, from DeepSpeed's memory estimators
+    (deepspeed.runtime.zero: estimate_zero{2,3}_model_states_mem_needs)."""
+    import logging  # deepspeed logs its accelerator choice on import; the plan's table is the output
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        largest_layer = max(shape.vocab_size * shape.hidden_size, shape.parameters // max(shape.num_layers, 1))
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+            shape.parameters, largest_layer, gpus_per_node, nodes, cpu_offload=offload, cpu_offload_params=False
+        )
+    else:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        _, gpu = estimate_zero2_model_states_mem_needs(shape.parameters, gpus_per_node, nodes, cpu_offload=offload)
+    return int(gpu)
+
+
 def generation_need(
     step: str,
     recipe: Recipe,
@@ -253,18 +292,28 @@ def generation_need(
     max_new_tokens: int,
     samples: int,
     backend: str,
+    max_model_len: int | None = None,
 ) -> Need:
-    """vLLM (or transformers) generation: weights over tensor_parallel GPUs plus the KV cache."""
+    """vLLM (or transformers) generation: weights over tensor_parallel GPUs plus the KV cache. vLLM reserves
+    room for one sequence of its context, `max_model_len` (None: the model's own context)."""
     need = Need(step, gpus)
     b = _dtype_bytes(recipe)
     weights_file = 2 * shape.parameters if b == 2 else 4 * shape.parameters
     sequence = PROMPT_TOKENS + max_new_tokens
+    if backend == "vllm":
+        context = max_model_len or shape.context
+        if context < sequence:
+            raise PlanError(
+                f"generation.max_model_len {context} is shorter than the {step} step's prompt and reply "
+                f"({PROMPT_TOKENS} + {max_new_tokens} tokens): vLLM would cut the replies; set it to at least {sequence}"
+            )
+        sequence = context
     kv_one = shape.kv_bytes_per_token(b) * sequence
     tp = max(tensor_parallel, 1)
     if backend == "vllm":
         # vLLM refuses to start unless weights + one max-length sequence's KV fit in utilization x memory.
         need.gpu_memory = int((b * shape.parameters / tp + kv_one / tp + PER_RANK_OVERHEAD) / utilization)
-        need.notes.append(f"vLLM tp={tp}, {utilization:.0%} of the GPU")
+        need.notes.append(f"vLLM tp={tp}, {utilization:.0%} of the GPU, context {sequence}")
     else:
         batch = recipe.generation.batch_size
         need.gpu_memory = int(b * shape.parameters + batch * kv_one + PER_RANK_OVERHEAD)
@@ -285,12 +334,14 @@ def cpu_need(step: str, recipe: Recipe, outputs: int = 0) -> Need:
 def plan_steps(
     recipe: Recipe,
     *,
-    train_gpus: int = 1,
+    train_gpus: int | None = None,
     nodes: int = 1,
     model_config: str | None = None,
     teacher_config: str | None = None,
 ) -> dict[str, Need]:
-    """The need of every step the pipeline runs, keyed by the CLI's step name."""
+    """The need of every step the pipeline runs, keyed by the CLI's step name; the training steps on
+    `train_gpus` GPUs per pod (default: the recipe's run.train_gpus, the GPUs it is written for)."""
+    train_gpus = recipe.run.train_gpus if train_gpus is None else train_gpus
     shape = model_shape(recipe.model.base, recipe, model_config)
     gen = recipe.generation
     on_gpu = recipe.run.device != "cpu" and shape.name != TINY
@@ -328,6 +379,7 @@ def plan_steps(
         max_new_tokens=rollout.max_new_tokens * 2,  # a correction sees the answer
         samples=rollout.samples_per_question + recipe.selfplay.correction.attempts,
         backend=gen.backend,
+        max_model_len=gen.max_model_len,
     )
     needs["dpo"] = training_need("dpo", recipe, shape, train, nodes)
     needs["evaluate"] = generation_need(
@@ -340,6 +392,7 @@ def plan_steps(
         max_new_tokens=gen.max_new_tokens,
         samples=1,
         backend=gen.backend,
+        max_model_len=gen.max_model_len,
     )
     if not on_gpu:
         for need in needs.values():
@@ -408,16 +461,18 @@ def training_time_note() -> str:
 
 # -- what a manifest or the compiled pipeline gives -----------------------------------------------------------
 
-_QUANTITY = re.compile(r"^([0-9.]+)([A-Za-z]*)$")
-_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-
 
 def quantity(value) -> int:
-    """A Kubernetes quantity ("96Gi", "500G", 1024) in bytes."""
-    match = _QUANTITY.match(str(value).strip())
-    if not match or match.group(2) not in _UNITS:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 96Gi")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    """A Kubernetes quantity ("96Gi", "500G", "500m", 1024) in bytes, rounded up, as the API server parses it."""
+    from kubernetes.utils import parse_quantity
+
+    try:
+        parsed = parse_quantity(value)
+    except (ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed < 0:
+        raise PlanError(f"{value!r} is not a Kubernetes quantity such as 96Gi, 500G or 512Mi")
+    return math.ceil(parsed)
 
 
 def gib(value: int) -> str:
@@ -442,6 +497,7 @@ class Given:
     ephemeral_needed: bool = True  # the work folder is on the node's disk (emptyDir)
     memory_param: str = ""  # the pipeline parameter that sets the memory, if any
     gpu_param: str = ""  # the pipeline parameter that sets the GPU count, if any
+    sized_by_plan: bool = False  # a TrainJob the pipeline sizes from this plan: only its GPUs are checked
 
 
 @dataclass
@@ -584,8 +640,31 @@ def given_from_trainjob(where: str, doc: dict) -> Given | None:
     return given_from_pod(where, pod, int(trainer.get("numNodes", 1)))
 
 
-def check(need: Need, given: Given, gpu_memory: int) -> list[Problem]:
-    """The manifest's resources against the step's need."""
+def _global_batch_problems(need: Need, given: Given, recipe: Recipe) -> list[Problem]:
+    """The runner divides the gradient accumulation by the world size (runner.keep_global_batch) or
+    refuses the run: the same rule, checked before anything starts."""
+    world = max(given.gpus, 1) * given.nodes
+    try:
+        keep_global_batch(STAGES[need.step], recipe, world)
+    except RecipeError:
+        key = "sft.trainer" if need.step == "sft" else "selfplay.dpo.trainer"
+        accumulation = need.accumulation
+        return [
+            Problem(
+                given.where,
+                need.step,
+                "global batch",
+                f"{key}.gradient_accumulation_steps a multiple of the {world} ranks",
+                str(accumulation),
+                f"give the recipe's batch as on one GPU, e.g. --set {key}.gradient_accumulation_steps="
+                f"{-(-accumulation // world) * world} (the runner divides it by the {world} ranks)",
+            )
+        ]
+    return []
+
+
+def check(need: Need, given: Given, gpu_memory: int, recipe: Recipe | None = None) -> list[Problem]:
+    """The manifest's resources against the step's need (and, given the pod's recipe, its global batch)."""
     problems = []
     step, where = need.step, given.where
     in_pipeline = where.startswith("pipeline")
@@ -615,25 +694,16 @@ def check(need: Need, given: Given, gpu_memory: int) -> list[Problem]:
                 gib(need.gpu_memory),
                 gib(gpu_memory),
                 "more GPUs (ZeRO-3 shards weights, gradients and optimizer), LoRA, a shorter "
-                "max_length or a smaller per_device_train_batch_size",
+                "max_length or a smaller per_device_train_batch_size"
+                if step in ("sft", "dpo", "run")
+                else "a larger tensor_parallel_size (generation or distill.local) with as many GPUs, a shorter "
+                "generation.max_model_len, or a higher gpu_memory_utilization",
             )
         )
-    if in_pipeline and step in ("sft", "dpo") and given.gpus > 1:
-        # The task relaunches itself on its GPUs and divides the accumulation by their number (or refuses).
-        key = "sft.trainer" if step == "sft" else "selfplay.dpo.trainer"
-        accumulation = need.accumulation
-        if accumulation % given.gpus:
-            problems.append(
-                Problem(
-                    where,
-                    step,
-                    "global batch",
-                    f"{key}.gradient_accumulation_steps a multiple of {given.gpus}",
-                    str(accumulation),
-                    f"give the recipe's batch as on one GPU: --set {key}.gradient_accumulation_steps="
-                    f"{accumulation * given.gpus} (the step divides it by the {given.gpus} GPUs)",
-                )
-            )
+    if recipe is not None and step in ("sft", "dpo"):
+        problems += _global_batch_problems(need, given, recipe)
+    if given.sized_by_plan:  # a TrainJob the pipeline sizes from this very plan: memory and disk fit
+        return problems
     memory_need = need.host_memory + given.shm
     if given.memory is None or given.memory < memory_need:
         fix = (
@@ -709,7 +779,7 @@ def check_manifests(
             teacher_config=teacher_config,
         )
         need = needs[given.step]
-        verdicts.append(Verdict(given, need, check(need, given, gpu_memory)))
+        verdicts.append(Verdict(given, need, check(need, given, gpu_memory, pod_recipe)))
     return verdicts
 
 
@@ -728,23 +798,44 @@ def failing_steps(verdicts: list[Verdict]) -> dict[str, list[Problem]]:
 # -- the compiled pipeline ----------------------------------------------------------------------------------
 
 
+def pipeline_parameters(doc: dict) -> dict[str, dict]:
+    """The compiled pipeline's parameters: name -> {"parameterType": ..., "defaultValue": ...}."""
+    return (doc["root"].get("inputDefinitions") or {}).get("parameters", {})
+
+
 def given_from_pipeline(path: Path, params: dict) -> list[Given]:
-    """Each task of the compiled pipeline as a Given: GPUs (pipeline parameters), memory, volumes."""
+    """Each task of the compiled pipeline as a Given: GPUs (pipeline parameters), memory, volumes.
+
+    `params` are the run's parameters (checked: pipeline_runner.check_params); the others keep their
+    defaults. With train_nodes > 1 the sft and dpo tasks run as a TrainJob of train_nodes x node_gpus
+    GPUs, sized by this plan when it is created (trainjob.py): only its GPUs are checked."""
     docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
     pipeline, platform = docs[0], (docs[1] if len(docs) > 1 else {})
-    defaults = {
-        name: p.get("defaultValue")
-        for name, p in (pipeline["root"].get("inputDefinitions") or {}).get("parameters", {}).items()
-    }
+    defaults = {name: p.get("defaultValue") for name, p in pipeline_parameters(pipeline).items()}
     defaults.update(params)
     executors = pipeline["deploymentSpec"]["executors"]
     k8s = ((platform.get("platforms") or {}).get("kubernetes") or {}).get("deploymentSpec", {}).get("executors", {})
+    nodes = int(defaults.get("train_nodes") or 1)
     found = []
     for task_name, task in pipeline["root"]["dag"]["tasks"].items():
         executor = pipeline["components"][task["componentRef"]["name"]]["executorLabel"]
         step = task_name.split("-")[0] if not task_name.startswith("prepare-data") else "prepare-data"
         step = {"prepare_data": "prepare-data"}.get(step, step)
         if step not in STEP_COMMANDS:
+            continue
+        if step in ("sft", "dpo") and nodes > 1:
+            gpus = int(defaults.get("node_gpus") or 0)
+            found.append(
+                Given(
+                    f"pipeline task {task_name} as a TrainJob of {nodes} x {gpus} GPUs ({path})",
+                    step,
+                    [],
+                    gpus=gpus,
+                    nodes=nodes,
+                    gpu_param="node_gpus",
+                    sized_by_plan=True,
+                )
+            )
             continue
         resources = executors[executor]["container"].get("resources") or {}
         given = Given(f"pipeline task {task_name} ({path})", step, [])
@@ -758,12 +849,18 @@ def given_from_pipeline(path: Path, params: dict) -> list[Given]:
             given.memory = quantity(_param_value(memory, task, defaults))
             given.memory_param = _param_name(memory)
         settings = k8s.get(executor) or {}
-        for mount in settings.get("emptyDirMounts") or []:
-            if mount.get("mountPath") == "/dev/shm":
-                given.shm = quantity(mount.get("sizeLimit", 0))
         env = {e["name"]: e.get("value") for e in executors[executor]["container"].get("env") or []}
         workdir = env.get("MEDCRITICAL_WORKDIR")
         given.work, given.ephemeral_needed = None, True  # the container's writable layer
+        for mount in settings.get("emptyDirMounts") or []:
+            if mount.get("mountPath") == "/dev/shm":
+                given.shm = quantity(mount.get("sizeLimit", 0))
+            elif workdir and mount.get("mountPath") == workdir:
+                # A size-limited emptyDir: the kubelet evicts past the limit. KFP cannot request
+                # ephemeral-storage for a task, so the node's free disk is not checked (docs/sizing.md).
+                size = mount.get("sizeLimit")
+                given.work, given.work_volume = (quantity(size) if size else None), mount["volumeName"]
+                given.ephemeral_needed = False
         for volume in settings.get("genericEphemeralVolume") or []:
             if workdir and volume.get("mountPath") == workdir:
                 given.work, given.work_volume, given.ephemeral_needed = (

@@ -61,6 +61,10 @@ class RunSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU threads for torch; None leaves torch's default. On small shared CPUs 1-2 is much faster.
     threads: int | None = Field(None, ge=1)
+    # GPUs per training pod the recipe is written for: the default of the compiled pipeline's train_gpus
+    # and of `medcritical plan --train-gpus`. The global batch does not depend on it (the runner divides
+    # the gradient accumulation by the world size).
+    train_gpus: int = Field(1, ge=1)
 
     @property
     def root(self) -> str:

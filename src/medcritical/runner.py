@@ -18,6 +18,7 @@ stage on local paths, and publishes the output folder. Data flows one way:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from medcritical.errors import UserError
 from medcritical.evaluation.stage import EVALUATE
 from medcritical.io.lock import output_lock
 from medcritical.io.ranks import is_main_process
-from medcritical.recipe import Recipe
+from medcritical.recipe import Recipe, RecipeError
 from medcritical.report import REPORT
 from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.stage import Stage
@@ -65,12 +66,50 @@ def run_stage(stage: Stage, recipe: Recipe, output_uri: str, **given: Any) -> di
     for name, spec in stage.inputs.items():
         if spec.is_model:
             check_model_uri(uris.get(name) or recipe.model.base)
+    recipe = keep_global_batch(stage, recipe, world_size())
     if not is_main_process():  # torchrun: rank 0 holds the lock and publishes
         return _execute(stage, recipe, output_uri, uris, options)
     with output_lock(local_output_path(output_uri), stage.name):
         if storage.is_s3(output_uri):
             storage.check_output(output_uri)
         return _execute(stage, recipe, output_uri, uris, options)
+
+
+def world_size() -> int:
+    """The number of data-parallel ranks this process is one of (torchrun, a TrainJob: WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def keep_global_batch(stage: Stage, recipe: Recipe, world: int) -> Recipe:
+    """The recipe for one of `world` data-parallel ranks, with the global batch the recipe gives on one GPU
+    (per_device_train_batch_size x gradient_accumulation_steps): the accumulation is divided by the world
+    size, or the run is refused (another batch would change the method). The one place this happens: every
+    caller (single process, torchrun in a pod, a TrainJob's nodes) runs its stage through `run_stage`."""
+    if stage.produces != "model" or world <= 1:
+        return recipe
+    key = f"{stage.section}.trainer"
+    section = recipe_value(recipe, stage.section)
+    accumulation = section.settings.get("gradient_accumulation_steps", 1)
+    batch = section.settings["per_device_train_batch_size"] * accumulation
+    if accumulation % world:
+        raise RecipeError(
+            f"{key}.gradient_accumulation_steps is {accumulation}, not a multiple of the {world} data-parallel "
+            f"ranks (WORLD_SIZE): the global batch (per_device_train_batch_size x accumulation x ranks) would "
+            f"not be the recipe's {batch}. Recipes give the batch of one GPU: set {key}.gradient_accumulation_steps "
+            f"to a multiple of {world}, or run on a number of GPUs that divides it"
+        )
+    if is_main_process():
+        log.info(
+            "%s on %d ranks: %s.gradient_accumulation_steps %d -> %d, global batch kept at %d",
+            stage.name,
+            world,
+            key,
+            accumulation,
+            accumulation // world,
+            batch,
+        )
+    trainer = section.trainer | {"gradient_accumulation_steps": accumulation // world}
+    return with_recipe_value(recipe, stage.section, section.model_copy(update={"trainer": trainer}))
 
 
 def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str], options: dict) -> dict:

@@ -28,7 +28,9 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
         "compile",
         help="compile the pipeline to KFP YAML for a cluster",
         description="Compile the pipeline for a Kubernetes cluster with Kubeflow Pipelines. The recipe becomes "
-        "the default of the `recipe` parameter and fixes the number of self-play rounds.",
+        "the default of the `recipe` parameter and fixes the number of self-play rounds; its run.train_gpus is "
+        "the default of train_gpus. The plan's checks run on the result (exit 2, nothing written, when a task "
+        "would not fit its recipe).",
     )
     add_recipe_arguments(compile_)
     compile_.add_argument("--output", default=COMPILED, help=f"where to write the YAML (default {COMPILED})")
@@ -38,8 +40,10 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
     submit = subparsers.add_parser(
         "submit",
         help="compile and submit a pipeline run to a KFP server",
-        description="Compile the pipeline for the recipe and create a run on a Kubeflow Pipelines server "
-        "(kfp.Client). Equivalent to `medcritical compile` + `kfp run create`.",
+        description="Compile the pipeline for the recipe, check the run's parameters and run the plan's checks "
+        "on it (exit 2 naming the task, the resource and the fix, nothing submitted, when it would not fit), "
+        "then create a run on a Kubeflow Pipelines server (kfp.Client). Equivalent to `medcritical compile` + "
+        "`medcritical plan` + `kfp run create`.",
     )
     add_recipe_arguments(submit)
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
@@ -81,6 +85,13 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow KFP to reuse a cached distillation within a run, e.g. when a failed run is retried (off: a "
         "teacher endpoint is never silently skipped); across runs pass --param distill_uri=<earlier run>/distill",
     )
+    parser.add_argument(
+        "--model-config",
+        metavar="PATH",
+        help="the student's config.json (or its folder) when the model is in S3 and not of a shape the plan knows",
+    )
+    parser.add_argument("--teacher-config", metavar="PATH", help="the same for a local (vllm/transformers) teacher")
+    parser.add_argument("--gpu-memory", default="80Gi", help="memory of one GPU for the plan's checks (default 80Gi)")
 
 
 def _run(args) -> int:
@@ -105,6 +116,9 @@ def _compile(args) -> None:
         shm_size=args.shm_size,
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
+        model_config=args.model_config,
+        teacher_config=args.teacher_config,
+        gpu_memory=args.gpu_memory,
     )
     print(f"compiled {path}")
 
@@ -125,5 +139,8 @@ def _submit(args) -> None:
         work_pvc=args.work_pvc,
         namespace=args.namespace,
         token_file=args.token_file,
+        model_config=args.model_config,
+        teacher_config=args.teacher_config,
+        gpu_memory=args.gpu_memory,
     )
     print(f"submitted run {run.run_id} to {args.host}")

@@ -8,7 +8,6 @@ from pathlib import Path
 from medcritical.cli.common import add_recipe_arguments
 
 DEFAULT_MANIFESTS = Path("k8s/jobs")
-DEFAULT_PIPELINE = Path("pipelines/medcritical.yaml")
 
 
 def add_parser(subparsers) -> None:
@@ -23,8 +22,13 @@ the DPO reference, vLLM's KV cache), host memory and the work folder's disk. The
 Kubernetes Jobs and the compiled pipeline against it; exit 2 naming the step, the resource, the
 need and the fix when one is too small. Formulas and sources: docs/sizing.md.
 
+The pipeline checked is the one `medcritical submit --recipe R` would send (compiled for this
+recipe: its training tasks on the recipe's run.train_gpus GPUs), with the --param values you
+would submit; --pipeline FILE checks a compiled file instead (e.g. for `kfp run create`).
+
   medcritical plan --recipe recipes/paper-7b-lora.yaml
-  medcritical plan --recipe recipes/full-zero3-8gpu.yaml --train-gpus 8
+  medcritical plan --recipe recipes/full-zero3-8gpu.yaml              # run.train_gpus: 8
+  medcritical plan --recipe recipes/paper-7b-lora.yaml --pipeline pipelines/medcritical.yaml --param train_gpus=8 --param train_memory=136Gi
   medcritical plan --recipe my.yaml --manifests my-overlay.yaml --no-pipeline   # kubectl kustomize output""",
     )
     add_recipe_arguments(plan)
@@ -38,7 +42,7 @@ need and the fix when one is too small. Formulas and sources: docs/sizing.md.
         "--train-gpus",
         type=int,
         default=None,
-        help="GPUs per training pod for the table and the pipeline's train_gpus (default: the pipeline's default, 1)",
+        help="GPUs per training pod for the table and the pipeline's train_gpus (default: the recipe's run.train_gpus)",
     )
     plan.add_argument("--gpu-memory", default="80Gi", help="memory of one GPU (default 80Gi: A100/H100 80 GB)")
     plan.add_argument(
@@ -52,8 +56,8 @@ need and the fix when one is too small. Formulas and sources: docs/sizing.md.
     plan.add_argument(
         "--pipeline",
         type=Path,
-        default=DEFAULT_PIPELINE,
-        help=f"the compiled pipeline to check (default {DEFAULT_PIPELINE})",
+        default=None,
+        help="a compiled pipeline to check (default: the pipeline compiled for this recipe, as submit sends it)",
     )
     plan.add_argument(
         "--param",
@@ -73,8 +77,10 @@ def _plan(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     gpu_memory = sizing.quantity(args.gpu_memory)
+    if args.train_gpus is not None and args.train_gpus < 0:
+        raise sizing.PlanError(f"--train-gpus {args.train_gpus}: a whole number of GPUs, 0 or more")
     needs = sizing.plan_steps(
-        recipe, train_gpus=args.train_gpus or 1, model_config=args.model_config, teacher_config=args.teacher_config
+        recipe, train_gpus=args.train_gpus or None, model_config=args.model_config, teacher_config=args.teacher_config
     )
     print(f"recipe {args.recipe or '(defaults)'}: {recipe.model.base}, GPUs of {args.gpu_memory}")
     measured = sizing.measured_seconds(recipe)
@@ -86,22 +92,13 @@ def _plan(args) -> int:
         paths = args.manifests or [DEFAULT_MANIFESTS]
         for path in paths:
             if not path.exists():
-                raise FileNotFoundError(
+                raise sizing.PlanError(
                     f"--manifests {path}: no such file or folder (run from the checkout's root, "
                     "or pass --manifests PATH or --no-manifests)"
                 )
         givens += sizing.given_from_manifests(paths)
     if not args.no_pipeline:
-        if args.pipeline == DEFAULT_PIPELINE and not args.pipeline.is_file():
-            from importlib.resources import files
-
-            args.pipeline = Path(str(files("medcritical.pipelines") / "medcritical.yaml"))  # the installed copy
-        if not args.pipeline.is_file():
-            raise FileNotFoundError(f"--pipeline {args.pipeline}: no such file; `medcritical compile` writes it")
-        from medcritical.pipeline_runner import parse_params
-
-        params = {**({"train_gpus": args.train_gpus} if args.train_gpus else {}), **parse_params(args.param)}
-        givens += sizing.given_from_pipeline(args.pipeline, params)
+        givens += _pipeline_givens(args, recipe)
 
     verdicts = sizing.check_manifests(
         recipe, givens, gpu_memory=gpu_memory, model_config=args.model_config, teacher_config=args.teacher_config
@@ -124,3 +121,36 @@ def _plan(args) -> int:
     also = f"; {small} other manifest(s) too small for this recipe, listed above" if small else ""
     print(f"\nplan: every checked step fits ({len(verdicts)} pods and tasks{also})")
     return 0
+
+
+def _pipeline_givens(args, recipe) -> list:
+    """The pipeline's tasks as the run would get them: the given compiled file, or the pipeline compiled for
+    this recipe; the --param values checked as submit checks them."""
+    import tempfile
+
+    import yaml
+
+    from medcritical import plan as sizing
+    from medcritical.pipeline_runner import check_params, compile_pipeline, parse_params
+
+    params = parse_params(args.param)
+    if args.train_gpus is not None:
+        params.setdefault("train_gpus", args.train_gpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.pipeline
+        if path is None:
+            path = compile_pipeline(
+                recipe,
+                Path(tmp) / "medcritical.yaml",
+                model_config=args.model_config,
+                teacher_config=args.teacher_config,
+                check=False,
+            )
+        elif not path.is_file():
+            raise sizing.PlanError(f"--pipeline {path}: no such file; `medcritical compile` writes it")
+        try:
+            doc = next(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+            sizing.pipeline_parameters(doc)
+        except (yaml.YAMLError, UnicodeDecodeError, StopIteration, KeyError, TypeError) as e:
+            raise sizing.PlanError(f"--pipeline {path}: not a compiled KFP pipeline ({e})") from None
+        return sizing.given_from_pipeline(path, check_params(doc, params))

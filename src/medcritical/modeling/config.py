@@ -57,3 +57,7 @@ class GenerationSection(Section):
     # vLLM only: GPUs per model replica, and the share of GPU memory it may take.
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    # vLLM only: the context (prompt + reply tokens) vLLM reserves KV cache for. null: the model's own
+    # (its config's max_position_embeddings: 32,768 for Qwen2.5-7B), far more than a CMExam prompt and
+    # its reply need. `medcritical plan` sizes the GPU memory for this length.
+    max_model_len: int | None = Field(None, ge=256)

@@ -284,6 +284,8 @@ class VLLMGenerator:
         else:  # vLLM's CPU build: no CUDA graphs, no chunked prefill (see above), float32 unless told otherwise
             engine = dict(enforce_eager=True, enable_chunked_prefill=False)
             dtype = "float32" if dtype == "auto" else dtype
+        if config.max_model_len:
+            engine["max_model_len"] = config.max_model_len
         self.llm = LLM(model=str(model_path), dtype=dtype, **{**engine, **engine_args})
         self.tokenizer = self.llm.get_tokenizer()
 

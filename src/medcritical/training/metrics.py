@@ -76,6 +76,11 @@ def summarize_training(trainer, throughput: ThroughputCallback, *, wall_seconds:
         "train_seconds": round(wall_seconds, 2),
         **peak_memory(),
         "world_size": trainer.args.world_size,
+        # The batch one optimizer step sees over every rank: the recipe's per-device batch x accumulation on
+        # one GPU, whatever the world size (the runner divides the accumulation by it).
+        "global_batch": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
         "loss_curve": curve,
     }
 
