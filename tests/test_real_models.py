@@ -330,7 +330,7 @@ def test_qwen3_sft_rows_are_qwens_own_template(qwen3_sft, qwen3_tiny):
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tiny)
     expected = tokenizer.apply_chat_template(_qwen3_conversation(), tokenize=True, return_dict=True)["input_ids"]
     row = dataset[0]
-    ids, mask = list(row["input_ids"]), list(row["completion_mask"])
+    ids, mask = list(row["input_ids"]), [label != -100 for label in row["labels"]]
     # Qwen3's template ends the turn with "<|im_end|>\n"; the trained sequence may stop at <|im_end|>.
     assert ids == list(expected)[: len(ids)] and len(ids) >= len(expected) - 1
     trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
