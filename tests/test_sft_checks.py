@@ -73,9 +73,16 @@ def test_tokenizer_without_chat_template(tmp_path, tiny_model, dataset):
     _expect_error("has no chat template", _config(), dataset, model, tmp_path)
 
 
-def test_pad_equal_to_eos(tmp_path, tiny_model, dataset):
+def test_pad_equal_to_eos_pads_with_another_token_of_the_tokenizer(tmp_path, tiny_model):
+    """pad = the end-of-turn token (as SmolLM2 ships): padding switches to a token the tokenizer already has."""
+    from transformers import AutoTokenizer
+
+    from medcritical.training.checks import check_tokenizer
+
     model = _model_copy(tiny_model, tmp_path, lambda c: c.update(pad_token="<|im_end|>"))
-    _expect_error(r"pad token is '<\|im_end\|>'.*never learns to stop", _config(), dataset, model, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    facts = check_tokenizer(tokenizer, str(model))
+    assert facts.end_of_turn == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
 
 
 def test_end_of_turn_outside_the_loss(tmp_path, tiny_model, dataset):
@@ -83,9 +90,24 @@ def test_end_of_turn_outside_the_loss(tmp_path, tiny_model, dataset):
     _expect_error("outside .* never learns to stop", _config(), dataset, model, tmp_path)
 
 
-def test_template_without_generation_markers(tmp_path, tiny_model, dataset):
+def test_template_without_generation_markers_trains_on_prompt_and_completion(tmp_path, tiny_model):
+    """A template TRL cannot patch, whose prompt is a prefix of the conversation: (prompt, completion) rows."""
+    from transformers import AutoTokenizer
+
+    from medcritical.training.checks import check_tokenizer
+
     plain = TEMPLATE_END_OUTSIDE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
-    model = _model_copy(tiny_model, tmp_path, template=plain)
+    tokenizer = AutoTokenizer.from_pretrained(_model_copy(tiny_model, tmp_path, template=plain))
+    facts = check_tokenizer(tokenizer, "plain ChatML")
+    assert facts.prompt_completion and facts.training_template is None and facts.end_of_turn == "<|im_end|>"
+
+
+def test_template_without_markers_whose_prompt_is_no_prefix(tmp_path, tiny_model, dataset):
+    # The generation prompt opens a turn the conversation never writes: (prompt, completion) would not match.
+    plain = TEMPLATE_END_OUTSIDE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    odd = plain.replace("{{- '<|im_start|>assistant\\n' }}{%- endif %}", "{{- '<|im_start|>model\\n' }}{%- endif %}")
+    assert odd != plain
+    model = _model_copy(tiny_model, tmp_path, template=odd)
     _expect_error("does not mark the assistant's text", _config(), dataset, model, tmp_path)
 
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from medcritical.modeling.chat import stop_token_ids
 from medcritical.modeling.config import GenerationSection
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class TransformersGenerator:
         )
         self.model.eval()
         self.batch_size = batch_size
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     @classmethod
     def from_model(cls, model, tokenizer, batch_size: int = 16) -> TransformersGenerator:
@@ -159,6 +161,9 @@ class TransformersGenerator:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = str(next(model.parameters()).device)
         tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         return self
 
     def encode_prompts(self, prompts: Sequence[Messages | str]) -> list[list[int]]:
@@ -182,7 +187,7 @@ class TransformersGenerator:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[list[Completion]] = [[] for _ in prompts]
         sampling = temperature > 0
-        eos_id = self.tokenizer.eos_token_id
+        stops = set(self.stop_ids)
         with tqdm(total=len(prompts) * n, desc=desc, unit="sample", leave=False) as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
@@ -213,13 +218,16 @@ class TransformersGenerator:
                         top_p=None,
                         top_k=None,
                         max_new_tokens=max_new_tokens,
+                        # Every token that ends a reply (the template's end of turn, the tokenizer's and the
+                        # generation config's EOS ids): Qwen3 stops on <|im_end|> or <|endoftext|>.
+                        eos_token_id=self.stop_ids,
                         pad_token_id=self.tokenizer.pad_token_id,
                         logits_processor=processors,
                     )
                 new_tokens = output[:, width:]
                 for row, tokens in enumerate(new_tokens.tolist()):
-                    # Count up to and including the first EOS; everything after is padding.
-                    length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
+                    # Count up to and including the first stop token; everything after is padding.
+                    length = next((t + 1 for t, token in enumerate(tokens) if token in stops), len(tokens))
                     text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
                     results[batch[row // copies]] += [Completion(text=text, num_tokens=length)] * (n // copies)
                 bar.update(len(batch) * n)

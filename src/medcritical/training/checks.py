@@ -13,9 +13,12 @@ from pathlib import Path
 
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from medcritical.modeling.chat import distinct_pad_token, starts_with_prompt, template_end_of_turn
+
 log = logging.getLogger(__name__)
 
 _PROBE = "ZQXJ probe answer"  # text that no template adds by itself, to find where the assistant turn ends
+_PROBE_CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _PROBE}]
 
 
 class PreTrainingCheckError(ValueError):
@@ -30,6 +33,9 @@ class TokenizerFacts:
     training_template: str | None
     end_of_turn_id: int  # the token the model emits to end its answer
     end_of_turn: str
+    # True when neither the template nor TRL marks the assistant's text (SmolLM2, Qwen3 templates other than
+    # TRL's copy): SFT then trains on (prompt, completion) rows, the loss on the completion only.
+    prompt_completion: bool = False
 
 
 def check_tokenizer(tokenizer, source: str, *, assistant_only_loss: bool = True) -> TokenizerFacts:
@@ -41,9 +47,12 @@ def check_tokenizer(tokenizer, source: str, *, assistant_only_loss: bool = True)
             "to the model folder"
         )
     template = _training_template(tokenizer, source) if assistant_only_loss else None
+    prompt_completion = template is _PROMPT_COMPLETION
+    if prompt_completion:
+        template = None
     end_id = _end_of_turn_id(tokenizer, template, source)
     end_token = tokenizer.convert_ids_to_tokens(end_id)
-    if assistant_only_loss and not _end_of_turn_is_trained(tokenizer, template, end_id):
+    if assistant_only_loss and not prompt_completion and not _end_of_turn_is_trained(tokenizer, template, end_id):
         raise PreTrainingCheckError(
             f"{source}: the chat template leaves the assistant's end-of-turn token {end_token!r} outside "
             "{% generation %}...{% endgeneration %}, so it gets no loss and the model never learns to stop; move it "
@@ -51,14 +60,24 @@ def check_tokenizer(tokenizer, source: str, *, assistant_only_loss: bool = True)
         )
     # TRL pads with eos when there is no pad token.
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id == end_id:
+    replacement = distinct_pad_token(tokenizer, [end_id]) if pad_id == end_id else None
+    if replacement:
+        # SmolLM2 ships pad = EOS = <|im_end|>: pad with a token the tokenizer already has (saved with the model).
+        log.warning(
+            "%s: the pad token is the end-of-turn token %r; padding with %r instead", source, end_token, replacement
+        )
+        tokenizer.pad_token = replacement
+    elif pad_id == end_id:
         raise PreTrainingCheckError(
             f"{source}: the pad token is {end_token!r}, the token that ends an assistant turn (pad = EOS). Padding "
             "and the end of an answer are then indistinguishable: any collator or tool that masks padding by id "
             "drops every end-of-turn from the loss and the model never learns to stop. Set a distinct pad token in "
             'tokenizer_config.json (Qwen: "pad_token": "<|endoftext|>")'
         )
-    return TokenizerFacts(template, end_id, end_token)
+    return TokenizerFacts(template, end_id, end_token, prompt_completion)
+
+
+_PROMPT_COMPLETION = "prompt-completion"  # _training_template's answer when SFT must split prompt and completion
 
 
 def _training_template(tokenizer, source: str) -> str | None:
@@ -67,6 +86,8 @@ def _training_template(tokenizer, source: str) -> str | None:
     try:
         return get_training_chat_template(tokenizer)
     except ValueError:
+        if starts_with_prompt(tokenizer, _PROBE_CHAT):
+            return _PROMPT_COMPLETION
         raise PreTrainingCheckError(
             f"{source}: the chat template does not mark the assistant's text with {{% generation %}} ... "
             "{% endgeneration %} and TRL has no training version of it, so the loss cannot be limited to the "
@@ -77,11 +98,8 @@ def _training_template(tokenizer, source: str) -> str | None:
 
 def _end_of_turn_id(tokenizer, template: str | None, source: str) -> int:
     """The first token the template writes after the assistant's text (<|im_end|> for ChatML)."""
-    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _PROBE}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
-    after = text[text.rindex(_PROBE) + len(_PROBE) :]
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
-    if not ids:
+    end_id = template_end_of_turn(tokenizer, template)
+    if end_id is None:
         # Nothing follows the answer: the model would end on its document EOS.
         if tokenizer.eos_token_id is None:
             raise PreTrainingCheckError(
@@ -89,7 +107,7 @@ def _end_of_turn_id(tokenizer, template: str | None, source: str) -> int:
                 "EOS token, so the model cannot learn to stop; use a chat template that ends turns with a token"
             )
         return tokenizer.eos_token_id
-    return ids[0]
+    return end_id
 
 
 def _end_of_turn_is_trained(tokenizer, template: str | None, end_id: int) -> bool:

@@ -37,7 +37,13 @@ from trl import SFTConfig, SFTTrainer
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.io.hashing import file_sha256
 from medcritical.io.manifest import MANIFEST_NAME, write_manifest
-from medcritical.training.checks import check_tokenizer, conversation_lengths, read_conversations, select_by_length
+from medcritical.training.checks import (
+    PreTrainingCheckError,
+    check_tokenizer,
+    conversation_lengths,
+    read_conversations,
+    select_by_length,
+)
 from medcritical.training.common import (
     check_training_resume,
     deepspeed_config_path,
@@ -93,6 +99,9 @@ def train_sft(
         log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "sft_metrics.json").read_text())
 
+    rows = training_rows(conversations, facts, str(dataset_path))
+    if facts.prompt_completion:  # TRL masks the prompt itself: loss on the assistant's reply only, as asked
+        settings = settings | {"assistant_only_loss": False, "completion_only_loss": True}
     start_distributed(device, deepspeed)
     # The config comes before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned.
     args = SFTConfig(
@@ -104,7 +113,7 @@ def train_sft(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora_config(config.lora),
         callbacks=[throughput, *callbacks],
@@ -127,6 +136,8 @@ def train_sft(
         "merged": saved.merged,
         "packing": args.packing,
         "end_of_turn_token": facts.end_of_turn,
+        "pad_token": tokenizer.pad_token,
+        "rows": "prompt-completion" if facts.prompt_completion else "messages",
         "resumed_from": Path(resume_from).name if resume_from else None,
         "model_dir": saved.model_dir.name,
         "adapter_dir": saved.adapter_dir.name if saved.adapter_dir else None,
@@ -145,6 +156,26 @@ def train_sft(
         )
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def training_rows(conversations: list[list[dict]], facts, source: str) -> list[dict]:
+    """The trainer's rows: whole conversations ("messages"), or (prompt, completion) when the chat template
+    cannot mark the assistant's text (`TokenizerFacts.prompt_completion`); that needs one reply, at the end."""
+    if not facts.prompt_completion:
+        return [{"messages": c} for c in conversations]
+    bad = [
+        i
+        for i, c in enumerate(conversations)
+        if [m["role"] for m in c].count("assistant") != 1 or c[-1]["role"] != "assistant"
+    ]
+    if bad:
+        raise PreTrainingCheckError(
+            f"{source}: {len(bad)} conversations have more than one assistant turn, or do not end with one (first: "
+            f"row {bad[0] + 1}); this model's chat template has no {{% generation %}} markers and TRL has no training "
+            "version of it, so only (prompt, reply) rows can limit the loss to the reply. Keep one final assistant "
+            "turn per row, or set sft.trainer.assistant_only_loss: false (loss on the prompt too)"
+        )
+    return [{"prompt": c[:-1], "completion": c[-1:]} for c in conversations]
 
 
 def _fingerprint(config: SFTSection, dataset_path: str | Path, model_path: Path, seed: int) -> dict[str, Any]:
