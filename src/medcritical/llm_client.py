@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from tqdm.auto import tqdm
 
-from medcritical.errors import UserError
+from medcritical.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ChatClient:
         model = section.model or os.environ.get(f"{env_prefix}_MODEL")
         for value, key, env in ((base_url, "base_url", "BASE_URL"), (model, "model", "MODEL")):
             if not value:
-                raise ValueError(
+                raise InputError(
                     f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}"
                 )
         names = ("concurrency", "timeout_s", "max_retries", "max_failed_requests", "extra_body")

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from medcritical import storage
+from medcritical.errors import InputError, MissingInputError
 from medcritical.pipelines.medcritical_pipeline import ClusterSettings, build_pipeline, image_names
 from medcritical.recipe import Recipe
 from medcritical.report import REPORT
@@ -142,7 +143,7 @@ def parse_params(params: list[str]) -> dict:
     for param in params:
         name, sep, value = param.partition("=")
         if not sep:
-            raise ValueError(f"--param {param!r}: expected NAME=VALUE, e.g. --param train_gpus=8")
+            raise InputError(f"--param {param!r}: expected NAME=VALUE, e.g. --param train_gpus=8")
         parsed[name.strip()] = yaml.safe_load(value)
     return parsed
 
@@ -173,7 +174,7 @@ def submit_run(
     if token_file:
         path = Path(token_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--token-file {token_file}: no such file (a bearer token for the KFP API)")
+            raise MissingInputError(f"--token-file {token_file}: no such file (a bearer token for the KFP API)")
         token = path.read_text(encoding="utf-8").strip()
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from medcritical.errors import InputError
 from medcritical.recipe import TINY, Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
 from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
 
@@ -90,7 +91,7 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
     except KeyError as e:
-        raise ValueError(f"{name}: config.json has no {e.args[0]!r}; is it a decoder-only (Qwen2/Llama) model?") from e
+        raise InputError(f"{name}: config.json has no {e.args[0]!r}; is it a decoder-only (Qwen2/Llama) model?") from e
 
 
 def model_shape(uri: str | None, recipe: Recipe, model_config: str | Path | None = None) -> ModelShape:
@@ -118,7 +119,7 @@ def model_shape(uri: str | None, recipe: Recipe, model_config: str | Path | None
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if name in KNOWN_SHAPES:
         return KNOWN_SHAPES[name]
-    raise ValueError(
+    raise InputError(
         f"{uri}: cannot read this model's config.json from here; pass --model-config PATH (its config.json) "
         f"or name a model of known shape ({', '.join(KNOWN_SHAPES)})"
     )
@@ -157,7 +158,7 @@ def zero_settings(value: str | None) -> tuple[int, bool]:
     if not path.is_file():
         stem = path.name.removesuffix(".json")
         if stem not in DEEPSPEED_NAMES:
-            raise ValueError(f"deepspeed: {value!r} is not here and not one of {', '.join(DEEPSPEED_NAMES)}")
+            raise InputError(f"deepspeed: {value!r} is not here and not one of {', '.join(DEEPSPEED_NAMES)}")
         path = _REPO_DEEPSPEED_DIR / f"{stem}.json"
     zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
@@ -416,7 +417,7 @@ def quantity(value) -> int:
     """A Kubernetes quantity ("96Gi", "500G", 1024) in bytes."""
     match = _QUANTITY.match(str(value).strip())
     if not match or match.group(2) not in _UNITS:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 96Gi")
+        raise InputError(f"{value!r} is not a Kubernetes quantity such as 96Gi")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 

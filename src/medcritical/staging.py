@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from medcritical import storage
+from medcritical.errors import MissingInputError
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling import resolve_model
 from medcritical.modeling.config import TINY
@@ -103,7 +104,7 @@ def local_input(uri: str) -> Path:
     """A local path for an input URI (S3 files and folders are downloaded once into the work dir)."""
     if not storage.is_s3(uri):
         if not Path(uri).exists():
-            raise FileNotFoundError(f"{uri}: no such input; run the step that writes it first")
+            raise MissingInputError(f"{uri}: no such input; run the step that writes it first")
         return Path(uri)
     with _work_lock():
         return storage.materialize(uri, work_dir() / "in" / hashlib.sha256(uri.encode()).hexdigest()[:16])
@@ -115,7 +116,7 @@ def input_file(uri: str, filename: str) -> Path:
     if path.is_dir():
         path = path / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{uri}: no {filename} there; is this the output of the right step?")
+        raise MissingInputError(f"{uri}: no {filename} there; is this the output of the right step?")
     return path
 
 
@@ -156,4 +157,4 @@ def check_model_uri(uri: str) -> None:
     """Fail before the work: a local model is a Hugging Face folder, a step folder holding model/, or a
     DPO round's pointer (s3:// models are checked when they are downloaded, first thing in the step)."""
     if uri and uri != TINY and not storage.is_s3(uri) and (problem := model_folder_problem(uri)):
-        raise FileNotFoundError(f"{uri}: {problem}")
+        raise MissingInputError(f"{uri}: {problem}")

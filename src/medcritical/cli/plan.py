@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from medcritical.cli.common import add_recipe_arguments
+from medcritical.errors import MissingInputError
 
 DEFAULT_MANIFESTS = Path("k8s/jobs")
 DEFAULT_PIPELINE = Path("pipelines/medcritical.yaml")
@@ -86,7 +87,7 @@ def _plan(args) -> int:
         paths = args.manifests or [DEFAULT_MANIFESTS]
         for path in paths:
             if not path.exists():
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"--manifests {path}: no such file or folder (run from the checkout's root, "
                     "or pass --manifests PATH or --no-manifests)"
                 )
@@ -97,7 +98,7 @@ def _plan(args) -> int:
 
             args.pipeline = Path(str(files("medcritical.pipelines") / "medcritical.yaml"))  # the installed copy
         if not args.pipeline.is_file():
-            raise FileNotFoundError(f"--pipeline {args.pipeline}: no such file; `medcritical compile` writes it")
+            raise MissingInputError(f"--pipeline {args.pipeline}: no such file; `medcritical compile` writes it")
         from medcritical.pipeline_runner import parse_params
 
         params = {**({"train_gpus": args.train_gpus} if args.train_gpus else {}), **parse_params(args.param)}

@@ -7,6 +7,7 @@ per-stage commands (`medcritical sft`, `medcritical dpo`, ...) say the same with
 from __future__ import annotations
 
 from medcritical.cli.common import add_recipe_arguments, add_restart_argument, recipe_from_args
+from medcritical.errors import InputError
 
 
 def add_parser(subparsers) -> None:
@@ -45,7 +46,7 @@ def _stage(args) -> None:
     for item in args.inputs:
         name, sep, uri = item.partition("=")
         if not sep or name not in stage.inputs:
-            raise ValueError(
+            raise InputError(
                 f"--input {item!r}: give NAME=URI with NAME one of the {stage.name} stage's inputs: "
                 f"{', '.join(stage.inputs) or '(none)'}"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medcritical.errors import InputError, MissingInputError
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON
 from medcritical.io.jsonl import read_jsonl
 from medcritical.stats import paired_comparison, paired_markdown
@@ -27,7 +28,7 @@ def evaluations_in(folder: str | Path) -> dict[str, Path]:
         return {folder.name: folder}
     found = {p.name: p for p in sorted(folder.glob("eval-*")) if _is_evaluation(p)}
     if not found:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder}: neither an evaluation folder ({GRADED_JSONL} and {REPORT_JSON}) nor a run folder with eval-* evaluations"
         )
     return found
@@ -47,11 +48,11 @@ def compare(first: str | Path, second: str | Path) -> list[dict]:
     else:
         pairs = [(a[name], b[name]) for name in a if name in b]
         if not pairs:
-            raise ValueError(f"{first} and {second} hold no evaluation of the same name ({sorted(a)} vs {sorted(b)})")
+            raise InputError(f"{first} and {second} hold no evaluation of the same name ({sorted(a)} vs {sorted(b)})")
     rows = []
     for x, y in pairs:
         if _protocol(x) != _protocol(y):
-            raise ValueError(
+            raise InputError(
                 f"{x} ({_protocol(x)}) and {y} ({_protocol(y)}) used different protocols; numbers of different protocols are never compared"
             )
         rows.append(

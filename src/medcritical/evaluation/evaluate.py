@@ -23,6 +23,7 @@ from pathlib import Path
 
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
+from medcritical.errors import InputError
 from medcritical.evaluation import judge as judging
 from medcritical.evaluation.config import EvaluateSection
 from medcritical.evaluation.metrics import summarize
@@ -88,7 +89,7 @@ def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: 
                 row = json.loads(line)
                 outputs[str(row["id"])] = str(row["output"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
+                raise InputError(
                     f"{predictions}: line {line_number}: expected a JSON object with 'id' and 'output' ({e})"
                 ) from e
     unknown = sorted(set(outputs) - known)
@@ -151,7 +152,7 @@ def check_loglik_backend(backend: str) -> None:
 
     cls = {"transformers": "TransformersGenerator", "vllm": "VLLMGenerator"}.get(backend)
     if not hasattr(getattr(generation, cls or "", None), "continuation_logprobs"):
-        raise ValueError(
+        raise InputError(
             f"evaluate.scoring 'loglik' needs continuation log-probabilities, which the {backend!r} generation "
             "backend does not offer here; use generation.backend: transformers or evaluate.scoring: generate"
         )
@@ -164,7 +165,7 @@ def end_of_turn(generator) -> str:
     if tokenizer is None and hasattr(generator, "llm"):  # vLLM
         tokenizer = generator.llm.get_tokenizer()
     if tokenizer is None or not tokenizer.eos_token:
-        raise ValueError("loglik scoring needs the model's end-of-sequence token; its tokenizer defines none")
+        raise InputError("loglik scoring needs the model's end-of-sequence token; its tokenizer defines none")
     return tokenizer.eos_token
 
 

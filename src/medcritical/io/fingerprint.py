@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from medcritical.errors import UserError
+from medcritical.errors import MissingInputError, UserError
 from medcritical.io.hashing import json_sha256, text_sha256
 from medcritical.io.manifest import MANIFEST_NAME, checksums
 
@@ -43,7 +43,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
         if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and p.name != MANIFEST_NAME
     )
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no model files to fingerprint (is this a Hugging Face model folder?)")
+        raise MissingInputError(f"{model_dir}: no model files to fingerprint (is this a Hugging Face model folder?)")
     run_dir = model_dir.parent
     if (run_dir / MANIFEST_NAME).is_file() and not (model_dir / MANIFEST_NAME).is_file():
         entries = checksums(run_dir, [f"{model_dir.name}/{f}" for f in files])

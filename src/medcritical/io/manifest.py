@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medcritical.errors import UserError
+from medcritical.errors import MissingInputError, UserError
 from medcritical.io.hashing import file_sha256
 
 MANIFEST_NAME = "_MANIFEST.json"
@@ -120,7 +120,7 @@ def verify_manifest(folder: str | Path) -> list[str]:
     folder = Path(folder)
     entries = read_manifest(folder)
     if entries is None:
-        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; the step that writes this folder did not finish")
+        raise MissingInputError(f"{folder}: no {MANIFEST_NAME}; the step that writes this folder did not finish")
     return [
         e.path
         for e in entries

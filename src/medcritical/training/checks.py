@@ -13,12 +13,14 @@ from pathlib import Path
 
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from medcritical.errors import InputError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 _PROBE = "ZQXJ probe answer"  # text that no template adds by itself, to find where the assistant turn ends
 
 
-class PreTrainingCheckError(ValueError):
+class PreTrainingCheckError(InputError):
     """An input that would train a broken model; the message names the input, the problem and the fix."""
 
 
@@ -109,7 +111,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     """The "messages" of each JSONL row (other keys are metadata and ignored), checked for an assistant turn."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such dataset file (the distill step writes it)")
+        raise MissingInputError(f"{path}: no such dataset file (the distill step writes it)")
     conversations, bad_lines = [], []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):

@@ -42,6 +42,7 @@ from transformers import AutoTokenizer, EarlyStoppingCallback, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
+from medcritical.errors import InputError, MissingInputError
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.io.hashing import file_sha256
 from medcritical.io.jsonl import read_jsonl
@@ -78,7 +79,7 @@ def read_pairs(path: str | Path) -> list[dict]:
     """Preference rows (TRL conversational format); metadata columns are dropped. Clear errors on bad rows."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pairs file (`medcritical rollout` writes pairs.jsonl)")
+        raise MissingInputError(f"{path}: no such pairs file (`medcritical rollout` writes pairs.jsonl)")
     pairs = []
     for number, row in enumerate(read_jsonl(path), start=1):
         bad = [
@@ -87,12 +88,12 @@ def read_pairs(path: str | Path) -> list[dict]:
             if not (isinstance(row.get(c), list) and row[c] and all("role" in m and "content" in m for m in row[c]))
         ]
         if bad:
-            raise ValueError(
+            raise InputError(
                 f"{path}: row {number}: {', '.join(bad)} must be a non-empty list of chat messages "
                 "({role, content}); pairs come from `medcritical rollout` / `medcritical pairs`"
             )
         if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
-            raise ValueError(f"{path}: row {number}: chosen and rejected must end with an assistant message")
+            raise InputError(f"{path}: row {number}: chosen and rejected must end with an assistant message")
         pairs.append({c: row[c] for c in PAIR_COLUMNS})
     return pairs
 
