@@ -9,8 +9,11 @@ errors. What is the project's own:
 - a request the endpoint failed after the retries (5xx, 429, timeout, connection, malformed body) is
   `endpoint_failed` and counted: past `max_failed_requests` the run stops (`EndpointFailures`), and
   a step ending with any calls `raise_if_failed`, so an outage is never a result;
-- the API key only in the Authorization header: never in logs, errors, `repr` or files (masked if a
-  server echoes it);
+- the API key only in the Authorization header: never in logs, errors, `repr` or files: a reply
+  that echoes it (or any other configured secret, io.secrets) has it masked before anyone sees it;
+- a 200 without `choices` is a malformed response (an endpoint failure); an endpoint that has not
+  given one usable reply and refuses (HTTP 400...) or answers empty every request of a call is an
+  `EndpointError`, not a run of rejected attempts;
 - reasoning read from `reasoning_content` (older vLLM, SGLang, DeepSeek) and `reasoning` (vLLM >= 0.10).
 
     client = ChatClient("http://qwq:8000/v1", "Qwen/QwQ-32B", api_key=None, concurrency=16)
@@ -103,6 +106,8 @@ class ChatClient:
         self.extra_body = dict(extra_body or {})  # sent with every request, e.g. {"chat_template_kwargs": ...}
         self.failures: Counter[str] = Counter()  # endpoint failures so far, by kind ("HTTP 503", "timed out")
         self._api_key = api_key or ""
+        register_secret(self._api_key)  # masked in every file written from now on
+        self.usable = 0  # replies with text so far; while 0, a call answered only by refusals is an error
         self._key_source = key_source  # named in the 401 message, so the user knows what to fix
 
     def __repr__(self) -> str:
@@ -226,7 +231,25 @@ class ChatClient:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+        self._check_any_usable(replies)  # type: ignore[arg-type]
         return replies  # type: ignore[return-value]
+
+    def _check_any_usable(self, replies: Sequence[ChatReply]) -> None:
+        """An endpoint that refuses or answers empty every request, and never answered before, is broken
+        (a setting it does not accept, a model that writes nothing): stop instead of recording it all as
+        rejected attempts or judge errors."""
+        usable = [r for r in replies if r.ok and (r.content.strip() or r.reasoning_content.strip())]
+        self.usable += len(usable)
+        answered = [r for r in replies if not r.endpoint_failed]
+        if self.usable or not answered or len(answered) < len(replies):
+            return
+        reasons = Counter(r.error or "an empty reply" for r in answered)
+        reason, count = reasons.most_common(1)[0]
+        raise EndpointError(
+            f"{self.endpoint} (model {self.model!r}) gave no usable reply to any of {len(replies)} requests "
+            f"({count} x {reason}); check the endpoint and the request settings it refuses (e.g. temperature, "
+            "max_tokens, extra_body), then rerun"
+        )
 
     def raise_if_failed(self, step: str) -> None:
         """End a step non-zero when any request failed for reasons of the endpoint."""
@@ -240,19 +263,22 @@ class ChatClient:
                 model=self.model, messages=messages, extra_body=body, extra_headers=self._headers
             )
             completion = raw.parse()
+            if not completion.choices:  # a 200 without choices: not an answer
+                raise ValueError("status 200 but no 'choices' in the body")
             choice = completion.choices[0]
+            message = choice.message
+            content, reasoning = message.content, _reasoning(message)
         except openai.APIStatusError as e:
             if e.status_code in FATAL_STATUSES:
                 raise self._fatal(e) from None
             return self._failed(e, started)
-        except (openai.APIError, ValueError, IndexError) as e:  # ValueError: a body that is not JSON
+        # ValueError: a body that is not JSON; the others: a JSON body without the fields of a completion
+        except (openai.APIError, ValueError, IndexError, TypeError, AttributeError) as e:
             return self._failed(e, started)
-        message, usage = choice.message, completion.usage
-        # vLLM >= 0.10 names the field "reasoning"; older vLLM, SGLang and DeepSeek "reasoning_content".
-        reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or ""
+        usage = completion.usage
         return ChatReply(
-            content=message.content or "",
-            reasoning_content=reasoning if isinstance(reasoning, str) else "",
+            content=mask_secrets(content) if isinstance(content, str) else "",
+            reasoning_content=mask_secrets(reasoning),
             finish_reason=choice.finish_reason,
             prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
             completion_tokens=(usage.completion_tokens or 0) if usage else 0,
@@ -310,5 +336,11 @@ class ChatClient:
 
     def _snippet(self, text: str, limit: int = 300) -> str:
         text = " ".join(str(text).split())
-        text = text[:limit] + ("..." if len(text) > limit else "") or "(empty body)"
-        return text.replace(self._api_key, "***") if self._api_key else text
+        text = mask_secrets(text.replace(self._api_key, "***") if self._api_key else text)
+        return text[:limit] + ("..." if len(text) > limit else "") or "(empty body)"
+
+
+def _reasoning(message) -> str:
+    # vLLM >= 0.10 names the field "reasoning"; older vLLM, SGLang and DeepSeek "reasoning_content".
+    reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or ""
+    return reasoning if isinstance(reasoning, str) else ""
