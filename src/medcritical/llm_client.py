@@ -37,6 +37,7 @@ import openai
 from tqdm.auto import tqdm
 
 from medcritical.errors import InputError, UserError
+from medcritical.io.secrets import mask_secrets, register_secret
 
 log = logging.getLogger(__name__)
 
