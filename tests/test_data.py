@@ -269,7 +269,9 @@ def test_stray_bytes_make_only_their_rows_bad(tmp_path):
     result = load_questions(path)
     assert [q.id for q in result.questions] == ["1", "2"]  # ids (row numbers) unchanged
     (bad,) = result.bad_rows
-    assert bad.row == 2 and "line 4 is not UTF-8 (byte b'\\xff' at column 3)" in bad.reason  # the record starts on line 2
+    assert (
+        bad.row == 2 and "line 4 is not UTF-8 (byte b'\\xff' at column 3)" in bad.reason
+    )  # the record starts on line 2
     with pytest.raises(DataError, match=r"line 2: line 4 is not UTF-8 .*fix the bytes or delete the line.*on_bad_row"):
         load_questions(path, on_bad_row="error")
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from medcritical import storage
 from medcritical.errors import MissingInputError
+from medcritical.io.manifest import check_integrity
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling import resolve_model
+from medcritical.modeling.check import check_model_folder
 from medcritical.modeling.config import TINY
 from medcritical.recipe import Recipe
 from medcritical.stage import Stage
@@ -117,6 +119,7 @@ def input_file(uri: str, filename: str) -> Path:
         path = path / filename
     if not path.is_file():
         raise MissingInputError(f"{uri}: no {filename} there; is this the output of the right step?")
+    check_integrity(path.parent, under=path.name)  # unchanged since its step wrote it (when it has a manifest)
     return path
 
 
@@ -158,3 +161,6 @@ def check_model_uri(uri: str) -> None:
     DPO round's pointer (s3:// models are checked when they are downloaded, first thing in the step)."""
     if uri and uri != TINY and not storage.is_s3(uri) and (problem := model_folder_problem(uri)):
         raise MissingInputError(f"{uri}: {problem}")
+    if uri and uri != TINY and not storage.is_s3(uri) and not (Path(uri) / MODEL_POINTER).is_file():
+        folder = Path(uri) / "model" if (Path(uri) / "model" / "config.json").is_file() else Path(uri)
+        check_model_folder(folder)  # loadable, and unchanged since its step wrote it

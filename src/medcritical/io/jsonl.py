@@ -32,6 +32,12 @@ class JsonlError(UserError, ValueError):
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """All records of `path` ([] when it does not exist); a torn last line is dropped with a warning."""
+    return [record for _, record in numbered_records(path)]
+
+
+def numbered_records(path: str | Path, *, torn_tail: bool = True) -> list[tuple[int, dict]]:
+    """(1-based line number, record) of every record of `path`, by the rules of `read_jsonl`;
+    `torn_tail=False` for a file the user wrote: a bad last line is an error there too."""
     path = Path(path)
     if path.is_dir():
         raise JsonlError(f"{path}: is a folder, not a JSONL file; give the file itself")
@@ -53,7 +59,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            if not any(rest.strip() for rest in lines[number:]):
+            if torn_tail and not any(rest.strip() for rest in lines[number:]):
                 log.warning(
                     "%s: dropping the torn last line %d (an interrupted write); it will be redone", path, number
                 )
@@ -67,19 +73,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 f"{path}: line {number} is a JSON {_json_type(record)} ({_snippet(line)}), not an object; "
                 'each line must be one object such as {"id": ..., ...}: fix or delete that line'
             )
-        records.append(record)
+        records.append((number, record))
     return records
 
 
-def read_input_jsonl(path: str | Path, what: str) -> list[dict]:
-    """The records of a JSONL file the user names (`what` says which, e.g. "--predictions"): it must
-    exist and be a file; the same rules as `read_jsonl` for its lines."""
+def read_input_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, record) of a JSONL file the user names (`what` says which, e.g. "--predictions"):
+    it must exist and be a file; the same rules as `read_jsonl` for its lines."""
     path = Path(path)
     if not path.exists():
         raise MissingInputError(f"{what} {path}: no such file; check the path")
     if not path.is_file():
         raise JsonlError(f"{what} {path}: is a folder, not a JSONL file; give the file itself")
-    return read_jsonl(path)
+    return numbered_records(path, torn_tail=False)
 
 
 def _json_type(value) -> str:
