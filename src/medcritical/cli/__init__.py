@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from medcritical import __version__
-from medcritical.errors import UserError, explain_os_error
+from medcritical.errors import InputError, UserError, explain_os_error
 
 # In the order data flows through the steps, as `medcritical --help` lists them.
 COMMANDS = (
@@ -25,6 +25,27 @@ COMMANDS = (
     "medcritical.cli.plan",
     "medcritical.cli.stage",
 )
+
+
+# Metavars of the arguments that name a file, folder or URI (NAME=URI: the part after '=').
+PATH_METAVARS = {"DIR", "FILE", "PATH", "URI", "YAML", "RUN_A", "RUN_B", "NAME=URI", "NAME=DIR"}
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """A blank path, or a malformed s3 URI (`s3:/bucket/x`), is refused for every command before any
+    work: a blank --output would write into the current folder, `s3:/b/x` into a local folder `s3:`."""
+    from medcritical.section import check_uri
+
+    for dest, option, metavar in getattr(args, "_paths", ()):
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str):
+                continue
+            uri = value.partition("=")[2] if "=" in metavar else value  # NAME=URI: the URI
+            try:
+                check_uri(uri, "a path")
+            except ValueError as e:
+                raise InputError(f"{option} {value!r}: {e}") from None
 
 
 def user_error(error: BaseException) -> UserError | None:
@@ -58,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMANDS:
         importlib.import_module(module).add_parser(subparsers)
     for command in subparsers.choices.values():
+        # Arguments that name a file, folder or URI: checked alike for every command (see check_paths).
+        paths = [(a.dest, (a.option_strings or [a.dest])[0], a.metavar) for a in command._actions]
+        command.set_defaults(_paths=[p for p in paths if p[2] in PATH_METAVARS])
         # -v after the command name too (`medcritical evaluate -v ...`); SUPPRESS keeps one given before it.
         command.add_argument(
             "-v",
@@ -77,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        check_paths(args)
         result = args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
