@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from medcritical import storage
-from medcritical.errors import MissingInputError
+from medcritical.errors import MissingInputError, UserError
 from medcritical.io.manifest import check_integrity
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling import resolve_model
@@ -97,7 +97,16 @@ def local_output(output_uri: str, keep_local: Sequence[str] = ()) -> Iterator[Pa
     folders named in `keep_local` (resume state such as checkpoints)."""
     path = local_output_path(output_uri)
     path.mkdir(parents=True, exist_ok=True)
-    yield path
+    try:
+        yield path
+    except UserError as e:  # a message about an S3 output names its URI, not the local scratch folder
+        if not (storage.is_s3(output_uri) and str(path) in str(e)):
+            raise
+        try:
+            renamed = type(e)(str(e).replace(str(path), output_uri))
+        except TypeError:  # an error type made from other arguments: as it is
+            raise e from None
+        raise renamed from e
     if storage.is_s3(output_uri) and is_main_process():
         storage.upload(path, output_uri, exclude_dirs=tuple(keep_local))
 
