@@ -11,9 +11,10 @@ errors. What is the project's own:
   a step ending with any calls `raise_if_failed`, so an outage is never a result;
 - the API key only in the Authorization header: never in logs, errors, `repr` or files: a reply
   that echoes it (or any other configured secret, io.secrets) has it masked before anyone sees it;
-- a 200 without `choices` is a malformed response (an endpoint failure); an endpoint that has not
-  given one usable reply and refuses (HTTP 400...) or answers empty every request of a call is an
-  `EndpointError`, not a run of rejected attempts;
+- a 200 without `choices` is a malformed response (an endpoint failure); an endpoint that refuses
+  (HTTP 400...) or answers empty every request is an `EndpointError`, not a run of rejected attempts
+  or judge errors: at once after `EARLY_REFUSALS` such replies with no usable one, else at the step's
+  end (`raise_if_failed`);
 - reasoning read from `reasoning_content` (older vLLM, SGLang, DeepSeek) and `reasoning` (vLLM >= 0.10).
 
     client = ChatClient("http://qwq:8000/v1", "Qwen/QwQ-32B", api_key=None, concurrency=16)
@@ -49,6 +50,11 @@ FATAL_STATUSES = {
     403: "the API key may not use this model",
     404: "no such endpoint or model (base_url usually ends in /v1; check the model name)",
 }
+
+
+# Refused requests and empty replies, with no usable reply before them, that stop a run at once
+# (the rest of the run would be refused the same way); fewer are judged at the step's end.
+EARLY_REFUSALS = 3
 
 
 class EndpointError(UserError, RuntimeError):
@@ -108,7 +114,8 @@ class ChatClient:
         self.failures: Counter[str] = Counter()  # endpoint failures so far, by kind ("HTTP 503", "timed out")
         self._api_key = api_key or ""
         register_secret(self._api_key)  # masked in every file written from now on
-        self.usable = 0  # replies with text so far; while 0, a call answered only by refusals is an error
+        self.usable = 0  # replies with text so far; while 0, refusals and empty replies add up to an error
+        self.unusable: Counter[str] = Counter()  # refused requests and empty replies so far, by reason
         self._key_source = key_source  # named in the 401 message, so the user knows what to fix
 
     def __repr__(self) -> str:
@@ -239,23 +246,30 @@ class ChatClient:
         """An endpoint that refuses or answers empty every request, and never answered before, is broken
         (a setting it does not accept, a model that writes nothing): stop instead of recording it all as
         rejected attempts or judge errors."""
-        usable = [r for r in replies if r.ok and (r.content.strip() or r.reasoning_content.strip())]
-        self.usable += len(usable)
-        answered = [r for r in replies if not r.endpoint_failed]
-        if self.usable or not answered or len(answered) < len(replies):
-            return
-        reasons = Counter(r.error or "an empty reply" for r in answered)
-        reason, count = reasons.most_common(1)[0]
-        raise EndpointError(
-            f"{self.endpoint} (model {self.model!r}) gave no usable reply to any of {len(replies)} requests "
-            f"({count} x {reason}); check the endpoint and the request settings it refuses (e.g. temperature, "
-            "max_tokens, extra_body), then rerun"
+        for reply in replies:
+            if reply.ok and (reply.content.strip() or reply.reasoning_content.strip()):
+                self.usable += 1
+            elif not reply.endpoint_failed:
+                self.unusable[reply.error or "an empty reply"] += 1
+        if not self.usable and sum(self.unusable.values()) >= EARLY_REFUSALS:
+            raise self._unusable_error()
+
+    def _unusable_error(self) -> EndpointError:
+        total = sum(self.unusable.values())
+        how = ", ".join(f"{n} x {reason}" for reason, n in self.unusable.most_common(3))
+        return EndpointError(
+            f"{self.endpoint} (model {self.model!r}) gave no usable reply to any of {total} request"
+            f"{'s' if total != 1 else ''} ({how}); check the endpoint and the request settings it may refuse "
+            "(temperature, max_tokens, extra_body) or the model it serves, then rerun"
         )
 
     def raise_if_failed(self, step: str) -> None:
-        """End a step non-zero when any request failed for reasons of the endpoint."""
+        """End a step non-zero when any request failed for reasons of the endpoint, or when not one
+        reply of the step was usable (every request refused or answered empty)."""
         if self.failures:
             raise self._failures_error(step)
+        if not self.usable and self.unusable:
+            raise self._unusable_error()
 
     async def _request(self, sdk: openai.AsyncOpenAI, messages: Messages, body: dict) -> ChatReply:
         started = time.monotonic()

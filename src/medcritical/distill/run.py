@@ -111,10 +111,10 @@ def distill(
     )
     if not stats["accepted"]:
         log.warning("no trace was accepted: the SFT set is empty; see %s for the reasons", output_dir / REJECTED_FILE)
+    if hasattr(teacher, "raise_if_failed"):  # an outage, or a teacher refusing everything, is never a result
+        teacher.raise_if_failed()
     if run.failed:
         # An outage is never a result: end non-zero; the rerun asks exactly the failed requests.
-        if hasattr(teacher, "raise_if_failed"):
-            teacher.raise_if_failed()
         raise EndpointFailures(
             f"distill: requests for {len(run.failed)} questions failed at the teacher; rerun the same command to continue"
         )
