@@ -183,6 +183,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             f"{path}: not UTF-8 text (line {line}, byte {e.start}); save the recipe as UTF-8 "
             "(e.g. iconv -f GBK -t UTF-8)"
         ) from None
+    if not text.strip() or all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()):
+        raise RecipeError(
+            f"{path}: the recipe is empty; leave --recipe out for the defaults, or start from recipes/demo.yaml"
+        )
     return _validate(_parse_yaml(text, str(path)), str(path), overrides)
 
 

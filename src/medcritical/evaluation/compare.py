@@ -34,6 +34,41 @@ def evaluations_in(folder: str | Path) -> dict[str, Path]:
     return found
 
 
+def _same_questions(x: Path, y: Path) -> None:
+    """Refuse two evaluations of different questions or different gold answers: a paired test over them
+    would compare nothing. Their fingerprints' question hashes must agree (when both have one), every
+    question both graded must have the same gold answer, and without fingerprints the question sets must
+    be the same."""
+    prints = [_fingerprint(p).get("questions") for p in (x, y)]
+    if all(prints) and prints[0] != prints[1]:
+        raise InputError(
+            f"{x} and {y} evaluated different questions (question hashes {prints[0][:12]} vs {prints[1][:12]}); "
+            "compare evaluations of the same question file"
+        )
+    gold = [{str(r["id"]): r.get("gold") for r in read_jsonl(p / GRADED_JSONL)} for p in (x, y)]
+    differing = sorted(i for i in gold[0].keys() & gold[1].keys() if gold[0][i] != gold[1][i])
+    if differing:
+        i = differing[0]
+        raise InputError(
+            f"{x} and {y} have different gold answers for {len(differing)} questions (id {i!r}: {gold[0][i]!r} vs "
+            f"{gold[1][i]!r}); compare evaluations of the same question file"
+        )
+    if not any(prints) and gold[0].keys() != gold[1].keys():
+        only = sorted(gold[0].keys() ^ gold[1].keys())
+        raise InputError(
+            f"{x} and {y} graded different questions ({len(only)} ids in only one, e.g. {only[0]!r}); compare "
+            "evaluations of the same question file"
+        )
+
+
+def _fingerprint(path: Path) -> dict:
+    try:
+        record = json.loads((path / "fingerprint.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _protocol(path: Path) -> str:
     report = json.loads((path / REPORT_JSON).read_text(encoding="utf-8"))
     return f"{report['protocol']} ({report.get('scoring', '-')})"
@@ -55,6 +90,7 @@ def compare(first: str | Path, second: str | Path) -> list[dict]:
             raise InputError(
                 f"{x} ({_protocol(x)}) and {y} ({_protocol(y)}) used different protocols; numbers of different protocols are never compared"
             )
+        _same_questions(x, y)
         rows.append(
             {
                 "first": str(x),
