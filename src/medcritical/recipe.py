@@ -162,6 +162,9 @@ def _parse_yaml(text: str, source: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None:  # where the unclosed bracket or quote opened
+            problem += f" ({context} at line {start.line + 1})"
         raise RecipeError(f"{source}: not valid YAML{where}: {problem}; fix the recipe there") from None
 
 

@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from medcritical import __version__
-from medcritical.errors import InputError, UserError, explain_os_error
+from medcritical.errors import UserError, explain_os_error
 
 # In the order data flows through the steps, as `medcritical --help` lists them.
 COMMANDS = (
@@ -31,21 +31,25 @@ COMMANDS = (
 PATH_METAVARS = {"DIR", "FILE", "PATH", "URI", "YAML", "RUN_A", "RUN_B", "NAME=URI", "NAME=DIR"}
 
 
-def check_paths(args: argparse.Namespace) -> None:
-    """A blank path, or a malformed s3 URI (`s3:/bucket/x`), is refused for every command before any
-    work: a blank --output would write into the current folder, `s3:/b/x` into a local folder `s3:`."""
-    from medcritical.section import check_uri
+def checked_path(convert, metavar: str):
+    """The argument type of a file, folder or URI argument: a blank path, or a malformed s3 URI
+    (`s3:/bucket/x`), is refused for every command before any work (a blank --output would write into
+    the current folder, `s3:/b/x` into a local folder `s3:`); then the argument's own type, if any."""
 
-    for dest, option, metavar in getattr(args, "_paths", ()):
-        values = getattr(args, dest, None)
-        for value in values if isinstance(values, list) else [values]:
-            if not isinstance(value, str):
-                continue
-            uri = value.partition("=")[2] if "=" in metavar else value  # NAME=URI: the URI
-            try:
-                check_uri(uri, "a path")
-            except ValueError as e:
-                raise InputError(f"{option} {value!r}: {e}") from None
+    def check(value: str):
+        from medcritical.section import check_uri
+
+        try:
+            check_uri(value.partition("=")[2] if "=" in metavar else value, "a path")  # NAME=URI: the URI
+        except ValueError as e:
+            message = str(e)
+            raise argparse.ArgumentTypeError(
+                message if message.startswith(value) and value else f"{value!r} {message}"
+            ) from None
+        return convert(value) if convert is not None else value
+
+    check.__name__ = getattr(convert, "__name__", "path")
+    return check
 
 
 def user_error(error: BaseException) -> UserError | None:
@@ -79,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMANDS:
         importlib.import_module(module).add_parser(subparsers)
     for command in subparsers.choices.values():
-        # Arguments that name a file, folder or URI: checked alike for every command (see check_paths).
-        paths = [(a.dest, (a.option_strings or [a.dest])[0], a.metavar) for a in command._actions]
-        command.set_defaults(_paths=[p for p in paths if p[2] in PATH_METAVARS])
+        for action in command._actions:  # arguments that name a file, folder or URI: checked alike
+            if action.metavar in PATH_METAVARS:
+                action.type = checked_path(action.type, action.metavar)
         # -v after the command name too (`medcritical evaluate -v ...`); SUPPRESS keeps one given before it.
         command.add_argument(
             "-v",
@@ -101,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        check_paths(args)
         result = args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
