@@ -99,8 +99,9 @@ def _cases():
         kinds = ["missing", "directory", "empty", "not-utf8"]
         if suffix == ".jsonl":
             kinds += [f"line-{text}" for text in NOT_OBJECTS] + ["torn-middle"]
-        if command == "sft" or command == "dpo":  # each needs the tiny model first: the kinds that differ
-            kinds = ["missing", "directory", "empty", "line-5"]
+        if command in ("sft", "dpo"):  # each loads the tiny model first: the kinds that differ
+            kinds = ["missing", "directory", "not-utf8", "line-5"] + (["empty"] if command == "sft" else [])
+            # (an empty pairs file is a round whose rollout found nothing to correct: DPO is skipped, by design)
         for kind in kinds:
             yield pytest.param(command, option, suffix, rest, kind, id=f"{command}{option}-{kind}")
 
