@@ -49,16 +49,20 @@ _OS_FIXES = {
 }
 
 
-def explain_os_error(error: BaseException) -> UserError | None:
+def explain_os_error(error: BaseException, where: str | None = None) -> UserError | None:
     """The user-fixable form of an operating system error about a path (disk full, read-only,
     permission denied, a file where a folder should be); None for anything else.
 
     These come from wherever the disk is written (a checkpoint, a JSONL log, a report), so they are
-    translated once, where the command ends, naming the path the system named."""
+    translated once, where the command ends, naming the path the system named (or `where`, the
+    output being written, when it named none)."""
     if not isinstance(error, OSError) or isinstance(error, UserError):
         return None
     fix = _OS_FIXES.get(error.errno or 0)
     if fix is None:
         return None
-    where = error.filename if error.filename is not None else "a file"
-    return OutputError(f"{os.fsdecode(where)}: {fix}")
+    if error.filename is not None:
+        where = os.fsdecode(error.filename)
+    elif where is not None:  # a failed write() names no file: the output being written
+        where = f"writing {where}"
+    return OutputError(f"{where or 'writing a file'}: {fix}")

@@ -52,7 +52,7 @@ def checked_path(convert, metavar: str):
     return check
 
 
-def user_error(error: BaseException) -> UserError | None:
+def user_error(error: BaseException, output: str | None = None) -> UserError | None:
     """The error as the user's to fix (printed as one sentence, exit 2), or None: a bug (traceback, exit 1).
 
     Only the project's own `UserError`s qualify, and the operating system's word that an output
@@ -60,7 +60,7 @@ def user_error(error: BaseException) -> UserError | None:
     written. A ValueError or FileNotFoundError from anywhere else is unexpected."""
     if isinstance(error, UserError):
         return error
-    return explain_os_error(error)
+    return explain_os_error(error, output)
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        shown = user_error(e)
+        shown = user_error(e, getattr(args, "output", None))
         if shown is None:
             traceback.print_exc()
             print(

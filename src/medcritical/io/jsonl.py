@@ -111,11 +111,17 @@ def append_jsonl(records: Iterable[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = "".join(map(_line, records)).encode("utf-8")
-    with path.open("ab+") as f:
+    with path.open("ab+", buffering=0) as f:  # unbuffered: a failed write is known here, not at close
         _cut_torn_tail(f, path)
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+        start = f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[f.write(view) :]
+            os.fsync(f.fileno())
+        except OSError as e:  # a full disk: leave no torn line behind, and name the file
+            os.ftruncate(f.fileno(), start)
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _cut_torn_tail(f, path: Path) -> None:
@@ -151,6 +157,8 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise

@@ -132,6 +132,15 @@ def _check_tokenizer(folder: Path) -> None:
             f"{folder}: the tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
             "the folder needs the model's tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)"
         ) from None
+    try:
+        empty = len(tokenizer) == 0 or not tokenizer("答案 answer")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot tokenize is as good as none
+        empty = True
+    if empty:  # transformers builds an empty tokenizer when the files are missing
+        raise ModelFolderError(
+            f"{folder}: no tokenizer (the tokenizer is empty: tokenizer.json or tokenizer.model is missing); "
+            "copy the model's tokenizer files into the folder"
+        )
     if not getattr(tokenizer, "chat_template", None):
         raise ModelFolderError(
             f"{folder}: the tokenizer has no chat template; add the model's chat_template.jinja (or "
