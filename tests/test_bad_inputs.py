@@ -483,3 +483,27 @@ def _many_questions():
     from medcritical.data.bundled import bundled_questions
 
     return bundled_questions()[:200]
+
+
+# -- the cluster commands' own files and endpoint ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not-json", "not-object", "not-utf8"])
+def test_plan_refuses_a_bad_model_config(kind, tmp_path, capsys):
+    path = {"missing": tmp_path / "none.json", "directory": tmp_path / "empty-folder"}.get(kind, tmp_path / "c.json")
+    if kind == "directory":
+        path.mkdir()
+    elif kind != "missing":
+        path.write_bytes({"not-json": b"{model_type: qwen2", "not-object": b"[1]", "not-utf8": GBK}[kind])
+    assert_refused(["plan", "--model-config", str(path), "--no-manifests", "--no-pipeline"], capsys, "--model-config")
+
+
+def test_plan_refuses_manifests_that_are_not_yaml(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text("kind: Job\nspec: [unclosed\n", encoding="utf-8")
+    assert_refused(["plan", "--manifests", str(path), "--no-pipeline"], capsys, str(path), "not valid YAML")
+
+
+@pytest.mark.parametrize("host", ["notaurl", "ftp://kfp.example", "http://", "http://127.0.0.1:9"])
+def test_submit_refuses_a_host_that_is_no_reachable_url(host, capsys):
+    assert_refused(["submit", "--host", host], capsys, "--host", host)
