@@ -385,3 +385,27 @@ def test_a_teacher_echoing_its_key_leaves_it_in_no_file(bundled, tmp_path, monke
         text = path.read_text(encoding="utf-8")
         assert TEACHER_KEY not in text, path
     assert "***" in (tmp_path / "distill_raw.jsonl").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("reply", ["", "我觉得对"], ids=["empty", "no-verdict"])
+def test_a_judge_that_never_gives_a_verdict_fails_the_evaluation_not_0_of_0(
+    reply, tmp_path, tiny_model, bundled, monkeypatch
+):
+    """Every judge reply empty (an endpoint failure) or without a verdict: no accuracy of 0 of 0, no report."""
+    from medcritical.errors import StepError
+    from medcritical.evaluation.evaluate import evaluate_model
+    from medcritical.modeling.config import GenerationSection
+    from tests.test_judge import paper_config
+
+    monkeypatch.delenv("MEDCRITICAL_JUDGE_API_KEY", raising=False)
+    expected = pytest.raises((EndpointError, StepError), match="no usable reply|no verdict for any of 3 questions")
+    with StandInEndpoint(lambda body, count: completion(reply)) as endpoint, expected:
+        evaluate_model(
+            paper_config(endpoint.base_url),
+            GenerationSection(max_new_tokens=4),
+            bundled[:3],
+            tiny_model,
+            tmp_path,
+            device="cpu",
+        )
+    assert not (tmp_path / "report.json").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
-from medcritical.errors import InputError
+from medcritical.errors import InputError, StepError
 from medcritical.evaluation import judge as judging
 from medcritical.evaluation.config import EvaluateSection
 from medcritical.evaluation.metrics import summarize
@@ -320,6 +320,12 @@ def evaluate_model(
         graded = judging.grade_with_judge(protocol, questions, outputs, judge)
         # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
         judged = [row for row in graded if row["verdict"] is not None]
+        if graded and not judged:  # not an accuracy of 0 of 0: the judge is not doing its job
+            raise StepError(
+                f"the judge ({config.judge.model}) gave no verdict for any of {len(graded)} questions (first: "
+                f"{graded[0].get('error') or 'no verdict'}); its replies are in {Path(output_dir) / judging.JUDGEMENTS_JSONL}: "
+                "check evaluate.judge (model, verdict_constraint, max_tokens), then rerun with --restart"
+            )
         judged_ids = {row["id"] for row in judged}
         report = _report(
             protocol,
