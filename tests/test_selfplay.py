@@ -57,9 +57,11 @@ def assert_chosen_answers_stand_alone(rollout_dir):
         assert not [m for m in BACK_REFERENCES if m.lower() in chosen.lower()], chosen
         assert "</think>" in chosen and "答案" in chosen.rpartition("</think>")[2], chosen
     by_key = {(c["question_id"], c["sample"]): c for c in read_jsonl(rollout_dir / "corrections.jsonl")}
-    for pair in corrections:  # the chosen text is the student's rewrite, not the correction itself
+    for pair in corrections:  # the chosen text is the student's rewrite of the accepted correction
         record = by_key[(pair["question_id"], pair["rejected_sample"])]
-        assert pair["chosen"][0]["content"] == record["chosen"] != record["correction"]
+        accepted = record["attempts"][-1]
+        assert accepted["accepted"] and record["correction"] in [v["text"] for v in accepted["votes"]]
+        assert pair["chosen"][0]["content"] == record["chosen"] == accepted["rewrite"]["text"]
 
 
 def cli(*args, overrides=TINY_STAGE2):

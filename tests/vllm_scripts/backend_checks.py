@@ -13,7 +13,15 @@ import json
 import sys
 from pathlib import Path
 
-from checks_common import SAMPLING, correction_config, distill_config, evaluation_configs, questions, rollout_config
+from checks_common import (
+    CUT_LENGTHS,
+    SAMPLING,
+    correction_config,
+    distill_config,
+    evaluation_configs,
+    questions,
+    rollout_config,
+)
 
 
 def texts(completions):
@@ -62,6 +70,11 @@ def main(model: Path, work: Path) -> dict:
         seed=7,
         chunk_size=4,
     )
+
+    # Greedy generation stopped by the length limit after 1..16 tokens: most cuts split a CJK character's bytes.
+    out["greedy_cuts"] = {
+        length: texts(generator.generate(prompts, keys=keys, max_new_tokens=length)) for length in CUT_LENGTHS
+    }
 
     # Evaluation: greedy generation, and loglik through prompt_logprobs.
     out["evaluation"] = {}

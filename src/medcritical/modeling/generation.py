@@ -303,7 +303,15 @@ class VLLMGenerator:
         log.info("%s: %d prompts x %d samples (vLLM)", desc, len(prompts), n)
         raw = bool(requests) and isinstance(requests[0], str)  # raw prompts skip the chat template
         outputs = (self.llm.generate if raw else self.llm.chat)(requests, params, use_tqdm=False)
-        completions = [Completion(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+        # The text is decoded from the token ids exactly as the transformers backend decodes them: vLLM's own
+        # incremental detokenizer holds back an unfinished UTF-8 character where max_tokens cuts one (a byte-level
+        # BPE splits most CJK characters), while a plain decode writes it as U+FFFD.
+        completions = [
+            Completion(
+                self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True), len(o.outputs[0].token_ids)
+            )
+            for o in outputs
+        ]
         return [
             [c for c in completions[i * copies : (i + 1) * copies] for _ in range(n // copies)]
             for i in range(len(prompts))
