@@ -233,6 +233,28 @@ def test_every_numeric_key_refuses_out_of_range_and_wrong_types(key, low, high, 
         assert key in message and "\n" not in message, message
 
 
+def _choice_keys(model: type[BaseModel] = Recipe, prefix: str = ""):
+    """(dotted key, allowed values) of every field that takes one of a fixed set of values."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        args = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
+        if isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            yield from _choice_keys(args[0], key + ".")
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            yield key, typing.get_args(field.annotation)
+
+
+CHOICE_KEYS = list(_choice_keys())
+
+
+@pytest.mark.parametrize("key,allowed", CHOICE_KEYS, ids=[k for k, _ in CHOICE_KEYS])
+def test_every_choice_key_refuses_a_value_not_among_its_choices(key, allowed):
+    for value in ("bogus", "5", "[a]", "true"):
+        with pytest.raises(RecipeError) as error:
+            load_recipe(None, [f"{key}={value}"])
+        assert key in str(error.value) and repr(allowed[0]) in str(error.value), str(error.value)
+
+
 def test_every_command_refuses_a_bad_recipe_value_with_exit_2(ws, tmp_path, capsys):
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     for command, parser in subparsers.choices.items():

@@ -13,10 +13,18 @@ from medcritical.storage.errors import StorageError
 from medcritical.storage.uris import is_s3, parse_s3_uri
 
 
-def _accepts_bool(annotation: Any) -> bool:
-    if annotation is bool or annotation is Any:
-        return True
-    return any(_accepts_bool(arg) for arg in typing.get_args(annotation))
+def _types(annotation: Any) -> set:
+    """Every type in an annotation (`int | None` -> {int, NoneType})."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return {typing.Literal}
+    return set().union(*map(_types, args)) if args else {annotation}
+
+
+def _counts_or_rates(annotation: Any) -> bool:
+    """A numeric field that takes no true/false (pydantic would read true as 1)."""
+    types = _types(annotation)
+    return bool(types & {int, float}) and bool not in types and Any not in types
 
 
 class Section(BaseModel):
@@ -30,8 +38,8 @@ class Section(BaseModel):
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) and info.field_name:
             field = cls.model_fields.get(info.field_name)
-            if field is not None and not _accepts_bool(field.annotation):
-                raise ValueError(f"{str(value).lower()} is not a valid value here (a number or text is expected)")
+            if field is not None and _counts_or_rates(field.annotation):
+                raise ValueError(f"{str(value).lower()} is not a number; give a number")
         return value
 
 
