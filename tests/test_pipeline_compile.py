@@ -287,7 +287,7 @@ def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, m
 
 def test_a_model_of_unknown_shape_still_compiles_at_the_minimum_sizes(tmp_path):
     """The plan cannot size a model it knows nothing of; compiling must not need its config.json."""
-    recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://b/models/Mystery-3B"])
+    recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://bkt/models/Mystery-3B"])
     pipeline_doc, executors = _docs(compile_pipeline(recipe, tmp_path / "p.yaml"))
     assert executors["exec-sft"]["genericEphemeralVolume"][0]["size"] == "400Gi"
     assert "train_memory" in json.dumps(pipeline_doc["root"]["inputDefinitions"])
