@@ -20,7 +20,6 @@ SECRET_ENV = (
     "MEDCRITICAL_JUDGE_API_KEY",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
-    "KFP_TOKEN",
 )
 # Shorter values would mask ordinary words and digits; no real key is this short.
 MIN_LENGTH = 6
