@@ -1,4 +1,4 @@
-"""DPO with TRL on real self-play pairs of the tiny format model: margin, reference, resume, no pairs."""
+"""DPO with TRL on real self-play pairs of the tiny scripted model: margin, reference, resume, no pairs."""
 
 import copy
 import json
@@ -32,7 +32,8 @@ def pairs_dir(format_model, selfplay_questions, tmp_path_factory):
         pairs=PairsSection(heldout_fraction=0.2, max_pairs_per_question=4),
     )
     stats = run_rollout(config, GenerationSection(), selfplay_questions, format_model, output, device="cpu")
-    assert stats["pairs"]["train_pairs"] >= 40 and stats["pairs"]["heldout_pairs"] >= 8
+    # The scripted model corrects the 10 questions whose gold is B (4 wrong samples each, tests/fixtures/selfplay.py).
+    assert stats["pairs"]["train_pairs"] >= 20 and stats["pairs"]["heldout_pairs"] >= 4
     return output
 
 
