@@ -111,8 +111,8 @@ def test_each_bad_row_kind_is_reported_with_file_row_and_reason(tmp_path, row, r
     result = load_questions(path, on_bad_row="skip")
     assert [q.id for q in result.questions] == ["0", "2"]  # ids stay the file's row numbers
     (bad,) = result.bad_rows
-    assert (bad.file, bad.row, bad.reason) == (str(path), 1, reason)
-    with pytest.raises(DataError, match=rf"bad.xlsx: row 1: {re.escape(reason)}.*on_bad_row"):
+    assert (bad.file, bad.row, bad.reason) == (str(path), 3, reason)  # the sheet row, header = row 1
+    with pytest.raises(DataError, match=rf"bad.xlsx: row 3: {re.escape(reason)}.*on_bad_row"):
         load_questions(path, on_bad_row="error")
 
 
@@ -141,7 +141,7 @@ def test_real_cmexam_validation_split():
     result = load_questions(VAL)
     # 6,811 rows; one has the answer 'N' (not an option) and is reported, not silently dropped.
     assert len(result.questions) + len(result.bad_rows) == 6811
-    assert [(b.row, b.reason) for b in result.bad_rows] == [(5356, "answer letter(s) N not among options ABCDE")]
+    assert [(b.row, b.reason) for b in result.bad_rows] == [(5358, "answer letter(s) N not among options ABCDE")]
     assert sum(q.is_multi_answer for q in result.questions) == 210
     assert {len(q.options) for q in result.questions} == {4, 5}
 
@@ -269,8 +269,10 @@ def test_stray_bytes_make_only_their_rows_bad(tmp_path):
     result = load_questions(path)
     assert [q.id for q in result.questions] == ["1", "2"]  # ids (row numbers) unchanged
     (bad,) = result.bad_rows
-    assert bad.row == 0 and "line 4 is not UTF-8 (byte b'\\xff' at column 3)" in bad.reason
-    with pytest.raises(DataError, match=r"row 0: line 4 is not UTF-8 .*fix the bytes or delete the line.*on_bad_row"):
+    assert (
+        bad.row == 2 and "line 4 is not UTF-8 (byte b'\\xff' at column 3)" in bad.reason
+    )  # the record starts on line 2
+    with pytest.raises(DataError, match=r"line 2: line 4 is not UTF-8 .*fix the bytes or delete the line.*on_bad_row"):
         load_questions(path, on_bad_row="error")
 
     jsonl = tmp_path / "q.jsonl"

@@ -204,7 +204,7 @@ def test_no_pairs_is_an_explicit_result_not_a_crash(format_model, tmp_path):
 
 def test_bad_pairs_file_names_row_and_fix(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "text", "chosen": [], "rejected": []}) + "\n")
-    with pytest.raises(ValueError, match=r"row 1: prompt, chosen, rejected must be a non-empty list of chat messages"):
+    with pytest.raises(ValueError, match=r"line 1: prompt, chosen, rejected must be a non-empty list of chat messages"):
         read_pairs(tmp_path / "pairs.jsonl")
 
 

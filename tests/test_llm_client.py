@@ -281,3 +281,131 @@ def test_from_section_reads_settings_and_environment(monkeypatch):
     )
     assert client.extra_body == {"stop": ["x"]} and client._api_key == KEY and KEY not in repr(client)
     assert (client.max_retries, client.max_failed_requests) == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": "x", "object": "chat.completion", "choices": []},
+        {"id": "x", "object": "chat.completion"},
+        {"id": "x", "object": "chat.completion", "choices": None},
+        {"id": "x", "object": "chat.completion", "choices": [{"index": 0}]},
+        [1, 2],
+    ],
+    ids=["empty-choices", "no-choices", "null-choices", "no-message", "a-list"],
+)
+def test_a_200_without_choices_is_an_endpoint_failure_never_a_crash(body):
+    with StandInEndpoint(lambda body_, count: Response(200, body)) as endpoint:
+        client = client_for(endpoint, max_retries=0)
+        replies = client.chat_many([conversation("a"), conversation("b")])
+    assert all(not r.ok and r.endpoint_failed and r.error.startswith("malformed response") for r in replies)
+    with pytest.raises(EndpointFailures, match="2 malformed response"):
+        client.raise_if_failed("distill")
+
+
+def test_an_endpoint_refusing_every_request_is_an_error_not_rejected_attempts():
+    refuse = Response(400, {"error": "temperature must be at most 1.0"})
+    with StandInEndpoint(lambda body, count: refuse) as endpoint:
+        client = client_for(endpoint)
+        with pytest.raises(EndpointError, match=r"no usable reply to any of 3 requests \(3 x HTTP 400: .*temperature"):
+            client.chat_many([conversation(str(i)) for i in range(3)])
+    # Fewer refusals than stop a call at once still end the step when nothing usable came back.
+    with StandInEndpoint(lambda body, count: refuse) as endpoint:
+        client = client_for(endpoint)
+        replies = client.chat_many([conversation("only")])
+        assert replies[0].error.startswith("HTTP 400")
+        with pytest.raises(EndpointError, match="no usable reply to any of 1 request "):
+            client.raise_if_failed("distill")
+
+
+def test_all_empty_replies_are_an_endpoint_failure_but_some_are_answers():
+    with StandInEndpoint(lambda body, count: completion("")) as endpoint:
+        client = client_for(endpoint)
+        with pytest.raises(EndpointError, match="3 x an empty reply"):
+            client.chat_many([conversation(str(i)) for i in range(3)])
+
+    def some(body, count):
+        return completion("" if body["messages"][-1]["content"] != "good" else "答案：A")
+
+    with StandInEndpoint(some) as endpoint:
+        client = client_for(endpoint)
+        replies = client.chat_many([conversation("good")] + [conversation(str(i)) for i in range(5)])
+        client.raise_if_failed("distill")  # one usable reply: the empty ones are answers about their requests
+    assert sum(bool(r.content) for r in replies) == 1
+
+
+def test_a_key_echoed_by_the_server_is_masked_in_replies_and_errors(monkeypatch):
+    from medcritical.io.jsonl import append_jsonl, write_jsonl
+
+    def echo(body, count):
+        if body["messages"][-1]["content"] == "refuse":
+            return Response(400, {"error": f"bad request from key {KEY}"})
+        return completion(f"your key is {KEY}", f"thinking about {KEY}")
+
+    with StandInEndpoint(echo) as endpoint:
+        client = client_for(endpoint)
+        ok, refused = client.chat_many([conversation("hi"), conversation("refuse")])
+    assert KEY not in ok.content and "***" in ok.content and KEY not in ok.reasoning_content
+    assert KEY not in refused.error and "***" in refused.error
+    # Whatever reaches a file through io.jsonl has every configured secret masked, even one no client
+    # has seen yet (the S3 secret key in the environment).
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-0123456789")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        append_jsonl([{"reply": f"{KEY} and aws-secret-0123456789"}], Path(tmp) / "a.jsonl")
+        write_jsonl([{"reply": f'quoted "{KEY}"'}], Path(tmp) / "b.jsonl")
+        text = (Path(tmp) / "a.jsonl").read_text() + (Path(tmp) / "b.jsonl").read_text()
+    assert KEY not in text and "aws-secret-0123456789" not in text and text.count("***") == 3
+
+
+def test_a_teacher_echoing_its_key_leaves_it_in_no_file(bundled, tmp_path, monkeypatch):
+    """distill_raw.jsonl, rejected.jsonl, sft.jsonl and the statistics: the key a server echoes is masked."""
+    from medcritical.distill.run import distill
+    from tests.test_distill_openai import KEY as TEACHER_KEY
+    from tests.test_distill_openai import config_for, is_trace_prompt
+
+    monkeypatch.setenv("MEDCRITICAL_TEACHER_API_KEY", TEACHER_KEY)
+    questions = bundled[:2]
+
+    def echo(body, count):
+        if not is_trace_prompt(body):
+            return completion(f"模板 {TEACHER_KEY}")
+        text = body["messages"][-1]["content"]
+        if questions[0].question in text:
+            return completion(f"<think>推理 {TEACHER_KEY}</think>\n答案：{questions[0].answer}")
+        return Response(400, {"error": f"refused for {TEACHER_KEY}"})
+
+    with StandInEndpoint(echo) as endpoint:
+        distill(config_for(endpoint, attempts=1, show_gold_answer=False), questions, tmp_path)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"distill_raw.jsonl", "rejected.jsonl", "sft.jsonl"} <= {p.name for p in written}
+    for path in written:
+        text = path.read_text(encoding="utf-8")
+        assert TEACHER_KEY not in text, path
+    assert "***" in (tmp_path / "distill_raw.jsonl").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("reply", ["", "我觉得对"], ids=["empty", "no-verdict"])
+def test_a_judge_that_never_gives_a_verdict_fails_the_evaluation_not_0_of_0(
+    reply, tmp_path, tiny_model, bundled, monkeypatch
+):
+    """Every judge reply empty (an endpoint failure) or without a verdict: no accuracy of 0 of 0, no report."""
+    from medcritical.errors import StepError
+    from medcritical.evaluation.evaluate import evaluate_model
+    from medcritical.modeling.config import GenerationSection
+    from tests.test_judge import paper_config
+
+    monkeypatch.delenv("MEDCRITICAL_JUDGE_API_KEY", raising=False)
+    expected = pytest.raises((EndpointError, StepError), match="no usable reply|no verdict for any of 3 questions")
+    with StandInEndpoint(lambda body, count: completion(reply)) as endpoint, expected:
+        evaluate_model(
+            paper_config(endpoint.base_url),
+            GenerationSection(max_new_tokens=4),
+            bundled[:3],
+            tiny_model,
+            tmp_path,
+            device="cpu",
+        )
+    assert not (tmp_path / "report.json").exists()

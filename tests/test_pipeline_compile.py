@@ -140,14 +140,14 @@ def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, mon
         "http://kfp.invalid",
         experiment="medcritical",
         run_name="paper-1",
-        params=["train_gpus=8", "train_memory=200Gi", "run_root=s3://b/runs/paper"],
+        params=["train_gpus=8", "train_memory=200Gi", "run_root=s3://bkt/runs/paper"],
         client=client,
     )
     assert result.run_id == "run-42"
     method, url, _, _, body = next(c for c in calls if c[1].endswith("/runs"))
     assert method == "POST" and body["experiment_id"] == "exp-1" and body["display_name"] == "paper-1"
     params = body["runtime_config"]["parameters"]
-    assert params["train_gpus"] == "8" and params["run_root"] == "s3://b/runs/paper"
+    assert params["train_gpus"] == "8" and params["run_root"] == "s3://bkt/runs/paper"
     from medcritical.recipe import load_recipe_text  # the recipe travels as text and loads back the same
 
     assert load_recipe_text(params["recipe"]) == recipe
@@ -322,7 +322,7 @@ def test_a_model_of_unknown_shape_is_refused_without_its_config(tmp_path):
     its config.json, and sizes the tasks from it when given."""
     from medcritical.plan import PlanError
 
-    recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://b/models/Mystery-70B"])
+    recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://bkt/models/Mystery-70B"])
     with pytest.raises(PlanError, match="--model-config"):
         compile_pipeline(recipe, tmp_path / "p.yaml")
     assert not (tmp_path / "p.yaml").exists()
@@ -404,10 +404,10 @@ def test_gpu_tasks_get_a_gpu_limit_from_string_parameters(tmp_path):
 def test_task_root_joins_the_run_id_in_python():
     from medcritical.kfp_runtime import task_root
 
-    assert task_root("s3://b/runs/paper", "8f1c-42") == "s3://b/runs/paper/8f1c-42"
+    assert task_root("s3://bkt/runs/paper", "8f1c-42") == "s3://bkt/runs/paper/8f1c-42"
     assert task_root("runs/demo", "") == "runs/demo"  # local runs: no run id
     with pytest.raises(ValueError, match="unresolved KFP placeholder"):
-        task_root("s3://b/runs/paper", "{{$.pipeline_job_uuid}}")
+        task_root("s3://bkt/runs/paper", "{{$.pipeline_job_uuid}}")
 
 
 def _endpoint_secrets(executors: dict) -> dict[str, set[str]]:

@@ -259,7 +259,7 @@ def test_a_model_of_unknown_shape_in_s3_asks_for_its_config(tmp_path, capsys):
             "--recipe",
             str(REPO / "recipes" / "paper-7b-lora.yaml"),
             "--set",
-            "model.base=s3://b/models/Mystery-3B",
+            "model.base=s3://bkt/models/Mystery-3B",
             "--no-manifests",
             "--no-pipeline",
         ]
@@ -278,7 +278,7 @@ def test_a_model_of_unknown_shape_in_s3_asks_for_its_config(tmp_path, capsys):
                 "--recipe",
                 str(REPO / "recipes" / "paper-7b-lora.yaml"),
                 "--set",
-                "model.base=s3://b/models/Mystery-3B",
+                "model.base=s3://bkt/models/Mystery-3B",
                 "--model-config",
                 str(config),
                 "--no-manifests",

@@ -61,7 +61,7 @@ def test_trainer_mapping_goes_to_trl_typed_and_checked(tmp_path):
     assert recipe.sft.settings["packing"] is True and recipe.sft.settings["assistant_only_loss"] is True
     for bad, message in [
         ("sft.trainer.learnin_rate=1e-3", r"sft.trainer: .*'learnin_rate' is not a field of trl.SFTConfig"),
-        ("sft.trainer.learning_rate=-1e-3", r"sft.trainer: .*learning_rate must be > 0"),
+        ("sft.trainer.learning_rate=-1e-3", r"sft.trainer: .*learning_rate must be in \(0, 1\]"),
         (
             "selfplay.dpo.trainer.num_train_epochs=abc",
             r"selfplay.dpo.trainer: .*num_train_epochs: 'abc' is not a valid float",
@@ -82,13 +82,13 @@ def test_trainer_mapping_goes_to_trl_typed_and_checked(tmp_path):
 @pytest.mark.parametrize(
     "override, key, allowed",
     [
-        ("data.train_size=-5", "data.train_size", "greater than or equal to 0"),
+        ("data.train_size=-5", "data.train_size", "greater than or equal to 1"),
         ("evaluate.limit=-1", "evaluate.limit", "greater than or equal to 1"),
-        ("sft.trainer.num_train_epochs=-1", "sft.trainer", "num_train_epochs must be > 0"),
+        ("sft.trainer.num_train_epochs=-1", "sft.trainer", "num_train_epochs must be in (0, 100000]"),
         ("sft.trainer.max_steps=0", "sft.trainer", "max_steps must be -1 (use epochs) or >= 1"),
         ("generation.batch_size=0", "generation.batch_size", "greater than or equal to 1"),
         ("generation.max_new_tokens=0", "generation.max_new_tokens", "greater than or equal to 1"),
-        ("selfplay.dpo.trainer.learning_rate=-0.1", "selfplay.dpo.trainer", "learning_rate must be > 0"),
+        ("selfplay.dpo.trainer.learning_rate=-0.1", "selfplay.dpo.trainer", "learning_rate must be in (0, 1]"),
         ("sft.trainer.per_device_train_batch_size=-2", "sft.trainer", "per_device_train_batch_size must be >= 1"),
         ("selfplay.rollout.top_p=1.5", "selfplay.rollout.top_p", "less than or equal to 1"),
         ("selfplay.pairs.heldout_fraction=1", "selfplay.pairs.heldout_fraction", "less than 1"),
@@ -111,7 +111,7 @@ def test_bad_values_name_the_source_key_value_and_range(override, key, allowed):
 def test_bad_value_in_a_file_names_the_file(tmp_path):
     path = write(tmp_path, "generation:\n  batch_size: 0\n")
     with pytest.raises(
-        RecipeError, match=rf"{path}: invalid recipe\n  generation.batch_size: .*greater than or equal to 1 \(got 0\)"
+        RecipeError, match=rf"{path}: invalid recipe: generation.batch_size: .*greater than or equal to 1 \(got 0\)"
     ):
         load_recipe(path)
 
@@ -225,7 +225,7 @@ def _values(kind):
     from hypothesis import strategies as st
 
     edges = EDGES[:-1] + (FLOAT_EDGES if kind is float else [])
-    numbers = st.floats(-10, 1e5, allow_nan=False) if kind is float else st.integers(-10, 100_000)
+    numbers = st.floats(-10, 2000, allow_nan=False) if kind is float else st.integers(-10, 2000)  # mostly within range
     return st.one_of(st.sampled_from(edges), numbers, st.none())
 
 

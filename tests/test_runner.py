@@ -1,6 +1,7 @@
 """The stage contract and its one runner: declarations, inputs by declaration, model resolution, skipped
 DPO rounds, missing inputs (the KFP side: test_kfp_runtime.py)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,22 +32,22 @@ def test_the_runner_refuses_an_input_the_stage_does_not_declare(tmp_path):
         run_stage(DPO, load_recipe_text(""), str(tmp_path / "dpo"), pairs="x")
 
 
-def _hf_folder(path: Path) -> Path:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
+def _hf_folder(path: Path, model: Path) -> Path:
+    """A copy of a real (tiny) model: a model input is checked loadable before it is used."""
+    shutil.copytree(model, path)
     return path
 
 
-def test_a_step_folder_resolves_to_its_model(tmp_path):
+def test_a_step_folder_resolves_to_its_model(tmp_path, tiny_model):
     recipe = load_recipe_text("")
-    _hf_folder(tmp_path / "sft" / "model")
+    _hf_folder(tmp_path / "sft" / "model", tiny_model)
     assert staging.resolve_model_uri(recipe, str(tmp_path / "sft")) == tmp_path / "sft" / "model"
     assert staging.resolve_model_uri(recipe, str(tmp_path / "sft" / "model")) == tmp_path / "sft" / "model"
 
 
-def test_dpo_without_pairs_points_to_the_model_it_kept(tmp_path):
+def test_dpo_without_pairs_points_to_the_model_it_kept(tmp_path, tiny_model):
     recipe = load_recipe_text("")
-    _hf_folder(tmp_path / "sft" / "model")
+    _hf_folder(tmp_path / "sft" / "model", tiny_model)
     rollout = tmp_path / "rollout"
     rollout.mkdir()
     (rollout / "pairs.jsonl").write_text("")

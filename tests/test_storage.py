@@ -487,3 +487,22 @@ def test_a_saved_model_is_not_hashed_again_on_its_way_to_s3(s3_env, s3_server, t
     out = storage.download(uri, tmp_path / "out")  # every byte checked against the uploaded manifest
     assert (out / "model" / "config.json").read_text() == '{"edited": 1}'
     assert (out / "model" / "model.safetensors").read_bytes() == (run / "model" / "model.safetensors").read_bytes()
+
+
+def test_a_second_worker_cannot_overwrite_another_result(s3_env, tmp_path):
+    """Two workers with separate local folders, one s3:// output: the second, with other settings
+    (another fingerprint), is refused naming the URI and the change; the same work is re-published."""
+    uri = f"s3://{s3_env}/run/sft"
+    first, second = tmp_path / "worker1", tmp_path / "worker2"
+    for folder, rate in ((first, 0.003), (second, 0.001)):
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "weights.bin").write_bytes(str(rate).encode() * 100)
+        (folder / "fingerprint.json").write_text(json.dumps({"settings": {"learning_rate": rate}, "seed": 0}))
+    storage.upload(first, uri)
+    with pytest.raises(storage.OutputTakenError) as error:
+        storage.upload(second, uri)
+    message = str(error.value)
+    assert uri in message and "settings.learning_rate: 0.003 -> 0.001" in message and str(second) not in message
+    out = storage.download(uri, tmp_path / "check")
+    assert (out / "model" / "weights.bin").read_bytes() == b"0.003" * 100  # the first result, whole
+    storage.upload(first, uri)  # the same work again: allowed

@@ -18,6 +18,7 @@ import re
 from math import comb
 from pathlib import Path
 
+from medcritical.errors import MissingInputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
 
@@ -40,10 +41,10 @@ def load_arm(run_dir: str | Path) -> dict:
     """The statistics of one finished stage-2 run (see the module docstring for the layouts)."""
     root = Path(run_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such run folder (give the run's output folder, e.g. runs/demo-arm-self)")
+        raise MissingInputError(f"{root}: no such run folder (give the run's output folder, e.g. runs/demo-arm-self)")
     rounds = _round_numbers(root, r"round(\d+)-rollout")
     if not rounds:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{root}: no round folders (round1-rollout/); is this the output of `medcritical run` or "
             "`medcritical selfplay`?"
         )

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medcritical.errors import InputError
 from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
 from medcritical.runner import STAGES, run_stage, stage_command
 from medcritical.stage import Stage
@@ -189,7 +190,7 @@ def location_of(artifact) -> str:
     if artifact is None:
         return ""
     if not artifact.metadata.get(LOCATION):
-        raise ValueError(
+        raise InputError(
             f"input artifact {artifact.name!r} ({artifact.uri}) names no step folder (no {LOCATION!r} in its "
             "metadata): connect it to the output of a MedCritical component, which records its folder there"
         )

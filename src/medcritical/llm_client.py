@@ -9,8 +9,12 @@ errors. What is the project's own:
 - a request the endpoint failed after the retries (5xx, 429, timeout, connection, malformed body) is
   `endpoint_failed` and counted: past `max_failed_requests` the run stops (`EndpointFailures`), and
   a step ending with any calls `raise_if_failed`, so an outage is never a result;
-- the API key only in the Authorization header: never in logs, errors, `repr` or files (masked if a
-  server echoes it);
+- the API key only in the Authorization header: never in logs, errors, `repr` or files: a reply
+  that echoes it (or any other configured secret, io.secrets) has it masked before anyone sees it;
+- a 200 without `choices` is a malformed response (an endpoint failure); an endpoint that refuses
+  (HTTP 400...) or answers empty every request is an `EndpointError`, not a run of rejected attempts
+  or judge errors: at once after `EARLY_REFUSALS` such replies with no usable one, else at the step's
+  end (`raise_if_failed`);
 - reasoning read from `reasoning_content` (older vLLM, SGLang, DeepSeek) and `reasoning` (vLLM >= 0.10).
 
     client = ChatClient("http://qwq:8000/v1", "Qwen/QwQ-32B", api_key=None, concurrency=16)
@@ -33,7 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from tqdm.auto import tqdm
 
-from medcritical.errors import UserError
+from medcritical.errors import InputError, UserError
+from medcritical.io.secrets import mask_secrets, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,11 @@ FATAL_STATUSES = {
     403: "the API key may not use this model",
     404: "no such endpoint or model (base_url usually ends in /v1; check the model name)",
 }
+
+
+# Refused requests and empty replies, with no usable reply before them, that stop a run at once
+# (the rest of the run would be refused the same way); fewer are judged at the step's end.
+EARLY_REFUSALS = 3
 
 
 class EndpointError(UserError, RuntimeError):
@@ -103,6 +113,9 @@ class ChatClient:
         self.extra_body = dict(extra_body or {})  # sent with every request, e.g. {"chat_template_kwargs": ...}
         self.failures: Counter[str] = Counter()  # endpoint failures so far, by kind ("HTTP 503", "timed out")
         self._api_key = api_key or ""
+        register_secret(self._api_key)  # masked in every file written from now on
+        self.usable = 0  # replies with text so far; while 0, refusals and empty replies add up to an error
+        self.unusable: Counter[str] = Counter()  # refused requests and empty replies so far, by reason
         self._key_source = key_source  # named in the 401 message, so the user knows what to fix
 
     def __repr__(self) -> str:
@@ -120,7 +133,7 @@ class ChatClient:
         model = section.model or os.environ.get(f"{env_prefix}_MODEL")
         for value, key, env in ((base_url, "base_url", "BASE_URL"), (model, "model", "MODEL")):
             if not value:
-                raise ValueError(
+                raise InputError(
                     f"no endpoint {key}: set it in the recipe or the environment variable {env_prefix}_{env}"
                 )
         names = ("concurrency", "timeout_s", "max_retries", "max_failed_requests", "extra_body")
@@ -234,12 +247,37 @@ class ChatClient:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+        self._check_any_usable(replies)  # type: ignore[arg-type]
         return replies  # type: ignore[return-value]
 
+    def _check_any_usable(self, replies: Sequence[ChatReply]) -> None:
+        """An endpoint that refuses or answers empty every request, and never answered before, is broken
+        (a setting it does not accept, a model that writes nothing): stop instead of recording it all as
+        rejected attempts or judge errors."""
+        for reply in replies:
+            if reply.ok and (reply.content.strip() or reply.reasoning_content.strip()):
+                self.usable += 1
+            elif not reply.endpoint_failed:
+                self.unusable[reply.error or "an empty reply"] += 1
+        if not self.usable and sum(self.unusable.values()) >= EARLY_REFUSALS:
+            raise self._unusable_error()
+
+    def _unusable_error(self) -> EndpointError:
+        total = sum(self.unusable.values())
+        how = ", ".join(f"{n} x {reason}" for reason, n in self.unusable.most_common(3))
+        return EndpointError(
+            f"{self.endpoint} (model {self.model!r}) gave no usable reply to any of {total} request"
+            f"{'s' if total != 1 else ''} ({how}); check the endpoint and the request settings it may refuse "
+            "(temperature, max_tokens, extra_body) or the model it serves, then rerun"
+        )
+
     def raise_if_failed(self, step: str) -> None:
-        """End a step non-zero when any request failed for reasons of the endpoint."""
+        """End a step non-zero when any request failed for reasons of the endpoint, or when not one
+        reply of the step was usable (every request refused or answered empty)."""
         if self.failures:
             raise self._failures_error(step)
+        if not self.usable and self.unusable:
+            raise self._unusable_error()
 
     async def _request(self, sdk: openai.AsyncOpenAI, messages: Messages, body: dict) -> ChatReply:
         started = time.monotonic()
@@ -248,19 +286,22 @@ class ChatClient:
                 model=self.model, messages=messages, extra_body=body, extra_headers=self._headers
             )
             completion = raw.parse()
+            if not completion.choices:  # a 200 without choices: not an answer
+                raise ValueError("status 200 but no 'choices' in the body")
             choice = completion.choices[0]
+            message = choice.message
+            content, reasoning = message.content, _reasoning(message)
         except openai.APIStatusError as e:
             if e.status_code in FATAL_STATUSES:
                 raise self._fatal(e) from None
             return self._failed(e, started)
-        except (openai.APIError, ValueError, IndexError) as e:  # ValueError: a body that is not JSON
+        # ValueError: a body that is not JSON; the others: a JSON body without the fields of a completion
+        except (openai.APIError, ValueError, IndexError, TypeError, AttributeError) as e:
             return self._failed(e, started)
-        message, usage = choice.message, completion.usage
-        # vLLM >= 0.10 names the field "reasoning"; older vLLM, SGLang and DeepSeek "reasoning_content".
-        reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or ""
+        usage = completion.usage
         return ChatReply(
-            content=message.content or "",
-            reasoning_content=reasoning if isinstance(reasoning, str) else "",
+            content=mask_secrets(content) if isinstance(content, str) else "",
+            reasoning_content=mask_secrets(reasoning),
             finish_reason=choice.finish_reason,
             prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
             completion_tokens=(usage.completion_tokens or 0) if usage else 0,
@@ -318,5 +359,11 @@ class ChatClient:
 
     def _snippet(self, text: str, limit: int = 300) -> str:
         text = " ".join(str(text).split())
-        text = text[:limit] + ("..." if len(text) > limit else "") or "(empty body)"
-        return text.replace(self._api_key, "***") if self._api_key else text
+        text = mask_secrets(text.replace(self._api_key, "***") if self._api_key else text)
+        return text[:limit] + ("..." if len(text) > limit else "") or "(empty body)"
+
+
+def _reasoning(message) -> str:
+    # vLLM >= 0.10 names the field "reasoning"; older vLLM, SGLang and DeepSeek "reasoning_content".
+    reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or ""
+    return reasoning if isinstance(reasoning, str) else ""

@@ -13,11 +13,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
 from medcritical import plan, storage
-from medcritical.errors import UserError
+from medcritical.errors import InputError, StepError, UserError
 from medcritical.kfp_runtime import resolve_recipe_text
 from medcritical.pipelines.medcritical_pipeline import ClusterSettings, build_pipeline, image_names
 from medcritical.plan import PlanError, pipeline_parameters, quantity
@@ -331,6 +332,30 @@ def parse_params(params: list[str]) -> dict:
     return parsed
 
 
+def check_host(host: str) -> None:
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(
+            f"--host {host!r}: not an http(s) URL; give the KFP API, e.g. http://ml-pipeline-ui.kubeflow:80"
+        )
+
+
+def _kfp_client(host: str, token: str | None, namespace: str | None):
+    """A KFP client for --host, or a sentence saying why there is none (not a URL, not reachable)."""
+    import kfp
+    import urllib3
+
+    check_host(host)
+    try:
+        return kfp.Client(host=host, existing_token=token, **({"namespace": namespace} if namespace else {}))
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise StepError(
+            f"--host {host}: the KFP API cannot be reached ({type(reason).__name__}: {str(reason)[:200]}); check the "
+            "URL and that the API answers (kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80)"
+        ) from None
+
+
 def submit_run(
     recipe: Recipe,
     host: str,
@@ -356,8 +381,8 @@ def submit_run(
     Multi-user Kubeflow: `namespace` is the user's profile namespace (where the run, its experiment and
     its pods live); `token_file` holds a bearer token for the API (without it kfp.Client uses
     $KF_PIPELINES_SA_TOKEN_PATH or the pod's projected token when run inside the cluster)."""
-    import kfp
 
+    check_host(host)  # before compiling
     token = None
     if token_file:
         path = Path(token_file)
@@ -386,9 +411,7 @@ def submit_run(
             model_config=model_config,
             teacher_config=teacher_config,
         )
-        client = client or kfp.Client(
-            host=host, existing_token=token, **({"namespace": namespace} if namespace else {})
-        )
+        client = client or _kfp_client(host, token, namespace)
         return client.create_run_from_pipeline_package(
             str(package),
             arguments=arguments,

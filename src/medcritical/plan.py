@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from medcritical.errors import UserError
+from medcritical.errors import InputError, MissingInputError, UserError
 from medcritical.recipe import TINY, Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
 from medcritical.runner import STAGES, keep_global_batch
 from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
@@ -106,7 +106,17 @@ def model_shape(uri: str | None, recipe: Recipe, model_config: str | Path | None
     if model_config:
         path = Path(model_config)
         path = path / "config.json" if path.is_dir() else path
-        return shape_from_config(json.loads(path.read_text(encoding="utf-8")), str(model_config))
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MissingInputError(
+                f"--model-config {path}: no such file; give a model's config.json or its folder"
+            ) from None
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise InputError(f"--model-config {path}: not a JSON config ({e}); give the model's config.json") from None
+        if not isinstance(config, dict):
+            raise InputError(f"--model-config {path}: not a JSON object; give the model's config.json")
+        return shape_from_config(config, str(model_config))
     uri = uri or recipe.model.base
     if uri == TINY:
         tiny = recipe.model.tiny
@@ -586,6 +596,18 @@ def given_from_pod(where: str, pod: dict, nodes: int = 1) -> Given | None:
     return given
 
 
+def _manifest_documents(file: Path) -> list:
+    try:
+        return list(yaml.safe_load_all(file.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(
+            f"--manifests {file}: not valid YAML{where} ({problem}); fix it, or pass --no-manifests"
+        ) from None
+
+
 def given_from_manifests(paths: list[Path]) -> list[Given]:
     """Every step pod in YAML files or folders (Jobs, PyTorchJobs, TrainJobs; kustomize output works too)."""
     files = []
@@ -593,7 +615,7 @@ def given_from_manifests(paths: list[Path]) -> list[Given]:
         files += sorted(p for p in path.rglob("*.yaml") if p.name != "kustomization.yaml") if path.is_dir() else [path]
     found = []
     for file in files:
-        for doc in yaml.safe_load_all(file.read_text(encoding="utf-8")):
+        for doc in _manifest_documents(file):
             if not isinstance(doc, dict):
                 continue
             kind, name = doc.get("kind"), (doc.get("metadata") or {}).get("name")

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from medcritical.data.config import BUNDLED, DataSection
 from medcritical.distill.config import DistillSection
 from medcritical.errors import UserError
 from medcritical.evaluation.config import EvaluateSection, JudgeSection
 from medcritical.modeling.config import TINY, GenerationSection, ModelSection, TinyModelSection
-from medcritical.section import Section
+from medcritical.section import Section, check_output_uri
 from medcritical.selfplay.config import SelfPlaySection
 from medcritical.training.config import SFTSection
 
@@ -60,11 +60,16 @@ class RunSection(Section):
     # "auto" takes a CUDA GPU when there is one.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU threads for torch; None leaves torch's default. On small shared CPUs 1-2 is much faster.
-    threads: int | None = Field(None, ge=1)
     # GPUs per training pod the recipe is written for: the default of the compiled pipeline's train_gpus
     # and of `medcritical plan --train-gpus`. The global batch does not depend on it (the runner divides
     # the gradient accumulation by the world size).
-    train_gpus: int = Field(1, ge=1)
+    train_gpus: int = Field(1, ge=1, le=64)
+    threads: int | None = Field(None, ge=1, le=4096)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_output(cls, value: str | None) -> str | None:
+        return None if value is None else check_output_uri(value)
 
     @property
     def root(self) -> str:
@@ -95,7 +100,7 @@ def apply_override(raw: dict, assignment: str) -> None:
             raise RecipeError(f"--set {assignment!r}: {part!r} is a value, not a section")
         node = child
     try:
-        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        node[leaf] = yaml.load(value, Loader=_UniqueKeyLoader) if value.strip() else None  # noqa: S506
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise RecipeError(
@@ -105,21 +110,23 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def _format_error(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid recipe"]
+    """One sentence per problem, on one line: the recipe, the key, what is wrong and what was given."""
+    problems = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (misspelt? see recipes/demo.yaml for every key)")
+            problems.append(f"{key}: unknown key (misspelt? see recipes/demo.yaml for every key)")
         else:
             got = item.get("input")
             got = f" (got {got!r})" if not isinstance(got, dict) else ""
-            lines.append(f"  {key}: {item['msg']}{got}")
-    return "\n".join(lines)
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message}{got}")
+    return f"{source}: invalid recipe: " + "; ".join(problems)
 
 
 def _validate(raw: Any, source: str, overrides: list[str] | tuple[str, ...]) -> Recipe:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a mapping of sections (run:, data:, ...)")
+        raise RecipeError(f"{source}: a recipe is a mapping of sections (run:, data:, ...), not a {type(raw).__name__}")
     for assignment in overrides:
         apply_override(raw, assignment)
     if overrides:
@@ -130,11 +137,39 @@ def _validate(raw: Any, source: str, overrides: list[str] | tuple[str, ...]) -> 
         raise RecipeError(_format_error(source, e)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML with unique keys: a key given twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first != line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} is given twice (lines {first} and {line}); keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None:  # where the unclosed bracket or quote opened
+            problem += f" ({context} at line {start.line + 1})"
+        raise RecipeError(f"{source}: not valid YAML{where}: {problem}; fix the recipe there") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -142,9 +177,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is None:
         return _validate({}, "defaults", overrides)
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a folder, not a recipe file; give a .yaml file (e.g. recipes/demo.yaml)")
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file (try recipes/demo.yaml)")
-    return _validate(_parse_yaml(path.read_text(encoding="utf-8"), str(path)), str(path), overrides)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text (line {line}, byte {e.start}); save the recipe as UTF-8 "
+            "(e.g. iconv -f GBK -t UTF-8)"
+        ) from None
+    if not text.strip() or all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()):
+        raise RecipeError(
+            f"{path}: the recipe is empty; leave --recipe out for the defaults, or start from recipes/demo.yaml"
+        )
+    return _validate(_parse_yaml(text, str(path)), str(path), overrides)
 
 
 def load_recipe_text(text: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

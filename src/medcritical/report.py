@@ -8,6 +8,7 @@ from pathlib import Path
 from medcritical.arms import arm_table
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
+from medcritical.errors import InputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note, percent
 from medcritical.plotting import figure
@@ -138,7 +139,7 @@ def write_run_report(
     `correct_by_model` (per-question correctness of each evaluation) adds the paired tests."""
     protocols = {r["protocol"] for r in evaluations.values() if r}
     if len(protocols) > 1:  # never mix protocols in one comparison
-        raise ValueError(f"the evaluations used different protocols {sorted(protocols)}; evaluate all models alike")
+        raise InputError(f"the evaluations used different protocols {sorted(protocols)}; evaluate all models alike")
     protocol = protocols.pop() if protocols else recipe.evaluate.protocol
     n_eval = next((r["n"] for r in evaluations.values() if r), 0)
     paired = paired_table({name: c for name, c in (correct_by_model or {}).items() if c})

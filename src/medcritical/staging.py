@@ -16,8 +16,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from medcritical import storage
+from medcritical.errors import MissingInputError, UserError
+from medcritical.io.manifest import check_integrity
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling import resolve_model
+from medcritical.modeling.check import check_model_folder
 from medcritical.modeling.config import TINY
 from medcritical.recipe import Recipe
 from medcritical.stage import Stage
@@ -94,7 +97,16 @@ def local_output(output_uri: str, keep_local: Sequence[str] = ()) -> Iterator[Pa
     folders named in `keep_local` (resume state such as checkpoints)."""
     path = local_output_path(output_uri)
     path.mkdir(parents=True, exist_ok=True)
-    yield path
+    try:
+        yield path
+    except UserError as e:  # a message about an S3 output names its URI, not the local scratch folder
+        if not (storage.is_s3(output_uri) and str(path) in str(e)):
+            raise
+        try:
+            renamed = type(e)(str(e).replace(str(path), output_uri))
+        except TypeError:  # an error type made from other arguments: as it is
+            raise e from None
+        raise renamed from e
     if storage.is_s3(output_uri) and is_main_process():
         storage.upload(path, output_uri, exclude_dirs=tuple(keep_local))
 
@@ -103,7 +115,7 @@ def local_input(uri: str) -> Path:
     """A local path for an input URI (S3 files and folders are downloaded once into the work dir)."""
     if not storage.is_s3(uri):
         if not Path(uri).exists():
-            raise FileNotFoundError(f"{uri}: no such input; run the step that writes it first")
+            raise MissingInputError(f"{uri}: no such input; run the step that writes it first")
         return Path(uri)
     with _work_lock():
         return storage.materialize(uri, work_dir() / "in" / hashlib.sha256(uri.encode()).hexdigest()[:16])
@@ -115,7 +127,8 @@ def input_file(uri: str, filename: str) -> Path:
     if path.is_dir():
         path = path / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{uri}: no {filename} there; is this the output of the right step?")
+        raise MissingInputError(f"{uri}: no {filename} there; is this the output of the right step?")
+    check_integrity(path.parent, under=path.name)  # unchanged since its step wrote it (when it has a manifest)
     return path
 
 
@@ -156,4 +169,7 @@ def check_model_uri(uri: str) -> None:
     """Fail before the work: a local model is a Hugging Face folder, a step folder holding model/, or a
     DPO round's pointer (s3:// models are checked when they are downloaded, first thing in the step)."""
     if uri and uri != TINY and not storage.is_s3(uri) and (problem := model_folder_problem(uri)):
-        raise FileNotFoundError(f"{uri}: {problem}")
+        raise MissingInputError(f"{uri}: {problem}")
+    if uri and uri != TINY and not storage.is_s3(uri) and not (Path(uri) / MODEL_POINTER).is_file():
+        folder = Path(uri) / "model" if (Path(uri) / "model" / "config.json").is_file() else Path(uri)
+        check_model_folder(folder)  # loadable, and unchanged since its step wrote it

@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from fractions import Fraction
 
+from medcritical.errors import InputError
+
 BOOTSTRAP_SAMPLES = 10_000
 # Below this many discordant questions the percentile bootstrap's interval is too narrow (it resamples a
 # handful of counts); the table marks it and the exact McNemar p is the figure to read.
@@ -52,7 +54,7 @@ def paired_comparison(first: Mapping[str, bool], second: Mapping[str, bool], *, 
     """McNemar and the bootstrap interval over the questions both were graded on (by question id)."""
     shared = sorted(first.keys() & second.keys())
     if not shared:
-        raise ValueError("the two evaluations share no question id: a paired comparison needs the same questions")
+        raise InputError("the two evaluations share no question id: a paired comparison needs the same questions")
     b = sum(first[i] and not second[i] for i in shared)
     c = sum(second[i] and not first[i] for i in shared)
     n = len(shared)

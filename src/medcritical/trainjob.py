@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+from medcritical.errors import StepError
 from medcritical.kfp_runtime import log_metrics, run_component_step, task_recipe
 from medcritical.plan import GiB, gib, plan_steps, quantity
 from medcritical.recipe import dump_recipe, load_recipe_text
@@ -31,7 +32,7 @@ SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 RECIPE_FILE = "/tmp/recipe.yaml"
 
 
-class TrainJobError(RuntimeError):
+class TrainJobError(StepError):
     pass
 
 

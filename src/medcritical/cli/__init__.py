@@ -10,10 +10,9 @@ import importlib
 import logging
 import sys
 import traceback
-from pathlib import Path
 
 from medcritical import __version__
-from medcritical.errors import UserError
+from medcritical.errors import UserError, explain_os_error
 
 # In the order data flows through the steps, as `medcritical --help` lists them.
 COMMANDS = (
@@ -27,24 +26,45 @@ COMMANDS = (
     "medcritical.cli.stage",
 )
 
-# Errors that are the user's to fix: printed as one clear message, no traceback, exit 2. Besides
-# UserError (recipes, data, storage, folder locks, resume records...), the errors the project raises
-# itself with a message for the user (a missing input file, a bad value found at run time). The same
-# types raised inside a library (torch, transformers...) are unexpected: traceback, exit 1.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
-OWN_MESSAGES: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
-_PACKAGE = Path(__file__).resolve().parents[1]
+
+# Metavars of the arguments that name a file, folder or URI (NAME=URI: the part after '=').
+PATH_METAVARS = {"DIR", "FILE", "PATH", "URI", "YAML", "RUN_A", "RUN_B", "NAME=URI", "NAME=DIR"}
+
+
+def checked_path(convert, metavar: str):
+    """The argument type of a file, folder or URI argument: a blank path, or a malformed s3 URI
+    (`s3:/bucket/x`), is refused for every command before any work (a blank --output would write into
+    the current folder, `s3:/b/x` into a local folder `s3:`); then the argument's own type, if any."""
+
+    def check(value: str):
+        from medcritical.section import check_uri
+
+        try:
+            check_uri(value.partition("=")[2] if "=" in metavar else value, "a path")  # NAME=URI: the URI
+        except ValueError as e:
+            message = str(e)
+            raise argparse.ArgumentTypeError(
+                message if message.startswith(value) and value else f"{value!r} {message}"
+            ) from None
+        return convert(value) if convert is not None else value
+
+    check.__name__ = getattr(convert, "__name__", "path")
+    return check
+
+
+def user_error(error: BaseException, output: str | None = None) -> UserError | None:
+    """The error as the user's to fix (printed as one sentence, exit 2), or None: a bug (traceback, exit 1).
+
+    Only the project's own `UserError`s qualify, and the operating system's word that an output
+    cannot be written (disk full, read-only, permission denied), which can happen wherever the disk is
+    written. A ValueError or FileNotFoundError from anywhere else is unexpected."""
+    if isinstance(error, UserError):
+        return error
+    return explain_os_error(error, output)
 
 
 def is_user_error(error: BaseException) -> bool:
-    if isinstance(error, USER_ERRORS):
-        return True
-    if not isinstance(error, OWN_MESSAGES):
-        return False
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+    return user_error(error) is not None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMANDS:
         importlib.import_module(module).add_parser(subparsers)
     for command in subparsers.choices.values():
+        for action in command._actions:  # arguments that name a file, folder or URI: checked alike
+            if action.metavar in PATH_METAVARS:
+                action.type = checked_path(action.type, action.metavar)
         # -v after the command name too (`medcritical evaluate -v ...`); SUPPRESS keeps one given before it.
         command.add_argument(
             "-v",
@@ -87,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        if not is_user_error(e):
+        shown = user_error(e, getattr(args, "output", None))
+        if shown is None:
             traceback.print_exc()
             print(
                 f"medcritical {args.command}: unexpected error (a bug, or a case the project does not "
@@ -97,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.verbose:
             traceback.print_exc()
-        else:
-            print(f"medcritical {args.command}: error: {e}\n(rerun with -v for the traceback)", file=sys.stderr)
+        message = " ".join(str(shown).split("\n"))  # one line, whatever the message holds
+        hint = "" if args.verbose else " (rerun with -v for the traceback)"
+        print(f"medcritical {args.command}: error: {message}{hint}", file=sys.stderr)
         return 2
     return int(result or 0)

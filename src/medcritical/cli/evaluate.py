@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from medcritical.cli.common import add_recipe_arguments, add_restart_argument, questions_uri, recipe_from_args
+from medcritical.errors import InputError
 
 
 def add_parser(subparsers) -> None:
@@ -60,7 +61,7 @@ def _evaluate(args) -> None:
 
     if args.predictions:
         if not args.dataset:
-            raise ValueError("--predictions needs --dataset (the questions the predictions answer)")
+            raise InputError("--predictions needs --dataset (the questions the predictions answer)")
         report = score_predictions(args.dataset, args.predictions, args.output)
     else:
         from medcritical.evaluation.stage import EVALUATE

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from medcritical.cli.common import add_recipe_arguments, add_restart_argument, questions_uri, recipe_from_args
+from medcritical.errors import InputError
 
 ROLLOUT_HELP = """\
 The model answers each training question k times (selfplay.rollout.*), every answer graded against
@@ -200,7 +201,7 @@ def _arms(args) -> None:
     for item in args.runs:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
-            raise ValueError(f"{item!r}: give each arm as NAME=DIR, e.g. self=runs/demo-arm-self")
+            raise InputError(f"{item!r}: give each arm as NAME=DIR, e.g. self=runs/demo-arm-self")
         named[name] = load_arm(folder)
     table = arm_table(named)
     print(table)

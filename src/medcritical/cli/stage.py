@@ -7,6 +7,7 @@ per-stage commands (`medcritical sft`, `medcritical dpo`, ...) say the same with
 from __future__ import annotations
 
 from medcritical.cli.common import add_recipe_arguments, add_restart_argument, recipe_from_args
+from medcritical.errors import InputError
 
 
 def add_parser(subparsers) -> None:
@@ -14,8 +15,8 @@ def add_parser(subparsers) -> None:
         "stage",
         help="run one stage by its declaration (what torchrun relaunches and TrainJobs run)",
         description="Run one stage of the pipeline through the runner: its inputs by their declared names "
-        "(see docs/architecture.md), e.g. `medcritical stage sft --input distill=s3://b/run/distill "
-        "--output s3://b/run/sft`. Inputs not given take their declared defaults under run.output_dir.",
+        "(see docs/architecture.md), e.g. `medcritical stage sft --input distill=s3://bkt/run/distill "
+        "--output s3://bkt/run/sft`. Inputs not given take their declared defaults under run.output_dir.",
     )
     parser.add_argument(
         "name", choices=("prepare_data", "distill", "sft", "rollout", "dpo", "evaluate", "report"), help="the stage"
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> None:
         metavar="NAME=URI",
         action="append",
         default=[],
-        help="an input by its declared name (repeatable), e.g. --input model=s3://b/run/sft",
+        help="an input by its declared name (repeatable), e.g. --input model=s3://bkt/run/sft",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="the stage's output folder or s3:// URI")
     add_restart_argument(parser)
@@ -45,7 +46,7 @@ def _stage(args) -> None:
     for item in args.inputs:
         name, sep, uri = item.partition("=")
         if not sep or name not in stage.inputs:
-            raise ValueError(
+            raise InputError(
                 f"--input {item!r}: give NAME=URI with NAME one of the {stage.name} stage's inputs: "
                 f"{', '.join(stage.inputs) or '(none)'}"
             )

@@ -59,11 +59,12 @@ class Question:
 @dataclass(frozen=True)
 class BadRow:
     file: str
-    row: int  # 0-based data row (the header is not a row)
+    row: int  # 1-based, as an editor counts: the line of a text file, the sheet row of a workbook
     reason: str
+    unit: str = "line"  # "line" (JSONL, CSV: where the record starts) or "row" (a workbook)
 
     def __str__(self) -> str:
-        return f"{self.file}: row {self.row}: {self.reason}"
+        return f"{self.file}: {self.unit} {self.row}: {self.reason}"
 
 
 class DataError(UserError, ValueError):
@@ -204,8 +205,10 @@ def _check_columns(path: Path, header: list[str]) -> None:
         )
 
 
-def _read_rows(path: Path) -> Iterator[tuple[dict, str | None]]:
-    """(row, problem) for each data row; `problem` names bytes that are not UTF-8 in that row."""
+def _read_rows(path: Path) -> Iterator[tuple[dict, str | None, int]]:
+    """(row, problem, number) for each data row; `problem` names what makes the row unreadable (bytes
+    that are not UTF-8, a JSON line that is not an object); `number` is its 1-based line (text) or
+    sheet row (workbook)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         lines, bad = _text_lines(path)
@@ -213,12 +216,23 @@ def _read_rows(path: Path) -> Iterator[tuple[dict, str | None]]:
             if not line.strip():
                 continue
             if line_number in bad:
-                yield {}, bad[line_number]
+                yield {}, f"{bad[line_number]}; fix the bytes or delete the line", line_number
                 continue
             try:
-                yield json.loads(line), None
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_number} is not valid JSON ({e.msg})") from e
+                raise DataError(
+                    f"{path}: line {line_number} is not valid JSON ({e.msg}); fix or delete that line"
+                ) from None
+            if isinstance(row, dict):
+                yield row, None, line_number
+            else:
+                kind = type(row).__name__ if not isinstance(row, (int, float)) else "number"
+                yield (
+                    {},
+                    f"a JSON {kind}, not an object with question, options and answer; fix or delete the line",
+                    line_number,
+                )
     elif suffix == ".csv":
         lines, bad = _text_lines(path)
         reader = csv.reader(lines)
@@ -229,16 +243,15 @@ def _read_rows(path: Path) -> Iterator[tuple[dict, str | None]]:
             span, last_line = range(last_line + 1, reader.line_num + 1), reader.line_num
             if not values:  # a blank line, as csv.DictReader skips them
                 continue
-            problem = next((bad[n] for n in span if n in bad), None)
-            yield {h: v for h, v in zip(header, values) if h}, problem
+            problem = next((f"{bad[n]}; fix the bytes or delete the line" for n in span if n in bad), None)
+            yield {h: v for h, v in zip(header, values) if h}, problem, span.start
     elif suffix in (".xlsx", ".xlsm"):
-        for row in _read_workbook(path):
-            yield row, None
+        yield from ((row, None, number) for row, number in _read_workbook(path))
     else:
         raise DataError(f"{path}: unknown data format {suffix!r}; use the official .csv, the .xlsx export or .jsonl")
 
 
-def _read_workbook(path: Path) -> Iterator[dict]:
+def _read_workbook(path: Path) -> Iterator[tuple[dict, int]]:
     import openpyxl
     from openpyxl.utils.exceptions import InvalidFileException
 
@@ -257,10 +270,10 @@ def _read_workbook(path: Path) -> Iterator[dict]:
         rows = workbook.worksheets[0].iter_rows(values_only=True)
         header = [str(h).strip() if h is not None else "" for h in next(rows, ())]
         _check_columns(path, header)
-        for values in rows:
+        for number, values in enumerate(rows, start=2):  # the header is sheet row 1
             if all(v is None for v in values):
                 continue
-            yield {h: v for h, v in zip(header, values) if h}
+            yield {h: v for h, v in zip(header, values) if h}, number
     finally:
         workbook.close()
 
@@ -272,20 +285,26 @@ def load_questions(path: str | Path, on_bad_row: Literal["skip", "error"] = "ski
     with file, row and reason; with ``on_bad_row="error"`` the first one raises `DataError`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a data file; give a .csv, .xlsx or .jsonl file")
     if not path.is_file():
         raise DataError(f"{path}: no such data file; check the recipe's data.* paths")
     questions: list[Question] = []
     bad_rows: list[BadRow] = []
     seen_ids: set[str] = set()
-    for row_number, (row, problem) in enumerate(_read_rows(path)):
+    unit = "row" if path.suffix.lower() in (".xlsx", ".xlsm") else "line"
+    for row_number, (row, problem, number) in enumerate(_read_rows(path)):
         try:
             if problem:
-                raise ValueError(f"{problem}; fix the bytes or delete the line")
-            question = _row_to_question(row, row_number)
+                raise ValueError(problem)
+            try:
+                question = _row_to_question(row, row_number)
+            except TypeError as e:  # a field of a type no question has (e.g. annotations: 5)
+                raise ValueError(f"a field has the wrong type ({e})") from e
             if question.id in seen_ids:
                 raise ValueError(f"duplicate id {question.id!r}")
         except ValueError as e:
-            bad = BadRow(str(path), row_number, str(e))
+            bad = BadRow(str(path), number, str(e), unit)
             if on_bad_row == "error":
                 raise DataError(f"{bad}. Fix the row, or set data.on_bad_row: skip to skip and count bad rows.") from e
             bad_rows.append(bad)
@@ -293,8 +312,25 @@ def load_questions(path: str | Path, on_bad_row: Literal["skip", "error"] = "ski
         seen_ids.add(question.id)
         questions.append(question)
     if not questions:
-        raise DataError(f"{path}: no usable question ({len(bad_rows)} bad rows; first: {bad_rows[:1]})")
+        raise DataError(
+            f"{path}: no usable question: {describe_bad_rows(bad_rows, len(bad_rows))}; fix the rows, or check that "
+            "this is a CMExam file (columns Question, Options, Answer)"
+        )
     return LoadResult(questions, bad_rows, str(path))
+
+
+def describe_bad_rows(bad_rows: list[BadRow], total: int) -> str:
+    """ "19 of 20 rows skipped: duplicate id '7' (lines 3, 4, 5, ...); empty question (line 9)": which rows and why."""
+    by_reason: dict[str, list[BadRow]] = {}
+    for bad in bad_rows:
+        by_reason.setdefault(bad.reason, []).append(bad)
+    parts = []
+    for reason, rows in sorted(by_reason.items(), key=lambda item: -len(item[1]))[:3]:
+        unit = rows[0].unit + ("s" if len(rows) > 1 else "")
+        numbers = ", ".join(str(b.row) for b in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        parts.append(f"{reason} ({unit} {numbers})")
+    more = f"; and {len(by_reason) - 3} other reasons" if len(by_reason) > 3 else ""
+    return f"{len(bad_rows)} of {total} rows skipped: " + "; ".join(parts) + more
 
 
 def write_questions(questions: Iterable[Question], path: str | Path) -> int:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from medcritical.data.bundled import bundled_path
-from medcritical.data.cmexam import DataError, load_questions, write_questions
+from medcritical.data.cmexam import DataError, describe_bad_rows, load_questions, write_questions
 from medcritical.data.config import BUNDLED, DataSection
 from medcritical.data.splits import find_leaks, split_questions, take
 
@@ -49,8 +49,17 @@ def prepare_data(config: DataSection, seed: int, output_dir: str | Path) -> dict
         )
     leaked_ids = {leak.train_id for leak in leaks}
     train = take([q for q in train if q.id not in leaked_ids], config.train_size, seed)
+    if not train:
+        raise DataError(
+            f"{config.source}: no training question is left ({len(loaded.questions)} loaded, {len(evaluation)} taken "
+            f"for evaluation, {len(leaked_ids)} dropped as leaked into it); lower data.eval_size, or give a "
+            "data.eval_source other than the training file"
+        )
+    if bad_rows:
+        rows = len(loaded.questions) + len(bad_rows) + (len(eval_loaded.questions) if config.eval_source else 0)
+        log.warning("%s", describe_bad_rows(bad_rows, rows))
     for bad in bad_rows:
-        log.warning("skipped bad row: %s", bad)
+        log.debug("skipped bad row: %s", bad)
     stats = {
         "source": config.source,
         "eval_source": config.eval_source,

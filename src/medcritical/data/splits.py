@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 from medcritical.data.cmexam import Question
+from medcritical.errors import InputError
 
 
 def normalize_text(text: str) -> str:
@@ -29,7 +30,7 @@ def _rank(seed: int, question_id: str) -> str:
 def split_questions(questions: Sequence[Question], eval_size: int, seed: int) -> tuple[list[Question], list[Question]]:
     """Split into (train, eval) with `eval_size` questions in eval, chosen by a seeded hash of the id."""
     if not 0 <= eval_size <= len(questions):
-        raise ValueError(f"eval_size {eval_size} is outside 0..{len(questions)} (the questions loaded)")
+        raise InputError(f"eval_size {eval_size} is outside 0..{len(questions)} (the questions loaded)")
     ranked = sorted(questions, key=lambda q: _rank(seed, q.id))
     eval_ids = {q.id for q in ranked[:eval_size]}
     train = [q for q in questions if q.id not in eval_ids]

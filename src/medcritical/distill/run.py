@@ -30,6 +30,7 @@ from medcritical.distill.outputs import accepted_attempt, distill_statistics, qu
 from medcritical.distill.progress import SESSION, ProgressLog, QuestionProgress, replay, reply_event
 from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher, served_teacher
 from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template_messages, trace_messages
+from medcritical.errors import InputError
 from medcritical.io.fingerprint import check_resume
 from medcritical.io.jsonl import write_jsonl
 from medcritical.llm_client import ChatReply, EndpointFailures
@@ -62,7 +63,7 @@ def distill(
             return distill(served, questions, output_dir, seed=seed, device=device, restart=restart)
     questions = list(questions)[: config.limit] if config.limit is not None else list(questions)
     if not questions:
-        raise ValueError("no questions to distill (empty input, or distill.limit is 0)")
+        raise InputError("no questions to distill (empty input, or distill.limit is 0)")
     prompts = DistillPrompts.load(config.language)
     teacher = teacher or build_teacher(config, prompts, device=device)
     # Replies of another teacher, prompt or language must not be mixed in; per question, a changed
@@ -110,10 +111,10 @@ def distill(
     )
     if not stats["accepted"]:
         log.warning("no trace was accepted: the SFT set is empty; see %s for the reasons", output_dir / REJECTED_FILE)
+    if hasattr(teacher, "raise_if_failed"):  # an outage, or a teacher refusing everything, is never a result
+        teacher.raise_if_failed()
     if run.failed:
         # An outage is never a result: end non-zero; the rerun asks exactly the failed requests.
-        if hasattr(teacher, "raise_if_failed"):
-            teacher.raise_if_failed()
         raise EndpointFailures(
             f"distill: requests for {len(run.failed)} questions failed at the teacher; rerun the same command to continue"
         )

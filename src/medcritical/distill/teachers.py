@@ -22,6 +22,7 @@ from typing import Protocol
 from medcritical.data.cmexam import Question
 from medcritical.distill.config import DistillSection
 from medcritical.distill.traces import TEMPLATE, DistillPrompts
+from medcritical.errors import InputError
 from medcritical.grader import THINK_END
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.llm_client import ChatClient, ChatReply, safe_url
@@ -174,12 +175,12 @@ def build_teacher(config: DistillSection, prompts: DistillPrompts, *, device: st
         log.info("teacher: %s at %s (%d requests at a time)", client.model, client.base_url, client.concurrency)
         return EndpointTeacher(client, temperature=config.temperature, top_p=config.top_p)
     if config.backend == "vllm-server":
-        raise ValueError(
+        raise InputError(
             "distill.backend 'vllm-server' starts its server around a whole run: call distill.run.distill, "
             "or enter teachers.served_teacher(config, output_dir) and build the teacher from the config it yields"
         )
     if not config.teacher_model:
-        raise ValueError(
+        raise InputError(
             f"distill.backend is {config.backend!r} but distill.teacher_model is not set; give a local "
             "Hugging Face model folder (or 'tiny'), or use distill.backend: openai for a served model"
         )
@@ -213,7 +214,7 @@ def served_teacher(config: DistillSection, output_dir: str | Path) -> Iterator[D
         yield config
         return
     if not config.teacher_model:
-        raise ValueError(
+        raise InputError(
             "distill.backend is 'vllm-server' but distill.teacher_model is not set; give the local model "
             "folder the server should load (e.g. /models/QwQ-32B)"
         )

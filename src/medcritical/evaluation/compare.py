@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medcritical.errors import InputError, MissingInputError
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON
 from medcritical.io.jsonl import read_jsonl
 from medcritical.stats import paired_comparison, paired_markdown
@@ -30,10 +31,45 @@ def evaluations_in(folder: str | Path) -> dict[str, Path]:
         return {folder.name: folder}
     found = {p.name: p for p in sorted(folder.glob("eval-*")) if _is_evaluation(p)}
     if not found:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder}: neither an evaluation folder ({GRADED_JSONL} and {REPORT_JSON}) nor a run folder with eval-* evaluations"
         )
     return found
+
+
+def _same_questions(x: Path, y: Path) -> None:
+    """Refuse two evaluations of different questions or different gold answers: a paired test over them
+    would compare nothing. Their fingerprints' question hashes must agree (when both have one), every
+    question both graded must have the same gold answer, and without fingerprints the question sets must
+    be the same."""
+    prints = [_fingerprint(p).get("questions") for p in (x, y)]
+    if all(prints) and prints[0] != prints[1]:
+        raise InputError(
+            f"{x} and {y} evaluated different questions (question hashes {prints[0][:12]} vs {prints[1][:12]}); "
+            "compare evaluations of the same question file"
+        )
+    gold = [{str(r["id"]): r.get("gold") for r in read_jsonl(p / GRADED_JSONL)} for p in (x, y)]
+    differing = sorted(i for i in gold[0].keys() & gold[1].keys() if gold[0][i] != gold[1][i])
+    if differing:
+        i = differing[0]
+        raise InputError(
+            f"{x} and {y} have different gold answers for {len(differing)} questions (id {i!r}: {gold[0][i]!r} vs "
+            f"{gold[1][i]!r}); compare evaluations of the same question file"
+        )
+    if not any(prints) and gold[0].keys() != gold[1].keys():
+        only = sorted(gold[0].keys() ^ gold[1].keys())
+        raise InputError(
+            f"{x} and {y} graded different questions ({len(only)} ids in only one, e.g. {only[0]!r}); compare "
+            "evaluations of the same question file"
+        )
+
+
+def _fingerprint(path: Path) -> dict:
+    try:
+        record = json.loads((path / "fingerprint.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _protocol(path: Path) -> str:
@@ -50,13 +86,14 @@ def compare(first: str | Path, second: str | Path) -> list[dict]:
     else:
         pairs = [(a[name], b[name]) for name in a if name in b]
         if not pairs:
-            raise ValueError(f"{first} and {second} hold no evaluation of the same name ({sorted(a)} vs {sorted(b)})")
+            raise InputError(f"{first} and {second} hold no evaluation of the same name ({sorted(a)} vs {sorted(b)})")
     rows = []
     for x, y in pairs:
         if _protocol(x) != _protocol(y):
-            raise ValueError(
+            raise InputError(
                 f"{x} ({_protocol(x)}) and {y} ({_protocol(y)}) used different protocols; numbers of different protocols are never compared"
             )
+        _same_questions(x, y)
         rows.append(
             {
                 "first": str(x),

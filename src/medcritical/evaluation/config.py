@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from medcritical.section import Section
+from medcritical.modeling.config import MAX_TOKENS
+from medcritical.section import BaseUrl, EnvName, Section
 
 
 class JudgeSection(Section):
     """The judge protocols (judge-paper, judge-rubric): a judge model behind an OpenAI-compatible endpoint."""
 
-    base_url: str | None = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
+    base_url: BaseUrl = None  # e.g. http://judge:8000/v1; env MEDCRITICAL_JUDGE_BASE_URL
     model: str | None = None  # env MEDCRITICAL_JUDGE_MODEL
-    api_key_env: str = "MEDCRITICAL_JUDGE_API_KEY"  # the key is read from this variable, never the recipe
-    concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0)  # the openai SDK's retries per request
+    api_key_env: EnvName = "MEDCRITICAL_JUDGE_API_KEY"  # the key is read from this variable, never the recipe
+    concurrency: int = Field(8, ge=1, le=4096)
+    timeout_s: float = Field(120.0, gt=0, le=86400)
+    max_retries: int = Field(5, ge=0, le=100)  # the openai SDK's retries per request
     # Requests the judge endpoint may fail (after the retries) before the step stops early; any
     # failure ends the evaluation non-zero, and a rerun asks only the missing verdicts.
-    max_failed_requests: int = Field(10, ge=0)
+    max_failed_requests: int = Field(10, ge=0, le=10_000_000)
     # Sent with every judge request, e.g. {logit_bias: {"16": 100, "17": 100}} with the judge
     # tokenizer's ids of "1" and "2" for an endpoint without structured outputs.
     extra_body: dict = {}
@@ -31,7 +32,7 @@ class JudgeSection(Section):
     # judge-paper: the student gets the raw question (no chat template), as in SP-Huatuo's evaluation;
     # true wraps it in the student's chat template.
     student_chat_template: bool = False
-    max_tokens: int = Field(1024, ge=1)  # judge-rubric: room for reasons before the verdict line
+    max_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)  # judge-rubric: room for reasons before the verdict line
     # Unusable verdicts (no 1/2, no verdict line) are dropped from the denominator; above this share of
     # the questions the evaluation fails: a server that ignores the verdict constraint must not turn a run
     # into "the accuracy over the rows that parsed". SP-Huatuo forces the token and has none.
@@ -60,3 +61,12 @@ class EvaluateSection(Section):
     # DPO model answers again with the rollout's settings: pass@1 before -> after DPO and the paired
     # test in the run report. 0: off. Runs in the DPO step on the transformers backend (k samples each).
     train_pass_questions: int | None = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _loglik_is_mcq(self) -> EvaluateSection:
+        if self.scoring == "loglik" and self.protocol != "mcq":
+            raise ValueError(
+                f"evaluate.scoring 'loglik' scores the options of the mcq protocol, and protocol {self.protocol!r} "
+                "shows none (the judge grades free answers); use scoring: generate, or protocol: mcq"
+            )
+        return self

@@ -15,7 +15,6 @@ anything else is an error naming what changed, or, with ``restart``, starts over
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,13 +23,14 @@ from pathlib import Path
 
 from medcritical.data.cmexam import Question, load_questions
 from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
+from medcritical.errors import InputError, StepError
 from medcritical.evaluation import judge as judging
 from medcritical.evaluation.config import EvaluateSection
 from medcritical.evaluation.metrics import summarize
 from medcritical.evaluation.report import dropped_note, write_report
 from medcritical.grader import grade_answer
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
-from medcritical.io.jsonl import append_jsonl, read_jsonl
+from medcritical.io.jsonl import append_jsonl, read_input_jsonl, read_jsonl
 from medcritical.modeling import generation
 from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import generation_setup, load_generator
@@ -88,18 +88,12 @@ def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: 
     """Score saved outputs (`{"id", "output"}` JSONL rows) with the mcq protocol; no model needed."""
     questions = load_questions(dataset).questions
     known = {q.id for q in questions}
-    outputs: dict[str, str] = {}
-    with Path(predictions).open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                outputs[str(row["id"])] = str(row["output"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{predictions}: line {line_number}: expected a JSON object with 'id' and 'output' ({e})"
-                ) from e
+    outputs = read_predictions(predictions)
+    if not known & outputs.keys():
+        raise InputError(
+            f"--predictions {predictions}: none of its {len(outputs)} ids is a question of {dataset} (e.g. "
+            f"{next(iter(outputs))!r} vs {questions[0].id!r}); are these the predictions for this dataset?"
+        )
     unknown = sorted(set(outputs) - known)
     if unknown:
         log.warning("%d predictions have ids not in %s (ignored), e.g. %s", len(unknown), dataset, unknown[:5])
@@ -118,6 +112,35 @@ def score_predictions(dataset: str | Path, predictions: str | Path, output_dir: 
         log.warning("%d dataset questions have no prediction (counted wrong), e.g. %s", len(missing), missing[:5])
     write_report(report, graded, output_dir)
     return report
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """Saved outputs by question id: JSONL rows {"id": ..., "output": "text"}, ids unique, outputs text."""
+    outputs: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    where = f"--predictions {path}"
+    for number, row in read_input_jsonl(path, "--predictions"):
+        line = f"{where}: line {number}"
+        if "id" not in row or "output" not in row:
+            raise InputError(
+                f'{line}: no {"id" if "id" not in row else "output"!r} key; each row is {{"id": ..., "output": "text"}}'
+            )
+        if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+            raise InputError(f"{line}: the id {row['id']!r} is not a string or integer")
+        if not isinstance(row["output"], str):
+            raise InputError(
+                f"{line}: the output is a {type(row['output']).__name__}, not text; write the model's answer as a string"
+            )
+        key = str(row["id"])
+        if key in lines:
+            raise InputError(
+                f"{line}: duplicate id {key!r} (first at line {lines[key]}); keep one prediction per question"
+            )
+        lines[key] = number
+        outputs[key] = row["output"]
+    if not outputs:
+        raise InputError(f"{where}: no predictions (the file is empty); give one row per question")
+    return outputs
 
 
 def _load_outputs(path: Path) -> dict[str, dict]:
@@ -160,7 +183,7 @@ def check_loglik_backend(backend: str) -> None:
 
     cls = {"transformers": "TransformersGenerator", "vllm": "VLLMGenerator"}.get(backend)
     if not hasattr(getattr(generation, cls or "", None), "continuation_logprobs"):
-        raise ValueError(
+        raise InputError(
             f"evaluate.scoring 'loglik' needs continuation log-probabilities, which the {backend!r} generation "
             "backend does not offer here; use generation.backend: transformers or evaluate.scoring: generate"
         )
@@ -173,7 +196,7 @@ def end_of_turn(generator) -> str:
     if tokenizer is None and hasattr(generator, "llm"):  # vLLM
         tokenizer = generator.llm.get_tokenizer()
     if tokenizer is None or not tokenizer.eos_token:
-        raise ValueError("loglik scoring needs the model's end-of-sequence token; its tokenizer defines none")
+        raise InputError("loglik scoring needs the model's end-of-sequence token; its tokenizer defines none")
     return tokenizer.eos_token
 
 
@@ -326,6 +349,12 @@ def evaluate_model(
         graded = judging.grade_with_judge(protocol, questions, outputs, judge)
         # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
         judged = [row for row in graded if row["verdict"] is not None]
+        if graded and not judged:  # not an accuracy of 0 of 0: the judge is not doing its job
+            raise StepError(
+                f"the judge ({config.judge.model}) gave no verdict for any of {len(graded)} questions (first: "
+                f"{graded[0].get('error') or 'no verdict'}); its replies are in {Path(output_dir) / judging.JUDGEMENTS_JSONL}: "
+                "check evaluate.judge (model, verdict_constraint, max_tokens), then rerun with --restart"
+            )
         judged_ids = {row["id"] for row in judged}
         report = _report(
             protocol,

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medcritical.data.cmexam import Question
+from medcritical.errors import InputError
 from medcritical.evaluation.config import JudgeSection
 from medcritical.grader import final_answer_text
 from medcritical.io.jsonl import append_jsonl, read_jsonl
@@ -115,7 +116,7 @@ def judge_from_config(config: JudgeSection, protocol: str, language: str, output
     generates anything."""
 
     if protocol not in PROTOCOLS:
-        raise ValueError(f"no judge protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        raise InputError(f"no judge protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     client = ChatClient.from_section(config, JUDGE_ENV_PREFIX)
     prompt = load_prompt(protocol.replace("-", "_"), language)
     parse = parse_paper_verdict if protocol == "judge-paper" else parse_rubric_verdict

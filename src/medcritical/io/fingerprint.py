@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from medcritical.errors import UserError
+from medcritical.errors import MissingInputError, UserError
 from medcritical.io.hashing import json_sha256, text_sha256
 from medcritical.io.manifest import MANIFEST_NAME, checksums
 
@@ -43,7 +43,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
         if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and p.name != MANIFEST_NAME
     )
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no model files to fingerprint (is this a Hugging Face model folder?)")
+        raise MissingInputError(f"{model_dir}: no model files to fingerprint (is this a Hugging Face model folder?)")
     run_dir = model_dir.parent
     if (run_dir / MANIFEST_NAME).is_file() and not (model_dir / MANIFEST_NAME).is_file():
         entries = checksums(run_dir, [f"{model_dir.name}/{f}" for f in files])
@@ -88,12 +88,15 @@ def check_resume(
     existing = [output_dir / o for o in outputs if (output_dir / o).exists()]
     fix = "rerun with --restart to discard them and start over, or use another output folder"
     if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            before = {"(unreadable fingerprint.json)": True}  # damaged: nothing vouches for the outputs
         if before == current:
             return bool(existing)
-        changed = sorted(k for k in current.keys() | before.keys() if before.get(k) != current.get(k))
         if not restart and existing:
-            details = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(current.get(k))}" for k in changed)
+            changes = describe_changes(before, current)
+            details = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             raise ResumeMismatch(
                 f"{output_dir}: holds results made from other inputs or settings ({details}). {fix[0].upper()}{fix[1:]}."
             )
@@ -113,6 +116,23 @@ def check_resume(
     tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
     tmp.replace(path)
     return False
+
+
+def describe_changes(before: Any, after: Any, key: str = "") -> list[str]:
+    """What differs between two fingerprints, one "dotted.key: old -> new" per changed leaf
+    (``settings.learning_rate: 0.003 -> 0.001``), not two whole blobs."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        changes = []
+        for k in sorted(before.keys() | after.keys(), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in after:
+                changes.append(f"{sub}: {_short(before[k])} -> (gone)")
+            elif k not in before:
+                changes.append(f"{sub}: (none) -> {_short(after[k])}")
+            elif before[k] != after[k]:
+                changes += describe_changes(before[k], after[k], sub)
+        return changes
+    return [f"{key or '(whole)'}: {_short(before)} -> {_short(after)}"]
 
 
 def _short(value: Any) -> str:

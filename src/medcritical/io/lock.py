@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from medcritical.errors import UserError
+from medcritical.errors import OutputError, UserError, explain_os_error
 
 LOCK_FILE = ".medcritical.lock"
 
@@ -38,9 +38,14 @@ def output_lock(folder: str | Path, what: str = "step") -> Iterator[None]:
     if key in _held:
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: is a file, not a folder; give an output folder (new, or a step's earlier output)")
     path = folder / LOCK_FILE
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for as long as the lock is)
+    try:  # the first write into the output: a read-only or full disk is named here, before any work
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for as long as the lock is)
+    except OSError as e:
+        raise (explain_os_error(e) or e) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medcritical.errors import UserError
+from medcritical.errors import MissingInputError, UserError
 from medcritical.io.hashing import file_sha256
 
 MANIFEST_NAME = "_MANIFEST.json"
@@ -29,7 +29,7 @@ MANIFEST_FORMAT = "medcritical-folder/1"
 
 
 class ManifestError(UserError, ValueError):
-    """A manifest this version cannot read."""
+    """A manifest this version cannot read, or a folder whose files no longer match their manifest."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def verify_manifest(folder: str | Path) -> list[str]:
     folder = Path(folder)
     entries = read_manifest(folder)
     if entries is None:
-        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; the step that writes this folder did not finish")
+        raise MissingInputError(f"{folder}: no {MANIFEST_NAME}; the step that writes this folder did not finish")
     return [
         e.path
         for e in entries
@@ -128,3 +128,30 @@ def verify_manifest(folder: str | Path) -> list[str]:
         or (folder / e.path).stat().st_size != e.size
         or file_sha256(folder / e.path) != e.sha256
     ]
+
+
+def check_integrity(folder: str | Path, under: str = "") -> None:
+    """Refuse a folder whose files no longer match its manifest (a byte overwritten, a file truncated
+    or deleted), before anything reads them; nothing to check when the folder has no manifest.
+
+    `under` limits the check to that relative path: a file, or the entries below a folder (``model``). A
+    file that keeps the size and mtime it had when hashed is taken as unchanged (no rereading of a
+    model's gigabytes on every use); one rewritten since is hashed again and compared."""
+    folder = Path(folder)
+    try:
+        entries = read_manifest(folder)
+    except OSError:
+        return
+    under = under.strip("/")
+    for entry in entries or []:
+        if under and entry.path != under and not entry.path.startswith(f"{under}/"):
+            continue
+        path = folder / entry.path
+        fix = f"the folder was changed after {folder / MANIFEST_NAME} was written; rerun the step that made it"
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing, though the folder's manifest lists it; {fix}")
+        stat = path.stat()
+        if stat.st_size != entry.size:
+            raise ManifestError(f"{path}: {stat.st_size} bytes where the manifest records {entry.size}; {fix}")
+        if not entry.still_describes(stat) and file_sha256(path) != entry.sha256:
+            raise ManifestError(f"{path}: its content no longer matches the manifest's sha256; {fix}")

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from medcritical.errors import MissingInputError
+from medcritical.modeling.check import check_model_folder
 from medcritical.modeling.config import TINY, TinyModelSection
 from medcritical.modeling.tiny import ensure_tiny_model
 
@@ -23,8 +25,9 @@ def resolve_model(model: str, tiny: TinyModelSection = TinyModelSection()) -> Pa
         return ensure_tiny_model(cache_dir() / f"tiny-{key}", tiny)
     path = Path(model)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{model}: not a Hugging Face model folder (no config.json); give a local model folder "
             "or 'tiny' for the offline test model"
         )
+    check_model_folder(path)  # config, weights, tokenizer, chat template, manifest: before any work loads it
     return path

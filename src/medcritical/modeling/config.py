@@ -7,9 +7,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medcritical.section import Section
+from medcritical.section import Section, check_uri
 
 TINY = "tiny"  # model.base value: build the offline tiny model
+
+# Upper bounds of the numeric keys, shared by the sections (the real range, with room to spare):
+MAX_TOKENS = 1_048_576  # no model's context is longer than a million tokens
+MAX_GPUS = 1024  # GPUs one model replica or one step can span
+MAX_TEMPERATURE = 2.0  # the OpenAI API's range, which vLLM and SGLang follow
 
 
 class TinyModelSection(Section):
@@ -43,8 +48,13 @@ class ModelSection(Section):
     @field_validator("base")
     @classmethod
     def _model_exists(cls, value: str) -> str:
-        if value == TINY or value.startswith("s3://") or Path(value).is_dir():
+        if value == TINY:
             return value
+        check_uri(value, "a model folder or 'tiny'")
+        if value.startswith("s3://") or Path(value).is_dir():
+            return value
+        if Path(value).exists():
+            raise ValueError(f"{value!r} is a file; give the model's folder (the one holding config.json) or 'tiny'")
         raise ValueError(f"no such model folder {value!r} (use 'tiny' or a local Hugging Face folder)")
 
 
@@ -52,10 +62,10 @@ class GenerationSection(Section):
     """How the student generates, in evaluation and rollout."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1, le=65536)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
     # vLLM only: GPUs per model replica, and the share of GPU memory it may take.
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_GPUS)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     # vLLM only: the context (prompt + reply tokens) vLLM reserves KV cache for. null: the model's own
     # (its config's max_position_embeddings: 32,768 for Qwen2.5-7B), far more than a CMExam prompt and

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from medcritical.errors import StepError
 from medcritical.modeling.chat import stop_token_ids
 from medcritical.modeling.config import GenerationSection
 
@@ -82,7 +83,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but no CUDA GPU is visible; set run.device: cpu or auto")
+        raise StepError("run.device is 'cuda' but no CUDA GPU is visible; set run.device: cpu or auto")
     return device
 
 
@@ -281,7 +282,7 @@ class VLLMGenerator:
             import torch
             from vllm import LLM
         except ImportError as e:
-            raise RuntimeError(
+            raise StepError(
                 "generation.backend is 'vllm' but vLLM is not installed; use the inference image, "
                 "`pip install vllm`, or set generation.backend: transformers"
             ) from e

@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from medcritical.errors import StepError
+
 log = logging.getLogger(__name__)
 
 
@@ -131,7 +133,7 @@ def start_vllm_server(
     try:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(
+                raise StepError(
                     f"the vLLM server for {served_name} exited with code {process.returncode} while starting; "
                     f"its log is {log_path}, ending:\n{server.log_tail()}"
                 )
@@ -143,7 +145,7 @@ def start_vllm_server(
             except OSError:
                 pass
             time.sleep(1)
-        raise RuntimeError(
+        raise StepError(
             f"the vLLM server for {served_name} was not ready after {start_timeout_s:.0f} s (raise "
             f"distill.server.start_timeout_s for a large model); its log is {log_path}, ending:\n{server.log_tail()}"
         )

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+from medcritical.errors import MissingInputError
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -32,7 +34,7 @@ def load_prompt(name: str, language: str = "zh") -> Prompt:
     path = resources.files(__name__) / f"{name}.{language}.txt"
     if not path.is_file():
         available = sorted(p.name for p in resources.files(__name__).iterdir() if p.name.endswith(".txt"))
-        raise FileNotFoundError(f"no prompt {name!r} in language {language!r}; available: {available}")
+        raise MissingInputError(f"no prompt {name!r} in language {language!r}; available: {available}")
     return Prompt(name, language, path.read_text(encoding="utf-8").strip())
 
 

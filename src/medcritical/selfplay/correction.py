@@ -24,6 +24,7 @@ from typing import Protocol
 
 from medcritical.data.cmexam import Question
 from medcritical.distill.teachers import TeacherRequest
+from medcritical.errors import StepError
 from medcritical.grader import grade_answer
 from medcritical.io.jsonl import append_jsonl
 from medcritical.modeling.generation import Generator, Messages
@@ -146,10 +147,10 @@ class TeacherCorrector:
         )
         missing = sum(r is None for r in replies)
         if missing:
-            raise RuntimeError(f"the teacher returned no reply for {missing} of {len(requests)} correction requests")
+            raise StepError(f"the teacher returned no reply for {missing} of {len(requests)} correction requests")
         if requests and all(r.error for r in replies):
             # Not "no correction accepted" (a number), but a teacher that does not answer (a failure).
-            raise RuntimeError(
+            raise StepError(
                 f"the teacher {self.teacher.description} answered none of {len(requests)} correction requests "
                 f"(first error: {replies[0].error}); check the distill section's teacher settings or the endpoint"
             )

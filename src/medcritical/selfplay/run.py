@@ -23,6 +23,7 @@ from medcritical.data.cmexam import Question
 from medcritical.diagnostics import diagnose_rollouts
 from medcritical.distill.teachers import TEACHER_ENV_PREFIX, build_teacher
 from medcritical.distill.traces import DistillPrompts
+from medcritical.errors import InputError, MissingInputError
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import read_jsonl, write_jsonl
 from medcritical.llm_client import safe_url
@@ -44,10 +45,10 @@ PAIRS, HELDOUT_PAIRS, STATS = "pairs.jsonl", "pairs_heldout.jsonl", "rollout_sta
 
 def _check_questions(questions: Sequence[Question]) -> None:
     if not questions:
-        raise ValueError("no training questions: the rollout needs at least one (check --questions)")
+        raise InputError("no training questions: the rollout needs at least one (check --questions)")
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
-        raise ValueError("training questions have duplicate ids; rollout records are keyed by question id")
+        raise InputError("training questions have duplicate ids; rollout records are keyed by question id")
 
 
 def _teacher_settings(distill) -> dict:
@@ -74,7 +75,7 @@ def build_corrector(config: SelfPlaySection, generator: Generator, distill=None,
     if config.corrector == "self":
         return SelfCorrector(generator)
     if distill is None:
-        raise ValueError("selfplay.corrector is 'teacher' but no distill section was given to the rollout step")
+        raise InputError("selfplay.corrector is 'teacher' but no distill section was given to the rollout step")
 
     teacher = build_teacher(distill, DistillPrompts.load(distill.language), device=device)
     return TeacherCorrector(teacher, max_new_tokens=distill.max_new_tokens)
@@ -220,12 +221,12 @@ def make_pairs(
     pair settings) without generating anything. Writes pairs.jsonl, pairs_heldout.jsonl, pairs_stats.json."""
     rollout_dir, output_dir = Path(rollout_dir), Path(output_dir)
     if not (rollout_dir / ROLLOUTS).is_file():
-        raise FileNotFoundError(f"{rollout_dir}: no {ROLLOUTS}; run `medcritical rollout --output {rollout_dir}` first")
+        raise MissingInputError(f"{rollout_dir}: no {ROLLOUTS}; run `medcritical rollout --output {rollout_dir}` first")
     _check_questions(questions)
     known = {q.id for q in questions}
     rollouts = [r for r in read_jsonl(rollout_dir / ROLLOUTS) if r["question_id"] in known]
     if not rollouts:
-        raise ValueError(
+        raise InputError(
             f"{rollout_dir / ROLLOUTS}: no rollout record matches the given questions (wrong --questions file?)"
         )
     corrections = [c for c in read_jsonl(rollout_dir / CORRECTIONS) if c["question_id"] in known]

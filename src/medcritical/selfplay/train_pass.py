@@ -19,6 +19,7 @@ from pathlib import Path
 from medcritical.data.cmexam import Question
 from medcritical.data.splits import take
 from medcritical.diagnostics import diagnose_rollouts
+from medcritical.errors import InputError
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import load_generator
@@ -63,7 +64,7 @@ def before_after(before: Sequence[dict], after: Sequence[dict], *, seed: int = 0
     b, a = by_question(before), by_question(after)
     shared = sorted(b.keys() & a.keys())
     if not shared:
-        raise ValueError("no question was answered both before and after DPO")
+        raise InputError("no question was answered both before and after DPO")
 
     def mean(samples: dict[int, bool]) -> float:
         return sum(samples.values()) / len(samples)
@@ -111,7 +112,7 @@ def train_pass(
     asked = {r["question_id"] for r in before}
     chosen = take([q for q in questions if q.id in asked], limit, seed)
     if not chosen:
-        raise ValueError("none of the rollout's questions is among the training questions given")
+        raise InputError("none of the rollout's questions is among the training questions given")
     # A derived measurement: outputs of another model or setting are simply redone.
     check_resume(
         output_dir,

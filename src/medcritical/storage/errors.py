@@ -29,5 +29,9 @@ class IncompleteUploadError(StorageError):
     """A folder prefix holds objects but no manifest: its upload never finished."""
 
 
+class OutputTakenError(StorageError):
+    """The output URI holds the results of other work (another fingerprint): refused, never overwritten."""
+
+
 class ChecksumMismatchError(StorageError):
     """Transferred data does not match its recorded size or sha256."""

@@ -8,6 +8,7 @@ S3; the manifest uploaded at the end lists every file that went up.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import uuid
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from minio import Minio
+from minio.error import S3Error
 
+from medcritical.io.fingerprint import FINGERPRINT_FILE, describe_changes
 from medcritical.io.lock import LOCK_FILE
 from medcritical.io.manifest import MANIFEST_NAME, FileEntry, checksum, encode, read_manifest
 from medcritical.storage.client import S3Settings, connect, explain, with_retries
-from medcritical.storage.errors import ChecksumMismatchError, ObjectNotFoundError, StorageConfigError
+from medcritical.storage.errors import ChecksumMismatchError, ObjectNotFoundError, OutputTakenError, StorageConfigError
 from medcritical.storage.transfer import (
     DEFAULT_MAX_WORKERS,
     DEFAULT_PART_SIZE,
@@ -232,6 +235,43 @@ def _local_files(folder: Path, exclude_dirs: Sequence[str] = ()) -> list[str]:
     return files
 
 
+def _refuse_other_work(client: Minio, src: Path, target: S3Uri) -> None:
+    """One output, one piece of work: when the S3 folder already records a resume fingerprint
+    (fingerprint.json: inputs, settings, weights) other than the one of the folder going up, another
+    worker wrote a different result there; overwriting it would mix two runs. Refused, naming what differs."""
+    local = src / FINGERPRINT_FILE
+    if not local.is_file():
+        return
+    key = target.prefix + FINGERPRINT_FILE
+
+    def fetch() -> bytes | None:
+        try:
+            response = client.get_object(target.bucket, key)
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject"):
+                return None
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    remote = with_retries(fetch, what=f"read {S3Uri(target.bucket, key)}")
+    if remote is None:
+        return
+    try:
+        before, after = json.loads(remote), json.loads(local.read_text(encoding="utf-8"))
+    except ValueError:
+        return  # an unreadable record vouches for nothing: the upload replaces it
+    if before != after:
+        changes = describe_changes(before, after)
+        raise OutputTakenError(
+            f"{target}/: holds the results of other work ({'; '.join(changes[:6])}), written by another run or "
+            "worker; give this run another output URI, or delete that folder if it is stale"
+        )
+
+
 def _upload_folder(
     client: Minio,
     settings: S3Settings,
@@ -244,6 +284,7 @@ def _upload_folder(
     files = _local_files(src, exclude_dirs)
     known = {e.path: e for e in read_manifest(src) or []}  # checksums a training step already took
     manifest_key = target.prefix + MANIFEST_NAME
+    _refuse_other_work(client, src, target)
     total = sum((src / rel).stat().st_size for rel in files)
     # An old manifest would vouch for files we are about to overwrite: remove it first.
     with_retries(lambda: client.remove_object(target.bucket, manifest_key), what=f"remove old manifest of {target}")

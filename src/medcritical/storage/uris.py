@@ -12,7 +12,17 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith("s3://")
+    """Whether `uri` is an S3 URI; a malformed one (``s3:/bucket/x``, ``S3://...``, ``s3:bucket``) is an
+    error, never a local folder named ``s3:``."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        return True
+    if text[:3].lower() == "s3:":
+        raise StorageConfigError(
+            f"{text}: not a valid S3 URI (a local folder named '{text[:3]}' is not meant); write it as "
+            f"s3://bucket/key, e.g. s3://{text[3:].lstrip(':/') or 'bucket/prefix'}"
+        )
+    return False
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,14 @@ Tokenizer checks (`check_tokenizer`) are shared by SFT and DPO; conversation che
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from medcritical.errors import InputError, MissingInputError
+from medcritical.io.jsonl import read_input_jsonl
 from medcritical.modeling.chat import distinct_pad_token, starts_with_prompt, template_end_of_turn
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ _PROBE = "ZQXJ probe answer"  # text that no template adds by itself, to find wh
 _PROBE_CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _PROBE}]
 
 
-class PreTrainingCheckError(ValueError):
+class PreTrainingCheckError(InputError):
     """An input that would train a broken model; the message names the input, the problem and the fix."""
 
 
@@ -126,21 +127,15 @@ def _end_of_turn_is_trained(tokenizer, template: str | None, end_id: int) -> boo
 def read_conversations(path: str | Path) -> list[list[dict]]:
     """The "messages" of each JSONL row (other keys are metadata and ignored), checked for an assistant turn."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such dataset file (the distill step writes it)")
+    if not path.exists():
+        raise MissingInputError(f"{path}: no such dataset file (the distill step writes it)")
     conversations, bad_lines = [], []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line).get("messages")
-            except (json.JSONDecodeError, AttributeError):
-                raise PreTrainingCheckError(f"{path}:{number}: not a JSON object; each line is one row") from None
-            if not _has_assistant_answer(messages):
-                bad_lines.append(number)
-                continue
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for number, row in read_input_jsonl(path, "SFT dataset"):  # UTF-8, one object per line, 1-based lines
+        messages = row.get("messages")
+        if not _has_assistant_answer(messages):
+            bad_lines.append(number)
+            continue
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     if bad_lines:
         shown = ", ".join(map(str, bad_lines[:5])) + (" ..." if len(bad_lines) > 5 else "")
         raise PreTrainingCheckError(
@@ -154,7 +149,9 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
 
 
 def _has_assistant_answer(messages) -> bool:
-    if not isinstance(messages, list):
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
         return False
     return any(
         isinstance(m, dict) and m.get("role") == "assistant" and str(m.get("content") or "").strip() for m in messages

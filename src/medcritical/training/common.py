@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from medcritical.errors import InputError, MissingInputError
 from medcritical.io.fingerprint import check_resume
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.io.ranks import is_main_process
@@ -52,7 +53,7 @@ def deepspeed_config_path(value: str | None) -> Path | None:
         for folder in (Path("recipes") / "deepspeed", _REPO_DEEPSPEED_DIR):
             if (folder / f"{value}.json").is_file():
                 return (folder / f"{value}.json").resolve()
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"deepspeed: no DeepSpeed config {value!r}; give a path to a .json file or one of "
         f"{', '.join(DEEPSPEED_NAMES)} (the files in recipes/deepspeed/)"
     )
@@ -65,12 +66,12 @@ def deepspeed_zero_stage(path: Path | None) -> int | None:
     try:
         settings = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise InputError(f"{path}: not valid JSON ({e})") from e
     zero = settings.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     if stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
         # Without it the weights stay sharded across ranks and the saved model would be empty.
-        raise ValueError(
+        raise InputError(
             f'{path}: ZeRO stage 3 needs "stage3_gather_16bit_weights_on_model_save": true in zero_optimization, '
             "or the final model cannot be gathered and saved (see recipes/deepspeed/zero3.json)"
         )

@@ -17,6 +17,7 @@ before any work, naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import typing
 from typing import Any, Literal
@@ -58,18 +59,24 @@ DPO_TRAINER_DEFAULTS: dict[str, Any] = TRAINER_DEFAULTS | {
 MANAGED_KEYS = frozenset({"output_dir", "use_cpu", "seed", "data_seed", "deepspeed", "push_to_hub"})
 # Ranges TRL accepts but that cannot train: key -> (test, what is allowed).
 _RANGES = {
-    "learning_rate": (lambda v: v > 0, "> 0"),
-    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "learning_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "num_train_epochs": (lambda v: 0 < v <= 100_000, "in (0, 100000]"),
     "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
     "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
     "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
     "max_length": (lambda v: v is None or v >= 1, ">= 1"),
     "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or >= 1"),
-    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0 (below 1: a share of the steps)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v > 0, "> 0"),
+    "label_smoothing_factor": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "save_steps": (lambda v: v > 0, "> 0"),
     "logging_steps": (lambda v: v > 0, "> 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "beta": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta": (lambda v: 0 < v <= 100, "in (0, 100]"),
 }
 
 
@@ -95,7 +102,7 @@ def check_trainer_mapping(trainer: dict[str, Any], defaults: dict[str, Any], con
     settings = defaults | trainer
     for key, (allowed, text) in _RANGES.items():
         value = settings.get(key)
-        if isinstance(value, (int, float)) and not allowed(value):
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and allowed(value)):
             raise ValueError(f"{key} must be {text} (got {value!r})")
     # CPU stand-ins for the device-dependent keys: the values themselves are checked at the step.
     with tempfile.TemporaryDirectory() as scratch:
@@ -126,8 +133,8 @@ def _type_name(hint: Any) -> str:
 
 class LoraSection(Section):
     enabled: bool = True
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
+    r: int = Field(8, ge=1, le=65536)
+    alpha: int = Field(16, ge=1, le=1_000_000)
     dropout: float = Field(0.05, ge=0, lt=1)
     # "all-linear" or a list of module names (Qwen2: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
     target_modules: str | list[str] = "all-linear"
@@ -168,10 +175,10 @@ class DPOSection(Section):
     # on chosen (RPO-style): loss_type: [sigmoid, sft], loss_weights: [1.0, 1.0].
     trainer: dict[str, Any] = {}
     # Held-out evaluations over the whole run (reward accuracy and margin on pairs_heldout.jsonl).
-    evaluations: int = Field(20, ge=1)
+    evaluations: int = Field(20, ge=1, le=100_000)
     # Evaluations without held-out margin improvement before stopping (transformers' EarlyStoppingCallback
     # on the margin); 0: off.
-    early_stopping_patience: int = Field(3, ge=0)
+    early_stopping_patience: int = Field(3, ge=0, le=100_000)
     # At the end, load the checkpoint with the best held-out margin (a checkpoint is then saved at every
     # evaluation, replacing trainer.save_steps); off keeps the last step's weights.
     restore_best: bool = True

@@ -43,9 +43,10 @@ from transformers import AutoTokenizer, EarlyStoppingCallback, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
+from medcritical.errors import InputError, MissingInputError
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.io.hashing import file_sha256
-from medcritical.io.jsonl import read_jsonl
+from medcritical.io.jsonl import read_input_jsonl
 from medcritical.io.manifest import MANIFEST_NAME, write_manifest
 from medcritical.plotting import figure
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
@@ -78,22 +79,26 @@ EARLY_STOPPING_MIN_DELTA = 1e-4
 def read_pairs(path: str | Path) -> list[dict]:
     """Preference rows (TRL conversational format); metadata columns are dropped. Clear errors on bad rows."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pairs file (`medcritical rollout` writes pairs.jsonl)")
+    if not path.exists():
+        raise MissingInputError(f"{path}: no such pairs file (`medcritical rollout` writes pairs.jsonl)")
     pairs = []
-    for number, row in enumerate(read_jsonl(path), start=1):
+    for number, row in read_input_jsonl(path, "pairs"):  # UTF-8, one object per line, 1-based lines
         bad = [
             c
             for c in PAIR_COLUMNS
-            if not (isinstance(row.get(c), list) and row[c] and all("role" in m and "content" in m for m in row[c]))
+            if not (
+                isinstance(row.get(c), list)
+                and row[c]
+                and all(isinstance(m, dict) and "role" in m and "content" in m for m in row[c])
+            )
         ]
         if bad:
-            raise ValueError(
-                f"{path}: row {number}: {', '.join(bad)} must be a non-empty list of chat messages "
+            raise InputError(
+                f"{path}: line {number}: {', '.join(bad)} must be a non-empty list of chat messages "
                 "({role, content}); pairs come from `medcritical rollout` / `medcritical pairs`"
             )
         if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
-            raise ValueError(f"{path}: row {number}: chosen and rejected must end with an assistant message")
+            raise InputError(f"{path}: line {number}: chosen and rejected must end with an assistant message")
         pairs.append({c: row[c] for c in PAIR_COLUMNS})
     return pairs
 

@@ -19,6 +19,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import deepspeed as hf_deepspeed
 
+from medcritical.errors import StepError
+
 log = logging.getLogger(__name__)
 
 
@@ -119,7 +121,7 @@ def verify_adapter(adapter_dir: str | Path) -> None:
     lora = {k: s for k, s in shapes.items() if "lora_" in k}
     empty = [k for k, s in lora.items() if 0 in s]
     if not lora or empty:
-        raise RuntimeError(
+        raise StepError(
             f"{adapter_dir}: the saved LoRA adapter is {'empty' if not lora else f'missing data in {empty[:3]}'}; "
             'under ZeRO-3 the DeepSpeed config needs "stage3_gather_16bit_weights_on_model_save": true'
         )
@@ -136,7 +138,7 @@ def verify_full_weights(model_dir: str | Path) -> None:
     missing = sorted(k for k in expected if k not in saved and k not in tied)
     wrong = sorted(k for k in expected if k in saved and saved[k] != expected[k])
     if missing or wrong:
-        raise RuntimeError(
+        raise StepError(
             f"{model_dir}: the saved model is incomplete: {len(missing)} weights missing {missing[:3]}, "
             f"{len(wrong)} with the wrong shape {wrong[:3]}; under ZeRO-3 the DeepSpeed config needs "
             '"stage3_gather_16bit_weights_on_model_save": true'
