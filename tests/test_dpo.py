@@ -24,6 +24,8 @@ from medcritical.training.dpo import (
     train_dpo,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
+
 TRAINER = dict(
     per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=384, logging_steps=2, save_steps=2
 )

@@ -26,6 +26,8 @@ from medcritical import storage
 from medcritical.io.jsonl import read_jsonl
 from medcritical.io.lock import LOCK_FILE
 
+pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
+
 TIMEOUT_S = 300
 # Small, fast settings for the tiny model on one CPU thread.
 FAST = [

@@ -20,6 +20,8 @@ from medcritical.runner import run_stage
 from medcritical.training.stage import SFT
 from tests.fixtures.sft import MAX_LENGTH, short_questions, write_sft_dataset
 
+pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 400
 # Global batch 4: 2 per device x 2 accumulation steps on one GPU; on 2 ranks 2 x 1 x 2.

@@ -8,9 +8,13 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from medcritical import storage
 from medcritical.pipeline_runner import run_locally
 from medcritical.recipe import load_recipe_text
+
+pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
 
 RECIPE = """
 run: {{name: e2e, output_dir: "s3://{bucket}/runs/e2e", threads: 1}}

@@ -7,6 +7,8 @@ import pytest
 from medcritical.cli import main
 from medcritical.data.cmexam import write_questions
 
+pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
+
 # Small but real: every step runs, on the tiny format model, on CPU.
 TINY_STAGE2 = [
     "run.device=cpu",

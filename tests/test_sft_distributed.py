@@ -22,6 +22,8 @@ from medcritical.io.manifest import MANIFEST_NAME, verify_manifest
 from medcritical.modeling.generation import TransformersGenerator
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
 
+pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
