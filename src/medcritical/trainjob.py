@@ -31,8 +31,38 @@ SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 RECIPE_FILE = "/tmp/recipe.yaml"
 
 
+# The owner of MedCritical's runtime patch (Trainer keys patches by manager: a domain-prefixed path).
+PATCH_MANAGER = "medcritical.local/trainjob"
+
+
 class TrainJobError(RuntimeError):
     pass
+
+
+def runtime_patch(pod_spec: dict, job: str = "node") -> dict:
+    """A TrainJob runtimePatches entry (Trainer v2.2) that patches the pod spec of the runtime's `job`."""
+    return {
+        "manager": PATCH_MANAGER,
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {"replicatedJobs": [{"name": job, "template": {"spec": {"template": {"spec": pod_spec}}}}]}
+            }
+        },
+    }
+
+
+def node_pod_patches(spec: dict, job: str = "node") -> list[dict]:
+    """The pod-spec patches a TrainJob's runtimePatches apply to the runtime's replicated `job`, in order
+    (Trainer v2.2; what the plan and the manifest checks read volumes and security contexts from)."""
+    found = []
+    for patch in spec.get("runtimePatches") or []:
+        runtime = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+        for replicated in runtime.get("replicatedJobs") or []:
+            if replicated.get("name") == job:
+                pod = (((replicated.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec")
+                if pod:
+                    found.append(pod)
+    return found
 
 
 def trainjob_name(step: str, output_uri: str) -> str:
@@ -98,10 +128,11 @@ def trainjob_manifest(
                 ],
                 "resourcesPerNode": {"requests": resources, "limits": dict(resources)},
             },
-            "podTemplateOverrides": [
-                {
-                    "targetJobs": [{"name": "node"}],
-                    "spec": {
+            # Trainer v2.2 patches the runtime's pods through runtimePatches (podTemplateOverrides is gone):
+            # the `node` job of torch-distributed, its `node` container (env only through `trainer`).
+            "runtimePatches": [
+                runtime_patch(
+                    {
                         "serviceAccountName": "medcritical",  # no API token (k8s/overlays/pipeline-rbac)
                         "securityContext": {
                             "runAsNonRoot": True,
@@ -131,8 +162,8 @@ def trainjob_manifest(
                                 ],
                             }
                         ],
-                    },
-                }
+                    }
+                )
             ],
         },
     }
@@ -167,8 +198,8 @@ def run_trainjob(
             log.info("%s exists (a retried task): waiting for it", where)
         elif e.status == 404:
             raise TrainJobError(
-                f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2 (2.2 or "
-                "later) or run with train_nodes=1"
+                f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2.2 "
+                "(k8s/local/cluster.sh trainer sets it up locally) or run with train_nodes=1"
             ) from e
         elif e.status == 403:
             raise TrainJobError(
