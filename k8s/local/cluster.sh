@@ -335,18 +335,25 @@ EOF
 }
 
 # ---------------------------------------------------------------- images the cluster runs
+normalized() { # an image name as containerd stores it: docker.io/library/NAME:TAG for short names
+  local first=${1%%/*}
+  if [ "$first" = "$1" ]; then echo "docker.io/library/$1"
+  elif [[ $first == *.* || $first == *:* || $first == localhost ]]; then echo "$1"
+  else echo "docker.io/$1"; fi
+}
+
 load() { # docker images -> containerd's k8s.io namespace, skipped when the same image is there
   mkdir -p "$STATE/containerd-images"
   local image id marker
   for image in "$@"; do
     id=$(docker image inspect -f '{{.Id}}' "$image") || die "docker has no image $image"
     marker=$STATE/containerd-images/$(echo "$image" | tr '/:' '__')
-    if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && ctr_ images ls -q | grep -q .; then
+    if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && ctr_ images ls -q | grep -qx "$(normalized "$image")"; then
       log "$image: in containerd already"
       continue
     fi
     log "$image: importing into the node's containerd"
-    docker save "$image" | ctr_ images import --no-unpack=false - >/dev/null
+    docker save "$image" | ctr_ images import - >/dev/null
     echo "$id" >"$marker"
   done
 }

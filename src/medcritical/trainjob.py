@@ -80,10 +80,13 @@ def trainjob_manifest(
     nodes: int,
     gpus_per_node: int,
     s3_secret: str,
-    shm_size: str = "64Gi",
+    shm_size: str | None = None,
     deadline_s: int = 72 * 3600,
 ) -> dict:
-    """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan."""
+    """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan.
+    `gpus_per_node=0` (the pipeline's train_gpus=0): CPU nodes, one training process on each."""
+    if shm_size is None:  # NCCL's shared-memory transport between 8 local ranks; gloo on CPU needs little
+        shm_size = "64Gi" if gpus_per_node else "1Gi"
 
     recipe = load_recipe_text(recipe_yaml)
     need = plan_steps(recipe, train_gpus=gpus_per_node, nodes=nodes)[step]
@@ -98,12 +101,14 @@ def trainjob_manifest(
         {"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
         for key in ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     ]
-    resources = {
-        "cpu": str(8 * gpus_per_node),
-        "memory": memory,
-        "nvidia.com/gpu": str(gpus_per_node),
-        "ephemeral-storage": ephemeral,
-    }
+    requests = {"cpu": str(8 * gpus_per_node), "memory": memory, "ephemeral-storage": ephemeral}
+    if gpus_per_node:
+        requests["nvidia.com/gpu"] = str(gpus_per_node)
+        limits = dict(requests)
+    else:
+        # A CPU node's process uses the cores the node has free; the request only has to fit beside others.
+        requests["cpu"] = "500m"
+        limits = {**requests, "cpu": "2"}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
@@ -117,7 +122,7 @@ def trainjob_manifest(
             "trainer": {
                 "image": image,
                 "numNodes": nodes,
-                "numProcPerNode": gpus_per_node,
+                "numProcPerNode": gpus_per_node or 1,
                 "command": ["sh", "-c", script, "sh"],
                 "args": cli,
                 "env": [
@@ -126,7 +131,7 @@ def trainjob_manifest(
                     {"name": "NCCL_DEBUG", "value": "WARN"},
                     *secret_env,
                 ],
-                "resourcesPerNode": {"requests": resources, "limits": dict(resources)},
+                "resourcesPerNode": {"requests": requests, "limits": limits},
             },
             # Trainer v2.2 patches the runtime's pods through runtimePatches (podTemplateOverrides is gone):
             # the `node` job of torch-distributed, its `node` container (env only through `trainer`).
