@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import re
@@ -65,10 +66,21 @@ MULTINODE = [
 ]
 
 
+@functools.cache
+def _cluster_kubectl() -> str:
+    """The local cluster's own kubectl (its version) when the tier runs there; else the test extras' one."""
+    if MODE == "local":
+        env = subprocess.run(["bash", str(CLUSTER_SH), "env"], capture_output=True, text=True, check=True).stdout
+        built = Path(re.search(r"PATH=(\S+):", env).group(1)) / "kubectl"
+        if built.is_file():
+            return str(built)
+    return _kubectl()
+
+
 def kubectl(
     *args: str, stdin: str | None = None, check: bool = True, timeout: float = 180
 ) -> subprocess.CompletedProcess:
-    result = subprocess.run([_kubectl(), *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([_cluster_kubectl(), *args], input=stdin, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
     return result
@@ -192,7 +204,7 @@ def minio_client():
     from minio import Minio
 
     forward = subprocess.Popen(
-        [_kubectl(), "-n", NAMESPACE, "port-forward", "svc/minio", ":9000"],
+        [_cluster_kubectl(), "-n", NAMESPACE, "port-forward", "svc/minio", ":9000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -15,8 +15,8 @@
 # What runs (each a host process, stopped by its PID file): containerd (Debian's, own socket and
 # state, beside any Docker), etcd (Debian's), kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubelet, kube-proxy (iptables mode); CoreDNS as a Deployment. Pods get a CNI
-# bridge (Debian's containernetworking-plugins). The node's address is 10.250.0.1 on a dummy
-# interface of this machine: servers listen there or on 127.0.0.1, never on the machine's own
+# bridge (Debian's containernetworking-plugins). The node's address is 10.250.0.1 on a portless
+# bridge of this machine: servers listen there or on 127.0.0.1, never on the machine's own
 # network, and a FORWARD rule drops pod traffic to anything outside the cluster.
 # Needs root, Debian 12 (apt installs what is missing), Go (for the first build) and Docker
 # (images/local/docker-engine.sh) to build the small images the cluster runs.
@@ -113,7 +113,8 @@ packages() {
 }
 
 network_up() {
-  ip link show "$NODE_IF" >/dev/null 2>&1 || ip link add "$NODE_IF" type dummy
+  # A bridge without ports holds the address: these kernels have no dummy interfaces (no modules).
+  ip link show "$NODE_IF" >/dev/null 2>&1 || ip link add "$NODE_IF" type bridge
   ip addr show dev "$NODE_IF" | grep -q "$NODE_IP/32" || ip addr add "$NODE_IP/32" dev "$NODE_IF"
   ip link set "$NODE_IF" up
   # Pods reach Services through the bridge only when bridged traffic passes iptables.
@@ -519,22 +520,25 @@ status() {
   return $rc
 }
 
-case "${1:-}" in
-  up) up ;;
-  down) down ;;
-  purge)
-    down
-    rm -rf "$STATE" "$KUBECONFIG_OUT"
-    ;;
-  status) status ;;
-  trainer) trainer ;;
-  env) echo "export KUBECONFIG=$KUBECONFIG_OUT PATH=$BIN:\$PATH" ;;
-  load)
-    shift
-    load "$@"
-    ;;
-  *)
-    echo "usage: $0 up|down|purge|status|trainer|env|load IMAGE..." >&2
-    exit 2
-    ;;
-esac
+# Sourced (for a single function while debugging), it only defines the functions.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    purge)
+      down
+      rm -rf "$STATE" "$KUBECONFIG_OUT"
+      ;;
+    status) status ;;
+    trainer) trainer ;;
+    env) echo "export KUBECONFIG=$KUBECONFIG_OUT PATH=$BIN:\$PATH" ;;
+    load)
+      shift
+      load "$@"
+      ;;
+    *)
+      echo "usage: $0 up|down|purge|status|trainer|env|load IMAGE..." >&2
+      exit 2
+      ;;
+  esac
+fi
