@@ -227,6 +227,10 @@ state = "$RUN/containerd/state"
   path = "$STATE/containerd-opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # Root here lacks CAP_SYS_RESOURCE (a sandboxed VM): runc cannot lower oom_score_adj to the
+  # kubelet's -998 for pod sandboxes ("failed to update /proc/self/oom_score_adj: Permission
+  # denied"); keep containers at or above containerd's own score instead.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -264,6 +268,7 @@ apiserver_up() {
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+    --kubelet-preferred-address-types InternalIP \
     --allow-privileged=true --profiling=false --v=1
   wait_for 120 kube-apiserver kc get --raw /readyz
 }
