@@ -18,7 +18,8 @@ gobuild() { # NAME VERSION MODULE@VERSION PACKAGE: go install into $CLUSTER_CACH
   (
     cd "$work"
     go mod init medcritical.local/build-"$name" >/dev/null 2>&1
-    go get "$module" >/dev/null 2>&1 || go get "$module"
+    # The package at the module's version: go get records the sums of everything it imports.
+    go get "$package@${module##*@}" >/dev/null 2>&1 || go get "$package@${module##*@}"
     go build -trimpath -ldflags "-s -w ${LDFLAGS:-}" -o "$out/$name" "$package"
   )
   rm -rf "$work"
