@@ -84,6 +84,13 @@ stop() { # NAME: SIGTERM, then SIGKILL after 20 s
   rm -f "$f"
 }
 
+write() { # FILE: stdin into FILE, only when it differs (kube-proxy exits when its config file changes)
+  local tmp
+  tmp=$(mktemp "$1.XXXXXX")
+  cat >"$tmp"
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv "$tmp" "$1"; fi
+}
+
 wait_for() { # SECONDS WHAT COMMAND...: retry until COMMAND succeeds
   local seconds=$1 what=$2
   shift 2
@@ -200,7 +207,7 @@ pki() {
 # ---------------------------------------------------------------- the servers
 containerd_up() {
   mkdir -p "$STATE/cni/net.d" "$STATE/cni/ipam" "$RUN/containerd"
-  cat >"$STATE/cni/net.d/10-medcritical.conflist" <<EOF
+  write "$STATE/cni/net.d/10-medcritical.conflist" <<EOF
 {
   "cniVersion": "0.4.0",
   "name": "medcritical",
@@ -217,7 +224,7 @@ containerd_up() {
   ]
 }
 EOF
-  cat >"$STATE/containerd.toml" <<EOF
+  write "$STATE/containerd.toml" <<EOF
 version = 2
 root = "$STATE/containerd"
 state = "$RUN/containerd/state"
@@ -292,8 +299,8 @@ controllers_up() {
 kubelet_up() {
   mkdir -p "$STATE/kubelet"
   # Pods get the cluster's DNS only, not this machine's resolvers and search domains.
-  echo "nameserver $DNS_IP" >"$STATE/resolv.conf"
-  cat >"$STATE/kubelet.yaml" <<EOF
+  echo "nameserver $DNS_IP" | write "$STATE/resolv.conf"
+  write "$STATE/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $NODE_IP
@@ -322,7 +329,7 @@ EOF
   start kubelet "$BIN/kubelet" --config "$STATE/kubelet.yaml" \
     --kubeconfig "$PKI/kubelet.kubeconfig" --root-dir "$STATE/kubelet" \
     --node-ip "$NODE_IP" --hostname-override "$NODE" --v=1
-  cat >"$STATE/kube-proxy.yaml" <<EOF
+  write "$STATE/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $PKI/kube-proxy.kubeconfig}
