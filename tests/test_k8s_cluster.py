@@ -266,8 +266,12 @@ def test_step_job_runs_to_completion_through_the_cpu_overlay(cluster, step, fold
     seconds = _run_job(K8S / "overlays" / "cpu" / step, f"medcritical-{step}")
     names = _objects(f"{CPU_RUN}/{folder}/")
     assert f"{CPU_RUN}/{folder}/{done}" in names, f"job medcritical-{step} completed but {done} is not in {names[:30]}"
-    if step in ("sft", "dpo"):
+    if step == "sft":
         assert any(n.startswith(f"{CPU_RUN}/{folder}/model/") for n in names), names[:30]
+    if step == "dpo":  # a round without preference pairs (the tiny model may give none) points at its input
+        assert any(n.startswith(f"{CPU_RUN}/{folder}/model/") for n in names) or (
+            f"{CPU_RUN}/{folder}/model.uri" in names
+        ), names[:30]
     pod = json.loads(
         kubectl("-n", NAMESPACE, "get", "pods", "-l", f"job-name=medcritical-{step}", "-o", "json").stdout
     )["items"][-1]
