@@ -25,10 +25,10 @@ gobuild() { # NAME VERSION MODULE@VERSION PACKAGE: go install into $CLUSTER_CACH
   rm -rf "$work"
 }
 
-image() { # NAME VERSION BINARY-FOLDER [USER]: docker image FROM scratch with the binary as entrypoint
-  local name=$1 version=$2 dir=$3 user=${4:-65532} tag=localhost/medcritical-$1:$2
+image() { # NAME VERSION BINARY-FOLDER [USER [PATH]]: docker image FROM scratch, the binary the entrypoint
+  local name=$1 version=$2 dir=$3 user=${4:-65532} path=${5:-/$1} tag=localhost/medcritical-$1:$2
   if docker image inspect "$tag" >/dev/null 2>&1; then return; fi
-  printf 'FROM scratch\nCOPY %s /%s\nUSER %s\nENTRYPOINT ["/%s"]\n' "$name" "$name" "$user" "$name" |
+  printf 'FROM scratch\nCOPY %s %s\nUSER %s\nENTRYPOINT ["%s"]\n' "$name" "$path" "$user" "$path" |
     docker build -q -t "$tag" -f - "$dir" >/dev/null
   echo "built $tag" >&2
 }
@@ -54,7 +54,8 @@ for what in "$@"; do
       ;;
     jobset)
       gobuild jobset "$JOBSET_VERSION" "sigs.k8s.io/jobset@$JOBSET_VERSION" sigs.k8s.io/jobset
-      image jobset "$JOBSET_VERSION" "$CLUSTER_CACHE/jobset-$JOBSET_VERSION/bin"
+      # JobSet's Deployment runs /manager.
+      image jobset "$JOBSET_VERSION" "$CLUSTER_CACHE/jobset-$JOBSET_VERSION/bin" 65532 /manager
       ;;
     minio)
       gobuild minio "$MINIO_VERSION" "github.com/minio/minio@$MINIO_VERSION" github.com/minio/minio

@@ -415,9 +415,13 @@ trainer() {
   t=$(module_dir "github.com/kubeflow/trainer/v2@$TRAINER_VERSION")
   j=$(module_dir "sigs.k8s.io/jobset@$JOBSET_VERSION")
   mkdir -p "$dir/jobset" "$dir/trainer" "$dir/runtime"
+  # kustomize takes other kustomizations by relative path only.
+  j=$(realpath --relative-to="$dir/jobset" "$j")
+  t=$(realpath --relative-to="$dir/trainer" "$t")
   cat >"$dir/jobset/kustomization.yaml" <<YAML
 resources: [$j/config/default]
-images: [{name: controller, newName: localhost/medcritical-jobset, newTag: $JOBSET_VERSION}]
+images:   # the release names its registry's image; ours is built here
+  - {name: us-central1-docker.pkg.dev/k8s-staging-images/jobset/jobset, newName: localhost/medcritical-jobset, newTag: $JOBSET_VERSION}
 patches:   # a 2-core machine: the release asks for half a core
   - target: {kind: Deployment, name: jobset-controller-manager}
     patch: '[{"op": "replace", "path": "/spec/template/spec/containers/0/resources/requests/cpu", "value": "100m"}]'
@@ -438,7 +442,10 @@ configMapGenerator:
   - {name: kubeflow-trainer-public, literals: [kubeflow_trainer_version=$TRAINER_VERSION], options: {disableNameSuffixHash: true}}
 YAML
   printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: kubeflow-system}\n' >"$dir/trainer/namespace.yaml"
-  echo "resources: [$t/manifests/base/runtimes/torch_distributed.yaml]" >"$dir/runtime/kustomization.yaml"
+  # A single file of the module: kustomize loads files only from below the kustomization.
+  cp "$dir/trainer/$t/manifests/base/runtimes/torch_distributed.yaml" "$dir/runtime/"
+  chmod u+w "$dir/runtime/torch_distributed.yaml"
+  echo "resources: [torch_distributed.yaml]" >"$dir/runtime/kustomization.yaml"
   # Server-side apply: the CRDs are larger than client-side apply's annotation allows.
   local apply=(apply --server-side --force-conflicts)
   kc kustomize "$dir/jobset" | kc "${apply[@]}" -f - >/dev/null
