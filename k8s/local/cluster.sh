@@ -122,7 +122,9 @@ packages() {
 network_up() {
   # A bridge without ports holds the address: these kernels have no dummy interfaces (no modules).
   ip link show "$NODE_IF" >/dev/null 2>&1 || ip link add "$NODE_IF" type bridge
-  ip addr show dev "$NODE_IF" | grep -q "$NODE_IP/32" || ip addr add "$NODE_IP/32" dev "$NODE_IF"
+  local addresses  # not `ip | grep -q`: grep quitting early fails the pipeline under pipefail
+  addresses=$(ip -4 -o addr show dev "$NODE_IF")
+  [[ $addresses == *"$NODE_IP/32"* ]] || ip addr add "$NODE_IP/32" dev "$NODE_IF"
   ip link set "$NODE_IF" up
   # Pods reach Services through the bridge only when bridged traffic passes iptables.
   modprobe br_netfilter 2>/dev/null || true
