@@ -4,14 +4,18 @@
 #   make docker-test                                        build + run the CPU image (opt-in test)
 #   make k8s-validate                                       offline manifest checks
 #   make k8s-dev-up                                         MinIO dev setup on the current kube context
-#   make test-cluster                                       the cluster tests (a kube context needed)
+#   make test-cluster                                       the cluster tests on the current kube context
+#   make cluster-up | cluster-down | cluster-status         the local one-node cluster (k8s/local/cluster.sh)
+#   make cluster-trainer                                    Kubeflow Trainer + JobSet into the local cluster
+#   make test-cluster-local                                 the cluster tier on the local cluster (up, tests, down)
 
 PYTHON ?= .venv/bin/python
 KUBECTL ?= $(dir $(PYTHON))kubectl
 NAMESPACE ?= medcritical
 
 .PHONY: images image-cpu image-train image-infer base-image docker-engine docker-test \
-        k8s-validate k8s-dev-secret k8s-dev-up test-cluster
+        k8s-validate k8s-dev-secret k8s-dev-up test-cluster \
+        cluster-up cluster-down cluster-status cluster-trainer test-cluster-local
 
 images:
 	images/build.sh all
@@ -58,3 +62,18 @@ k8s-dev-up:
 
 test-cluster:
 	$(PYTHON) -m pytest -m cluster tests/test_k8s_cluster.py -v
+
+cluster-up:
+	k8s/local/cluster.sh up
+
+cluster-down:
+	k8s/local/cluster.sh down
+
+cluster-status:
+	k8s/local/cluster.sh status
+
+cluster-trainer:
+	k8s/local/cluster.sh trainer
+
+test-cluster-local:
+	MEDCRITICAL_CLUSTER=local $(PYTHON) -m pytest -m cluster tests/test_k8s_cluster.py -v

@@ -16,7 +16,7 @@ Rules (why each exists):
   set activeDeadlineSeconds too (a hung NCCL or vLLM process would hold its GPUs forever);
 - a TrainJob (Kubeflow Trainer v2) names its runtime, sets activeDeadlineSeconds, and its pod is
   checked as the runtime builds it: the trainer's image, command, env and resources in the `node`
-  container, with the volumes, mounts and security contexts of its podTemplateOverrides;
+  container, with the volumes, mounts and security contexts of its runtimePatches (Trainer v2.2);
 - images carry a tag or digest, never `latest` (an unpinned image is a different program tomorrow);
 - containers request CPU and memory and limit memory; GPU limits equal GPU requests;
 - pods run as non-root, containers without privilege escalation, privileged mode or capabilities,
@@ -37,6 +37,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from medcritical.trainjob import node_pod_patches
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -97,14 +99,14 @@ def pod_templates(obj: dict) -> Iterator[PodTemplate]:
             template = (replica_spec or {}).get("template") or {}
             yield PodTemplate(obj, f"spec.pytorchReplicaSpecs.{replica}.template.spec", template.get("spec") or {})
     elif kind == "TrainJob":
-        yield PodTemplate(obj, "spec.podTemplateOverrides[node].spec", trainjob_pod(spec))
+        yield PodTemplate(obj, "spec.runtimePatches[node].spec", trainjob_pod(spec))
 
 
 TRAINER_CONTAINER = "node"  # the torch-distributed runtime's training job and container
 
 
 def trainjob_pod(spec: dict) -> dict:
-    """The pod spec of a TrainJob's `node` job as the runtime builds it from the trainer and the overrides
+    """The pod spec of a TrainJob's `node` job as the runtime builds it from the trainer and the patches
     (the runtime's own template adds only its defaults; Kubeflow Trainer v2.2)."""
     trainer = spec.get("trainer") or {}
     container = {"name": TRAINER_CONTAINER}
@@ -114,13 +116,11 @@ def trainjob_pod(spec: dict) -> dict:
     if "resourcesPerNode" in trainer:
         container["resources"] = trainer["resourcesPerNode"]
     pod: dict = {"containers": [container]}
-    for override in spec.get("podTemplateOverrides") or []:
-        if not any(t.get("name") == TRAINER_CONTAINER for t in override.get("targetJobs") or []):
-            continue
-        for key, value in (override.get("spec") or {}).items():
+    for patch in node_pod_patches(spec, TRAINER_CONTAINER):
+        for key, value in patch.items():
             if key != "containers":
                 pod[key] = value
-        for change in (override.get("spec") or {}).get("containers") or []:
+        for change in patch.get("containers") or []:
             if change.get("name") == TRAINER_CONTAINER:
                 container.update({k: v for k, v in change.items() if k != "name"})
     return pod
@@ -246,16 +246,12 @@ def _check_trainjob(job: dict) -> list[Violation]:
         found.append(Violation(oid, "spec.activeDeadlineSeconds", "missing: set it explicitly"))
     if not ((spec.get("runtimeRef") or {}).get("name")):
         found.append(Violation(oid, "spec.runtimeRef.name", "missing: name the runtime, e.g. torch-distributed"))
-    if not any(
-        t.get("name") == TRAINER_CONTAINER
-        for o in spec.get("podTemplateOverrides") or []
-        for t in o.get("targetJobs") or []
-    ):
+    if not node_pod_patches(spec, TRAINER_CONTAINER):
         found.append(
             Violation(
                 oid,
-                "spec.podTemplateOverrides",
-                f"no override for the {TRAINER_CONTAINER!r} job: its pod would get no volumes, "
+                "spec.runtimePatches",
+                f"no patch for the {TRAINER_CONTAINER!r} job: its pod would get no volumes, "
                 "security context or tolerations",
             )
         )

@@ -1,23 +1,31 @@
-"""On a real cluster (marker `cluster`): the dev overlay comes up and the demo Job writes to MinIO.
+"""The cluster tier (marker `cluster`): the suite's manifests on a real Kubernetes.
 
-Needs a reachable kube context (a local kind cluster or any cluster where you may create the
-`medcritical` namespace) whose nodes can run the CPU image: `kind load docker-image
-medcritical-cpu:<version>`, or MEDCRITICAL_CPU_IMAGE=<registry image>. Skipped, with the reason,
-when no cluster answers. Run with `make test-cluster` (docs/kubernetes.md).
+Which cluster: with MEDCRITICAL_CLUSTER=local (the default when CI=true) the one-node cluster of
+k8s/local/cluster.sh, built from source on this machine, brought up here (or reused when it is up)
+and torn down at the end if this run brought it up; the CPU image is built and loaded into it.
+Without it, the current kube context, whose nodes must be able to run `medcritical-cpu:<version>`
+(e.g. `kind load docker-image`); skipped, with the reason, when no cluster answers, except in CI:
+there a cluster that cannot come up FAILS the tier.
 
-Also, where the cluster has Kubeflow Trainer v2 or the v1 training operator, the multi-node jobs
-pass the API server's own validation (a server-side dry run of the real CRDs).
-
-What it does: applies k8s/base, creates the medcritical-s3 Secret with random keys if it is missing,
-applies k8s/overlays/dev (MinIO and the bucket Job), runs k8s/jobs/demo (the whole method on CPU
-with the tiny model), waits for it to complete, and lists the run's objects in MinIO through
-`kubectl port-forward`. MinIO and the namespace stay for inspection; the demo Job is replaced on
-the next run.
+What runs, in order (each test needs the ones before it):
+  - k8s/base, the medcritical-s3 Secret (random keys), MinIO from the dev overlay (k8s/local/dev on
+    the local cluster: only MinIO's image differs) and its bucket Job;
+  - every single-step Job of k8s/jobs through its CPU overlay (k8s/overlays/cpu/<step>), in the
+    pipeline's order, each reading the previous one's outputs from MinIO; its outputs are checked
+    in MinIO; then the demo Job (the whole method in one pod);
+  - Kubeflow Trainer v2.2 and JobSet (cluster.sh trainer), then the CPU overlay of sft-multinode:
+    a TrainJob of two pods that rendezvous over the cluster network (gloo) and train the tiny
+    model; then the pipeline's own TrainJob launch (medcritical.trainjob) on the same path;
+  - every TrainJob and PyTorchJob manifest of k8s/jobs through a server-side dry run with strict
+    field validation against the installed CRDs.
+A failed Job fails its test with the Job's condition and the pod's logs.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import json
 import os
 import re
@@ -35,28 +43,108 @@ from tests.test_k8s_manifests import K8S, _kubectl, _project_version
 pytestmark = pytest.mark.cluster
 
 NAMESPACE = "medcritical"
-TIMEOUT_S = int(os.environ.get("MEDCRITICAL_CLUSTER_TIMEOUT", "1800"))
+CLUSTER_SH = K8S / "local" / "cluster.sh"
+IN_CI = os.environ.get("CI") == "true"
+MODE = os.environ.get("MEDCRITICAL_CLUSTER", "local" if IN_CI else "")
+JOB_TIMEOUT_S = int(os.environ.get("MEDCRITICAL_CLUSTER_JOB_TIMEOUT", "1200"))
+# The steps of k8s/jobs in the pipeline's order, with the folder each writes under MEDCRITICAL_RUN
+# and the file that says it finished.
+STEPS = [
+    ("prepare-data", "data", "data_stats.json"),
+    ("distill", "distill", "distill_stats.json"),
+    ("sft", "sft", "sft_metrics.json"),
+    ("rollout", "round1-rollout", "rollout_stats.json"),
+    ("dpo", "round1-dpo", "dpo_metrics.json"),
+    ("evaluate", "eval-dpo-round1", "report.json"),
+]
+CPU_RUN = "runs/cpu"
+MULTINODE = [
+    ("sft-multinode", "trainjobs.trainer.kubeflow.org"),
+    ("dpo-multinode", "trainjobs.trainer.kubeflow.org"),
+    ("sft-multinode-legacy", "pytorchjobs.kubeflow.org"),
+    ("dpo-multinode-legacy", "pytorchjobs.kubeflow.org"),
+]
+
+
+@functools.cache
+def _cluster_kubectl() -> str:
+    """The local cluster's own kubectl (its version) when the tier runs there; else the test extras' one."""
+    if MODE == "local":
+        env = subprocess.run(["bash", str(CLUSTER_SH), "env"], capture_output=True, text=True, check=True).stdout
+        built = Path(re.search(r"PATH=(\S+):", env).group(1)) / "kubectl"
+        if built.is_file():
+            return str(built)
+    return _kubectl()
 
 
 def kubectl(
-    *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+    *args: str, stdin: str | None = None, check: bool = True, timeout: float = 180
 ) -> subprocess.CompletedProcess:
-    result = subprocess.run([_kubectl(), *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([_cluster_kubectl(), *args], input=stdin, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
     return result
 
 
+def _cluster_sh(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _unavailable(reason: str):
+    """No cluster: a failure in CI (the tier must run there), a skip elsewhere."""
+    if IN_CI or MODE == "local":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _bring_up_local() -> bool:
+    """Bring the local cluster up unless it runs; True when this call started it."""
+    if os.geteuid() != 0:
+        _unavailable("MEDCRITICAL_CLUSTER=local needs root (containerd, kubelet, the pod network)")
+    was_up = _cluster_sh("status", timeout=60).returncode == 0
+    started = time.monotonic()
+    try:
+        up = _cluster_sh("up", timeout=3600)
+    except subprocess.TimeoutExpired:
+        _unavailable("k8s/local/cluster.sh up did not finish in an hour")
+    if up.returncode != 0:
+        _unavailable(f"k8s/local/cluster.sh up failed (exit {up.returncode}):\n{up.stderr[-4000:]}")
+    print(f"local cluster {'reused' if was_up else 'up'} in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    started = time.monotonic()
+    for command in (["bash", str(K8S / "local" / "build-cpu-image.sh")], None):
+        if command is None:
+            result = _cluster_sh("load", f"medcritical-cpu:{_project_version()}", timeout=1800)
+        else:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        if result.returncode != 0:
+            _unavailable(f"the CPU image could not be built or loaded:\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+    print(f"CPU image built and loaded in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    return not was_up
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    try:
-        result = kubectl("version", "--request-timeout=5s", "-o", "json", check=False, timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.skip("no Kubernetes cluster reachable (kubectl version timed out)")
-    if result.returncode != 0 or "serverVersion" not in result.stdout:
-        reason = (result.stderr.strip().splitlines() or ["no server version"])[-1]
-        pytest.skip(f"no Kubernetes cluster reachable from the current kube context: {reason}")
-    return json.loads(result.stdout)["serverVersion"]
+    with pytest.MonkeyPatch.context() as env:
+        started_here = False
+        if MODE == "local":
+            started_here = _bring_up_local()
+            env.setenv(
+                "KUBECONFIG",
+                os.environ.get("MEDCRITICAL_KUBECONFIG", str(Path.home() / ".kube/medcritical-local.config")),
+            )
+        try:
+            result = kubectl("version", "--request-timeout=5s", "-o", "json", check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            _unavailable("no Kubernetes cluster reachable (kubectl version timed out)")
+        if result.returncode != 0 or "serverVersion" not in result.stdout:
+            reason = (result.stderr.strip().splitlines() or ["no server version"])[-1]
+            _unavailable(f"no Kubernetes cluster reachable from the kube context: {reason}")
+        try:
+            yield json.loads(result.stdout)["serverVersion"]
+        finally:
+            if started_here and os.environ.get("MEDCRITICAL_CLUSTER_KEEP") != "1":
+                down = _cluster_sh("down", timeout=600)
+                assert down.returncode == 0, f"k8s/local/cluster.sh down failed:\n{down.stderr[-3000:]}"
 
 
 def _apply(directory: Path) -> None:
@@ -90,6 +178,11 @@ def _s3_keys() -> dict[str, str]:
     return {key: base64.b64decode(value).decode() for key, value in data.items()}
 
 
+def _job_logs(name: str) -> str:
+    logs = kubectl("-n", NAMESPACE, "logs", f"job/{name}", "--tail=80", check=False)
+    return logs.stdout + logs.stderr
+
+
 def _wait_for_job(name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -98,27 +191,20 @@ def _wait_for_job(name: str, timeout_s: float) -> None:
         if "Complete" in conditions:
             return
         if "Failed" in conditions:
-            logs = kubectl("-n", NAMESPACE, "logs", f"job/{name}", "--tail=60", check=False)
-            pytest.fail(f"job {name} failed: {conditions['Failed'].get('message')}\n{logs.stdout}{logs.stderr}")
+            pytest.fail(f"job {name} failed: {conditions['Failed'].get('message')}\n{_job_logs(name)}")
         time.sleep(5)
     pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", f"job-name={name}", "-o", "wide", check=False).stdout
-    pytest.fail(f"job {name} did not finish in {timeout_s:.0f}s:\n{pods}")
+    events = kubectl("-n", NAMESPACE, "get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
+    pytest.fail(f"job {name} did not finish in {timeout_s:.0f}s:\n{pods}\n{events}\n{_job_logs(name)}")
 
 
-def test_dev_overlay_and_demo_job_write_to_minio(cluster):
-    kubectl("apply", "-k", str(K8S / "base"))
-    _ensure_s3_secret()
-    _apply(K8S / "overlays" / "dev")
-    kubectl("-n", NAMESPACE, "rollout", "status", "deployment/minio", "--timeout=300s", timeout=330)
-    _wait_for_job("minio-create-buckets", 300)
+@contextlib.contextmanager
+def minio_client():
+    """A MinIO client on this machine, through `kubectl port-forward` to the dev overlay's Service."""
+    from minio import Minio
 
-    kubectl("-n", NAMESPACE, "delete", "job", "medcritical-demo", "--ignore-not-found", "--wait=true", timeout=180)
-    _apply(K8S / "jobs" / "demo")
-    _wait_for_job("medcritical-demo", TIMEOUT_S)
-
-    # The run's outputs, read back from MinIO through a port-forward to this machine.
     forward = subprocess.Popen(
-        [_kubectl(), "-n", NAMESPACE, "port-forward", "svc/minio", ":9000"],
+        [_cluster_kubectl(), "-n", NAMESPACE, "port-forward", "svc/minio", ":9000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -127,42 +213,205 @@ def test_dev_overlay_and_demo_job_write_to_minio(cluster):
         line = forward.stdout.readline()
         port = re.search(r"127\.0\.0\.1:(\d+)", line)
         assert port, f"kubectl port-forward said {line!r} {forward.stderr.read() if forward.poll() is not None else ''}"
-        from minio import Minio
-
         keys = _s3_keys()
-        client = Minio(
-            f"127.0.0.1:{port.group(1)}",
-            access_key=keys["AWS_ACCESS_KEY_ID"],
-            secret_key=keys["AWS_SECRET_ACCESS_KEY"],
-            secure=False,
-            region=keys.get("AWS_REGION"),
+        yield (
+            Minio(
+                f"127.0.0.1:{port.group(1)}",
+                access_key=keys["AWS_ACCESS_KEY_ID"],
+                secret_key=keys["AWS_SECRET_ACCESS_KEY"],
+                secure=False,
+                region=keys.get("AWS_REGION"),
+            ),
+            f"http://127.0.0.1:{port.group(1)}",
+            keys,
         )
-        names = [o.object_name for o in client.list_objects("medcritical", prefix="runs/demo/", recursive=True)]
     finally:
         forward.terminate()
         forward.wait(timeout=30)
-    assert names, "the demo Job completed but wrote nothing under s3://medcritical/runs/demo/"
+
+
+def _objects(prefix: str) -> list[str]:
+    with minio_client() as (client, _, _):
+        return [o.object_name for o in client.list_objects("medcritical", prefix=prefix, recursive=True)]
+
+
+def _run_job(overlay: Path, name: str) -> float:
+    kubectl("-n", NAMESPACE, "delete", "job", name, "--ignore-not-found", "--wait=true", timeout=300)
+    started = time.monotonic()
+    _apply(overlay)
+    _wait_for_job(name, JOB_TIMEOUT_S)
+    return time.monotonic() - started
+
+
+# ---- MinIO from the dev overlay ----
+
+
+def test_dev_overlay_brings_up_minio_and_its_bucket(cluster):
+    kubectl("apply", "-k", str(K8S / "base"))
+    _ensure_s3_secret()
+    _apply(K8S / "local" / "dev" if MODE == "local" else K8S / "overlays" / "dev")
+    kubectl("-n", NAMESPACE, "rollout", "status", "deployment/minio", "--timeout=300s", timeout=330)
+    _wait_for_job("minio-create-buckets", 300)
+    pvc = json.loads(kubectl("-n", NAMESPACE, "get", "pvc", "minio-data", "-o", "json").stdout)
+    assert pvc["status"]["phase"] == "Bound", pvc["status"]
+    with minio_client() as (client, _, _):
+        assert client.bucket_exists("medcritical")
+
+
+# ---- every step Job, in order, through the CPU overlay ----
+
+
+@pytest.mark.parametrize("step, folder, done", STEPS, ids=[s[0] for s in STEPS])
+def test_step_job_runs_to_completion_through_the_cpu_overlay(cluster, step, folder, done):
+    seconds = _run_job(K8S / "overlays" / "cpu" / step, f"medcritical-{step}")
+    names = _objects(f"{CPU_RUN}/{folder}/")
+    assert f"{CPU_RUN}/{folder}/{done}" in names, f"job medcritical-{step} completed but {done} is not in {names[:30]}"
+    if step == "sft":
+        assert any(n.startswith(f"{CPU_RUN}/{folder}/model/") for n in names), names[:30]
+    if step == "dpo":  # a round without preference pairs (the tiny model may give none) points at its input
+        assert any(n.startswith(f"{CPU_RUN}/{folder}/model/") for n in names) or (
+            f"{CPU_RUN}/{folder}/model.uri" in names
+        ), names[:30]
+    pod = json.loads(
+        kubectl("-n", NAMESPACE, "get", "pods", "-l", f"job-name=medcritical-{step}", "-o", "json").stdout
+    )["items"][-1]
+    # The shipped security context held: the step ran as UID 10001 on a read-only root filesystem.
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    print(f"job {step}: {seconds:.0f}s, {len(names)} objects under {CPU_RUN}/{folder}/", file=sys.stderr)
+
+
+def test_demo_job_runs_the_whole_method(cluster):
+    seconds = _run_job(K8S / "overlays" / "cpu" / "demo", "medcritical-demo")
+    names = _objects("runs/demo/")
     assert any(name.endswith("report.json") for name in names), f"no report.json among {names[:20]}"
-    print(
-        f"{len(names)} objects under s3://medcritical/runs/demo/ on Kubernetes {cluster.get('gitVersion')}",
-        file=sys.stderr,
-    )
+    print(f"job demo: {seconds:.0f}s, {len(names)} objects under runs/demo/", file=sys.stderr)
 
 
-@pytest.mark.parametrize(
-    "directory, crd",
-    [
-        ("sft-multinode", "trainjobs.trainer.kubeflow.org"),
-        ("dpo-multinode", "trainjobs.trainer.kubeflow.org"),
-        ("sft-multinode-legacy", "pytorchjobs.kubeflow.org"),
-        ("dpo-multinode-legacy", "pytorchjobs.kubeflow.org"),
-    ],
-)
-def test_multinode_jobs_pass_the_servers_own_validation(cluster, directory, crd):
-    """The API server checks the real CRD (and its CEL rules, webhooks) with a server-side dry run:
-    what the vendored schema subsets in k8s/crds/ approximate offline."""
+# ---- Kubeflow Trainer v2: a TrainJob of two nodes ----
+
+
+@pytest.fixture(scope="module")
+def trainer(cluster):
+    if MODE == "local":
+        result = _cluster_sh("trainer", timeout=3600)
+        if result.returncode != 0:
+            pytest.fail(f"k8s/local/cluster.sh trainer failed:\n{result.stderr[-4000:]}")
+    elif kubectl("get", "crd", "trainjobs.trainer.kubeflow.org", check=False).returncode != 0:
+        _unavailable("the cluster has no Kubeflow Trainer v2 (trainjobs.trainer.kubeflow.org)")
+    runtime = kubectl("get", "clustertrainingruntime", "torch-distributed", check=False)
+    if runtime.returncode != 0:
+        _unavailable(f"no torch-distributed ClusterTrainingRuntime: {runtime.stderr.strip()}")
+
+
+def _wait_for_trainjob(name: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    selector = f"jobset.sigs.k8s.io/jobset-name={name}"
+    while time.monotonic() < deadline:
+        job = json.loads(kubectl("-n", NAMESPACE, "get", "trainjob", name, "-o", "json").stdout)
+        conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
+        if "Complete" in conditions:
+            return job
+        if "Failed" in conditions:
+            logs = kubectl("-n", NAMESPACE, "logs", "-l", selector, "--tail=60", "--prefix", check=False)
+            pytest.fail(f"TrainJob {name} failed: {conditions['Failed'].get('message')}\n{logs.stdout}{logs.stderr}")
+        time.sleep(5)
+    pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "wide", check=False).stdout
+    logs = kubectl("-n", NAMESPACE, "logs", "-l", selector, "--tail=40", "--prefix", check=False).stdout
+    pytest.fail(f"TrainJob {name} did not finish in {timeout_s:.0f}s:\n{pods}\n{logs}")
+
+
+def _trainjob_pods(name: str) -> list[dict]:
+    selector = f"jobset.sigs.k8s.io/jobset-name={name}"
+    return json.loads(kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "json").stdout)["items"]
+
+
+def test_two_node_trainjob_trains_the_tiny_model(cluster, trainer):
+    name = "medcritical-sft-multinode"
+    kubectl("-n", NAMESPACE, "delete", "trainjob", name, "--ignore-not-found", "--wait=true", timeout=300)
+    started = time.monotonic()
+    _apply(K8S / "overlays" / "cpu" / "sft-multinode")
+    _wait_for_trainjob(name, JOB_TIMEOUT_S)
+    pods = _trainjob_pods(name)
+    assert len(pods) == 2 and all(p["status"]["phase"] == "Succeeded" for p in pods), [
+        (p["metadata"]["name"], p["status"]["phase"]) for p in pods
+    ]
+    names = _objects(f"{CPU_RUN}/sft-multinode/")
+    assert f"{CPU_RUN}/sft-multinode/sft_metrics.json" in names, names[:30]
+    assert any(n.startswith(f"{CPU_RUN}/sft-multinode/model/") for n in names), names[:30]
+    # torchrun formed one group of two processes across the two pods (gloo over the pod network).
+    metrics = _read_json(f"{CPU_RUN}/sft-multinode/sft_metrics.json")
+    assert metrics["world_size"] == 2 and metrics["steps"] > 0, metrics
+    print(f"TrainJob {name}: {time.monotonic() - started:.0f}s on 2 pods", file=sys.stderr)
+
+
+def _read_json(key: str) -> dict:
+    with minio_client() as (client, _, _):
+        response = client.get_object("medcritical", key)
+        try:
+            return json.loads(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+
+def test_pipeline_trainjob_launch_trains_on_two_nodes(cluster, trainer):
+    """What the pipeline's sft task does with train_nodes=2 (medcritical.trainjob.run_component_on_nodes):
+    the same TrainJob path, created through the Kubernetes API, its metrics read back from S3."""
+    from kubernetes import client, config
+
+    from medcritical import trainjob
+
+    recipe = (K8S / "components" / "cpu" / "recipe.yaml").read_text(encoding="utf-8")
+    run_root = "s3://medcritical/runs/cpu-pipeline"
+    api = client.CustomObjectsApi(config.new_client_from_config())
+    logged = {}
+
+    class Metrics:
+        def log_metric(self, key, value):
+            logged[key] = value
+
+    with minio_client() as (_, endpoint, keys), pytest.MonkeyPatch.context() as env:
+        env.setenv("MEDCRITICAL_S3_ENDPOINT", endpoint)  # this process reads the metrics through the forward
+        env.setenv("AWS_ACCESS_KEY_ID", keys["AWS_ACCESS_KEY_ID"])
+        env.setenv("AWS_SECRET_ACCESS_KEY", keys["AWS_SECRET_ACCESS_KEY"])
+        output = trainjob.run_component_on_nodes(
+            "sft",
+            recipe,
+            run_root,
+            "sft",
+            Metrics(),
+            nodes=2,
+            gpus_per_node=0,
+            image=f"medcritical-cpu:{_project_version()}",
+            s3_secret="medcritical-s3",
+            api=api,
+            namespace=NAMESPACE,
+            distill=f"s3://medcritical/{CPU_RUN}/distill",
+            model="",
+        )
+    assert output == f"{run_root}/sft"
+    assert logged.get("world_size") == 2, logged
+    names = _objects("runs/cpu-pipeline/sft/")
+    assert any(n.startswith("runs/cpu-pipeline/sft/model/") for n in names), names[:30]
+
+
+# ---- strict server-side validation of every TrainJob and PyTorchJob ----
+
+
+@pytest.mark.parametrize("directory, crd", MULTINODE, ids=[m[0] for m in MULTINODE])
+def test_multinode_jobs_pass_strict_server_side_validation(cluster, trainer, directory, crd):
+    """The API server checks the real CRD (schema, CEL rules) and Trainer's webhook: a server-side dry
+    run, strict, so an unknown field is an error instead of being dropped."""
     if kubectl("get", "crd", crd, check=False).returncode != 0:
-        pytest.skip(f"the cluster has no {crd} (install Kubeflow Trainer v2 or the v1 training operator)")
+        _unavailable(f"the cluster has no {crd}")
     kubectl("apply", "-k", str(K8S / "base"))
     manifest = kubectl("kustomize", str(K8S / "jobs" / directory)).stdout
-    kubectl("apply", "--dry-run=server", "-f", "-", stdin=manifest)
+    kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=manifest)
+    broken = [yaml.safe_load(doc) for doc in manifest.split("\n---\n")]
+    job = next(o for o in broken if o["kind"] in ("TrainJob", "PyTorchJob"))
+    job["spec"]["unknownField"] = 1
+    result = kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=yaml.safe_dump(job), check=False
+    )
+    assert result.returncode != 0 and "unknownField" in result.stderr, result.stderr

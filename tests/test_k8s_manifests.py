@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from medcritical import trainjob
 from tests import k8s_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +33,11 @@ DOCS = ROOT / "docs" / "kubernetes.md"
 # Oldest and newest Kubernetes the manifests target; kubernetes-validate 1.37 ships schemas for
 # 1.25 to 1.37. 1.31 is the first with Job podFailurePolicy generally available.
 KUBERNETES_VERSIONS = ("1.31", "1.37")
-CRD_SCHEMAS = {
-    ("kubeflow.org/v1", "PyTorchJob"): K8S / "crds" / "pytorchjob.kubeflow.org_v1.schema.yaml",
-    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): K8S / "crds" / "trainjob.trainer.kubeflow.org_v1alpha1.schema.yaml",
+# The CRDs of the pinned operator releases, vendored unchanged by k8s/crds/vendor.sh: Kubeflow
+# Trainer v2.2.0 (TrainJob) and the training operator v1.9.4 (PyTorchJob).
+CRDS = {
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): K8S / "crds" / "trainer.kubeflow.org_trainjobs.yaml",
+    ("kubeflow.org/v1", "PyTorchJob"): K8S / "crds" / "kubeflow.org_pytorchjobs.yaml",
 }
 STEPS = ("prepare-data", "distill", "sft", "rollout", "dpo", "evaluate")
 IMAGE_OF_KIND = {"cpu": "medcritical-cpu", "train": "medcritical-train-cuda", "infer": "medcritical-infer-cuda"}
@@ -82,9 +85,32 @@ def _path(parts) -> str:
     return text or "(top level)"
 
 
+def strict_schema(schema):
+    """A CRD's OpenAPI v3 schema as JSON Schema, as strict as the API server's field validation: an
+    object that lists its properties takes no others, unless it preserves unknown fields."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "properties":
+            out[key] = {name: strict_schema(field) for name, field in value.items()}
+        elif key.startswith("x-kubernetes-") or key == "nullable":
+            out[key] = value
+        else:
+            out[key] = strict_schema(value)
+    open_object = "additionalProperties" in schema or schema.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in schema and not open_object:
+        out["additionalProperties"] = False
+    return out
+
+
 @functools.cache
-def _crd_validator(schema_file: Path) -> jsonschema.Draft202012Validator:
-    schema = yaml.safe_load(schema_file.read_text(encoding="utf-8"))
+def _crd_validator(crd_file: Path, version: str) -> jsonschema.Draft202012Validator:
+    crd = yaml.safe_load(crd_file.read_text(encoding="utf-8"))
+    served = {v["name"]: v for v in crd["spec"]["versions"]}
+    schema = strict_schema(served[version]["schema"]["openAPIV3Schema"])
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
@@ -92,11 +118,12 @@ def _crd_validator(schema_file: Path) -> jsonschema.Draft202012Validator:
 def schema_errors(obj: dict) -> list[str]:
     """Schema violations of one object, each naming the object, the field and the schema."""
     oid = k8s_rules.object_id(obj)
-    schema_file = CRD_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
-    if schema_file is not None:
+    crd_file = CRDS.get((obj.get("apiVersion"), obj.get("kind")))
+    if crd_file is not None:
+        version = obj["apiVersion"].rsplit("/", 1)[-1]
         errors = [
-            f"{oid}: {_path(error.absolute_path)}: {error.message} ({_rel(schema_file)})"
-            for error in _crd_validator(schema_file).iter_errors(obj)
+            f"{oid}: {_path(error.absolute_path)}: {error.message} ({_rel(crd_file)})"
+            for error in _crd_validator(crd_file, version).iter_errors(obj)
         ]
         # The CRD embeds core/v1 PodTemplateSpec: check each template as a PodTemplate, strictly.
         for pod in k8s_rules.pod_templates(obj):
@@ -149,7 +176,7 @@ def test_objects_validate_against_schemas(directory):
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
 def test_objects_follow_project_rules(directory):
-    provided = build(K8S / "base") if directory.parent == K8S / "jobs" else ()
+    provided = build(K8S / "base") if directory.parent in (K8S / "jobs", K8S / "overlays" / "cpu") else ()
     violations = k8s_rules.check(build(directory), external_secrets=documented_secrets(), provided=provided)
     assert not violations, f"{_rel(directory)}:\n" + "\n".join(map(str, violations))
 
@@ -212,30 +239,40 @@ def test_kubernetes_schema_check_is_strict_and_names_the_field():
 
 
 def test_crd_schema_check_names_the_field():
+    """The vendored CRD, made strict: a misspelt field anywhere (embedded pod templates too) is named."""
     job = next(o for o in build(K8S / "jobs" / "sft-multinode-legacy") if o["kind"] == "PyTorchJob")
     broken = yaml.safe_load(yaml.safe_dump(job))
     broken["spec"]["runPolicy"]["ttlSecondAfterFinished"] = 60  # misspelt
-    broken["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    broken["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
     broken["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["resource"] = {}
     errors = "\n".join(schema_errors(broken))
     assert "PyTorchJob/medcritical-sft-multinode: spec.runPolicy: " in errors and "ttlSecondAfterFinished" in errors
-    assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Master.replicas: 1 was expected" in errors
-    assert "PyTorchJob/medcritical-sft-multinode: spec.pytorchReplicaSpecs.Worker.template.spec.containers[0]" in errors
+    assert "spec.pytorchReplicaSpecs.Master.replicas: 'one' is not of type 'integer'" in errors
+    assert "spec.pytorchReplicaSpecs.Worker.template.spec.containers[0]: " in errors and "'resource'" in errors
+    assert "(k8s/crds/kubeflow.org_pytorchjobs.yaml)" in errors
+
+
+def _node_patch(job: dict) -> dict:
+    return trainjob.node_pod_patches(job["spec"])[0]
 
 
 def test_trainjob_schema_check_names_the_field():
-    """The TrainJob's own fields against the vendored CRD subset; its pod (trainer + overrides) against Kubernetes."""
+    """The TrainJob against Trainer v2.2.0's own CRD, strictly: the v2.1 podTemplateOverrides is refused,
+    as the API server refuses it, and so is a misspelt field inside the runtime patch."""
     job = next(o for o in build(K8S / "jobs" / "sft-multinode") if o["kind"] == "TrainJob")
+    assert schema_errors(job) == []
     broken = yaml.safe_load(yaml.safe_dump(job))
     broken["spec"]["trainer"]["numProcsPerNode"] = 8  # misspelt
-    broken["spec"]["runtimeRef"]["kind"] = "TrainingRunTime"
-    broken["spec"]["podTemplateOverrides"][0]["spec"]["containers"][0]["resources"] = {}  # only via trainer
-    broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"][0]["configMapp"] = {}
+    broken["spec"]["podTemplateOverrides"] = [{"targetJobs": [{"name": "node"}], "spec": {}}]  # Trainer <= v2.1
+    _node_patch(broken)["containers"][0]["resources"] = {}  # only through trainer.resourcesPerNode
+    _node_patch(broken)["volumes"][0]["configMapp"] = {}
     errors = "\n".join(schema_errors(broken))
     assert "TrainJob/medcritical-sft-multinode: spec.trainer: " in errors and "numProcsPerNode" in errors
-    assert "TrainJob/medcritical-sft-multinode: spec.runtimeRef.kind: " in errors
-    assert "spec.podTemplateOverrides[0].spec.containers[0]: " in errors and "'resources'" in errors
-    assert "TrainJob/medcritical-sft-multinode: spec.podTemplateOverrides[node].spec.volumes[0]" in errors
+    assert "TrainJob/medcritical-sft-multinode: spec: " in errors and "'podTemplateOverrides'" in errors
+    patch = "spec.runtimePatches[0].trainingRuntimeSpec.template.spec.replicatedJobs[0].template.spec.template.spec"
+    assert f"{patch}.containers[0]: " in errors and "'resources'" in errors
+    assert f"{patch}.volumes[0]: " in errors and "'configMapp'" in errors
+    assert "(k8s/crds/trainer.kubeflow.org_trainjobs.yaml)" in errors
 
 
 def test_trainjob_pod_is_checked_as_the_runtime_builds_it():
@@ -246,16 +283,18 @@ def test_trainjob_pod_is_checked_as_the_runtime_builds_it():
     assert node["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert {m["mountPath"] for m in node["volumeMounts"]} >= {"/dev/shm", "/tmp", "/etc/medcritical/recipe"}
     assert {e["name"] for e in node["env"]} >= {"MEDCRITICAL_RUN", "AWS_SECRET_ACCESS_KEY", "MEDCRITICAL_WORKDIR"}
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["serviceAccountName"] == "medcritical"
     broken = yaml.safe_load(yaml.safe_dump(job))
     del broken["spec"]["activeDeadlineSeconds"]
-    broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] = [
-        v for v in broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"] if v["name"] != "dshm"
-    ]
+    _node_patch(broken)["volumes"] = [v for v in _node_patch(broken)["volumes"] if v["name"] != "dshm"]
     messages = "\n".join(
         map(str, k8s_rules.check([broken], external_secrets={"medcritical-s3"}, provided=build(K8S / "base")))
     )
     assert "TrainJob/medcritical-dpo-multinode: spec.activeDeadlineSeconds: missing" in messages
     assert "no volume named 'dshm'" in messages and "/dev/shm" in messages
+    broken["spec"]["runtimePatches"] = []
+    messages = "\n".join(map(str, k8s_rules.check([broken], external_secrets={"medcritical-s3"})))
+    assert "spec.runtimePatches: no patch for the 'node' job" in messages
 
 
 # ---- the manifests agree with the rest of the project ----

@@ -13,17 +13,32 @@ RECIPE = dump_recipe(load_recipe(ROOT / "recipes" / "full-zero3-8gpu.yaml"))
 INPUTS = {"distill": "s3://b/runs/1/distill", "model": ""}
 
 
-def manifest(nodes=2):
+def manifest(nodes=2, gpus=8, recipe=RECIPE):
     return trainjob.trainjob_manifest(
         "sft",
-        RECIPE,
+        recipe,
         "s3://b/runs/1/sft",
         INPUTS,
         image="reg/medcritical-train-cuda:0.1.0",
         nodes=nodes,
-        gpus_per_node=8,
+        gpus_per_node=gpus,
         s3_secret="medcritical-s3",
     )
+
+
+def test_a_trainjob_on_cpu_nodes_runs_one_process_per_node_without_gpus():
+    """train_nodes=2 train_gpus=0: CPU nodes (the local cluster's two-node SFT); it used to ask for
+    numProcPerNode 0, cpu "0" and nvidia.com/gpu "0"."""
+    job = manifest(gpus=0, recipe=(ROOT / "k8s" / "components" / "cpu" / "recipe.yaml").read_text(encoding="utf-8"))
+    job["metadata"]["namespace"] = "kubeflow"
+    assert schema_errors(job) == []
+    trainer = job["spec"]["trainer"]
+    assert trainer["numProcPerNode"] == 1 and trainer["numNodes"] == 2
+    for kind in ("requests", "limits"):
+        assert "nvidia.com/gpu" not in trainer["resourcesPerNode"][kind]
+    assert trainer["resourcesPerNode"]["requests"]["cpu"] == "500m"
+    volumes = {v["name"]: v for v in trainjob.node_pod_patches(job["spec"])[0]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "1Gi"  # not the GPU nodes' 64Gi, counted in memory
 
 
 def test_the_launched_trainjob_passes_the_schema_and_project_rules():

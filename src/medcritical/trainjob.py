@@ -32,8 +32,38 @@ SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 RECIPE_FILE = "/tmp/recipe.yaml"
 
 
+# The owner of MedCritical's runtime patch (Trainer keys patches by manager: a domain-prefixed path).
+PATCH_MANAGER = "medcritical.local/trainjob"
+
+
 class TrainJobError(StepError):
     pass
+
+
+def runtime_patch(pod_spec: dict, job: str = "node") -> dict:
+    """A TrainJob runtimePatches entry (Trainer v2.2) that patches the pod spec of the runtime's `job`."""
+    return {
+        "manager": PATCH_MANAGER,
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {"replicatedJobs": [{"name": job, "template": {"spec": {"template": {"spec": pod_spec}}}}]}
+            }
+        },
+    }
+
+
+def node_pod_patches(spec: dict, job: str = "node") -> list[dict]:
+    """The pod-spec patches a TrainJob's runtimePatches apply to the runtime's replicated `job`, in order
+    (Trainer v2.2; what the plan and the manifest checks read volumes and security contexts from)."""
+    found = []
+    for patch in spec.get("runtimePatches") or []:
+        runtime = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+        for replicated in runtime.get("replicatedJobs") or []:
+            if replicated.get("name") == job:
+                pod = (((replicated.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec")
+                if pod:
+                    found.append(pod)
+    return found
 
 
 def trainjob_name(step: str, output_uri: str) -> str:
@@ -51,10 +81,13 @@ def trainjob_manifest(
     nodes: int,
     gpus_per_node: int,
     s3_secret: str,
-    shm_size: str = "64Gi",
+    shm_size: str | None = None,
     deadline_s: int = 72 * 3600,
 ) -> dict:
-    """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan."""
+    """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan.
+    `gpus_per_node=0` (the pipeline's train_gpus=0): CPU nodes, one training process on each."""
+    if shm_size is None:  # NCCL's shared-memory transport between 8 local ranks; gloo on CPU needs little
+        shm_size = "64Gi" if gpus_per_node else "1Gi"
 
     recipe = load_recipe_text(recipe_yaml)
     need = plan_steps(recipe, train_gpus=gpus_per_node, nodes=nodes)[step]
@@ -69,12 +102,14 @@ def trainjob_manifest(
         {"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
         for key in ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     ]
-    resources = {
-        "cpu": str(8 * gpus_per_node),
-        "memory": memory,
-        "nvidia.com/gpu": str(gpus_per_node),
-        "ephemeral-storage": ephemeral,
-    }
+    requests = {"cpu": str(8 * gpus_per_node), "memory": memory, "ephemeral-storage": ephemeral}
+    if gpus_per_node:
+        requests["nvidia.com/gpu"] = str(gpus_per_node)
+        limits = dict(requests)
+    else:
+        # A CPU node's process uses the cores the node has free; the request only has to fit beside others.
+        requests["cpu"] = "500m"
+        limits = {**requests, "cpu": "2"}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
@@ -88,7 +123,7 @@ def trainjob_manifest(
             "trainer": {
                 "image": image,
                 "numNodes": nodes,
-                "numProcPerNode": gpus_per_node,
+                "numProcPerNode": gpus_per_node or 1,
                 "command": ["sh", "-c", script, "sh"],
                 "args": cli,
                 "env": [
@@ -97,12 +132,13 @@ def trainjob_manifest(
                     {"name": "NCCL_DEBUG", "value": "WARN"},
                     *secret_env,
                 ],
-                "resourcesPerNode": {"requests": resources, "limits": dict(resources)},
+                "resourcesPerNode": {"requests": requests, "limits": limits},
             },
-            "podTemplateOverrides": [
-                {
-                    "targetJobs": [{"name": "node"}],
-                    "spec": {
+            # Trainer v2.2 patches the runtime's pods through runtimePatches (podTemplateOverrides is gone):
+            # the `node` job of torch-distributed, its `node` container (env only through `trainer`).
+            "runtimePatches": [
+                runtime_patch(
+                    {
                         "serviceAccountName": "medcritical",  # no API token (k8s/overlays/pipeline-rbac)
                         "securityContext": {
                             "runAsNonRoot": True,
@@ -132,8 +168,8 @@ def trainjob_manifest(
                                 ],
                             }
                         ],
-                    },
-                }
+                    }
+                )
             ],
         },
     }
@@ -168,8 +204,8 @@ def run_trainjob(
             log.info("%s exists (a retried task): waiting for it", where)
         elif e.status == 404:
             raise TrainJobError(
-                f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2 (2.2 or "
-                "later) or run with train_nodes=1"
+                f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2.2 "
+                "(k8s/local/cluster.sh trainer sets it up locally) or run with train_nodes=1"
             ) from e
         elif e.status == 403:
             raise TrainJobError(

@@ -1,0 +1,3 @@
+module medcritical.local/pause
+
+go 1.22
