@@ -430,24 +430,29 @@ def _load_job_recipe(directory, pod, container, argv, tmp_path):
 
 @pytest.mark.parametrize("name", ["sft-multinode", "dpo-multinode", "sft-multinode-legacy", "dpo-multinode-legacy"])
 def test_multinode_jobs_keep_the_recipes_global_batch(name, tmp_path, monkeypatch):
-    """torchrun on N GPUs multiplies per_device x accumulation by N: the overrides must bring it back."""
+    """The runner divides the recipe's gradient accumulation by the world size (runner.keep_global_batch): a Job
+    gives the batch as on one GPU, and the ranks it starts must divide it (or every rank refuses to start)."""
+    from medcritical.runner import STAGES, keep_global_batch
+
     monkeypatch.chdir(ROOT)
     directory = K8S / "jobs" / name
     for obj, pod, container, argv in _step_commands(directory):
         base, job = _load_job_recipe(directory, pod, container, argv, tmp_path)
         if obj["kind"] == "TrainJob":
-            gpus = int(obj["spec"]["trainer"]["numProcPerNode"]) * int(obj["spec"]["trainer"]["numNodes"])
+            ranks = int(obj["spec"]["trainer"]["numProcPerNode"]) * int(obj["spec"]["trainer"]["numNodes"])
         else:
             replicas = obj["spec"]["pytorchReplicaSpecs"]
-            gpus = int(obj["spec"]["nprocPerNode"]) * sum(int(r["replicas"]) for r in replicas.values())
+            ranks = int(obj["spec"]["nprocPerNode"]) * sum(int(r["replicas"]) for r in replicas.values())
+        stage = STAGES["sft" if argv[0] == "sft" else "dpo"]
 
         def global_batch(recipe, world):
             settings = (recipe.sft if argv[0] == "sft" else recipe.selfplay.dpo).settings
             return settings["per_device_train_batch_size"] * settings.get("gradient_accumulation_steps", 1) * world
 
-        assert global_batch(job, gpus) == global_batch(base, 1), (
-            f"{k8s_rules.object_id(obj)}: global batch {global_batch(job, gpus)} on {gpus} GPUs, the recipe's is "
-            f"{global_batch(base, 1)}"
+        per_rank = keep_global_batch(stage, job, ranks)  # raises when the ranks do not divide the accumulation
+        assert global_batch(per_rank, ranks) == global_batch(job, 1) == global_batch(base, 1), (
+            f"{k8s_rules.object_id(obj)}: global batch {global_batch(per_rank, ranks)} on {ranks} ranks, the "
+            f"recipe's is {global_batch(base, 1)}"
         )
 
 

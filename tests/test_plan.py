@@ -8,6 +8,7 @@ import yaml
 
 from medcritical import plan
 from medcritical.cli import main
+from medcritical.plan import node_pod_patches
 from medcritical.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,10 +291,10 @@ def test_a_model_of_unknown_shape_in_s3_asks_for_its_config(tmp_path, capsys):
 
 
 def test_an_undersized_trainjob_fails(tmp_path, capsys, monkeypatch):
-    """The TrainJob's pod as the runtime builds it: trainer resources, the override's work volume."""
+    """The TrainJob's pod as the runtime builds it: trainer resources, the runtime patch's work volume."""
     monkeypatch.chdir(REPO)
     job = yaml.safe_load((JOBS / "sft-multinode" / "trainjob.yaml").read_text())
-    volumes = job["spec"]["podTemplateOverrides"][0]["spec"]["volumes"]
+    volumes = node_pod_patches(job["spec"])[0]["volumes"]
     next(v for v in volumes if v["name"] == "tmp")["emptyDir"]["sizeLimit"] = "100Gi"
     small = tmp_path / "trainjob.yaml"
     small.write_text(yaml.safe_dump(job))

@@ -637,8 +637,22 @@ def given_from_manifests(paths: list[Path]) -> list[Given]:
     return found
 
 
+def node_pod_patches(spec: dict, job: str = "node") -> list[dict]:
+    """The pod-spec patches a TrainJob's runtimePatches apply to the runtime's replicated `job`, in order
+    (Trainer v2.2; what the plan and the manifest checks read volumes and security contexts from)."""
+    found = []
+    for patch in spec.get("runtimePatches") or []:
+        runtime = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+        for replicated in runtime.get("replicatedJobs") or []:
+            if replicated.get("name") == job:
+                pod = (((replicated.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec")
+                if pod:
+                    found.append(pod)
+    return found
+
+
 def given_from_trainjob(where: str, doc: dict) -> Given | None:
-    """A TrainJob: its trainer's command, resources per node and node count; volumes from its podTemplateOverrides."""
+    """A TrainJob: its trainer's command, resources per node and node count; volumes from its runtimePatches."""
     spec = doc.get("spec") or {}
     trainer = spec.get("trainer") or {}
     pod: dict = {
@@ -653,10 +667,9 @@ def given_from_trainjob(where: str, doc: dict) -> Given | None:
             }
         ],
     }
-    for override in spec.get("podTemplateOverrides") or spec.get("podSpecOverrides") or []:
-        override_spec = override.get("spec") or override
-        pod["volumes"] += override_spec.get("volumes") or []
-        for container in override_spec.get("containers") or []:
+    for patch in node_pod_patches(spec):
+        pod["volumes"] += patch.get("volumes") or []
+        for container in patch.get("containers") or []:
             if container.get("name") == "node":
                 pod["containers"][0]["volumeMounts"] += container.get("volumeMounts") or []
     return given_from_pod(where, pod, int(trainer.get("numNodes", 1)))

@@ -52,20 +52,6 @@ def runtime_patch(pod_spec: dict, job: str = "node") -> dict:
     }
 
 
-def node_pod_patches(spec: dict, job: str = "node") -> list[dict]:
-    """The pod-spec patches a TrainJob's runtimePatches apply to the runtime's replicated `job`, in order
-    (Trainer v2.2; what the plan and the manifest checks read volumes and security contexts from)."""
-    found = []
-    for patch in spec.get("runtimePatches") or []:
-        runtime = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
-        for replicated in runtime.get("replicatedJobs") or []:
-            if replicated.get("name") == job:
-                pod = (((replicated.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec")
-                if pod:
-                    found.append(pod)
-    return found
-
-
 def trainjob_name(step: str, output_uri: str) -> str:
     """One name per step output (a retried task finds its TrainJob again instead of starting another)."""
     return f"medcritical-{step}-{hashlib.sha256(output_uri.encode()).hexdigest()[:10]}"
