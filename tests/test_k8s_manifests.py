@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from medcritical import trainjob
+from medcritical import plan
 from tests import k8s_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def test_crd_schema_check_names_the_field():
 
 
 def _node_patch(job: dict) -> dict:
-    return trainjob.node_pod_patches(job["spec"])[0]
+    return plan.node_pod_patches(job["spec"])[0]
 
 
 def test_trainjob_schema_check_names_the_field():

@@ -4,7 +4,7 @@ manifests) and how the task waits for it (its error handling, against a recordin
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from medcritical import trainjob
+from medcritical import plan, trainjob
 from medcritical.recipe import dump_recipe, load_recipe
 from tests import k8s_rules
 from tests.test_k8s_manifests import ROOT, build, documented_secrets, schema_errors
@@ -37,7 +37,7 @@ def test_a_trainjob_on_cpu_nodes_runs_one_process_per_node_without_gpus():
     for kind in ("requests", "limits"):
         assert "nvidia.com/gpu" not in trainer["resourcesPerNode"][kind]
     assert trainer["resourcesPerNode"]["requests"]["cpu"] == "500m"
-    volumes = {v["name"]: v for v in trainjob.node_pod_patches(job["spec"])[0]["volumes"]}
+    volumes = {v["name"]: v for v in plan.node_pod_patches(job["spec"])[0]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "1Gi"  # not the GPU nodes' 64Gi, counted in memory
 
 
