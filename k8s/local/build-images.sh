@@ -6,6 +6,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/versions.sh"
+# The images are built with Docker: start its engine when it is not running (a no-op otherwise).
+"$here/../../images/local/docker-engine.sh" start >/dev/null
 
 gobuild() { # NAME VERSION MODULE@VERSION PACKAGE: go install into $CLUSTER_CACHE/NAME-VERSION/bin
   local name=$1 version=$2 module=$3 package=$4 out=$CLUSTER_CACHE/$1-$2/bin
