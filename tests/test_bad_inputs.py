@@ -528,4 +528,5 @@ def test_plan_refuses_manifests_that_are_not_yaml(tmp_path, capsys):
 
 @pytest.mark.parametrize("host", ["notaurl", "ftp://kfp.example", "http://", "http://127.0.0.1:9"])
 def test_submit_refuses_a_host_that_is_no_reachable_url(host, capsys):
-    assert_refused(["submit", "--host", host], capsys, "--host", host)
+    # A valid run root: submit checks the run's parameters before it calls the host.
+    assert_refused(["submit", "--host", host, "--param", "run_root=s3://bkt/runs/x"], capsys, "--host", host)

@@ -70,4 +70,4 @@ class GenerationSection(Section):
     # vLLM only: the context (prompt + reply tokens) vLLM reserves KV cache for. null: the model's own
     # (its config's max_position_embeddings: 32,768 for Qwen2.5-7B), far more than a CMExam prompt and
     # its reply need. `medcritical plan` sizes the GPU memory for this length.
-    max_model_len: int | None = Field(None, ge=256)
+    max_model_len: int | None = Field(None, ge=256, le=1_048_576)
