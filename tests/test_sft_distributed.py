@@ -39,6 +39,8 @@ def torchrun_sft(dataset, model, output, *overrides):
         f"sft.trainer.max_length={MAX_LENGTH}",
         "sft.trainer.max_steps=6",
         "sft.trainer.per_device_train_batch_size=2",
+        # The recipe gives the batch of one GPU (2 x 2); the runner divides the accumulation by the 2 ranks.
+        "sft.trainer.gradient_accumulation_steps=2",
         "sft.trainer.logging_steps=1",
         "sft.trainer.warmup_steps=0",
         *overrides,

@@ -119,7 +119,7 @@ def test_interrupted_run_resumes_to_the_same_loss(tmp_path, full_run, dataset, t
 
     # A finished run is not trained again; other settings in the same folder are refused, naming the fix.
     assert train_sft(sft_config(**FULL), dataset, tiny_model, output, device="cpu")["steps_this_session"] == 8
-    with pytest.raises(ResumeMismatch, match=r"\(settings: .*Rerun with --restart"):
+    with pytest.raises(ResumeMismatch, match=r"\(settings\.trainer\.max_steps: 16 -> 20\)\. Rerun with --restart"):
         train_sft(sft_config(**{**FULL, "max_steps": 20}), dataset, tiny_model, output, device="cpu")
     # restart discards the checkpoints and the model: the new settings train from the start.
     other = sft_config(**{**FULL, "max_steps": 2, "save_steps": 100})
