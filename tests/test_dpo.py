@@ -190,7 +190,7 @@ def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path)
     with pytest.raises(ResumeMismatch, match=r"\(model: "):
         train_dpo(config, pairs_dir / "pairs.jsonl", None, moved, tmp_path, device="cpu")
     other = config.model_copy(update={"trainer": config.trainer | {"beta": 0.1}})
-    with pytest.raises(ResumeMismatch, match=r"\(settings: .*Rerun with --restart"):
+    with pytest.raises(ResumeMismatch, match=r"\(settings\.trainer\.beta: \(none\) -> 0\.1\)\. Rerun with --restart"):
         train_dpo(other, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
     restarted = train_dpo(other, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", restart=True)
     assert restarted["resumed_from"] is None and restarted["steps_this_session"] == 4 and restarted["beta"] == 0.1
