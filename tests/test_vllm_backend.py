@@ -46,7 +46,9 @@ pytestmark = pytest.mark.vllm
 def model(vllm_model, tmp_path_factory):
     """The vLLM-shaped tiny model, trained briefly to answer in format (so greedy outputs and loglik
     scores mean something: a random model writes newlines)."""
-    return train_format_model(vllm_model, tmp_path_factory.getbasetemp() / "vllm-format-model")
+    # The backends are compared on the same model: it must answer in format, not follow every letter of the
+    # self-play script (on this shape not every scripted letter reaches 0.9 within the fixture's 1000 steps).
+    return train_format_model(vllm_model, tmp_path_factory.getbasetemp() / "vllm-format-model", strict=False)
 
 
 @pytest.fixture(scope="module")
