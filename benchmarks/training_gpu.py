@@ -141,7 +141,7 @@ def _trl_defaults(config_class, args, case: Case, output_dir: Path, device: str)
 def run_one_case(name: str, args) -> dict:
     import torch
 
-    from medcritical.training.common import deepspeed_config_path, lora_config, start_distributed, training_device
+    from medcritical.training.common import deepspeed_config_path, distributed_group, lora_config, training_device
     from medcritical.training.metrics import peak_memory
 
     case = CASES[name]
@@ -181,25 +181,26 @@ def run_one_case(name: str, args) -> dict:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-            start_distributed(device, deepspeed_config_path(case.deepspeed))  # what a launcher script does for ZeRO-3
-            rows = [
-                json.loads(line)
-                for line in Path(args.sft_data if case.kind == "sft" else args.dpo_data).read_text().splitlines()
-            ]
-            trainer_class, config_class = (SFTTrainer, SFTConfig) if case.kind == "sft" else (DPOTrainer, DPOConfig)
-            config = _trl_defaults(config_class, args, case, output_dir, device)
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-            data = [{"messages": r["messages"]} for r in rows] if case.kind == "sft" else rows
-            trainer = trainer_class(
-                model=model,
-                args=config,
-                train_dataset=Dataset.from_list(data),
-                processing_class=AutoTokenizer.from_pretrained(model_dir),
-                peft_config=lora_config(_lora(case)),  # the training steps' own LoRA mapping
-                callbacks=[timer],
-            )
-            trainer.train()
+            # What a launcher script does for ZeRO-3.
+            with distributed_group(device, deepspeed_config_path(case.deepspeed)):
+                rows = [
+                    json.loads(line)
+                    for line in Path(args.sft_data if case.kind == "sft" else args.dpo_data).read_text().splitlines()
+                ]
+                trainer_class, config_class = (SFTTrainer, SFTConfig) if case.kind == "sft" else (DPOTrainer, DPOConfig)
+                config = _trl_defaults(config_class, args, case, output_dir, device)
+                dtype = torch.bfloat16 if device == "cuda" else torch.float32
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+                data = [{"messages": r["messages"]} for r in rows] if case.kind == "sft" else rows
+                trainer = trainer_class(
+                    model=model,
+                    args=config,
+                    train_dataset=Dataset.from_list(data),
+                    processing_class=AutoTokenizer.from_pretrained(model_dir),
+                    peft_config=lora_config(_lora(case)),  # the training steps' own LoRA mapping
+                    callbacks=[timer],
+                )
+                trainer.train()
         status = "ok"
         error = None
     except torch.cuda.OutOfMemoryError as exc:

@@ -42,12 +42,16 @@ def traces(tmp_path_factory, bundled):
 
 def test_one_process_trains_the_recipes_batch(tmp_path, traces, tiny_model, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    rendezvous = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED")
+    for name in rendezvous:
         monkeypatch.delenv(name, raising=False)
     metrics = run_stage(
         SFT, load_recipe_text(RECIPE), str(tmp_path / "sft"), distill=str(traces), model=str(tiny_model)
     )
     assert metrics["world_size"] == 1 and metrics["global_batch"] == 4
+    # The world of one DeepSpeed needed is not left behind: a process started later (a KFP local step) that
+    # inherited it would start DeepSpeed unasked, or rendezvous on a port this process still holds, and fail.
+    assert not [name for name in rendezvous if name in os.environ]
 
 
 def test_torchrun_in_a_pod_trains_the_recipes_batch(tmp_path, traces, tiny_model, monkeypatch):

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,25 +80,36 @@ def deepspeed_zero_stage(path: Path | None) -> int | None:
     return stage
 
 
-def start_distributed(device: str, deepspeed: Path | None) -> None:
-    """Prepare the process group before a trainer is built.
+@contextmanager
+def distributed_group(device: str, deepspeed: Path | None) -> Iterator[None]:
+    """The process group a trainer needs, for the length of the `with` block.
 
     DeepSpeed needs one even for a single process: when no launcher set the rendezvous variables, they are set
     for a world of one. On CPU DeepSpeed must use gloo, and with ZeRO-3 the group must exist before the model is
-    loaded (the weights are partitioned as they load).
+    loaded (the weights are partitioned as they load). The environment is put back on the way out: what this
+    block and the libraries set in it (the rendezvous, transformers' ACCELERATE_USE_DEEPSPEED) would otherwise
+    reach every process started later (a KFP local step, a vLLM engine), which would then start DeepSpeed
+    unasked or rendezvous on a port this process still holds.
     """
-    if deepspeed is None:
-        return
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            free_port = s.getsockname()[1]
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port))
-    import deepspeed as ds  # lazy: heavy, and only DeepSpeed runs need it
+    before = dict(os.environ)
+    try:
+        if deepspeed is not None:
+            if "WORLD_SIZE" not in os.environ:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    free_port = s.getsockname()[1]
+                rendezvous = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+                for key, value in rendezvous.items():
+                    os.environ.setdefault(key, value)
+                os.environ.setdefault("MASTER_PORT", str(free_port))
+            import deepspeed as ds  # lazy: heavy, and only DeepSpeed runs need it
 
-    ds.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+            ds.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)
 
 
 def trainer_arguments(

@@ -54,10 +54,10 @@ from medcritical.training.common import (
     check_training_resume,
     deepspeed_config_path,
     deepspeed_zero_stage,
+    distributed_group,
     find_resumable_checkpoint,
     load_model_for_training,
     lora_config,
-    start_distributed,
     stop_on_token,
     trainer_arguments,
     training_device,
@@ -345,119 +345,124 @@ def train_dpo(
         log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
 
-    start_distributed(device, deepspeed)
-    checkpoints = output_dir / "checkpoints"
-    resume_from = find_resumable_checkpoint(checkpoints) if resumable and resume else None
-    # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
-    args = dpo_arguments(
-        config,
-        checkpoints,
-        device=device,
-        seed=seed,
-        deepspeed=deepspeed,
-        heldout=bool(heldout_pairs),
-        eval_on_start=not resume_from,
-        # One batch size that splits both halves evenly (the reporting half is evaluated with it too).
-        heldout_pairs=math.gcd(len(heldout_pairs), len(reporting_pairs)),
-    )
-    policy = load_model_for_training(model_path, device, dtype)
-    stop_on_token(policy, facts.end_of_turn_id)
-    throughput = ThroughputCallback()
-    # transformers' own early stopping, on the held-out margin (DPO's training loss can fall to ~0 early, as
-    # the paper saw, while held-out pairs stop improving: further steps then only overfit).
-    early_stopping = (
-        [EarlyStoppingCallback(config.early_stopping_patience, EARLY_STOPPING_MIN_DELTA)]
-        if config.early_stopping_patience and args.metric_for_best_model
-        else []
-    )
-    first_epoch = [FirstEpochHeldout(save=bool(args.load_best_model_at_end))] if heldout_pairs else []
-    trainer = build_dpo_trainer(
-        config,
-        policy,
-        tokenizer,
-        train_pairs,
-        heldout_pairs,
-        args,
-        model_path=model_path,
-        device=device,
-        dtype=dtype,
-        callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
-        reporting_pairs=reporting_pairs,
-    )
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
-    wall_seconds = time.perf_counter() - started
-    history = list(trainer.state.log_history)  # before the final evaluation adds its own entry
-    initial = next((e for e in history if MARGIN in e and e.get("step") == 0), None)
-    if initial and abs(initial[MARGIN]) > REFERENCE_TOLERANCE:
-        log.warning(
-            "the held-out reward margin before training was %.4f, not ~0: the reference is not the model DPO "
-            "started from (check the model folder and selfplay.dpo.trainer.precompute_ref_log_probs)",
-            initial[MARGIN],
+    with distributed_group(device, deepspeed):
+        checkpoints = output_dir / "checkpoints"
+        resume_from = find_resumable_checkpoint(checkpoints) if resumable and resume else None
+        # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
+        args = dpo_arguments(
+            config,
+            checkpoints,
+            device=device,
+            seed=seed,
+            deepspeed=deepspeed,
+            heldout=bool(heldout_pairs),
+            eval_on_start=not resume_from,
+            # One batch size that splits both halves evenly (the reporting half is evaluated with it too).
+            heldout_pairs=math.gcd(len(heldout_pairs), len(reporting_pairs)),
         )
-    final = trainer.evaluate() if heldout_pairs else None
-    reported = None
-    if trainer.reporting_dataset is not None:  # the kept model on pairs that did not pick it
-        trainer.eval_dataset = trainer.reporting_dataset
-        reported = trainer.evaluate()
-
-    saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
-    training = summarize_training(trainer, throughput, wall_seconds=wall_seconds)
-    best_checkpoint = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
-    restored_best = Path(best_checkpoint).name if best_checkpoint else None
-    metrics = {
-        "step": "dpo",
-        "status": "trained",
-        "model": str(saved.model_dir),
-        "train_pairs": len(train_pairs),
-        "heldout_pairs": len(heldout_pairs) + len(reporting_pairs),
-        "reporting_pairs": len(reporting_pairs),  # of the held-out pairs, those kept apart from selection
-        "dropped_too_long": too_long + heldout_too_long,
-        "loss_type": "+".join(args.loss_type) if isinstance(args.loss_type, list) else args.loss_type,
-        "beta": args.beta,
-        "reference": reference_kind(config),
-        "device": device,
-        "deepspeed": deepspeed.name if deepspeed else None,
-        "zero_stage": zero_stage,
-        "lora": config.lora.enabled,
-        "merged": saved.merged,
-        "resumed_from": Path(resume_from).name if resume_from else None,
-        "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
-        "restored_best": restored_best,
-        "heldout": (
-            heldout := _heldout_summary(
-                history, initial, final, reported, len(heldout_pairs), selects_on_heldout(config, bool(heldout_pairs))
+        policy = load_model_for_training(model_path, device, dtype)
+        stop_on_token(policy, facts.end_of_turn_id)
+        throughput = ThroughputCallback()
+        # transformers' own early stopping, on the held-out margin (DPO's training loss can fall to ~0 early, as
+        # the paper saw, while held-out pairs stop improving: further steps then only overfit).
+        early_stopping = (
+            [EarlyStoppingCallback(config.early_stopping_patience, EARLY_STOPPING_MIN_DELTA)]
+            if config.early_stopping_patience and args.metric_for_best_model
+            else []
+        )
+        first_epoch = [FirstEpochHeldout(save=bool(args.load_best_model_at_end))] if heldout_pairs else []
+        trainer = build_dpo_trainer(
+            config,
+            policy,
+            tokenizer,
+            train_pairs,
+            heldout_pairs,
+            args,
+            model_path=model_path,
+            device=device,
+            dtype=dtype,
+            callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
+            reporting_pairs=reporting_pairs,
+        )
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume_from)
+        wall_seconds = time.perf_counter() - started
+        history = list(trainer.state.log_history)  # before the final evaluation adds its own entry
+        initial = next((e for e in history if MARGIN in e and e.get("step") == 0), None)
+        if initial and abs(initial[MARGIN]) > REFERENCE_TOLERANCE:
+            log.warning(
+                "the held-out reward margin before training was %.4f, not ~0: the reference is not the model DPO "
+                "started from (check the model folder and selfplay.dpo.trainer.precompute_ref_log_probs)",
+                initial[MARGIN],
             )
-        ),
-        "kept": kept_model(config, trainer.state, restored_best, bool(heldout_pairs)),
-        "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch)
-        if heldout_pairs
-        else None,
-        "warnings": _warnings(training["loss_curve"], config, heldout and heldout["best_step"], restored_best),
-        **training,
-    }
-    if trainer.is_world_process_zero():
-        files = [saved.model_dir, *write_metrics(output_dir, "dpo", metrics)]
-        if metrics["heldout"]:
-            files.append(plot_heldout(metrics, output_dir / "dpo_heldout.png"))
-        write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
-        held = metrics["heldout"] or {}
-        log.info(
-            "DPO done: %d steps, loss %s -> %s; kept %s (%s); held-out reward accuracy %s, margin %s, on %s; model in %s",
-            metrics["steps"],
-            short(metrics["loss_first"]),
-            short(metrics["loss_last"]),
-            metrics["kept"]["model"],
-            metrics["kept"]["why"],
-            short(held.get("reward_accuracy")),
-            short(held.get("margin")),
-            held.get("measured_on"),
-            saved.model_dir,
-        )
-    trainer.accelerator.wait_for_everyone()
-    return metrics
+        final = trainer.evaluate() if heldout_pairs else None
+        reported = None
+        if trainer.reporting_dataset is not None:  # the kept model on pairs that did not pick it
+            trainer.eval_dataset = trainer.reporting_dataset
+            reported = trainer.evaluate()
+
+        saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
+        training = summarize_training(trainer, throughput, wall_seconds=wall_seconds)
+        best_checkpoint = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+        restored_best = Path(best_checkpoint).name if best_checkpoint else None
+        metrics = {
+            "step": "dpo",
+            "status": "trained",
+            "model": str(saved.model_dir),
+            "train_pairs": len(train_pairs),
+            "heldout_pairs": len(heldout_pairs) + len(reporting_pairs),
+            "reporting_pairs": len(reporting_pairs),  # of the held-out pairs, those kept apart from selection
+            "dropped_too_long": too_long + heldout_too_long,
+            "loss_type": "+".join(args.loss_type) if isinstance(args.loss_type, list) else args.loss_type,
+            "beta": args.beta,
+            "reference": reference_kind(config),
+            "device": device,
+            "deepspeed": deepspeed.name if deepspeed else None,
+            "zero_stage": zero_stage,
+            "lora": config.lora.enabled,
+            "merged": saved.merged,
+            "resumed_from": Path(resume_from).name if resume_from else None,
+            "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
+            "restored_best": restored_best,
+            "heldout": (
+                heldout := _heldout_summary(
+                    history,
+                    initial,
+                    final,
+                    reported,
+                    len(heldout_pairs),
+                    selects_on_heldout(config, bool(heldout_pairs)),
+                )
+            ),
+            "kept": kept_model(config, trainer.state, restored_best, bool(heldout_pairs)),
+            "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch)
+            if heldout_pairs
+            else None,
+            "warnings": _warnings(training["loss_curve"], config, heldout and heldout["best_step"], restored_best),
+            **training,
+        }
+        if trainer.is_world_process_zero():
+            files = [saved.model_dir, *write_metrics(output_dir, "dpo", metrics)]
+            if metrics["heldout"]:
+                files.append(plot_heldout(metrics, output_dir / "dpo_heldout.png"))
+            write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
+            held = metrics["heldout"] or {}
+            log.info(
+                "DPO done: %d steps, loss %s -> %s; kept %s (%s); held-out reward accuracy %s, margin %s, on %s; model in %s",
+                metrics["steps"],
+                short(metrics["loss_first"]),
+                short(metrics["loss_last"]),
+                metrics["kept"]["model"],
+                metrics["kept"]["why"],
+                short(held.get("reward_accuracy")),
+                short(held.get("margin")),
+                held.get("measured_on"),
+                saved.model_dir,
+            )
+        trainer.accelerator.wait_for_everyone()
+        return metrics
 
 
 def _skipped(output_dir: Path, model_path: Path, reason: str) -> dict:

@@ -48,10 +48,10 @@ from medcritical.training.common import (
     check_training_resume,
     deepspeed_config_path,
     deepspeed_zero_stage,
+    distributed_group,
     find_resumable_checkpoint,
     load_model_for_training,
     lora_config,
-    start_distributed,
     stop_on_token,
     trainer_arguments,
     training_device,
@@ -102,60 +102,60 @@ def train_sft(
     rows = training_rows(conversations, facts, str(dataset_path))
     if facts.prompt_completion:  # TRL masks the prompt itself: loss on the assistant's reply only, as asked
         settings = settings | {"assistant_only_loss": False, "completion_only_loss": True}
-    start_distributed(device, deepspeed)
-    # The config comes before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned.
-    args = SFTConfig(
-        **trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed)
-    )
-    model = load_model_for_training(model_path, device, dtype)
-    stop_on_token(model, facts.end_of_turn_id)
-    throughput = ThroughputCallback()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=lora_config(config.lora),
-        callbacks=[throughput, *callbacks],
-    )
-    resume_from = find_resumable_checkpoint(args.output_dir) if resumable and config.resume else None
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
-    wall_seconds = time.perf_counter() - started
-
-    saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
-    metrics = {
-        "step": "sft",
-        **data_stats,
-        "device": device,
-        "deepspeed": deepspeed.name if deepspeed else None,
-        "zero_stage": zero_stage,
-        "lora": config.lora.enabled,
-        "merged": saved.merged,
-        "packing": args.packing,
-        "end_of_turn_token": facts.end_of_turn,
-        "pad_token": tokenizer.pad_token,
-        "rows": "prompt-completion" if facts.prompt_completion else "messages",
-        "resumed_from": Path(resume_from).name if resume_from else None,
-        "model_dir": saved.model_dir.name,
-        "adapter_dir": saved.adapter_dir.name if saved.adapter_dir else None,
-        **summarize_training(trainer, throughput, wall_seconds=wall_seconds),
-    }
-    if trainer.is_world_process_zero():
-        files = [saved.model_dir, *write_metrics(output_dir, "sft", metrics)]
-        write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
-        log.info(
-            "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
-            metrics["steps"],
-            short(metrics["loss_first"]),
-            short(metrics["loss_last"]),
-            short(metrics["tokens_per_second"]),
-            saved.model_dir,
+    with distributed_group(device, deepspeed):
+        # The config comes before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned.
+        args = SFTConfig(
+            **trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed)
         )
-    trainer.accelerator.wait_for_everyone()
-    return metrics
+        model = load_model_for_training(model_path, device, dtype)
+        stop_on_token(model, facts.end_of_turn_id)
+        throughput = ThroughputCallback()
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora_config(config.lora),
+            callbacks=[throughput, *callbacks],
+        )
+        resume_from = find_resumable_checkpoint(args.output_dir) if resumable and config.resume else None
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume_from)
+        wall_seconds = time.perf_counter() - started
+
+        saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
+        metrics = {
+            "step": "sft",
+            **data_stats,
+            "device": device,
+            "deepspeed": deepspeed.name if deepspeed else None,
+            "zero_stage": zero_stage,
+            "lora": config.lora.enabled,
+            "merged": saved.merged,
+            "packing": args.packing,
+            "end_of_turn_token": facts.end_of_turn,
+            "pad_token": tokenizer.pad_token,
+            "rows": "prompt-completion" if facts.prompt_completion else "messages",
+            "resumed_from": Path(resume_from).name if resume_from else None,
+            "model_dir": saved.model_dir.name,
+            "adapter_dir": saved.adapter_dir.name if saved.adapter_dir else None,
+            **summarize_training(trainer, throughput, wall_seconds=wall_seconds),
+        }
+        if trainer.is_world_process_zero():
+            files = [saved.model_dir, *write_metrics(output_dir, "sft", metrics)]
+            write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
+            log.info(
+                "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
+                metrics["steps"],
+                short(metrics["loss_first"]),
+                short(metrics["loss_last"]),
+                short(metrics["tokens_per_second"]),
+                saved.model_dir,
+            )
+        trainer.accelerator.wait_for_everyone()
+        return metrics
 
 
 def training_rows(conversations: list[list[dict]], facts, source: str) -> list[dict]:
