@@ -18,6 +18,7 @@ Where they must agree, and how closely:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,9 @@ from medcritical.prompts import mcq_messages
 from medcritical.selfplay.correction import correct_trajectories
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 from tests.fixtures.selfplay import train_format_model
-from tests.fixtures.vllm import REPO, run_in_vllm
+from tests.fixtures.vllm import REPO, build_chain_model, run_in_vllm
 from tests.vllm_scripts.checks_common import (
+    CHAIN_TEXT,
     CONTINUATIONS,
     CUT_LENGTHS,
     correction_config,
@@ -123,21 +125,28 @@ def test_greedy_evaluation_is_the_same_on_both_backends(vllm_side, transformers_
     assert vllm_report["backend"] == "vllm" and report["backend"] == "transformers"
 
 
-def test_greedy_text_is_the_same_where_the_length_limit_cuts_a_character(vllm_side, transformers_side):
+@pytest.fixture(scope="module")
+def chain_model(vllm_model, tmp_path_factory) -> Path:
+    return build_chain_model(vllm_model, tmp_path_factory.mktemp("vllm-chain") / "model", CHAIN_TEXT)
+
+
+def test_greedy_text_is_the_same_where_the_length_limit_cuts_a_character(vllm_python, chain_model, tmp_path):
     """Both backends decode the generated ids the same way. vLLM's incremental detokenizer holds back an
     unfinished UTF-8 character at the cut; the product decodes the ids as transformers does (seen on an Intel
-    Xeon, where the evaluation's 24-token cut fell inside a character: one output was a prefix of the other)."""
-    pool = questions()[:6]
+    Xeon, where the evaluation's 24-token cut fell inside a character: one output was a prefix of the other).
+    The chain model writes a known text on any CPU, so the cuts inside a character are certain to happen."""
+    run_in_vllm(vllm_python, REPO / "tests" / "vllm_scripts" / "greedy_cuts.py", chain_model, tmp_path)
+    theirs = json.loads((tmp_path / "greedy_cuts.json").read_text())
+    generator = TransformersGenerator(chain_model, device="cpu", dtype="float32", batch_size=8)
+    pool = questions()[:3]
     prompts, keys = [mcq_messages(q) for q in pool], [q.id for q in pool]
     split_characters = 0
     for length in CUT_LENGTHS:
-        ours = [
-            [c.text for c in samples]
-            for samples in transformers_side.generate(prompts, keys=keys, max_new_tokens=length)
-        ]
-        assert ours == vllm_side["greedy_cuts"][str(length)], f"greedy outputs cut at {length} tokens differ"
+        ours = [[c.text for c in samples] for samples in generator.generate(prompts, keys=keys, max_new_tokens=length)]
+        assert ours == theirs[str(length)], f"greedy outputs cut at {length} tokens differ"
         split_characters += sum(text.endswith("\ufffd") for samples in ours for text in samples)
-    assert split_characters, "no cut fell inside a character: the case this test is for did not occur"
+    assert theirs[str(max(CUT_LENGTHS))] == [[CHAIN_TEXT]] * 3, "the chain model did not write its text"
+    assert split_characters == 3 * 3, "three cuts of each reply fall inside a character"
 
 
 def test_loglik_scores_agree_within_float32_rounding(vllm_side, transformers_side):

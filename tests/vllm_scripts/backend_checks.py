@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from checks_common import (
-    CUT_LENGTHS,
     SAMPLING,
     correction_config,
     distill_config,
@@ -70,11 +69,6 @@ def main(model: Path, work: Path) -> dict:
         seed=7,
         chunk_size=4,
     )
-
-    # Greedy generation stopped by the length limit after 1..16 tokens: most cuts split a CJK character's bytes.
-    out["greedy_cuts"] = {
-        length: texts(generator.generate(prompts, keys=keys, max_new_tokens=length)) for length in CUT_LENGTHS
-    }
 
     # Evaluation: greedy generation, and loglik through prompt_logprobs.
     out["evaluation"] = {}

@@ -5,7 +5,8 @@ folder is on sys.path) and by the tests (as tests.vllm_scripts.checks_common).""
 from __future__ import annotations
 
 SAMPLING = dict(n=3, temperature=1.0, top_p=0.95, max_new_tokens=16)
-CUT_LENGTHS = range(1, 17)  # greedy generations stopped by max_new_tokens at each of these lengths
+CUT_LENGTHS = range(1, 9)  # greedy generations stopped by max_new_tokens at each of these lengths
+CHAIN_TEXT = "x龘㐀"  # the chain model's greedy reply: six tokens, three of the cuts fall inside a character
 # Scored after the MCQ prompt: letters, a set of letters, and the trained format with an empty think block.
 CONTINUATIONS = ["答案：A", "答案：B", "答案：AB", "<think>\n\n</think>\n\n答案：C"]
 
