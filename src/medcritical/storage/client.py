@@ -30,7 +30,7 @@ from medcritical.storage.errors import (
     StorageConfigError,
     StorageError,
 )
-from medcritical.storage.uris import is_s3, parse_s3_uri
+from medcritical.storage.uris import S3Uri, is_s3, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,30 @@ def with_retries(fn: Callable[[], T], *, what: str, policy: RetryPolicy | None =
             )
             policy.sleep(delay)
     raise AssertionError("unreachable")
+
+
+# What S3 servers answer for an object that is not there (MinIO and AWS: NoSuchKey; some gateways: NoSuchObject).
+_MISSING_OBJECT = ("NoSuchKey", "NoSuchObject")
+
+
+def read_object_or_none(client: Minio, uri: S3Uri) -> bytes | None:
+    """The bytes of one small object (a manifest, a fingerprint), or None when it does not exist; transient errors
+    are retried like every other request."""
+
+    def get() -> bytes | None:
+        try:
+            response = client.get_object(uri.bucket, uri.key)
+        except S3Error as exc:
+            if exc.code in _MISSING_OBJECT:
+                return None
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    return with_retries(get, what=f"read {uri}")
 
 
 def explain(exc: BaseException, uri: str, settings: S3Settings) -> StorageError:

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from minio import Minio
-from minio.error import S3Error
 
 from medcritical.io.hashing import file_sha256
 from medcritical.io.manifest import MANIFEST_NAME, FileEntry, ManifestError, decode, read_manifest, save_manifest
-from medcritical.storage.client import S3Settings, connect, explain, with_retries
+from medcritical.storage.client import S3Settings, connect, explain, read_object_or_none, with_retries
 from medcritical.storage.errors import (
     ChecksumMismatchError,
     IncompleteUploadError,
@@ -139,22 +138,7 @@ class _FileDownload:
 
 
 def _read_manifest(client: Minio, folder: S3Uri) -> list[FileEntry] | None:
-    key = folder.prefix + MANIFEST_NAME
-
-    def get() -> bytes | None:
-        try:
-            resp = client.get_object(folder.bucket, key)
-        except S3Error as exc:
-            if exc.code == "NoSuchKey":
-                return None
-            raise
-        try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
-
-    body = with_retries(get, what=f"read manifest of {folder}")
+    body = read_object_or_none(client, folder.join(MANIFEST_NAME))
     if body is None:
         return None
     try:

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from minio import Minio
-from minio.error import S3Error
 
 from medcritical.io.fingerprint import FINGERPRINT_FILE, describe_changes
 from medcritical.io.lock import LOCK_FILE
 from medcritical.io.manifest import MANIFEST_NAME, FileEntry, checksum, encode, read_manifest
-from medcritical.storage.client import S3Settings, connect, explain, with_retries
+from medcritical.storage.client import S3Settings, connect, explain, read_object_or_none, with_retries
 from medcritical.storage.errors import ChecksumMismatchError, ObjectNotFoundError, OutputTakenError, StorageConfigError
 from medcritical.storage.transfer import (
     DEFAULT_MAX_WORKERS,
@@ -242,22 +241,7 @@ def _refuse_other_work(client: Minio, src: Path, target: S3Uri) -> None:
     local = src / FINGERPRINT_FILE
     if not local.is_file():
         return
-    key = target.prefix + FINGERPRINT_FILE
-
-    def fetch() -> bytes | None:
-        try:
-            response = client.get_object(target.bucket, key)
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchObject"):
-                return None
-            raise
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
-
-    remote = with_retries(fetch, what=f"read {S3Uri(target.bucket, key)}")
+    remote = read_object_or_none(client, target.join(FINGERPRINT_FILE))
     if remote is None:
         return
     try:
