@@ -134,6 +134,13 @@ def paper_config(url, **judge):
     )
 
 
+def evaluate_by_paper_judge(url, questions, model, folder, max_new_tokens=8):
+    """The tiny model answers `questions`, the judge at `url` grades them (protocol judge-paper)."""
+    return evaluate_model(
+        paper_config(url), GenerationSection(max_new_tokens=max_new_tokens), questions, model, folder, device="cpu"
+    )
+
+
 FAULTS = {
     "HTTP 502": Response(502, {"error": "bad gateway"}),
     "timed out": Response(delay_s=1.5, body={}),
@@ -197,9 +204,7 @@ def test_judge_endpoint_is_probed_before_the_student_generates(tmp_path, tiny_mo
     with StandInEndpoint(lambda body, count: completion("1")) as endpoint:
         url = endpoint.base_url  # stopped when the block ends: nothing listens there any more
     with pytest.raises(EndpointError, match="cannot be reached"):
-        evaluate_model(
-            paper_config(url), GenerationSection(max_new_tokens=4), bundled[:2], tiny_model, tmp_path, device="cpu"
-        )
+        evaluate_by_paper_judge(url, bundled[:2], tiny_model, tmp_path, max_new_tokens=4)
     assert not (tmp_path / "outputs.jsonl").exists()
     monkeypatch.delenv("MEDCRITICAL_JUDGE_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="MEDCRITICAL_JUDGE_BASE_URL"):
@@ -223,14 +228,7 @@ def test_judge_paper_asks_in_sp_huatuos_words(tmp_path, tiny_model, bundled, jud
     wording, the judge with ForJudge.py's system message, reading the reply after an echoed instruction."""
     questions = bundled[:3]
     with StandInEndpoint(lambda body, count: completion("1")) as endpoint:
-        report = evaluate_model(
-            paper_config(endpoint.base_url),
-            GenerationSection(max_new_tokens=8),
-            questions,
-            tiny_model,
-            tmp_path,
-            device="cpu",
-        )
+        report = evaluate_by_paper_judge(endpoint.base_url, questions, tiny_model, tmp_path)
     assert report["correct"] == 3 and report["dropped"] == 0
     outputs = {r["id"]: r["output"] for r in map(json.loads, (tmp_path / "outputs.jsonl").read_text().splitlines())}
     by_question = {r["body"]["messages"][-1]["content"]: r["body"]["messages"] for r in endpoint.requests}
@@ -259,14 +257,7 @@ def test_more_than_1_percent_unusable_verdicts_fail_the_evaluation(tmp_path, tin
 
     unusable = r"1 of 6 judge verdicts are unusable.*max_unusable_share=0.01"
     with StandInEndpoint(respond) as endpoint, pytest.raises(UnusableVerdicts, match=unusable):
-        evaluate_model(
-            paper_config(endpoint.base_url),
-            GenerationSection(max_new_tokens=8),
-            questions,
-            tiny_model,
-            tmp_path,
-            device="cpu",
-        )
+        evaluate_by_paper_judge(endpoint.base_url, questions, tiny_model, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["n"], report["dropped"], report["bounds"]) == (
         5,
