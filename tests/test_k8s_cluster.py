@@ -305,20 +305,27 @@ def trainer(cluster):
 
 
 def _wait_for_trainjob(name: str, timeout_s: float) -> dict:
+    """The finished TrainJob; on failure the test's message has the pods' last logs. JobSet deletes a failed
+    job's pods at once, so the logs are read on every poll while the pods live, not after the failure."""
     deadline = time.monotonic() + timeout_s
     selector = f"jobset.sigs.k8s.io/jobset-name={name}"
+    last_logs = ""
     while time.monotonic() < deadline:
         job = json.loads(kubectl("-n", NAMESPACE, "get", "trainjob", name, "-o", "json").stdout)
         conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
         if "Complete" in conditions:
             return job
+        logs = kubectl("-n", NAMESPACE, "logs", "-l", selector, "--tail=80", "--prefix", check=False)
+        last_logs = logs.stdout or last_logs
         if "Failed" in conditions:
-            logs = kubectl("-n", NAMESPACE, "logs", "-l", selector, "--tail=60", "--prefix", check=False)
-            pytest.fail(f"TrainJob {name} failed: {conditions['Failed'].get('message')}\n{logs.stdout}{logs.stderr}")
+            events = kubectl("-n", NAMESPACE, "get", "events", "--sort-by=.lastTimestamp", check=False).stdout
+            pytest.fail(
+                f"TrainJob {name} failed: {conditions['Failed'].get('message')}\n"
+                f"the pods' last logs:\n{last_logs}\nevents:\n{events[-3000:]}"
+            )
         time.sleep(5)
     pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "wide", check=False).stdout
-    logs = kubectl("-n", NAMESPACE, "logs", "-l", selector, "--tail=40", "--prefix", check=False).stdout
-    pytest.fail(f"TrainJob {name} did not finish in {timeout_s:.0f}s:\n{pods}\n{logs}")
+    pytest.fail(f"TrainJob {name} did not finish in {timeout_s:.0f}s:\n{pods}\n{last_logs}")
 
 
 def _trainjob_pods(name: str) -> list[dict]:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,52 @@ def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tin
     metrics = run_data_parallel(SFT, recipe, str(output), {"distill": str(dataset), "model": str(tiny_model)}, gpus=2)
     assert metrics["world_size"] == 2 and metrics["steps"] == 4 and metrics["zero_stage"] == 2
     assert (output / "model" / "config.json").is_file() and verify_manifest(output) == []
+
+
+def test_two_nodes_with_their_own_disks_train_one_model(tmp_path, dataset, s3_env):
+    """What a two-node TrainJob does (k8s/jobs/sft-multinode): torchrun on each node (--nnodes 2), each node
+    with its own work folder and model cache, the model "tiny" built on each, the output on S3. Found by
+    running it so: the second node's tiny model had a tokenizer and no weights (transformers' save_pretrained
+    writes only on global rank 0), and its rank failed to load it."""
+    output = f"s3://{s3_env}/runs/two-nodes/sft"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MEDCRITICAL_WORKDIR": str(node / "work"),
+            "MEDCRITICAL_CACHE": str(node / "cache"),
+            # What Trainer's torch-distributed runtime gives each node; torchrun reads them as its defaults.
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(rank),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+        }
+        command = [sys.executable, "-m", "torch.distributed.run", "-m", "medcritical.cli", "sft"]
+        command += ["--dataset", str(dataset), "--model", "tiny", "--output", output]
+        for setting in ("run.threads=1", "sft.lora.enabled=false", f"sft.trainer.max_length={MAX_LENGTH}"):
+            command += ["--set", setting]
+        command += ["--set", "sft.trainer.max_steps=2", "--set", "sft.trainer.per_device_train_batch_size=1"]
+        command += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
+        log = open(node.parent / f"node{rank}.log", "w")  # noqa: SIM115 (closed after the wait below)
+        nodes.append((subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for process, log in nodes:
+        try:
+            process.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    logs = [(tmp_path / f"node{rank}.log").read_text()[-3000:] for rank in (0, 1)]
+    assert [p.returncode for p, _ in nodes] == [0, 0], "\n---\n".join(logs)
+
+    from medcritical.storage import materialize
+
+    local = materialize(output, tmp_path / "downloaded")
+    metrics = json.loads((local / "sft_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    assert verify_manifest(local) == [] and AutoModelForCausalLM.from_pretrained(local / "model") is not None

@@ -71,6 +71,7 @@ def build_tokenizer(vocab_size: int):
 def build_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyModelSection()) -> Path:
     """Write a tiny random-initialised Qwen2 model + tokenizer to `output_dir` (a HF folder)."""
     import torch
+    from safetensors.torch import save_file
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
@@ -91,7 +92,15 @@ def build_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyMode
     )
     model = Qwen2ForCausalLM(model_config)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(output_dir)
+    # Written file by file: under torch.distributed transformers' save_pretrained writes nothing on a rank other
+    # than 0, and each node of a multi-node job builds its own copy (its own disk), so the second node's folder
+    # had a tokenizer and no weights. Tied embeddings are stored once, under the name save_pretrained uses.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(output_dir)
+    model.generation_config.save_pretrained(output_dir)
+    tied = model_config.tie_word_embeddings
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(weights, output_dir / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(output_dir)
     (output_dir / "medcritical_tiny.json").write_text(json.dumps(config.model_dump(), indent=2))
     return output_dir
@@ -101,6 +110,7 @@ def ensure_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyMod
     """Build the tiny model unless `output_dir` already holds one built with the same settings."""
     output_dir = Path(output_dir)
     marker = output_dir / "medcritical_tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()) == config.model_dump():
+    built = all((output_dir / name).is_file() for name in ("config.json", "model.safetensors"))
+    if built and marker.is_file() and json.loads(marker.read_text()) == config.model_dump():
         return output_dir
     return build_tiny_model(output_dir, config)
