@@ -156,3 +156,16 @@ def test_incomplete_checkpoint_is_not_resumed(tmp_path):
     # checkpoint-10 has no trainer_state.json: the run died while saving it
     assert find_resumable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
     assert find_resumable_checkpoint(tmp_path / "missing") is None
+
+
+def test_the_tiny_model_folder_is_what_save_pretrained_writes(tiny_model, tmp_path):
+    """build_tiny_model writes its files itself (save_pretrained writes nothing off global rank 0); what it
+    writes must stay what save_pretrained would: vLLM picks the model class from config.json's architectures."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    ours, theirs = (json.loads((folder / "config.json").read_text()) for folder in (tiny_model, tmp_path))
+    assert ours == theirs and ours["architectures"] == ["Qwen2ForCausalLM"]
+    keys = [sorted(safe_open(folder / "model.safetensors", "pt").keys()) for folder in (tiny_model, tmp_path)]
+    assert keys[0] == keys[1]

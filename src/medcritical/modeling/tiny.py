@@ -96,6 +96,8 @@ def build_tiny_model(output_dir: str | Path, config: TinyModelSection = TinyMode
     # than 0, and each node of a multi-node job builds its own copy (its own disk), so the second node's folder
     # had a tokenizer and no weights. Tied embeddings are stored once, under the name save_pretrained uses.
     output_dir.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]  # what save_pretrained records: vLLM picks the class by it
+    model.config.dtype = torch.float32
     model.config.save_pretrained(output_dir)
     model.generation_config.save_pretrained(output_dir)
     tied = model_config.tie_word_embeddings
