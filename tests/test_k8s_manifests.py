@@ -326,9 +326,10 @@ def _containers(directory: Path):
 @pytest.mark.parametrize("step", STEPS)
 def test_step_image_matches_its_kfp_component(step):
     component = ROOT / "components" / step.replace("-", "_") / "component.py"
-    if not component.is_file():
-        pytest.skip(f"{_rel(component)} does not exist yet")
-    kind = re.search(r'^IMAGE = "(\w+)"', component.read_text(encoding="utf-8"), flags=re.MULTILINE).group(1)
+    assert component.is_file(), f"k8s/jobs/{step} has no KFP component: {_rel(component)} is missing"
+    image = re.search(r'^IMAGE = "(\w+)"', component.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert image, f"{_rel(component)} names no IMAGE (one of {sorted(IMAGE_OF_KIND)})"
+    kind = image.group(1)
     images = {c["image"].split(":")[0] for _, _, c in _containers(K8S / "jobs" / step)}
     assert images == {IMAGE_OF_KIND[kind]}, f"k8s/jobs/{step} runs {images}, its KFP component {IMAGE_OF_KIND[kind]}"
 
@@ -356,9 +357,12 @@ def test_job_arguments_parse_with_the_cli(directory, capsys):
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices  # noqa: SLF001
-    for obj, _, container, argv in _step_commands(directory):
-        if argv[0] not in commands:
-            pytest.skip(f"the CLI has no `{argv[0]}` subcommand yet")
+    steps = list(_step_commands(directory))
+    assert steps, f"{_rel(directory)}: no container runs the medcritical CLI"
+    for obj, _, container, argv in steps:
+        assert argv[0] in commands, (
+            f"{k8s_rules.object_id(obj)} runs `medcritical {argv[0]}`: the CLI has no such command"
+        )
         try:
             parser.parse_args(argv)
         except SystemExit:
@@ -391,14 +395,17 @@ def test_job_recipes_and_overrides_load(directory, tmp_path, monkeypatch):
     from medcritical.recipe import load_recipe
 
     monkeypatch.chdir(ROOT)  # the image's working directory holds the same recipes/ as the checkout
-    for _obj, pod, container, argv in _step_commands(directory):
+    loaded = 0
+    for obj, pod, container, argv in _step_commands(directory):
         if "--recipe" not in argv:
             continue
         recipe = _recipe_file(directory, pod, container, argv[argv.index("--recipe") + 1], tmp_path)
-        if not recipe.is_file():
-            pytest.skip(f"{_rel(recipe)} does not exist yet")
+        assert recipe.is_file(), f"{k8s_rules.object_id(obj)}: --recipe {_rel(recipe)} does not exist"
         overrides = [argv[i + 1].replace("/opt/medcritical/", f"{ROOT}/") for i, a in enumerate(argv) if a == "--set"]
         load_recipe(recipe, overrides)  # raises RecipeError naming the key
+        loaded += 1
+    # Every step Job passes --recipe: none found means the arguments were not read, not that all is well.
+    assert loaded, f"{_rel(directory)}: no container passes --recipe"
 
 
 def test_secrets_are_documented_with_examples():
@@ -507,16 +514,25 @@ def test_rule_checker_wants_fsgroup_on_pods_with_a_claim():
     assert any("securityContext.fsGroup: a pod that mounts a PersistentVolumeClaim sets fsGroup" in m for m in messages)
 
 
-@pytest.mark.parametrize("recipe", ["recipes/paper-7b-lora.yaml", "k8s/components/step-config/recipe.yaml"])
+# The recipes with an API teacher; k8s/components/step-config/recipe.yaml runs its teacher inside the distill Job.
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "recipes/paper-7b-lora.yaml",
+        "recipes/paper-7b-improved.yaml",
+        "recipes/paper-7b-selfplay-self.yaml",
+        "recipes/paper-7b-selfplay-teacher.yaml",
+    ],
+)
 def test_served_teacher_is_where_the_recipes_look_for_it(recipe):
     """k8s/overlays/teacher: the Service at the host and port of distill.openai.base_url, the model name served."""
     from urllib.parse import urlparse
 
     from medcritical.recipe import load_recipe
 
-    teacher = load_recipe(ROOT / recipe).distill.openai
-    if not teacher.base_url:
-        pytest.skip(f"{recipe} names no teacher endpoint")
+    loaded = load_recipe(ROOT / recipe).distill
+    teacher = loaded.openai
+    assert loaded.backend == "openai" and teacher.base_url, f"{recipe}: no API teacher (distill.openai.base_url)"
     url = urlparse(teacher.base_url)
     service_name, namespace = url.hostname.split(".")[:2]
     objects = build(K8S / "overlays" / "teacher")
