@@ -69,7 +69,7 @@ class RecordingApi:
     """Answers like the Kubernetes API for one TrainJob: the states given, in order."""
 
     def __init__(self, states, create_error=None):
-        self.states, self.create_error, self.created = list(states), create_error, []
+        self.states, self.create_error, self.created, self.polled = list(states), create_error, [], []
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         if self.create_error:
@@ -77,6 +77,7 @@ class RecordingApi:
         self.created.append((group, version, namespace, plural, body["metadata"]["name"]))
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.polled.append((group, version, namespace, plural, name))
         return self.states.pop(0)
 
 
@@ -92,8 +93,13 @@ def test_the_task_waits_until_the_trainjob_completes():
 
 
 def test_a_retried_task_waits_for_the_trainjob_it_already_created():
-    api = RecordingApi([state("Complete")], create_error=409)
-    trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
+    # The retry builds the same manifest: its name comes from the output URI, so the create answers 409.
+    name = manifest()["metadata"]["name"]
+    assert name == trainjob.trainjob_name("sft", "s3://b/runs/1/sft")
+    api = RecordingApi([state("Suspended"), state("Complete")], create_error=409)
+    last = trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
+    assert api.polled == [("trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs", name)] * 2
+    assert api.states == [] and last == state("Complete")  # waited past Suspended, until it completed
 
 
 @pytest.mark.parametrize("status, words", [(404, "install Kubeflow Trainer v2"), (403, "k8s/overlays/pipeline-rbac")])
