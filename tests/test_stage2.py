@@ -5,7 +5,6 @@ from math import comb
 
 import pytest
 
-from medcritical.arms import mcnemar_p
 from medcritical.io.jsonl import append_jsonl
 from medcritical.selfplay.cost import cost_statistics
 from medcritical.selfplay.standalone import (
@@ -13,6 +12,7 @@ from medcritical.selfplay.standalone import (
     prompt_fragments,
     refers_back,
 )
+from medcritical.stats import mcnemar_exact
 from medcritical.training.dpo import even_eval_batch_size
 
 
@@ -90,10 +90,24 @@ def test_cost_sums_tokens_by_who_generated_them_and_divides_by_pairs(tmp_path):
     assert on_gpu["seconds"]["device_seconds"] == pytest.approx(6.0) and on_gpu["money"] is None
 
 
+def _arms_mcnemar_p(b: int, c: int) -> float:
+    """The arms table's former copy of the test (float arithmetic), kept as the reference it must still match."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * (sum(comb(n, i) for i in range(min(b, c) + 1)) / 2**n))
+
+
 def test_mcnemar_exact_p():
-    assert mcnemar_p(0, 0) == 1.0
-    assert mcnemar_p(0, 5) == pytest.approx(2 / 32)
-    assert mcnemar_p(3, 7) == pytest.approx(2 * sum(comb(10, i) for i in range(4)) / 2**10)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact(3, 7) == pytest.approx(2 * sum(comb(10, i) for i in range(4)) / 2**10)
+
+
+@pytest.mark.parametrize("b, c", [(0, 0), (0, 1), (1, 0), (0, 5), (3, 7), (7, 3), (6, 6), (12, 40), (250, 310)])
+def test_the_arms_table_p_is_the_one_it_printed_before(b, c):
+    # arms used its own copy of the exact McNemar test; the shared one must print the same figures.
+    assert mcnemar_exact(b, c) == _arms_mcnemar_p(b, c)
 
 
 def test_heldout_batches_are_even():

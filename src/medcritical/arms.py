@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import re
-from math import comb
 from pathlib import Path
 
 from medcritical.errors import MissingInputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
+from medcritical.stats import mcnemar_exact
 
 
 def _read(path: Path) -> dict | None:
@@ -64,22 +64,13 @@ def load_arm(run_dir: str | Path) -> dict:
     }
 
 
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value for b and c discordant pairs (binomial, p = 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 def _movement(before: dict[str, bool] | None, after: dict[str, bool] | None) -> str:
     if not before or not after:
         return "-"
     common = before.keys() & after.keys()
     gained = sum(after[q] and not before[q] for q in common)
     lost = sum(before[q] and not after[q] for q in common)
-    return f"+{gained} / -{lost} (McNemar p={mcnemar_p(gained, lost):.3g})"
+    return f"+{gained} / -{lost} (McNemar p={mcnemar_exact(gained, lost):.3g})"
 
 
 def _pct(value) -> str:
@@ -195,7 +186,7 @@ def arm_table(arms: dict[str, dict]) -> str:
             only_b = sum(b[q] and not a[q] for q in common)
             verdict = (
                 f"Final models on the same {len(common)} questions: {only_a} right only with {names[0]}, "
-                f"{only_b} right only with {names[1]} (exact McNemar p={mcnemar_p(only_a, only_b):.3g})."
+                f"{only_b} right only with {names[1]} (exact McNemar p={mcnemar_exact(only_a, only_b):.3g})."
             )
             lines += ["", verdict]
     return "\n".join(lines) + "\n"
