@@ -171,3 +171,76 @@ def test_few_discordant_questions_mark_the_bootstrap_interval():
     table = "\n".join(paired_markdown([{"first": "a", "second": "b", **few}]))
     assert " †" in table and "anti-conservative" in table and "McNemar" in table
     assert "†" not in "\n".join(paired_markdown([{"first": "a", "second": "b", **many}]))
+
+
+def _arm(accuracy_after: float, *, priced: bool = True, tokens: bool = True) -> dict:
+    """A `load_arm` result with every kind of cell: shares, counts, floats below and above 1000, missing figures."""
+    diagnostics = (
+        {
+            "from_correction_share": 0.625,
+            "same_letters_share": 0.0,
+            "chosen_tokens": {"median": 312.5},
+            "rejected_tokens": {"median": 1480.0},
+            "tokens_ratio": {"median": 0.21118},
+        }
+        if tokens
+        else {
+            "from_correction_share": None,
+            "same_letters_share": 1.0,
+            "chosen_chars": {"median": 901},
+            "rejected_chars": {"median": 12345.678},
+            "chars_ratio": {"median": 1.0},
+        }
+    )
+    money = {"money": 0.0123456} if priced else {}
+    rollout = {
+        "corrector": {"corrector": "teacher", "backend": "openai"},
+        "pairs": {"level": "trajectory", "pairs": 40, "diagnostics": diagnostics},
+        "rollout": {"pass@1": 0.41234, "pass@k": 0.9},
+        "correction": {
+            "corrected": 17,
+            "wrong_trajectories": 55,
+            "expected_by_guessing": 3.14159,
+            **({"placebo": {"expected": 4.5}} if priced else {}),
+        },
+        "cost": {
+            "seconds": {"device": "GPU"},
+            "pairs_from_corrections": 25,
+            "per_pair": {"student_tokens": 1234.5678, "teacher_tokens": 0.000123456, "device_seconds": 2.5, **money},
+            **({"money": {"currency": "EUR"}} if priced else {}),
+            "per_correction_pair": {
+                "student_tokens": 999.99,
+                "teacher_tokens": 77,
+                "device_seconds": 1e-9,
+                **({"money": 12.0} if priced else {}),
+            },
+        },
+    }
+    dpo = {
+        "heldout_after_first_epoch": {"reward_accuracy": 0.5555},
+        "train_seconds": 123.4,
+        "heldout": {"reward_accuracy": 0.75, "measured_on": "the reporting half"},
+        "kept": {"model": "best", "why": "highest held-out reward accuracy", "training_loss": 0.6931},
+        "loss_first": 0.693147,
+        "loss_last": 0.0004567,
+    }
+    return {
+        "run": "runs/arm",
+        "before": {"accuracy": 0.4, "n": 10},
+        "after": {"accuracy": accuracy_after, "n": 10},
+        "graded_before": {"1": False, "2": True, "3": False, "4": True},
+        "graded_after": {"1": True, "2": True, "3": True, "4": accuracy_after > 0.5},
+        "rounds": [{"rollout": rollout, "dpo": dpo}],
+    }
+
+
+def test_the_arms_table_reads_as_before():
+    # The table is read by people and compared across runs: a change of its shared formatters must not show.
+    from pathlib import Path
+
+    from medcritical.arms import arm_table
+
+    nothing = {"run": "runs/none", "before": None, "after": None, "graded_before": None, "graded_after": None}
+    tables = arm_table({"teacher": _arm(0.7), "self": _arm(0.35, priced=False, tokens=False)}) + "\n"
+    tables += arm_table({"teacher": _arm(0.7), "nothing": {**nothing, "rounds": []}})
+    assert tables == (Path(__file__).parent / "data" / "arms_table.md").read_text(encoding="utf-8")

@@ -1,0 +1,33 @@
+"""How figures are written for people (reports, tables, log lines): one formatter, pinned to what was printed."""
+
+import pytest
+
+from medcritical.report import _numbers
+from medcritical.training.metrics import short
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (None, "n/a"),
+        (1234.5, "1234"),
+        (-2500.0, "-2500"),
+        (999.99, "1000"),
+        (0.000123456, "0.0001235"),
+        (7, "7"),
+        ("x", "x"),
+        (True, "True"),
+        (float("nan"), "nan"),
+    ],
+)
+def test_a_log_line_figure(value, text):
+    assert short(value) == text
+
+
+def test_the_run_reports_step_figures():
+    stats = {"a": 1234.5, "b": 0.000123456, "c": 7, "d": {"e": 3.14159, "f": None}, "heldout": {"margin": 12.3456}}
+    keys = ("a", "b", "c", "d.e", "d.f", "heldout.margin", "missing", "d.e.g")
+    assert _numbers(stats, keys) == "a=1234, b=0.0001235, c=7, e=3.142, heldout_margin=12.35"
+    assert _numbers({"s": "x", "t": True}, ("s", "t")) == "s=x, t=True"
+    assert _numbers(None, ("a",)) == "not run" and _numbers({"x": 1}, ("a",)) == "-"
+    assert _numbers({"status": "skipped"}, ("a",)) == "skipped (no reason given)"
