@@ -29,6 +29,7 @@ FOUNDATION = {
     "plotting",
     "stats",
     "stage",
+    "values",
 }
 # Above every stage: what runs the stages and reads across them; no stage or building block imports these.
 ORCHESTRATION = {

@@ -3,7 +3,7 @@
 import pytest
 
 from medcritical.report import _numbers
-from medcritical.training.metrics import short
+from medcritical.values import number_text, percent
 
 
 @pytest.mark.parametrize(
@@ -21,7 +21,23 @@ from medcritical.training.metrics import short
     ],
 )
 def test_a_log_line_figure(value, text):
-    assert short(value) == text
+    # What training.metrics.short wrote in the SFT and DPO log lines.
+    assert number_text(value) == text
+
+
+def test_an_arms_table_cell():
+    # What arms._num wrote: three significant digits, "-" for a missing figure.
+    assert [number_text(v, digits=3, missing="-") for v in (None, 999.99, 1234.5, 0.000123456, 77)] == [
+        "-",
+        "1e+03",
+        "1234",
+        "0.000123",
+        "77",
+    ]
+
+
+def test_a_share_in_percent():
+    assert [percent(s) for s in (0, 0.4234, 0.42351, 1, 0.0005)] == ["0.0", "42.3", "42.4", "100.0", "0.1"]
 
 
 def test_the_run_reports_step_figures():

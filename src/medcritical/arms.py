@@ -21,6 +21,7 @@ from medcritical.errors import MissingInputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
 from medcritical.stats import mcnemar_exact
+from medcritical.values import number_text, percent
 
 
 def _read(path: Path) -> dict | None:
@@ -73,16 +74,13 @@ def _movement(before: dict[str, bool] | None, after: dict[str, bool] | None) -> 
     return f"+{gained} / -{lost} (McNemar p={mcnemar_exact(gained, lost):.3g})"
 
 
+# The table's cells: three significant digits, and "-" where an arm has no such figure.
 def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+    return "-" if value is None else f"{percent(value)}%"
 
 
-def _num(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
-    return str(value)
+def _num(value) -> str:
+    return number_text(value, digits=3, missing="-")
 
 
 def _get(stats: dict | None, dotted: str):

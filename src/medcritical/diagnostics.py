@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from medcritical.grader import AMBIGUOUS, ANSWERED, EMPTY, INVALID, TRUNCATED, grade_answer
+from medcritical.values import percent
 
 STATUSES = (ANSWERED, EMPTY, TRUNCATED, AMBIGUOUS, INVALID)
 NO_ANSWER = "(none)"
@@ -79,12 +80,12 @@ def diagnose_rollouts(records: Sequence[Mapping], questions_by_id: Mapping, max_
 def diagnostics_line(diagnostics: Mapping, top: int = 4) -> str:
     """One Markdown-friendly line: the failure shares, the answers given and the constant floor."""
     shares = diagnostics["shares"]
-    failures = ", ".join(f"{status} {100 * shares[status]:.1f}%" for status in STATUSES[1:])
+    failures = ", ".join(f"{status} {percent(shares[status])}%" for status in STATUSES[1:])
     predicted = ", ".join(f"{k} {v}" for k, v in list(diagnostics["predicted"].items())[:top])
     gold = ", ".join(f"{k} {v}" for k, v in list(diagnostics["gold"].items())[:top])
     best = diagnostics["best_constant"]
     return (
-        f"{failures}; hit token limit {100 * diagnostics['hit_token_limit']:.1f}%; "
+        f"{failures}; hit token limit {percent(diagnostics['hit_token_limit'])}%; "
         f"answers given: {predicted} (gold: {gold}); "
-        f"constant answer {best['answer'] or '-'} would score {100 * best['accuracy']:.1f}%"
+        f"constant answer {best['answer'] or '-'} would score {percent(best['accuracy'])}%"
     )

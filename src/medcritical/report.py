@@ -10,7 +10,7 @@ from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.errors import InputError
 from medcritical.evaluation.compare import correct_by_id
-from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note, percent
+from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note
 from medcritical.plotting import figure
 from medcritical.recipe import Recipe, dump_recipe
 from medcritical.selfplay.stage import DPO, ROLLOUT
@@ -19,6 +19,7 @@ from medcritical.stage import Input, Stage
 from medcritical.staging import read_stats
 from medcritical.stats import paired_markdown, paired_table
 from medcritical.training.stage import SFT
+from medcritical.values import number_text, percent
 
 PLOT = "models.png"
 
@@ -50,11 +51,9 @@ def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
     shown = []
     for key in keys:
         value = _lookup(stats, key)
-        if isinstance(value, float):
-            value = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
         if value is not None:
             # rollout.pass@1 -> pass@1, heldout.margin -> heldout_margin
-            shown.append(f"{key.replace('heldout.', 'heldout_').rsplit('.', 1)[-1]}={value}")
+            shown.append(f"{key.replace('heldout.', 'heldout_').rsplit('.', 1)[-1]}={number_text(value)}")
     return ", ".join(shown) or "-"
 
 
@@ -105,7 +104,7 @@ def plot_models(evaluations: dict[str, dict | None], path: Path) -> None:
     with figure(path, size=(5, 3.2)) as (_, ax):
         ax.bar(names, values, yerr=errors, capsize=5, color=["#8C8C8C", "#4C72B0", "#55A868"][: len(names)])
         for x, (v, r) in enumerate(zip(values, reports)):  # the percentage above the CI bar
-            ax.text(x, r["ci95"][1] + 0.02, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=9)
+            ax.text(x, r["ci95"][1] + 0.02, f"{percent(v)}%", ha="center", va="bottom", fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"CMExam accuracy ({protocol}), 95% CI")
         ax.set_title("MedCritical: base → SFT → DPO", fontsize=10)

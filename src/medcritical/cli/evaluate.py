@@ -58,6 +58,7 @@ Score saved outputs without any model (mcq protocol):
 def _evaluate(args) -> None:
     from medcritical.evaluation.evaluate import score_predictions
     from medcritical.evaluation.report import dropped_note
+    from medcritical.values import percent
 
     if args.predictions:
         if not args.dataset:
@@ -79,8 +80,8 @@ def _evaluate(args) -> None:
                 restart=args.restart,
             )
     print(
-        f"CMExam accuracy ({report['protocol']}): {100 * report['accuracy']:.1f}% "
-        f"({report['correct']}/{report['n']}{dropped_note(report)}, 95% CI {100 * report['ci95'][0]:.1f}–{100 * report['ci95'][1]:.1f}%)"
+        f"CMExam accuracy ({report['protocol']}): {percent(report['accuracy'])}% "
+        f"({report['correct']}/{report['n']}{dropped_note(report)}, 95% CI {percent(report['ci95'][0])}–{percent(report['ci95'][1])}%)"
         f"\nreport: {args.output}/report.md"
     )
 

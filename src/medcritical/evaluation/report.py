@@ -8,6 +8,7 @@ from pathlib import Path
 from medcritical.diagnostics import diagnostics_line
 from medcritical.io.jsonl import write_jsonl
 from medcritical.plotting import figure
+from medcritical.values import percent
 
 REPORT_JSON, REPORT_MD, PLOT_PNG, GRADED_JSONL = "report.json", "report.md", "accuracy.png", "graded.jsonl"
 MAX_BARS_PER_COLUMN = 12  # annotation columns can have dozens of values; show the largest groups
@@ -31,10 +32,6 @@ def dropped_note(report: dict) -> str:
     if bounds:
         note += f", bounds {percent(bounds['drops_as_wrong'])}–{percent(bounds['drops_as_right'])}%"
     return note
-
-
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}"
 
 
 def markdown_report(report: dict) -> str:

@@ -26,6 +26,7 @@ from medcritical.modeling.generation import load_generator
 from medcritical.selfplay.config import RolloutSection
 from medcritical.selfplay.rollout import rollout_questions
 from medcritical.stats import BOOTSTRAP_SAMPLES, mcnemar_exact
+from medcritical.values import percent
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def train_pass_line(stats: dict | None) -> str:
     low, high = stats["difference_ci95"]
     first = stats["first_sample"]
     return (
-        f"{100 * stats['pass@1_before']:.1f}% → {100 * stats['pass@1_after']:.1f}% "
+        f"{percent(stats['pass@1_before'])}% → {percent(stats['pass@1_after'])}% "
         f"({stats['questions']} questions; change {100 * stats['difference']:+.1f} points, 95% CI "
         f"{100 * low:+.1f} to {100 * high:+.1f}; first sample {first['only_before_correct']} right only before, "
         f"{first['only_after_correct']} only after, exact McNemar p {first['mcnemar_p']:.4f})"

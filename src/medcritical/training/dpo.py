@@ -63,8 +63,9 @@ from medcritical.training.common import (
     training_device,
 )
 from medcritical.training.config import DPOSection
-from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
+from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
 from medcritical.training.saving import save_final_model
+from medcritical.values import number_text
 
 log = logging.getLogger(__name__)
 
@@ -452,12 +453,12 @@ def train_dpo(
             log.info(
                 "DPO done: %d steps, loss %s -> %s; kept %s (%s); held-out reward accuracy %s, margin %s, on %s; model in %s",
                 metrics["steps"],
-                short(metrics["loss_first"]),
-                short(metrics["loss_last"]),
+                number_text(metrics["loss_first"]),
+                number_text(metrics["loss_last"]),
                 metrics["kept"]["model"],
                 metrics["kept"]["why"],
-                short(held.get("reward_accuracy")),
-                short(held.get("margin")),
+                number_text(held.get("reward_accuracy")),
+                number_text(held.get("margin")),
                 held.get("measured_on"),
                 saved.model_dir,
             )

@@ -85,15 +85,6 @@ def summarize_training(trainer, throughput: ThroughputCallback, *, wall_seconds:
     }
 
 
-def short(value):
-    """A float as 4 significant digits for log lines (the JSON keeps full precision); None as 'n/a'."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return str(value)
-
-
 def write_metrics(output_dir: str | Path, step: str, metrics: dict[str, Any]) -> tuple[Path, Path]:
     """`<step>_metrics.json` and `<step>_loss.png` in output_dir."""
     output_dir = Path(output_dir)

@@ -57,8 +57,9 @@ from medcritical.training.common import (
     training_device,
 )
 from medcritical.training.config import SFTSection
-from medcritical.training.metrics import ThroughputCallback, short, summarize_training, write_metrics
+from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
 from medcritical.training.saving import save_final_model
+from medcritical.values import number_text
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,9 @@ def train_sft(
             log.info(
                 "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
                 metrics["steps"],
-                short(metrics["loss_first"]),
-                short(metrics["loss_last"]),
-                short(metrics["tokens_per_second"]),
+                number_text(metrics["loss_first"]),
+                number_text(metrics["loss_last"]),
+                number_text(metrics["tokens_per_second"]),
                 saved.model_dir,
             )
         trainer.accelerator.wait_for_everyone()

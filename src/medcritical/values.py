@@ -1,0 +1,22 @@
+"""Plain values as people read them: a figure in a report, a table or a log line (`number_text`, `percent`).
+
+One formatter each, so the run report, the arms table, the evaluation report and the training log
+write the same figure the same way.
+"""
+
+from __future__ import annotations
+
+
+def number_text(value, digits: int = 4, missing: str = "n/a") -> str:
+    """A figure as text: a float to `digits` significant digits, whole from 1000 up (1234.5 -> "1234", not
+    "1.234e+03"); an int or a text as is; None as `missing`. The statistics files keep full precision."""
+    if value is None:
+        return missing
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
+    return str(value)
+
+
+def percent(share: float) -> str:
+    """A share (0.4234) as percent to one decimal ("42.3"); the caller writes the sign (a cell, a range)."""
+    return f"{100 * share:.1f}"
