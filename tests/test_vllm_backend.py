@@ -180,3 +180,13 @@ def test_distillation_with_the_vllm_backend(vllm_side, model, tmp_path):
     # The rerun resumes: every question finished before, nothing asked again.
     assert rerun["resumed_questions"] == 4 and rerun["trace_attempts"] == theirs["trace_attempts"]
     assert len(vllm_side["distill"]["sft"]) == theirs["accepted"]
+
+
+def test_a_closed_generator_leaves_no_engine_process(vllm_side):
+    """Engines stop when their generator is closed, not at interpreter exit: several engines left to the exit
+    aborted a finished run once ("terminate called without an active exception", exit -6), and a stage that
+    keeps its engine holds the GPU the next stage of the same process needs."""
+    processes = vllm_side["engine_processes"]
+    # Only the checks' own generator was running: distill closed the two teachers it loaded (run and rerun).
+    assert sum(name.startswith("VLLM::EngineCor") for name in processes["before_close"]) == 1, processes
+    assert processes["after_close"] == [], processes

@@ -9,6 +9,7 @@ same engine. The pytest side runs the transformers backend on the same model and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,22 @@ def main(model: Path, work: Path) -> dict:
     rerun = distill(distill_config("vllm", str(model)), pool[:4], work / "distill", seed=0)
     sft = [json.loads(line) for line in (work / "distill" / "sft.jsonl").read_text().splitlines()]
     out["distill"] = {"stats": stats, "rerun": rerun, "sft": sft}
+
+    # Closing a generator stops its engine's processes now; distill closed the engines of the teachers it loaded.
+    import psutil
+
+    def engine_processes() -> dict:  # by process, with the name vLLM gives it (short-lived helpers come and go)
+        named = {}
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if (name := process.name()).startswith("VLLM::"):
+                    named[process] = name
+        return named
+
+    engine = engine_processes()
+    generator.close()
+    _, alive = psutil.wait_procs(list(engine), timeout=60)
+    out["engine_processes"] = {"before_close": sorted(engine.values()), "after_close": sorted(engine[p] for p in alive)}
     return out
 
 

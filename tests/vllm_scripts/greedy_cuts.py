@@ -23,10 +23,13 @@ def main(model: Path) -> dict:
     generator = VLLMGenerator(model, GenerationSection(backend="vllm"), dtype="float32", seed=0)
     pool = questions()[:3]
     prompts, keys = [mcq_messages(q) for q in pool], [q.id for q in pool]
-    return {
-        length: [[c.text for c in samples] for samples in generator.generate(prompts, keys=keys, max_new_tokens=length)]
-        for length in CUT_LENGTHS
-    }
+    with generator:
+        return {
+            length: [
+                [c.text for c in samples] for samples in generator.generate(prompts, keys=keys, max_new_tokens=length)
+            ]
+            for length in CUT_LENGTHS
+        }
 
 
 if __name__ == "__main__":

