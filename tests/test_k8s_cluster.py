@@ -193,9 +193,24 @@ def _wait_for_job(name: str, timeout_s: float) -> None:
         if "Failed" in conditions:
             pytest.fail(f"job {name} failed: {conditions['Failed'].get('message')}\n{_job_logs(name)}")
         time.sleep(5)
-    pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", f"job-name={name}", "-o", "wide", check=False).stdout
+    pytest.fail(
+        f"job {name} did not finish in {timeout_s:.0f}s:\n{_cluster_state(f'job-name={name}')}\n{_job_logs(name)}"
+    )
+
+
+def _cluster_state(selector: str) -> str:
+    """What a stuck pod's cause usually is in: the pods, the namespace's last events, and the node's conditions
+    (DiskPressure once deleted the node's own images here, and no pod sandbox could start)."""
+    pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "wide", check=False).stdout
     events = kubectl("-n", NAMESPACE, "get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
-    pytest.fail(f"job {name} did not finish in {timeout_s:.0f}s:\n{pods}\n{events}\n{_job_logs(name)}")
+    nodes = kubectl(
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={range .items[*].status.conditions[?(@.status=='True')]}{.type} {.message}{'\\n'}{end}",
+        check=False,
+    ).stdout
+    return f"{pods}\n{events}\nnode conditions:\n{nodes}"
 
 
 @contextlib.contextmanager
@@ -250,7 +265,13 @@ def test_dev_overlay_brings_up_minio_and_its_bucket(cluster):
     kubectl("apply", "-k", str(K8S / "base"))
     _ensure_s3_secret()
     _apply(K8S / "local" / "dev" if MODE == "local" else K8S / "overlays" / "dev")
-    kubectl("-n", NAMESPACE, "rollout", "status", "deployment/minio", "--timeout=300s", timeout=330)
+    rollout = kubectl(
+        "-n", NAMESPACE, "rollout", "status", "deployment/minio", "--timeout=300s", timeout=330, check=False
+    )
+    if rollout.returncode != 0:
+        pytest.fail(
+            f"MinIO did not come up: {rollout.stderr.strip()}\n{_cluster_state('app.kubernetes.io/name=minio')}"
+        )
     _wait_for_job("minio-create-buckets", 300)
     pvc = json.loads(kubectl("-n", NAMESPACE, "get", "pvc", "minio-data", "-o", "json").stdout)
     assert pvc["status"]["phase"] == "Bound", pvc["status"]
