@@ -374,8 +374,10 @@ load() { # docker images -> containerd's k8s.io namespace, skipped when the same
 }
 
 addons() {
-  "$here/build-images.sh" pause coredns
-  load "$PAUSE_IMAGE" "localhost/medcritical-coredns:$COREDNS_VERSION"
+  # MinIO too: k8s/local/dev runs it, and no registry could give it to the node (it used to be built and
+  # loaded by hand, so a fresh machine's tier, or one whose images the kubelet had collected, had none).
+  "$here/build-images.sh" pause coredns minio
+  load "$PAUSE_IMAGE" "localhost/medcritical-coredns:$COREDNS_VERSION" "localhost/medcritical-minio:$MINIO_VERSION"
   # Local volumes for PersistentVolumeClaims (the dev overlay's MinIO): a default StorageClass
   # without a provisioner and a few PersistentVolumes on this machine's disk.
   local pvs="" i
