@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import psutil
 from checks_common import (
     SAMPLING,
     correction_config,
@@ -28,6 +29,17 @@ def texts(completions):
     return [[c.text for c in samples] for samples in completions]
 
 
+def engine_processes() -> dict:
+    """The live vLLM engine processes under this one (EngineCore, Worker), with their names."""
+    named = {}
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # short-lived helpers come and go
+            # A stopped engine's process stays a zombie until its parent next reaps children: not alive.
+            if process.status() != psutil.STATUS_ZOMBIE and (name := process.name()).startswith("VLLM::"):
+                named[process] = name
+    return named
+
+
 def main(model: Path, work: Path) -> dict:
     import medcritical.modeling.generation as generation
     from medcritical.distill.run import distill
@@ -39,6 +51,7 @@ def main(model: Path, work: Path) -> dict:
     from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 
     generator = VLLMGenerator(model, GenerationSection(backend="vllm"), dtype="float32", seed=0)
+    own = engine_processes()  # this generator's engine (core and worker)
     generation.load_generator = lambda *args, **kwargs: generator  # one engine per script (see above)
     pool = questions()
     prompts, keys = [mcq_messages(q) for q in pool[:6]], [q.id for q in pool[:6]]
@@ -91,21 +104,17 @@ def main(model: Path, work: Path) -> dict:
     sft = [json.loads(line) for line in (work / "distill" / "sft.jsonl").read_text().splitlines()]
     out["distill"] = {"stats": stats, "rerun": rerun, "sft": sft}
 
-    # Closing a generator stops its engine's processes now; distill closed the engines of the teachers it loaded.
-    import psutil
-
-    def engine_processes() -> dict:  # by process, with the name vLLM gives it (short-lived helpers come and go)
-        named = {}
-        for process in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if (name := process.name()).startswith("VLLM::"):
-                    named[process] = name
-        return named
-
-    engine = engine_processes()
+    # Closing stops an engine's processes now: distill closed the teachers' engines it loaded (their processes end
+    # within the wait), and closing the checks' own generator ends its engine.
+    teachers = {p: name for p, name in engine_processes().items() if p not in own}
+    _, teachers_alive = psutil.wait_procs(list(teachers), timeout=60)
     generator.close()
-    _, alive = psutil.wait_procs(list(engine), timeout=60)
-    out["engine_processes"] = {"before_close": sorted(engine.values()), "after_close": sorted(engine[p] for p in alive)}
+    _, own_alive = psutil.wait_procs(list(own), timeout=60)
+    out["engine_processes"] = {
+        "own": sorted(own.values()),
+        "teachers_alive": sorted(teachers[p] for p in teachers_alive),
+        "own_alive_after_close": sorted(own[p] for p in own_alive),
+    }
     return out
 
 
