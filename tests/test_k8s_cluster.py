@@ -32,6 +32,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -349,6 +350,41 @@ def _wait_for_trainjob(name: str, timeout_s: float) -> dict:
     pytest.fail(f"TrainJob {name} did not finish in {timeout_s:.0f}s:\n{pods}\n{last_logs}")
 
 
+@contextlib.contextmanager
+def _trainjob_logs_on_failure(name: str):
+    """For a TrainJob created by code under test: its pods' logs (a crashed container's previous run too) and how
+    their containers last ended are read every few seconds while the block runs, and a failure in the block fails
+    the test with the last ones read (JobSet deletes a failed job's pods at once)."""
+    selector = f"jobset.sigs.k8s.io/jobset-name={name}"
+    ended = "{range .items[*]}{.metadata.name}: {.status.containerStatuses[0].lastState.terminated.reason} exit {.status.containerStatuses[0].lastState.terminated.exitCode}{'\\n'}{end}"
+    last = {"logs": ""}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(5):
+            pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "name", check=False).stdout.split()
+            texts = [
+                kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", f"jsonpath={ended}", check=False).stdout
+            ]
+            for pod in pods:
+                for previous in ((), ("--previous",)):
+                    logs = kubectl("-n", NAMESPACE, "logs", pod, "--tail=60", *previous, check=False).stdout
+                    if logs:
+                        texts.append(f"--- {pod}{' (previous run)' if previous else ''}\n{logs}")
+            if pods:
+                last["logs"] = "\n".join(texts)
+
+    reader = threading.Thread(target=poll, daemon=True)
+    reader.start()
+    try:
+        yield
+    except Exception as e:
+        pytest.fail(f"{type(e).__name__}: {e}\nthe TrainJob's pods, last read:\n{last['logs'][-8000:]}")
+    finally:
+        done.set()
+        reader.join()
+
+
 def _trainjob_pods(name: str) -> list[dict]:
     selector = f"jobset.sigs.k8s.io/jobset-name={name}"
     return json.loads(kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "json").stdout)["items"]
@@ -389,8 +425,8 @@ def test_pipeline_trainjob_launch_trains_on_two_nodes(cluster, trainer):
     from kubernetes import client, config
 
     from medcritical import trainjob
+    from tests.test_trainjob_launch import CPU_RECIPE_TWO_RANKS as recipe  # the CPU recipe's batch, on two ranks
 
-    recipe = (K8S / "components" / "cpu" / "recipe.yaml").read_text(encoding="utf-8")
     run_root = "s3://medcritical/runs/cpu-pipeline"
     api = client.CustomObjectsApi(config.new_client_from_config())
     logged = {}
@@ -403,21 +439,22 @@ def test_pipeline_trainjob_launch_trains_on_two_nodes(cluster, trainer):
         env.setenv("MEDCRITICAL_S3_ENDPOINT", endpoint)  # this process reads the metrics through the forward
         env.setenv("AWS_ACCESS_KEY_ID", keys["AWS_ACCESS_KEY_ID"])
         env.setenv("AWS_SECRET_ACCESS_KEY", keys["AWS_SECRET_ACCESS_KEY"])
-        output = trainjob.run_component_on_nodes(
-            "sft",
-            recipe,
-            run_root,
-            "sft",
-            Metrics(),
-            nodes=2,
-            gpus_per_node=0,
-            image=f"medcritical-cpu:{_project_version()}",
-            s3_secret="medcritical-s3",
-            api=api,
-            namespace=NAMESPACE,
-            distill=f"s3://medcritical/{CPU_RUN}/distill",
-            model="",
-        )
+        with _trainjob_logs_on_failure(trainjob.trainjob_name("sft", f"{run_root}/sft")):
+            output = trainjob.run_component_on_nodes(
+                "sft",
+                recipe,
+                run_root,
+                "sft",
+                Metrics(),
+                nodes=2,
+                gpus_per_node=0,
+                image=f"medcritical-cpu:{_project_version()}",
+                s3_secret="medcritical-s3",
+                api=api,
+                namespace=NAMESPACE,
+                distill=f"s3://medcritical/{CPU_RUN}/distill",
+                model="",
+            )
     assert output == f"{run_root}/sft"
     assert logged.get("world_size") == 2, logged
     names = _objects("runs/cpu-pipeline/sft/")

@@ -11,6 +11,11 @@ from tests.test_k8s_manifests import ROOT, build, documented_secrets, schema_err
 
 RECIPE = dump_recipe(load_recipe(ROOT / "recipes" / "full-zero3-8gpu.yaml"))
 INPUTS = {"distill": "s3://b/runs/1/distill", "model": ""}
+CPU_RECIPE = (ROOT / "k8s" / "components" / "cpu" / "recipe.yaml").read_text(encoding="utf-8")
+# The same global batch (8) as accumulation 2 x 4, which two ranks share (each rank: 1 x 4).
+CPU_RECIPE_TWO_RANKS = CPU_RECIPE.replace(
+    "per_device_train_batch_size: 8\n", "per_device_train_batch_size: 4\n    gradient_accumulation_steps: 2\n", 1
+)
 
 
 def manifest(nodes=2, gpus=8, recipe=RECIPE):
@@ -29,7 +34,7 @@ def manifest(nodes=2, gpus=8, recipe=RECIPE):
 def test_a_trainjob_on_cpu_nodes_runs_one_process_per_node_without_gpus():
     """train_nodes=2 train_gpus=0: CPU nodes (the local cluster's two-node SFT); it used to ask for
     numProcPerNode 0, cpu "0" and nvidia.com/gpu "0"."""
-    job = manifest(gpus=0, recipe=(ROOT / "k8s" / "components" / "cpu" / "recipe.yaml").read_text(encoding="utf-8"))
+    job = manifest(gpus=0, recipe=CPU_RECIPE_TWO_RANKS)
     job["metadata"]["namespace"] = "kubeflow"
     assert schema_errors(job) == []
     trainer = job["spec"]["trainer"]
@@ -167,3 +172,23 @@ def load_recipe_from_env(env):
     from medcritical.recipe import load_recipe_text
 
     return load_recipe_text(env["MEDCRITICAL_RECIPE_YAML"])
+
+
+def test_a_batch_the_nodes_cannot_keep_is_refused_before_any_trainjob_is_created():
+    """Found on the local cluster: the CPU pipeline recipe (accumulation 1) on train_nodes=2 created a TrainJob
+    whose every pod failed its retries with the global-batch error; the task now fails at once, naming the key."""
+    from medcritical.recipe import RecipeError
+
+    api = RecordingApi([state("Complete")])
+    with pytest.raises(RecipeError, match=r"sft\.trainer\.gradient_accumulation_steps is 1, not a multiple of the 2"):
+        trainjob.run_component_on_nodes(
+            "sft", CPU_RECIPE, "s3://bucket/runs/1", "sft", None, nodes=2, gpus_per_node=0, image="img:1",
+            s3_secret="s3", api=api, namespace="ns", **INPUTS,
+        )  # fmt: skip
+    assert api.created == []
+    # An accumulation both ranks can share reaches the TrainJob unchanged (each rank divides it).
+    assert CPU_RECIPE_TWO_RANKS != CPU_RECIPE
+    env = manifest(nodes=2, gpus=0, recipe=CPU_RECIPE_TWO_RANKS)["spec"]["trainer"]["env"]
+    assert (
+        load_recipe_from_env({e["name"]: e.get("value") for e in env}).sft.trainer["gradient_accumulation_steps"] == 2
+    )

@@ -21,7 +21,7 @@ from medcritical.errors import StepError
 from medcritical.kfp_runtime import log_metrics, run_component_step, task_recipe
 from medcritical.plan import GiB, gib, plan_steps, quantity
 from medcritical.recipe import dump_recipe, load_recipe_text
-from medcritical.runner import STAGES, stage_command
+from medcritical.runner import STAGES, keep_global_batch, stage_command
 from medcritical.staging import folder_file, join_uri
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ def trainjob_manifest(
         shm_size = "64Gi" if gpus_per_node else "1Gi"
 
     recipe = load_recipe_text(recipe_yaml)
+    # Each rank refuses a global batch its accumulation cannot keep; refused here, the task fails at once naming
+    # the key, instead of every pod of the TrainJob failing its retries with that message.
+    keep_global_batch(STAGES[step], recipe, nodes * (gpus_per_node or 1))
     need = plan_steps(recipe, train_gpus=gpus_per_node, nodes=nodes)[step]
     memory = gib(need.host_memory + quantity(shm_size))
     work = gib(need.disk)
