@@ -471,10 +471,14 @@ def test_multinode_jobs_pass_strict_server_side_validation(cluster, trainer, dir
     if kubectl("get", "crd", crd, check=False).returncode != 0:
         _unavailable(f"the cluster has no {crd}")
     kubectl("apply", "-k", str(K8S / "base"))
-    manifest = kubectl("kustomize", str(K8S / "jobs" / directory)).stdout
-    kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=manifest)
-    broken = [yaml.safe_load(doc) for doc in manifest.split("\n---\n")]
-    job = next(o for o in broken if o["kind"] in ("TrainJob", "PyTorchJob"))
+    objects = [
+        yaml.safe_load(doc) for doc in kubectl("kustomize", str(K8S / "jobs" / directory)).stdout.split("\n---\n")
+    ]
+    job = next(o for o in objects if o["kind"] in ("TrainJob", "PyTorchJob"))
+    # Checked as a new object: an earlier test's TrainJob of the same name would make this an update, and the
+    # server refuses changes to a TrainJob's spec as immutable.
+    job["metadata"]["name"] += "-dry-run"
+    kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=yaml.safe_dump_all(objects))
     job["spec"]["unknownField"] = 1
     result = kubectl(
         "apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=yaml.safe_dump(job), check=False
