@@ -15,7 +15,6 @@ anything else is an error naming what changed, or, with ``restart``, starts over
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -34,7 +33,7 @@ from medcritical.io.fingerprint import check_resume, model_fingerprint, question
 from medcritical.io.jsonl import append_jsonl, read_input_jsonl, read_jsonl
 from medcritical.modeling import generation
 from medcritical.modeling.config import GenerationSection
-from medcritical.modeling.generation import generation_setup, load_generator
+from medcritical.modeling.generation import generation_setup, generator_for
 from medcritical.prompts import load_prompt, mcq_messages
 
 log = logging.getLogger(__name__)
@@ -301,103 +300,100 @@ def evaluate_model(
         outputs=RESUMED_OUTPUTS,
         restart=restart,
     )
-    with contextlib.ExitStack() as owned:
-        if generator is None:  # loaded here, closed here: a vLLM engine's processes and memory are freed on return
-            generator = owned.enter_context(load_generator(model_path, generation, device=device, dtype=dtype))
-        language = config.language
+    language = config.language
 
-        def generate_rows(chunk: list[Question], build_messages) -> list[dict]:
-            completions = generator.generate(
-                [build_messages(q, language) for q in chunk],
-                temperature=0.0,
-                max_new_tokens=generation.max_new_tokens,
-                desc=f"evaluating ({config.protocol})",
-            )
+    def generate_rows(chunk: list[Question], build_messages) -> list[dict]:
+        completions = generator.generate(
+            [build_messages(q, language) for q in chunk],
+            temperature=0.0,
+            max_new_tokens=generation.max_new_tokens,
+            desc=f"evaluating ({config.protocol})",
+        )
+        return [{"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)]
+
+    def mcq_rows(chunk: list[Question]) -> list[dict]:
+        if config.scoring == "generate":
+            return generate_rows(chunk, mcq_messages)
+        return loglik_rows(generator, chunk, config)
+
+    fields = dict(
+        model=str(model_path),
+        dataset=f"{len(questions)} questions",
+        label=label,
+        language=language,
+        max_new_tokens=generation.max_new_tokens,
+        backend=generation.backend,
+    )
+    outputs_file = output_dir / OUTPUTS_JSONL
+    if config.protocol == "mcq":
+        with generator_for(generator, model_path, generation, device=device, dtype=dtype) as generator:
+            outputs = _generate_missing(questions, outputs_file, mcq_rows)
+        graded = grade_mcq(questions, outputs, generation.max_new_tokens)
+        for row in graded:
+            row["output"] = outputs[row["id"]]["output"]
+        report = _report("mcq", questions, graded, scoring=config.scoring, **fields)
+    else:
+        protocol = config.protocol
+        judge = judge or judging.judge_from_config(config.judge, protocol, language, output_dir)  # probes it
+        sampling = judging.student_sampling(protocol, generation.max_new_tokens)
+
+        def student_rows(chunk: list[Question]) -> list[dict]:
+            prompts = judging.student_prompts(protocol, chunk, language, config.judge.student_chat_template)
+            completions = generator.generate(prompts, desc=f"evaluating ({protocol})", **sampling)
             return [
                 {"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)
             ]
 
-        def mcq_rows(chunk: list[Question]) -> list[dict]:
-            if config.scoring == "generate":
-                return generate_rows(chunk, mcq_messages)
-            return loglik_rows(generator, chunk, config)
-
-        fields = dict(
-            model=str(model_path),
-            dataset=f"{len(questions)} questions",
-            label=label,
-            language=language,
-            max_new_tokens=generation.max_new_tokens,
-            backend=generation.backend,
-        )
-        outputs_file = output_dir / OUTPUTS_JSONL
-        if config.protocol == "mcq":
-            outputs = _generate_missing(questions, outputs_file, mcq_rows)
-            graded = grade_mcq(questions, outputs, generation.max_new_tokens)
-            for row in graded:
-                row["output"] = outputs[row["id"]]["output"]
-            report = _report("mcq", questions, graded, scoring=config.scoring, **fields)
-        else:
-            protocol = config.protocol
-            judge = judge or judging.judge_from_config(config.judge, protocol, language, output_dir)  # probes it
-            sampling = judging.student_sampling(protocol, generation.max_new_tokens)
-
-            def student_rows(chunk: list[Question]) -> list[dict]:
-                prompts = judging.student_prompts(protocol, chunk, language, config.judge.student_chat_template)
-                completions = generator.generate(prompts, desc=f"evaluating ({protocol})", **sampling)
-                return [
-                    {"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)
-                ]
-
+        with generator_for(generator, model_path, generation, device=device, dtype=dtype) as generator:
             outputs = _generate_missing(questions, outputs_file, student_rows)
-            graded = judging.grade_with_judge(protocol, questions, outputs, judge)
-            # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
-            judged = [row for row in graded if row["verdict"] is not None]
-            if graded and not judged:  # not an accuracy of 0 of 0: the judge is not doing its job
-                raise StepError(
-                    f"the judge ({config.judge.model}) gave no verdict for any of {len(graded)} questions (first: "
-                    f"{graded[0].get('error') or 'no verdict'}); its replies are in {Path(output_dir) / judging.JUDGEMENTS_JSONL}: "
-                    "check evaluate.judge (model, verdict_constraint, max_tokens), then rerun with --restart"
-                )
-            judged_ids = {row["id"] for row in judged}
-            report = _report(
-                protocol,
-                [q for q in questions if q.id in judged_ids],
-                judged,
-                scoring=f"judge: {config.judge.model}",
-                **fields,
+        graded = judging.grade_with_judge(protocol, questions, outputs, judge)
+        # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
+        judged = [row for row in graded if row["verdict"] is not None]
+        if graded and not judged:  # not an accuracy of 0 of 0: the judge is not doing its job
+            raise StepError(
+                f"the judge ({config.judge.model}) gave no verdict for any of {len(graded)} questions (first: "
+                f"{graded[0].get('error') or 'no verdict'}); its replies are in {Path(output_dir) / judging.JUDGEMENTS_JSONL}: "
+                "check evaluate.judge (model, verdict_constraint, max_tokens), then rerun with --restart"
             )
-            dropped = len(graded) - len(judged)
-            report |= {
-                "questions": len(questions),
-                "dropped": dropped,
-                "student_sampling": sampling,
-                "dropped_ids": [row["id"] for row in graded if row["verdict"] is None],
-                # What the accuracy would be if every dropped verdict had been wrong, or right.
-                "bounds": {
-                    "drops_as_wrong": report["correct"] / len(questions) if questions else 0.0,
-                    "drops_as_right": (report["correct"] + dropped) / len(questions) if questions else 0.0,
-                },
-            }
-        report["wall_s"] = round(time.perf_counter() - started, 2)
-        write_report(report, graded, output_dir)
-        if config.protocol != "mcq" and report["dropped"] > config.judge.max_unusable_share * report["questions"]:
-            raise UnusableVerdicts(
-                f"evaluate ({config.protocol}): {report['dropped']} of {report['questions']} judge verdicts are unusable "
-                f"(more than evaluate.judge.max_unusable_share={config.judge.max_unusable_share:g}); the accuracy over "
-                f"the {report['n']} that parsed is not a result (first reply: {_first_unusable(graded)!r}). Check the "
-                f"judge endpoint honours evaluate.judge.verdict_constraint ({config.judge.verdict_constraint}), or set "
-                "extra_body's logit_bias; the report in "
-                f"{output_dir} shows the bounds"
-            )
-        log.info(
-            "CMExam accuracy (%s) of %s: %.1f%% (%d/%d%s) -> %s",
-            report["protocol"],
-            label or model_path,
-            100 * report["accuracy"],
-            report["correct"],
-            report["n"],
-            dropped_note(report),
-            output_dir,
+        judged_ids = {row["id"] for row in judged}
+        report = _report(
+            protocol,
+            [q for q in questions if q.id in judged_ids],
+            judged,
+            scoring=f"judge: {config.judge.model}",
+            **fields,
         )
-        return report
+        dropped = len(graded) - len(judged)
+        report |= {
+            "questions": len(questions),
+            "dropped": dropped,
+            "student_sampling": sampling,
+            "dropped_ids": [row["id"] for row in graded if row["verdict"] is None],
+            # What the accuracy would be if every dropped verdict had been wrong, or right.
+            "bounds": {
+                "drops_as_wrong": report["correct"] / len(questions) if questions else 0.0,
+                "drops_as_right": (report["correct"] + dropped) / len(questions) if questions else 0.0,
+            },
+        }
+    report["wall_s"] = round(time.perf_counter() - started, 2)
+    write_report(report, graded, output_dir)
+    if config.protocol != "mcq" and report["dropped"] > config.judge.max_unusable_share * report["questions"]:
+        raise UnusableVerdicts(
+            f"evaluate ({config.protocol}): {report['dropped']} of {report['questions']} judge verdicts are unusable "
+            f"(more than evaluate.judge.max_unusable_share={config.judge.max_unusable_share:g}); the accuracy over "
+            f"the {report['n']} that parsed is not a result (first reply: {_first_unusable(graded)!r}). Check the "
+            f"judge endpoint honours evaluate.judge.verdict_constraint ({config.judge.verdict_constraint}), or set "
+            "extra_body's logit_bias; the report in "
+            f"{output_dir} shows the bounds"
+        )
+    log.info(
+        "CMExam accuracy (%s) of %s: %.1f%% (%d/%d%s) -> %s",
+        report["protocol"],
+        label or model_path,
+        100 * report["accuracy"],
+        report["correct"],
+        report["n"],
+        dropped_note(report),
+        output_dir,
+    )
+    return report

@@ -14,10 +14,11 @@ the same seed gives different samples on the two backends.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -401,3 +402,21 @@ def load_generator(
     if config.backend == "vllm":
         return VLLMGenerator(model_path, config, dtype=dtype)
     return TransformersGenerator(model_path, device=device, dtype=dtype, batch_size=config.batch_size)
+
+
+@contextlib.contextmanager
+def generator_for(
+    generator: Generator | None,
+    model_path: str | Path,
+    config: GenerationSection,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Iterator[Generator]:
+    """`generator` as given (closing it stays its owner's), or one loaded for the block and closed when the block
+    ends: a vLLM engine's processes and memory are freed then, not at interpreter exit."""
+    if generator is not None:
+        yield generator
+        return
+    with load_generator(model_path, config, device=device, dtype=dtype) as loaded:
+        yield loaded

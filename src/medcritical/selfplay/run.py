@@ -30,7 +30,7 @@ from medcritical.io.jsonl import read_jsonl, write_jsonl
 from medcritical.llm_client import safe_url
 from medcritical.modeling import resolve_model
 from medcritical.modeling.config import GenerationSection
-from medcritical.modeling.generation import Generator, generation_setup, load_generator
+from medcritical.modeling.generation import Generator, generation_setup, generator_for
 from medcritical.prompts import load_prompt
 from medcritical.selfplay.config import SelfPlaySection
 from medcritical.selfplay.correction import SelfCorrector, TeacherCorrector, correct_trajectories, correction_statistics
@@ -130,8 +130,7 @@ def run_rollout(
         restart=restart,
     )
     with contextlib.ExitStack() as owned:  # what is loaded here is closed once generation is done
-        if generator is None:
-            generator = owned.enter_context(load_generator(model_path, generation, device=device, dtype=dtype))
+        generator = owned.enter_context(generator_for(generator, model_path, generation, device=device, dtype=dtype))
         timings = output_dir / TIMINGS
         records = rollout_questions(generator, questions, rollout, output_dir / ROLLOUTS, seed=seed, timings=timings)
         by_id = {q.id: q for q in questions}
