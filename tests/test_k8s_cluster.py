@@ -337,8 +337,7 @@ def _wait_for_trainjob(name: str, timeout_s: float) -> dict:
         conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
         if "Complete" in conditions:
             return job
-        logs = kubectl("-n", NAMESPACE, "logs", "-l", selector, "--tail=80", "--prefix", check=False)
-        last_logs = logs.stdout or last_logs
+        last_logs = _trainjob_pods_now(name) or last_logs
         if "Failed" in conditions:
             events = kubectl("-n", NAMESPACE, "get", "events", "--sort-by=.lastTimestamp", check=False).stdout
             pytest.fail(
@@ -350,29 +349,34 @@ def _wait_for_trainjob(name: str, timeout_s: float) -> dict:
     pytest.fail(f"TrainJob {name} did not finish in {timeout_s:.0f}s:\n{pods}\n{last_logs}")
 
 
-@contextlib.contextmanager
-def _trainjob_logs_on_failure(name: str):
-    """For a TrainJob created by code under test: its pods' logs (a crashed container's previous run too) and how
-    their containers last ended are read every few seconds while the block runs, and a failure in the block fails
-    the test with the last ones read (JobSet deletes a failed job's pods at once)."""
+def _trainjob_pods_now(name: str) -> str:
+    """How a TrainJob's pods' containers last ended and their logs (a crashed container's previous run too); ""
+    while it has no pods."""
     selector = f"jobset.sigs.k8s.io/jobset-name={name}"
     ended = "{range .items[*]}{.metadata.name}: {.status.containerStatuses[0].lastState.terminated.reason} exit {.status.containerStatuses[0].lastState.terminated.exitCode}{'\\n'}{end}"
+    pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "name", check=False).stdout.split()
+    if not pods:
+        return ""
+    texts = [kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", f"jsonpath={ended}", check=False).stdout]
+    for pod in pods:
+        for previous in ((), ("--previous",)):
+            logs = kubectl("-n", NAMESPACE, "logs", pod, "--tail=60", *previous, check=False).stdout
+            if logs:
+                texts.append(f"--- {pod}{' (previous run)' if previous else ''}\n{logs}")
+    return "\n".join(texts)
+
+
+@contextlib.contextmanager
+def _trainjob_logs_on_failure(name: str):
+    """For a TrainJob created by code under test: `_trainjob_pods_now` is read every few seconds while the block
+    runs, and a failure in the block fails the test with the last one read (JobSet deletes a failed job's pods
+    at once)."""
     last = {"logs": ""}
     done = threading.Event()
 
     def poll() -> None:
         while not done.wait(5):
-            pods = kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "name", check=False).stdout.split()
-            texts = [
-                kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", f"jsonpath={ended}", check=False).stdout
-            ]
-            for pod in pods:
-                for previous in ((), ("--previous",)):
-                    logs = kubectl("-n", NAMESPACE, "logs", pod, "--tail=60", *previous, check=False).stdout
-                    if logs:
-                        texts.append(f"--- {pod}{' (previous run)' if previous else ''}\n{logs}")
-            if pods:
-                last["logs"] = "\n".join(texts)
+            last["logs"] = _trainjob_pods_now(name) or last["logs"]
 
     reader = threading.Thread(target=poll, daemon=True)
     reader.start()
