@@ -19,7 +19,8 @@ import yaml
 from medcritical.errors import InputError, MissingInputError, UserError
 from medcritical.recipe import TINY, Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
 from medcritical.runner import STAGES, keep_global_batch
-from medcritical.training.common import _REPO_DEEPSPEED_DIR, DEEPSPEED_NAMES
+from medcritical.shipped import benchmark_results_dir, deepspeed_dir, recipes_dir
+from medcritical.training.common import DEEPSPEED_NAMES
 
 GiB = 1024**3
 CMEXAM_TRAIN_QUESTIONS = 54_497  # CMExam's official train split: the paper recipes use all of it
@@ -176,7 +177,7 @@ def zero_settings(value: str | None) -> tuple[int, bool]:
         stem = path.name.removesuffix(".json")
         if stem not in DEEPSPEED_NAMES:
             raise PlanError(f"deepspeed: {value!r} is not here and not one of {', '.join(DEEPSPEED_NAMES)}")
-        path = _REPO_DEEPSPEED_DIR / f"{stem}.json"
+        path = deepspeed_dir() / f"{stem}.json"
     zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
     return int(zero.get("stage", 0)), offload
@@ -420,13 +421,10 @@ def plan_steps(
     return needs
 
 
-BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-
-
 def measured_seconds(recipe: Recipe) -> tuple[dict[str, float], str] | None:
     """Per-step wall times measured for this very recipe (benchmarks/results/pipeline_e2e.json: the demo
     through the KFP local runner), and where; None when no benchmark ran this recipe."""
-    results = BENCHMARK_RESULTS / "pipeline_e2e.json"
+    results = benchmark_results_dir() / "pipeline_e2e.json"
     if not results.is_file():
         return None
     data = json.loads(results.read_text(encoding="utf-8"))
@@ -460,7 +458,7 @@ def measured_seconds(recipe: Recipe) -> tuple[dict[str, float], str] | None:
 
 def training_time_note() -> str:
     """Time estimates need measured tokens/s on a GPU; say where they would come from when absent."""
-    results = BENCHMARK_RESULTS / "training_gpu.json"
+    results = benchmark_results_dir() / "training_gpu.json"
     if results.is_file():
         status = json.loads(results.read_text(encoding="utf-8")).get("status")
         if status == "ok":
@@ -783,7 +781,7 @@ def check(need: Need, given: Given, gpu_memory: int, recipe: Recipe | None = Non
 def recipe_for(recipe: Recipe, given: Given) -> Recipe:
     """The recipe a pod runs: the checked one (or the image's own, for the demo Job) with the pod's --set overrides."""
     if given.recipe:
-        local = Path(__file__).resolve().parents[2] / "recipes" / given.recipe
+        local = recipes_dir() / given.recipe
         recipe = load_recipe(local if local.is_file() else Path("recipes") / given.recipe)
     return load_recipe_text(dump_recipe(recipe), given.overrides) if given.overrides else recipe
 

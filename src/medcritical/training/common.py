@@ -25,13 +25,12 @@ from medcritical.io.fingerprint import check_resume
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling.generation import resolve_device, resolve_dtype
+from medcritical.shipped import deepspeed_dir
 from medcritical.training.config import LoraSection
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_NAMES = ("zero2", "zero3", "zero2_offload", "zero3_offload")
-# recipes/deepspeed/ of a source checkout (editable install); the working directory is searched first.
-_REPO_DEEPSPEED_DIR = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
 
 
 def training_device(device: str) -> str:
@@ -52,7 +51,8 @@ def deepspeed_config_path(value: str | None) -> Path | None:
     if path.is_file():
         return path.resolve()
     if value in DEEPSPEED_NAMES:
-        for folder in (Path("recipes") / "deepspeed", _REPO_DEEPSPEED_DIR):
+        # The working directory's recipes/deepspeed/ first (a user's own copy), then the shipped one.
+        for folder in (Path("recipes") / "deepspeed", deepspeed_dir()):
             if (folder / f"{value}.json").is_file():
                 return (folder / f"{value}.json").resolve()
     raise MissingInputError(
