@@ -130,7 +130,7 @@ def task_recipe(recipe_yaml: str, run_root: str) -> Recipe:
     """The recipe a pipeline task runs with: logging set up for the task, and the pipeline's run_root
     parameter in place of the recipe's run.output_dir (the report reads the stages' statistics there)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recipe = load_recipe_text(recipe_yaml)
+    recipe = load_recipe_text(recipe_yaml, checked=True)  # configure checked it in full
     return recipe.model_copy(update={"run": recipe.run.model_copy(update={"output_dir": run_root})})
 
 
@@ -144,10 +144,7 @@ def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, me
     """Run one stage inside a KFP component through the runner; log its numeric statistics; return its
     output URI. `inputs` are the stage's declared inputs (URIs) and options."""
     recipe = task_recipe(recipe_yaml, run_root)
-    if recipe.run.threads:  # each step is its own process: apply the recipe's CPU thread count here too
-        import torch
-
-        torch.set_num_threads(recipe.run.threads)
+    recipe.run.apply_threads()  # each step is its own process: the recipe's CPU thread count here too
     output_uri = join_uri(run_root, name)
     log.info("step %s -> %s", name, output_uri)
     stage = STAGES[step]

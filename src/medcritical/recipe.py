@@ -10,6 +10,8 @@ Each stage owns its section's model (``DataSection`` in ``data/config.py``, ``Di
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,7 @@ from medcritical.evaluation.config import EvaluateSection, JudgeSection
 from medcritical.modeling.config import TINY, GenerationSection, ModelSection, TinyModelSection
 from medcritical.section import Section, check_output_uri
 from medcritical.selfplay.config import SelfPlaySection
-from medcritical.training.config import SFTSection
+from medcritical.training.config import TRAINER_CHECKED, SFTSection
 
 # Re-exported: the sections live with the stage that owns them; a recipe only assembles them.
 __all__ = [
@@ -59,17 +61,28 @@ class RunSection(Section):
     seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
     # "auto" takes a CUDA GPU when there is one.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # CPU threads for torch; None leaves torch's default. On small shared CPUs 1-2 is much faster.
     # GPUs per training pod the recipe is written for: the default of the compiled pipeline's train_gpus
     # and of `medcritical plan --train-gpus`. The global batch does not depend on it (the runner divides
     # the gradient accumulation by the world size).
     train_gpus: int = Field(1, ge=1, le=64)
+    # CPU threads for torch; None leaves torch's default. On small shared CPUs 1-2 is much faster.
     threads: int | None = Field(None, ge=1, le=4096)
 
     @field_validator("output_dir")
     @classmethod
     def _usable_output(cls, value: str | None) -> str | None:
         return None if value is None else check_output_uri(value)
+
+    def apply_threads(self) -> None:
+        """Give torch `threads` CPU threads in this process, without importing torch for a step that needs none:
+        torch, once imported, is set directly; before that, OpenMP's variables are what it starts with."""
+        if not self.threads:
+            return
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(self.threads)
+        else:
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(self.threads)
 
     @property
     def root(self) -> str:
@@ -124,7 +137,7 @@ def _format_error(source: str, error: ValidationError) -> str:
     return f"{source}: invalid recipe: " + "; ".join(problems)
 
 
-def _validate(raw: Any, source: str, overrides: list[str] | tuple[str, ...]) -> Recipe:
+def _validate(raw: Any, source: str, overrides: list[str] | tuple[str, ...], checked: bool = False) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of sections (run:, data:, ...), not a {type(raw).__name__}")
     for assignment in overrides:
@@ -132,7 +145,7 @@ def _validate(raw: Any, source: str, overrides: list[str] | tuple[str, ...]) -> 
     if overrides:
         source += " with --set " + " ".join(overrides)
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={TRAINER_CHECKED: checked})
     except ValidationError as e:
         raise RecipeError(_format_error(source, e)) from None
 
@@ -197,9 +210,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _validate(_parse_yaml(text, str(path)), str(path), overrides)
 
 
-def load_recipe_text(text: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """A recipe from YAML text (the pipeline passes the resolved recipe to every step as text)."""
-    return _validate(_parse_yaml(text, "recipe text"), "recipe text", overrides)
+def load_recipe_text(text: str, overrides: list[str] | tuple[str, ...] = (), *, checked: bool = False) -> Recipe:
+    """A recipe from YAML text (the pipeline passes the resolved recipe to every step as text).
+
+    `checked`: the text is a recipe already validated in full (the pipeline's `configure` output), so its trainer
+    settings are not built into TRL's configs again: importing TRL (and torch) costs each pipeline task seconds,
+    and the training steps build those configs anyway. Every other check still runs."""
+    return _validate(_parse_yaml(text, "recipe text"), "recipe text", overrides, checked)
 
 
 def dump_recipe(recipe: Recipe) -> str:

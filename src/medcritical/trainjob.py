@@ -75,7 +75,7 @@ def trainjob_manifest(
     if shm_size is None:  # NCCL's shared-memory transport between 8 local ranks; gloo on CPU needs little
         shm_size = "64Gi" if gpus_per_node else "1Gi"
 
-    recipe = load_recipe_text(recipe_yaml)
+    recipe = load_recipe_text(recipe_yaml, checked=True)  # the pipeline's configured recipe
     # Each rank refuses a global batch its accumulation cannot keep; refused here, the task fails at once naming
     # the key, instead of every pod of the TrainJob failing its retries with that message.
     keep_global_batch(STAGES[step], recipe, nodes * (gpus_per_node or 1))

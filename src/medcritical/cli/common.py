@@ -52,8 +52,5 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         from medcritical.staging import check_model_uri
 
         check_model_uri(args.model)
-    if recipe.run.threads:
-        import torch
-
-        torch.set_num_threads(recipe.run.threads)
+    recipe.run.apply_threads()
     return recipe

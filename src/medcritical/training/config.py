@@ -22,7 +22,7 @@ import tempfile
 import typing
 from typing import Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from medcritical.section import Section
 
@@ -80,7 +80,14 @@ _RANGES = {
 }
 
 
-def check_trainer_mapping(trainer: dict[str, Any], defaults: dict[str, Any], config_class: str) -> dict[str, Any]:
+# Validation context key: the recipe was checked in full before (the pipeline's configure task), so the trainer
+# mappings are not built into TRL's configs again (see recipe.load_recipe_text).
+TRAINER_CHECKED = "trainer_checked"
+
+
+def check_trainer_mapping(
+    trainer: dict[str, Any], defaults: dict[str, Any], config_class: str, info: ValidationInfo | None = None
+) -> dict[str, Any]:
     """Refuse managed keys and out-of-range values, then build the TRL config to catch the rest."""
     managed = sorted(MANAGED_KEYS & trainer.keys())
     if managed:
@@ -88,6 +95,8 @@ def check_trainer_mapping(trainer: dict[str, Any], defaults: dict[str, Any], con
             f"{', '.join(managed)} cannot be set here: the step sets them (output folder, device, run.seed, "
             "and the section's `deepspeed` key)"
         )
+    if info is not None and (info.context or {}).get(TRAINER_CHECKED):
+        return trainer
     import trl  # lazy: heavy (transformers, torch); only recipes with training sections pay for it
 
     config = getattr(trl, config_class)
@@ -158,8 +167,8 @@ class SFTSection(Section):
 
     @field_validator("trainer")
     @classmethod
-    def _trl_config(cls, trainer: dict[str, Any]) -> dict[str, Any]:
-        return check_trainer_mapping(trainer, SFT_TRAINER_DEFAULTS, "SFTConfig")
+    def _trl_config(cls, trainer: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_trainer_mapping(trainer, SFT_TRAINER_DEFAULTS, "SFTConfig", info)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -185,8 +194,8 @@ class DPOSection(Section):
 
     @field_validator("trainer")
     @classmethod
-    def _trl_config(cls, trainer: dict[str, Any]) -> dict[str, Any]:
-        return check_trainer_mapping(trainer, DPO_TRAINER_DEFAULTS, "DPOConfig")
+    def _trl_config(cls, trainer: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_trainer_mapping(trainer, DPO_TRAINER_DEFAULTS, "DPOConfig", info)
 
     @property
     def settings(self) -> dict[str, Any]:
