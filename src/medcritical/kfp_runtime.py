@@ -119,7 +119,7 @@ def task_root(run_root: str, run_id: str) -> str:
     run id (an input of its own: the driver substitutes the placeholder only as a parameter's whole value);
     `run_root` itself in a local run (no run id)."""
     if "{{" in run_id:
-        raise ValueError(
+        raise InputError(
             f"run_id {run_id!r} is an unresolved KFP placeholder: this KFP backend did not substitute it; "
             "run the pipeline on a KFP backend of 2.5.0 or later"
         )
