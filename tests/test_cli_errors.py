@@ -17,3 +17,11 @@ def test_a_plain_value_error_raised_inside_the_package_is_a_bug_with_traceback_a
     assert "Traceback" in err and "ValueError: generate: 2 keys for 1 prompts" in err and "unexpected error" in err
     assert "error: generate" not in err  # not shown as the user's mistake
     assert not is_user_error(ValueError("generate: 2 keys for 1 prompts"))
+
+
+def test_too_many_unusable_judge_verdicts_is_the_users_to_fix():
+    """The message names the judge settings to fix: one sentence and exit 2, not a bug's traceback."""
+    from medcritical.evaluation.evaluate import UnusableVerdicts
+
+    error = UnusableVerdicts("evaluate (judge-paper): 2 of 6 judge verdicts are unusable")
+    assert is_user_error(error) and isinstance(error, ValueError)
