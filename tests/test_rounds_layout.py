@@ -99,3 +99,13 @@ def test_selfplay_into_an_s3_uri_writes_there_never_into_a_local_s3_folder(monke
     assert summary["final_model"] == f"{root}/round1-dpo"
     stats = storage.materialize(f"{root}/selfplay_stats.json", tmp_path / "fetched")
     assert json.loads(stats.read_text(encoding="utf-8")) == summary
+
+
+def test_arms_refuses_an_s3_run_folder_by_its_uri(tmp_path, monkeypatch, capsys):
+    from medcritical.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["arms", "self=s3://bucket/runs/self"]) == 2
+    err = capsys.readouterr().err
+    assert "s3://bucket/runs/self: arms reads a local run folder; copy the run from S3 first" in err
+    assert not (tmp_path / "s3:").exists()

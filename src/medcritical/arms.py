@@ -18,7 +18,8 @@ import json
 from itertools import count, takewhile
 from pathlib import Path
 
-from medcritical.errors import MissingInputError
+from medcritical import storage
+from medcritical.errors import InputError, MissingInputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
 from medcritical.evaluation.stage import EVALUATE
@@ -45,6 +46,11 @@ def _round_numbers(root: Path) -> list[int]:
 
 def load_arm(run_dir: str | Path) -> dict:
     """The statistics of one finished stage-2 run (see the module docstring for the layouts)."""
+    if storage.is_s3(str(run_dir)):  # Path would make s3://b/x the local folder s3:/b/x
+        raise InputError(
+            f"{run_dir}: arms reads a local run folder; copy the run from S3 first (e.g. `aws s3 sync {run_dir} "
+            "runs/NAME`) and give that folder"
+        )
     root = Path(run_dir)
     if not root.is_dir():
         raise MissingInputError(f"{root}: no such run folder (give the run's output folder, e.g. runs/demo-arm-self)")
