@@ -1,8 +1,9 @@
 """Two (or more) stage-2 arms side by side: e.g. self-correction against teacher correction.
 
-An arm is a finished run folder, in either layout:
+An arm is a finished run folder, in either layout (the folder names are `staging`'s):
 - `medcritical run` (the pipeline): eval-sft/, round<r>-rollout/, round<r>-dpo/, eval-dpo-round<R>/
 - `medcritical selfplay`: round<r>-eval/, round<r>-rollout/, round<r>-dpo/, eval-dpo-round<R>/
+R is the last round that ran (a round loop that stopped early names the final evaluation after it too).
 
 `arm_table` reads their step statistics (never recomputes them) and writes one Markdown table:
 CMExam accuracy before and after stage 2 with the per-question movement (exact McNemar test),
@@ -14,12 +15,16 @@ final models are compared on the same questions too.
 from __future__ import annotations
 
 import json
-import re
+from itertools import count, takewhile
 from pathlib import Path
 
-from medcritical.errors import MissingInputError
+from medcritical import storage
+from medcritical.errors import InputError, MissingInputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
+from medcritical.evaluation.stage import EVALUATE
+from medcritical.selfplay.stage import DPO, ROLLOUT
+from medcritical.staging import eval_folder, final_eval_folder, stage_folder
 from medcritical.stats import mcnemar_exact
 from medcritical.values import number_text, percent
 
@@ -34,34 +39,39 @@ def _graded(folder: Path) -> dict[str, bool] | None:
     return correct_by_id(path) if path.is_file() else None
 
 
-def _round_numbers(root: Path, pattern: str) -> list[int]:
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(pattern, p.name)))
+def _round_numbers(root: Path) -> list[int]:
+    """The rounds that ran: 1, 2, ... as long as the round's rollout folder is there."""
+    return list(takewhile(lambda r: (root / stage_folder(ROLLOUT, r)).is_dir(), count(1)))
 
 
 def load_arm(run_dir: str | Path) -> dict:
     """The statistics of one finished stage-2 run (see the module docstring for the layouts)."""
+    if storage.is_s3(str(run_dir)):  # Path would make s3://b/x the local folder s3:/b/x
+        raise InputError(
+            f"{run_dir}: arms reads a local run folder; copy the run from S3 first (e.g. `aws s3 sync {run_dir} "
+            "runs/NAME`) and give that folder"
+        )
     root = Path(run_dir)
     if not root.is_dir():
         raise MissingInputError(f"{root}: no such run folder (give the run's output folder, e.g. runs/demo-arm-self)")
-    rounds = _round_numbers(root, r"round(\d+)-rollout")
+    rounds = _round_numbers(root)
     if not rounds:
         raise MissingInputError(
-            f"{root}: no round folders (round1-rollout/); is this the output of `medcritical run` or "
+            f"{root}: no round folders ({stage_folder(ROLLOUT, 1)}/); is this the output of `medcritical run` or "
             "`medcritical selfplay`?"
         )
     # The model stage 2 starts from: the pipeline's SFT evaluation, or the round loop's first evaluation.
-    before = next((p for p in (root / "eval-sft", root / "round1-eval") if p.is_dir()), root / "eval-sft")
-    after = root / f"eval-dpo-round{rounds[-1]}"
-    steps = [(root / f"round{r}-rollout", root / f"round{r}-dpo") for r in rounds]
+    sft_eval, loop_eval = root / eval_folder("sft"), root / stage_folder(EVALUATE, 1)
+    before = loop_eval if loop_eval.is_dir() and not sft_eval.is_dir() else sft_eval
+    after = root / final_eval_folder(rounds[-1])
+    steps = [(root / stage_folder(ROLLOUT, r), root / stage_folder(DPO, r)) for r in rounds]
     return {
         "run": str(root),
-        "before": _read(before / "report.json"),
-        "after": _read(after / "report.json"),
+        "before": _read(EVALUATE.stats_path(before)),
+        "after": _read(EVALUATE.stats_path(after)),
         "graded_before": _graded(before),
         "graded_after": _graded(after),
-        "rounds": [
-            {"rollout": _read(r / "rollout_stats.json"), "dpo": _read(d / "dpo_metrics.json")} for r, d in steps
-        ],
+        "rounds": [{"rollout": _read(ROLLOUT.stats_path(r)), "dpo": _read(DPO.stats_path(d))} for r, d in steps],
     }
 
 

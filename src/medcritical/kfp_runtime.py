@@ -3,7 +3,8 @@
 The pipeline's `configure` step (the recipe resolved once), the relaunch of a training step under
 torchrun on every GPU of its pod, the reuse of an earlier run's output, the step's numbers logged
 to the KFP UI, and the artifacts that carry each step's folder to the next (the run's lineage). The
-components (components/<step>/component.py) call `run_component_step`, `location_of` and `record_location`.
+components (components/<step>/component.py) call `run_component_step` (sft and dpo through
+`trainjob.run_training_step`), `location_of` and `record_location`.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def task_root(run_root: str, run_id: str) -> str:
     run id (an input of its own: the driver substitutes the placeholder only as a parameter's whole value);
     `run_root` itself in a local run (no run id)."""
     if "{{" in run_id:
-        raise ValueError(
+        raise InputError(
             f"run_id {run_id!r} is an unresolved KFP placeholder: this KFP backend did not substitute it; "
             "run the pipeline on a KFP backend of 2.5.0 or later"
         )

@@ -1,12 +1,13 @@
 """R rounds of self-play in one process: the runner called R times, as the pipeline does.
 
 Each round runs the rollout stage (rollout → self-correction → pairs) and the DPO stage, from the
-previous round's model, into the pipeline's folders under `output_dir`:
+previous round's model, into the pipeline's folders under the output (a folder or an s3:// URI; every
+name comes from `staging`):
     round1-eval/       CMExam report of the model that round 1 starts from (with evaluation questions)
     round1-rollout/    rollouts, corrections, pairs (selfplay/run.py)
     round1-dpo/        model/, dpo_metrics.json, train_pass.json (training/dpo.py)
     ...
-    eval-dpo-round<R>/ CMExam report of the final model
+    eval-dpo-round<R>/ CMExam report of the final model (R: the last round that ran)
     selfplay_stats.json, selfplay.png   per-round statistics
 
 Each stage resumes on its own, so rerunning the command picks up where it stopped. A round that makes
@@ -25,13 +26,14 @@ from pathlib import Path
 import torch
 from matplotlib.ticker import MaxNLocator
 
+from medcritical import storage
 from medcritical.evaluation.stage import EVALUATE
 from medcritical.plotting import figure
 from medcritical.recipe import Recipe
 from medcritical.runner import run_stage
 from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.stage import Stage
-from medcritical.staging import eval_folder, final_model_label, join_uri, stage_uri
+from medcritical.staging import final_eval_folder, final_model_label, join_uri, local_output_path, stage_uri
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +54,15 @@ def _generating(recipe: Recipe, stage: Stage, output_uri: str, **given) -> dict:
 
 
 def run_selfplay(
-    recipe: Recipe, data_uri: str, model_uri: str, output_dir: str | Path, *, eval_uri: str | None = None
+    recipe: Recipe, data_uri: str, model_uri: str, output_uri: str, *, eval_uri: str | None = None
 ) -> dict:
     """Run `recipe.selfplay.rounds` rounds from the model at `model_uri` on the training questions at
     `data_uri` (a question file or a prepare-data folder); returns (and writes) per-round statistics.
 
     With `eval_uri` (evaluation questions), every round's starting model and the final model are scored
-    on CMExam (`recipe.evaluate`) by the evaluation stage.
+    on CMExam (`recipe.evaluate`) by the evaluation stage. `output_uri` is a folder or an s3:// URI.
     """
-    output_dir = Path(output_dir)
-    root = str(output_dir)
+    root = str(output_uri)  # a URI, never through Path: Path("s3://b/x") is the folder s3:/b/x
     # Every round uses run.seed, as the pipeline's and the single-step commands do: the same recipe gives
     # the same samples whichever way it runs (rounds still differ: each starts from a new model).
     model = model_uri
@@ -99,7 +100,7 @@ def run_selfplay(
         if metrics.get("train_pass"):
             row["train_pass@1_after"] = metrics["train_pass"]["pass@1_after"]
         rounds.append(row)
-        _write_summary(output_dir, rounds, model, stopped)
+        _write_summary(root, rounds, model, stopped)
         if metrics.get("status") == "skipped":
             stopped = f"round {number}: {metrics['reason']}"
             log.warning("self-play stops after round %d: %s", number, metrics["reason"])
@@ -107,21 +108,34 @@ def run_selfplay(
         model = dpo_uri  # the round's folder: its model/, or the model it kept (runner.MODEL_POINTER)
     final = None
     if eval_uri:
-        label = final_model_label(len(rounds) - (1 if stopped else 0))
+        # Named after the last round that ran, also after an early stop (as the pipeline and `arms` do).
+        last_round = len(rounds)
         report = _generating(
-            recipe, EVALUATE, join_uri(root, eval_folder(label)), data=eval_uri, model=model, label=label
+            recipe,
+            EVALUATE,
+            join_uri(root, final_eval_folder(last_round)),
+            data=eval_uri,
+            model=model,
+            label=final_model_label(last_round),
         )
         final = {k: report[k] for k in ("protocol", "accuracy", "correct", "n") if k in report}
-    return _write_summary(output_dir, rounds, model or recipe.model.base, stopped, final)
+    return _write_summary(root, rounds, model or recipe.model.base, stopped, final)
 
 
 def _write_summary(
-    output_dir: Path, rounds: list[dict], final_model: str, stopped: str | None, final_eval: dict | None = None
+    root: str, rounds: list[dict], final_model: str, stopped: str | None, final_eval: dict | None = None
 ) -> dict:
+    """Write the statistics and their plot into the run root: the folder itself, or a scratch folder whose
+    two files are then published under the s3:// root."""
     summary = {"rounds": rounds, "final_model": final_model, "stopped": stopped, "final_eval": final_eval}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / STATS).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-    _plot(summary, output_dir / PLOT)
+    folder = local_output_path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STATS).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    _plot(summary, folder / PLOT)
+    if storage.is_s3(root):
+        for name in (STATS, PLOT):
+            if (folder / name).is_file():
+                storage.publish(folder / name, join_uri(root, name))
     return summary
 
 

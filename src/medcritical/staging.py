@@ -2,7 +2,8 @@
 
 A stage's inputs are URIs of earlier stages' folders (or of one file in them); an S3 input is
 downloaded once into the work folder. A stage writes into a local folder that is published to its
-output URI when it succeeds. Under a run root, each stage has its folder (``runner`` names them).
+output URI when it succeeds. Under a run root, each stage has its folder, named here (`stage_folder`,
+`eval_folder`, `final_eval_folder`) for every caller: the runner, the pipeline, the round loop and `arms`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def eval_folder(model: str) -> str:
 def final_model_label(rounds: int) -> str:
     """The final model's name after `rounds` self-play rounds (its evaluation: eval-dpo-round<R>)."""
     return f"dpo-round{rounds}"
+
+
+def final_eval_folder(last_round: int) -> str:
+    """The final model's evaluation under a run root: eval-dpo-round<R>, R the last round that ran. A round
+    loop that stops early (a round without pairs) names it after that round too, as the pipeline does,
+    whose skipped round's folder points at the unchanged model."""
+    return eval_folder(final_model_label(last_round))
 
 
 def read_stats(root: str, stage: Stage, round_number: int | None = None, filename: str | None = None) -> dict | None:

@@ -70,7 +70,8 @@ def trainjob_manifest(
     shm_size: str | None = None,
     deadline_s: int = 72 * 3600,
 ) -> dict:
-    """The TrainJob that runs `medcritical <step>` on `nodes` x `gpus_per_node` GPUs, sized by the plan.
+    """The TrainJob that runs `medcritical stage <name>` (runner.stage_command) on `nodes` x `gpus_per_node`
+    GPUs, sized by the plan.
     `gpus_per_node=0` (the pipeline's train_gpus=0): CPU nodes, one training process on each."""
     if shm_size is None:  # NCCL's shared-memory transport between 8 local ranks; gloo on CPU needs little
         shm_size = "64Gi" if gpus_per_node else "1Gi"

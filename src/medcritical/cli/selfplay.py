@@ -19,6 +19,20 @@ crash), pairs.jsonl, pairs_heldout.jsonl, rollout_stats.json (pass@1, pass@k, al
 GPU: --set generation.backend=vllm --set generation.tensor_parallel_size=N (vLLM needs a large
 /dev/shm in containers; see docs/selfplay.md)."""
 
+# The folders are the pipeline's (staging.stage_folder, final_eval_folder); tests/test_rounds_layout.py
+# checks that this list is what a run writes.
+SELFPLAY_HELP = """\
+Run selfplay.rounds rounds, each from the previous round's model (round 1: --model). A round without
+training pairs ends the loop. Rerun the same command to resume.
+
+Writes into --output (a folder or s3:// URI):
+  round<r>-eval/        CMExam report of the model round r starts from (with --eval-questions)
+  round<r>-rollout/     rollouts, corrections and pairs of round r (as `medcritical rollout`)
+  round<r>-dpo/         the model after round r and its DPO metrics (as `medcritical dpo`)
+  eval-dpo-round<R>/    CMExam report of the final model, R the last round that ran (with --eval-questions)
+  selfplay_stats.json   per-round statistics, the final model and why the loop stopped
+  selfplay.png          accuracy, pairs and held-out margin by round"""
+
 
 def add_parser(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -76,8 +90,8 @@ Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ...
     rounds = subparsers.add_parser(
         "selfplay",
         help="R rounds of rollout → correction → pairs → DPO, each from the previous round's model",
-        description="Run selfplay.rounds rounds; round r writes <output>/round_r/{rollout,dpo,eval}. With "
-        "--eval-questions every round's model is scored on CMExam (evaluate.* settings). Rerun to resume.",
+        formatter_class=fmt,
+        description=SELFPLAY_HELP,
     )
     add_recipe_arguments(rounds)
     _questions_argument(rounds)

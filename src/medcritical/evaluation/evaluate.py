@@ -43,8 +43,9 @@ RESUMED_OUTPUTS = (OUTPUTS_JSONL, "judgements.jsonl")  # what a rerun continues;
 CHUNK = 256  # questions generated between two appends to outputs.jsonl
 
 
-class UnusableVerdicts(ValueError):
-    """Too many judge replies without a usable verdict: the evaluation is not a result."""
+class UnusableVerdicts(InputError):
+    """Too many judge replies without a usable verdict: the evaluation is not a result. The user's to fix
+    (the judge endpoint's settings), so one sentence and exit 2; an InputError is a ValueError too."""
 
 
 def _first_unusable(graded: list[dict]) -> str:
