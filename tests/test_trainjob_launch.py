@@ -71,19 +71,33 @@ def test_the_trainjob_is_sized_by_the_plan():
 
 
 class RecordingApi:
-    """Answers like the Kubernetes API for one TrainJob: the states given, in order."""
+    """Answers like the Kubernetes API for one TrainJob: the states given, in order (GONE: a 404); each create
+    after the first is refused with `create_error` once."""
 
-    def __init__(self, states, create_error=None):
-        self.states, self.create_error, self.created, self.polled = list(states), create_error, [], []
+    def __init__(self, states, create_error=None, delete_error=None):
+        self.states, self.create_error, self.delete_error = list(states), create_error, delete_error
+        self.created, self.polled, self.deleted = [], [], []
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         if self.create_error:
-            raise ApiException(status=self.create_error)
+            error, self.create_error = self.create_error, None
+            raise ApiException(status=error)
         self.created.append((group, version, namespace, plural, body["metadata"]["name"]))
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         self.polled.append((group, version, namespace, plural, name))
-        return self.states.pop(0)
+        answer = self.states.pop(0)
+        if answer is GONE:
+            raise ApiException(status=404)
+        return answer
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        if self.delete_error:
+            raise ApiException(status=self.delete_error)
+        self.deleted.append((name, body["propagationPolicy"]))
+
+
+GONE = object()
 
 
 def state(kind, **extra):
@@ -93,8 +107,35 @@ def state(kind, **extra):
 def test_the_task_waits_until_the_trainjob_completes():
     api = RecordingApi([{}, state("Suspended"), state("Complete")])
     trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
-    assert api.created == [("trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs", manifest()["metadata"]["name"])]
+    name = manifest()["metadata"]["name"]
+    assert api.created == [("trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs", name)]
     assert api.states == []
+    assert api.deleted == [(name, "Background")]  # its output is in S3: the finished JobSet and pods go
+
+
+def test_a_retry_after_a_failed_trainjob_deletes_it_and_trains_again():
+    # The first attempt's TrainJob failed (its pod was evicted, say); the task's retry must not read that failure
+    # again: it deletes the TrainJob, waits until the name is free, creates it anew and waits for that one.
+    name = manifest()["metadata"]["name"]
+    api = RecordingApi(
+        [state("Failed", reason="BackoffLimitExceeded"), state("Failed"), GONE, state("Complete")], create_error=409
+    )
+    last = trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
+    assert last == state("Complete") and api.states == []
+    assert api.deleted == [(name, "Foreground"), (name, "Background")]
+    assert len(api.created) == 1  # the second create, once the old one was gone
+
+
+def test_a_retry_that_may_not_delete_the_failed_trainjob_says_what_to_apply():
+    api = RecordingApi([state("Failed")], create_error=409, delete_error=403)
+    with pytest.raises(trainjob.TrainJobError, match=r"pipeline-rbac.*kubectl -n ns delete trainjob medcritical-sft"):
+        trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None)
+
+
+def test_a_completed_trainjob_the_task_may_not_delete_is_kept_and_the_step_succeeds(caplog):
+    api = RecordingApi([state("Complete")], delete_error=403)
+    assert trainjob.run_trainjob(manifest(), "ns", api=api, sleep=lambda s: None) == state("Complete")
+    assert "completed and is kept: not allowed to delete it" in caplog.text
 
 
 def test_a_retried_task_waits_for_the_trainjob_it_already_created():

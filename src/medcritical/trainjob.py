@@ -6,7 +6,7 @@ pipeline parameter `train_nodes` above 1, the sft and dpo tasks build a TrainJob
 k8s/jobs/sft-multinode (the `torch-distributed` runtime, torchrun reading the PET_* variables, the
 recipe's DeepSpeed config), sized by `medcritical plan`, create it in their own namespace, wait for it
 and return its output URI; rank 0 of the TrainJob publishes the step's folder to S3 as usual.
-The task's ServiceAccount must be allowed to create and read TrainJobs (k8s/overlays/pipeline-rbac).
+The task's ServiceAccount must be allowed to create, read and delete TrainJobs (k8s/overlays/pipeline-rbac).
 """
 
 from __future__ import annotations
@@ -175,8 +175,12 @@ def _condition(job: dict, kind: str) -> dict | None:
 def run_trainjob(
     manifest: dict, namespace: str, *, api=None, poll_s: float = 30.0, timeout_s: float | None = None, sleep=time.sleep
 ) -> dict:
-    """Create the TrainJob (or find the one a failed attempt of this task created) and wait until it
-    completes; raise TrainJobError naming it when it fails. Returns its last state."""
+    """Create the TrainJob and wait until it completes; raise TrainJobError naming it when it fails.
+
+    A retried task finds the TrainJob its earlier attempt created (same name): one still running is awaited, one
+    that failed is deleted and created again (its pods resume from the checkpoints the step mirrors to S3), so a
+    retry is a new try, not the old failure read again. A completed TrainJob is deleted once its output is in
+    S3: finished JobSets, pods and their logs otherwise pile up with every run. Returns its last state."""
     from kubernetes.client.exceptions import ApiException
 
     if api is None:
@@ -191,7 +195,16 @@ def run_trainjob(
         log.info("created %s (%s nodes)", where, manifest["spec"]["trainer"]["numNodes"])
     except ApiException as e:
         if e.status == 409:
-            log.info("%s exists (a retried task): waiting for it", where)
+            earlier = _condition(api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name), "Failed")
+            if earlier:
+                log.warning(
+                    "%s of an earlier attempt failed (%s): deleting it and starting again", where, _why(earlier)
+                )
+                _delete_and_wait(api, namespace, name, poll_s, sleep)
+                api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+                log.info("created %s again", where)
+            else:
+                log.info("%s exists (a retried task): waiting for it", where)
         elif e.status == 404:
             raise TrainJobError(
                 f"{where}: the API has no TrainJob kind; install Kubeflow Trainer v2.2 "
@@ -209,16 +222,68 @@ def run_trainjob(
         job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         if _condition(job, "Complete"):
             log.info("%s completed", where)
+            _delete_finished(api, namespace, name)
             return job
         failed = _condition(job, "Failed")
         if failed:
             raise TrainJobError(
-                f"{where} failed: {failed.get('reason', '')} {failed.get('message', '')}".rstrip()
+                f"{where} failed: {_why(failed)}"
                 + f"; its pods' logs: kubectl -n {namespace} logs -l jobset.sigs.k8s.io/jobset-name={name}"
             )
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             raise TrainJobError(f"{where}: not complete after {timeout_s:.0f} s")
         sleep(poll_s)
+
+
+def _why(condition: dict) -> str:
+    return f"{condition.get('reason', '')} {condition.get('message', '')}".strip()
+
+
+def _delete_and_wait(api, namespace: str, name: str, poll_s: float, sleep, attempts: int = 60) -> None:
+    """Delete a TrainJob with its JobSet and pods, and wait until its name is free to create again."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body={"propagationPolicy": "Foreground"}
+        )
+    except ApiException as e:
+        if e.status == 403:
+            raise TrainJobError(
+                f"TrainJob {namespace}/{name}: an earlier attempt failed and this task's ServiceAccount may not "
+                "delete it to try again; apply k8s/overlays/pipeline-rbac in this namespace (it grants delete), "
+                f"or delete it yourself: kubectl -n {namespace} delete trainjob {name}"
+            ) from e
+        if e.status != 404:
+            raise
+    for _ in range(attempts):
+        try:
+            api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return
+            raise
+        sleep(min(poll_s, 5.0))
+    raise TrainJobError(f"TrainJob {namespace}/{name}: still there after deleting it; look at its finalizers")
+
+
+def _delete_finished(api, namespace: str, name: str) -> None:
+    """Clean up a completed TrainJob; a cluster that refuses (older RBAC) keeps it, and the step still succeeds."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body={"propagationPolicy": "Background"}
+        )
+    except ApiException as e:
+        if e.status not in (403, 404):
+            raise
+        log.warning(
+            "TrainJob %s/%s completed and is kept: %s (k8s/overlays/pipeline-rbac grants delete)",
+            namespace,
+            name,
+            "not allowed to delete it" if e.status == 403 else "already gone",
+        )
 
 
 def own_namespace() -> str:
