@@ -208,7 +208,7 @@ def run_rollout(
     r, c = stats["rollout"], stats["correction"]
     log.info(
         "rollout: pass@1 %.3f, pass@%d %.3f, all wrong %.3f, all right %.3f; %d/%d wrong trajectories corrected "
-        "(%s by guessing alone); %d pairs",
+        "(by chance: %s analytic lower bound, %s placebo); %d pairs",
         r["pass@1"],
         rollout.samples_per_question,
         r["pass@k"],
@@ -217,6 +217,7 @@ def run_rollout(
         c["corrected"],
         len(wrong),
         f"{c['expected_by_guessing']:.1f}" if "expected_by_guessing" in c else "-",
+        f"{c['placebo']['expected']:.1f}" if "placebo" in c else "-",
         stats["pairs"]["pairs"],
     )
     return stats
