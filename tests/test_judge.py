@@ -309,3 +309,11 @@ def test_docs_quote_sp_huatuos_wording_as_the_tests_hold_it():
     for theirs, ours in names.items():
         quotes = [q.replace(theirs, ours) for q in quotes]
     assert SP_HUATUO_STUDENT in quotes and SP_HUATUO_JUDGE in quotes and SP_HUATUO_SYSTEM in quotes
+
+
+def test_the_run_report_shows_dropped_verdicts_and_bounds_beside_the_accuracy():
+    from medcritical.report import _accuracy_cell
+
+    report = {"accuracy": 0.5, "correct": 3, "n": 6, "ci95": [0.2, 0.8], "dropped": 4, "questions": 10}
+    report["bounds"] = {"drops_as_wrong": 0.3, "drops_as_right": 0.7}
+    assert _accuracy_cell(report) == "50.0% (3/6; 4 of 10 dropped: no verdict, bounds 30.0–70.0%; 95% CI 20.0–80.0)"
