@@ -112,3 +112,25 @@ def test_rollout_fingerprint_holds_the_backend_dtype_and_resolved_teacher(tiny_m
     monkeypatch.setenv("MEDCRITICAL_TEACHER_MODEL", "another-teacher")
     with pytest.raises(ResumeMismatch, match="teacher"):
         check_resume(tmp_path, fingerprint(), outputs=["rollouts.jsonl"])
+
+
+def test_a_local_teachers_distillation_is_fingerprinted_with_its_dtype(tiny_model):
+    """A local teacher's replies sampled in float32 are not resumed by a bfloat16 rerun (the same seeds
+    sample apart); the fingerprint named its weights but not the dtype they ran in."""
+    from medcritical.distill.config import LocalTeacher
+    from medcritical.distill.run import setup_fingerprint
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+
+    prompts = DistillPrompts.load("zh")
+
+    def fingerprint(dtype):
+        config = DistillSection(backend="transformers", teacher_model=str(tiny_model), local=LocalTeacher(dtype=dtype))
+        teacher = build_teacher(config, prompts, device="cpu")
+        try:
+            return setup_fingerprint(config, prompts, teacher)
+        finally:
+            teacher.close()
+
+    assert fingerprint("auto")["dtype"] == "float32" == fingerprint("float32")["dtype"]
+    assert fingerprint("bfloat16")["dtype"] == "bfloat16"
