@@ -56,6 +56,7 @@ def test_tiny_model_teacher_bookkeeping(tiny_model, bundled, tmp_path):
         "backend": "transformers",
         "model": tiny_model.name,
         "weights": model_fingerprint(tiny_model),
+        "dtype": "float32",  # "auto" on a CPU
     }
     for row in read_jsonl(tmp_path / SFT_FILE):  # whatever the random model got right truly is right
         question = next(q for q in questions if q.id == row["id"])

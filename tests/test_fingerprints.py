@@ -7,6 +7,8 @@ were drawn with, and a LoRA adapter folder fingerprinted without its base model.
 import json
 import shutil
 
+import pytest
+
 from medcritical.distill.config import DistillSection, OpenAITeacher
 from medcritical.evaluation.config import EvaluateSection, JudgeSection
 from medcritical.evaluation.evaluate import evaluation_fingerprint
@@ -75,3 +77,60 @@ def test_an_adapter_is_fingerprinted_with_its_base_model(tiny_model, tmp_path):
     weights = next(base.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)  # the base retrained in its folder
     assert model_fingerprint(adapter) != before
+
+
+def test_rollout_fingerprint_holds_the_backend_dtype_and_resolved_teacher(tiny_model, bundled, tmp_path, monkeypatch):
+    """A rollout folder sampled in float32 must not be resumed in bfloat16 or on vLLM (the same seeds
+    sample apart), nor a teacher arm's corrections under another teacher named by the environment."""
+    from medcritical.io.fingerprint import ResumeMismatch, check_resume
+    from medcritical.selfplay.config import SelfPlaySection
+    from medcritical.selfplay.run import rollout_fingerprint
+
+    questions = bundled[:3]
+    config = SelfPlaySection(corrector="teacher")
+    distill = DistillSection(backend="openai", openai=OpenAITeacher())
+    monkeypatch.setenv("MEDCRITICAL_TEACHER_MODEL", "Qwen/QwQ-32B")
+
+    def fingerprint(**kwargs):
+        setup = {"device": "cpu", "dtype": "auto", "generation": GenerationSection()} | kwargs
+        generation = setup.pop("generation")
+        return rollout_fingerprint(config, generation, questions, tiny_model, seed=0, distill=distill, **setup)
+
+    first = fingerprint()
+    assert first["generation"] == {"backend": "transformers", "dtype": "float32"}
+    assert first["teacher"]["openai"]["model"] == "Qwen/QwQ-32B"  # resolved, not None
+    assert set(first["prompts"]) == {"mcq", "correction", "rewrite"}
+    check_resume(tmp_path, first)
+    (tmp_path / "rollouts.jsonl").write_text("{}\n")
+    assert check_resume(tmp_path, fingerprint(), outputs=["rollouts.jsonl"])  # the same setup resumes
+    for changed in (
+        fingerprint(dtype="bfloat16"),
+        fingerprint(generation=GenerationSection(backend="vllm")),
+    ):
+        with pytest.raises(ResumeMismatch, match="generation"):
+            check_resume(tmp_path, changed, outputs=["rollouts.jsonl"])
+    monkeypatch.setenv("MEDCRITICAL_TEACHER_MODEL", "another-teacher")
+    with pytest.raises(ResumeMismatch, match="teacher"):
+        check_resume(tmp_path, fingerprint(), outputs=["rollouts.jsonl"])
+
+
+def test_a_local_teachers_distillation_is_fingerprinted_with_its_dtype(tiny_model):
+    """A local teacher's replies sampled in float32 are not resumed by a bfloat16 rerun (the same seeds
+    sample apart); the fingerprint named its weights but not the dtype they ran in."""
+    from medcritical.distill.config import LocalTeacher
+    from medcritical.distill.run import setup_fingerprint
+    from medcritical.distill.teachers import build_teacher
+    from medcritical.distill.traces import DistillPrompts
+
+    prompts = DistillPrompts.load("zh")
+
+    def fingerprint(dtype):
+        config = DistillSection(backend="transformers", teacher_model=str(tiny_model), local=LocalTeacher(dtype=dtype))
+        teacher = build_teacher(config, prompts, device="cpu")
+        try:
+            return setup_fingerprint(config, prompts, teacher)
+        finally:
+            teacher.close()
+
+    assert fingerprint("auto")["dtype"] == "float32" == fingerprint("float32")["dtype"]
+    assert fingerprint("bfloat16")["dtype"] == "bfloat16"

@@ -297,3 +297,23 @@ def test_dropped_verdicts_are_left_out_alike_by_report_compare_and_arms(tmp_path
     assert set(correct) == {r["id"] for r in kept} and _graded(tmp_path / "a") == correct
     (row,) = compare(tmp_path / "a", tmp_path / "b")
     assert row["n"] == 6
+
+
+def test_docs_quote_sp_huatuos_wording_as_the_tests_hold_it():
+    """docs/judge.md quotes SP-Huatuo's wording (not its code): the quotes must be the words checked above."""
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "judge.md").read_text(encoding="utf-8")
+    quotes = [line[2:] for line in docs.splitlines() if line.startswith("> ")]
+    names = {"{user_question}": "{question}", "{small_model_response}": "{response}"}
+    for theirs, ours in names.items():
+        quotes = [q.replace(theirs, ours) for q in quotes]
+    assert SP_HUATUO_STUDENT in quotes and SP_HUATUO_JUDGE in quotes and SP_HUATUO_SYSTEM in quotes
+
+
+def test_the_run_report_shows_dropped_verdicts_and_bounds_beside_the_accuracy():
+    from medcritical.report import _accuracy_cell
+
+    report = {"accuracy": 0.5, "correct": 3, "n": 6, "ci95": [0.2, 0.8], "dropped": 4, "questions": 10}
+    report["bounds"] = {"drops_as_wrong": 0.3, "drops_as_right": 0.7}
+    assert _accuracy_cell(report) == "50.0% (3/6; 4 of 10 dropped: no verdict, bounds 30.0–70.0%; 95% CI 20.0–80.0)"

@@ -8,7 +8,7 @@ from trl.data_utils import is_conversational
 from medcritical.grader import grade_answer
 from medcritical.prompts import mcq_messages
 from medcritical.selfplay.config import PairsSection, SelfPlaySection
-from medcritical.selfplay.pairs import build_preference_pairs
+from medcritical.selfplay.pairs import answer_level, build_preference_pairs
 from medcritical.selfplay.run import make_pairs
 
 
@@ -167,6 +167,14 @@ def test_answer_level_pairs_share_the_chosen_reasoning_and_differ_in_the_answer(
     assert pair["level"] == "answer" and pair["same_letters"] is False
     thought, _, _ = build_preference_pairs([q], rollouts, [], PairsSection(level="thought"))
     assert thought == []  # at thought level the 3x longer chosen is filtered out
+
+
+def test_answer_level_sides_differ_only_after_the_shared_prefix():
+    """The rejected side put one line break after </think> whatever the chosen had, and the chosen kept its
+    trailing whitespace: the two sides then differed in tokens outside the answer span."""
+    chosen, rejected = answer_level("<think>推理</think>\n\n答案：A\n", "<think>别的</think> 答案：B")
+    assert (chosen, rejected) == ("<think>推理</think>\n\n答案：A", "<think>推理</think>\n\n答案：B")
+    assert answer_level("答案：A", "其他\n答案：B") == ("答案：A", "答案：B")  # no reasoning block: answers alone
 
 
 def test_a_chosen_whose_reasoning_concludes_another_letter_is_never_chosen(questions):

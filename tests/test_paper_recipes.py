@@ -160,12 +160,14 @@ def test_arm_recipes_differ_only_where_they_say(pair):
 
 
 def test_paper_arms_run_the_comparison():
-    """Both paper arms: the full test split, chosen answers from corrections only, the paper recipe's DPO."""
+    """Both paper arms: the full test split, chosen answers from corrections only, the paper recipe's DPO
+    and its 3,000 training questions (SP-Huatuo distils and rolls out 3,000 items, not all ~54k)."""
     paper = load_recipe(RECIPES / "paper-7b-lora.yaml")
     for arm in ("self", "teacher"):
         r = load_recipe(RECIPES / f"paper-7b-selfplay-{arm}.yaml")
         assert r.data.eval_source and r.data.eval_size is None
         assert r.selfplay.pairs.use_correct_samples is False
+        assert r.data.train_size == paper.data.train_size == 3000
         assert r.selfplay.corrector == arm
         assert r.selfplay.dpo.settings == paper.selfplay.dpo.settings
         assert r.selfplay.dpo.lora == paper.selfplay.dpo.lora

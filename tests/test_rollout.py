@@ -186,6 +186,7 @@ def test_teacher_corrector_reads_the_wrong_trajectory_and_the_student_rewrites(
         "backend": "transformers",
         "model": format_model.name,
         "weights": model_fingerprint(format_model),  # part of the rollout's resume fingerprint
+        "dtype": "float32",  # "auto" on a CPU
     }
     records = read_jsonl(tmp_path / "corrections.jsonl")
     assert records and {r["corrector"] for r in records} == {"teacher"}

@@ -126,8 +126,9 @@ def distill(
 
 def setup_fingerprint(config: DistillSection, prompts: DistillPrompts, teacher: Teacher) -> dict:
     """What the replies depend on, beyond the question itself: the teacher (a local teacher's weights
-    hash, not its folder name), its sampling, the language, the prompt versions and the gold-answer hint."""
-    return {
+    hash, not its folder name, and the dtype it samples in), its sampling, the language, the prompt
+    versions and the gold-answer hint."""
+    fingerprint = {
         "teacher": teacher.description.get("backend"),
         "model": teacher.description.get("model"),
         "weights": teacher.description.get("weights"),
@@ -136,6 +137,9 @@ def setup_fingerprint(config: DistillSection, prompts: DistillPrompts, teacher: 
         "prompts": prompts.versions,
         "show_gold_answer": config.show_gold_answer,
     }
+    if teacher.description.get("dtype"):  # local teachers only: an endpoint's runs keep their fingerprint
+        fingerprint["dtype"] = teacher.description["dtype"]
+    return fingerprint
 
 
 class _Run:

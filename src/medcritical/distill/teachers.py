@@ -28,7 +28,7 @@ from medcritical.io.fingerprint import model_fingerprint
 from medcritical.llm_client import ChatClient, ChatReply, safe_url
 from medcritical.modeling import resolve_model
 from medcritical.modeling.config import GenerationSection
-from medcritical.modeling.generation import load_generator, sample_seed
+from medcritical.modeling.generation import generation_setup, load_generator, sample_seed
 from medcritical.modeling.vllm_server import serve_vllm
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,8 @@ def build_teacher(config: DistillSection, prompts: DistillPrompts, *, device: st
     )
     # The weights, not the folder name: a retrained teacher in the same folder must not resume old replies.
     teacher.description["weights"] = model_fingerprint(path)
+    # The dtype "auto" resolves to here: the same seeds sample differently in bf16 and fp32.
+    teacher.description["dtype"] = generation_setup(config.backend, device, config.local.dtype)["dtype"]
     return teacher
 
 

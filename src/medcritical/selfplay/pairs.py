@@ -59,8 +59,11 @@ def answer_level(chosen: str, rejected: str) -> tuple[str, str]:
     cut = chosen.rfind(THINK_END)
     if cut < 0:
         return answer_statement(chosen), answer_statement(rejected)
-    reasoning = chosen[: cut + len(THINK_END)]
-    return chosen, f"{reasoning}\n{answer_statement(rejected)}"
+    # The shared prefix is the chosen text up to its answer statement, the whitespace after </think>
+    # included: a different line break would be one more token the two sides differ in.
+    tail = chosen[cut + len(THINK_END) :]
+    prefix = chosen[: len(chosen) - len(tail.lstrip())]
+    return prefix + answer_statement(chosen), prefix + answer_statement(rejected)
 
 
 def _whole(text: str) -> str:

@@ -71,6 +71,44 @@ def _teacher_settings(distill) -> dict:
     return settings
 
 
+def rollout_prompts(config: SelfPlaySection) -> dict:
+    """The versions (content hashes) of the prompt files a round's samples, votes and rewrites come from."""
+    rollout, correction = config.rollout, config.correction
+    return {
+        "mcq": load_prompt("mcq", rollout.language).version,
+        "correction": load_prompt("correction", correction.language).version,
+        "rewrite": load_prompt("rewrite", correction.language).version,
+    }
+
+
+def rollout_fingerprint(
+    config: SelfPlaySection,
+    generation: GenerationSection,
+    questions: Sequence[Question],
+    model_path: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    distill=None,
+) -> dict:
+    """What rollouts.jsonl / corrections.jsonl depend on (resuming with other values would mix results):
+    the questions, the student's weights, the prompts, the rollout and correction settings, the corrector
+    (a teacher as resolved from the environment), the seed, and the backend and resolved dtype the
+    student samples with (the same seeds sample differently on another backend or dtype)."""
+    return {
+        "questions": questions_fingerprint(questions),
+        "model": model_fingerprint(model_path),
+        "prompts": rollout_prompts(config),
+        "rollout": config.rollout.model_dump(exclude={"chunk_size"}),
+        "correction": config.correction.model_dump(),
+        "corrector": config.corrector,
+        "teacher": _teacher_settings(distill) if config.corrector == "teacher" else None,
+        "seed": seed,
+        "generation": generation_setup(generation.backend, device, dtype),
+    }
+
+
 def build_corrector(config: SelfPlaySection, generator: Generator, distill=None, *, device: str = "auto"):
     """The student itself, or the distillation teacher of the recipe's `distill` section."""
     if config.corrector == "self":
@@ -106,26 +144,12 @@ def run_rollout(
     _check_questions(questions)
     output_dir = Path(output_dir)
     rollout, correction = config.rollout, config.correction
-    prompts = {
-        "mcq": load_prompt("mcq", rollout.language).version,
-        "correction": load_prompt("correction", correction.language).version,
-        "rewrite": load_prompt("rewrite", correction.language).version,
-    }
-    # What rollouts.jsonl / corrections.jsonl depend on: resuming with other values would mix results.
+    prompts = rollout_prompts(config)
     check_resume(
         output_dir,
-        {
-            "questions": questions_fingerprint(questions),
-            "model": model_fingerprint(model_path),
-            "prompts": prompts,
-            "rollout": rollout.model_dump(exclude={"chunk_size"}),
-            "correction": correction.model_dump(),
-            "corrector": config.corrector,
-            "teacher": _teacher_settings(distill) if config.corrector == "teacher" else None,
-            "seed": seed,
-            # The same seeds sample differently on another backend or dtype.
-            "generation": generation_setup(generation.backend, device, dtype),
-        },
+        rollout_fingerprint(
+            config, generation, questions, model_path, device=device, dtype=dtype, seed=seed, distill=distill
+        ),
         outputs=[ROLLOUTS, CORRECTIONS, TIMINGS],
         restart=restart,
     )
@@ -184,7 +208,7 @@ def run_rollout(
     r, c = stats["rollout"], stats["correction"]
     log.info(
         "rollout: pass@1 %.3f, pass@%d %.3f, all wrong %.3f, all right %.3f; %d/%d wrong trajectories corrected "
-        "(%s by guessing alone); %d pairs",
+        "(by chance: %s analytic lower bound, %s placebo); %d pairs",
         r["pass@1"],
         rollout.samples_per_question,
         r["pass@k"],
@@ -193,6 +217,7 @@ def run_rollout(
         c["corrected"],
         len(wrong),
         f"{c['expected_by_guessing']:.1f}" if "expected_by_guessing" in c else "-",
+        f"{c['placebo']['expected']:.1f}" if "placebo" in c else "-",
         stats["pairs"]["pairs"],
     )
     return stats
