@@ -30,6 +30,7 @@ FOUNDATION = {
     "stats",
     "stage",
     "values",
+    "shipped",
 }
 # Above every stage: what runs the stages and reads across them; no stage or building block imports these.
 ORCHESTRATION = {

@@ -322,7 +322,7 @@ def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch,
         },
     }
     (tmp_path / "pipeline_e2e.json").write_text(json.dumps(result))
-    monkeypatch.setattr(plan, "benchmark_results_dir", lambda: tmp_path)
+    monkeypatch.setattr(plan.measured, "benchmark_results_dir", lambda: tmp_path)
     assert main(["plan", "--recipe", "recipes/demo.yaml", "--no-manifests", "--no-pipeline"]) == 0
     demo = capsys.readouterr().out
     measured = plan.measured_seconds(demo_recipe)
