@@ -25,3 +25,12 @@ def test_too_many_unusable_judge_verdicts_is_the_users_to_fix():
 
     error = UnusableVerdicts("evaluate (judge-paper): 2 of 6 judge verdicts are unusable")
     assert is_user_error(error) and isinstance(error, ValueError)
+
+
+def test_an_unknown_stage_is_named_with_the_declared_stages(capsys):
+    """`medcritical stage` takes its names from the declarations (runner.STAGES), not from a copy of them."""
+    from medcritical.runner import STAGES
+
+    assert main(["stage", "prepare-data", "--output", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'prepare-data': no such stage; the stages are " + ", ".join(STAGES) in err

@@ -71,5 +71,10 @@ class Stage:
     options: tuple[str, ...] = ()  # the keyword options `run` accepts besides its inputs
     local_only: tuple[str, ...] = ()  # folders kept on the machine, never published (resume state)
 
+    @property
+    def command(self) -> str:
+        """Its CLI command and its step in `medcritical plan`: prepare-data for the stage prepare_data."""
+        return self.name.replace("_", "-")
+
     def stats_path(self, folder: str | Path) -> Path:
         return Path(folder) / self.stats

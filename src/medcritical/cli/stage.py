@@ -18,9 +18,8 @@ def add_parser(subparsers) -> None:
         "(see docs/architecture.md), e.g. `medcritical stage sft --input distill=s3://bkt/run/distill "
         "--output s3://bkt/run/sft`. Inputs not given take their declared defaults under run.output_dir.",
     )
-    parser.add_argument(
-        "name", choices=("prepare_data", "distill", "sft", "rollout", "dpo", "evaluate", "report"), help="the stage"
-    )
+    # Not argparse choices: the names come from the declarations (runner.STAGES), loaded only when a stage runs.
+    parser.add_argument("name", help="the stage's declared name, e.g. prepare_data, sft (a wrong one lists them all)")
     add_recipe_arguments(parser)
     parser.add_argument(
         "--input",
@@ -41,7 +40,9 @@ def _stage(args) -> None:
     from medcritical.io.ranks import is_main_process
     from medcritical.runner import STAGES, run_stage
 
-    stage = STAGES[args.name]
+    stage = STAGES.get(args.name)
+    if stage is None:
+        raise InputError(f"stage {args.name!r}: no such stage; the stages are {', '.join(STAGES)}")
     inputs = {}
     for item in args.inputs:
         name, sep, uri = item.partition("=")

@@ -10,6 +10,8 @@ import yaml
 
 from medcritical.errors import InputError
 from medcritical.plan.units import quantity
+from medcritical.report import REPORT
+from medcritical.runner import STAGES
 
 
 @dataclass
@@ -33,7 +35,8 @@ class Given:
     sized_by_plan: bool = False  # a TrainJob the pipeline sizes from this plan: only its GPUs are checked
 
 
-STEP_COMMANDS = {"prepare-data", "distill", "sft", "rollout", "dpo", "evaluate", "run"}
+# The steps the plan sizes, by command: every stage but the report (a few seconds of reading), and `run`.
+STEP_COMMANDS = {stage.command for stage in STAGES.values() if stage is not REPORT} | {"run"}
 DEFAULT_WORKDIR = "/home/medcritical/.cache/medcritical/work"  # ~/.cache/medcritical/work for the images' user
 
 
@@ -209,8 +212,7 @@ def given_from_pipeline(path: Path, params: dict) -> list[Given]:
     found = []
     for task_name, task in pipeline["root"]["dag"]["tasks"].items():
         executor = pipeline["components"][task["componentRef"]["name"]]["executorLabel"]
-        step = task_name.split("-")[0] if not task_name.startswith("prepare-data") else "prepare-data"
-        step = {"prepare_data": "prepare-data"}.get(step, step)
+        step = re.sub(r"-\d+$", "", task_name)  # KFP numbers a component's later tasks: evaluate-2, rollout-3
         if step not in STEP_COMMANDS:
             continue
         if step in ("sft", "dpo") and nodes > 1:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+from medcritical.evaluation.stage import EVALUATE
 from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
+from medcritical.runner import STAGES
+from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.shipped import benchmark_results_dir
+from medcritical.staging import eval_folder, stage_folder
 
 
 def measured_seconds(recipe: Recipe) -> tuple[dict[str, float], str] | None:
@@ -28,12 +32,13 @@ def measured_seconds(recipe: Recipe) -> tuple[dict[str, float], str] | None:
         return None
     if comparable(measured) != comparable(recipe):
         return None
-    steps = {"data": "prepare-data", "distill": "distill", "sft": "sft", "eval-base": "evaluate"}
+    # A benchmark names each task by the folder it wrote (data, sft, round1-rollout, eval-base): a round's stage
+    # counts by its first round, the evaluation by the base model's.
+    steps = {stage_folder(stage, 1 if stage in (ROLLOUT, DPO) else None): stage.command for stage in STAGES.values()}
+    steps[eval_folder("base")] = EVALUATE.command
     seconds = {}
     for task in raw.get("kfp_tasks") or []:
-        name = steps.get(task["step"]) or (
-            "rollout" if task["step"].endswith("-rollout") else "dpo" if task["step"].endswith("-dpo") else None
-        )
+        name = steps.get(task["step"])
         if name and name not in seconds:
             seconds[name] = float(task["s"])
     if raw.get("kfp_total_s"):
