@@ -1,5 +1,5 @@
-"""A pipeline task is a fresh Python process: one that neither trains nor generates must not pay for torch, TRL or
-transformers (seconds per task under `medcritical run`, on every light step of every run)."""
+"""A pipeline task is a fresh Python process: one that neither trains nor generates must not pay for torch, TRL,
+transformers, an OpenAI client or matplotlib (seconds per task under `medcritical run`, on every light step of every run)."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 from medcritical.kfp_runtime import resolve_recipe_text
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "trl", "peft", "deepspeed", "datasets")
+HEAVY = ("torch", "transformers", "trl", "peft", "deepspeed", "datasets", "openai", "matplotlib")
 
 # What a component does (components/<step>/component.py), then which heavy modules the process holds.
 TASK = f"""

@@ -31,14 +31,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import openai
 from tqdm.auto import tqdm
 
 from medcritical.errors import InputError, UserError
 from medcritical.io.secrets import mask_secrets, register_secret
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,8 @@ class ChatClient:
         return cls(base_url, model, os.environ.get(section.api_key_env), **(settings | kwargs))
 
     def _sdk(self) -> openai.AsyncOpenAI:
+        import openai  # lazy: seconds of import for tasks that call no endpoint
+
         # The SDK insists on a key; with none, `_headers` omits the header, and OPENAI_API_KEY is never
         # read: someone's OpenAI key must not travel to a self-hosted teacher.
         return openai.AsyncOpenAI(
@@ -153,6 +157,8 @@ class ChatClient:
 
     @property
     def _headers(self) -> dict:
+        import openai  # lazy: seconds of import for tasks that call no endpoint
+
         return {} if self._api_key else {"Authorization": openai.Omit()}
 
     def probe(self) -> list[str]:
@@ -160,6 +166,8 @@ class ChatClient:
 
         Raises `EndpointError` when the endpoint cannot be reached or refuses the key. A server
         without /models (404) is let through: the first request will tell."""
+
+        import openai  # lazy: seconds of import for tasks that call no endpoint
 
         async def list_models() -> list[str]:
             async with self._sdk() as sdk:
@@ -280,6 +288,8 @@ class ChatClient:
             raise self._unusable_error()
 
     async def _request(self, sdk: openai.AsyncOpenAI, messages: Messages, body: dict) -> ChatReply:
+        import openai  # lazy: seconds of import for tasks that call no endpoint
+
         started = time.monotonic()
         try:
             raw = await sdk.chat.completions.with_raw_response.create(
@@ -311,6 +321,8 @@ class ChatClient:
 
     def _describe(self, error: Exception) -> tuple[str, str, bool]:
         """(message, kind, whether the endpoint failed) of a failed request, the key masked."""
+        import openai  # lazy: seconds of import for tasks that call no endpoint
+
         if isinstance(error, openai.APITimeoutError):
             return f"timed out after {self.timeout_s:g} s", "timed out", True
         if isinstance(error, openai.APIConnectionError):

@@ -13,12 +13,6 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
 DPI = 100
 STYLE = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
 
@@ -26,6 +20,12 @@ STYLE = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.s
 @contextlib.contextmanager
 def figure(path: str | Path, *, nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (7, 4)) -> Iterator:
     """(figure, axes) to draw on; written to `path` when the block ends without an error."""
+    # Imported here: a pipeline task that draws nothing should not pay for matplotlib (a third of a second).
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, figsize=size)
         try:
