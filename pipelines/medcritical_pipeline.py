@@ -305,6 +305,7 @@ def build_pipeline(
             base_eval=base_eval.outputs["metrics"],
             sft_eval=sft_eval.outputs["metrics"],
             dpo_eval=final_eval.outputs["metrics"],
+            traces=distilled.outputs["traces"],
         )
 
     return medcritical

@@ -94,7 +94,7 @@ def test_the_stage_command_names_a_wrong_input(tmp_path, capsys):
     from medcritical.cli import main
 
     assert main(["stage", "dpo", "--input", "pairs=x", "--output", str(tmp_path / "dpo")]) == 2
-    assert "rollout, heldout, model, data" in capsys.readouterr().err
+    assert "rollout, heldout, rollouts, model, data" in capsys.readouterr().err
 
 
 def test_artifacts_carry_their_step_folder_in_metadata():
@@ -109,3 +109,18 @@ def test_artifacts_carry_their_step_folder_in_metadata():
     foreign = dsl.Dataset(name="data", uri="s3://elsewhere/data")
     with pytest.raises(ValueError, match="names no step folder"):
         kfp_runtime.location_of(foreign)
+
+
+def test_the_report_reads_reused_traces_statistics_from_the_run_they_came_from(tmp_path):
+    """With distill_uri the distill task's output is an earlier run's folder: the report reads its statistics
+    there (the report declares the distill input), not under this run's root, where it said "not run"."""
+    run_root, earlier = tmp_path / "run-2", tmp_path / "run-1" / "distill"
+    earlier.mkdir(parents=True)
+    stats = {"questions": 9, "accepted": 8, "acceptance_rate": 0.889, "trace_attempts": 9}
+    (earlier / "distill_stats.json").write_text(json.dumps(stats))
+    recipe_yaml = dump_recipe(load_recipe_text("{}"))
+    output = kfp_runtime.run_component_step(
+        "report", recipe_yaml, str(run_root), "report", _Metrics(), distill=str(earlier)
+    )
+    report = (Path(output) / "report.md").read_text()
+    assert "- distill: questions=9, accepted=8" in report, report

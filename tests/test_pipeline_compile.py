@@ -336,6 +336,10 @@ def test_a_model_of_unknown_shape_is_refused_without_its_config(tmp_path):
     assert int(default.removesuffix("Gi")) > 200  # a 70B's host memory, not the 64Gi floor
 
 
+def tasks_of(pipeline_doc: dict) -> dict:
+    return pipeline_doc["root"]["dag"]["tasks"]
+
+
 def test_steps_exchange_typed_artifacts_for_the_lineage():
     """Data and traces are Datasets, trained models Models, evaluations Metrics, the report Markdown: the KFP
     UI then shows which data trained which model. Only the artifact types changed, no step's parameters."""
@@ -356,11 +360,17 @@ def test_steps_exchange_typed_artifacts_for_the_lineage():
     assert artifacts("evaluate", "outputDefinitions") == {"metrics": "system.Metrics"}
     assert artifacts("report", "outputDefinitions") == {"metrics": "system.Metrics", "summary": "system.Markdown"}
     assert artifacts("evaluate", "inputDefinitions") == {"data": "system.Dataset", "model": "system.Model"}
-    assert artifacts("report", "inputDefinitions") == dict.fromkeys(
-        ("base_eval", "sft_eval", "dpo_eval"), "system.Metrics"
-    )
+    # The report's distill statistics come with the traces (an earlier run's, when distill_uri reused them).
+    assert artifacts("report", "inputDefinitions") == {
+        **dict.fromkeys(("base_eval", "sft_eval", "dpo_eval"), "system.Metrics"),
+        "traces": "system.Dataset",
+    }
+    assert tasks_of(pipeline_doc)["report"]["inputs"]["artifacts"]["traces"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "traces",
+        "producerTask": "distill",
+    }
     # Without a start model SFT trains the recipe's model.base, and the base evaluation evaluates it.
-    tasks = pipeline_doc["root"]["dag"]["tasks"]
+    tasks = tasks_of(pipeline_doc)
     assert "start_model" not in tasks["sft"]["inputs"].get("artifacts", {})
     assert set(tasks["evaluate"]["inputs"]["artifacts"]) == {"data"}  # eval-base
     assert tasks["evaluate-2"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "sft"

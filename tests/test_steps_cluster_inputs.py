@@ -20,20 +20,22 @@ PAIR = {
 }
 
 
-def test_dpo_fetches_the_heldout_pairs_beside_a_pairs_file_uri(s3_env, tmp_path, monkeypatch):
+def test_dpo_fetches_the_heldout_pairs_and_rollouts_beside_a_pairs_file_uri(s3_env, tmp_path, monkeypatch):
+    """Given the pairs file itself, DPO still gets what lies beside it, because it declares it: the held-out pairs
+    and the rollouts its pass@1 before DPO is read from (before, only the pairs file came down and the
+    measurement was skipped without a word)."""
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
     rollout = tmp_path / "rollout"
     rollout.mkdir()
-    for name in ("pairs.jsonl", "pairs_heldout.jsonl"):
-        (rollout / name).write_text(json.dumps(PAIR, ensure_ascii=False) + "\n", encoding="utf-8")
-    for name in ("pairs.jsonl", "pairs_heldout.jsonl"):
+    for name in ("pairs.jsonl", "pairs_heldout.jsonl", "rollouts.jsonl"):
+        (rollout / name).write_text(json.dumps(PAIR | {"file": name}, ensure_ascii=False) + "\n", encoding="utf-8")
         storage.upload(rollout / name, f"s3://{s3_env}/run/round1-rollout/{name}")
     uri = f"s3://{s3_env}/run/round1-rollout/pairs.jsonl"  # what the DPO Job passes
 
     inputs = local_inputs(DPO, load_recipe(None, []), {"rollout": uri})
-    heldout = inputs["heldout"]
     assert inputs["rollout"].name == "pairs.jsonl"
-    assert heldout.is_file() and heldout.read_text(encoding="utf-8") == (rollout / "pairs_heldout.jsonl").read_text()
+    for name, file in (("heldout", "pairs_heldout.jsonl"), ("rollouts", "rollouts.jsonl")):
+        assert inputs[name].is_file() and inputs[name].read_text(encoding="utf-8") == (rollout / file).read_text()
 
 
 def test_missing_heldout_pairs_are_logged_not_fatal(s3_env, tmp_path, monkeypatch, caplog):
@@ -41,8 +43,9 @@ def test_missing_heldout_pairs_are_logged_not_fatal(s3_env, tmp_path, monkeypatc
     (tmp_path / "pairs.jsonl").write_text(json.dumps(PAIR) + "\n")
     storage.upload(tmp_path / "pairs.jsonl", f"s3://{s3_env}/r/pairs.jsonl")
     uri = f"s3://{s3_env}/r/pairs.jsonl"
-    assert local_inputs(DPO, load_recipe(None, []), {"rollout": uri})["heldout"] is None
-    assert "no heldout input" in caplog.text
+    inputs = local_inputs(DPO, load_recipe(None, []), {"rollout": uri})
+    assert inputs["heldout"] is None and inputs["rollouts"] is None
+    assert "no heldout input" in caplog.text and "no rollouts input" in caplog.text
 
 
 def test_a_teacher_in_s3_is_downloaded_into_the_work_folder(s3_env, tiny_model, tmp_path, monkeypatch):

@@ -12,11 +12,14 @@ def report(
     base_eval: dsl.Input[dsl.Metrics],
     sft_eval: dsl.Input[dsl.Metrics],
     dpo_eval: dsl.Input[dsl.Metrics],
+    traces: dsl.Input[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
     summary: dsl.Output[dsl.Markdown],
     run_id: str = "",
 ):
     """The base, SFT and DPO models' CMExam accuracy side by side, per-step statistics and a plot.
+
+    `traces` is the distill step's output (an earlier run's folder when the pipeline reused its traces).
 
     `summary` is the report as Markdown and stands for its output folder, `<run_root>/<run_id>/<name>`.
     """
@@ -32,5 +35,6 @@ def report(
         base_eval=location_of(base_eval),
         sft_eval=location_of(sft_eval),
         dpo_eval=location_of(dpo_eval),
+        distill=location_of(traces),
     )
     record_location(summary, output_uri)

@@ -193,12 +193,14 @@ def write_run_report(
     }
 
 
-def read_run_statistics(recipe: Recipe) -> dict:
-    """Every stage's statistics under the run root, read through the stages' declarations."""
+def read_run_statistics(recipe: Recipe, distill_stats: Path | None = None) -> dict:
+    """Every stage's statistics under the run root, read through the stages' declarations; the distillation's from
+    `distill_stats` when given (a run that reused an earlier run's traces: they live in that run's folder)."""
     root = recipe.run.root
+    distilled = json.loads(distill_stats.read_text(encoding="utf-8")) if distill_stats else read_stats(root, DISTILL)
     return {
         "data": read_stats(root, PREPARE_DATA),
-        "distill": read_stats(root, DISTILL),
+        "distill": distilled,
         "sft": read_stats(root, SFT),
         "rounds": [
             {
@@ -211,28 +213,32 @@ def read_run_statistics(recipe: Recipe) -> dict:
     }
 
 
-def _run(
-    recipe: Recipe, output_dir: Path, *, base_eval: Path | None, sft_eval: Path | None, dpo_eval: Path | None
-) -> dict:
-    reports = {"base": base_eval, "sft": sft_eval, "dpo": dpo_eval}
+MODELS = ("base", "sft", "dpo")
+
+
+def _run(recipe: Recipe, output_dir: Path, *, distill: Path | None, **evaluated: Path | None) -> dict:
     evaluations = {
-        name: json.loads(path.read_text(encoding="utf-8")) if path else None for name, path in reports.items()
+        name: json.loads(path.read_text(encoding="utf-8")) if (path := evaluated[f"{name}_eval"]) else None
+        for name in MODELS
     }
-    correct = {
-        name: correct_by_id(path.with_name(GRADED_JSONL))
-        for name, path in reports.items()
-        if path and path.with_name(GRADED_JSONL).is_file()
-    }
-    return write_run_report(recipe, evaluations, read_run_statistics(recipe), output_dir, correct_by_model=correct)
+    # Each evaluation's graded answers (for the paired tests), declared beside its report.json.
+    correct = {name: correct_by_id(path) for name in MODELS if (path := evaluated[f"{name}_graded"])}
+    statistics = read_run_statistics(recipe, distill)
+    return write_run_report(recipe, evaluations, statistics, output_dir, correct_by_model=correct)
 
 
-# The evaluations of the base, SFT and final models; the other stages' statistics come from the run root.
+# The evaluations of the base, SFT and final models with their graded answers, and the distillation's statistics
+# (an earlier run's when its traces were reused); the other stages' statistics come from the run root.
 REPORT = Stage(
     name="report",
     folder="report",
     section="run",
     run=_run,
-    inputs={f"{model}_eval": Input(REPORT_JSON, optional=True) for model in ("base", "sft", "dpo")},
+    inputs={
+        **{f"{model}_eval": Input(REPORT_JSON, optional=True) for model in MODELS},
+        **{f"{model}_graded": Input(GRADED_JSONL, beside=f"{model}_eval", optional=True) for model in MODELS},
+        "distill": Input(DISTILL.stats, default_stage="distill", optional=True),
+    },
     outputs=(REPORT_MD, REPORT_JSON, "recipe.yaml", PLOT),
     stats=REPORT_JSON,
     fingerprint=None,  # rebuilt from the stages' outputs every run

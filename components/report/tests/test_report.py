@@ -1,4 +1,4 @@
-"""`report` called as a KFP task would: the three evaluations' Metrics in, the summary Markdown out."""
+"""`report` called as a KFP task would: the three evaluations' Metrics and the traces in, the summary Markdown out."""
 
 from pathlib import Path
 
@@ -7,9 +7,9 @@ from kfp import dsl
 from medcritical.components import report
 
 
-def test_report_puts_the_three_models_side_by_side(run, evaluations, tmp_path):
+def test_report_puts_the_three_models_side_by_side(run, evaluations, distilled, tmp_path):
     metrics, summary = dsl.Metrics(name="metrics"), dsl.Markdown(name="summary", uri=str(tmp_path / "summary"))
-    report(run.recipe, str(run.root), "report", *evaluations.values(), metrics, summary)
+    report(run.recipe, str(run.root), "report", *evaluations.values(), distilled[0], metrics, summary)
     assert summary.metadata["location"] == run.folder("report")
     markdown = Path(summary.path).read_text()  # what the KFP UI shows
     assert markdown == (Path(run.folder("report")) / "report.md").read_text()

@@ -55,7 +55,15 @@ ROLLOUT = Stage(
 
 
 def _dpo(
-    recipe, output_dir: Path, *, rollout: Path, heldout: Path | None, model: Path, data: Path | None, restart=False
+    recipe,
+    output_dir: Path,
+    *,
+    rollout: Path,
+    heldout: Path | None,
+    rollouts: Path | None,
+    model: Path,
+    data: Path | None,
+    restart=False,
 ) -> dict:
     # The trainer (TRL, peft, datasets: ~4 s to import) loads when DPO runs, not with the declarations.
     from medcritical.training.dpo import train_dpo
@@ -72,16 +80,17 @@ def _dpo(
         restart=restart,
     )
     if result.get("status") != "skipped" and recipe.evaluate.train_pass_questions != 0 and is_main_process():
-        result["train_pass"] = measure_train_pass(
-            recipe, rollout.parent / ROLLOUTS, data, Path(result["model"]), output_dir
-        )
+        result["train_pass"] = measure_train_pass(recipe, rollouts, data, Path(result["model"]), output_dir)
     return result
 
 
-def measure_train_pass(recipe, rollouts: Path, data: Path | None, model: Path, output_dir: Path) -> dict | None:
+def measure_train_pass(recipe, rollouts: Path | None, data: Path | None, model: Path, output_dir: Path) -> dict | None:
     """pass@1 on the round's training questions before (its rollout) and after DPO (evaluate.train_pass_questions)."""
     if data is None:
         log.warning("training pass@1 after DPO not measured: no training questions (the data stage's %s)", TRAIN_FILE)
+        return None
+    if rollouts is None:
+        log.warning("training pass@1 after DPO not measured: no %s beside the pairs (the rollouts input)", ROLLOUTS)
         return None
     before = read_jsonl(rollouts)
     if not before:
@@ -110,6 +119,8 @@ DPO = Stage(
         "rollout": Input(PAIRS),
         # Held-out pairs drive early stopping and the reward accuracy; by default those beside the pairs.
         "heldout": Input(HELDOUT_PAIRS, beside="rollout", optional=True),
+        # The rollout's samples, for pass@1 before DPO on the same questions: by default beside the pairs too.
+        "rollouts": Input(ROLLOUTS, beside="rollout", optional=True),
         "model": MODEL,
         # The questions' text for pass@1 after DPO: the run's data stage, when there is one.
         "data": Input(TRAIN_FILE, default_stage="prepare_data", optional=True),
