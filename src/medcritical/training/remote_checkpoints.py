@@ -1,0 +1,246 @@
+"""Checkpoints that outlive the pod: copied to S3 as they are saved, and fetched back by a restarted pod.
+
+A training step whose output is an ``s3://`` URI writes into a local scratch folder (the runner's work
+folder, an emptyDir in a Kubernetes Job) and publishes it only at the end; its checkpoints never leave the
+machine. A preempted pod would restart from step 0. With a remote checkpoints folder
+(``<output URI>/checkpoints/``):
+
+- every saved ``checkpoint-N`` is uploaded to ``<output>/checkpoints/checkpoint-N/`` by global rank 0
+  (``CheckpointUploader``), files first and the folder's ``_MANIFEST.json`` last: a folder without one is
+  an upload that was cut off and is never resumed;
+- the remote folder keeps the checkpoints the trainer keeps locally (its rotation already applied
+  ``save_total_limit`` and kept the best one): the others are deleted after each upload;
+- the run's fingerprint (recipe section, seed, data and base weights) lies beside them, as
+  ``<output>/checkpoints/fingerprint.json``: checkpoints of other inputs are never resumed;
+- at the start, when the local folder holds no complete checkpoint, the newest complete remote one is
+  downloaded (``restore_checkpoint``) and training resumes from it.
+
+Not covered: DeepSpeed ZeRO on several nodes with node-local disks. Each node then saves its ranks'
+optimizer (and, with ZeRO-3, weight) partitions on its own disk; rank 0's folder alone cannot be resumed,
+so nothing is uploaded (``remote_checkpoints_uri`` says so in the log). Such runs keep their work folder
+on a shared claim (MEDCRITICAL_WORKDIR on a ReadWriteMany volume), where a restarted pod finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from medcritical import storage
+from medcritical.io.fingerprint import FINGERPRINT_FILE, ResumeMismatch, describe_changes
+from medcritical.io.ranks import is_main_process
+from medcritical.storage.folders import (
+    is_complete_folder,
+    list_folders,
+    read_small_object,
+    remove_folder,
+    write_small_object,
+)
+from medcritical.training.common import find_resumable_checkpoint
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# A download lands here first and is renamed to checkpoint-N when whole: a pod killed while downloading
+# must not leave a folder that looks resumable (its trainer_state.json may already be in place).
+_DOWNLOADING_PREFIX = ".downloading-"
+
+
+def node_count() -> int:
+    """How many nodes this distributed run spans (torchrun sets WORLD_SIZE and LOCAL_WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    return max(1, world // max(1, local))
+
+
+def remote_checkpoints_uri(output_uri: str | None, *, deepspeed: bool) -> str | None:
+    """Where this run keeps its checkpoints in S3 (`<output_uri>/checkpoints`), or None: a local output
+    (its checkpoints are already where a rerun finds them), or a case that cannot be resumed from S3."""
+    if not output_uri or not storage.is_s3(output_uri):
+        return None
+    if deepspeed and node_count() > 1:
+        if is_main_process():
+            log.warning(
+                "checkpoints are not uploaded to %s/checkpoints: DeepSpeed on %d nodes saves each node's "
+                "partitions on that node's disk, and rank 0's folder alone cannot be resumed. A restarted run "
+                "resumes only when MEDCRITICAL_WORKDIR is a volume every node shares (see docs/training.md)",
+                output_uri.rstrip("/"),
+                node_count(),
+            )
+        return None
+    return f"{output_uri.rstrip('/')}/checkpoints"
+
+
+def canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint as JSON gives it back (tuples as lists, keys as strings): what is stored and compared."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def checkpoint_step(name: str) -> int | None:
+    """N of a `checkpoint-N` folder name; None for any other name."""
+    step = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(step) if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else None
+
+
+def remote_checkpoints(checkpoints_uri: str) -> list[str]:
+    """The `checkpoint-N` folders under `checkpoints_uri`, complete or not, newest (highest N) first."""
+    names = [n for n in list_folders(checkpoints_uri) if checkpoint_step(n) is not None]
+    return sorted(names, key=checkpoint_step, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# At the start: fetch the newest complete remote checkpoint
+
+
+def restore_checkpoint(
+    checkpoints_uri: str, checkpoints_dir: str | Path, fingerprint: dict[str, Any], *, restart: bool = False
+) -> str | None:
+    """The checkpoint to resume from: the newest complete one in `checkpoints_dir`, or, when there is none (a new
+    pod), the newest complete remote one, downloaded there; None when there is nothing to resume.
+
+    The remote checkpoints must come from the same `fingerprint` (settings, seed, data, base weights): otherwise
+    ResumeMismatch names what changed, or, with `restart`, they are deleted and the run starts over. The ranks of
+    one machine take turns (a lock file): the first downloads, the others find the checkpoint on disk.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if local := find_resumable_checkpoint(checkpoints_dir):
+        return local  # this machine's own checkpoints are the newest there can be
+    with _machine_lock(checkpoints_dir):
+        if local := find_resumable_checkpoint(checkpoints_dir):
+            return local  # another rank of this machine has just downloaded it
+        names = remote_checkpoints(checkpoints_uri)
+        if not names:
+            return None
+        if not _same_run(checkpoints_uri, fingerprint, restart=restart):
+            return None
+        for name in names:
+            if is_complete_folder(f"{checkpoints_uri}/{name}"):
+                return _download(f"{checkpoints_uri}/{name}", checkpoints_dir / name)
+            log.warning(
+                "%s/%s is incomplete (no %s: its upload was cut off); skipped",
+                checkpoints_uri,
+                name,
+                storage.MANIFEST_NAME,
+            )
+        return None
+
+
+def _same_run(checkpoints_uri: str, fingerprint: dict[str, Any], *, restart: bool) -> bool:
+    """Whether the remote checkpoints were made from `fingerprint`; a mismatch is refused, or with `restart`
+    the remote checkpoints are deleted (by the main process) and False returned."""
+    body = read_small_object(f"{checkpoints_uri}/{FINGERPRINT_FILE}")
+    try:
+        before = json.loads(body) if body is not None else None
+    except ValueError:
+        before = {"(unreadable fingerprint.json)": True}
+    current = canonical(fingerprint)
+    if before == current:
+        return True
+    if restart:
+        if is_main_process():
+            log.warning("%s/: --restart: discarding the checkpoints there (other inputs or settings)", checkpoints_uri)
+            for name in remote_checkpoints(checkpoints_uri):
+                remove_folder(f"{checkpoints_uri}/{name}")
+        return False
+    if before is None:
+        what = f"no {FINGERPRINT_FILE} says what made them"
+    else:
+        changes = describe_changes(before, current)
+        what = "made from other inputs or settings: " + "; ".join(changes[:6])
+    raise ResumeMismatch(
+        f"{checkpoints_uri}/: holds checkpoints of another run ({what}); rerun with --restart to discard them and "
+        "start over, or use another output URI"
+    )
+
+
+def _download(uri: str, dest: Path) -> str:
+    partial = dest.with_name(_DOWNLOADING_PREFIX + dest.name)  # kept if killed: the next try skips intact files
+    started = time.perf_counter()
+    storage.download(uri, partial)
+    if dest.exists():  # an incomplete local folder of the same step (killed while saving)
+        shutil.rmtree(dest)
+    partial.rename(dest)
+    log.info("downloaded %s to %s in %.1f s; training resumes from it", uri, dest, time.perf_counter() - started)
+    return str(dest)
+
+
+@contextlib.contextmanager
+def _machine_lock(checkpoints_dir: Path) -> Iterator[None]:
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoints_dir / ".download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# While training: upload each checkpoint, keep what the trainer keeps
+
+
+class CheckpointUploader(TrainerCallback):
+    """Uploads each saved checkpoint to `checkpoints_uri` (global rank 0 only), with the run's fingerprint
+    beside them, and deletes the remote checkpoints the trainer no longer keeps locally.
+
+    A failed upload (S3 down even after the retries) is logged, not raised: training goes on, and a restarted
+    pod resumes from the last checkpoint that did reach S3. The step's final publish reports the outage.
+    """
+
+    def __init__(self, checkpoints_uri: str, fingerprint: dict[str, Any]):
+        self.checkpoints_uri = checkpoints_uri
+        self.fingerprint = canonical(fingerprint)
+        self.fingerprint_written = False
+
+    def on_save(self, args, state, control, **kwargs):
+        # Every rank writes files of its own into the checkpoint (RNG state, ZeRO partitions): all must be
+        # done before rank 0 reads the folder.
+        _wait_for_every_rank()
+        if state.is_world_process_zero:
+            self.upload(Path(args.output_dir), state.global_step)
+        return control
+
+    def upload(self, checkpoints_dir: Path, step: int) -> None:
+        name = f"{CHECKPOINT_PREFIX}{step}"
+        target = f"{self.checkpoints_uri}/{name}"
+        started = time.perf_counter()
+        try:
+            if not self.fingerprint_written:  # before any checkpoint: no complete checkpoint without it
+                body = json.dumps(self.fingerprint, indent=2, ensure_ascii=False, sort_keys=True).encode()
+                write_small_object(f"{self.checkpoints_uri}/{FINGERPRINT_FILE}", body)
+                self.fingerprint_written = True
+            storage.upload(checkpoints_dir / name, target)
+            kept = {p.name for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
+            removed = [n for n in remote_checkpoints(self.checkpoints_uri) if n not in kept]
+            for old in removed:
+                remove_folder(f"{self.checkpoints_uri}/{old}")
+        except storage.StorageError as e:
+            log.error(
+                "%s was not uploaded (%s); training goes on, and a restarted pod would resume from the last "
+                "checkpoint that reached %s/",
+                name,
+                e,
+                self.checkpoints_uri,
+            )
+            return
+        log.info(
+            "%s uploaded to %s in %.1f s%s",
+            name,
+            target,
+            time.perf_counter() - started,
+            f"; removed {', '.join(removed)} there (the trainer no longer keeps it)" if removed else "",
+        )
+
+
+def _wait_for_every_rank() -> None:
+    import torch.distributed as dist  # lazy: torch is loaded by then, this only names it
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
