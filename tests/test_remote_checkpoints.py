@@ -10,14 +10,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.recipe import load_recipe_text
 from medcritical.staging import local_output_path
+from medcritical.storage import materialize
 from medcritical.storage.folders import list_folders, read_small_object
 from medcritical.training.remote_checkpoints import CheckpointUploader, restore_checkpoint
 from medcritical.training.stage import published_uri, scratch_name
+from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
+from tests.test_faults import assert_ok, kill_when, medcritical, start
 
 FINGERPRINT = {"settings": {"trainer": {"max_steps": 4}}, "seed": 0, "dataset": "abc", "model": "def"}
 
@@ -96,3 +101,71 @@ def test_remote_checkpoints_of_other_inputs_are_refused_or_discarded_on_restart(
 
     assert restore_checkpoint(remote, tmp_path / "new-pod", other, restart=True) is None
     assert list_folders(remote) == []  # discarded: the restarted run's checkpoints replace them
+
+
+# -- a training process killed after an upload, resumed on a fresh machine --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, bundled):
+    return write_sft_dataset(tmp_path_factory.mktemp("sft-data") / "traces.jsonl", short_questions(bundled, 24))
+
+
+def sft_args(dataset: Path, model: Path, output: str, *settings: str) -> list[str]:
+    args = ["sft", "--dataset", str(dataset), "--model", str(model), "--output", output]
+    for setting in (
+        "run.device=cpu",
+        "run.threads=1",
+        "sft.lora.enabled=false",
+        f"sft.trainer.max_length={MAX_LENGTH}",
+        "sft.trainer.per_device_train_batch_size=2",
+        "sft.trainer.learning_rate=3e-3",
+        "sft.trainer.warmup_steps=0",
+        "sft.trainer.max_steps=6",
+        "sft.trainer.save_steps=2",  # save_total_limit stays the project's 2
+        "sft.trainer.logging_steps=1",
+        *settings,
+    ):
+        args += ["--set", setting]
+    return args
+
+
+@pytest.mark.slow
+def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
+    tmp_path, s3_env, s3_server, tiny_model, dataset
+):
+    run_root = f"s3://{s3_env}/runs/preempted"
+    output, remote = f"{run_root}/sft", f"{run_root}/sft/checkpoints"
+    args = sft_args(dataset, tiny_model, output, f"run.output_dir={run_root}")
+    client = s3_server.client()
+
+    def uploaded(step: int) -> bool:
+        key = f"runs/preempted/sft/checkpoints/checkpoint-{step}/{MANIFEST_NAME}"
+        return any(o.object_name == key for o in client.list_objects(s3_env, prefix=key))
+
+    proc = start(tmp_path, *args)
+    kill_when(proc, lambda: uploaded(2), "checkpoint-2 uploaded to S3")
+    killed_at = max(int(n.split("-")[1]) for n in list_folders(remote) if uploaded(int(n.split("-")[1])))
+    assert killed_at < 6 and read_small_object(f"{output}/{MANIFEST_NAME}") is None  # killed mid-run
+    shutil.rmtree(tmp_path / "work")  # a fresh pod: the local work folder and its checkpoints are gone
+
+    rerun = medcritical(tmp_path, *args)
+    assert_ok(rerun)
+    assert f"downloaded {remote}/checkpoint-{killed_at}" in rerun.stderr
+    metrics = json.loads(read_small_object(f"{output}/sft_metrics.json"))
+    assert metrics["resumed_from"] == f"checkpoint-{killed_at}"
+    assert metrics["steps"] == 6 and metrics["steps_this_session"] == 6 - killed_at
+    assert list_folders(remote) == ["checkpoint-4", "checkpoint-6"]  # rotated like the local ones (limit 2)
+
+    # It ends where an uninterrupted run does: same losses after the resume, same weights.
+    local = tmp_path / "uninterrupted"
+    assert_ok(medcritical(tmp_path, *sft_args(dataset, tiny_model, str(local))))
+    expected = json.loads((local / "sft_metrics.json").read_text())["loss_curve"]
+    after = [p for p in metrics["loss_curve"] if p["step"] > killed_at]
+    assert [p["step"] for p in after] == [p["step"] for p in expected if p["step"] > killed_at]
+    for got, want in zip(after, [p for p in expected if p["step"] > killed_at]):
+        assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
+    resumed = load_file(materialize(output, tmp_path / "downloaded") / "model" / "model.safetensors")
+    uninterrupted = load_file(local / "model" / "model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, atol=RESUME_TOLERANCE, rtol=0)
