@@ -89,6 +89,26 @@ def test_a_new_machine_resumes_the_newest_complete_checkpoint_not_an_incomplete_
     assert restore_checkpoint(remote, fresh, FINGERPRINT) == str(fresh / "checkpoint-2")
 
 
+def test_the_best_checkpoint_comes_along_with_the_newest(s3_env, tmp_path):
+    remote = f"s3://{s3_env}/run/round1-dpo/checkpoints"
+    old_pod = tmp_path / "old-pod" / "checkpoints"
+    uploader = CheckpointUploader(remote, FINGERPRINT)
+    for step in (2, 4, 6):
+        folder = fake_checkpoint(old_pod, step)
+        best = {"global_step": step, "best_model_checkpoint": str(old_pod / "checkpoint-2")}
+        (folder / "trainer_state.json").write_text(json.dumps(best))
+        if step == 6:  # the trainer's rotation keeps the best one and the newest
+            shutil.rmtree(old_pod / "checkpoint-4")
+        uploader.upload(old_pod, step)
+    assert list_folders(remote) == ["checkpoint-2", "checkpoint-6"]
+
+    fresh = tmp_path / "new-pod" / "checkpoints"
+    assert restore_checkpoint(remote, fresh, FINGERPRINT) == str(fresh / "checkpoint-6")
+    assert (fresh / "checkpoint-2" / "model.safetensors").read_bytes() == bytes([2]) * 1000
+    # The newest is written last: the trainer's rotation orders the checkpoints by mtime.
+    assert (fresh / "checkpoint-6").stat().st_mtime >= (fresh / "checkpoint-2").stat().st_mtime
+
+
 def test_remote_checkpoints_of_other_inputs_are_refused_or_discarded_on_restart(s3_env, tmp_path):
     remote = f"s3://{s3_env}/run/sft/checkpoints"
     fake_checkpoint(tmp_path / "old-pod", 2)

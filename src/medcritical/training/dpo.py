@@ -64,6 +64,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
+from medcritical.training.remote_checkpoints import CheckpointUploader, remote_checkpoints_uri, restore_checkpoint
 from medcritical.training.saving import save_final_model
 from medcritical.values import number_text
 
@@ -295,6 +296,7 @@ def train_dpo(
     resume: bool = True,
     callbacks: Sequence[Any] = (),
     restart: bool = False,
+    output_uri: str | None = None,
 ) -> dict[str, Any]:
     """DPO from the model in `model_path` on `pairs_path`; writes model/ and dpo_metrics.json to output_dir.
 
@@ -302,6 +304,8 @@ def train_dpo(
     "model": model_path} (the model is unchanged). Resumes from the newest checkpoint; returns the
     stored metrics at once when output_dir already holds the finished run. Both only for the same settings,
     pairs and starting weights (`fingerprint.json`); `restart` discards what is there instead of refusing.
+    `output_uri` is where the runner publishes output_dir: an s3:// one also keeps the checkpoints in
+    <output_uri>/checkpoints/, where a new machine resumes from (training/remote_checkpoints.py).
     """
     output_dir, model_path = Path(output_dir), Path(model_path)
     train_pairs = read_pairs(pairs_path)
@@ -331,20 +335,20 @@ def train_dpo(
         )
     deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
-    resumable = check_training_resume(
-        output_dir,
-        {
-            "settings": config.model_dump(mode="json"),
-            "seed": seed,
-            "pairs": file_sha256(Path(pairs_path)),
-            "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,
-            "model": model_fingerprint(model_path),
-        },
-        restart=restart,
-    )
+    fingerprint = {
+        "settings": config.model_dump(mode="json"),
+        "seed": seed,
+        "pairs": file_sha256(Path(pairs_path)),
+        "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,
+        "model": model_fingerprint(model_path),
+    }
+    resumable = check_training_resume(output_dir, fingerprint, restart=restart)
     if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "dpo_metrics.json").is_file():
         log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
+    remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
+    if remote and resume:  # on a new machine: the newest checkpoint the pod before it uploaded
+        resumable = restore_checkpoint(remote, output_dir / "checkpoints", fingerprint, restart=restart) is not None
 
     with distributed_group(device, deepspeed):
         checkpoints = output_dir / "checkpoints"
@@ -382,7 +386,13 @@ def train_dpo(
             model_path=model_path,
             device=device,
             dtype=dtype,
-            callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
+            callbacks=[
+                throughput,
+                *early_stopping,
+                *first_epoch,
+                *([CheckpointUploader(remote, fingerprint)] if remote else []),
+                *callbacks,
+            ],
             reporting_pairs=reporting_pairs,
         )
         if resume_from:

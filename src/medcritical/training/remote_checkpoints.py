@@ -125,7 +125,9 @@ def restore_checkpoint(
             return None
         for name in names:
             if is_complete_folder(f"{checkpoints_uri}/{name}"):
-                return _download(f"{checkpoints_uri}/{name}", checkpoints_dir / name)
+                best = _best_checkpoint(checkpoints_uri, name)
+                wanted = [best, name] if best in names and best != name else [name]
+                return _download(checkpoints_uri, wanted, checkpoints_dir)
             log.warning(
                 "%s/%s is incomplete (no %s: its upload was cut off); skipped",
                 checkpoints_uri,
@@ -163,15 +165,35 @@ def _same_run(checkpoints_uri: str, fingerprint: dict[str, Any], *, restart: boo
     )
 
 
-def _download(uri: str, dest: Path) -> str:
-    partial = dest.with_name(_DOWNLOADING_PREFIX + dest.name)  # kept if killed: the next try skips intact files
+def _best_checkpoint(checkpoints_uri: str, name: str) -> str | None:
+    """The checkpoint the trainer records as the best so far (DPO's restore_best loads it at the end), if any
+    and complete: it comes along, or the run would end on the last weights instead of the best."""
+    body = read_small_object(f"{checkpoints_uri}/{name}/trainer_state.json")
+    best = json.loads(body).get("best_model_checkpoint") if body else None
+    best = Path(best).name if best else None
+    return best if best and is_complete_folder(f"{checkpoints_uri}/{best}") else None
+
+
+def _download(checkpoints_uri: str, names: list[str], checkpoints_dir: Path) -> str:
+    """Download the `names` folders, the newest last, and return its local path. The trainer's rotation takes the
+    folder written last (newest mtime) for the newest checkpoint. Each lands under a temporary name (kept if
+    killed: the next try skips the files already intact) and is renamed into place once all are there."""
     started = time.perf_counter()
-    storage.download(uri, partial)
-    if dest.exists():  # an incomplete local folder of the same step (killed while saving)
-        shutil.rmtree(dest)
-    partial.rename(dest)
-    log.info("downloaded %s to %s in %.1f s; training resumes from it", uri, dest, time.perf_counter() - started)
-    return str(dest)
+    for name in names:
+        storage.download(f"{checkpoints_uri}/{name}", checkpoints_dir / (_DOWNLOADING_PREFIX + name))
+    for name in names:
+        dest = checkpoints_dir / name
+        if dest.exists():  # an incomplete local folder of the same step (killed while saving)
+            shutil.rmtree(dest)
+        (checkpoints_dir / (_DOWNLOADING_PREFIX + name)).rename(dest)
+    log.info(
+        "downloaded %s to %s in %.1f s; training resumes from %s",
+        ", ".join(f"{checkpoints_uri}/{n}" for n in names),
+        checkpoints_dir,
+        time.perf_counter() - started,
+        names[-1],
+    )
+    return str(checkpoints_dir / names[-1])
 
 
 @contextlib.contextmanager
