@@ -44,6 +44,8 @@ def test_the_run_roots_s3_output_is_recognised_by_its_scratch_folder(tmp_path, m
     assert scratch_name(uri) == local_output_path(uri).name  # the runner's naming, which the stage relies on
     assert published_uri(recipe, local_output_path(uri), "sft") == uri
     assert published_uri(recipe, local_output_path("s3://bucket/elsewhere/sft"), "sft") is None
+    round2 = "s3://bucket/runs/a/round2-dpo"
+    assert published_uri(recipe, local_output_path(round2), "round1-dpo", "round2-dpo") == round2
     local = load_recipe_text(f"run: {{output_dir: '{tmp_path / 'runs'}'}}\n")
     assert published_uri(local, tmp_path / "runs" / "sft", "sft") is None  # a local output keeps them there
 

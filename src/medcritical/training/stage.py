@@ -42,26 +42,28 @@ def _run(recipe, output_dir: Path, *, distill: Path, model: Path, restart: bool 
     )
 
 
-def published_uri(recipe, output_dir: Path, folder: str) -> str | None:
-    """The S3 URI the runner publishes `output_dir` to, when it is `folder` under the run root (run.output_dir):
-    where the pipeline, the TrainJobs and the round loop write. None otherwise.
+def published_uri(recipe, output_dir: Path, *folders: str) -> str | None:
+    """The S3 URI the runner publishes `output_dir` to, when it is one of `folders` under the run root
+    (run.output_dir): where the pipeline, the TrainJobs and the round loop write. None otherwise.
 
     The runner hands a stage only its local folder; for an S3 output that is a scratch folder named after the
     URI (staging.local_output_path: <work>/out/<first 16 hex digits of the URI's sha256>), so the run root's
     URI is recognised by the name it gives (tests/test_remote_checkpoints.py holds both namings together).
+    A DPO round would pass its round folders: round1-dpo, round2-dpo, ...
     """
-    uri = f"{recipe.run.root.rstrip('/')}/{folder}"
-    if storage.is_s3(uri) and output_dir.name == scratch_name(uri):
-        return uri
+    for folder in folders:
+        uri = f"{recipe.run.root.rstrip('/')}/{folder}"
+        if storage.is_s3(uri) and output_dir.name == scratch_name(uri):
+            return uri
     if output_dir.parent.name == "out" and re.fullmatch(r"[0-9a-f]{16}", output_dir.name):  # another S3 output
         log.warning(
             "%s: checkpoints stay on this machine only (a new pod would start over): this S3 output is not the "
-            "run root's %s/ folder (%s); to keep them in S3, set run.output_dir to the run's s3:// folder and "
-            "write to <run.output_dir>/%s",
+            "run root's %s/ folder (run.output_dir is %s); to keep them in S3, set run.output_dir to the run's "
+            "s3:// folder and write to <run.output_dir>/%s",
             output_dir,
-            folder,
-            uri,
-            folder,
+            folders[0],
+            recipe.run.root,
+            folders[0],
         )
     return None
 
