@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,7 @@ from medcritical.recipe import load_recipe_text
 from medcritical.staging import local_output_path
 from medcritical.storage import materialize
 from medcritical.storage.folders import list_folders, read_small_object
-from medcritical.training.remote_checkpoints import CheckpointUploader, restore_checkpoint
+from medcritical.training.remote_checkpoints import CheckpointUploader, RotateOnEveryNode, restore_checkpoint
 from medcritical.training.stage import published_uri, scratch_name
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
 from tests.test_faults import assert_ok, kill_when, medcritical, start
@@ -191,3 +196,74 @@ def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
     uninterrupted = load_file(local / "model" / "model.safetensors")
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed[name], weight, atol=RESUME_TOLERANCE, rtol=0)
+
+
+def node_disk(folder: Path, steps, *, shared_with_rank0: bool) -> Path:
+    """The checkpoints folder as a node other than rank 0's sees it after each save: its ranks' ZeRO partitions,
+    and trainer_state.json only where rank 0 writes on the same (shared) disk."""
+    for step in steps:
+        checkpoint = folder / f"checkpoint-{step}" / f"global_step{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"partition")
+        if shared_with_rank0:
+            (checkpoint.parent / "trainer_state.json").write_text("{}")
+        time.sleep(0.01)
+    return folder
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["node-local disk", "disk shared with rank 0"])
+def test_the_other_nodes_rotate_their_own_disks(tmp_path, shared):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    folder = node_disk(tmp_path / "checkpoints", (2, 4, 6), shared_with_rank0=shared)
+    args = TrainingArguments(output_dir=str(folder), save_total_limit=2, use_cpu=True, report_to="none")
+    # The first process of the second node: not global rank 0, rank 0 of its node.
+    state = TrainerState(global_step=6, is_world_process_zero=False, is_local_process_zero=True)
+    RotateOnEveryNode().on_save(args, state, TrainerControl())
+    kept = sorted(p.name for p in folder.iterdir())
+    assert kept == (["checkpoint-2", "checkpoint-4", "checkpoint-6"] if shared else ["checkpoint-4", "checkpoint-6"])
+
+
+@pytest.mark.slow
+def test_two_nodes_with_their_own_disks_upload_from_rank0_and_rotate_both_disks(tmp_path, s3_env, tiny_model, dataset):
+    """Two torchrun "nodes" (one process each, plain DDP over gloo), each with its own work folder, as in a
+    two-node TrainJob with emptyDir work folders; the output under the run root on S3, a checkpoint every step."""
+    run_root = f"s3://{s3_env}/runs/two-nodes"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MEDCRITICAL_WORKDIR": str(node / "work"),
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(rank),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+        }
+        args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}")
+        args += ["--set", "sft.trainer.max_steps=3", "--set", "sft.trainer.save_steps=1"]
+        args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
+        command = [sys.executable, "-m", "torch.distributed.run", "-m", "medcritical.cli", *args]
+        log = open(tmp_path / f"node{rank}.log", "w")  # noqa: SIM115 (closed after the wait below)
+        nodes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for process, log in nodes:
+        try:
+            process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert [p.returncode for p, _ in nodes] == [0, 0], "\n---\n".join(log[-3000:] for log in logs)
+
+    assert list_folders(f"{run_root}/sft/checkpoints") == ["checkpoint-2", "checkpoint-3"]
+    assert "checkpoint-3 uploaded" in logs[0] and "uploaded" not in logs[1]  # rank 0 uploads, alone
+    for rank in (0, 1):  # the second node's disk is rotated too (it holds its rank's RNG state of each save)
+        [scratch] = (tmp_path / f"node{rank}" / "work" / "out").iterdir()
+        kept = sorted(p.name for p in (scratch / "checkpoints").glob("checkpoint-*"))
+        assert kept == ["checkpoint-2", "checkpoint-3"], (rank, kept)
+    assert "this node's disk: removed checkpoint-1" in logs[1]

@@ -64,7 +64,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
-from medcritical.training.remote_checkpoints import CheckpointUploader, remote_checkpoints_uri, restore_checkpoint
+from medcritical.training.remote_checkpoints import checkpoint_callbacks, remote_checkpoints_uri, restore_checkpoint
 from medcritical.training.saving import save_final_model
 from medcritical.values import number_text
 
@@ -390,7 +390,7 @@ def train_dpo(
                 throughput,
                 *early_stopping,
                 *first_epoch,
-                *([CheckpointUploader(remote, fingerprint)] if remote else []),
+                *checkpoint_callbacks(remote, fingerprint),
                 *callbacks,
             ],
             reporting_pairs=reporting_pairs,

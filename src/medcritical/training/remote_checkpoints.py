@@ -15,7 +15,10 @@ machine. A preempted pod would restart from step 0. With a remote checkpoints fo
 - at the start, when the local folder holds no complete checkpoint, the newest complete remote one is
   downloaded (``restore_checkpoint``) and training resumes from it.
 
-Not covered: DeepSpeed ZeRO on several nodes with node-local disks. Each node then saves its ranks'
+On several nodes, the trainer rotates checkpoints on global rank 0's disk only; `RotateOnEveryNode` applies
+the same rotation on the other nodes' disks, where each save leaves its ranks' files (ZeRO partitions).
+
+Not covered: uploading DeepSpeed ZeRO checkpoints of several nodes with node-local disks. Each node then saves its ranks'
 optimizer (and, with ZeRO-3, weight) partitions on its own disk; rank 0's folder alone cannot be resumed,
 so nothing is uploaded (``remote_checkpoints_uri`` says so in the log). Such runs keep their work folder
 on a shared claim (MEDCRITICAL_WORKDIR on a ReadWriteMany volume), where a restarted pod finds it.
@@ -208,6 +211,13 @@ def _machine_lock(checkpoints_dir: Path) -> Iterator[None]:
 # While training: upload each checkpoint, keep what the trainer keeps
 
 
+def checkpoint_callbacks(checkpoints_uri: str | None, fingerprint: dict[str, Any]) -> list[TrainerCallback]:
+    """The trainer callbacks that keep checkpoints where a restarted run finds them, and no more of them:
+    the upload to `checkpoints_uri` (when there is one) and, on several nodes, the rotation on every node."""
+    callbacks: list[TrainerCallback] = [CheckpointUploader(checkpoints_uri, fingerprint)] if checkpoints_uri else []
+    return callbacks + ([RotateOnEveryNode()] if node_count() > 1 else [])
+
+
 class CheckpointUploader(TrainerCallback):
     """Uploads each saved checkpoint to `checkpoints_uri` (global rank 0 only), with the run's fingerprint
     beside them, and deletes the remote checkpoints the trainer no longer keeps locally.
@@ -266,3 +276,41 @@ def _wait_for_every_rank() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-node: the other nodes' disks
+
+
+class RotateOnEveryNode(TrainerCallback):
+    """Applies the trainer's checkpoint rotation on the other nodes' own disks too.
+
+    The trainer rotates (save_total_limit) where it writes trainer_state.json: on global rank 0 only, unless
+    save_on_each_node. On node-local disks every other node still gets each checkpoint's files of its own ranks
+    (ZeRO partitions, RNG states, ~43 GiB per save at 7B) and would keep all of them. After each save, the first
+    process of every other node rotates its disk with the same rule, unless the checkpoint's trainer_state.json
+    is visible there: then the disk is shared with rank 0, which rotates it.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        _wait_for_every_rank()  # rank 0 has written trainer_state.json, if it writes where this node can see
+        if args.save_on_each_node or state.is_world_process_zero or not state.is_local_process_zero:
+            return control
+        from transformers.trainer_utils import rotate_checkpoints  # lazy: only other nodes' first process rotates
+
+        checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if (checkpoint / "trainer_state.json").is_file():
+            return control  # a disk shared with rank 0
+        before = {p.name for p in Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*")}
+        rotate_checkpoints(
+            output_dir=args.output_dir,
+            save_total_limit=args.save_total_limit,
+            best_model_checkpoint=state.best_model_checkpoint,
+            use_mtime=True,
+        )
+        removed = before - {p.name for p in Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*")}
+        if removed:
+            log.info(
+                "this node's disk: removed %s (save_total_limit %s)", ", ".join(sorted(removed)), args.save_total_limit
+            )
+        return control

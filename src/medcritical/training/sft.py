@@ -59,7 +59,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import SFTSection
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
-from medcritical.training.remote_checkpoints import CheckpointUploader, remote_checkpoints_uri, restore_checkpoint
+from medcritical.training.remote_checkpoints import checkpoint_callbacks, remote_checkpoints_uri, restore_checkpoint
 from medcritical.training.saving import save_final_model
 from medcritical.values import number_text
 
@@ -126,7 +126,7 @@ def train_sft(
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=lora_config(config.lora),
-            callbacks=[throughput, *([CheckpointUploader(remote, fingerprint)] if remote else []), *callbacks],
+            callbacks=[throughput, *checkpoint_callbacks(remote, fingerprint), *callbacks],
         )
         resume_from = find_resumable_checkpoint(args.output_dir) if resumable and config.resume else None
         if resume_from:
