@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -267,3 +268,53 @@ def test_two_nodes_with_their_own_disks_upload_from_rank0_and_rotate_both_disks(
         kept = sorted(p.name for p in (scratch / "checkpoints").glob("checkpoint-*"))
         assert kept == ["checkpoint-2", "checkpoint-3"], (rank, kept)
     assert "this node's disk: removed checkpoint-1" in logs[1]
+
+
+@pytest.mark.slow
+def test_zero2_on_two_processes_killed_after_an_upload_resumes_from_s3(
+    tmp_path, s3_env, s3_server, tiny_model, dataset
+):
+    """One node, two ranks, DeepSpeed ZeRO-2: each rank's optimizer partition is in the checkpoint rank 0
+    uploads (the ranks write them before it reads the folder), and the rerun on a fresh disk loads them."""
+    run_root = f"s3://{s3_env}/runs/zero2"
+    args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}", "sft.deepspeed=zero2")
+    args += ["--set", "sft.trainer.max_steps=4", "--set", "sft.trainer.gradient_accumulation_steps=2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "medcritical.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDCRITICAL_WORKDIR": str(tmp_path / "work")}
+    manifest = f"runs/zero2/sft/checkpoints/checkpoint-2/{MANIFEST_NAME}"
+    client = s3_server.client()
+
+    def run(*, kill_after_upload: bool) -> str:
+        with open(tmp_path / "run.log", "w+") as log:
+            # Own session: the launcher and its ranks are killed together.
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 600
+            while process.poll() is None and time.monotonic() < deadline:
+                if kill_after_upload and any(True for _ in client.list_objects(s3_env, prefix=manifest)):
+                    os.killpg(process.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.05)
+            if process.poll() is None and not kill_after_upload:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+            log.seek(0)
+            output = log.read()
+        if kill_after_upload:
+            assert process.returncode == -signal.SIGKILL, output[-3000:]  # killed mid-run, not finished
+        else:
+            assert process.returncode == 0, output[-3000:]
+        return output
+
+    run(kill_after_upload=True)
+    prefix = "runs/zero2/sft/checkpoints/checkpoint-2/"
+    uploaded = [o.object_name for o in client.list_objects(s3_env, prefix=prefix, recursive=True)]
+    for rank in (0, 1):  # each rank's optimizer partition went up with rank 0's upload
+        assert any(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in name for name in uploaded), uploaded
+    shutil.rmtree(tmp_path / "work")  # a fresh pod
+
+    log = run(kill_after_upload=False)
+    assert f"downloaded {run_root}/sft/checkpoints/checkpoint-" in log
+    metrics = json.loads(read_small_object(f"{run_root}/sft/sft_metrics.json"))
+    assert metrics["zero_stage"] == 2 and metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["resumed_from"] in ("checkpoint-2", "checkpoint-4") and metrics["steps_this_session"] < 4

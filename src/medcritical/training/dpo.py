@@ -64,7 +64,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
-from medcritical.training.remote_checkpoints import checkpoint_callbacks, remote_checkpoints_uri, restore_checkpoint
+from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
 from medcritical.training.saving import save_final_model
 from medcritical.values import number_text
 
@@ -347,8 +347,6 @@ def train_dpo(
         log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
     remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
-    if remote and resume:  # on a new machine: the newest checkpoint the pod before it uploaded
-        resumable = restore_checkpoint(remote, output_dir / "checkpoints", fingerprint, restart=restart) is not None
 
     with distributed_group(device, deepspeed):
         checkpoints = output_dir / "checkpoints"
@@ -365,6 +363,9 @@ def train_dpo(
             # One batch size that splits both halves evenly (the reporting half is evaluated with it too).
             heldout_pairs=math.gcd(len(heldout_pairs), len(reporting_pairs)),
         )
+        if remote and resume:  # on a new machine: the newest checkpoint the pod before it uploaded (every rank)
+            resume_from = fetch_checkpoint(args, remote, fingerprint, restart=restart)
+            args.eval_on_start = bool(heldout_pairs) and not resume_from  # a resumed run was evaluated at its start
         policy = load_model_for_training(model_path, device, dtype)
         stop_on_token(policy, facts.end_of_turn_id)
         throughput = ThroughputCallback()

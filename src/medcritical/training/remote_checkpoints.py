@@ -26,14 +26,11 @@ on a shared claim (MEDCRITICAL_WORKDIR on a ReadWriteMany volume), where a resta
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,32 +109,37 @@ def restore_checkpoint(
     pod), the newest complete remote one, downloaded there; None when there is nothing to resume.
 
     The remote checkpoints must come from the same `fingerprint` (settings, seed, data, base weights): otherwise
-    ResumeMismatch names what changed, or, with `restart`, they are deleted and the run starts over. The ranks of
-    one machine take turns (a lock file): the first downloads, the others find the checkpoint on disk.
+    ResumeMismatch names what changed, or, with `restart`, they are deleted and the run starts over.
+
+    Under torchrun, call it once every rank has checked the local folder (check_training_resume) and in each
+    machine's first process before the others (TrainingArguments.main_process_first(local=True)): the others
+    then find the checkpoint on disk.
     """
     checkpoints_dir = Path(checkpoints_dir)
     if local := find_resumable_checkpoint(checkpoints_dir):
-        return local  # this machine's own checkpoints are the newest there can be
-    with _machine_lock(checkpoints_dir):
-        if local := find_resumable_checkpoint(checkpoints_dir):
-            return local  # another rank of this machine has just downloaded it
-        names = remote_checkpoints(checkpoints_uri)
-        if not names:
-            return None
-        if not _same_run(checkpoints_uri, fingerprint, restart=restart):
-            return None
-        for name in names:
-            if is_complete_folder(f"{checkpoints_uri}/{name}"):
-                best = _best_checkpoint(checkpoints_uri, name)
-                wanted = [best, name] if best in names and best != name else [name]
-                return _download(checkpoints_uri, wanted, checkpoints_dir)
-            log.warning(
-                "%s/%s is incomplete (no %s: its upload was cut off); skipped",
-                checkpoints_uri,
-                name,
-                storage.MANIFEST_NAME,
-            )
+        return local  # this machine's own checkpoints (or the ones its first process fetched) come first
+    names = remote_checkpoints(checkpoints_uri)
+    if not names:
         return None
+    if not _same_run(checkpoints_uri, fingerprint, restart=restart):
+        return None
+    for name in names:
+        if is_complete_folder(f"{checkpoints_uri}/{name}"):
+            best = _best_checkpoint(checkpoints_uri, name)
+            wanted = [best, name] if best in names and best != name else [name]
+            return _download(checkpoints_uri, wanted, checkpoints_dir)
+        log.warning(
+            "%s/%s is incomplete (no %s: its upload was cut off); skipped", checkpoints_uri, name, storage.MANIFEST_NAME
+        )
+    return None
+
+
+def fetch_checkpoint(args, checkpoints_uri: str, fingerprint: dict[str, Any], *, restart: bool = False) -> str | None:
+    """`restore_checkpoint` into the trainer's checkpoints folder (`args.output_dir`), in each machine's first
+    process before the others. Entering main_process_first starts the process group, a rendezvous: every rank
+    has checked the local folder by then, so a download cannot be mistaken for unrecorded results."""
+    with args.main_process_first(local=True, desc="fetching the newest uploaded checkpoint"):
+        return restore_checkpoint(checkpoints_uri, args.output_dir, fingerprint, restart=restart)
 
 
 def _same_run(checkpoints_uri: str, fingerprint: dict[str, Any], *, restart: bool) -> bool:
@@ -197,14 +199,6 @@ def _download(checkpoints_uri: str, names: list[str], checkpoints_dir: Path) -> 
         names[-1],
     )
     return str(checkpoints_dir / names[-1])
-
-
-@contextlib.contextmanager
-def _machine_lock(checkpoints_dir: Path) -> Iterator[None]:
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    with open(checkpoints_dir / ".download.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import SFTSection
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
-from medcritical.training.remote_checkpoints import checkpoint_callbacks, remote_checkpoints_uri, restore_checkpoint
+from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
 from medcritical.training.saving import save_final_model
 from medcritical.values import number_text
 
@@ -106,8 +106,6 @@ def train_sft(
         log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "sft_metrics.json").read_text())
     remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
-    if remote and config.resume:  # on a new machine: the newest checkpoint the pod before it uploaded
-        resumable = restore_checkpoint(remote, output_dir / "checkpoints", fingerprint, restart=restart) is not None
 
     rows = training_rows(conversations, facts, str(dataset_path))
     if facts.prompt_completion:  # TRL masks the prompt itself: loss on the assistant's reply only, as asked
@@ -117,6 +115,8 @@ def train_sft(
         args = SFTConfig(
             **trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed)
         )
+        if remote and config.resume:  # on a new machine: the newest checkpoint the pod before it uploaded
+            resumable = fetch_checkpoint(args, remote, fingerprint, restart=restart) is not None
         model = load_model_for_training(model_path, device, dtype)
         stop_on_token(model, facts.end_of_turn_id)
         throughput = ThroughputCallback()
