@@ -4,6 +4,7 @@ upload resumed on a fresh machine (no local work folder) from the uploaded check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,8 +25,13 @@ from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.recipe import load_recipe_text
 from medcritical.staging import local_output_path
 from medcritical.storage import materialize
-from medcritical.storage.folders import list_folders, read_small_object
-from medcritical.training.remote_checkpoints import CheckpointUploader, RotateOnEveryNode, restore_checkpoint
+from medcritical.storage.folders import is_complete_folder, list_folders, read_small_object
+from medcritical.training.remote_checkpoints import (
+    CheckpointUploader,
+    RotateOnEveryNode,
+    checkpoint_step,
+    restore_checkpoint,
+)
 from medcritical.training.stage import published_uri, scratch_name
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
 from tests.test_faults import assert_ok, kill_when, medcritical, start
@@ -139,6 +145,9 @@ def dataset(tmp_path_factory, bundled):
     return write_sft_dataset(tmp_path_factory.mktemp("sft-data") / "traces.jsonl", short_questions(bundled, 24))
 
 
+STEPS = 24
+
+
 def sft_args(dataset: Path, model: Path, output: str, *settings: str) -> list[str]:
     args = ["sft", "--dataset", str(dataset), "--model", str(model), "--output", output]
     for setting in (
@@ -149,7 +158,7 @@ def sft_args(dataset: Path, model: Path, output: str, *settings: str) -> list[st
         "sft.trainer.per_device_train_batch_size=2",
         "sft.trainer.learning_rate=3e-3",
         "sft.trainer.warmup_steps=0",
-        "sft.trainer.max_steps=6",
+        f"sft.trainer.max_steps={STEPS}",  # enough that a kill after the first upload lands mid-run
         "sft.trainer.save_steps=2",  # save_total_limit stays the project's 2
         "sft.trainer.logging_steps=1",
         *settings,
@@ -174,7 +183,7 @@ def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
     proc = start(tmp_path, *args)
     kill_when(proc, lambda: uploaded(2), "checkpoint-2 uploaded to S3")
     killed_at = max(int(n.split("-")[1]) for n in list_folders(remote) if uploaded(int(n.split("-")[1])))
-    assert killed_at < 6 and read_small_object(f"{output}/{MANIFEST_NAME}") is None  # killed mid-run
+    assert killed_at < STEPS and read_small_object(f"{output}/{MANIFEST_NAME}") is None  # killed mid-run
     shutil.rmtree(tmp_path / "work")  # a fresh pod: the local work folder and its checkpoints are gone
 
     rerun = medcritical(tmp_path, *args)
@@ -182,8 +191,8 @@ def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
     assert f"downloaded {remote}/checkpoint-{killed_at}" in rerun.stderr
     metrics = json.loads(read_small_object(f"{output}/sft_metrics.json"))
     assert metrics["resumed_from"] == f"checkpoint-{killed_at}"
-    assert metrics["steps"] == 6 and metrics["steps_this_session"] == 6 - killed_at
-    assert list_folders(remote) == ["checkpoint-4", "checkpoint-6"]  # rotated like the local ones (limit 2)
+    assert metrics["steps"] == STEPS and metrics["steps_this_session"] == STEPS - killed_at
+    assert list_folders(remote) == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]  # rotated like the local ones
 
     # It ends where an uninterrupted run does: same losses after the resume, same weights.
     local = tmp_path / "uninterrupted"
@@ -270,6 +279,27 @@ def test_two_nodes_with_their_own_disks_upload_from_rank0_and_rotate_both_disks(
     assert "this node's disk: removed checkpoint-1" in logs[1]
 
 
+def kill_with_its_ranks(launcher: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its rank processes at once, as the loss of the node would. torchrun starts each rank
+    in a session of its own: killing the launcher's process group leaves them running."""
+    ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_pid(p) == launcher.pid]
+    for pid in (launcher.pid, *ranks):
+        with contextlib.suppress(ProcessLookupError):  # ended by itself meanwhile
+            os.kill(pid, signal.SIGKILL)
+    for pid in ranks:  # gone before the test goes on (they hold the work folder's files open)
+        while Path(f"/proc/{pid}").exists() and _parent_pid(Path(f"/proc/{pid}")) is not None:
+            time.sleep(0.01)
+
+
+def _parent_pid(proc: Path) -> int | None:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[1]) if fields[0] != "Z" else None  # a zombie has died already
+
+
 @pytest.mark.slow
 def test_zero2_on_two_processes_killed_after_an_upload_resumes_from_s3(
     tmp_path, s3_env, s3_server, tiny_model, dataset
@@ -278,7 +308,7 @@ def test_zero2_on_two_processes_killed_after_an_upload_resumes_from_s3(
     uploads (the ranks write them before it reads the folder), and the rerun on a fresh disk loads them."""
     run_root = f"s3://{s3_env}/runs/zero2"
     args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}", "sft.deepspeed=zero2")
-    args += ["--set", "sft.trainer.max_steps=4", "--set", "sft.trainer.gradient_accumulation_steps=2"]
+    args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "medcritical.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDCRITICAL_WORKDIR": str(tmp_path / "work")}
@@ -287,16 +317,15 @@ def test_zero2_on_two_processes_killed_after_an_upload_resumes_from_s3(
 
     def run(*, kill_after_upload: bool) -> str:
         with open(tmp_path / "run.log", "w+") as log:
-            # Own session: the launcher and its ranks are killed together.
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 600
             while process.poll() is None and time.monotonic() < deadline:
                 if kill_after_upload and any(True for _ in client.list_objects(s3_env, prefix=manifest)):
-                    os.killpg(process.pid, signal.SIGKILL)
+                    kill_with_its_ranks(process)
                     break
                 time.sleep(0.05)
             if process.poll() is None and not kill_after_upload:
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_with_its_ranks(process)
             process.wait(timeout=60)
             log.seek(0)
             output = log.read()
@@ -307,14 +336,17 @@ def test_zero2_on_two_processes_killed_after_an_upload_resumes_from_s3(
         return output
 
     run(kill_after_upload=True)
-    prefix = "runs/zero2/sft/checkpoints/checkpoint-2/"
+    remote = f"{run_root}/sft/checkpoints"
+    killed_at = max(checkpoint_step(n) for n in list_folders(remote) if is_complete_folder(f"{remote}/{n}"))
+    prefix = f"runs/zero2/sft/checkpoints/checkpoint-{killed_at}/"
     uploaded = [o.object_name for o in client.list_objects(s3_env, prefix=prefix, recursive=True)]
     for rank in (0, 1):  # each rank's optimizer partition went up with rank 0's upload
         assert any(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in name for name in uploaded), uploaded
     shutil.rmtree(tmp_path / "work")  # a fresh pod
 
     log = run(kill_after_upload=False)
-    assert f"downloaded {run_root}/sft/checkpoints/checkpoint-" in log
+    assert f"downloaded {remote}/checkpoint-{killed_at}" in log
     metrics = json.loads(read_small_object(f"{run_root}/sft/sft_metrics.json"))
-    assert metrics["zero_stage"] == 2 and metrics["world_size"] == 2 and metrics["steps"] == 4
-    assert metrics["resumed_from"] in ("checkpoint-2", "checkpoint-4") and metrics["steps_this_session"] < 4
+    assert metrics["zero_stage"] == 2 and metrics["world_size"] == 2 and metrics["steps"] == STEPS
+    assert metrics["resumed_from"] == f"checkpoint-{killed_at}"  # DeepSpeed loaded both ranks' partitions
+    assert metrics["steps_this_session"] == STEPS - killed_at
