@@ -18,10 +18,11 @@ machine. A preempted pod would restart from step 0. With a remote checkpoints fo
 On several nodes, the trainer rotates checkpoints on global rank 0's disk only; `RotateOnEveryNode` applies
 the same rotation on the other nodes' disks, where each save leaves its ranks' files (ZeRO partitions).
 
-Not covered: uploading DeepSpeed ZeRO checkpoints of several nodes with node-local disks. Each node then saves its ranks'
-optimizer (and, with ZeRO-3, weight) partitions on its own disk; rank 0's folder alone cannot be resumed,
-so nothing is uploaded (``remote_checkpoints_uri`` says so in the log). Such runs keep their work folder
-on a shared claim (MEDCRITICAL_WORKDIR on a ReadWriteMany volume), where a restarted pod finds it.
+Not covered: uploading the checkpoints of DeepSpeed ZeRO on several nodes with node-local disks. Each node
+saves its ranks' optimizer (and, with ZeRO-3, weight) partitions on its own disk; rank 0's folder alone
+cannot be resumed, so nothing is uploaded (``remote_checkpoints_uri`` says so in the log). Such runs keep
+their work folder on a shared claim (MEDCRITICAL_WORKDIR on a ReadWriteMany volume), where a restarted pod
+finds it.
 """
 
 from __future__ import annotations
