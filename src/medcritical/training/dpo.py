@@ -64,6 +64,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import DPOSection
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
+from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
 from medcritical.training.saving import save_final_model
 from medcritical.values import number_text
 
@@ -295,6 +296,7 @@ def train_dpo(
     resume: bool = True,
     callbacks: Sequence[Any] = (),
     restart: bool = False,
+    output_uri: str | None = None,
 ) -> dict[str, Any]:
     """DPO from the model in `model_path` on `pairs_path`; writes model/ and dpo_metrics.json to output_dir.
 
@@ -302,6 +304,8 @@ def train_dpo(
     "model": model_path} (the model is unchanged). Resumes from the newest checkpoint; returns the
     stored metrics at once when output_dir already holds the finished run. Both only for the same settings,
     pairs and starting weights (`fingerprint.json`); `restart` discards what is there instead of refusing.
+    `output_uri` is where the runner publishes output_dir: an s3:// one also keeps the checkpoints in
+    <output_uri>/checkpoints/, where a new machine resumes from (training/remote_checkpoints.py).
     """
     output_dir, model_path = Path(output_dir), Path(model_path)
     train_pairs = read_pairs(pairs_path)
@@ -331,20 +335,18 @@ def train_dpo(
         )
     deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
-    resumable = check_training_resume(
-        output_dir,
-        {
-            "settings": config.model_dump(mode="json"),
-            "seed": seed,
-            "pairs": file_sha256(Path(pairs_path)),
-            "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,
-            "model": model_fingerprint(model_path),
-        },
-        restart=restart,
-    )
+    fingerprint = {
+        "settings": config.model_dump(mode="json"),
+        "seed": seed,
+        "pairs": file_sha256(Path(pairs_path)),
+        "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,
+        "model": model_fingerprint(model_path),
+    }
+    resumable = check_training_resume(output_dir, fingerprint, restart=restart)
     if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "dpo_metrics.json").is_file():
         log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "dpo_metrics.json").read_text())
+    remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
 
     with distributed_group(device, deepspeed):
         checkpoints = output_dir / "checkpoints"
@@ -361,6 +363,9 @@ def train_dpo(
             # One batch size that splits both halves evenly (the reporting half is evaluated with it too).
             heldout_pairs=math.gcd(len(heldout_pairs), len(reporting_pairs)),
         )
+        if remote and resume:  # on a new machine: the newest checkpoint the pod before it uploaded (every rank)
+            resume_from = fetch_checkpoint(args, remote, fingerprint, restart=restart)
+            args.eval_on_start = bool(heldout_pairs) and not resume_from  # a resumed run was evaluated at its start
         policy = load_model_for_training(model_path, device, dtype)
         stop_on_token(policy, facts.end_of_turn_id)
         throughput = ThroughputCallback()
@@ -382,7 +387,13 @@ def train_dpo(
             model_path=model_path,
             device=device,
             dtype=dtype,
-            callbacks=[throughput, *early_stopping, *first_epoch, *callbacks],
+            callbacks=[
+                throughput,
+                *early_stopping,
+                *first_epoch,
+                *checkpoint_callbacks(remote, fingerprint),
+                *callbacks,
+            ],
             reporting_pairs=reporting_pairs,
         )
         if resume_from:

@@ -15,7 +15,8 @@ launcher change:
 
     # or: accelerate launch --num_processes 8 -m medcritical.cli sft ...
 
-Output folder: checkpoints/ (periodic; a rerun resumes from the newest), model/ (Hugging Face folder with the
+Output folder: checkpoints/ (periodic; a rerun resumes from the newest; with an s3:// output also uploaded to
+<output>/checkpoints/, where a new machine resumes from), model/ (Hugging Face folder with the
 tokenizer and chat template; LoRA merged when sft.lora.merge), adapter/ (LoRA only), sft_metrics.json,
 sft_loss.png, fingerprint.json (what the checkpoints and model were trained from: a rerun with other settings,
 data or base weights is refused), _MANIFEST.json (size and sha256 of every file; written last, marks the run done).
@@ -58,6 +59,7 @@ from medcritical.training.common import (
 )
 from medcritical.training.config import SFTSection
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
+from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
 from medcritical.training.saving import save_final_model
 from medcritical.values import number_text
 
@@ -75,13 +77,16 @@ def train_sft(
     seed: int = 0,
     callbacks: Sequence[Any] = (),
     restart: bool = False,
+    output_uri: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the model in `model_path` (a local HF folder) on the chat rows of `dataset_path`.
 
     Resumes from the newest checkpoint in output_dir/checkpoints; returns the stored metrics at once when
     output_dir already holds the finished run. Both only for the same settings, data and base weights
     (`fingerprint.json`); `restart` discards what is there instead of refusing. `callbacks` are extra
-    transformers TrainerCallbacks.
+    transformers TrainerCallbacks. `output_uri` is where the runner publishes output_dir: when it is an s3:// URI,
+    every checkpoint is also uploaded to <output_uri>/checkpoints/, and a new machine resumes from there
+    (training/remote_checkpoints.py).
     """
     output_dir, model_path = Path(output_dir), Path(model_path)
     device = training_device(device)
@@ -95,10 +100,12 @@ def train_sft(
     conversations, data_stats = select_by_length(
         conversations, lengths, settings["max_length"], config.on_too_long, str(dataset_path)
     )
-    resumable = check_training_resume(output_dir, _fingerprint(config, dataset_path, model_path, seed), restart=restart)
+    fingerprint = _fingerprint(config, dataset_path, model_path, seed)
+    resumable = check_training_resume(output_dir, fingerprint, restart=restart)
     if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "sft_metrics.json").is_file():
         log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST_NAME)
         return json.loads((output_dir / "sft_metrics.json").read_text())
+    remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
 
     rows = training_rows(conversations, facts, str(dataset_path))
     if facts.prompt_completion:  # TRL masks the prompt itself: loss on the assistant's reply only, as asked
@@ -108,6 +115,8 @@ def train_sft(
         args = SFTConfig(
             **trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed)
         )
+        if remote and config.resume:  # on a new machine: the newest checkpoint the pod before it uploaded
+            resumable = fetch_checkpoint(args, remote, fingerprint, restart=restart) is not None
         model = load_model_for_training(model_path, device, dtype)
         stop_on_token(model, facts.end_of_turn_id)
         throughput = ThroughputCallback()
@@ -117,7 +126,7 @@ def train_sft(
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=lora_config(config.lora),
-            callbacks=[throughput, *callbacks],
+            callbacks=[throughput, *checkpoint_callbacks(remote, fingerprint), *callbacks],
         )
         resume_from = find_resumable_checkpoint(args.output_dir) if resumable and config.resume else None
         if resume_from:

@@ -1,0 +1,352 @@
+"""Checkpoints kept in S3 (training/remote_checkpoints.py), against the real SeaweedFS server: uploaded as saved,
+rotated like the local ones, an incomplete or foreign one never resumed, and a training process killed after an
+upload resumed on a fresh machine (no local work folder) from the uploaded checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medcritical.io.fingerprint import ResumeMismatch
+from medcritical.io.manifest import MANIFEST_NAME
+from medcritical.recipe import load_recipe_text
+from medcritical.staging import local_output_path
+from medcritical.storage import materialize
+from medcritical.storage.folders import is_complete_folder, list_folders, read_small_object
+from medcritical.training.remote_checkpoints import (
+    CheckpointUploader,
+    RotateOnEveryNode,
+    checkpoint_step,
+    restore_checkpoint,
+)
+from medcritical.training.stage import published_uri, scratch_name
+from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
+from tests.test_faults import assert_ok, kill_when, medcritical, start
+
+FINGERPRINT = {"settings": {"trainer": {"max_steps": 4}}, "seed": 0, "dataset": "abc", "model": "def"}
+
+
+def fake_checkpoint(checkpoints_dir: Path, step: int) -> Path:
+    """A checkpoint folder as the trainer leaves it: weights, optimizer, and trainer_state.json (written last)."""
+    folder = checkpoints_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes([step]) * 1000)
+    (folder / "optimizer.pt").write_bytes(bytes([step + 1]) * 2000)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def test_the_run_roots_s3_output_is_recognised_by_its_scratch_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    recipe = load_recipe_text("run: {output_dir: 's3://bucket/runs/a'}\n")
+    uri = "s3://bucket/runs/a/sft"
+    assert scratch_name(uri) == local_output_path(uri).name  # the runner's naming, which the stage relies on
+    assert published_uri(recipe, local_output_path(uri), "sft") == uri
+    assert published_uri(recipe, local_output_path("s3://bucket/elsewhere/sft"), "sft") is None
+    round2 = "s3://bucket/runs/a/round2-dpo"
+    assert published_uri(recipe, local_output_path(round2), "round1-dpo", "round2-dpo") == round2
+    local = load_recipe_text(f"run: {{output_dir: '{tmp_path / 'runs'}'}}\n")
+    assert published_uri(local, tmp_path / "runs" / "sft", "sft") is None  # a local output keeps them there
+
+
+def test_uploads_keep_only_the_checkpoints_the_trainer_keeps(s3_env, tmp_path):
+    remote = f"s3://{s3_env}/run/sft/checkpoints"
+    local = tmp_path / "checkpoints"
+    uploader = CheckpointUploader(remote, FINGERPRINT)
+    for step in (2, 4, 6):
+        fake_checkpoint(local, step)
+        if step == 6:  # the trainer's rotation (save_total_limit 2) deleted the oldest before on_save
+            shutil.rmtree(local / "checkpoint-2")
+        uploader.upload(local, step)
+    assert list_folders(remote) == ["checkpoint-4", "checkpoint-6"]
+    assert json.loads(read_small_object(f"{remote}/fingerprint.json")) == FINGERPRINT
+    assert read_small_object(f"{remote}/checkpoint-6/{MANIFEST_NAME}") is not None  # written last: complete
+
+
+def test_a_new_machine_resumes_the_newest_complete_checkpoint_not_an_incomplete_one(
+    s3_env, s3_server, tmp_path, caplog
+):
+    remote = f"s3://{s3_env}/run/sft/checkpoints"
+    uploader = CheckpointUploader(remote, FINGERPRINT)
+    for step in (2, 4):
+        fake_checkpoint(tmp_path / "old-pod", step)
+        uploader.upload(tmp_path / "old-pod", step)
+    # The pod was killed while uploading checkpoint-4: its files are there, its manifest (written last) is not.
+    s3_server.client().remove_object(s3_env, f"run/sft/checkpoints/checkpoint-4/{MANIFEST_NAME}")
+    # And a new pod killed while downloading left a partial folder holding trainer_state.json: not resumable.
+    fresh = tmp_path / "new-pod" / "checkpoints"
+    (fresh / ".downloading-checkpoint-2").mkdir(parents=True)
+    (fresh / ".downloading-checkpoint-2" / "trainer_state.json").write_text("{}")
+
+    with caplog.at_level(logging.WARNING):
+        restored = restore_checkpoint(remote, fresh, FINGERPRINT)
+    assert restored == str(fresh / "checkpoint-2")
+    assert "checkpoint-4 is incomplete" in caplog.text
+    uploaded = tmp_path / "old-pod" / "checkpoint-2"
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
+        assert (fresh / "checkpoint-2" / name).read_bytes() == (uploaded / name).read_bytes()
+    assert sorted(p.name for p in fresh.iterdir() if not p.name.startswith(".download.")) == ["checkpoint-2"]
+    # The machine's own complete checkpoint comes first: nothing more is downloaded.
+    assert restore_checkpoint(remote, fresh, FINGERPRINT) == str(fresh / "checkpoint-2")
+
+
+def test_the_best_checkpoint_comes_along_with_the_newest(s3_env, tmp_path):
+    remote = f"s3://{s3_env}/run/round1-dpo/checkpoints"
+    old_pod = tmp_path / "old-pod" / "checkpoints"
+    uploader = CheckpointUploader(remote, FINGERPRINT)
+    for step in (2, 4, 6):
+        folder = fake_checkpoint(old_pod, step)
+        best = {"global_step": step, "best_model_checkpoint": str(old_pod / "checkpoint-2")}
+        (folder / "trainer_state.json").write_text(json.dumps(best))
+        if step == 6:  # the trainer's rotation keeps the best one and the newest
+            shutil.rmtree(old_pod / "checkpoint-4")
+        uploader.upload(old_pod, step)
+    assert list_folders(remote) == ["checkpoint-2", "checkpoint-6"]
+
+    fresh = tmp_path / "new-pod" / "checkpoints"
+    assert restore_checkpoint(remote, fresh, FINGERPRINT) == str(fresh / "checkpoint-6")
+    assert (fresh / "checkpoint-2" / "model.safetensors").read_bytes() == bytes([2]) * 1000
+    # The newest is written last: the trainer's rotation orders the checkpoints by mtime.
+    assert (fresh / "checkpoint-6").stat().st_mtime >= (fresh / "checkpoint-2").stat().st_mtime
+
+
+def test_remote_checkpoints_of_other_inputs_are_refused_or_discarded_on_restart(s3_env, tmp_path):
+    remote = f"s3://{s3_env}/run/sft/checkpoints"
+    fake_checkpoint(tmp_path / "old-pod", 2)
+    CheckpointUploader(remote, FINGERPRINT).upload(tmp_path / "old-pod", 2)
+    other = FINGERPRINT | {"settings": {"trainer": {"max_steps": 8}}}
+
+    with pytest.raises(ResumeMismatch, match=r"settings\.trainer\.max_steps: 4 -> 8.*--restart"):
+        restore_checkpoint(remote, tmp_path / "new-pod", other)
+    assert not (tmp_path / "new-pod" / "checkpoint-2").exists()
+
+    assert restore_checkpoint(remote, tmp_path / "new-pod", other, restart=True) is None
+    assert list_folders(remote) == []  # discarded: the restarted run's checkpoints replace them
+
+
+# -- a training process killed after an upload, resumed on a fresh machine --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, bundled):
+    return write_sft_dataset(tmp_path_factory.mktemp("sft-data") / "traces.jsonl", short_questions(bundled, 24))
+
+
+STEPS = 24
+
+
+def sft_args(dataset: Path, model: Path, output: str, *settings: str) -> list[str]:
+    args = ["sft", "--dataset", str(dataset), "--model", str(model), "--output", output]
+    for setting in (
+        "run.device=cpu",
+        "run.threads=1",
+        "sft.lora.enabled=false",
+        f"sft.trainer.max_length={MAX_LENGTH}",
+        "sft.trainer.per_device_train_batch_size=2",
+        "sft.trainer.learning_rate=3e-3",
+        "sft.trainer.warmup_steps=0",
+        f"sft.trainer.max_steps={STEPS}",  # enough that a kill after the first upload lands mid-run
+        "sft.trainer.save_steps=2",  # save_total_limit stays the project's 2
+        "sft.trainer.logging_steps=1",
+        *settings,
+    ):
+        args += ["--set", setting]
+    return args
+
+
+@pytest.mark.slow
+def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
+    tmp_path, s3_env, s3_server, tiny_model, dataset
+):
+    run_root = f"s3://{s3_env}/runs/preempted"
+    output, remote = f"{run_root}/sft", f"{run_root}/sft/checkpoints"
+    args = sft_args(dataset, tiny_model, output, f"run.output_dir={run_root}")
+    client = s3_server.client()
+
+    def uploaded(step: int) -> bool:
+        key = f"runs/preempted/sft/checkpoints/checkpoint-{step}/{MANIFEST_NAME}"
+        return any(o.object_name == key for o in client.list_objects(s3_env, prefix=key))
+
+    proc = start(tmp_path, *args)
+    kill_when(proc, lambda: uploaded(2), "checkpoint-2 uploaded to S3")
+    killed_at = max(int(n.split("-")[1]) for n in list_folders(remote) if uploaded(int(n.split("-")[1])))
+    assert killed_at < STEPS and read_small_object(f"{output}/{MANIFEST_NAME}") is None  # killed mid-run
+    shutil.rmtree(tmp_path / "work")  # a fresh pod: the local work folder and its checkpoints are gone
+
+    rerun = medcritical(tmp_path, *args)
+    assert_ok(rerun)
+    assert f"downloaded {remote}/checkpoint-{killed_at}" in rerun.stderr
+    metrics = json.loads(read_small_object(f"{output}/sft_metrics.json"))
+    assert metrics["resumed_from"] == f"checkpoint-{killed_at}"
+    assert metrics["steps"] == STEPS and metrics["steps_this_session"] == STEPS - killed_at
+    assert list_folders(remote) == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]  # rotated like the local ones
+
+    # It ends where an uninterrupted run does: same losses after the resume, same weights.
+    local = tmp_path / "uninterrupted"
+    assert_ok(medcritical(tmp_path, *sft_args(dataset, tiny_model, str(local))))
+    expected = json.loads((local / "sft_metrics.json").read_text())["loss_curve"]
+    after = [p for p in metrics["loss_curve"] if p["step"] > killed_at]
+    assert [p["step"] for p in after] == [p["step"] for p in expected if p["step"] > killed_at]
+    for got, want in zip(after, [p for p in expected if p["step"] > killed_at]):
+        assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
+    resumed = load_file(materialize(output, tmp_path / "downloaded") / "model" / "model.safetensors")
+    uninterrupted = load_file(local / "model" / "model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, atol=RESUME_TOLERANCE, rtol=0)
+
+
+def node_disk(folder: Path, steps, *, shared_with_rank0: bool) -> Path:
+    """The checkpoints folder as a node other than rank 0's sees it after each save: its ranks' ZeRO partitions,
+    and trainer_state.json only where rank 0 writes on the same (shared) disk."""
+    for step in steps:
+        checkpoint = folder / f"checkpoint-{step}" / f"global_step{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"partition")
+        if shared_with_rank0:
+            (checkpoint.parent / "trainer_state.json").write_text("{}")
+        time.sleep(0.01)
+    return folder
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["node-local disk", "disk shared with rank 0"])
+def test_the_other_nodes_rotate_their_own_disks(tmp_path, shared):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    folder = node_disk(tmp_path / "checkpoints", (2, 4, 6), shared_with_rank0=shared)
+    args = TrainingArguments(output_dir=str(folder), save_total_limit=2, use_cpu=True, report_to="none")
+    # The first process of the second node: not global rank 0, rank 0 of its node.
+    state = TrainerState(global_step=6, is_world_process_zero=False, is_local_process_zero=True)
+    RotateOnEveryNode().on_save(args, state, TrainerControl())
+    kept = sorted(p.name for p in folder.iterdir())
+    assert kept == (["checkpoint-2", "checkpoint-4", "checkpoint-6"] if shared else ["checkpoint-4", "checkpoint-6"])
+
+
+@pytest.mark.slow
+def test_two_nodes_with_their_own_disks_upload_from_rank0_and_rotate_both_disks(tmp_path, s3_env, tiny_model, dataset):
+    """Two torchrun "nodes" (one process each, plain DDP over gloo), each with its own work folder, as in a
+    two-node TrainJob with emptyDir work folders; the output under the run root on S3, a checkpoint every step."""
+    run_root = f"s3://{s3_env}/runs/two-nodes"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MEDCRITICAL_WORKDIR": str(node / "work"),
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(rank),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+        }
+        args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}")
+        args += ["--set", "sft.trainer.max_steps=3", "--set", "sft.trainer.save_steps=1"]
+        args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
+        command = [sys.executable, "-m", "torch.distributed.run", "-m", "medcritical.cli", *args]
+        log = open(tmp_path / f"node{rank}.log", "w")  # noqa: SIM115 (closed after the wait below)
+        nodes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for process, log in nodes:
+        try:
+            process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert [p.returncode for p, _ in nodes] == [0, 0], "\n---\n".join(log[-3000:] for log in logs)
+
+    assert list_folders(f"{run_root}/sft/checkpoints") == ["checkpoint-2", "checkpoint-3"]
+    assert "checkpoint-3 uploaded" in logs[0] and "uploaded" not in logs[1]  # rank 0 uploads, alone
+    for rank in (0, 1):  # the second node's disk is rotated too (it holds its rank's RNG state of each save)
+        [scratch] = (tmp_path / f"node{rank}" / "work" / "out").iterdir()
+        kept = sorted(p.name for p in (scratch / "checkpoints").glob("checkpoint-*"))
+        assert kept == ["checkpoint-2", "checkpoint-3"], (rank, kept)
+    assert "this node's disk: removed checkpoint-1" in logs[1]
+
+
+def kill_with_its_ranks(launcher: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its rank processes at once, as the loss of the node would. torchrun starts each rank
+    in a session of its own: killing the launcher's process group leaves them running."""
+    ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_pid(p) == launcher.pid]
+    for pid in (launcher.pid, *ranks):
+        with contextlib.suppress(ProcessLookupError):  # ended by itself meanwhile
+            os.kill(pid, signal.SIGKILL)
+    for pid in ranks:  # gone before the test goes on (they hold the work folder's files open)
+        while Path(f"/proc/{pid}").exists() and _parent_pid(Path(f"/proc/{pid}")) is not None:
+            time.sleep(0.01)
+
+
+def _parent_pid(proc: Path) -> int | None:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[1]) if fields[0] != "Z" else None  # a zombie has died already
+
+
+@pytest.mark.slow
+def test_zero2_on_two_processes_killed_after_an_upload_resumes_from_s3(
+    tmp_path, s3_env, s3_server, tiny_model, dataset
+):
+    """One node, two ranks, DeepSpeed ZeRO-2: each rank's optimizer partition is in the checkpoint rank 0
+    uploads (the ranks write them before it reads the folder), and the rerun on a fresh disk loads them."""
+    run_root = f"s3://{s3_env}/runs/zero2"
+    args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}", "sft.deepspeed=zero2")
+    args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "medcritical.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDCRITICAL_WORKDIR": str(tmp_path / "work")}
+    manifest = f"runs/zero2/sft/checkpoints/checkpoint-2/{MANIFEST_NAME}"
+    client = s3_server.client()
+
+    def run(*, kill_after_upload: bool) -> str:
+        with open(tmp_path / "run.log", "w+") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 600
+            while process.poll() is None and time.monotonic() < deadline:
+                if kill_after_upload and any(True for _ in client.list_objects(s3_env, prefix=manifest)):
+                    kill_with_its_ranks(process)
+                    break
+                time.sleep(0.05)
+            if process.poll() is None and not kill_after_upload:
+                kill_with_its_ranks(process)
+            process.wait(timeout=60)
+            log.seek(0)
+            output = log.read()
+        if kill_after_upload:
+            assert process.returncode == -signal.SIGKILL, output[-3000:]  # killed mid-run, not finished
+        else:
+            assert process.returncode == 0, output[-3000:]
+        return output
+
+    run(kill_after_upload=True)
+    remote = f"{run_root}/sft/checkpoints"
+    killed_at = max(checkpoint_step(n) for n in list_folders(remote) if is_complete_folder(f"{remote}/{n}"))
+    prefix = f"runs/zero2/sft/checkpoints/checkpoint-{killed_at}/"
+    uploaded = [o.object_name for o in client.list_objects(s3_env, prefix=prefix, recursive=True)]
+    for rank in (0, 1):  # each rank's optimizer partition went up with rank 0's upload
+        assert any(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in name for name in uploaded), uploaded
+    shutil.rmtree(tmp_path / "work")  # a fresh pod
+
+    log = run(kill_after_upload=False)
+    assert f"downloaded {remote}/checkpoint-{killed_at}" in log
+    metrics = json.loads(read_small_object(f"{run_root}/sft/sft_metrics.json"))
+    assert metrics["zero_stage"] == 2 and metrics["world_size"] == 2 and metrics["steps"] == STEPS
+    assert metrics["resumed_from"] == f"checkpoint-{killed_at}"  # DeepSpeed loaded both ranks' partitions
+    assert metrics["steps_this_session"] == STEPS - killed_at
