@@ -23,7 +23,9 @@ from safetensors.torch import load_file
 from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.recipe import load_recipe_text
-from medcritical.staging import local_output_path
+from medcritical.runner import run_stage
+from medcritical.selfplay.stage import DPO
+from medcritical.stage import OUTPUT_URI, Stage
 from medcritical.storage import materialize
 from medcritical.storage.folders import is_complete_folder, list_folders, read_small_object
 from medcritical.training.remote_checkpoints import (
@@ -32,7 +34,7 @@ from medcritical.training.remote_checkpoints import (
     checkpoint_step,
     restore_checkpoint,
 )
-from medcritical.training.stage import published_uri, scratch_name
+from medcritical.training.stage import SFT
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
 from tests.test_faults import assert_ok, kill_when, medcritical, start
 
@@ -49,17 +51,21 @@ def fake_checkpoint(checkpoints_dir: Path, step: int) -> Path:
     return folder
 
 
-def test_the_run_roots_s3_output_is_recognised_by_its_scratch_folder(tmp_path, monkeypatch):
+def test_the_runner_hands_training_stages_their_output_uri(s3_env, tmp_path, monkeypatch):
+    """SFT and DPO ask for the URI their folder is published to (the OUTPUT_URI option); the runner fills it in,
+    so any s3:// output keeps its checkpoints in S3, not only the run root's folders."""
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
-    recipe = load_recipe_text("run: {output_dir: 's3://bucket/runs/a'}\n")
-    uri = "s3://bucket/runs/a/sft"
-    assert scratch_name(uri) == local_output_path(uri).name  # the runner's naming, which the stage relies on
-    assert published_uri(recipe, local_output_path(uri), "sft") == uri
-    assert published_uri(recipe, local_output_path("s3://bucket/elsewhere/sft"), "sft") is None
-    round2 = "s3://bucket/runs/a/round2-dpo"
-    assert published_uri(recipe, local_output_path(round2), "round1-dpo", "round2-dpo") == round2
-    local = load_recipe_text(f"run: {{output_dir: '{tmp_path / 'runs'}'}}\n")
-    assert published_uri(local, tmp_path / "runs" / "sft", "sft") is None  # a local output keeps them there
+    assert OUTPUT_URI in SFT.options and OUTPUT_URI in DPO.options
+    seen = {}
+
+    def run(recipe, output_dir, **options):
+        seen.update(options)
+        return {}
+
+    stage = Stage("probe", "probe", "run", run, {}, (), "stats.json", None, options=(OUTPUT_URI,))
+    uri = f"s3://{s3_env}/anywhere/sft"
+    run_stage(stage, load_recipe_text("{}"), uri)
+    assert seen == {OUTPUT_URI: uri}
 
 
 def test_uploads_keep_only_the_checkpoints_the_trainer_keeps(s3_env, tmp_path):

@@ -32,7 +32,7 @@ from medcritical.io.ranks import is_main_process
 from medcritical.recipe import Recipe, RecipeError
 from medcritical.report import REPORT
 from medcritical.selfplay.stage import DPO, ROLLOUT
-from medcritical.stage import Stage
+from medcritical.stage import OUTPUT_URI, Stage
 from medcritical.staging import (
     MODEL_POINTER,
     check_model_uri,
@@ -63,6 +63,8 @@ def run_stage(stage: Stage, recipe: Recipe, output_uri: str, **given: Any) -> di
         raise TypeError(f"stage {stage.name} has no input or option {', '.join(sorted(unknown))}")
     uris = {name: given[name] for name in stage.inputs if given.get(name)}
     options = {name: given[name] for name in stage.options if name in given}
+    if OUTPUT_URI in stage.options:
+        options[OUTPUT_URI] = output_uri
     for name, spec in stage.inputs.items():
         if spec.is_model:
             check_model_uri(uris.get(name) or recipe.model.base)

@@ -44,6 +44,9 @@ class Input:
 
 
 MODEL = Input()  # a model input: the recipe's base model unless given
+# An option the runner itself fills: the URI the stage's folder is published to (a training stage keeps its
+# checkpoints beside it in S3, where a new pod resumes from). Callers never pass it.
+OUTPUT_URI = "output_uri"
 
 
 @dataclass(frozen=True)

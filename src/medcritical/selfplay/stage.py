@@ -18,7 +18,7 @@ from medcritical.io.ranks import is_main_process
 from medcritical.selfplay.cost import TIMINGS
 from medcritical.selfplay.run import CORRECTIONS, HELDOUT_PAIRS, PAIRS, ROLLOUTS, STATS, run_rollout
 from medcritical.selfplay.train_pass import TRAIN_PASS, TRAIN_PASS_STATS, train_pass
-from medcritical.stage import MODEL, Input, Stage
+from medcritical.stage import MODEL, OUTPUT_URI, Input, Stage
 from medcritical.training.stage import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def _dpo(
     model: Path,
     data: Path | None,
     restart=False,
+    output_uri: str | None = None,
 ) -> dict:
     # The trainer (TRL, peft, datasets: ~4 s to import) loads when DPO runs, not with the declarations.
     from medcritical.training.dpo import train_dpo
@@ -78,6 +79,7 @@ def _dpo(
         dtype=recipe.model.dtype,
         seed=recipe.run.seed,
         restart=restart,
+        output_uri=output_uri,
     )
     if result.get("status") != "skipped" and recipe.evaluate.train_pass_questions != 0 and is_main_process():
         result["train_pass"] = measure_train_pass(recipe, rollouts, data, Path(result["model"]), output_dir)
@@ -139,7 +141,7 @@ DPO = Stage(
     ),
     stats=DPO_METRICS,
     fingerprint=FINGERPRINT_FILE,  # settings, seed, pairs checksums, starting weights
-    options=("restart",),
+    options=("restart", OUTPUT_URI),  # output_uri: an s3:// one keeps the checkpoints there too
     produces="model",
     unchanged_model="model",  # no pairs: the round keeps its model
     local_only=(CHECKPOINTS,),
