@@ -15,14 +15,8 @@ from medcritical.modeling.config import GenerationSection
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.run import run_rollout
 from medcritical.training.config import DPOSection, LoraSection
-from medcritical.training.dpo import (
-    build_dpo_trainer,
-    dpo_arguments,
-    drop_too_long,
-    read_pairs,
-    split_heldout,
-    train_dpo,
-)
+from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, train_dpo
+from medcritical.training.dpo_data import drop_too_long, read_pairs, split_heldout
 
 pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
 

@@ -28,7 +28,6 @@ _MANIFEST.json (size and sha256 of every file, written last: marks the run done)
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -39,16 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import AutoTokenizer, EarlyStoppingCallback, TrainerCallback
+from transformers import AutoTokenizer, EarlyStoppingCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
-from medcritical.errors import InputError, MissingInputError
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.io.hashing import file_sha256
-from medcritical.io.jsonl import read_input_jsonl
 from medcritical.io.manifest import MANIFEST_NAME, write_manifest
-from medcritical.plotting import figure
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
     check_training_resume,
@@ -63,6 +59,16 @@ from medcritical.training.common import (
     training_device,
 )
 from medcritical.training.config import DPOSection
+from medcritical.training.dpo_data import drop_too_long, read_pairs, split_heldout
+from medcritical.training.dpo_heldout import (
+    MARGIN,
+    FirstEpochHeldout,
+    first_epoch_heldout,
+    heldout_summary,
+    kept_model,
+    plot_heldout,
+    selects_on_heldout,
+)
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
 from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
 from medcritical.training.saving import save_final_model
@@ -70,77 +76,10 @@ from medcritical.values import number_text
 
 log = logging.getLogger(__name__)
 
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-MARGIN, ACCURACY = "eval_rewards/margins", "eval_rewards/accuracies"
 # The held-out margin before any step; above this, the reference is not the policy's starting point.
 REFERENCE_TOLERANCE = 0.05
 # Smallest held-out margin gain that counts as an improvement for early stopping.
 EARLY_STOPPING_MIN_DELTA = 1e-4
-
-
-def read_pairs(path: str | Path) -> list[dict]:
-    """Preference rows (TRL conversational format); metadata columns are dropped. Clear errors on bad rows."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path}: no such pairs file (`medcritical rollout` writes pairs.jsonl)")
-    pairs = []
-    for number, row in read_input_jsonl(path, "pairs"):  # UTF-8, one object per line, 1-based lines
-        bad = [
-            c
-            for c in PAIR_COLUMNS
-            if not (
-                isinstance(row.get(c), list)
-                and row[c]
-                and all(isinstance(m, dict) and "role" in m and "content" in m for m in row[c])
-            )
-        ]
-        if bad:
-            raise InputError(
-                f"{path}: line {number}: {', '.join(bad)} must be a non-empty list of chat messages "
-                "({role, content}); pairs come from `medcritical rollout` / `medcritical pairs`"
-            )
-        if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
-            raise InputError(f"{path}: line {number}: chosen and rejected must end with an assistant message")
-        pairs.append({c: row[c] for c in PAIR_COLUMNS})
-    return pairs
-
-
-def split_heldout(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
-    """(selection, reporting): the held-out pairs in two halves by whole question (a question's pairs share
-    their prompt), chosen by a seeded hash. The checkpoint that is kept (restore_best) and the step training
-    stops at (early stopping) are picked on the selection half; the kept model's figures are measured on
-    the reporting half, which played no part in picking it. Fewer than two questions: no reporting half."""
-    groups: dict[str, list[dict]] = {}
-    for pair in pairs:
-        groups.setdefault(json.dumps(pair["prompt"], ensure_ascii=False, sort_keys=True), []).append(pair)
-    if len(groups) < 2:
-        return list(pairs), []
-    ranked = sorted(groups, key=lambda key: hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest())
-    selection_keys = set(ranked[: (len(ranked) + 1) // 2])
-    selection = [p for key in ranked if key in selection_keys for p in groups[key]]
-    reporting = [p for key in ranked if key not in selection_keys for p in groups[key]]
-    return selection, reporting
-
-
-def selects_on_heldout(config: DPOSection, heldout: bool) -> bool:
-    """Whether held-out pairs choose the model (restore_best) or the last step (early stopping)."""
-    return heldout and config.evaluations > 1 and (config.restore_best or bool(config.early_stopping_patience))
-
-
-def drop_too_long(pairs: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Drop pairs whose prompt + chosen or prompt + rejected exceed max_length: TRL would cut their ends,
-    and the end holds the answer that makes chosen better than rejected."""
-    kept = []
-    for pair in pairs:
-        longest = max(
-            len(
-                tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True, return_dict=True)["input_ids"]
-            )
-            for side in ("chosen", "rejected")
-        )
-        if longest <= max_length:
-            kept.append(pair)
-    return kept, len(pairs) - len(kept)
 
 
 def reference_model(config: DPOSection, policy, model_path: str | Path, device: str, dtype: str):
@@ -162,38 +101,6 @@ def reference_kind(config: DPOSection) -> str:
     if config.lora.enabled:
         return "the policy with its LoRA adapter disabled"
     return "a frozen copy of the starting model"
-
-
-class FirstEpochHeldout(TrainerCallback):
-    """One held-out evaluation when the first epoch ends (unless one just ran, or training ends there and
-    the final evaluation covers it). Its reward accuracy is a diagnostic: near 1 after a single pass
-    means chosen and rejected are told apart by style or length, not by reasoning."""
-
-    def __init__(self, save: bool):
-        self.save = save  # with restore_best every evaluation has its checkpoint
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if state.epoch is None or abs(state.epoch - 1) > 1e-6 or state.global_step >= state.max_steps:
-            return
-        if any(MARGIN in e and e.get("step") == state.global_step for e in state.log_history):
-            return
-        control.should_evaluate = True
-        control.should_save = control.should_save or self.save
-
-
-def first_epoch_heldout(log_history: list[dict], final: dict | None, epochs_trained: float | None) -> dict | None:
-    """Held-out reward accuracy and margin at the end of the first epoch (see FirstEpochHeldout)."""
-    entry = next((e for e in log_history if MARGIN in e and e.get("epoch", 0) >= 1 - 1e-6), None)
-    if entry is None and final is not None and epochs_trained is not None and epochs_trained >= 1 - 1e-6:
-        entry = {**final, "epoch": epochs_trained}
-    if entry is None:
-        return None
-    return {
-        "epoch": entry.get("epoch"),
-        "step": entry.get("step"),
-        "reward_accuracy": entry[ACCURACY],
-        "margin": entry[MARGIN],
-    }
 
 
 def build_dpo_trainer(
@@ -439,7 +346,7 @@ def train_dpo(
             "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
             "restored_best": restored_best,
             "heldout": (
-                heldout := _heldout_summary(
+                heldout := heldout_summary(
                     history,
                     initial,
                     final,
@@ -485,72 +392,6 @@ def _skipped(output_dir: Path, model_path: Path, reason: str) -> dict:
     return metrics
 
 
-def kept_model(config: DPOSection, state, restored_best: str | None, heldout: bool) -> dict:
-    """Which model DPO kept and why, and the training loss it had (loss_last may be a step it never reached)."""
-    losses = [(e["step"], e["loss"]) for e in state.log_history if "loss" in e and "step" in e]
-    if restored_best:
-        step = int(restored_best.rsplit("-", 1)[-1])
-        why = "restore_best: the best held-out margin on the selection half among the checkpoints"
-    else:
-        step = state.global_step
-        why = (
-            "early stopping on the selection half's margin, then the last step"
-            if state.global_step < state.max_steps
-            else "the last step (no selection" + ("" if heldout else ": no held-out pairs") + ")"
-        )
-    at_or_before = [loss for s, loss in losses if s <= step]
-    return {
-        "model": restored_best or f"last step ({step})",
-        "step": step,
-        "why": why,
-        "training_loss": at_or_before[-1] if at_or_before else None,
-    }
-
-
-def _heldout_summary(
-    log_history: list[dict],
-    initial: dict | None,
-    final: dict | None,
-    reported: dict | None = None,
-    selection_pairs: int = 0,
-    selected: bool = False,
-) -> dict | None:
-    """The kept model's held-out figures: on the reporting half when the selection half picked it
-    (`reported`), else on every held-out pair (nothing was picked on them). The history, best step and the
-    kept model's figures on the selection half stay apart under `selection`."""
-    if final is None:
-        return None
-    by_step = {
-        e["step"]: {"step": e["step"], "margin": e[MARGIN], "reward_accuracy": e[ACCURACY], "loss": e.get("eval_loss")}
-        for e in log_history
-        if MARGIN in e
-    }
-    history = list(by_step.values())
-    best = max(history, key=lambda h: h["margin"], default=None)
-    shown = reported or final
-    return {
-        "reward_accuracy": shown[ACCURACY],
-        "margin": shown[MARGIN],
-        "loss": shown.get("eval_loss"),
-        "measured_on": (
-            "the reporting half: held-out pairs not used to pick the model"
-            if reported
-            else "the pairs that picked the model (no reporting half: biased)"
-            if selected
-            else "every held-out pair (none picked the model)"
-        ),
-        "selection": {
-            "pairs": selection_pairs,
-            "reward_accuracy": final[ACCURACY],
-            "margin": final[MARGIN],
-        },
-        "initial_margin": initial[MARGIN] if initial else None,
-        "best_margin": best["margin"] if best else None,
-        "best_step": best["step"] if best else None,
-        "history": history,
-    }
-
-
 def _warnings(
     curve: list[dict], config: DPOSection, best_step: int | None = None, restored: str | None = None
 ) -> list[str]:
@@ -574,37 +415,3 @@ def _warnings(
     for warning in warnings:
         log.warning(warning)
     return warnings
-
-
-def plot_heldout(metrics: dict, path: Path) -> Path:
-    history = metrics["heldout"]["history"]
-    with figure(path, ncols=2, size=(11, 4)) as (_, (loss_ax, heldout_ax)):
-        curve = metrics.get("loss_curve", [])
-        loss_ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], ".-", label="train loss")
-        if history:
-            steps = [h["step"] for h in history]
-            loss_ax.plot(steps, [h["loss"] for h in history], "s-", label="held-out loss")
-            heldout_ax.plot(steps, [h["margin"] for h in history], "o-", color="tab:red", label="reward margin")
-            accuracy_ax = heldout_ax.twinx()
-            accuracy_ax.plot(
-                steps, [h["reward_accuracy"] for h in history], "s--", color="tab:green", label="reward accuracy"
-            )
-            accuracy_ax.set_ylim(0, 1)
-            accuracy_ax.set_ylabel("reward accuracy")
-            accuracy_ax.legend(loc="lower right")
-        if metrics.get("stopped_early"):
-            heldout_ax.axvline(metrics["stopped_early"], color="gray", linestyle=":", label="early stop")
-        if metrics.get("restored_best"):
-            heldout_ax.axvline(
-                metrics["heldout"]["best_step"], color="tab:red", linestyle="--", linewidth=1, label="best (kept)"
-            )
-        loss_ax.axhline(math.log(2), color="gray", linestyle=":", linewidth=1)
-        loss_ax.set_xlabel("step")
-        loss_ax.set_ylabel("DPO loss")
-        loss_ax.legend()
-        loss_ax.set_title(f"DPO loss ({metrics['loss_type']}, beta {metrics['beta']})")
-        heldout_ax.set_xlabel("step")
-        heldout_ax.set_ylabel("held-out reward margin")
-        heldout_ax.legend(loc="upper left")
-        heldout_ax.set_title("held-out pairs")
-    return path
