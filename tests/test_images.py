@@ -122,9 +122,12 @@ def test_build_context_holds_what_the_dockerfiles_copy(tmp_path):
         for sources in re.findall(r"^COPY (?!--from)(.*) \S+$", text, flags=re.MULTILINE):
             for source in sources.split():
                 assert (context / source).exists(), f"{_rel(dockerfile)} copies {source}, not in the build context"
-    # Every package pyproject.toml maps is in the context; no virtualenv or runs travel with it.
+    # Every package pyproject.toml maps is in the context (a data package, such as the recipes, has no
+    # __init__.py in the checkout either); no virtualenv or runs travel with it.
     for package, folder in project_layout.package_dirs(PYPROJECT).items():
-        assert (context / "project" / folder / "__init__.py").is_file(), f"{package} ({folder}) missing"
+        assert (context / "project" / folder).is_dir(), f"{package} ({folder}) missing"
+        init = (context / "project" / folder / "__init__.py").is_file()
+        assert init == (ROOT / folder / "__init__.py").is_file(), f"{package} ({folder}): __init__.py"
     assert not list(context.rglob("__pycache__")) and not (context / "project" / ".venv").exists()
 
 
