@@ -461,8 +461,28 @@ def test_pipeline_trainjob_launch_trains_on_two_nodes(cluster, trainer):
             )
     assert output == f"{run_root}/sft"
     assert logged.get("world_size") == 2, logged
+    # Its output is in S3, so the task deleted the completed TrainJob (its JobSet and pods go with it).
+    name = trainjob.trainjob_name("sft", f"{run_root}/sft")
+    trainjobs = (trainjob.GROUP, trainjob.VERSION, NAMESPACE, trainjob.PLURAL)
+    assert _gone_within(lambda: api.get_namespaced_custom_object(*trainjobs, name), 60), name
     names = _objects("runs/cpu-pipeline/sft/")
     assert any(n.startswith("runs/cpu-pipeline/sft/model/") for n in names), names[:30]
+
+
+def _gone_within(get, seconds: float) -> bool:
+    """Whether `get` answers 404 (the object is deleted) within `seconds`."""
+    from kubernetes.client.exceptions import ApiException
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            get()
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            raise
+        time.sleep(2)
+    return False
 
 
 # ---- strict server-side validation of every TrainJob and PyTorchJob ----
