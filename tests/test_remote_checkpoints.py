@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from medcritical.training.remote_checkpoints import (
     restore_checkpoint,
 )
 from medcritical.training.stage import SFT
-from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
+from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, run_as_two_nodes, short_questions, write_sft_dataset
 from tests.test_faults import assert_ok, kill_when, medcritical, start
 
 FINGERPRINT = {"settings": {"trainer": {"max_steps": 4}}, "seed": 0, "dataset": "abc", "model": "def"}
@@ -245,36 +244,12 @@ def test_two_nodes_with_their_own_disks_upload_from_rank0_and_rotate_both_disks(
     """Two torchrun "nodes" (one process each, plain DDP over gloo), each with its own work folder, as in a
     two-node TrainJob with emptyDir work folders; the output under the run root on S3, a checkpoint every step."""
     run_root = f"s3://{s3_env}/runs/two-nodes"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = []
-    for rank in (0, 1):
-        node = tmp_path / f"node{rank}"
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MEDCRITICAL_WORKDIR": str(node / "work"),
-            "PET_NNODES": "2",
-            "PET_NPROC_PER_NODE": "1",
-            "PET_NODE_RANK": str(rank),
-            "PET_MASTER_ADDR": "127.0.0.1",
-            "PET_MASTER_PORT": str(port),
-        }
-        args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}")
-        args += ["--set", "sft.trainer.max_steps=3", "--set", "sft.trainer.save_steps=1"]
-        args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
-        command = [sys.executable, "-m", "torch.distributed.run", "-m", "medcritical.cli", *args]
-        log = open(tmp_path / f"node{rank}.log", "w")  # noqa: SIM115 (closed after the wait below)
-        nodes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    for process, log in nodes:
-        try:
-            process.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
-    assert [p.returncode for p, _ in nodes] == [0, 0], "\n---\n".join(log[-3000:] for log in logs)
+    args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}")
+    args += ["--set", "sft.trainer.max_steps=3", "--set", "sft.trainer.save_steps=1"]
+    args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
+    nodes = run_as_two_nodes(tmp_path, args, timeout_s=300)
+    logs = [log for _, log in nodes]
+    assert [code for code, _ in nodes] == [0, 0], "\n---\n".join(log[-3000:] for log in logs)
 
     assert list_folders(f"{run_root}/sft/checkpoints") == ["checkpoint-2", "checkpoint-3"]
     assert "checkpoint-3 uploaded" in logs[0] and "uploaded" not in logs[1]  # rank 0 uploads, alone

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from medcritical.io.manifest import MANIFEST_NAME, verify_manifest
 from medcritical.modeling.generation import TransformersGenerator
-from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
+from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, run_as_two_nodes, short_questions, write_sft_dataset
 
 pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
 
@@ -176,40 +175,13 @@ def test_two_nodes_with_their_own_disks_train_one_model(tmp_path, dataset, s3_en
     running it so: the second node's tiny model had a tokenizer and no weights (transformers' save_pretrained
     writes only on global rank 0), and its rank failed to load it."""
     output = f"s3://{s3_env}/runs/two-nodes/sft"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = []
-    for rank in (0, 1):
-        node = tmp_path / f"node{rank}"
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MEDCRITICAL_WORKDIR": str(node / "work"),
-            "MEDCRITICAL_CACHE": str(node / "cache"),
-            # What Trainer's torch-distributed runtime gives each node; torchrun reads them as its defaults.
-            "PET_NNODES": "2",
-            "PET_NPROC_PER_NODE": "1",
-            "PET_NODE_RANK": str(rank),
-            "PET_MASTER_ADDR": "127.0.0.1",
-            "PET_MASTER_PORT": str(port),
-        }
-        command = [sys.executable, "-m", "torch.distributed.run", "-m", "medcritical.cli", "sft"]
-        command += ["--dataset", str(dataset), "--model", "tiny", "--output", output]
-        for setting in ("run.threads=1", "sft.lora.enabled=false", f"sft.trainer.max_length={MAX_LENGTH}"):
-            command += ["--set", setting]
-        command += ["--set", "sft.trainer.max_steps=2", "--set", "sft.trainer.per_device_train_batch_size=1"]
-        command += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
-        log = open(node.parent / f"node{rank}.log", "w")  # noqa: SIM115 (closed after the wait below)
-        nodes.append((subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    for process, log in nodes:
-        try:
-            process.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-    logs = [(tmp_path / f"node{rank}.log").read_text()[-3000:] for rank in (0, 1)]
-    assert [p.returncode for p, _ in nodes] == [0, 0], "\n---\n".join(logs)
+    args = ["sft", "--dataset", str(dataset), "--model", "tiny", "--output", output]
+    for setting in ("run.threads=1", "sft.lora.enabled=false", f"sft.trainer.max_length={MAX_LENGTH}"):
+        args += ["--set", setting]
+    args += ["--set", "sft.trainer.max_steps=2", "--set", "sft.trainer.per_device_train_batch_size=1"]
+    args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
+    nodes = run_as_two_nodes(tmp_path, args, timeout_s=TIMEOUT_S, own_cache=True)
+    assert [code for code, _ in nodes] == [0, 0], "\n---\n".join(log[-3000:] for _, log in nodes)
 
     from medcritical.storage import materialize
 
