@@ -13,7 +13,8 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -187,6 +188,19 @@ def read_object_or_none(client: Minio, uri: S3Uri) -> bytes | None:
             response.release_conn()
 
     return with_retries(get, what=f"read {uri}")
+
+
+@contextmanager
+def s3_session(uri: str, max_workers: int = 1) -> Iterator[tuple[S3Uri, Minio]]:
+    """(the parsed `uri`, a client for it) for a few requests; any error inside becomes a StorageError that says
+    what to do (`explain`), naming `uri`."""
+    target = parse_s3_uri(uri)
+    settings = S3Settings.from_env(uri)
+    client = connect(settings, uri, max_workers)
+    try:
+        yield target, client
+    except Exception as exc:
+        raise explain(exc, uri, settings) from exc
 
 
 def explain(exc: BaseException, uri: str, settings: S3Settings) -> StorageError:

@@ -21,7 +21,7 @@ from minio import Minio
 from medcritical.io.fingerprint import FINGERPRINT_FILE, describe_changes
 from medcritical.io.lock import LOCK_FILE
 from medcritical.io.manifest import MANIFEST_NAME, FileEntry, checksum, encode, read_manifest
-from medcritical.storage.client import S3Settings, connect, explain, read_object_or_none, with_retries
+from medcritical.storage.client import S3Settings, connect, explain, read_object_or_none, s3_session, with_retries
 from medcritical.storage.errors import ChecksumMismatchError, ObjectNotFoundError, OutputTakenError, StorageConfigError
 from medcritical.storage.transfer import (
     DEFAULT_MAX_WORKERS,
@@ -53,19 +53,14 @@ def check_output(uri: str) -> None:
     Call it as the output's one writer (the step holds the folder's lock): another writer's upload in
     progress under the same URI would be aborted too.
     """
-    target = parse_s3_uri(uri)
-    settings = S3Settings.from_env(uri)
-    client = connect(settings, uri, 1)
-    probe = target.prefix + PROBE_PREFIX + uuid.uuid4().hex[:12]
-    try:
+    with s3_session(uri) as (target, client):
+        probe = target.prefix + PROBE_PREFIX + uuid.uuid4().hex[:12]
         with_retries(
             lambda: client.put_object(target.bucket, probe, io.BytesIO(b"probe"), 5),
             what=f"write a probe object under {target}",
         )
         with_retries(lambda: client.remove_object(target.bucket, probe), what=f"remove the probe object under {target}")
         abort_abandoned_uploads(client, target)
-    except Exception as exc:
-        raise explain(exc, uri, settings) from exc
     log.debug("%s: writable (probe object written and removed)", target)
 
 
