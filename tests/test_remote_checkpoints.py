@@ -27,12 +27,8 @@ from medcritical.selfplay.stage import DPO
 from medcritical.stage import OUTPUT_URI, Stage
 from medcritical.storage import materialize
 from medcritical.storage.folders import is_complete_folder, list_folders, read_small_object
-from medcritical.training.remote_checkpoints import (
-    CheckpointUploader,
-    RotateOnEveryNode,
-    checkpoint_step,
-    restore_checkpoint,
-)
+from medcritical.training.common import checkpoint_step
+from medcritical.training.remote_checkpoints import CheckpointUploader, RotateOnEveryNode, restore_checkpoint
 from medcritical.training.stage import SFT
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, run_as_two_nodes, short_questions, write_sft_dataset
 from tests.test_faults import assert_ok, kill_when, medcritical, start

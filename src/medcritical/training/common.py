@@ -178,6 +178,20 @@ def stop_on_token(model, token_id: int) -> None:
         config.eos_token_id = [*eos, token_id] if eos else token_id
 
 
+CHECKPOINT_PREFIX = "checkpoint-"  # the trainer's checkpoint folders: checkpoint-<global step>
+
+
+def checkpoint_step(name: str) -> int | None:
+    """N of a `checkpoint-N` folder name; None for any other name."""
+    step = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(step) if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else None
+
+
+def newest_checkpoints_first(names) -> list[str]:
+    """The `checkpoint-N` names among `names`, highest N first."""
+    return sorted((n for n in names if checkpoint_step(n) is not None), key=checkpoint_step, reverse=True)
+
+
 def find_resumable_checkpoint(checkpoints_dir: str | Path) -> str | None:
     """The newest complete `checkpoint-N` folder (trainer_state.json is written last), or None.
 
@@ -186,12 +200,8 @@ def find_resumable_checkpoint(checkpoints_dir: str | Path) -> str | None:
     folder = Path(checkpoints_dir)
     if not folder.is_dir():
         return None
-    candidates = sorted(
-        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for checkpoint in candidates:
+    for name in newest_checkpoints_first(p.name for p in folder.iterdir() if p.is_dir()):
+        checkpoint = folder / name
         if (checkpoint / "trainer_state.json").is_file():
             return str(checkpoint)
         log.warning(

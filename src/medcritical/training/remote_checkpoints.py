@@ -47,11 +47,10 @@ from medcritical.storage.folders import (
     remove_folder,
     write_small_object,
 )
-from medcritical.training.common import find_resumable_checkpoint
+from medcritical.training.common import CHECKPOINT_PREFIX, find_resumable_checkpoint, newest_checkpoints_first
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 # A download lands here first and is renamed to checkpoint-N when whole: a pod killed while downloading
 # must not leave a folder that looks resumable (its trainer_state.json may already be in place).
 _DOWNLOADING_PREFIX = ".downloading-"
@@ -87,16 +86,9 @@ def canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
-def checkpoint_step(name: str) -> int | None:
-    """N of a `checkpoint-N` folder name; None for any other name."""
-    step = name.removeprefix(CHECKPOINT_PREFIX)
-    return int(step) if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else None
-
-
 def remote_checkpoints(checkpoints_uri: str) -> list[str]:
     """The `checkpoint-N` folders under `checkpoints_uri`, complete or not, newest (highest N) first."""
-    names = [n for n in list_folders(checkpoints_uri) if checkpoint_step(n) is not None]
-    return sorted(names, key=checkpoint_step, reverse=True)
+    return newest_checkpoints_first(list_folders(checkpoints_uri))
 
 
 # ---------------------------------------------------------------------------------------------
