@@ -11,6 +11,7 @@ from medcritical.distill.config import DistillSection
 from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
 from medcritical.distill.teachers import ExplanationTeacher
 from medcritical.distill.traces import DistillPrompts, parse_template, split_reasoning
+from medcritical.errors import InputError
 from medcritical.evaluation.evaluate import mcq_messages
 from medcritical.grader import grade_answer
 from medcritical.io.fingerprint import ResumeMismatch
@@ -224,3 +225,12 @@ def test_templates_that_state_an_answer_or_are_empty_are_refused():
     for language in ("zh", "en"):  # the explanations backend's fixed template passes its own check
         text = DistillPrompts.load(language).explanation_template.text
         assert parse_template(ChatReply(content=text), {"A": "", "B": "", "C": "", "D": "", "E": ""})[0] == text
+
+
+def test_questions_without_any_explanation_are_refused_not_an_empty_sft_set(bundled, tmp_path):
+    questions = [replace(q, explanation="") for q in bundled[:4]]
+    with pytest.raises(InputError, match="none of the 4 questions asked has an expert explanation"):
+        distill(DistillSection(backend="explanations"), questions, tmp_path)
+    # The rejections are kept for the user to read; the rerun with explanations is not refused as another setup.
+    assert len(read_jsonl(tmp_path / REJECTED_FILE)) == 4
+    assert distill(DistillSection(backend="explanations"), bundled[:4], tmp_path)["accepted"] == 4

@@ -27,8 +27,12 @@ SESSION, REPLY = "session", "reply"  # event kinds (a session: one run of the st
 
 
 def question_fingerprint(question: Question) -> str:
-    """Changes when the question's text, options or answer change (a reused id is not the same question)."""
-    payload = json.dumps([question.question, question.options, question.answer], ensure_ascii=False)
+    """Changes when the question's text, options, answer or expert explanation change (a reused id is not the
+    same question; the explanations teacher's trace is the explanation, so a file with explanations added is
+    asked again)."""
+    payload = json.dumps(
+        [question.question, question.options, question.answer, question.explanation], ensure_ascii=False
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
 

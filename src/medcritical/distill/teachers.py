@@ -162,6 +162,8 @@ class ExplanationTeacher:
             "source": "the dataset's expert explanations and gold answers",
         }
 
+        self.traces_written = self.without_explanation = 0
+
     def close(self) -> None:
         pass  # nothing held
 
@@ -174,9 +176,22 @@ class ExplanationTeacher:
                 explanation = question.explanation.strip()[: self.max_chars]
                 content = f"<think>\n{explanation}\n{THINK_END}\n答案：{question.answer}"
                 reply = ChatReply(content=content, finish_reason="stop")
+                self.traces_written += 1
             else:
                 reply = ChatReply(error="the question has no expert explanation in the data")
+                self.without_explanation += 1
             on_reply(request, reply)
+
+    def raise_if_failed(self) -> None:
+        """Questions without an explanation are rejected one by one; a file with none at all is the wrong input
+        for this teacher, not an empty SFT set to train on."""
+        if self.without_explanation and not self.traces_written:
+            raise InputError(
+                f"none of the {self.without_explanation} questions asked has an expert explanation: "
+                "distill.backend 'explanations' writes traces from CMExam's Explanation column; give questions "
+                "that carry it (prepare-data keeps it), or use a model teacher (distill.backend openai, "
+                "transformers or vllm)"
+            )
 
 
 def build_teacher(config: DistillSection, prompts: DistillPrompts, *, device: str = "auto") -> Teacher:
