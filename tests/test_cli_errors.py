@@ -1,6 +1,8 @@
 """What the `medcritical` command shows for an error: a UserError is one sentence and exit 2; anything
 else, even a ValueError raised inside the package, is a bug: its traceback and exit 1."""
 
+import pytest
+
 import medcritical.cli.common as common
 from medcritical.cli import is_user_error, main
 
@@ -34,3 +36,15 @@ def test_an_unknown_stage_is_named_with_the_declared_stages(capsys):
     assert main(["stage", "prepare-data", "--output", "x"]) == 2
     err = capsys.readouterr().err
     assert "stage 'prepare-data': no such stage; the stages are " + ", ".join(STAGES) in err
+
+
+def test_compile_refuses_an_output_kfp_cannot_write_before_compiling(tmp_path, capsys):
+    """KFP writes a pipeline with Kubernetes settings only as YAML: a folder or a .json path was a ValueError
+    traceback from inside KFP after the whole compile."""
+    for output in (f"{tmp_path}/", str(tmp_path / "pipeline.json"), " "):
+        with pytest.raises(SystemExit) as exited:
+            main(["compile", "--output", output])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --output" in err and "ending in .yaml" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -33,7 +33,9 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
         "would not fit its recipe).",
     )
     add_recipe_arguments(compile_)
-    compile_.add_argument("--output", default=COMPILED, help=f"where to write the YAML (default {COMPILED})")
+    compile_.add_argument(
+        "--output", default=COMPILED, type=_yaml_file, help=f"where to write the YAML (default {COMPILED})"
+    )
     _add_cluster_arguments(compile_)
     compile_.set_defaults(func=_compile)
 
@@ -67,6 +69,18 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
     )
     _add_cluster_arguments(submit)
     submit.set_defaults(func=_submit)
+
+
+def _yaml_file(value: str) -> str:
+    """The compiled pipeline's path: KFP writes it only as YAML (the Kubernetes settings need it)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("blank; give a file path ending in .yaml, e.g. pipelines/medcritical.yaml")
+    if not value.endswith((".yaml", ".yml")):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: the pipeline is written as YAML only; give a file path ending in .yaml, "
+            "e.g. pipelines/medcritical.yaml"
+        )
+    return value
 
 
 def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
