@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -49,6 +50,8 @@ def run_locally(recipe: Recipe) -> Path:
     from kfp import local
 
     root = recipe.run.root
+    if storage.is_s3(root):  # credentials, bucket and write permission, before any task starts
+        storage.check_output(root)
     # KFP's local runner needs a local pipeline_root (an s3:// root silently becomes a folder "s3:"):
     # it only holds KFP's own small outputs; the steps write to run.output_dir themselves.
     kfp_root = Path(tempfile.mkdtemp(prefix="kfp-")) if storage.is_s3(root) else Path(root) / "kfp-local"
@@ -69,17 +72,51 @@ def run_locally(recipe: Recipe) -> Path:
                     "ignore", message=".*(non-Python base image|no effect in the current local runner)"
                 )
                 _pipeline(recipe)()
-        except Exception:
+        except Exception as e:
             echo.flush()
             log_file.flush()
-            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
-            log.error("the pipeline failed; the end of %s:\n%s", log_path, "\n".join(tail))
+            text = log_path.read_text(encoding="utf-8", errors="replace")
+            log.error("the pipeline failed; the end of %s:\n%s", log_path, "\n".join(text.splitlines()[-40:]))
+            failed = failed_task_error(str(e), text)
+            if failed:
+                raise failed from e
             raise
     log.info("pipeline finished in %.0f s", time.perf_counter() - started)
     report_uri = join_uri(root, REPORT.folder)
     if storage.is_s3(report_uri):
         return storage.materialize(report_uri, Path(tempfile.mkdtemp(prefix="report-")))
     return Path(report_uri)
+
+
+# A task's own error, as the step's process printed it last: `medcritical.storage.errors.StorageConfigError: ...`.
+_STEP_ERROR = re.compile(r"^\s*(?P<module>medcritical(?:\.\w+)*)\.(?P<name>\w+): (?P<message>.+)$")
+_FAILED_TASK = re.compile(r"Inner task failed: '(?P<task>[^']+)'")
+
+
+class TaskFailed(UserError, RuntimeError):
+    """A task of `medcritical run` stopped on an input or setting the user fixes; its message is the task's."""
+
+
+def failed_task_error(runner_message: str, log_text: str) -> TaskFailed | None:
+    """What the user fixes when KFP's local runner says a task failed: the error the task's step raised, when
+    it is one of the project's user errors (shown as one sentence, exit 2, like the step run on its own);
+    None for anything else (a bug keeps its traceback)."""
+    task = _FAILED_TASK.search(ConsoleEcho.ANSI.sub("", runner_message))
+    if not task:
+        return None
+    for line in reversed(ConsoleEcho.ANSI.sub("", log_text).splitlines()):
+        found = _STEP_ERROR.match(line)
+        if found:
+            break
+    else:
+        return None
+    try:
+        error_type = getattr(importlib.import_module(found["module"]), found["name"])
+    except (ImportError, AttributeError):
+        return None
+    if not (isinstance(error_type, type) and issubclass(error_type, UserError)):
+        return None
+    return TaskFailed(f"task '{task['task']}' failed: {found['message']}")
 
 
 class ConsoleEcho(io.TextIOBase):
