@@ -194,6 +194,14 @@ def test_full_eval_file_is_not_sampled_when_eval_size_is_null(tmp_path, bundled)
         prepare_data(DataSection(eval_size=None), 0, tmp_path / "o2")
 
 
+def test_an_eval_size_beyond_the_file_names_the_key_the_count_and_the_fix(tmp_path, bundled):
+    from medcritical.data.cmexam import write_questions
+
+    write_questions(bundled[:7], tmp_path / "small.jsonl")
+    with pytest.raises(DataError, match=r"data.eval_size is 100, more than the 7 usable questions .*small.jsonl gave"):
+        prepare_data(DataSection(source=str(tmp_path / "small.jsonl"), eval_size=100), 0, tmp_path / "out")
+
+
 def test_near_duplicates_are_caught_and_distinct_questions_are_not(bundled):
     from dataclasses import replace
 

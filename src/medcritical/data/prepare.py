@@ -38,6 +38,11 @@ def prepare_data(config: DataSection, seed: int, output_dir: str | Path) -> dict
             raise DataError(
                 "data.eval_size is null but there is no data.eval_source: name the evaluation file, or give a number of questions to split off"
             )
+        if config.eval_size > len(loaded.questions):
+            raise DataError(
+                f"data.eval_size is {config.eval_size}, more than the {len(loaded.questions)} usable questions "
+                f"{config.source} gave: lower data.eval_size (the rest trains), or give a larger data.source"
+            )
         train, evaluation = split_questions(loaded.questions, config.eval_size, seed)
     # Against the whole training pool, before train_size samples it.
     leaks = find_leaks(train, evaluation)
