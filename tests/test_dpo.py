@@ -204,6 +204,19 @@ def test_bad_pairs_file_names_row_and_fix(tmp_path):
         read_pairs(tmp_path / "pairs.jsonl")
 
 
+def test_pairs_that_prefer_nothing_or_hold_no_text_are_refused_by_line(tmp_path):
+    user, answer = [{"role": "user", "content": "q"}], [{"role": "assistant", "content": "答案：A"}]
+    good = {"prompt": user, "chosen": answer, "rejected": [{"role": "assistant", "content": "答案：B"}]}
+    rows = [good, {"prompt": user, "chosen": answer, "rejected": answer}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"line 2: chosen and rejected are the same conversation"):
+        read_pairs(tmp_path / "pairs.jsonl")
+    rows[1] = good | {"chosen": [{"role": "assistant", "content": 5}]}
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"line 2: chosen must be a non-empty list of chat messages"):
+        read_pairs(tmp_path / "pairs.jsonl")
+
+
 def test_best_margin_before_training_is_reported_not_hidden():
     from medcritical.training.dpo import _warnings
 

@@ -25,16 +25,22 @@ def read_pairs(path: str | Path) -> list[dict]:
             if not (
                 isinstance(row.get(c), list)
                 and row[c]
-                and all(isinstance(m, dict) and "role" in m and "content" in m for m in row[c])
+                and all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in row[c])
             )
         ]
         if bad:
             raise InputError(
                 f"{path}: line {number}: {', '.join(bad)} must be a non-empty list of chat messages "
-                "({role, content}); pairs come from `medcritical rollout` / `medcritical pairs`"
+                "({role, content: text}); pairs come from `medcritical rollout` / `medcritical pairs`"
             )
         if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
             raise InputError(f"{path}: line {number}: chosen and rejected must end with an assistant message")
+        if row["chosen"] == row["rejected"]:
+            # DPO's loss has no gradient on such a pair: it would train on nothing and report a margin of 0.
+            raise InputError(
+                f"{path}: line {number}: chosen and rejected are the same conversation, so the pair prefers "
+                "nothing; remove the line (pairs from `medcritical rollout` always differ)"
+            )
         pairs.append({c: row[c] for c in PAIR_COLUMNS})
     return pairs
 
