@@ -174,7 +174,8 @@ def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
 ):
     run_root = f"s3://{s3_env}/runs/preempted"
     output, remote = f"{run_root}/sft", f"{run_root}/sft/checkpoints"
-    args = sft_args(dataset, tiny_model, output, f"run.output_dir={run_root}")
+    # Kept after the model is published, to check their rotation (the DPO test below checks their removal).
+    args = sft_args(dataset, tiny_model, output, f"run.output_dir={run_root}", "sft.keep_checkpoints=true")
     client = s3_server.client()
 
     def uploaded(step: int) -> bool:
@@ -199,6 +200,85 @@ def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
     local = tmp_path / "uninterrupted"
     assert_ok(medcritical(tmp_path, *sft_args(dataset, tiny_model, str(local))))
     expected = json.loads((local / "sft_metrics.json").read_text())["loss_curve"]
+    after = [p for p in metrics["loss_curve"] if p["step"] > killed_at]
+    assert [p["step"] for p in after] == [p["step"] for p in expected if p["step"] > killed_at]
+    for got, want in zip(after, [p for p in expected if p["step"] > killed_at]):
+        assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
+    resumed = load_file(materialize(output, tmp_path / "downloaded") / "model" / "model.safetensors")
+    uninterrupted = load_file(local / "model" / "model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, atol=RESUME_TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, bundled):
+    """Preference pairs on short questions: the gold letter chosen, another letter rejected."""
+    rows = []
+    for question in short_questions(bundled, 24):
+        prompt = [{"role": "user", "content": f"{question.question}\n" + "\n".join(question.options.values())}]
+        wrong = next(letter for letter in question.options if letter not in question.answer)
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": f"答案：{question.answer}"}],
+                "rejected": [{"role": "assistant", "content": f"答案：{wrong}"}],
+            }
+        )
+    path = tmp_path_factory.mktemp("dpo-pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def dpo_args(pairs: Path, model: Path, output: str, *settings: str) -> list[str]:
+    args = ["dpo", "--pairs", str(pairs), "--model", str(model), "--output", output]
+    for setting in (
+        "run.device=cpu",
+        "run.threads=1",
+        "selfplay.dpo.lora.enabled=false",
+        f"selfplay.dpo.trainer.max_length={MAX_LENGTH}",
+        "selfplay.dpo.trainer.per_device_train_batch_size=2",
+        "selfplay.dpo.trainer.learning_rate=1e-3",
+        f"selfplay.dpo.trainer.max_steps={STEPS}",
+        "selfplay.dpo.trainer.save_steps=2",
+        "selfplay.dpo.trainer.logging_steps=1",
+        *settings,
+    ):
+        args += ["--set", setting]
+    return args
+
+
+@pytest.mark.slow
+def test_dpo_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(tmp_path, s3_env, s3_server, tiny_model, pairs):
+    """DPO as SFT above: killed once a checkpoint is in S3, its local work folder lost, rerun on the same output.
+    The reference model is the starting model in both runs, so the resumed run ends where an uninterrupted one does."""
+    run_root = f"s3://{s3_env}/runs/preempted-dpo"
+    output, remote = f"{run_root}/dpo", f"{run_root}/dpo/checkpoints"
+    args = dpo_args(pairs, tiny_model, output, f"run.output_dir={run_root}")
+    client = s3_server.client()
+
+    def uploaded(step: int) -> bool:
+        key = f"runs/preempted-dpo/dpo/checkpoints/checkpoint-{step}/{MANIFEST_NAME}"
+        return any(o.object_name == key for o in client.list_objects(s3_env, prefix=key))
+
+    proc = start(tmp_path, *args)
+    kill_when(proc, lambda: uploaded(2), "checkpoint-2 uploaded to S3")
+    killed_at = max(checkpoint_step(n) for n in list_folders(remote) if uploaded(checkpoint_step(n)))
+    assert killed_at < STEPS and read_small_object(f"{output}/{MANIFEST_NAME}") is None  # killed mid-run
+    shutil.rmtree(tmp_path / "work")  # a fresh pod
+
+    rerun = medcritical(tmp_path, *args)
+    assert_ok(rerun)
+    assert f"downloaded {remote}/checkpoint-{killed_at}" in rerun.stderr
+    metrics = json.loads(read_small_object(f"{output}/dpo_metrics.json"))
+    assert metrics["resumed_from"] == f"checkpoint-{killed_at}"
+    assert metrics["steps"] == STEPS and metrics["steps_this_session"] == STEPS - killed_at
+    # The model is published: the checkpoints mirrored for a new pod are removed (selfplay.dpo.keep_checkpoints).
+    assert list(client.list_objects(s3_env, prefix="runs/preempted-dpo/dpo/checkpoints/", recursive=True)) == []
+    assert read_small_object(f"{output}/model/config.json") is not None
+
+    local = tmp_path / "uninterrupted"
+    assert_ok(medcritical(tmp_path, *dpo_args(pairs, tiny_model, str(local))))
+    expected = json.loads((local / "dpo_metrics.json").read_text())["loss_curve"]
     after = [p for p in metrics["loss_curve"] if p["step"] > killed_at]
     assert [p["step"] for p in after] == [p["step"] for p in expected if p["step"] > killed_at]
     for got, want in zip(after, [p for p in expected if p["step"] > killed_at]):

@@ -121,7 +121,22 @@ def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str]
         result = stage.run(recipe, out, **paths, **options)
         if stage.unchanged_model and result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(uris.get(stage.unchanged_model) or recipe.model.base, encoding="utf-8")
-        return result
+    _discard_remote_resume_state(stage, recipe, output_uri)
+    return result
+
+
+def _discard_remote_resume_state(stage: Stage, recipe: Recipe, output_uri: str) -> None:
+    """Once a training stage's output is published, the checkpoints it mirrored beside it in S3 (its `local_only`
+    folders, for a new pod to resume from) have done their work: removed, unless the recipe section keeps them
+    (`keep_checkpoints`). At 7B full fine-tuning each one holds about 100 GB of optimizer state."""
+    if not (storage.is_s3(output_uri) and is_main_process() and stage.local_only):
+        return
+    if getattr(recipe_value(recipe, stage.section), "keep_checkpoints", True):
+        return
+    from medcritical.storage.folders import remove_folder
+
+    for folder in stage.local_only:
+        remove_folder(f"{output_uri.rstrip('/')}/{folder}")
 
 
 def local_inputs(stage: Stage, recipe: Recipe, uris: dict[str, str]) -> dict[str, Path | None]:

@@ -164,6 +164,10 @@ class SFTSection(Section):
     on_too_long: Literal["drop", "truncate"] = "drop"
     # A rerun with the same output folder continues from the newest complete checkpoint.
     resume: bool = True
+    # With an s3:// output the checkpoints are mirrored to <output>/checkpoints/ while training runs, for a new
+    # pod to resume from; once the model is published they are removed (each holds the optimizer state: about
+    # 100 GB at 7B full fine-tuning). true keeps them.
+    keep_checkpoints: bool = False
 
     @field_validator("trainer")
     @classmethod
@@ -191,6 +195,7 @@ class DPOSection(Section):
     # At the end, load the checkpoint with the best held-out margin (a checkpoint is then saved at every
     # evaluation, replacing trainer.save_steps); off keeps the last step's weights.
     restore_best: bool = True
+    keep_checkpoints: bool = False  # as sft.keep_checkpoints
 
     @field_validator("trainer")
     @classmethod

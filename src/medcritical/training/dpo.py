@@ -243,7 +243,7 @@ def train_dpo(
     deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
     fingerprint = {
-        "settings": config.model_dump(mode="json"),
+        "settings": config.model_dump(mode="json", exclude={"keep_checkpoints"}),  # the model the same either way
         "seed": seed,
         "pairs": file_sha256(Path(pairs_path)),
         "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,

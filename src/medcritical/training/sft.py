@@ -191,7 +191,7 @@ def training_rows(conversations: list[list[dict]], facts, source: str) -> list[d
 def _fingerprint(config: SFTSection, dataset_path: str | Path, model_path: Path, seed: int) -> dict[str, Any]:
     """What the checkpoints and the model depend on: resuming under other settings, data or base weights is refused."""
     return {
-        "settings": config.model_dump(mode="json", exclude={"resume"}),
+        "settings": config.model_dump(mode="json", exclude={"resume", "keep_checkpoints"}),  # the model the same
         "seed": seed,
         "dataset": file_sha256(Path(dataset_path)),
         "model": model_fingerprint(model_path),
