@@ -232,6 +232,8 @@ def test_paper_arms_run_the_comparison():
         r = load_recipe(RECIPES / f"paper-7b-selfplay-{arm}.yaml")
         assert r.data.eval_source and r.data.eval_size is None
         assert r.selfplay.pairs.use_correct_samples is False
+        # The paper's 1,000 pairs (SP-Huatuo's max_samples): without it an arm trains on every pair it built.
+        assert r.selfplay.pairs.max_pairs == paper.selfplay.pairs.max_pairs == 1000
         assert r.data.train_size == paper.data.train_size == 3000
         assert r.selfplay.corrector == arm
         assert r.selfplay.dpo.settings == paper.selfplay.dpo.settings
