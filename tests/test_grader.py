@@ -119,3 +119,51 @@ def test_no_answer_is_wrong_even_when_gold_is_empty():
 def test_final_answer_text_is_what_follows_the_last_think_end():
     assert final_answer_text("<think>a</think>b</think>c") == "c"
     assert final_answer_text("答案：C") == "答案：C"
+
+
+ABDOMEN = {"A": "急性胃炎", "B": "急性胰腺炎", "C": "急性肝炎", "D": "右肾结石", "E": "肝癌"}
+
+
+def test_a_reply_cut_off_in_its_option_analysis_has_not_answered():
+    """Issue 25: a reply that hit the token limit while listing options ended on "B. 急性胰腺炎", and the
+    lone option line was read as the answer B (here gold: a truncated reply graded right). Under an
+    option-by-option analysis such a line is the option analysed next, not an answer; with the token
+    limit hit, the diagnostics then count the reply as truncated."""
+    from medcritical.diagnostics import row_status
+
+    cut = (
+        "这道题考查急腹症的鉴别诊断。患者男性，饱餐后出现上腹部持续性疼痛，伴恶心呕吐，查体上腹压痛、反跳痛。\n\n"
+        "选项分析：\n\n"
+        "A. 急性胃炎：多有不洁饮食史，以上腹痛、恶心呕吐为主，一般无腹膜刺激征，与本例不符。\n"
+        "B. 急性胰腺炎"
+    )
+    grade = grade_answer(cut, "B", ABDOMEN)
+    assert (grade.predicted, grade.status, grade.correct) == ("", EMPTY, False)
+    assert row_status(grade.status, grade.predicted, hit_limit=True) == TRUNCATED
+    for heading in (
+        "我们来逐一分析各个选项：",
+        "各选项分析如下：",
+        "下面对各选项进行分析：",
+        "Let's analyze each option:",
+    ):
+        assert grade_answer(f"饱餐后上腹痛。\n\n{heading}\n\n**A. 急性胃炎**", "B", ABDOMEN).status == EMPTY, heading
+    assert grade_answer("选项分析：\nA.", "B", ABDOMEN).status == EMPTY  # cut off after the item's label
+    # Before the fix, the last option line beat the answer given above the analysis ("B" read as C).
+    assert grade_answer("B\n\n解析：\n选项分析：\nA. 急性胃炎：不符。\nC. 急性肝炎", "B", ABDOMEN).predicted == "B"
+
+
+@pytest.mark.parametrize(
+    "reply,letters",
+    [
+        ("A", "A"),
+        ("答案：A", "A"),
+        ("**A**", "A"),
+        ("A. 急性胃炎", "A"),  # a lone option line with no analysis above it is still an answer
+        ("A\n\n解析：进食不洁食物后上腹痛、呕吐，无腹膜刺激征，考虑急性胃炎。", "A"),
+        ("答案：A\n\n选项分析：\nA. 急性胃炎：符合。\nB. 急性胰腺炎", "A"),
+        ("选项分析：\nA. 急性胃炎：符合。\nB. 急性胰腺炎：不符。\n\n综上所述：\n\nA. 急性胃炎", "A"),
+        ("选项分析：\nA. 急性胃炎：符合。\nB. 急性胰腺炎：不符。\n\n**A**", "A"),
+    ],
+)
+def test_short_answers_and_concluded_analyses_are_still_read(reply, letters):
+    assert grade_answer(reply, "A", ABDOMEN).predicted == letters

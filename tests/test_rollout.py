@@ -431,3 +431,55 @@ def test_placebo_measures_chance_on_the_same_trajectories(bundled):
     low, high = stats["chance_range"]
     assert low == pytest.approx(stats["expected_by_guessing"]) and high == pytest.approx(40)
     assert stats["expected_by_guessing"] < 5  # the analytic figure: a lower bound, far below
+
+
+def test_placebo_counts_the_attempts_that_stopped_early(bundled):
+    """Issue 24 item 3, left over: a trajectory accepted for gold at attempt 1 stops there, while under the
+    placebo (its stand-in missed) it would have had attempt 2. Those attempts counted nothing, so the
+    placebo read low. They now count at the stand-in rate of attempts that ran after a stable one (same
+    prompt, fresh seed); the old figure stays as `expected_observed`, a lower bound."""
+    from medcritical.selfplay.correction import placebo_acceptance, placebo_target
+
+    question = next(q for q in bundled if not q.is_multi_answer and len(q.options) == 5)
+    rejected = next(x for x in question.options if x != question.answer)
+    questions = {question.id: question}
+    config = CorrectionSection(attempts=2, votes=3)
+    gold = question.answer
+
+    def attempt(letters, rewrite_accepted=False):
+        stable = sum(x == gold for x in letters) >= 2
+        return {
+            "votes": [{"predicted": x, "correct": x == gold} for x in letters],
+            "stable": stable,
+            "rewrite": {} if stable else None,
+            "accepted": stable and rewrite_accepted,
+            "reason": None if stable and rewrite_accepted else "rewrite_wrong" if stable else "unstable",
+        }
+
+    def target(sample):
+        return placebo_target(question, rejected, f"{question.id}#{sample}#placebo")
+
+    records = []
+    # 10 trajectories accepted at their first attempt: no second attempt ran.
+    for s in range(10):
+        records.append({"question_id": question.id, "sample": s, "attempts": [attempt([gold] * 3, True)]})
+    # 4 reached gold but their rewrite failed, so a second attempt ran: 2 of them then settled on the stand-in.
+    for s in range(10, 12):
+        records.append(
+            {"question_id": question.id, "sample": s, "attempts": [attempt([gold] * 3), attempt([target(s)] * 3)]}
+        )
+    for s in range(12, 14):
+        records.append(
+            {"question_id": question.id, "sample": s, "attempts": [attempt([gold] * 3), attempt([gold] * 3, True)]}
+        )
+    for r in records:
+        r["corrected"] = r["attempts"][-1]["accepted"]
+    placebo = placebo_acceptance(records, config, questions, {(question.id, s): rejected for s in range(14)})
+
+    follow = 12 / 16  # 12 of the 16 stable attempts had their rewrite accepted
+    # 2 seen on the stand-in, and the 10 missing second attempts at the rate of those after a stable one (2 of 4).
+    assert placebo["expected"] == pytest.approx(2 * follow + 10 * follow * 0.5)  # it was 2 * follow
+    assert placebo["expected_observed"] == pytest.approx(2 * follow)  # only the attempts that ran: a lower bound
+    assert placebo["imputed_attempts"] == 10 and placebo["imputed_rate"] == pytest.approx(0.5)
+    assert placebo["rewrite_follows"] == pytest.approx(follow)
+    assert "no rewrite is run" in placebo["rewrite_follows_from"]

@@ -143,7 +143,7 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
     assert "## Stage 2: corrections, pairs and cost" in report["markdown"]
     correction = stats["correction"]
     guessed = (
-        "| of which chance explains (analytic lower bound – placebo) | "
+        "| of which chance explains (analytic lower bound – placebo, its rewrites not run) | "
         f"{correction['expected_by_guessing']:.2f} – {correction['placebo']['expected']:.2f} |"
     )
     assert guessed in report["markdown"] and "| student tokens per pair |" in report["markdown"]

@@ -125,8 +125,9 @@ def arm_rows(arm: dict) -> dict[str, str]:
         "questions gained / lost": _movement(arm["graded_before"], arm["graded_after"]),
         "rollout pass@1 / pass@k": f"{_pct(_get(rollout, 'rollout.pass@1'))} / {_pct(_get(rollout, 'rollout.pass@k'))}",
         "corrections accepted / wrong trajectories": f"{_num(corrected)} / {_num(_get(rollout, 'correction.wrong_trajectories'))}",
-        # The analytic figure assumes independent uniform guesses: a lower bound. The placebo is measured.
-        "of which chance explains (analytic lower bound – placebo)": "-"
+        # The analytic figure assumes independent uniform guesses: a lower bound. The placebo is measured on
+        # the votes; its rewrites are assumed to follow as often as gold's (none is run from a stand-in).
+        "of which chance explains (analytic lower bound – placebo, its rewrites not run)": "-"
         if guessing is None
         else f"{guessing:.2f}"
         + (f" – {placebo:.2f}" if (placebo := _get(rollout, "correction.placebo.expected")) is not None else ""),

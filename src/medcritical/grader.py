@@ -15,7 +15,8 @@ In short:
   their line or sentence. Negated, hypothetical and questioning mentions are not statements.
 - The last explicit statement wins. Only without one does a line holding only letters count
   (``bare-line``), and only without any letters does the text of an option stated as the answer
-  (``option-text``).
+  (``option-text``). Inside an option-by-option analysis ("选项分析：" up to a conclusion), a line
+  "A. 发热" is the option analysed next, not an answer: a reply cut off there has not answered.
 - "A或B", "A or B", "ACD/ACDE" make the answer ambiguous ("A/C/D" lists ACD); letters that are not options make it invalid;
   both grade wrong, as does no answer at all.
 """
@@ -292,11 +293,43 @@ def _overlapping(pattern: re.Pattern, text: str):
 # A line holding only letters: "B", "**B**", "(B)", "A、C", "Option B", "B. 出血部位" (an echo).
 _LINE_DECORATION = re.compile(r"^[\s#>*_\-•]*|[\s*_。.!！]*$")
 
+# A line that opens an option-by-option analysis ("选项分析：", "逐项分析如下", "我们来分析各个选项",
+# "Let's analyze each option:"). Below it a line "A. 发热" names the option about to be analysed, not the
+# answer, until a line that concludes ("综上", "因此", "答案", "Therefore", ...).
+_OPTIONS_WALK = re.compile(
+    r"(?:选项|各项|逐项|逐一|逐个|各个?选项)\s*(?:分析|解析|评析|辨析|点评|排除|判断)"
+    r"|分析\s*(?:一下)?\s*(?:各个?|每个|每一个?|所有|以下|下列)?\s*选项"
+    r"|对\s*(?:各个?|每个|所有)?\s*选项\s*(?:进行)?\s*(?:逐一|逐个)?\s*(?:分析|解析)"
+    r"|(?i:\boptions?[- ]analysis|\banalysis\s+of\s+(?:each|the|all)\s+(?:of\s+the\s+)?options"
+    r"|\b(?:analy[sz]e|examine|evaluate|go\s+through|look\s+at)\s+(?:each|the|all)\s+(?:of\s+the\s+)?options?\b"
+    r"|\boption[- ]by[- ]option)"
+)
+_WALK_END = re.compile(
+    r"^[\s#>*_\-•]*(?:综上|总之|因此|所以|故|总结|结论|最终|答案|正确|【答案】|"
+    r"(?i:therefore|in\s+(?:conclusion|summary)|overall|so\b|thus|hence|final|the\s+(?:correct\s+)?answer))"
+)
+# "A." / "A、" / "A：" / "(A)": a list item's label.
+_ITEM_LABEL = re.compile(r"[A-Z]\s*[.．、:：)）]\s*[*_]*\s*$")
+
+
+def _in_options_walk(lines: list[str]) -> list[bool]:
+    """Per line: whether it sits in an option-by-option analysis (after its opening line, before a
+    conclusion)."""
+    walking, inside = False, []
+    for line in lines:
+        if _WALK_END.match(line):
+            walking = False
+        inside.append(walking)
+        if _OPTIONS_WALK.search(line):
+            walking = True
+    return inside
+
 
 def _bare_lines(text: str, options: dict[str, str]) -> list[_Statement]:
     letter_lines, echo_lines = [], []
     offset = 0
-    for line in text.split("\n"):
+    lines = text.split("\n")
+    for line, walking in zip(lines, _in_options_walk(lines)):
         body = _LINE_DECORATION.sub("", line)
         start = offset + len(line) - len(line.lstrip())
         offset += len(line) + 1
@@ -305,9 +338,12 @@ def _bare_lines(text: str, options: dict[str, str]) -> list[_Statement]:
             continue
         rest = body[letters.end :].strip(" \t.、:：,，-–—")
         statement = _Statement(start, letters, "bare-line")
+        echo = len(letters.letters) == 1 and bool(rest) and _norm(rest) == _norm(options.get(letters.letters, "\0"))
+        if walking and len(letters.letters) == 1 and (echo or _ITEM_LABEL.search(line.strip())):
+            continue  # "选项分析：\nA. 发热": the option being analysed (a reply cut off here has not answered)
         if not rest:
             letter_lines.append(statement)
-        elif len(letters.letters) == 1 and _norm(rest) == _norm(options.get(letters.letters, "\0")):
+        elif echo:
             echo_lines.append(statement)
     # An echo line "C. 出血量" is an answer; several different ones are the options listed again.
     if len({s.letters.letters for s in echo_lines}) > 1:
@@ -344,9 +380,10 @@ def _option_text(text: str, options: dict[str, str]) -> tuple[str, bool, int] | 
     ]
     # A line that is one option's text ("MRI"); lines naming different options are a list ("CT\nMRI").
     lines, offset = [], 0
-    for line in text.split("\n"):
+    text_lines = text.split("\n")
+    for line, walking in zip(text_lines, _in_options_walk(text_lines)):
         named = {k for k, t in options.items() if _norm(t) and _norm(line) == _norm(t)}
-        if named:
+        if named and not walking:  # under "选项分析：" a line "发热" is the option analysed next
             lines.append((offset, line, named.pop()))
         offset += len(line) + 1
     if len({letter for _, _, letter in lines}) == 1:

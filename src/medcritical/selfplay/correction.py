@@ -329,26 +329,69 @@ def placebo_acceptance(
     records: Sequence[dict], config: CorrectionSection, questions: Mapping[str, Question], rejected: Mapping
 ) -> dict:
     """Chance, measured on the same trajectories: how many would have been accepted had the gold been
-    another wrong option (`placebo_target`). Per recorded attempt: were `needed_votes` of the real votes
-    on the stand-in, times the share of stable attempts whose rewrite was accepted (a rewrite reads an
-    analysis that states its letter, so it follows it about that often). A corrector that only guessed
-    among the options it was not told are wrong would be accepted as often for the stand-in as for gold;
-    the analytic `expected_by_guessing` assumes independent uniform votes and rewrite, and is lower."""
+    another wrong option (`placebo_target`). Per attempt: were `needed_votes` of the real votes on the
+    stand-in, times `rewrite_follows`. A corrector that only guessed among the options it was not told are
+    wrong would be accepted as often for the stand-in as for gold; the analytic `expected_by_guessing`
+    assumes independent uniform votes and rewrite, and is lower.
+
+    Attempts that did not run: the real run stops at the first attempt accepted for gold, where the placebo
+    (its stand-in missed) would have gone on to attempt M. Every attempt of a trajectory asks the same prompt
+    on a fresh seed, so a missing attempt counts at `imputed_rate`: the share of attempts that ran after a
+    stable one (the corrector had reached gold, as in the trajectories that stopped) whose votes settled on
+    the stand-in; with none recorded, the share of first attempts (every trajectory has one). `expected`
+    counts them; `expected_observed` counts only attempts that ran (a lower bound).
+
+    Not measured, assumed: `rewrite_follows` is the share of stable attempts whose rewrite was accepted,
+    measured on rewrites of gold-reaching analyses; no rewrite is run from a stand-in's analysis."""
+    need = config.needed_votes
     stable = [a for r in records for a in r["attempts"] if a["stable"] and a["rewrite"] is not None]
     follow = sum(a["accepted"] for a in stable) / len(stable) if stable else 1.0  # none seen: assume it follows
-    expected, trajectories = 0.0, 0
+    targets = {}
     for r in records:
-        key = (r["question_id"], r["sample"])
+        key = _key(r)
         target = placebo_target(questions[r["question_id"]], rejected.get(key, ""), f"{key[0]}#{key[1]}#placebo")
+        if target is not None:
+            targets[key] = target
+
+    def on_target(attempt: dict, target: str) -> bool:
+        return sum(v["predicted"] == target for v in attempt["votes"]) >= need
+
+    after_stable = [
+        on_target(later, targets[key])
+        for r in records
+        if (key := _key(r)) in targets
+        for earlier, later in zip(r["attempts"], r["attempts"][1:])
+        if earlier["stable"]
+    ]
+    first = [
+        on_target(r["attempts"][0], targets[key]) for r in records if (key := _key(r)) in targets and r["attempts"]
+    ]
+    sample, source = (after_stable, "attempts after a stable one") if after_stable else (first, "first attempts")
+    rate = sum(sample) / len(sample) if sample else 0.0
+    expected = observed = 0.0
+    imputed = 0
+    for r in records:
+        target = targets.get(_key(r))
         if target is None:
             continue
-        trajectories += 1
         missed = 1.0
         for attempt in r["attempts"]:
-            on_target = sum(v["predicted"] == target for v in attempt["votes"])
-            missed *= 1 - (follow if on_target >= config.needed_votes else 0.0)
-        expected += 1 - missed
-    return {"expected": expected, "trajectories": trajectories, "rewrite_follows": follow}
+            missed *= 1 - (follow if on_target(attempt, target) else 0.0)
+        observed += 1 - missed
+        # Attempts stop only at an accepted one: the placebo would have run the rest.
+        left = max(0, config.attempts - len(r["attempts"])) if r["attempts"] and r["attempts"][-1]["accepted"] else 0
+        imputed += left
+        expected += 1 - missed * (1 - follow * rate) ** left
+    return {
+        "expected": expected,
+        "expected_observed": observed,
+        "trajectories": len(targets),
+        "imputed_attempts": imputed,
+        "imputed_rate": rate,
+        "imputed_rate_from": f"{source} (n={len(sample)})",
+        "rewrite_follows": follow,
+        "rewrite_follows_from": "rewrites of gold-reaching analyses (no rewrite is run from a stand-in's)",
+    }
 
 
 def correction_statistics(

@@ -208,7 +208,8 @@ def run_rollout(
     r, c = stats["rollout"], stats["correction"]
     log.info(
         "rollout: pass@1 %.3f, pass@%d %.3f, all wrong %.3f, all right %.3f; %d/%d wrong trajectories corrected "
-        "(by chance: %s analytic lower bound, %s placebo); %d pairs",
+        "(by chance: %s analytic lower bound, %s placebo: %s on attempts that ran + %s attempts that stopped early "
+        "counted at the measured rate, rewrites assumed to follow, not run); %d pairs",
         r["pass@1"],
         rollout.samples_per_question,
         r["pass@k"],
@@ -218,6 +219,8 @@ def run_rollout(
         len(wrong),
         f"{c['expected_by_guessing']:.1f}" if "expected_by_guessing" in c else "-",
         f"{c['placebo']['expected']:.1f}" if "placebo" in c else "-",
+        f"{c['placebo']['expected_observed']:.1f}" if "placebo" in c else "-",
+        c["placebo"]["imputed_attempts"] if "placebo" in c else "-",
         stats["pairs"]["pairs"],
     )
     return stats

@@ -512,4 +512,13 @@ CASES = [
     ),
     (Q, "option-text", "34", "C", A, "Most likely diagnosis: «C»"),
     (H, "option-text", "24", "B", A, "## Thinking\n\nTransient ST elevation...\n\n## Final Response\n\nDiagnosis: «B»"),
+    # issue 25: a reply that stops where its option-by-option analysis starts has not answered
+    (
+        Q,
+        "bare-line",
+        "3",
+        "",
+        E_,
+        "Pain after a heavy meal with rebound tenderness.\n\nLet's analyze each option:\n\nA. «A»",
+    ),
 ]

@@ -664,4 +664,50 @@ CASES = [
     (Q, "option-text", "24", "B", A, "所以本题应该选«B»。"),
     (Q, "option-text", "34", "", E_, "鉴别诊断：«A»、«E»。\n需进一步完善检查。"),
     (Q, "option-text", "34", "", I, "最可能的诊断：«A»或«C»，需结合影像学。"),
+    # ---- issue 25: a reply cut off (or ended) inside its option-by-option analysis has not answered ----
+    (
+        Q,
+        "bare-line",
+        "3",
+        "",
+        E_,
+        "这道题考查急腹症的鉴别诊断。患者饱餐后出现上腹部持续性疼痛，伴压痛及反跳痛。\n\n选项分析：\n\nA. «A»",
+    ),
+    (
+        Q,
+        "bare-line",
+        "7",
+        "",
+        E_,
+        "长期使用解热药或激素后，体温曲线失去规律。\n\n选项分析：\nA. «A»：见于恶性肿瘤、结核等消耗性疾病，体温常在\n"
+        "39℃以上，波动幅度大。\nB. «B»",
+    ),
+    (
+        QWQ,
+        "bare-line",
+        "0",
+        "",
+        E_,
+        "<think>\n呕血与黑便取决于出血量和速度。\n</think>\n\n我们逐一分析各选项：\n\n**A. «A»**",
+    ),
+    (Q, "bare-line", "1", "", E_, "夜间阵发性呼吸困难是心源性呼吸困难的典型表现。\n\n各选项分析如下：\nA."),
+    (Q, "option-text", "3", "", E_, "饱餐后上腹痛伴腹膜刺激征。\n\n选项分析：\n\n«A»"),
+    # ... while an answer line above the analysis, or after its conclusion, still counts
+    (
+        Q,
+        "bare-line",
+        "3",
+        "B",
+        A,
+        "B\n\n解析：\n选项分析：\nA. «A»：多有不洁饮食史，腹膜刺激征少见。\nB. «B»：饱餐后发病，上腹持续痛伴反跳痛，符合。\nC. «C»",
+    ),
+    (
+        Q,
+        "bare-line",
+        "3",
+        "B",
+        A,
+        "选项分析：\nA. «A»：多有不洁饮食史，腹膜刺激征少见。\nB. «B»：饱餐后发病，上腹持续痛伴反跳痛，符合。\n\n综上所述：\n\nB. «B»",
+    ),
+    (Q, "statement", "3", "B", A, "答案：B\n\n选项分析：\nA. «A»"),
 ]
