@@ -44,6 +44,7 @@ from medcritical.staging import (
     sibling_uri,
     stage_uri,
 )
+from medcritical.storage.folders import remove_folder
 from medcritical.training.stage import SFT
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,6 @@ def _discard_remote_resume_state(stage: Stage, recipe: Recipe, output_uri: str) 
         return
     if getattr(recipe_value(recipe, stage.section), "keep_checkpoints", True):
         return
-    from medcritical.storage.folders import remove_folder
-
     for folder in stage.local_only:
         remove_folder(f"{output_uri.rstrip('/')}/{folder}")
 
