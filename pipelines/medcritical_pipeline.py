@@ -25,12 +25,19 @@ TEACHER_SECRET_KEYS = ("MEDCRITICAL_TEACHER_API_KEY", "MEDCRITICAL_TEACHER_BASE_
 JUDGE_SECRET_KEYS = ("MEDCRITICAL_JUDGE_API_KEY", "MEDCRITICAL_JUDGE_BASE_URL", "MEDCRITICAL_JUDGE_MODEL")
 
 
-def image_names(registry: str = "", version: str = __version__) -> dict[str, str]:
-    """The image of each kind, as images/build.sh tags them."""
+# The repository name of each kind of image, as images/build.sh tags them.
+IMAGE_REPOSITORIES = {"cpu": "medcritical-cpu", "train": "medcritical-train-cuda", "infer": "medcritical-infer-cuda"}
+
+
+def image_names(
+    registry: str = "", version: str = __version__, digests: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The image of each kind, as images/build.sh tags them; with `digests` (repository name -> sha256:...,
+    what the build pushed) pinned as `name:tag@sha256:...`: the runtime pulls that digest, the tag stays readable."""
+    digests = digests or {}
     return {
-        "cpu": f"{registry}medcritical-cpu:{version}",
-        "train": f"{registry}medcritical-train-cuda:{version}",
-        "infer": f"{registry}medcritical-infer-cuda:{version}",
+        kind: f"{registry}{name}:{version}" + (f"@{digests[name]}" if name in digests else "")
+        for kind, name in IMAGE_REPOSITORIES.items()
     }
 
 

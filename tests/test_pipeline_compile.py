@@ -502,3 +502,58 @@ def test_submit_runs_the_plan_and_refuses_a_run_that_does_not_fit(monkeypatch, c
     assert main([*argv, "--param", f"train_memory={memory}"]) == 0, capsys.readouterr().err
     body = next(c for c in calls if c[1].endswith("/runs"))[4]
     assert body["runtime_config"]["parameters"]["train_gpus"] == "8"  # the string the pipeline declares
+
+
+DIGESTS = {
+    "medcritical-cpu": "sha256:" + "c" * 64,
+    "medcritical-train-cuda": "sha256:" + "7" * 64,
+    # A value may be the whole pushed reference (docker inspect's RepoDigests): its digest is used.
+    "medcritical-infer-cuda": "reg.example/ml/medcritical-infer-cuda@sha256:" + "1" * 64,
+}
+
+
+def _pinned(repository: str) -> str:
+    return f"reg.example/ml/{repository}:0.1.0@sha256:" + DIGESTS[repository].rsplit("sha256:", 1)[1]
+
+
+def test_image_digests_pin_every_task_and_the_trainjob_image(tmp_path):
+    """`--image-digests FILE` (what the build pushed): every executor and the TrainJob launcher's image run
+    name:tag@sha256:..., so a tag moved after compiling changes nothing that runs."""
+    digests = tmp_path / "digests.json"
+    digests.write_text(json.dumps(DIGESTS))
+    pipeline_doc, _ = _docs(compile_to(tmp_path, registry="reg.example/ml/", image_digests=str(digests)))
+    images = {name: e["container"]["image"] for name, e in pipeline_doc["deploymentSpec"]["executors"].items()}
+    assert images["exec-sft"] == images["exec-dpo"] == _pinned("medcritical-train-cuda")
+    assert images["exec-rollout"] == images["exec-evaluate"] == _pinned("medcritical-infer-cuda")
+    assert images["exec-configure"] == images["exec-prepare-data"] == _pinned("medcritical-cpu")
+    assert all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images.values()), images
+    for task in ("sft", "dpo"):
+        launcher = tasks_of(pipeline_doc)[task]["inputs"]["parameters"]["trainjob_image"]
+        assert launcher == {"runtimeValue": {"constant": _pinned("medcritical-train-cuda")}}
+    # YAML is read as well (JSON is YAML); a digest given twice in the same form compiles the same.
+    (tmp_path / "digests.yaml").write_text(yaml.safe_dump(DIGESTS))
+    again, _ = _docs(compile_to(tmp_path, registry="reg.example/ml/", image_digests=str(tmp_path / "digests.yaml")))
+    assert again["deploymentSpec"] == pipeline_doc["deploymentSpec"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            {"medcritical-cpu": DIGESTS["medcritical-cpu"]},
+            "no digest for medcritical-infer-cuda, medcritical-train-cuda",
+        ),
+        ({**DIGESTS, "medcritical-gpu": "sha256:" + "0" * 64}, "medcritical-gpu: not an image of the pipeline"),
+        ({**DIGESTS, "medcritical-cpu": "0.1.0"}, "medcritical-cpu: '0.1.0' is not a digest"),
+        ({**DIGESTS, "medcritical-cpu": "sha256:ABC"}, "is not a digest"),
+        (["sha256:" + "0" * 64], "a mapping of image name to digest"),
+    ],
+)
+def test_an_image_digests_file_that_would_pin_only_some_images_is_refused(tmp_path, content, message):
+    from medcritical.pipeline_runner import PreflightError
+
+    digests = tmp_path / "digests.json"
+    digests.write_text(json.dumps(content))
+    with pytest.raises(PreflightError, match=re.escape(message)):
+        compile_to(tmp_path, image_digests=str(digests))
+    assert not (tmp_path / "p.yaml").exists()

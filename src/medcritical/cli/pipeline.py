@@ -71,6 +71,13 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
 
 def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", default="", help="image registry prefix, e.g. registry.example.com/ml/")
+    parser.add_argument(
+        "--image-digests",
+        metavar="FILE",
+        help="pin the images by digest: a JSON/YAML file mapping each image name (medcritical-cpu, "
+        "medcritical-train-cuda, medcritical-infer-cuda) to the sha256:... digest the build pushed; every task "
+        "and the TrainJobs then run name:tag@sha256:...",
+    )
     parser.add_argument("--shm-size", default="16Gi", help="/dev/shm size of GPU steps (default 16Gi)")
     parser.add_argument(
         "--work-pvc",
@@ -113,6 +120,7 @@ def _compile(args) -> None:
         recipe_from_args(args),
         args.output,
         registry=args.registry,
+        image_digests=args.image_digests,
         shm_size=args.shm_size,
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
@@ -134,6 +142,7 @@ def _submit(args) -> None:
         run_name=args.run_name,
         params=args.param,
         registry=args.registry,
+        image_digests=args.image_digests,
         shm_size=args.shm_size,
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
