@@ -10,12 +10,14 @@ The number of self-play rounds is fixed when the pipeline is built (KFP graphs a
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
 from medcritical import __version__
 from medcritical.components import distill, dpo, evaluate, prepare_data, report, rollout, sft
 from medcritical.runner import STAGES
+from medcritical.scheduling import QUEUE_LABEL
 from medcritical.staging import eval_folder, final_model_label, stage_folder
 
 PIPELINE_NAME = "medcritical"
@@ -57,6 +59,9 @@ class ClusterSettings:
     # knows: the plan sizes every task from it (`medcritical compile --model-config`).
     model_config: str | None = None
     teacher_config: str | None = None
+    # A Kueue LocalQueue for the GPU tasks' pods (label kueue.x-k8s.io/queue-name) and the default of the
+    # `kueue_queue` parameter (the TrainJobs'): KFP's pod labels are constants of the compiled pipeline.
+    kueue_queue: str = ""
 
 
 WORK_MOUNT = "/medcritical-work"
@@ -111,12 +116,24 @@ def configure(
     teacher_base_url: str,
     teacher_model: str,
     teacher_on_gpu: bool = True,
-) -> str:
-    """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads."""
-    from medcritical.kfp_runtime import resolve_recipe_text
+    node_selector: dict = {},
+    gpu_product: str = "",
+    kueue_queue: str = "",
+) -> NamedTuple("Configured", [("recipe", str), ("gpu_node_selector", dict)]):
+    """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads;
+    and the GPU tasks' nodeSelector (`node_selector` with the GPU product), which KFP takes only as one whole
+    parameter. A bad GPU product or queue name fails here, before any GPU is requested."""
+    from collections import namedtuple
 
-    return resolve_recipe_text(
+    from medcritical.kfp_runtime import resolve_recipe_text
+    from medcritical.scheduling import check_queue, gpu_node_selector
+
+    check_queue(kueue_queue)
+    resolved = resolve_recipe_text(
         recipe, rounds, overrides, base_model, teacher_base_url, teacher_model, teacher_on_gpu=teacher_on_gpu
+    )
+    return namedtuple("Configured", ["recipe", "gpu_node_selector"])(
+        resolved, gpu_node_selector(node_selector, gpu_product)
     )
 
 
@@ -198,6 +215,10 @@ def build_pipeline(
         accelerator_type: str = "nvidia.com/gpu",
         tolerations: list = [],
         node_selector: dict = {},
+        # The GPU tasks' and TrainJobs' nodes by their nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3.
+        gpu_product: str = "",
+        # The Kueue LocalQueue of the TrainJobs (the GPU tasks' pods: --kueue-queue when compiling).
+        kueue_queue: str = (cluster.kueue_queue if cluster else ""),
         s3_secret: str = "medcritical-s3",
         teacher_secret: str = "medcritical-teacher",
         judge_secret: str = "medcritical-judge",
@@ -225,7 +246,10 @@ def build_pipeline(
                 # tolerations come from the `tolerations` parameter.
                 kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
                 kubernetes.add_toleration_json(task, tolerations)
-                kubernetes.add_node_selector_json(task, node_selector)
+                # node_selector with gpu_product, merged by configure (one whole parameter for KFP's driver).
+                kubernetes.add_node_selector_json(task, resolved.outputs["gpu_node_selector"])
+                if cluster.kueue_queue:
+                    kubernetes.add_pod_label(task, QUEUE_LABEL, cluster.kueue_queue)
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
             if cluster.work_pvc:
                 kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
@@ -240,7 +264,7 @@ def build_pipeline(
             return task
 
         def step(component: str, gpus=None, **inputs):
-            task = steps[component](recipe=resolved.output, run_root=run_root, run_id=run_id, **inputs)
+            task = steps[component](recipe=resolved.outputs["recipe"], run_root=run_root, run_id=run_id, **inputs)
             task.set_display_name(inputs["name"])
             if cluster is not None:
                 # Only the Secrets this recipe reads, and then required: `optional=True` is honoured only
@@ -265,6 +289,9 @@ def build_pipeline(
                 teacher_base_url=teacher_base_url,
                 teacher_model=teacher_model,
                 teacher_on_gpu=teacher_on_gpu,
+                node_selector=node_selector,
+                gpu_product=gpu_product,
+                kueue_queue=kueue_queue,
             )
         )
         resolved.set_display_name("configure")
@@ -279,7 +306,12 @@ def build_pipeline(
         # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
         distilled.set_caching_options(cache_teacher)
         multinode = dict(
-            train_nodes=train_nodes, node_gpus=node_gpus, trainjob_image=images["train"], s3_secret=s3_secret
+            train_nodes=train_nodes,
+            node_gpus=node_gpus,
+            trainjob_image=images["train"],
+            s3_secret=s3_secret,
+            gpu_product=gpu_product,
+            kueue_queue=kueue_queue,
         )
         # No start_model: SFT trains the recipe's model.base.
         sft = step("sft", train_gpus, name=folder["sft"], traces=distilled.outputs["traces"], **multinode)

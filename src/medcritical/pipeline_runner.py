@@ -24,6 +24,7 @@ from medcritical.pipelines.medcritical_pipeline import IMAGE_REPOSITORIES, Clust
 from medcritical.plan import PlanError, pipeline_parameters, quantity
 from medcritical.recipe import Recipe, load_recipe_text
 from medcritical.report import REPORT
+from medcritical.scheduling import SchedulingError, check_gpu_product, check_queue
 from medcritical.staging import join_uri
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,11 @@ def check_params(pipeline_doc: dict, params: dict) -> dict:
             value = str(value)
         elif name in ("s3_secret", "teacher_secret", "judge_secret"):
             check_object_name(str(value), f"--param {name}")
+        elif name in ("gpu_product", "kueue_queue"):
+            try:
+                value = (check_gpu_product if name == "gpu_product" else check_queue)(value, f"--param {name}")
+            except SchedulingError as e:
+                raise PreflightError(str(e)) from None
         elif name == "accelerator_type" and not _RESOURCE_NAME.match(str(value)):
             raise PreflightError(
                 f"--param accelerator_type={value!r}: an extended resource name such as nvidia.com/gpu"
@@ -328,6 +334,7 @@ def compile_pipeline(
     shm_size: str = "16Gi",
     cache_teacher: bool = False,
     work_pvc: str = "",
+    kueue_queue: str = "",
     model_config: str | None = None,
     teacher_config: str | None = None,
     gpu_memory: str = "80Gi",
@@ -340,12 +347,17 @@ def compile_pipeline(
 
     digests = load_image_digests(image_digests)
     check_cluster_settings(registry, shm_size, work_pvc, digests)
+    try:
+        kueue_queue = check_queue(kueue_queue, "--kueue-queue")
+    except SchedulingError as e:
+        raise PreflightError(str(e)) from None
     cluster = ClusterSettings(
         shm_size=shm_size,
         images=image_names(registry, digests=digests),
         work_pvc=work_pvc,
         model_config=model_config,
         teacher_config=teacher_config,
+        kueue_queue=kueue_queue,
     )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -415,6 +427,7 @@ def submit_run(
     shm_size: str = "16Gi",
     cache_teacher: bool = False,
     work_pvc: str = "",
+    kueue_queue: str = "",
     client=None,
     namespace: str | None = None,
     token_file: str | None = None,
@@ -446,6 +459,7 @@ def submit_run(
             shm_size=shm_size,
             cache_teacher=cache_teacher,
             work_pvc=work_pvc,
+            kueue_queue=kueue_queue,
             check=False,
         )
         doc = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))

@@ -87,6 +87,13 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "from the failed one's checkpoints and partial outputs (default: the pod's own disk)",
     )
     parser.add_argument(
+        "--kueue-queue",
+        default="",
+        metavar="LOCALQUEUE",
+        help="a Kueue LocalQueue: the GPU tasks' pods get its kueue.x-k8s.io/queue-name label (KFP's pod labels "
+        "are fixed when compiling) and it is the default of the kueue_queue parameter, the TrainJobs' queue",
+    )
+    parser.add_argument(
         "--cache-teacher",
         action="store_true",
         help="allow KFP to reuse a cached distillation within a run, e.g. when a failed run is retried (off: a "
@@ -124,6 +131,7 @@ def _compile(args) -> None:
         shm_size=args.shm_size,
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
+        kueue_queue=args.kueue_queue,
         model_config=args.model_config,
         teacher_config=args.teacher_config,
         gpu_memory=args.gpu_memory,
@@ -146,6 +154,7 @@ def _submit(args) -> None:
         shm_size=args.shm_size,
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
+        kueue_queue=args.kueue_queue,
         namespace=args.namespace,
         token_file=args.token_file,
         model_config=args.model_config,
