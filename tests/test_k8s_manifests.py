@@ -546,3 +546,76 @@ def test_served_teacher_is_where_the_recipes_look_for_it(recipe):
     assert f"--served-model-name={teacher.model}" in vllm["args"]
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
     assert url.path == "/v1"
+
+
+# ---- scheduling knobs: k8s/components/{gpu-product,kueue-queue,priority-class} ----
+
+SCHEDULING = {"gpu-product": "NVIDIA-H100-80GB-HBM3", "kueue-queue": "team-gpus", "priority-class": "training-high"}
+GPU_STEP_JOBS = ("distill", "sft", "rollout", "dpo", "evaluate")
+
+
+def _scheduling_overlay(tmp_path: Path, job: str, settings: dict) -> Path:
+    """An overlay as docs/kubernetes.md shows it: a Job, the components, the medcritical-scheduling ConfigMap."""
+    import os
+
+    overlay = tmp_path / job
+    overlay.mkdir()
+    rel = Path(os.path.relpath(K8S, overlay))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [str(rel / "jobs" / job)],
+        "components": [str(rel / "components" / knob) for knob in settings],
+        "configMapGenerator": [
+            {
+                "name": "medcritical-scheduling",
+                "literals": [f"{key}={value}" for key, value in settings.items()],
+                "options": {
+                    "disableNameSuffixHash": True,
+                    "annotations": {"config.kubernetes.io/local-config": "true"},
+                },
+            }
+        ],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+    return overlay
+
+
+@pytest.mark.parametrize("job", [*STEPS, "demo", "sft-multinode", "dpo-multinode"])
+def test_scheduling_components_set_gpu_product_queue_and_priority(tmp_path, job):
+    """Each knob from one ConfigMap of the overlay: the GPU product on the GPU Jobs' and TrainJobs' pods only,
+    the Kueue queue label on every Job and TrainJob, the PriorityClass on the Jobs' pods (Trainer v2.2's
+    runtimePatches have no priorityClassName: the TrainJobs are left alone, as the component says)."""
+    settings = dict(SCHEDULING)
+    if job.endswith("multinode"):
+        del settings["priority-class"]
+    objects = build(_scheduling_overlay(tmp_path, job, settings))
+    text = yaml.safe_dump_all(objects)
+    assert "from-medcritical-scheduling" not in text  # every placeholder replaced
+    assert not [o for o in objects if o["metadata"]["name"] == "medcritical-scheduling"]  # local-config: not applied
+    errors = [error for obj in objects for error in schema_errors(obj)]
+    assert not errors, "\n".join(errors)
+    violations = k8s_rules.check(objects, external_secrets=documented_secrets(), provided=build(K8S / "base"))
+    assert not violations, "\n".join(map(str, violations))
+    (workload,) = [o for o in objects if o["kind"] in ("Job", "TrainJob")]
+    assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    if workload["kind"] == "TrainJob":
+        pod = plan.node_pod_patches(workload["spec"])[0]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert "priorityClassName" not in text
+        return
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "training-high"
+    if job in GPU_STEP_JOBS:
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    else:  # prepare-data and the demo run on CPU nodes: no GPU product to select
+        assert "nodeSelector" not in pod
+
+
+def test_a_scheduling_component_without_its_setting_fails_the_build(tmp_path):
+    overlay = _scheduling_overlay(tmp_path, "sft", {"kueue-queue": "team-gpus"})
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["components"].append(kustomization["components"][0].replace("kueue-queue", "priority-class"))
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = subprocess.run([_kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "priority-class" in result.stderr
