@@ -17,7 +17,7 @@ from kfp import dsl, kubernetes
 from medcritical import __version__
 from medcritical.components import distill, dpo, evaluate, prepare_data, report, rollout, sft
 from medcritical.runner import STAGES
-from medcritical.scheduling import QUEUE_LABEL
+from medcritical.scheduling import queue_labels
 from medcritical.staging import eval_folder, final_model_label, stage_folder
 
 PIPELINE_NAME = "medcritical"
@@ -62,6 +62,9 @@ class ClusterSettings:
     # A Kueue LocalQueue for the GPU tasks' pods (label kueue.x-k8s.io/queue-name) and the default of the
     # `kueue_queue` parameter (the TrainJobs'): KFP's pod labels are constants of the compiled pipeline.
     kueue_queue: str = ""
+    # Its Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-class), the same way: KFP sets no
+    # priorityClassName on a task's pod, so under Kueue this is the pipeline's priority.
+    kueue_priority: str = ""
 
 
 WORK_MOUNT = "/medcritical-work"
@@ -119,6 +122,7 @@ def configure(
     node_selector: dict = {},
     gpu_product: str = "",
     kueue_queue: str = "",
+    kueue_priority: str = "",
 ) -> NamedTuple("Configured", [("recipe", str), ("gpu_node_selector", dict)]):
     """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads;
     and the GPU tasks' nodeSelector (`node_selector` with the GPU product), which KFP takes only as one whole
@@ -126,9 +130,9 @@ def configure(
     from collections import namedtuple
 
     from medcritical.kfp_runtime import resolve_recipe_text
-    from medcritical.scheduling import check_queue, gpu_node_selector
+    from medcritical.scheduling import gpu_node_selector, queue_labels
 
-    check_queue(kueue_queue)
+    queue_labels(kueue_queue, kueue_priority)  # checked
     resolved = resolve_recipe_text(
         recipe, rounds, overrides, base_model, teacher_base_url, teacher_model, teacher_on_gpu=teacher_on_gpu
     )
@@ -219,6 +223,8 @@ def build_pipeline(
         gpu_product: str = "",
         # The Kueue LocalQueue of the TrainJobs (the GPU tasks' pods: --kueue-queue when compiling).
         kueue_queue: str = (cluster.kueue_queue if cluster else ""),
+        # Their Kueue WorkloadPriorityClass (the GPU tasks' pods: --kueue-priority when compiling).
+        kueue_priority: str = (cluster.kueue_priority if cluster else ""),
         s3_secret: str = "medcritical-s3",
         teacher_secret: str = "medcritical-teacher",
         judge_secret: str = "medcritical-judge",
@@ -248,8 +254,8 @@ def build_pipeline(
                 kubernetes.add_toleration_json(task, tolerations)
                 # node_selector with gpu_product, merged by configure (one whole parameter for KFP's driver).
                 kubernetes.add_node_selector_json(task, resolved.outputs["gpu_node_selector"])
-                if cluster.kueue_queue:
-                    kubernetes.add_pod_label(task, QUEUE_LABEL, cluster.kueue_queue)
+                for label, value in queue_labels(cluster.kueue_queue, cluster.kueue_priority).items():
+                    kubernetes.add_pod_label(task, label, value)
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
             if cluster.work_pvc:
                 kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
@@ -292,6 +298,7 @@ def build_pipeline(
                 node_selector=node_selector,
                 gpu_product=gpu_product,
                 kueue_queue=kueue_queue,
+                kueue_priority=kueue_priority,
             )
         )
         resolved.set_display_name("configure")
@@ -312,6 +319,7 @@ def build_pipeline(
             s3_secret=s3_secret,
             gpu_product=gpu_product,
             kueue_queue=kueue_queue,
+            kueue_priority=kueue_priority,
         )
         # No start_model: SFT trains the recipe's model.base.
         sft = step("sft", train_gpus, name=folder["sft"], traces=distilled.outputs["traces"], **multinode)

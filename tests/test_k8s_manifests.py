@@ -550,7 +550,12 @@ def test_served_teacher_is_where_the_recipes_look_for_it(recipe):
 
 # ---- scheduling knobs: k8s/components/{gpu-product,kueue-queue,priority-class} ----
 
-SCHEDULING = {"gpu-product": "NVIDIA-H100-80GB-HBM3", "kueue-queue": "team-gpus", "priority-class": "training-high"}
+SCHEDULING = {
+    "gpu-product": "NVIDIA-H100-80GB-HBM3",
+    "kueue-queue": "team-gpus",
+    "kueue-priority": "training-high",
+    "priority-class": "training-high",
+}
 GPU_STEP_JOBS = ("distill", "sft", "rollout", "dpo", "evaluate")
 
 
@@ -584,7 +589,7 @@ def _scheduling_overlay(tmp_path: Path, job: str, settings: dict) -> Path:
 @pytest.mark.parametrize("job", [*STEPS, "demo", "sft-multinode", "dpo-multinode"])
 def test_scheduling_components_set_gpu_product_queue_and_priority(tmp_path, job):
     """Each knob from one ConfigMap of the overlay: the GPU product on the GPU Jobs' and TrainJobs' pods only,
-    the Kueue queue label on every Job and TrainJob, the PriorityClass on the Jobs' pods (Trainer v2.2's
+    the Kueue queue and WorkloadPriorityClass labels on every Job and TrainJob, the PriorityClass on the Jobs' pods (Trainer v2.2's
     runtimePatches have no priorityClassName: the TrainJobs are left alone, as the component says)."""
     settings = dict(SCHEDULING)
     if job.endswith("multinode"):
@@ -599,6 +604,7 @@ def test_scheduling_components_set_gpu_product_queue_and_priority(tmp_path, job)
     assert not violations, "\n".join(map(str, violations))
     (workload,) = [o for o in objects if o["kind"] in ("Job", "TrainJob")]
     assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    assert workload["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "training-high"
     if workload["kind"] == "TrainJob":
         pod = plan.node_pod_patches(workload["spec"])[0]
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}

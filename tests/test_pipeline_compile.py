@@ -607,18 +607,26 @@ def load_recipe_text_equal(a: str, b: str) -> bool:
 
 def test_kueue_queue_labels_the_gpu_pods_when_compiled_and_is_the_trainjobs_default(tmp_path):
     """KFP's pod labels are constants of the compiled pipeline: --kueue-queue labels the GPU tasks' pods
-    (kueue.x-k8s.io/queue-name) and is the default of the kueue_queue parameter the TrainJobs read."""
-    pipeline_doc, executors = _docs(compile_to(tmp_path, kueue_queue="team-gpus"))
+    (kueue.x-k8s.io/queue-name) and is the default of the kueue_queue parameter the TrainJobs read; the same
+    for --kueue-priority (a WorkloadPriorityClass: KFP sets no priorityClassName on a task's pod)."""
+    pipeline_doc, executors = _docs(compile_to(tmp_path, kueue_queue="team-gpus", kueue_priority="training-high"))
+    labels = {"kueue.x-k8s.io/queue-name": "team-gpus", "kueue.x-k8s.io/priority-class": "training-high"}
     for name in GPU_EXECUTORS:
-        assert executors[name]["podMetadata"] == {"labels": {"kueue.x-k8s.io/queue-name": "team-gpus"}}, name
+        assert executors[name]["podMetadata"] == {"labels": labels}, name
+    assert "priorityClassName" not in json.dumps(executors)  # KFP's executor config has no such field
     for name in ("exec-configure", "exec-prepare-data", "exec-report", "exec-distill"):  # distill: an API teacher
         assert "podMetadata" not in executors[name], name
-    queue = pipeline_doc["root"]["inputDefinitions"]["parameters"]["kueue_queue"]
-    assert queue["defaultValue"] == "team-gpus" and queue["parameterType"] == "STRING"
+    roots = pipeline_doc["root"]["inputDefinitions"]["parameters"]
+    assert roots["kueue_queue"]["defaultValue"] == "team-gpus" and roots["kueue_queue"]["parameterType"] == "STRING"
+    assert roots["kueue_priority"]["defaultValue"] == "training-high"
+    for task in ("sft", "dpo"):
+        parameters = tasks_of(pipeline_doc)[task]["inputs"]["parameters"]
+        assert parameters["kueue_priority"] == {"componentInputParameter": "kueue_priority"}, task
     # Without it no pod carries the label (Kueue would hold a labelled pod until a queue admits it).
     plain, plain_executors = _docs(COMPILED)
     assert "podMetadata" not in json.dumps(plain_executors)
     assert plain["root"]["inputDefinitions"]["parameters"]["kueue_queue"]["defaultValue"] == ""
+    assert plain["root"]["inputDefinitions"]["parameters"]["kueue_priority"]["defaultValue"] == ""
 
 
 def test_scheduling_parameters_kubernetes_would_refuse_are_refused(tmp_path, monkeypatch):
@@ -630,6 +638,7 @@ def test_scheduling_parameters_kubernetes_would_refuse_are_refused(tmp_path, mon
     for param, message in (
         ("gpu_product=NVIDIA H100", "--param gpu_product='NVIDIA H100': one value of the node label"),
         ("kueue_queue=-q", "--param kueue_queue='-q': the name of a Kueue LocalQueue"),
+        ("kueue_priority=High", "--param kueue_priority='High': the name of a Kueue WorkloadPriorityClass"),
     ):
         with pytest.raises(PreflightError, match=re.escape(message)):
             submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="e", run_name="r", params=[param])

@@ -240,15 +240,18 @@ def test_gpu_product_and_kueue_queue_reach_the_trainjob():
     (the kueue.x-k8s.io/queue-name label on the TrainJob) admits it; "" sets neither."""
     job = trainjob.trainjob_manifest(
         "sft", RECIPE, "s3://b/runs/1/sft", INPUTS, image="img:1", nodes=2, gpus_per_node=8, s3_secret="s3",
-        gpu_product="NVIDIA-H100-80GB-HBM3", kueue_queue="team-gpus",
+        gpu_product="NVIDIA-H100-80GB-HBM3", kueue_queue="team-gpus", kueue_priority="training-high",
     )  # fmt: skip
     job["metadata"]["namespace"] = "kubeflow"
     assert schema_errors(job) == []
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    # Kueue's WorkloadPriorityClass: Trainer v2.2's runtimePatches have no priorityClassName (the schema check
+    # above would refuse one).
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "training-high"
     pod = plan.node_pod_patches(job["spec"])[0]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     plain = manifest()
-    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+    assert not [label for label in plain["metadata"]["labels"] if label.startswith("kueue.x-k8s.io/")]
     assert "nodeSelector" not in plan.node_pod_patches(plain["spec"])[0]
     # CPU nodes (train_gpus=0) have no GPU product to select.
     cpu = trainjob.trainjob_manifest(
@@ -281,7 +284,8 @@ def test_the_component_passes_gpu_product_and_queue_to_the_trainjob(tmp_path):
 
     trainjob.run_training_step(
         "sft", RECIPE, str(run_root), "sft", Metrics(), nodes=2, gpus_per_node=8, image="img:1", s3_secret="s3",
-        gpu_product="NVIDIA-H200", kueue_queue="q1", api=api, namespace="ns", **INPUTS,
+        gpu_product="NVIDIA-H200", kueue_queue="q1", kueue_priority="p1", api=api, namespace="ns", **INPUTS,
     )  # fmt: skip
     assert created[0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q1"
+    assert created[0]["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "p1"
     assert plan.node_pod_patches(created[0]["spec"])[0]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}

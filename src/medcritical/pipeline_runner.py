@@ -24,7 +24,7 @@ from medcritical.pipelines.medcritical_pipeline import IMAGE_REPOSITORIES, Clust
 from medcritical.plan import PlanError, pipeline_parameters, quantity
 from medcritical.recipe import Recipe, load_recipe_text
 from medcritical.report import REPORT
-from medcritical.scheduling import SchedulingError, check_gpu_product, check_queue
+from medcritical.scheduling import SchedulingError, check_gpu_product, check_priority, check_queue
 from medcritical.staging import join_uri
 
 log = logging.getLogger(__name__)
@@ -249,9 +249,10 @@ def check_params(pipeline_doc: dict, params: dict) -> dict:
             value = str(value)
         elif name in ("s3_secret", "teacher_secret", "judge_secret"):
             check_object_name(str(value), f"--param {name}")
-        elif name in ("gpu_product", "kueue_queue"):
+        elif name in ("gpu_product", "kueue_queue", "kueue_priority"):
+            check = {"gpu_product": check_gpu_product, "kueue_queue": check_queue, "kueue_priority": check_priority}
             try:
-                value = (check_gpu_product if name == "gpu_product" else check_queue)(value, f"--param {name}")
+                value = check[name](value, f"--param {name}")
             except SchedulingError as e:
                 raise PreflightError(str(e)) from None
         elif name == "accelerator_type" and not _RESOURCE_NAME.match(str(value)):
@@ -335,6 +336,7 @@ def compile_pipeline(
     cache_teacher: bool = False,
     work_pvc: str = "",
     kueue_queue: str = "",
+    kueue_priority: str = "",
     model_config: str | None = None,
     teacher_config: str | None = None,
     gpu_memory: str = "80Gi",
@@ -349,6 +351,7 @@ def compile_pipeline(
     check_cluster_settings(registry, shm_size, work_pvc, digests)
     try:
         kueue_queue = check_queue(kueue_queue, "--kueue-queue")
+        kueue_priority = check_priority(kueue_priority, "--kueue-priority")
     except SchedulingError as e:
         raise PreflightError(str(e)) from None
     cluster = ClusterSettings(
@@ -358,6 +361,7 @@ def compile_pipeline(
         model_config=model_config,
         teacher_config=teacher_config,
         kueue_queue=kueue_queue,
+        kueue_priority=kueue_priority,
     )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -428,6 +432,7 @@ def submit_run(
     cache_teacher: bool = False,
     work_pvc: str = "",
     kueue_queue: str = "",
+    kueue_priority: str = "",
     client=None,
     namespace: str | None = None,
     token_file: str | None = None,
@@ -460,6 +465,7 @@ def submit_run(
             cache_teacher=cache_teacher,
             work_pvc=work_pvc,
             kueue_queue=kueue_queue,
+            kueue_priority=kueue_priority,
             check=False,
         )
         doc = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))

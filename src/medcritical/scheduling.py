@@ -6,6 +6,9 @@
   a parameterised nodeSelector from 2.5.0 (the pipeline's minimum). One product, so no list.
 - `kueue_queue`: a Kueue LocalQueue; the label `kueue.x-k8s.io/queue-name` on a TrainJob (and, compiled with
   `--kueue-queue`, on the GPU tasks' pods) hands it to Kueue, which admits it when the queue has quota.
+- `kueue_priority`: a Kueue WorkloadPriorityClass (label `kueue.x-k8s.io/priority-class`), the order in which
+  Kueue admits and preempts. The pipeline's only priority: neither KFP (its pod spec has no priorityClassName,
+  through 2.17) nor Trainer v2.2's runtimePatches can set a pod's PriorityClass.
 
 "" means not set, everywhere.
 """
@@ -18,6 +21,7 @@ from medcritical.errors import InputError
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 # A label value: at most 63 characters, alphanumerics with '-', '_' and '.' inside (an empty value is "not set").
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -39,14 +43,18 @@ def check_gpu_product(value: str, what: str = "gpu_product") -> str:
     return value
 
 
-def check_queue(value: str, what: str = "kueue_queue") -> str:
+def check_queue(value: str, what: str = "kueue_queue", kind: str = "LocalQueue") -> str:
     value = str(value or "").strip()
     if value and not _QUEUE.match(value):
         raise SchedulingError(
-            f"{what}={value!r}: the name of a Kueue LocalQueue (lower-case letters, digits and '-', at most 63); "
-            "`kubectl get localqueues` lists them"
+            f"{what}={value!r}: the name of a Kueue {kind} (lower-case letters, digits and '-', at most 63); "
+            f"`kubectl get {kind.lower()}s` lists them"
         )
     return value
+
+
+def check_priority(value: str, what: str = "kueue_priority") -> str:
+    return check_queue(value, what, kind="WorkloadPriorityClass")
 
 
 def gpu_node_selector(node_selector: dict | None, gpu_product: str) -> dict:
@@ -63,6 +71,7 @@ def gpu_node_selector(node_selector: dict | None, gpu_product: str) -> dict:
     return selector
 
 
-def queue_labels(kueue_queue: str) -> dict:
-    queue = check_queue(kueue_queue)
-    return {QUEUE_LABEL: queue} if queue else {}
+def queue_labels(kueue_queue: str, kueue_priority: str = "") -> dict:
+    """The Kueue labels of a workload: its LocalQueue and WorkloadPriorityClass, those that are set."""
+    labels = {QUEUE_LABEL: check_queue(kueue_queue), PRIORITY_LABEL: check_priority(kueue_priority)}
+    return {key: value for key, value in labels.items() if value}

@@ -72,12 +72,14 @@ def trainjob_manifest(
     deadline_s: int = 72 * 3600,
     gpu_product: str = "",
     kueue_queue: str = "",
+    kueue_priority: str = "",
 ) -> dict:
     """The TrainJob that runs `medcritical stage <name>` (runner.stage_command) on `nodes` x `gpus_per_node`
     GPUs, sized by the plan.
     `gpus_per_node=0` (the pipeline's train_gpus=0): CPU nodes, one training process on each.
     `gpu_product`: its GPU nodes' `nvidia.com/gpu.product` (a nodeSelector); `kueue_queue`: the Kueue
-    LocalQueue that admits it (the `kueue.x-k8s.io/queue-name` label). "": not set."""
+    LocalQueue that admits it (the `kueue.x-k8s.io/queue-name` label), `kueue_priority` its Kueue
+    WorkloadPriorityClass (Trainer v2.2's runtimePatches cannot set a pod's priorityClassName). "": not set."""
     if shm_size is None:  # NCCL's shared-memory transport between 8 local ranks; gloo on CPU needs little
         shm_size = "64Gi" if gpus_per_node else "1Gi"
 
@@ -100,7 +102,7 @@ def trainjob_manifest(
     requests = {"cpu": str(8 * gpus_per_node), "memory": memory, "ephemeral-storage": ephemeral}
     product = check_gpu_product(gpu_product)
     labels = {"app.kubernetes.io/part-of": "medcritical", "app.kubernetes.io/component": step}
-    labels.update(queue_labels(kueue_queue))
+    labels.update(queue_labels(kueue_queue, kueue_priority))
     placement = {}
     if gpus_per_node:
         requests["nvidia.com/gpu"] = str(gpus_per_node)
@@ -319,6 +321,7 @@ def run_component_on_nodes(
     namespace: str = "",
     gpu_product: str = "",
     kueue_queue: str = "",
+    kueue_priority: str = "",
     **inputs,
 ) -> str:
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
@@ -335,6 +338,7 @@ def run_component_on_nodes(
         s3_secret=s3_secret,
         gpu_product=gpu_product,
         kueue_queue=kueue_queue,
+        kueue_priority=kueue_priority,
     )
     run_trainjob(manifest, namespace or own_namespace(), api=api)
     log_metrics(metrics, json.loads(folder_file(output_uri, STAGES[step].stats).read_text(encoding="utf-8")))
@@ -354,6 +358,7 @@ def run_training_step(
     s3_secret: str,
     gpu_product: str = "",
     kueue_queue: str = "",
+    kueue_priority: str = "",
     **inputs,
 ) -> str:
     """A training component's work (sft, dpo): on this pod's GPUs, or as a TrainJob of `nodes` nodes."""
@@ -370,6 +375,7 @@ def run_training_step(
             s3_secret=s3_secret,
             gpu_product=gpu_product,
             kueue_queue=kueue_queue,
+            kueue_priority=kueue_priority,
             **inputs,
         )
 

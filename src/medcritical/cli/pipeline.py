@@ -94,6 +94,13 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "are fixed when compiling) and it is the default of the kueue_queue parameter, the TrainJobs' queue",
     )
     parser.add_argument(
+        "--kueue-priority",
+        default="",
+        metavar="WORKLOADPRIORITYCLASS",
+        help="a Kueue WorkloadPriorityClass, the same way (label kueue.x-k8s.io/priority-class; default of the "
+        "kueue_priority parameter): KFP and Trainer v2.2 cannot set a pod's priorityClassName",
+    )
+    parser.add_argument(
         "--cache-teacher",
         action="store_true",
         help="allow KFP to reuse a cached distillation within a run, e.g. when a failed run is retried (off: a "
@@ -132,6 +139,7 @@ def _compile(args) -> None:
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
         kueue_queue=args.kueue_queue,
+        kueue_priority=args.kueue_priority,
         model_config=args.model_config,
         teacher_config=args.teacher_config,
         gpu_memory=args.gpu_memory,
@@ -155,6 +163,7 @@ def _submit(args) -> None:
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
         kueue_queue=args.kueue_queue,
+        kueue_priority=args.kueue_priority,
         namespace=args.namespace,
         token_file=args.token_file,
         model_config=args.model_config,
