@@ -41,8 +41,9 @@ docker-test:
 k8s-validate:
 	$(PYTHON) -m pytest tests/test_k8s_manifests.py -q
 
-# The medcritical-s3 Secret for the dev overlay: random keys in k8s/secrets/s3.env (git-ignored),
-# written once; the Secret is created or updated from it.
+# The dev overlay's Secrets: medcritical-s3 (the steps' MinIO user) and medcritical-minio-root (MinIO's
+# root user, for MinIO and its bucket Job only), random keys in k8s/secrets/{s3,minio-root}.env
+# (git-ignored), written once; the Secrets are created or updated from them.
 k8s-dev-secret:
 	@if [ ! -f k8s/secrets/s3.env ]; then \
 	    sed -e "s/^AWS_ACCESS_KEY_ID=.*/AWS_ACCESS_KEY_ID=medcritical-$$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')/" \
@@ -51,6 +52,14 @@ k8s-dev-secret:
 	    echo "wrote k8s/secrets/s3.env"; \
 	fi
 	$(KUBECTL) -n $(NAMESPACE) create secret generic medcritical-s3 --from-env-file=k8s/secrets/s3.env \
+	    --dry-run=client -o yaml | $(KUBECTL) apply -f -
+	@if [ ! -f k8s/secrets/minio-root.env ]; then \
+	    sed -e "s/^MINIO_ROOT_USER=.*/MINIO_ROOT_USER=root-$$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')/" \
+	        -e "s/^MINIO_ROOT_PASSWORD=.*/MINIO_ROOT_PASSWORD=$$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')/" \
+	        k8s/secrets/minio-root.env.example | grep -v '^#' > k8s/secrets/minio-root.env; \
+	    echo "wrote k8s/secrets/minio-root.env"; \
+	fi
+	$(KUBECTL) -n $(NAMESPACE) create secret generic medcritical-minio-root --from-env-file=k8s/secrets/minio-root.env \
 	    --dry-run=client -o yaml | $(KUBECTL) apply -f -
 
 k8s-dev-up:

@@ -10,12 +10,14 @@ The number of self-play rounds is fixed when the pipeline is built (KFP graphs a
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
 from medcritical import __version__
 from medcritical.components import distill, dpo, evaluate, prepare_data, report, rollout, sft
 from medcritical.runner import STAGES
+from medcritical.scheduling import queue_labels
 from medcritical.staging import eval_folder, final_model_label, stage_folder
 
 PIPELINE_NAME = "medcritical"
@@ -25,12 +27,19 @@ TEACHER_SECRET_KEYS = ("MEDCRITICAL_TEACHER_API_KEY", "MEDCRITICAL_TEACHER_BASE_
 JUDGE_SECRET_KEYS = ("MEDCRITICAL_JUDGE_API_KEY", "MEDCRITICAL_JUDGE_BASE_URL", "MEDCRITICAL_JUDGE_MODEL")
 
 
-def image_names(registry: str = "", version: str = __version__) -> dict[str, str]:
-    """The image of each kind, as images/build.sh tags them."""
+# The repository name of each kind of image, as images/build.sh tags them.
+IMAGE_REPOSITORIES = {"cpu": "medcritical-cpu", "train": "medcritical-train-cuda", "infer": "medcritical-infer-cuda"}
+
+
+def image_names(
+    registry: str = "", version: str = __version__, digests: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The image of each kind, as images/build.sh tags them; with `digests` (repository name -> sha256:...,
+    what the build pushed) pinned as `name:tag@sha256:...`: the runtime pulls that digest, the tag stays readable."""
+    digests = digests or {}
     return {
-        "cpu": f"{registry}medcritical-cpu:{version}",
-        "train": f"{registry}medcritical-train-cuda:{version}",
-        "infer": f"{registry}medcritical-infer-cuda:{version}",
+        kind: f"{registry}{name}:{version}" + (f"@{digests[name]}" if name in digests else "")
+        for kind, name in IMAGE_REPOSITORIES.items()
     }
 
 
@@ -50,6 +59,12 @@ class ClusterSettings:
     # knows: the plan sizes every task from it (`medcritical compile --model-config`).
     model_config: str | None = None
     teacher_config: str | None = None
+    # A Kueue LocalQueue for the GPU tasks' pods (label kueue.x-k8s.io/queue-name) and the default of the
+    # `kueue_queue` parameter (the TrainJobs'): KFP's pod labels are constants of the compiled pipeline.
+    kueue_queue: str = ""
+    # Its Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-class), the same way: KFP sets no
+    # priorityClassName on a task's pod, so under Kueue this is the pipeline's priority.
+    kueue_priority: str = ""
 
 
 WORK_MOUNT = "/medcritical-work"
@@ -104,12 +119,25 @@ def configure(
     teacher_base_url: str,
     teacher_model: str,
     teacher_on_gpu: bool = True,
-) -> str:
-    """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads."""
-    from medcritical.kfp_runtime import resolve_recipe_text
+    node_selector: dict = {},
+    gpu_product: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
+) -> NamedTuple("Configured", [("recipe", str), ("gpu_node_selector", dict)]):
+    """Resolve the recipe once: apply the pipeline's overrides, validate, return the YAML every step reads;
+    and the GPU tasks' nodeSelector (`node_selector` with the GPU product), which KFP takes only as one whole
+    parameter. A bad GPU product or queue name fails here, before any GPU is requested."""
+    from collections import namedtuple
 
-    return resolve_recipe_text(
+    from medcritical.kfp_runtime import resolve_recipe_text
+    from medcritical.scheduling import gpu_node_selector, queue_labels
+
+    queue_labels(kueue_queue, kueue_priority)  # checked
+    resolved = resolve_recipe_text(
         recipe, rounds, overrides, base_model, teacher_base_url, teacher_model, teacher_on_gpu=teacher_on_gpu
+    )
+    return namedtuple("Configured", ["recipe", "gpu_node_selector"])(
+        resolved, gpu_node_selector(node_selector, gpu_product)
     )
 
 
@@ -191,6 +219,12 @@ def build_pipeline(
         accelerator_type: str = "nvidia.com/gpu",
         tolerations: list = [],
         node_selector: dict = {},
+        # The GPU tasks' and TrainJobs' nodes by their nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3.
+        gpu_product: str = "",
+        # The Kueue LocalQueue of the TrainJobs (the GPU tasks' pods: --kueue-queue when compiling).
+        kueue_queue: str = (cluster.kueue_queue if cluster else ""),
+        # Their Kueue WorkloadPriorityClass (the GPU tasks' pods: --kueue-priority when compiling).
+        kueue_priority: str = (cluster.kueue_priority if cluster else ""),
         s3_secret: str = "medcritical-s3",
         teacher_secret: str = "medcritical-teacher",
         judge_secret: str = "medcritical-judge",
@@ -218,7 +252,10 @@ def build_pipeline(
                 # tolerations come from the `tolerations` parameter.
                 kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
                 kubernetes.add_toleration_json(task, tolerations)
-                kubernetes.add_node_selector_json(task, node_selector)
+                # node_selector with gpu_product, merged by configure (one whole parameter for KFP's driver).
+                kubernetes.add_node_selector_json(task, resolved.outputs["gpu_node_selector"])
+                for label, value in queue_labels(cluster.kueue_queue, cluster.kueue_priority).items():
+                    kubernetes.add_pod_label(task, label, value)
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
             if cluster.work_pvc:
                 kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=WORK_MOUNT)
@@ -233,7 +270,7 @@ def build_pipeline(
             return task
 
         def step(component: str, gpus=None, **inputs):
-            task = steps[component](recipe=resolved.output, run_root=run_root, run_id=run_id, **inputs)
+            task = steps[component](recipe=resolved.outputs["recipe"], run_root=run_root, run_id=run_id, **inputs)
             task.set_display_name(inputs["name"])
             if cluster is not None:
                 # Only the Secrets this recipe reads, and then required: `optional=True` is honoured only
@@ -258,6 +295,10 @@ def build_pipeline(
                 teacher_base_url=teacher_base_url,
                 teacher_model=teacher_model,
                 teacher_on_gpu=teacher_on_gpu,
+                node_selector=node_selector,
+                gpu_product=gpu_product,
+                kueue_queue=kueue_queue,
+                kueue_priority=kueue_priority,
             )
         )
         resolved.set_display_name("configure")
@@ -272,7 +313,13 @@ def build_pipeline(
         # A teacher endpoint costs money and is not deterministic: never reuse its output unless asked.
         distilled.set_caching_options(cache_teacher)
         multinode = dict(
-            train_nodes=train_nodes, node_gpus=node_gpus, trainjob_image=images["train"], s3_secret=s3_secret
+            train_nodes=train_nodes,
+            node_gpus=node_gpus,
+            trainjob_image=images["train"],
+            s3_secret=s3_secret,
+            gpu_product=gpu_product,
+            kueue_queue=kueue_queue,
+            kueue_priority=kueue_priority,
         )
         # No start_model: SFT trains the recipe's model.base.
         sft = step("sft", train_gpus, name=folder["sft"], traces=distilled.outputs["traces"], **multinode)

@@ -158,6 +158,19 @@ def _apply(directory: Path) -> None:
 
 
 def _ensure_s3_secret() -> None:
+    # MinIO's root user (MinIO and its bucket Job only); the steps' medcritical-s3 keys become a user limited to
+    # the bucket. Checked on its own: a cluster kept from before has medcritical-s3 but not this one.
+    if kubectl("-n", NAMESPACE, "get", "secret", "medcritical-minio-root", check=False).returncode != 0:
+        root = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "medcritical-minio-root", "namespace": NAMESPACE},
+            "stringData": {
+                "MINIO_ROOT_USER": f"root-{secrets.token_hex(4)}",
+                "MINIO_ROOT_PASSWORD": secrets.token_hex(20),
+            },
+        }
+        kubectl("apply", "-f", "-", stdin=yaml.safe_dump(root))
     if kubectl("-n", NAMESPACE, "get", "secret", "medcritical-s3", check=False).returncode == 0:
         return
     secret = {
@@ -265,6 +278,8 @@ def _run_job(overlay: Path, name: str) -> float:
 def test_dev_overlay_brings_up_minio_and_its_bucket(cluster):
     kubectl("apply", "-k", str(K8S / "base"))
     _ensure_s3_secret()
+    # A bucket Job of an earlier run (kept 10 min) would refuse the changed pod template; it is idempotent.
+    kubectl("-n", NAMESPACE, "delete", "job", "minio-create-buckets", "--ignore-not-found", "--wait=true", timeout=300)
     _apply(K8S / "local" / "dev" if MODE == "local" else K8S / "overlays" / "dev")
     rollout = kubectl(
         "-n", NAMESPACE, "rollout", "status", "deployment/minio", "--timeout=300s", timeout=330, check=False
@@ -278,6 +293,11 @@ def test_dev_overlay_brings_up_minio_and_its_bucket(cluster):
     assert pvc["status"]["phase"] == "Bound", pvc["status"]
     with minio_client() as (client, _, _):
         assert client.bucket_exists("medcritical")
+        # The steps' keys are a user limited to the bucket (the bucket Job's policy), not MinIO's root user.
+        from minio.error import S3Error
+
+        with pytest.raises(S3Error, match="AccessDenied|Access Denied"):
+            client.make_bucket("medcritical-not-allowed")
 
 
 # ---- every step Job, in order, through the CPU overlay ----

@@ -546,3 +546,202 @@ def test_served_teacher_is_where_the_recipes_look_for_it(recipe):
     assert f"--served-model-name={teacher.model}" in vllm["args"]
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
     assert url.path == "/v1"
+
+
+# ---- scheduling knobs: k8s/components/{gpu-product,kueue-queue,priority-class} ----
+
+SCHEDULING = {
+    "gpu-product": "NVIDIA-H100-80GB-HBM3",
+    "kueue-queue": "team-gpus",
+    "kueue-priority": "training-high",
+    "priority-class": "training-high",
+}
+GPU_STEP_JOBS = ("distill", "sft", "rollout", "dpo", "evaluate")
+
+
+def _scheduling_overlay(tmp_path: Path, job: str, settings: dict) -> Path:
+    """An overlay as docs/kubernetes.md shows it: a Job, the components, the medcritical-scheduling ConfigMap."""
+    import os
+
+    overlay = tmp_path / job
+    overlay.mkdir()
+    rel = Path(os.path.relpath(K8S, overlay))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [str(rel / "jobs" / job)],
+        "components": [str(rel / "components" / knob) for knob in settings],
+        "configMapGenerator": [
+            {
+                "name": "medcritical-scheduling",
+                "literals": [f"{key}={value}" for key, value in settings.items()],
+                "options": {
+                    "disableNameSuffixHash": True,
+                    "annotations": {"config.kubernetes.io/local-config": "true"},
+                },
+            }
+        ],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+    return overlay
+
+
+@pytest.mark.parametrize("job", [*STEPS, "demo", "sft-multinode", "dpo-multinode"])
+def test_scheduling_components_set_gpu_product_queue_and_priority(tmp_path, job):
+    """Each knob from one ConfigMap of the overlay: the GPU product on the GPU Jobs' and TrainJobs' pods only,
+    the Kueue queue and WorkloadPriorityClass labels on every Job and TrainJob, the PriorityClass on the Jobs' pods (Trainer v2.2's
+    runtimePatches have no priorityClassName: the TrainJobs are left alone, as the component says)."""
+    settings = dict(SCHEDULING)
+    if job.endswith("multinode"):
+        del settings["priority-class"]
+    objects = build(_scheduling_overlay(tmp_path, job, settings))
+    text = yaml.safe_dump_all(objects)
+    assert "from-medcritical-scheduling" not in text  # every placeholder replaced
+    assert not [o for o in objects if o["metadata"]["name"] == "medcritical-scheduling"]  # local-config: not applied
+    errors = [error for obj in objects for error in schema_errors(obj)]
+    assert not errors, "\n".join(errors)
+    violations = k8s_rules.check(objects, external_secrets=documented_secrets(), provided=build(K8S / "base"))
+    assert not violations, "\n".join(map(str, violations))
+    (workload,) = [o for o in objects if o["kind"] in ("Job", "TrainJob")]
+    assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    assert workload["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "training-high"
+    if workload["kind"] == "TrainJob":
+        pod = plan.node_pod_patches(workload["spec"])[0]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert "priorityClassName" not in text
+        return
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "training-high"
+    if job in GPU_STEP_JOBS:
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    else:  # prepare-data and the demo run on CPU nodes: no GPU product to select
+        assert "nodeSelector" not in pod
+
+
+def test_a_scheduling_component_without_its_setting_fails_the_build(tmp_path):
+    overlay = _scheduling_overlay(tmp_path, "sft", {"kueue-queue": "team-gpus"})
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["components"].append(kustomization["components"][0].replace("kueue-queue", "priority-class"))
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = subprocess.run([_kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "priority-class" in result.stderr
+
+
+# ---- the dev overlay's MinIO: the steps hold a user limited to the bucket, never the root keys ----
+
+MINIO_ROOT = "medcritical-minio-root"
+
+
+def _secrets_read(obj: dict) -> set[str]:
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("secretRef", "secretKeyRef"):
+                if isinstance(node.get(key), dict):
+                    found.add(node[key]["name"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(obj)
+    return found
+
+
+def test_minio_runs_on_root_keys_of_its_own_and_no_step_reads_them():
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in build(K8S / "overlays" / "dev")}
+    minio = objects[("Deployment", "minio")]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in minio["env"] if "valueFrom" in e}
+    assert env["MINIO_ROOT_USER"] == {"name": MINIO_ROOT, "key": "MINIO_ROOT_USER"}
+    assert env["MINIO_ROOT_PASSWORD"] == {"name": MINIO_ROOT, "key": "MINIO_ROOT_PASSWORD"}
+    bucket_job = objects[("Job", "minio-create-buckets")]
+    assert _secrets_read(bucket_job) == {"medcritical-s3", MINIO_ROOT}
+    script = bucket_job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "admin.user_add(user, secret)" in script and 'attach_policy(["medcritical-steps"], user=user)' in script
+    # Every other workload (step Jobs, TrainJobs, PyTorchJobs, the teacher, the work-claim Job) reads the steps'
+    # Secret at most: only MinIO and its bucket Job hold the root keys.
+    for directory in KUSTOMIZATIONS:
+        for obj in build(directory):
+            if (obj["kind"], obj["metadata"]["name"]) in (("Deployment", "minio"), ("Job", "minio-create-buckets")):
+                continue
+            assert MINIO_ROOT not in _secrets_read(obj), f"{_rel(directory)}: {obj['kind']} {obj['metadata']['name']}"
+    pipeline = (ROOT / "pipelines" / "medcritical.yaml").read_text(encoding="utf-8")
+    assert MINIO_ROOT not in pipeline and "medcritical-s3" in pipeline
+
+
+def _minio_binary() -> Path | None:
+    """The MinIO server the local cluster runs (k8s/local builds it from its Go module), if built here."""
+    import os
+
+    given = os.environ.get("MEDCRITICAL_MINIO_BIN")
+    if given:
+        return Path(given)
+    versions = (K8S / "local" / "versions.sh").read_text(encoding="utf-8")
+    version = re.search(r"MINIO_VERSION=\$\{MINIO_VERSION:-([^}]+)\}", versions).group(1)
+    cache = Path(os.environ.get("CLUSTER_CACHE", Path.home() / ".cache" / "medcritical" / "cluster"))
+    binary = cache / f"minio-{version}" / "bin" / "minio"
+    return binary if binary.is_file() else None
+
+
+def test_the_bucket_jobs_script_makes_a_user_limited_to_the_bucket(tmp_path):
+    """The bucket Job's own script against the MinIO server the local cluster runs: the bucket, then the steps'
+    keys as a user that reads and writes the bucket and can do nothing else; run twice (it is idempotent)."""
+    import io
+    import os
+    import secrets
+    import socket
+
+    from minio import Minio
+    from minio.error import S3Error
+
+    binary = _minio_binary()
+    if binary is None:
+        pytest.skip("no MinIO server built here (k8s/local/build-images.sh minio, or MEDCRITICAL_MINIO_BIN)")
+    job = next(o for o in build(K8S / "overlays" / "dev") if o["metadata"]["name"] == "minio-create-buckets")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = {"MINIO_ROOT_USER": "root-" + secrets.token_hex(4), "MINIO_ROOT_PASSWORD": secrets.token_hex(16)}
+    steps = {"AWS_ACCESS_KEY_ID": "medcritical-" + secrets.token_hex(4), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    server = subprocess.Popen(
+        [str(binary), "server", str(tmp_path / "data"), "--address", f"127.0.0.1:{port}", "--console-address",
+         "127.0.0.1:0"],
+        env={**os.environ, **root, "HOME": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        env = {
+            **os.environ, **root, **steps, "MEDCRITICAL_S3_ENDPOINT": f"http://127.0.0.1:{port}",
+            "AWS_REGION": "us-east-1", **{e["name"]: e["value"] for e in container["env"]},
+        }  # fmt: skip
+        for _ in range(2):
+            result = subprocess.run(
+                [sys.executable, "-c", container["args"][0]], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+        assert "policy medcritical-steps (medcritical only)" in result.stdout
+        client = Minio(
+            f"127.0.0.1:{port}",
+            access_key=steps["AWS_ACCESS_KEY_ID"],
+            secret_key=steps["AWS_SECRET_ACCESS_KEY"],
+            secure=False,
+            region="us-east-1",
+        )
+        client.put_object("medcritical", "runs/x/a.txt", io.BytesIO(b"hi"), 2)
+        assert client.get_object("medcritical", "runs/x/a.txt").read() == b"hi"
+        assert [o.object_name for o in client.list_objects("medcritical", prefix="runs/", recursive=True)] == [
+            "runs/x/a.txt"
+        ]
+        client.remove_object("medcritical", "runs/x/a.txt")
+        for refused in (lambda: client.make_bucket("other"), lambda: client.remove_bucket("medcritical")):
+            with pytest.raises(S3Error, match="AccessDenied"):
+                refused()
+        # Keys that are the root user's are refused: the steps would hold them.
+        same = {**env, "AWS_ACCESS_KEY_ID": root["MINIO_ROOT_USER"]}
+        result = subprocess.run([sys.executable, "-c", container["args"][0]], env=same, capture_output=True, text=True)
+        assert result.returncode != 0 and "medcritical-s3 holds MinIO's root user" in result.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -502,3 +502,144 @@ def test_submit_runs_the_plan_and_refuses_a_run_that_does_not_fit(monkeypatch, c
     assert main([*argv, "--param", f"train_memory={memory}"]) == 0, capsys.readouterr().err
     body = next(c for c in calls if c[1].endswith("/runs"))[4]
     assert body["runtime_config"]["parameters"]["train_gpus"] == "8"  # the string the pipeline declares
+
+
+DIGESTS = {
+    "medcritical-cpu": "sha256:" + "c" * 64,
+    "medcritical-train-cuda": "sha256:" + "7" * 64,
+    # A value may be the whole pushed reference (docker inspect's RepoDigests): its digest is used.
+    "medcritical-infer-cuda": "reg.example/ml/medcritical-infer-cuda@sha256:" + "1" * 64,
+}
+
+
+def _pinned(repository: str) -> str:
+    return f"reg.example/ml/{repository}:0.1.0@sha256:" + DIGESTS[repository].rsplit("sha256:", 1)[1]
+
+
+def test_image_digests_pin_every_task_and_the_trainjob_image(tmp_path):
+    """`--image-digests FILE` (what the build pushed): every executor and the TrainJob launcher's image run
+    name:tag@sha256:..., so a tag moved after compiling changes nothing that runs."""
+    digests = tmp_path / "digests.json"
+    digests.write_text(json.dumps(DIGESTS))
+    pipeline_doc, _ = _docs(compile_to(tmp_path, registry="reg.example/ml/", image_digests=str(digests)))
+    images = {name: e["container"]["image"] for name, e in pipeline_doc["deploymentSpec"]["executors"].items()}
+    assert images["exec-sft"] == images["exec-dpo"] == _pinned("medcritical-train-cuda")
+    assert images["exec-rollout"] == images["exec-evaluate"] == _pinned("medcritical-infer-cuda")
+    assert images["exec-configure"] == images["exec-prepare-data"] == _pinned("medcritical-cpu")
+    assert all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images.values()), images
+    for task in ("sft", "dpo"):
+        launcher = tasks_of(pipeline_doc)[task]["inputs"]["parameters"]["trainjob_image"]
+        assert launcher == {"runtimeValue": {"constant": _pinned("medcritical-train-cuda")}}
+    # YAML is read as well (JSON is YAML); a digest given twice in the same form compiles the same.
+    (tmp_path / "digests.yaml").write_text(yaml.safe_dump(DIGESTS))
+    again, _ = _docs(compile_to(tmp_path, registry="reg.example/ml/", image_digests=str(tmp_path / "digests.yaml")))
+    assert again["deploymentSpec"] == pipeline_doc["deploymentSpec"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            {"medcritical-cpu": DIGESTS["medcritical-cpu"]},
+            "no digest for medcritical-infer-cuda, medcritical-train-cuda",
+        ),
+        ({**DIGESTS, "medcritical-gpu": "sha256:" + "0" * 64}, "medcritical-gpu: not an image of the pipeline"),
+        ({**DIGESTS, "medcritical-cpu": "0.1.0"}, "medcritical-cpu: '0.1.0' is not a digest"),
+        ({**DIGESTS, "medcritical-cpu": "sha256:ABC"}, "is not a digest"),
+        (["sha256:" + "0" * 64], "a mapping of image name to digest"),
+    ],
+)
+def test_an_image_digests_file_that_would_pin_only_some_images_is_refused(tmp_path, content, message):
+    from medcritical.pipeline_runner import PreflightError
+
+    digests = tmp_path / "digests.json"
+    digests.write_text(json.dumps(content))
+    with pytest.raises(PreflightError, match=re.escape(message)):
+        compile_to(tmp_path, image_digests=str(digests))
+    assert not (tmp_path / "p.yaml").exists()
+
+
+GPU_EXECUTORS = ("exec-sft", "exec-dpo", "exec-rollout", "exec-evaluate")
+
+
+def test_gpu_product_selects_the_gpu_tasks_nodes_through_configure(tmp_path):
+    """gpu_product (a string parameter, "" = any GPU) reaches KFP's driver as part of one whole nodeSelector
+    parameter: configure merges it into node_selector and the GPU tasks take that output (KFP backends take a
+    parameterised nodeSelector from 2.5.0, a parameterised node affinity only from 2.14.0)."""
+    from medcritical.pipelines.medcritical_pipeline import configure
+    from medcritical.recipe import dump_recipe
+
+    pipeline_doc, executors = _docs(COMPILED)
+    roots = pipeline_doc["root"]["inputDefinitions"]["parameters"]
+    assert roots["gpu_product"] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
+    merged = {"taskOutputParameter": {"outputParameterKey": "gpu_node_selector", "producerTask": "configure"}}
+    for name in GPU_EXECUTORS:
+        assert executors[name]["nodeSelector"] == {"nodeSelectorJson": merged}, name
+    assert "nodeSelector" not in executors["exec-prepare-data"] and "nodeSelector" not in executors["exec-report"]
+    configure_inputs = tasks_of(pipeline_doc)["configure"]["inputs"]["parameters"]
+    assert configure_inputs["gpu_product"] == {"componentInputParameter": "gpu_product"}
+    assert configure_inputs["node_selector"] == {"componentInputParameter": "node_selector"}
+    for task in ("sft", "dpo"):  # and the TrainJobs of a multi-node run
+        parameters = tasks_of(pipeline_doc)[task]["inputs"]["parameters"]
+        assert parameters["gpu_product"] == {"componentInputParameter": "gpu_product"}, task
+        assert parameters["kueue_queue"] == {"componentInputParameter": "kueue_queue"}, task
+
+    recipe = dump_recipe(load_recipe(PAPER_RECIPE))
+    out = configure(recipe, 1, [], "", "", "", False, {"pool": "a100"}, "NVIDIA-A100-SXM4-80GB")
+    assert out.gpu_node_selector == {"pool": "a100", "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert configure(recipe, 1, [], "", "", "", False, {"pool": "a100"}, "").gpu_node_selector == {"pool": "a100"}
+    assert load_recipe_text_equal(out.recipe, recipe)
+    from medcritical.scheduling import SchedulingError
+
+    with pytest.raises(SchedulingError, match="gpu_product='H100, H200': one value of the node label"):
+        configure(recipe, 1, [], "", "", "", False, {}, "H100, H200")
+    with pytest.raises(SchedulingError, match="disagree"):
+        configure(recipe, 1, [], "", "", "", False, {"nvidia.com/gpu.product": "A"}, "B")
+    with pytest.raises(SchedulingError, match="kueue_queue='GPU_Queue': the name of a Kueue LocalQueue"):
+        configure(recipe, 1, [], "", "", "", False, {}, "", "GPU_Queue")
+
+
+def load_recipe_text_equal(a: str, b: str) -> bool:
+    from medcritical.recipe import load_recipe_text
+
+    return load_recipe_text(a) == load_recipe_text(b)
+
+
+def test_kueue_queue_labels_the_gpu_pods_when_compiled_and_is_the_trainjobs_default(tmp_path):
+    """KFP's pod labels are constants of the compiled pipeline: --kueue-queue labels the GPU tasks' pods
+    (kueue.x-k8s.io/queue-name) and is the default of the kueue_queue parameter the TrainJobs read; the same
+    for --kueue-priority (a WorkloadPriorityClass: KFP sets no priorityClassName on a task's pod)."""
+    pipeline_doc, executors = _docs(compile_to(tmp_path, kueue_queue="team-gpus", kueue_priority="training-high"))
+    labels = {"kueue.x-k8s.io/queue-name": "team-gpus", "kueue.x-k8s.io/priority-class": "training-high"}
+    for name in GPU_EXECUTORS:
+        assert executors[name]["podMetadata"] == {"labels": labels}, name
+    assert "priorityClassName" not in json.dumps(executors)  # KFP's executor config has no such field
+    for name in ("exec-configure", "exec-prepare-data", "exec-report", "exec-distill"):  # distill: an API teacher
+        assert "podMetadata" not in executors[name], name
+    roots = pipeline_doc["root"]["inputDefinitions"]["parameters"]
+    assert roots["kueue_queue"]["defaultValue"] == "team-gpus" and roots["kueue_queue"]["parameterType"] == "STRING"
+    assert roots["kueue_priority"]["defaultValue"] == "training-high"
+    for task in ("sft", "dpo"):
+        parameters = tasks_of(pipeline_doc)[task]["inputs"]["parameters"]
+        assert parameters["kueue_priority"] == {"componentInputParameter": "kueue_priority"}, task
+    # Without it no pod carries the label (Kueue would hold a labelled pod until a queue admits it).
+    plain, plain_executors = _docs(COMPILED)
+    assert "podMetadata" not in json.dumps(plain_executors)
+    assert plain["root"]["inputDefinitions"]["parameters"]["kueue_queue"]["defaultValue"] == ""
+    assert plain["root"]["inputDefinitions"]["parameters"]["kueue_priority"]["defaultValue"] == ""
+
+
+def test_scheduling_parameters_kubernetes_would_refuse_are_refused(tmp_path, monkeypatch):
+    from medcritical.pipeline_runner import PreflightError
+
+    with pytest.raises(PreflightError, match="--kueue-queue='Team GPUs': the name of a Kueue LocalQueue"):
+        compile_to(tmp_path, kueue_queue="Team GPUs")
+    calls = _record_kfp_api(monkeypatch, "never")
+    for param, message in (
+        ("gpu_product=NVIDIA H100", "--param gpu_product='NVIDIA H100': one value of the node label"),
+        ("kueue_queue=-q", "--param kueue_queue='-q': the name of a Kueue LocalQueue"),
+        ("kueue_priority=High", "--param kueue_priority='High': the name of a Kueue WorkloadPriorityClass"),
+    ):
+        with pytest.raises(PreflightError, match=re.escape(message)):
+            submit_run(load_recipe(PAPER_RECIPE), "http://kfp.invalid", experiment="e", run_name="r", params=[param])
+    assert calls == []

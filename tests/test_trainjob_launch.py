@@ -233,3 +233,59 @@ def test_a_batch_the_nodes_cannot_keep_is_refused_before_any_trainjob_is_created
     assert (
         load_recipe_from_env({e["name"]: e.get("value") for e in env}).sft.trainer["gradient_accumulation_steps"] == 2
     )
+
+
+def test_gpu_product_and_kueue_queue_reach_the_trainjob():
+    """The pipeline's gpu_product and kueue_queue: the TrainJob's GPU pods select the product's nodes and Kueue
+    (the kueue.x-k8s.io/queue-name label on the TrainJob) admits it; "" sets neither."""
+    job = trainjob.trainjob_manifest(
+        "sft", RECIPE, "s3://b/runs/1/sft", INPUTS, image="img:1", nodes=2, gpus_per_node=8, s3_secret="s3",
+        gpu_product="NVIDIA-H100-80GB-HBM3", kueue_queue="team-gpus", kueue_priority="training-high",
+    )  # fmt: skip
+    job["metadata"]["namespace"] = "kubeflow"
+    assert schema_errors(job) == []
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    # Kueue's WorkloadPriorityClass: Trainer v2.2's runtimePatches have no priorityClassName (the schema check
+    # above would refuse one).
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "training-high"
+    pod = plan.node_pod_patches(job["spec"])[0]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    plain = manifest()
+    assert not [label for label in plain["metadata"]["labels"] if label.startswith("kueue.x-k8s.io/")]
+    assert "nodeSelector" not in plan.node_pod_patches(plain["spec"])[0]
+    # CPU nodes (train_gpus=0) have no GPU product to select.
+    cpu = trainjob.trainjob_manifest(
+        "sft", CPU_RECIPE_TWO_RANKS, "s3://b/runs/1/sft", INPUTS, image="img:1", nodes=2, gpus_per_node=0,
+        s3_secret="s3", gpu_product="NVIDIA-H100-80GB-HBM3", kueue_queue="cpu-queue",
+    )  # fmt: skip
+    assert "nodeSelector" not in plan.node_pod_patches(cpu["spec"])[0]
+    assert cpu["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "cpu-queue"
+    from medcritical.scheduling import SchedulingError
+
+    with pytest.raises(SchedulingError, match="kueue_queue='Team'"):
+        trainjob.trainjob_manifest(
+            "sft", RECIPE, "s3://b/runs/1/sft", INPUTS, image="img:1", nodes=2, gpus_per_node=8, s3_secret="s3",
+            kueue_queue="Team",
+        )  # fmt: skip
+
+
+def test_the_component_passes_gpu_product_and_queue_to_the_trainjob(tmp_path):
+    import json
+
+    run_root = tmp_path / "run"
+    (run_root / "sft").mkdir(parents=True)
+    (run_root / "sft" / "sft_metrics.json").write_text(json.dumps({"train_loss": 0.5}))
+    api, created = RecordingApi([state("Complete")]), []
+    api.create_namespaced_custom_object = lambda *args: created.append(args[-1])
+
+    class Metrics:
+        def log_metric(self, key, value):
+            pass
+
+    trainjob.run_training_step(
+        "sft", RECIPE, str(run_root), "sft", Metrics(), nodes=2, gpus_per_node=8, image="img:1", s3_secret="s3",
+        gpu_product="NVIDIA-H200", kueue_queue="q1", kueue_priority="p1", api=api, namespace="ns", **INPUTS,
+    )  # fmt: skip
+    assert created[0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q1"
+    assert created[0]["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "p1"
+    assert plan.node_pod_patches(created[0]["spec"])[0]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}

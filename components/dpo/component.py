@@ -18,11 +18,15 @@ def dpo(
     trainjob_image: str = "",
     s3_secret: str = "medcritical-s3",
     run_id: str = "",
+    gpu_product: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
 ):
     """DPO on the self-play pairs, starting from (and referenced to) the current model.
 
     `model` stands for its output folder, `<run_root>/<run_id>/<name>`. With `train_nodes` > 1 the step runs as a
-    Kubeflow Trainer TrainJob on that many nodes of `node_gpus` GPUs, which this task creates and awaits.
+    Kubeflow Trainer TrainJob on that many nodes of `node_gpus` GPUs, which this task creates and awaits
+    (on `gpu_product` nodes, admitted by the Kueue LocalQueue `kueue_queue` at `kueue_priority`, when set).
     """
     from medcritical.kfp_runtime import location_of, record_location, task_root
     from medcritical.trainjob import run_training_step
@@ -37,6 +41,9 @@ def dpo(
         gpus_per_node=node_gpus,
         image=trainjob_image,
         s3_secret=s3_secret,
+        gpu_product=gpu_product,
+        kueue_queue=kueue_queue,
+        kueue_priority=kueue_priority,
         rollout=location_of(pairs),
         model=location_of(start_model),
     )

@@ -18,12 +18,16 @@ def sft(
     trainjob_image: str = "",
     s3_secret: str = "medcritical-s3",
     run_id: str = "",
+    gpu_product: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
 ):
     """Supervised fine-tuning of the student on the verified traces (LoRA or full; DeepSpeed ZeRO from the recipe).
 
     `model` stands for its output folder, `<run_root>/<run_id>/<name>`; without `start_model` it trains the recipe's
     `model.base`. With `train_nodes` > 1 the step runs as a Kubeflow Trainer TrainJob on that many nodes of
-    `node_gpus` GPUs, which this task creates and awaits.
+    `node_gpus` GPUs, which this task creates and awaits
+    (on `gpu_product` nodes, admitted by the Kueue LocalQueue `kueue_queue` at `kueue_priority`, when set).
     """
     from medcritical.kfp_runtime import location_of, record_location, task_root
     from medcritical.trainjob import run_training_step
@@ -38,6 +42,9 @@ def sft(
         gpus_per_node=node_gpus,
         image=trainjob_image,
         s3_secret=s3_secret,
+        gpu_product=gpu_product,
+        kueue_queue=kueue_queue,
+        kueue_priority=kueue_priority,
         distill=location_of(traces),
         model=location_of(start_model),
     )

@@ -21,10 +21,11 @@ import yaml
 from medcritical import plan, storage
 from medcritical.errors import InputError, StepError, UserError
 from medcritical.kfp_runtime import resolve_recipe_text
-from medcritical.pipelines.medcritical_pipeline import ClusterSettings, build_pipeline, image_names
+from medcritical.pipelines.medcritical_pipeline import IMAGE_REPOSITORIES, ClusterSettings, build_pipeline, image_names
 from medcritical.plan import PlanError, pipeline_parameters, quantity
 from medcritical.recipe import Recipe, load_recipe_text
 from medcritical.report import REPORT
+from medcritical.scheduling import SchedulingError, check_gpu_product, check_priority, check_queue
 from medcritical.staging import join_uri
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,9 @@ _RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za
 _IMAGE = re.compile(
     r"^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
     r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-    r":[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+    r":[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(?:@sha256:[0-9a-f]{64})?$"
 )
+_DIGEST = re.compile(r"(?:^|@)(sha256:[0-9a-f]{64})$")
 
 
 def check_object_name(value: str, what: str) -> None:
@@ -186,11 +188,54 @@ def check_object_name(value: str, what: str) -> None:
         )
 
 
-def check_cluster_settings(registry: str, shm_size: str, work_pvc: str) -> None:
+def load_image_digests(path: str | Path | None) -> dict[str, str]:
+    """--image-digests: what the image build pushed, one digest per image, as a JSON (or YAML) mapping of
+    repository name to digest:
+
+        {"medcritical-cpu": "sha256:<64 hex>", "medcritical-train-cuda": "sha256:...",
+         "medcritical-infer-cuda": "sha256:..."}
+
+    A value may also be a whole pushed reference (`docker inspect --format '{{index .RepoDigests 0}}'`,
+    `registry.example.com/ml/medcritical-cpu@sha256:...`): its digest is used. Every image the pipeline runs
+    must be named, so that no task runs a moving tag beside pinned ones."""
+    if not path:
+        return {}
+    file = Path(path)
+    try:
+        mapping = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise PreflightError(f"--image-digests {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError:
+        raise PreflightError(f"--image-digests {path}: not valid JSON or YAML") from None
+    example = '{"medcritical-cpu": "sha256:<64 hex digits>", ...}'
+    if not isinstance(mapping, dict):
+        raise PreflightError(f"--image-digests {path}: a mapping of image name to digest, e.g. {example}")
+    names = set(IMAGE_REPOSITORIES.values())
+    if unknown := sorted(set(map(str, mapping)) - names):
+        raise PreflightError(
+            f"--image-digests {path}: {', '.join(unknown)}: not an image of the pipeline ({', '.join(sorted(names))})"
+        )
+    if missing := sorted(names - set(mapping)):
+        raise PreflightError(
+            f"--image-digests {path}: no digest for {', '.join(missing)}; every image the pipeline runs is "
+            "pinned, or none"
+        )
+    digests = {}
+    for name, value in mapping.items():
+        match = _DIGEST.search(str(value).strip())
+        if not match:
+            raise PreflightError(
+                f"--image-digests {path}: {name}: {value!r} is not a digest; sha256: and 64 lower-case hex digits"
+            )
+        digests[name] = match.group(1)
+    return digests
+
+
+def check_cluster_settings(registry: str, shm_size: str, work_pvc: str, digests: dict | None = None) -> None:
     """--registry, --shm-size and --work-pvc as Kubernetes and the container runtime would take them."""
     if registry and not registry.endswith("/"):
         raise PreflightError(f"--registry {registry!r}: a prefix ending in '/', e.g. registry.example.com/ml/")
-    for image in image_names(registry).values():
+    for image in image_names(registry, digests=digests).values():
         if not _IMAGE.match(image):
             raise PreflightError(
                 f"--registry {registry!r} gives the image name {image!r}, which no container runtime accepts: "
@@ -241,6 +286,12 @@ def check_params(pipeline_doc: dict, params: dict) -> dict:
             value = str(value)
         elif name in ("s3_secret", "teacher_secret", "judge_secret"):
             check_object_name(str(value), f"--param {name}")
+        elif name in ("gpu_product", "kueue_queue", "kueue_priority"):
+            check = {"gpu_product": check_gpu_product, "kueue_queue": check_queue, "kueue_priority": check_priority}
+            try:
+                value = check[name](value, f"--param {name}")
+            except SchedulingError as e:
+                raise PreflightError(str(e)) from None
         elif name == "accelerator_type" and not _RESOURCE_NAME.match(str(value)):
             raise PreflightError(
                 f"--param accelerator_type={value!r}: an extended resource name such as nvidia.com/gpu"
@@ -317,25 +368,37 @@ def compile_pipeline(
     output: str | Path,
     *,
     registry: str = "",
+    image_digests: str | Path | None = None,
     shm_size: str = "16Gi",
     cache_teacher: bool = False,
     work_pvc: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
     model_config: str | None = None,
     teacher_config: str | None = None,
     gpu_memory: str = "80Gi",
     check: bool = True,
 ) -> Path:
-    """Compile the cluster pipeline (images from `registry`) with `recipe` as its default recipe; the
-    settings are checked first and, with `check`, the plan's checks run on the result (PreflightError)."""
+    """Compile the cluster pipeline (images from `registry`, pinned by the digests in the file `image_digests`
+    when given) with `recipe` as its default recipe; the settings are checked first and, with `check`, the
+    plan's checks run on the result (PreflightError)."""
     from kfp import compiler
 
-    check_cluster_settings(registry, shm_size, work_pvc)
+    digests = load_image_digests(image_digests)
+    check_cluster_settings(registry, shm_size, work_pvc, digests)
+    try:
+        kueue_queue = check_queue(kueue_queue, "--kueue-queue")
+        kueue_priority = check_priority(kueue_priority, "--kueue-priority")
+    except SchedulingError as e:
+        raise PreflightError(str(e)) from None
     cluster = ClusterSettings(
         shm_size=shm_size,
-        images=image_names(registry),
+        images=image_names(registry, digests=digests),
         work_pvc=work_pvc,
         model_config=model_config,
         teacher_config=teacher_config,
+        kueue_queue=kueue_queue,
+        kueue_priority=kueue_priority,
     )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -401,9 +464,12 @@ def submit_run(
     run_name: str | None,
     params: list[str],
     registry: str = "",
+    image_digests: str | Path | None = None,
     shm_size: str = "16Gi",
     cache_teacher: bool = False,
     work_pvc: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
     client=None,
     namespace: str | None = None,
     token_file: str | None = None,
@@ -431,9 +497,12 @@ def submit_run(
             recipe,
             Path(tmp) / "medcritical.yaml",
             registry=registry,
+            image_digests=image_digests,
             shm_size=shm_size,
             cache_teacher=cache_teacher,
             work_pvc=work_pvc,
+            kueue_queue=kueue_queue,
+            kueue_priority=kueue_priority,
             check=False,
         )
         doc = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))

@@ -22,6 +22,7 @@ from medcritical.kfp_runtime import log_metrics, run_component_step, task_recipe
 from medcritical.plan import GiB, gib, plan_steps, quantity
 from medcritical.recipe import dump_recipe, load_recipe_text
 from medcritical.runner import STAGES, keep_global_batch, stage_command
+from medcritical.scheduling import GPU_PRODUCT_LABEL, check_gpu_product, queue_labels
 from medcritical.staging import folder_file, join_uri
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,16 @@ def trainjob_manifest(
     s3_secret: str,
     shm_size: str | None = None,
     deadline_s: int = 72 * 3600,
+    gpu_product: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
 ) -> dict:
     """The TrainJob that runs `medcritical stage <name>` (runner.stage_command) on `nodes` x `gpus_per_node`
     GPUs, sized by the plan.
-    `gpus_per_node=0` (the pipeline's train_gpus=0): CPU nodes, one training process on each."""
+    `gpus_per_node=0` (the pipeline's train_gpus=0): CPU nodes, one training process on each.
+    `gpu_product`: its GPU nodes' `nvidia.com/gpu.product` (a nodeSelector); `kueue_queue`: the Kueue
+    LocalQueue that admits it (the `kueue.x-k8s.io/queue-name` label), `kueue_priority` its Kueue
+    WorkloadPriorityClass (Trainer v2.2's runtimePatches cannot set a pod's priorityClassName). "": not set."""
     if shm_size is None:  # NCCL's shared-memory transport between 8 local ranks; gloo on CPU needs little
         shm_size = "64Gi" if gpus_per_node else "1Gi"
 
@@ -93,9 +100,15 @@ def trainjob_manifest(
         for key in ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     ]
     requests = {"cpu": str(8 * gpus_per_node), "memory": memory, "ephemeral-storage": ephemeral}
+    product = check_gpu_product(gpu_product)
+    labels = {"app.kubernetes.io/part-of": "medcritical", "app.kubernetes.io/component": step}
+    labels.update(queue_labels(kueue_queue, kueue_priority))
+    placement = {}
     if gpus_per_node:
         requests["nvidia.com/gpu"] = str(gpus_per_node)
         limits = dict(requests)
+        if product:  # CPU nodes (gpus_per_node=0) carry no GPU product
+            placement["nodeSelector"] = {GPU_PRODUCT_LABEL: product}
     else:
         # A CPU node's process uses the cores the node has free; the request only has to fit beside others.
         requests["cpu"] = "500m"
@@ -105,7 +118,7 @@ def trainjob_manifest(
         "kind": "TrainJob",
         "metadata": {
             "name": trainjob_name(step, output_uri),
-            "labels": {"app.kubernetes.io/part-of": "medcritical", "app.kubernetes.io/component": step},
+            "labels": labels,
         },
         "spec": {
             "runtimeRef": {"name": RUNTIME},
@@ -138,6 +151,7 @@ def trainjob_manifest(
                             "seccompProfile": {"type": "RuntimeDefault"},
                         },
                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                        **placement,
                         "volumes": [
                             {"name": "tmp", "emptyDir": {"sizeLimit": work}},
                             {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
@@ -305,6 +319,9 @@ def run_component_on_nodes(
     s3_secret: str,
     api=None,
     namespace: str = "",
+    gpu_product: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
     **inputs,
 ) -> str:
     """What the sft / dpo component does when train_nodes > 1: the step as a TrainJob; its metrics logged."""
@@ -319,6 +336,9 @@ def run_component_on_nodes(
         nodes=nodes,
         gpus_per_node=gpus_per_node,
         s3_secret=s3_secret,
+        gpu_product=gpu_product,
+        kueue_queue=kueue_queue,
+        kueue_priority=kueue_priority,
     )
     run_trainjob(manifest, namespace or own_namespace(), api=api)
     log_metrics(metrics, json.loads(folder_file(output_uri, STAGES[step].stats).read_text(encoding="utf-8")))
@@ -336,6 +356,9 @@ def run_training_step(
     gpus_per_node: int,
     image: str,
     s3_secret: str,
+    gpu_product: str = "",
+    kueue_queue: str = "",
+    kueue_priority: str = "",
     **inputs,
 ) -> str:
     """A training component's work (sft, dpo): on this pod's GPUs, or as a TrainJob of `nodes` nodes."""
@@ -350,6 +373,9 @@ def run_training_step(
             gpus_per_node=gpus_per_node,
             image=image,
             s3_secret=s3_secret,
+            gpu_product=gpu_product,
+            kueue_queue=kueue_queue,
+            kueue_priority=kueue_priority,
             **inputs,
         )
 

@@ -85,6 +85,13 @@ def _yaml_file(value: str) -> str:
 
 def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", default="", help="image registry prefix, e.g. registry.example.com/ml/")
+    parser.add_argument(
+        "--image-digests",
+        metavar="FILE",
+        help="pin the images by digest: a JSON/YAML file mapping each image name (medcritical-cpu, "
+        "medcritical-train-cuda, medcritical-infer-cuda) to the sha256:... digest the build pushed; every task "
+        "and the TrainJobs then run name:tag@sha256:...",
+    )
     parser.add_argument("--shm-size", default="16Gi", help="/dev/shm size of GPU steps (default 16Gi)")
     parser.add_argument(
         "--work-pvc",
@@ -92,6 +99,20 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PVC",
         help="PersistentVolumeClaim (ReadWriteMany) for the steps' work folders, so a retried pod resumes "
         "from the failed one's checkpoints and partial outputs (default: the pod's own disk)",
+    )
+    parser.add_argument(
+        "--kueue-queue",
+        default="",
+        metavar="LOCALQUEUE",
+        help="a Kueue LocalQueue: the GPU tasks' pods get its kueue.x-k8s.io/queue-name label (KFP's pod labels "
+        "are fixed when compiling) and it is the default of the kueue_queue parameter, the TrainJobs' queue",
+    )
+    parser.add_argument(
+        "--kueue-priority",
+        default="",
+        metavar="WORKLOADPRIORITYCLASS",
+        help="a Kueue WorkloadPriorityClass, the same way (label kueue.x-k8s.io/priority-class; default of the "
+        "kueue_priority parameter): KFP and Trainer v2.2 cannot set a pod's priorityClassName",
     )
     parser.add_argument(
         "--cache-teacher",
@@ -127,9 +148,12 @@ def _compile(args) -> None:
         recipe_from_args(args),
         args.output,
         registry=args.registry,
+        image_digests=args.image_digests,
         shm_size=args.shm_size,
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
+        kueue_queue=args.kueue_queue,
+        kueue_priority=args.kueue_priority,
         model_config=args.model_config,
         teacher_config=args.teacher_config,
         gpu_memory=args.gpu_memory,
@@ -148,9 +172,12 @@ def _submit(args) -> None:
         run_name=args.run_name,
         params=args.param,
         registry=args.registry,
+        image_digests=args.image_digests,
         shm_size=args.shm_size,
         cache_teacher=args.cache_teacher,
         work_pvc=args.work_pvc,
+        kueue_queue=args.kueue_queue,
+        kueue_priority=args.kueue_priority,
         namespace=args.namespace,
         token_file=args.token_file,
         model_config=args.model_config,
