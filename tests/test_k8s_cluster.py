@@ -159,32 +159,28 @@ def _apply(directory: Path) -> None:
 
 def _ensure_s3_secret() -> None:
     # MinIO's root user (MinIO and its bucket Job only); the steps' medcritical-s3 keys become a user limited to
-    # the bucket. Checked on its own: a cluster kept from before has medcritical-s3 but not this one.
-    if kubectl("-n", NAMESPACE, "get", "secret", "medcritical-minio-root", check=False).returncode != 0:
-        root = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "medcritical-minio-root", "namespace": NAMESPACE},
-            "stringData": {
-                "MINIO_ROOT_USER": f"root-{secrets.token_hex(4)}",
-                "MINIO_ROOT_PASSWORD": secrets.token_hex(20),
-            },
-        }
-        kubectl("apply", "-f", "-", stdin=yaml.safe_dump(root))
-    if kubectl("-n", NAMESPACE, "get", "secret", "medcritical-s3", check=False).returncode == 0:
-        return
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "medcritical-s3", "namespace": NAMESPACE},
-        "stringData": {
+    # the bucket. Each checked on its own: a cluster kept from before has medcritical-s3 but not the root one.
+    _ensure_secret(
+        "medcritical-minio-root",
+        {"MINIO_ROOT_USER": f"root-{secrets.token_hex(4)}", "MINIO_ROOT_PASSWORD": secrets.token_hex(20)},
+    )
+    _ensure_secret(
+        "medcritical-s3",
+        {
             "MEDCRITICAL_S3_ENDPOINT": f"http://minio.{NAMESPACE}.svc:9000",
             "AWS_ACCESS_KEY_ID": f"medcritical-{secrets.token_hex(4)}",
             "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
             "AWS_REGION": "us-east-1",
         },
-    }
-    kubectl("apply", "-f", "-", stdin=yaml.safe_dump(secret))
+    )
+
+
+def _ensure_secret(name: str, data: dict[str, str]) -> None:
+    """Create the Secret `name` with `data` unless it exists (a kept cluster keeps its keys)."""
+    if kubectl("-n", NAMESPACE, "get", "secret", name, check=False).returncode == 0:
+        return
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NAMESPACE}}
+    kubectl("apply", "-f", "-", stdin=yaml.safe_dump(secret | {"stringData": data}))
 
 
 def _s3_keys() -> dict[str, str]:

@@ -168,46 +168,58 @@ def sft_args(dataset: Path, model: Path, output: str, *settings: str) -> list[st
     return args
 
 
-@pytest.mark.slow
-def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
-    tmp_path, s3_env, s3_server, tiny_model, dataset
-):
-    run_root = f"s3://{s3_env}/runs/preempted"
-    output, remote = f"{run_root}/sft", f"{run_root}/sft/checkpoints"
-    # Kept after the model is published, to check their rotation (the DPO test below checks their removal).
-    args = sft_args(dataset, tiny_model, output, f"run.output_dir={run_root}", "sft.keep_checkpoints=true")
-    client = s3_server.client()
+def kill_after_an_upload_then_resume(tmp_path, bucket, client, args, output: str, metrics_file: str) -> dict:
+    """Start the training step `args` into the S3 folder `output`, SIGKILL it once a checkpoint is uploaded, delete its
+    local work folder (a fresh pod), rerun it: it resumes from the newest uploaded checkpoint. Returns its metrics."""
+    remote = f"{output}/checkpoints"
+    prefix = output.removeprefix(f"s3://{bucket}/")
 
     def uploaded(step: int) -> bool:
-        key = f"runs/preempted/sft/checkpoints/checkpoint-{step}/{MANIFEST_NAME}"
-        return any(o.object_name == key for o in client.list_objects(s3_env, prefix=key))
+        key = f"{prefix}/checkpoints/checkpoint-{step}/{MANIFEST_NAME}"
+        return any(o.object_name == key for o in client.list_objects(bucket, prefix=key))
 
     proc = start(tmp_path, *args)
     kill_when(proc, lambda: uploaded(2), "checkpoint-2 uploaded to S3")
-    killed_at = max(int(n.split("-")[1]) for n in list_folders(remote) if uploaded(int(n.split("-")[1])))
+    killed_at = max(checkpoint_step(n) for n in list_folders(remote) if uploaded(checkpoint_step(n)))
     assert killed_at < STEPS and read_small_object(f"{output}/{MANIFEST_NAME}") is None  # killed mid-run
     shutil.rmtree(tmp_path / "work")  # a fresh pod: the local work folder and its checkpoints are gone
 
     rerun = medcritical(tmp_path, *args)
     assert_ok(rerun)
     assert f"downloaded {remote}/checkpoint-{killed_at}" in rerun.stderr
-    metrics = json.loads(read_small_object(f"{output}/sft_metrics.json"))
+    metrics = json.loads(read_small_object(f"{output}/{metrics_file}"))
     assert metrics["resumed_from"] == f"checkpoint-{killed_at}"
     assert metrics["steps"] == STEPS and metrics["steps_this_session"] == STEPS - killed_at
-    assert list_folders(remote) == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]  # rotated like the local ones
+    return metrics
 
-    # It ends where an uninterrupted run does: same losses after the resume, same weights.
-    local = tmp_path / "uninterrupted"
-    assert_ok(medcritical(tmp_path, *sft_args(dataset, tiny_model, str(local))))
-    expected = json.loads((local / "sft_metrics.json").read_text())["loss_curve"]
+
+def assert_ends_like_an_uninterrupted_run(tmp_path, metrics: dict, output: str, uninterrupted: Path, metrics_file: str):
+    """The same losses after the resume as an uninterrupted run into `uninterrupted`, and the same weights."""
+    killed_at = int(metrics["resumed_from"].split("-")[1])
+    expected = json.loads((uninterrupted / metrics_file).read_text())["loss_curve"]
     after = [p for p in metrics["loss_curve"] if p["step"] > killed_at]
     assert [p["step"] for p in after] == [p["step"] for p in expected if p["step"] > killed_at]
     for got, want in zip(after, [p for p in expected if p["step"] > killed_at]):
         assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
     resumed = load_file(materialize(output, tmp_path / "downloaded") / "model" / "model.safetensors")
-    uninterrupted = load_file(local / "model" / "model.safetensors")
-    for name, weight in uninterrupted.items():
+    for name, weight in load_file(uninterrupted / "model" / "model.safetensors").items():
         torch.testing.assert_close(resumed[name], weight, atol=RESUME_TOLERANCE, rtol=0)
+
+
+@pytest.mark.slow
+def test_sft_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(
+    tmp_path, s3_env, s3_server, tiny_model, dataset
+):
+    run_root = f"s3://{s3_env}/runs/preempted"
+    output = f"{run_root}/sft"
+    # Kept after the model is published, to check their rotation (the DPO test below checks their removal).
+    args = sft_args(dataset, tiny_model, output, f"run.output_dir={run_root}", "sft.keep_checkpoints=true")
+    metrics = kill_after_an_upload_then_resume(tmp_path, s3_env, s3_server.client(), args, output, "sft_metrics.json")
+    assert list_folders(f"{output}/checkpoints") == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]  # rotated
+
+    local = tmp_path / "uninterrupted"
+    assert_ok(medcritical(tmp_path, *sft_args(dataset, tiny_model, str(local))))
+    assert_ends_like_an_uninterrupted_run(tmp_path, metrics, output, local, "sft_metrics.json")
 
 
 @pytest.fixture(scope="module")
@@ -249,44 +261,20 @@ def dpo_args(pairs: Path, model: Path, output: str, *settings: str) -> list[str]
 
 @pytest.mark.slow
 def test_dpo_killed_after_an_upload_resumes_from_s3_on_a_fresh_machine(tmp_path, s3_env, s3_server, tiny_model, pairs):
-    """DPO as SFT above: killed once a checkpoint is in S3, its local work folder lost, rerun on the same output.
-    The reference model is the starting model in both runs, so the resumed run ends where an uninterrupted one does."""
+    """DPO as SFT above. The reference model is the starting model in both runs, so the resumed run ends where an
+    uninterrupted one does."""
     run_root = f"s3://{s3_env}/runs/preempted-dpo"
-    output, remote = f"{run_root}/dpo", f"{run_root}/dpo/checkpoints"
+    output = f"{run_root}/dpo"
     args = dpo_args(pairs, tiny_model, output, f"run.output_dir={run_root}")
     client = s3_server.client()
-
-    def uploaded(step: int) -> bool:
-        key = f"runs/preempted-dpo/dpo/checkpoints/checkpoint-{step}/{MANIFEST_NAME}"
-        return any(o.object_name == key for o in client.list_objects(s3_env, prefix=key))
-
-    proc = start(tmp_path, *args)
-    kill_when(proc, lambda: uploaded(2), "checkpoint-2 uploaded to S3")
-    killed_at = max(checkpoint_step(n) for n in list_folders(remote) if uploaded(checkpoint_step(n)))
-    assert killed_at < STEPS and read_small_object(f"{output}/{MANIFEST_NAME}") is None  # killed mid-run
-    shutil.rmtree(tmp_path / "work")  # a fresh pod
-
-    rerun = medcritical(tmp_path, *args)
-    assert_ok(rerun)
-    assert f"downloaded {remote}/checkpoint-{killed_at}" in rerun.stderr
-    metrics = json.loads(read_small_object(f"{output}/dpo_metrics.json"))
-    assert metrics["resumed_from"] == f"checkpoint-{killed_at}"
-    assert metrics["steps"] == STEPS and metrics["steps_this_session"] == STEPS - killed_at
+    metrics = kill_after_an_upload_then_resume(tmp_path, s3_env, client, args, output, "dpo_metrics.json")
     # The model is published: the checkpoints mirrored for a new pod are removed (selfplay.dpo.keep_checkpoints).
     assert list(client.list_objects(s3_env, prefix="runs/preempted-dpo/dpo/checkpoints/", recursive=True)) == []
     assert read_small_object(f"{output}/model/config.json") is not None
 
     local = tmp_path / "uninterrupted"
     assert_ok(medcritical(tmp_path, *dpo_args(pairs, tiny_model, str(local))))
-    expected = json.loads((local / "dpo_metrics.json").read_text())["loss_curve"]
-    after = [p for p in metrics["loss_curve"] if p["step"] > killed_at]
-    assert [p["step"] for p in after] == [p["step"] for p in expected if p["step"] > killed_at]
-    for got, want in zip(after, [p for p in expected if p["step"] > killed_at]):
-        assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
-    resumed = load_file(materialize(output, tmp_path / "downloaded") / "model" / "model.safetensors")
-    uninterrupted = load_file(local / "model" / "model.safetensors")
-    for name, weight in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], weight, atol=RESUME_TOLERANCE, rtol=0)
+    assert_ends_like_an_uninterrupted_run(tmp_path, metrics, output, local, "dpo_metrics.json")
 
 
 def node_disk(folder: Path, steps, *, shared_with_rank0: bool) -> Path:
