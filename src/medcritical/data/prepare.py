@@ -1,5 +1,6 @@
 """The first pipeline step: load CMExam, split train/eval deterministically, check for leakage
-(training questions that duplicate an evaluation question exactly or nearly: `splits.find_leaks`)."""
+(training questions that duplicate an evaluation question exactly, nearly or as a re-used vignette:
+`splits.find_leaks`)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def prepare_data(config: DataSection, seed: int, output_dir: str | Path) -> dict
         "leakage": {
             "exact": sum(leak.kind == "exact" for leak in leaks),
             "near": sum(leak.kind == "near" for leak in leaks),
+            "ngram": sum(leak.kind == "ngram" for leak in leaks),
             "pairs": [asdict(leak) for leak in leaks],
         },
         "seed": seed,
