@@ -294,6 +294,43 @@ def test_reused_vignettes_and_reordered_paraphrases_are_caught_as_ngram_leaks():
     assert all(0.4 <= leak.stem_similarity < 1 for leak in leaks.values())
 
 
+def test_questions_given_straight_to_a_step_are_checked_for_leakage(bundled, tmp_path, caplog):
+    """Issue 24 item 9: `distill` / `rollout` / `selfplay --questions FILE` used the file as given, so the
+    bundled file passed straight trained on the default recipe's 100 evaluation questions. Now the file
+    is checked against the recipe's evaluation questions: leaked ones dropped loudly, or an error; a
+    prepare-data folder (checked when made) is used as it is."""
+    from medcritical.cli.common import training_questions_uri
+    from medcritical.data.cmexam import write_questions
+    from medcritical.data.prepare import _split, check_given_questions
+    from medcritical.recipe import load_recipe
+
+    recipe = load_recipe(None, [])
+    evaluation = {q.id for q in _split(recipe.data, recipe.run.seed)[3]}
+    given = bundled[:40]
+    leaked = [q.id for q in given if q.id in evaluation]
+    assert leaked  # the first 40 bundled questions include evaluation questions of the default split
+    with caplog.at_level("WARNING"):
+        kept = check_given_questions(given, recipe.data, recipe.run.seed, "train.jsonl")
+    assert [q.id for q in kept] == [q.id for q in given if q.id not in evaluation]
+    assert f"LEAKAGE: {len(leaked)} of the 40 questions in train.jsonl" in caplog.text
+    strict = load_recipe(None, ["data.on_leakage=error"])
+    with pytest.raises(DataError, match=r"train.jsonl: \d+ of its 40 questions duplicate an evaluation question"):
+        check_given_questions(given, strict.data, strict.run.seed, "train.jsonl")
+
+    write_questions(given, tmp_path / "given.jsonl")
+    with training_questions_uri(str(tmp_path / "given.jsonl"), recipe) as uri:
+        used = load_questions(Path(uri) / "train.jsonl").questions
+    assert [q.id for q in used] == [q.id for q in kept]
+    prepared = tmp_path / "prepared"
+    prepare_data(recipe.data, recipe.run.seed, prepared)
+    with training_questions_uri(str(prepared), recipe) as uri:
+        assert uri == str(prepared)
+    clean = [q for q in given if q.id not in evaluation]
+    write_questions(clean, tmp_path / "clean.jsonl")
+    with training_questions_uri(str(tmp_path / "clean.jsonl"), recipe) as uri:
+        assert uri == str(tmp_path / "clean.jsonl")
+
+
 @pytest.mark.skipif(not VAL.is_file(), reason="CMExam val.xlsx not in ../shared/data/cmexam")
 def test_leakage_check_on_the_real_validation_file():
     """Both halves of CMExam's 6,811-question val file: 2 exact and 13 near duplicates, all genuine

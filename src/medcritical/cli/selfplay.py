@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from medcritical.cli.common import add_recipe_arguments, add_restart_argument, questions_uri, recipe_from_args
+from medcritical.cli.common import (
+    add_recipe_arguments,
+    add_restart_argument,
+    questions_uri,
+    recipe_from_args,
+    training_questions_uri,
+)
 from medcritical.errors import InputError
 
 ROLLOUT_HELP = """\
@@ -126,7 +132,8 @@ def _questions_argument(parser) -> None:
         "--questions",
         metavar="FILE",
         help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder, a path or s3:// URI; "
-        "default: the recipe's train split",
+        "default: the recipe's train split. A file is checked for leakage against the recipe's evaluation "
+        "questions first (data.on_leakage)",
     )
 
 
@@ -144,7 +151,7 @@ def _rollout(args) -> None:
     from medcritical.selfplay.stage import ROLLOUT
 
     recipe = recipe_from_args(args)
-    with questions_uri(args.questions, recipe) as questions:
+    with training_questions_uri(args.questions, recipe) as questions:
         stats = run_stage(ROLLOUT, recipe, args.output, data=questions, model=args.model, restart=args.restart)
     r, p = stats["rollout"], stats["pairs"]
     print(
@@ -199,7 +206,7 @@ def _selfplay(args) -> None:
     from medcritical.rounds import run_selfplay
 
     recipe = recipe_from_args(args)
-    with questions_uri(args.questions, recipe) as questions:
+    with training_questions_uri(args.questions, recipe) as questions:
         summary = run_selfplay(recipe, questions, args.model or "", args.output, eval_uri=args.eval_questions)
     for row in summary["rounds"]:
         print(json.dumps(row, ensure_ascii=False))
