@@ -168,9 +168,15 @@ def _rollout(args) -> None:
     print(
         f"cost: student {student} tokens, teacher {teacher} tokens, "
         f"{cost['seconds']['device_seconds']:.1f} {cost['seconds']['device']}-seconds"
-        + (f", {cost['money']['total']:.4g} money" if cost["money"] else "")
+        + (money_estimate(cost["money"]) if cost["money"] else "")
     )
     _print_pairs(p, args.output)
+
+
+def money_estimate(money: dict) -> str:
+    """The rollout's money as printed: the user's prices times the counted tokens and seconds, so an
+    estimate, in the currency the prices were given in (selfplay.cost.currency)."""
+    return f", estimated {money['total']:.4g} {money.get('currency') or 'USD'} (at your selfplay.cost prices)"
 
 
 def _pairs(args) -> None:
