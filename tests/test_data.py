@@ -228,6 +228,109 @@ def test_near_duplicates_are_caught_and_distinct_questions_are_not(bundled):
     assert found == {"shuffled": "exact", "spaced": "exact", "one_char": "near", "new_distractors": "near"}
 
 
+def _q(qid, stem, options, answer):
+    from medcritical.data.cmexam import Question
+
+    return Question(id=qid, question=stem, options=dict(zip("ABCDE", options, strict=False)), answer=answer)
+
+
+def test_reused_vignettes_and_reordered_paraphrases_are_caught_as_ngram_leaks():
+    """Issue 24 item 9: a case vignette re-used with another age, sex or number of days, or re-worded
+    with its clauses reordered, keeps difflib's ratio at 0.5-0.77 and passed the near rule. Pairs from
+    CMExam val (3414/3416, 4482/4490) and a constructed copy: numbers changed, sex swapped, clauses
+    reversed. Templated short stems with the same options ("X的分泌组织是") stay apart."""
+    appendicitis = _q(
+        "3414",
+        "女，35岁。转移性右下腹疼痛5天，伴畏寒、发热2天。查体：T38.5℃，P90次/分，R21次/分。双肺呼吸音清，"
+        "未闻及干湿性啰音，心律齐，全腹肌紧张，有明显压痛和反跳痛，麦氏点压痛明显，肠鸣音消失，腹腔穿刺抽出脓性液体，"
+        "细菌培养结果最有可能为",
+        ["大肠埃希菌", "溶血性链球菌", "铜绿假单胞菌", "金黄色葡萄球菌", "变形杆菌"],
+        "A",
+    )
+    transfusion = _q(
+        "4482",
+        "成年患者，输血100ml后，突然寒战高热，恶心呕吐，头痛心悸，剧烈腰痛，血压下降等，可诊断为",
+        ["发热反应", "过敏反应", "溶血反应", "细菌污染反应", "循环超负荷"],
+        "C",
+    )
+    tissue = _q("6273", "川芎的分泌组织是", ["树脂道", "油管", "油室", "油细胞", "乳汁管"], "C")
+    evaluation = [appendicitis, transfusion, tissue]
+    train = [
+        _q(  # CMExam val 3416: another age, a shorter examination, the same answer in another place
+            "3416",
+            "女，30岁。转移性右下腹痛5天，加重伴畏寒、发热2天。查体：全腹肌紧张，有明显压痛和反跳痛，麦氏点压痛明显，"
+            "肠鸣音消失。腹腔穿刺抽出脓性液体，细菌培养结果最有可能是",
+            ["粪链球菌", "铜绿假单胞菌", "变形杆菌", "金黄色葡萄球菌", "大肠埃希菌"],
+            "E",
+        ),
+        _q(  # CMExam val 4490: the symptoms listed in another order
+            "4490",
+            "成年患者，输血100ml后，突感头痛、恶心、寒战高热、呼吸困难、剧烈腰痛，血压下降，可能发生",
+            ["发热反应", "过敏反应", "溶血反应", "空气栓塞", "枸橼酸钠中毒"],
+            "C",
+        ),
+        _q(  # constructed: 男 for 女, 38 for 35, 3 days for 5, the middle clauses reversed
+            "copy",
+            "男，38岁。细菌培养前腹腔穿刺抽出脓性液体，肠鸣音消失，麦氏点压痛明显，有明显压痛和反跳痛，全腹肌紧张，"
+            "心律齐，未闻及干湿性啰音，双肺呼吸音清，查体：T38.5℃，P90次/分，R21次/分。伴畏寒、发热2天，"
+            "转移性右下腹疼痛3天。细菌培养结果最有可能为",
+            appendicitis.options.values(),
+            "A",
+        ),
+        _q("6285", "白术的分泌组织是", ["树脂道", "油管", "油室", "油细胞", "乳汁管"], "C"),  # same options, other herb
+        _q(  # same vignette, another answer asked: not the same item
+            "other_answer",
+            appendicitis.question.replace("细菌培养结果最有可能为", "首选的治疗是"),
+            ["手术", "抗生素", "观察", "补液", "镇痛"],
+            "A",
+        ),
+    ]
+    leaks = {leak.train_id: leak for leak in find_leaks(train, evaluation)}
+    assert {t: (leak.kind, leak.eval_id) for t, leak in leaks.items()} == {
+        "3416": ("ngram", "3414"),
+        "4490": ("ngram", "4482"),
+        "copy": ("ngram", "3414"),
+    }
+    assert all(0.4 <= leak.stem_similarity < 1 for leak in leaks.values())
+
+
+def test_questions_given_straight_to_a_step_are_checked_for_leakage(bundled, tmp_path, caplog):
+    """Issue 24 item 9: `distill` / `rollout` / `selfplay --questions FILE` used the file as given, so the
+    bundled file passed straight trained on the default recipe's 100 evaluation questions. Now the file
+    is checked against the recipe's evaluation questions: leaked ones dropped loudly, or an error; a
+    prepare-data folder (checked when made) is used as it is."""
+    from medcritical.cli.common import training_questions_uri
+    from medcritical.data.cmexam import write_questions
+    from medcritical.data.prepare import _split, check_given_questions
+    from medcritical.recipe import load_recipe
+
+    recipe = load_recipe(None, [])
+    evaluation = {q.id for q in _split(recipe.data, recipe.run.seed)[3]}
+    given = bundled[:40]
+    leaked = [q.id for q in given if q.id in evaluation]
+    assert leaked  # the first 40 bundled questions include evaluation questions of the default split
+    with caplog.at_level("WARNING"):
+        kept = check_given_questions(given, recipe.data, recipe.run.seed, "train.jsonl")
+    assert [q.id for q in kept] == [q.id for q in given if q.id not in evaluation]
+    assert f"LEAKAGE: {len(leaked)} of the 40 questions in train.jsonl" in caplog.text
+    strict = load_recipe(None, ["data.on_leakage=error"])
+    with pytest.raises(DataError, match=r"train.jsonl: \d+ of its 40 questions duplicate an evaluation question"):
+        check_given_questions(given, strict.data, strict.run.seed, "train.jsonl")
+
+    write_questions(given, tmp_path / "given.jsonl")
+    with training_questions_uri(str(tmp_path / "given.jsonl"), recipe) as uri:
+        used = load_questions(Path(uri) / "train.jsonl").questions
+    assert [q.id for q in used] == [q.id for q in kept]
+    prepared = tmp_path / "prepared"
+    prepare_data(recipe.data, recipe.run.seed, prepared)
+    with training_questions_uri(str(prepared), recipe) as uri:
+        assert uri == str(prepared)
+    clean = [q for q in given if q.id not in evaluation]
+    write_questions(clean, tmp_path / "clean.jsonl")
+    with training_questions_uri(str(tmp_path / "clean.jsonl"), recipe) as uri:
+        assert uri == str(tmp_path / "clean.jsonl")
+
+
 @pytest.mark.skipif(not VAL.is_file(), reason="CMExam val.xlsx not in ../shared/data/cmexam")
 def test_leakage_check_on_the_real_validation_file():
     """Both halves of CMExam's 6,811-question val file: 2 exact and 13 near duplicates, all genuine

@@ -158,8 +158,14 @@ def test_cli_distills_and_reports_user_errors(bundled, tmp_path, monkeypatch, ca
     write_questions(bundled[:6], tmp_path / "train.jsonl")
     code = main(["distill", "--questions", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out")])
     assert code == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 6
-    assert len(read_jsonl(tmp_path / "out" / SFT_FILE)) == 6
+    # bundled[5] is one of the default recipe's evaluation questions: a file given straight is checked for
+    # leakage too (issue 24 item 9), and it is not distilled.
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 5
+    assert len(read_jsonl(tmp_path / "out" / SFT_FILE)) == 5
+    assert bundled[5].id not in {row["id"] for row in read_jsonl(tmp_path / "out" / SFT_FILE)}
+    # The generic stage command checks a file given as its data input the same way.
+    code = main(["stage", "distill", "--input", f"data={tmp_path / 'train.jsonl'}", "--output", str(tmp_path / "st")])
+    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 5
     # Another setup into the same folder: a user error (exit 2) naming the change and the fix; --restart starts over.
     code = main(
         ["distill", "--set", "distill.language=en", "--questions", str(tmp_path / "train.jsonl"), "--output"]

@@ -227,7 +227,8 @@ def test_distill_killed_mid_log_then_rerun(tmp_path):
     from medcritical.data.bundled import bundled_path
 
     out = tmp_path / "distill"
-    args = ["distill", "--questions", str(bundled_path()), "--output", str(out)]  # 400 questions, offline backend
+    # 400 questions, offline backend; no evaluation split (it would be checked against, and 100 left out)
+    args = ["distill", "--set", "data.eval_size=0", "--questions", str(bundled_path()), "--output", str(out)]
     for events in (30, 200):  # killed twice: early, then in the rerun
         proc = start(tmp_path, *args)
         kill_when(

@@ -12,6 +12,10 @@ pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README,
 # Small but real: every step runs, on the tiny format model, on CPU.
 TINY_STAGE2 = [
     "run.device=cpu",
+    # The tests roll out on the first bundled questions, given straight as a file; the default recipe splits
+    # its evaluation questions off the same sample, and a file given straight is checked against them
+    # (leaked ones dropped). No evaluation split here: every question given is rolled out.
+    "data.eval_size=0",
     "selfplay.rollout.samples_per_question=3",
     "selfplay.rollout.temperature=1.0",
     "selfplay.rollout.max_new_tokens=40",

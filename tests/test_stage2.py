@@ -146,6 +146,14 @@ def test_arms_table_shows_cost_per_correction_pair_beside_cost_per_pair():
     assert rows["money per pair (estimate, EUR)"] == "0.01"
 
 
+def test_rollout_command_prints_money_as_an_estimate_in_its_currency():
+    """Issue 24 item 9: `medcritical rollout` printed "0.1234 money": no currency, not called an estimate."""
+    from medcritical.cli.selfplay import money_estimate
+
+    line = money_estimate({"teacher": 0.1, "device": 0.0234, "total": 0.1234, "currency": "EUR", "estimate": True})
+    assert line == ", estimated 0.1234 EUR (at your selfplay.cost prices)"
+
+
 def test_cost_counts_the_gpus_generation_used_not_every_visible_one(monkeypatch):
     """Issue 24 item 9: device-seconds multiplied wall time by every visible GPU."""
     import torch

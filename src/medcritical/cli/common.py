@@ -45,6 +45,36 @@ def questions_uri(given: str | None, recipe: Recipe) -> Iterator[str]:
         yield tmp
 
 
+@contextlib.contextmanager
+def training_questions_uri(given: str | None, recipe: Recipe) -> Iterator[str]:
+    """`questions_uri` for a step that trains or distils on the questions (distill, rollout, selfplay).
+    A prepare-data folder (its data_stats.json beside train.jsonl) was checked for leakage when it was
+    made; a question file given straight is checked here, against the evaluation questions the
+    recipe's data section makes (`check_given_questions`): leaked questions dropped into a temporary
+    train.jsonl, or an error (data.on_leakage), or a loud warning when it cannot be checked."""
+    if not given:
+        with questions_uri(given, recipe) as uri:
+            yield uri
+        return
+    from pathlib import Path
+
+    from medcritical.data.cmexam import load_questions, write_questions
+    from medcritical.data.prepare import STATS_FILE, TRAIN_FILE, check_given_questions
+    from medcritical.staging import input_file, local_input
+
+    if local_input(given).is_dir() and (local_input(given) / STATS_FILE).is_file():
+        yield given
+        return
+    questions = load_questions(input_file(given, TRAIN_FILE), recipe.data.on_bad_row).questions
+    kept = check_given_questions(questions, recipe.data, recipe.run.seed, given)
+    if len(kept) == len(questions):
+        yield given
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_questions(kept, Path(tmp) / TRAIN_FILE)
+        yield tmp
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe, validated; a --model folder checked too, before any data is prepared."""
     recipe = load_recipe(args.recipe, args.overrides)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from medcritical.cli.common import add_recipe_arguments, add_restart_argument, recipe_from_args
+from medcritical.cli.common import (
+    add_recipe_arguments,
+    add_restart_argument,
+    recipe_from_args,
+    training_questions_uri,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +31,8 @@ def add_parser(subparsers) -> None:
         "--questions",
         required=True,
         metavar="FILE",
-        help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder; a path or s3:// URI",
+        help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder; a path or s3:// URI. A file is "
+        "checked for leakage against the recipe's evaluation questions first (data.on_leakage)",
     )
     parser.add_argument(
         "--output", required=True, metavar="DIR", help="folder (or s3:// URI) for sft.jsonl and the statistics"
@@ -41,6 +47,8 @@ def _distill(args) -> None:
     from medcritical.distill.stage import DISTILL
     from medcritical.runner import run_stage
 
-    stats = run_stage(DISTILL, recipe_from_args(args), args.output, data=args.questions, restart=args.restart)
+    recipe = recipe_from_args(args)
+    with training_questions_uri(args.questions, recipe) as questions:
+        stats = run_stage(DISTILL, recipe, args.output, data=questions, restart=args.restart)
     summary = {k: stats[k] for k in ("questions", "accepted", "acceptance_rate", "trace_attempts", "rejections")}
     print(json.dumps(summary, ensure_ascii=False))

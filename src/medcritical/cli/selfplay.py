@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from medcritical.cli.common import add_recipe_arguments, add_restart_argument, questions_uri, recipe_from_args
+from medcritical.cli.common import (
+    add_recipe_arguments,
+    add_restart_argument,
+    questions_uri,
+    recipe_from_args,
+    training_questions_uri,
+)
 from medcritical.errors import InputError
 
 ROLLOUT_HELP = """\
@@ -126,7 +132,8 @@ def _questions_argument(parser) -> None:
         "--questions",
         metavar="FILE",
         help="training questions (.jsonl/.csv/.xlsx) or the prepare-data folder, a path or s3:// URI; "
-        "default: the recipe's train split",
+        "default: the recipe's train split. A file is checked for leakage against the recipe's evaluation "
+        "questions first (data.on_leakage)",
     )
 
 
@@ -144,7 +151,7 @@ def _rollout(args) -> None:
     from medcritical.selfplay.stage import ROLLOUT
 
     recipe = recipe_from_args(args)
-    with questions_uri(args.questions, recipe) as questions:
+    with training_questions_uri(args.questions, recipe) as questions:
         stats = run_stage(ROLLOUT, recipe, args.output, data=questions, model=args.model, restart=args.restart)
     r, p = stats["rollout"], stats["pairs"]
     print(
@@ -161,9 +168,15 @@ def _rollout(args) -> None:
     print(
         f"cost: student {student} tokens, teacher {teacher} tokens, "
         f"{cost['seconds']['device_seconds']:.1f} {cost['seconds']['device']}-seconds"
-        + (f", {cost['money']['total']:.4g} money" if cost["money"] else "")
+        + (money_estimate(cost["money"]) if cost["money"] else "")
     )
     _print_pairs(p, args.output)
+
+
+def money_estimate(money: dict) -> str:
+    """The rollout's money as printed: the user's prices times the counted tokens and seconds, so an
+    estimate, in the currency the prices were given in (selfplay.cost.currency)."""
+    return f", estimated {money['total']:.4g} {money.get('currency') or 'USD'} (at your selfplay.cost prices)"
 
 
 def _pairs(args) -> None:
@@ -199,7 +212,7 @@ def _selfplay(args) -> None:
     from medcritical.rounds import run_selfplay
 
     recipe = recipe_from_args(args)
-    with questions_uri(args.questions, recipe) as questions:
+    with training_questions_uri(args.questions, recipe) as questions:
         summary = run_selfplay(recipe, questions, args.model or "", args.output, eval_uri=args.eval_questions)
     for row in summary["rounds"]:
         print(json.dumps(row, ensure_ascii=False))

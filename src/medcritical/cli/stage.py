@@ -6,8 +6,17 @@ per-stage commands (`medcritical sft`, `medcritical dpo`, ...) say the same with
 
 from __future__ import annotations
 
-from medcritical.cli.common import add_recipe_arguments, add_restart_argument, recipe_from_args
+from medcritical.cli.common import (
+    add_recipe_arguments,
+    add_restart_argument,
+    recipe_from_args,
+    training_questions_uri,
+)
 from medcritical.errors import InputError
+
+# Stages that train on (or distil) the questions of their `data` input: a file given straight there is
+# checked for leakage as `medcritical distill` / `rollout --questions FILE` check it (issue 24 item 9).
+TRAINS_ON_DATA = ("distill", "rollout")
 
 
 def add_parser(subparsers) -> None:
@@ -53,6 +62,11 @@ def _stage(args) -> None:
             )
         inputs[name] = uri
     options = {"restart": args.restart} if "restart" in stage.options else {}
-    result = run_stage(stage, recipe_from_args(args), args.output, **inputs, **options)
+    recipe = recipe_from_args(args)
+    if stage.name in TRAINS_ON_DATA and inputs.get("data"):
+        with training_questions_uri(inputs["data"], recipe) as data:
+            result = run_stage(stage, recipe, args.output, **{**inputs, "data": data}, **options)
+    else:
+        result = run_stage(stage, recipe, args.output, **inputs, **options)
     if is_main_process():
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, ensure_ascii=False))
