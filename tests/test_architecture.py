@@ -44,6 +44,7 @@ ORCHESTRATION = {
     "pipeline_runner",
     "plan",
     "trainjob",
+    "scheduling",
     "cli",
     "components",
     "pipelines",
