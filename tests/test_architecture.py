@@ -42,6 +42,7 @@ ORCHESTRATION = {
     "report",
     "arms",
     "pipeline_runner",
+    "local_run",
     "plan",
     "trainjob",
     "scheduling",

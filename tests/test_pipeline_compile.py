@@ -217,9 +217,9 @@ def test_local_runs_keep_the_recipes_folder(tmp_path):
     """`medcritical run` (no cluster settings) writes where the recipe says: no run id in its paths."""
     from kfp import compiler
 
-    from medcritical.pipeline_runner import _pipeline
+    from medcritical.pipeline_runner import pipeline_for
 
-    compiler.Compiler().compile(_pipeline(load_recipe(PAPER_RECIPE), None, False), str(tmp_path / "local.yaml"))
+    compiler.Compiler().compile(pipeline_for(load_recipe(PAPER_RECIPE), None, False), str(tmp_path / "local.yaml"))
     assert "pipeline_job_uuid" not in (tmp_path / "local.yaml").read_text()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medcritical import storage
-from medcritical.pipeline_runner import run_locally
+from medcritical.local_run import run_locally
 from medcritical.recipe import load_recipe_text
 
 pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)

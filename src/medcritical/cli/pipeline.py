@@ -131,7 +131,7 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args) -> int:
     from medcritical.cli.common import recipe_from_args
-    from medcritical.pipeline_runner import run_locally
+    from medcritical.local_run import run_locally
 
     recipe = recipe_from_args(args)
     report_dir = run_locally(recipe)
