@@ -34,7 +34,7 @@ def run_locally(recipe: Recipe) -> Path:
 
     root = recipe.run.root
     if storage.is_s3(root):  # credentials, bucket and write permission, before any task starts
-        storage.check_output(root)
+        storage.check_output(root, abort_abandoned=False)
     # KFP's local runner needs a local pipeline_root (an s3:// root silently becomes a folder "s3:"):
     # it only holds KFP's own small outputs; the steps write to run.output_dir themselves.
     kfp_root = Path(tempfile.mkdtemp(prefix="kfp-")) if storage.is_s3(root) else Path(root) / "kfp-local"

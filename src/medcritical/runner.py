@@ -17,6 +17,7 @@ stage on local paths, and publishes the output folder. Data flows one way:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -45,6 +46,7 @@ from medcritical.staging import (
     stage_uri,
 )
 from medcritical.storage.folders import remove_folder
+from medcritical.storage.lease import writer_lease
 from medcritical.training.stage import SFT
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,9 @@ def run_stage(stage: Stage, recipe: Recipe, output_uri: str, **given: Any) -> di
     recipe = keep_global_batch(stage, recipe, world_size())
     if not is_main_process():  # torchrun: rank 0 holds the lock and publishes
         return _execute(stage, recipe, output_uri, uris, options)
-    with output_lock(local_output_path(output_uri), stage.name):
-        if storage.is_s3(output_uri):
+    with output_lock(local_output_path(output_uri), stage.name), contextlib.ExitStack() as s3:
+        if storage.is_s3(output_uri):  # a worker with its own work folder: the lease in S3 is the lock
+            s3.enter_context(writer_lease(output_uri, stage.name))
             storage.check_output(output_uri)
         return _execute(stage, recipe, output_uri, uris, options)
 

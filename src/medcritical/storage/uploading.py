@@ -45,13 +45,14 @@ PROBE_PREFIX = ".medcritical-probe-"
 # Before a step's work: probe the output, clean up after an interrupted run
 
 
-def check_output(uri: str) -> None:
+def check_output(uri: str, *, abort_abandoned: bool = True) -> None:
     """Fail before the work: write and remove a small probe object under the output URI, so wrong
     credentials, a missing bucket or no write permission stop a step in seconds, not when it uploads
     hours later; then abort the multipart uploads an interrupted run left under it.
 
-    Call it as the output's one writer (the step holds the folder's lock): another writer's upload in
-    progress under the same URI would be aborted too.
+    Call it as the output's one writer (the step holds the output's lease): another writer's upload in
+    progress under the same URI would be aborted too. `abort_abandoned=False` only probes (a run root,
+    whose steps abort their own).
     """
     with s3_session(uri) as (target, client):
         probe = target.prefix + PROBE_PREFIX + uuid.uuid4().hex[:12]
@@ -60,7 +61,8 @@ def check_output(uri: str) -> None:
             what=f"write a probe object under {target}",
         )
         with_retries(lambda: client.remove_object(target.bucket, probe), what=f"remove the probe object under {target}")
-        abort_abandoned_uploads(client, target)
+        if abort_abandoned:
+            abort_abandoned_uploads(client, target)
     log.debug("%s: writable (probe object written and removed)", target)
 
 
