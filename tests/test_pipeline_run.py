@@ -59,7 +59,7 @@ def test_whole_pipeline_runs_locally_with_s3_artifacts(s3_env, s3_server, tmp_pa
     assert steps_stats["rounds"][0]["rollout"]["rollout"]["samples"] == 32
     assert steps_stats["rounds"][0]["dpo"]["status"] in {"trained", "skipped"}
     markdown = (report_dir / "report.md").read_text()
-    assert "| sft |" in markdown and "not run" not in markdown
+    assert "| sft |" in markdown and "| not run |" not in markdown  # every model evaluated, every step's stats read
     assert (report_dir / "models.png").stat().st_size > 0
 
     # Every step published its folder to the bucket, each with its manifest.

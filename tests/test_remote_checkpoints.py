@@ -310,6 +310,7 @@ def test_two_nodes_with_their_own_disks_upload_from_rank0_and_rotate_both_disks(
     run_root = f"s3://{s3_env}/runs/two-nodes"
     args = sft_args(dataset, tiny_model, f"{run_root}/sft", f"run.output_dir={run_root}")
     args += ["--set", "sft.trainer.max_steps=3", "--set", "sft.trainer.save_steps=1"]
+    args += ["--set", "sft.keep_checkpoints=true"]  # to see them after the run: removed once published otherwise
     args += ["--set", "sft.trainer.gradient_accumulation_steps=2"]  # the runner divides it by the 2 ranks
     nodes = run_as_two_nodes(tmp_path, args, timeout_s=300)
     logs = [log for _, log in nodes]
