@@ -3,11 +3,13 @@
 - static checks of the Dockerfiles, the tags and the smoke test's pins (always; seconds);
 - the image tier (marker `docker`, MEDCRITICAL_DOCKER_TESTS=1, what CI runs where a Docker engine can
   run): the CPU image built and run for real, and each CUDA image's pins resolved together by pip
-  against PyPI (a dry run: no download of torch, no build). The CPU build is the local cluster's
+  against PyPI (a dry run: nothing installed, no image built). The CPU build is the local cluster's
   (k8s/local/build-cpu-image.sh) unless a torch CPU wheel is at hand, so both share Docker's layer
-  cache: about 10 minutes cold, 2 to 3 warm;
-- the CUDA images built and smoke-tested (MEDCRITICAL_CUDA_IMAGE_TESTS=1 as well; an hour or more cold
-  on 2 cores and some 40 GB of disk while building, seconds to minutes warm: images/README.md).
+  cache: 14 min 46 s cold on the project's 2-core machine (the CPU image 9 min 39 s of it),
+  4 min 49 s warm (the two pip resolutions 4 min of it; the cached CPU build 1 s);
+- the CUDA images built and smoke-tested (MEDCRITICAL_CUDA_IMAGE_TESTS=1 as well; 15 to 16 minutes
+  each cold here and 15 to 20 GB free while each builds; the smoke tests 18 and 28 s; a warm run,
+  from Docker's layer cache, was not timed: images/README.md).
 
 A real run installs Debian's docker.io engine and debootstrap when missing, builds a Debian base
 image locally (no registry is needed), builds on it with images/build.sh, then runs the image without
@@ -395,8 +397,7 @@ def _cuda_install_sets(kind: str, stub: Path) -> list[list[str]]:
 @pytest.mark.parametrize("kind", CUDA_KINDS)
 def test_cuda_image_pins_resolve_together(kind, tmp_path):
     """pip resolves each install of the CUDA image's deps stage against PyPI, as the build would,
-    without downloading torch or building anything (--dry-run; DeepSpeed's metadata comes from its
-    sdist): the pins agree with each other, torch's CUDA libraries are CUDA_VERSION's and the
+    without installing anything (--dry-run; DeepSpeed's metadata comes from its sdist): the pins agree with each other, torch's CUDA libraries are CUDA_VERSION's and the
     compiler wheels exist. What this does not catch (a compile error, a missing system library)
     only a build finds: MEDCRITICAL_CUDA_IMAGE_TESTS=1."""
     args = _args(_dockerfile(kind))
@@ -433,7 +434,7 @@ def test_cuda_image_pins_resolve_together(kind, tmp_path):
 
 cuda_images_enabled = pytest.mark.skipif(
     os.environ.get("MEDCRITICAL_DOCKER_TESTS") != "1" or os.environ.get("MEDCRITICAL_CUDA_IMAGE_TESTS") != "1",
-    reason="builds a CUDA image (an hour or more cold, ~40 GB of disk while building): set "
+    reason="builds a CUDA image (15 minutes or more cold, 15 to 20 GB of disk while building): set "
     "MEDCRITICAL_DOCKER_TESTS=1 MEDCRITICAL_CUDA_IMAGE_TESTS=1",
 )
 
