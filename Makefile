@@ -1,7 +1,10 @@
 # Images and Kubernetes shortcuts; docs/kubernetes.md explains each.
 #   make images | image-cpu | image-train | image-infer     build, tagged with pyproject's version
 #   make base-image                                         Debian base built locally (offline hosts)
-#   make docker-test                                        build + run the CPU image (opt-in test)
+#   make images-cuda-local                                  both CUDA images on the local base (no registry), smoke-tested
+#   make image-smoke IMAGE=medcritical-train-cuda:0.1.0     the smoke test of a built image (no GPU)
+#   make docker-test                                        the image tier: CPU image built + run, CUDA pins resolved
+#   make docker-test-cuda                                   the image tier and the CUDA images built + smoke-tested
 #   make k8s-validate                                       offline manifest checks
 #   make k8s-dev-up                                         MinIO dev setup on the current kube context
 #   make test-cluster                                       the cluster tests on the current kube context
@@ -13,7 +16,8 @@ PYTHON ?= .venv/bin/python
 KUBECTL ?= $(dir $(PYTHON))kubectl
 NAMESPACE ?= medcritical
 
-.PHONY: images image-cpu image-train image-infer base-image docker-engine docker-test \
+.PHONY: images image-cpu image-train image-infer images-cuda-local image-smoke base-image docker-engine \
+        docker-test docker-test-cuda \
         k8s-validate k8s-dev-secret k8s-dev-up test-cluster \
         cluster-up cluster-down cluster-status cluster-trainer test-cluster-local
 
@@ -35,8 +39,17 @@ docker-engine:
 base-image: docker-engine
 	images/local/build-base.sh
 
+images-cuda-local:
+	images/local/build-cuda-images.sh all
+
+image-smoke:
+	images/smoke-test.sh $(IMAGE)
+
 docker-test:
 	MEDCRITICAL_DOCKER_TESTS=1 $(PYTHON) -m pytest -m docker tests/test_images.py -v
+
+docker-test-cuda:
+	MEDCRITICAL_DOCKER_TESTS=1 MEDCRITICAL_CUDA_IMAGE_TESTS=1 $(PYTHON) -m pytest -m docker tests/test_images.py -v
 
 k8s-validate:
 	$(PYTHON) -m pytest tests/test_k8s_manifests.py -q

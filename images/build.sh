@@ -11,7 +11,9 @@
 #   WHEELS_DIR       a folder of wheels offered to pip first (e.g. a local torch CPU wheel)
 #   TORCH_INDEX_URL  where the CPU image finds torch's CPU build ("" = wheels/PyPI only)
 #   BUILD_CA_BUNDLE  a CA bundle pip uses during the build (default: $PIP_CERT), for TLS proxies;
-#                    it stays in the build stages, never in the image
+#                    it stays in the CPU image's build stages; the CUDA images build their
+#                    virtualenv in their own layers, so it is in a lower layer of theirs
+#                    (images/README.md, "What a build needs")
 #   DOCKER_BUILD_ARGS  anything else for `docker build` (e.g. --build-arg TORCH_CUDA_ARCH_LIST=9.0)
 #   PUSH=1           push after building
 #   PYTHON           a python >= 3.11 to read pyproject.toml (default python3)
