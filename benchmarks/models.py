@@ -103,15 +103,18 @@ def sft_dataset(output_dir: str | Path, questions: int) -> Path:
 
 
 def dpo_pairs(sft_path: str | Path, output_path: str | Path) -> Path:
-    """Preference pairs in the rollout step's format: chosen = a question's verified trace, rejected = the trace
-    written for the next question (realistic lengths; the content does not matter for speed)."""
+    """Preference pairs in the rollout step's format: chosen = a question's verified trace, rejected = the next
+    different trace (realistic lengths; the content does not matter for speed). Two questions can share a trace
+    (the same explanation and answer), and DPO refuses a pair that prefers nothing."""
     rows = [json.loads(line) for line in Path(sft_path).read_text(encoding="utf-8").splitlines() if line.strip()]
     output_path = Path(output_path)
     with output_path.open("w", encoding="utf-8") as f:
-        for row, other in zip(rows, rows[1:] + rows[:1]):
+        for i, row in enumerate(rows):
             prompt, chosen = row["messages"][:-1], row["messages"][-1:]
-            f.write(
-                json.dumps({"prompt": prompt, "chosen": chosen, "rejected": other["messages"][-1:]}, ensure_ascii=False)
-                + "\n"
-            )
+            later = (rows[(i + k) % len(rows)]["messages"][-1:] for k in range(1, len(rows)))
+            rejected = next((other for other in later if other != chosen), None)
+            if rejected is not None:
+                f.write(
+                    json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False) + "\n"
+                )
     return output_path
