@@ -13,5 +13,5 @@ def test_report_puts_the_three_models_side_by_side(run, evaluations, distilled, 
     assert summary.metadata["location"] == run.folder("report")
     markdown = Path(summary.path).read_text()  # what the KFP UI shows
     assert markdown == (Path(run.folder("report")) / "report.md").read_text()
-    assert "| sft |" in markdown and "not run" not in markdown
+    assert "| sft |" in markdown and "| not run |" not in markdown  # every model evaluated, every step's stats read
     assert {"accuracy_base", "accuracy_sft", "accuracy_dpo"} <= metrics.metadata.keys()
