@@ -53,7 +53,7 @@ def test_a_lease_left_by_a_killed_process_of_this_host_is_taken_over_at_once(s3_
 
 def _other_pod(uri: str, renewing: bool, stop: threading.Event) -> None:
     """A lease of a worker on another host, renewed every 0.1 s while `renewing`."""
-    lease = {"holder": "other", "what": "sft", "host": "other-pod", "pid": 7, "started": "then", "renewals": 0}
+    lease = {"holder": "other", "what": "sft", "host": "other-pod", "pid": 7, "since": "then", "renewals": 0}
     write_small_object(f"{uri}/{LEASE_NAME}", json.dumps(lease).encode())
     while renewing and not stop.wait(0.1):
         lease["renewals"] += 1

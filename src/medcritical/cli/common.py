@@ -62,7 +62,8 @@ def training_questions_uri(given: str | None, recipe: Recipe) -> Iterator[str]:
     from medcritical.data.prepare import STATS_FILE, TRAIN_FILE, check_given_questions
     from medcritical.staging import input_file, local_input
 
-    if local_input(given).is_dir() and (local_input(given) / STATS_FILE).is_file():
+    folder = local_input(given)
+    if folder.is_dir() and (folder / STATS_FILE).is_file():
         yield given
         return
     questions = load_questions(input_file(given, TRAIN_FILE), recipe.data.on_bad_row).questions

@@ -58,16 +58,7 @@ def output_lock(folder: str | Path, what: str = "step") -> Iterator[None]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(
-            json.dumps(
-                {
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "what": what,
-                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-            )
-        )
+        handle.write(json.dumps(holder_record(what)))
         handle.flush()
         _held.add(key)
         try:
@@ -82,9 +73,21 @@ def output_lock(folder: str | Path, what: str = "step") -> Iterator[None]:
 _held: set[str] = set()
 
 
+def holder_record(what: str) -> dict:
+    """Who writes an output, as a lock file or an S3 lease (storage/lease.py) records it."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def describe_holder(info: dict) -> str:
+    """A holder record in words, for the message that refuses a second writer."""
+    try:
+        return f"{info['what']} by PID {info['pid']} on host {info['host']} since {info['since']}"
+    except (KeyError, TypeError):
+        return "holder unknown"
+
+
 def _describe(text: str) -> str:
     try:
-        info = json.loads(text)
-        return f"{info['what']} by PID {info['pid']} on {info['host']} since {info['since']}"
-    except (ValueError, KeyError, TypeError):
+        return describe_holder(json.loads(text))
+    except ValueError:
         return "holder unknown"

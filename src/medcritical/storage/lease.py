@@ -5,7 +5,7 @@ workers (two pods, two machines) each have their own of, so the flock cannot see
 lease a second worker would abort the first one's multipart uploads at its start (`check_output`) and train
 for hours before its upload is refused. With it the second worker is refused at its start, naming the holder.
 
-The lease, `<output>/_WRITER.json`, holds the writer's host, PID and a counter it renews every
+The lease, `<output>/_WRITER.json`, holds the writer's host, PID (as the local lock file does) and a counter it renews every
 `MEDCRITICAL_S3_LEASE_RENEW_S` seconds (20). Liveness is read from the counter changing, never from clocks (the
 pods' clocks may differ): a lease whose counter has not moved for three renewal periods belongs to a dead
 worker and is taken over (a retried pod waits up to a minute); one left by a dead process on the same host is
@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 
 from medcritical.errors import UserError
+from medcritical.io.lock import describe_holder, holder_record
 from medcritical.storage.client import s3_session, with_retries
 from medcritical.storage.folders import read_small_object, write_small_object
 
@@ -50,15 +51,7 @@ def writer_lease(output_uri: str, what: str) -> Iterator[None]:
     if lease_uri in _held:  # a step that calls another step's code into the same output: one lease
         yield
         return
-    mine = {
-        "holder": uuid.uuid4().hex,
-        "what": what,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "pid_start": _process_start(os.getpid()),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "renewals": 0,
-    }
+    mine = holder_record(what) | {"holder": uuid.uuid4().hex, "pid_start": _process_start(os.getpid()), "renewals": 0}
     _acquire(lease_uri, output_uri, mine)
     _held.add(lease_uri)
     stop = threading.Event()
@@ -93,12 +86,12 @@ def _acquire(lease_uri: str, output_uri: str, mine: dict) -> None:
         if state != seen:
             seen, unchanged_since = state, now
         elif now - unchanged_since >= STALE_AFTER_RENEWALS * period:
-            log.warning("%s: %s stopped renewing its lease; taking over", output_uri, _describe(current))
+            log.warning("%s: %s stopped renewing its lease; taking over", output_uri, describe_holder(current))
             if _claim(lease_uri, mine):
                 return
             continue
         if not waiting:
-            log.info("%s: %s holds its lease; waiting to see whether it is alive", output_uri, _describe(current))
+            log.info("%s: %s holds its lease; waiting to see whether it is alive", output_uri, describe_holder(current))
             waiting = True
         time.sleep(min(period / 4, 5.0))
 
@@ -126,13 +119,9 @@ def _renew(lease_uri: str, mine: dict, stop: threading.Event) -> None:
 
 def _in_use(output_uri: str, holder: dict) -> str:
     return (
-        f"{output_uri}: another worker is writing here ({_describe(holder)}); wait for it to finish, stop it, or "
-        "choose another output URI"
+        f"{output_uri}: another worker is writing here ({describe_holder(holder)}); wait for it to finish, stop it, "
+        "or choose another output URI"
     )
-
-
-def _describe(holder: dict) -> str:
-    return f"{holder.get('what', 'a step')} by PID {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')}"
 
 
 def _holder(lease: dict | None) -> str | None:
