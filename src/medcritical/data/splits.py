@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
@@ -99,6 +99,25 @@ def _grams(text: str) -> set[str]:
     return {text[i : i + GRAM] for i in range(len(text) - GRAM + 1)} or {text}
 
 
+def _gram_index(grams_of_each: Iterable[set[str] | frozenset[str]]) -> dict[str, list[int]]:
+    """n-gram -> the positions of the evaluation questions holding it; grams held by more than COMMON_GRAM
+    identify nothing and are left out."""
+    index: dict[str, list[int]] = {}
+    for i, grams in enumerate(grams_of_each):
+        for gram in grams:
+            index.setdefault(gram, []).append(i)
+    return {gram: ids for gram, ids in index.items() if len(ids) <= COMMON_GRAM}
+
+
+def _candidates(index: dict[str, list[int]], grams) -> list[int]:
+    """The CANDIDATES evaluation questions sharing the most of `grams`: the only ones compared in full."""
+    shared: dict[int, int] = {}
+    for gram in grams:
+        for i in index.get(gram, ()):
+            shared[i] = shared.get(i, 0) + 1
+    return sorted(shared, key=shared.__getitem__, reverse=True)[:CANDIDATES]
+
+
 def masked_stem(q: Question) -> str:
     """The normalized stem with numbers and the patient's sex masked: the parts a re-used vignette changes."""
     return re.sub(r"[男女]", "性", re.sub(r"\d+(?:\.\d+)?", "#", _stem(q)))
@@ -111,22 +130,14 @@ def _bigrams(text: str) -> frozenset[str]:
 def _ngram_leaks(train: Sequence[Question], evaluation: Sequence[Question], skip: set[str]) -> list[Leak]:
     """The n-gram-set rule (see NGRAM_SIMILARITY) for training questions not already caught."""
     long_eval = [(e, _bigrams(masked_stem(e))) for e in evaluation if len(_stem(e)) >= NGRAM_MIN_CHARS]
-    index: dict[str, list[int]] = {}
-    for i, (_, grams) in enumerate(long_eval):
-        for gram in grams:
-            index.setdefault(gram, []).append(i)
-    index = {gram: ids for gram, ids in index.items() if len(ids) <= COMMON_GRAM}
+    index = _gram_index(grams for _, grams in long_eval)
     leaks = []
     for t in train:
         if t.id in skip or len(_stem(t)) < NGRAM_MIN_CHARS:
             continue
         grams, gold = _bigrams(masked_stem(t)), _gold_texts(t)
-        shared: dict[int, int] = {}
-        for gram in grams:
-            for i in index.get(gram, ()):
-                shared[i] = shared.get(i, 0) + 1
         best: Leak | None = None
-        for i in sorted(shared, key=shared.__getitem__, reverse=True)[:CANDIDATES]:
+        for i in _candidates(index, grams):
             e, e_grams = long_eval[i]
             similarity = len(grams & e_grams) / len(grams | e_grams)
             if not (similarity >= NGRAM_SIMILARITY and gold and gold == _gold_texts(e)):
@@ -146,24 +157,16 @@ def find_leaks(train: Sequence[Question], evaluation: Sequence[Question]) -> lis
     seconds on CMExam's 6,811-question files: n-gram indexes propose a few candidates, only those are
     compared in full."""
     exact = {exact_key(q): q for q in evaluation}
-    index: dict[str, list[int]] = {}
-    for i, q in enumerate(evaluation):
-        for gram in _grams(exact_key(q)):
-            index.setdefault(gram, []).append(i)
-    index = {gram: ids for gram, ids in index.items() if len(ids) <= COMMON_GRAM}
+    index = _gram_index(_grams(exact_key(q)) for q in evaluation)
     leaks = []
     for t in train:
         key = exact_key(t)
         if key in exact:
             leaks.append(Leak(t.id, exact[key].id, "exact", 1.0, 1.0))
             continue
-        shared: dict[int, int] = {}
-        for gram in _grams(key):
-            for i in index.get(gram, ()):
-                shared[i] = shared.get(i, 0) + 1
         best: Leak | None = None
         stem, options, gold = _stem(t), _options(t), _gold_texts(t)
-        for i in sorted(shared, key=shared.__getitem__, reverse=True)[:CANDIDATES]:
+        for i in _candidates(index, _grams(key)):
             e = evaluation[i]
             matcher = SequenceMatcher(None, stem, _stem(e), autojunk=False)
             if matcher.real_quick_ratio() < STEM_SIMILARITY or matcher.quick_ratio() < STEM_SIMILARITY:
