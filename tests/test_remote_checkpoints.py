@@ -149,23 +149,28 @@ def dataset(tmp_path_factory, bundled):
 STEPS = 24
 
 
-def sft_args(dataset: Path, model: Path, output: str, *settings: str) -> list[str]:
-    args = ["sft", "--dataset", str(dataset), "--model", str(model), "--output", output]
+def training_args(command: str, data: list[str], model: Path, output: str, section: str, *settings: str) -> list[str]:
+    """`medcritical sft|dpo` on the tiny model, full fine-tuning, STEPS steps, a checkpoint every 2 (the project's
+    save_total_limit of 2 kept): enough that a kill after the first upload lands mid-run."""
+    args = [command, *data, "--model", str(model), "--output", output]
     for setting in (
         "run.device=cpu",
         "run.threads=1",
-        "sft.lora.enabled=false",
-        f"sft.trainer.max_length={MAX_LENGTH}",
-        "sft.trainer.per_device_train_batch_size=2",
-        "sft.trainer.learning_rate=3e-3",
-        "sft.trainer.warmup_steps=0",
-        f"sft.trainer.max_steps={STEPS}",  # enough that a kill after the first upload lands mid-run
-        "sft.trainer.save_steps=2",  # save_total_limit stays the project's 2
-        "sft.trainer.logging_steps=1",
+        f"{section}.lora.enabled=false",
+        f"{section}.trainer.max_length={MAX_LENGTH}",
+        f"{section}.trainer.per_device_train_batch_size=2",
+        f"{section}.trainer.max_steps={STEPS}",
+        f"{section}.trainer.save_steps=2",
+        f"{section}.trainer.logging_steps=1",
         *settings,
     ):
         args += ["--set", setting]
     return args
+
+
+def sft_args(dataset: Path, model: Path, output: str, *settings: str) -> list[str]:
+    sft = ("sft.trainer.learning_rate=3e-3", "sft.trainer.warmup_steps=0")
+    return training_args("sft", ["--dataset", str(dataset)], model, output, "sft", *sft, *settings)
 
 
 def kill_after_an_upload_then_resume(tmp_path, bucket, client, args, output: str, metrics_file: str) -> dict:
@@ -242,21 +247,8 @@ def pairs(tmp_path_factory, bundled):
 
 
 def dpo_args(pairs: Path, model: Path, output: str, *settings: str) -> list[str]:
-    args = ["dpo", "--pairs", str(pairs), "--model", str(model), "--output", output]
-    for setting in (
-        "run.device=cpu",
-        "run.threads=1",
-        "selfplay.dpo.lora.enabled=false",
-        f"selfplay.dpo.trainer.max_length={MAX_LENGTH}",
-        "selfplay.dpo.trainer.per_device_train_batch_size=2",
-        "selfplay.dpo.trainer.learning_rate=1e-3",
-        f"selfplay.dpo.trainer.max_steps={STEPS}",
-        "selfplay.dpo.trainer.save_steps=2",
-        "selfplay.dpo.trainer.logging_steps=1",
-        *settings,
-    ):
-        args += ["--set", setting]
-    return args
+    dpo = ("selfplay.dpo.trainer.learning_rate=1e-3",)
+    return training_args("dpo", ["--pairs", str(pairs)], model, output, "selfplay.dpo", *dpo, *settings)
 
 
 @pytest.mark.slow
