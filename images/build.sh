@@ -54,15 +54,22 @@ fi
 build() {
     local name=$1
     local tag="${REGISTRY:-}medcritical-$name:$version"
-    local args=(--network host --build-arg "VERSION=$version" -f "images/$name/Dockerfile" -t "$tag")
+    local args=(--network host --build-arg "VERSION=$version" -f "images/$name/Dockerfile")
     [ -n "${BASE_IMAGE:-}" ] && args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
     if [ "$name" = cpu ] && [ -n "${TORCH_INDEX_URL+set}" ]; then
         args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
     fi
     # shellcheck disable=SC2206
     args+=(${DOCKER_BUILD_ARGS:-})
-    echo "+ docker build ${args[*]} $context"
-    docker build "${args[@]}" "$context"
+    echo "+ docker build ${args[*]} -t $tag $context"
+    docker build "${args[@]}" -t "$tag" "$context"
+    # A rebuild leaves untagged what earlier builds made: the image the tag named before and their wheel
+    # stages (for the CPU image, with 6 GB of dependencies under each). A few of them once filled the disk
+    # under the local cluster. This build's wheel stage is tagged (from the cache: a second) so that it
+    # stays as the next build's cache, then the untagged ones go; layers still in use stay.
+    docker build -q "${args[@]}" --target wheel -t "medcritical-$name-wheel:$version" "$context" >/dev/null
+    docker image prune -f --filter "label=org.opencontainers.image.title=medcritical-$name" >/dev/null
+    docker image prune -f --filter "label=medcritical.build-stage=wheel" >/dev/null
     if [ "${PUSH:-}" = 1 ]; then docker push "$tag"; fi
     echo "built $tag"
 }

@@ -271,6 +271,56 @@ def _run_job(overlay: Path, name: str) -> float:
 # ---- MinIO from the dev overlay ----
 
 
+local_only = pytest.mark.skipif(MODE != "local", reason="checks the cluster k8s/local/cluster.sh runs")
+
+
+@local_only
+def test_local_kubelet_never_collects_the_images_it_cannot_pull_back(cluster):
+    """No registry can give the node its images back, so the kubelet must not evict for disk or collect images:
+    in CI a disk-pressure eviction once deleted the pause image and no pod could start after it. The running
+    kubelet's own configuration is read, so a default merged back in would show."""
+    config = json.loads(kubectl("get", "--raw", "/api/v1/nodes/medcritical-node/proxy/configz").stdout)
+    kubelet = config["kubeletconfig"]
+    assert set(kubelet["evictionHard"]) == {"memory.available"}, kubelet["evictionHard"]
+    assert kubelet["imageGCHighThresholdPercent"] == 100
+
+
+@local_only
+def test_local_load_replaces_an_earlier_version_of_an_image(cluster, tmp_path):
+    """A rebuilt image replaces its predecessor in the node's containerd under every name, the runtime's
+    sha256: ID included (that name kept each earlier 6 GB CPU image before)."""
+    ctr = ["ctr", "--address", "/run/medcritical-cluster/containerd/containerd.sock", "-n", "k8s.io", "images"]
+    image = "localhost/medcritical-load-test:1"
+    ids = []
+    try:
+        for n in (1, 2):
+            (tmp_path / "Dockerfile").write_text(f"FROM localhost/medcritical-pause:3.10\nLABEL build={n}\n")
+            subprocess.run(["docker", "build", "-q", "-t", image, str(tmp_path)], check=True, capture_output=True)
+            ids.append(
+                subprocess.run(
+                    ["docker", "image", "inspect", "-f", "{{.Id}}", image], check=True, capture_output=True, text=True
+                ).stdout.strip()
+            )
+            loaded = _cluster_sh("load", image, timeout=300)
+            assert loaded.returncode == 0, loaded.stderr
+            # The runtime adds the sha256: name itself once it has used or listed an image (when exactly
+            # varies); name it so here, as it would.
+            subprocess.run([*ctr, "tag", "--force", image, ids[-1]], check=True, capture_output=True)
+        refs = subprocess.run([*ctr, "ls", "-q"], check=True, capture_output=True, text=True).stdout.split()
+        assert image in refs
+        assert ids[0] not in refs, f"the first build is still in containerd as {ids[0]}"
+        digests = {
+            line.split()[2]
+            for line in subprocess.run([*ctr, "ls"], check=True, capture_output=True, text=True).stdout.splitlines()[1:]
+            if line.split()[0] == image
+        }
+        assert len(digests) == 1
+    finally:
+        refs = subprocess.run([*ctr, "ls", "-q"], capture_output=True, text=True).stdout.split()
+        subprocess.run([*ctr, "rm", *[r for r in refs if r == image or r in ids]], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+
+
 def test_dev_overlay_brings_up_minio_and_its_bucket(cluster):
     kubectl("apply", "-k", str(K8S / "base"))
     _ensure_s3_secret()

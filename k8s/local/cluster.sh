@@ -321,10 +321,14 @@ resolvConf: $STATE/resolv.conf
 cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
 failSwapOn: false
-# A shared development machine: evict only when it is really out of memory or disk.
-evictionHard: {memory.available: 200Mi, nodefs.available: 2%, imagefs.available: 2%, nodefs.inodesFree: 2%}
-imageGCHighThresholdPercent: 99
-imageGCLowThresholdPercent: 98
+# No eviction for disk and no image garbage collection. Every image here was built on this machine and
+# imported: there is no registry to pull one back from, and this machine's free disk comes and goes
+# (other work shares it). A disk-pressure eviction in CI once collected the pause image, and no pod could
+# start after it ("failed to get sandbox image"). Disk is checked before each import instead (need_disk);
+# a full disk then fails a write with "no space left on device", which names the cause.
+evictionHard: {memory.available: 200Mi}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 maxPods: 60
 EOF
@@ -357,9 +361,22 @@ normalized() { # an image name as containerd stores it: docker.io/library/NAME:T
   else echo "docker.io/$1"; fi
 }
 
+digest_of() { ctr_ images ls | awk -v ref="$(normalized "$1")" '$1 == ref {print $3}'; }
+
+need_disk() { # GB WHAT: fail, with what to do, when the cluster's disk has less than GB free
+  local free_kb
+  mkdir -p "$STATE"
+  free_kb=$(df -Pk "$STATE" | awk 'NR == 2 {print $4}')
+  if [ "$free_kb" -lt $(($1 * 1024 * 1024)) ]; then
+    die "$2 needs about $1 GB free on $(df -P "$STATE" | awk 'NR == 2 {print $6}') ($STATE), and" \
+      "$((free_kb / 1024 / 1024)) GB are free. Free some (docker image prune; k8s/local/cluster.sh purge" \
+      "forgets the imported images) or put the cluster on a bigger disk (MEDCRITICAL_CLUSTER_STATE)."
+  fi
+}
+
 load() { # docker images -> containerd's k8s.io namespace, skipped when the same image is there
   mkdir -p "$STATE/containerd-images"
-  local image id marker
+  local image id marker bytes before
   for image in "$@"; do
     id=$(docker image inspect -f '{{.Id}}' "$image") || die "docker has no image $image"
     marker=$STATE/containerd-images/$(echo "$image" | tr '/:' '__')
@@ -367,9 +384,22 @@ load() { # docker images -> containerd's k8s.io namespace, skipped when the same
       log "$image: in containerd already"
       continue
     fi
+    # An import stores the layers twice (the archive's blobs and the unpacked snapshot); a new version of an
+    # image already there shares most of them, so only a first import is counted at full size.
+    if ctr_ images ls -q | grep -qx "$(normalized "$image")"; then need_disk 3 "importing $image"; else
+      bytes=$(docker image inspect -f '{{.Size}}' "$image")
+      need_disk $((2 * bytes / 1024 / 1024 / 1024 + 3)) "importing $image"
+    fi
     log "$image: importing into the node's containerd"
+    before=$(digest_of "$image")
     docker save "$image" | ctr_ images import - >/dev/null
     echo "$id" >"$marker"
+    # The runtime also names each image by its ID (sha256:...), and that name kept every earlier version of a
+    # rebuilt image alive (6 GB each for the CPU image): the earlier version goes under all its names.
+    if [ -n "$before" ] && [ "$before" != "$(digest_of "$image")" ]; then
+      ctr_ images ls | awk -v d="$before" -v ref="$(normalized "$image")" '$3 == d && $1 != ref {print $1}' |
+        xargs -r ctr --address "$CONTAINERD_SOCK" -n k8s.io images rm >/dev/null
+    fi
   done
 }
 
@@ -414,6 +444,7 @@ trainer() {
   # (controllers in pods, webhooks with their own certificates), from the modules' source. The
   # release's JobSet manifest is a download URL: JobSet comes from its own module's config/.
   "$here/build-images.sh" trainer jobset
+  trim_go_cache
   load "localhost/medcritical-trainer-controller-manager:$TRAINER_VERSION" "localhost/medcritical-jobset:$JOBSET_VERSION"
   local t j dir=$STATE/trainer
   t=$(module_dir "github.com/kubeflow/trainer/v2@$TRAINER_VERSION")
@@ -476,6 +507,7 @@ YAML
 up() {
   local t0=$SECONDS
   [ "$(id -u)" = 0 ] || die "needs root (containerd, kubelet, network)"
+  need_disk 5 "the local cluster"
   packages
   "$here/build-kubernetes.sh"
   network_up
@@ -486,7 +518,17 @@ up() {
   controllers_up
   kubelet_up
   addons
+  trim_go_cache
   log "up in $((SECONDS - t0))s: export KUBECONFIG=$KUBECONFIG_OUT (kubectl: $BIN/kubectl)"
+}
+
+trim_go_cache() {
+  # Every binary and image is built and cached by version; the compiler's cache (6 GB after a cold build)
+  # only speeds up a build of another version, and this machine's disk is shared.
+  if [ -d "$GOCACHE" ]; then
+    log "removing the Go build cache ($(du -sh "$GOCACHE" | cut -f1)): the pinned versions are built"
+    rm -rf "$GOCACHE"
+  fi
 }
 
 cleanup_pods() {
