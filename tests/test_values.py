@@ -47,3 +47,20 @@ def test_the_run_reports_step_figures():
     assert _numbers({"s": "x", "t": True}, ("s", "t")) == "s=x, t=True"
     assert _numbers(None, ("a",)) == "not run" and _numbers({"x": 1}, ("a",)) == "-"
     assert _numbers({"status": "skipped"}, ("a",)) == "skipped (no reason given)"
+
+
+def test_one_assignment_parser_for_every_name_value_option():
+    from medcritical.errors import InputError
+    from medcritical.recipe import RecipeError
+    from medcritical.values import assignment
+
+    assert assignment(" sft.lora.r =16", option="--set", form="key.sub=value", example="sft.lora.r=16") == (
+        "sft.lora.r",
+        "16",
+    )
+    assert assignment("note=a=b", option="--param", form="NAME=VALUE", example="x=1") == ("note", "a=b")
+    for bad in ("no-equals", "=value", "  =value"):
+        with pytest.raises(InputError, match=r"--input .*expected NAME=URI, e\.g\. --input data=runs/x"):
+            assignment(bad, option="--input", form="NAME=URI", example="data=runs/x")
+    with pytest.raises(RecipeError, match="expected key.sub=value"):
+        assignment("oops", option="--set", form="key.sub=value", example="a.b=1", error=RecipeError)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from medcritical import values
 from medcritical.data.config import BUNDLED, DataSection
 from medcritical.distill.config import DistillSection
 from medcritical.errors import UserError
@@ -102,11 +103,11 @@ class Recipe(Section):
 
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply ``a.b.c=value`` to a nested dict, parsing value as YAML."""
-    key, sep, value = assignment.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"--set {assignment!r}: expected key.sub=value, e.g. --set sft.lora.r=16")
+    key, value = values.assignment(
+        assignment, option="--set", form="key.sub=value", example="sft.lora.r=16", error=RecipeError
+    )
     node = raw
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = key.split(".")
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -118,7 +119,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise RecipeError(
             f"--set {assignment!r}: the value {value!r} is not valid YAML ({problem}); quote a text value, "
-            f"e.g. --set '{key.strip()}=\"{value}\"', or write a list as [a, b]"
+            f"e.g. --set '{key}=\"{value}\"', or write a list as [a, b]"
         ) from None
 
 

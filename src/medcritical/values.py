@@ -1,10 +1,14 @@
-"""Plain values as people read them: a figure in a report, a table or a log line (`number_text`, `percent`).
+"""Plain values as people read and type them: a figure in a report, a table or a log line (`number_text`,
+`percent`), and a NAME=VALUE assignment on a command line (`assignment`).
 
 One formatter each, so the run report, the arms table, the evaluation report and the training log
-write the same figure the same way.
+write the same figure the same way; one parser, so `--set`, `--input`, `--param` and the arms' NAME=DIR
+refuse a malformed assignment the same way.
 """
 
 from __future__ import annotations
+
+from medcritical.errors import InputError, UserError
 
 
 def number_text(value, digits: int = 4, missing: str = "n/a") -> str:
@@ -20,3 +24,14 @@ def number_text(value, digits: int = 4, missing: str = "n/a") -> str:
 def percent(share: float) -> str:
     """A share (0.4234) as percent to one decimal ("42.3"); the caller writes the sign (a cell, a range)."""
     return f"{100 * share:.1f}"
+
+
+def assignment(
+    text: str, *, option: str, form: str, example: str, error: type[UserError] = InputError
+) -> tuple[str, str]:
+    """`NAME=VALUE` typed after `option` (e.g. "--set") as (NAME, VALUE), NAME stripped; refused, naming the
+    expected `form` ("key.sub=value") and an `example`, when there is no `=` or no NAME."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise error(f"{option} {text!r}: expected {form}, e.g. {option} {example}")
+    return name.strip(), value

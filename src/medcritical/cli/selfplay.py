@@ -223,12 +223,13 @@ def _arms(args) -> None:
     from pathlib import Path
 
     from medcritical.arms import arm_table, load_arm
+    from medcritical.values import assignment
 
     named = {}
     for item in args.runs:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise InputError(f"{item!r}: give each arm as NAME=DIR, e.g. self=runs/demo-arm-self")
+        name, folder = assignment(item, option="arms", form="NAME=DIR (one per arm)", example="self=runs/demo-arm-self")
+        if not folder:
+            raise InputError(f"arms {item!r}: no folder after '='; e.g. arms self=runs/demo-arm-self")
         named[name] = load_arm(folder)
     table = arm_table(named)
     print(table)

@@ -48,14 +48,16 @@ def _stage(args) -> None:
 
     from medcritical.io.ranks import is_main_process
     from medcritical.runner import STAGES, run_stage
+    from medcritical.values import assignment
 
     stage = STAGES.get(args.name)
     if stage is None:
         raise InputError(f"stage {args.name!r}: no such stage; the stages are {', '.join(STAGES)}")
     inputs = {}
     for item in args.inputs:
-        name, sep, uri = item.partition("=")
-        if not sep or name not in stage.inputs:
+        form = f"NAME=URI with NAME one of {', '.join(stage.inputs) or '(no inputs)'}"
+        name, uri = assignment(item, option="--input", form=form, example=f"{next(iter(stage.inputs), 'data')}=runs/x")
+        if name not in stage.inputs:
             raise InputError(
                 f"--input {item!r}: give NAME=URI with NAME one of the {stage.name} stage's inputs: "
                 f"{', '.join(stage.inputs) or '(none)'}"
