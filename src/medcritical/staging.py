@@ -9,12 +9,13 @@ output URI when it succeeds. Under a run root, each stage has its folder, named 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from filelock import FileLock
 
 from medcritical import storage
 from medcritical.errors import MissingInputError, UserError
@@ -87,8 +88,7 @@ def work_dir() -> Path:
 def _work_lock() -> Iterator[None]:
     """Serialize downloads into the shared work dir: under torchrun all ranks ask at once."""
     work_dir().mkdir(parents=True, exist_ok=True)
-    with open(work_dir() / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(work_dir() / ".lock"):
         yield
 
 

@@ -3,7 +3,9 @@
 The lock is a file, ``.medcritical.lock``, holding the holder's host, PID and start time, taken with
 an exclusive ``flock`` for as long as the step runs. The kernel releases a flock when its process
 dies (kill -9 included), so a lock left behind by a crash is stale by construction and the next run
-takes it over; the file's contents only serve the message.
+takes it over; the file's contents only serve the message. (Not `filelock`, which the work folder's lock uses:
+the holder's record is written into the locked file and read back by the refused run, and filelock keeps the
+open file to itself.)
 """
 
 from __future__ import annotations
