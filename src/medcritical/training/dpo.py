@@ -42,9 +42,7 @@ from transformers import AutoTokenizer, EarlyStoppingCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
-from medcritical.io.fingerprint import model_fingerprint
-from medcritical.io.hashing import file_sha256
-from medcritical.io.manifest import MANIFEST_NAME, write_manifest
+from medcritical.io.manifest import write_manifest
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import (
     check_training_resume,
@@ -69,6 +67,7 @@ from medcritical.training.dpo_heldout import (
     plot_heldout,
     selects_on_heldout,
 )
+from medcritical.training.fingerprints import dpo_fingerprint
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
 from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
 from medcritical.training.saving import save_final_model
@@ -200,7 +199,6 @@ def train_dpo(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 0,
-    resume: bool = True,
     callbacks: Sequence[Any] = (),
     restart: bool = False,
     output_uri: str | None = None,
@@ -208,9 +206,9 @@ def train_dpo(
     """DPO from the model in `model_path` on `pairs_path`; writes model/ and dpo_metrics.json to output_dir.
 
     No training pairs is not an error but an explicit result: {"status": "skipped", "reason": ...,
-    "model": model_path} (the model is unchanged). Resumes from the newest checkpoint; returns the
-    stored metrics at once when output_dir already holds the finished run. Both only for the same settings,
-    pairs and starting weights (`fingerprint.json`); `restart` discards what is there instead of refusing.
+    "model": model_path} (the model is unchanged). Resumes from the newest checkpoint (selfplay.dpo.resume), only
+    for the same settings, pairs and starting weights (`fingerprint.json`); `restart` discards what is there
+    instead of refusing. Whether the folder already holds the finished run is the runner's to decide.
     `output_uri` is where the runner publishes output_dir: an s3:// one also keeps the checkpoints in
     <output_uri>/checkpoints/, where a new machine resumes from (training/remote_checkpoints.py).
     """
@@ -242,22 +240,13 @@ def train_dpo(
         )
     deepspeed = deepspeed_config_path(config.deepspeed)
     zero_stage = deepspeed_zero_stage(deepspeed)
-    fingerprint = {
-        "settings": config.model_dump(mode="json", exclude={"keep_checkpoints"}),  # the model the same either way
-        "seed": seed,
-        "pairs": file_sha256(Path(pairs_path)),
-        "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,
-        "model": model_fingerprint(model_path),
-    }
+    fingerprint = dpo_fingerprint(config, pairs_path, heldout_path, model_path, seed)
     resumable = check_training_resume(output_dir, fingerprint, restart=restart)
-    if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "dpo_metrics.json").is_file():
-        log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
-        return json.loads((output_dir / "dpo_metrics.json").read_text())
     remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
 
     with distributed_group(device, deepspeed):
         checkpoints = output_dir / "checkpoints"
-        resume_from = find_resumable_checkpoint(checkpoints) if resumable and resume else None
+        resume_from = find_resumable_checkpoint(checkpoints) if resumable and config.resume else None
         # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
         args = dpo_arguments(
             config,
@@ -270,7 +259,7 @@ def train_dpo(
             # One batch size that splits both halves evenly (the reporting half is evaluated with it too).
             heldout_pairs=math.gcd(len(heldout_pairs), len(reporting_pairs)),
         )
-        if remote and resume:  # on a new machine: the newest checkpoint the pod before it uploaded (every rank)
+        if remote and config.resume:  # on a new machine: the newest checkpoint the pod before it uploaded (every rank)
             resume_from = fetch_checkpoint(args, remote, fingerprint, restart=restart)
             args.eval_on_start = bool(heldout_pairs) and not resume_from  # a resumed run was evaluated at its start
         policy = load_model_for_training(model_path, device, dtype)

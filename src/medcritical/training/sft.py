@@ -24,7 +24,6 @@ data or base weights is refused), _MANIFEST.json (size and sha256 of every file;
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -35,9 +34,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from medcritical.io.fingerprint import model_fingerprint
-from medcritical.io.hashing import file_sha256
-from medcritical.io.manifest import MANIFEST_NAME, write_manifest
+from medcritical.io.manifest import write_manifest
 from medcritical.training.checks import (
     PreTrainingCheckError,
     check_tokenizer,
@@ -58,6 +55,7 @@ from medcritical.training.common import (
     training_device,
 )
 from medcritical.training.config import SFTSection
+from medcritical.training.fingerprints import sft_fingerprint
 from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
 from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
 from medcritical.training.saving import save_final_model
@@ -81,9 +79,9 @@ def train_sft(
 ) -> dict[str, Any]:
     """Fine-tune the model in `model_path` (a local HF folder) on the chat rows of `dataset_path`.
 
-    Resumes from the newest checkpoint in output_dir/checkpoints; returns the stored metrics at once when
-    output_dir already holds the finished run. Both only for the same settings, data and base weights
-    (`fingerprint.json`); `restart` discards what is there instead of refusing. `callbacks` are extra
+    Resumes from the newest checkpoint in output_dir/checkpoints (sft.resume), only for the same settings, data
+    and base weights (`fingerprint.json`); `restart` discards what is there instead of refusing. Whether the
+    folder already holds the finished run is the runner's to decide (runner.finished_stats). `callbacks` are extra
     transformers TrainerCallbacks. `output_uri` is where the runner publishes output_dir: when it is an s3:// URI,
     every checkpoint is also uploaded to <output_uri>/checkpoints/, and a new machine resumes from there
     (training/remote_checkpoints.py).
@@ -100,11 +98,8 @@ def train_sft(
     conversations, data_stats = select_by_length(
         conversations, lengths, settings["max_length"], config.on_too_long, str(dataset_path)
     )
-    fingerprint = _fingerprint(config, dataset_path, model_path, seed)
+    fingerprint = sft_fingerprint(config, dataset_path, model_path, seed)
     resumable = check_training_resume(output_dir, fingerprint, restart=restart)
-    if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "sft_metrics.json").is_file():
-        log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST_NAME)
-        return json.loads((output_dir / "sft_metrics.json").read_text())
     remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
 
     rows = training_rows(conversations, facts, str(dataset_path))
@@ -186,13 +181,3 @@ def training_rows(conversations: list[list[dict]], facts, source: str) -> list[d
             "turn per row, or set sft.trainer.assistant_only_loss: false (loss on the prompt too)"
         )
     return [{"prompt": c[:-1], "completion": c[-1:]} for c in conversations]
-
-
-def _fingerprint(config: SFTSection, dataset_path: str | Path, model_path: Path, seed: int) -> dict[str, Any]:
-    """What the checkpoints and the model depend on: resuming under other settings, data or base weights is refused."""
-    return {
-        "settings": config.model_dump(mode="json", exclude={"resume", "keep_checkpoints"}),  # the model the same
-        "seed": seed,
-        "dataset": file_sha256(Path(dataset_path)),
-        "model": model_fingerprint(model_path),
-    }
