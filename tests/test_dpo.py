@@ -1,6 +1,7 @@
 """DPO with TRL on real self-play pairs of the tiny scripted model: margin, reference, resume, no pairs."""
 
 import copy
+import inspect
 import json
 import math
 import shutil
@@ -12,8 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.io.manifest import verify_manifest
 from medcritical.modeling.config import GenerationSection
+from medcritical.recipe import load_recipe_text
+from medcritical.runner import finished_stats, with_recipe_value
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.run import run_rollout
+from medcritical.selfplay.stage import DPO
 from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, train_dpo
 from medcritical.training.dpo_data import drop_too_long, read_pairs, split_heldout
@@ -103,10 +107,11 @@ def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
     assert all(not verify_manifest(output) for _ in [0])
     for name in ("dpo_metrics.json", "dpo_loss.png", "dpo_heldout.png"):
         assert (output / name).is_file()
-    # A rerun finds the finished run and returns its metrics without training again.
-    assert train_dpo(
-        config, pairs_dir / "pairs.jsonl", pairs_dir / "pairs_heldout.jsonl", format_model, output, device="cpu"
-    ) == json.loads((output / "dpo_metrics.json").read_text())
+    # The runner finds the finished run and returns its metrics without training again.
+    paths = {"rollout": pairs_dir / "pairs.jsonl", "heldout": pairs_dir / "pairs_heldout.jsonl", "model": format_model}
+    assert finished_stats(DPO, dpo_recipe(config), str(output), paths, {}) == json.loads(
+        (output / "dpo_metrics.json").read_text()
+    )
 
 
 @pytest.mark.parametrize(
@@ -174,11 +179,17 @@ def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path)
     metrics = train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4 and metrics["steps_this_session"] == 2
     assert metrics["heldout"] is None and (tmp_path / "model" / "config.json").is_file()
-    # The same run again returns its result, also from a copy of the same weights elsewhere (the weights count,
-    # not the path); other weights or settings are refused; restart trains them from the start.
-    assert train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu") == metrics
+
+    # The runner takes the same run again as finished and returns its result, also from a copy of the same
+    # weights elsewhere (the weights count, not the path); other weights or settings are refused; restart trains
+    # them from the start.
+    def finished(model):
+        paths = {"rollout": pairs_dir / "pairs.jsonl", "heldout": None, "model": model}
+        return finished_stats(DPO, dpo_recipe(config), str(tmp_path), paths, {})
+
+    assert finished(format_model) == metrics
     moved = shutil.copytree(format_model, tmp_path.parent / f"{tmp_path.name}-model")
-    assert train_dpo(config, pairs_dir / "pairs.jsonl", None, moved, tmp_path, device="cpu") == metrics
+    assert finished(moved) == metrics
     weights = next(moved.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     with pytest.raises(ResumeMismatch, match=r"\(model: "):
@@ -188,6 +199,30 @@ def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path)
         train_dpo(other, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
     restarted = train_dpo(other, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", restart=True)
     assert restarted["resumed_from"] is None and restarted["steps_this_session"] == 4 and restarted["beta"] == 0.1
+
+
+def test_dpo_resume_is_a_recipe_key_as_for_sft(pairs_dir, format_model, tmp_path):
+    """selfplay.dpo.resume, on by default like sft.resume, is what the trainer reads (no argument of its own)."""
+    assert load_recipe_text("").selfplay.dpo.resume is True
+    assert load_recipe_text("selfplay: {dpo: {resume: false}}").selfplay.dpo.resume is False
+    assert "resume" not in inspect.signature(train_dpo).parameters
+    config = DPOSection(
+        lora=LoraSection(r=4, alpha=8, dropout=0.0),
+        trainer=dict(learning_rate=1e-3, max_steps=4, **TRAINER),
+        resume=False,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(
+            config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu", callbacks=[InterruptAt(3)]
+        )
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    metrics = train_dpo(config, pairs_dir / "pairs.jsonl", None, format_model, tmp_path, device="cpu")
+    assert metrics["resumed_from"] is None and metrics["steps_this_session"] == 4  # from the start
+
+
+def dpo_recipe(config: DPOSection):
+    """A recipe whose selfplay.dpo section is `config`."""
+    return with_recipe_value(load_recipe_text(""), "selfplay.dpo", config)
 
 
 def test_no_pairs_is_an_explicit_result_not_a_crash(format_model, tmp_path):

@@ -10,8 +10,11 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.io.manifest import read_manifest, verify_manifest
 from medcritical.modeling.generation import TransformersGenerator
+from medcritical.recipe import load_recipe_text
+from medcritical.runner import finished_stats, with_recipe_value
 from medcritical.training.config import SFTSection
 from medcritical.training.sft import train_sft
+from medcritical.training.stage import SFT
 from tests.fixtures.sft import MAX_LENGTH, RESUME_TOLERANCE, short_questions, write_sft_dataset
 
 
@@ -117,8 +120,12 @@ def test_interrupted_run_resumes_to_the_same_loss(tmp_path, full_run, dataset, t
     for got, want in zip(after_resume, expected):
         assert got["loss"] == pytest.approx(want["loss"], abs=RESUME_TOLERANCE)
 
-    # A finished run is not trained again; other settings in the same folder are refused, naming the fix.
-    assert train_sft(sft_config(**FULL), dataset, tiny_model, output, device="cpu")["steps_this_session"] == 8
+    # The runner takes the finished run as finished (its metrics, no training); other settings in the same folder
+    # are refused, naming the fix.
+    recipe = with_recipe_value(load_recipe_text(""), "sft", sft_config(**FULL))
+    stored = json.loads((output / "sft_metrics.json").read_text())
+    assert finished_stats(SFT, recipe, str(output), {"distill": dataset, "model": tiny_model}, {}) == stored
+    assert stored["steps_this_session"] == 8
     with pytest.raises(ResumeMismatch, match=r"\(settings\.trainer\.max_steps: 16 -> 20\)\. Rerun with --restart"):
         train_sft(sft_config(**{**FULL, "max_steps": 20}), dataset, tiny_model, output, device="cpu")
     # restart discards the checkpoints and the model: the new settings train from the start.

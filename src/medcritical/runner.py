@@ -18,6 +18,7 @@ stage on local paths, and publishes the output folder. Data flows one way:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,7 +29,9 @@ from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.errors import UserError
 from medcritical.evaluation.stage import EVALUATE
+from medcritical.io.fingerprint import matches as fingerprint_matches
 from medcritical.io.lock import output_lock
+from medcritical.io.manifest import MANIFEST_NAME, ManifestError, check_integrity, decode
 from medcritical.io.ranks import is_main_process
 from medcritical.recipe import Recipe, RecipeError
 from medcritical.report import REPORT
@@ -38,6 +41,7 @@ from medcritical.staging import (
     MODEL_POINTER,
     check_model_uri,
     input_file,
+    join_uri,
     local_input,
     local_output,
     local_output_path,
@@ -45,7 +49,7 @@ from medcritical.staging import (
     sibling_uri,
     stage_uri,
 )
-from medcritical.storage.folders import remove_folder
+from medcritical.storage.folders import read_small_object, remove_folder
 from medcritical.storage.lease import writer_lease
 from medcritical.training.stage import SFT
 
@@ -121,12 +125,89 @@ def keep_global_batch(stage: Stage, recipe: Recipe, world: int) -> Recipe:
 def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str], options: dict) -> dict:
     recipe = _local_recipe_files(stage, recipe)
     paths = local_inputs(stage, recipe, uris)
+    finished = finished_stats(stage, recipe, output_uri, paths, options)
+    if finished is not None:
+        return finished
     with local_output(output_uri, keep_local=stage.local_only) as out:
         result = stage.run(recipe, out, **paths, **options)
         if stage.unchanged_model and result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(uris.get(stage.unchanged_model) or recipe.model.base, encoding="utf-8")
     _discard_remote_resume_state(stage, recipe, output_uri)
     return result
+
+
+def finished_stats(
+    stage: Stage, recipe: Recipe, output_uri: str, paths: dict[str, Path | None], options: dict
+) -> dict | None:
+    """The stored statistics when `output_uri` already holds the finished run of `stage` on these inputs, else
+    None (the rule: medcritical.stage). Only what decides it is read: an S3 folder's manifest, fingerprint and
+    statistics, never the folder itself; the fingerprint is computed last (it may hash the model's weights)."""
+    if stage.fingerprint is None or stage.expected_fingerprint is None or options.get("restart"):
+        return None
+    folder = _FinishedFolder(output_uri)
+    if not folder.complete() or any(not folder.has(o) for o in stage.required_outputs):
+        return None
+    recorded = folder.read(stage.fingerprint)
+    if recorded is None:
+        return None
+    expected = stage.expected_fingerprint(recipe, **paths, **{k: v for k, v in options.items() if k != OUTPUT_URI})
+    if expected is None or not fingerprint_matches(recorded, expected):
+        return None  # the stage's own resume check then goes on from it, or names what changed
+    try:
+        stats = json.loads(folder.read(stage.stats) or b"null")
+        if not isinstance(stats, dict):
+            return None
+        for key, name in stage.extra_stats.items():
+            if (extra := folder.read(name)) is not None:
+                stats[key] = json.loads(extra)
+    except ValueError:  # a damaged statistics file: the run makes it again
+        return None
+    log.info(
+        "%s: %s already holds this finished run (same %s); not run again (--restart runs it again)",
+        stage.name,
+        output_uri,
+        stage.fingerprint,
+    )
+    return stats
+
+
+class _FinishedFolder:
+    """An output folder as the completion check reads it: on disk, or an S3 prefix through its manifest."""
+
+    def __init__(self, output_uri: str):
+        self.uri = output_uri
+        self.remote = storage.is_s3(output_uri)
+        self.listing: set[str] | None = None
+
+    def complete(self) -> bool:
+        """Its done marker is whole: the manifest an S3 upload writes last; on disk, a manifest still matching."""
+        if not self.remote:
+            try:
+                check_integrity(self.uri)
+            except (ManifestError, OSError) as e:
+                log.info("%s: not a finished run (%s)", self.uri, e)
+                return False
+            return True
+        body = read_small_object(join_uri(self.uri, MANIFEST_NAME))
+        if body is None:
+            return False
+        try:
+            self.listing = {e.path for e in decode(body, join_uri(self.uri, MANIFEST_NAME))} | {MANIFEST_NAME}
+        except ManifestError as e:
+            log.info("%s: not a finished run (%s)", self.uri, e)
+            return False
+        return True
+
+    def has(self, name: str) -> bool:
+        if self.listing is None:
+            return (Path(self.uri) / name).exists()
+        return name in self.listing or any(p.startswith(f"{name}/") for p in self.listing)
+
+    def read(self, name: str) -> bytes | None:
+        if self.listing is None:
+            path = Path(self.uri) / name
+            return path.read_bytes() if path.is_file() else None
+        return read_small_object(join_uri(self.uri, name)) if name in self.listing else None
 
 
 def _discard_remote_resume_state(stage: Stage, recipe: Recipe, output_uri: str) -> None:

@@ -8,13 +8,27 @@ components, the Kubernetes Jobs, the round loop and ``medcritical run``: it find
 (local paths or ``s3://`` URIs), takes the output folder's lock, calls ``run`` on local paths and
 publishes the folder.
 
+Completion is the runner's too, decided from the declaration alone (`runner.finished_stats`): an output
+folder holds a *finished* run when
+
+- every required output is there (`Stage.required_outputs`: the declared `outputs` less the `optional` ones,
+  which not every run writes, such as a plot or a LoRA adapter, and less the `local_only` ones, never
+  published);
+- its done marker is whole: for an ``s3://`` folder the manifest the upload writes last (the files are read
+  from it, nothing is downloaded); on disk the folder's ``_MANIFEST.json``, when it has one, still matches;
+- the recorded fingerprint file equals what this run would record (`Stage.expected_fingerprint`).
+
+Then the runner returns the stored statistics (`stats`, with `extra_stats`) without calling `run`; the
+`restart` option always runs. A stage without a fingerprint, or without `expected_fingerprint` (its
+fingerprint does not cover every setting its outputs depend on), is run every time and resumes its own way.
+
 Nothing here imports a stage: the declarations import this module, never the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +87,13 @@ class Stage:
     unchanged_model: str | None = None
     options: tuple[str, ...] = ()  # the keyword options `run` accepts besides its inputs
     local_only: tuple[str, ...] = ()  # folders kept on the machine, never published (resume state)
+    optional: tuple[str, ...] = ()  # outputs a finished run may lack (plots, a LoRA adapter, ...)
+    # `(recipe, **inputs, **options) -> dict | None`: the fingerprint this run would record in `fingerprint`,
+    # from the local inputs `run` gets; None when it cannot tell (the run then goes ahead). Declared only where
+    # that fingerprint covers every setting the outputs depend on: it decides whether the folder is finished.
+    expected_fingerprint: Callable[..., dict[str, Any] | None] | None = None
+    # Statistics kept in files of their own, added to the stored ones under these keys when present.
+    extra_stats: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def command(self) -> str:
@@ -81,3 +102,8 @@ class Stage:
 
     def stats_path(self, folder: str | Path) -> Path:
         return Path(folder) / self.stats
+
+    @property
+    def required_outputs(self) -> tuple[str, ...]:
+        """The outputs every finished run has published: `outputs` less `optional` and `local_only`."""
+        return tuple(o for o in self.outputs if o not in self.optional and o not in self.local_only)

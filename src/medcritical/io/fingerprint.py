@@ -84,14 +84,11 @@ def check_resume(
     """
     output_dir = Path(output_dir)
     path = output_dir / name
-    current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    current = canonical(fingerprint)
     existing = [output_dir / o for o in outputs if (output_dir / o).exists()]
     fix = "rerun with --restart to discard them and start over, or use another output folder"
     if path.is_file():
-        try:
-            before = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            before = {"(unreadable fingerprint.json)": True}  # damaged: nothing vouches for the outputs
+        before = recorded(path.read_bytes())
         if before == current:
             return bool(existing)
         if not restart and existing:
@@ -116,6 +113,25 @@ def check_resume(
     tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
     tmp.replace(path)
     return False
+
+
+def canonical(fingerprint: dict[str, Any]) -> Any:
+    """A fingerprint as it reads back from its JSON file (keys sorted, paths and the like as strings)."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def recorded(body: bytes | str) -> Any:
+    """The fingerprint recorded in a fingerprint file's content; a damaged one matches nothing."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {"(unreadable fingerprint.json)": True}  # damaged: nothing vouches for the outputs
+
+
+def matches(body: bytes | str | None, fingerprint: dict[str, Any]) -> bool:
+    """Whether a fingerprint file's content (None: no file) records `fingerprint`: the comparison
+    `check_resume` makes, for a reader that has the file's content but no folder (the runner, an S3 output)."""
+    return body is not None and recorded(body) == canonical(fingerprint)
 
 
 def describe_changes(before: Any, after: Any, key: str = "") -> list[str]:

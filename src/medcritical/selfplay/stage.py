@@ -19,6 +19,7 @@ from medcritical.selfplay.cost import TIMINGS
 from medcritical.selfplay.run import CORRECTIONS, HELDOUT_PAIRS, PAIRS, ROLLOUTS, STATS, run_rollout
 from medcritical.selfplay.train_pass import TRAIN_PASS, TRAIN_PASS_STATS, train_pass
 from medcritical.stage import MODEL, OUTPUT_URI, Input, Stage
+from medcritical.training.fingerprints import dpo_fingerprint
 from medcritical.training.stage import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ def measure_train_pass(recipe, rollouts: Path | None, data: Path | None, model: 
     )
 
 
+def _dpo_fingerprint(recipe, *, rollout: Path, heldout: Path | None, model: Path, **_others) -> dict:
+    return dpo_fingerprint(recipe.selfplay.dpo, rollout, heldout, model, recipe.run.seed)
+
+
 DPO = Stage(
     name="dpo",
     folder="dpo",
@@ -145,4 +150,8 @@ DPO = Stage(
     produces="model",
     unchanged_model="model",  # no pairs: the round keeps its model
     local_only=(CHECKPOINTS,),
+    # adapter/: LoRA only; dpo_heldout.png: with held-out pairs; train_pass*: evaluate.train_pass_questions
+    optional=("adapter", "dpo_loss.png", "dpo_heldout.png", TRAIN_PASS, TRAIN_PASS_STATS),
+    expected_fingerprint=_dpo_fingerprint,  # a run skipped for want of pairs records none: it runs again
+    extra_stats={"train_pass": TRAIN_PASS_STATS},
 )

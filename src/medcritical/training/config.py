@@ -195,6 +195,7 @@ class DPOSection(Section):
     # At the end, load the checkpoint with the best held-out margin (a checkpoint is then saved at every
     # evaluation, replacing trainer.save_steps); off keeps the last step's weights.
     restore_best: bool = True
+    resume: bool = True  # as sft.resume: a rerun into the same folder continues from the newest checkpoint
     keep_checkpoints: bool = False  # as sft.keep_checkpoints
 
     @field_validator("trainer")

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,22 +41,8 @@ from transformers import AutoTokenizer, EarlyStoppingCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
-from medcritical.io.fingerprint import model_fingerprint
-from medcritical.io.hashing import file_sha256
-from medcritical.io.manifest import MANIFEST_NAME, write_manifest
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
-from medcritical.training.common import (
-    check_training_resume,
-    deepspeed_config_path,
-    deepspeed_zero_stage,
-    distributed_group,
-    find_resumable_checkpoint,
-    load_model_for_training,
-    lora_config,
-    stop_on_token,
-    trainer_arguments,
-    training_device,
-)
+from medcritical.training.common import load_model_for_training, lora_config, trainer_arguments
 from medcritical.training.config import DPOSection
 from medcritical.training.dpo_data import drop_too_long, read_pairs, split_heldout
 from medcritical.training.dpo_heldout import (
@@ -69,9 +54,9 @@ from medcritical.training.dpo_heldout import (
     plot_heldout,
     selects_on_heldout,
 )
-from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
-from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
-from medcritical.training.saving import save_final_model
+from medcritical.training.fingerprints import dpo_fingerprint
+from medcritical.training.lifecycle import TrainingRun
+from medcritical.training.saving import SavedModel
 from medcritical.values import number_text
 
 log = logging.getLogger(__name__)
@@ -200,7 +185,6 @@ def train_dpo(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 0,
-    resume: bool = True,
     callbacks: Sequence[Any] = (),
     restart: bool = False,
     output_uri: str | None = None,
@@ -208,180 +192,168 @@ def train_dpo(
     """DPO from the model in `model_path` on `pairs_path`; writes model/ and dpo_metrics.json to output_dir.
 
     No training pairs is not an error but an explicit result: {"status": "skipped", "reason": ...,
-    "model": model_path} (the model is unchanged). Resumes from the newest checkpoint; returns the
-    stored metrics at once when output_dir already holds the finished run. Both only for the same settings,
-    pairs and starting weights (`fingerprint.json`); `restart` discards what is there instead of refusing.
+    "model": model_path} (the model is unchanged). Resumes from the newest checkpoint (selfplay.dpo.resume), only
+    for the same settings, pairs and starting weights (`fingerprint.json`); `restart` discards what is there
+    instead of refusing. Whether the folder already holds the finished run is the runner's to decide.
     `output_uri` is where the runner publishes output_dir: an s3:// one also keeps the checkpoints in
-    <output_uri>/checkpoints/, where a new machine resumes from (training/remote_checkpoints.py).
+    <output_uri>/checkpoints/, where a new machine resumes from (training/remote_checkpoints.py). The steps are
+    `lifecycle.TrainingRun`'s.
     """
-    output_dir, model_path = Path(output_dir), Path(model_path)
-    train_pairs = read_pairs(pairs_path)
-    heldout_pairs = read_pairs(heldout_path) if heldout_path else []
-    if not train_pairs:
-        return _skipped(output_dir, model_path, f"no training pairs in {pairs_path} (see rollout_stats.json: no_pairs)")
-    device = training_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    facts = check_tokenizer(tokenizer, str(model_path), assistant_only_loss=False)
-    max_length = config.settings["max_length"]
-    train_pairs, too_long = drop_too_long(train_pairs, tokenizer, max_length)
-    heldout_pairs, heldout_too_long = drop_too_long(heldout_pairs, tokenizer, max_length)
-    # Pairs that pick the model never report its figures: a margin chosen as the best of 20 on the same
-    # pairs is biased upward (the demo reported 100% on the one pair it picked a checkpoint with).
-    reporting_pairs: list[dict] = []
-    if selects_on_heldout(config, bool(heldout_pairs)):
-        heldout_pairs, reporting_pairs = split_heldout(heldout_pairs, seed)
-        if not reporting_pairs:
-            log.warning(
-                "held-out pairs of a single question: the kept model is picked and reported on the same pairs "
-                "(biased); raise selfplay.pairs.heldout_fraction"
-            )
-    if not train_pairs:
-        raise PreTrainingCheckError(
-            f"{pairs_path}: every pair is longer than selfplay.dpo.trainer.max_length={max_length} "
-            "tokens; raise it, or lower selfplay.rollout.max_new_tokens"
-        )
-    deepspeed = deepspeed_config_path(config.deepspeed)
-    zero_stage = deepspeed_zero_stage(deepspeed)
-    fingerprint = {
-        "settings": config.model_dump(mode="json", exclude={"keep_checkpoints"}),  # the model the same either way
-        "seed": seed,
-        "pairs": file_sha256(Path(pairs_path)),
-        "heldout": file_sha256(Path(heldout_path)) if heldout_path else None,
-        "model": model_fingerprint(model_path),
-    }
-    resumable = check_training_resume(output_dir, fingerprint, restart=restart)
-    if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "dpo_metrics.json").is_file():
-        log.info("%s already holds the finished DPO run; delete %s to train again", output_dir, MANIFEST_NAME)
-        return json.loads((output_dir / "dpo_metrics.json").read_text())
-    remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
+    options = dict(device=device, dtype=dtype, seed=seed, callbacks=callbacks, restart=restart, output_uri=output_uri)
+    return DPORun(config, pairs_path, heldout_path, model_path, output_dir, **options).run()
 
-    with distributed_group(device, deepspeed):
-        checkpoints = output_dir / "checkpoints"
-        resume_from = find_resumable_checkpoint(checkpoints) if resumable and resume else None
-        # The trainer config exists before the models load: under ZeRO-3 they then load partitioned.
-        args = dpo_arguments(
-            config,
+
+class DPORun(TrainingRun):
+    """What DPO provides to the training lifecycle: pairs (a held-out half picks the model, the other reports
+    it), the reference of the mode, early stopping on the held-out margin, the final held-out evaluations."""
+
+    step = "dpo"
+
+    def __init__(self, config: DPOSection, pairs_path, heldout_path, model_path, output_dir, **options):
+        super().__init__(config, model_path, output_dir, **options)
+        self.pairs_path, self.heldout_path = pairs_path, heldout_path
+
+    def prepare(self) -> dict[str, Any] | None:
+        config, pairs_path = self.config, self.pairs_path
+        self.train_pairs = read_pairs(pairs_path)
+        self.heldout_pairs = read_pairs(self.heldout_path) if self.heldout_path else []
+        if not self.train_pairs:
+            reason = f"no training pairs in {pairs_path} (see rollout_stats.json: no_pairs)"
+            return _skipped(self.output_dir, self.model_path, reason)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.facts = check_tokenizer(self.tokenizer, str(self.model_path), assistant_only_loss=False)
+        max_length = config.settings["max_length"]
+        self.train_pairs, too_long = drop_too_long(self.train_pairs, self.tokenizer, max_length)
+        self.heldout_pairs, heldout_too_long = drop_too_long(self.heldout_pairs, self.tokenizer, max_length)
+        self.dropped = too_long + heldout_too_long
+        # Pairs that pick the model never report its figures: a margin chosen as the best of 20 on the same
+        # pairs is biased upward (the demo reported 100% on the one pair it picked a checkpoint with).
+        self.reporting_pairs: list[dict] = []
+        if selects_on_heldout(config, bool(self.heldout_pairs)):
+            self.heldout_pairs, self.reporting_pairs = split_heldout(self.heldout_pairs, self.seed)
+            if not self.reporting_pairs:
+                log.warning(
+                    "held-out pairs of a single question: the kept model is picked and reported on the same pairs "
+                    "(biased); raise selfplay.pairs.heldout_fraction"
+                )
+        if not self.train_pairs:
+            raise PreTrainingCheckError(
+                f"{pairs_path}: every pair is longer than selfplay.dpo.trainer.max_length={max_length} "
+                "tokens; raise it, or lower selfplay.rollout.max_new_tokens"
+            )
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return dpo_fingerprint(self.config, self.pairs_path, self.heldout_path, self.model_path, self.seed)
+
+    def arguments(self, checkpoints: Path, resume_from: str | None):
+        return dpo_arguments(
+            self.config,
             checkpoints,
-            device=device,
-            seed=seed,
-            deepspeed=deepspeed,
-            heldout=bool(heldout_pairs),
+            device=self.device,
+            seed=self.seed,
+            deepspeed=self.deepspeed,
+            heldout=bool(self.heldout_pairs),
             eval_on_start=not resume_from,
             # One batch size that splits both halves evenly (the reporting half is evaluated with it too).
-            heldout_pairs=math.gcd(len(heldout_pairs), len(reporting_pairs)),
+            heldout_pairs=math.gcd(len(self.heldout_pairs), len(self.reporting_pairs)),
         )
-        if remote and resume:  # on a new machine: the newest checkpoint the pod before it uploaded (every rank)
-            resume_from = fetch_checkpoint(args, remote, fingerprint, restart=restart)
-            args.eval_on_start = bool(heldout_pairs) and not resume_from  # a resumed run was evaluated at its start
-        policy = load_model_for_training(model_path, device, dtype)
-        stop_on_token(policy, facts.end_of_turn_id)
-        throughput = ThroughputCallback()
+
+    def resuming(self, args, resume_from: str | None) -> None:
+        args.eval_on_start = bool(self.heldout_pairs) and not resume_from  # a resumed run was evaluated at its start
+
+    def own_callbacks(self, args) -> list[Any]:
         # transformers' own early stopping, on the held-out margin (DPO's training loss can fall to ~0 early, as
         # the paper saw, while held-out pairs stop improving: further steps then only overfit).
         early_stopping = (
-            [EarlyStoppingCallback(config.early_stopping_patience, EARLY_STOPPING_MIN_DELTA)]
-            if config.early_stopping_patience and args.metric_for_best_model
+            [EarlyStoppingCallback(self.config.early_stopping_patience, EARLY_STOPPING_MIN_DELTA)]
+            if self.config.early_stopping_patience and args.metric_for_best_model
             else []
         )
-        first_epoch = [FirstEpochHeldout(save=bool(args.load_best_model_at_end))] if heldout_pairs else []
-        trainer = build_dpo_trainer(
-            config,
-            policy,
-            tokenizer,
-            train_pairs,
-            heldout_pairs,
+        first_epoch = [FirstEpochHeldout(save=bool(args.load_best_model_at_end))] if self.heldout_pairs else []
+        return [*early_stopping, *first_epoch]
+
+    def build_trainer(self, model, args, callbacks: list[Any]):
+        return build_dpo_trainer(
+            self.config,
+            model,
+            self.tokenizer,
+            self.train_pairs,
+            self.heldout_pairs,
             args,
-            model_path=model_path,
-            device=device,
-            dtype=dtype,
-            callbacks=[
-                throughput,
-                *early_stopping,
-                *first_epoch,
-                *checkpoint_callbacks(remote, fingerprint),
-                *callbacks,
-            ],
-            reporting_pairs=reporting_pairs,
+            model_path=self.model_path,
+            device=self.device,
+            dtype=self.dtype,
+            callbacks=callbacks,
+            reporting_pairs=self.reporting_pairs,
         )
-        if resume_from:
-            log.info("resuming from %s", resume_from)
-        started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume_from)
-        wall_seconds = time.perf_counter() - started
-        history = list(trainer.state.log_history)  # before the final evaluation adds its own entry
-        initial = next((e for e in history if MARGIN in e and e.get("step") == 0), None)
-        if initial and abs(initial[MARGIN]) > REFERENCE_TOLERANCE:
+
+    def after_train(self, trainer, args) -> None:
+        self.history = list(trainer.state.log_history)  # before the final evaluation adds its own entry
+        self.initial = next((e for e in self.history if MARGIN in e and e.get("step") == 0), None)
+        if self.initial and abs(self.initial[MARGIN]) > REFERENCE_TOLERANCE:
             log.warning(
                 "the held-out reward margin before training was %.4f, not ~0: the reference is not the model DPO "
                 "started from (check the model folder and selfplay.dpo.trainer.precompute_ref_log_probs)",
-                initial[MARGIN],
+                self.initial[MARGIN],
             )
-        final = trainer.evaluate() if heldout_pairs else None
-        reported = None
+        self.final = trainer.evaluate() if self.heldout_pairs else None
+        self.reported = None
         if trainer.reporting_dataset is not None:  # the kept model on pairs that did not pick it
             trainer.eval_dataset = trainer.reporting_dataset
-            reported = trainer.evaluate()
+            self.reported = trainer.evaluate()
 
-        saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
-        training = summarize_training(trainer, throughput, wall_seconds=wall_seconds)
-        best_checkpoint = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    def metrics(self, trainer, args, saved: SavedModel, resume_from: str | None, training: dict) -> dict[str, Any]:
+        config, heldout_pairs, state = self.config, self.heldout_pairs, trainer.state
+        best_checkpoint = state.best_model_checkpoint if args.load_best_model_at_end else None
         restored_best = Path(best_checkpoint).name if best_checkpoint else None
-        metrics = {
+        selects = selects_on_heldout(config, bool(heldout_pairs))
+        heldout = heldout_summary(self.history, self.initial, self.final, self.reported, len(heldout_pairs), selects)
+        return {
             "step": "dpo",
             "status": "trained",
             "model": str(saved.model_dir),
-            "train_pairs": len(train_pairs),
-            "heldout_pairs": len(heldout_pairs) + len(reporting_pairs),
-            "reporting_pairs": len(reporting_pairs),  # of the held-out pairs, those kept apart from selection
-            "dropped_too_long": too_long + heldout_too_long,
+            "train_pairs": len(self.train_pairs),
+            "heldout_pairs": len(heldout_pairs) + len(self.reporting_pairs),
+            "reporting_pairs": len(self.reporting_pairs),  # of the held-out pairs, those kept apart from selection
+            "dropped_too_long": self.dropped,
             "loss_type": "+".join(args.loss_type) if isinstance(args.loss_type, list) else args.loss_type,
             "beta": args.beta,
             "reference": reference_kind(config),
-            "device": device,
-            "deepspeed": deepspeed.name if deepspeed else None,
-            "zero_stage": zero_stage,
+            "device": self.device,
+            "deepspeed": self.deepspeed.name if self.deepspeed else None,
+            "zero_stage": self.zero_stage,
             "lora": config.lora.enabled,
             "merged": saved.merged,
             "resumed_from": Path(resume_from).name if resume_from else None,
-            "stopped_early": trainer.state.global_step if trainer.state.global_step < trainer.state.max_steps else None,
+            "stopped_early": state.global_step if state.global_step < state.max_steps else None,
             "restored_best": restored_best,
-            "heldout": (
-                heldout := heldout_summary(
-                    history,
-                    initial,
-                    final,
-                    reported,
-                    len(heldout_pairs),
-                    selects_on_heldout(config, bool(heldout_pairs)),
-                )
-            ),
-            "kept": kept_model(config, trainer.state, restored_best, bool(heldout_pairs)),
-            "heldout_after_first_epoch": first_epoch_heldout(history, final, trainer.state.epoch)
+            "heldout": heldout,
+            "kept": kept_model(config, state, restored_best, bool(heldout_pairs)),
+            "heldout_after_first_epoch": first_epoch_heldout(self.history, self.final, state.epoch)
             if heldout_pairs
             else None,
             "warnings": _warnings(training["loss_curve"], config, heldout and heldout["best_step"], restored_best),
             **training,
         }
-        if trainer.is_world_process_zero():
-            files = [saved.model_dir, *write_metrics(output_dir, "dpo", metrics)]
-            if metrics["heldout"]:
-                files.append(plot_heldout(metrics, output_dir / "dpo_heldout.png"))
-            write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
-            held = metrics["heldout"] or {}
-            log.info(
-                "DPO done: %d steps, loss %s -> %s; kept %s (%s); held-out reward accuracy %s, margin %s, on %s; model in %s",
-                metrics["steps"],
-                number_text(metrics["loss_first"]),
-                number_text(metrics["loss_last"]),
-                metrics["kept"]["model"],
-                metrics["kept"]["why"],
-                number_text(held.get("reward_accuracy")),
-                number_text(held.get("margin")),
-                held.get("measured_on"),
-                saved.model_dir,
-            )
-        trainer.accelerator.wait_for_everyone()
-        return metrics
+
+    def extra_files(self, metrics: dict[str, Any]) -> list[Path]:
+        return [plot_heldout(metrics, self.output_dir / "dpo_heldout.png")] if metrics["heldout"] else []
+
+    def log_done(self, metrics: dict[str, Any], saved: SavedModel) -> None:
+        held = metrics["heldout"] or {}
+        log.info(
+            "DPO done: %d steps, loss %s -> %s; kept %s (%s); held-out reward accuracy %s, margin %s, on %s; model in %s",
+            metrics["steps"],
+            number_text(metrics["loss_first"]),
+            number_text(metrics["loss_last"]),
+            metrics["kept"]["model"],
+            metrics["kept"]["why"],
+            number_text(held.get("reward_accuracy")),
+            number_text(held.get("margin")),
+            held.get("measured_on"),
+            saved.model_dir,
+        )
 
 
 def _skipped(output_dir: Path, model_path: Path, reason: str) -> dict:

@@ -38,7 +38,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from medcritical import storage
-from medcritical.io.fingerprint import FINGERPRINT_FILE, ResumeMismatch, describe_changes
+from medcritical.io.fingerprint import FINGERPRINT_FILE, ResumeMismatch, canonical, describe_changes
 from medcritical.io.ranks import is_main_process
 from medcritical.storage.folders import (
     is_complete_folder,
@@ -79,11 +79,6 @@ def remote_checkpoints_uri(output_uri: str | None, *, deepspeed: bool) -> str | 
             )
         return None
     return f"{output_uri.rstrip('/')}/checkpoints"
-
-
-def canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint as JSON gives it back (tuples as lists, keys as strings): what is stored and compared."""
-    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
 def remote_checkpoints(checkpoints_uri: str) -> list[str]:

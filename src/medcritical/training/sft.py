@@ -24,9 +24,7 @@ data or base weights is refused), _MANIFEST.json (size and sha256 of every file;
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,6 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from medcritical.io.fingerprint import model_fingerprint
-from medcritical.io.hashing import file_sha256
-from medcritical.io.manifest import MANIFEST_NAME, write_manifest
 from medcritical.training.checks import (
     PreTrainingCheckError,
     check_tokenizer,
@@ -45,22 +40,11 @@ from medcritical.training.checks import (
     read_conversations,
     select_by_length,
 )
-from medcritical.training.common import (
-    check_training_resume,
-    deepspeed_config_path,
-    deepspeed_zero_stage,
-    distributed_group,
-    find_resumable_checkpoint,
-    load_model_for_training,
-    lora_config,
-    stop_on_token,
-    trainer_arguments,
-    training_device,
-)
+from medcritical.training.common import lora_config, trainer_arguments
 from medcritical.training.config import SFTSection
-from medcritical.training.metrics import ThroughputCallback, summarize_training, write_metrics
-from medcritical.training.remote_checkpoints import checkpoint_callbacks, fetch_checkpoint, remote_checkpoints_uri
-from medcritical.training.saving import save_final_model
+from medcritical.training.fingerprints import sft_fingerprint
+from medcritical.training.lifecycle import TrainingRun
+from medcritical.training.saving import SavedModel
 from medcritical.values import number_text
 
 log = logging.getLogger(__name__)
@@ -81,91 +65,92 @@ def train_sft(
 ) -> dict[str, Any]:
     """Fine-tune the model in `model_path` (a local HF folder) on the chat rows of `dataset_path`.
 
-    Resumes from the newest checkpoint in output_dir/checkpoints; returns the stored metrics at once when
-    output_dir already holds the finished run. Both only for the same settings, data and base weights
-    (`fingerprint.json`); `restart` discards what is there instead of refusing. `callbacks` are extra
-    transformers TrainerCallbacks. `output_uri` is where the runner publishes output_dir: when it is an s3:// URI,
-    every checkpoint is also uploaded to <output_uri>/checkpoints/, and a new machine resumes from there
-    (training/remote_checkpoints.py).
+    Resumes from the newest checkpoint in output_dir/checkpoints (sft.resume), only for the same settings, data
+    and base weights (`fingerprint.json`); `restart` discards what is there instead of refusing. Whether the
+    folder already holds the finished run is the runner's to decide (runner.finished_stats), not this function's.
+    `callbacks` are extra transformers TrainerCallbacks. `output_uri` is where the runner publishes output_dir:
+    when it is an s3:// URI, every checkpoint is also uploaded to <output_uri>/checkpoints/, and a new machine
+    resumes from there (training/remote_checkpoints.py). The steps are `lifecycle.TrainingRun`'s.
     """
-    output_dir, model_path = Path(output_dir), Path(model_path)
-    device = training_device(device)
-    settings = config.settings
-    deepspeed = deepspeed_config_path(config.deepspeed)
-    zero_stage = deepspeed_zero_stage(deepspeed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    facts = check_tokenizer(tokenizer, str(model_path), assistant_only_loss=settings["assistant_only_loss"])
-    conversations = read_conversations(dataset_path)
-    lengths = conversation_lengths(tokenizer, conversations, facts.training_template)
-    conversations, data_stats = select_by_length(
-        conversations, lengths, settings["max_length"], config.on_too_long, str(dataset_path)
-    )
-    fingerprint = _fingerprint(config, dataset_path, model_path, seed)
-    resumable = check_training_resume(output_dir, fingerprint, restart=restart)
-    if resumable and (output_dir / MANIFEST_NAME).is_file() and (output_dir / "sft_metrics.json").is_file():
-        log.info("%s already holds the finished SFT run; delete %s to train again", output_dir, MANIFEST_NAME)
-        return json.loads((output_dir / "sft_metrics.json").read_text())
-    remote = remote_checkpoints_uri(output_uri, deepspeed=deepspeed is not None)
+    options = dict(device=device, dtype=dtype, seed=seed, callbacks=callbacks, restart=restart, output_uri=output_uri)
+    return SFTRun(config, dataset_path, model_path, output_dir, **options).run()
 
-    rows = training_rows(conversations, facts, str(dataset_path))
-    if facts.prompt_completion:  # TRL masks the prompt itself: loss on the assistant's reply only, as asked
-        settings = settings | {"assistant_only_loss": False, "completion_only_loss": True}
-    with distributed_group(device, deepspeed):
-        # The config comes before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned.
-        args = SFTConfig(
-            **trainer_arguments(settings, output_dir / "checkpoints", device=device, seed=seed, deepspeed=deepspeed)
+
+class SFTRun(TrainingRun):
+    """What SFT provides to the training lifecycle: chat rows checked against the tokenizer, TRL's SFTTrainer."""
+
+    step = "sft"
+
+    def __init__(self, config: SFTSection, dataset_path: str | Path, model_path, output_dir, **options):
+        super().__init__(config, model_path, output_dir, **options)
+        self.dataset_path = dataset_path
+
+    def prepare(self) -> None:
+        settings = self.config.settings
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.facts = check_tokenizer(
+            self.tokenizer, str(self.model_path), assistant_only_loss=settings["assistant_only_loss"]
         )
-        if remote and config.resume:  # on a new machine: the newest checkpoint the pod before it uploaded
-            resumable = fetch_checkpoint(args, remote, fingerprint, restart=restart) is not None
-        model = load_model_for_training(model_path, device, dtype)
-        stop_on_token(model, facts.end_of_turn_id)
-        throughput = ThroughputCallback()
-        trainer = SFTTrainer(
+        conversations = read_conversations(self.dataset_path)
+        lengths = conversation_lengths(self.tokenizer, conversations, self.facts.training_template)
+        self.conversations, self.data_stats = select_by_length(
+            conversations, lengths, settings["max_length"], self.config.on_too_long, str(self.dataset_path)
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        return sft_fingerprint(self.config, self.dataset_path, self.model_path, self.seed)
+
+    def data(self) -> None:
+        self.rows = training_rows(self.conversations, self.facts, str(self.dataset_path))
+        self.settings = self.config.settings
+        if self.facts.prompt_completion:  # TRL masks the prompt itself: loss on the assistant's reply only, as asked
+            self.settings = self.settings | {"assistant_only_loss": False, "completion_only_loss": True}
+
+    def arguments(self, checkpoints: Path, resume_from: str | None):
+        return SFTConfig(
+            **trainer_arguments(
+                self.settings, checkpoints, device=self.device, seed=self.seed, deepspeed=self.deepspeed
+            )
+        )
+
+    def build_trainer(self, model, args, callbacks: list[Any]):
+        return SFTTrainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora_config(config.lora),
-            callbacks=[throughput, *checkpoint_callbacks(remote, fingerprint), *callbacks],
+            train_dataset=Dataset.from_list(self.rows),
+            processing_class=self.tokenizer,
+            peft_config=lora_config(self.config.lora),
+            callbacks=callbacks,
         )
-        resume_from = find_resumable_checkpoint(args.output_dir) if resumable and config.resume else None
-        if resume_from:
-            log.info("resuming from %s", resume_from)
-        started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume_from)
-        wall_seconds = time.perf_counter() - started
 
-        saved = save_final_model(trainer, output_dir, base_model_path=model_path, merge=config.lora.merge)
-        metrics = {
+    def metrics(self, trainer, args, saved: SavedModel, resume_from: str | None, training: dict) -> dict[str, Any]:
+        return {
             "step": "sft",
-            **data_stats,
-            "device": device,
-            "deepspeed": deepspeed.name if deepspeed else None,
-            "zero_stage": zero_stage,
-            "lora": config.lora.enabled,
+            **self.data_stats,
+            "device": self.device,
+            "deepspeed": self.deepspeed.name if self.deepspeed else None,
+            "zero_stage": self.zero_stage,
+            "lora": self.config.lora.enabled,
             "merged": saved.merged,
             "packing": args.packing,
-            "end_of_turn_token": facts.end_of_turn,
-            "pad_token": tokenizer.pad_token,
-            "rows": "prompt-completion" if facts.prompt_completion else "messages",
+            "end_of_turn_token": self.facts.end_of_turn,
+            "pad_token": self.tokenizer.pad_token,
+            "rows": "prompt-completion" if self.facts.prompt_completion else "messages",
             "resumed_from": Path(resume_from).name if resume_from else None,
             "model_dir": saved.model_dir.name,
             "adapter_dir": saved.adapter_dir.name if saved.adapter_dir else None,
-            **summarize_training(trainer, throughput, wall_seconds=wall_seconds),
+            **training,
         }
-        if trainer.is_world_process_zero():
-            files = [saved.model_dir, *write_metrics(output_dir, "sft", metrics)]
-            write_manifest(output_dir, files + ([saved.adapter_dir] if saved.adapter_dir else []))
-            log.info(
-                "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
-                metrics["steps"],
-                number_text(metrics["loss_first"]),
-                number_text(metrics["loss_last"]),
-                number_text(metrics["tokens_per_second"]),
-                saved.model_dir,
-            )
-        trainer.accelerator.wait_for_everyone()
-        return metrics
+
+    def log_done(self, metrics: dict[str, Any], saved: SavedModel) -> None:
+        log.info(
+            "SFT done: %d steps, loss %s -> %s, %s tokens/s; model in %s",
+            metrics["steps"],
+            number_text(metrics["loss_first"]),
+            number_text(metrics["loss_last"]),
+            number_text(metrics["tokens_per_second"]),
+            saved.model_dir,
+        )
 
 
 def training_rows(conversations: list[list[dict]], facts, source: str) -> list[dict]:
@@ -186,13 +171,3 @@ def training_rows(conversations: list[list[dict]], facts, source: str) -> list[d
             "turn per row, or set sft.trainer.assistant_only_loss: false (loss on the prompt too)"
         )
     return [{"prompt": c[:-1], "completion": c[-1:]} for c in conversations]
-
-
-def _fingerprint(config: SFTSection, dataset_path: str | Path, model_path: Path, seed: int) -> dict[str, Any]:
-    """What the checkpoints and the model depend on: resuming under other settings, data or base weights is refused."""
-    return {
-        "settings": config.model_dump(mode="json", exclude={"resume", "keep_checkpoints"}),  # the model the same
-        "seed": seed,
-        "dataset": file_sha256(Path(dataset_path)),
-        "model": model_fingerprint(model_path),
-    }

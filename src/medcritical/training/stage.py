@@ -11,6 +11,7 @@ from medcritical.distill.run import SFT_FILE
 from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.stage import MODEL, OUTPUT_URI, Input, Stage
+from medcritical.training.fingerprints import sft_fingerprint
 
 # Periodic checkpoints only serve a resume inside the step: never published with the step's folder
 # (a 7B full fine-tune's checkpoints are hundreds of GB).
@@ -38,6 +39,10 @@ def _run(
     )
 
 
+def _expected_fingerprint(recipe, *, distill: Path, model: Path, **_options) -> dict:
+    return sft_fingerprint(recipe.sft, distill, model, recipe.run.seed)
+
+
 SFT = Stage(
     name="sft",
     folder="sft",
@@ -50,4 +55,6 @@ SFT = Stage(
     options=("restart", OUTPUT_URI),  # output_uri: an s3:// one keeps the checkpoints there too
     produces="model",
     local_only=(CHECKPOINTS,),
+    optional=("adapter", "sft_loss.png"),  # adapter/: LoRA only
+    expected_fingerprint=_expected_fingerprint,
 )
