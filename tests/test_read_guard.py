@@ -1,14 +1,129 @@
-"""Every input declared (issue 26 item 2): the report and DPO read what they declare, and say what they could
-not do."""
+"""Every input declared (issue 26 item 2): the runner refuses a stage's read of the run's folders outside its
+declared inputs and output folder; the report and DPO read what they declare, and say what they could not do."""
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
+from medcritical.io.read_guard import UndeclaredReadError, reading_only
 from medcritical.recipe import load_recipe
 from medcritical.runner import run_stage
+from medcritical.stage import Input, Stage
+
+
+def _reader(reads):
+    """A stage whose run reads `reads(inputs)` (paths) and records their text."""
+
+    def run(recipe, output_dir: Path, *, rollout: Path, rollouts: Path | None = None) -> dict:
+        texts = [Path(p).read_text(encoding="utf-8") for p in reads(rollout=rollout, rollouts=rollouts)]
+        (output_dir / "stats.json").write_text(json.dumps({"read": texts}), encoding="utf-8")
+        return {"read": texts}
+
+    return run
+
+
+def _stage(reads, **extra_inputs) -> Stage:
+    return Stage(
+        name="reader",
+        folder="reader",
+        section="run",
+        run=_reader(reads),
+        inputs={"rollout": Input("pairs.jsonl"), **extra_inputs},
+        outputs=("stats.json",),
+        stats="stats.json",
+        fingerprint=None,
+    )
+
+
+@pytest.fixture
+def run_root(tmp_path):
+    root = tmp_path / "run"
+    rollout = root / "round1-rollout"
+    rollout.mkdir(parents=True)
+    for name in ("pairs.jsonl", "rollouts.jsonl"):
+        (rollout / name).write_text(name, encoding="utf-8")
+    (root / "sft").mkdir()
+    (root / "sft" / "sft_metrics.json").write_text("{}", encoding="utf-8")
+    return root
+
+
+def test_an_undeclared_sibling_file_is_refused(run_root):
+    """`rollout.parent / ROLLOUTS`, the read the issue names: refused, naming the stage, the file and the fix."""
+    recipe = load_recipe(None, [f"run.output_dir={run_root}"])
+    stage = _stage(lambda rollout, rollouts: [rollout, rollout.parent / "rollouts.jsonl"])
+    with pytest.raises(UndeclaredReadError) as refused:
+        run_stage(stage, recipe, str(run_root / "reader"), rollout=str(run_root / "round1-rollout" / "pairs.jsonl"))
+    message = str(refused.value)
+    assert "stage reader" in message and "rollouts.jsonl" in message
+    assert "declare it as an input" in message
+    # Another stage's folder under the run root, through no input at all: refused too.
+    stage = _stage(lambda rollout, rollouts: [run_root / "sft" / "sft_metrics.json"])
+    with pytest.raises(UndeclaredReadError, match="sft_metrics.json"):
+        run_stage(stage, recipe, str(run_root / "reader"), rollout=str(run_root / "round1-rollout"))
+
+
+def test_the_same_file_declared_beside_the_input_is_read(run_root, tmp_path):
+    recipe = load_recipe(None, [f"run.output_dir={run_root}"])
+    elsewhere = tmp_path / "notes.txt"  # outside the run's folders: not the guard's business
+    elsewhere.write_text("notes", encoding="utf-8")
+    stage = _stage(
+        lambda rollout, rollouts: [rollout, rollouts, elsewhere],
+        rollouts=Input("rollouts.jsonl", beside="rollout", optional=True),
+    )
+    result = run_stage(
+        stage, recipe, str(run_root / "reader"), rollout=str(run_root / "round1-rollout" / "pairs.jsonl")
+    )
+    assert result["read"] == ["pairs.jsonl", "rollouts.jsonl", "notes"]
+    # Outside a stage nothing is guarded.
+    assert (run_root / "sft" / "sft_metrics.json").read_text(encoding="utf-8") == "{}"
+
+
+def test_the_guard_covers_the_stage_thread_not_threads_it_starts(run_root):
+    """A context variable: the stage's own thread is guarded; a thread it starts begins with an empty context
+    (documented in io/read_guard.py), as do stages running side by side in other threads."""
+    sibling = run_root / "round1-rollout" / "rollouts.jsonl"
+    seen = []
+    with reading_only(
+        _stage(lambda **_: []), run_root / "reader", {"rollout": run_root / "round1-rollout" / "pairs.jsonl"}
+    ):
+        with pytest.raises(UndeclaredReadError):
+            sibling.read_text(encoding="utf-8")
+        worker = threading.Thread(target=lambda: seen.append(sibling.read_text(encoding="utf-8")))
+        worker.start()
+        worker.join()
+        (run_root / "reader").mkdir(exist_ok=True)
+        (run_root / "reader" / "x.txt").write_text("written", encoding="utf-8")  # its output: written and read back
+        assert (run_root / "reader" / "x.txt").read_text(encoding="utf-8") == "written"
+    assert seen == ["rollouts.jsonl"]
+
+
+def test_a_model_input_brings_its_training_stage_folder(run_root, tiny_model):
+    """A model input is the folder the runner passes; a training stage's model/ comes with the manifest beside
+    it (model fingerprints read it), but not with the other stages' folders."""
+    sft = run_root / "sft"
+    shutil.copytree(tiny_model, sft / "model")
+    (sft / "manifest.json").write_text("{}", encoding="utf-8")
+    model_stage = Stage(
+        name="trainer",
+        folder="trainer",
+        section="run",
+        run=lambda recipe, output_dir, *, model: {},
+        inputs={"model": Input()},
+        outputs=(),
+        stats="stats.json",
+        fingerprint=None,
+    )
+    with reading_only(model_stage, run_root / "round1-dpo", {"model": sft / "model"}):
+        assert (sft / "manifest.json").read_text(encoding="utf-8") == "{}"
+        (sft / "model" / "config.json").read_text(encoding="utf-8")
+        with pytest.raises(UndeclaredReadError):
+            (run_root / "round1-rollout" / "pairs.jsonl").read_text(encoding="utf-8")
+
+
+# -- the report ------------------------------------------------------------------------------------------
 
 
 def test_the_report_names_a_reused_distillation(tmp_path):

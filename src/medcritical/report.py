@@ -12,6 +12,8 @@ from medcritical.distill.stage import DISTILL
 from medcritical.errors import InputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note
+from medcritical.io.manifest import MANIFEST_NAME
+from medcritical.io.read_guard import also_reading
 from medcritical.plotting import figure
 from medcritical.recipe import Recipe, dump_recipe
 from medcritical.selfplay.stage import DPO, ROLLOUT
@@ -246,14 +248,19 @@ def round_statistics(recipe: Recipe) -> list[dict]:
     """Each round's rollout, DPO and pass@1-after-DPO statistics under the run root.
 
     Not declared inputs: a declaration names a fixed set of inputs, and the rounds are as many as the recipe
-    says (Input has no per-round default yet). The run root's layout is the runner's (staging); a missing
-    file reads as "not run"."""
+    says (Input has no per-round default yet). The run root's layout is the runner's (staging), the reads
+    are named here for the read guard, and a missing file reads as "not run"."""
     root = recipe.run.root
     numbers = range(1, recipe.selfplay.rounds + 1)
-    return [
-        {key: read_stats(root, stage, number, filename) for key, (stage, filename) in ROUND_FILES.items()}
-        for number in numbers
-    ]
+    local = (
+        [] if storage.is_s3(root) else [Path(stage_uri(root, stage, n)) for n in numbers for stage in (ROLLOUT, DPO)]
+    )
+    reads = [folder / name for folder in local for name in (ROLLOUT.stats, DPO.stats, TRAIN_PASS_STATS, MANIFEST_NAME)]
+    with also_reading(reads, why="the rounds' statistics: one input per round is not declarable yet"):
+        return [
+            {key: read_stats(root, stage, number, filename) for key, (stage, filename) in ROUND_FILES.items()}
+            for number in numbers
+        ]
 
 
 def input_source(path: Path) -> str:

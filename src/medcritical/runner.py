@@ -30,6 +30,7 @@ from medcritical.errors import UserError
 from medcritical.evaluation.stage import EVALUATE
 from medcritical.io.lock import output_lock
 from medcritical.io.ranks import is_main_process
+from medcritical.io.read_guard import reading_only
 from medcritical.recipe import Recipe, RecipeError
 from medcritical.report import REPORT
 from medcritical.selfplay.stage import DPO, ROLLOUT
@@ -122,7 +123,8 @@ def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str]
     recipe = _local_recipe_files(stage, recipe)
     paths = local_inputs(stage, recipe, uris)
     with local_output(output_uri, keep_local=stage.local_only) as out:
-        result = stage.run(recipe, out, **paths, **options)
+        with reading_only(stage, out, paths, recipe):  # an undeclared read of the run's folders is refused
+            result = stage.run(recipe, out, **paths, **options)
         if stage.unchanged_model and result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(uris.get(stage.unchanged_model) or recipe.model.base, encoding="utf-8")
     _discard_remote_resume_state(stage, recipe, output_uri)
