@@ -99,3 +99,24 @@ def test_the_report_reads_a_training_stage_statistics_without_downloading_its_mo
     assert read_stats(f"s3://{s3_env}/run", SFT) == {"steps": 4}
     assert read_stats(f"s3://{s3_env}/run", SFT, filename="missing.json") is None
     assert not list((tmp_path / "work").rglob("model.safetensors")), "the model was downloaded to read a JSON"
+
+
+def test_a_file_of_a_complete_s3_step_folder_comes_down_alone(s3_env, tmp_path, monkeypatch):
+    """An input declared as one file of a stage's folder (the report's SFT statistics): only that file is fetched
+    once the folder is complete, never the model beside it; a folder without its manifest is still refused."""
+    from medcritical.staging import input_file
+
+    monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    sft = tmp_path / "sft"
+    (sft / "model").mkdir(parents=True)
+    (sft / "model" / "model.safetensors").write_bytes(b"\0" * 4096)
+    (sft / "sft_metrics.json").write_text('{"steps": 3}')
+    storage.upload(sft, f"s3://{s3_env}/run/sft")
+    path = input_file(f"s3://{s3_env}/run/sft", "sft_metrics.json")
+    assert json.loads(path.read_text()) == {"steps": 3}
+    assert not list((tmp_path / "work").rglob("model.safetensors"))
+    # Objects without a manifest (an upload cut off): not read as a folder.
+    storage.upload(sft / "sft_metrics.json", f"s3://{s3_env}/half/sft/sft_metrics.json")
+    storage.upload(sft / "model" / "model.safetensors", f"s3://{s3_env}/half/sft/model/model.safetensors")
+    with pytest.raises(storage.IncompleteUploadError):
+        input_file(f"s3://{s3_env}/half/sft", "sft_metrics.json")

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medcritical import storage
 from medcritical.arms import arm_table
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.errors import InputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note
+from medcritical.io.manifest import MANIFEST_NAME
+from medcritical.io.read_guard import also_reading
 from medcritical.plotting import figure
 from medcritical.recipe import Recipe, dump_recipe
 from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.selfplay.train_pass import TRAIN_PASS_STATS, train_pass_line
 from medcritical.stage import Input, Stage
-from medcritical.staging import read_stats
+from medcritical.staging import read_stats, stage_uri, work_dir
 from medcritical.stats import paired_markdown, paired_table
 from medcritical.training.stage import SFT
 from medcritical.values import number_text, percent
@@ -55,6 +58,26 @@ def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
             # rollout.pass@1 -> pass@1, heldout.margin -> heldout_margin
             shown.append(f"{key.replace('heldout.', 'heldout_').rsplit('.', 1)[-1]}={number_text(value)}")
     return ", ".join(shown) or "-"
+
+
+def _reused_note(source: str | None) -> str:
+    return f" (reused from {source}: not run again in this run)" if source else ""
+
+
+def _train_pass_cell(recipe: Recipe, round_stats: dict) -> str | None:
+    """pass@1 on a round's training questions before → after DPO; why not, when the round's DPO trained and the
+    recipe asks for it but nothing was measured (never left out without a word); None when not asked for."""
+    measured, dpo = round_stats.get("train_pass"), round_stats.get("dpo")
+    if measured and measured.get("status") == "not measured":
+        return f"not measured ({measured.get('reason', 'no reason given')})"
+    if measured:
+        return train_pass_line(measured)
+    if not dpo or dpo.get("status") == "skipped" or recipe.evaluate.train_pass_questions == 0:
+        return None
+    return (
+        f"not measured (no {TRAIN_PASS_STATS} in the round's DPO folder: that DPO step predates the measurement "
+        "or stopped before it; its log says why)"
+    )
 
 
 def _paired_section(paired: list[dict]) -> list[str]:
@@ -132,10 +155,13 @@ def write_run_report(
     stats: dict,
     output_dir: Path,
     correct_by_model: dict[str, dict[str, bool] | None] | None = None,
+    reused: dict[str, str] | None = None,
 ) -> dict:
     """Write report.md, report.json and models.png; return the headline numbers and the Markdown.
 
-    `correct_by_model` (per-question correctness of each evaluation) adds the paired tests."""
+    `correct_by_model` (per-question correctness of each evaluation) adds the paired tests; `reused` names the
+    earlier run's folder of a stage this run did not run again (the distillation, with distill_uri)."""
+    reused = reused or {}
     protocols = {r["protocol"] for r in evaluations.values() if r}
     if len(protocols) > 1:  # never mix protocols in one comparison
         raise InputError(f"the evaluations used different protocols {sorted(protocols)}; evaluate all models alike")
@@ -157,7 +183,8 @@ def write_run_report(
         "",
         f"- data: {_numbers(stats.get('data'), ('train', 'eval', 'train_multi_answer'))}"
         f"{'; bad rows: ' + str(len(stats['data']['bad_rows'])) if stats.get('data') else ''}",
-        f"- distill: {_numbers(stats.get('distill'), ('questions', 'accepted', 'acceptance_rate', 'trace_attempts'))}",
+        f"- distill: {_numbers(stats.get('distill'), ('questions', 'accepted', 'acceptance_rate', 'trace_attempts'))}"
+        f"{_reused_note(reused.get('distill'))}",
         f"- sft: {_numbers(stats.get('sft'), ('examples', 'steps', 'loss_first', 'loss_last', 'tokens_per_second', 'train_seconds'))}",
     ]
     for number, round_stats in enumerate(stats.get("rounds", []), start=1):
@@ -167,10 +194,8 @@ def write_run_report(
         lines.append(
             f"- round {number} dpo: {_numbers(round_stats.get('dpo'), ('train_pairs', 'steps', 'loss_first', 'loss_last', 'heldout.reward_accuracy', 'heldout.margin', 'kept.model', 'stopped_early'))}"
         )
-        if round_stats.get("train_pass"):
-            lines.append(
-                f"- round {number} training questions' pass@1 before → after DPO: {train_pass_line(round_stats['train_pass'])}"
-            )
+        if (measured := _train_pass_cell(recipe, round_stats)) is not None:
+            lines.append(f"- round {number} training questions' pass@1 before → after DPO: {measured}")
     lines += stage2_section(recipe, evaluations, stats)
     lines += ["", f"![accuracy by model]({PLOT})", ""]
     markdown = "\n".join(lines)
@@ -183,6 +208,7 @@ def write_run_report(
         "evaluations": evaluations,
         "paired": paired,
         "steps": stats,
+        **({"reused": reused} if reused else {}),
     }
     (output_dir / REPORT_JSON).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     plot_models(evaluations, output_dir / PLOT)
@@ -193,42 +219,97 @@ def write_run_report(
     }
 
 
-def read_run_statistics(recipe: Recipe, distill_stats: Path | None = None) -> dict:
-    """Every stage's statistics under the run root, read through the stages' declarations; the distillation's from
-    `distill_stats` when given (a run that reused an earlier run's traces: they live in that run's folder)."""
-    root = recipe.run.root
-    distilled = json.loads(distill_stats.read_text(encoding="utf-8")) if distill_stats else read_stats(root, DISTILL)
+def read_run_statistics(
+    recipe: Recipe,
+    distill_stats: Path | None = None,
+    data_stats: Path | None = None,
+    sft_stats: Path | None = None,
+) -> dict:
+    """Every stage's statistics: the data, distillation and SFT statistics from the report's declared inputs (the
+    distillation's an earlier run's when its traces were reused); each round's from its folders under the run
+    root (see `round_statistics`)."""
     return {
-        "data": read_stats(root, PREPARE_DATA),
-        "distill": distilled,
-        "sft": read_stats(root, SFT),
-        "rounds": [
-            {
-                "rollout": read_stats(root, ROLLOUT, number),
-                "dpo": read_stats(root, DPO, number),
-                "train_pass": read_stats(root, DPO, number, TRAIN_PASS_STATS),
-            }
-            for number in range(1, recipe.selfplay.rounds + 1)
-        ],
+        "data": _json(data_stats),
+        "distill": _json(distill_stats),
+        "sft": _json(sft_stats),
+        "rounds": round_statistics(recipe),
     }
+
+
+def _json(path: Path | None) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path else None
+
+
+# The files the report reads in each round's folders (round<r>-rollout, round<r>-dpo).
+ROUND_FILES = {"rollout": (ROLLOUT, ROLLOUT.stats), "dpo": (DPO, DPO.stats), "train_pass": (DPO, TRAIN_PASS_STATS)}
+
+
+def round_statistics(recipe: Recipe) -> list[dict]:
+    """Each round's rollout, DPO and pass@1-after-DPO statistics under the run root.
+
+    Not declared inputs: a declaration names a fixed set of inputs, and the rounds are as many as the recipe
+    says (Input has no per-round default yet). The run root's layout is the runner's (staging), the reads
+    are named here for the read guard, and a missing file reads as "not run"."""
+    root = recipe.run.root
+    numbers = range(1, recipe.selfplay.rounds + 1)
+    local = (
+        [] if storage.is_s3(root) else [Path(stage_uri(root, stage, n)) for n in numbers for stage in (ROLLOUT, DPO)]
+    )
+    reads = [folder / name for folder in local for name in (ROLLOUT.stats, DPO.stats, TRAIN_PASS_STATS, MANIFEST_NAME)]
+    with also_reading(reads, why="the rounds' statistics: one input per round is not declarable yet"):
+        return [
+            {key: read_stats(root, stage, number, filename) for key, (stage, filename) in ROUND_FILES.items()}
+            for number in numbers
+        ]
+
+
+def input_source(path: Path) -> str:
+    """The URI a local input path came from: an s3:// input is downloaded to <work>/in/<hash>/<bucket>/<key>."""
+    downloads = (work_dir() / "in").resolve()
+    resolved = path.resolve()
+    if resolved.is_relative_to(downloads) and len(parts := resolved.relative_to(downloads).parts) > 2:
+        return "s3://" + "/".join(parts[1:])
+    return str(path)
+
+
+def reused_from(recipe: Recipe, stage: Stage, stats: Path | None) -> str | None:
+    """The folder whose statistics of `stage` the report was given, when it is not this run's own folder of that
+    stage: an earlier run's distillation reused (the pipeline's distill_uri)."""
+    if stats is None:
+        return None
+    source = input_source(stats).rpartition("/")[0]
+    own = stage_uri(recipe.run.root, stage)
+    if storage.is_s3(own) or storage.is_s3(source):
+        return None if source.rstrip("/") == own.rstrip("/") else source
+    return None if Path(source).resolve() == Path(own).resolve() else source
 
 
 MODELS = ("base", "sft", "dpo")
 
 
-def _run(recipe: Recipe, output_dir: Path, *, distill: Path | None, **evaluated: Path | None) -> dict:
+def _run(
+    recipe: Recipe,
+    output_dir: Path,
+    *,
+    distill: Path | None,
+    data: Path | None,
+    sft: Path | None,
+    **evaluated: Path | None,
+) -> dict:
     evaluations = {
         name: json.loads(path.read_text(encoding="utf-8")) if (path := evaluated[f"{name}_eval"]) else None
         for name in MODELS
     }
     # Each evaluation's graded answers (for the paired tests), declared beside its report.json.
     correct = {name: correct_by_id(path) for name in MODELS if (path := evaluated[f"{name}_graded"])}
-    statistics = read_run_statistics(recipe, distill)
-    return write_run_report(recipe, evaluations, statistics, output_dir, correct_by_model=correct)
+    statistics = read_run_statistics(recipe, distill, data, sft)
+    reused = {"distill": source} if (source := reused_from(recipe, DISTILL, distill)) else {}
+    return write_run_report(recipe, evaluations, statistics, output_dir, correct_by_model=correct, reused=reused)
 
 
-# The evaluations of the base, SFT and final models with their graded answers, and the distillation's statistics
-# (an earlier run's when its traces were reused); the other stages' statistics come from the run root.
+# The evaluations of the base, SFT and final models with their graded answers, and the data, distillation (an earlier
+# run's when its traces were reused) and SFT statistics; each round's statistics come from the run root
+# (round_statistics).
 REPORT = Stage(
     name="report",
     folder="report",
@@ -238,6 +319,8 @@ REPORT = Stage(
         **{f"{model}_eval": Input(REPORT_JSON, optional=True) for model in MODELS},
         **{f"{model}_graded": Input(GRADED_JSONL, beside=f"{model}_eval", optional=True) for model in MODELS},
         "distill": Input(DISTILL.stats, default_stage="distill", optional=True),
+        "data": Input(PREPARE_DATA.stats, default_stage="prepare_data", optional=True),
+        "sft": Input(SFT.stats, default_stage="sft", optional=True),
     },
     outputs=(REPORT_MD, REPORT_JSON, "recipe.yaml", PLOT),
     stats=REPORT_JSON,

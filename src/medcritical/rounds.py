@@ -97,8 +97,10 @@ def run_selfplay(
             row["heldout_margin"] = metrics["heldout"].get("margin")
         if metrics.get("heldout_after_first_epoch"):
             row["heldout_reward_accuracy_first_epoch"] = metrics["heldout_after_first_epoch"]["reward_accuracy"]
-        if metrics.get("train_pass"):
-            row["train_pass@1_after"] = metrics["train_pass"]["pass@1_after"]
+        if (train_pass := metrics.get("train_pass") or {}).get("pass@1_after") is not None:
+            row["train_pass@1_after"] = train_pass["pass@1_after"]
+        elif train_pass:
+            row["train_pass"] = train_pass.get("reason")  # why it was not measured
         rounds.append(row)
         _write_summary(root, rounds, model, stopped)
         if metrics.get("status") == "skipped":

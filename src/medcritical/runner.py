@@ -33,6 +33,7 @@ from medcritical.io.fingerprint import matches as fingerprint_matches
 from medcritical.io.lock import output_lock
 from medcritical.io.manifest import MANIFEST_NAME, ManifestError, check_integrity, decode
 from medcritical.io.ranks import is_main_process
+from medcritical.io.read_guard import reading_only
 from medcritical.recipe import Recipe, RecipeError
 from medcritical.report import REPORT
 from medcritical.selfplay.stage import DPO, ROLLOUT
@@ -129,7 +130,8 @@ def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str]
     if finished is not None:
         return finished
     with local_output(output_uri, keep_local=stage.local_only) as out:
-        result = stage.run(recipe, out, **paths, **options)
+        with reading_only(stage, out, paths, recipe):  # an undeclared read of the run's folders is refused
+            result = stage.run(recipe, out, **paths, **options)
         if stage.unchanged_model and result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(uris.get(stage.unchanged_model) or recipe.model.base, encoding="utf-8")
     _discard_remote_resume_state(stage, recipe, output_uri)

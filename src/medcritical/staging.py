@@ -26,6 +26,7 @@ from medcritical.modeling.check import check_model_folder
 from medcritical.modeling.config import TINY
 from medcritical.recipe import Recipe
 from medcritical.stage import Stage
+from medcritical.storage.folders import is_complete_folder
 
 # A model stage that left its model unchanged (a DPO round without pairs) names that model in this
 # file (a URI, valid in every pod) instead of copying gigabytes of weights.
@@ -130,14 +131,27 @@ def local_input(uri: str) -> Path:
 
 
 def input_file(uri: str, filename: str) -> Path:
-    """`uri` may name the file itself or the step folder that holds `filename`."""
-    path = local_input(uri)
+    """`uri` may name the file itself or the step folder that holds `filename`. Of a complete s3:// step folder
+    only that file comes down: the report's SFT statistics must not bring the model with them."""
+    path = _file_of_s3_folder(uri, filename) or local_input(uri)
     if path.is_dir():
         path = path / filename
     if not path.is_file():
         raise MissingInputError(f"{uri}: no {filename} there; is this the output of the right step?")
     check_integrity(path.parent, under=path.name)  # unchanged since its step wrote it (when it has a manifest)
     return path
+
+
+def _file_of_s3_folder(uri: str, filename: str) -> Path | None:
+    """`filename` of the s3:// step folder `uri`, fetched alone once the folder is complete (its manifest, written
+    last, is there: a reader never sees half an upload); the object is checked against the sha256 it was uploaded
+    with. None when `uri` is local, names a file, or is no complete folder: then it is fetched as it is."""
+    if not storage.is_s3(uri) or uri.rstrip("/").endswith("/" + filename) or not is_complete_folder(uri):
+        return None
+    try:
+        return local_input(join_uri(uri, filename))
+    except FileNotFoundError:  # not in the folder: the whole folder's error says so
+        return None
 
 
 def folder_file(folder_uri: str, filename: str) -> Path:

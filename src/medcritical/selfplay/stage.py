@@ -6,6 +6,7 @@ dpo:     the pairs + the same model → the next round's model (and pass@1 on th
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -87,18 +88,18 @@ def _dpo(
     return result
 
 
-def measure_train_pass(recipe, rollouts: Path | None, data: Path | None, model: Path, output_dir: Path) -> dict | None:
-    """pass@1 on the round's training questions before (its rollout) and after DPO (evaluate.train_pass_questions)."""
+def measure_train_pass(recipe, rollouts: Path | None, data: Path | None, model: Path, output_dir: Path) -> dict:
+    """pass@1 on the round's training questions before (its rollout) and after DPO (evaluate.train_pass_questions).
+
+    When it cannot be measured, its statistics file says why ({"status": "not measured", "reason": ...}), which the
+    run report shows: never skipped without a word."""
     if data is None:
-        log.warning("training pass@1 after DPO not measured: no training questions (the data stage's %s)", TRAIN_FILE)
-        return None
+        return _not_measured(output_dir, f"no training questions (the data stage's {TRAIN_FILE}; give the data input)")
     if rollouts is None:
-        log.warning("training pass@1 after DPO not measured: no %s beside the pairs (the rollouts input)", ROLLOUTS)
-        return None
+        return _not_measured(output_dir, f"no {ROLLOUTS} beside the pairs (the rollouts input)")
     before = read_jsonl(rollouts)
     if not before:
-        log.warning("training pass@1 after DPO not measured: no %s beside the pairs", rollouts)
-        return None
+        return _not_measured(output_dir, f"{rollouts.name} beside the pairs holds no rollout")
     return train_pass(
         recipe.selfplay.rollout,
         recipe.generation.model_copy(update={"backend": "transformers"}),  # the training image has no vLLM
@@ -115,6 +116,13 @@ def measure_train_pass(recipe, rollouts: Path | None, data: Path | None, model: 
 
 def _dpo_fingerprint(recipe, *, rollout: Path, heldout: Path | None, model: Path, **_others) -> dict:
     return dpo_fingerprint(recipe.selfplay.dpo, rollout, heldout, model, recipe.run.seed)
+
+
+def _not_measured(output_dir: Path, reason: str) -> dict:
+    log.warning("training pass@1 after DPO not measured: %s", reason)
+    stats = {"status": "not measured", "reason": reason}
+    (output_dir / TRAIN_PASS_STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
+    return stats
 
 
 DPO = Stage(
