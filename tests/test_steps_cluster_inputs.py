@@ -2,6 +2,7 @@
 and the global batch kept when a training step spreads over several GPUs (real S3 server: SeaweedFS)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,8 +10,8 @@ from medcritical import storage
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.recipe import RecipeError, load_recipe
-from medcritical.runner import keep_global_batch, local_inputs, run_stage
-from medcritical.selfplay.stage import DPO
+from medcritical.runner import _local_recipe_files, keep_global_batch, local_inputs, run_stage
+from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.training.stage import SFT
 
 PAIR = {
@@ -120,3 +121,19 @@ def test_a_file_of_a_complete_s3_step_folder_comes_down_alone(s3_env, tmp_path, 
     storage.upload(sft / "model" / "model.safetensors", f"s3://{s3_env}/half/sft/model/model.safetensors")
     with pytest.raises(storage.IncompleteUploadError):
         input_file(f"s3://{s3_env}/half/sft", "sft_metrics.json")
+
+
+def test_the_teacher_corrector_gets_its_s3_teacher_and_the_self_corrector_does_not(
+    s3_env, tiny_model, tmp_path, monkeypatch
+):
+    """The rollout read distill.teacher_model for the teacher corrector without declaring it: an s3:// teacher
+    was taken for a local folder. Declared only for that corrector, so the self arm never downloads a teacher."""
+    monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
+    teacher = f"s3://{s3_env}/models/teacher"
+    storage.upload(tiny_model, teacher)
+    settings = [f"distill.teacher_model={teacher}", "distill.backend=transformers"]
+    self_arm = _local_recipe_files(ROLLOUT, load_recipe(None, settings))
+    assert self_arm.distill.teacher_model == teacher
+    assert not (tmp_path / "work" / "in").exists(), "the self arm downloaded the teacher"
+    teacher_arm = _local_recipe_files(ROLLOUT, load_recipe(None, [*settings, "selfplay.corrector=teacher"]))
+    assert (Path(teacher_arm.distill.teacher_model) / "config.json").is_file()

@@ -280,7 +280,7 @@ def with_recipe_value(recipe: Recipe, dotted: str, value) -> Recipe:
 
 def _local_recipe_files(stage: Stage, recipe: Recipe) -> Recipe:
     """The recipe with the s3:// files its stage reads (e.g. data.source) downloaded into the work folder."""
-    for key in stage.recipe_files:
+    for key in stage.files_in_recipe(recipe):
         value = recipe_value(recipe, key)
         if value and storage.is_s3(value):
             recipe = with_recipe_value(recipe, key, str(local_input(value)))

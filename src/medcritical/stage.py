@@ -80,8 +80,10 @@ class Stage:
     stats: str  # the statistics file the run report reads
     fingerprint: str | None  # the file recording what its outputs were made from (None: rebuilt every run)
     produces: Kind = "dataset"
-    # Recipe keys naming files a stage reads besides its inputs (an s3:// value is downloaded first).
-    recipe_files: tuple[str, ...] = ()
+    # Recipe keys naming files a stage reads besides its inputs (an s3:// value is downloaded first); a function
+    # of the recipe when whether it reads them depends on a setting (the rollout reads the teacher only for
+    # the teacher corrector: a 32B teacher in S3 is not downloaded for the self arm).
+    recipe_files: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     # A model stage that reports {"status": "skipped"} leaves this model input unchanged: its folder
     # then points at that model (runner.MODEL_POINTER) instead of copying the weights.
     unchanged_model: str | None = None
@@ -99,6 +101,10 @@ class Stage:
     def command(self) -> str:
         """Its CLI command and its step in `medcritical plan`: prepare-data for the stage prepare_data."""
         return self.name.replace("_", "-")
+
+    def files_in_recipe(self, recipe) -> tuple[str, ...]:
+        """The recipe keys naming files this stage reads with this recipe."""
+        return self.recipe_files(recipe) if callable(self.recipe_files) else self.recipe_files
 
     def stats_path(self, folder: str | Path) -> Path:
         return Path(folder) / self.stats

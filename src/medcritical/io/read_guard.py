@@ -137,8 +137,8 @@ def reading_only(stage: Any, output_dir: Path, inputs: Mapping[str, Path | None]
         allowed += _allowed_for(Path(path), model)
         if not model and Path(path).is_file():
             guarded.append(Path(path).parent)  # the folder of another stage: its other files are not declared
-    for key in getattr(stage, "recipe_files", ()):
-        value = _recipe_value(recipe, key) if recipe is not None else None
+    for key in stage.files_in_recipe(recipe) if recipe is not None else ():
+        value = _recipe_value(recipe, key)
         if value:
             allowed.append(Path(value))
     # An output straight under / or the home folder would make everything there the run's: not guarded.

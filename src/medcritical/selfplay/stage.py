@@ -43,6 +43,11 @@ def _rollout(recipe, output_dir: Path, *, data: Path, model: Path, restart: bool
     )
 
 
+def _files_in_recipe(recipe) -> tuple[str, ...]:
+    # The teacher corrector asks stage 1's teacher (distill.teacher_model), which may be a local model in S3.
+    return ("distill.teacher_model",) if recipe.selfplay.corrector == "teacher" else ()
+
+
 ROLLOUT = Stage(
     name="rollout",
     folder="rollout",
@@ -53,6 +58,7 @@ ROLLOUT = Stage(
     stats=STATS,
     fingerprint=FINGERPRINT_FILE,
     options=("restart",),
+    recipe_files=_files_in_recipe,
 )
 
 
