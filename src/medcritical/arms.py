@@ -26,7 +26,7 @@ from medcritical.evaluation.stage import EVALUATE
 from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.staging import eval_folder, final_eval_folder, stage_folder
 from medcritical.stats import mcnemar_exact
-from medcritical.values import number_text, percent
+from medcritical.values import dotted, number_text, percent
 
 
 def _read(path: Path) -> dict | None:
@@ -93,62 +93,55 @@ def _num(value) -> str:
     return number_text(value, digits=3, missing="-")
 
 
-def _get(stats: dict | None, dotted: str):
-    value = stats
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def arm_rows(arm: dict) -> dict[str, str]:
     """One arm as table cells, keyed by row label; round 1's stage-2 statistics (where pairs are made)."""
     first = arm["rounds"][0] if arm["rounds"] else {}
     rollout, dpo = first.get("rollout"), first.get("dpo")
     before, after = arm["before"], arm["after"]
     delta = after["accuracy"] - before["accuracy"] if before and after else None
-    corrected = _get(rollout, "correction.corrected")
-    guessing = _get(rollout, "correction.expected_by_guessing")
-    cost = _get(rollout, "cost") or {}
+    corrected = dotted(rollout, "correction.corrected")
+    guessing = dotted(rollout, "correction.expected_by_guessing")
+    cost = dotted(rollout, "cost") or {}
     per_pair = cost.get("per_pair") or {}
     per_correction = cost.get("per_correction_pair") or {}
-    diagnostics = _get(rollout, "pairs.diagnostics") or {}
-    first_epoch = _get(dpo, "heldout_after_first_epoch")
-    dpo_seconds = _get(dpo, "train_seconds")
-    pairs = _get(rollout, "pairs.pairs")
+    diagnostics = dotted(rollout, "pairs.diagnostics") or {}
+    first_epoch = dotted(dpo, "heldout_after_first_epoch")
+    dpo_seconds = dotted(dpo, "train_seconds")
+    pairs = dotted(rollout, "pairs.pairs")
     return {
-        "corrector": _num(_get(rollout, "corrector.corrector"))
-        + (f" ({_get(rollout, 'corrector.backend')})" if _get(rollout, "corrector.backend") else ""),
-        "pairs level": _num(_get(rollout, "pairs.level")),
+        "corrector": _num(dotted(rollout, "corrector.corrector"))
+        + (f" ({dotted(rollout, 'corrector.backend')})" if dotted(rollout, "corrector.backend") else ""),
+        "pairs level": _num(dotted(rollout, "pairs.level")),
         "CMExam accuracy before (SFT)": _pct(before and before["accuracy"]) + (f" (n={before['n']})" if before else ""),
         "CMExam accuracy after stage 2": _pct(after and after["accuracy"]),
         "accuracy change": "-" if delta is None else f"{100 * delta:+.1f} pp",
         "questions gained / lost": _movement(arm["graded_before"], arm["graded_after"]),
-        "rollout pass@1 / pass@k": f"{_pct(_get(rollout, 'rollout.pass@1'))} / {_pct(_get(rollout, 'rollout.pass@k'))}",
-        "corrections accepted / wrong trajectories": f"{_num(corrected)} / {_num(_get(rollout, 'correction.wrong_trajectories'))}",
+        "rollout pass@1 / pass@k": f"{_pct(dotted(rollout, 'rollout.pass@1'))} / {_pct(dotted(rollout, 'rollout.pass@k'))}",
+        "corrections accepted / wrong trajectories": f"{_num(corrected)} / {_num(dotted(rollout, 'correction.wrong_trajectories'))}",
         # The analytic figure assumes independent uniform guesses: a lower bound. The placebo is measured on
         # the votes; its rewrites are assumed to follow as often as gold's (none is run from a stand-in).
         "of which chance explains (analytic lower bound – placebo, its rewrites not run)": "-"
         if guessing is None
         else f"{guessing:.2f}"
-        + (f" – {placebo:.2f}" if (placebo := _get(rollout, "correction.placebo.expected")) is not None else ""),
+        + (f" – {placebo:.2f}" if (placebo := dotted(rollout, "correction.placebo.expected")) is not None else ""),
         "pairs (train + held-out)": _num(pairs),
         "chosen from a correction": _pct(diagnostics.get("from_correction_share")),
         "same final letters": _pct(diagnostics.get("same_letters_share")),
         "chosen / rejected tokens (median)": (
-            f"{_num(_get(diagnostics, 'chosen_tokens.median'))} / {_num(_get(diagnostics, 'rejected_tokens.median'))}"
+            f"{_num(dotted(diagnostics, 'chosen_tokens.median'))} / {_num(dotted(diagnostics, 'rejected_tokens.median'))}"
             if diagnostics.get("chosen_tokens")
-            else f"{_num(_get(diagnostics, 'chosen_chars.median'))} / {_num(_get(diagnostics, 'rejected_chars.median'))} chars"
+            else f"{_num(dotted(diagnostics, 'chosen_chars.median'))} / {_num(dotted(diagnostics, 'rejected_chars.median'))} chars"
         ),
         "chosen/rejected length ratio (median)": _num(
-            _get(diagnostics, "tokens_ratio.median") or _get(diagnostics, "chars_ratio.median")
+            dotted(diagnostics, "tokens_ratio.median") or dotted(diagnostics, "chars_ratio.median")
         ),
         "held-out reward accuracy, 1st epoch": _pct(first_epoch and first_epoch["reward_accuracy"]),
         # Measured on pairs that did not pick the kept model (the reporting half), and said so.
-        "held-out reward accuracy of the kept model": _pct(_get(dpo, "heldout.reward_accuracy"))
-        + (f" (on {_get(dpo, 'heldout.measured_on')})" if _get(dpo, "heldout.measured_on") else ""),
-        "DPO model kept": f"{_get(dpo, 'kept.model')}: {_get(dpo, 'kept.why')}" if _get(dpo, "kept") else "-",
-        "DPO loss first → last (kept model's)": f"{_num(_get(dpo, 'loss_first'))} → {_num(_get(dpo, 'loss_last'))}"
-        + (f" ({_num(_get(dpo, 'kept.training_loss'))})" if _get(dpo, "kept") else ""),
+        "held-out reward accuracy of the kept model": _pct(dotted(dpo, "heldout.reward_accuracy"))
+        + (f" (on {dotted(dpo, 'heldout.measured_on')})" if dotted(dpo, "heldout.measured_on") else ""),
+        "DPO model kept": f"{dotted(dpo, 'kept.model')}: {dotted(dpo, 'kept.why')}" if dotted(dpo, "kept") else "-",
+        "DPO loss first → last (kept model's)": f"{_num(dotted(dpo, 'loss_first'))} → {_num(dotted(dpo, 'loss_last'))}"
+        + (f" ({_num(dotted(dpo, 'kept.training_loss'))})" if dotted(dpo, "kept") else ""),
         "student tokens per pair": _num(per_pair.get("student_tokens")),
         "teacher tokens per pair": _num(per_pair.get("teacher_tokens")),
         f"rollout {cost.get('seconds', {}).get('device', 'device')}-seconds per pair": _num(
@@ -156,7 +149,7 @@ def arm_rows(arm: dict) -> dict[str, str]:
         ),
         "DPO seconds per pair": _num(dpo_seconds / pairs if dpo_seconds and pairs else None),
         # Prices are the user's: the figure is an estimate, in the currency they were given in.
-        f"money per pair (estimate{', ' + currency if (currency := _get(cost, 'money.currency')) else ''})": _num(
+        f"money per pair (estimate{', ' + currency if (currency := dotted(cost, 'money.currency')) else ''})": _num(
             per_pair.get("money")
         )
         if "money" in per_pair

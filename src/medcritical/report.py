@@ -22,7 +22,7 @@ from medcritical.stage import Input, Stage
 from medcritical.staging import read_stats, stage_uri, work_dir
 from medcritical.stats import paired_markdown, paired_table
 from medcritical.training.stage import SFT
-from medcritical.values import number_text, percent
+from medcritical.values import dotted, number_text, percent
 
 PLOT = "models.png"
 
@@ -38,13 +38,6 @@ def _accuracy_cell(report: dict | None) -> str:
     )
 
 
-def _lookup(stats: dict, dotted: str):
-    value = stats
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
     """`key=value` for the keys present; a dotted key reaches into nested statistics (pairs.train_pairs)."""
     if not stats:
@@ -53,7 +46,7 @@ def _numbers(stats: dict | None, keys: tuple[str, ...]) -> str:
         return f"skipped ({stats.get('reason', 'no reason given')})"
     shown = []
     for key in keys:
-        value = _lookup(stats, key)
+        value = dotted(stats, key)
         if value is not None:
             # rollout.pass@1 -> pass@1, heldout.margin -> heldout_margin
             shown.append(f"{key.replace('heldout.', 'heldout_').rsplit('.', 1)[-1]}={number_text(value)}")

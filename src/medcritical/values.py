@@ -26,6 +26,14 @@ def percent(share: float) -> str:
     return f"{100 * share:.1f}"
 
 
+def dotted(value, key: str):
+    """The value at a dotted key ("pairs.diagnostics.tokens_ratio") of nested statistics: None where a part is
+    missing, so a report cell says "-" for a stage that did not record it."""
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def assignment(
     text: str, *, option: str, form: str, example: str, error: type[UserError] = InputError
 ) -> tuple[str, str]:
