@@ -9,6 +9,7 @@ components (components/<step>/component.py) call `run_component_step` (sft and d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +43,11 @@ def resolve_recipe_text(
         "distill.openai.model": teacher_model,
     }
     assignments = [f"{key}={value}" for key, value in named.items() if value] + list(overrides)
-    recipe = load_recipe_text(recipe_yaml, assignments)
+    resolved = resolved_before(recipe_yaml, assignments)
+    if resolved is not None:  # checked in full by the `medcritical run` that started this task
+        recipe = load_recipe_text(resolved, checked=True)
+    else:
+        recipe = load_recipe_text(recipe_yaml, assignments)
     if recipe.selfplay.rounds != rounds:
         raise RecipeError(
             f"selfplay.rounds is {recipe.selfplay.rounds} but this pipeline was compiled for {rounds} rounds; "
@@ -56,6 +61,42 @@ def resolve_recipe_text(
             "(`medcritical compile --recipe ...`)"
         )
     return dump_recipe(recipe)
+
+
+# The recipe checked once: `medcritical run` (local_run) checks the recipe it hands its pipeline in full before
+# the pipeline starts (TRL's trainer configs built, which imports torch, transformers and TRL: seconds in a fresh
+# process) and passes the result to its tasks, subprocesses of it in the same Python, in this variable: JSON
+# {"key": resolved_key(recipe text, assignments), "recipe": the recipe validated in full, as YAML}. The configure
+# task given that text and those assignments starts from that result instead of building the TRL configs again.
+# Unset on a cluster, and for anything else: configure checks in full.
+RESOLVED_RECIPE_ENV = "MEDCRITICAL_RESOLVED_RECIPE"
+
+
+def resolved_key(recipe_yaml: str, assignments: list[str]) -> str:
+    return hashlib.sha256(json.dumps([recipe_yaml, list(assignments)]).encode("utf-8")).hexdigest()
+
+
+def resolved_recipe_env(recipe_yaml: str, assignments: list[str] = ()) -> dict[str, str]:
+    """RESOLVED_RECIPE_ENV for the tasks of a pipeline whose configure gets `recipe_yaml` and `assignments`:
+    the recipe validated in full here, once (RecipeError when it is not valid)."""
+    recipe = load_recipe_text(recipe_yaml, list(assignments))
+    value = {"key": resolved_key(recipe_yaml, list(assignments)), "recipe": dump_recipe(recipe)}
+    return {RESOLVED_RECIPE_ENV: json.dumps(value)}
+
+
+def resolved_before(recipe_yaml: str, assignments: list[str]) -> str | None:
+    """The recipe validated in full (YAML) by the process that started this one, when it validated exactly
+    `recipe_yaml` with `assignments` (RESOLVED_RECIPE_ENV); else None."""
+    given = os.environ.get(RESOLVED_RECIPE_ENV)
+    if not given:
+        return None
+    try:
+        value = json.loads(given)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or value.get("key") != resolved_key(recipe_yaml, assignments):
+        return None
+    return value.get("recipe")
 
 
 def uses_every_gpu(stage: Stage) -> bool:
