@@ -9,6 +9,7 @@ components (components/<step>/component.py) call `run_component_step` (sft and d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,12 +17,17 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medcritical.errors import InputError
 from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
-from medcritical.runner import STAGES, run_stage, stage_command
-from medcritical.stage import Stage
 from medcritical.staging import input_file, join_uri, local_output_path
+
+if TYPE_CHECKING:
+    from medcritical.stage import Stage  # annotations only
+
+# medcritical.runner (every stage's module) is imported in the functions that run a stage: the configure task
+# imports this module for resolve_recipe_text alone, and a fresh process pays ~0.5 s for the runner's imports.
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,11 @@ def resolve_recipe_text(
         "distill.openai.model": teacher_model,
     }
     assignments = [f"{key}={value}" for key, value in named.items() if value] + list(overrides)
-    recipe = load_recipe_text(recipe_yaml, assignments)
+    resolved = resolved_before(recipe_yaml, assignments)
+    if resolved is not None:  # checked in full by the `medcritical run` that started this task
+        recipe = load_recipe_text(resolved, checked=True)
+    else:
+        recipe = load_recipe_text(recipe_yaml, assignments)
     if recipe.selfplay.rounds != rounds:
         raise RecipeError(
             f"selfplay.rounds is {recipe.selfplay.rounds} but this pipeline was compiled for {rounds} rounds; "
@@ -56,6 +66,42 @@ def resolve_recipe_text(
             "(`medcritical compile --recipe ...`)"
         )
     return dump_recipe(recipe)
+
+
+# The recipe checked once: `medcritical run` (local_run) checks the recipe it hands its pipeline in full before
+# the pipeline starts (TRL's trainer configs built, which imports torch, transformers and TRL: seconds in a fresh
+# process) and passes the result to its tasks, subprocesses of it in the same Python, in this variable: JSON
+# {"key": resolved_key(recipe text, assignments), "recipe": the recipe validated in full, as YAML}. The configure
+# task given that text and those assignments starts from that result instead of building the TRL configs again.
+# Unset on a cluster, and for anything else: configure checks in full.
+RESOLVED_RECIPE_ENV = "MEDCRITICAL_RESOLVED_RECIPE"
+
+
+def resolved_key(recipe_yaml: str, assignments: list[str]) -> str:
+    return hashlib.sha256(json.dumps([recipe_yaml, list(assignments)]).encode("utf-8")).hexdigest()
+
+
+def resolved_recipe_env(recipe_yaml: str, assignments: list[str] = ()) -> dict[str, str]:
+    """RESOLVED_RECIPE_ENV for the tasks of a pipeline whose configure gets `recipe_yaml` and `assignments`:
+    the recipe validated in full here, once (RecipeError when it is not valid)."""
+    recipe = load_recipe_text(recipe_yaml, list(assignments))
+    value = {"key": resolved_key(recipe_yaml, list(assignments)), "recipe": dump_recipe(recipe)}
+    return {RESOLVED_RECIPE_ENV: json.dumps(value)}
+
+
+def resolved_before(recipe_yaml: str, assignments: list[str]) -> str | None:
+    """The recipe validated in full (YAML) by the process that started this one, when it validated exactly
+    `recipe_yaml` with `assignments` (RESOLVED_RECIPE_ENV); else None."""
+    given = os.environ.get(RESOLVED_RECIPE_ENV)
+    if not given:
+        return None
+    try:
+        value = json.loads(given)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or value.get("key") != resolved_key(recipe_yaml, assignments):
+        return None
+    return value.get("recipe")
 
 
 def uses_every_gpu(stage: Stage) -> bool:
@@ -72,6 +118,8 @@ def visible_gpus() -> int:
 def data_parallel_command(stage: Stage, recipe_path: str, output_uri: str, inputs: dict, gpus: int) -> list[str]:
     """torchrun over the stage, one process per GPU (DeepSpeed ZeRO when the recipe names it)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    from medcritical.runner import stage_command  # lazy: see the note at the imports
+
     return torchrun + stage_command(stage, recipe_path, output_uri, inputs)
 
 
@@ -95,6 +143,8 @@ def reuse_step_output(step: str, uri: str) -> str:
     Importer Components"), but it runs in every run (an empty distill_uri would need dsl.If/dsl.Else and
     dsl.OneOf, another graph) and its s3:// uri is one the launcher downloads whole (see LOCATION below).
     """
+    from medcritical.runner import STAGES  # lazy: see the note at the imports
+
     stage = STAGES[step]
     for later in STAGES.values():  # fails now, naming the URI, rather than in the stage that reads it
         for spec in later.inputs.values():
@@ -144,6 +194,8 @@ def log_metrics(metrics, result: dict | None) -> None:
 def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
     """Run one stage inside a KFP component through the runner; log its numeric statistics; return its
     output URI. `inputs` are the stage's declared inputs (URIs) and options."""
+    from medcritical.runner import STAGES, run_stage  # lazy: see the note at the imports
+
     recipe = task_recipe(recipe_yaml, run_root)
     recipe.run.apply_threads()  # each step is its own process: the recipe's CPU thread count here too
     output_uri = join_uri(run_root, name)

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import io
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from medcritical import storage
 from medcritical.errors import UserError
-from medcritical.pipeline_runner import pipeline_for
-from medcritical.recipe import Recipe
+from medcritical.kfp_runtime import resolved_recipe_env
+from medcritical.pipeline_runner import pipeline_for, recipe_parameter
+from medcritical.recipe import Recipe, RecipeError
 from medcritical.report import REPORT
 from medcritical.staging import join_uri
 
@@ -46,10 +48,16 @@ def run_locally(recipe: Recipe) -> Path:
         "running the MedCritical pipeline locally: %d self-play round(s), outputs in %s", recipe.selfplay.rounds, root
     )
     log.info("full log (every step's output): %s", log_path)
+    # The recipe checked in full once, here: the configure task (a fresh Python) takes the result instead of
+    # importing torch, transformers and TRL to check it again (kfp_runtime.RESOLVED_RECIPE_ENV).
+    try:
+        resolved = resolved_recipe_env(recipe_parameter(recipe))
+    except RecipeError:
+        resolved = {}  # the configure task checks it in full and fails, as without this
     with open(log_path, "a", encoding="utf-8") as log_file:
         echo = ConsoleEcho(log_file, sys.stdout, started)
         try:
-            with contextlib.redirect_stdout(echo), warnings.catch_warnings():
+            with contextlib.redirect_stdout(echo), warnings.catch_warnings(), task_environment(resolved):
                 # Expected locally: the steps run in this Python, not in their images; names are for the UI.
                 warnings.filterwarnings(
                     "ignore", message=".*(non-Python base image|no effect in the current local runner)"
@@ -69,6 +77,22 @@ def run_locally(recipe: Recipe) -> Path:
     if storage.is_s3(report_uri):
         return storage.materialize(report_uri, Path(tempfile.mkdtemp(prefix="report-")))
     return Path(report_uri)
+
+
+@contextlib.contextmanager
+def task_environment(variables: dict[str, str]):
+    """`variables` in this process's environment while the pipeline runs (its tasks, subprocesses, inherit
+    them), as they were afterwards."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # A task's own error, as the step's process printed it last: `medcritical.storage.errors.StorageConfigError: ...`.

@@ -16,13 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
-
-import certifi
-import urllib3
-from minio import Minio
-from minio.error import InvalidResponseError, S3Error, ServerError
 
 from medcritical.storage.errors import (
     BucketNotFoundError,
@@ -32,6 +27,11 @@ from medcritical.storage.errors import (
     StorageError,
 )
 from medcritical.storage.uris import S3Uri, is_s3, parse_s3_uri
+
+if TYPE_CHECKING:
+    from minio import Minio
+# minio, urllib3 and certifi are imported where S3 is used: every pipeline task imports this package, and a
+# run on local folders never needs them (minio alone is ~0.5 s of each task's start).
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ def connect(settings: S3Settings, uri: str, max_workers: int) -> Minio:
             f"credentials for {settings.endpoint} (in Kubernetes, from the secret the step's manifest "
             "references)"
         )
+    import certifi  # lazy: see the note at the imports
+    import urllib3
+    from minio import Minio
+
     # Our own pool: bounded timeouts (the SDK default is 5 minutes to connect), a connection per
     # worker, and no retries of its own (`with_retries` is the one retry layer).
     http = urllib3.PoolManager(
@@ -133,6 +137,9 @@ _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestT
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: network trouble or a server-side 5xx. Never 403/404 or local file errors."""
+    import urllib3  # lazy: see the note at the imports
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
     if isinstance(exc, S3Error):
         status = exc.response.status if exc.response is not None else 0
         return exc.code in _TRANSIENT_CODES or status >= 500
@@ -174,6 +181,8 @@ def read_object_or_none(client: Minio, uri: S3Uri) -> bytes | None:
     """The bytes of one small object (a manifest, a fingerprint), or None when it does not exist; transient errors
     are retried like every other request."""
 
+    from minio.error import S3Error  # lazy: see the note at the imports
+
     def get() -> bytes | None:
         try:
             response = client.get_object(uri.bucket, uri.key)
@@ -205,6 +214,8 @@ def s3_session(uri: str, max_workers: int = 1) -> Iterator[tuple[S3Uri, Minio]]:
 
 def explain(exc: BaseException, uri: str, settings: S3Settings) -> StorageError:
     """Turn an SDK or network error into a StorageError that says what to do."""
+    from minio.error import InvalidResponseError, S3Error, ServerError  # lazy: see the note at the imports
+
     if isinstance(exc, StorageError):
         return exc
     endpoint = settings.endpoint

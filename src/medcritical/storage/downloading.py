@@ -13,8 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-
-from minio import Minio
+from typing import TYPE_CHECKING
 
 from medcritical.io.hashing import file_sha256
 from medcritical.io.manifest import MANIFEST_NAME, FileEntry, ManifestError, decode, read_manifest, save_manifest
@@ -38,6 +37,9 @@ from medcritical.storage.transfer import (
     stat_or_none,
 )
 from medcritical.storage.uris import S3Uri, is_s3, parse_s3_uri
+
+if TYPE_CHECKING:  # minio itself is imported only where S3 is used (storage.client)
+    from minio import Minio
 
 log = logging.getLogger(__name__)
 

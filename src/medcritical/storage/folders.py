@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import logging
 
-from minio.deleteobjects import DeleteObject
-
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.storage.client import read_object_or_none, s3_session, with_retries
 from medcritical.storage.transfer import stat_or_none
@@ -41,6 +39,8 @@ def is_complete_folder(uri: str) -> bool:
 def remove_folder(uri: str) -> int:
     """Delete every object under the folder `uri`, its manifest first (readers then see it as incomplete, never
     as a folder with files missing); returns how many objects were deleted."""
+    from minio.deleteobjects import DeleteObject  # lazy: see storage.client's imports
+
     with s3_session(uri) as (target, client):
         manifest = target.join(MANIFEST_NAME)
         with_retries(lambda: client.remove_object(target.bucket, manifest.key), what=f"remove {manifest}")

@@ -8,10 +8,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from minio import Minio
-from minio.error import S3Error
+if TYPE_CHECKING:  # minio itself is imported only where S3 is used (storage.client)
+    from minio import Minio
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def part_size_for(size: int, part_size: int) -> int:
 
 
 def stat_or_none(client: Minio, bucket: str, key: str) -> Any | None:
+    from minio.error import S3Error  # lazy: see storage.client's imports
+
     try:
         return client.stat_object(bucket, key)
     except S3Error as exc:

@@ -14,9 +14,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
-
-from minio import Minio
+from typing import TYPE_CHECKING, BinaryIO
 
 from medcritical.io.fingerprint import FINGERPRINT_FILE, describe_changes
 from medcritical.io.lock import LOCK_FILE
@@ -35,6 +33,9 @@ from medcritical.storage.transfer import (
     stat_or_none,
 )
 from medcritical.storage.uris import S3Uri, is_s3, parse_s3_uri
+
+if TYPE_CHECKING:  # minio itself is imported only where S3 is used (storage.client)
+    from minio import Minio
 
 log = logging.getLogger(__name__)
 
