@@ -21,6 +21,7 @@ from medcritical.pipelines.medcritical_pipeline import IMAGE_REPOSITORIES, Clust
 from medcritical.plan import PlanError, pipeline_parameters, quantity
 from medcritical.recipe import Recipe, load_recipe_text
 from medcritical.scheduling import SchedulingError, check_gpu_product, check_priority, check_queue
+from medcritical.values import assignment
 
 log = logging.getLogger(__name__)
 
@@ -297,11 +298,11 @@ def compile_pipeline(
 def parse_params(params: list[str]) -> dict:
     parsed = {}
     for param in params:
-        name, sep, value = param.partition("=")
-        if not sep or not name.strip():
-            raise PreflightError(f"--param {param!r}: expected NAME=VALUE, e.g. --param train_gpus=8")
+        name, value = assignment(
+            param, option="--param", form="NAME=VALUE", example="train_gpus=8", error=PreflightError
+        )
         try:
-            parsed[name.strip()] = yaml.safe_load(value)
+            parsed[name] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise PreflightError(f"--param {param!r}: the value is not valid YAML; quote it") from None
     return parsed
