@@ -75,7 +75,7 @@ def engine_case(engine: str, args) -> dict:
 
     torch.set_num_threads(1)
     from medcritical.modeling.generation import TransformersGenerator, VLLMGenerator
-    from medcritical.recipe import GenerationSection
+    from medcritical.orchestration.recipe import GenerationSection
 
     started = time.perf_counter()
     if engine == "transformers":
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 def drive(args) -> Path:
     from medcritical.modeling.tiny import build_tiny_model
-    from medcritical.recipe import TinyModelSection
+    from medcritical.orchestration.recipe import TinyModelSection
 
     result = new_result("engines_cpu", TITLE)
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
@@ -333,7 +333,7 @@ def drive(args) -> Path:
         "sample, chunked prefill off on CPU). Random weights: answers run to the token limit or stop at a random EOS.",
         "The teacher row measures the whole request path (client, server, engine) on a tiny model: on CPU the "
         'engine dominates, so the two clients should be close; a gap is the client\'s overhead. "project teacher" is '
-        "distill.backend openai through medcritical.llm_client as it is in this commit (rerun after a client change).",
+        "distill.backend openai through medcritical.modeling.llm_client as it is in this commit (rerun after a client change).",
     ]
     result["raw"] = {
         "cases": cases,

@@ -56,7 +56,7 @@ def load_backend(backend: str, model_dir: Path, args):
     if backend == "transformers":
         device, dtype = ("cpu", "float32") if args.tiny else ("cuda", "bfloat16")
         return TransformersGenerator(model_dir, device=device, dtype=dtype, batch_size=args.batch_size)
-    from medcritical.recipe import GenerationSection
+    from medcritical.orchestration.recipe import GenerationSection
 
     # max_num_seqs matches transformers' batch (prompts x samples), so both hold the same sequences at once.
     config = GenerationSection(backend="vllm", gpu_memory_utilization=args.gpu_memory_utilization)

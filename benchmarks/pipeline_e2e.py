@@ -1,5 +1,5 @@
 """End-to-end demo on CPU: `medcritical run` (KFP's local runner, one subprocess per step) against the same steps
-called directly in one process (`medcritical.runner.run_stage`, same recipe, same order as pipelines/medcritical_pipeline.py).
+called directly in one process (`medcritical.orchestration.runner.run_stage`, same recipe, same order as pipelines/medcritical_pipeline.py).
 
     python -m benchmarks.pipeline_e2e                         # recipes/demo.yaml, both ways (~2 x the demo's time)
     python -m benchmarks.pipeline_e2e --set selfplay.rounds=2  # recipe overrides, applied to both runs
@@ -41,9 +41,9 @@ STEP_LINE = re.compile(r"\bstep (\S+) -> ")  # each step logs "step <display nam
 
 def direct_plan(recipe, recipe_yaml: str) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline's stages in the pipeline's order and folders, run by the runner in this process."""
-    from medcritical.kfp_runtime import resolve_recipe_text
-    from medcritical.runner import STAGES, run_stage
-    from medcritical.staging import eval_folder, final_model_label, join_uri, stage_folder
+    from medcritical.orchestration.runner import STAGES, run_stage
+    from medcritical.orchestration.staging import eval_folder, final_model_label, join_uri, stage_folder
+    from medcritical.platform.kfp_runtime import resolve_recipe_text
 
     root, rounds = recipe.run.root, recipe.selfplay.rounds
     stage = STAGES
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from medcritical.modeling import resolve_model
     from medcritical.modeling.config import TINY
-    from medcritical.recipe import dump_recipe, load_recipe
+    from medcritical.orchestration.recipe import dump_recipe, load_recipe
 
     result = new_result("pipeline_e2e", TITLE)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))

@@ -12,7 +12,7 @@ import pytest
 from kfp import dsl
 
 from medcritical.components import distill, dpo, evaluate, prepare_data, rollout, sft
-from medcritical.recipe import dump_recipe, load_recipe_text
+from medcritical.orchestration.recipe import dump_recipe, load_recipe_text
 
 pytest_plugins = ["tests.fixtures.models"]
 

@@ -16,9 +16,9 @@ from kfp import dsl, kubernetes
 
 from medcritical import __version__
 from medcritical.components import distill, dpo, evaluate, prepare_data, report, rollout, sft
-from medcritical.runner import STAGES
-from medcritical.scheduling import queue_labels
-from medcritical.staging import eval_folder, final_model_label, stage_folder
+from medcritical.orchestration.runner import STAGES
+from medcritical.orchestration.staging import eval_folder, final_model_label, stage_folder
+from medcritical.platform.scheduling import queue_labels
 
 PIPELINE_NAME = "medcritical"
 S3_SECRET_KEYS = ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -90,8 +90,8 @@ def planned_resources(recipe_text: str, cluster: ClusterSettings) -> dict:
     """Memory per kind of task and the work volume of each step, from `medcritical plan` for this recipe
     (its training steps on the recipe's run.train_gpus GPUs). A model of unknown shape is refused (PlanError,
     naming --model-config): sizing a 70B like the minimum would compile tasks that cannot run."""
-    from medcritical.plan import plan_steps, quantity
-    from medcritical.recipe import load_recipe_text
+    from medcritical.orchestration.recipe import load_recipe_text
+    from medcritical.platform.plan import plan_steps, quantity
 
     needs = plan_steps(
         load_recipe_text(recipe_text), model_config=cluster.model_config, teacher_config=cluster.teacher_config
@@ -129,8 +129,8 @@ def configure(
     parameter. A bad GPU product or queue name fails here, before any GPU is requested."""
     from collections import namedtuple
 
-    from medcritical.kfp_runtime import resolve_recipe_text
-    from medcritical.scheduling import gpu_node_selector, queue_labels
+    from medcritical.platform.kfp_runtime import resolve_recipe_text
+    from medcritical.platform.scheduling import gpu_node_selector, queue_labels
 
     queue_labels(kueue_queue, kueue_priority)  # checked
     resolved = resolve_recipe_text(
@@ -179,7 +179,7 @@ def build_pipeline(
 
     `recipe_text` and `run_root` become the defaults of the pipeline's parameters of those names.
     """
-    from medcritical.recipe import load_recipe_text
+    from medcritical.orchestration.recipe import load_recipe_text
 
     images = (cluster or ClusterSettings()).images
     sized = planned_resources(recipe_text, cluster) if cluster else {"memory": {}, "work": {}}
@@ -303,7 +303,7 @@ def build_pipeline(
         )
         resolved.set_display_name("configure")
         # Steps hand each other artifacts (Dataset, Model, Metrics) that name their folders under run_root:
-        # the KFP UI's lineage shows which data trained which model (medcritical.kfp_runtime, "Lineage").
+        # the KFP UI's lineage shows which data trained which model (medcritical.platform.kfp_runtime, "Lineage").
         # Folder names as every runner caller uses them (staging.stage_folder / eval_folder).
         folder = {name: stage_folder(stage) for name, stage in STAGES.items()}
         data = step("prepare_data", name=folder["prepare_data"]).outputs["data"]

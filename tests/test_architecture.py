@@ -17,39 +17,22 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 STAGE_ORDER = ["data", "distill", "training", "selfplay", "evaluation"]
 # Below every stage: shared building blocks a stage may import.
 FOUNDATION = {
-    "io",
-    "errors",
-    "section",
+    "core",  # the stage contract, recipe sections, figures as text, shipped files
+    "analysis",  # statistics, plots, format diagnostics
     "grader",
-    "diagnostics",
     "prompts",
     "modeling",
+    "io",
     "storage",
-    "llm_client",
-    "plotting",
-    "stats",
-    "stage",
-    "values",
-    "shipped",
+    "errors",  # the one module at the package root: every layer's user errors
 }
 # Above every stage: what runs the stages and reads across them; no stage or building block imports these.
-ORCHESTRATION = {
-    "recipe",
-    "staging",
-    "runner",
-    "kfp_runtime",
-    "rounds",
-    "report",
-    "arms",
-    "pipeline_runner",
-    "local_run",
-    "plan",
-    "trainjob",
-    "scheduling",
-    "cli",
-    "components",
-    "pipelines",
-}
+ORCHESTRATION = {"orchestration", "platform", "cli", "components", "pipelines"}
+# Above the orchestration: where the stages run (KFP, TrainJobs, the sizing preflight); the orchestration never
+# imports it, so a stage runs the same from the CLI, a Job, a component or the round loop.
+PLATFORM = "platform"
+# At the package root only the package's own __init__ and errors (below every layer, imported by all of them).
+ROOT_MODULES = {"medcritical.errors"}
 
 
 def _modules() -> dict[str, Path]:
@@ -159,6 +142,23 @@ def test_stages_import_only_what_comes_before_them():
             ):
                 wrong.append(f"{module} imports {target} (a later stage)")
     assert wrong == []
+
+
+def test_orchestration_never_imports_the_platform():
+    wrong = [
+        f"{module} imports {target}"
+        for module, targets in _graph().items()
+        if _package(module) == "orchestration"
+        for target in targets
+        if _package(target) == PLATFORM
+    ]
+    assert wrong == []
+
+
+def test_the_package_root_holds_only_layer_folders():
+    """The tree reads like docs/architecture.md: every module sits in its layer's folder."""
+    root = SRC / "medcritical"
+    assert {m for m, path in _modules().items() if path.parent == root and path.name != "__init__.py"} == ROOT_MODULES
 
 
 def test_every_package_is_placed_in_a_layer():

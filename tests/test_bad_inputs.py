@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from medcritical.cli import build_parser, main
 from medcritical.data.cmexam import write_questions
-from medcritical.recipe import Recipe, RecipeError, load_recipe
+from medcritical.orchestration.recipe import Recipe, RecipeError, load_recipe
 
 GBK = "题目：发热三天".encode("gbk") + b"\n"  # Chinese text as a GBK editor saves it: not UTF-8
 NOT_OBJECTS = ["5", "-1.5", '"text"', "[1, 2]", "null", "true"]  # every JSON type but an object

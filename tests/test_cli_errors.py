@@ -31,7 +31,7 @@ def test_too_many_unusable_judge_verdicts_is_the_users_to_fix():
 
 def test_an_unknown_stage_is_named_with_the_declared_stages(capsys):
     """`medcritical stage` takes its names from the declarations (runner.STAGES), not from a copy of them."""
-    from medcritical.runner import STAGES
+    from medcritical.orchestration.runner import STAGES
 
     assert main(["stage", "prepare-data", "--output", "x"]) == 2
     err = capsys.readouterr().err

@@ -302,7 +302,7 @@ def test_questions_given_straight_to_a_step_are_checked_for_leakage(bundled, tmp
     from medcritical.cli.common import training_questions_uri
     from medcritical.data.cmexam import write_questions
     from medcritical.data.prepare import _split, check_given_questions
-    from medcritical.recipe import load_recipe
+    from medcritical.orchestration.recipe import load_recipe
 
     recipe = load_recipe(None, [])
     evaluation = {q.id for q in _split(recipe.data, recipe.run.seed)[3]}

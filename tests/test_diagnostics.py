@@ -2,10 +2,10 @@
 
 import pytest
 
-from medcritical.diagnostics import diagnose_rollouts, diagnostics_line, format_diagnostics
+from medcritical.analysis.diagnostics import diagnose_rollouts, diagnostics_line, format_diagnostics
 from medcritical.evaluation.evaluate import grade_mcq
 from medcritical.evaluation.report import markdown_report
-from medcritical.report import _format_table
+from medcritical.orchestration.report import _format_table
 
 
 def test_statuses_truncation_and_constant_floor(bundled):

@@ -15,7 +15,7 @@ from medcritical.errors import InputError
 from medcritical.evaluation.evaluate import mcq_messages
 from medcritical.grader import grade_answer
 from medcritical.io.fingerprint import ResumeMismatch
-from medcritical.llm_client import ChatReply
+from medcritical.modeling.llm_client import ChatReply
 
 
 def read_jsonl(path):

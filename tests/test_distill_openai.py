@@ -19,7 +19,7 @@ from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FIL
 from medcritical.distill.teachers import build_teacher
 from medcritical.distill.traces import DistillPrompts, split_reasoning
 from medcritical.grader import grade_answer
-from medcritical.llm_client import EndpointError, EndpointFailures
+from medcritical.modeling.llm_client import EndpointError, EndpointFailures
 from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
 from tests.test_distill import InterruptAfter, read_jsonl
 

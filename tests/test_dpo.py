@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.io.manifest import verify_manifest
 from medcritical.modeling.config import GenerationSection
-from medcritical.recipe import load_recipe_text
-from medcritical.runner import finished_stats, with_recipe_value
+from medcritical.orchestration.recipe import load_recipe_text
+from medcritical.orchestration.runner import finished_stats, with_recipe_value
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.run import run_rollout
 from medcritical.selfplay.stage import DPO

@@ -293,8 +293,8 @@ def test_sft_killed_after_a_checkpoint_resumes(tmp_path, tiny_model, data_dir):
 
 @pytest.mark.parametrize("fault", ["wrong credentials", "missing bucket"])
 def test_s3_output_fault_stops_a_step_before_any_work(s3_env, monkeypatch, tmp_path, fault, capsys):
-    from medcritical import runner
     from medcritical.cli import main
+    from medcritical.orchestration import runner
 
     bucket = s3_env
     if fault == "wrong credentials":

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from medcritical.recipe import dump_recipe, load_recipe_text
-from medcritical.runner import run_stage
+from medcritical.orchestration.recipe import dump_recipe, load_recipe_text
+from medcritical.orchestration.runner import run_stage
 from medcritical.training.stage import SFT
 from tests.fixtures.sft import MAX_LENGTH, short_questions, write_sft_dataset
 
@@ -55,7 +55,7 @@ def test_one_process_trains_the_recipes_batch(tmp_path, traces, tiny_model, monk
 
 
 def test_torchrun_in_a_pod_trains_the_recipes_batch(tmp_path, traces, tiny_model, monkeypatch):
-    from medcritical.kfp_runtime import run_data_parallel
+    from medcritical.platform.kfp_runtime import run_data_parallel
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     metrics = run_data_parallel(
@@ -73,7 +73,7 @@ def _free_port() -> int:
 def test_a_trainjobs_nodes_train_the_recipes_batch(tmp_path, traces, tiny_model, monkeypatch):
     """The TrainJob the pipeline creates for train_nodes=2: its trainer command and environment as built by
     trainjob.trainjob_manifest, run as its two nodes would run it (torchrun reading PET_*)."""
-    from medcritical.trainjob import RECIPE_FILE, trainjob_manifest
+    from medcritical.platform.trainjob import RECIPE_FILE, trainjob_manifest
 
     recipe_yaml = dump_recipe(load_recipe_text(RECIPE))
     output = tmp_path / "sft"

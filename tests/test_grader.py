@@ -129,7 +129,7 @@ def test_a_reply_cut_off_in_its_option_analysis_has_not_answered():
     lone option line was read as the answer B (here gold: a truncated reply graded right). Under an
     option-by-option analysis such a line is the option analysed next, not an answer; with the token
     limit hit, the diagnostics then count the reply as truncated."""
-    from medcritical.diagnostics import row_status
+    from medcritical.analysis.diagnostics import row_status
 
     cut = (
         "这道题考查急腹症的鉴别诊断。患者男性，饱餐后出现上腹部持续性疼痛，伴恶心呕吐，查体上腹压痛、反跳痛。\n\n"

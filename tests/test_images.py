@@ -240,8 +240,8 @@ def test_smoke_test_expects_the_project_pins():
 
 
 def test_manifests_and_compiled_pipeline_name_the_images_as_build_sh_tags_them(tmp_path):
-    from medcritical.pipeline_runner import compile_pipeline
-    from medcritical.recipe import load_recipe
+    from medcritical.orchestration.recipe import load_recipe
+    from medcritical.platform.pipeline_runner import compile_pipeline
 
     version = PYPROJECT["project"]["version"]
     build_sh = (IMAGES / "build.sh").read_text(encoding="utf-8")

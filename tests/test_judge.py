@@ -20,8 +20,8 @@ from medcritical.evaluation.judge import (
     student_prompts,
     student_sampling,
 )
-from medcritical.llm_client import EndpointError, EndpointFailures
 from medcritical.modeling.config import GenerationSection
+from medcritical.modeling.llm_client import EndpointError, EndpointFailures
 from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
 
 # SP-Huatuo's exact wording (destinybird/SP-Huatuo, commit 5bc1ac53, Processingfiles/ForTest.py and
@@ -269,10 +269,10 @@ def test_more_than_1_percent_unusable_verdicts_fail_the_evaluation(tmp_path, tin
 def test_dropped_verdicts_are_left_out_alike_by_report_compare_and_arms(tmp_path, bundled):
     """graded.jsonl counted a dropped verdict as wrong (3/10) where report.json left it out (3/6): the paired
     tests, `compare` and `arms` now read correctness through one reader that drops the same ids."""
-    from medcritical.arms import _graded
     from medcritical.evaluation.compare import compare, correct_by_id
     from medcritical.evaluation.metrics import summarize
     from medcritical.evaluation.report import write_report
+    from medcritical.orchestration.arms import _graded
 
     questions = bundled[:10]
     verdicts = [True, True, True, None, None, None, None, False, False, False]
@@ -312,7 +312,7 @@ def test_docs_quote_sp_huatuos_wording_as_the_tests_hold_it():
 
 
 def test_the_run_report_shows_dropped_verdicts_and_bounds_beside_the_accuracy():
-    from medcritical.report import _accuracy_cell
+    from medcritical.orchestration.report import _accuracy_cell
 
     report = {"accuracy": 0.5, "correct": 3, "n": 6, "ci95": [0.2, 0.8], "dropped": 4, "questions": 10}
     report["bounds"] = {"drops_as_wrong": 0.3, "drops_as_right": 0.7}

@@ -15,7 +15,7 @@ What runs, in order (each test needs the ones before it):
     in MinIO; then the demo Job (the whole method in one pod);
   - Kubeflow Trainer v2.2 and JobSet (cluster.sh trainer), then the CPU overlay of sft-multinode:
     a TrainJob of two pods that rendezvous over the cluster network (gloo) and train the tiny
-    model; then the pipeline's own TrainJob launch (medcritical.trainjob) on the same path;
+    model; then the pipeline's own TrainJob launch (medcritical.platform.trainjob) on the same path;
   - every TrainJob and PyTorchJob manifest of k8s/jobs through a server-side dry run with strict
     field validation against the installed CRDs.
 A failed Job fails its test with the Job's condition and the pod's logs.
@@ -490,11 +490,11 @@ def _read_json(key: str) -> dict:
 
 
 def test_pipeline_trainjob_launch_trains_on_two_nodes(cluster, trainer):
-    """What the pipeline's sft task does with train_nodes=2 (medcritical.trainjob.run_component_on_nodes):
+    """What the pipeline's sft task does with train_nodes=2 (medcritical.platform.trainjob.run_component_on_nodes):
     the same TrainJob path, created through the Kubernetes API, its metrics read back from S3."""
     from kubernetes import client, config
 
-    from medcritical import trainjob
+    from medcritical.platform import trainjob
     from tests.test_trainjob_launch import CPU_RECIPE_TWO_RANKS as recipe  # the CPU recipe's batch, on two ranks
 
     run_root = "s3://medcritical/runs/cpu-pipeline"

@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from medcritical import plan
+from medcritical.platform import plan
 from tests import k8s_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,7 +392,7 @@ def _recipe_file(directory: Path, pod, container: dict, path: str, tmp_path: Pat
 
 @pytest.mark.parametrize("directory", JOB_DIRS, ids=lambda d: d.name)
 def test_job_recipes_and_overrides_load(directory, tmp_path, monkeypatch):
-    from medcritical.recipe import load_recipe
+    from medcritical.orchestration.recipe import load_recipe
 
     monkeypatch.chdir(ROOT)  # the image's working directory holds the same recipes/ as the checkout
     loaded = 0
@@ -428,7 +428,7 @@ def test_docs_show_how_to_apply_every_job():
 
 
 def _load_job_recipe(directory, pod, container, argv, tmp_path):
-    from medcritical.recipe import load_recipe
+    from medcritical.orchestration.recipe import load_recipe
 
     recipe = _recipe_file(directory, pod, container, argv[argv.index("--recipe") + 1], tmp_path)
     overrides = [argv[i + 1].replace("/opt/medcritical/", f"{ROOT}/") for i, a in enumerate(argv) if a == "--set"]
@@ -439,7 +439,7 @@ def _load_job_recipe(directory, pod, container, argv, tmp_path):
 def test_multinode_jobs_keep_the_recipes_global_batch(name, tmp_path, monkeypatch):
     """The runner divides the recipe's gradient accumulation by the world size (runner.keep_global_batch): a Job
     gives the batch as on one GPU, and the ranks it starts must divide it (or every rank refuses to start)."""
-    from medcritical.runner import STAGES, keep_global_batch
+    from medcritical.orchestration.runner import STAGES, keep_global_batch
 
     monkeypatch.chdir(ROOT)
     directory = K8S / "jobs" / name
@@ -466,7 +466,7 @@ def test_multinode_jobs_keep_the_recipes_global_batch(name, tmp_path, monkeypatc
 @pytest.mark.parametrize("directory", JOB_DIRS, ids=lambda d: d.name)
 def test_work_folder_is_on_the_largest_disk_volume(directory):
     """MEDCRITICAL_WORKDIR (downloads, checkpoints, outputs) on the pod's biggest emptyDir, not the home cache."""
-    from medcritical.plan import quantity
+    from medcritical.platform.plan import quantity
 
     for obj, pod, container in _containers(directory):
         env = {e["name"]: e.get("value") for e in container.get("env") or []}
@@ -528,7 +528,7 @@ def test_served_teacher_is_where_the_recipes_look_for_it(recipe):
     """k8s/overlays/teacher: the Service at the host and port of distill.openai.base_url, the model name served."""
     from urllib.parse import urlparse
 
-    from medcritical.recipe import load_recipe
+    from medcritical.orchestration.recipe import load_recipe
 
     loaded = load_recipe(ROOT / recipe).distill
     teacher = loaded.openai

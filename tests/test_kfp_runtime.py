@@ -1,4 +1,4 @@
-"""The KFP glue (medcritical.kfp_runtime): the run root of a pipeline, numbers for the KFP UI, the
+"""The KFP glue (medcritical.platform.kfp_runtime): the run root of a pipeline, numbers for the KFP UI, the
 data-parallel relaunch of a training step."""
 
 import json
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from medcritical import kfp_runtime
-from medcritical.recipe import dump_recipe, load_recipe_text
+from medcritical.orchestration.recipe import dump_recipe, load_recipe_text
+from medcritical.platform import kfp_runtime
 from medcritical.selfplay.stage import DPO
 from medcritical.training.stage import SFT
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from medcritical.llm_client import ChatClient, EndpointError, EndpointFailures, safe_url
+from medcritical.modeling.llm_client import ChatClient, EndpointError, EndpointFailures, safe_url
 from tests.fixtures.chat_endpoint import Response, StandInEndpoint, completion, fast_sdk_retries
 
 KEY = "sk-test-very-secret-0123456789"

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Folders shipped as data inside the package (no Python in them): medcritical/shipped.py finds them.
+# Folders shipped as data inside the package (no Python in them): medcritical/core/shipped.py finds them.
 DATA_PACKAGES = {"medcritical.recipes", "medcritical.recipes.deepspeed", "medcritical.benchmark_results"}
 
 
@@ -45,7 +45,7 @@ def test_a_wheel_plans_from_what_it_carries(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", site, *wheels.glob("*.whl")], check=True)
     shipped = site / "medcritical" / "recipes"
     check = (
-        "from medcritical import plan, shipped; "
+        "from medcritical.platform import plan; from medcritical.core import shipped; "
         f"assert shipped.recipes_dir() == __import__('pathlib').Path({str(shipped)!r}), shipped.recipes_dir(); "
         "print(plan.zero_settings('/opt/medcritical/recipes/deepspeed/zero3_offload.json'))"
     )

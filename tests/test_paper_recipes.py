@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medcritical.recipe import load_recipe
+from medcritical.orchestration.recipe import load_recipe
 from medcritical.selfplay.config import PairsSection
 from medcritical.selfplay.pairs import build_preference_pairs
 

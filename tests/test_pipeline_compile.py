@@ -9,8 +9,8 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from medcritical.pipeline_runner import compile_pipeline, submit_run
-from medcritical.recipe import load_recipe
+from medcritical.orchestration.recipe import load_recipe
+from medcritical.platform.pipeline_runner import compile_pipeline, submit_run
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "pipelines" / "medcritical.yaml"
@@ -148,14 +148,14 @@ def test_submit_sends_the_recipe_and_parameters_through_kfp_client(tmp_path, mon
     assert method == "POST" and body["experiment_id"] == "exp-1" and body["display_name"] == "paper-1"
     params = body["runtime_config"]["parameters"]
     assert params["train_gpus"] == "8" and params["run_root"] == "s3://bkt/runs/paper"
-    from medcritical.recipe import load_recipe_text  # the recipe travels as text and loads back the same
+    from medcritical.orchestration.recipe import load_recipe_text  # the recipe travels as text and loads back the same
 
     assert load_recipe_text(params["recipe"]) == recipe
     assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "medcritical"
 
 
 def test_bad_param_is_named():
-    from medcritical.pipeline_runner import parse_params
+    from medcritical.platform.pipeline_runner import parse_params
 
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
         parse_params(["train_gpus"])
@@ -217,7 +217,7 @@ def test_local_runs_keep_the_recipes_folder(tmp_path):
     """`medcritical run` (no cluster settings) writes where the recipe says: no run id in its paths."""
     from kfp import compiler
 
-    from medcritical.pipeline_runner import pipeline_for
+    from medcritical.platform.pipeline_runner import pipeline_for
 
     compiler.Compiler().compile(pipeline_for(load_recipe(PAPER_RECIPE), None, False), str(tmp_path / "local.yaml"))
     assert "pipeline_job_uuid" not in (tmp_path / "local.yaml").read_text()
@@ -262,8 +262,8 @@ def test_an_api_teacher_gets_no_gpu_and_no_vllm_image(tmp_path):
 
 
 def test_a_pipeline_compiled_for_an_api_teacher_refuses_a_local_one():
-    from medcritical.kfp_runtime import resolve_recipe_text
-    from medcritical.recipe import RecipeError, dump_recipe
+    from medcritical.orchestration.recipe import RecipeError, dump_recipe
+    from medcritical.platform.kfp_runtime import resolve_recipe_text
 
     text = dump_recipe(load_recipe(PAPER_RECIPE))
     with pytest.raises(RecipeError, match="compiled for an API teacher"):
@@ -272,7 +272,7 @@ def test_a_pipeline_compiled_for_an_api_teacher_refuses_a_local_one():
 
 
 def test_distill_uri_reuses_an_earlier_runs_traces(tmp_path):
-    from medcritical.kfp_runtime import reuse_step_output
+    from medcritical.platform.kfp_runtime import reuse_step_output
 
     earlier = tmp_path / "run-1" / "distill"
     earlier.mkdir(parents=True)
@@ -304,7 +304,7 @@ def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, m
     listing = next(c for c in calls if c[1].endswith("/experiments") and c[0] == "GET")
     assert listing[2].get("namespace") == "team-alice"
     assert calls and all(c[3].get("authorization") == "Bearer secret-token" for c in calls)
-    from medcritical.pipeline_runner import PreflightError
+    from medcritical.platform.pipeline_runner import PreflightError
 
     with pytest.raises(PreflightError, match="--token-file"):
         submit_run(
@@ -320,7 +320,7 @@ def test_submit_to_multi_user_kubeflow_sends_the_namespace_and_token(tmp_path, m
 def test_a_model_of_unknown_shape_is_refused_without_its_config(tmp_path):
     """The plan cannot size a model it knows nothing of (a 70B would get a 7B's memory): compiling asks for
     its config.json, and sizes the tasks from it when given."""
-    from medcritical.plan import PlanError
+    from medcritical.platform.plan import PlanError
 
     recipe = load_recipe(PAPER_RECIPE, ["model.base=s3://bkt/models/Mystery-70B"])
     with pytest.raises(PlanError, match="--model-config"):
@@ -412,7 +412,7 @@ def test_gpu_tasks_get_a_gpu_limit_from_string_parameters(tmp_path):
 
 
 def test_task_root_joins_the_run_id_in_python():
-    from medcritical.kfp_runtime import task_root
+    from medcritical.platform.kfp_runtime import task_root
 
     assert task_root("s3://bkt/runs/paper", "8f1c-42") == "s3://bkt/runs/paper/8f1c-42"
     assert task_root("runs/demo", "") == "runs/demo"  # local runs: no run id
@@ -461,7 +461,7 @@ def test_endpoint_secrets_only_where_the_recipe_calls_an_endpoint(tmp_path):
     ],
 )
 def test_submit_refuses_parameters_kubernetes_or_kfp_would_refuse(monkeypatch, params, message):
-    from medcritical.pipeline_runner import PreflightError
+    from medcritical.platform.pipeline_runner import PreflightError
 
     calls = _record_kfp_api(monkeypatch, "never")
     with pytest.raises(PreflightError) as error:
@@ -480,7 +480,7 @@ def test_submit_refuses_parameters_kubernetes_or_kfp_would_refuse(monkeypatch, p
     ],
 )
 def test_compile_refuses_settings_kubernetes_would_refuse(tmp_path, option, message):
-    from medcritical.pipeline_runner import PreflightError
+    from medcritical.platform.pipeline_runner import PreflightError
 
     with pytest.raises(PreflightError, match=re.escape(message)):
         compile_to(tmp_path, **option)
@@ -550,7 +550,7 @@ def test_image_digests_pin_every_task_and_the_trainjob_image(tmp_path):
     ],
 )
 def test_an_image_digests_file_that_would_pin_only_some_images_is_refused(tmp_path, content, message):
-    from medcritical.pipeline_runner import PreflightError
+    from medcritical.platform.pipeline_runner import PreflightError
 
     digests = tmp_path / "digests.json"
     digests.write_text(json.dumps(content))
@@ -566,8 +566,8 @@ def test_gpu_product_selects_the_gpu_tasks_nodes_through_configure(tmp_path):
     """gpu_product (a string parameter, "" = any GPU) reaches KFP's driver as part of one whole nodeSelector
     parameter: configure merges it into node_selector and the GPU tasks take that output (KFP backends take a
     parameterised nodeSelector from 2.5.0, a parameterised node affinity only from 2.14.0)."""
+    from medcritical.orchestration.recipe import dump_recipe
     from medcritical.pipelines.medcritical_pipeline import configure
-    from medcritical.recipe import dump_recipe
 
     pipeline_doc, executors = _docs(COMPILED)
     roots = pipeline_doc["root"]["inputDefinitions"]["parameters"]
@@ -589,7 +589,7 @@ def test_gpu_product_selects_the_gpu_tasks_nodes_through_configure(tmp_path):
     assert out.gpu_node_selector == {"pool": "a100", "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert configure(recipe, 1, [], "", "", "", False, {"pool": "a100"}, "").gpu_node_selector == {"pool": "a100"}
     assert load_recipe_text_equal(out.recipe, recipe)
-    from medcritical.scheduling import SchedulingError
+    from medcritical.platform.scheduling import SchedulingError
 
     with pytest.raises(SchedulingError, match="gpu_product='H100, H200': one value of the node label"):
         configure(recipe, 1, [], "", "", "", False, {}, "H100, H200")
@@ -600,7 +600,7 @@ def test_gpu_product_selects_the_gpu_tasks_nodes_through_configure(tmp_path):
 
 
 def load_recipe_text_equal(a: str, b: str) -> bool:
-    from medcritical.recipe import load_recipe_text
+    from medcritical.orchestration.recipe import load_recipe_text
 
     return load_recipe_text(a) == load_recipe_text(b)
 
@@ -630,7 +630,7 @@ def test_kueue_queue_labels_the_gpu_pods_when_compiled_and_is_the_trainjobs_defa
 
 
 def test_scheduling_parameters_kubernetes_would_refuse_are_refused(tmp_path, monkeypatch):
-    from medcritical.pipeline_runner import PreflightError
+    from medcritical.platform.pipeline_runner import PreflightError
 
     with pytest.raises(PreflightError, match="--kueue-queue='Team GPUs': the name of a Kueue LocalQueue"):
         compile_to(tmp_path, kueue_queue="Team GPUs")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from medcritical import storage
-from medcritical.local_run import run_locally
-from medcritical.recipe import load_recipe_text
+from medcritical.orchestration.recipe import load_recipe_text
+from medcritical.platform.local_run import run_locally
 
 pytestmark = pytest.mark.slow  # end-to-end: left out of the quick lane (README, Tests)
 

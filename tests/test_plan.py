@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medcritical import plan
 from medcritical.cli import main
-from medcritical.plan import node_pod_patches
-from medcritical.recipe import load_recipe
+from medcritical.orchestration.recipe import load_recipe
+from medcritical.platform import plan
+from medcritical.platform.plan import node_pod_patches
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "k8s" / "jobs"
@@ -307,7 +307,7 @@ def test_an_undersized_trainjob_fails(tmp_path, capsys, monkeypatch):
 def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch, tmp_path):
     """Times are borrowed only from a benchmark of this very recipe (a result written here as
     benchmarks/pipeline_e2e.py writes it), never from one of another recipe or an older schema."""
-    from medcritical.recipe import dump_recipe
+    from medcritical.orchestration.recipe import dump_recipe
 
     monkeypatch.chdir(REPO)
     demo_recipe = load_recipe(REPO / "recipes" / "demo.yaml")
@@ -342,7 +342,7 @@ def test_times_come_only_from_benchmarks_of_the_same_recipe(capsys, monkeypatch,
 def test_a_local_teacher_needs_a_pipeline_compiled_for_it(tmp_path, capsys, monkeypatch):
     """The shipped pipeline gives the distill task no GPU (an API teacher); a recipe with the teacher in
     the pod fails against it, naming the recompile, and fits a pipeline compiled for it with its GPUs."""
-    from medcritical.pipeline_runner import compile_pipeline
+    from medcritical.platform.pipeline_runner import compile_pipeline
 
     monkeypatch.chdir(REPO)
     recipe = "k8s/components/step-config/recipe.yaml"  # distill.backend vllm, QwQ-32B on 2 GPUs

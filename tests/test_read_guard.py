@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from medcritical.core.stage import Input, Stage
 from medcritical.io.read_guard import UndeclaredReadError, reading_only
-from medcritical.recipe import load_recipe
-from medcritical.runner import run_stage
-from medcritical.stage import Input, Stage
+from medcritical.orchestration.recipe import load_recipe
+from medcritical.orchestration.runner import run_stage
 
 
 def _reader(reads):
@@ -128,7 +128,7 @@ def test_a_model_input_brings_its_training_stage_folder(run_root, tiny_model):
 
 def test_the_report_names_a_reused_distillation(tmp_path):
     """distill_uri: the report reads the earlier run's statistics and says they were reused, not 'not run'."""
-    from medcritical.report import REPORT
+    from medcritical.orchestration.report import REPORT
 
     root, earlier = tmp_path / "run-2", tmp_path / "run-1" / "distill"
     earlier.mkdir(parents=True)
@@ -151,7 +151,7 @@ def test_the_report_names_a_reused_distillation(tmp_path):
 
 
 def test_the_report_declares_the_statistics_it_reads():
-    from medcritical.report import REPORT
+    from medcritical.orchestration.report import REPORT
 
     declared = {name: (spec.file, spec.default_stage) for name, spec in REPORT.inputs.items()}
     assert declared["data"] == ("data_stats.json", "prepare_data")
@@ -205,7 +205,7 @@ def dpo_round(tmp_path, tiny_model, bundled, monkeypatch):
 def test_dpo_given_the_pairs_file_measures_pass_at_1_from_the_declared_rollouts(dpo_round):
     """The rollout input names the pairs file itself (the contract allows it): the rollouts beside it come as a
     declared input, pass@1 after DPO is measured, the guard does not trip, and the report shows it."""
-    from medcritical.report import REPORT
+    from medcritical.orchestration.report import REPORT
     from medcritical.selfplay.stage import DPO
 
     recipe, root, model = dpo_round
@@ -218,7 +218,7 @@ def test_dpo_given_the_pairs_file_measures_pass_at_1_from_the_declared_rollouts(
 
 def test_pass_at_1_not_measured_is_said_in_the_report(dpo_round):
     """Without rollouts beside the pairs the measurement cannot be made: the report says why, not nothing."""
-    from medcritical.report import REPORT
+    from medcritical.orchestration.report import REPORT
     from medcritical.selfplay.stage import DPO
 
     recipe, root, model = dpo_round
@@ -241,7 +241,7 @@ def test_the_report_fetches_the_sft_statistics_from_s3_without_the_model(s3_env,
     """The SFT statistics are a declared input now (the runner finds them under the run root, s3:// too): of the
     SFT folder only that file comes down, never the model beside it."""
     from medcritical import storage
-    from medcritical.report import REPORT
+    from medcritical.orchestration.report import REPORT
 
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
     sft = tmp_path / "sft"

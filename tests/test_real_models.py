@@ -46,7 +46,7 @@ SAMPLES = 2
 
 
 def _recipe(root: Path, model: Path, **overrides):
-    from medcritical.recipe import load_recipe_text
+    from medcritical.orchestration.recipe import load_recipe_text
 
     text = f"""
 run: {{name: realmodel, output_dir: {root}, seed: 0, device: cpu, threads: 1}}
@@ -70,7 +70,7 @@ selfplay:
 
 
 def _run(stage_name: str, recipe, folder: Path, **inputs) -> dict:
-    from medcritical.runner import STAGES, run_stage
+    from medcritical.orchestration.runner import STAGES, run_stage
 
     return run_stage(STAGES[stage_name], recipe, str(folder), **{k: str(v) for k, v in inputs.items()})
 

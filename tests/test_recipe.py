@@ -2,7 +2,7 @@
 
 import pytest
 
-from medcritical.recipe import RecipeError, load_recipe
+from medcritical.orchestration.recipe import RecipeError, load_recipe
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -127,8 +127,8 @@ def _numeric_keys(model=None, prefix=""):
     """Every int/float key of the recipe (optional ones too), found by walking the schema."""
     import typing
 
-    from medcritical.recipe import Recipe
-    from medcritical.section import Section
+    from medcritical.core.section import Section
+    from medcritical.orchestration.recipe import Recipe
 
     model = model or Recipe
     keys = []

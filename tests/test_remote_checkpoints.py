@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medcritical.core.stage import OUTPUT_URI, Stage
 from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.io.manifest import MANIFEST_NAME
-from medcritical.recipe import load_recipe_text
-from medcritical.runner import run_stage
+from medcritical.orchestration.recipe import load_recipe_text
+from medcritical.orchestration.runner import run_stage
 from medcritical.selfplay.stage import DPO
-from medcritical.stage import OUTPUT_URI, Stage
 from medcritical.storage import materialize
 from medcritical.storage.folders import is_complete_folder, list_folders, read_small_object
 from medcritical.training.common import checkpoint_step

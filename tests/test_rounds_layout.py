@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-import medcritical.rounds as rounds
-from medcritical.recipe import load_recipe
+import medcritical.orchestration.rounds as rounds
+from medcritical.orchestration.recipe import load_recipe
 
 
 class FakeStages:
@@ -46,7 +46,7 @@ def _run(monkeypatch, output: str, rounds_in_recipe: int, skip_from: int | None 
 
 
 def test_arms_finds_the_final_evaluation_after_an_early_stop(monkeypatch, tmp_path):
-    from medcritical.arms import load_arm
+    from medcritical.orchestration.arms import load_arm
 
     summary, _ = _run(monkeypatch, str(tmp_path / "sp"), rounds_in_recipe=3, skip_from=2)
     assert summary["stopped"].startswith("round 2") and summary["final_eval"]["accuracy"] == 0.5

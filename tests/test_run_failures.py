@@ -2,7 +2,7 @@
 fixes, as when the step runs on its own, never "unexpected error ... please report" for a missing setting."""
 
 from medcritical.cli import main
-from medcritical.local_run import failed_task_error
+from medcritical.platform.local_run import failed_task_error
 
 # KFP's local runner's own words (ANSI colours included) and the end of a task's log, as `medcritical run`
 # wrote them for a prepare-data task whose S3 endpoint was not set.

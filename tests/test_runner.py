@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from medcritical import staging
-from medcritical.recipe import load_recipe_text
-from medcritical.runner import STAGES, run_stage
+from medcritical.orchestration import staging
+from medcritical.orchestration.recipe import load_recipe_text
+from medcritical.orchestration.runner import STAGES, run_stage
 from medcritical.selfplay.stage import DPO
 
 

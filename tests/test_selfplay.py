@@ -135,8 +135,8 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
     assert metrics["heldout_after_first_epoch"]["reward_accuracy"] == metrics["heldout"]["reward_accuracy"]
 
     # The run report's stage-2 section shows the same statistics (corrections, luck, pairs, cost).
-    from medcritical.recipe import Recipe
-    from medcritical.report import write_run_report
+    from medcritical.orchestration.recipe import Recipe
+    from medcritical.orchestration.report import write_run_report
 
     report = write_run_report(
         Recipe(),

@@ -7,7 +7,7 @@ constraint of the judge, and the errors a real server gives for a wrong model or
 
 import pytest
 
-from medcritical.llm_client import ChatClient, EndpointError
+from medcritical.modeling.llm_client import ChatClient, EndpointError
 
 pytestmark = pytest.mark.vllm
 

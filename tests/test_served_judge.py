@@ -14,8 +14,8 @@ import pytest
 from medcritical.evaluation.config import EvaluateSection, JudgeSection
 from medcritical.evaluation.evaluate import evaluate_model
 from medcritical.evaluation.judge import JUDGEMENTS_JSONL
-from medcritical.llm_client import ChatClient, EndpointError
 from medcritical.modeling.config import GenerationSection
+from medcritical.modeling.llm_client import ChatClient, EndpointError
 
 pytestmark = pytest.mark.vllm
 

@@ -152,8 +152,8 @@ def test_zero3_run_resumes_from_its_deepspeed_checkpoint(tmp_path, zero3_run, da
 def test_pipeline_component_relaunches_sft_under_torchrun(tmp_path, dataset, tiny_model, monkeypatch):
     """What the sft component does on a pod with several GPUs, here with 2 CPU processes: the step's CLI
     under torchrun, the recipe handed over as a file, the metrics read back for the KFP UI."""
-    from medcritical.kfp_runtime import run_data_parallel
-    from medcritical.recipe import load_recipe_text
+    from medcritical.orchestration.recipe import load_recipe_text
+    from medcritical.platform.kfp_runtime import run_data_parallel
     from medcritical.training.stage import SFT
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from medcritical.io.fingerprint import ResumeMismatch
 from medcritical.io.manifest import read_manifest, verify_manifest
 from medcritical.modeling.generation import TransformersGenerator
-from medcritical.recipe import load_recipe_text
-from medcritical.runner import finished_stats, with_recipe_value
+from medcritical.orchestration.recipe import load_recipe_text
+from medcritical.orchestration.runner import finished_stats, with_recipe_value
 from medcritical.training.config import SFTSection
 from medcritical.training.sft import train_sft
 from medcritical.training.stage import SFT

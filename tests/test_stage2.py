@@ -5,6 +5,7 @@ from math import comb
 
 import pytest
 
+from medcritical.analysis.stats import mcnemar_exact
 from medcritical.io.jsonl import append_jsonl
 from medcritical.selfplay.cost import cost_statistics
 from medcritical.selfplay.standalone import (
@@ -12,7 +13,6 @@ from medcritical.selfplay.standalone import (
     prompt_fragments,
     refers_back,
 )
-from medcritical.stats import mcnemar_exact
 from medcritical.training.dpo import even_eval_batch_size
 
 
@@ -120,7 +120,7 @@ def test_heldout_batches_are_even():
 def test_arms_table_shows_cost_per_correction_pair_beside_cost_per_pair():
     """Issue 24: the arms table showed cost per pair only; with correct samples among the chosen answers
     that divides the correction's cost by pairs it never made. The cost per correction pair is beside it."""
-    from medcritical.arms import arm_rows
+    from medcritical.orchestration.arms import arm_rows
 
     rollout = {
         "corrector": {"corrector": "teacher", "backend": "openai"},
@@ -172,7 +172,7 @@ def test_cost_counts_the_gpus_generation_used_not_every_visible_one(monkeypatch)
 def test_few_discordant_questions_mark_the_bootstrap_interval():
     """Issue 24 item 9: with few discordant pairs the percentile bootstrap is anti-conservative; the table
     says so where the interval is shown."""
-    from medcritical.stats import paired_comparison, paired_markdown
+    from medcritical.analysis.stats import paired_comparison, paired_markdown
 
     ids = [str(i) for i in range(100)]
     few = paired_comparison({i: int(i) < 50 for i in ids}, {i: int(i) < 53 for i in ids})  # 3 differ
@@ -248,7 +248,7 @@ def test_the_arms_table_reads_as_before():
     # The table is read by people and compared across runs: a change of its shared formatters must not show.
     from pathlib import Path
 
-    from medcritical.arms import arm_table
+    from medcritical.orchestration.arms import arm_table
 
     nothing = {"run": "runs/none", "before": None, "after": None, "graded_before": None, "graded_after": None}
     tables = arm_table({"teacher": _arm(0.7), "self": _arm(0.35, priced=False, tokens=False)}) + "\n"

@@ -1,4 +1,4 @@
-"""The runner decides completion from the declaration (medcritical.stage): a folder holding every required
+"""The runner decides completion from the declaration (medcritical.core.stage): a folder holding every required
 output, a whole done marker and the fingerprint this run would record is not run again; its stored statistics
 come back. Anything less (an output missing, another setting, `restart`) runs the stage."""
 
@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from medcritical import storage
+from medcritical.core.stage import Stage
 from medcritical.data.cmexam import write_questions
 from medcritical.evaluation.evaluate import evaluation_fingerprint
 from medcritical.evaluation.stage import EVALUATE
 from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.io.manifest import write_manifest
-from medcritical.recipe import load_recipe_text
-from medcritical.runner import STAGES, run_stage
+from medcritical.orchestration.recipe import load_recipe_text
+from medcritical.orchestration.runner import STAGES, run_stage
 from medcritical.selfplay.stage import DPO
-from medcritical.stage import Stage
 from medcritical.training.fingerprints import dpo_fingerprint, sft_fingerprint
 from medcritical.training.stage import SFT
 from tests.fixtures.s3 import s3_env, s3_server  # noqa: F401

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from medcritical.analysis.stats import mcnemar_exact, paired_bootstrap, paired_comparison, paired_table
 from medcritical.cli import main
-from medcritical.stats import mcnemar_exact, paired_bootstrap, paired_comparison, paired_table
 
 
 def test_mcnemar_exact_known_values():
@@ -81,8 +81,8 @@ def test_compare_cli_on_evaluation_and_run_folders(tmp_path, capsys):
 
 
 def test_run_report_shows_the_paired_tests(tmp_path):
-    from medcritical.recipe import load_recipe
-    from medcritical.report import write_run_report
+    from medcritical.orchestration.recipe import load_recipe
+    from medcritical.orchestration.report import write_run_report
 
     base = {f"q{i}": i < 25 for i in range(100)}
     sft = {f"q{i}": i < 45 for i in range(100)}

@@ -9,8 +9,8 @@ import pytest
 from medcritical import storage
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
-from medcritical.recipe import RecipeError, load_recipe
-from medcritical.runner import _local_recipe_files, keep_global_batch, local_inputs, run_stage
+from medcritical.orchestration.recipe import RecipeError, load_recipe
+from medcritical.orchestration.runner import _local_recipe_files, keep_global_batch, local_inputs, run_stage
 from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.training.stage import SFT
 
@@ -88,7 +88,7 @@ def test_several_gpus_keep_the_recipes_global_batch():
 
 
 def test_the_report_reads_a_training_stage_statistics_without_downloading_its_model(s3_env, tmp_path, monkeypatch):
-    from medcritical.staging import read_stats
+    from medcritical.orchestration.staging import read_stats
     from medcritical.training.stage import SFT
 
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
@@ -105,7 +105,7 @@ def test_the_report_reads_a_training_stage_statistics_without_downloading_its_mo
 def test_a_file_of_a_complete_s3_step_folder_comes_down_alone(s3_env, tmp_path, monkeypatch):
     """An input declared as one file of a stage's folder (the report's SFT statistics): only that file is fetched
     once the folder is complete, never the model beside it; a folder without its manifest is still refused."""
-    from medcritical.staging import input_file
+    from medcritical.orchestration.staging import input_file
 
     monkeypatch.setenv("MEDCRITICAL_WORKDIR", str(tmp_path / "work"))
     sft = tmp_path / "sft"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medcritical.kfp_runtime import resolve_recipe_text, resolved_recipe_env
-from medcritical.recipe import RecipeError
+from medcritical.orchestration.recipe import RecipeError
+from medcritical.platform.kfp_runtime import resolve_recipe_text, resolved_recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "trl", "peft", "deepspeed", "datasets", "openai", "matplotlib")
@@ -18,7 +18,7 @@ HEAVY = ("torch", "transformers", "trl", "peft", "deepspeed", "datasets", "opena
 # What a component does (components/<step>/component.py), then which heavy modules the process holds.
 TASK = f"""
 import json, sys
-from medcritical.kfp_runtime import run_component_step
+from medcritical.platform.kfp_runtime import run_component_step
 
 class Metrics:
     def log_metric(self, key, value):
@@ -45,7 +45,7 @@ def test_light_tasks_import_no_torch_or_trainer(tmp_path):
 
 def test_a_configured_recipe_keeps_its_trainer_settings_unchecked_but_typed(tmp_path):
     """configure types and checks the trainer settings once; a task reading its output gets the same values."""
-    from medcritical.recipe import load_recipe_text
+    from medcritical.orchestration.recipe import load_recipe_text
 
     demo = (REPO / "recipes" / "demo.yaml").read_text()
     configured = resolve_recipe_text(demo, 1, ["sft.trainer.learning_rate=3e-3"], "", "", "")
@@ -78,9 +78,9 @@ def _task_imports(func, executor_input: dict, env: dict, tmp_path: Path) -> set[
 def test_the_configure_task_of_medcritical_run_imports_no_torch(tmp_path):
     """`medcritical run` checks the recipe in full once and hands the result to its configure task
     (RESOLVED_RECIPE_ENV): that task imports no torch, transformers or TRL, and resolves the same recipe."""
-    from medcritical.pipeline_runner import recipe_parameter
+    from medcritical.orchestration.recipe import load_recipe
     from medcritical.pipelines.medcritical_pipeline import configure
-    from medcritical.recipe import load_recipe
+    from medcritical.platform.pipeline_runner import recipe_parameter
 
     parameter = recipe_parameter(load_recipe(REPO / "recipes" / "demo.yaml"))
     outputs = {name: {"outputFile": str(tmp_path / name)} for name in ("recipe", "gpu_node_selector")}
@@ -107,7 +107,7 @@ def test_the_configure_task_of_medcritical_run_imports_no_torch(tmp_path):
 def test_a_recipe_checked_before_is_used_only_for_the_same_text_and_assignments(monkeypatch):
     """The configure task takes the recipe `medcritical run` checked only for exactly the text and assignments
     it checked; anything else (a cluster run, an override) is checked in full."""
-    from medcritical.kfp_runtime import resolved_before
+    from medcritical.platform.kfp_runtime import resolved_before
 
     demo = (REPO / "recipes" / "demo.yaml").read_text()
     checked_in_full = resolve_recipe_text(demo, 1, [], "", "", "")

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from medcritical.analysis.stats import mcnemar_exact
 from medcritical.modeling.config import GenerationSection
 from medcritical.selfplay.config import RolloutSection
 from medcritical.selfplay.train_pass import before_after, bootstrap_mean_interval, train_pass, train_pass_line
-from medcritical.stats import mcnemar_exact
 
 
 def records(outcomes):
@@ -69,9 +69,9 @@ def test_dpo_step_glue_finds_the_rollout_the_questions_and_the_model(tmp_path, t
     import shutil
 
     from medcritical.data.cmexam import write_questions
-    from medcritical.recipe import load_recipe
-    from medcritical.report import REPORT
-    from medcritical.runner import run_stage
+    from medcritical.orchestration.recipe import load_recipe
+    from medcritical.orchestration.report import REPORT
+    from medcritical.orchestration.runner import run_stage
     from medcritical.selfplay.stage import measure_train_pass
 
     root = tmp_path / "run"

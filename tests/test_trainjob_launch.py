@@ -4,8 +4,8 @@ manifests) and how the task waits for it (its error handling, against a recordin
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from medcritical import plan, trainjob
-from medcritical.recipe import dump_recipe, load_recipe
+from medcritical.orchestration.recipe import dump_recipe, load_recipe
+from medcritical.platform import plan, trainjob
 from tests import k8s_rules
 from tests.test_k8s_manifests import ROOT, build, documented_secrets, schema_errors
 
@@ -61,7 +61,7 @@ def test_the_launched_trainjob_passes_the_schema_and_project_rules():
 
 
 def test_the_trainjob_is_sized_by_the_plan():
-    from medcritical.plan import check, given_from_trainjob, plan_steps, quantity
+    from medcritical.platform.plan import check, given_from_trainjob, plan_steps, quantity
 
     job = manifest()
     given = given_from_trainjob("TrainJob/x", job)
@@ -210,7 +210,7 @@ def test_the_component_path_returns_the_output_and_logs_the_trainjobs_metrics(tm
 
 
 def load_recipe_from_env(env):
-    from medcritical.recipe import load_recipe_text
+    from medcritical.orchestration.recipe import load_recipe_text
 
     return load_recipe_text(env["MEDCRITICAL_RECIPE_YAML"])
 
@@ -218,7 +218,7 @@ def load_recipe_from_env(env):
 def test_a_batch_the_nodes_cannot_keep_is_refused_before_any_trainjob_is_created():
     """Found on the local cluster: the CPU pipeline recipe (accumulation 1) on train_nodes=2 created a TrainJob
     whose every pod failed its retries with the global-batch error; the task now fails at once, naming the key."""
-    from medcritical.recipe import RecipeError
+    from medcritical.orchestration.recipe import RecipeError
 
     api = RecordingApi([state("Complete")])
     with pytest.raises(RecipeError, match=r"sft\.trainer\.gradient_accumulation_steps is 1, not a multiple of the 2"):
@@ -260,7 +260,7 @@ def test_gpu_product_and_kueue_queue_reach_the_trainjob():
     )  # fmt: skip
     assert "nodeSelector" not in plan.node_pod_patches(cpu["spec"])[0]
     assert cpu["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "cpu-queue"
-    from medcritical.scheduling import SchedulingError
+    from medcritical.platform.scheduling import SchedulingError
 
     with pytest.raises(SchedulingError, match="kueue_queue='Team'"):
         trainjob.trainjob_manifest(

@@ -2,8 +2,8 @@
 
 import pytest
 
-from medcritical.report import _numbers
-from medcritical.values import number_text, percent
+from medcritical.core.values import number_text, percent
+from medcritical.orchestration.report import _numbers
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,9 @@ def test_the_run_reports_step_figures():
 
 
 def test_one_assignment_parser_for_every_name_value_option():
+    from medcritical.core.values import assignment
     from medcritical.errors import InputError
-    from medcritical.recipe import RecipeError
-    from medcritical.values import assignment
+    from medcritical.orchestration.recipe import RecipeError
 
     assert assignment(" sft.lora.r =16", option="--set", form="key.sub=value", example="sft.lora.r=16") == (
         "sft.lora.r",

@@ -21,7 +21,13 @@ def distill(
     earlier run, the pipeline's `distill_uri` parameter) the teacher is not called and `traces` stands for
     that folder.
     """
-    from medcritical.kfp_runtime import location_of, record_location, reuse_step_output, run_component_step, task_root
+    from medcritical.platform.kfp_runtime import (
+        location_of,
+        record_location,
+        reuse_step_output,
+        run_component_step,
+        task_root,
+    )
 
     if reuse_uri:
         record_location(traces, reuse_step_output("distill", reuse_uri))

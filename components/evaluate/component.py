@@ -20,7 +20,7 @@ def evaluate(
     Without `model` it evaluates the recipe's `model.base`. `metrics` holds the accuracy and stands for its
     output folder, `<run_root>/<run_id>/<name>`, which the report reads.
     """
-    from medcritical.kfp_runtime import location_of, record_location, run_component_step, task_root
+    from medcritical.platform.kfp_runtime import location_of, record_location, run_component_step, task_root
 
     output_uri = run_component_step(
         "evaluate",

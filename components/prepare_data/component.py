@@ -17,6 +17,6 @@ def prepare_data(
 
     `data` stands for its output folder, `<run_root>/<run_id>/<name>` (its metadata `location`).
     """
-    from medcritical.kfp_runtime import record_location, run_component_step, task_root
+    from medcritical.platform.kfp_runtime import record_location, run_component_step, task_root
 
     record_location(data, run_component_step("prepare_data", recipe, task_root(run_root, run_id), name, metrics))

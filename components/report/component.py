@@ -23,7 +23,7 @@ def report(
 
     `summary` is the report as Markdown and stands for its output folder, `<run_root>/<run_id>/<name>`.
     """
-    from medcritical.kfp_runtime import location_of, record_location, run_component_step, task_root
+    from medcritical.platform.kfp_runtime import location_of, record_location, run_component_step, task_root
 
     output_uri = run_component_step(
         "report",

@@ -19,7 +19,7 @@ def rollout(
 
     `pairs` stands for its output folder, `<run_root>/<run_id>/<name>`.
     """
-    from medcritical.kfp_runtime import location_of, record_location, run_component_step, task_root
+    from medcritical.platform.kfp_runtime import location_of, record_location, run_component_step, task_root
 
     output_uri = run_component_step(
         "rollout", recipe, task_root(run_root, run_id), name, metrics, data=location_of(data), model=location_of(model)

@@ -29,8 +29,8 @@ def sft(
     `node_gpus` GPUs, which this task creates and awaits
     (on `gpu_product` nodes, admitted by the Kueue LocalQueue `kueue_queue` at `kueue_priority`, when set).
     """
-    from medcritical.kfp_runtime import location_of, record_location, task_root
-    from medcritical.trainjob import run_training_step
+    from medcritical.platform.kfp_runtime import location_of, record_location, task_root
+    from medcritical.platform.trainjob import run_training_step
 
     output_uri = run_training_step(
         "sft",

@@ -37,7 +37,7 @@ def checked_path(convert, metavar: str):
     the current folder, `s3:/b/x` into a local folder `s3:`); then the argument's own type, if any."""
 
     def check(value: str):
-        from medcritical.section import check_uri
+        from medcritical.core.section import check_uri
 
         try:
             check_uri(value.partition("=")[2] if "=" in metavar else value, "a path")  # NAME=URI: the URI

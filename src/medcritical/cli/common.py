@@ -7,7 +7,7 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 
-from medcritical.recipe import Recipe, load_recipe
+from medcritical.orchestration.recipe import Recipe, load_recipe
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def training_questions_uri(given: str | None, recipe: Recipe) -> Iterator[str]:
 
     from medcritical.data.cmexam import load_questions, write_questions
     from medcritical.data.prepare import STATS_FILE, TRAIN_FILE, check_given_questions
-    from medcritical.staging import input_file, local_input
+    from medcritical.orchestration.staging import input_file, local_input
 
     folder = local_input(given)
     if folder.is_dir() and (folder / STATS_FILE).is_file():
@@ -80,7 +80,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe, validated; a --model folder checked too, before any data is prepared."""
     recipe = load_recipe(args.recipe, args.overrides)
     if getattr(args, "model", None):
-        from medcritical.staging import check_model_uri
+        from medcritical.orchestration.staging import check_model_uri
 
         check_model_uri(args.model)
     recipe.run.apply_threads()

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
 
 def _prepare(args) -> None:
     from medcritical.data.stage import PREPARE_DATA
-    from medcritical.runner import run_stage
+    from medcritical.orchestration.runner import run_stage
 
     stats = run_stage(PREPARE_DATA, recipe_from_args(args), args.output)
     print(f"train {stats['train']}, eval {stats['eval']}, bad rows {len(stats['bad_rows'])} -> {args.output}")

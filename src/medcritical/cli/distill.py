@@ -45,7 +45,7 @@ def _distill(args) -> None:
     import json
 
     from medcritical.distill.stage import DISTILL
-    from medcritical.runner import run_stage
+    from medcritical.orchestration.runner import run_stage
 
     recipe = recipe_from_args(args)
     with training_questions_uri(args.questions, recipe) as questions:

@@ -56,9 +56,9 @@ Score saved outputs without any model (mcq protocol):
 
 
 def _evaluate(args) -> None:
+    from medcritical.core.values import percent
     from medcritical.evaluation.evaluate import score_predictions
     from medcritical.evaluation.report import dropped_note
-    from medcritical.values import percent
 
     if args.predictions:
         if not args.dataset:
@@ -66,7 +66,7 @@ def _evaluate(args) -> None:
         report = score_predictions(args.dataset, args.predictions, args.output)
     else:
         from medcritical.evaluation.stage import EVALUATE
-        from medcritical.runner import run_stage
+        from medcritical.orchestration.runner import run_stage
 
         recipe = recipe_from_args(args)
         with questions_uri(args.dataset, recipe) as dataset:

@@ -131,7 +131,7 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args) -> int:
     from medcritical.cli.common import recipe_from_args
-    from medcritical.local_run import run_locally
+    from medcritical.platform.local_run import run_locally
 
     recipe = recipe_from_args(args)
     report_dir = run_locally(recipe)
@@ -142,7 +142,7 @@ def _run(args) -> int:
 
 def _compile(args) -> None:
     from medcritical.cli.common import recipe_from_args
-    from medcritical.pipeline_runner import compile_pipeline
+    from medcritical.platform.pipeline_runner import compile_pipeline
 
     path = compile_pipeline(
         recipe_from_args(args),
@@ -163,7 +163,7 @@ def _compile(args) -> None:
 
 def _submit(args) -> None:
     from medcritical.cli.common import recipe_from_args
-    from medcritical.pipeline_runner import submit_run
+    from medcritical.platform.pipeline_runner import submit_run
 
     run = submit_run(
         recipe_from_args(args),

@@ -72,8 +72,8 @@ would submit; --pipeline FILE checks a compiled file instead (e.g. for `kfp run 
 
 
 def _plan(args) -> int:
-    from medcritical import plan as sizing
-    from medcritical.recipe import load_recipe
+    from medcritical.orchestration.recipe import load_recipe
+    from medcritical.platform import plan as sizing
 
     recipe = load_recipe(args.recipe, args.overrides)
     gpu_memory = sizing.quantity(args.gpu_memory)
@@ -130,8 +130,8 @@ def _pipeline_givens(args, recipe) -> list:
 
     import yaml
 
-    from medcritical import plan as sizing
-    from medcritical.pipeline_runner import check_params, compile_pipeline, parse_params
+    from medcritical.platform import plan as sizing
+    from medcritical.platform.pipeline_runner import check_params, compile_pipeline, parse_params
 
     params = parse_params(args.param)
     if args.train_gpus is not None:

@@ -140,14 +140,14 @@ def _questions_argument(parser) -> None:
 def _questions(args, recipe):
     from medcritical.data.cmexam import load_questions
     from medcritical.data.prepare import TRAIN_FILE
-    from medcritical.staging import input_file
+    from medcritical.orchestration.staging import input_file
 
     with questions_uri(args.questions, recipe) as uri:
         return load_questions(input_file(uri, TRAIN_FILE), recipe.data.on_bad_row).questions
 
 
 def _rollout(args) -> None:
-    from medcritical.runner import run_stage
+    from medcritical.orchestration.runner import run_stage
     from medcritical.selfplay.stage import ROLLOUT
 
     recipe = recipe_from_args(args)
@@ -196,7 +196,7 @@ def _print_pairs(stats: dict, output: str) -> None:
 
 
 def _dpo(args) -> None:
-    from medcritical.runner import run_stage
+    from medcritical.orchestration.runner import run_stage
     from medcritical.selfplay.stage import DPO
 
     metrics = run_stage(
@@ -209,7 +209,7 @@ def _dpo(args) -> None:
 
 
 def _selfplay(args) -> None:
-    from medcritical.rounds import run_selfplay
+    from medcritical.orchestration.rounds import run_selfplay
 
     recipe = recipe_from_args(args)
     with training_questions_uri(args.questions, recipe) as questions:
@@ -222,8 +222,8 @@ def _selfplay(args) -> None:
 def _arms(args) -> None:
     from pathlib import Path
 
-    from medcritical.arms import arm_table, load_arm
-    from medcritical.values import assignment
+    from medcritical.core.values import assignment
+    from medcritical.orchestration.arms import arm_table, load_arm
 
     named = {}
     for item in args.runs:

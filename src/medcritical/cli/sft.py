@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
 
 def _sft(args) -> None:
     from medcritical.io.ranks import is_main_process
-    from medcritical.runner import run_stage
+    from medcritical.orchestration.runner import run_stage
     from medcritical.training.stage import SFT
 
     metrics = run_stage(

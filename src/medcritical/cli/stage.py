@@ -46,9 +46,9 @@ def add_parser(subparsers) -> None:
 def _stage(args) -> None:
     import json
 
+    from medcritical.core.values import assignment
     from medcritical.io.ranks import is_main_process
-    from medcritical.runner import STAGES, run_stage
-    from medcritical.values import assignment
+    from medcritical.orchestration.runner import STAGES, run_stage
 
     stage = STAGES.get(args.name)
     if stage is None:

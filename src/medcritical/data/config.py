@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medcritical.section import Section, check_uri
+from medcritical.core.section import Section, check_uri
 
 BUNDLED = "bundled"  # data.source value: the CMExam sample shipped inside the package
 

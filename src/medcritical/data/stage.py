@@ -1,11 +1,11 @@
-"""The data stage's declaration (see medcritical.stage): CMExam in, the train and evaluation splits out."""
+"""The data stage's declaration (see medcritical.core.stage): CMExam in, the train and evaluation splits out."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from medcritical.core.stage import Stage
 from medcritical.data.prepare import EVAL_FILE, STATS_FILE, TRAIN_FILE, prepare_data
-from medcritical.stage import Stage
 
 
 def _run(recipe, output_dir: Path) -> dict:

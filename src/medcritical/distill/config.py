@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from medcritical.core.section import BaseUrl, EnvName, Section
 from medcritical.modeling.config import MAX_GPUS, MAX_TEMPERATURE, MAX_TOKENS
-from medcritical.section import BaseUrl, EnvName, Section
 
 
 class OpenAITeacher(Section):

@@ -19,7 +19,7 @@ from pathlib import Path
 from medcritical.data.cmexam import Question
 from medcritical.distill.traces import TEMPLATE, TRACE, parse_template
 from medcritical.io.jsonl import append_jsonl, read_jsonl
-from medcritical.llm_client import ChatReply
+from medcritical.modeling.llm_client import ChatReply
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template
 from medcritical.errors import InputError
 from medcritical.io.fingerprint import check_resume
 from medcritical.io.jsonl import write_jsonl
-from medcritical.llm_client import ChatReply, EndpointFailures
+from medcritical.modeling.llm_client import ChatReply, EndpointFailures
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
-"""The distillation stage's declaration (see medcritical.stage): training questions in, verified traces out."""
+"""The distillation stage's declaration (see medcritical.core.stage): training questions in, verified traces out."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from medcritical.core.stage import Input, Stage
 from medcritical.data.cmexam import load_questions
 from medcritical.data.prepare import TRAIN_FILE
 from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
 from medcritical.io.fingerprint import FINGERPRINT_FILE
-from medcritical.stage import Input, Stage
 
 
 def _run(recipe, output_dir: Path, *, data: Path, restart: bool = False) -> dict:

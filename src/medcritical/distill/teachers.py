@@ -1,7 +1,7 @@
 """Teacher backends behind one interface: requests in, each reply handed on as it arrives.
 
 - openai: any OpenAI-compatible endpoint (vLLM / SGLang serving QwQ-32B, DeepSeek-R1, ..., or a
-  hosted API), through `medcritical.llm_client.ChatClient`.
+  hosted API), through `medcritical.modeling.llm_client.ChatClient`.
 - transformers / vllm: a local model through `medcritical.modeling.generation`, batch by batch.
 - vllm-server: a vLLM OpenAI server over a local model, started inside the step (`served_teacher`),
   then asked as the openai backend asks an endpoint.
@@ -25,10 +25,10 @@ from medcritical.distill.traces import TEMPLATE, DistillPrompts
 from medcritical.errors import InputError
 from medcritical.grader import THINK_END
 from medcritical.io.fingerprint import model_fingerprint
-from medcritical.llm_client import ChatClient, ChatReply, safe_url
 from medcritical.modeling import resolve_model
 from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import generation_setup, load_generator, sample_seed
+from medcritical.modeling.llm_client import ChatClient, ChatReply, safe_url
 from medcritical.modeling.vllm_server import serve_vllm
 
 log = logging.getLogger(__name__)

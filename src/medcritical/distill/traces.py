@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from medcritical.data.cmexam import Question
 from medcritical.grader import THINK_END, extract_answer_letters, grade_answer
-from medcritical.llm_client import ChatReply
+from medcritical.modeling.llm_client import ChatReply
 from medcritical.prompts import Prompt, format_options, load_prompt
 
 THINK_START = "<think>"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medcritical.analysis.stats import paired_comparison, paired_markdown
 from medcritical.errors import InputError, MissingInputError
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON
 from medcritical.io.jsonl import read_jsonl
-from medcritical.stats import paired_comparison, paired_markdown
 
 
 def correct_by_id(evaluation: str | Path) -> dict[str, bool]:

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from medcritical.core.section import BaseUrl, EnvName, Section
 from medcritical.modeling.config import MAX_TOKENS
-from medcritical.section import BaseUrl, EnvName, Section
 
 
 class JudgeSection(Section):

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from medcritical.analysis.diagnostics import format_diagnostics, hit_token_limit, row_status
 from medcritical.data.cmexam import Question, load_questions
-from medcritical.diagnostics import format_diagnostics, hit_token_limit, row_status
 from medcritical.errors import InputError, StepError
 from medcritical.evaluation import judge as judging
 from medcritical.evaluation.config import EvaluateSection

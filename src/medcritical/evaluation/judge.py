@@ -34,7 +34,7 @@ from medcritical.errors import InputError
 from medcritical.evaluation.config import JudgeSection
 from medcritical.grader import final_answer_text
 from medcritical.io.jsonl import append_jsonl, read_jsonl
-from medcritical.llm_client import ChatClient
+from medcritical.modeling.llm_client import ChatClient
 from medcritical.prompts import load_prompt, open_messages
 
 JUDGEMENTS_JSONL = "judgements.jsonl"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medcritical.diagnostics import diagnostics_line
+from medcritical.analysis.diagnostics import diagnostics_line
+from medcritical.analysis.plotting import figure
+from medcritical.core.values import percent
 from medcritical.io.jsonl import write_jsonl
-from medcritical.plotting import figure
-from medcritical.values import percent
 
 REPORT_JSON, REPORT_MD, PLOT_PNG, GRADED_JSONL = "report.json", "report.md", "accuracy.png", "graded.jsonl"
 MAX_BARS_PER_COLUMN = 12  # annotation columns can have dozens of values; show the largest groups

@@ -1,17 +1,17 @@
-"""The evaluation stage's declaration (see medcritical.stage): CMExam evaluation questions and a model in,
+"""The evaluation stage's declaration (see medcritical.core.stage): CMExam evaluation questions and a model in,
 a labelled report out."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from medcritical.core.stage import MODEL, Input, Stage
 from medcritical.data.cmexam import load_questions
 from medcritical.data.prepare import EVAL_FILE
 from medcritical.evaluation.evaluate import OUTPUTS_JSONL, evaluate_model, evaluation_fingerprint
 from medcritical.evaluation.judge import JUDGEMENTS_JSONL
 from medcritical.evaluation.report import GRADED_JSONL, PLOT_PNG, REPORT_JSON, REPORT_MD
 from medcritical.io.fingerprint import FINGERPRINT_FILE
-from medcritical.stage import MODEL, Input, Stage
 
 
 def _run(recipe, output_dir: Path, *, data: Path, model: Path, label: str = "", restart: bool = False) -> dict:

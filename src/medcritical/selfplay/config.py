@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from medcritical.core.section import Section
 from medcritical.modeling.config import MAX_TEMPERATURE, MAX_TOKENS
-from medcritical.section import Section
 from medcritical.training.config import DPOSection
 
 

@@ -20,17 +20,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from medcritical.analysis.diagnostics import diagnose_rollouts
 from medcritical.data.cmexam import Question
-from medcritical.diagnostics import diagnose_rollouts
 from medcritical.distill.teachers import TEACHER_ENV_PREFIX, build_teacher
 from medcritical.distill.traces import DistillPrompts
 from medcritical.errors import InputError, MissingInputError
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.io.jsonl import read_jsonl, write_jsonl
-from medcritical.llm_client import safe_url
 from medcritical.modeling import resolve_model
 from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import Generator, generation_setup, generator_for
+from medcritical.modeling.llm_client import safe_url
 from medcritical.prompts import load_prompt
 from medcritical.selfplay.config import SelfPlaySection
 from medcritical.selfplay.correction import SelfCorrector, TeacherCorrector, correct_trajectories, correction_statistics

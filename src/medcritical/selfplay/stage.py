@@ -1,4 +1,4 @@
-"""The self-play round's two stages (see medcritical.stage): rollout, then DPO on its pairs.
+"""The self-play round's two stages (see medcritical.core.stage): rollout, then DPO on its pairs.
 
 rollout: training questions + the current model → rollouts, corrections, preference pairs
 dpo:     the pairs + the same model → the next round's model (and pass@1 on the round's questions)
@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from medcritical.core.stage import MODEL, OUTPUT_URI, Input, Stage
 from medcritical.data.cmexam import load_questions
 from medcritical.data.prepare import TRAIN_FILE
 from medcritical.io.fingerprint import FINGERPRINT_FILE
@@ -19,7 +20,6 @@ from medcritical.io.ranks import is_main_process
 from medcritical.selfplay.cost import TIMINGS
 from medcritical.selfplay.run import CORRECTIONS, HELDOUT_PAIRS, PAIRS, ROLLOUTS, STATS, run_rollout
 from medcritical.selfplay.train_pass import TRAIN_PASS, TRAIN_PASS_STATS, train_pass
-from medcritical.stage import MODEL, OUTPUT_URI, Input, Stage
 from medcritical.training.fingerprints import dpo_fingerprint
 from medcritical.training.stage import CHECKPOINTS
 

@@ -16,17 +16,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from medcritical.analysis.diagnostics import diagnose_rollouts
+from medcritical.analysis.stats import BOOTSTRAP_SAMPLES, mcnemar_exact
+from medcritical.core.values import percent
 from medcritical.data.cmexam import Question
 from medcritical.data.splits import take
-from medcritical.diagnostics import diagnose_rollouts
 from medcritical.errors import InputError
 from medcritical.io.fingerprint import check_resume, model_fingerprint, questions_fingerprint
 from medcritical.modeling.config import GenerationSection
 from medcritical.modeling.generation import load_generator
 from medcritical.selfplay.config import RolloutSection
 from medcritical.selfplay.rollout import rollout_questions
-from medcritical.stats import BOOTSTRAP_SAMPLES, mcnemar_exact
-from medcritical.values import percent
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from medcritical.core.shipped import deepspeed_dir
 from medcritical.errors import InputError, MissingInputError
 from medcritical.io.fingerprint import check_resume
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling.generation import resolve_device, resolve_dtype
-from medcritical.shipped import deepspeed_dir
 from medcritical.training.config import LoraSection
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from medcritical.section import Section
+from medcritical.core.section import Section
 
 # Shared by SFT and DPO; TRL's default in brackets where the project's differs.
 TRAINER_DEFAULTS: dict[str, Any] = {

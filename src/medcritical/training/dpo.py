@@ -41,6 +41,7 @@ from transformers import AutoTokenizer, EarlyStoppingCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
+from medcritical.core.values import number_text
 from medcritical.training.checks import PreTrainingCheckError, check_tokenizer
 from medcritical.training.common import load_model_for_training, lora_config, trainer_arguments
 from medcritical.training.config import DPOSection
@@ -57,7 +58,6 @@ from medcritical.training.dpo_heldout import (
 from medcritical.training.fingerprints import dpo_fingerprint
 from medcritical.training.lifecycle import TrainingRun
 from medcritical.training.saving import SavedModel
-from medcritical.values import number_text
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from medcritical.plotting import figure
+from medcritical.analysis.plotting import figure
 from medcritical.training.config import DPOSection
 
 MARGIN, ACCURACY = "eval_rewards/margins", "eval_rewards/accuracies"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medcritical.plotting import figure
+from medcritical.analysis.plotting import figure
 
 CURVE_KEYS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy")
 

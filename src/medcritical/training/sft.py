@@ -33,6 +33,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from medcritical.core.values import number_text
 from medcritical.training.checks import (
     PreTrainingCheckError,
     check_tokenizer,
@@ -45,7 +46,6 @@ from medcritical.training.config import SFTSection
 from medcritical.training.fingerprints import sft_fingerprint
 from medcritical.training.lifecycle import TrainingRun
 from medcritical.training.saving import SavedModel
-from medcritical.values import number_text
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The SFT stage's declaration (see medcritical.stage): verified traces and a base model in, a model out.
+"""The SFT stage's declaration (see medcritical.core.stage): verified traces and a base model in, a model out.
 
 DPO's declaration lives with self-play (selfplay/stage.py), whose round it is; both train with this package.
 """
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medcritical.core.stage import MODEL, OUTPUT_URI, Input, Stage
 from medcritical.distill.run import SFT_FILE
 from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.io.manifest import MANIFEST_NAME
-from medcritical.stage import MODEL, OUTPUT_URI, Input, Stage
 from medcritical.training.fingerprints import sft_fingerprint
 
 # Periodic checkpoints only serve a resume inside the step: never published with the step's folder

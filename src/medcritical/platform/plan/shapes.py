@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medcritical.errors import InputError, MissingInputError
-from medcritical.plan.units import PlanError
-from medcritical.recipe import TINY, Recipe
+from medcritical.orchestration.recipe import TINY, Recipe
+from medcritical.platform.plan.units import PlanError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # medcritical/ (this file is in medcritical/core/)
 REPOSITORY = PACKAGE.parents[1]  # src/medcritical -> the checkout's root
 
 

@@ -1,6 +1,6 @@
 """The pipeline for a cluster: compiled (with the cluster settings checked) or submitted to a KFP server.
 
-Running it on this machine is `medcritical.local_run`."""
+Running it on this machine is `medcritical.platform.local_run`."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from medcritical import plan
+from medcritical.core.values import assignment
 from medcritical.errors import InputError, StepError, UserError
-from medcritical.kfp_runtime import resolve_recipe_text
+from medcritical.orchestration.recipe import Recipe, load_recipe_text
 from medcritical.pipelines.medcritical_pipeline import IMAGE_REPOSITORIES, ClusterSettings, build_pipeline, image_names
-from medcritical.plan import PlanError, pipeline_parameters, quantity
-from medcritical.recipe import Recipe, load_recipe_text
-from medcritical.scheduling import SchedulingError, check_gpu_product, check_priority, check_queue
-from medcritical.values import assignment
+from medcritical.platform import plan
+from medcritical.platform.kfp_runtime import resolve_recipe_text
+from medcritical.platform.plan import PlanError, pipeline_parameters, quantity
+from medcritical.platform.scheduling import SchedulingError, check_gpu_product, check_priority, check_queue
 
 log = logging.getLogger(__name__)
 

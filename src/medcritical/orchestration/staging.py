@@ -18,14 +18,14 @@ from pathlib import Path
 from filelock import FileLock
 
 from medcritical import storage
+from medcritical.core.stage import Stage
 from medcritical.errors import MissingInputError, UserError
 from medcritical.io.manifest import check_integrity
 from medcritical.io.ranks import is_main_process
 from medcritical.modeling import resolve_model
 from medcritical.modeling.check import check_model_folder
 from medcritical.modeling.config import TINY
-from medcritical.recipe import Recipe
-from medcritical.stage import Stage
+from medcritical.orchestration.recipe import Recipe
 from medcritical.storage.folders import is_complete_folder
 
 # A model stage that left its model unchanged (a DPO round without pairs) names that model in this

@@ -10,8 +10,8 @@ paper's models (stored in S3, so not here). The formulas and their sources are i
     measured   benchmarked step times       units      Kubernetes quantities, PlanError
 """
 
-from medcritical.plan.checks import Problem, Verdict, check, check_manifests, failing_steps, recipe_for, table
-from medcritical.plan.manifests import (
+from medcritical.platform.plan.checks import Problem, Verdict, check, check_manifests, failing_steps, recipe_for, table
+from medcritical.platform.plan.manifests import (
     Given,
     given_from_manifests,
     given_from_pipeline,
@@ -20,8 +20,8 @@ from medcritical.plan.manifests import (
     node_pod_patches,
     pipeline_parameters,
 )
-from medcritical.plan.measured import measured_seconds, training_time_note
-from medcritical.plan.needs import (
+from medcritical.platform.plan.measured import measured_seconds, training_time_note
+from medcritical.platform.plan.needs import (
     PER_RANK_OVERHEAD,
     Need,
     cpu_need,
@@ -30,8 +30,8 @@ from medcritical.plan.needs import (
     training_need,
     zero_settings,
 )
-from medcritical.plan.shapes import KNOWN_SHAPES, ModelShape, model_shape, shape_from_config
-from medcritical.plan.units import GiB, PlanError, gib, quantity
+from medcritical.platform.plan.shapes import KNOWN_SHAPES, ModelShape, model_shape, shape_from_config
+from medcritical.platform.plan.units import GiB, PlanError, gib, quantity
 
 __all__ = [
     "KNOWN_SHAPES",

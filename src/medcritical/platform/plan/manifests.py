@@ -9,9 +9,9 @@ from pathlib import Path
 import yaml
 
 from medcritical.errors import InputError
-from medcritical.plan.units import quantity
-from medcritical.report import REPORT
-from medcritical.runner import STAGES
+from medcritical.orchestration.report import REPORT
+from medcritical.orchestration.runner import STAGES
+from medcritical.platform.plan.units import quantity
 
 
 @dataclass

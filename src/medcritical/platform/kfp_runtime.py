@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medcritical.errors import InputError
-from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
-from medcritical.staging import input_file, join_uri, local_output_path
+from medcritical.orchestration.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
+from medcritical.orchestration.staging import input_file, join_uri, local_output_path
 
 if TYPE_CHECKING:
-    from medcritical.stage import Stage  # annotations only
+    from medcritical.core.stage import Stage  # annotations only
 
-# medcritical.runner (every stage's module) is imported in the functions that run a stage: the configure task
+# medcritical.orchestration.runner (every stage's module) is imported in the functions that run a stage: the configure task
 # imports this module for resolve_recipe_text alone, and a fresh process pays ~0.5 s for the runner's imports.
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def visible_gpus() -> int:
 def data_parallel_command(stage: Stage, recipe_path: str, output_uri: str, inputs: dict, gpus: int) -> list[str]:
     """torchrun over the stage, one process per GPU (DeepSpeed ZeRO when the recipe names it)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-    from medcritical.runner import stage_command  # lazy: see the note at the imports
+    from medcritical.orchestration.runner import stage_command  # lazy: see the note at the imports
 
     return torchrun + stage_command(stage, recipe_path, output_uri, inputs)
 
@@ -143,7 +143,7 @@ def reuse_step_output(step: str, uri: str) -> str:
     Importer Components"), but it runs in every run (an empty distill_uri would need dsl.If/dsl.Else and
     dsl.OneOf, another graph) and its s3:// uri is one the launcher downloads whole (see LOCATION below).
     """
-    from medcritical.runner import STAGES  # lazy: see the note at the imports
+    from medcritical.orchestration.runner import STAGES  # lazy: see the note at the imports
 
     stage = STAGES[step]
     for later in STAGES.values():  # fails now, naming the URI, rather than in the stage that reads it
@@ -194,7 +194,7 @@ def log_metrics(metrics, result: dict | None) -> None:
 def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
     """Run one stage inside a KFP component through the runner; log its numeric statistics; return its
     output URI. `inputs` are the stage's declared inputs (URIs) and options."""
-    from medcritical.runner import STAGES, run_stage  # lazy: see the note at the imports
+    from medcritical.orchestration.runner import STAGES, run_stage  # lazy: see the note at the imports
 
     recipe = task_recipe(recipe_yaml, run_root)
     recipe.run.apply_threads()  # each step is its own process: the recipe's CPU thread count here too

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from medcritical.plan.manifests import Given
-from medcritical.plan.needs import Need, plan_steps
-from medcritical.plan.units import GiB, gib
-from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
-from medcritical.runner import STAGES, keep_global_batch
-from medcritical.shipped import recipes_dir
+from medcritical.core.shipped import recipes_dir
+from medcritical.orchestration.recipe import Recipe, RecipeError, dump_recipe, load_recipe, load_recipe_text
+from medcritical.orchestration.runner import STAGES, keep_global_batch
+from medcritical.platform.plan.manifests import Given
+from medcritical.platform.plan.needs import Need, plan_steps
+from medcritical.platform.plan.units import GiB, gib
 
 
 @dataclass

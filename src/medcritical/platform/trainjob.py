@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from medcritical.errors import StepError
-from medcritical.kfp_runtime import log_metrics, run_component_step, task_recipe
-from medcritical.plan import GiB, gib, plan_steps, quantity
-from medcritical.recipe import dump_recipe, load_recipe_text
-from medcritical.runner import STAGES, keep_global_batch, stage_command
-from medcritical.scheduling import GPU_PRODUCT_LABEL, check_gpu_product, queue_labels
-from medcritical.staging import folder_file, join_uri
+from medcritical.orchestration.recipe import dump_recipe, load_recipe_text
+from medcritical.orchestration.runner import STAGES, keep_global_batch, stage_command
+from medcritical.orchestration.staging import folder_file, join_uri
+from medcritical.platform.kfp_runtime import log_metrics, run_component_step, task_recipe
+from medcritical.platform.plan import GiB, gib, plan_steps, quantity
+from medcritical.platform.scheduling import GPU_PRODUCT_LABEL, check_gpu_product, queue_labels
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ components) all call
 
     run_stage(ROLLOUT, recipe, "s3://bucket/run/round1-rollout", data="s3://bucket/run/data", model=...)
 
-From the stage's declaration (medcritical.stage) it: checks a local model input, takes the output
+From the stage's declaration (medcritical.core.stage) it: checks a local model input, takes the output
 folder's one-writer lock (a second run into it stops at once, naming the holder), probes an S3 output
 (credentials, bucket, write permission) and aborts the uploads an interrupted run left there, finds
 every input (a given URI, else the declared default), downloads S3 inputs and recipe files, calls the
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from medcritical import storage
+from medcritical.core.stage import OUTPUT_URI, Stage
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.errors import UserError
@@ -34,11 +35,9 @@ from medcritical.io.lock import output_lock
 from medcritical.io.manifest import MANIFEST_NAME, ManifestError, check_integrity, decode
 from medcritical.io.ranks import is_main_process
 from medcritical.io.read_guard import reading_only
-from medcritical.recipe import Recipe, RecipeError
-from medcritical.report import REPORT
-from medcritical.selfplay.stage import DPO, ROLLOUT
-from medcritical.stage import OUTPUT_URI, Stage
-from medcritical.staging import (
+from medcritical.orchestration.recipe import Recipe, RecipeError
+from medcritical.orchestration.report import REPORT
+from medcritical.orchestration.staging import (
     MODEL_POINTER,
     check_model_uri,
     input_file,
@@ -50,6 +49,7 @@ from medcritical.staging import (
     sibling_uri,
     stage_uri,
 )
+from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.storage.folders import read_small_object, remove_folder
 from medcritical.storage.lease import writer_lease
 from medcritical.training.stage import SFT
@@ -142,7 +142,7 @@ def finished_stats(
     stage: Stage, recipe: Recipe, output_uri: str, paths: dict[str, Path | None], options: dict
 ) -> dict | None:
     """The stored statistics when `output_uri` already holds the finished run of `stage` on these inputs, else
-    None (the rule: medcritical.stage). Only what decides it is read: an S3 folder's manifest, fingerprint and
+    None (the rule: medcritical.core.stage). Only what decides it is read: an S3 folder's manifest, fingerprint and
     statistics, never the folder itself; the fingerprint is computed last (it may hash the model's weights)."""
     if stage.fingerprint is None or stage.expected_fingerprint is None or options.get("restart"):
         return None

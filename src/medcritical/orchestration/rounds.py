@@ -27,13 +27,19 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 from medcritical import storage
+from medcritical.analysis.plotting import figure
+from medcritical.core.stage import Stage
 from medcritical.evaluation.stage import EVALUATE
-from medcritical.plotting import figure
-from medcritical.recipe import Recipe
-from medcritical.runner import run_stage
+from medcritical.orchestration.recipe import Recipe
+from medcritical.orchestration.runner import run_stage
+from medcritical.orchestration.staging import (
+    final_eval_folder,
+    final_model_label,
+    join_uri,
+    local_output_path,
+    stage_uri,
+)
 from medcritical.selfplay.stage import DPO, ROLLOUT
-from medcritical.stage import Stage
-from medcritical.staging import final_eval_folder, final_model_label, join_uri, local_output_path, stage_uri
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from medcritical import storage
 from medcritical.errors import UserError
-from medcritical.kfp_runtime import resolved_recipe_env
-from medcritical.pipeline_runner import pipeline_for, recipe_parameter
-from medcritical.recipe import Recipe, RecipeError
-from medcritical.report import REPORT
-from medcritical.staging import join_uri
+from medcritical.orchestration.recipe import Recipe, RecipeError
+from medcritical.orchestration.report import REPORT
+from medcritical.orchestration.staging import join_uri
+from medcritical.platform.kfp_runtime import resolved_recipe_env
+from medcritical.platform.pipeline_runner import pipeline_for, recipe_parameter
 
 log = logging.getLogger(__name__)
 

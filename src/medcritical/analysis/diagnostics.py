@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+from medcritical.core.values import percent
 from medcritical.grader import AMBIGUOUS, ANSWERED, EMPTY, INVALID, TRUNCATED, grade_answer
-from medcritical.values import percent
 
 STATUSES = (ANSWERED, EMPTY, TRUNCATED, AMBIGUOUS, INVALID)
 NO_ANSWER = "(none)"

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 from medcritical import storage
-from medcritical.arms import arm_table
+from medcritical.analysis.plotting import figure
+from medcritical.analysis.stats import paired_markdown, paired_table
+from medcritical.core.stage import Input, Stage
+from medcritical.core.values import dotted, number_text, percent
 from medcritical.data.stage import PREPARE_DATA
 from medcritical.distill.stage import DISTILL
 from medcritical.errors import InputError
@@ -14,15 +17,12 @@ from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.io.read_guard import also_reading
-from medcritical.plotting import figure
-from medcritical.recipe import Recipe, dump_recipe
+from medcritical.orchestration.arms import arm_table
+from medcritical.orchestration.recipe import Recipe, dump_recipe
+from medcritical.orchestration.staging import read_stats, stage_uri, work_dir
 from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.selfplay.train_pass import TRAIN_PASS_STATS, train_pass_line
-from medcritical.stage import Input, Stage
-from medcritical.staging import read_stats, stage_uri, work_dir
-from medcritical.stats import paired_markdown, paired_table
 from medcritical.training.stage import SFT
-from medcritical.values import dotted, number_text, percent
 
 PLOT = "models.png"
 

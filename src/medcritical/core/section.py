@@ -1,4 +1,4 @@
-"""Base of every recipe section (see medcritical.recipe), and the checks sections share."""
+"""Base of every recipe section (see medcritical.orchestration.recipe), and the checks sections share."""
 
 from __future__ import annotations
 

@@ -19,14 +19,14 @@ from itertools import count, takewhile
 from pathlib import Path
 
 from medcritical import storage
+from medcritical.analysis.stats import mcnemar_exact
+from medcritical.core.values import dotted, number_text, percent
 from medcritical.errors import InputError, MissingInputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL
 from medcritical.evaluation.stage import EVALUATE
+from medcritical.orchestration.staging import eval_folder, final_eval_folder, stage_folder
 from medcritical.selfplay.stage import DPO, ROLLOUT
-from medcritical.staging import eval_folder, final_eval_folder, stage_folder
-from medcritical.stats import mcnemar_exact
-from medcritical.values import dotted, number_text, percent
 
 
 def _read(path: Path) -> dict | None:

@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medcritical.plan.shapes import ModelShape, model_shape
-from medcritical.plan.units import GiB, PlanError
-from medcritical.recipe import TINY, Recipe
-from medcritical.shipped import deepspeed_dir
+from medcritical.core.shipped import deepspeed_dir
+from medcritical.orchestration.recipe import TINY, Recipe
+from medcritical.platform.plan.shapes import ModelShape, model_shape
+from medcritical.platform.plan.units import GiB, PlanError
 from medcritical.training.common import DEEPSPEED_NAMES
 
 CMEXAM_TRAIN_QUESTIONS = 54_497  # CMExam's official train split: the paper recipes use all of it

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+from medcritical.core.shipped import benchmark_results_dir
 from medcritical.evaluation.stage import EVALUATE
-from medcritical.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
-from medcritical.runner import STAGES
+from medcritical.orchestration.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
+from medcritical.orchestration.runner import STAGES
+from medcritical.orchestration.staging import eval_folder, stage_folder
 from medcritical.selfplay.stage import DPO, ROLLOUT
-from medcritical.shipped import benchmark_results_dir
-from medcritical.staging import eval_folder, stage_folder
 
 
 def measured_seconds(recipe: Recipe) -> tuple[dict[str, float], str] | None:

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from medcritical import values
+from medcritical.core import values
+from medcritical.core.section import Section, check_output_uri
 from medcritical.data.config import BUNDLED, DataSection
 from medcritical.distill.config import DistillSection
 from medcritical.errors import UserError
 from medcritical.evaluation.config import EvaluateSection, JudgeSection
 from medcritical.modeling.config import TINY, GenerationSection, ModelSection, TinyModelSection
-from medcritical.section import Section, check_output_uri
 from medcritical.selfplay.config import SelfPlaySection
 from medcritical.training.config import TRAINER_CHECKED, SFTSection
 

@@ -1,0 +1,1 @@
+"""What the stages' reports share: statistics, plots, format diagnostics."""
