@@ -30,7 +30,7 @@ def test_every_declaration_states_what_a_finished_run_holds():
         assert set(stage.optional) <= set(stage.outputs), stage.name
         assert stage.stats in stage.required_outputs, stage.name  # the statistics a finished run returns
         assert stage.expected_fingerprint is None or stage.fingerprint in stage.required_outputs, stage.name
-        assert set(stage.extra_stats.values()) <= set(stage.optional), stage.name
+        assert set(stage.extra_stats.values()) <= set(stage.outputs), stage.name
     # Every training stage, and evaluation, is decided by the runner.
     assert {s.name for s in STAGES.values() if s.expected_fingerprint} >= {"sft", "dpo", "evaluate"}
 
@@ -159,6 +159,12 @@ def test_dpo_folder_with_the_same_fingerprint_returns_its_metrics_and_train_pass
     done = dataclasses.replace(DPO, run=never_run)
     result = run_stage(done, recipe, str(out), rollout=str(rollout), model=str(tiny_model))
     assert result == stats | {"train_pass": {"pass@1_after": 0.5}}
+
+    # Killed while measuring pass@1 after DPO (train_pass.json is written last): not finished, run again.
+    (out / "train_pass.json").unlink()
+    with pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(done, recipe, str(out), rollout=str(rollout), model=str(tiny_model))
+    (out / "train_pass.json").write_text(json.dumps({"pass@1_after": 0.5}))
 
     (rollout / "pairs_heldout.jsonl").write_text('{"prompt": "other"}\n')  # other held-out pairs: trained again
     with pytest.raises(AssertionError, match="the stage ran"):

@@ -89,8 +89,13 @@ def _dpo(
         restart=restart,
         output_uri=output_uri,
     )
-    if result.get("status") != "skipped" and recipe.evaluate.train_pass_questions != 0 and is_main_process():
-        result["train_pass"] = measure_train_pass(recipe, rollouts, data, Path(result["model"]), output_dir)
+    if result.get("status") != "skipped" and is_main_process():
+        # Written last, whether measured or not: the runner counts a DPO folder without it as unfinished (a run
+        # killed while measuring is measured again, not returned without its figure).
+        if recipe.evaluate.train_pass_questions == 0:
+            result["train_pass"] = _not_measured(output_dir, "evaluate.train_pass_questions is 0", turned_off=True)
+        else:
+            result["train_pass"] = measure_train_pass(recipe, rollouts, data, Path(result["model"]), output_dir)
     return result
 
 
@@ -124,8 +129,9 @@ def _dpo_fingerprint(recipe, *, rollout: Path, heldout: Path | None, model: Path
     return dpo_fingerprint(recipe.selfplay.dpo, rollout, heldout, model, recipe.run.seed)
 
 
-def _not_measured(output_dir: Path, reason: str) -> dict:
-    log.warning("training pass@1 after DPO not measured: %s", reason)
+def _not_measured(output_dir: Path, reason: str, *, turned_off: bool = False) -> dict:
+    if not turned_off:
+        log.warning("training pass@1 after DPO not measured: %s", reason)
     stats = {"status": "not measured", "reason": reason}
     (output_dir / TRAIN_PASS_STATS).write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     return stats
@@ -164,8 +170,8 @@ DPO = Stage(
     produces="model",
     unchanged_model="model",  # no pairs: the round keeps its model
     local_only=(CHECKPOINTS,),
-    # adapter/: LoRA only; dpo_heldout.png: with held-out pairs; train_pass*: evaluate.train_pass_questions
-    optional=("adapter", "dpo_loss.png", "dpo_heldout.png", TRAIN_PASS, TRAIN_PASS_STATS),
+    # adapter/: LoRA only; dpo_heldout.png: with held-out pairs; train_pass.jsonl: when it was measured
+    optional=("adapter", "dpo_loss.png", "dpo_heldout.png", TRAIN_PASS),
     expected_fingerprint=_dpo_fingerprint,  # a run skipped for want of pairs records none: it runs again
     extra_stats={"train_pass": TRAIN_PASS_STATS},
 )
