@@ -17,7 +17,7 @@ from medcritical.orchestration.recipe import load_recipe_text
 from medcritical.orchestration.runner import finished_stats, with_recipe_value
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.run import run_rollout
-from medcritical.selfplay.stage import DPO
+from medcritical.selfplay.stage import DPO, _not_measured
 from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, train_dpo
 from medcritical.training.dpo_data import drop_too_long, read_pairs, split_heldout
@@ -109,9 +109,11 @@ def test_lora_dpo_raises_the_heldout_margin(pairs_dir, format_model, tmp_path):
         assert (output / name).is_file()
     # The runner finds the finished run and returns its metrics without training again.
     paths = {"rollout": pairs_dir / "pairs.jsonl", "heldout": pairs_dir / "pairs_heldout.jsonl", "model": format_model}
+    assert finished_stats(DPO, dpo_recipe(config), str(output), paths, {}) is None  # the stage's last file missing
+    train_pass = _train_pass_as_the_stage_writes_it(output)
     assert finished_stats(DPO, dpo_recipe(config), str(output), paths, {}) == json.loads(
         (output / "dpo_metrics.json").read_text()
-    )
+    ) | {"train_pass": train_pass}
 
 
 @pytest.mark.parametrize(
@@ -187,6 +189,7 @@ def test_dpo_resumes_from_its_last_checkpoint(pairs_dir, format_model, tmp_path)
         paths = {"rollout": pairs_dir / "pairs.jsonl", "heldout": None, "model": model}
         return finished_stats(DPO, dpo_recipe(config), str(tmp_path), paths, {})
 
+    metrics = metrics | {"train_pass": _train_pass_as_the_stage_writes_it(tmp_path)}
     assert finished(format_model) == metrics
     moved = shutil.copytree(format_model, tmp_path.parent / f"{tmp_path.name}-model")
     assert finished(moved) == metrics
@@ -277,3 +280,8 @@ def test_heldout_pairs_split_by_whole_question_into_selection_and_reporting():
         and {p["prompt"][0]["content"] for p in split_heldout(list(reversed(pairs)), seed=0)[1]} == prompts[1]
     )
     assert split_heldout(pairs[:1], seed=0) == (pairs[:1], [])  # one question: nothing left to report on
+
+
+def _train_pass_as_the_stage_writes_it(folder) -> dict:
+    """The DPO stage writes train_pass.json last, measured or not; train_dpo alone (called here) does not."""
+    return _not_measured(folder, "not measured in this test", turned_off=True)
