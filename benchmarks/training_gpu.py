@@ -172,10 +172,9 @@ def run_one_case(name: str, args) -> dict:
                 lora=_lora(case),
                 deepspeed=case.deepspeed,
                 trainer=_trainer(args, case) | {"precompute_ref_log_probs": case.precompute},
+                resume=False,
             )
-            train_dpo(
-                config, args.dpo_data, None, model_dir, output_dir, device=device, resume=False, callbacks=[timer]
-            )
+            train_dpo(config, args.dpo_data, None, model_dir, output_dir, device=device, callbacks=[timer])
         else:
             from datasets import Dataset
             from transformers import AutoModelForCausalLM, AutoTokenizer
