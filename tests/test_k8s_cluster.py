@@ -318,7 +318,7 @@ def test_local_load_replaces_an_earlier_version_of_an_image(cluster, tmp_path):
     finally:
         refs = subprocess.run([*ctr, "ls", "-q"], capture_output=True, text=True).stdout.split()
         subprocess.run([*ctr, "rm", *[r for r in refs if r == image or r in ids]], capture_output=True)
-        subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", image, *ids], capture_output=True)  # both builds
 
 
 def test_dev_overlay_brings_up_minio_and_its_bucket(cluster):
