@@ -119,12 +119,14 @@ def _allowed_for(path: Path, model: bool) -> list[Path]:
 
 
 @contextlib.contextmanager
-def reading_only(stage: Any, output_dir: Path, inputs: Mapping[str, Path | None], recipe: Any = None) -> Iterator[None]:
+def reading_only(
+    stage: Any, output_dir: Path, inputs: Mapping[str, Path | None], recipe_files: Iterable[Any] = ()
+) -> Iterator[None]:
     """Refuse, while the block runs in this thread (and in what it awaits there), a read of the run's
     folders outside `inputs` (the runner's local paths of `stage`'s declared inputs) and `output_dir`.
 
-    `stage` is the declaration (its name, its inputs' kinds, the recipe keys of the files it reads);
-    `recipe` the recipe it runs with (those files, as the runner made them local)."""
+    `stage` is the declaration (its name, its inputs' kinds); `recipe_files` the files the recipe names for it
+    (`Stage.files_in_recipe`'s values, as the runner made them local; an unset one is None)."""
     install()
     output_dir = Path(output_dir)
     specs = getattr(stage, "inputs", {})
@@ -137,10 +139,7 @@ def reading_only(stage: Any, output_dir: Path, inputs: Mapping[str, Path | None]
         allowed += _allowed_for(Path(path), model)
         if not model and Path(path).is_file():
             guarded.append(Path(path).parent)  # the folder of another stage: its other files are not declared
-    for key in stage.files_in_recipe(recipe) if recipe is not None else ():
-        value = _recipe_value(recipe, key)
-        if value:
-            allowed.append(Path(value))
+    allowed += [Path(value) for value in recipe_files if value]
     # An output straight under / or the home folder would make everything there the run's: not guarded.
     too_wide = {_real(os.sep), _real(Path.home())}
     zones = tuple(zone for zone in dict.fromkeys(_real(p) for p in guarded) if zone not in too_wide)
@@ -163,13 +162,6 @@ def _code_below(zones: tuple[str, ...]) -> list[str]:
         if any(folder != zone and _within(folder, [zone]) for zone in zones):
             below.append(folder)
     return below
-
-
-def _recipe_value(recipe: Any, dotted: str) -> Any:
-    value = recipe
-    for part in dotted.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 @contextlib.contextmanager

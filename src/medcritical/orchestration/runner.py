@@ -130,7 +130,8 @@ def _execute(stage: Stage, recipe: Recipe, output_uri: str, uris: dict[str, str]
     if finished is not None:
         return finished
     with local_output(output_uri, keep_local=stage.local_only) as out:
-        with reading_only(stage, out, paths, recipe):  # an undeclared read of the run's folders is refused
+        recipe_files = [recipe_value(recipe, key) for key in stage.files_in_recipe(recipe)]
+        with reading_only(stage, out, paths, recipe_files):  # an undeclared read of the run's folders is refused
             result = stage.run(recipe, out, **paths, **options)
         if stage.unchanged_model and result.get("status") == "skipped":
             (out / MODEL_POINTER).write_text(uris.get(stage.unchanged_model) or recipe.model.base, encoding="utf-8")
