@@ -380,18 +380,18 @@ load() { # docker images -> containerd's k8s.io namespace, skipped when the same
   for image in "$@"; do
     id=$(docker image inspect -f '{{.Id}}' "$image") || die "docker has no image $image"
     marker=$STATE/containerd-images/$(echo "$image" | tr '/:' '__')
-    if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && ctr_ images ls -q | grep -qx "$(normalized "$image")"; then
+    before=$(digest_of "$image") # empty: not in containerd
+    if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && [ -n "$before" ]; then
       log "$image: in containerd already"
       continue
     fi
     # An import stores the layers twice (the archive's blobs and the unpacked snapshot); a new version of an
     # image already there shares most of them, so only a first import is counted at full size.
-    if ctr_ images ls -q | grep -qx "$(normalized "$image")"; then need_disk 3 "importing $image"; else
+    if [ -n "$before" ]; then need_disk 3 "importing $image"; else
       bytes=$(docker image inspect -f '{{.Size}}' "$image")
       need_disk $((2 * bytes / 1024 / 1024 / 1024 + 3)) "importing $image"
     fi
     log "$image: importing into the node's containerd"
-    before=$(digest_of "$image")
     docker save "$image" | ctr_ images import - >/dev/null
     echo "$id" >"$marker"
     # The runtime also names each image by its ID (sha256:...), and that name kept every earlier version of a
