@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> Path:
         metavar="KEY=VALUE",
         help="recipe override for both runs (repeatable)",
     )
+    parser.add_argument(
+        "--no-warm-worker",
+        dest="warm",
+        action="store_false",
+        help="run `medcritical run --no-warm-worker`: every task a fresh Python that imports what it needs itself",
+    )
     parser.add_argument("--keep", action="store_true", help="keep both run folders (printed) instead of deleting them")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/pipeline_e2e.json)")
     args = parser.parse_args(argv)
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
     command = [str(cli)] if cli.is_file() else [sys.executable, "-m", "medcritical.cli"]
     command += [
         "run",
+        *([] if args.warm else ["--no-warm-worker"]),
         "--recipe",
         recipe_path,
         *sum((["--set", o] for o in args.overrides), []),

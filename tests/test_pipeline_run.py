@@ -47,6 +47,9 @@ def test_whole_pipeline_runs_locally_with_s3_artifacts(s3_env, s3_server, tmp_pa
     assert "sft ..." in console and "sft: success" in console and "pipeline: success" in console
     assert f"step sft -> s3://{bucket}/runs/e2e/sft" in console
     assert "executor_input" not in console and "outputFile" not in console
+    # Every stage ran in a fork of the warm worker (torch, transformers and TRL imported once for the run):
+    # data, distill, SFT, rollout, DPO, three evaluations and the report.
+    assert console.count("running in a fork") == 9, console
 
     report = json.loads((report_dir / "report.json").read_text())
     assert report["protocol"] == "mcq"

@@ -37,3 +37,13 @@ def test_an_s3_run_root_without_settings_stops_before_any_task(monkeypatch, tmp_
     out, err = capsys.readouterr()
     assert "s3://bucket/x: MEDCRITICAL_S3_ENDPOINT is not set" in err and "Traceback" not in err
     assert "configure" not in out + err  # no task ran
+
+
+def test_a_user_error_raised_in_the_warm_workers_fork_ends_the_run_as_one_sentence(tmp_path, capsys):
+    """The real run: prepare-data (run in a fork of the warm worker) meets a file without questions."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"bad": 1}\n', encoding="utf-8")
+    assert main(["run", "--set", f"run.output_dir={tmp_path / 'run'}", "--set", f"data.source={bad}"]) == 2
+    out, err = capsys.readouterr()
+    assert f"task 'prepare-data' failed: {bad}: no usable question" in err
+    assert "running in a fork" in out  # it did run in the worker's fork

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from medcritical.errors import InputError
 from medcritical.orchestration.recipe import Recipe, RecipeError, dump_recipe, load_recipe_text
 from medcritical.orchestration.staging import input_file, join_uri, local_output_path
+from medcritical.platform import warm_worker
 
 if TYPE_CHECKING:
     from medcritical.core.stage import Stage  # annotations only
@@ -193,23 +194,29 @@ def log_metrics(metrics, result: dict | None) -> None:
 
 def run_component_step(step: str, recipe_yaml: str, run_root: str, name: str, metrics, markdown=None, **inputs) -> str:
     """Run one stage inside a KFP component through the runner; log its numeric statistics; return its
-    output URI. `inputs` are the stage's declared inputs (URIs) and options."""
-    from medcritical.orchestration.runner import STAGES, run_stage  # lazy: see the note at the imports
+    output URI. `inputs` are the stage's declared inputs (URIs) and options. In `medcritical run` the stage
+    runs in a fork of the warm worker, which has torch, transformers and TRL imported already."""
 
     recipe = task_recipe(recipe_yaml, run_root)
-    recipe.run.apply_threads()  # each step is its own process: the recipe's CPU thread count here too
     output_uri = join_uri(run_root, name)
     log.info("step %s -> %s", name, output_uri)
-    stage = STAGES[step]
-    gpus = visible_gpus() if uses_every_gpu(stage) and "RANK" not in os.environ else 0
-    if gpus > 1:
-        result = run_data_parallel(stage, recipe, output_uri, inputs, gpus)
-    else:
-        result = run_stage(stage, recipe, output_uri, **inputs)
+    result = warm_worker.call(execute_step, step, recipe, output_uri, inputs)
     log_metrics(metrics, result)
     if markdown is not None and result and "markdown" in result:
         Path(markdown.path).write_text(result["markdown"], encoding="utf-8")
     return output_uri
+
+
+def execute_step(step: str, recipe: Recipe, output_uri: str, inputs: dict) -> dict:
+    """The stage `step` of a pipeline task, with the recipe's CPU threads, on every GPU of the pod for training."""
+    from medcritical.orchestration.runner import STAGES, run_stage  # lazy: see the note at the imports
+
+    recipe.run.apply_threads()
+    stage = STAGES[step]
+    gpus = visible_gpus() if uses_every_gpu(stage) and "RANK" not in os.environ else 0
+    if gpus > 1:
+        return run_data_parallel(stage, recipe, output_uri, inputs, gpus)
+    return run_stage(stage, recipe, output_uri, **inputs)
 
 
 # -- Lineage: the steps' folders as KFP artifacts --------------------------------------------------------

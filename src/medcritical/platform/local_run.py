@@ -20,17 +20,20 @@ from medcritical.errors import UserError
 from medcritical.orchestration.recipe import Recipe, RecipeError
 from medcritical.orchestration.report import REPORT
 from medcritical.orchestration.staging import join_uri
+from medcritical.platform import warm_worker
 from medcritical.platform.kfp_runtime import resolved_recipe_env
 from medcritical.platform.pipeline_runner import pipeline_for, recipe_parameter
 
 log = logging.getLogger(__name__)
 
 
-def run_locally(recipe: Recipe) -> Path:
+def run_locally(recipe: Recipe, warm: bool = True) -> Path:
     """Run every step as a subprocess of this Python through KFP's local runner; return the report folder.
 
     KFP's runner prints every executor's input and output JSON; that goes to `pipeline.log` and the
-    console shows the steps and what they report.
+    console shows the steps and what they report. With `warm`, the steps that train or generate run in forks
+    of one warm worker (medcritical.platform.warm_worker) instead of importing torch, transformers and TRL
+    again in each task.
     """
     from kfp import local
 
@@ -57,7 +60,12 @@ def run_locally(recipe: Recipe) -> Path:
     with open(log_path, "a", encoding="utf-8") as log_file:
         echo = ConsoleEcho(log_file, sys.stdout, started)
         try:
-            with contextlib.redirect_stdout(echo), warnings.catch_warnings(), task_environment(resolved):
+            with contextlib.ExitStack() as scope:
+                scope.enter_context(task_environment(resolved))
+                if warm:  # started in the tasks' environment: a task whose environment differs runs on its own
+                    scope.enter_context(task_environment(scope.enter_context(warm_worker.offered(log_file))))
+                scope.enter_context(contextlib.redirect_stdout(echo))
+                scope.enter_context(warnings.catch_warnings())
                 # Expected locally: the steps run in this Python, not in their images; names are for the UI.
                 warnings.filterwarnings(
                     "ignore", message=".*(non-Python base image|no effect in the current local runner)"
