@@ -185,3 +185,38 @@ def test_project_imports_sit_at_the_top_or_say_why():
             if not said:
                 unexplained.append(f"{path.relative_to(SRC)}:{line} imports {target} inside a function")
     assert unexplained == []
+
+
+# Issue 26: a module is read whole and a function at one glance; longer ones are split, or say why beside them.
+MAX_FILE_LINES = 450
+MAX_FUNCTION_LINES = 80
+LONG_REASON = "# long:"
+
+
+def test_no_library_file_over_450_lines():
+    long_files = []
+    for path in sorted((SRC / "medcritical").rglob("*.py")):
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_FILE_LINES:
+            long_files.append(f"{path.relative_to(SRC)}: {lines} lines")
+    assert long_files == []
+
+
+def test_no_function_over_80_lines_without_a_reason_beside_it():
+    """A function longer than 80 lines (its `def` to its last line) carries a comment starting
+    `# long:` on the line right above it that says why it reads best as one piece."""
+    unexplained = []
+    for path in sorted((SRC / "medcritical").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            if length <= MAX_FUNCTION_LINES:
+                continue
+            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+            above = lines[first - 2].strip() if first >= 2 else ""
+            if not above.startswith(LONG_REASON):
+                unexplained.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} is {length} lines")
+    assert unexplained == []

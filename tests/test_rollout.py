@@ -8,13 +8,9 @@ from medcritical.grader import grade_answer
 from medcritical.io.fingerprint import model_fingerprint
 from medcritical.io.jsonl import read_jsonl
 from medcritical.modeling.generation import TransformersGenerator
+from medcritical.selfplay.chance import guess_probability, guessing_acceptance
 from medcritical.selfplay.config import CorrectionSection, RolloutSection, SelfPlaySection
-from medcritical.selfplay.correction import (
-    correct_trajectories,
-    correction_statistics,
-    guess_probability,
-    guessing_acceptance,
-)
+from medcritical.selfplay.correction import correct_trajectories, correction_statistics
 from medcritical.selfplay.rollout import rollout_questions, rollout_statistics
 from medcritical.selfplay.standalone import refers_back
 
@@ -395,7 +391,7 @@ def test_placebo_measures_chance_on_the_same_trajectories(bundled):
     """Issue 24 item 3: "beyond luck" assumed independent uniform guesses. The placebo measures chance on
     the real votes: a corrector whose votes settle on any option it was not told is wrong scores as well
     for a stand-in gold as for the real one; the analytic figure is then far below (a lower bound)."""
-    from medcritical.selfplay.correction import placebo_acceptance, placebo_target
+    from medcritical.selfplay.chance import placebo_acceptance, placebo_target
 
     question = next(q for q in bundled if not q.is_multi_answer and len(q.options) == 5)
     rejected = next(x for x in question.options if x != question.answer)
@@ -438,7 +434,7 @@ def test_placebo_counts_the_attempts_that_stopped_early(bundled):
     placebo (its stand-in missed) it would have had attempt 2. Those attempts counted nothing, so the
     placebo read low. They now count at the stand-in rate of attempts that ran after a stable one (same
     prompt, fresh seed); the old figure stays as `expected_observed`, a lower bound."""
-    from medcritical.selfplay.correction import placebo_acceptance, placebo_target
+    from medcritical.selfplay.chance import placebo_acceptance, placebo_target
 
     question = next(q for q in bundled if not q.is_multi_answer and len(q.options) == 5)
     rejected = next(x for x in question.options if x != question.answer)

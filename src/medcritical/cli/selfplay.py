@@ -41,12 +41,20 @@ Writes into --output (a folder or s3:// URI):
 
 
 def add_parser(subparsers) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
+    _add_rollout(subparsers)
+    _add_pairs(subparsers)
+    _add_dpo(subparsers)
+    _add_selfplay(subparsers)
+    _add_arms(subparsers)
+
+
+def _add_rollout(subparsers) -> None:
+    """`medcritical rollout`: one self-play rollout step (rollout, correction, pairs)."""
     rollout = subparsers.add_parser(
         "rollout",
         help="self-play rollout + self-correction + preference pairs",
         description=ROLLOUT_HELP,
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_recipe_arguments(rollout)
     _questions_argument(rollout)
@@ -57,6 +65,9 @@ def add_parser(subparsers) -> None:
     add_restart_argument(rollout)
     rollout.set_defaults(func=_rollout)
 
+
+def _add_pairs(subparsers) -> None:
+    """`medcritical pairs`: the pairs rebuilt from an earlier rollout."""
     pairs = subparsers.add_parser(
         "pairs",
         help="rebuild preference pairs from an earlier rollout (no model needed)",
@@ -69,10 +80,13 @@ def add_parser(subparsers) -> None:
     pairs.add_argument("--output", required=True, metavar="DIR", help="folder for the pairs")
     pairs.set_defaults(func=_pairs)
 
+
+def _add_dpo(subparsers) -> None:
+    """`medcritical dpo`: DPO on a rollout's pairs."""
     dpo = subparsers.add_parser(
         "dpo",
         help="DPO on preference pairs (TRL), LoRA or full, held-out margin and early stopping",
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 DPO from the given model on pairs.jsonl (selfplay.dpo.*: lora, deepspeed, trainer (trl.DPOConfig: beta, loss_type, ...), ...).
 Held-out pairs (default: pairs_heldout.jsonl beside --pairs) give reward accuracy and margin, and
@@ -93,10 +107,13 @@ Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ...
     add_restart_argument(dpo)
     dpo.set_defaults(func=_dpo)
 
+
+def _add_selfplay(subparsers) -> None:
+    """`medcritical selfplay`: R rounds, each from the previous round's model."""
     rounds = subparsers.add_parser(
         "selfplay",
         help="R rounds of rollout → correction → pairs → DPO, each from the previous round's model",
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=SELFPLAY_HELP,
     )
     add_recipe_arguments(rounds)
@@ -110,10 +127,13 @@ Several GPUs / DeepSpeed: torchrun --nproc_per_node 8 -m medcritical.cli dpo ...
     rounds.add_argument("--output", required=True, metavar="DIR", help="folder for all rounds")
     rounds.set_defaults(func=_selfplay)
 
+
+def _add_arms(subparsers) -> None:
+    """`medcritical arms`: finished stage-2 runs side by side."""
     arms = subparsers.add_parser(
         "arms",
         help="stage-2 arms side by side (e.g. self- vs teacher-corrected): accuracy, pairs, cost per pair",
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 One Markdown table with a column per finished run (`medcritical run` or `medcritical selfplay` output):
 CMExam accuracy before/after stage 2 and the questions gained/lost (exact McNemar), rollout pass@1,

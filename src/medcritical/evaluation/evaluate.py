@@ -268,6 +268,112 @@ def evaluation_fingerprint(
     }
 
 
+def _student_rows(chunk: list[Question], completions) -> list[dict]:
+    return [{"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)]
+
+
+def _evaluate_mcq(
+    config: EvaluateSection,
+    generation: GenerationSection,
+    questions: list[Question],
+    model_path: str | Path,
+    output_dir: Path,
+    *,
+    generator,
+    device: str,
+    dtype: str,
+    fields: dict,
+) -> tuple[dict, list[dict]]:
+    """The ``mcq`` protocol: generate (or score by likelihood) the missing outputs and grade them; (report, graded)."""
+    with generator_for(generator, model_path, generation, device=device, dtype=dtype) as generator:
+
+        def mcq_rows(chunk: list[Question]) -> list[dict]:
+            if config.scoring != "generate":
+                return loglik_rows(generator, chunk, config)
+            completions = generator.generate(
+                [mcq_messages(q, config.language) for q in chunk],
+                temperature=0.0,
+                max_new_tokens=generation.max_new_tokens,
+                desc=f"evaluating ({config.protocol})",
+            )
+            return _student_rows(chunk, completions)
+
+        outputs = _generate_missing(questions, output_dir / OUTPUTS_JSONL, mcq_rows)
+    graded = grade_mcq(questions, outputs, generation.max_new_tokens)
+    for row in graded:
+        row["output"] = outputs[row["id"]]["output"]
+    return _report("mcq", questions, graded, scoring=config.scoring, **fields), graded
+
+
+def _evaluate_with_judge(
+    config: EvaluateSection,
+    generation: GenerationSection,
+    questions: list[Question],
+    model_path: str | Path,
+    output_dir: Path,
+    *,
+    generator,
+    judge,
+    device: str,
+    dtype: str,
+    fields: dict,
+) -> tuple[dict, list[dict]]:
+    """A judge protocol: generate the missing free answers, have the judge grade them; (report, graded)."""
+    protocol, language = config.protocol, config.language
+    judge = judge or judging.judge_from_config(config.judge, protocol, language, output_dir)  # probes it
+    sampling = judging.student_sampling(protocol, generation.max_new_tokens)
+    with generator_for(generator, model_path, generation, device=device, dtype=dtype) as generator:
+
+        def student_rows(chunk: list[Question]) -> list[dict]:
+            prompts = judging.student_prompts(protocol, chunk, language, config.judge.student_chat_template)
+            return _student_rows(chunk, generator.generate(prompts, desc=f"evaluating ({protocol})", **sampling))
+
+        outputs = _generate_missing(questions, output_dir / OUTPUTS_JSONL, student_rows)
+    graded = judging.grade_with_judge(protocol, questions, outputs, judge)
+    # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
+    judged = [row for row in graded if row["verdict"] is not None]
+    if graded and not judged:  # not an accuracy of 0 of 0: the judge is not doing its job
+        raise StepError(
+            f"the judge ({config.judge.model}) gave no verdict for any of {len(graded)} questions (first: "
+            f"{graded[0].get('error') or 'no verdict'}); its replies are in {Path(output_dir) / judging.JUDGEMENTS_JSONL}: "
+            "check evaluate.judge (model, verdict_constraint, max_tokens), then rerun with --restart"
+        )
+    judged_ids = {row["id"] for row in judged}
+    report = _report(
+        protocol,
+        [q for q in questions if q.id in judged_ids],
+        judged,
+        scoring=f"judge: {config.judge.model}",
+        **fields,
+    )
+    dropped = len(graded) - len(judged)
+    report |= {
+        "questions": len(questions),
+        "dropped": dropped,
+        "student_sampling": sampling,
+        "dropped_ids": [row["id"] for row in graded if row["verdict"] is None],
+        # What the accuracy would be if every dropped verdict had been wrong, or right.
+        "bounds": {
+            "drops_as_wrong": report["correct"] / len(questions) if questions else 0.0,
+            "drops_as_right": (report["correct"] + dropped) / len(questions) if questions else 0.0,
+        },
+    }
+    return report, graded
+
+
+def _check_usable_verdicts(config: EvaluateSection, report: dict, graded: list[dict], output_dir: Path) -> None:
+    """A judge protocol whose unusable verdicts exceed `max_unusable_share` is no result (after the report is written)."""
+    if config.protocol != "mcq" and report["dropped"] > config.judge.max_unusable_share * report["questions"]:
+        raise UnusableVerdicts(
+            f"evaluate ({config.protocol}): {report['dropped']} of {report['questions']} judge verdicts are unusable "
+            f"(more than evaluate.judge.max_unusable_share={config.judge.max_unusable_share:g}); the accuracy over "
+            f"the {report['n']} that parsed is not a result (first reply: {_first_unusable(graded)!r}). Check the "
+            f"judge endpoint honours evaluate.judge.verdict_constraint ({config.judge.verdict_constraint}), or set "
+            "extra_body's logit_bias; the report in "
+            f"{output_dir} shows the bounds"
+        )
+
+
 def evaluate_model(
     config: EvaluateSection,
     generation: GenerationSection,
@@ -301,92 +407,22 @@ def evaluate_model(
         outputs=RESUMED_OUTPUTS,
         restart=restart,
     )
-    language = config.language
-
-    def generate_rows(chunk: list[Question], build_messages) -> list[dict]:
-        completions = generator.generate(
-            [build_messages(q, language) for q in chunk],
-            temperature=0.0,
-            max_new_tokens=generation.max_new_tokens,
-            desc=f"evaluating ({config.protocol})",
-        )
-        return [{"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)]
-
-    def mcq_rows(chunk: list[Question]) -> list[dict]:
-        if config.scoring == "generate":
-            return generate_rows(chunk, mcq_messages)
-        return loglik_rows(generator, chunk, config)
-
     fields = dict(
         model=str(model_path),
         dataset=f"{len(questions)} questions",
         label=label,
-        language=language,
+        language=config.language,
         max_new_tokens=generation.max_new_tokens,
         backend=generation.backend,
     )
-    outputs_file = output_dir / OUTPUTS_JSONL
+    run = dict(generator=generator, device=device, dtype=dtype, fields=fields)
     if config.protocol == "mcq":
-        with generator_for(generator, model_path, generation, device=device, dtype=dtype) as generator:
-            outputs = _generate_missing(questions, outputs_file, mcq_rows)
-        graded = grade_mcq(questions, outputs, generation.max_new_tokens)
-        for row in graded:
-            row["output"] = outputs[row["id"]]["output"]
-        report = _report("mcq", questions, graded, scoring=config.scoring, **fields)
+        report, graded = _evaluate_mcq(config, generation, questions, model_path, output_dir, **run)
     else:
-        protocol = config.protocol
-        judge = judge or judging.judge_from_config(config.judge, protocol, language, output_dir)  # probes it
-        sampling = judging.student_sampling(protocol, generation.max_new_tokens)
-
-        def student_rows(chunk: list[Question]) -> list[dict]:
-            prompts = judging.student_prompts(protocol, chunk, language, config.judge.student_chat_template)
-            completions = generator.generate(prompts, desc=f"evaluating ({protocol})", **sampling)
-            return [
-                {"id": q.id, "output": c[0].text, "num_tokens": c[0].num_tokens} for q, c in zip(chunk, completions)
-            ]
-
-        with generator_for(generator, model_path, generation, device=device, dtype=dtype) as generator:
-            outputs = _generate_missing(questions, outputs_file, student_rows)
-        graded = judging.grade_with_judge(protocol, questions, outputs, judge)
-        # Judge errors are dropped from the denominator (as the paper does) and counted beside it.
-        judged = [row for row in graded if row["verdict"] is not None]
-        if graded and not judged:  # not an accuracy of 0 of 0: the judge is not doing its job
-            raise StepError(
-                f"the judge ({config.judge.model}) gave no verdict for any of {len(graded)} questions (first: "
-                f"{graded[0].get('error') or 'no verdict'}); its replies are in {Path(output_dir) / judging.JUDGEMENTS_JSONL}: "
-                "check evaluate.judge (model, verdict_constraint, max_tokens), then rerun with --restart"
-            )
-        judged_ids = {row["id"] for row in judged}
-        report = _report(
-            protocol,
-            [q for q in questions if q.id in judged_ids],
-            judged,
-            scoring=f"judge: {config.judge.model}",
-            **fields,
-        )
-        dropped = len(graded) - len(judged)
-        report |= {
-            "questions": len(questions),
-            "dropped": dropped,
-            "student_sampling": sampling,
-            "dropped_ids": [row["id"] for row in graded if row["verdict"] is None],
-            # What the accuracy would be if every dropped verdict had been wrong, or right.
-            "bounds": {
-                "drops_as_wrong": report["correct"] / len(questions) if questions else 0.0,
-                "drops_as_right": (report["correct"] + dropped) / len(questions) if questions else 0.0,
-            },
-        }
+        report, graded = _evaluate_with_judge(config, generation, questions, model_path, output_dir, judge=judge, **run)
     report["wall_s"] = round(time.perf_counter() - started, 2)
     write_report(report, graded, output_dir)
-    if config.protocol != "mcq" and report["dropped"] > config.judge.max_unusable_share * report["questions"]:
-        raise UnusableVerdicts(
-            f"evaluate ({config.protocol}): {report['dropped']} of {report['questions']} judge verdicts are unusable "
-            f"(more than evaluate.judge.max_unusable_share={config.judge.max_unusable_share:g}); the accuracy over "
-            f"the {report['n']} that parsed is not a result (first reply: {_first_unusable(graded)!r}). Check the "
-            f"judge endpoint honours evaluate.judge.verdict_constraint ({config.judge.verdict_constraint}), or set "
-            "extra_body's logit_bias; the report in "
-            f"{output_dir} shows the bounds"
-        )
+    _check_usable_verdicts(config, report, graded, output_dir)
     log.info(
         "CMExam accuracy (%s) of %s: %.1f%% (%d/%d%s) -> %s",
         report["protocol"],

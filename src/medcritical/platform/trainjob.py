@@ -58,6 +58,59 @@ def trainjob_name(step: str, output_uri: str) -> str:
     return f"medcritical-{step}-{hashlib.sha256(output_uri.encode()).hexdigest()[:10]}"
 
 
+def _node_resources(gpus_per_node: int, memory: str, ephemeral: str, gpu_product: str) -> tuple[dict, dict, dict]:
+    """A node's (requests, limits, placement): its GPUs and GPU product, or a CPU node's modest share."""
+    requests = {"cpu": str(8 * gpus_per_node), "memory": memory, "ephemeral-storage": ephemeral}
+    product = check_gpu_product(gpu_product)
+    placement = {}
+    if gpus_per_node:
+        requests["nvidia.com/gpu"] = str(gpus_per_node)
+        limits = dict(requests)
+        if product:  # CPU nodes (gpus_per_node=0) carry no GPU product
+            placement["nodeSelector"] = {GPU_PRODUCT_LABEL: product}
+    else:
+        # A CPU node's process uses the cores the node has free; the request only has to fit beside others.
+        requests["cpu"] = "500m"
+        limits = {**requests, "cpu": "2"}
+    return requests, limits, placement
+
+
+def _node_pod(work: str, shm_size: str, placement: dict) -> dict:
+    """The pod fields patched onto the runtime's `node` job: no API token, non-root, read-only root, scratch volumes."""
+    return {
+        "serviceAccountName": "medcritical",  # no API token (k8s/overlays/pipeline-rbac)
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        **placement,
+        "volumes": [
+            {"name": "tmp", "emptyDir": {"sizeLimit": work}},
+            {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+        ],
+        "containers": [
+            {
+                "name": "node",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "home", "mountPath": "/home/medcritical"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                ],
+            }
+        ],
+    }
+
+
 def trainjob_manifest(
     step: str,
     recipe_yaml: str,
@@ -99,20 +152,9 @@ def trainjob_manifest(
         {"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
         for key in ("MEDCRITICAL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     ]
-    requests = {"cpu": str(8 * gpus_per_node), "memory": memory, "ephemeral-storage": ephemeral}
-    product = check_gpu_product(gpu_product)
+    requests, limits, placement = _node_resources(gpus_per_node, memory, ephemeral, gpu_product)
     labels = {"app.kubernetes.io/part-of": "medcritical", "app.kubernetes.io/component": step}
     labels.update(queue_labels(kueue_queue, kueue_priority))
-    placement = {}
-    if gpus_per_node:
-        requests["nvidia.com/gpu"] = str(gpus_per_node)
-        limits = dict(requests)
-        if product:  # CPU nodes (gpus_per_node=0) carry no GPU product
-            placement["nodeSelector"] = {GPU_PRODUCT_LABEL: product}
-    else:
-        # A CPU node's process uses the cores the node has free; the request only has to fit beside others.
-        requests["cpu"] = "500m"
-        limits = {**requests, "cpu": "2"}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
@@ -139,42 +181,7 @@ def trainjob_manifest(
             },
             # Trainer v2.2 patches the runtime's pods through runtimePatches (podTemplateOverrides is gone):
             # the `node` job of torch-distributed, its `node` container (env only through `trainer`).
-            "runtimePatches": [
-                runtime_patch(
-                    {
-                        "serviceAccountName": "medcritical",  # no API token (k8s/overlays/pipeline-rbac)
-                        "securityContext": {
-                            "runAsNonRoot": True,
-                            "runAsUser": 10001,
-                            "runAsGroup": 10001,
-                            "fsGroup": 10001,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
-                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                        **placement,
-                        "volumes": [
-                            {"name": "tmp", "emptyDir": {"sizeLimit": work}},
-                            {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
-                            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-                        ],
-                        "containers": [
-                            {
-                                "name": "node",
-                                "securityContext": {
-                                    "allowPrivilegeEscalation": False,
-                                    "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]},
-                                },
-                                "volumeMounts": [
-                                    {"name": "tmp", "mountPath": "/tmp"},
-                                    {"name": "home", "mountPath": "/home/medcritical"},
-                                    {"name": "dshm", "mountPath": "/dev/shm"},
-                                ],
-                            }
-                        ],
-                    }
-                )
-            ],
+            "runtimePatches": [runtime_patch(_node_pod(work, shm_size, placement))],
         },
     }
 

@@ -9,16 +9,15 @@ For each wrong rollout trajectory, up to M attempts (`selfplay.correction.attemp
    question (`standalone.rewrite_messages`); the rewrite must reach gold again, be in the trained
    format and never refer back to an earlier attempt. It becomes the pair's chosen text.
 Every step is graded by the one grader, `grade_answer`. Attempts stop at the first accepted one.
+What luck alone explains of the accepted ones: `selfplay.chance`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from math import comb
 from pathlib import Path
 from typing import Protocol
 
@@ -29,9 +28,10 @@ from medcritical.grader import grade_answer
 from medcritical.io.jsonl import append_jsonl
 from medcritical.modeling.generation import Generator, Messages
 from medcritical.prompts import format_options, load_prompt
+from medcritical.selfplay.chance import guess_probability, guessing_acceptance, placebo_acceptance
 from medcritical.selfplay.config import CorrectionSection
 from medcritical.selfplay.cost import prompt_token_counter, timed
-from medcritical.selfplay.records import resume_groups
+from medcritical.selfplay.records import resume_groups, trajectory_key
 from medcritical.selfplay.standalone import (
     in_trained_format,
     refers_back,
@@ -157,10 +157,6 @@ class TeacherCorrector:
         return [replies[i * votes : (i + 1) * votes] for i in range(len(prompts))]
 
 
-def _key(record: dict) -> tuple[str, int]:
-    return record["question_id"], record["sample"]
-
-
 def _graded(reply: Reply, question: Question) -> dict:
     grade = grade_answer(reply.text, question.answer, question.options)
     vote = {
@@ -173,6 +169,83 @@ def _graded(reply: Reply, question: Question) -> dict:
     if reply.error:
         vote["error"] = reply.error
     return vote
+
+
+def _attempt(question: Question, votes: Sequence[Reply], need: int) -> dict:
+    """An attempt from its graded votes: stable when at least `need` of them reach gold; its rewrite comes later."""
+    graded = [_graded(v, question) for v in votes]
+    gold_votes = sum(v["correct"] for v in graded)
+    return {
+        "votes": graded,
+        "gold_votes": gold_votes,
+        "stable": gold_votes >= need,
+        "rewrite": None,
+        "accepted": False,
+        "reason": None if gold_votes >= need else "unstable",
+    }
+
+
+def _rewrite_stable(
+    generator,
+    count_student,
+    config: CorrectionSection,
+    asked: list[Question],
+    attempts: list[dict],
+    keys: list[str],
+    *,
+    desc: str,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    timings,
+) -> None:
+    """The student turns each stable attempt's first gold-reaching correction into a fresh answer to the question
+    alone; the attempt is accepted when that rewrite reaches gold, stands alone and is in the trained format."""
+    analyses = [next(v["text"] for v in attempt["votes"] if v["correct"]) for attempt in attempts]
+    prompts = [rewrite_messages(question, a, config.language) for question, a in zip(asked, analyses)]
+    with timed(timings, "rewrite") if timings else nullcontext():
+        rewrites = generator.generate(
+            prompts,
+            n=1,
+            temperature=config.rewrite_temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            keys=keys,
+            desc=desc,
+        )
+    for question, attempt, prompt, (completion,) in zip(asked, attempts, prompts, rewrites):
+        rewrite = _graded(
+            Reply(completion.text, count_student(prompt) if count_student else 0, completion.num_tokens), question
+        )
+        rewrite["refers_back"] = refers_back(completion.text)
+        rewrite["in_format"] = in_trained_format(completion.text)
+        attempt["rewrite"] = rewrite
+        attempt["reason"] = (
+            "rewrite_wrong"
+            if not rewrite["correct"]
+            else "rewrite_refers_back"
+            if rewrite["refers_back"]
+            else "rewrite_format"
+            if not rewrite["in_format"]
+            else None
+        )
+        attempt["accepted"] = attempt["reason"] is None
+
+
+def _record(rollout: dict, tried: list[dict], corrector: str) -> dict:
+    """One wrong trajectory's record: its attempts and, when one was accepted, its correction and chosen text."""
+    accepted = next((a for a in tried if a["accepted"]), None)
+    return {
+        "question_id": rollout["question_id"],
+        "sample": rollout["sample"],
+        "corrector": corrector,
+        "attempts": tried,
+        "corrected": accepted is not None,
+        "correction": next(v["text"] for v in accepted["votes"] if v["correct"]) if accepted else None,
+        "chosen": accepted["rewrite"]["text"] if accepted else None,
+        "chosen_tokens": accepted["rewrite"]["completion_tokens"] if accepted else None,
+    }
 
 
 def correct_trajectories(
@@ -200,8 +273,8 @@ def correct_trajectories(
     """
     corrector = corrector or SelfCorrector(generator)
     count_student = prompt_token_counter(generator)
-    done = resume_groups(output_path, key=_key, complete=lambda group: len(group) == 1)
-    todo = [r for r in wrong if _key(r) not in done]
+    done = resume_groups(output_path, key=trajectory_key, complete=lambda group: len(group) == 1)
+    todo = [r for r in wrong if trajectory_key(r) not in done]
     if done:
         log.info("correction: %d trajectories already done, %d to go", len(wrong) - len(todo), len(todo))
     need = config.needed_votes
@@ -228,170 +301,28 @@ def correct_trajectories(
                         f"{chunk[i]['question_id']}#{chunk[i]['sample']}#correction{attempt_number}" for i in pending
                     ],
                 )
-            stable = []
             for i, votes in zip(pending, replies):
-                graded = [_graded(v, asked[i]) for v in votes]
-                gold_votes = sum(v["correct"] for v in graded)
-                attempt = {
-                    "votes": graded,
-                    "gold_votes": gold_votes,
-                    "stable": gold_votes >= need,
-                    "rewrite": None,
-                    "accepted": False,
-                    "reason": None if gold_votes >= need else "unstable",
-                }
-                attempts[i].append(attempt)
-                if attempt["stable"]:
-                    stable.append(i)
-            if not stable:
-                continue
-            # The student turns the first gold-reaching correction into a fresh answer to the question alone.
-            analyses = [next(v["text"] for v in attempts[i][-1]["votes"] if v["correct"]) for i in stable]
-            rewrite_prompts = [rewrite_messages(asked[i], a, config.language) for i, a in zip(stable, analyses)]
-            with timed(timings, "rewrite") if timings else nullcontext():
-                rewrites = generator.generate(
-                    rewrite_prompts,
-                    n=1,
-                    temperature=config.rewrite_temperature,
+                attempts[i].append(_attempt(asked[i], votes, need))
+            stable = [i for i in pending if attempts[i][-1]["stable"]]
+            if stable:
+                _rewrite_stable(
+                    generator,
+                    count_student,
+                    config,
+                    [asked[i] for i in stable],
+                    [attempts[i][-1] for i in stable],
+                    [f"{chunk[i]['question_id']}#{chunk[i]['sample']}#rewrite{attempt_number}" for i in stable],
+                    desc=f"rewrite attempt {attempt_number}",
                     top_p=top_p,
                     max_new_tokens=max_new_tokens,
                     seed=seed,
-                    keys=[f"{chunk[i]['question_id']}#{chunk[i]['sample']}#rewrite{attempt_number}" for i in stable],
-                    desc=f"rewrite attempt {attempt_number}",
+                    timings=timings,
                 )
-            for i, prompt, (completion,) in zip(stable, rewrite_prompts, rewrites):
-                rewrite = _graded(
-                    Reply(completion.text, count_student(prompt) if count_student else 0, completion.num_tokens),
-                    asked[i],
-                )
-                rewrite["refers_back"] = refers_back(completion.text)
-                rewrite["in_format"] = in_trained_format(completion.text)
-                attempt = attempts[i][-1]
-                attempt["rewrite"] = rewrite
-                attempt["reason"] = (
-                    "rewrite_wrong"
-                    if not rewrite["correct"]
-                    else "rewrite_refers_back"
-                    if rewrite["refers_back"]
-                    else "rewrite_format"
-                    if not rewrite["in_format"]
-                    else None
-                )
-                attempt["accepted"] = attempt["reason"] is None
-        records = []
-        for rollout, tried in zip(chunk, attempts):
-            accepted = next((a for a in tried if a["accepted"]), None)
-            records.append(
-                {
-                    "question_id": rollout["question_id"],
-                    "sample": rollout["sample"],
-                    "corrector": corrector.name,
-                    "attempts": tried,
-                    "corrected": accepted is not None,
-                    "correction": next(v["text"] for v in accepted["votes"] if v["correct"]) if accepted else None,
-                    "chosen": accepted["rewrite"]["text"] if accepted else None,
-                    "chosen_tokens": accepted["rewrite"]["completion_tokens"] if accepted else None,
-                }
-            )
-            done[_key(rollout)] = [records[-1]]
+        records = [_record(rollout, tried, corrector.name) for rollout, tried in zip(chunk, attempts)]
+        for rollout, record in zip(chunk, records):
+            done[trajectory_key(rollout)] = [record]
         append_jsonl(records, output_path)
-    return [done[_key(r)][0] for r in wrong]
-
-
-def guess_probability(question: Question) -> float:
-    """Chance that a uniformly guessed letter set equals gold: 1/m for a single-answer question with m
-    options, 1/(2^m - m - 1) for a multi-answer one (any set of two or more letters)."""
-    m = len(question.options)
-    return 1 / m if not question.is_multi_answer else 1 / max(2**m - m - 1, 1)
-
-
-def guessing_acceptance(p: float, config: CorrectionSection) -> float:
-    """Chance that a model which only guesses gets a wrong trajectory accepted: per attempt, at least
-    `needed_votes` of `votes` guesses hit gold and the rewrite's guess hits it again; over M attempts."""
-    votes, need = config.votes, config.needed_votes
-    stable = sum(comb(votes, j) * p**j * (1 - p) ** (votes - j) for j in range(need, votes + 1))
-    per_attempt = stable * p
-    return 1 - (1 - per_attempt) ** config.attempts
-
-
-def placebo_target(question: Question, rejected: str, key: str) -> str | None:
-    """A stand-in gold for the placebo: one option that is neither gold nor the rejected answer, chosen by
-    a hash of the trajectory's key (reproducible); None for a multi-answer question (no single stand-in)."""
-    if question.is_multi_answer:
-        return None
-    others = sorted(set(question.options) - set(question.answer) - set(rejected))
-    if not others:
-        return None
-    return others[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(others)]
-
-
-def placebo_acceptance(
-    records: Sequence[dict], config: CorrectionSection, questions: Mapping[str, Question], rejected: Mapping
-) -> dict:
-    """Chance, measured on the same trajectories: how many would have been accepted had the gold been
-    another wrong option (`placebo_target`). Per attempt: were `needed_votes` of the real votes on the
-    stand-in, times `rewrite_follows`. A corrector that only guessed among the options it was not told are
-    wrong would be accepted as often for the stand-in as for gold; the analytic `expected_by_guessing`
-    assumes independent uniform votes and rewrite, and is lower.
-
-    Attempts that did not run: the real run stops at the first attempt accepted for gold, where the placebo
-    (its stand-in missed) would have gone on to attempt M. Every attempt of a trajectory asks the same prompt
-    on a fresh seed, so a missing attempt counts at `imputed_rate`: the share of attempts that ran after a
-    stable one (the corrector had reached gold, as in the trajectories that stopped) whose votes settled on
-    the stand-in; with none recorded, the share of first attempts (every trajectory has one). `expected`
-    counts them; `expected_observed` counts only attempts that ran (a lower bound).
-
-    Not measured, assumed: `rewrite_follows` is the share of stable attempts whose rewrite was accepted,
-    measured on rewrites of gold-reaching analyses; no rewrite is run from a stand-in's analysis."""
-    need = config.needed_votes
-    stable = [a for r in records for a in r["attempts"] if a["stable"] and a["rewrite"] is not None]
-    follow = sum(a["accepted"] for a in stable) / len(stable) if stable else 1.0  # none seen: assume it follows
-    targets = {}
-    for r in records:
-        key = _key(r)
-        target = placebo_target(questions[r["question_id"]], rejected.get(key, ""), f"{key[0]}#{key[1]}#placebo")
-        if target is not None:
-            targets[key] = target
-
-    def on_target(attempt: dict, target: str) -> bool:
-        return sum(v["predicted"] == target for v in attempt["votes"]) >= need
-
-    after_stable = [
-        on_target(later, targets[key])
-        for r in records
-        if (key := _key(r)) in targets
-        for earlier, later in zip(r["attempts"], r["attempts"][1:])
-        if earlier["stable"]
-    ]
-    first = [
-        on_target(r["attempts"][0], targets[key]) for r in records if (key := _key(r)) in targets and r["attempts"]
-    ]
-    sample, source = (after_stable, "attempts after a stable one") if after_stable else (first, "first attempts")
-    rate = sum(sample) / len(sample) if sample else 0.0
-    expected = observed = 0.0
-    imputed = 0
-    for r in records:
-        target = targets.get(_key(r))
-        if target is None:
-            continue
-        missed = 1.0
-        for attempt in r["attempts"]:
-            missed *= 1 - (follow if on_target(attempt, target) else 0.0)
-        observed += 1 - missed
-        # Attempts stop only at an accepted one: the placebo would have run the rest.
-        left = max(0, config.attempts - len(r["attempts"])) if r["attempts"] and r["attempts"][-1]["accepted"] else 0
-        imputed += left
-        expected += 1 - missed * (1 - follow * rate) ** left
-    return {
-        "expected": expected,
-        "expected_observed": observed,
-        "trajectories": len(targets),
-        "imputed_attempts": imputed,
-        "imputed_rate": rate,
-        "imputed_rate_from": f"{source} (n={len(sample)})",
-        "rewrite_follows": follow,
-        "rewrite_follows_from": "rewrites of gold-reaching analyses (no rewrite is run from a stand-in's)",
-    }
+    return [done[trajectory_key(r)][0] for r in wrong]
 
 
 def correction_statistics(

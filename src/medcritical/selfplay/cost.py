@@ -69,23 +69,8 @@ def _add(total: dict, part: dict) -> None:
         total[key] = total.get(key, 0) + value
 
 
-def cost_statistics(
-    rollouts: Sequence[dict],
-    corrections: Sequence[dict],
-    pairs: Sequence[dict],
-    timings_path: str | Path,
-    *,
-    gpus: int,
-    teacher_price_per_million_tokens: float | None,
-    device_hour_price: float | None,
-    currency: str = "USD",
-) -> dict:
-    """Tokens by who generated them and for what, seconds by phase, and all of it per accepted pair.
-
-    Student prompt tokens are counted once per request (the k samples of a question share one prompt);
-    teacher prompt tokens once per request sent (an API bills each). Money: teacher tokens at the API
-    price, plus device-hours (GPU-hours on GPUs, CPU-hours on CPU) at `device_hour_price`.
-    """
+def _token_counts(rollouts: Sequence[dict], corrections: Sequence[dict]) -> tuple[dict, dict, dict]:
+    """(student, student by phase, teacher) token counts of the rollouts and the corrections."""
     phases: dict[str, dict] = {"rollout": {}, "correction": {}, "rewrite": {}}
     # rollout: the prompt once per question (recorded on sample 0), each sample's completion
     _add(
@@ -113,6 +98,78 @@ def cost_statistics(
             student,
             {"prompt_tokens": part.get("prompt_tokens", 0), "completion_tokens": part.get("completion_tokens", 0)},
         )
+    return student, phases, teacher
+
+
+def _money(
+    teacher: dict,
+    device_seconds: float,
+    teacher_price_per_million_tokens: float | None,
+    device_hour_price: float | None,
+    currency: str,
+) -> dict | None:
+    """Teacher tokens at the API price plus device-hours at `device_hour_price`; None when neither price is set."""
+    if teacher_price_per_million_tokens is None and device_hour_price is None:
+        return None
+    teacher_money = (
+        (teacher["prompt_tokens"] + teacher["completion_tokens"]) * (teacher_price_per_million_tokens or 0) / 1e6
+    )
+    device_money = device_seconds / 3600 * (device_hour_price or 0)
+    return {
+        "teacher": teacher_money,
+        "device": device_money,
+        "total": teacher_money + device_money,
+        # The user's prices times the counted tokens and seconds: an estimate, in the user's currency.
+        "currency": currency,
+        "estimate": True,
+    }
+
+
+def _per_correction_pair(
+    phases: dict, seconds: dict, teacher: dict, from_corrections: int, *, gpus: int, money, device_hour_price
+) -> dict | None:
+    """The correction machinery's own cost (votes, rewrites, teacher) over the pairs it produced: the
+    figure that compares a self arm with a teacher arm (their rollouts cost the same)."""
+    if not from_corrections:
+        return None
+    correction_only = (
+        phases["correction"].get("prompt_tokens", 0)
+        + phases["correction"].get("completion_tokens", 0)
+        + phases["rewrite"].get("prompt_tokens", 0)
+        + phases["rewrite"].get("completion_tokens", 0)
+    )
+    correction_wall = sum(seconds.get(p, {}).get("wall_s", 0.0) for p in ("correction", "rewrite"))
+    correction_cpu = sum(seconds.get(p, {}).get("cpu_s", 0.0) for p in ("correction", "rewrite"))
+    correction_device = correction_wall * gpus if gpus else correction_cpu
+    per_correction = {
+        "student_tokens": correction_only / from_corrections,
+        "teacher_tokens": (teacher["prompt_tokens"] + teacher["completion_tokens"]) / from_corrections,
+        "device_seconds": correction_device / from_corrections,
+    }
+    if money:
+        correction_money = money["teacher"] + correction_device / 3600 * (device_hour_price or 0)
+        per_correction["money"] = correction_money / from_corrections
+    return per_correction
+
+
+def cost_statistics(
+    rollouts: Sequence[dict],
+    corrections: Sequence[dict],
+    pairs: Sequence[dict],
+    timings_path: str | Path,
+    *,
+    gpus: int,
+    teacher_price_per_million_tokens: float | None,
+    device_hour_price: float | None,
+    currency: str = "USD",
+) -> dict:
+    """Tokens by who generated them and for what, seconds by phase, and all of it per accepted pair.
+
+    Student prompt tokens are counted once per request (the k samples of a question share one prompt);
+    teacher prompt tokens once per request sent (an API bills each). Money: teacher tokens at the API
+    price, plus device-hours (GPU-hours on GPUs, CPU-hours on CPU) at `device_hour_price`.
+    """
+    student, phases, teacher = _token_counts(rollouts, corrections)
     seconds: dict[str, dict] = {}
     for line in read_jsonl(timings_path):
         _add(seconds.setdefault(line["phase"], {}), {"wall_s": line["wall_s"], "cpu_s": line["cpu_s"]})
@@ -132,20 +189,7 @@ def cost_statistics(
             "by_phase": seconds,
         },
     }
-    money = None
-    if teacher_price_per_million_tokens is not None or device_hour_price is not None:
-        teacher_money = (
-            (teacher["prompt_tokens"] + teacher["completion_tokens"]) * (teacher_price_per_million_tokens or 0) / 1e6
-        )
-        device_money = device_seconds / 3600 * (device_hour_price or 0)
-        money = {
-            "teacher": teacher_money,
-            "device": device_money,
-            "total": teacher_money + device_money,
-            # The user's prices times the counted tokens and seconds: an estimate, in the user's currency.
-            "currency": currency,
-            "estimate": True,
-        }
+    money = _money(teacher, device_seconds, teacher_price_per_million_tokens, device_hour_price, currency)
     stats["money"] = money
     accepted = len(pairs)
     from_corrections = sum(p.get("chosen_source") == "correction" for p in pairs)
@@ -165,26 +209,7 @@ def cost_statistics(
         return row
 
     stats["per_pair"] = per(accepted)
-    # The correction machinery's own cost (votes, rewrites, teacher) over the pairs it produced: the
-    # figure that compares a self arm with a teacher arm (their rollouts cost the same).
-    correction_only = (
-        phases["correction"].get("prompt_tokens", 0)
-        + phases["correction"].get("completion_tokens", 0)
-        + phases["rewrite"].get("prompt_tokens", 0)
-        + phases["rewrite"].get("completion_tokens", 0)
+    stats["per_correction_pair"] = _per_correction_pair(
+        phases, seconds, teacher, from_corrections, gpus=gpus, money=money, device_hour_price=device_hour_price
     )
-    correction_wall = sum(seconds.get(p, {}).get("wall_s", 0.0) for p in ("correction", "rewrite"))
-    correction_cpu = sum(seconds.get(p, {}).get("cpu_s", 0.0) for p in ("correction", "rewrite"))
-    correction_device = correction_wall * gpus if gpus else correction_cpu
-    per_correction = None
-    if from_corrections:
-        per_correction = {
-            "student_tokens": correction_only / from_corrections,
-            "teacher_tokens": (teacher["prompt_tokens"] + teacher["completion_tokens"]) / from_corrections,
-            "device_seconds": correction_device / from_corrections,
-        }
-        if money:
-            correction_money = money["teacher"] + correction_device / 3600 * (device_hour_price or 0)
-            per_correction["money"] = correction_money / from_corrections
-    stats["per_correction_pair"] = per_correction
     return stats

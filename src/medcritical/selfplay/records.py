@@ -11,6 +11,11 @@ from medcritical.io.jsonl import read_jsonl, write_jsonl
 log = logging.getLogger(__name__)
 
 
+def trajectory_key(record: dict) -> tuple[str, int]:
+    """A rollout trajectory's key in the self-play logs: its question and sample number."""
+    return record["question_id"], record["sample"]
+
+
 def resume_groups(path: str | Path, key: Callable[[dict], Hashable], complete: Callable[[list[dict]], bool]) -> dict:
     """Records of `path` grouped by `key`, keeping only complete groups; the file is rewritten to hold
     exactly those, so work that a crash cut short is redone cleanly rather than duplicated."""

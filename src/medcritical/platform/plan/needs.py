@@ -65,6 +65,21 @@ def _questions(recipe: Recipe) -> int:
     return BUNDLED_QUESTIONS if recipe.data.source == "bundled" else CMEXAM_TRAIN_QUESTIONS
 
 
+def _activation_bytes(step: str, settings: dict, shape: ModelShape, b: int) -> int:
+    """Activations of one micro-batch (after Korthikanti et al. 2022); DPO runs chosen and rejected together."""
+    batch = settings["per_device_train_batch_size"] * (2 if step == "dpo" else 1)
+    tokens = batch * settings["max_length"]
+    h, i = shape.hidden_size, shape.intermediate_size
+    layer_bytes = tokens * (15 * h + 6 * i)  # one layer's saved tensors (bf16), SwiGLU MLP, SDPA attention
+    if settings.get("activation_checkpointing"):
+        activations = shape.num_layers * tokens * h * b + layer_bytes
+    else:
+        activations = shape.num_layers * layer_bytes
+    # The loss over the vocabulary: the logits in the compute dtype, their fp32 upcast, the log-softmax
+    # output (fp32) and its gradient (fp32): the largest tensors of a step at Qwen's 152k vocabulary.
+    return activations + tokens * shape.vocab_size * (b + 3 * 4)
+
+
 def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes: int = 1) -> Need:
     """SFT or DPO: ZeRO paper memory (Rajbhandari et al. 2020, §3.1: 2Ψ + 2Ψ + KΨ, K = 12 for mixed-precision
     Adam), activations after Korthikanti et al. 2022, DPO's reference model; see docs/sizing.md."""
@@ -85,19 +100,7 @@ def training_need(step: str, recipe: Recipe, shape: ModelShape, gpus: int, nodes
         need.parts["optimizer on CPU"] = int(optimizer_bytes)
         optimizer_bytes = 0
 
-    # Activations of one micro-batch; DPO runs chosen and rejected together.
-    batch = settings["per_device_train_batch_size"] * (2 if step == "dpo" else 1)
-    tokens = batch * settings["max_length"]
-    h, i = shape.hidden_size, shape.intermediate_size
-    layer_bytes = tokens * (15 * h + 6 * i)  # one layer's saved tensors (bf16), SwiGLU MLP, SDPA attention
-    if settings.get("activation_checkpointing"):
-        activations = shape.num_layers * tokens * h * b + layer_bytes
-    else:
-        activations = shape.num_layers * layer_bytes
-    # The loss over the vocabulary: the logits in the compute dtype, their fp32 upcast, the log-softmax
-    # output (fp32) and its gradient (fp32): the largest tensors of a step at Qwen's 152k vocabulary.
-    activations += tokens * shape.vocab_size * (b + 3 * 4)
-
+    activations = _activation_bytes(step, settings, shape, b)
     reference = 0
     if step == "dpo" and not lora.enabled and not settings.get("precompute_ref_log_probs"):
         reference = b * psi / (world if stage == 3 else 1)  # a second frozen copy; LoRA disables the adapter
