@@ -12,13 +12,18 @@ import pytest
 from medcritical import storage
 from medcritical.core.stage import Stage
 from medcritical.data.cmexam import write_questions
+from medcritical.distill.config import DistillSection, LocalTeacher
+from medcritical.distill.run import setup_fingerprint
+from medcritical.distill.stage import DISTILL
+from medcritical.distill.teachers import build_teacher, teacher_identity
+from medcritical.distill.traces import DistillPrompts
 from medcritical.evaluation.evaluate import evaluation_fingerprint
 from medcritical.evaluation.stage import EVALUATE
-from medcritical.io.fingerprint import FINGERPRINT_FILE
+from medcritical.io.fingerprint import FINGERPRINT_FILE, ResumeMismatch
 from medcritical.io.manifest import write_manifest
 from medcritical.orchestration.recipe import load_recipe_text
 from medcritical.orchestration.runner import STAGES, run_stage
-from medcritical.selfplay.stage import DPO
+from medcritical.selfplay.stage import DPO, ROLLOUT
 from medcritical.training.fingerprints import dpo_fingerprint, sft_fingerprint
 from medcritical.training.stage import SFT
 from tests.fixtures.s3 import s3_env, s3_server  # noqa: F401
@@ -31,8 +36,17 @@ def test_every_declaration_states_what_a_finished_run_holds():
         assert stage.stats in stage.required_outputs, stage.name  # the statistics a finished run returns
         assert stage.expected_fingerprint is None or stage.fingerprint in stage.required_outputs, stage.name
         assert set(stage.extra_stats.values()) <= set(stage.outputs), stage.name
-    # Every training stage, and evaluation, is decided by the runner.
-    assert {s.name for s in STAGES.values() if s.expected_fingerprint} >= {"sft", "dpo", "evaluate"}
+    # Every stage with a fingerprint is decided by the runner.
+    assert {s.name for s in STAGES.values() if s.expected_fingerprint} == {
+        s.name for s in STAGES.values() if s.fingerprint
+    }
+    assert {s.name for s in STAGES.values() if s.expected_fingerprint} >= {
+        "distill",
+        "sft",
+        "rollout",
+        "dpo",
+        "evaluate",
+    }
 
 
 class Calls:
@@ -171,10 +185,177 @@ def test_dpo_folder_with_the_same_fingerprint_returns_its_metrics_and_train_pass
         run_stage(done, recipe, str(out), rollout=str(rollout), model=str(tiny_model))
 
 
-def test_evaluation_folder_with_the_same_fingerprint_returns_its_report(tmp_path, bundled, tiny_model):
-    data = tmp_path / "eval.jsonl"
+class Trap:
+    """Put in place of what a stage must call to do its work (load a model, build a teacher): a run that gets
+    that far fails, naming it; one decided finished by the runner never gets there."""
+
+    def __init__(self, monkeypatch, target: str):
+        self.monkeypatch, self.target = monkeypatch, target
+
+    def __enter__(self):
+        def sprung(*args, **kwargs):
+            raise AssertionError(f"the stage ran: {self.target} was called")
+
+        self.monkeypatch.setattr(self.target, sprung)
+        return self
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+
+def recorded_fingerprint(out: Path) -> dict:
+    return json.loads((out / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+
+
+ROLLOUT_RECIPE = """
+run: {device: cpu}
+selfplay:
+  rollout: {samples_per_question: 2, temperature: 1.0, top_p: 1.0, max_new_tokens: 12, chunk_size: 8}
+  correction: {attempts: 1, votes: 1}
+"""
+
+
+def test_rollout_finished_folder_is_not_run_again_and_a_pairs_setting_rebuilds_its_pairs(
+    tmp_path, bundled, tiny_model, monkeypatch
+):
+    data, out = tmp_path / "train.jsonl", tmp_path / "rollout"
     write_questions(bundled[:3], data)
-    recipe, out = load_recipe_text(""), tmp_path / "eval"
+    recipe = load_recipe_text(ROLLOUT_RECIPE)
+    inputs = {"data": str(data), "model": str(tiny_model)}
+    first = run_stage(ROLLOUT, recipe, str(out), **inputs)
+    assert recorded_fingerprint(out)["pairs"]["max_pairs_per_question"] == 4  # the pairs settings are recorded
+    rollouts = (out / "rollouts.jsonl").read_bytes()
+    loader = "medcritical.selfplay.run.generator_for"  # every run of the stage opens the student
+    with Trap(monkeypatch, loader):
+        assert run_stage(ROLLOUT, recipe, str(out), **inputs) == json.loads(json.dumps(first))
+    with Trap(monkeypatch, loader), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(ROLLOUT, recipe, str(out), **inputs, restart=True)
+
+    # Another selfplay.pairs setting: run again; the logs are resumed as they are and only the pairs rebuilt.
+    fewer = load_recipe_text(ROLLOUT_RECIPE + "  pairs: {max_pairs_per_question: 1}\n")
+    again = run_stage(ROLLOUT, fewer, str(out), **inputs)
+    assert (out / "rollouts.jsonl").read_bytes() == rollouts
+    assert recorded_fingerprint(out)["pairs"]["max_pairs_per_question"] == 1
+    assert again["rollout"] == first["rollout"]
+    with Trap(monkeypatch, loader):
+        assert run_stage(ROLLOUT, fewer, str(out), **inputs)["pairs"] == again["pairs"]
+    with Trap(monkeypatch, loader), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(ROLLOUT, recipe, str(out), **inputs)  # back to the first pairs settings: not what is recorded
+    # A price changes the statistics only: run again too.
+    with Trap(monkeypatch, loader), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(ROLLOUT, load_recipe_text(ROLLOUT_RECIPE + "  cost: {device_hour_price: 2.0}\n"), str(out), **inputs)
+
+
+def test_rollout_interrupted_before_its_pairs_is_not_finished(tmp_path, bundled, tiny_model, monkeypatch):
+    """The pairs settings are recorded last: a run killed while rebuilding the pairs leaves a folder the
+    runner does not take for finished, although every output of the run before it is there."""
+    data, out = tmp_path / "train.jsonl", tmp_path / "rollout"
+    write_questions(bundled[:2], data)
+    recipe, inputs = load_recipe_text(ROLLOUT_RECIPE), {"data": str(data), "model": str(tiny_model)}
+    run_stage(ROLLOUT, recipe, str(out), **inputs)
+    fewer = load_recipe_text(ROLLOUT_RECIPE + "  pairs: {heldout_fraction: 0.5}\n")
+    with Trap(monkeypatch, "medcritical.selfplay.run.write_pairs"), pytest.raises(AssertionError):
+        run_stage(ROLLOUT, fewer, str(out), **inputs)
+    assert "pairs" not in recorded_fingerprint(out)
+    with Trap(monkeypatch, "medcritical.selfplay.run.generator_for"), pytest.raises(AssertionError):
+        run_stage(ROLLOUT, recipe, str(out), **inputs)  # nor for the settings it was made with before
+    assert run_stage(ROLLOUT, fewer, str(out), **inputs)["pairs"]["heldout_questions"] >= 0
+
+
+def test_distill_finished_folder_is_not_run_again_and_a_changed_setting_resumes_it(tmp_path, bundled, monkeypatch):
+    data, out = tmp_path / "train.jsonl", tmp_path / "distill"
+    write_questions(bundled[:3], data)
+    recipe = load_recipe_text("")  # the explanations teacher
+    first = run_stage(DISTILL, recipe, str(out), data=str(data))
+    assert first["questions"] == 3 and recorded_fingerprint(out)["questions"]
+    builder = "medcritical.distill.run.build_teacher"  # every run of the stage builds its teacher
+    with Trap(monkeypatch, builder):
+        assert run_stage(DISTILL, recipe, str(out), data=str(data)) == json.loads(json.dumps(first))
+    with Trap(monkeypatch, builder), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(DISTILL, recipe, str(out), data=str(data), restart=True)
+
+    # Another setting deciding the outputs: run again, resuming the teacher's replies question by question.
+    fewer = load_recipe_text("distill: {limit: 2}")
+    again = run_stage(DISTILL, fewer, str(out), data=str(data))
+    assert (again["questions"], again["resumed_questions"]) == (2, 2)
+    with Trap(monkeypatch, builder):
+        assert run_stage(DISTILL, fewer, str(out), data=str(data))["questions"] == 2
+    with Trap(monkeypatch, builder), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(DISTILL, load_recipe_text("distill: {limit: 2, verify: false}"), str(out), data=str(data))
+
+
+def test_distill_completion_is_decided_without_loading_a_local_teacher(tmp_path, bundled, tiny_model, monkeypatch):
+    data, out = tmp_path / "train.jsonl", tmp_path / "distill"
+    write_questions(bundled[:2], data)
+    recipe = load_recipe_text(
+        f"run: {{device: cpu}}\ndistill: {{backend: transformers, teacher_model: '{tiny_model}', attempts: 1, "
+        "max_new_tokens: 8, template_max_new_tokens: 8}"
+    )
+    first = run_stage(DISTILL, recipe, str(out), data=str(data))
+    assert recorded_fingerprint(out)["weights"] and recorded_fingerprint(out)["dtype"] == "float32"
+    loader = "medcritical.distill.teachers.load_generator"  # a local teacher's model
+    with Trap(monkeypatch, loader):
+        assert run_stage(DISTILL, recipe, str(out), data=str(data)) == json.loads(json.dumps(first))
+    longer = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"max_new_tokens": 9})})
+    with Trap(monkeypatch, loader), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(DISTILL, longer, str(out), data=str(data))
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_a_teacher_is_fingerprinted_from_the_recipe_as_when_built(tiny_model, dtype):
+    """The distillation's fingerprint is computed without building the teacher; it must be the one the built
+    teacher gives, or a finished folder would never be recognised (or another teacher's taken for it)."""
+    prompts = DistillPrompts.load("zh")
+    for config in (
+        DistillSection(),
+        DistillSection(explanation_max_chars=40),
+        DistillSection(backend="transformers", teacher_model=str(tiny_model), local=LocalTeacher(dtype=dtype)),
+    ):
+        teacher = build_teacher(config, prompts, device="cpu")
+        try:
+            built = setup_fingerprint(config, prompts, teacher)
+        finally:
+            teacher.close()
+        assert setup_fingerprint(config, prompts, teacher_identity(config, device="cpu")) == built
+
+
+EVAL_RECIPE = "run: {device: cpu}\ngeneration: {max_new_tokens: 8}\n"
+
+
+def test_evaluation_finished_folder_is_not_run_again_under_its_label(tmp_path, bundled, tiny_model, monkeypatch):
+    data, out = tmp_path / "eval.jsonl", tmp_path / "eval"
+    write_questions(bundled[:3], data)
+    recipe, inputs = load_recipe_text(EVAL_RECIPE), {"data": str(data), "model": str(tiny_model)}
+    first = run_stage(EVALUATE, recipe, str(out), **inputs, label="round 1")
+    assert first["label"] == "round 1" and recorded_fingerprint(out)["label"] == "round 1"
+    outputs = (out / "outputs.jsonl").read_bytes()
+    loader = "medcritical.evaluation.evaluate.generator_for"  # every run of the stage opens the model
+    with Trap(monkeypatch, loader):
+        assert run_stage(EVALUATE, recipe, str(out), **inputs, label="round 1") == json.loads(json.dumps(first))
+    with Trap(monkeypatch, loader), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(EVALUATE, recipe, str(out), **inputs, label="round 1", restart=True)
+
+    # Another label: run again, the outputs resumed as they are, the report written under the new label.
+    relabelled = run_stage(EVALUATE, recipe, str(out), **inputs, label="final")
+    assert relabelled["label"] == "final" and relabelled["accuracy"] == first["accuracy"]
+    assert (out / "outputs.jsonl").read_bytes() == outputs
+    with Trap(monkeypatch, loader):
+        assert run_stage(EVALUATE, recipe, str(out), **inputs, label="final")["label"] == "final"
+    with Trap(monkeypatch, loader), pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(EVALUATE, recipe, str(out), **inputs)  # no label is another label
+
+    # Another setting the outputs depend on: run, and refused (the outputs are another model's work) unless restart.
+    shorter = load_recipe_text(EVAL_RECIPE.replace("8", "4"))
+    with pytest.raises(ResumeMismatch, match="max_new_tokens: 8 -> 4"):
+        run_stage(EVALUATE, shorter, str(out), **inputs, label="final")
+    assert run_stage(EVALUATE, shorter, str(out), **inputs, label="final", restart=True)["max_new_tokens"] == 4
+
+
+def test_evaluation_folder_with_a_report_but_no_label_recorded_is_run_again(tmp_path, bundled, tiny_model):
+    """A folder written before the label was recorded, or by a run killed after its report: not finished."""
+    data, out = tmp_path / "eval.jsonl", tmp_path / "eval"
+    write_questions(bundled[:3], data)
+    recipe = load_recipe_text("")
     out.mkdir()
     fingerprint = evaluation_fingerprint(
         recipe.evaluate, recipe.generation, bundled[:3], tiny_model, device=recipe.run.device, dtype=recipe.model.dtype
@@ -185,6 +366,9 @@ def test_evaluation_folder_with_the_same_fingerprint_returns_its_report(tmp_path
             (out / name).write_text("{}")
     (out / EVALUATE.stats).write_text(json.dumps({"accuracy": 0.5}))
     done = dataclasses.replace(EVALUATE, run=never_run)
+    with pytest.raises(AssertionError, match="the stage ran"):
+        run_stage(done, recipe, str(out), data=str(data), model=str(tiny_model))
+    (out / FINGERPRINT_FILE).write_text(json.dumps(fingerprint | {"label": None}, default=str))
     assert run_stage(done, recipe, str(out), data=str(data), model=str(tiny_model)) == {"accuracy": 0.5}
     with pytest.raises(AssertionError, match="the stage ran"):  # the first two questions only: evaluated
         run_stage(done, load_recipe_text("evaluate: {limit: 2}"), str(out), data=str(data), model=str(tiny_model))

@@ -4,7 +4,8 @@
 
 Writes to the output folder:
 - ``fingerprint.json``: the setup the replies come from (teacher and its weights, sampling, language,
-  prompts); a rerun with another setup is refused, `restart=True` discards the folder's outputs instead,
+  prompts); a rerun with another setup is refused, `restart=True` discards the folder's outputs instead;
+  once the outputs are written, also the questions, seed and acceptance settings (io/finished.py),
 - ``distill_raw.jsonl``: the append-only progress log (every reply as it arrives; used to resume),
 - ``sft.jsonl``: one chat-messages row per accepted question (user: the student's MCQ prompt,
   assistant: "<think>template + reasoning</think>\\n答案：X"), in input order,
@@ -29,10 +30,11 @@ from medcritical.data.cmexam import Question
 from medcritical.distill.config import DistillSection
 from medcritical.distill.outputs import accepted_attempt, distill_statistics, question_outcome
 from medcritical.distill.progress import SESSION, ProgressLog, QuestionProgress, replay, reply_event
-from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher, served_teacher
+from medcritical.distill.teachers import Teacher, TeacherRequest, build_teacher, served_teacher, teacher_identity
 from medcritical.distill.traces import TEMPLATE, TRACE, DistillPrompts, template_messages, trace_messages
 from medcritical.errors import InputError
-from medcritical.io.fingerprint import check_resume
+from medcritical.io.fingerprint import check_resume, questions_fingerprint
+from medcritical.io.finished import forget_finished, record_finished
 from medcritical.io.jsonl import write_jsonl
 from medcritical.modeling.llm_client import ChatReply, EndpointFailures
 
@@ -40,6 +42,10 @@ log = logging.getLogger(__name__)
 
 RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE = "distill_raw.jsonl", "sft.jsonl", "rejected.jsonl", "distill_stats.json"
 OUTPUTS = (RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE)  # what the setup fingerprint vouches for
+
+
+# What the outputs depend on beyond the replies the progress log resumes: recorded once they are all written.
+FINISHED_ONLY = ("questions", "seed", "outputs")
 
 
 def distill(
@@ -56,22 +62,75 @@ def distill(
 
     `teacher` replaces the one the config names (a custom backend); by default it is built from config.
     Replies already in `output_dir` are resumed only when they come from the same setup (`setup_fingerprint`);
-    `restart` discards them instead of refusing.
+    `restart` discards them instead of refusing. The whole fingerprint (`distill_fingerprint`) is recorded last.
     """
     output_dir = Path(output_dir)
-    if config.backend == "vllm-server" and teacher is None:  # the teacher's server lives as long as this call
-        with served_teacher(config, output_dir) as served:
-            return distill(served, questions, output_dir, seed=seed, device=device, restart=restart)
-    questions = list(questions)[: config.limit] if config.limit is not None else list(questions)
+    questions = distilled_questions(config, questions)
     if not questions:
         raise InputError("no questions to distill (empty input, or distill.limit is 0)")
+    fingerprint = distill_fingerprint(config, questions, seed=seed, device=device, teacher=teacher)
+    finished = {key: fingerprint.pop(key) for key in FINISHED_ONLY}
+    forget_finished(output_dir, FINISHED_ONLY)  # unfinished until the outputs are written again
+    # Before the teacher is built or served: replies of another teacher, prompt or language must not be mixed
+    # in; per question, a changed question's replies are dropped by `replay` (each reply carries its hash).
+    check_resume(output_dir, fingerprint, outputs=OUTPUTS, restart=restart)
     prompts = DistillPrompts.load(config.language)
-    if teacher is None:  # built here, closed here: a local model's engine and memory are freed on return
-        with contextlib.closing(build_teacher(config, prompts, device=device)) as built:
-            return distill(config, questions, output_dir, seed=seed, device=device, teacher=built, restart=restart)
-    # Replies of another teacher, prompt or language must not be mixed in; per question, a changed
-    # question's replies are dropped by `replay` (each reply carries the question's hash).
-    check_resume(output_dir, setup_fingerprint(config, prompts, teacher), outputs=OUTPUTS, restart=restart)
+    with _asked_teacher(config, prompts, output_dir, teacher, device) as (config, teacher):
+        stats = _ask_and_write(config, prompts, questions, output_dir, teacher, seed)
+    record_finished(output_dir, finished)
+    return stats
+
+
+def distilled_questions(config: DistillSection, questions: Sequence[Question]) -> list[Question]:
+    """The questions a run distills: the first `distill.limit` of them."""
+    return list(questions)[: config.limit] if config.limit is not None else list(questions)
+
+
+def distill_fingerprint(
+    config: DistillSection,
+    questions: Sequence[Question],
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    teacher: Teacher | None = None,
+) -> dict:
+    """What the outputs depend on, from the recipe alone (nothing built, loaded or served; a given `teacher`
+    from its description): the setup the replies come from (`setup_fingerprint`), and beyond it
+    (`FINISHED_ONLY`) the questions distilled, the seed, and the settings deciding what is asked and kept:
+    verification, attempts, token budgets, an endpoint's extra request body and the price the cost is counted in."""
+    identity = teacher.description if teacher is not None else teacher_identity(config, device=device)
+    outputs = config.model_dump(
+        mode="json",
+        include={"verify", "attempts", "max_new_tokens", "template_max_new_tokens", "price_per_million_tokens"},
+    )
+    if config.backend in ("openai", "vllm-server"):
+        outputs["extra_body"] = config.openai.extra_body
+    return setup_fingerprint(config, DistillPrompts.load(config.language), identity) | {
+        "questions": questions_fingerprint(questions),
+        "seed": seed,
+        "outputs": outputs,
+    }
+
+
+@contextlib.contextmanager
+def _asked_teacher(config: DistillSection, prompts: DistillPrompts, output_dir: Path, teacher, device: str):
+    """(the config as the teacher is asked, the teacher): the one given, else built from the config, a
+    vllm-server's server started first; closed (a local model's engine and memory freed) and stopped on return."""
+    if teacher is not None:
+        yield config, teacher
+        return
+    with (
+        served_teacher(config, output_dir) as served,  # the teacher's server lives as long as this call
+        contextlib.closing(build_teacher(served, prompts, device=device)) as built,
+    ):
+        yield served, built
+
+
+def _ask_and_write(
+    config: DistillSection, prompts: DistillPrompts, questions: list[Question], output_dir: Path, teacher, seed: int
+) -> dict:
+    """Ask what is missing, then write the outputs and statistics; an outage or a teacher refusing everything
+    raises after they are written (never a result: the rerun asks exactly the failed requests)."""
     progress_log = ProgressLog(output_dir / RAW_FILE)
     progress = replay(progress_log.read(), questions)
     # A deterministic teacher would repeat its rejected reply word for word.
@@ -124,21 +183,22 @@ def distill(
     return stats
 
 
-def setup_fingerprint(config: DistillSection, prompts: DistillPrompts, teacher: Teacher) -> dict:
-    """What the replies depend on, beyond the question itself: the teacher (a local teacher's weights
-    hash, not its folder name, and the dtype it samples in), its sampling, the language, the prompt
-    versions and the gold-answer hint."""
+def setup_fingerprint(config: DistillSection, prompts: DistillPrompts, teacher: Teacher | dict) -> dict:
+    """What the replies depend on, beyond the question itself: the teacher (a built one's description, or the
+    same from the recipe: `teachers.teacher_identity`; a local teacher's weights hash, not its folder name, and
+    the dtype it samples in), its sampling, the language, the prompt versions and the gold-answer hint."""
+    teacher = teacher if isinstance(teacher, dict) else teacher.description
     fingerprint = {
-        "teacher": teacher.description.get("backend"),
-        "model": teacher.description.get("model"),
-        "weights": teacher.description.get("weights"),
+        "teacher": teacher.get("backend"),
+        "model": teacher.get("model"),
+        "weights": teacher.get("weights"),
         "sampling": {"temperature": config.temperature, "top_p": config.top_p},
         "language": config.language,
         "prompts": prompts.versions,
         "show_gold_answer": config.show_gold_answer,
     }
-    if teacher.description.get("dtype"):  # local teachers only: an endpoint's runs keep their fingerprint
-        fingerprint["dtype"] = teacher.description["dtype"]
+    if teacher.get("dtype"):  # local teachers only: an endpoint's runs keep their fingerprint
+        fingerprint["dtype"] = teacher["dtype"]
     return fingerprint
 
 

@@ -7,7 +7,15 @@ from pathlib import Path
 from medcritical.core.stage import Input, Stage
 from medcritical.data.cmexam import load_questions
 from medcritical.data.prepare import TRAIN_FILE
-from medcritical.distill.run import RAW_FILE, REJECTED_FILE, SFT_FILE, STATS_FILE, distill
+from medcritical.distill.run import (
+    RAW_FILE,
+    REJECTED_FILE,
+    SFT_FILE,
+    STATS_FILE,
+    distill,
+    distill_fingerprint,
+    distilled_questions,
+)
 from medcritical.io.fingerprint import FINGERPRINT_FILE
 
 
@@ -18,6 +26,13 @@ def _run(recipe, output_dir: Path, *, data: Path, restart: bool = False) -> dict
     )
 
 
+def _expected_fingerprint(recipe, *, data: Path, **_options) -> dict:
+    """What `distill` records once its outputs are written, from the recipe and the questions: the teacher is
+    neither built nor asked (a local teacher's weights are hashed)."""
+    questions = distilled_questions(recipe.distill, load_questions(data, recipe.data.on_bad_row).questions)
+    return distill_fingerprint(recipe.distill, questions, seed=recipe.run.seed, device=recipe.run.device)
+
+
 DISTILL = Stage(
     name="distill",
     folder="distill",
@@ -26,7 +41,10 @@ DISTILL = Stage(
     inputs={"data": Input(TRAIN_FILE, default_stage="prepare_data")},
     outputs=(FINGERPRINT_FILE, RAW_FILE, SFT_FILE, REJECTED_FILE, STATS_FILE),
     stats=STATS_FILE,
-    fingerprint=FINGERPRINT_FILE,  # the teacher (and its weights), prompts, language and sampling
+    # The teacher (and its weights), prompts, language and sampling; once the outputs are written, also the
+    # questions, seed and the settings deciding what is kept (distill.run.distill_fingerprint).
+    fingerprint=FINGERPRINT_FILE,
     recipe_files=("distill.teacher_model",),  # a local teacher given as s3://
     options=("restart",),
+    expected_fingerprint=_expected_fingerprint,
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ class ExplanationTeacher:
         # "model" is part of the resume fingerprint: a rerun with another cut does not mix traces.
         self.description = {
             "backend": "explanations",
-            "model": f"explanations cut to {max_chars} characters" if max_chars else "explanations",
+            "model": explanations_name(max_chars),
             "source": "the dataset's expert explanations and gold answers",
         }
 
@@ -194,6 +195,47 @@ class ExplanationTeacher:
             )
 
 
+def explanations_name(max_chars: int | None) -> str:
+    return f"explanations cut to {max_chars} characters" if max_chars else "explanations"
+
+
+def teacher_identity(config: DistillSection, *, device: str = "auto") -> dict:
+    """Who answers, as the resume fingerprint records it (backend, model, a local model's weights and the dtype
+    it samples in), from the recipe alone: nothing is loaded, no server started, no endpoint asked. The same
+    as the `description` of the teacher `build_teacher` makes; a vllm-server teacher is named by its weights."""
+    if config.backend == "explanations":
+        return {"backend": "explanations", "model": explanations_name(config.explanation_max_chars)}
+    if config.backend == "openai":
+        return {"backend": "openai", "model": config.openai.model or os.environ.get(f"{TEACHER_ENV_PREFIX}_MODEL")}
+    path = _teacher_path(config)
+    if config.backend == "vllm-server":
+        return {
+            "backend": "vllm-server",
+            "model": path.name,
+            "weights": model_fingerprint(path),
+            "dtype": config.server.dtype,
+        }
+    return {
+        "backend": config.backend,
+        "model": _local_name(config),
+        "weights": model_fingerprint(path),
+        "dtype": generation_setup(config.backend, device, config.local.dtype)["dtype"],
+    }
+
+
+def _teacher_path(config: DistillSection) -> Path:
+    if not config.teacher_model:
+        raise InputError(
+            f"distill.backend is {config.backend!r} but distill.teacher_model is not set; give a local "
+            "Hugging Face model folder (or 'tiny'), or use distill.backend: openai for a served model"
+        )
+    return resolve_model(config.teacher_model)
+
+
+def _local_name(config: DistillSection) -> str:
+    return config.teacher_model if config.teacher_model == "tiny" else Path(config.teacher_model).name
+
+
 def build_teacher(config: DistillSection, prompts: DistillPrompts, *, device: str = "auto") -> Teacher:
     """The teacher the recipe names; local models are loaded here (slow), endpoints are not contacted."""
     if config.backend == "explanations":
@@ -207,12 +249,7 @@ def build_teacher(config: DistillSection, prompts: DistillPrompts, *, device: st
             "distill.backend 'vllm-server' starts its server around a whole run: call distill.run.distill, "
             "or enter teachers.served_teacher(config, output_dir) and build the teacher from the config it yields"
         )
-    if not config.teacher_model:
-        raise InputError(
-            f"distill.backend is {config.backend!r} but distill.teacher_model is not set; give a local "
-            "Hugging Face model folder (or 'tiny'), or use distill.backend: openai for a served model"
-        )
-    path = resolve_model(config.teacher_model)
+    path = _teacher_path(config)
     generation = GenerationSection(
         backend=config.backend,
         batch_size=config.local.batch_size,
@@ -222,7 +259,7 @@ def build_teacher(config: DistillSection, prompts: DistillPrompts, *, device: st
     generator = load_generator(path, generation, device=device, dtype=config.local.dtype)
     teacher = LocalModelTeacher(
         generator,
-        name=config.teacher_model if config.teacher_model == "tiny" else Path(config.teacher_model).name,
+        name=_local_name(config),
         backend=config.backend,
         temperature=config.temperature,
         top_p=config.top_p,

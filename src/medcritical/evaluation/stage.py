@@ -12,10 +12,15 @@ from medcritical.evaluation.evaluate import OUTPUTS_JSONL, evaluate_model, evalu
 from medcritical.evaluation.judge import JUDGEMENTS_JSONL
 from medcritical.evaluation.report import GRADED_JSONL, PLOT_PNG, REPORT_JSON, REPORT_MD
 from medcritical.io.fingerprint import FINGERPRINT_FILE
+from medcritical.io.finished import forget_finished, record_finished
+
+# What the report depends on beyond the outputs the evaluation resumes: recorded once the report is written.
+FINISHED_ONLY = ("label",)
 
 
 def _run(recipe, output_dir: Path, *, data: Path, model: Path, label: str = "", restart: bool = False) -> dict:
-    return evaluate_model(
+    forget_finished(output_dir, FINISHED_ONLY)  # unfinished until the report is written again
+    report = evaluate_model(
         recipe.evaluate,
         recipe.generation,
         load_questions(data, recipe.data.on_bad_row).questions,
@@ -26,13 +31,13 @@ def _run(recipe, output_dir: Path, *, data: Path, model: Path, label: str = "", 
         label=label or None,
         restart=restart,
     )
+    record_finished(output_dir, {"label": label or None})
+    return report
 
 
-def _expected_fingerprint(recipe, *, data: Path, model: Path, label: str = "", **_options) -> dict | None:
-    """The fingerprint `evaluate_model` records for these questions (the first `limit` of them) and model. None
-    with a label: the label is written into the report but not into the fingerprint, so the run goes ahead."""
-    if label:
-        return None
+def _expected_fingerprint(recipe, *, data: Path, model: Path, label: str = "", **_options) -> dict:
+    """What `_run` records once the report is written: the fingerprint `evaluate_model` records for these
+    questions (the first `limit` of them), settings and model, and the report's label."""
     questions = load_questions(data, recipe.data.on_bad_row).questions
     limit = recipe.evaluate.limit
     return evaluation_fingerprint(
@@ -42,7 +47,7 @@ def _expected_fingerprint(recipe, *, data: Path, model: Path, label: str = "", *
         model,
         device=recipe.run.device,
         dtype=recipe.model.dtype,
-    )
+    ) | {"label": label or None}
 
 
 EVALUATE = Stage(
@@ -53,6 +58,8 @@ EVALUATE = Stage(
     inputs={"data": Input(EVAL_FILE, default_stage="prepare_data"), "model": MODEL},
     outputs=(FINGERPRINT_FILE, OUTPUTS_JSONL, JUDGEMENTS_JSONL, GRADED_JSONL, REPORT_JSON, REPORT_MD, PLOT_PNG),
     stats=REPORT_JSON,
+    # What the outputs are made from (evaluation.evaluate.evaluation_fingerprint), and the label once the report is
+    # written: the same evaluation under another label resumes its outputs and writes its report again.
     fingerprint=FINGERPRINT_FILE,
     produces="metrics",
     options=("label", "restart"),

@@ -18,7 +18,15 @@ from medcritical.io.jsonl import read_jsonl
 from medcritical.io.manifest import MANIFEST_NAME
 from medcritical.io.ranks import is_main_process
 from medcritical.selfplay.cost import TIMINGS
-from medcritical.selfplay.run import CORRECTIONS, HELDOUT_PAIRS, PAIRS, ROLLOUTS, STATS, run_rollout
+from medcritical.selfplay.run import (
+    CORRECTIONS,
+    HELDOUT_PAIRS,
+    PAIRS,
+    ROLLOUTS,
+    STATS,
+    rollout_fingerprint,
+    run_rollout,
+)
 from medcritical.selfplay.train_pass import TRAIN_PASS, TRAIN_PASS_STATS, train_pass
 from medcritical.training.fingerprints import dpo_fingerprint
 from medcritical.training.stage import CHECKPOINTS
@@ -30,17 +38,27 @@ DPO_METRICS = "dpo_metrics.json"
 
 def _rollout(recipe, output_dir: Path, *, data: Path, model: Path, restart: bool = False) -> dict:
     return run_rollout(
-        recipe.selfplay,
-        recipe.generation,
-        load_questions(data, recipe.data.on_bad_row).questions,
-        model,
-        output_dir,
-        device=recipe.run.device,
-        dtype=recipe.model.dtype,
-        seed=recipe.run.seed,
-        distill=recipe.distill,  # the teacher, when selfplay.corrector is "teacher"
-        restart=restart,
+        *_rollout_arguments(recipe, data, model), output_dir, **_rollout_options(recipe), restart=restart
     )
+
+
+def _rollout_fingerprint(recipe, *, data: Path, model: Path, **_options) -> dict:
+    """What `run_rollout` records once its pairs and statistics are written: the logs' inputs and settings,
+    the pairs settings and the prices."""
+    return rollout_fingerprint(*_rollout_arguments(recipe, data, model), **_rollout_options(recipe))
+
+
+def _rollout_arguments(recipe, data: Path, model: Path) -> tuple:
+    return recipe.selfplay, recipe.generation, load_questions(data, recipe.data.on_bad_row).questions, model
+
+
+def _rollout_options(recipe) -> dict:
+    return {
+        "device": recipe.run.device,
+        "dtype": recipe.model.dtype,
+        "seed": recipe.run.seed,
+        "distill": recipe.distill,  # the teacher, when selfplay.corrector is "teacher"
+    }
 
 
 def _files_in_recipe(recipe) -> tuple[str, ...]:
@@ -59,6 +77,10 @@ ROLLOUT = Stage(
     fingerprint=FINGERPRINT_FILE,
     options=("restart",),
     recipe_files=_files_in_recipe,
+    optional=(CORRECTIONS,),  # none when no trajectory was wrong, or selfplay.correction.attempts is 0
+    # Recorded once the pairs and statistics are written (selfplay.run.run_rollout): a folder whose logs are
+    # resumed, or whose pairs are rebuilt with other selfplay.pairs settings, reads as unfinished meanwhile.
+    expected_fingerprint=_rollout_fingerprint,
 )
 
 
