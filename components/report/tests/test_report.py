@@ -13,6 +13,7 @@ def test_report_puts_the_three_models_side_by_side(run, evaluations, distilled, 
     assert summary.metadata["location"] == run.folder("report")
     markdown = Path(summary.path).read_text()  # what the KFP UI shows
     assert markdown == (Path(run.folder("report")) / "report.md").read_text()
-    assert "| sft |" in markdown and "not run" not in markdown  # every model evaluated, every step's stats read
-    assert "- round 1 rollout: questions=" in markdown  # the rounds' statistics: the last round's DPO rounds file
+    assert "| sft |" in markdown and "| not run |" not in markdown  # every model evaluated, every step's stats read
+    # The rounds' statistics, from the last round's DPO folder (its rounds file).
+    assert "- round 1 rollout: questions=" in markdown and "- round 1 dpo: not run" not in markdown
     assert {"accuracy_base", "accuracy_sft", "accuracy_dpo"} <= metrics.metadata.keys()
