@@ -1,7 +1,8 @@
 """The self-play round's two stages (see medcritical.core.stage): rollout, then DPO on its pairs.
 
 rollout: training questions + the current model → rollouts, corrections, preference pairs
-dpo:     the pairs + the same model → the next round's model (and pass@1 on the round's questions)
+dpo:     the pairs + the same model → the next round's model (and pass@1 on the round's questions, and
+         rounds.json: every round's statistics so far)
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def write_rounds(output_dir: Path, previous_rounds: Path | None, rollout_stats: 
     rounds = _read_json(previous_rounds) if previous_rounds else []
     if not isinstance(rounds, list):
         raise InputError(f"{previous_rounds}: not a list of rounds; give a DPO round's folder as previous_rounds")
-    files = {"rollout": rollout_stats, "dpo": output_dir / DPO_METRICS, "train_pass": output_dir / TRAIN_PASS_STATS}
+    files = dict(zip(ROUND_KEYS, (rollout_stats, output_dir / DPO_METRICS, output_dir / TRAIN_PASS_STATS), strict=True))
     rounds.append({key: _read_json(path) if path and path.is_file() else None for key, path in files.items()})
     text = json.dumps(rounds, ensure_ascii=False, indent=2)
     (output_dir / ROUNDS_FILE).write_text(text, encoding="utf-8")
