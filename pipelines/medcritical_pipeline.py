@@ -325,6 +325,9 @@ def build_pipeline(
         sft = step("sft", train_gpus, name=folder["sft"], traces=distilled.outputs["traces"], **multinode)
         model = sft.outputs["model"]
         sft_eval = step("evaluate", infer_gpus, name=eval_folder("sft"), data=data, model=model, label="sft")
+        # The previous round's DPO output: its rounds file holds every round's statistics so far, which the next
+        # round's extends and the report shows (none before round 1).
+        previous = None
         for round_number in range(1, rounds + 1):
             played = step(
                 "rollout", infer_gpus, name=stage_folder(STAGES["rollout"], round_number), data=data, model=model
@@ -335,9 +338,10 @@ def build_pipeline(
                 name=stage_folder(STAGES["dpo"], round_number),
                 pairs=played.outputs["pairs"],
                 start_model=model,
+                **({"previous_round": previous} if previous else {}),
                 **multinode,
             )
-            model = trained.outputs["model"]
+            model = previous = trained.outputs["model"]
         final_eval = step(
             "evaluate",
             infer_gpus,
@@ -353,6 +357,7 @@ def build_pipeline(
             sft_eval=sft_eval.outputs["metrics"],
             dpo_eval=final_eval.outputs["metrics"],
             traces=distilled.outputs["traces"],
+            **({"last_round": previous} if previous else {}),
         )
 
     return medcritical

@@ -360,15 +360,28 @@ def test_steps_exchange_typed_artifacts_for_the_lineage():
     assert artifacts("evaluate", "outputDefinitions") == {"metrics": "system.Metrics"}
     assert artifacts("report", "outputDefinitions") == {"metrics": "system.Metrics", "summary": "system.Markdown"}
     assert artifacts("evaluate", "inputDefinitions") == {"data": "system.Dataset", "model": "system.Model"}
-    # The report's distill statistics come with the traces (an earlier run's, when distill_uri reused them).
+    # The report's distill statistics come with the traces (an earlier run's, when distill_uri reused them); every
+    # round's statistics with the last round's DPO model (its rounds file).
     assert artifacts("report", "inputDefinitions") == {
         **dict.fromkeys(("base_eval", "sft_eval", "dpo_eval"), "system.Metrics"),
         "traces": "system.Dataset",
+        "last_round": "system.Model",
     }
     assert tasks_of(pipeline_doc)["report"]["inputs"]["artifacts"]["traces"]["taskOutputArtifact"] == {
         "outputArtifactKey": "traces",
         "producerTask": "distill",
     }
+    assert tasks_of(pipeline_doc)["report"]["inputs"]["artifacts"]["last_round"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model",
+        "producerTask": "dpo",
+    }
+    # The first round's DPO extends no earlier round's rounds file.
+    assert artifacts("dpo", "inputDefinitions") == {
+        "pairs": "system.Dataset",
+        "start_model": "system.Model",
+        "previous_round": "system.Model",
+    }
+    assert "previous_round" not in tasks_of(pipeline_doc)["dpo"]["inputs"]["artifacts"]
     # Without a start model SFT trains the recipe's model.base, and the base evaluation evaluates it.
     tasks = tasks_of(pipeline_doc)
     assert "start_model" not in tasks["sft"]["inputs"].get("artifacts", {})

@@ -157,6 +157,71 @@ def test_the_report_declares_the_statistics_it_reads():
     assert declared["data"] == ("data_stats.json", "prepare_data")
     assert declared["sft"] == ("sft_metrics.json", "sft")
     assert declared["distill"] == ("distill_stats.json", "distill")
+    # Every round's statistics: the last round's rounds file (no default: the last round depends on the run).
+    assert declared["rounds"] == ("rounds.json", None)
+
+
+def _round_folders(root: Path, rounds: int) -> list[dict]:
+    """A run root with `rounds` rounds' statistics in their folders, and each DPO folder's rounds file."""
+    written = []
+    for number in range(1, rounds + 1):
+        entry = {
+            "rollout": {"rollout": {"questions": 10 * number, "pass@1": 0.5}, "pairs": {"train_pairs": number}},
+            "dpo": {"status": "trained", "train_pairs": number, "steps": 3 * number},
+            "train_pass": {"status": "not measured", "reason": f"round {number}'s reason"},
+        }
+        rollout, dpo = root / f"round{number}-rollout", root / f"round{number}-dpo"
+        rollout.mkdir(parents=True)
+        dpo.mkdir()
+        (rollout / "rollout_stats.json").write_text(json.dumps(entry["rollout"]))
+        (dpo / "dpo_metrics.json").write_text(json.dumps(entry["dpo"]))
+        (dpo / "train_pass.json").write_text(json.dumps(entry["train_pass"]))
+        written.append(entry)
+        (dpo / "rounds.json").write_text(json.dumps(written))
+    return written
+
+
+def test_the_report_reads_the_rounds_only_through_its_declared_input(tmp_path):
+    """The rounds are one declared input now (the last round's rounds file), not reads of every round's folders
+    under the run root: with the guard on (runner._execute), the report shows them from that file, and without it
+    says "not run" rather than reading the round folders beside it."""
+    from medcritical.orchestration.report import REPORT, round_statistics
+    from medcritical.orchestration.staging import read_stats
+    from medcritical.selfplay.stage import DPO
+
+    root = tmp_path / "run"
+    written = _round_folders(root, 2)
+    recipe = load_recipe(None, [f"run.output_dir={root}", "selfplay.rounds=2"])
+    report = run_stage(REPORT, recipe, str(root / "report"), rounds=str(root / "round2-dpo"))
+    markdown = report["markdown"]
+    assert "- round 1 rollout: questions=10, pass@1=0.5, train_pairs=1" in markdown
+    assert "- round 2 dpo: train_pairs=2, steps=6" in markdown
+    assert "- round 2 training questions' pass@1 before → after DPO: not measured (round 2's reason)" in markdown
+    assert json.loads((root / "report" / "report.json").read_text())["steps"]["rounds"] == written
+    # Not given: every round "not run", its folders not read (a read of them would be refused, and show them).
+    report = run_stage(REPORT, recipe, str(root / "report"))
+    assert "- round 1 rollout: not run" in report["markdown"] and "- round 2 dpo: not run" in report["markdown"]
+    # A read of a round's statistics the report does not declare is refused by the guard: the reads it made
+    # before, each round's folder under the run root.
+    with reading_only(REPORT, root / "report", {}), pytest.raises(UndeclaredReadError, match="dpo_metrics.json"):
+        read_stats(str(root), DPO, 1)
+    with reading_only(REPORT, root / "report", {"rounds": root / "round2-dpo" / "rounds.json"}):
+        assert round_statistics(recipe, root / "round2-dpo" / "rounds.json") == written
+        with pytest.raises(UndeclaredReadError, match="train_pass.json"):
+            read_stats(str(root), DPO, 2, "train_pass.json")
+
+
+def test_a_short_rounds_file_leaves_the_recipe_s_later_rounds_not_run(tmp_path):
+    """An early stop (a round without pairs ends the loop): the last round that ran holds fewer rounds than the
+    recipe's; the others are "not run", as when the report read each round's folder."""
+    from medcritical.orchestration.report import round_statistics
+
+    root = tmp_path / "run"
+    written = _round_folders(root, 1)
+    recipe = load_recipe(None, [f"run.output_dir={root}", "selfplay.rounds=3"])
+    empty = {"rollout": None, "dpo": None, "train_pass": None}
+    assert round_statistics(recipe, root / "round1-dpo" / "rounds.json") == written + [empty, empty]
+    assert round_statistics(recipe, None) == [empty] * 3
 
 
 # -- DPO given the pairs file itself ---------------------------------------------------------------------
@@ -212,7 +277,7 @@ def test_dpo_given_the_pairs_file_measures_pass_at_1_from_the_declared_rollouts(
     pairs = root / "round1-rollout" / "pairs.jsonl"
     result = run_stage(DPO, recipe, str(root / "round1-dpo"), rollout=str(pairs), model=str(model))
     assert result["train_pass"]["questions"] == 2 and result["train_pass"]["pass@1_before"] == 0.0
-    report = run_stage(REPORT, recipe, str(root / "report"))
+    report = run_stage(REPORT, recipe, str(root / "report"), rounds=str(root / "round1-dpo"))
     assert "- round 1 training questions' pass@1 before → after DPO: 0.0% →" in report["markdown"]
 
 
@@ -226,14 +291,16 @@ def test_pass_at_1_not_measured_is_said_in_the_report(dpo_round):
     pairs = root / "round1-rollout" / "pairs.jsonl"
     result = run_stage(DPO, recipe, str(root / "round1-dpo"), rollout=str(pairs), model=str(model))
     assert result["train_pass"]["status"] == "not measured"
-    report = run_stage(REPORT, recipe, str(root / "report"))
+    report = run_stage(REPORT, recipe, str(root / "report"), rounds=str(root / "round1-dpo"))
     assert (
         "- round 1 training questions' pass@1 before → after DPO: not measured (no rollouts.jsonl beside the pairs"
         in report["markdown"]
     )
-    # A DPO folder without the statistics file (an older step): said too.
-    (root / "round1-dpo" / "train_pass.json").unlink()
-    report = run_stage(REPORT, recipe, str(root / "report"))
+    # A round whose DPO trained without the statistics file (an older step): said too.
+    rounds_file = root / "round1-dpo" / "rounds.json"
+    (entry,) = json.loads(rounds_file.read_text())
+    rounds_file.write_text(json.dumps([entry | {"train_pass": None}]))
+    report = run_stage(REPORT, recipe, str(root / "report"), rounds=str(rounds_file))
     assert "pass@1 before → after DPO: not measured (no train_pass.json in the round's DPO folder" in report["markdown"]
 
 

@@ -154,6 +154,39 @@ def test_rollout_pairs_dpo_commands(question_files, format_model, tmp_path, caps
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
 
 
+def assert_rounds_files_accumulate(root, rounds: int, recipe_rounds: int | None = None) -> list[dict]:
+    """Each round's DPO folder holds every round's statistics so far (rounds.json), exactly the files the report
+    read from the round folders before it had them as a declared input; the report shows the same from the last
+    round's file alone. Returns the last round's list."""
+    from medcritical.orchestration.recipe import load_recipe
+    from medcritical.orchestration.report import REPORT, round_statistics
+    from medcritical.orchestration.runner import run_stage
+    from medcritical.orchestration.staging import read_stats
+    from medcritical.selfplay.stage import DPO, ROLLOUT, ROUNDS_FILE
+    from medcritical.selfplay.train_pass import TRAIN_PASS_STATS
+
+    recipe = load_recipe(None, [f"run.output_dir={root}", f"selfplay.rounds={recipe_rounds or rounds}"])
+    # What the report read per round before (report.round_statistics under also_reading): each round's folders.
+    expected = [
+        {
+            "rollout": read_stats(str(root), ROLLOUT, number),
+            "dpo": read_stats(str(root), DPO, number),
+            "train_pass": read_stats(str(root), DPO, number, TRAIN_PASS_STATS),
+        }
+        for number in range(1, recipe.selfplay.rounds + 1)
+    ]
+    for number in range(1, rounds + 1):
+        written = json.loads((root / f"round{number}-dpo" / ROUNDS_FILE).read_text())
+        assert written == expected[:number], f"round {number}'s {ROUNDS_FILE}"
+    last = root / f"round{rounds}-dpo"
+    assert round_statistics(recipe, last / ROUNDS_FILE) == expected
+    report = run_stage(REPORT, recipe, str(root / "report"), rounds=str(last))
+    for number in range(1, recipe.selfplay.rounds + 1):
+        assert f"- round {number} rollout: " in report["markdown"] and f"- round {number} dpo: " in report["markdown"]
+    assert json.loads((root / "report" / "report.json").read_text())["steps"]["rounds"] == expected
+    return written
+
+
 def test_two_rounds_each_from_the_previous_model(question_files, format_model, tmp_path, capsys):
     train, evaluation = question_files
     args = (
@@ -188,6 +221,7 @@ def test_two_rounds_each_from_the_previous_model(question_files, format_model, t
     assert summary["final_eval"]["n"] == 10
     assert json.loads((tmp_path / "sp" / "eval-dpo-round2" / "report.json").read_text())["n"] == 10
     assert (tmp_path / "sp" / "selfplay.png").is_file()
+    assert_rounds_files_accumulate(tmp_path / "sp", rounds=2)
 
     # Two epochs: a held-out evaluation was forced where the first one ended, before the last step.
     dpo = json.loads((tmp_path / "sp" / "round1-dpo" / "dpo_metrics.json").read_text())
@@ -236,3 +270,7 @@ def test_a_round_without_pairs_ends_the_loop(question_files, format_model, tmp_p
     summary = json.loads((tmp_path / "sp" / "selfplay_stats.json").read_text())
     assert len(summary["rounds"]) == 1 and summary["rounds"][0]["dpo"] == "skipped"
     assert "round 1: no training pairs" in summary["stopped"] and summary["final_model"] == str(format_model)
+    # The skipped round's DPO still writes its rounds file: the report says why it did not train, and the rounds
+    # the early stop left out are "not run", as when it read every round's folders.
+    (entry,) = assert_rounds_files_accumulate(tmp_path / "sp", rounds=1, recipe_rounds=3)
+    assert entry["dpo"]["status"] == "skipped" and entry["train_pass"] is None

@@ -170,15 +170,18 @@ def test_dpo_folder_with_the_same_fingerprint_returns_its_metrics_and_train_pass
     stats = {"step": "dpo", "status": "trained"}
     finished_training_folder(out, fingerprint, "dpo_metrics.json", stats)
     (out / "train_pass.json").write_text(json.dumps({"pass@1_after": 0.5}))
+    (out / "rounds.json").write_text(json.dumps([{"rollout": None, "dpo": stats, "train_pass": None}]))
     done = dataclasses.replace(DPO, run=never_run)
     result = run_stage(done, recipe, str(out), rollout=str(rollout), model=str(tiny_model))
     assert result == stats | {"train_pass": {"pass@1_after": 0.5}}
 
-    # Killed while measuring pass@1 after DPO (train_pass.json is written last): not finished, run again.
-    (out / "train_pass.json").unlink()
-    with pytest.raises(AssertionError, match="the stage ran"):
-        run_stage(done, recipe, str(out), rollout=str(rollout), model=str(tiny_model))
-    (out / "train_pass.json").write_text(json.dumps({"pass@1_after": 0.5}))
+    # Killed while measuring pass@1 after DPO, or before the rounds file (written last): not finished, run again.
+    for last in ("train_pass.json", "rounds.json"):
+        kept = (out / last).read_text()
+        (out / last).unlink()
+        with pytest.raises(AssertionError, match="the stage ran"):
+            run_stage(done, recipe, str(out), rollout=str(rollout), model=str(tiny_model))
+        (out / last).write_text(kept)
 
     (rollout / "pairs_heldout.jsonl").write_text('{"prompt": "other"}\n')  # other held-out pairs: trained again
     with pytest.raises(AssertionError, match="the stage ran"):

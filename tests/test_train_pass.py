@@ -72,7 +72,7 @@ def test_dpo_step_glue_finds_the_rollout_the_questions_and_the_model(tmp_path, t
     from medcritical.orchestration.recipe import load_recipe
     from medcritical.orchestration.report import REPORT
     from medcritical.orchestration.runner import run_stage
-    from medcritical.selfplay.stage import measure_train_pass
+    from medcritical.selfplay.stage import measure_train_pass, write_rounds
 
     root = tmp_path / "run"
     write_questions(bundled[:5], root / "data" / "train.jsonl")
@@ -100,6 +100,7 @@ def test_dpo_step_glue_finds_the_rollout_the_questions_and_the_model(tmp_path, t
     )
     assert stats["questions"] == 2 and stats["pass@1_before"] == 0.0
     assert (dpo_dir / "train_pass.json").is_file()
-    # The report reads it per round.
-    report = run_stage(REPORT, recipe, str(root / "report"))
+    # The report reads it per round, from the rounds file the DPO stage writes last.
+    write_rounds(dpo_dir, None, None)
+    report = run_stage(REPORT, recipe, str(root / "report"), rounds=str(dpo_dir))
     assert "round 1 training questions' pass@1 before → after DPO: 0.0% →" in report["markdown"]

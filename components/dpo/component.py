@@ -13,6 +13,7 @@ def dpo(
     start_model: dsl.Input[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     model: dsl.Output[dsl.Model],
+    previous_round: dsl.Input[dsl.Model] = None,
     train_nodes: int = 1,
     node_gpus: int = 8,
     trainjob_image: str = "",
@@ -23,6 +24,9 @@ def dpo(
     kueue_priority: str = "",
 ):
     """DPO on the self-play pairs, starting from (and referenced to) the current model.
+
+    `previous_round` is the previous round's DPO output (none in round 1), whose rounds file (every round's
+    statistics so far) this round's extends.
 
     `model` stands for its output folder, `<run_root>/<run_id>/<name>`. With `train_nodes` > 1 the step runs as a
     Kubeflow Trainer TrainJob on that many nodes of `node_gpus` GPUs, which this task creates and awaits
@@ -46,5 +50,6 @@ def dpo(
         kueue_priority=kueue_priority,
         rollout=location_of(pairs),
         model=location_of(start_model),
+        previous_rounds=location_of(previous_round),
     )
     record_location(model, output_uri)

@@ -15,11 +15,14 @@ def report(
     traces: dsl.Input[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
     summary: dsl.Output[dsl.Markdown],
+    last_round: dsl.Input[dsl.Model] = None,
     run_id: str = "",
 ):
     """The base, SFT and DPO models' CMExam accuracy side by side, per-step statistics and a plot.
 
-    `traces` is the distill step's output (an earlier run's folder when the pipeline reused its traces).
+    `traces` is the distill step's output (an earlier run's folder when the pipeline reused its traces);
+    `last_round` the last self-play round's DPO output, whose rounds file holds every round's statistics (none
+    when the pipeline has no round).
 
     `summary` is the report as Markdown and stands for its output folder, `<run_root>/<run_id>/<name>`.
     """
@@ -36,5 +39,6 @@ def report(
         sft_eval=location_of(sft_eval),
         dpo_eval=location_of(dpo_eval),
         distill=location_of(traces),
+        rounds=location_of(last_round),
     )
     record_location(summary, output_uri)

@@ -162,20 +162,3 @@ def _code_below(zones: tuple[str, ...]) -> list[str]:
         if any(folder != zone and _within(folder, [zone]) for zone in zones):
             below.append(folder)
     return below
-
-
-@contextlib.contextmanager
-def also_reading(paths: Iterable[str | os.PathLike], why: str) -> Iterator[None]:
-    """Let the running stage read `paths` too, for the block: reads a stage makes that its declaration cannot
-    express yet (`why` says which and why; the report's per-round statistics, see report.py). Outside a stage
-    it does nothing."""
-    scope = _SCOPE.get()
-    if scope is None or not why:
-        yield
-        return
-    extra = tuple(_real(p) for p in paths)
-    token = _SCOPE.set(_Scope(scope.stage, scope.guarded, scope.allowed + extra))
-    try:
-        yield
-    finally:
-        _SCOPE.reset(token)

@@ -15,12 +15,10 @@ from medcritical.distill.stage import DISTILL
 from medcritical.errors import InputError
 from medcritical.evaluation.compare import correct_by_id
 from medcritical.evaluation.report import GRADED_JSONL, REPORT_JSON, REPORT_MD, dropped_note
-from medcritical.io.manifest import MANIFEST_NAME
-from medcritical.io.read_guard import also_reading
 from medcritical.orchestration.arms import arm_table
 from medcritical.orchestration.recipe import Recipe, dump_recipe
-from medcritical.orchestration.staging import read_stats, stage_uri, work_dir
-from medcritical.selfplay.stage import DPO, ROLLOUT
+from medcritical.orchestration.staging import stage_uri, work_dir
+from medcritical.selfplay.stage import ROUND_KEYS, ROUNDS_FILE
 from medcritical.selfplay.train_pass import TRAIN_PASS_STATS, train_pass_line
 from medcritical.training.stage import SFT
 
@@ -217,15 +215,16 @@ def read_run_statistics(
     distill_stats: Path | None = None,
     data_stats: Path | None = None,
     sft_stats: Path | None = None,
+    rounds: Path | None = None,
 ) -> dict:
-    """Every stage's statistics: the data, distillation and SFT statistics from the report's declared inputs (the
-    distillation's an earlier run's when its traces were reused); each round's from its folders under the run
-    root (see `round_statistics`)."""
+    """Every stage's statistics, from the report's declared inputs: the data, distillation (an earlier run's when
+    its traces were reused) and SFT statistics, and the rounds file of the last round's DPO (see
+    `round_statistics`)."""
     return {
         "data": _json(data_stats),
         "distill": _json(distill_stats),
         "sft": _json(sft_stats),
-        "rounds": round_statistics(recipe),
+        "rounds": round_statistics(recipe, rounds),
     }
 
 
@@ -233,27 +232,14 @@ def _json(path: Path | None) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path else None
 
 
-# The files the report reads in each round's folders (round<r>-rollout, round<r>-dpo).
-ROUND_FILES = {"rollout": (ROLLOUT, ROLLOUT.stats), "dpo": (DPO, DPO.stats), "train_pass": (DPO, TRAIN_PASS_STATS)}
-
-
-def round_statistics(recipe: Recipe) -> list[dict]:
-    """Each round's rollout, DPO and pass@1-after-DPO statistics under the run root.
-
-    Not declared inputs: a declaration names a fixed set of inputs, and the rounds are as many as the recipe
-    says (Input has no per-round default yet). The run root's layout is the runner's (staging), the reads
-    are named here for the read guard, and a missing file reads as "not run"."""
-    root = recipe.run.root
-    numbers = range(1, recipe.selfplay.rounds + 1)
-    local = (
-        [] if storage.is_s3(root) else [Path(stage_uri(root, stage, n)) for n in numbers for stage in (ROLLOUT, DPO)]
-    )
-    reads = [folder / name for folder in local for name in (ROLLOUT.stats, DPO.stats, TRAIN_PASS_STATS, MANIFEST_NAME)]
-    with also_reading(reads, why="the rounds' statistics: one input per round is not declarable yet"):
-        return [
-            {key: read_stats(root, stage, number, filename) for key, (stage, filename) in ROUND_FILES.items()}
-            for number in numbers
-        ]
+def round_statistics(recipe: Recipe, rounds: Path | None) -> list[dict]:
+    """Each round's rollout, DPO and pass@1-after-DPO statistics: the list the last round's DPO wrote (ROUNDS_FILE,
+    built along the rounds' chain), one entry per round that ran. The recipe's rounds it does not reach (an early
+    stop, no rounds input) read as "not run"."""
+    ran = _json(rounds) or []
+    if not isinstance(ran, list):
+        raise InputError(f"{rounds}: not a list of rounds; give the last self-play round's DPO folder as rounds")
+    return ran + [dict.fromkeys(ROUND_KEYS) for _ in range(recipe.selfplay.rounds - len(ran))]
 
 
 def input_source(path: Path) -> str:
@@ -287,6 +273,7 @@ def _run(
     distill: Path | None,
     data: Path | None,
     sft: Path | None,
+    rounds: Path | None,
     **evaluated: Path | None,
 ) -> dict:
     evaluations = {
@@ -295,14 +282,14 @@ def _run(
     }
     # Each evaluation's graded answers (for the paired tests), declared beside its report.json.
     correct = {name: correct_by_id(path) for name in MODELS if (path := evaluated[f"{name}_graded"])}
-    statistics = read_run_statistics(recipe, distill, data, sft)
+    statistics = read_run_statistics(recipe, distill, data, sft, rounds)
     reused = {"distill": source} if (source := reused_from(recipe, DISTILL, distill)) else {}
     return write_run_report(recipe, evaluations, statistics, output_dir, correct_by_model=correct, reused=reused)
 
 
-# The evaluations of the base, SFT and final models with their graded answers, and the data, distillation (an earlier
-# run's when its traces were reused) and SFT statistics; each round's statistics come from the run root
-# (round_statistics).
+# The evaluations of the base, SFT and final models with their graded answers, the data, distillation (an earlier
+# run's when its traces were reused) and SFT statistics, and every round's statistics: the rounds file of the last
+# round's DPO folder (round<R>-dpo, R the last round that ran, as the final model's evaluation eval-dpo-round<R>).
 REPORT = Stage(
     name="report",
     folder="report",
@@ -314,6 +301,8 @@ REPORT = Stage(
         "distill": Input(DISTILL.stats, default_stage="distill", optional=True),
         "data": Input(PREPARE_DATA.stats, default_stage="prepare_data", optional=True),
         "sft": Input(SFT.stats, default_stage="sft", optional=True),
+        # No default: which round is the last depends on the run (an early stop), as for dpo_eval.
+        "rounds": Input(ROUNDS_FILE, optional=True),
     },
     outputs=(REPORT_MD, REPORT_JSON, "recipe.yaml", PLOT),
     stats=REPORT_JSON,

@@ -5,7 +5,8 @@ previous round's model, into the pipeline's folders under the output (a folder o
 name comes from `staging`):
     round1-eval/       CMExam report of the model that round 1 starts from (with evaluation questions)
     round1-rollout/    rollouts, corrections, pairs (selfplay/run.py)
-    round1-dpo/        model/, dpo_metrics.json, train_pass.json (training/dpo.py)
+    round1-dpo/        model/, dpo_metrics.json, train_pass.json (training/dpo.py), rounds.json (every
+                       round's statistics so far: the report reads the last round's)
     ...
     eval-dpo-round<R>/ CMExam report of the final model (R: the last round that ran)
     selfplay_stats.json, selfplay.png   per-round statistics
@@ -96,7 +97,11 @@ def run_selfplay(
             "heldout_pairs": rollout["pairs"]["heldout_pairs"],
         }
         dpo_uri = stage_uri(root, DPO, number)
-        metrics = run_stage(DPO, recipe, dpo_uri, rollout=rollout_uri, model=model, data=data_uri)
+        # previous_rounds: the previous round's DPO folder, whose rounds file this round's extends (none in round 1).
+        previous = stage_uri(root, DPO, number - 1) if number > 1 else None
+        metrics = run_stage(
+            DPO, recipe, dpo_uri, rollout=rollout_uri, model=model, data=data_uri, previous_rounds=previous
+        )
         row["dpo"] = metrics.get("status")
         if "heldout" in metrics:
             row["heldout_reward_accuracy"] = metrics["heldout"].get("reward_accuracy")

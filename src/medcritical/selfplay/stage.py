@@ -1,7 +1,8 @@
 """The self-play round's two stages (see medcritical.core.stage): rollout, then DPO on its pairs.
 
 rollout: training questions + the current model → rollouts, corrections, preference pairs
-dpo:     the pairs + the same model → the next round's model (and pass@1 on the round's questions)
+dpo:     the pairs + the same model → the next round's model (and pass@1 on the round's questions, and
+         rounds.json: every round's statistics so far)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from medcritical.core.stage import MODEL, OUTPUT_URI, Input, Stage
 from medcritical.data.cmexam import load_questions
 from medcritical.data.prepare import TRAIN_FILE
+from medcritical.errors import InputError
 from medcritical.io.fingerprint import FINGERPRINT_FILE
 from medcritical.io.jsonl import read_jsonl
 from medcritical.io.manifest import MANIFEST_NAME
@@ -34,6 +36,11 @@ from medcritical.training.stage import CHECKPOINTS
 log = logging.getLogger(__name__)
 
 DPO_METRICS = "dpo_metrics.json"
+# Every round's statistics so far, as a list of {"rollout", "dpo", "train_pass"} (the rollout's statistics, the
+# DPO's, pass@1 before → after DPO; None where a file is missing): each DPO round writes it from the previous round's
+# list (its declared input `previous_rounds`) and its own, so the last round's file holds them all for the report.
+ROUNDS_FILE = "rounds.json"
+ROUND_KEYS = ("rollout", "dpo", "train_pass")
 
 
 def _rollout(recipe, output_dir: Path, *, data: Path, model: Path, restart: bool = False) -> dict:
@@ -93,6 +100,8 @@ def _dpo(
     rollouts: Path | None,
     model: Path,
     data: Path | None,
+    rollout_stats: Path | None = None,
+    previous_rounds: Path | None = None,
     restart=False,
     output_uri: str | None = None,
 ) -> dict:
@@ -111,14 +120,35 @@ def _dpo(
         restart=restart,
         output_uri=output_uri,
     )
-    if result.get("status") != "skipped" and is_main_process():
-        # Written last, whether measured or not: the runner counts a DPO folder without it as unfinished (a run
-        # killed while measuring is measured again, not returned without its figure).
+    if not is_main_process():
+        return result
+    if result.get("status") != "skipped":
+        # Written whether measured or not: the runner counts a DPO folder without it as unfinished (a run killed
+        # while measuring is measured again, not returned without its figure).
         if recipe.evaluate.train_pass_questions == 0:
             result["train_pass"] = _not_measured(output_dir, "evaluate.train_pass_questions is 0", turned_off=True)
         else:
             result["train_pass"] = measure_train_pass(recipe, rollouts, data, Path(result["model"]), output_dir)
+    # Written last, a skipped round's too (the report shows why it did not train): required as well.
+    write_rounds(output_dir, previous_rounds, rollout_stats)
     return result
+
+
+def write_rounds(output_dir: Path, previous_rounds: Path | None, rollout_stats: Path | None) -> list[dict]:
+    """The rounds file (ROUNDS_FILE): the previous round's list, when there is one, and this round's statistics,
+    read back from their files (the rollout's beside its pairs, this DPO's in `output_dir`) as the report shows them."""
+    rounds = _read_json(previous_rounds) if previous_rounds else []
+    if not isinstance(rounds, list):
+        raise InputError(f"{previous_rounds}: not a list of rounds; give a DPO round's folder as previous_rounds")
+    files = dict(zip(ROUND_KEYS, (rollout_stats, output_dir / DPO_METRICS, output_dir / TRAIN_PASS_STATS), strict=True))
+    rounds.append({key: _read_json(path) if path and path.is_file() else None for key, path in files.items()})
+    text = json.dumps(rounds, ensure_ascii=False, indent=2)
+    (output_dir / ROUNDS_FILE).write_text(text, encoding="utf-8")
+    return rounds
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def measure_train_pass(recipe, rollouts: Path | None, data: Path | None, model: Path, output_dir: Path) -> dict:
@@ -173,6 +203,10 @@ DPO = Stage(
         "model": MODEL,
         # The questions' text for pass@1 after DPO: the run's data stage, when there is one.
         "data": Input(TRAIN_FILE, default_stage="prepare_data", optional=True),
+        # For the rounds file: the rollout's statistics beside the pairs, and the previous round's list (that
+        # round's DPO folder; none for the first round, whose model is not a DPO round's).
+        "rollout_stats": Input(STATS, beside="rollout", optional=True),
+        "previous_rounds": Input(ROUNDS_FILE, optional=True),
     },
     outputs=(
         CHECKPOINTS,
@@ -185,6 +219,7 @@ DPO = Stage(
         MANIFEST_NAME,
         TRAIN_PASS,
         TRAIN_PASS_STATS,
+        ROUNDS_FILE,
     ),
     stats=DPO_METRICS,
     fingerprint=FINGERPRINT_FILE,  # settings, seed, pairs checksums, starting weights
