@@ -17,7 +17,7 @@ from medcritical.orchestration.recipe import load_recipe_text
 from medcritical.orchestration.runner import finished_stats, with_recipe_value
 from medcritical.selfplay.config import CorrectionSection, PairsSection, RolloutSection, SelfPlaySection
 from medcritical.selfplay.run import run_rollout
-from medcritical.selfplay.stage import DPO, _not_measured
+from medcritical.selfplay.stage import DPO, _not_measured, write_rounds
 from medcritical.training.config import DPOSection, LoraSection
 from medcritical.training.dpo import build_dpo_trainer, dpo_arguments, train_dpo
 from medcritical.training.dpo_data import drop_too_long, read_pairs, split_heldout
@@ -283,5 +283,8 @@ def test_heldout_pairs_split_by_whole_question_into_selection_and_reporting():
 
 
 def _train_pass_as_the_stage_writes_it(folder) -> dict:
-    """The DPO stage writes train_pass.json last, measured or not; train_dpo alone (called here) does not."""
-    return _not_measured(folder, "not measured in this test", turned_off=True)
+    """The DPO stage writes train_pass.json, measured or not, then rounds.json last; train_dpo alone (called here)
+    writes neither. Returns the train_pass statistics."""
+    train_pass = _not_measured(folder, "not measured in this test", turned_off=True)
+    write_rounds(folder, previous_rounds=None, rollout_stats=None)
+    return train_pass
