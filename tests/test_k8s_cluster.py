@@ -373,6 +373,10 @@ def test_demo_job_runs_the_whole_method(cluster):
     seconds = _run_job(K8S / "overlays" / "cpu" / "demo", "medcritical-demo")
     names = _objects("runs/demo/")
     assert any(name.endswith("report.json") for name in names), f"no report.json among {names[:20]}"
+    # `medcritical run` in the pod (the image's user, its security context) ran the stages in forks of its warm
+    # worker, not each in a fresh Python: a fallback would only be slower, so only the log tells.
+    logs = kubectl("-n", NAMESPACE, "logs", "job/medcritical-demo", timeout=120).stdout
+    assert logs.count("running in a fork") == 9 and "warm worker not used" not in logs, logs[-4000:]
     print(f"job demo: {seconds:.0f}s, {len(names)} objects under runs/demo/", file=sys.stderr)
 
 

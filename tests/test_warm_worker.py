@@ -116,6 +116,25 @@ def test_the_fork_dies_with_the_task(worker, tmp_path):
         task.wait()
 
 
+def test_a_task_started_by_a_shell_is_served_though_the_shell_set_its_own_variables(
+    task_environment, tmp_path, monkeypatch
+):
+    """KFP starts each task with `sh -ec`, which sets PWD (and may set SHLVL, _) for the task; in a container no
+    shell started `medcritical run`, so the worker has none of them (the cluster tier's demo Job met this)."""
+    for name in ("PWD", "OLDPWD", "SHLVL", "_"):
+        monkeypatch.delenv(name, raising=False)
+    with (
+        open(tmp_path / "worker.log", "w", encoding="utf-8") as log_file,
+        warm_worker.offered(log_file, preload=("tests.warm_probes",)) as offer,
+    ):
+        env = dict(os.environ) | offer  # the worker started in this test's phase: the same PYTEST_CURRENT_TEST
+        command = ["sh", "-ec", 'exec "$0" -c "$1" where x', sys.executable, TASK]
+        task = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    answer = result_of(task)
+    assert answer["result"]["pid"] != answer["task_pid"], task.stdout
+    assert answer["result"]["cwd"] == str(tmp_path)
+
+
 def test_a_task_whose_environment_differs_runs_in_its_own_process(worker, tmp_path):
     task = run_task("where", "x", cwd=tmp_path, env={**os.environ, "PROBE_VARIABLE": "changed"})
     answer = result_of(task)

@@ -58,9 +58,11 @@ PRELOAD = (
     "peft:LoraConfig",
 )
 # Variables a task's environment may differ in (any other difference and the task runs on its own): ours; the one
-# KFP's runner puts on each task's command line (it tells kfp's own import which parts to skip); the terminal's
-# size, which a parent process may set after the worker started (pytest does).
-NOT_COMPARED = frozenset({WORKER_ENV, "_KFP_RUNTIME", "COLUMNS", "LINES"})
+# KFP's runner puts on each task's command line (it tells kfp's own import which parts to skip); those the shell
+# that KFP starts each task with (`sh -ec`) sets for itself: the working folder (the fork takes the task's own),
+# the shell's depth and last command (in a container, where no shell started `medcritical run`, PWD is set for
+# the task only); the terminal's size, which a parent process may set after the worker started (pytest does).
+NOT_COMPARED = frozenset({WORKER_ENV, "_KFP_RUNTIME", "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
 # How long a task waits for the worker to finish its imports (they take 10-20 s; a loaded machine is slower).
 READY_TIMEOUT_S = 300.0
 _LENGTH = 8  # bytes of the length that comes before each message
