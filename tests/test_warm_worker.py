@@ -108,12 +108,10 @@ def test_the_fork_dies_with_the_task(worker, tmp_path):
     task = subprocess.Popen([sys.executable, "-c", TASK, "sleep_forever", str(pid_file)], cwd=tmp_path, env=env)
     try:
         fork = int(wait_for(lambda: pid_file.is_file() and pid_file.read_text(), "the fork's pid file"))
-        assert warm_worker._alive(fork)
-        task.send_signal(signal.SIGKILL)
-        wait_for(lambda: not warm_worker._alive(fork), "the fork to stop after its task was killed")
-    finally:
+    except AssertionError:
         task.kill()
-        task.wait()
+        raise
+    assert_stops_with(task, fork, "the fork to stop after its task was killed")
 
 
 def test_a_task_started_by_a_shell_is_served_though_the_shell_set_its_own_variables(
@@ -177,14 +175,19 @@ def test_the_worker_stops_when_the_process_that_started_it_dies(task_environment
         """
     )
     parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    assert_stops_with(parent, worker_pid, "the worker to stop after medcritical run was killed")
+
+
+def assert_stops_with(killed: subprocess.Popen, pid: int, what: str) -> None:
+    """Process `pid` runs, and stops once `killed` is killed (SIGKILL: no handler of its own runs)."""
     try:
-        worker_pid = int(parent.stdout.readline())
-        assert warm_worker._alive(worker_pid)
-        parent.send_signal(signal.SIGKILL)
-        wait_for(lambda: not warm_worker._alive(worker_pid), "the worker to stop after medcritical run was killed")
+        assert warm_worker._alive(pid)
+        killed.send_signal(signal.SIGKILL)
+        wait_for(lambda: not warm_worker._alive(pid), what)
     finally:
-        parent.kill()
-        parent.wait()
+        killed.kill()
+        killed.wait()
 
 
 def wait_for(condition, what: str, timeout_s: float = 60.0):
