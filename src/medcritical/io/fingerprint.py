@@ -109,10 +109,15 @@ def check_resume(
     for stale in existing:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    write_fingerprint(path, current)
     return False
+
+
+def write_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
+    """Record `fingerprint` at `path` whole or not at all (written beside it, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
 
 
 def canonical(fingerprint: dict[str, Any]) -> Any:

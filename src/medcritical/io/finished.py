@@ -11,12 +11,11 @@ runs the stage again, which resumes its logs as they are and rebuilds the output
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from medcritical.io.fingerprint import FINGERPRINT_FILE, canonical, recorded
+from medcritical.io.fingerprint import FINGERPRINT_FILE, canonical, recorded, write_fingerprint
 
 
 def forget_finished(output_dir: str | Path, keys: Iterable[str]) -> None:
@@ -28,17 +27,11 @@ def forget_finished(output_dir: str | Path, keys: Iterable[str]) -> None:
         return
     before = recorded(path.read_bytes())
     if isinstance(before, dict) and before.keys() & keys:
-        _write(path, {k: v for k, v in before.items() if k not in keys})
+        write_fingerprint(path, {k: v for k, v in before.items() if k not in keys})
 
 
 def record_finished(output_dir: str | Path, finished: dict[str, Any]) -> None:
     """Once a stage has written every output: `finished` (what only those outputs depend on) added to the
     fingerprint its resume check recorded. Written last: from then on the runner reads the folder as finished."""
     path = Path(output_dir) / FINGERPRINT_FILE
-    _write(path, recorded(path.read_bytes()) | canonical(finished))
-
-
-def _write(path: Path, fingerprint: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    write_fingerprint(path, recorded(path.read_bytes()) | canonical(finished))
