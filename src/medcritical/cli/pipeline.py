@@ -26,9 +26,9 @@ containers, no cluster): data -> evaluate base -> distill -> sft -> evaluate sft
         "--no-warm-worker",
         dest="warm",
         action="store_false",
-        help="start every step in a fresh Python, as KFP's runner does by default, instead of forking the steps "
-        "that train or generate from one process that has imported torch, transformers and TRL once (about 5-10 s "
-        "saved per such step; see medcritical.platform.warm_worker)",
+        help="run every step's stage in its task's own fresh Python, as KFP's runner does by default, instead of in "
+        "a fork of one process that has imported torch, transformers and TRL once (about 5-10 s saved per step "
+        "that trains or generates; see medcritical.platform.warm_worker)",
     )
     run.set_defaults(func=_run)
 

@@ -31,9 +31,9 @@ def run_locally(recipe: Recipe, warm: bool = True) -> Path:
     """Run every step as a subprocess of this Python through KFP's local runner; return the report folder.
 
     KFP's runner prints every executor's input and output JSON; that goes to `pipeline.log` and the
-    console shows the steps and what they report. With `warm`, the steps that train or generate run in forks
-    of one warm worker (medcritical.platform.warm_worker) instead of importing torch, transformers and TRL
-    again in each task.
+    console shows the steps and what they report. With `warm`, every task's stage runs in a fork of one warm
+    worker (medcritical.platform.warm_worker) instead of importing torch, transformers and TRL again in each
+    task.
     """
     from kfp import local
 

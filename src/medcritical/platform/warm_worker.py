@@ -87,6 +87,11 @@ def call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
     The function is sent by reference (module and name), so it must be importable; its arguments and result are
     pickled. Whatever the reason the worker cannot take the call, the call runs here, and the log says why."""
+
+    def here(reason) -> T:
+        log.info("warm worker not used (%s): running in this task's own process", reason)
+        return function(*args, **kwargs)
+
     offer = os.environ.get(WORKER_ENV)
     if not offer:
         return function(*args, **kwargs)
@@ -94,8 +99,7 @@ def call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         request = pickle.dumps((function, args, kwargs, _task_state()))
         connection = _connect(offer)
     except (OSError, pickle.PicklingError, TypeError, AttributeError, WorkerUnavailable) as e:
-        log.info("warm worker not used (%s): running in this task's own process", e)
-        return function(*args, **kwargs)
+        return here(e)
     sys.stdout.flush()  # what the task printed so far comes before what the fork prints
     sys.stderr.flush()
     with connection:
@@ -108,8 +112,7 @@ def call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         )
     kind, *rest = pickle.loads(reply)
     if kind == "declined":
-        log.info("warm worker not used (%s): running in this task's own process", rest[0])
-        return function(*args, **kwargs)
+        return here(rest[0])
     if kind == "returned":
         return rest[0]
     if kind == "exited":
